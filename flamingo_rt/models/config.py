@@ -1,0 +1,227 @@
+"""Model configurations and named presets.
+
+A :class:`FlamingoConfig` is four plain dataclasses (vision encoder, resampler,
+cross-attention, language model) plus the special token ids. Every config round-trips
+through ``to_dict`` / ``from_dict`` (stored as ``config.json`` beside checkpoints).
+
+Presets (:func:`get_preset`, :data:`PRESETS`):
+
+- ``tiny``: a few hundred thousand parameters; minutes-scale CPU training, tests, demo.
+- ``open-flamingo-3b``: OpenFlamingo-3B shapes (vision width 1024 from an external
+  CLIP-style encoder, resampler depth 6 / 8 heads x 64 / 64 latents / GELU, xattn
+  8 heads x 64 before every decoder layer, LM 24 x 2048).
+- ``flamingo-3b``, ``flamingo-9b``, ``flamingo-80b``: the paper's shapes (NFNet-F6,
+  resampler 6 x 1536 with 16 heads and squared-ReLU FF; LM 24x2048 / 40x4096 / 80x8192;
+  xattn every 1 / 4 / 7 layers with 16 / 32 / 64 heads of 128, squared-ReLU FF).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+#: timm's dm_nfnet_f* stage depths.
+NFNET_DEPTHS = {
+    "dm_nfnet_f0": (1, 2, 6, 3),
+    "dm_nfnet_f1": (2, 4, 12, 6),
+    "dm_nfnet_f2": (3, 6, 18, 9),
+    "dm_nfnet_f3": (4, 8, 24, 12),
+    "dm_nfnet_f4": (5, 10, 30, 15),
+    "dm_nfnet_f5": (6, 12, 36, 18),
+    "dm_nfnet_f6": (7, 14, 42, 21),
+}
+
+
+@dataclass
+class NFNetConfig:
+    """An NFNet as timm's ``dm_nfnet_f*`` builds it (deep-quad stem, grouped bottlenecks
+    with an extra 3x3 conv, SE with gain 2, skipinit, SAME padding, exact-erf GELU).
+
+    ``num_features`` is the width of the final 1x1 conv (timm: 2 x channels[-1]), which is
+    the width Dv of the output tokens. ``channels``/``stem_chs``/``group_size`` may be
+    shrunk for small models (``tiny``).
+    """
+
+    depths: Tuple[int, int, int, int] = (1, 2, 6, 3)
+    channels: Tuple[int, int, int, int] = (256, 512, 1536, 1536)
+    stem_chs: int = 128
+    group_size: int = 128
+    bottle_ratio: float = 0.5
+    num_features: int = 3072
+    alpha: float = 0.2
+    se_ratio: float = 0.5
+    attn_gain: float = 2.0
+    std_conv_eps: float = 1e-5
+    in_chans: int = 3
+
+    @classmethod
+    def timm(cls, name: str, num_features: Optional[int] = None) -> "NFNetConfig":
+        """The config of timm's ``name`` (``dm_nfnet_f0`` ... ``dm_nfnet_f6``)."""
+        if name not in NFNET_DEPTHS:
+            raise ValueError(f"unknown NFNet variant {name!r}; expected one of {sorted(NFNET_DEPTHS)}")
+        cfg = cls(depths=NFNET_DEPTHS[name])
+        if num_features is not None:
+            cfg.num_features = num_features
+        return cfg
+
+
+@dataclass
+class VisionConfig:
+    """The vision encoder: ``kind="nfnet"`` (built from ``nfnet``) or ``"external"`` (a
+    module passed to :class:`~flamingo_rt.models.Flamingo`, e.g. a CLIP ViT, returning
+    (N, tokens, width) features)."""
+
+    kind: str = "nfnet"
+    nfnet: Optional[NFNetConfig] = field(default_factory=NFNetConfig)
+    width: int = 3072  # Dv: feature width of the encoder's output tokens
+    image_size: int = 224
+
+
+@dataclass
+class ResamplerConfig:
+    """Perceiver Resampler: ``num_latents`` latents of width ``dim`` (= vision width)."""
+
+    dim: int = 1024
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    num_latents: int = 64
+    ff_mult: int = 4
+    ff_kind: str = "gelu"  # "gelu" (OpenFlamingo) or "sqrelu" (paper)
+    max_num_frames: Optional[int] = None  # learned temporal embeddings for video
+    max_num_media: Optional[int] = None  # OpenFlamingo's media_time_embs (optional)
+
+
+@dataclass
+class XAttnConfig:
+    """GATED XATTN-DENSE blocks inserted into the LM."""
+
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    ff_kind: str = "gelu"
+    every: int = 1  # one block every ``every`` decoder layers
+    placement: str = "openflamingo"  # before layer i when (i+1)%every==0; "first": i%every==0
+    all_previous: bool = False  # ablation: attend to all previous images
+
+
+@dataclass
+class LMConfig:
+    """LLaMA-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_layers: int = 24
+    n_heads: int = 16
+    n_kv_heads: Optional[int] = None  # None: = n_heads
+    intermediate_size: Optional[int] = None  # None: LLaMA's rule from dim
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.intermediate_size is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.intermediate_size = 256 * ((hidden + 255) // 256)
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"LM dim {self.dim} must be divisible by n_heads {self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+
+
+@dataclass
+class FlamingoConfig:
+    """A whole Flamingo model; ``*_token_id`` index the LM vocabulary."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    image_token_id: int = 0
+    eoc_token_id: int = 1  # <|endofchunk|>
+    pad_token_id: int = 2
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "FlamingoConfig":
+        d = copy.deepcopy(d)
+        v = d.get("vision", {})
+        if v.get("nfnet") is not None:
+            nf = v["nfnet"]
+            for k in ("depths", "channels"):
+                if k in nf:
+                    nf[k] = tuple(nf[k])
+            v["nfnet"] = NFNetConfig(**nf)
+        return cls(
+            vision=VisionConfig(**v),
+            resampler=ResamplerConfig(**d.get("resampler", {})),
+            xattn=XAttnConfig(**d.get("xattn", {})),
+            lm=LMConfig(**d.get("lm", {})),
+            **{k: d[k] for k in d if k not in ("vision", "resampler", "xattn", "lm")},
+        )
+
+
+def _tiny() -> FlamingoConfig:
+    nf = NFNetConfig(
+        depths=(1, 1, 1, 1), channels=(16, 32, 48, 64), stem_chs=8, group_size=8, num_features=64
+    )
+    return FlamingoConfig(
+        vision=VisionConfig(kind="nfnet", nfnet=nf, width=64, image_size=64),
+        resampler=ResamplerConfig(dim=64, depth=2, heads=4, dim_head=16, num_latents=16, ff_mult=2),
+        xattn=XAttnConfig(heads=4, dim_head=16, ff_mult=2, every=2),
+        lm=LMConfig(vocab_size=512, dim=96, n_layers=4, n_heads=4, n_kv_heads=2,
+                    intermediate_size=256, max_seq_len=512),
+    )
+
+
+def _open_flamingo_3b() -> FlamingoConfig:
+    return FlamingoConfig(
+        vision=VisionConfig(kind="external", nfnet=None, width=1024, image_size=224),
+        resampler=ResamplerConfig(dim=1024, depth=6, heads=8, dim_head=64, num_latents=64),
+        xattn=XAttnConfig(heads=8, dim_head=64, ff_mult=4, every=1),
+        lm=LMConfig(vocab_size=50280, dim=2048, n_layers=24, n_heads=16, max_seq_len=2048),
+    )
+
+
+def _paper(lm_layers: int, lm_dim: int, every: int, xattn_heads: int) -> FlamingoConfig:
+    return FlamingoConfig(
+        vision=VisionConfig(
+            kind="nfnet", nfnet=NFNetConfig.timm("dm_nfnet_f6", num_features=1536),
+            width=1536, image_size=320,
+        ),
+        resampler=ResamplerConfig(dim=1536, depth=6, heads=16, dim_head=96, num_latents=64,
+                                  ff_kind="sqrelu", max_num_frames=8),
+        xattn=XAttnConfig(heads=xattn_heads, dim_head=128, ff_kind="sqrelu", every=every),
+        lm=LMConfig(vocab_size=32000, dim=lm_dim, n_layers=lm_layers, n_heads=lm_dim // 128),
+    )
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "open-flamingo-3b": _open_flamingo_3b,
+    "flamingo-3b": lambda: _paper(24, 2048, 1, 16),
+    "flamingo-9b": lambda: _paper(40, 4096, 4, 32),
+    "flamingo-80b": lambda: _paper(80, 8192, 7, 64),
+}
+
+
+def get_preset(name: str) -> FlamingoConfig:
+    """A fresh copy of the named preset (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()

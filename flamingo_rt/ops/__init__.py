@@ -1,0 +1,18 @@
+"""flamingo_rt's functional ops.
+
+Each op is registered with ``torch.library`` under the ``flamingo_rt`` namespace, has
+a plain-torch reference (:mod:`flamingo_rt.ops.reference`, the specification) and a
+set of backends chosen by :mod:`flamingo_rt.ops.backend`.
+"""
+from . import backend, reference
+from .xattn import image_causal_attention
+from .resampler import resampler_attention
+from .reference.xattn import media_index_from_locations
+
+__all__ = [
+    "backend",
+    "reference",
+    "image_causal_attention",
+    "resampler_attention",
+    "media_index_from_locations",
+]

@@ -1,0 +1,113 @@
+"""The Perceiver Resampler attention op, ``flamingo_rt::resampler_attention``.
+
+Latent queries attend to concat(media features, latents) without the concatenation
+being part of the op's interface; registered with ``torch.library`` (fake
+implementation and autograd included).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from .reference import resampler as _ref
+
+def _new(t: Tensor) -> Tensor:
+    """A fresh contiguous tensor like ``t``: every backend returns contiguous outputs."""
+    return t.new_empty(t.shape)
+
+
+OP = "resampler_attention"
+
+
+@torch.library.custom_op("flamingo_rt::resampler_attention", mutates_args=())
+def _resampler_op(
+    q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_l: Tensor, scale: float, backend: str
+) -> Tensor:
+    return _backend.get(OP, backend)(q, k_x, v_x, k_l, v_l, scale).contiguous()
+
+
+@_resampler_op.register_fake
+def _(q, k_x, v_x, k_l, v_l, scale, backend):
+    return _new(q)
+
+
+@torch.library.custom_op("flamingo_rt::resampler_attention_backward", mutates_args=())
+def _resampler_bwd_op(
+    grad_out: Tensor, q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_l: Tensor,
+    scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backend.get(OP + ".backward", backend)(grad_out, q, k_x, v_x, k_l, v_l, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_resampler_bwd_op.register_fake
+def _(grad_out, q, k_x, v_x, k_l, v_l, scale, backend):
+    return tuple(_new(t) for t in (q, k_x, v_x, k_l, v_l))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k_x, v_x, k_l, v_l, scale, backend = inputs
+    ctx.save_for_backward(q, k_x, v_x, k_l, v_l)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, grad_out):
+    grads = _resampler_bwd_op(grad_out.contiguous(), *ctx.saved_tensors, ctx.scale, ctx.backend)
+    return (*grads, None, None)
+
+
+_resampler_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(q, k_x, v_x, k_l, v_l, scale):
+    return _ref.resampler_attention(q, k_x, v_x, k_l, v_l, scale)
+
+
+def _reference_backward(grad_out, q, k_x, v_x, k_l, v_l, scale):
+    return _ref.resampler_attention_backward(grad_out, q, k_x, v_x, k_l, v_l, scale)
+
+
+_backend.register(OP, "reference", _reference_forward)
+_backend.register(OP + ".backward", "reference", _reference_backward)
+
+
+def resampler_attention(
+    q: Tensor,
+    k_x: Tensor,
+    v_x: Tensor,
+    k_l: Tensor,
+    v_l: Tensor,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Perceiver Resampler attention for many media in one call.
+
+    Args:
+        q: (N, L, H, dh) latent queries (N media, L latents).
+        k_x, v_x: (N, S, H, dh) keys/values of the S feature tokens of each medium.
+        k_l, v_l: (N, L, H, dh) keys/values of the latents.
+        scale: softmax scale, default ``dh ** -0.5``.
+        backend: see :func:`flamingo_rt.ops.backend.resolve`.
+
+    Returns:
+        (N, L, H, dh) in q's dtype.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"expected q of shape (N, L, H, dh), got {tuple(q.shape)}")
+    n, L, H, dh = q.shape
+    for name, t, rows in (("k_x", k_x, None), ("v_x", v_x, None), ("k_l", k_l, L), ("v_l", v_l, L)):
+        if t.dim() != 4 or t.shape[0] != n or t.shape[2] != H or t.shape[3] != dh or (
+            rows is not None and t.shape[1] != rows
+        ):
+            want = f"({n}, {'S' if rows is None else rows}, {H}, {dh})"
+            raise ValueError(f"expected {name} of shape {want}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"expected {name} of dtype {q.dtype} (as q), got {t.dtype}")
+    if k_x.shape != v_x.shape:
+        raise ValueError(f"expected v_x of the shape of k_x {tuple(k_x.shape)}, got {tuple(v_x.shape)}")
+    if scale is None:
+        scale = dh ** -0.5
+    be = _backend.resolve(OP, backend, q.device)
+    return _resampler_op(q, k_x, v_x, k_l, v_l, float(scale), be)

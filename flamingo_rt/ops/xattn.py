@@ -1,0 +1,126 @@
+"""The image-causal cross-attention op, ``flamingo_rt::image_causal_attention``.
+
+Registered with ``torch.library`` (fake implementation and autograd included), so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque op whose backend
+(reference, cpu, cuda, triton) is chosen per call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from .reference import xattn as _ref
+
+def _new(t: Tensor) -> Tensor:
+    """A fresh contiguous tensor like ``t``: every backend returns contiguous outputs."""
+    return t.new_empty(t.shape)
+
+
+OP = "image_causal_attention"
+
+
+@torch.library.custom_op("flamingo_rt::image_causal_attention", mutates_args=())
+def _xattn_op(
+    q: Tensor, k: Tensor, v: Tensor, media_index: Tensor, all_previous: bool, scale: float, backend: str
+) -> Tensor:
+    return _backend.get(OP, backend)(q, k, v, media_index, all_previous, scale).contiguous()
+
+
+@_xattn_op.register_fake
+def _(q, k, v, media_index, all_previous, scale, backend):
+    return _new(q)
+
+
+@torch.library.custom_op("flamingo_rt::image_causal_attention_backward", mutates_args=())
+def _xattn_bwd_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, media_index: Tensor,
+    all_previous: bool, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _backend.get(OP + ".backward", backend)(
+        grad_out, q, k, v, media_index, all_previous, scale
+    )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_xattn_bwd_op.register_fake
+def _(grad_out, q, k, v, media_index, all_previous, scale, backend):
+    return _new(q), _new(k), _new(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, media_index, all_previous, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, media_index)
+    ctx.all_previous, ctx.scale, ctx.backend = all_previous, scale, backend
+
+
+def _backward(ctx, grad_out):
+    q, k, v, media_index = ctx.saved_tensors
+    dq, dk, dv = _xattn_bwd_op(
+        grad_out.contiguous(), q, k, v, media_index, ctx.all_previous, ctx.scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_xattn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(q, k, v, media_index, all_previous, scale):
+    return _ref.image_causal_attention(q, k, v, media_index, all_previous, scale)
+
+
+def _reference_backward(grad_out, q, k, v, media_index, all_previous, scale):
+    return _ref.image_causal_attention_backward(grad_out, q, k, v, media_index, all_previous, scale)
+
+
+_backend.register(OP, "reference", _reference_forward)
+_backend.register(OP + ".backward", "reference", _reference_backward)
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, media_index: Tensor) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"expected q of shape (B, T, H, dh), got {tuple(q.shape)}")
+    B, T, H, dh = q.shape
+    if k.dim() != 5 or k.shape[0] != B or k.shape[3] != H or k.shape[4] != dh:
+        raise ValueError(
+            f"expected k of shape (B, M, N, H, dh) = ({B}, M, N, {H}, {dh}), got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"expected v of the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if media_index.shape != (B, T):
+        raise ValueError(f"expected media_index of shape (B, T) = ({B}, {T}), got {tuple(media_index.shape)}")
+    if media_index.dtype.is_floating_point or media_index.dtype == torch.bool:
+        raise TypeError(f"expected an integer media_index, got {media_index.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def image_causal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    media_index: Tensor,
+    *,
+    all_previous: bool = False,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Image-causal cross-attention of text queries to per-image visual tokens.
+
+    Args:
+        q: (B, T, H, dh) queries (float32, bfloat16, float16 or float64).
+        k, v: (B, M, N, H, dh) keys and values per medium (N visual tokens each).
+        media_index: (B, T) int32/int64, index of each token's image, -1 for none.
+        all_previous: attend to every image up to ``media_index`` instead of just it.
+        scale: softmax scale, default ``dh ** -0.5``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``;
+            default from ``FLAMINGO_RT_BACKEND``, else ``auto``.
+
+    Returns:
+        (B, T, H, dh) in q's dtype; rows with media_index -1 are exactly zero.
+    """
+    _check_shapes(q, k, v, media_index)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    be = _backend.resolve(OP, backend, q.device)
+    return _xattn_op(q, k, v, media_index, bool(all_previous), float(scale), be)

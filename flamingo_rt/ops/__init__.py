@@ -8,6 +8,10 @@ from . import backend, reference
 from .xattn import image_causal_attention
 from .resampler import resampler_attention
 from .reference.xattn import media_index_from_locations
+from .nfconv import ws_standardize, bias_gamma_act, se_residual, ws_conv2d
+from . import flops as _flops
+
+_flops.register()
 
 __all__ = [
     "backend",

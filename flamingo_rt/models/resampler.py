@@ -1,0 +1,149 @@
+"""The Perceiver Resampler: each medium's feature grid -> ``num_latents`` tokens."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import resampler_attention
+from .config import ResamplerConfig
+from .ff import FeedForward
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(LN(features), LN(latents)), one call for all media.
+
+    ``to_kv`` is one Linear producing [K | V] (as OpenFlamingo), applied to features and
+    latents separately so their concatenation is never built.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = heads * dim_head
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """x: (N, S, D) features; latents: (N, L, D). Returns (N, L, D)."""
+        n, S, _ = x.shape
+        L = latents.shape[1]
+        H, dh = self.heads, self.dim_head
+        xn = self.norm_media(x)
+        ln = self.norm_latents(latents)
+        q = self.to_q(ln).view(n, L, H, dh)
+        k_x, v_x = self.to_kv(xn).view(n, S, 2, H, dh).unbind(2)
+        k_l, v_l = self.to_kv(ln).view(n, L, 2, H, dh).unbind(2)
+        out = resampler_attention(q, k_x, v_x, k_l, v_l, scale=dh ** -0.5, backend=backend)
+        return self.to_out(out.reshape(n, L, H * dh))
+
+
+class ResamplerLayer(nn.Module):
+    def __init__(self, cfg: ResamplerConfig):
+        super().__init__()
+        self.attn = PerceiverAttention(cfg.dim, cfg.heads, cfg.dim_head)
+        self.ff = FeedForward(cfg.dim, cfg.ff_mult, cfg.ff_kind)
+
+    def forward(self, x, latents, backend=None):
+        latents = latents + self.attn(x, latents, backend)
+        return latents + self.ff(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """Perceiver Resampler (Flamingo section 2.1).
+
+    Input features (B, M, F, S, D) — B sequences, M media each, F frames per medium
+    (F = 1 for stills), S feature tokens per frame of width D — or (B, M, S, D) for stills.
+    Output (B, M, num_latents, D), in the input's dtype.
+
+    Optional learned temporal embeddings (``max_num_frames``) are added per frame; when a
+    clip has more frames than were trained, they are linearly interpolated over time
+    (the paper trains on 8 frames and evaluates on 30). ``max_num_media`` adds
+    OpenFlamingo's per-medium time embeddings.
+    """
+
+    def __init__(self, cfg: ResamplerConfig):
+        super().__init__()
+        self.config = cfg
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, cfg.dim))
+        self.frame_embs = (
+            nn.Parameter(torch.randn(cfg.max_num_frames, cfg.dim)) if cfg.max_num_frames else None
+        )
+        self.media_time_embs = (
+            nn.Parameter(torch.randn(cfg.max_num_media, 1, cfg.dim)) if cfg.max_num_media else None
+        )
+        self.layers = nn.ModuleList([ResamplerLayer(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def frame_embeddings(self, num_frames: int) -> torch.Tensor:
+        """(num_frames, D) temporal embeddings: the first ``num_frames`` learned ones, or
+        all of them linearly interpolated when ``num_frames`` exceeds what was learned."""
+        fe = self.frame_embs
+        if num_frames <= fe.shape[0]:
+            return fe[:num_frames]
+        return F.interpolate(
+            fe.t()[None], size=num_frames, mode="linear", align_corners=True
+        )[0].t()
+
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        D = self.config.dim
+        if x.dim() == 4:
+            x = x.unsqueeze(2)
+        if x.dim() != 5 or x.shape[-1] != D:
+            raise ValueError(
+                f"expected media features of shape (B, M, F, S, {D}) or (B, M, S, {D}), got {tuple(x.shape)}"
+            )
+        B, M, Fr, S, _ = x.shape
+        if self.frame_embs is not None:
+            x = x + self.frame_embeddings(Fr).to(x.dtype)[None, None, :, None, :]
+        x = x.reshape(B, M, Fr * S, D)
+        if self.media_time_embs is not None:
+            if M > self.media_time_embs.shape[0]:
+                raise ValueError(
+                    f"expected at most {self.media_time_embs.shape[0]} media per sequence "
+                    f"(max_num_media), got {M}"
+                )
+            x = x + self.media_time_embs[:M].to(x.dtype)
+        x = x.reshape(B * M, Fr * S, D)
+        latents = self.latents.to(x.dtype).expand(B * M, -1, -1)
+        for layer in self.layers:
+            latents = layer(x, latents, backend)
+        return self.norm(latents).view(B, M, -1, D)
+
+    @classmethod
+    def from_open_flamingo(cls, module: nn.Module, ff_kind: str = "gelu") -> "PerceiverResampler":
+        """A resampler with the weights of an open_flamingo ``PerceiverResampler``."""
+        sd = module.state_dict()
+        layer0 = module.layers[0][0]
+        dim = module.latents.shape[1]
+        cfg = ResamplerConfig(
+            dim=dim,
+            depth=len(module.layers),
+            heads=layer0.heads,
+            dim_head=layer0.to_q.out_features // layer0.heads,
+            num_latents=module.latents.shape[0],
+            ff_mult=module.layers[0][1][1].out_features // dim,
+            ff_kind=ff_kind,
+            max_num_frames=None if module.frame_embs is None else module.frame_embs.shape[0],
+            max_num_media=None if module.media_time_embs is None else module.media_time_embs.shape[0],
+        )
+        ours = cls(cfg).to(module.latents.dtype)
+        new = {"latents": sd["latents"], "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+        for name in ("frame_embs", "media_time_embs"):
+            if name in sd:
+                new[name] = sd[name]
+        for i, layer in enumerate(ours.layers):
+            for n in ("norm_media", "norm_latents", "to_q", "to_kv", "to_out"):
+                for p in ("weight", "bias"):
+                    key = f"layers.{i}.0.{n}.{p}"
+                    if key in sd:
+                        new[f"layers.{i}.attn.{n}.{p}"] = sd[key]
+            for k, v in layer.ff.load_open_flamingo(sd, f"layers.{i}.1.").items():
+                new[f"layers.{i}.ff.{k}"] = v
+        ours.load_state_dict(new, strict=True)
+        return ours

@@ -1,0 +1,52 @@
+"""FLOP formulas of the flamingo_rt ops for ``torch.utils.flop_counter.FlopCounterMode``.
+
+These make model FLOP counts (also on the meta device) include our custom ops. The
+image-causal attention counts the work it must do: each token scores against the N
+tokens of its own image (immediate mode) or, as an upper bound, against all M*N
+(all-previous mode); a matrix product of (a x b) by (b x c) is 2abc FLOPs.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+_REGISTERED = False
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def register() -> None:
+    """Register the formulas once (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    ops = torch.ops.flamingo_rt
+
+    @register_flop_formula(ops.image_causal_attention, get_raw=True)
+    def _xattn_fwd(q, k, v, media_index, all_previous, scale, backend, *args, out_val=None, **kw):
+        B, T, H, dh = _shape(q)
+        M, N = _shape(k)[1:3]
+        keys = M * N if all_previous else N
+        return 4 * B * T * keys * H * dh
+
+    @register_flop_formula(ops.image_causal_attention_backward, get_raw=True)
+    def _xattn_bwd(grad_out, q, k, v, media_index, all_previous, scale, backend, *args, out_val=None, **kw):
+        B, T, H, dh = _shape(q)
+        M, N = _shape(k)[1:3]
+        keys = M * N if all_previous else N
+        return 10 * B * T * keys * H * dh  # recompute S, then dV, dP, dQ, dK
+
+    @register_flop_formula(ops.resampler_attention, get_raw=True)
+    def _res_fwd(q, k_x, v_x, k_l, v_l, scale, backend, *args, out_val=None, **kw):
+        n, L, H, dh = _shape(q)
+        keys = _shape(k_x)[1] + L
+        return 4 * n * L * keys * H * dh
+
+    @register_flop_formula(ops.resampler_attention_backward, get_raw=True)
+    def _res_bwd(grad_out, q, k_x, v_x, k_l, v_l, scale, backend, *args, out_val=None, **kw):
+        n, L, H, dh = _shape(q)
+        keys = _shape(k_x)[1] + L
+        return 10 * n * L * keys * H * dh

@@ -1,0 +1,52 @@
+"""Shared test fixtures: seeds, peers (open_flamingo modules), tolerances."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Deterministic per-test seed (override all with FLAMINGO_RT_TEST_SEED)."""
+    base = int(os.environ.get("FLAMINGO_RT_TEST_SEED", "0"))
+    torch.manual_seed(base + zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; NaN anywhere gives inf."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    if torch.isnan(a64).any() or torch.isnan(b64).any():
+        return float("inf")
+    denom = b64.norm().item()
+    num = (a64 - b64).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def _load_of_helpers():
+    spec = importlib.util.find_spec("open_flamingo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "src" / "helpers.py"
+    mspec = importlib.util.spec_from_file_location("_open_flamingo_helpers", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def of_helpers():
+    """open_flamingo's src/helpers.py (PerceiverResampler, GatedCrossAttentionBlock),
+    imported from its file so the package __init__ (which needs open_clip) is skipped.
+    In CI the peer is installed; a missing peer fails unless FLAMINGO_RT_ALLOW_SKIP=1."""
+    mod = _load_of_helpers()
+    if mod is None:
+        if os.environ.get("FLAMINGO_RT_ALLOW_SKIP") == "1":
+            pytest.skip("open_flamingo not installed")
+        raise RuntimeError("open_flamingo (test-only peer) is not installed; run ./dev setup")
+    return mod

@@ -110,7 +110,8 @@ class PerceiverResampler(nn.Module):
                 )
             x = x + self.media_time_embs[:M].to(x.dtype)
         x = x.reshape(B * M, Fr * S, D)
-        latents = self.latents.to(x.dtype).expand(B * M, -1, -1)
+        # a real copy (tiny): a no-grad view of a leaf confuses module hooks (FlopCounterMode)
+        latents = self.latents.to(x.dtype).repeat(B * M, 1, 1)
         for layer in self.layers:
             latents = layer(x, latents, backend)
         return self.norm(latents).view(B, M, -1, D)

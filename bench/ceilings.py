@@ -1,0 +1,69 @@
+"""This machine's ceilings: GEMM GFLOP/s (fp32, bf16) and copy GB/s, measured with torch.
+
+Every benchmark run prints them next to the results, so achieved numbers can be read
+as a fraction of what the hardware does on its best-understood workload.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_time(fn, device, min_time=0.3, reps_min=3):
+    fn()
+    _sync(device)
+    best, total, reps = float("inf"), 0.0, 0
+    while total < min_time or reps < reps_min:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        best, total, reps = min(best, dt), total + dt, reps + 1
+    return best
+
+
+@dataclass
+class Ceilings:
+    device: str
+    gemm_fp32_gflops: float
+    gemm_bf16_gflops: float
+    copy_gbps: float
+    threads: int
+
+    def line(self) -> str:
+        return (
+            f"machine ceilings [{self.device}, {self.threads} threads]: GEMM fp32 {self.gemm_fp32_gflops:.0f} GFLOP/s, "
+            f"GEMM bf16 {self.gemm_bf16_gflops:.0f} GFLOP/s, copy {self.copy_gbps:.1f} GB/s"
+        )
+
+
+def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceilings:
+    """Measure GEMM (n x n x n) in fp32 and bf16 and a large tensor copy on ``device``."""
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else 2048
+    res = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        t = _best_time(lambda: torch.mm(a, b), device)
+        res[dt] = 2 * n ** 3 / t / 1e9
+    numel = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t = _best_time(lambda: dst.copy_(src), device)
+    copy = 2 * src.numel() * 4 / t / 1e9  # read + write
+    return Ceilings(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        gemm_fp32_gflops=res[torch.float32],
+        gemm_bf16_gflops=res[torch.bfloat16],
+        copy_gbps=copy,
+        threads=torch.get_num_threads(),
+    )

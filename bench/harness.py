@@ -1,0 +1,68 @@
+"""Side-by-side timing of ours and a peer in one process, with ratios and rates."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.utils.benchmark as tbench
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (torch's counter, with flamingo_rt's op formulas)."""
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
+    m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time
+    )
+    return m.median
+
+
+@dataclass
+class Row:
+    name: str
+    ours_s: float
+    peer_s: float
+    peer_name: str
+    flops: Optional[int] = None
+
+    @property
+    def speedup(self) -> float:
+        return self.peer_s / self.ours_s
+
+    def format(self, ceiling_gflops: Optional[float] = None) -> str:
+        s = (
+            f"{self.name:<44} ours {self.ours_s * 1e3:9.3f} ms   {self.peer_name} {self.peer_s * 1e3:9.3f} ms"
+            f"   ratio peer/ours {self.speedup:5.2f}x"
+        )
+        if self.flops:
+            g = self.flops / self.ours_s / 1e9
+            s += f"   ours {g:7.1f} GFLOP/s"
+            if ceiling_gflops:
+                s += f" ({100 * g / ceiling_gflops:4.1f}% of GEMM)"
+        return s
+
+
+@dataclass
+class Report:
+    rows: List[Row] = field(default_factory=list)
+
+    def compare(self, name: str, ours: Callable, peer: Callable, peer_name: str,
+                flops: Optional[int] = None, min_run_time: float = 1.0) -> Row:
+        """Time ``ours`` and ``peer`` alternately (ours, peer, ours, peer) and keep the
+        better median of each, so drift in machine load hits both alike."""
+        o1 = median_seconds(ours, min_run_time / 2)
+        p1 = median_seconds(peer, min_run_time / 2)
+        o2 = median_seconds(ours, min_run_time / 2)
+        p2 = median_seconds(peer, min_run_time / 2)
+        row = Row(name, min(o1, o2), min(p1, p2), peer_name, flops)
+        self.rows.append(row)
+        return row
+
+
+REPORT = Report()

@@ -36,3 +36,7 @@ __all__ = [
     "FlamingoTokenizer",
     "IncrementalDecoder",
 ]
+
+from .pretrained import load_pretrained, save_pretrained  # noqa: E402
+
+__all__ += ["load_pretrained", "save_pretrained"]

@@ -1,0 +1,419 @@
+"""The one GPU command (DESIGN.md section 5).
+
+    python bench/gpu_check.py [--out DIR] [--device cuda|cpu] [--quick]
+
+1. builds what needs building (the ``flamingo_rt._C`` extension, in place, if missing);
+2. measures the device's ceilings (copy GB/s, bf16 / fp32 GEMM TFLOP/s);
+3. checks every backend of every op that can run on the device against the float64
+   reference, forward and backward, on fresh random inputs with the edge cases;
+4. times each op against its peers (``triton.testing.do_bench`` median on GPU);
+5. prints a short table last and writes ``table.md`` and ``results.json`` under DIR.
+
+With no GPU it dry-runs on the CPU with small shapes (``--device cpu`` forces that), so
+the script is known to work before GPU time is spent. Exit status 1 if any check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+# --------------------------------------------------------------------------- build
+
+
+def ensure_built(log: List[str]) -> bool:
+    """Import flamingo_rt._C, building it in place first if it is missing."""
+    try:
+        import flamingo_rt._C  # noqa: F401
+
+        log.append("flamingo_rt._C: already built")
+        return True
+    except ImportError as e:
+        log.append(f"flamingo_rt._C missing ({e}); building with pip install --no-build-isolation --no-deps -e .")
+    t0 = time.time()
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
+        capture_output=True, text=True, env=env,
+    )
+    log.append(f"build exit {proc.returncode} in {time.time() - t0:.0f} s")
+    if proc.returncode != 0:
+        log.append(proc.stdout[-3000:] + proc.stderr[-3000:])
+        return False
+    try:
+        import importlib
+
+        importlib.invalidate_caches()
+        import flamingo_rt._C  # noqa: F401
+
+        return True
+    except ImportError as e:
+        log.append(f"still cannot import flamingo_rt._C: {e}")
+        return False
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds of ``fn``: triton's do_bench on GPU, torch's Timer on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    import torch.utils.benchmark as tb
+
+    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
+
+
+def ceilings(device: torch.device, quick: bool) -> Dict[str, float]:
+    n = 8192 if device.type == "cuda" else (512 if quick else 1024)
+    out = {}
+    for name, dt in (("gemm_bf16_tflops", torch.bfloat16), ("gemm_fp32_tflops", torch.float32)):
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        ms = time_ms(lambda: torch.mm(a, b), device)
+        out[name] = 2 * n**3 / (ms * 1e-3) / 1e12
+    numel = (1 << 28) if device.type == "cuda" else (1 << 22)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    out["copy_tbps"] = 2 * numel * 4 / (ms * 1e-3) / 1e12
+    return out
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass
+class Check:
+    op: str
+    backend: str
+    dtype: str
+    case: str
+    fwd_err: float
+    bwd_err: float
+    tol: float
+    ok: bool
+    note: str = ""
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return math.inf
+    d = b.norm().item()
+    return (a - b).norm().item() / (d if d > 0 else 1.0)
+
+
+def run_case(op_name, fn, ref_fn, inputs, diff_idx, backend, dtype, device, case) -> Check:
+    """fn(*inputs, backend=...) on device/dtype vs ref_fn(*inputs) in float64 on CPU,
+    forward and the gradients of inputs[diff_idx] for a random cotangent."""
+    try:
+        dev_in, ref_in = [], []
+        for i, t in enumerate(inputs):
+            if torch.is_tensor(t) and t.is_floating_point():
+                d = t.to(device=device, dtype=dtype).detach().requires_grad_(i in diff_idx)
+                r = t.double().detach().requires_grad_(i in diff_idx)
+            else:
+                d, r = (t.to(device) if torch.is_tensor(t) else t), t
+            dev_in.append(d)
+            ref_in.append(r)
+        out = fn(*dev_in, backend=backend)
+        ref = ref_fn(*ref_in)
+        fwd = rel(out, ref)
+        g = torch.randn_like(ref)
+        bwd = 0.0
+        if diff_idx:
+            gd = torch.autograd.grad(out, [dev_in[i] for i in diff_idx], g.to(device=device, dtype=dtype))
+            gr = torch.autograd.grad(ref, [ref_in[i] for i in diff_idx], g)
+            bwd = max(rel(a, b) for a, b in zip(gd, gr))
+        tol = TOL[dtype]
+        return Check(op_name, backend, str(dtype).replace("torch.", ""), case, fwd, bwd, tol,
+                     fwd <= tol and bwd <= 3 * tol)
+    except Exception as e:  # a crash is a failed check, reported, not fatal
+        return Check(op_name, backend, str(dtype).replace("torch.", ""), case, math.inf, math.inf,
+                     TOL[dtype], False, note=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def xattn_cases(quick: bool):
+    from flamingo_rt.ops import media_index_from_locations
+
+    Ns = (1, 49, 64, 257) if quick else (1, 49, 64, 257, 300)
+    dhs = (64, 96, 128)
+    for N in Ns:
+        for dh in dhs:
+            if quick and dh == 96 and N != 49:
+                continue
+            B, T, H, M = 3, 24, 2, 3
+            loc = torch.zeros(B, T, dtype=torch.bool)
+            loc[0, [2, 3, 9]] = True  # text first, a 1-token segment, more images
+            loc[1, [0]] = True  # one image from the first token
+            # row 2: no image at all
+            idx = media_index_from_locations(loc)
+            q = torch.randn(B, T, H, dh)
+            k = torch.randn(B, M, N, H, dh)
+            v = torch.randn(B, M, N, H, dh)
+            yield f"N={N} dh={dh}", (q, k, v, idx)
+
+
+def resampler_cases(quick: bool):
+    Ss = (1, 49, 257) if quick else (1, 49, 256, 257, 300)
+    for S in Ss:
+        for dh in (64, 96, 128):
+            if quick and dh == 96 and S != 49:
+                continue
+            n, L, H = 3, 64, 2
+            yield f"S={S} dh={dh}", tuple(torch.randn(n, s, H, dh) for s in (L, S, S, L, L))
+
+
+def check_all(device: torch.device, quick: bool) -> List[Check]:
+    import flamingo_rt.ops as ops
+    from flamingo_rt.ops import backend as be
+    from flamingo_rt.ops import reference as R
+
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    results: List[Check] = []
+
+    def backends_for(op):
+        return [b for b in be.implemented(op) if be._device_ok(b, device)]
+
+    for b in backends_for("image_causal_attention"):
+        for dt in dtypes:
+            for case, (q, k, v, idx) in xattn_cases(quick):
+                for allp in (False, True):
+                    results.append(run_case(
+                        "image_causal_attention" + (" all-prev" if allp else ""),
+                        lambda q, k, v, i, backend: ops.image_causal_attention(q, k, v, i, all_previous=allp, backend=backend),
+                        lambda q, k, v, i: R.image_causal_attention(q, k, v, i, allp),
+                        (q, k, v, idx), (0, 1, 2), b, dt, device, case))
+    for b in backends_for("resampler_attention"):
+        for dt in dtypes:
+            for case, xs in resampler_cases(quick):
+                results.append(run_case(
+                    "resampler_attention",
+                    lambda *t, backend: ops.resampler_attention(*t, backend=backend),
+                    lambda *t: R.resampler_attention(*t),
+                    xs, (0, 1, 2, 3, 4), b, dt, device, case))
+    if hasattr(ops, "bias_gamma_act"):
+        for b in backends_for("bias_gamma_act"):
+            for dt in dtypes:
+                for act in ("gelu", "relu", "silu"):
+                    for cl in (False, True):
+                        x = torch.randn(2, 40, 9, 7)
+                        if cl:
+                            x = x.to(memory_format=torch.channels_last)
+                        bias = torch.randn(40)
+                        results.append(run_case(
+                            "bias_gamma_act", 
+                            lambda x, bias, backend: ops.bias_gamma_act(x, bias, act, 1.7015, backend=backend),
+                            lambda x, bias: R.bias_gamma_act(x, bias, act, 1.7015) if hasattr(R, "bias_gamma_act")
+                            else _bga_formula(x, bias, act, 1.7015),
+                            (x, bias), (0, 1), b, dt, device, f"{act} {'NHWC' if cl else 'NCHW'}"))
+    return results
+
+
+def _bga_formula(x, bias, act, gamma):
+    import torch.nn.functional as F
+
+    y = x + bias[None, :, None, None]
+    y = {"gelu": F.gelu, "relu": torch.relu, "silu": F.silu}[act](y)
+    return gamma * y
+
+
+# --------------------------------------------------------------------------- timings
+
+
+@dataclass
+class Timing:
+    op: str
+    impl: str
+    dtype: str
+    shape: str
+    ms: float
+    tflops: float
+    tbps: float
+    pct_copy: float
+    note: str = ""
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
+
+
+def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[Timing]:
+    import torch.nn.functional as F
+
+    import flamingo_rt.ops as ops
+    from flamingo_rt.ops import backend as be
+
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out: List[Timing] = []
+
+    def add(op, impl, shape, fn, flops, nbytes, note=""):
+        try:
+            ms = time_ms(fn, device)
+            s = ms * 1e-3
+            tb = nbytes / s / 1e12
+            out.append(Timing(op, impl, str(dt).replace("torch.", ""), shape, ms, flops / s / 1e12, tb,
+                              100 * tb / ceil["copy_tbps"], note))
+        except Exception as e:
+            out.append(Timing(op, impl, str(dt).replace("torch.", ""), shape, math.nan, math.nan, math.nan,
+                              math.nan, f"{type(e).__name__}: {str(e)[:120]}"))
+
+    # image-causal cross-attention: a few-shot prompt, every token sees its own 64 tokens
+    if device.type == "cuda":
+        B, T, M, N, H, dh = 8, 2048, 16, 64, 8, 64
+    else:
+        B, T, M, N, H, dh = 1, 128, 4, 64, 8, 64
+    q = torch.randn(B, T, H, dh, device=device, dtype=dt)
+    k = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
+    v = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
+    loc = torch.zeros(B, T, dtype=torch.bool)
+    loc[:, torch.linspace(1, T - 8, M).long()] = True
+    from flamingo_rt.ops import media_index_from_locations
+
+    idx = media_index_from_locations(loc).to(device)
+    shape = f"B{B} T{T} M{M} N{N} H{H} d{dh}"
+    flops = 4 * B * T * N * H * dh
+    nbytes = _nbytes(q, k, v, idx) + q.numel() * q.element_size()
+    for b in [b for b in be.implemented("image_causal_attention") if be._device_ok(b, device)]:
+        add("xattn fwd", b, shape, lambda: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
+    # peer: OpenFlamingo's dense formulation through SDPA with a (T, M*N) boolean mask
+    img = torch.arange(M, device=device).repeat_interleave(N)
+    mask = (img[None, None, :] == idx[:, :, None].long())[:, None]  # (B, 1, T, M*N)
+    qh, kh, vh = q.transpose(1, 2), k.reshape(B, M * N, H, dh).transpose(1, 2), v.reshape(B, M * N, H, dh).transpose(1, 2)
+    add("xattn fwd", "sdpa dense mask (OF)", shape,
+        lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), 4 * B * T * M * N * H * dh, nbytes,
+        note="FLOPs counted dense")
+
+    # resampler attention: all media of a batch in one call
+    if device.type == "cuda":
+        n, L, S, H, dh = 256, 64, 257, 16, 96
+    else:
+        n, L, S, H, dh = 8, 64, 64, 8, 64
+    qr = torch.randn(n, L, H, dh, device=device, dtype=dt)
+    kx, vx = (torch.randn(n, S, H, dh, device=device, dtype=dt) for _ in range(2))
+    kl, vl = (torch.randn(n, L, H, dh, device=device, dtype=dt) for _ in range(2))
+    shape = f"n{n} L{L} S{S} H{H} d{dh}"
+    flops = 4 * n * L * (S + L) * H * dh
+    nbytes = _nbytes(qr, kx, vx, kl, vl, qr)
+    for b in [b for b in be.implemented("resampler_attention") if be._device_ok(b, device)]:
+        add("resampler fwd", b, shape, lambda: ops.resampler_attention(qr, kx, vx, kl, vl, backend=b), flops, nbytes)
+    kc = torch.cat([kx, kl], 1).transpose(1, 2)
+    vc = torch.cat([vx, vl], 1).transpose(1, 2)
+    add("resampler fwd", "sdpa on concat (peer)", shape,
+        lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc), flops, nbytes,
+        note="concat excluded")
+
+    if hasattr(ops, "bias_gamma_act"):
+        x = torch.randn(32 if device.type == "cuda" else 2, 256, 56, 56, device=device, dtype=dt)
+        bias = torch.randn(256, device=device, dtype=dt)
+        nb = 2 * _nbytes(x)
+        for b in [b for b in be.implemented("bias_gamma_act") if be._device_ok(b, device)]:
+            add("bias_gamma_act fwd", b, f"{tuple(x.shape)}", lambda: ops.bias_gamma_act(x, bias, "gelu", 1.7015, backend=b), 0, nb)
+        add("bias_gamma_act fwd", "torch eager (peer)", f"{tuple(x.shape)}",
+            lambda: F.gelu(x + bias[None, :, None, None]) * 1.7015, 0, nb)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(device_name: str, ceil: Dict[str, float], checks: List[Check], timings: List[Timing]) -> str:
+    lines = [f"# flamingo_rt GPU check — {device_name} — {time.strftime('%Y-%m-%d %H:%M')}", ""]
+    lines.append(f"ceilings: copy {ceil['copy_tbps']:.3f} TB/s, GEMM bf16 {ceil['gemm_bf16_tflops']:.1f} TFLOP/s, "
+                 f"fp32 {ceil['gemm_fp32_tflops']:.1f} TFLOP/s; torch {torch.__version__}")
+    lines.append("")
+    groups: Dict[tuple, List[Check]] = {}
+    for c in checks:
+        groups.setdefault((c.op, c.backend, c.dtype), []).append(c)
+    lines.append("| op | backend | dtype | cases | worst fwd err | worst bwd err | tol | result |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for (op, b, dt), cs in groups.items():
+        bad = [c for c in cs if not c.ok]
+        lines.append(f"| {op} | {b} | {dt} | {len(cs)} | {max(c.fwd_err for c in cs):.2e} | "
+                     f"{max(c.bwd_err for c in cs):.2e} | {cs[0].tol:.0e} | "
+                     f"{'PASS' if not bad else 'FAIL: ' + ', '.join(c.case + (' ' + c.note if c.note else '') for c in bad[:3])} |")
+    lines.append("")
+    lines.append("| op | implementation | dtype | shape | ms | TFLOP/s | TB/s | % copy BW | note |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for t in timings:
+        lines.append(f"| {t.op} | {t.impl} | {t.dtype} | {t.shape} | {t.ms:.4f} | {t.tflops:.2f} | {t.tbps:.3f} | "
+                     f"{t.pct_copy:.1f} | {t.note} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu (dry run)")
+    ap.add_argument("--quick", action="store_true", help="fewer cases (default on CPU)")
+    ap.add_argument("--no-build", action="store_true", help="do not try to build flamingo_rt._C")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick or device.type == "cpu"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log: List[str] = []
+    t0 = time.time()
+    if args.no_build:
+        try:
+            import flamingo_rt._C  # noqa: F401
+
+            built = True
+        except ImportError:
+            built, _ = False, log.append("flamingo_rt._C not built (--no-build): C++ backends skipped")
+    else:
+        built = ensure_built(log)
+    import flamingo_rt  # noqa: F401  (registers ops, and the C++ backends when built)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU dry run ({platform.processor() or platform.machine()})"
+    torch.manual_seed(int(time.time()) & 0xFFFF)  # fresh random inputs every run
+    ceil = ceilings(device, quick)
+    checks = check_all(device, quick)
+    timings = time_all(device, quick, ceil)
+    text = table(name, ceil, checks, timings)
+    failed = [c for c in checks if not c.ok]
+    (out_dir / "table.md").write_text(text + "\n")
+    (out_dir / "results.json").write_text(json.dumps({
+        "device": name, "torch": torch.__version__, "extension_built": built, "log": log,
+        "ceilings": ceil, "checks": [asdict(c) for c in checks], "timings": [asdict(t) for t in timings],
+        "seconds": time.time() - t0,
+    }, indent=1))
+    print("\n".join(log))
+    print(text)
+    print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed, {len(timings)} timings, "
+          f"{time.time() - t0:.0f} s; written to {out_dir}/table.md and results.json")
+    return 1 if failed or (not built and not args.no_build) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

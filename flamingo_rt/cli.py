@@ -1,0 +1,85 @@
+"""The ``flamingo-rt`` command.
+
+    flamingo-rt demo                 few-shot demo on the shipped model (not yet: see below)
+    flamingo-rt info [PRESET ...]    parameters and forward FLOPs of presets (meta device)
+    flamingo-rt check                build status: C++ extension, backends per op
+
+``generate``, ``train``, ``eval``, ``ablate`` and ``export`` arrive with the runtime,
+training, demo and C-API work; until then they say so and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+NOT_YET = {
+    "demo": "the few-shot demo needs the shipped model (procedural world + training recipe), which is not built yet",
+    "generate": "streaming generation (caches, decoding strategies) is not built yet",
+    "train": "the training runtime is not built yet",
+    "eval": "the evaluation harness is not built yet",
+    "ablate": "the ablation runner is not built yet",
+    "export": "AOTInductor export and the C API are not built yet",
+}
+
+
+def _info(presets: List[str], seq_len: int, num_media: int) -> int:
+    from .models import PRESETS
+    from .models.stats import build_meta, count_forward_flops, count_parameters
+
+    names = presets or list(PRESETS)
+    print(f"{'preset':<18}{'total':>10}{'vision':>10}{'resampler':>11}{'xattn':>10}{'lm':>10}"
+          f"   fwd GFLOP (T={seq_len}, {num_media} image)")
+    for name in names:
+        if name not in PRESETS:
+            print(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}", file=sys.stderr)
+            return 2
+        model = build_meta(name)
+        c = count_parameters(model)
+        f = count_forward_flops(model, seq_len=seq_len, num_media=num_media)
+
+        def m(n):
+            return f"{n / 1e6:9.1f}M" if n < 1e9 else f"{n / 1e9:9.2f}B"
+
+        print(f"{name:<18}{m(c['total'])}{m(c['vision'])}{m(c['resampler']):>11}{m(c['xattn'])}{m(c['lm'])}"
+              f"   {f['total'] / 1e9:,.1f}")
+    return 0
+
+
+def _check() -> int:
+    import torch
+
+    from . import _ext
+    from .ops import backend
+
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    print(f"flamingo_rt._C loaded: {_ext.load()}")
+    ops = sorted({k.split('.')[0] for k in backend._IMPLS})
+    for op in ops:
+        print(f"  {op:<28} backends: {', '.join(backend.implemented(op))}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="flamingo-rt", description="Flamingo-style VLM kernels and runtime")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in NOT_YET:
+        sub.add_parser(name, help=NOT_YET[name].split(",")[0])
+    p_info = sub.add_parser("info", help="parameters and FLOPs of presets")
+    p_info.add_argument("presets", nargs="*")
+    p_info.add_argument("--seq-len", type=int, default=256)
+    p_info.add_argument("--num-media", type=int, default=1)
+    sub.add_parser("check", help="extension and backend status")
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        return _info(args.presets, args.seq_len, args.num_media)
+    if args.cmd == "check":
+        return _check()
+    print(f"flamingo-rt {args.cmd}: not yet — {NOT_YET[args.cmd]}.")
+    print("What works today: `flamingo-rt info` (presets, parameters, FLOPs), `flamingo-rt check`,")
+    print("and the Python API (see README.md: flamingo_rt.models, flamingo_rt.ops, flamingo_rt.io).")
+    return 0 if args.cmd == "demo" else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""A whole Flamingo model folder: exact round trip, config, tokenizer, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flamingo_rt.io import CheckpointError, FlamingoTokenizer, load_pretrained, save_pretrained
+from flamingo_rt.models import get_preset
+from flamingo_rt.models.flamingo import Flamingo
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = Flamingo(get_preset("tiny")).eval()
+    with torch.no_grad():
+        for blk in model.xattn_blocks():
+            blk.attn_gate.fill_(0.4)
+    tok = FlamingoTokenizer.train_bpe(["a red square left of a blue circle"] * 20, vocab_size=300)
+    save_pretrained(model, tmp_path, tokenizer=tok, max_shard_bytes=400_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    loaded, tok2 = load_pretrained(tmp_path)
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    assert loaded.config == model.config
+    assert tok2.encode("a red square") == tok.encode("a red square")
+    ids = torch.randint(4, 300, (1, 10))
+    ids[0, 2] = 0
+    media = torch.randn(1, 1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(ids, media).logits, loaded(ids, media).logits)
+
+
+def test_load_bf16_and_wrong_shape_error(tmp_path):
+    model = Flamingo(get_preset("tiny"))
+    save_pretrained(model, tmp_path)
+    loaded, tok = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert tok is None
+    assert loaded.lm.embed_tokens.weight.dtype == torch.bfloat16
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["lm"]["dim"] = 128
+    cfg["lm"]["head_dim"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lm.embed_tokens.weight"):
+        load_pretrained(tmp_path)

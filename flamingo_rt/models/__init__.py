@@ -9,8 +9,19 @@ from .config import (
     XAttnConfig,
     get_preset,
 )
+from .flamingo import Flamingo, FlamingoOutput
+from .lm import DecoderLM
+from .nfnet import NFNet
+from .resampler import PerceiverResampler
+from .xattn import GatedCrossAttentionBlock
 
 __all__ = [
+    "DecoderLM",
+    "Flamingo",
+    "FlamingoOutput",
+    "GatedCrossAttentionBlock",
+    "NFNet",
+    "PerceiverResampler",
     "FlamingoConfig",
     "LMConfig",
     "NFNetConfig",

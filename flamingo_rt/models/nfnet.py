@@ -1,0 +1,405 @@
+"""NFNet vision encoder, structured as timm's ``dm_nfnet_f*`` so that timm state dicts
+load by name (``stem.*``, ``stages.*``, ``final_conv.*``; timm's ``head.*`` is not used).
+
+Structure (DESIGN.md section 1), for an :class:`~flamingo_rt.models.config.NFNetConfig`:
+
+- stem ("deep_quad"): four 3x3 scaled-WS convs with widths stem/8, stem/4, stem/2, stem
+  and strides 2, 1, 1, 2, a gamma-GELU between consecutive convs;
+- four stages of :class:`NormFreeBlock` (stride 1 for the first stage, 2 for the others):
+  ``out = gamma_gelu(x) * beta``; shortcut = x, or avgpool(2, ceil) + 1x1 conv of ``out``
+  when the width or stride changes; residual = conv1 (1x1) -> gamma-GELU -> conv2 (3x3,
+  grouped, strided) -> gamma-GELU -> conv2b (3x3, grouped) -> gamma-GELU -> conv3 (1x1)
+  -> SE (gain ``attn_gain``); block output = shortcut + alpha * skipinit_gain * residual;
+- final 1x1 scaled-WS conv to ``num_features`` and a gamma-GELU.
+
+All convs are scaled weight-standardized with TF-style SAME padding
+(:func:`flamingo_rt.ops.ws_conv2d`); each conv followed by an activation feeds its bias
+into :func:`flamingo_rt.ops.bias_gamma_act`; each block ends in
+:func:`flamingo_rt.ops.se_residual`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import nfconv as _ops
+from .config import NFNetConfig
+
+#: timm's (and DeepMind's) signal-preserving gamma of the exact-erf GELU.
+GELU_GAMMA = 1.7015043497085571
+#: timm rounds every width to a multiple of this.
+CH_DIV = 8
+
+
+def make_divisible(v: float, divisor: int = CH_DIV, round_limit: float = 0.9) -> int:
+    """Round ``v`` to the nearest multiple of ``divisor`` (at least ``divisor``), going up
+    one step when rounding would lose more than ``1 - round_limit`` of ``v`` (timm's rule)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+class ScaledStdConv2d(nn.Module):
+    """Conv2d with scaled weight standardization and TF-style SAME padding.
+
+    Parameters (timm's names and shapes): ``weight`` (O, I/groups, k, k), ``bias`` (O,),
+    ``gain`` (O, 1, 1, 1).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        eps: float = 1e-5,
+        gain_init: float = 1.0,
+    ):
+        super().__init__()
+        if in_chs % groups or out_chs % groups:
+            raise ValueError(f"expected channels {in_chs} -> {out_chs} divisible by groups {groups}")
+        self.in_chs, self.out_chs = in_chs, out_chs
+        self.kernel_size, self.stride, self.groups, self.eps = kernel_size, stride, groups, eps
+        self.gain_init = gain_init
+        self.weight = nn.Parameter(torch.empty(out_chs, in_chs // groups, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_chs))
+        self.gain = nn.Parameter(torch.empty(out_chs, 1, 1, 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's init: Kaiming-normal (fan_in, linear) weight, zero bias, constant gain."""
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="linear")
+        nn.init.zeros_(self.bias)
+        nn.init.constant_(self.gain, self.gain_init)
+
+    def forward(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
+        """(N, I, H, W) -> (N, O, ceil(H / stride), ceil(W / stride)), bias included."""
+        return _ops.ws_conv2d(
+            x, self.weight, self.gain, self.bias, self.stride, self.groups, self.eps, "same", backend
+        )
+
+    def forward_act(self, x: Tensor, gamma: float, backend: Optional[str] = None) -> Tensor:
+        """``gamma * gelu(conv(x) + bias)``: the conv without bias, then the fused
+        bias + GELU + gamma op."""
+        y = _ops.ws_conv2d(
+            x, self.weight, self.gain, None, self.stride, self.groups, self.eps, "same", backend
+        )
+        return _ops.bias_gamma_act(y, self.bias, "gelu", gamma, backend=backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"groups={self.groups}, eps={self.eps}"
+        )
+
+
+class Stem(nn.Module):
+    """timm's "deep_quad" stem: conv1..conv4 (3x3; strides 2, 1, 1, 2), gamma-GELU between."""
+
+    def __init__(self, in_chans: int, out_chs: int, eps: float):
+        super().__init__()
+        widths = (out_chs // 8, out_chs // 4, out_chs // 2, out_chs)
+        strides = (2, 1, 1, 2)
+        prev = in_chans
+        for i, (c, s) in enumerate(zip(widths, strides)):
+            self.add_module(f"conv{i + 1}", ScaledStdConv2d(prev, c, 3, stride=s, eps=eps))
+            prev = c
+
+    def forward(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
+        """(N, in_chans, H, W) -> (N, stem_chs, H / 4, W / 4) (ceil at each stride)."""
+        x = self.conv1.forward_act(x, GELU_GAMMA, backend)
+        x = self.conv2.forward_act(x, GELU_GAMMA, backend)
+        x = self.conv3.forward_act(x, GELU_GAMMA, backend)
+        return self.conv4(x, backend)
+
+
+class DownsampleAvg(nn.Module):
+    """Shortcut projection: 2x2 average pool (ceil mode, padding excluded) when strided,
+    then a 1x1 scaled-WS conv."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, eps: float):
+        super().__init__()
+        self.stride = stride
+        self.conv = ScaledStdConv2d(in_chs, out_chs, 1, eps=eps)
+
+    def forward(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, 2, self.stride, ceil_mode=True, count_include_pad=False)
+        return self.conv(x, backend)
+
+
+class SqueezeExcite(nn.Module):
+    """SE gate logits: mean over H, W -> fc1 (1x1 conv, bias) -> ReLU -> fc2 (1x1 conv, bias).
+
+    Kept as 1x1 ``nn.Conv2d`` parameters (timm's names and shapes), applied as matrix
+    products on the pooled (N, C) vector. The sigmoid and product happen in
+    :func:`flamingo_rt.ops.se_residual`.
+    """
+
+    def __init__(self, channels: int, rd_channels: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=True)
+        for m in (self.fc1, self.fc2):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, C) pre-sigmoid gate logits."""
+        pooled = x.mean(dim=(2, 3))
+        h = F.relu(F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias))
+        return F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias)
+
+
+class NormFreeBlock(nn.Module):
+    """timm's ``NormFreeBlock`` as dm_nfnet builds it (pre-activation bottleneck with an
+    extra 3x3 conv, SE after conv3, skipinit gain)."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int,
+        alpha: float,
+        beta: float,
+        group_size: int,
+        bottle_ratio: float,
+        se_ratio: float,
+        attn_gain: float,
+        eps: float,
+    ):
+        super().__init__()
+        mid_chs = make_divisible(out_chs * bottle_ratio)
+        groups = mid_chs // group_size
+        if groups < 1:
+            raise ValueError(
+                f"expected group_size <= bottleneck width {mid_chs} (out {out_chs} x bottle_ratio "
+                f"{bottle_ratio}), got group_size {group_size}"
+            )
+        if group_size % CH_DIV == 0:
+            mid_chs = group_size * groups
+        self.alpha, self.beta, self.attn_gain = alpha, beta, attn_gain
+        if in_chs != out_chs or stride != 1:
+            self.downsample: Optional[DownsampleAvg] = DownsampleAvg(in_chs, out_chs, stride, eps)
+        else:
+            self.downsample = None
+        self.conv1 = ScaledStdConv2d(in_chs, mid_chs, 1, eps=eps)
+        self.conv2 = ScaledStdConv2d(mid_chs, mid_chs, 3, stride=stride, groups=groups, eps=eps)
+        self.conv2b = ScaledStdConv2d(mid_chs, mid_chs, 3, groups=groups, eps=eps)
+        self.conv3 = ScaledStdConv2d(mid_chs, out_chs, 1, eps=eps, gain_init=1.0)
+        self.attn_last = SqueezeExcite(out_chs, make_divisible(out_chs * se_ratio, CH_DIV, round_limit=0.0))
+        self.skipinit_gain = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
+        """(N, in_chs, H, W) -> (N, out_chs, ceil(H / stride), ceil(W / stride))."""
+        out = _ops.bias_gamma_act(x, None, "gelu", GELU_GAMMA * self.beta, backend=backend)
+        shortcut = x if self.downsample is None else self.downsample(out, backend)
+        h = self.conv1.forward_act(out, GELU_GAMMA, backend)
+        h = self.conv2.forward_act(h, GELU_GAMMA, backend)
+        h = self.conv2b.forward_act(h, GELU_GAMMA, backend)
+        h = self.conv3(h, backend)
+        gate_logits = self.attn_last(h)
+        scale = self.skipinit_gain * (self.alpha * self.attn_gain)
+        return _ops.se_residual(h, gate_logits, shortcut, scale, backend=backend)
+
+
+class NFNet(nn.Module):
+    """NFNet feature extractor (timm ``dm_nfnet_f*`` layout, no classifier head).
+
+    Args:
+        config: the :class:`NFNetConfig`. Widths are rounded to multiples of 8 exactly as
+            timm rounds them.
+        backend: default backend of every op (``None``: ``FLAMINGO_RT_BACKEND`` or auto);
+            may be changed later through the ``backend`` attribute.
+
+    ``forward(images)`` returns (N, S, Dv) tokens; ``forward_features`` the (N, Dv, h, w)
+    grid with h = ceil(H / 32), w = ceil(W / 32).
+    """
+
+    def __init__(self, config: NFNetConfig, backend: Optional[str] = None):
+        super().__init__()
+        cfg = config
+        if len(cfg.depths) != 4 or len(cfg.channels) != 4:
+            raise ValueError(
+                f"expected 4 stage depths and 4 channel counts, got depths {tuple(cfg.depths)} "
+                f"and channels {tuple(cfg.channels)}"
+            )
+        if cfg.num_features <= 0:
+            raise ValueError(f"expected num_features > 0, got {cfg.num_features}")
+        self.config = cfg
+        self.backend = backend
+        eps = cfg.std_conv_eps
+        stem_chs = make_divisible(cfg.stem_chs)
+        self.stem = Stem(cfg.in_chans, stem_chs, eps)
+        prev = stem_chs
+        expected_var = 1.0
+        stages: List[nn.Sequential] = []
+        for si, depth in enumerate(cfg.depths):
+            stride = 1 if si == 0 else 2  # the deep_quad stem already has stride 4
+            out_chs = make_divisible(cfg.channels[si])
+            blocks = []
+            for bi in range(depth):
+                blocks.append(
+                    NormFreeBlock(
+                        prev, out_chs, stride if bi == 0 else 1, cfg.alpha, expected_var ** -0.5,
+                        cfg.group_size, cfg.bottle_ratio, cfg.se_ratio, cfg.attn_gain, eps,
+                    )
+                )
+                if bi == 0:
+                    expected_var = 1.0
+                expected_var += cfg.alpha ** 2
+                prev = out_chs
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = make_divisible(cfg.num_features)
+        self.final_conv = ScaledStdConv2d(prev, self.num_features, 1, eps=eps)
+
+    # ---------------------------------------------------------------- forward
+
+    def _check_images(self, images: Tensor) -> Tensor:
+        c = self.config.in_chans
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != c:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected images of shape (N, {c}, H, W), got {got}")
+        if not images.dtype.is_floating_point:
+            raise TypeError(f"expected floating-point images, got {images.dtype}")
+        dtype = self.final_conv.weight.dtype
+        return images if images.dtype == dtype else images.to(dtype)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """Feature grid.
+
+        Args:
+            images: (N, in_chans, H, W) float images (converted to the parameters' dtype).
+
+        Returns:
+            (N, num_features, ceil(H / 32), ceil(W / 32)) in the parameters' dtype: the
+            output of final_conv and its gamma-GELU (timm's ``forward_features``).
+        """
+        x = self._check_images(images)
+        be = self.backend
+        x = self.stem(x, be)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x, be)
+        return self.final_conv.forward_act(x, GELU_GAMMA, be)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Visual tokens.
+
+        Args:
+            images: (N, in_chans, H, W) float images.
+
+        Returns:
+            (N, S, num_features) with S = h * w, the feature grid flattened row-major
+            (a transposed view of :meth:`forward_features`' output).
+        """
+        return self.forward_features(images).flatten(2).transpose(1, 2)
+
+    def freeze(self) -> "NFNet":
+        """Eval mode and no parameter gradients (a frozen Flamingo vision encoder)."""
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    # ---------------------------------------------------------------- timm interop
+
+    def load_timm_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
+        """Load a timm ``dm_nfnet_f*`` state dict by name, ignoring ``head.*``.
+
+        With ``strict``, any missing or unexpected key is an error that lists them.
+        """
+        sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        own = self.state_dict()
+        missing = sorted(k for k in own if k not in sd)
+        unexpected = sorted(k for k in sd if k not in own)
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"timm state dict does not match this NFNet: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        bad = [
+            f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
+            for k, v in sd.items()
+            if k in own and tuple(own[k].shape) != tuple(v.shape)
+        ]
+        if bad:
+            raise ValueError("timm state dict shapes do not match: " + "; ".join(bad))
+        self.load_state_dict(sd, strict=False)
+
+    @staticmethod
+    def config_from_timm(timm_model: nn.Module) -> NFNetConfig:
+        """Infer the :class:`NFNetConfig` of a timm ``NormFreeNet`` built like ``dm_nfnet_f*``
+        (deep_quad stem, SAME padding, gamma in the activations, extra conv, SE, skipinit)."""
+        try:
+            stem, stages, final_conv = timm_model.stem, timm_model.stages, timm_model.final_conv
+            first = stages[0][0]
+        except (AttributeError, IndexError, TypeError) as e:
+            raise ValueError(
+                f"expected a timm NormFreeNet (dm_nfnet_f*), got {type(timm_model).__name__}"
+            ) from e
+        problems = []
+        names = [n for n, _ in stem.named_children()]
+        if [n for n in names if n.startswith("conv")] != ["conv1", "conv2", "conv3", "conv4"]:
+            problems.append(f"a deep_quad stem (conv1..conv4), got stem children {names}")
+        if type(stem.conv1).__name__ != "ScaledStdConv2dSame":
+            problems.append(f"ScaledStdConv2dSame convs (SAME padding), got {type(stem.conv1).__name__}")
+        act = getattr(stem, "act2", None)
+        if type(act).__name__ != "GammaAct" or abs(getattr(act, "gamma", 0.0) - GELU_GAMMA) > 1e-12:
+            problems.append(f"gamma-GELU activations (gamma_in_act), got {type(act).__name__}")
+        elif getattr(act.act_fn, "__name__", "") != "gelu":
+            problems.append(f"GELU activations, got {getattr(act.act_fn, '__name__', act.act_fn)}")
+        if type(final_conv).__name__ != "ScaledStdConv2dSame":
+            problems.append(f"a final_conv, got {type(final_conv).__name__}")
+        for attr in ("conv2b", "attn_last", "skipinit_gain"):
+            if getattr(first, attr, None) is None:
+                problems.append(f"blocks with {attr}")
+        if getattr(first, "attn", None) is not None:
+            problems.append("SE after conv3 (not RegNet-style)")
+        if not problems:
+            fan_in = stem.conv1.weight[0].numel()
+            if abs(stem.conv1.scale - fan_in ** -0.5) > 1e-9 * fan_in ** -0.5:
+                problems.append("convs without gamma in their scale (gamma_in_act=True)")
+        if problems:
+            raise ValueError(
+                "expected a timm dm_nfnet_f*-style NormFreeNet with " + "; ".join(problems)
+            )
+        channels = tuple(int(s[0].conv3.weight.shape[0]) for s in stages)
+        mid = int(first.conv1.weight.shape[0])
+        return NFNetConfig(
+            depths=tuple(len(s) for s in stages),
+            channels=channels,
+            stem_chs=int(stem.conv4.weight.shape[0]),
+            group_size=int(first.conv2.weight.shape[1]),
+            bottle_ratio=mid / channels[0],
+            num_features=int(final_conv.weight.shape[0]),
+            alpha=float(first.alpha),
+            se_ratio=int(first.attn_last.fc1.weight.shape[0]) / channels[0],
+            attn_gain=float(first.attn_gain),
+            std_conv_eps=float(stem.conv1.eps),
+            in_chans=int(stem.conv1.weight.shape[1]),
+        )
+
+    @classmethod
+    def from_timm(cls, timm_model: nn.Module, backend: Optional[str] = None) -> "NFNet":
+        """An NFNet with the config and weights of a timm ``dm_nfnet_f*`` model.
+
+        The config is inferred (:meth:`config_from_timm`), the weights copied strictly
+        (``head.*`` excluded; a mismatch lists missing / unexpected keys), onto the timm
+        model's device and dtype.
+        """
+        cfg = cls.config_from_timm(timm_model)
+        ref = next(timm_model.parameters())
+        model = cls(cfg, backend=backend).to(device=ref.device, dtype=ref.dtype)
+        model.load_timm_state_dict(timm_model.state_dict(), strict=True)
+        return model
+
+    def config_dict(self) -> Dict[str, Any]:
+        """The config as a plain dict."""
+        return dataclasses.asdict(self.config)

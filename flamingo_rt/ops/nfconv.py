@@ -1,0 +1,368 @@
+"""NFNet ops: ``flamingo_rt::ws_standardize``, ``flamingo_rt::bias_gamma_act``,
+``flamingo_rt::se_residual`` (each with a ``*_backward`` op), and :func:`ws_conv2d`.
+
+Registered with ``torch.library`` (fake implementations and autograd included), so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see opaque ops whose backend
+(reference, cpu, cuda, triton) is chosen per call. Backends register under the op names
+``"ws_standardize"``, ``"bias_gamma_act"``, ``"se_residual"`` and ``NAME + ".backward"``
+with the argument lists of the reference functions in
+:mod:`flamingo_rt.ops.reference.nfnet`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backend as _backend
+from .reference import nfnet as _ref
+
+WS_OP = "ws_standardize"
+BGA_OP = "bias_gamma_act"
+SE_OP = "se_residual"
+
+
+def _new(t: Tensor) -> Tensor:
+    """A fresh contiguous tensor like ``t``: every backend returns contiguous outputs."""
+    return t.new_empty(t.shape)
+
+
+# --------------------------------------------------------------------------------------
+# ws_standardize
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flamingo_rt::ws_standardize", mutates_args=())
+def _ws_op(weight: Tensor, gain: Tensor, eps: float, backend: str) -> Tensor:
+    return _backend.get(WS_OP, backend)(weight, gain, eps).contiguous()
+
+
+@_ws_op.register_fake
+def _(weight, gain, eps, backend):
+    return _new(weight)
+
+
+@torch.library.custom_op("flamingo_rt::ws_standardize_backward", mutates_args=())
+def _ws_bwd_op(
+    grad_out: Tensor, weight: Tensor, gain: Tensor, eps: float, backend: str
+) -> Tuple[Tensor, Tensor]:
+    dw, dg = _backend.get(WS_OP + ".backward", backend)(grad_out, weight, gain, eps)
+    return dw.contiguous(), dg.contiguous()
+
+
+@_ws_bwd_op.register_fake
+def _(grad_out, weight, gain, eps, backend):
+    return _new(weight), _new(gain)
+
+
+def _ws_setup(ctx, inputs, output):
+    weight, gain, eps, backend = inputs
+    ctx.save_for_backward(weight, gain)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _ws_backward(ctx, grad_out):
+    weight, gain = ctx.saved_tensors
+    dw, dg = _ws_bwd_op(grad_out.contiguous(), weight, gain, ctx.eps, ctx.backend)
+    return dw, dg, None, None
+
+
+_ws_op.register_autograd(_ws_backward, setup_context=_ws_setup)
+
+_backend.register(WS_OP, "reference", _ref.ws_standardize)
+_backend.register(WS_OP + ".backward", "reference", _ref.ws_standardize_backward)
+
+
+def ws_standardize(weight: Tensor, gain: Tensor, eps: float = 1e-5, *, backend: Optional[str] = None) -> Tensor:
+    """Scaled weight standardization of a conv weight (timm's ``ScaledStdConv2d``).
+
+    ``(w - mean) / sqrt(var + eps) * gain * fan_in ** -0.5`` per output channel, with
+    the biased variance over fan_in = I/groups * kh * kw.
+
+    Args:
+        weight: (O, I/groups, kh, kw), float32 / bfloat16 / float16 / float64.
+        gain: (O, 1, 1, 1) (any shape with O elements), same dtype as weight.
+        eps: added to the variance inside the square root (timm's ``std_conv_eps``).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``;
+            default from ``FLAMINGO_RT_BACKEND``, else ``auto``.
+
+    Returns:
+        (O, I/groups, kh, kw) contiguous standardized weight in weight's dtype.
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"expected weight of shape (O, I/groups, kh, kw), got {tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point weight, got {weight.dtype}")
+    if gain.numel() != weight.shape[0]:
+        raise ValueError(
+            f"expected gain with {weight.shape[0]} elements (shape ({weight.shape[0]}, 1, 1, 1)), "
+            f"got shape {tuple(gain.shape)}"
+        )
+    if gain.dtype != weight.dtype:
+        raise TypeError(f"expected gain of weight's dtype {weight.dtype}, got {gain.dtype}")
+    be = _backend.resolve(WS_OP, backend, weight.device)
+    return _ws_op(weight, gain, float(eps), be)
+
+
+# --------------------------------------------------------------------------------------
+# bias_gamma_act
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flamingo_rt::bias_gamma_act", mutates_args=())
+def _bga_op(x: Tensor, bias: Optional[Tensor], act: str, gamma: float, backend: str) -> Tensor:
+    return _backend.get(BGA_OP, backend)(x, bias, act, gamma).contiguous()
+
+
+@_bga_op.register_fake
+def _(x, bias, act, gamma, backend):
+    return _new(x)
+
+
+@torch.library.custom_op("flamingo_rt::bias_gamma_act_backward", mutates_args=())
+def _bga_bwd_op(
+    grad_out: Tensor, x: Tensor, bias: Optional[Tensor], act: str, gamma: float, backend: str
+) -> Tuple[Tensor, Tensor]:
+    dx, db = _backend.get(BGA_OP + ".backward", backend)(grad_out, x, bias, act, gamma)
+    return dx.contiguous(), db.contiguous()
+
+
+@_bga_bwd_op.register_fake
+def _(grad_out, x, bias, act, gamma, backend):
+    db_dtype = bias.dtype if bias is not None else x.dtype
+    return _new(x), x.new_empty((x.shape[1],), dtype=db_dtype)
+
+
+def _bga_setup(ctx, inputs, output):
+    x, bias, act, gamma, backend = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.has_bias = bias is not None
+    ctx.act, ctx.gamma, ctx.backend = act, gamma, backend
+
+
+def _bga_backward(ctx, grad_out):
+    x, bias = ctx.saved_tensors
+    dx, db = _bga_bwd_op(grad_out.contiguous(), x, bias, ctx.act, ctx.gamma, ctx.backend)
+    return dx, (db if ctx.has_bias else None), None, None, None
+
+
+_bga_op.register_autograd(_bga_backward, setup_context=_bga_setup)
+
+_backend.register(BGA_OP, "reference", _ref.bias_gamma_act)
+_backend.register(BGA_OP + ".backward", "reference", _ref.bias_gamma_act_backward)
+
+
+def bias_gamma_act(
+    x: Tensor,
+    bias: Optional[Tensor],
+    act: str = "gelu",
+    gamma: float = 1.0,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``gamma * act(x + bias[None, :, None, None])``, fused.
+
+    Args:
+        x: (N, C, H, W), float32 / bfloat16 / float16 / float64, any memory format.
+        bias: (C,) in x's dtype, or None.
+        act: ``"gelu"`` (exact erf), ``"relu"`` or ``"silu"``.
+        gamma: output scale (e.g. timm's GELU gamma 1.7015043497085571, times beta).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``;
+            default from ``FLAMINGO_RT_BACKEND``, else ``auto``.
+
+    Returns:
+        (N, C, H, W) contiguous tensor in x's dtype.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point x, got {x.dtype}")
+    if bias is not None:
+        if bias.shape != (x.shape[1],):
+            raise ValueError(f"expected bias of shape (C,) = ({x.shape[1]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"expected bias of x's dtype {x.dtype}, got {bias.dtype}")
+    if act not in _ref.ACTS:
+        raise ValueError(f"expected act to be one of {_ref.ACTS}, got {act!r}")
+    be = _backend.resolve(BGA_OP, backend, x.device)
+    return _bga_op(x, bias, act, float(gamma), be)
+
+
+# --------------------------------------------------------------------------------------
+# se_residual
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flamingo_rt::se_residual", mutates_args=())
+def _se_op(x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor, backend: str) -> Tensor:
+    return _backend.get(SE_OP, backend)(x, gate_logits, shortcut, scale).contiguous()
+
+
+@_se_op.register_fake
+def _(x, gate_logits, shortcut, scale, backend):
+    return _new(x)
+
+
+@torch.library.custom_op("flamingo_rt::se_residual_backward", mutates_args=())
+def _se_bwd_op(
+    grad_out: Tensor, x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dg, ds = _backend.get(SE_OP + ".backward", backend)(grad_out, x, gate_logits, shortcut, scale)
+    return dx.contiguous(), dg.contiguous(), ds.contiguous()
+
+
+@_se_bwd_op.register_fake
+def _(grad_out, x, gate_logits, shortcut, scale, backend):
+    return _new(x), _new(gate_logits), _new(scale)
+
+
+def _se_setup(ctx, inputs, output):
+    x, gate_logits, shortcut, scale, backend = inputs
+    ctx.save_for_backward(x, gate_logits, shortcut, scale)
+    ctx.backend = backend
+
+
+def _se_backward(ctx, grad_out):
+    x, gate_logits, shortcut, scale = ctx.saved_tensors
+    dx, dg, ds = _se_bwd_op(grad_out.contiguous(), x, gate_logits, shortcut, scale, ctx.backend)
+    return dx, dg, grad_out, ds, None
+
+
+_se_op.register_autograd(_se_backward, setup_context=_se_setup)
+
+_backend.register(SE_OP, "reference", _ref.se_residual)
+_backend.register(SE_OP + ".backward", "reference", _ref.se_residual_backward)
+
+
+def se_residual(
+    x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Union[Tensor, float], *, backend: Optional[str] = None
+) -> Tensor:
+    """NormFree block tail: ``shortcut + scale * x * sigmoid(gate_logits)[:, :, None, None]``.
+
+    Args:
+        x: (N, C, H, W) residual-branch output (conv3 output, before SE), float dtype.
+        gate_logits: (N, C) pre-sigmoid SE output, x's dtype.
+        shortcut: (N, C, H, W) in x's dtype.
+        scale: 0-dim or (1,) tensor (``alpha * attn_gain * skipinit_gain``), gradient exact;
+            a Python float is turned into a 0-dim tensor.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``;
+            default from ``FLAMINGO_RT_BACKEND``, else ``auto``.
+
+    Returns:
+        (N, C, H, W) contiguous tensor in x's dtype.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point x, got {x.dtype}")
+    N, C = x.shape[0], x.shape[1]
+    if gate_logits.shape != (N, C):
+        raise ValueError(f"expected gate_logits of shape (N, C) = ({N}, {C}), got {tuple(gate_logits.shape)}")
+    if shortcut.shape != x.shape:
+        raise ValueError(f"expected shortcut of x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
+    if gate_logits.dtype != x.dtype or shortcut.dtype != x.dtype:
+        raise TypeError(
+            f"expected x, gate_logits, shortcut of one dtype, got {x.dtype}, {gate_logits.dtype}, {shortcut.dtype}"
+        )
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
+    if scale.numel() != 1 or scale.dim() > 1:
+        raise ValueError(f"expected scale of shape () or (1,), got {tuple(scale.shape)}")
+    if not scale.dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point scale, got {scale.dtype}")
+    be = _backend.resolve(SE_OP, backend, x.device)
+    return _se_op(x, gate_logits, shortcut, scale, be)
+
+
+# --------------------------------------------------------------------------------------
+# ws_conv2d
+# --------------------------------------------------------------------------------------
+
+
+def _pair(v: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2:
+        raise ValueError(f"expected {name} as an int or a pair, got {v}")
+    return (int(v[0]), int(v[1]))
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
+    """TF-style SAME padding (before, after) along one spatial dim of length ``size``.
+
+    Total = max((ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0),
+    with the odd pixel after (right / bottom), as TensorFlow and timm's ``pad_same``.
+    """
+    out = (size + stride - 1) // stride
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def ws_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    gain: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Union[int, Tuple[int, int]] = 1,
+    groups: int = 1,
+    eps: float = 1e-5,
+    padding: Union[str, int, Tuple[int, int]] = "same",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Convolution with a scaled-weight-standardized weight (timm's ``ScaledStdConv2dSame``).
+
+    The weight goes through :func:`ws_standardize`, then ``F.conv2d``. ``padding="same"``
+    is TF-style SAME padding computed from x's spatial size (asymmetric when needed: the
+    extra pixel goes right / bottom), as timm's ``pad_same``; an int (or pair) is plain
+    symmetric zero padding.
+
+    Args:
+        x: (N, C_in, H, W) float tensor.
+        weight: (C_out, C_in / groups, kh, kw) in x's dtype.
+        gain: (C_out, 1, 1, 1) in x's dtype.
+        bias: (C_out,) or None.
+        stride: int or (sh, sw).
+        groups: conv groups; C_in and C_out must be multiples of it.
+        eps: weight-standardization epsilon.
+        padding: ``"same"``, ``"valid"``, an int or (ph, pw).
+        backend: backend of the standardization op (see :func:`ws_standardize`).
+
+    Returns:
+        (N, C_out, H_out, W_out) in x's dtype; with SAME padding H_out = ceil(H / sh).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"expected weight of shape (C_out, C_in/groups, kh, kw), got {tuple(weight.shape)}")
+    if groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"expected C_out {weight.shape[0]} to be a multiple of groups {groups}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"expected x with C_in = {weight.shape[1] * groups} channels "
+            f"(weight {tuple(weight.shape)}, groups {groups}), got x of shape {tuple(x.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    sh, sw = _pair(stride, "stride")
+    kh, kw = weight.shape[2], weight.shape[3]
+    w = ws_standardize(weight, gain, eps, backend=backend)
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            pad: Tuple[int, int] = (0, 0)
+        elif mode == "same":
+            top, bottom = same_padding(x.shape[2], kh, sh)
+            left, right = same_padding(x.shape[3], kw, sw)
+            if top == bottom and left == right:
+                pad = (top, left)
+            else:
+                x = F.pad(x, (left, right, top, bottom))
+                pad = (0, 0)
+        else:
+            raise ValueError(f"expected padding 'same', 'valid', an int or a pair, got {padding!r}")
+    else:
+        pad = _pair(padding, "padding")
+    return F.conv2d(x, w, bias, (sh, sw), pad, 1, groups)

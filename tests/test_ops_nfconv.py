@@ -1,0 +1,336 @@
+"""NFNet ops (flamingo_rt::ws_standardize, bias_gamma_act, se_residual) and ws_conv2d:
+references vs direct formulas and timm, gradcheck of every explicit backward, opcheck,
+every CPU-runnable backend vs the reference, torch.compile."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from flamingo_rt.ops import backend as B
+from flamingo_rt.ops import bias_gamma_act, se_residual, ws_conv2d, ws_standardize
+from flamingo_rt.ops import nfconv
+from flamingo_rt.ops.reference import nfnet as ref
+from conftest import rel_err
+
+timm_layers = pytest.importorskip("timm.layers")
+
+F64 = torch.float64
+GELU_GAMMA = 1.7015043497085571
+
+
+def _cpu_backends(op: str):
+    """Backends of ``op`` that can run on CPU in this process (reference always)."""
+    return [b for b in B.implemented(op) if B._device_ok(b, torch.device("cpu"))]
+
+
+def _rand(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
+
+
+def _poison(shape, dtype):
+    """Allocate and free NaN-filled memory of this size so a kernel that leaves elements
+    unwritten in a reused block shows NaN."""
+    t = torch.full(shape, float("nan"), dtype=dtype)
+    del t
+
+
+# ------------------------------------------------------------------ references vs formulas / timm
+
+
+class _CaptureConvWeight(TorchFunctionMode):
+    """Records the weight argument of every conv2d call (timm's standardized weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.conv2d, torch.conv2d):
+            self.weights.append(args[1].detach().clone())
+        return func(*args, **kwargs)
+
+
+def _timm_conv(cin, cout, k, stride, groups, eps=1e-5):
+    conv = timm_layers.ScaledStdConv2dSame(cin, cout, k, stride=stride, groups=groups, eps=eps)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn_like(conv.weight) * 0.3 + 0.05)
+        conv.gain.copy_(1.0 + 0.3 * torch.randn_like(conv.gain))
+        conv.bias.copy_(0.1 * torch.randn_like(conv.bias))
+    return conv
+
+
+@pytest.mark.parametrize("cin,cout,k,groups", [(3, 16, 3, 1), (16, 16, 3, 2), (24, 8, 1, 1)])
+def test_ws_reference_matches_timm_weight(cin, cout, k, groups):
+    conv = _timm_conv(cin, cout, k, 1, groups, eps=1e-5)
+    cap = _CaptureConvWeight()
+    with torch.no_grad(), cap:
+        conv(torch.randn(1, cin, 7, 7))
+    assert len(cap.weights) == 1
+    timm_w = cap.weights[0]
+    ours = ref.ws_standardize(conv.weight.detach(), conv.gain.detach(), 1e-5)
+    assert ours.shape == timm_w.shape and ours.dtype == timm_w.dtype
+    assert rel_err(ours, timm_w) < 1e-6
+    # and in float64 against the formula written out
+    w64, g64 = conv.weight.detach().double(), conv.gain.detach().double()
+    flat = w64.reshape(cout, -1)
+    fan_in = flat.shape[1]
+    formula = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-5)
+    formula = (formula * g64.reshape(cout, 1) / math.sqrt(fan_in)).reshape(w64.shape)
+    assert rel_err(ref.ws_standardize(w64, g64, 1e-5), formula) < 1e-13
+
+
+@pytest.mark.parametrize("k,stride,groups,size", [(3, 2, 1, (16, 16)), (3, 2, 2, (15, 17)), (3, 1, 2, (9, 10)), (1, 1, 1, (5, 6))])
+def test_ws_conv2d_matches_timm_conv(k, stride, groups, size):
+    conv = _timm_conv(8, 12, k, stride, groups)
+    x = torch.randn(2, 8, *size)
+    with torch.no_grad():
+        want = conv(x)
+        got = ws_conv2d(x, conv.weight, conv.gain, conv.bias, stride, groups, 1e-5, "same", backend="reference")
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-6
+
+
+def test_bias_gamma_act_reference_matches_formula():
+    x = _rand(2, 5, 4, 3, dtype=F64)
+    b = _rand(5, dtype=F64)
+    z = x + b[None, :, None, None]
+    want = {
+        "gelu": 0.5 * z * (1 + torch.erf(z / math.sqrt(2))),
+        "relu": torch.clamp(z, min=0),
+        "silu": z / (1 + torch.exp(-z)),
+    }
+    for act, w in want.items():
+        assert rel_err(ref.bias_gamma_act(x, b, act, 1.3), 1.3 * w) < 1e-14
+    assert rel_err(ref.bias_gamma_act(x, None, "gelu", GELU_GAMMA), GELU_GAMMA * F.gelu(x)) < 1e-14
+    # float32 / bfloat16 inputs keep their dtype, computed in float32
+    for dt in (torch.float32, torch.bfloat16):
+        y = ref.bias_gamma_act(x.to(dt), b.to(dt), "gelu", 2.0)
+        assert y.dtype == dt
+        assert rel_err(y, 2.0 * want["gelu"]) < (1e-6 if dt == torch.float32 else 1e-2)
+
+
+def test_se_residual_reference_matches_timm_block_tail():
+    """timm's NormFreeBlock tail: attn_gain * SE(x), times skipinit gain, times alpha, + shortcut."""
+    C = 16
+    se = timm_layers.SEModule(C, rd_ratio=0.5, rd_divisor=8)
+    with torch.no_grad():
+        for p in se.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    x, shortcut = torch.randn(2, C, 5, 4), torch.randn(2, C, 5, 4)
+    alpha, attn_gain, skip = 0.2, 2.0, torch.tensor(0.7)
+    with torch.no_grad():
+        want = (attn_gain * se(x)) * skip * alpha + shortcut
+        pooled = x.mean((2, 3))
+        logits = F.linear(F.relu(F.linear(pooled, se.fc1.weight.flatten(1), se.fc1.bias)), se.fc2.weight.flatten(1), se.fc2.bias)
+        got = ref.se_residual(x, logits, shortcut, skip * (alpha * attn_gain))
+    assert rel_err(got, want) < 1e-6
+    # float64 formula
+    x64, s64, g64 = x.double(), shortcut.double(), logits.double()
+    scale = torch.tensor(0.37, dtype=F64)
+    formula = s64 + scale * x64 / (1 + torch.exp(-g64))[:, :, None, None]
+    assert rel_err(ref.se_residual(x64, g64, s64, scale), formula) < 1e-14
+
+
+# ------------------------------------------------------------------ gradcheck of every backward
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (6, 2, 1, 1)])
+def test_ws_standardize_gradcheck(shape):
+    backend = "reference"
+    w = _rand(*shape, dtype=F64, requires_grad=True)
+    g = (1 + 0.3 * torch.randn(shape[0], 1, 1, 1, dtype=F64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, g: ws_standardize(w, g, 1e-3, backend=backend), (w, g))
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bias_gamma_act_gradcheck(act, with_bias, channels_last):
+    x = _rand(2, 3, 4, 5, dtype=F64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    inputs = (x, _rand(3, dtype=F64, requires_grad=True)) if with_bias else (x,)
+
+    def f(x, b=None):
+        return bias_gamma_act(x, b, act, 1.7, backend="reference")
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("scale_shape", [(), (1,)])
+def test_se_residual_gradcheck(scale_shape):
+    x = _rand(2, 3, 4, 5, dtype=F64, requires_grad=True)
+    g = _rand(2, 3, dtype=F64, requires_grad=True)
+    s = _rand(2, 3, 4, 5, dtype=F64, requires_grad=True)
+    scale = (0.5 + torch.rand(scale_shape, dtype=F64)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, g, s, c: se_residual(x, g, s, c, backend="reference"), (x, g, s, scale)
+    )
+
+
+def test_ws_conv2d_gradcheck_same_padding():
+    x = _rand(1, 4, 7, 6, dtype=F64, requires_grad=True)
+    w = _rand(6, 2, 3, 3, dtype=F64, requires_grad=True)
+    g = (1 + 0.2 * torch.randn(6, 1, 1, 1, dtype=F64)).requires_grad_()
+    b = _rand(6, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, g, b: ws_conv2d(x, w, g, b, 2, 2, 1e-4, backend="reference"), (x, w, g, b)
+    )
+
+
+# ------------------------------------------------------------------ opcheck
+
+
+def test_opcheck_ws_standardize():
+    w, g = _rand(5, 3, 3, 3, requires_grad=True), (1 + 0.1 * torch.randn(5, 1, 1, 1)).requires_grad_()
+    torch.library.opcheck(nfconv._ws_op, (w, g, 1e-5, "reference"))
+    torch.library.opcheck(nfconv._ws_bwd_op, (torch.randn(5, 3, 3, 3), w.detach(), g.detach(), 1e-5, "reference"))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck_bias_gamma_act(with_bias):
+    x = _rand(2, 4, 3, 3, requires_grad=True)
+    b = _rand(4, requires_grad=True) if with_bias else None
+    torch.library.opcheck(nfconv._bga_op, (x, b, "gelu", GELU_GAMMA, "reference"))
+    torch.library.opcheck(
+        nfconv._bga_bwd_op,
+        (torch.randn(2, 4, 3, 3), x.detach(), None if b is None else b.detach(), "silu", 1.5, "reference"),
+    )
+
+
+def test_opcheck_se_residual():
+    x, g, s = _rand(2, 4, 3, 3, requires_grad=True), _rand(2, 4, requires_grad=True), _rand(2, 4, 3, 3, requires_grad=True)
+    c = torch.tensor(0.4, requires_grad=True)
+    torch.library.opcheck(nfconv._se_op, (x, g, s, c, "reference"))
+    torch.library.opcheck(nfconv._se_bwd_op, (torch.randn(2, 4, 3, 3), x.detach(), g.detach(), s.detach(), c.detach(), "reference"))
+
+
+# ------------------------------------------------------------------ every CPU backend vs reference
+
+
+@pytest.mark.parametrize("be", _cpu_backends("bias_gamma_act"))
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
+def test_bias_gamma_act_backends(be, act):
+    x = _rand(2, 6, 5, 7).to(memory_format=torch.channels_last).requires_grad_()
+    b = _rand(6, requires_grad=True)
+    go = torch.randn(2, 6, 5, 7)
+    _poison((2, 6, 5, 7), torch.float32)
+    y = bias_gamma_act(x, b, act, GELU_GAMMA, backend=be)
+    dx, db = torch.autograd.grad(y, (x, b), go)
+    x64, b64 = x.detach().double(), b.detach().double()
+    y64 = ref.bias_gamma_act(x64, b64, act, GELU_GAMMA)
+    dx64, db64 = ref.bias_gamma_act_backward(go.double(), x64, b64, act, GELU_GAMMA)
+    for got, want in ((y, y64), (dx, dx64), (db, db64)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 1e-5
+    assert y.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("be", _cpu_backends("se_residual"))
+def test_se_residual_backends(be):
+    x, s = _rand(2, 6, 5, 7, requires_grad=True), _rand(2, 6, 5, 7, requires_grad=True)
+    g, c = _rand(2, 6, requires_grad=True), torch.tensor(0.6, requires_grad=True)
+    go = torch.randn(2, 6, 5, 7)
+    _poison((2, 6, 5, 7), torch.float32)
+    y = se_residual(x, g, s, c, backend=be)
+    grads = torch.autograd.grad(y, (x, g, s, c), go)
+    args64 = [t.detach().double() for t in (x, g, s, c)]
+    y64 = ref.se_residual(*args64)
+    dx, dg, dc = ref.se_residual_backward(go.double(), *args64)
+    for got, want in zip((y,) + grads, (y64, dx, dg, go.double(), dc)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 1e-5
+    assert y.data_ptr() not in (x.data_ptr(), s.data_ptr())
+
+
+@pytest.mark.parametrize("be", _cpu_backends("ws_standardize"))
+def test_ws_standardize_backends(be):
+    w, g = _rand(12, 8, 3, 3, requires_grad=True), (1 + 0.2 * torch.randn(12, 1, 1, 1)).requires_grad_()
+    go = torch.randn(12, 8, 3, 3)
+    _poison((12, 8, 3, 3), torch.float32)
+    y = ws_standardize(w, g, 1e-5, backend=be)
+    dw, dg = torch.autograd.grad(y, (w, g), go)
+    w64, g64 = w.detach().double(), g.detach().double()
+    dw64, dg64 = ref.ws_standardize_backward(go.double(), w64, g64, 1e-5)
+    for got, want in ((y, ref.ws_standardize(w64, g64, 1e-5)), (dw, dw64), (dg, dg64)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 1e-5
+    assert dg.shape == g.shape
+
+
+def test_bias_none_gives_no_bias_grad():
+    x = _rand(1, 3, 2, 2, requires_grad=True)
+    y = bias_gamma_act(x, None, "relu", 1.0)
+    (dx,) = torch.autograd.grad(y.sum(), (x,))
+    assert dx.shape == x.shape
+
+
+# ------------------------------------------------------------------ errors, compile
+
+
+def test_input_errors_say_expected_and_got():
+    with pytest.raises(ValueError, match=r"expected gain with 4 elements.*got shape \(3, 1, 1, 1\)"):
+        ws_standardize(torch.randn(4, 2, 3, 3), torch.randn(3, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"expected bias of shape \(C,\) = \(3,\), got \(4,\)"):
+        bias_gamma_act(torch.randn(1, 3, 2, 2), torch.randn(4))
+    with pytest.raises(ValueError, match="expected act"):
+        bias_gamma_act(torch.randn(1, 3, 2, 2), None, "tanh")
+    with pytest.raises(ValueError, match=r"expected gate_logits of shape \(N, C\) = \(1, 3\), got \(1, 4\)"):
+        se_residual(torch.randn(1, 3, 2, 2), torch.randn(1, 4), torch.randn(1, 3, 2, 2), 1.0)
+    with pytest.raises(ValueError, match="expected scale of shape"):
+        se_residual(torch.randn(1, 3, 2, 2), torch.randn(1, 3), torch.randn(1, 3, 2, 2), torch.ones(2))
+    with pytest.raises(ValueError, match=r"expected x with C_in = 4 channels.*got x of shape \(1, 3, 5, 5\)"):
+        ws_conv2d(torch.randn(1, 3, 5, 5), torch.randn(6, 2, 3, 3), torch.ones(6, 1, 1, 1), groups=2)
+
+
+def test_same_padding_matches_timm():
+    from timm.layers.padding import get_same_padding
+
+    for size in range(1, 20):
+        for k in (1, 3, 5):
+            for s in (1, 2, 3):
+                total = get_same_padding(size, k, s, 1)
+                assert sum(nfconv.same_padding(size, k, s)) == total
+                assert nfconv.same_padding(size, k, s)[0] == total // 2
+
+
+def _compile_case():
+    x = _rand(2, 4, 9, 8)
+    w, g, b = _rand(6, 2, 3, 3, requires_grad=True), (1 + 0.1 * torch.randn(6, 1, 1, 1)).requires_grad_(), _rand(6, requires_grad=True)
+
+    def f(x, w, g, b):
+        y = ws_conv2d(x, w, g, None, 2, 2, 1e-5)
+        y = bias_gamma_act(y, b, "gelu", GELU_GAMMA)
+        return se_residual(y, y.mean((2, 3)), y * 0.5, g[0, 0, 0])
+
+    return f, (x, w, g, b)
+
+
+def test_ws_conv2d_compiles_fullgraph_inductor():
+    """Inductor, inference: the ops trace as one graph and run compiled."""
+    torch._dynamo.reset()
+    f, args = _compile_case()
+    with torch.no_grad():
+        want = f(*args)
+        got = torch.compile(f, fullgraph=True, dynamic=False)(*args)
+    assert rel_err(got, want) < 1e-6
+
+
+def test_ws_conv2d_compiles_fullgraph_training():
+    """Full graph with autograd (AOT autograd through the registered backward ops)."""
+    torch._dynamo.reset()
+    f, (x, w, g, b) = _compile_case()
+    compiled = torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")
+    want = f(x, w, g, b)
+    got = compiled(x, w, g, b)
+    assert rel_err(got, want) < 1e-6
+    gw = torch.autograd.grad(want.square().sum(), (w, g, b))
+    gc = torch.autograd.grad(got.square().sum(), (w, g, b))
+    for a, e in zip(gc, gw):
+        assert rel_err(a, e) < 1e-5

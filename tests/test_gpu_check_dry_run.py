@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_runs_on_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = mod  # dataclasses need their module registered
     spec.loader.exec_module(mod)
     rc = mod.main(["--device", "cpu", "--quick", "--no-build", "--out", str(tmp_path)])
     assert rc == 0

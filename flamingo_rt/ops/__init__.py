@@ -19,4 +19,8 @@ __all__ = [
     "image_causal_attention",
     "resampler_attention",
     "media_index_from_locations",
+    "ws_standardize",
+    "bias_gamma_act",
+    "se_residual",
+    "ws_conv2d",
 ]

@@ -76,6 +76,8 @@ class VisionConfig:
     nfnet: Optional[NFNetConfig] = field(default_factory=NFNetConfig)
     width: int = 3072  # Dv: feature width of the encoder's output tokens
     image_size: int = 224
+    image_mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)  # pixels in [0, 1] are
+    image_std: Tuple[float, float, float] = (0.5, 0.5, 0.5)  # normalised (x - mean) / std
 
 
 @dataclass
@@ -161,6 +163,9 @@ class FlamingoConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "FlamingoConfig":
         d = copy.deepcopy(d)
         v = d.get("vision", {})
+        for k in ("image_mean", "image_std"):
+            if k in v:
+                v[k] = tuple(v[k])
         if v.get("nfnet") is not None:
             nf = v["nfnet"]
             for k in ("depths", "channels"):

@@ -170,6 +170,8 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        cache_slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -178,6 +180,15 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         rep = self.n_heads // self.n_kv_heads
+        if kv_cache is not None:
+            # Static cache (B, Hkv, S, Dh): write this chunk's keys/values at its slots,
+            # then attend over every slot; ``attn_mask`` (B, 1, T, S) says which are visible.
+            k_buf, v_buf = kv_cache
+            k_buf.index_copy_(2, cache_slots, k.to(k_buf.dtype))
+            v_buf.index_copy_(2, cache_slots, v.to(v_buf.dtype))
+            k, v = k_buf, v_buf
+            if attn_mask is None:
+                raise ValueError("a cached attention step needs attn_mask (B, 1, T, S)")
         if attn_mask is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=rep > 1
@@ -232,8 +243,10 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: Optional[torch.Tensor] = None,
+        kv_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        cache_slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_slots)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -397,6 +410,49 @@ class DecoderLM(nn.Module):
         if return_hidden:
             return logits, h
         return logits
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        kv_caches: List[Tuple[torch.Tensor, torch.Tensor]],
+        cache_slots: torch.Tensor,
+        attn_mask: torch.Tensor,
+        xattn_kwargs: Optional[Dict[str, Any]] = None,
+        last_only: bool = False,
+        xattn_layer_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
+    ) -> torch.Tensor:
+        """One chunk of tokens against static per-layer key/value caches.
+
+        Args:
+            input_ids: (B, T) token ids of the chunk.
+            position_ids: (B, T) RoPE positions of the chunk's tokens.
+            kv_caches: per decoder layer (k, v) buffers, each (B, Hkv, S, Dh); the chunk's
+                keys/values are written at ``cache_slots`` (in place).
+            cache_slots: (T,) int64 slot of each chunk token (the same for every row).
+            attn_mask: (B, 1, T, S) bool, True where a chunk token may attend a slot
+                (causality and padding included; every row must allow at least one slot).
+            xattn_kwargs: passed to every cross-attention block (see :meth:`forward`).
+            last_only: return only the logits of the last chunk position, (B, 1, V).
+            xattn_layer_kwargs: per block (key ``str(i)``) extra keyword arguments, e.g.
+                its cached media keys/values.
+        Returns:
+            logits (B, T, V) (or (B, 1, V)) in the weights' dtype.
+        """
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} (k, v) caches, got {len(kv_caches)}")
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(position_ids)
+        kw = xattn_kwargs or {}
+        per_layer = xattn_layer_kwargs or {}
+        for i, layer in enumerate(self.layers):
+            key = str(i)
+            if key in self.xattn:
+                h = self.xattn[key](h, **kw, **per_layer.get(key, {}))
+            h = layer(h, cos, sin, attn_mask, kv_caches[i], cache_slots)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.norm(h))
 
     # ------------------------------------------------------------------ cross-attention slots
 

@@ -1,0 +1,168 @@
+"""Static generation state, owned in one place (gpt-fast style).
+
+A :class:`StaticCache` holds, for B rows:
+
+- the self-attention keys/values of every decoder layer, (B, Hkv, S, Dh) each, with S
+  the cache length fixed at creation;
+- the cross-attention keys/values of every gated block, per medium: (B, M, N, H, dh),
+  computed once per image or clip and reused by every later token, beam and turn;
+- the bookkeeping that makes rows of different lengths and image counts share one
+  batch: which slots hold real tokens (``key_valid``), how many padding slots precede
+  each row's tokens (``pad``, so RoPE positions stay 0, 1, 2, ... per row), how many
+  media and ``<image>`` tokens each row has so far.
+
+Chunks of tokens are appended at the same slots for every row; a row with a shorter
+chunk is left-padded inside that chunk (padding slots are invalid keys), so each row
+computes exactly what it would compute alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..models.flamingo import Flamingo
+
+
+@dataclass
+class CacheSnapshot:
+    """The bookkeeping of a cache at some point (buffers past it are free to overwrite)."""
+
+    length: int
+    key_valid: torch.Tensor
+    pad: torch.Tensor
+    num_media: torch.Tensor
+    image_count: torch.Tensor
+
+
+class StaticCache:
+    """Preallocated caches of a :class:`~flamingo_rt.models.flamingo.Flamingo` for
+    ``batch`` rows, ``max_seq_len`` token slots and ``max_media`` media per row.
+
+    Raises ValueError (before allocating) for non-positive sizes or a cache longer than
+    the LM's ``max_seq_len``.
+    """
+
+    def __init__(self, model: Flamingo, batch: int, max_seq_len: int, max_media: int,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+        lm_cfg = model.config.lm
+        if batch < 1 or max_seq_len < 1 or max_media < 0:
+            raise ValueError(
+                f"expected batch >= 1, max_seq_len >= 1, max_media >= 0, got {batch}, {max_seq_len}, {max_media}"
+            )
+        if max_seq_len > lm_cfg.max_seq_len:
+            raise ValueError(
+                f"cache length {max_seq_len} exceeds the LM's max_seq_len {lm_cfg.max_seq_len}"
+            )
+        p = next(model.parameters())
+        self.dtype = dtype or p.dtype
+        self.device = torch.device(device) if device is not None else p.device
+        self.batch, self.max_seq_len, self.max_media = batch, max_seq_len, max_media
+        kw = dict(dtype=self.dtype, device=self.device)
+        shape = (batch, lm_cfg.n_kv_heads, max_seq_len, lm_cfg.head_dim)
+        self.kv: List[Tuple[torch.Tensor, torch.Tensor]] = [
+            (torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in range(lm_cfg.n_layers)
+        ]
+        self.media_kv: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        n_lat = model.config.resampler.num_latents
+        for key, blk in model.lm.xattn.items():
+            mshape = (batch, max(max_media, 1), n_lat, blk.attn.heads, blk.attn.dim_head)
+            self.media_kv[key] = (torch.zeros(mshape, **kw), torch.zeros(mshape, **kw))
+        self.slots = torch.arange(max_seq_len, device=self.device)
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Empty every row (buffers are kept; nothing is reallocated)."""
+        B, dev = self.batch, self.device
+        self.length = 0
+        self.key_valid = torch.zeros(B, self.max_seq_len, dtype=torch.bool, device=dev)
+        self.pad = torch.zeros(B, dtype=torch.long, device=dev)
+        self.num_media = torch.zeros(B, dtype=torch.long, device=dev)
+        self.image_count = torch.zeros(B, dtype=torch.long, device=dev)
+
+    def snapshot(self) -> CacheSnapshot:
+        return CacheSnapshot(self.length, self.key_valid.clone(), self.pad.clone(),
+                             self.num_media.clone(), self.image_count.clone())
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Go back to ``snap`` (O(1): later slots and media are simply overwritten)."""
+        self.length = snap.length
+        self.key_valid.copy_(snap.key_valid)
+        self.pad.copy_(snap.pad)
+        self.num_media.copy_(snap.num_media)
+        self.image_count.copy_(snap.image_count)
+
+    def select_rows(self, rows: torch.Tensor, media: bool = True) -> None:
+        """Row b becomes a copy of old row ``rows[b]`` (beam reordering, or expanding one
+        prompt's row into many). ``rows`` has ``batch`` entries. ``media=False`` skips the
+        media K/V when rows only move among copies of the same prompt."""
+        rows = rows.to(self.device)
+        for k, v in self.kv:
+            k.copy_(k.index_select(0, rows))
+            v.copy_(v.index_select(0, rows))
+        if media:
+            for k, v in self.media_kv.values():
+                k.copy_(k.index_select(0, rows))
+                v.copy_(v.index_select(0, rows))
+        for name in ("key_valid", "pad", "num_media", "image_count"):
+            t = getattr(self, name)
+            t.copy_(t.index_select(0, rows))
+
+    # ------------------------------------------------------------------ media
+    def add_media(self, model: Flamingo, media_tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """Store the cross-attention K/V of new media after each row's existing ones.
+
+        media_tokens: (B, M_new, N, D) resampler outputs (rows padded to M_new);
+        counts: (B,) how many of them are real for each row.
+        """
+        B, M_new = media_tokens.shape[:2]
+        start = self.num_media
+        need = int((start + counts).max()) if B else 0
+        if need > self.max_media:
+            raise ValueError(
+                f"expected at most {self.max_media} media per row in this cache, a row would have {need}"
+            )
+        if M_new == 0:
+            return
+        for key, blk in model.lm.xattn.items():
+            k_new, v_new = blk.attn.media_kv(media_tokens.to(self.dtype))
+            kb, vb = self.media_kv[key]
+            for b in range(B):
+                c, s0 = int(counts[b]), int(start[b])
+                if c:
+                    kb[b, s0:s0 + c] = k_new[b, :c]
+                    vb[b, s0:s0 + c] = v_new[b, :c]
+        self.num_media += counts.to(self.device)
+
+    # ------------------------------------------------------------------ chunks
+    def plan_chunk(self, lengths: torch.Tensor, T: int):
+        """Slots, positions and mask for appending a chunk of T slots where row b has
+        ``lengths[b]`` real tokens, right-aligned (left-padded) in the chunk.
+
+        Returns (slots (T,), position_ids (B, T), attn_mask (B, 1, T, S), real (B, T) bool).
+        Raises ValueError when the chunk does not fit in the cache.
+        """
+        if self.length + T > self.max_seq_len:
+            raise ValueError(
+                f"expected at most {self.max_seq_len} tokens in the cache, got "
+                f"{self.length} + {T} = {self.length + T}"
+            )
+        dev = self.device
+        lengths = lengths.to(dev)
+        slots = self.slots[self.length:self.length + T]
+        j = torch.arange(T, device=dev)
+        pad_here = (T - lengths)[:, None]  # (B, 1)
+        real = j[None, :] >= pad_here  # (B, T)
+        self.key_valid[:, self.length:self.length + T] = real
+        pad_total = self.pad[:, None] + pad_here  # padding before each real token
+        positions = (slots[None, :] - pad_total).clamp_min(0)
+        k = self.slots[None, :]  # (1, S)
+        q = slots[:, None]  # (T, 1)
+        visible = (k <= q)[None] & (self.key_valid[:, None, :] | (k == q)[None])  # (B, T, S)
+        return slots, positions, visible[:, None], real
+
+    def commit_chunk(self, lengths: torch.Tensor, T: int) -> None:
+        self.pad += (T - lengths.to(self.device))
+        self.length += T

@@ -1,0 +1,88 @@
+"""Pure prefill / decode functions over a :class:`~flamingo_rt.runtime.cache.StaticCache`."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..models.flamingo import Flamingo
+from .cache import StaticCache
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple:
+    """(B, T) int64 ids right-aligned with ``pad_id`` on the left, and (B,) lengths."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for b, r in enumerate(rows):
+        if len(r):
+            ids[b, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+    return ids.to(device), torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
+
+
+def chunk_media_index(cache: StaticCache, ids: torch.Tensor, real: torch.Tensor, image_token_id: int,
+                      check: bool = True) -> torch.Tensor:
+    """(B, T) int32 media index of a chunk's tokens, continuing each row's image count.
+    Raises ValueError when a row would have more ``<image>`` tokens than media."""
+    is_img = (ids == image_token_id) & real
+    idx = cache.image_count[:, None] + is_img.long().cumsum(1) - 1
+    if check and not torch.compiler.is_compiling():
+        total = cache.image_count + is_img.long().sum(1)
+        bad = (total > cache.num_media).nonzero()
+        if bad.numel():
+            b = int(bad[0, 0])
+            raise ValueError(
+                f"row {b} has {int(total[b])} <image> tokens but {int(cache.num_media[b])} media; "
+                "expected one image (or clip) per <image> marker"
+            )
+    return torch.where(real, idx, torch.full_like(idx, -1)).to(torch.int32)
+
+
+def forward_chunk(model: Flamingo, cache: StaticCache, ids: torch.Tensor, lengths: torch.Tensor,
+                  last_only: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """Append a chunk (B, T) of left-padded token ids (row b has ``lengths[b]`` real ones)
+    to the cache and return its logits: (B, V) of the last position when ``last_only``,
+    else (B, T, V). Media for the chunk's ``<image>`` tokens must already be in the cache."""
+    B, T = ids.shape
+    slots, positions, mask, real = cache.plan_chunk(lengths, T)
+    idx = chunk_media_index(cache, ids, real, model.config.image_token_id)
+    per_layer = {
+        key: dict(media_kv=cache.media_kv[key], media_index=idx, validate=False, backend=backend)
+        for key in model.lm.xattn.keys()
+    }
+    logits = model.lm.forward_cached(
+        ids, positions, cache.kv, slots, mask, xattn_layer_kwargs=per_layer, last_only=last_only
+    )
+    cache.image_count += ((ids == model.config.image_token_id) & real).long().sum(1)
+    cache.commit_chunk(lengths, T)
+    return logits[:, -1] if last_only else logits
+
+
+def decode_step(model: Flamingo, cache: StaticCache, tokens: torch.Tensor,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """Feed one token per row (B,) and return the next-token logits (B, V)."""
+    ones = torch.ones(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    return forward_chunk(model, cache, tokens[:, None], ones, last_only=True, backend=backend)
+
+
+def encode_rows(model: Flamingo, media_rows: List[List[torch.Tensor]], device, dtype,
+                backend: Optional[str] = None) -> tuple:
+    """Encode each row's media (a list of (F, C, H, W) tensors) once.
+
+    Media with the same frame count and size across all rows go through the vision
+    encoder in one call. Returns (tokens (B, M_max, N, D), counts (B,)).
+    """
+    B = len(media_rows)
+    counts = torch.tensor([len(r) for r in media_rows], dtype=torch.long, device=device)
+    M = int(counts.max()) if B else 0
+    cfg = model.config
+    out = torch.zeros(B, M, cfg.resampler.num_latents, cfg.resampler.dim, device=device, dtype=dtype)
+    groups = {}
+    for b, row in enumerate(media_rows):
+        for m, x in enumerate(row):
+            groups.setdefault(tuple(x.shape), []).append((b, m, x))
+    for shape, items in groups.items():
+        batch = torch.stack([x for _, _, x in items]).to(device=device, dtype=dtype)  # (K, F, C, H, W)
+        tokens = model.encode_media(batch[:, None], backend=backend)[:, 0]  # (K, N, D)
+        for (b, m, _), t in zip(items, tokens):
+            out[b, m] = t
+    return out, counts

@@ -1,0 +1,421 @@
+"""Few-shot generation: batched, streaming, beam search, prefix reuse, scoring, sessions.
+
+Every request encodes each medium once (vision encoder + resampler), computes each
+cross-attention layer's keys and values once per medium (the media cache), and decodes
+against static caches — nothing is recomputed per token or per beam.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
+from ..models.flamingo import Flamingo
+from .cache import CacheSnapshot, StaticCache
+from .engine import decode_step, encode_rows, forward_chunk, left_pad
+from .prompt import EncodedPrompt, PromptItem, encode_prompt
+from .sampling import GenerationConfig, choose_next
+
+PromptLike = Union[str, Sequence[PromptItem], EncodedPrompt]
+
+
+@dataclass
+class Prefix:
+    """A prompt prefix (e.g. a support set) whose caches were computed once; queries
+    continue from it (:meth:`Generator.generate` with ``prefix=``)."""
+
+    cache: StaticCache  # one row
+    last_logits: torch.Tensor  # (1, V)
+    num_tokens: int
+    num_media: int
+
+
+class Generator:
+    """Generation over a :class:`~flamingo_rt.models.flamingo.Flamingo` and its tokenizer.
+
+    Args:
+        model: the model (put in eval mode; its device and dtype are used).
+        tokenizer: a :class:`~flamingo_rt.io.tokenizer.FlamingoTokenizer`.
+        max_seq_len: cache length in tokens (prompt + generated), default the LM's.
+        max_media: media per row the caches hold, default 32.
+        backend: op backend for the attention ops (default: auto).
+    """
+
+    def __init__(self, model: Flamingo, tokenizer: FlamingoTokenizer, max_seq_len: Optional[int] = None,
+                 max_media: int = 32, backend: Optional[str] = None):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.max_seq_len = max_seq_len or model.config.lm.max_seq_len
+        if self.max_seq_len > model.config.lm.max_seq_len:
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the LM's {model.config.lm.max_seq_len}")
+        self.max_media = max_media
+        self.backend = backend
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self._caches = {}
+        self.vision_calls = 0  # media frames encoded (for tests and stats)
+        self._banned = [tokenizer.image_token_id, tokenizer.pad_token_id]
+
+    # ------------------------------------------------------------------ helpers
+    def encode(self, prompt: PromptLike) -> EncodedPrompt:
+        if isinstance(prompt, EncodedPrompt):
+            return prompt
+        return encode_prompt(prompt, self.tok, self.model.config.vision)
+
+    def _cache(self, batch: int) -> StaticCache:
+        c = self._caches.get(batch)
+        if c is None:
+            c = self._caches[batch] = StaticCache(self.model, batch, self.max_seq_len, self.max_media,
+                                                  dtype=self.dtype, device=self.device)
+        c.reset()
+        return c
+
+    def _stop_ids(self, cfg: GenerationConfig) -> List[int]:
+        ids = []
+        if cfg.stop_on_eoc:
+            ids.append(self.tok.eoc_token_id)
+        if cfg.stop_on_eos:
+            ids.append(self.tok.eos_token_id)
+        return ids
+
+    def _check_fits(self, lengths: Sequence[int], counts: Sequence[int], cfg: GenerationConfig,
+                    base_tokens: int = 0, base_media: int = 0) -> None:
+        """Raise before any memory is allocated when a request cannot fit."""
+        need = base_tokens + max(lengths) + cfg.max_new_tokens
+        if need > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({base_tokens + max(lengths)} tokens) plus max_new_tokens ({cfg.max_new_tokens}) = {need} "
+                f"exceeds the cache length {self.max_seq_len}"
+            )
+        if base_media + max(counts, default=0) > self.max_media:
+            raise ValueError(
+                f"a prompt has {base_media + max(counts)} media; this generator holds at most {self.max_media} "
+                "per prompt (max_media)"
+            )
+
+    def _encode_media(self, rows: List[List[torch.Tensor]]):
+        self.vision_calls += sum(m.shape[0] for r in rows for m in r)
+        return encode_rows(self.model, rows, self.device, self.dtype, self.backend)
+
+    def _prefill(self, cache: StaticCache, encs: List[EncodedPrompt]) -> torch.Tensor:
+        tokens, counts = self._encode_media([e.media for e in encs])
+        cache.add_media(self.model, tokens, counts)
+        ids, lengths = left_pad([e.ids for e in encs], self.tok.pad_token_id, self.device)
+        return forward_chunk(self.model, cache, ids, lengths, last_only=True, backend=self.backend)
+
+    def _mask_banned(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float().clone()
+        logits[:, self._banned] = float("-inf")
+        logits[:, self.tok.vocab_size:] = float("-inf")  # padded LM vocab rows beyond the tokenizer's
+        return logits
+
+    # ------------------------------------------------------------------ prefix
+    @torch.no_grad()
+    def prefix(self, prompt: PromptLike) -> Prefix:
+        """Compute a prompt prefix's caches once (e.g. a few-shot support set)."""
+        enc = self.encode(prompt)
+        self._check_fits([len(enc.ids)], [len(enc.media)], GenerationConfig(max_new_tokens=1))
+        cache = StaticCache(self.model, 1, self.max_seq_len, self.max_media, dtype=self.dtype, device=self.device)
+        logits = self._prefill(cache, [enc])
+        return Prefix(cache, logits, len(enc.ids), len(enc.media))
+
+    def _from_prefix(self, prefix: Prefix, batch: int) -> StaticCache:
+        cache = self._cache(batch)
+        src = prefix.cache
+        for (k, v), (ks, vs) in zip(cache.kv, src.kv):
+            k[:, :, :src.length] = ks[:, :, :src.length]
+            v[:, :, :src.length] = vs[:, :, :src.length]
+        for key, (k, v) in cache.media_kv.items():
+            ks, vs = src.media_kv[key]
+            k[:, :prefix.num_media] = ks[:, :prefix.num_media]
+            v[:, :prefix.num_media] = vs[:, :prefix.num_media]
+        cache.restore(CacheSnapshot(src.length, src.key_valid.expand(batch, -1), src.pad.expand(batch),
+                                    src.num_media.expand(batch), src.image_count.expand(batch)))
+        return cache
+
+    def _start(self, prompts: Sequence[PromptLike], cfg: GenerationConfig, prefix: Optional[Prefix]):
+        """Encode, check, prefill. Returns (cache, encoded prompts, last logits (B, V))."""
+        encs = [self.encode(p) for p in prompts]
+        if not encs:
+            raise ValueError("expected at least one prompt, got none")
+        base_t = prefix.cache.length if prefix else 0
+        base_m = prefix.num_media if prefix else 0
+        self._check_fits([len(e.ids) for e in encs], [len(e.media) for e in encs], cfg, base_t, base_m)
+        if prefix is None:
+            cache = self._cache(len(encs))
+        else:
+            cache = self._from_prefix(prefix, len(encs))
+        logits = self._prefill(cache, encs)
+        return cache, encs, logits
+
+    # ------------------------------------------------------------------ token streams
+    def _token_stream(self, cache: StaticCache, encs: List[EncodedPrompt], logits: torch.Tensor,
+                      cfg: GenerationConfig) -> Iterator[torch.Tensor]:
+        """Yield (B,) next tokens step by step (pad for finished rows) until every row
+        stopped or max_new_tokens; the caller may stop iterating at any time."""
+        B = len(encs)
+        V = logits.shape[-1]
+        stop_ids = torch.tensor(self._stop_ids(cfg), device=self.device, dtype=torch.long)
+        gen = None
+        if cfg.do_sample:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        seen = None
+        if cfg.repetition_penalty != 1.0:
+            seen = torch.zeros(B, V, dtype=torch.bool, device=self.device)
+            for b, e in enumerate(encs):
+                seen[b, torch.tensor(e.ids, device=self.device)] = True
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for step in range(cfg.max_new_tokens):
+            nxt = choose_next(self._mask_banned(logits), cfg, seen, gen)
+            nxt = torch.where(done, torch.full_like(nxt, self.tok.pad_token_id), nxt)
+            yield nxt
+            if seen is not None:
+                seen[torch.arange(B, device=self.device), nxt] = True
+            done = done | torch.isin(nxt, stop_ids)
+            if bool(done.all()) or step == cfg.max_new_tokens - 1:
+                return
+            logits = decode_step(self.model, cache, nxt, backend=self.backend)
+
+    def _finish_text(self, ids: List[int], cfg: GenerationConfig) -> str:
+        stop = set(self._stop_ids(cfg))
+        out = []
+        for t in ids:
+            if t in stop:
+                break
+            out.append(t)
+        text = self.tok.decode(out)
+        for s in cfg.stop_strings:
+            i = text.find(s)
+            if i >= 0:
+                text = text[:i]
+        return text
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, prompts: Union[PromptLike, Sequence[PromptLike]], config: Optional[GenerationConfig] = None,
+                 prefix: Optional[Prefix] = None, **kwargs) -> Union[str, List[str]]:
+        """Generate a continuation for one prompt (returns str) or a batch (returns a list).
+
+        ``config`` or keyword overrides (``max_new_tokens=...``) set the decoding; rows of
+        a batch may differ in length and image count and give what they give alone.
+        """
+        single = isinstance(prompts, (str, EncodedPrompt)) or (
+            isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (list, tuple, EncodedPrompt))
+        )
+        batch = [prompts] if single else list(prompts)
+        cfg = replace(config or GenerationConfig(), **kwargs).validate()
+        if cfg.num_beams > 1:
+            outs = [self._beam_search(p, cfg, prefix) for p in batch]
+            return outs[0] if single else outs
+        cache, encs, logits = self._start(batch, cfg, prefix)
+        toks = [[] for _ in batch]
+        for nxt in self._token_stream(cache, encs, logits, cfg):
+            for b, t in enumerate(nxt.tolist()):
+                toks[b].append(t)
+            if cfg.stop_strings and all(
+                any(s in self.tok.decode(t) for s in cfg.stop_strings) for t in toks
+            ):
+                break
+        outs = [self._finish_text(t, cfg) for t in toks]
+        return outs[0] if single else outs
+
+    def stream(self, prompt: PromptLike, config: Optional[GenerationConfig] = None,
+               prefix: Optional[Prefix] = None, **kwargs) -> Iterator[str]:
+        """Yield the generated text piece by piece (whole characters only; text that could
+        still become a stop string is held back). Concatenated, the pieces equal
+        :meth:`generate`'s result. Stopping the iteration stops the work."""
+        cfg = replace(config or GenerationConfig(), **kwargs).validate()
+        if cfg.num_beams > 1:
+            raise ValueError("stream() decodes token by token; beam search (num_beams > 1) is not streamable")
+        with torch.no_grad():
+            cache, encs, logits = self._start([prompt], cfg, prefix)
+        stop = set(self._stop_ids(cfg))
+        dec = IncrementalDecoder(self.tok)
+        text, emitted = "", 0
+        hold = max((len(s) for s in cfg.stop_strings), default=1) - 1
+        stream = self._token_stream(cache, encs, logits, cfg)
+        while True:
+            with torch.no_grad():
+                nxt = next(stream, None)
+            if nxt is None:
+                break
+            t = int(nxt[0])
+            if t in stop:
+                break
+            text += dec.push(t)
+            cut = min((i for i in (text.find(s) for s in cfg.stop_strings) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            safe = len(text) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        text += dec.flush()
+        cut = min((i for i in (text.find(s) for s in cfg.stop_strings) if i >= 0), default=len(text))
+        if cut > emitted:
+            yield text[emitted:cut]
+
+    def generate_with_callback(self, prompt: PromptLike, callback: Callable[[str], Optional[bool]],
+                               config: Optional[GenerationConfig] = None, **kwargs) -> str:
+        """Call ``callback(piece)`` for each streamed piece; a callback returning True stops
+        the generation. Returns the text generated."""
+        out = []
+        for piece in self.stream(prompt, config, **kwargs):
+            out.append(piece)
+            if callback(piece):
+                break
+        return "".join(out)
+
+    # ------------------------------------------------------------------ beam search
+    def _beam_search(self, prompt: PromptLike, cfg: GenerationConfig, prefix: Optional[Prefix]) -> str:
+        K = cfg.num_beams
+        cache1, encs, logits = self._start([prompt], cfg, prefix)  # media encoded once
+        cache = self._cache_beams(K)
+        # copy the prefilled row into K beams (media K/V included, copied not recomputed)
+        for (k, v), (k1, v1) in zip(cache.kv, cache1.kv):
+            k.copy_(k1.expand_as(k))
+            v.copy_(v1.expand_as(v))
+        for key, (k, v) in cache.media_kv.items():
+            k1, v1 = cache1.media_kv[key]
+            k.copy_(k1.expand_as(k))
+            v.copy_(v1.expand_as(v))
+        cache.restore(CacheSnapshot(cache1.length, cache1.key_valid.expand(K, -1), cache1.pad.expand(K),
+                                    cache1.num_media.expand(K), cache1.image_count.expand(K)))
+        stop = set(self._stop_ids(cfg))
+        V = logits.shape[-1]
+        scores = torch.full((K,), float("-inf"), device=self.device)
+        scores[0] = 0.0
+        logits = logits.expand(K, -1)
+        seqs: List[List[int]] = [[] for _ in range(K)]
+        finished: List[tuple] = []  # (normalised score, tokens)
+        for step in range(cfg.max_new_tokens):
+            logp = self._mask_banned(logits).log_softmax(-1) + scores[:, None]  # (K, V)
+            top, flat = logp.view(-1).topk(2 * K)
+            new_rows, new_tokens, new_scores, new_seqs = [], [], [], []
+            for s, f in zip(top.tolist(), flat.tolist()):
+                if s == float("-inf"):
+                    break
+                row, tok = divmod(f, V)
+                seq = seqs[row] + [tok]
+                if tok in stop:
+                    finished.append((s / (len(seq) ** cfg.length_penalty), seq))
+                else:
+                    new_rows.append(row)
+                    new_tokens.append(tok)
+                    new_scores.append(s)
+                    new_seqs.append(seq)
+                if len(new_rows) == K:
+                    break
+            if len(finished) >= K or not new_rows or step == cfg.max_new_tokens - 1:
+                break
+            while len(new_rows) < K:  # keep K rows; extra ones are dead
+                new_rows.append(new_rows[0])
+                new_tokens.append(new_tokens[0])
+                new_scores.append(float("-inf"))
+                new_seqs.append(new_seqs[0])
+            rows = torch.tensor(new_rows, device=self.device)
+            cache.select_rows(rows, media=False)  # beams of one prompt share their media
+            scores = torch.tensor(new_scores, device=self.device)
+            seqs = new_seqs
+            logits = decode_step(self.model, cache, torch.tensor(new_tokens, device=self.device), self.backend)
+        if not finished:
+            for s, seq in zip(scores.tolist(), seqs):
+                if s > float("-inf"):
+                    finished.append((s / (len(seq) ** cfg.length_penalty), seq))
+            for s, seq in zip(new_scores, new_seqs):
+                if s > float("-inf") and seq not in [f[1] for f in finished]:
+                    finished.append((s / (len(seq) ** cfg.length_penalty), seq))
+        best = max(finished, key=lambda f: f[0])[1]
+        return self._finish_text(best, cfg)
+
+    def _cache_beams(self, K: int) -> StaticCache:
+        key = ("beams", K)
+        c = self._caches.get(key)
+        if c is None:
+            c = self._caches[key] = StaticCache(self.model, K, self.max_seq_len, self.max_media,
+                                                dtype=self.dtype, device=self.device)
+        c.reset()
+        return c
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score(self, prompt: PromptLike, candidates: Sequence[str], prefix: Optional[Prefix] = None) -> List[float]:
+        """Log-likelihood (sum of token log-probabilities) of each candidate continuation
+        after the prompt, through the same caches (the prompt is computed once)."""
+        if not candidates:
+            raise ValueError("expected at least one candidate, got none")
+        cand_ids = [self.tok.encode(c) for c in candidates]
+        if any(not c for c in cand_ids):
+            raise ValueError("expected non-empty candidates, got an empty string")
+        cfg = GenerationConfig(max_new_tokens=max(len(c) for c in cand_ids))
+        cache, encs, logits = self._start([prompt], cfg, prefix)
+        snap = cache.snapshot()
+        first = logits.float().log_softmax(-1)[0]
+        out = []
+        for ids in cand_ids:
+            cache.restore(snap)
+            total = float(first[ids[0]])
+            if len(ids) > 1:
+                t = torch.tensor([ids[:-1]], device=self.device)
+                lg = forward_chunk(self.model, cache, t, torch.tensor([len(ids) - 1], device=self.device),
+                                   last_only=False, backend=self.backend)
+                lp = lg[0].float().log_softmax(-1)
+                total += float(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+            out.append(total)
+        return out
+
+    def session(self) -> "Session":
+        """A multi-turn conversation (one row) to which text and media are appended."""
+        return Session(self)
+
+
+class Session:
+    """A dialogue: ``append(...)`` text and media, ``generate()`` replies; each new image
+    gets the next media index and every later token attends to it. The caches persist
+    across turns, so earlier turns are never recomputed."""
+
+    def __init__(self, gen: Generator):
+        self.gen = gen
+        self.cache = StaticCache(gen.model, 1, gen.max_seq_len, gen.max_media, dtype=gen.dtype, device=gen.device)
+        self._pending: List[PromptItem] = []
+        self._carry: List[int] = []  # last generated token, not yet fed to the model
+        self.history: List[str] = []
+        self.token_ids: List[int] = []  # every token of the conversation so far
+        self.media: List[torch.Tensor] = []  # every medium, preprocessed, in order
+
+    def append(self, *items: PromptItem) -> "Session":
+        self._pending += list(items)
+        return self
+
+    @torch.no_grad()
+    def generate(self, config: Optional[GenerationConfig] = None, **kwargs) -> str:
+        cfg = replace(config or GenerationConfig(), **kwargs).validate()
+        if cfg.num_beams > 1:
+            raise ValueError("Session.generate decodes greedily or by sampling (num_beams must be 1)")
+        g = self.gen
+        enc = encode_prompt(self._pending, g.tok, g.model.config.vision) if self._pending else EncodedPrompt([])
+        ids = self._carry + enc.ids
+        if not ids:
+            raise ValueError("expected new text or media before generate(), got nothing")
+        g._check_fits([len(ids)], [len(enc.media)], cfg, self.cache.length, int(self.cache.num_media[0]))
+        tokens, counts = g._encode_media([enc.media])
+        self.cache.add_media(g.model, tokens, counts)
+        t = torch.tensor([ids], device=g.device)
+        logits = forward_chunk(g.model, self.cache, t, torch.tensor([len(ids)], device=g.device),
+                               last_only=True, backend=g.backend)
+        out: List[int] = []
+        for nxt in g._token_stream(self.cache, [EncodedPrompt(ids)], logits, cfg):
+            out.append(int(nxt[0]))
+        self._pending = []
+        self._carry = out[-1:]
+        self.token_ids += enc.ids + out
+        self.media += enc.media
+        text = g._finish_text(out, cfg)
+        self.history.append(text)
+        return text

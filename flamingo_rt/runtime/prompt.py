@@ -1,0 +1,127 @@
+"""Prompts: interleaved text and media -> token ids and preprocessed media.
+
+A prompt is a list whose items are text (``str``) or media: an image as a tensor
+(C, H, W) (float in [0, 1] or uint8), a numpy array (H, W, C) / (H, W), a PIL image, or a
+video clip as a tensor (F, C, H, W) / array (F, H, W, C). Each media item becomes one
+``<image>`` token at its place; text may also contain literal ``<image>`` markers, which
+then take the prompt's media in order (``Prompt.from_text``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io.tokenizer import EOC_TOKEN, IMAGE_TOKEN, FlamingoTokenizer
+from ..models.config import VisionConfig
+
+MediaLike = Union[torch.Tensor, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+PromptItem = Union[str, MediaLike]
+
+
+def _to_frames(x: MediaLike) -> torch.Tensor:
+    """Any supported media object -> (F, C, H, W) float32 in [0, 1]."""
+    try:
+        from PIL import Image  # optional
+
+        if isinstance(x, Image.Image):
+            x = np.asarray(x.convert("RGB"))
+    except ImportError:
+        pass
+    if isinstance(x, np.ndarray):
+        arr = x
+        if arr.ndim == 2:
+            arr = arr[..., None].repeat(3, -1)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            raise ValueError(f"expected an image array (H, W, C) or clip (F, H, W, C) with C in (1, 3), got {x.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    elif torch.is_tensor(x):
+        t = x.detach().cpu()
+        if t.dim() == 3:
+            t = t[None]
+        if t.dim() != 4 or t.shape[1] not in (1, 3):
+            raise ValueError(f"expected an image tensor (C, H, W) or clip (F, C, H, W) with C in (1, 3), got {tuple(x.shape)}")
+    else:
+        raise TypeError(f"expected text (str) or media (tensor, numpy array, PIL image), got {type(x).__name__}")
+    if t.dtype == torch.uint8:
+        t = t.float() / 255.0
+    elif t.is_floating_point():
+        t = t.float()
+    else:
+        raise TypeError(f"expected uint8 or floating-point pixels, got {t.dtype}")
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)
+    return t
+
+
+def preprocess_media(x: MediaLike, vision: VisionConfig) -> torch.Tensor:
+    """Media -> (F, 3, S, S) float32: resized to the encoder's image size (bilinear with
+    antialiasing) and normalised with its mean and std."""
+    t = _to_frames(x)
+    S = vision.image_size
+    if t.shape[-2:] != (S, S):
+        t = F.interpolate(t, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(vision.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(vision.image_std).view(1, 3, 1, 1)
+    return (t - mean) / std
+
+
+@dataclass
+class EncodedPrompt:
+    """Token ids (with one ``<image>`` per medium) and the media, preprocessed."""
+
+    ids: List[int]
+    media: List[torch.Tensor] = field(default_factory=list)  # each (F, 3, S, S)
+
+
+def encode_prompt(prompt: Union[str, Sequence[PromptItem]], tokenizer: FlamingoTokenizer,
+                  vision: VisionConfig, add_bos: bool = False) -> EncodedPrompt:
+    """Tokenize an interleaved prompt. Raises ValueError for an empty prompt and when the
+    text's literal ``<image>`` markers and the media given do not pair up."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    ids: List[int] = [tokenizer.eos_token_id] if add_bos else []
+    media: List[torch.Tensor] = []
+    pending = [p for p in prompt if not isinstance(p, str)]
+    texts_have_markers = any(isinstance(p, str) and IMAGE_TOKEN in p for p in prompt)
+    if texts_have_markers:
+        # literal markers take the media in order; media items do not add markers
+        n_markers = sum(p.count(IMAGE_TOKEN) for p in prompt if isinstance(p, str))
+        if n_markers != len(pending):
+            raise ValueError(
+                f"the prompt text has {n_markers} <image> markers but {len(pending)} media were given; "
+                "expected one medium per marker"
+            )
+        for p in prompt:
+            if isinstance(p, str):
+                ids += tokenizer.encode(p)
+        media = [preprocess_media(m, vision) for m in pending]
+    else:
+        for p in prompt:
+            if isinstance(p, str):
+                ids += tokenizer.encode(p)
+            else:
+                ids.append(tokenizer.image_token_id)
+                media.append(preprocess_media(p, vision))
+    if not ids:
+        raise ValueError("expected a non-empty prompt, got no tokens")
+    return EncodedPrompt(ids, media)
+
+
+def few_shot_prompt(support: Sequence[Tuple[MediaLike, str]], query: MediaLike,
+                    template: str = "{answer}", prefix: str = "") -> List[PromptItem]:
+    """A few-shot prompt: for each support (image, answer) ``[image, prefix + template
+    .format(answer=answer) + "<|endofchunk|>"]``, then ``[query, prefix]``.
+
+    Example: ``few_shot_prompt([(img1, "a cat"), (img2, "a dog")], img3, prefix="Output:")``.
+    """
+    items: List[PromptItem] = []
+    for image, answer in support:
+        items += [image, prefix + template.format(answer=answer) + EOC_TOKEN]
+    items += [query, prefix] if prefix else [query]
+    return items

@@ -1,0 +1,206 @@
+"""Generation runtime on the tiny preset: caches equal recomputation, batching, prefix
+reuse, streaming, beams, sampling, sessions, scoring, media encoded once, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flamingo_rt.io import FlamingoTokenizer
+from flamingo_rt.models import Flamingo, get_preset
+from flamingo_rt.runtime import EncodedPrompt, GenerationConfig, Generator, few_shot_prompt
+from flamingo_rt.runtime.engine import decode_step
+from conftest import rel_err
+
+WORDS = "red green blue square circle triangle small big left right above below one two three a the of is".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    corpus = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for i in range(12)) for j in range(300)]
+    corpus += ["café ☕ 漢字 naïve"] * 5
+    return FlamingoTokenizer.train_bpe(corpus, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def gen(tok):
+    torch.manual_seed(1234)
+    cfg = get_preset("tiny")
+    cfg.lm.vocab_size = tok.vocab_size
+    model = Flamingo(cfg).eval()
+    with torch.no_grad():
+        for b in model.xattn_blocks():
+            b.attn_gate.fill_(0.9)
+            b.ff_gate.fill_(0.5)
+    return Generator(model, tok, max_seq_len=160, max_media=5)
+
+
+def img():
+    return torch.rand(3, 64, 64)
+
+
+GREEDY = GenerationConfig(max_new_tokens=10, stop_on_eoc=False, stop_on_eos=False)
+
+
+def test_cached_decoding_equals_full_recomputation(gen):
+    enc = gen.encode([img(), "a red square", img(), "two blue"])
+    steps = [int(t) for t in torch.randint(4, gen.tok.vocab_size, (8,))]
+    full = gen.model(torch.tensor([enc.ids + steps]), torch.stack(enc.media)[None]).logits[0]
+    cache = gen._cache(1)
+    with torch.no_grad():
+        logits = gen._prefill(cache, [enc])
+        assert rel_err(logits[0], full[len(enc.ids) - 1]) < 1e-5
+        for i, t in enumerate(steps):
+            logits = decode_step(gen.model, cache, torch.tensor([t]))
+            assert rel_err(logits[0], full[len(enc.ids) + i]) < 1e-5, i
+
+
+def test_batch_equals_one_by_one(gen):
+    prompts = [[img(), "a red square", img(), "two"], ["the", img(), "big"], ["one two three left"]]
+    alone = [gen.generate(p, GREEDY) for p in prompts]
+    assert gen.generate(prompts, GREEDY) == alone
+
+
+def test_prefix_reuse_equals_recomputation(gen):
+    support = [img(), "a red square<|endofchunk|>", img(), "a blue circle<|endofchunk|>"]
+    queries = [[img(), "a"], [img(), "the big"], ["two", img()]]
+    pre = gen.prefix(support)
+    want = [gen.generate(support + q, GREEDY) for q in queries]
+    assert [gen.generate(q, GREEDY, prefix=pre) for q in queries] == want
+    assert gen.generate(queries, GREEDY, prefix=pre) == want  # batched over one prefix
+
+
+def test_stream_equals_generate_and_stop_strings(gen):
+    p = [img(), "a red"]
+    cfg = GenerationConfig(max_new_tokens=14, stop_on_eoc=False, stop_on_eos=False)
+    full = gen.generate(p, cfg)
+    pieces = list(gen.stream(p, cfg))
+    assert "".join(pieces) == full and len(pieces) > 1
+    stop = full[3:5]
+    cfg_stop = GenerationConfig(max_new_tokens=14, stop_on_eoc=False, stop_on_eos=False, stop_strings=(stop,))
+    cut = gen.generate(p, cfg_stop)
+    assert cut == full[: full.find(stop)]
+    assert "".join(gen.stream(p, cfg_stop)) == cut
+    got = []
+    assert gen.generate_with_callback(p, lambda s: got.append(s) or len(got) == 2, cfg) == "".join(got[:2])
+
+
+def test_streaming_multibyte_characters(gen, tok):
+    """Stream pieces are whole characters even when one character spans several tokens."""
+    ids = tok.encode("café ☕ 漢字")
+    from flamingo_rt.io import IncrementalDecoder
+
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(t) for t in ids] + [dec.flush()]
+    assert "".join(pieces) == "café ☕ 漢字"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_beam_one_equals_greedy_and_beams_run(gen):
+    p = [img(), "a red", img(), "the"]
+    assert gen.generate(p, GREEDY, num_beams=1) == gen.generate(p, GREEDY)
+    out = gen.generate(p, GREEDY, num_beams=3)
+    assert isinstance(out, str) and len(out) > 0
+
+
+def test_beam_search_finds_a_likelier_sequence_than_greedy(gen):
+    p = [img(), "a red", img(), "the"]
+    cfg = GenerationConfig(max_new_tokens=6, stop_on_eoc=False, stop_on_eos=False, length_penalty=0.0)
+    greedy = gen.generate(p, cfg)
+    beam = gen.generate(p, cfg, num_beams=4)
+    s_g, s_b = gen.score(p, [greedy, beam])
+    assert s_b >= s_g - 1e-3
+
+
+def test_sampling_repeats_under_its_seed(gen):
+    p = [img(), "a"]
+    cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.3, top_k=50, top_p=0.95,
+                           repetition_penalty=1.2, seed=7, stop_on_eoc=False, stop_on_eos=False)
+    a, b = gen.generate(p, cfg), gen.generate(p, cfg)
+    assert a == b
+    others = {gen.generate(p, cfg, seed=s) for s in range(8, 12)}
+    assert len(others | {a}) > 1
+
+
+def test_vision_encoder_runs_once_per_medium(gen):
+    calls = []
+    h = gen.model.vision_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        p = [img(), "a red", img(), "the", img()]
+        gen.generate(p, GREEDY, num_beams=3)
+        assert sum(calls) == 3
+        calls.clear()
+        gen.generate([p, [img(), "x"]], GREEDY)
+        assert sum(calls) == 4
+    finally:
+        h.remove()
+
+
+def test_session_multi_turn_equals_one_long_prompt(gen):
+    sess = gen.session()
+    sess.append(img(), "a red square")
+    r1 = sess.generate(GREEDY)
+    sess.append(img(), "the big")
+    r2 = sess.generate(GREEDY)
+    assert len(sess.history) == 2 and sess.history[1] == r2
+    # the same conversation, recomputed from scratch with the second image as media index 1
+    n2 = len(sess.token_ids) - 10  # tokens before the second reply
+    enc = EncodedPrompt(sess.token_ids[:n2], sess.media)
+    assert gen.generate(enc, GREEDY) == r2
+    assert r1 == gen.generate(EncodedPrompt(sess.token_ids[: n2 - 10 - len(gen.tok.encode("the big")) - 1],
+                                            sess.media[:1]), GREEDY)
+
+
+def test_score_matches_full_forward(gen, tok):
+    p = [img(), "a red"]
+    cands = [" square", " blue circle"]
+    got = gen.score(p, cands)
+    enc = gen.encode(p)
+    for c, s in zip(cands, got):
+        ids = tok.encode(c)
+        x = torch.tensor([enc.ids + ids])
+        with torch.no_grad():
+            lp = gen.model(x, torch.stack(enc.media)[None]).logits[0].float().log_softmax(-1)
+        n = len(enc.ids)
+        want = sum(float(lp[n - 1 + i, t]) for i, t in enumerate(ids))
+        assert abs(s - want) < 1e-3
+
+
+def test_few_shot_prompt_builder(gen, tok):
+    a, b, q = img(), img(), img()
+    items = few_shot_prompt([(a, "red"), (b, "blue")], q, prefix="Output:")
+    enc = gen.encode(items)
+    assert enc.ids.count(tok.image_token_id) == 3 and len(enc.media) == 3
+    assert enc.ids.count(tok.eoc_token_id) == 2
+    assert tok.decode(enc.ids).endswith("Output:")
+
+
+def test_errors_are_clear_and_early(gen):
+    with pytest.raises(ValueError, match="exceeds the cache length 160"):
+        gen.generate(["one two three"], max_new_tokens=200)
+    with pytest.raises(ValueError, match="2 <image> markers but 1 media"):
+        gen.generate(["<image>a<image>b", img()])
+    with pytest.raises(ValueError, match="temperature"):
+        gen.generate(["a"], do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        gen.generate(["a"], do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        gen.generate([""])
+    with pytest.raises(ValueError, match="at most 5"):
+        gen.generate([img() for _ in range(6)])
+    with pytest.raises(TypeError, match="expected text"):
+        gen.generate([3.5])
+
+
+def test_memory_stays_flat_over_many_tokens(gen):
+    def rss_kb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4
+
+    p = [img(), "a red"]
+    cfg = GenerationConfig(max_new_tokens=100, stop_on_eoc=False, stop_on_eos=False)
+    for _ in range(3):  # warm-up
+        gen.generate(p, cfg)
+    before = rss_kb()
+    for _ in range(20):  # 2,000 decoded tokens
+        gen.generate(p, cfg)
+    assert rss_kb() - before < 8 * 1024, "resident memory grew by more than 8 MB"

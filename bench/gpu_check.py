@@ -137,7 +137,8 @@ def run_case(op_name, fn, ref_fn, inputs, diff_idx, backend, dtype, device, case
         for i, t in enumerate(inputs):
             if torch.is_tensor(t) and t.is_floating_point():
                 d = t.to(device=device, dtype=dtype).detach().requires_grad_(i in diff_idx)
-                r = t.double().detach().requires_grad_(i in diff_idx)
+                # the reference sees exactly the rounded inputs the backend sees
+                r = t.to(dtype).double().detach().requires_grad_(i in diff_idx)
             else:
                 d, r = (t.to(device) if torch.is_tensor(t) else t), t
             dev_in.append(d)

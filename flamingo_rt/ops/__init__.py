@@ -24,3 +24,5 @@ __all__ = [
     "se_residual",
     "ws_conv2d",
 ]
+
+from . import _cpp_backends  # noqa: E402,F401  (registers the C++/CUDA backends when built)

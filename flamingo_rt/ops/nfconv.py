@@ -29,6 +29,19 @@ def _new(t: Tensor) -> Tensor:
     return t.new_empty(t.shape)
 
 
+def _fmt(x: Tensor) -> torch.memory_format:
+    """The memory format activations keep: channels-last when x is (and not also
+    plain-contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _new_act(x: Tensor) -> Tensor:
+    """A fresh activation-shaped tensor in x's memory format (NCHW or NHWC)."""
+    return torch.empty_like(x, memory_format=_fmt(x))
+
+
 # --------------------------------------------------------------------------------------
 # ws_standardize
 # --------------------------------------------------------------------------------------
@@ -113,12 +126,12 @@ def ws_standardize(weight: Tensor, gain: Tensor, eps: float = 1e-5, *, backend: 
 
 @torch.library.custom_op("flamingo_rt::bias_gamma_act", mutates_args=())
 def _bga_op(x: Tensor, bias: Optional[Tensor], act: str, gamma: float, backend: str) -> Tensor:
-    return _backend.get(BGA_OP, backend)(x, bias, act, gamma).contiguous()
+    return _backend.get(BGA_OP, backend)(x, bias, act, gamma).contiguous(memory_format=_fmt(x))
 
 
 @_bga_op.register_fake
 def _(x, bias, act, gamma, backend):
-    return _new(x)
+    return _new_act(x)
 
 
 @torch.library.custom_op("flamingo_rt::bias_gamma_act_backward", mutates_args=())
@@ -126,13 +139,13 @@ def _bga_bwd_op(
     grad_out: Tensor, x: Tensor, bias: Optional[Tensor], act: str, gamma: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
     dx, db = _backend.get(BGA_OP + ".backward", backend)(grad_out, x, bias, act, gamma)
-    return dx.contiguous(), db.contiguous()
+    return dx.contiguous(memory_format=_fmt(x)), db.contiguous()
 
 
 @_bga_bwd_op.register_fake
 def _(grad_out, x, bias, act, gamma, backend):
     db_dtype = bias.dtype if bias is not None else x.dtype
-    return _new(x), x.new_empty((x.shape[1],), dtype=db_dtype)
+    return _new_act(x), x.new_empty((x.shape[1],), dtype=db_dtype)
 
 
 def _bga_setup(ctx, inputs, output):
@@ -144,7 +157,7 @@ def _bga_setup(ctx, inputs, output):
 
 def _bga_backward(ctx, grad_out):
     x, bias = ctx.saved_tensors
-    dx, db = _bga_bwd_op(grad_out.contiguous(), x, bias, ctx.act, ctx.gamma, ctx.backend)
+    dx, db = _bga_bwd_op(grad_out.contiguous(memory_format=_fmt(x)), x, bias, ctx.act, ctx.gamma, ctx.backend)
     return dx, (db if ctx.has_bias else None), None, None, None
 
 
@@ -173,7 +186,7 @@ def bias_gamma_act(
             default from ``FLAMINGO_RT_BACKEND``, else ``auto``.
 
     Returns:
-        (N, C, H, W) contiguous tensor in x's dtype.
+        (N, C, H, W) in x's dtype and memory format (NCHW or channels-last).
     """
     if x.dim() != 4:
         raise ValueError(f"expected x of shape (N, C, H, W), got {tuple(x.shape)}")
@@ -197,12 +210,12 @@ def bias_gamma_act(
 
 @torch.library.custom_op("flamingo_rt::se_residual", mutates_args=())
 def _se_op(x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor, backend: str) -> Tensor:
-    return _backend.get(SE_OP, backend)(x, gate_logits, shortcut, scale).contiguous()
+    return _backend.get(SE_OP, backend)(x, gate_logits, shortcut, scale).contiguous(memory_format=_fmt(x))
 
 
 @_se_op.register_fake
 def _(x, gate_logits, shortcut, scale, backend):
-    return _new(x)
+    return _new_act(x)
 
 
 @torch.library.custom_op("flamingo_rt::se_residual_backward", mutates_args=())
@@ -210,12 +223,12 @@ def _se_bwd_op(
     grad_out: Tensor, x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dx, dg, ds = _backend.get(SE_OP + ".backward", backend)(grad_out, x, gate_logits, shortcut, scale)
-    return dx.contiguous(), dg.contiguous(), ds.contiguous()
+    return dx.contiguous(memory_format=_fmt(x)), dg.contiguous(), ds.contiguous()
 
 
 @_se_bwd_op.register_fake
 def _(grad_out, x, gate_logits, shortcut, scale, backend):
-    return _new(x), _new(gate_logits), _new(scale)
+    return _new_act(x), _new(gate_logits), _new(scale)
 
 
 def _se_setup(ctx, inputs, output):
@@ -226,7 +239,7 @@ def _se_setup(ctx, inputs, output):
 
 def _se_backward(ctx, grad_out):
     x, gate_logits, shortcut, scale = ctx.saved_tensors
-    dx, dg, ds = _se_bwd_op(grad_out.contiguous(), x, gate_logits, shortcut, scale, ctx.backend)
+    dx, dg, ds = _se_bwd_op(grad_out.contiguous(memory_format=_fmt(x)), x, gate_logits, shortcut, scale, ctx.backend)
     return dx, dg, grad_out, ds, None
 
 
@@ -251,7 +264,7 @@ def se_residual(
             default from ``FLAMINGO_RT_BACKEND``, else ``auto``.
 
     Returns:
-        (N, C, H, W) contiguous tensor in x's dtype.
+        (N, C, H, W) in x's dtype and memory format (NCHW or channels-last).
     """
     if x.dim() != 4:
         raise ValueError(f"expected x of shape (N, C, H, W), got {tuple(x.shape)}")

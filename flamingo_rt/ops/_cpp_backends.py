@@ -1,0 +1,65 @@
+"""Registers the C++ (``cpu``) and CUDA C++ (``cuda``) backends of the ops that
+``flamingo_rt._C`` implements, with :func:`flamingo_rt.ops.backend.register`.
+
+Importing this module is enough; it does nothing when the extension is not built
+(:data:`AVAILABLE` is then False). The C++ kernels take float32, bfloat16 and float64
+(and float16 on CUDA); for any other dtype these backends hand the call to the op's
+``reference`` backend, so ``auto`` works for every dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from . import backend as _backend
+
+BGA_OP = "bias_gamma_act"
+
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+}
+
+
+def _reference(op: str):
+    return _backend.get(op, "reference")
+
+
+def _make_bga(device: str):
+    dtypes = _KERNEL_DTYPES[device]
+
+    def bias_gamma_act(x: Tensor, bias: Optional[Tensor], act: str, gamma: float) -> Tensor:
+        """(N, C, H, W) -> gamma * act(x + bias[c]); output dense in x's memory format."""
+        if x.dtype not in dtypes:
+            return _reference(BGA_OP)(x, bias, act, gamma)
+        return torch.ops.flamingo_rt_C.bias_gamma_act(x, bias, act, float(gamma))
+
+    def bias_gamma_act_backward(
+        grad_out: Tensor, x: Tensor, bias: Optional[Tensor], act: str, gamma: float
+    ) -> Tuple[Tensor, Tensor]:
+        """(dx (N, C, H, W), dbias (C,)) in x's dtype; dbias summed deterministically."""
+        if x.dtype not in dtypes:
+            return _reference(BGA_OP + ".backward")(grad_out, x, bias, act, gamma)
+        if grad_out.dtype != x.dtype:
+            grad_out = grad_out.to(x.dtype)
+        return torch.ops.flamingo_rt_C.bias_gamma_act_backward(grad_out, x, bias, act, float(gamma))
+
+    return bias_gamma_act, bias_gamma_act_backward
+
+
+def register_all() -> bool:
+    """Register the C++/CUDA backends; False (nothing registered) without the extension."""
+    if not _ext.load():
+        return False
+    devices = ["cpu"] + (["cuda"] if _ext.with_cuda() else [])
+    for dev in devices:
+        fwd, bwd = _make_bga(dev)
+        _backend.register(BGA_OP, dev, fwd)
+        _backend.register(BGA_OP + ".backward", dev, bwd)
+    return True
+
+
+AVAILABLE: bool = register_all()

@@ -1,0 +1,365 @@
+// ctest `kernels_cpu`: the CPU kernels through the public header only, against a
+// straightforward scalar float64 computation, on fresh random data every run.
+//
+// Checked: bias_gamma_act forward and backward (dx and dbias), float32, bfloat16, float64,
+// gelu / relu / silu, with and without bias, layouts NCHW, NHWC, a permuted padded
+// view and a stride-0 (expanded) input; outputs are poisoned with NaN first; dbias
+// must be bitwise identical across runs and thread counts. Exits non-zero on failure.
+#include "flamingo_rt/kernels.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+using flamingo_rt::Act;
+using flamingo_rt::DType;
+using flamingo_rt::Status;
+
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+
+int g_failures = 0;
+int g_checks = 0;
+
+uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// A logical (N, C, H, W) tensor stored with arbitrary strides in a buffer of dtype.
+struct Tensor {
+  DType dtype;
+  int64_t sizes[4];
+  int64_t strides[4];
+  std::vector<unsigned char> buf;
+  size_t esz() const { return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2; }
+  int64_t off(int64_t n, int64_t c, int64_t h, int64_t w) const {
+    return n * strides[0] + c * strides[1] + h * strides[2] + w * strides[3];
+  }
+  double get(int64_t i) const {
+    if (dtype == DType::kFloat64) {
+      double d;
+      std::memcpy(&d, buf.data() + i * 8, 8);
+      return d;
+    }
+    if (dtype == DType::kFloat32) {
+      float f;
+      std::memcpy(&f, buf.data() + i * 4, 4);
+      return f;
+    }
+    uint16_t h;
+    std::memcpy(&h, buf.data() + i * 2, 2);
+    return bf16_to_f32(h);
+  }
+  void set(int64_t i, double v) {
+    if (dtype == DType::kFloat64) {
+      std::memcpy(buf.data() + i * 8, &v, 8);
+    } else if (dtype == DType::kFloat32) {
+      const float f = float(v);
+      std::memcpy(buf.data() + i * 4, &f, 4);
+    } else {
+      uint16_t h = f32_to_bf16(float(v));
+      std::memcpy(buf.data() + i * 2, &h, 2);
+    }
+  }
+  double at(int64_t n, int64_t c, int64_t h, int64_t w) const { return get(off(n, c, h, w)); }
+  void* data() { return buf.data(); }
+};
+
+// layout: "nchw", "nhwc", "perm" (memory order N, W, C, H with padding on C),
+// "expand" (stride 0 along H; for inputs only).
+Tensor make(DType dt, const int64_t sz[4], const std::string& layout) {
+  Tensor t;
+  t.dtype = dt;
+  std::memcpy(t.sizes, sz, sizeof(t.sizes));
+  const int64_t N = sz[0], C = sz[1], H = sz[2], W = sz[3];
+  int64_t extent;
+  if (layout == "nhwc") {
+    int64_t s[4] = {H * W * C, 1, W * C, C};
+    std::memcpy(t.strides, s, sizeof(s));
+    extent = N * H * W * C;
+  } else if (layout == "perm") {
+    const int64_t Hp = H, Cp = C + 3;  // padding between channel blocks
+    int64_t s[4] = {W * Cp * Hp, Hp, 1, Cp * Hp};
+    std::memcpy(t.strides, s, sizeof(s));
+    extent = N * W * Cp * Hp;
+  } else if (layout == "expand") {
+    int64_t s[4] = {C * W, W, 0, 1};
+    std::memcpy(t.strides, s, sizeof(s));
+    extent = N * C * W;
+  } else {
+    int64_t s[4] = {C * H * W, H * W, W, 1};
+    std::memcpy(t.strides, s, sizeof(s));
+    extent = N * C * H * W;
+  }
+  t.buf.assign(size_t(extent) * t.esz(), 0);
+  return t;
+}
+
+void fill_random(Tensor& t, std::mt19937_64& rng, float scale) {
+  std::normal_distribution<double> nd(0.0, scale);
+  const int64_t n = int64_t(t.buf.size() / t.esz());
+  for (int64_t i = 0; i < n; ++i) t.set(i, nd(rng));
+}
+
+void poison(Tensor& t) {
+  const int64_t n = int64_t(t.buf.size() / t.esz());
+  for (int64_t i = 0; i < n; ++i) t.set(i, std::nan(""));
+}
+
+double act_ref(Act a, double v) {
+  switch (a) {
+    case Act::kRelu: return v > 0 ? v : 0.0;
+    case Act::kSilu: return v / (1.0 + std::exp(-v));
+    default: return 0.5 * v * std::erfc(-v / std::sqrt(2.0));
+  }
+}
+double act_grad_ref(Act a, double v) {
+  switch (a) {
+    case Act::kRelu: return v > 0 ? 1.0 : 0.0;
+    case Act::kSilu: {
+      const double s = 1.0 / (1.0 + std::exp(-v));
+      return s * (1.0 + v * (1.0 - s));
+    }
+    default: {
+      const double cdf = 0.5 * std::erfc(-v / std::sqrt(2.0));
+      return cdf + v * std::exp(-0.5 * v * v) / std::sqrt(2.0 * kPi);
+    }
+  }
+}
+
+// Sum of the magnitudes of the terms of act'(v): the scale of float32 rounding
+// errors in act'(v), which can cancel to near zero (gelu' near v = -0.75).
+double act_grad_mag_ref(Act a, double v) {
+  switch (a) {
+    case Act::kRelu: return 1.0;
+    case Act::kSilu: {
+      const double s = 1.0 / (1.0 + std::exp(-v));
+      return s * (1.0 + std::fabs(v) * (1.0 - s));
+    }
+    default: {
+      const double cdf = 0.5 * std::erfc(-v / std::sqrt(2.0));
+      return cdf + std::fabs(v) * std::exp(-0.5 * v * v) / std::sqrt(2.0 * kPi);
+    }
+  }
+}
+
+void expect(bool ok, const std::string& what) {
+  ++g_checks;
+  if (!ok) {
+    ++g_failures;
+    std::printf("  FAIL: %s\n", what.c_str());
+  }
+}
+
+struct Err {
+  double num = 0, den = 0, worst = 0;
+  bool nan = false;
+  // |got - ref| must be <= tol_abs + tol_rel * scale (scale >= |ref|).
+  void add(double got, double ref, double tol_abs, double tol_rel, double scale) {
+    if (!std::isfinite(got)) nan = true;
+    num += (got - ref) * (got - ref);
+    den += ref * ref;
+    const double e = std::fabs(got - ref) / (tol_abs + tol_rel * scale);
+    if (e > worst || std::isnan(e)) worst = std::isnan(e) ? 1e30 : e;
+  }
+  double rel() const { return std::sqrt(num / (den > 0 ? den : 1.0)); }
+};
+
+void run_case(std::mt19937_64& rng, DType dt, Act act, bool with_bias, const int64_t sz[4],
+              const std::string& in_layout, const std::string& out_layout) {
+  const bool bf = dt == DType::kBFloat16, f64 = dt == DType::kFloat64;
+  // Elementwise bound |got - ref| <= atol + rtol |ref|, with the kernel computing in
+  // float32 and rounding once at the output (bf16: half an ulp = 2^-9 relative);
+  // float64 kernels compute in float64.
+  const double rtol = bf ? 8e-3 : f64 ? 1e-13 : 2e-6, atol = bf ? 1e-5 : f64 ? 1e-15 : 1e-7;
+  const double gamma = 1.7015043497085571;
+  const int64_t N = sz[0], C = sz[1], H = sz[2], W = sz[3];
+  char name[256];
+  std::snprintf(name, sizeof(name), "%s %s bias=%d in=%s out=%s shape=(%lld,%lld,%lld,%lld)",
+                flamingo_rt::dtype_name(dt), flamingo_rt::act_name(act), int(with_bias),
+                in_layout.c_str(), out_layout.c_str(), (long long)N, (long long)C,
+                (long long)H, (long long)W);
+
+  Tensor x = make(dt, sz, in_layout), dy = make(dt, sz, in_layout == "expand" ? "nchw" : in_layout);
+  fill_random(x, rng, 2.0);
+  fill_random(dy, rng, 1.0);
+  int64_t bsz[4] = {1, C, 1, 1};
+  Tensor bias = make(dt, bsz, "nchw");
+  fill_random(bias, rng, 1.0);
+  Tensor y = make(dt, sz, out_layout), dx = make(dt, sz, out_layout), db = make(dt, bsz, "nchw");
+  poison(y);
+  poison(dx);
+  poison(db);
+
+  flamingo_rt::BiasGammaActParams fp;
+  fp.dtype = dt;
+  fp.act = act;
+  fp.gamma = gamma;
+  std::memcpy(fp.sizes, sz, sizeof(fp.sizes));
+  fp.x = x.data();
+  std::memcpy(fp.x_strides, x.strides, sizeof(fp.x_strides));
+  fp.bias = with_bias ? bias.data() : nullptr;
+  fp.bias_stride = 1;
+  fp.y = y.data();
+  std::memcpy(fp.y_strides, y.strides, sizeof(fp.y_strides));
+  Status st = flamingo_rt::bias_gamma_act_cpu(fp);
+  expect(st == Status::kOk, std::string(name) + ": forward status " + flamingo_rt::status_string(st));
+
+  flamingo_rt::BiasGammaActBackwardParams bp;
+  bp.dtype = dt;
+  bp.act = act;
+  bp.gamma = gamma;
+  std::memcpy(bp.sizes, sz, sizeof(bp.sizes));
+  bp.grad_out = dy.data();
+  std::memcpy(bp.grad_out_strides, dy.strides, sizeof(bp.grad_out_strides));
+  bp.x = x.data();
+  std::memcpy(bp.x_strides, x.strides, sizeof(bp.x_strides));
+  bp.bias = with_bias ? bias.data() : nullptr;
+  bp.grad_x = dx.data();
+  std::memcpy(bp.grad_x_strides, dx.strides, sizeof(bp.grad_x_strides));
+  bp.grad_bias = db.data();
+  st = flamingo_rt::bias_gamma_act_backward_cpu(bp);
+  expect(st == Status::kOk, std::string(name) + ": backward status " + flamingo_rt::status_string(st));
+
+  Err ey, edx, edb;
+  std::vector<double> dbias_ref(size_t(C), 0.0), dbias_abs(size_t(C), 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const double v = double(x.at(n, c, h, w)) + (with_bias ? double(bias.get(c)) : 0.0);
+          const double yr = gamma * act_ref(act, v);
+          ey.add(y.at(n, c, h, w), yr, atol, rtol, std::fabs(yr));
+          const double d = double(dy.at(n, c, h, w));
+          const double g = gamma * act_grad_ref(act, v) * d;
+          edx.add(dx.at(n, c, h, w), g, atol, rtol, std::fabs(g) + gamma * std::fabs(d) * act_grad_mag_ref(act, v) * (bf ? 0.0 : 1.0));
+          dbias_ref[size_t(c)] += g;
+          dbias_abs[size_t(c)] += std::fabs(g);
+        }
+  bool db_ok = true;
+  for (int64_t c = 0; c < C; ++c) {
+    const double got = db.get(c), ref = dbias_ref[size_t(c)];
+    // float32 accumulation: error grows with the sum of magnitudes, not the result.
+    const double tol = f64 ? 1e-13 * dbias_abs[size_t(c)] + 1e-15
+                           : (bf ? 8e-3 * std::fabs(ref) : 0.0) + 1e-6 * dbias_abs[size_t(c)] + 1e-6;
+    edb.num += (got - ref) * (got - ref);
+    edb.den += ref * ref;
+    if (!(std::fabs(got - ref) <= tol)) db_ok = false;
+  }
+  char msg[512];
+  std::snprintf(msg, sizeof(msg), "%s: y rel err %.2e (worst/tol %.2f)%s", name, ey.rel(), ey.worst,
+                ey.nan ? " NON-FINITE OUTPUT" : "");
+  expect(!ey.nan && ey.worst <= 1.0, msg);
+  std::snprintf(msg, sizeof(msg), "%s: dx rel err %.2e (worst/tol %.2f)%s", name, edx.rel(), edx.worst,
+                edx.nan ? " NON-FINITE OUTPUT" : "");
+  expect(!edx.nan && edx.worst <= 1.0, msg);
+  std::snprintf(msg, sizeof(msg), "%s: dbias rel err %.2e", name, std::sqrt(edb.num / (edb.den + 1e-300)));
+  expect(db_ok, msg);
+
+  // Determinism: dbias bitwise identical on a rerun and with one thread.
+  Tensor db2 = make(dt, bsz, "nchw");
+  poison(db2);
+  bp.grad_bias = db2.data();
+#ifdef _OPENMP
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+#endif
+  st = flamingo_rt::bias_gamma_act_backward_cpu(bp);
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#endif
+  expect(st == Status::kOk && db2.buf == db.buf, std::string(name) + ": dbias deterministic across thread counts");
+
+  std::printf("  checked %-86s y %.1e dx %.1e db %.1e\n", name, ey.rel(), edx.rel(),
+              std::sqrt(edb.num / (edb.den + 1e-300)));
+}
+
+void test_errors() {
+  flamingo_rt::BiasGammaActParams p;
+  float a[4] = {0, 0, 0, 0};
+  int64_t sz[4] = {1, 1, 2, 2};
+  std::memcpy(p.sizes, sz, sizeof(sz));
+  int64_t st[4] = {4, 4, 2, 1};
+  std::memcpy(p.x_strides, st, sizeof(st));
+  std::memcpy(p.y_strides, st, sizeof(st));
+  p.x = a;
+  p.y = a;
+  p.dtype = DType::kFloat16;
+  expect(flamingo_rt::bias_gamma_act_cpu(p) == Status::kUnsupportedDtype, "float16 on CPU -> kUnsupportedDtype");
+  p.dtype = DType::kFloat32;
+  p.y = nullptr;
+  expect(flamingo_rt::bias_gamma_act_cpu(p) == Status::kInvalidArgument, "null y -> kInvalidArgument");
+  p.y = a;
+  p.act = static_cast<Act>(7);
+  expect(flamingo_rt::bias_gamma_act_cpu(p) == Status::kInvalidArgument, "bad act -> kInvalidArgument");
+  p.act = Act::kGelu;
+  p.sizes[0] = -1;
+  expect(flamingo_rt::bias_gamma_act_cpu(p) == Status::kInvalidArgument, "negative size -> kInvalidArgument");
+  Act parsed;
+  expect(flamingo_rt::act_from_string("silu", &parsed) && parsed == Act::kSilu, "act_from_string(silu)");
+  expect(!flamingo_rt::act_from_string("tanh", &parsed), "act_from_string(tanh) fails");
+  // Empty batch: dbias is zero.
+  flamingo_rt::BiasGammaActBackwardParams b;
+  int64_t esz[4] = {0, 3, 2, 2};
+  std::memcpy(b.sizes, esz, sizeof(esz));
+  float db[3] = {std::nanf(""), std::nanf(""), std::nanf("")};
+  b.grad_bias = db;
+  expect(flamingo_rt::bias_gamma_act_backward_cpu(b) == Status::kOk && db[0] == 0 && db[1] == 0 && db[2] == 0,
+         "N=0 backward zeroes dbias");
+  std::printf("  error handling checks done\n");
+}
+
+}  // namespace
+
+int main() {
+  std::random_device rd;
+  const uint64_t seed = (uint64_t(rd()) << 32) ^ rd();
+  std::mt19937_64 rng(seed);
+  std::printf("kernels_cpu: seed %llu, built_with_cuda=%d", (unsigned long long)seed,
+              int(flamingo_rt::built_with_cuda()));
+#ifdef _OPENMP
+  std::printf(", OpenMP threads %d", omp_get_max_threads());
+#endif
+  std::printf("\n");
+
+  const int64_t shapes[][4] = {
+      {2, 5, 7, 3},     // odd sizes
+      {3, 64, 17, 19},  // large enough for the threaded path
+      {1, 2, 130, 131}, // rows longer than one task chunk (NCHW)
+      {2, 17000, 1, 2}, // channel rows longer than one task chunk (NHWC)
+      {2, 1, 5, 4},     // C == 1
+      {1, 3, 1, 1},     // one pixel
+      {300, 8, 1, 1},   // (N, C) only
+  };
+  const DType dtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat64};
+  const Act acts[] = {Act::kGelu, Act::kRelu, Act::kSilu};
+  const char* layouts[][2] = {{"nchw", "nchw"}, {"nhwc", "nhwc"}, {"perm", "nchw"},
+                              {"nchw", "nhwc"}, {"expand", "nchw"}};
+  for (const auto& sz : shapes)
+    for (DType dt : dtypes)
+      for (Act a : acts)
+        for (const auto& lay : layouts)
+          for (int b = 0; b < 2; ++b) run_case(rng, dt, a, b == 1, sz, lay[0], lay[1]);
+  test_errors();
+
+  std::printf("kernels_cpu: %d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

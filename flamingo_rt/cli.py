@@ -3,9 +3,10 @@
     flamingo-rt demo                 few-shot demo on the shipped model (not yet: see below)
     flamingo-rt info [PRESET ...]    parameters and forward FLOPs of presets (meta device)
     flamingo-rt check                build status: C++ extension, backends per op
+    flamingo-rt generate MODEL_DIR PROMPT [--image PATH ...]   stream a continuation
 
-``generate``, ``train``, ``eval``, ``ablate`` and ``export`` arrive with the runtime,
-training, demo and C-API work; until then they say so and exit with status 2.
+``train``, ``eval``, ``ablate`` and ``export`` arrive with the training, demo and C-API
+work; until then they say so and exit with status 2.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import List, Optional
 
 NOT_YET = {
     "demo": "the few-shot demo needs the shipped model (procedural world + training recipe), which is not built yet",
-    "generate": "streaming generation (caches, decoding strategies) is not built yet",
     "train": "the training runtime is not built yet",
     "eval": "the evaluation harness is not built yet",
     "ablate": "the ablation runner is not built yet",
@@ -60,6 +60,58 @@ def _check() -> int:
     return 0
 
 
+def _load_media(path: str):
+    """An image or clip from a file: ``.npy`` (H, W, C) / (F, H, W, C) / (C, H, W) arrays,
+    or any format PIL reads (PIL is optional)."""
+    import numpy as np
+    import torch
+
+    if path.endswith(".npy"):
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+            return torch.from_numpy(arr)
+        return arr
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SystemExit(f"cannot read {path}: only .npy files can be read without PIL installed")
+    return Image.open(path)
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .io import load_pretrained
+    from .runtime import GenerationConfig, Generator
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tok = load_pretrained(args.model_dir, device=args.device, dtype=dtype)
+    if tok is None:
+        print(f"{args.model_dir} has no tokenizer.json", file=sys.stderr)
+        return 2
+    media = [_load_media(p) for p in args.image]
+    prompt = args.prompt
+    if "<image>" not in prompt and media:
+        prompt = "<image>" * len(media) + prompt
+    gen = Generator(model, tok, max_media=max(len(media), 1))
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
+        num_beams=args.num_beams, seed=args.seed, stop_strings=tuple(args.stop),
+    )
+    try:
+        if cfg.num_beams > 1:
+            print(gen.generate([prompt, *media], cfg))
+        else:
+            for piece in gen.stream([prompt, *media], cfg):
+                print(piece, end="", flush=True)
+            print()
+    except ValueError as e:
+        print(f"flamingo-rt generate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="flamingo-rt", description="Flamingo-style VLM kernels and runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -70,7 +122,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_info.add_argument("--seq-len", type=int, default=256)
     p_info.add_argument("--num-media", type=int, default=1)
     sub.add_parser("check", help="extension and backend status")
+    p_gen = sub.add_parser("generate", help="stream a continuation of a prompt with images")
+    p_gen.add_argument("model_dir")
+    p_gen.add_argument("prompt", help="text; <image> markers place the --image files (default: all first)")
+    p_gen.add_argument("--image", action="append", default=[], help="image/clip file (.npy, or PNG/JPEG with PIL)")
+    p_gen.add_argument("--max-new-tokens", type=int, default=32)
+    p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p_gen.add_argument("--top-k", type=int, default=0)
+    p_gen.add_argument("--top-p", type=float, default=1.0)
+    p_gen.add_argument("--num-beams", type=int, default=1)
+    p_gen.add_argument("--seed", type=int, default=None)
+    p_gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p_gen.add_argument("--device", default="cpu")
+    p_gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
+    if args.cmd == "generate":
+        return _generate(args)
     if args.cmd == "info":
         return _info(args.presets, args.seq_len, args.num_media)
     if args.cmd == "check":

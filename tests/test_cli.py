@@ -1,0 +1,43 @@
+"""The flamingo-rt command: info, check, generate on a saved tiny model, not-yet commands."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flamingo_rt import cli
+from flamingo_rt.io import FlamingoTokenizer, save_pretrained
+from flamingo_rt.models import Flamingo, get_preset
+from flamingo_rt.runtime import GenerationConfig, Generator
+
+
+def test_info_and_check(capsys):
+    assert cli.main(["info", "tiny", "flamingo-3b", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "flamingo-3b" in out and "3.13B" in out
+    assert cli.main(["check"]) == 0
+    assert "image_causal_attention" in capsys.readouterr().out
+
+
+def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys):
+    tok = FlamingoTokenizer.train_bpe(["a red square left of a blue circle"] * 30, vocab_size=280)
+    cfg = get_preset("tiny")
+    cfg.lm.vocab_size = tok.vocab_size
+    model = Flamingo(cfg)
+    with torch.no_grad():
+        for b in model.xattn_blocks():
+            b.attn_gate.fill_(0.7)
+    save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    img = (np.random.rand(64, 64, 3) * 255).astype(np.uint8)
+    np.save(tmp_path / "img.npy", img)
+    rc = cli.main(["generate", str(tmp_path / "m"), "<image>a red", "--image", str(tmp_path / "img.npy"),
+                   "--max-new-tokens", "6"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    want = Generator(model.eval(), tok).generate([img, "a red"], GenerationConfig(max_new_tokens=6))
+    assert printed == want + "\n"
+
+
+def test_not_yet_commands_say_so(capsys):
+    assert cli.main(["demo"]) == 0
+    assert "not yet" in capsys.readouterr().out
+    assert cli.main(["train"]) == 2

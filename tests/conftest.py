@@ -50,3 +50,20 @@ def of_helpers():
             pytest.skip("open_flamingo not installed")
         raise RuntimeError("open_flamingo (test-only peer) is not installed; run ./dev setup")
     return mod
+
+
+def pytest_sessionstart(session):
+    """In CI (CI=true) the peers and the C++ extension must be present, so the parity and
+    kernel tests run instead of skipping."""
+    if os.environ.get("CI", "").lower() != "true":
+        return
+    missing = []
+    for mod in ("timm", "transformers", "open_flamingo"):
+        if importlib.util.find_spec(mod) is None:
+            missing.append(mod)
+    try:
+        import flamingo_rt._C  # noqa: F401
+    except ImportError:
+        missing.append("flamingo_rt._C (the C++ extension)")
+    if missing:
+        raise pytest.UsageError(f"CI needs {', '.join(missing)} installed; parity/kernel tests would be skipped")

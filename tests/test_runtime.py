@@ -204,3 +204,9 @@ def test_memory_stays_flat_over_many_tokens(gen):
     for _ in range(20):  # 2,000 decoded tokens
         gen.generate(p, cfg)
     assert rss_kb() - before < 8 * 1024, "resident memory grew by more than 8 MB"
+
+
+def test_decode_step_compiles_fullgraph(gen, tok):
+    compiled = Generator(gen.model, tok, max_seq_len=160, max_media=5, compile="aot_eager")
+    p = [img(), "a red", img(), "the"]
+    assert compiled.generate(p, GREEDY) == gen.generate(p, GREEDY)

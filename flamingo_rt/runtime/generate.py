@@ -42,10 +42,12 @@ class Generator:
         max_seq_len: cache length in tokens (prompt + generated), default the LM's.
         max_media: media per row the caches hold, default 32.
         backend: op backend for the attention ops (default: auto).
+        compile: run the decode step through ``torch.compile(fullgraph=True, dynamic=True)``
+            (``True`` for inductor, or a torch.compile backend name such as ``"aot_eager"``).
     """
 
     def __init__(self, model: Flamingo, tokenizer: FlamingoTokenizer, max_seq_len: Optional[int] = None,
-                 max_media: int = 32, backend: Optional[str] = None):
+                 max_media: int = 32, backend: Optional[str] = None, compile: Union[bool, str] = False):
         self.model = model.eval()
         self.tok = tokenizer
         self.max_seq_len = max_seq_len or model.config.lm.max_seq_len
@@ -58,6 +60,12 @@ class Generator:
         self._caches = {}
         self.vision_calls = 0  # media frames encoded (for tests and stats)
         self._banned = [tokenizer.image_token_id, tokenizer.pad_token_id]
+        self._decode = decode_step
+        if compile:
+            self._decode = torch.compile(
+                decode_step, fullgraph=True, dynamic=True,
+                **({} if compile is True else {"backend": compile}),
+            )
 
     # ------------------------------------------------------------------ helpers
     def encode(self, prompt: PromptLike) -> EncodedPrompt:
@@ -178,7 +186,7 @@ class Generator:
             done = done | torch.isin(nxt, stop_ids)
             if bool(done.all()) or step == cfg.max_new_tokens - 1:
                 return
-            logits = decode_step(self.model, cache, nxt, backend=self.backend)
+            logits = self._decode(self.model, cache, nxt, backend=self.backend)
 
     def _finish_text(self, ids: List[int], cfg: GenerationConfig) -> str:
         stop = set(self._stop_ids(cfg))
@@ -323,7 +331,7 @@ class Generator:
             cache.select_rows(rows, media=False)  # beams of one prompt share their media
             scores = torch.tensor(new_scores, device=self.device)
             seqs = new_seqs
-            logits = decode_step(self.model, cache, torch.tensor(new_tokens, device=self.device), self.backend)
+            logits = self._decode(self.model, cache, torch.tensor(new_tokens, device=self.device), backend=self.backend)
         if not finished:
             for s, seq in zip(scores.tolist(), seqs):
                 if s > float("-inf"):

@@ -41,6 +41,19 @@ def build_vision_encoder(config: FlamingoConfig) -> nn.Module:
     raise ValueError(f"unknown vision encoder kind {v.kind!r}; expected 'nfnet' or 'external'")
 
 
+class OpenFlamingoVisionAdapter(nn.Module):
+    """Wraps open_flamingo's vision encoder (an open_clip ``visual`` returning
+    (pooled, tokens)) as an encoder returning the tokens (N, S, Dv). Kept as is."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.visual(images)
+        return out[1] if isinstance(out, (tuple, list)) else out
+
+
 @dataclass
 class FlamingoOutput:
     """logits (B, T, vocab); loss: mean next-token cross-entropy over labels != -100."""
@@ -181,6 +194,59 @@ class Flamingo(nn.Module):
                 ignore_index=-100,
             )
         return FlamingoOutput(logits=logits, loss=loss)
+
+    # ---------------------------------------------------------------- conversion
+    @classmethod
+    def from_open_flamingo(cls, of_model: nn.Module) -> "Flamingo":
+        """Convert a whole open_flamingo ``Flamingo`` whose language model is a transformers
+        LLaMA model. Its vision encoder module is kept as is (wrapped to return tokens);
+        the resampler, the LM and its gated cross-attention blocks are copied."""
+        from .config import LMConfig, ResamplerConfig, VisionConfig, XAttnConfig  # noqa: F401
+        from .lm import hf_key_to_ours, lm_config_from_hf
+
+        lang = of_model.lang_encoder
+        layers = lang._get_decoder_layers()
+        blocks = {i: l.gated_cross_attn_layer for i, l in enumerate(layers) if l.gated_cross_attn_layer is not None}
+        if not blocks:
+            raise ValueError("expected an open_flamingo model with gated cross-attention layers, found none")
+        every = min(blocks) + 1
+        want = [i for i in range(len(layers)) if (i + 1) % every == 0]
+        if sorted(blocks) != want:
+            raise ValueError(f"unsupported cross-attention placement {sorted(blocks)}; expected every {every}: {want}")
+        resampler = PerceiverResampler.from_open_flamingo(of_model.perceiver)
+        first = GatedCrossAttentionBlock.from_open_flamingo(blocks[min(blocks)])
+        a = first.attn
+        lm_cfg = lm_config_from_hf(lang.config.to_dict())
+        config = FlamingoConfig(
+            vision=VisionConfig(kind="external", nfnet=None, width=resampler.config.dim),
+            resampler=resampler.config,
+            xattn=XAttnConfig(heads=a.heads, dim_head=a.dim_head, ff_mult=first.ff.fc1.out_features // lm_cfg.dim,
+                              ff_kind=first.ff.kind, every=every, placement="openflamingo",
+                              all_previous=first.all_previous),
+            lm=lm_cfg,
+            image_token_id=int(of_model.media_token_id),
+            eoc_token_id=int(of_model.eoc_token_id),
+        )
+        dtype = next(of_model.parameters()).dtype
+        ours = cls(config, vision_encoder=OpenFlamingoVisionAdapter(of_model.vision_encoder)).to(dtype)
+        ours.resampler.load_state_dict(resampler.state_dict())
+        sd = {}
+        for name, t in lang.state_dict().items():
+            if name.startswith(("gated_cross_attn_layers.", "old_decoder_blocks.")) or ".gated_cross_attn_layer." in name:
+                continue  # aliases of the wrapped layers / the blocks, copied below
+            name = name.replace(".decoder_layer.", ".")
+            key = hf_key_to_ours(name)
+            if key is not None and not key.endswith("rotary_emb.inv_freq"):
+                sd[key] = t
+        if lm_cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        missing, unexpected = ours.lm.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("xattn.") and not (lm_cfg.tie_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"open_flamingo LM weights do not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        for i, blk in blocks.items():
+            ours.lm.xattn[str(i)].load_state_dict(GatedCrossAttentionBlock.from_open_flamingo(blk).state_dict())
+        return ours
 
     # ---------------------------------------------------------------- freezing
     def xattn_blocks(self) -> Iterator[GatedCrossAttentionBlock]:

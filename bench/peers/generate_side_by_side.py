@@ -1,0 +1,178 @@
+"""Few-shot generation, flamingo_rt vs open_flamingo's generate(), in one process.
+
+Run with transformers 4.36 first on sys.path (open_flamingo's generate() needs it; our
+runtime does not use transformers at all):
+
+    PYTHONPATH=.venv/peers/openflamingo:. python bench/peers/generate_side_by_side.py [--quick]
+
+Model: a medium LLaMA-style LM (about 200M parameters) with a gated cross-attention block
+before every layer (as OpenFlamingo-3B), an OpenFlamingo resampler (width 1024, depth 6),
+and a cheap patch-embedding vision encoder (the same module on both sides); random
+weights. Prompt: 32 shots (33 images) of about 20 tokens each; 20 new tokens, greedy.
+Prints decode tokens/s, prompt-to-last-token time, per-query time for many queries over
+one support set, the memory-bound limit of a decode step, and ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))
+
+from ceilings import measure  # noqa: E402
+from open_flamingo.src.flamingo import Flamingo as OFFlamingo  # noqa: E402
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
+from open_flamingo.src.utils import extend_instance  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from flamingo_rt.io import FlamingoTokenizer  # noqa: E402
+from flamingo_rt.models import Flamingo  # noqa: E402
+from flamingo_rt.runtime import EncodedPrompt, GenerationConfig, Generator  # noqa: E402
+
+IMG, EOC, PAD, EOS = 0, 1, 2, 3
+
+
+class Visual(torch.nn.Module):
+    """Patch embedding 224 -> 16x16 tokens of width 1024, returning (pooled, tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 1024, 14, 14)
+
+    def forward(self, x):
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        return t.mean(1), t
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visual = Visual()
+
+
+def build(layers: int, dim: int, vocab: int):
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=dim // 64,
+        num_key_value_heads=dim // 64, intermediate_size=int(dim * 2.75), max_position_embeddings=2048))
+    extend_instance(hf, FlamingoLMMixin)
+    hf.set_decoder_layers_attr_name("model.layers")
+    of = OFFlamingo(Encoder(), hf, eoc_token_id=EOC, media_token_id=IMG, vis_dim=1024, cross_attn_every_n_layers=1)
+    with torch.no_grad():
+        for name, p in of.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                p.fill_(0.5)
+    return of.eval()
+
+
+def tokenizer(vocab: int) -> FlamingoTokenizer:
+    words = [f"w{i}" for i in range(400)]
+    corpus = [" ".join(words[(i * 13 + j) % 400] for i in range(30)) for j in range(400)]
+    return FlamingoTokenizer.train_bpe(corpus, vocab_size=vocab)
+
+
+def prompt_ids(shots: int, tokens_per_shot: int, vocab: int, g: torch.Generator):
+    ids = []
+    for _ in range(shots + 1):
+        ids.append(IMG)
+        ids += torch.randint(4, vocab, (tokens_per_shot - 2,), generator=g).tolist()
+        ids.append(EOC)
+    return ids[:-1]  # the query ends without <|endofchunk|>
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small model and prompt (smoke test)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    layers, dim, shots, new, queries, of_queries = (12, 1024, 32, 20, 100, 3)
+    if args.quick:
+        layers, dim, shots, new, queries, of_queries = (2, 256, 4, 5, 6, 2)
+    ceil = measure("cpu")
+    tok = tokenizer(1024 if args.quick else 8192)
+    vocab = tok.vocab_size
+    of = build(layers, dim, vocab).to(dtype)
+    ours = Flamingo.from_open_flamingo(of).eval()
+    n_params = sum(p.numel() for p in ours.lm.parameters())
+    g = torch.Generator().manual_seed(1)
+    ids = prompt_ids(shots, 20, vocab, g)
+    images = torch.rand(shots + 1, 1, 3, 224, 224, generator=g).to(dtype)
+    media = [images[i] for i in range(shots + 1)]
+    gen = Generator(ours, tok, max_seq_len=len(ids) + new + 8, max_media=shots + 1)
+    cfg = GenerationConfig(max_new_tokens=new, stop_on_eoc=False, stop_on_eos=False)
+    enc = EncodedPrompt(ids, media)
+
+    with torch.no_grad():
+        # ours: prompt-to-first-token (prefill), then the decode steps alone
+        gen.generate(enc, GenerationConfig(max_new_tokens=2, stop_on_eoc=False, stop_on_eos=False))  # warm-up
+        (cache, encs, logits), t_prefill = timed(lambda: gen._start([enc], cfg, None))
+        _, t_decode = timed(lambda: list(gen._token_stream(cache, encs, logits, cfg)))
+        t_total = t_prefill + t_decode
+        ours_decode_tps = (new - 1) / t_decode
+        # peer: open_flamingo generate (min_new_tokens keeps the lengths equal)
+        x = torch.tensor([ids])
+        vx = images[None]
+        kw = dict(attention_mask=torch.ones_like(x), num_beams=1, do_sample=False, pad_token_id=PAD)
+        _, of_prefill = timed(lambda: of.generate(vx, x, max_new_tokens=1, min_new_tokens=1, **kw))
+        _, of_total = timed(lambda: of.generate(vx, x, max_new_tokens=new, min_new_tokens=new, **kw))
+        of_decode_tps = (new - 1) / max(of_total - of_prefill, 1e-9)
+        # many queries over one 32-shot support set
+        support = EncodedPrompt(ids[: len(ids) - 19], media[:-1])
+        qcfg = GenerationConfig(max_new_tokens=3, stop_on_eoc=False, stop_on_eos=False)
+        query = [EncodedPrompt(ids[len(ids) - 19:], [media[-1]]) for _ in range(queries)]
+
+        def ours_many():
+            pre = gen.prefix(support)
+            out = []
+            for i in range(0, queries, 20):
+                out += gen.generate(query[i:i + 20], qcfg, prefix=pre)
+            return out
+
+        _, t_many = timed(ours_many)
+        _, t_of_some = timed(lambda: [of.generate(vx, x, max_new_tokens=3, min_new_tokens=3, **kw) for _ in range(of_queries)])
+    # the memory-bound limit of one decode step: weights read once (the embedding table is
+    # gathered, not read) + the caches read (self-attention K/V and the media K/V)
+    elt = torch.finfo(dtype).bits // 8
+    weight_bytes = (sum(p.numel() for p in ours.lm.parameters()) - ours.lm.embed_tokens.weight.numel()) * elt
+    kv_bytes = sum(k.numel() * 2 * elt for k, _ in gen._caches[1].kv)
+    media_bytes = sum(k.numel() * 2 * elt for k, _ in gen._caches[1].media_kv.values())
+    limit_s = (weight_bytes + kv_bytes + media_bytes) / (ceil.copy_gbps * 1e9)
+    step_s = 1 / ours_decode_tps
+    res = {
+        "dtype": args.dtype, "lm_params": n_params, "prompt_tokens": len(ids), "images": shots + 1,
+        "ceilings": ceil.line(),
+        "ours_decode_tok_s": ours_decode_tps, "of_decode_tok_s": of_decode_tps,
+        "decode_ratio": ours_decode_tps / of_decode_tps,
+        "ours_prompt_to_last_s": t_total, "of_prompt_to_last_s": of_total, "prompt_to_last_ratio": of_total / t_total,
+        "ours_per_query_s": t_many / queries, "of_per_query_s": t_of_some / of_queries,
+        "many_queries_ratio": (t_of_some / of_queries) / (t_many / queries),
+        "decode_step_ms": step_s * 1e3, "memory_bound_limit_ms": limit_s * 1e3, "step_over_limit": step_s / limit_s,
+    }
+    print(ceil.line())
+    print(f"model: LM {n_params / 1e6:.0f}M params ({layers} layers x {dim}, xattn every layer), "
+          f"{args.dtype}; prompt {len(ids)} tokens, {shots + 1} images; {new} new tokens")
+    print(f"decode            ours {ours_decode_tps:7.2f} tok/s   open_flamingo {of_decode_tps:7.2f} tok/s   ratio {res['decode_ratio']:.2f}x")
+    print(f"prompt->last tok  ours {t_total:7.2f} s       open_flamingo {of_total:7.2f} s       ratio {res['prompt_to_last_ratio']:.2f}x")
+    print(f"per query ({queries} over one support set) ours {t_many / queries * 1e3:8.1f} ms   open_flamingo (one by one) "
+          f"{t_of_some / of_queries * 1e3:8.1f} ms   ratio {res['many_queries_ratio']:.1f}x")
+    print(f"decode step {step_s * 1e3:.1f} ms vs memory-bound limit {limit_s * 1e3:.1f} ms "
+          f"({(weight_bytes + kv_bytes + media_bytes) / 1e9:.2f} GB at {ceil.copy_gbps:.1f} GB/s): {res['step_over_limit']:.2f}x")
+    print("JSON " + json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,3 +18,4 @@ from .models import (  # noqa: F401
     get_preset,
 )
 from .io import FlamingoTokenizer, load_pretrained, save_pretrained  # noqa: F401
+from .runtime import GenerationConfig, Generator, few_shot_prompt  # noqa: F401

@@ -81,19 +81,18 @@ def _load_media(path: str):
 def _generate(args) -> int:
     import torch
 
-    from .io import load_pretrained
     from .runtime import GenerationConfig, Generator
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tok = load_pretrained(args.model_dir, device=args.device, dtype=dtype)
-    if tok is None:
-        print(f"{args.model_dir} has no tokenizer.json", file=sys.stderr)
-        return 2
     media = [_load_media(p) for p in args.image]
     prompt = args.prompt
     if "<image>" not in prompt and media:
         prompt = "<image>" * len(media) + prompt
-    gen = Generator(model, tok, max_media=max(len(media), 1))
+    try:
+        gen = Generator.from_pretrained(args.model_dir, device=args.device, dtype=dtype, max_media=max(len(media), 1))
+    except FileNotFoundError as e:
+        print(f"flamingo-rt generate: {e}", file=sys.stderr)
+        return 2
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,

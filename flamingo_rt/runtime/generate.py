@@ -67,6 +67,18 @@ class Generator:
                 **({} if compile is True else {"backend": compile}),
             )
 
+    @classmethod
+    def from_pretrained(cls, folder, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+                        **kwargs) -> "Generator":
+        """Load a model folder (safetensors weights, ``config.json``, ``tokenizer.json``)
+        on ``device`` / ``dtype`` and wrap it; ``kwargs`` go to :class:`Generator`."""
+        from ..io.pretrained import load_pretrained
+
+        model, tok = load_pretrained(folder, device=device, dtype=dtype)
+        if tok is None:
+            raise FileNotFoundError(f"{folder} has no tokenizer.json; expected a model folder with one")
+        return cls(model, tok, **kwargs)
+
     # ------------------------------------------------------------------ helpers
     def encode(self, prompt: PromptLike) -> EncodedPrompt:
         if isinstance(prompt, EncodedPrompt):

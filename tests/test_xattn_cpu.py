@@ -137,7 +137,7 @@ def test_float64_and_int64_index():
 
 @pytest.mark.parametrize("allp", [False, True])
 def test_gradcheck_cpu_backend(allp):
-    q, k, v, idx = _inputs(2, 7, 2, 8, 3, 5, torch.float64, [3, 1])
+    q, k, v, idx = _inputs(2, 6, 1, 4, 3, 3, torch.float64, [3, 1])
     q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
     fn = lambda q, k, v: image_causal_attention(q, k, v, idx, all_previous=allp, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
@@ -201,6 +201,7 @@ def test_block_parity_with_open_flamingo_on_cpu_backend(of_helpers):
     (want * w).sum().backward()
     (got * w).sum().backward()
     assert rel_err(xo.grad, xp.grad) < 1e-5
-    assert rel_err(ours.attn_gate.grad, peer.attn_gate.grad) < 1e-5
+    # the gate's gradient is one fp32 sum over B*T*D products on both sides (cancelling terms)
+    assert rel_err(ours.attn_gate.grad, peer.attn_gate.grad) < 1e-4
     assert rel_err(ours.attn.to_kv.weight.grad, peer.attn.to_kv.weight.grad) < 1e-5
     assert rel_err(ours.attn.to_q.weight.grad, peer.attn.to_q.weight.grad) < 1e-5

@@ -57,6 +57,14 @@ namespace {
 constexpr int64_t kTB = 32;      // queries per block
 constexpr int64_t kChunk = 128;  // tokens per forward task
 constexpr int64_t kVW = 16;      // column block of the product kernel (and padding unit)
+// Below this many multiply-adds a call runs on one thread: waking a team costs more
+// (milliseconds on a loaded machine) than the work.
+constexpr double kParallelMinMacs = 1 << 20;
+
+// Multiply-adds of the forward (one image per token, or all up to it).
+inline double fwd_macs(int64_t B, int64_t T, int64_t H, int64_t dh, int64_t M, int64_t N, bool allp) {
+  return 2.0 * double(B) * double(T) * double(H) * double(dh) * double(N) * (allp ? double(std::max<int64_t>(M, 1)) / 2 + 1 : 1);
+}
 
 FRT_XINLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -539,7 +547,8 @@ bool find_segments(const int32_t* mi, const int64_t* ms, int64_t B, int64_t T, i
 template <class L>
 void run_fwd(const Ctx& c, const std::vector<Seg>& segs) {
   const int64_t ntask = int64_t(segs.size()) * c.H;
-#pragma omp parallel if (ntask > 1)
+  const bool par = ntask > 1 && fwd_macs(c.B, c.T, c.H, c.dh, c.M, c.N, c.allprev) >= kParallelMinMacs;
+#pragma omp parallel if (par)
   {
     Scratch<L> s;
     s.init(c);
@@ -550,9 +559,10 @@ void run_fwd(const Ctx& c, const std::vector<Seg>& segs) {
 
 template <class L>
 void run_bwd(const Ctx& c, const std::vector<Seg>& segs) {
+  const bool par = 2.5 * fwd_macs(c.B, c.T, c.H, c.dh, c.M, c.N, c.allprev) >= kParallelMinMacs;
   if (c.allprev) {
     const int64_t ntask = int64_t(segs.size()) * c.H;
-#pragma omp parallel if (ntask > 1)
+#pragma omp parallel if (par && ntask > 1)
     {
       Scratch<L> s;
       s.init(c);
@@ -566,7 +576,7 @@ void run_bwd(const Ctx& c, const std::vector<Seg>& segs) {
         for (int64_t h = 0; h < c.H; ++h) zero_rows<L>(c, c.dq, c.dqs, sg.b, sg.t0, sg.len, h);
   }
   const int64_t ntask = c.B * c.M * c.H;
-#pragma omp parallel if (ntask > 1)
+#pragma omp parallel if (par && ntask > 1)
   {
     Scratch<L> s;
     s.init(c);

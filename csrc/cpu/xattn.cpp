@@ -40,6 +40,12 @@
 #define FRT_XCLONES
 #endif
 
+// Vectorize reductions (max, sum) and exp loops: `omp simd` (honoured with -fopenmp;
+// ignored, and then scalar, without OpenMP).
+#define FRT_PRAGMA(x) _Pragma(#x)
+#define FRT_SIMD FRT_PRAGMA(omp simd)
+#define FRT_SIMD_RED(r) FRT_PRAGMA(omp simd reduction(r))
+
 #if defined(__GNUC__)
 #define FRT_XINLINE inline __attribute__((always_inline))
 #else
@@ -172,6 +178,8 @@ template <typename A>
 FRT_XINLINE void gemm(int64_t rows, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
                       int64_t ldc, int64_t K, int64_t W, bool accumulate) {
   int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    mk_rows<A, 8>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
   for (; r + 4 <= rows; r += 4)
     mk_rows<A, 4>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
   for (; r < rows; ++r) mk_rows<A, 1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
@@ -308,8 +316,10 @@ FRT_XINLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h,
     for (int64_t r = 0; r < rows; ++r) {
       Acc* sr = s.s.data() + r * c.Np;
       Acc mx = s.m[r];
+      FRT_SIMD_RED(max : mx)
       for (int64_t n = 0; n < c.N; ++n) mx = sr[n] > mx ? sr[n] : mx;
       Acc sum = Acc(0);
+      FRT_SIMD_RED(+ : sum)
       for (int64_t n = 0; n < c.N; ++n) {
         const Acc e = exp_acc(sr[n] - mx);
         sr[n] = e;
@@ -393,6 +403,7 @@ FRT_XINLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L
       const Acc* orow = s.o.data() + r * c.Dp;
       const Acc* grow = s.go.data() + r * c.Dp;
       Acc d = Acc(0);
+      FRT_SIMD_RED(+ : d)
       for (int64_t i = 0; i < c.dh; ++i) d += orow[i] * grow[i];
       s.d[r] = d;
       if constexpr (sizeof(Acc) == 8) {
@@ -414,6 +425,7 @@ FRT_XINLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L
       for (int64_t r = 0; r < rows; ++r) {
         Acc* sr = s.s.data() + r * c.Np;
         Acc* dpr = s.dp.data() + r * c.Np;
+        FRT_SIMD
         for (int64_t n = 0; n < c.N; ++n) {
           const Acc p = exp_acc(sr[n] - s.lse[r]);
           dpr[n] = p * (dpr[n] - s.d[r]);
@@ -462,11 +474,14 @@ FRT_XINLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int6
             lse = c.lse32[so + r];
             d = c.d32[so + r];
           }
+          FRT_SIMD
           for (int64_t n = 0; n < c.N; ++n) sr[n] = exp_acc(sr[n] - lse);
         } else {
           Acc mx = sr[0];
+          FRT_SIMD_RED(max : mx)
           for (int64_t n = 1; n < c.N; ++n) mx = sr[n] > mx ? sr[n] : mx;
           Acc sum = Acc(0);
+          FRT_SIMD_RED(+ : sum)
           for (int64_t n = 0; n < c.N; ++n) {
             const Acc e = exp_acc(sr[n] - mx);
             sr[n] = e;
@@ -474,6 +489,7 @@ FRT_XINLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int6
           }
           const Acc inv = Acc(1) / sum;
           d = Acc(0);
+          FRT_SIMD_RED(+ : d)
           for (int64_t n = 0; n < c.N; ++n) {
             sr[n] *= inv;
             d += sr[n] * dpr[n];

@@ -6,6 +6,12 @@ reproduced op for op (scores over all M*N keys, dense mask, max-subtract, softma
 rows without media, weighted sum) on the same q/k/v. FLOPs of the core count only the useful
 work (each token against its own 64 keys: 4*T*N*dh*H forward, 2.5x that for backward),
 so ours reports its real rate; the peer does 32x more arithmetic for the same result.
+
+Expected (2 cores, ~180-250 GFLOP/s fp32 GEMM when idle): ours forward moves q, k, v, out
+once (16 MB fp32) for 0.27 GFLOP (16 FLOP/byte), so ~1.5-2.5 ms, bounded by memory and
+by the 64x64 products' edge costs more than by the FMA peak; the peer's (T, M*N) scores
+are 8.6 GFLOP plus ~10 passes over a 134 MB matrix, ~0.4-0.7 s. The machine is shared:
+compare ratios from one run, and read the printed ceilings of that run.
 """
 from __future__ import annotations
 

@@ -50,6 +50,35 @@ def _make_bga(device: str):
     return bias_gamma_act, bias_gamma_act_backward
 
 
+XATTN_OP = "image_causal_attention"
+
+
+def _make_xattn():
+    """The CPU C++ image-causal attention (float32, bfloat16, float64; else the reference)."""
+    dtypes = _KERNEL_DTYPES["cpu"]
+
+    def image_causal_attention(q: Tensor, k: Tensor, v: Tensor, media_index: Tensor,
+                               all_previous: bool, scale: float) -> Tensor:
+        """q (B, T, H, dh), k/v (B, M, N, H, dh), media_index (B, T) -> (B, T, H, dh)."""
+        if q.dtype not in dtypes:
+            return _reference(XATTN_OP)(q, k, v, media_index, all_previous, scale)
+        return torch.ops.flamingo_rt_C.image_causal_attention(
+            q, k, v, media_index, bool(all_previous), float(scale))
+
+    def image_causal_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                                        media_index: Tensor, all_previous: bool, scale: float
+                                        ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv), each with the shape and dtype of its input."""
+        if q.dtype not in dtypes:
+            return _reference(XATTN_OP + ".backward")(grad_out, q, k, v, media_index, all_previous, scale)
+        if grad_out.dtype != q.dtype:
+            grad_out = grad_out.to(q.dtype)
+        return torch.ops.flamingo_rt_C.image_causal_attention_backward(
+            grad_out, q, k, v, media_index, bool(all_previous), float(scale))
+
+    return image_causal_attention, image_causal_attention_backward
+
+
 def register_all() -> bool:
     """Register the C++/CUDA backends; False (nothing registered) without the extension."""
     if not _ext.load():
@@ -59,6 +88,9 @@ def register_all() -> bool:
         fwd, bwd = _make_bga(dev)
         _backend.register(BGA_OP, dev, fwd)
         _backend.register(BGA_OP + ".backward", dev, bwd)
+    xf, xb = _make_xattn()
+    _backend.register(XATTN_OP, "cpu", xf)
+    _backend.register(XATTN_OP + ".backward", "cpu", xb)
     return True
 
 

@@ -165,3 +165,5 @@ size_t bias_gamma_act_backward_cuda_workspace_bytes(const BiasGammaActBackwardPa
 Status bias_gamma_act_backward_cuda(const BiasGammaActBackwardParams& p);
 
 }  // namespace flamingo_rt
+
+#include "flamingo_rt/xattn.h"

@@ -1,0 +1,709 @@
+// CPU kernels of image-causal cross-attention (see csrc/include/flamingo_rt/xattn.h).
+//
+// Work decomposition. The runs of equal media_index along each row ("segments") are found
+// once. The forward is a list of tasks (b, segment chunk of <= kChunk tokens) x head, spread
+// over OpenMP threads (dynamic schedule: chunks differ in size). A task loads the keys and
+// values of its image once into fp32 scratch (transposed / zero-padded so every inner loop
+// is unit-stride over a multiple of 16 elements), then for each block of kTB queries:
+// S = (scale q) K^T, softmax over the N keys (online across images in all_previous mode),
+// O = P V. Nothing larger than kTB x N scores exists at any time.
+//
+// Backward, image-causal mode: one task per (b, head, image j) owns dK_j and dV_j and walks
+// the segments with media_index == j; per query block it recomputes S and P, then
+// dP = dO V^T, D = rowsum(P * dP), dS = P (dP - D), dQ = scale dS K (those tokens see only
+// image j, so dQ has one writer too), dK += dS^T (scale q), dV += P^T dO. all_previous mode:
+// first a task per (b, head, token chunk) reruns the forward (O and log-sum-exp per row),
+// D = rowsum(dO * O), and dQ = scale sum_j dS_j K_j; then a task per (b, head, image j) walks
+// every segment with media_index >= j and accumulates dK_j, dV_j from the saved lse and D.
+//
+// Inner loops: a register-blocked product C (+)= A B (4 rows x 16 columns of fp32
+// accumulators in GCC vector-extension registers, B row-major); the task functions are
+// compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA)
+// and the baseline with target_clones and picked at load time (as bias_gamma_act.cpp).
+// bfloat16 is converted to fp32 on load; float64 uses the same code in double.
+#include "flamingo_rt/kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(FLAMINGO_RT_NO_CLONES)
+#define FRT_XCLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FRT_XCLONES
+#endif
+
+// Vectorize reductions (max, sum) and exp loops: `omp simd` (honoured with -fopenmp;
+// ignored, and then scalar, without OpenMP).
+#define FRT_PRAGMA(x) _Pragma(#x)
+#define FRT_SIMD FRT_PRAGMA(omp simd)
+#define FRT_SIMD_RED(r) FRT_PRAGMA(omp simd reduction(r))
+
+#if defined(__GNUC__)
+#define FRT_XINLINE inline __attribute__((always_inline))
+#else
+#define FRT_XINLINE inline
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The vector-typed helpers below are always inlined; no vector crosses a call boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace flamingo_rt {
+namespace {
+
+constexpr int64_t kTB = 32;      // queries per block
+constexpr int64_t kChunk = 128;  // tokens per forward task
+constexpr int64_t kVW = 16;      // column block of the product kernel (and padding unit)
+// Below this many multiply-adds a call runs on one thread: waking a team costs more
+// (milliseconds on a loaded machine) than the work.
+constexpr double kParallelMinMacs = 1 << 20;
+
+// Multiply-adds of the forward (one image per token, or all up to it).
+inline double fwd_macs(int64_t B, int64_t T, int64_t H, int64_t dh, int64_t M, int64_t N, bool allp) {
+  return 2.0 * double(B) * double(T) * double(H) * double(dh) * double(N) * (allp ? double(std::max<int64_t>(M, 1)) / 2 + 1 : 1);
+}
+
+FRT_XINLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+FRT_XINLINE float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+FRT_XINLINE uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+struct F32 {
+  using T = float;
+  using Acc = float;
+  FRT_XINLINE static float load(T v) { return v; }
+  FRT_XINLINE static T store(float v) { return v; }
+};
+struct BF16 {
+  using T = uint16_t;
+  using Acc = float;
+  FRT_XINLINE static float load(T v) { return u2f(uint32_t(v) << 16); }
+  FRT_XINLINE static T store(float v) {  // round to nearest even, NaN stays NaN
+    const uint32_t u = f2u(v);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return T(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x0040u) : rounded);
+  }
+};
+struct F64 {
+  using T = double;
+  using Acc = double;
+  FRT_XINLINE static double load(T v) { return v; }
+  FRT_XINLINE static T store(double v) { return v; }
+};
+
+// exp for float32, branch-free (vectorizes): Cody-Waite reduction + degree-7 Taylor,
+// ~2 ulp; 0 below -87.33 (also for -inf), +inf above 88. Same scheme as bias_gamma_act.cpp.
+FRT_XINLINE float exp_acc(float a) {
+  const float lo = -87.33f, hi = 88.0f;
+  float ac = a < lo ? lo : a;
+  ac = ac > hi ? hi : ac;
+  const float shifter = 12582912.0f;
+  const float kk = ac * 1.44269504088896341f + shifter;
+  const int32_t n = int32_t(f2u(kk) - f2u(shifter));
+  const float kf = kk - shifter;
+  float r = ac - kf * 0.693145751953125f;
+  r = r - kf * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  float e = p * u2f(uint32_t(n + 127) << 23);
+  e = a < lo ? 0.0f : e;
+  e = a > hi ? std::numeric_limits<float>::infinity() : e;
+  return e;
+}
+FRT_XINLINE double exp_acc(double a) { return std::exp(a); }
+FRT_XINLINE float log_acc(float a) { return std::log(a); }
+FRT_XINLINE double log_acc(double a) { return std::log(a); }
+
+// A vector of kVW accumulators (GCC/Clang vector extension: one zmm for float on AVX-512,
+// two ymm on AVX2, four xmm on the baseline; the compiler splits it as the ISA needs).
+template <typename A>
+struct VecOf {
+  typedef A type __attribute__((vector_size(kVW * sizeof(A))));
+};
+
+template <typename V, typename A>
+FRT_XINLINE V vload(const A* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename A>
+FRT_XINLINE void vstore(A* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// C[r, 0:W] (+)= sum_k A[r, k] B[k, 0:W] for R rows; W a multiple of kVW; B rows readable
+// to W. R accumulator vectors stay in registers across the k loop.
+template <typename A, int R>
+FRT_XINLINE void mk_rows(const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
+                         int64_t K, int64_t W, bool accumulate) {
+  using V = typename VecOf<A>::type;
+  for (int64_t j0 = 0; j0 < W; j0 += kVW) {
+    V s[R];
+    for (int r = 0; r < R; ++r) s[r] = accumulate ? vload<V>(c + r * ldc + j0) : V{};
+    const A* bk = b + j0;
+    for (int64_t k = 0; k < K; ++k, bk += ldb) {
+      const V bv = vload<V>(bk);
+      for (int r = 0; r < R; ++r) s[r] += a[r * lda + k] * bv;
+    }
+    for (int r = 0; r < R; ++r) vstore(c + r * ldc + j0, s[r]);
+  }
+}
+
+// C (rows x W) (+)= A (rows x K) B (K x W).
+template <typename A>
+FRT_XINLINE void gemm(int64_t rows, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
+                      int64_t ldc, int64_t K, int64_t W, bool accumulate) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    mk_rows<A, 8>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+  for (; r + 4 <= rows; r += 4)
+    mk_rows<A, 4>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+  for (; r < rows; ++r) mk_rows<A, 1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+}
+
+struct Seg {
+  int64_t b, t0, len, idx;
+};
+
+// Shapes, pointers and strides shared by forward and backward.
+struct Ctx {
+  int64_t B, T, H, dh, M, N, Np, Dp;
+  bool allprev;
+  double scale;
+  const void *q, *k, *v, *go;
+  const int64_t *qs, *ks, *vs, *gos;
+  void *out, *dq, *dk, *dv;
+  const int64_t *os, *dqs, *dks, *dvs;
+  float* lse32;  // all_previous backward: per (b, h, t) log-sum-exp and D
+  float* d32;
+  double* lse64;
+  double* d64;
+};
+
+template <class L>
+struct Scratch {
+  using Acc = typename L::Acc;
+  std::vector<Acc> qs, go, o, s, dp, kt, kr, vr, vt, pt, dst, dk, dv, m, l, lse, d;
+  void init(const Ctx& c) {
+    const size_t tbd = size_t(kTB * c.Dp), tbn = size_t(kTB * c.Np);
+    const size_t dn = size_t(c.dh * c.Np), nd = size_t(c.N * c.Dp), ntb = size_t(c.N * kTB);
+    qs.assign(tbd, 0); go.assign(tbd, 0); o.assign(tbd, 0);
+    s.assign(tbn, 0); dp.assign(tbn, 0);
+    kt.assign(dn, 0); vt.assign(dn, 0); kr.assign(nd, 0); vr.assign(nd, 0);
+    pt.assign(ntb, 0); dst.assign(ntb, 0); dk.assign(nd, 0); dv.assign(nd, 0);
+    m.assign(kTB, 0); l.assign(kTB, 0); lse.assign(kTB, 0); d.assign(kTB, 0);
+  }
+};
+
+template <class L>
+FRT_XINLINE const typename L::T* cptr(const void* p) {
+  return static_cast<const typename L::T*>(p);
+}
+template <class L>
+FRT_XINLINE typename L::T* mptr(void* p) {
+  return static_cast<typename L::T*>(p);
+}
+
+// rows x dh of a (B, T, H, dh) tensor -> dst rows of ld Dp, times mul; pads zero.
+template <class L>
+FRT_XINLINE void load_rows(const Ctx& c, const void* src, const int64_t* st, int64_t b, int64_t t0,
+                           int64_t rows, int64_t h, typename L::Acc mul, typename L::Acc* dst) {
+  using Acc = typename L::Acc;
+  const typename L::T* base = cptr<L>(src) + b * st[0] + h * st[2];
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename L::T* row = base + (t0 + r) * st[1];
+    Acc* d = dst + r * c.Dp;
+    if (st[3] == 1) {
+      for (int64_t i = 0; i < c.dh; ++i) d[i] = Acc(L::load(row[i])) * mul;
+    } else {
+      for (int64_t i = 0; i < c.dh; ++i) d[i] = Acc(L::load(row[i * st[3]])) * mul;
+    }
+    for (int64_t i = c.dh; i < c.Dp; ++i) d[i] = Acc(0);
+  }
+}
+
+template <class L>
+FRT_XINLINE void store_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t b, int64_t t0,
+                            int64_t rows, int64_t h, const typename L::Acc* src,
+                            const typename L::Acc* rowmul) {
+  typename L::T* base = mptr<L>(dstp) + b * st[0] + h * st[2];
+  for (int64_t r = 0; r < rows; ++r) {
+    typename L::T* row = base + (t0 + r) * st[1];
+    const typename L::Acc* s = src + r * c.Dp;
+    const typename L::Acc mul = rowmul ? rowmul[r] : typename L::Acc(1);
+    if (st[3] == 1) {
+      for (int64_t i = 0; i < c.dh; ++i) row[i] = L::store(s[i] * mul);
+    } else {
+      for (int64_t i = 0; i < c.dh; ++i) row[i * st[3]] = L::store(s[i] * mul);
+    }
+  }
+}
+
+template <class L>
+FRT_XINLINE void zero_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t b, int64_t t0,
+                           int64_t rows, int64_t h) {
+  typename L::T* base = mptr<L>(dstp) + b * st[0] + h * st[2];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < c.dh; ++i) base[(t0 + r) * st[1] + i * st[3]] = L::store(0.0f);
+}
+
+// Image j's keys or values (B, M, N, H, dh): row-major N x Dp (`rowm`) and/or transposed
+// dh x Np (`tr`), both zero-padded.
+template <class L>
+FRT_XINLINE void load_image(const Ctx& c, const void* src, const int64_t* st, int64_t b, int64_t j,
+                            int64_t h, typename L::Acc* rowm, typename L::Acc* tr) {
+  using Acc = typename L::Acc;
+  const typename L::T* base = cptr<L>(src) + b * st[0] + j * st[1] + h * st[3];
+  for (int64_t n = 0; n < c.N; ++n) {
+    const typename L::T* row = base + n * st[2];
+    if (rowm) {
+      Acc* d = rowm + n * c.Dp;
+      for (int64_t i = 0; i < c.dh; ++i) d[i] = Acc(L::load(row[i * st[4]]));
+      for (int64_t i = c.dh; i < c.Dp; ++i) d[i] = Acc(0);
+    }
+    if (tr)
+      for (int64_t i = 0; i < c.dh; ++i) tr[i * c.Np + n] = Acc(L::load(row[i * st[4]]));
+  }
+  if (tr)
+    for (int64_t i = 0; i < c.dh; ++i)
+      for (int64_t n = c.N; n < c.Np; ++n) tr[i * c.Np + n] = Acc(0);
+}
+
+// Forward of one block of `rows` queries (already in s.qs, scaled) against images
+// [j_lo, j_hi]: s.o = normalized output, s.lse = log-sum-exp of the scaled scores.
+// `loaded` caches which image s.kt / s.vr hold (-1: none).
+template <class L>
+FRT_XINLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, int64_t rows,
+                              int64_t j_lo, int64_t j_hi, int64_t& loaded) {
+  using Acc = typename L::Acc;
+  const Acc ninf = -std::numeric_limits<Acc>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    s.m[r] = ninf;
+    s.l[r] = Acc(0);
+  }
+  std::fill(s.o.begin(), s.o.begin() + rows * c.Dp, Acc(0));
+  for (int64_t j = j_lo; j <= j_hi; ++j) {
+    if (loaded != j) {
+      load_image<L>(c, c.k, c.ks, b, j, h, nullptr, s.kt.data());
+      load_image<L>(c, c.v, c.vs, b, j, h, s.vr.data(), nullptr);
+      loaded = j;
+    }
+    gemm<Acc>(rows, s.qs.data(), c.Dp, s.kt.data(), c.Np, s.s.data(), c.Np, c.dh, c.Np, false);
+    for (int64_t r = 0; r < rows; ++r) {
+      Acc* sr = s.s.data() + r * c.Np;
+      Acc mx = s.m[r];
+      FRT_SIMD_RED(max : mx)
+      for (int64_t n = 0; n < c.N; ++n) mx = sr[n] > mx ? sr[n] : mx;
+      Acc sum = Acc(0);
+      FRT_SIMD_RED(+ : sum)
+      for (int64_t n = 0; n < c.N; ++n) {
+        const Acc e = exp_acc(sr[n] - mx);
+        sr[n] = e;
+        sum += e;
+      }
+      if (s.m[r] != mx) {  // rescale what earlier images contributed
+        const Acc alpha = s.m[r] == ninf ? Acc(0) : exp_acc(s.m[r] - mx);
+        Acc* orow = s.o.data() + r * c.Dp;
+        for (int64_t i = 0; i < c.Dp; ++i) orow[i] *= alpha;
+        s.l[r] *= alpha;
+        s.m[r] = mx;
+      }
+      s.l[r] += sum;
+    }
+    gemm<Acc>(rows, s.s.data(), c.Np, s.vr.data(), c.Dp, s.o.data(), c.Dp, c.N, c.Dp, true);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const Acc inv = Acc(1) / s.l[r];
+    Acc* orow = s.o.data() + r * c.Dp;
+    for (int64_t i = 0; i < c.Dp; ++i) orow[i] *= inv;
+    s.lse[r] = s.m[r] + log_acc(s.l[r]);
+  }
+}
+
+// ------------------------------------------------------------------ forward task
+
+template <class L>
+FRT_XINLINE void fwd_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>& s) {
+  using Acc = typename L::Acc;
+  if (sg.idx < 0) {
+    zero_rows<L>(c, c.out, c.os, sg.b, sg.t0, sg.len, h);
+    return;
+  }
+  const int64_t j_lo = c.allprev ? 0 : sg.idx;
+  int64_t loaded = -1;
+  for (int64_t t0 = sg.t0; t0 < sg.t0 + sg.len; t0 += kTB) {
+    const int64_t rows = std::min(kTB, sg.t0 + sg.len - t0);
+    load_rows<L>(c, c.q, c.qs, sg.b, t0, rows, h, Acc(c.scale), s.qs.data());
+    attend_block<L>(c, s, sg.b, h, rows, j_lo, sg.idx, loaded);
+    store_rows<L>(c, c.out, c.os, sg.b, t0, rows, h, s.o.data(), nullptr);
+  }
+}
+
+FRT_XCLONES void fwd_task_f32(const Ctx& c, const Seg& sg, int64_t h, Scratch<F32>& s) {
+  fwd_task<F32>(c, sg, h, s);
+}
+FRT_XCLONES void fwd_task_bf16(const Ctx& c, const Seg& sg, int64_t h, Scratch<BF16>& s) {
+  fwd_task<BF16>(c, sg, h, s);
+}
+FRT_XCLONES void fwd_task_f64(const Ctx& c, const Seg& sg, int64_t h, Scratch<F64>& s) {
+  fwd_task<F64>(c, sg, h, s);
+}
+FRT_XINLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<F32>& s) {
+  fwd_task_f32(c, sg, h, s);
+}
+FRT_XINLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<BF16>& s) {
+  fwd_task_bf16(c, sg, h, s);
+}
+FRT_XINLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<F64>& s) {
+  fwd_task_f64(c, sg, h, s);
+}
+
+// ------------------------------------------------------------------ backward tasks
+
+// all_previous, phase 1: dq of a token chunk, and lse / D per row for phase 2.
+template <class L>
+FRT_XINLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>& s) {
+  using Acc = typename L::Acc;
+  if (sg.idx < 0) {
+    zero_rows<L>(c, c.dq, c.dqs, sg.b, sg.t0, sg.len, h);
+    return;
+  }
+  int64_t loaded = -1;
+  for (int64_t t0 = sg.t0; t0 < sg.t0 + sg.len; t0 += kTB) {
+    const int64_t rows = std::min(kTB, sg.t0 + sg.len - t0);
+    load_rows<L>(c, c.q, c.qs, sg.b, t0, rows, h, Acc(c.scale), s.qs.data());
+    load_rows<L>(c, c.go, c.gos, sg.b, t0, rows, h, Acc(1), s.go.data());
+    attend_block<L>(c, s, sg.b, h, rows, 0, sg.idx, loaded);
+    const int64_t so = (sg.b * c.H + h) * c.T + t0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const Acc* orow = s.o.data() + r * c.Dp;
+      const Acc* grow = s.go.data() + r * c.Dp;
+      Acc d = Acc(0);
+      FRT_SIMD_RED(+ : d)
+      for (int64_t i = 0; i < c.dh; ++i) d += orow[i] * grow[i];
+      s.d[r] = d;
+      if constexpr (sizeof(Acc) == 8) {
+        c.lse64[so + r] = s.lse[r];
+        c.d64[so + r] = d;
+      } else {
+        c.lse32[so + r] = s.lse[r];
+        c.d32[so + r] = d;
+      }
+    }
+    // dq = scale sum_j dS_j K_j, accumulated in s.o
+    std::fill(s.o.begin(), s.o.begin() + rows * c.Dp, Acc(0));
+    for (int64_t j = 0; j <= sg.idx; ++j) {
+      load_image<L>(c, c.k, c.ks, sg.b, j, h, s.kr.data(), s.kt.data());
+      load_image<L>(c, c.v, c.vs, sg.b, j, h, nullptr, s.vt.data());
+      loaded = -1;
+      gemm<Acc>(rows, s.qs.data(), c.Dp, s.kt.data(), c.Np, s.s.data(), c.Np, c.dh, c.Np, false);
+      gemm<Acc>(rows, s.go.data(), c.Dp, s.vt.data(), c.Np, s.dp.data(), c.Np, c.dh, c.Np, false);
+      for (int64_t r = 0; r < rows; ++r) {
+        Acc* sr = s.s.data() + r * c.Np;
+        Acc* dpr = s.dp.data() + r * c.Np;
+        FRT_SIMD
+        for (int64_t n = 0; n < c.N; ++n) {
+          const Acc p = exp_acc(sr[n] - s.lse[r]);
+          dpr[n] = p * (dpr[n] - s.d[r]);
+        }
+      }
+      gemm<Acc>(rows, s.dp.data(), c.Np, s.kr.data(), c.Dp, s.o.data(), c.Dp, c.N, c.Dp, true);
+    }
+    for (int64_t r = 0; r < rows; ++r) s.m[r] = Acc(c.scale);
+    store_rows<L>(c, c.dq, c.dqs, sg.b, t0, rows, h, s.o.data(), s.m.data());
+  }
+}
+
+// dK_j, dV_j of image j (and, image-causal mode, dq of the tokens of image j).
+template <class L>
+FRT_XINLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64_t b, int64_t j,
+                                int64_t h, Scratch<L>& s) {
+  using Acc = typename L::Acc;
+  const size_t nd = size_t(c.N * c.Dp);
+  std::fill(s.dk.begin(), s.dk.begin() + nd, Acc(0));
+  std::fill(s.dv.begin(), s.dv.begin() + nd, Acc(0));
+  bool loaded = false;
+  for (const Seg& sg : segs) {
+    if (sg.b != b || sg.idx < 0) continue;
+    if (c.allprev ? sg.idx < j : sg.idx != j) continue;
+    if (!loaded) {
+      load_image<L>(c, c.k, c.ks, b, j, h, c.allprev ? nullptr : s.kr.data(), s.kt.data());
+      load_image<L>(c, c.v, c.vs, b, j, h, nullptr, s.vt.data());
+      loaded = true;
+    }
+    for (int64_t t0 = sg.t0; t0 < sg.t0 + sg.len; t0 += kTB) {
+      const int64_t rows = std::min(kTB, sg.t0 + sg.len - t0);
+      load_rows<L>(c, c.q, c.qs, b, t0, rows, h, Acc(c.scale), s.qs.data());
+      load_rows<L>(c, c.go, c.gos, b, t0, rows, h, Acc(1), s.go.data());
+      gemm<Acc>(rows, s.qs.data(), c.Dp, s.kt.data(), c.Np, s.s.data(), c.Np, c.dh, c.Np, false);
+      gemm<Acc>(rows, s.go.data(), c.Dp, s.vt.data(), c.Np, s.dp.data(), c.Np, c.dh, c.Np, false);
+      const int64_t so = (b * c.H + h) * c.T + t0;
+      for (int64_t r = 0; r < rows; ++r) {
+        Acc* sr = s.s.data() + r * c.Np;  // becomes P
+        Acc* dpr = s.dp.data() + r * c.Np;  // becomes dS
+        Acc lse, d;
+        if (c.allprev) {
+          if constexpr (sizeof(Acc) == 8) {
+            lse = c.lse64[so + r];
+            d = c.d64[so + r];
+          } else {
+            lse = c.lse32[so + r];
+            d = c.d32[so + r];
+          }
+          FRT_SIMD
+          for (int64_t n = 0; n < c.N; ++n) sr[n] = exp_acc(sr[n] - lse);
+        } else {
+          Acc mx = sr[0];
+          FRT_SIMD_RED(max : mx)
+          for (int64_t n = 1; n < c.N; ++n) mx = sr[n] > mx ? sr[n] : mx;
+          Acc sum = Acc(0);
+          FRT_SIMD_RED(+ : sum)
+          for (int64_t n = 0; n < c.N; ++n) {
+            const Acc e = exp_acc(sr[n] - mx);
+            sr[n] = e;
+            sum += e;
+          }
+          const Acc inv = Acc(1) / sum;
+          d = Acc(0);
+          FRT_SIMD_RED(+ : d)
+          for (int64_t n = 0; n < c.N; ++n) {
+            sr[n] *= inv;
+            d += sr[n] * dpr[n];
+          }
+        }
+        for (int64_t n = 0; n < c.N; ++n) dpr[n] = sr[n] * (dpr[n] - d);
+        for (int64_t n = 0; n < c.N; ++n) {  // transposes for the dK / dV products
+          s.pt[n * kTB + r] = sr[n];
+          s.dst[n * kTB + r] = dpr[n];
+        }
+      }
+      if (!c.allprev) {
+        gemm<Acc>(rows, s.dp.data(), c.Np, s.kr.data(), c.Dp, s.o.data(), c.Dp, c.N, c.Dp, false);
+        for (int64_t r = 0; r < rows; ++r) s.m[r] = Acc(c.scale);
+        store_rows<L>(c, c.dq, c.dqs, b, t0, rows, h, s.o.data(), s.m.data());
+      }
+      gemm<Acc>(c.N, s.pt.data(), kTB, s.go.data(), c.Dp, s.dv.data(), c.Dp, rows, c.Dp, true);
+      gemm<Acc>(c.N, s.dst.data(), kTB, s.qs.data(), c.Dp, s.dk.data(), c.Dp, rows, c.Dp, true);
+    }
+  }
+  typename L::T* dk = mptr<L>(c.dk) + b * c.dks[0] + j * c.dks[1] + h * c.dks[3];
+  typename L::T* dv = mptr<L>(c.dv) + b * c.dvs[0] + j * c.dvs[1] + h * c.dvs[3];
+  for (int64_t n = 0; n < c.N; ++n)
+    for (int64_t i = 0; i < c.dh; ++i) {
+      dk[n * c.dks[2] + i * c.dks[4]] = L::store(s.dk[n * c.Dp + i]);
+      dv[n * c.dvs[2] + i * c.dvs[4]] = L::store(s.dv[n * c.Dp + i]);
+    }
+}
+
+#define FRT_XDEF(NAME, LT)                                                                   \
+  FRT_XCLONES void bwd_rows_##NAME(const Ctx& c, const Seg& sg, int64_t h, Scratch<LT>& s) { \
+    bwd_rows_task<LT>(c, sg, h, s);                                                         \
+  }                                                                                         \
+  FRT_XCLONES void bwd_image_##NAME(const Ctx& c, const std::vector<Seg>& segs, int64_t b,  \
+                                    int64_t j, int64_t h, Scratch<LT>& s) {                 \
+    bwd_image_task<LT>(c, segs, b, j, h, s);                                                \
+  }                                                                                         \
+  FRT_XINLINE void bwd_rows(const Ctx& c, const Seg& sg, int64_t h, Scratch<LT>& s) {       \
+    bwd_rows_##NAME(c, sg, h, s);                                                           \
+  }                                                                                         \
+  FRT_XINLINE void bwd_image(const Ctx& c, const std::vector<Seg>& segs, int64_t b,         \
+                             int64_t j, int64_t h, Scratch<LT>& s) {                        \
+    bwd_image_##NAME(c, segs, b, j, h, s);                                                  \
+  }
+FRT_XDEF(f32, F32)
+FRT_XDEF(bf16, BF16)
+FRT_XDEF(f64, F64)
+#undef FRT_XDEF
+
+// ------------------------------------------------------------------ drivers
+
+// Segments (runs of equal media_index) of every row, cut into chunks of <= max_len tokens.
+// Returns false when a value lies outside [-1, M).
+bool find_segments(const int32_t* mi, const int64_t* ms, int64_t B, int64_t T, int64_t M,
+                   int64_t max_len, std::vector<Seg>& out) {
+  out.clear();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t t = 0;
+    while (t < T) {
+      const int64_t idx = mi[b * ms[0] + t * ms[1]];
+      if (idx < -1 || idx >= M) return false;
+      int64_t e = t + 1;
+      while (e < T && mi[b * ms[0] + e * ms[1]] == idx) ++e;
+      for (int64_t s = t; s < e; s += max_len) out.push_back({b, s, std::min(max_len, e - s), idx});
+      t = e;
+    }
+  }
+  return true;
+}
+
+template <class L>
+void run_fwd(const Ctx& c, const std::vector<Seg>& segs) {
+  const int64_t ntask = int64_t(segs.size()) * c.H;
+  const bool par = ntask > 1 && fwd_macs(c.B, c.T, c.H, c.dh, c.M, c.N, c.allprev) >= kParallelMinMacs;
+#pragma omp parallel if (par)
+  {
+    Scratch<L> s;
+    s.init(c);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntask; ++t) fwd_dispatch(c, segs[size_t(t / c.H)], t % c.H, s);
+  }
+}
+
+template <class L>
+void run_bwd(const Ctx& c, const std::vector<Seg>& segs) {
+  const bool par = 2.5 * fwd_macs(c.B, c.T, c.H, c.dh, c.M, c.N, c.allprev) >= kParallelMinMacs;
+  if (c.allprev) {
+    const int64_t ntask = int64_t(segs.size()) * c.H;
+#pragma omp parallel if (par && ntask > 1)
+    {
+      Scratch<L> s;
+      s.init(c);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < ntask; ++t) bwd_rows(c, segs[size_t(t / c.H)], t % c.H, s);
+    }
+  } else {
+    // dq of rows without an image; the others are written by their image's task.
+    for (const Seg& sg : segs)
+      if (sg.idx < 0)
+        for (int64_t h = 0; h < c.H; ++h) zero_rows<L>(c, c.dq, c.dqs, sg.b, sg.t0, sg.len, h);
+  }
+  const int64_t ntask = c.B * c.M * c.H;
+#pragma omp parallel if (par && ntask > 1)
+  {
+    Scratch<L> s;
+    s.init(c);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntask; ++t) {
+      const int64_t h = t % c.H, j = (t / c.H) % c.M, b = t / (c.H * c.M);
+      bwd_image(c, segs, b, j, h, s);
+    }
+  }
+}
+
+}  // namespace
+
+namespace {
+
+inline bool valid_dtype(DType d) {
+  return d == DType::kFloat32 || d == DType::kBFloat16 || d == DType::kFloat64;
+}
+
+template <class P>
+Status check_sizes(const P& p) {
+  if (!valid_dtype(p.dtype)) return Status::kUnsupportedDtype;
+  if (p.B < 0 || p.T < 0 || p.H < 0 || p.dh < 0 || p.M < 0 || p.N < 0) return Status::kInvalidArgument;
+  return Status::kOk;
+}
+
+Ctx make_ctx(int64_t B, int64_t T, int64_t H, int64_t dh, int64_t M, int64_t N, bool allprev,
+             double scale) {
+  Ctx c{};
+  c.B = B; c.T = T; c.H = H; c.dh = dh; c.M = M; c.N = N;
+  c.Np = round_up(std::max<int64_t>(N, 1), kVW);
+  c.Dp = round_up(std::max<int64_t>(dh, 1), kVW);
+  c.allprev = allprev;
+  c.scale = scale;
+  return c;
+}
+
+}  // namespace
+
+Status image_causal_attention_fwd_cpu(const ImageCausalAttnParams& p) {
+  Status st = check_sizes(p);
+  if (st != Status::kOk) return st;
+  if (p.B * p.T * p.H * p.dh == 0) return Status::kOk;
+  if (p.q == nullptr || p.out == nullptr || p.media_index == nullptr) return Status::kInvalidArgument;
+  if (p.M * p.N > 0 && (p.k == nullptr || p.v == nullptr)) return Status::kInvalidArgument;
+  std::vector<Seg> segs;
+  if (!find_segments(p.media_index, p.media_index_strides, p.B, p.T, p.M, kChunk, segs))
+    return Status::kInvalidArgument;
+  bool any_image = false;
+  for (const Seg& s : segs) any_image = any_image || s.idx >= 0;
+  if (any_image && p.N == 0) return Status::kInvalidArgument;  // softmax over no keys
+  Ctx c = make_ctx(p.B, p.T, p.H, p.dh, p.M, p.N, p.all_previous, p.scale);
+  c.q = p.q; c.qs = p.q_strides;
+  c.k = p.k; c.ks = p.k_strides;
+  c.v = p.v; c.vs = p.v_strides;
+  c.out = p.out; c.os = p.out_strides;
+  if (p.dtype == DType::kBFloat16)
+    run_fwd<BF16>(c, segs);
+  else if (p.dtype == DType::kFloat64)
+    run_fwd<F64>(c, segs);
+  else
+    run_fwd<F32>(c, segs);
+  return Status::kOk;
+}
+
+Status image_causal_attention_bwd_cpu(const ImageCausalAttnBackwardParams& p) {
+  Status st = check_sizes(p);
+  if (st != Status::kOk) return st;
+  const bool rows = p.B * p.T * p.H * p.dh > 0, imgs = p.B * p.M * p.N * p.H * p.dh > 0;
+  if (!rows && !imgs) return Status::kOk;
+  if (rows && (p.q == nullptr || p.grad_out == nullptr || p.dq == nullptr || p.media_index == nullptr))
+    return Status::kInvalidArgument;
+  if (imgs && (p.k == nullptr || p.v == nullptr || p.dk == nullptr || p.dv == nullptr))
+    return Status::kInvalidArgument;
+  std::vector<Seg> segs;
+  if (p.T > 0 && p.media_index == nullptr) return Status::kInvalidArgument;
+  if (!find_segments(p.media_index, p.media_index_strides, p.B, p.T, p.M, kChunk, segs))
+    return Status::kInvalidArgument;
+  bool any_image = false;
+  for (const Seg& s : segs) any_image = any_image || s.idx >= 0;
+  if (any_image && p.N == 0) return Status::kInvalidArgument;
+  Ctx c = make_ctx(p.B, p.T, p.H, p.dh, p.M, p.N, p.all_previous, p.scale);
+  c.q = p.q; c.qs = p.q_strides;
+  c.k = p.k; c.ks = p.k_strides;
+  c.v = p.v; c.vs = p.v_strides;
+  c.go = p.grad_out; c.gos = p.grad_out_strides;
+  c.dq = p.dq; c.dqs = p.dq_strides;
+  c.dk = p.dk; c.dks = p.dk_strides;
+  c.dv = p.dv; c.dvs = p.dv_strides;
+  if (p.dh == 0 || p.H == 0 || p.B == 0) return Status::kOk;
+  std::vector<float> st32;
+  std::vector<double> st64;
+  const size_t nrow = size_t(p.B * p.H * p.T);
+  if (p.all_previous) {
+    if (p.dtype == DType::kFloat64) {
+      st64.assign(2 * nrow, 0.0);
+      c.lse64 = st64.data();
+      c.d64 = st64.data() + nrow;
+    } else {
+      st32.assign(2 * nrow, 0.0f);
+      c.lse32 = st32.data();
+      c.d32 = st32.data() + nrow;
+    }
+  }
+  if (p.dtype == DType::kBFloat16)
+    run_bwd<BF16>(c, segs);
+  else if (p.dtype == DType::kFloat64)
+    run_bwd<F64>(c, segs);
+  else
+    run_bwd<F32>(c, segs);
+  return Status::kOk;
+}
+
+}  // namespace flamingo_rt

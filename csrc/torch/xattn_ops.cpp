@@ -1,0 +1,158 @@
+// torch ops over the image-causal cross-attention kernels (csrc/cpu/xattn.cpp):
+//
+//   flamingo_rt_C::image_causal_attention(Tensor q, Tensor k, Tensor v, Tensor media_index,
+//                                         bool all_previous, float scale) -> Tensor
+//   flamingo_rt_C::image_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k,
+//       Tensor v, Tensor media_index, bool all_previous, float scale) -> (Tensor, Tensor, Tensor)
+//
+// q (B, T, H, dh), k/v (B, M, N, H, dh), media_index (B, T) int32/int64 with values in
+// [-1, M). Inputs may be any strided views (no copies); outputs are contiguous. CPU and Meta
+// kernels; no autograd here (flamingo_rt.ops.xattn wires the backward).
+#include <torch/library.h>
+
+#include <ATen/ops/empty.h>
+
+#include "common.h"
+
+namespace flamingo_rt {
+namespace torch_ops {
+namespace {
+
+constexpr const char* kXFwd = "flamingo_rt_C::image_causal_attention";
+constexpr const char* kXBwd = "flamingo_rt_C::image_causal_attention_backward";
+
+struct XShape {
+  int64_t B, T, H, dh, M, N;
+};
+
+XShape check_xattn(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& mi, const at::Tensor* grad_out) {
+  TORCH_CHECK(q.dim() == 4, op, ": expected q of shape (B, T, H, dh), got ", q.sizes());
+  XShape s{q.size(0), q.size(1), q.size(2), q.size(3), 0, 0};
+  TORCH_CHECK(k.dim() == 5 && k.size(0) == s.B && k.size(3) == s.H && k.size(4) == s.dh, op,
+              ": expected k of shape (B, M, N, H, dh) = (", s.B, ", M, N, ", s.H, ", ", s.dh,
+              "), got ", k.sizes());
+  s.M = k.size(1);
+  s.N = k.size(2);
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": expected v of the shape of k ", k.sizes(), ", got ",
+              v.sizes());
+  TORCH_CHECK(mi.dim() == 2 && mi.size(0) == s.B && mi.size(1) == s.T, op,
+              ": expected media_index of shape (B, T) = (", s.B, ", ", s.T, "), got ", mi.sizes());
+  TORCH_CHECK(mi.scalar_type() == at::kInt || mi.scalar_type() == at::kLong, op,
+              ": expected media_index of dtype int32 or int64, got ", mi.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": expected q, k, v of one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  for (const at::Tensor* t : {&k, &v, &mi})
+    TORCH_CHECK(t->device() == q.device(), op, ": expected every tensor on ", q.device(),
+                " (the device of q), got one on ", t->device());
+  if (grad_out != nullptr) {
+    TORCH_CHECK(grad_out->sizes() == q.sizes(), op, ": expected grad_out of shape ", q.sizes(),
+                " (the shape of q), got ", grad_out->sizes());
+    TORCH_CHECK(grad_out->scalar_type() == q.scalar_type(), op, ": expected grad_out of dtype ",
+                q.scalar_type(), " (the dtype of q), got ", grad_out->scalar_type());
+    TORCH_CHECK(grad_out->device() == q.device(), op, ": expected grad_out on ", q.device(),
+                ", got ", grad_out->device());
+  }
+  return s;
+}
+
+template <int D>
+void copy_strides(int64_t (&dst)[D], const at::Tensor& t) {
+  for (int d = 0; d < D; ++d) dst[d] = t.stride(d);
+}
+
+void check_index_status(const char* op, Status st, const at::Tensor& mi, int64_t M) {
+  if (st == Status::kInvalidArgument) {
+    const auto lo = mi.numel() ? mi.min().item<int64_t>() : 0;
+    const auto hi = mi.numel() ? mi.max().item<int64_t>() : 0;
+    TORCH_CHECK(false, op, ": CPU kernel failed: invalid argument (expected media_index values in [-1, ",
+                M, ") and at least one visual token per image, got values in [", lo, ", ", hi, "])");
+  }
+  check_status(op, "CPU", st);
+}
+
+at::Tensor xattn_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& media_index, bool all_previous, double scale) {
+  const XShape s = check_xattn(kXFwd, q, k, v, media_index, nullptr);
+  const DType dt = to_dtype(kXFwd, q, /*allow_half=*/false, "CPU");
+  const at::Tensor mi = media_index.to(at::kInt);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  ImageCausalAttnParams p;
+  p.dtype = dt;
+  p.B = s.B; p.T = s.T; p.H = s.H; p.dh = s.dh; p.M = s.M; p.N = s.N;
+  p.all_previous = all_previous;
+  p.scale = scale;
+  p.q = q.data_ptr(); copy_strides(p.q_strides, q);
+  p.k = k.data_ptr(); copy_strides(p.k_strides, k);
+  p.v = v.data_ptr(); copy_strides(p.v_strides, v);
+  p.media_index = mi.data_ptr<int32_t>(); copy_strides(p.media_index_strides, mi);
+  p.out = out.data_ptr(); copy_strides(p.out_strides, out);
+  check_index_status(kXFwd, image_causal_attention_fwd_cpu(p), mi, s.M);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> xattn_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& media_index, bool all_previous, double scale) {
+  const XShape s = check_xattn(kXBwd, q, k, v, media_index, &grad_out);
+  const DType dt = to_dtype(kXBwd, q, /*allow_half=*/false, "CPU");
+  const at::Tensor mi = media_index.to(at::kInt);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  ImageCausalAttnBackwardParams p;
+  p.dtype = dt;
+  p.B = s.B; p.T = s.T; p.H = s.H; p.dh = s.dh; p.M = s.M; p.N = s.N;
+  p.all_previous = all_previous;
+  p.scale = scale;
+  p.grad_out = grad_out.data_ptr(); copy_strides(p.grad_out_strides, grad_out);
+  p.q = q.data_ptr(); copy_strides(p.q_strides, q);
+  p.k = k.data_ptr(); copy_strides(p.k_strides, k);
+  p.v = v.data_ptr(); copy_strides(p.v_strides, v);
+  p.media_index = mi.data_ptr<int32_t>(); copy_strides(p.media_index_strides, mi);
+  p.dq = dq.data_ptr(); copy_strides(p.dq_strides, dq);
+  p.dk = dk.data_ptr(); copy_strides(p.dk_strides, dk);
+  p.dv = dv.data_ptr(); copy_strides(p.dv_strides, dv);
+  check_index_status(kXBwd, image_causal_attention_bwd_cpu(p), mi, s.M);
+  return {dq, dk, dv};
+}
+
+at::Tensor xattn_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& media_index, bool, double) {
+  check_xattn(kXFwd, q, k, v, media_index, nullptr);
+  to_dtype(kXFwd, q, /*allow_half=*/true, "Meta");
+  return at::empty(q.sizes(), q.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> xattn_bwd_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& media_index, bool, double) {
+  check_xattn(kXBwd, q, k, v, media_index, &grad_out);
+  to_dtype(kXBwd, q, /*allow_half=*/true, "Meta");
+  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()),
+          at::empty(v.sizes(), v.options())};
+}
+
+}  // namespace
+}  // namespace torch_ops
+}  // namespace flamingo_rt
+
+TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
+  m.def(
+      "image_causal_attention(Tensor q, Tensor k, Tensor v, Tensor media_index, bool all_previous, "
+      "float scale) -> Tensor");
+  m.def(
+      "image_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor media_index, bool all_previous, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
+  m.impl("image_causal_attention", &flamingo_rt::torch_ops::xattn_cpu);
+  m.impl("image_causal_attention_backward", &flamingo_rt::torch_ops::xattn_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(flamingo_rt_C, Meta, m) {
+  m.impl("image_causal_attention", &flamingo_rt::torch_ops::xattn_meta);
+  m.impl("image_causal_attention_backward", &flamingo_rt::torch_ops::xattn_bwd_meta);
+}

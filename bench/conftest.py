@@ -32,7 +32,7 @@ def report():
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not REPORT.rows and not _CEILINGS:
+    if not REPORT.rows and not REPORT.notes and not _CEILINGS:
         return
     tr = terminalreporter
     tr.section("flamingo_rt side by side")
@@ -41,3 +41,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(c.line())
     for row in REPORT.rows:
         tr.write_line(row.format(c.gemm_fp32_gflops if c else None))
+    for line in REPORT.notes:
+        tr.write_line(line)

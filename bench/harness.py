@@ -51,6 +51,7 @@ class Row:
 @dataclass
 class Report:
     rows: List[Row] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # free-form lines printed after the rows
 
     def compare(self, name: str, ours: Callable, peer: Callable, peer_name: str,
                 flops: Optional[int] = None, min_run_time: float = 1.0) -> Row:

@@ -19,7 +19,7 @@ PEER = Path(sys.prefix) / "peers" / "openflamingo"
 
 
 @pytest.mark.parametrize("dtype", ["float32"])
-def test_generate_side_by_side(benchmark, ceilings, dtype, request):
+def test_generate_side_by_side(benchmark, ceilings, report, dtype):
     if not (PEER / "transformers").exists():
         pytest.skip(f"{PEER} missing (./dev setup installs it)")
     args = [sys.executable, str(ROOT / "bench" / "peers" / "generate_side_by_side.py"), "--dtype", dtype]
@@ -32,9 +32,9 @@ def test_generate_side_by_side(benchmark, ceilings, dtype, request):
 
     proc = benchmark.pedantic(run, rounds=1, iterations=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    report.notes.append(f"few-shot generation vs open_flamingo generate() ({dtype}):")
     for line in proc.stdout.splitlines():
         if line.startswith("JSON "):
             benchmark.extra_info.update(json.loads(line[5:]))
-        elif tr is not None:
-            tr.write_line(line)
+        elif not line.startswith("machine ceilings"):
+            report.notes.append("  " + line)

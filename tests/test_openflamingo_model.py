@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,42 +13,11 @@ from conftest import rel_err
 
 @pytest.fixture(scope="module")
 def of_model(of_helpers):
-    # open_flamingo's package __init__ imports open_clip (only its factory uses it)
-    sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))
-    from open_flamingo.src.flamingo import Flamingo as OFFlamingo
-    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-    from open_flamingo.src.utils import extend_instance
-    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(Path(__file__).parent / "peers"))
+    from of_models import build_of_llama
 
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=300, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=256, attn_implementation="eager"))
-    extend_instance(hf, FlamingoLMMixin)
-    hf.set_decoder_layers_attr_name("model.layers")
-
-    class Visual(torch.nn.Module):  # a CLIP-like visual returning (pooled, tokens)
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Conv2d(3, 32, 8, 8)
-
-        def forward(self, x):
-            t = self.proj(x).flatten(2).transpose(1, 2)
-            return t.mean(1), t
-
-    class Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.visual = Visual()
-
-    m = OFFlamingo(Encoder(), hf, eoc_token_id=1, media_token_id=0, vis_dim=32, cross_attn_every_n_layers=2)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate")):
-                p.fill_(0.6)
-            elif p.dim() > 1 and ("perceiver" in name or "gated_cross" in name):
-                p.normal_(0, p.shape[-1] ** -0.5)
-    return m.eval()
+    return build_of_llama(vocab=300, dim=64, layers=4, heads=4, kv_heads=2, intermediate=128, every=2,
+                          attn_implementation="eager")
 
 
 def test_whole_model_logits_and_grads_match(of_model):

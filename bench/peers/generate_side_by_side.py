@@ -18,58 +18,28 @@ import argparse
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "peers"))
 from ceilings import measure  # noqa: E402
-from open_flamingo.src.flamingo import Flamingo as OFFlamingo  # noqa: E402
-from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
-from open_flamingo.src.utils import extend_instance  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from of_models import EOC, IMG, build_of_llama  # noqa: E402
 
 from flamingo_rt.io import FlamingoTokenizer  # noqa: E402
 from flamingo_rt.models import Flamingo  # noqa: E402
 from flamingo_rt.runtime import EncodedPrompt, GenerationConfig, Generator  # noqa: E402
 
-IMG, EOC, PAD, EOS = 0, 1, 2, 3
-
-
-class Visual(torch.nn.Module):
-    """Patch embedding 224 -> 16x16 tokens of width 1024, returning (pooled, tokens)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Conv2d(3, 1024, 14, 14)
-
-    def forward(self, x):
-        t = self.proj(x).flatten(2).transpose(1, 2)
-        return t.mean(1), t
-
-
-class Encoder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.visual = Visual()
+PAD = 2
 
 
 def build(layers: int, dim: int, vocab: int):
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=dim // 64,
-        num_key_value_heads=dim // 64, intermediate_size=int(dim * 2.75), max_position_embeddings=2048))
-    extend_instance(hf, FlamingoLMMixin)
-    hf.set_decoder_layers_attr_name("model.layers")
-    of = OFFlamingo(Encoder(), hf, eoc_token_id=EOC, media_token_id=IMG, vis_dim=1024, cross_attn_every_n_layers=1)
-    with torch.no_grad():
-        for name, p in of.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate")):
-                p.fill_(0.5)
-    return of.eval()
+    """LM with dim // 64 heads (no GQA), FF 2.75 x dim, xattn before every layer; a
+    patch-14 encoder of width 1024 at 224 px (16 x 16 tokens); default OF init, gates 0.5."""
+    return build_of_llama(vocab=vocab, dim=dim, layers=layers, heads=dim // 64, kv_heads=dim // 64, intermediate=int(dim * 2.75),
+                          every=1, vis_width=1024, patch=14, gate=0.5, randomize_connectors=False)
 
 
 def tokenizer(vocab: int) -> FlamingoTokenizer:

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend as _backend
+from ._outputs import act_format as _fmt
+from ._outputs import new_act_like as _new_act
+from ._outputs import new_like as _new
 from .reference import nfnet as _ref
 
 WS_OP = "ws_standardize"
@@ -24,22 +27,6 @@ BGA_OP = "bias_gamma_act"
 SE_OP = "se_residual"
 
 
-def _new(t: Tensor) -> Tensor:
-    """A fresh contiguous tensor like ``t``: every backend returns contiguous outputs."""
-    return t.new_empty(t.shape)
-
-
-def _fmt(x: Tensor) -> torch.memory_format:
-    """The memory format activations keep: channels-last when x is (and not also
-    plain-contiguous), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _new_act(x: Tensor) -> Tensor:
-    """A fresh activation-shaped tensor in x's memory format (NCHW or NHWC)."""
-    return torch.empty_like(x, memory_format=_fmt(x))
 
 
 # --------------------------------------------------------------------------------------

@@ -10,12 +10,8 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from ._outputs import new_like as _new
 from .reference import resampler as _ref
-
-def _new(t: Tensor) -> Tensor:
-    """A fresh contiguous tensor like ``t``: every backend returns contiguous outputs."""
-    return t.new_empty(t.shape)
-
 
 OP = "resampler_attention"
 

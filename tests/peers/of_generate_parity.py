@@ -6,57 +6,23 @@ from __future__ import annotations
 
 import json
 import sys
-import types
+from pathlib import Path
 
 import torch
 
-sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))  # only its factory needs it
-
-from open_flamingo.src.flamingo import Flamingo as OFFlamingo  # noqa: E402
-from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
-from open_flamingo.src.utils import extend_instance  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from of_models import EOC, IMG, build_of_llama  # noqa: E402
 
 from flamingo_rt.models import Flamingo  # noqa: E402
 from flamingo_rt.runtime.cache import StaticCache  # noqa: E402
 from flamingo_rt.runtime.engine import decode_step, encode_rows, forward_chunk  # noqa: E402
 
-IMG, EOC, V = 0, 1, 300
-
-
-class Visual(torch.nn.Module):
-    """A CLIP-like visual returning (pooled, tokens)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Conv2d(3, 32, 8, 8)
-
-    def forward(self, x):
-        t = self.proj(x).flatten(2).transpose(1, 2)
-        return t.mean(1), t
-
-
-class Encoder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.visual = Visual()
+V = 300
 
 
 def build(seed: int):
-    torch.manual_seed(seed)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=V, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=256, initializer_range=0.2))
-    extend_instance(hf, FlamingoLMMixin)
-    hf.set_decoder_layers_attr_name("model.layers")
-    m = OFFlamingo(Encoder(), hf, eoc_token_id=EOC, media_token_id=IMG, vis_dim=32, cross_attn_every_n_layers=2)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate")):
-                p.fill_(0.8)
-            elif p.dim() > 1 and ("perceiver" in name or "gated_cross" in name):
-                p.normal_(0, p.shape[-1] ** -0.5)
-    return m.eval()
+    return build_of_llama(vocab=V, dim=64, layers=4, heads=4, kv_heads=2, intermediate=128, every=2, gate=0.8,
+                          seed=seed, initializer_range=0.2)
 
 
 def ours_greedy(model: Flamingo, ids, media, max_new: int):

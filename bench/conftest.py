@@ -27,6 +27,22 @@ def ceilings(request):
 
 
 @pytest.fixture(scope="session")
+def of_helpers():
+    """open_flamingo's src/helpers.py (the peer modules), imported from its file so the
+    package __init__ (which needs open_clip) is skipped; skips when not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_flamingo")
+    if spec is None:
+        pytest.skip("open_flamingo (peer) not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "src" / "helpers.py"
+    mspec = importlib.util.spec_from_file_location("_of_helpers_bench", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
 def report():
     return REPORT
 

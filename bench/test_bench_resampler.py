@@ -1,25 +1,12 @@
 """Our reference Perceiver Resampler vs open_flamingo's, same weights, same inputs."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from flamingo_rt.models.resampler import PerceiverResampler
 from harness import count_flops
-
-
-def _of_helpers():
-    spec = importlib.util.find_spec("open_flamingo")
-    if spec is None:
-        pytest.skip("open_flamingo (peer) not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "src" / "helpers.py"
-    mspec = importlib.util.spec_from_file_location("_of_helpers_bench", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
 
 
 SHAPES = {
@@ -30,9 +17,9 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_resampler_forward(benchmark, ceilings, report, shape):
+def test_resampler_forward(benchmark, ceilings, report, of_helpers, shape):
     dim, depth, heads, dh, L, M, S = SHAPES[shape]
-    of = _of_helpers()
+    of = of_helpers
     torch.manual_seed(0)
     peer = of.PerceiverResampler(dim=dim, depth=depth, dim_head=dh, heads=heads, num_latents=L).eval()
     ours = PerceiverResampler.from_open_flamingo(peer).eval()

@@ -15,8 +15,6 @@ compare ratios from one run, and read the printed ceilings of that run.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +63,7 @@ USEFUL_FWD = 4 * B * T * N * DH * H
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_xattn_core_forward(benchmark, ceilings, report, dtype):
+def test_xattn_core_forward(benchmark, ceilings, report, of_helpers, dtype):
     q, k, v, idx, loc = _data(dtype)
     with torch.no_grad():
         ours_out = image_causal_attention(q, k, v, idx, backend="cpu")
@@ -90,7 +88,7 @@ def test_xattn_core_forward(benchmark, ceilings, report, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_xattn_core_forward_backward(benchmark, ceilings, report, dtype):
+def test_xattn_core_forward_backward(benchmark, ceilings, report, of_helpers, dtype):
     q, k, v, idx, loc = _data(dtype, requires_grad=True)
     go = torch.randn(B, T, H, DH, dtype=dtype)
 
@@ -111,21 +109,10 @@ def test_xattn_core_forward_backward(benchmark, ceilings, report, dtype):
     benchmark.pedantic(run_ours, rounds=2, iterations=1, warmup_rounds=1)
 
 
-def _of_helpers():
-    spec = importlib.util.find_spec("open_flamingo")
-    if spec is None:
-        pytest.skip("open_flamingo (peer) not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "src" / "helpers.py"
-    mspec = importlib.util.spec_from_file_location("_of_helpers_bench_x", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
-
-
-def test_xattn_block_forward_fp32(benchmark, ceilings, report):
+def test_xattn_block_forward_fp32(benchmark, ceilings, report, of_helpers):
     from flamingo_rt.models.xattn import GatedCrossAttentionBlock
 
-    of = _of_helpers()
+    of = of_helpers
     torch.manual_seed(0)
     peer = of.GatedCrossAttentionBlock(dim=2048, dim_visual=1024, dim_head=64, heads=8).eval()
     with torch.no_grad():

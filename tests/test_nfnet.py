@@ -276,3 +276,34 @@ def test_wrong_input_shape_errors():
         model(torch.randn(3, 32, 32))
     with pytest.raises(TypeError, match="expected floating-point images"):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_frozen_fold_is_exact_and_tracks_weight_changes():
+    from flamingo_rt.models import get_preset
+    from flamingo_rt.models.nfnet import NFNet, ScaledStdConv2d
+
+    cfg = get_preset("tiny").vision.nfnet
+    net = NFNet(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        want = net(x)
+    net.freeze()
+    convs = [m for m in net.modules() if isinstance(m, ScaledStdConv2d)]
+    assert convs and all(m.folded_weight is not None for m in convs)
+    assert not any(k.endswith("folded_weight") for k in net.state_dict())  # never saved
+    with torch.no_grad():
+        assert torch.equal(net(x), want)  # the same op computed once: bitwise equal
+    # weights loaded after freezing are picked up (the fold is refreshed, never stale)
+    sd = {k: v + 0.05 * torch.randn_like(v) for k, v in net.state_dict().items()}
+    net.load_state_dict(sd)
+    fresh = NFNet(cfg).eval()
+    fresh.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(net(x), fresh(x))
+    # unfrozen: gradients reach the raw weights and gains again
+    net.unfreeze()
+    net(x).sum().backward()
+    assert convs[0].weight.grad is not None and convs[0].gain.grad is not None

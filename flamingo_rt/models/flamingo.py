@@ -254,10 +254,13 @@ class Flamingo(nn.Module):
 
     def freeze_backbones(self, vision: bool = True, lm: bool = True) -> "Flamingo":
         """Freeze the vision encoder and/or the LM (not its cross-attention blocks):
-        no gradients, and the vision encoder in eval mode. The resampler and the
+        no gradients, and the vision encoder in eval mode (an NFNet also folds its weight
+        standardization once, exactly). The resampler and the
         cross-attention blocks stay trainable; gradients still flow through the LM's
         activations into them."""
         if vision:
+            if hasattr(self.vision_encoder, "freeze"):
+                self.vision_encoder.freeze()  # e.g. NFNet: standardization folded once (exact)
             for p in self.vision_encoder.parameters():
                 p.requires_grad_(False)
             self.vision_encoder.eval()

@@ -70,7 +70,36 @@ class ScaledStdConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_chs, in_chs // groups, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_chs))
         self.gain = nn.Parameter(torch.empty(out_chs, 1, 1, 1))
+        # the standardized weight, computed once by fold() for frozen inference (not saved)
+        self.register_buffer("folded_weight", None, persistent=False)
+        self._folded_versions = None
         self.reset_parameters()
+
+    def fold(self) -> None:
+        """Compute the standardized weight once (exact: the same op as every forward) and
+        use it while no gradient to the weight or gain is needed. Recomputed by itself
+        when the weight or gain change in place (e.g. ``load_state_dict``)."""
+        with torch.no_grad():
+            self.folded_weight = _ops.ws_standardize(self.weight, self.gain, self.eps).detach()
+        self._folded_versions = (self.weight._version, self.gain._version)
+
+    def unfold(self) -> None:
+        self.folded_weight = None
+        self._folded_versions = None
+
+    def _standardized(self) -> Optional[Tensor]:
+        """The folded weight when it may be used now, else None (standardize in the graph)."""
+        if self.folded_weight is None:
+            return None
+        if torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad):
+            return None  # training the encoder: exact gradients through the standardization
+        if torch.compiler.is_compiling():
+            return self.folded_weight
+        if self._folded_versions != (self.weight._version, self.gain._version) or (
+            self.folded_weight.device != self.weight.device or self.folded_weight.dtype != self.weight.dtype
+        ):
+            self.fold()  # weights changed (or moved) since folding
+        return self.folded_weight
 
     def reset_parameters(self) -> None:
         """timm's init: Kaiming-normal (fan_in, linear) weight, zero bias, constant gain."""
@@ -78,18 +107,20 @@ class ScaledStdConv2d(nn.Module):
         nn.init.zeros_(self.bias)
         nn.init.constant_(self.gain, self.gain_init)
 
+    def _conv(self, x: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
+        w = self._standardized()
+        if w is not None:
+            return _ops.conv2d_padded(x, w, bias, self.stride, self.groups, "same")
+        return _ops.ws_conv2d(x, self.weight, self.gain, bias, self.stride, self.groups, self.eps, "same", backend)
+
     def forward(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
         """(N, I, H, W) -> (N, O, ceil(H / stride), ceil(W / stride)), bias included."""
-        return _ops.ws_conv2d(
-            x, self.weight, self.gain, self.bias, self.stride, self.groups, self.eps, "same", backend
-        )
+        return self._conv(x, self.bias, backend)
 
     def forward_act(self, x: Tensor, gamma: float, backend: Optional[str] = None) -> Tensor:
         """``gamma * gelu(conv(x) + bias)``: the conv without bias, then the fused
         bias + GELU + gamma op."""
-        y = _ops.ws_conv2d(
-            x, self.weight, self.gain, None, self.stride, self.groups, self.eps, "same", backend
-        )
+        y = self._conv(x, None, backend)
         return _ops.bias_gamma_act(y, self.bias, "gelu", gamma, backend=backend)
 
     def extra_repr(self) -> str:
@@ -303,10 +334,22 @@ class NFNet(nn.Module):
         return self.forward_features(images).flatten(2).transpose(1, 2)
 
     def freeze(self) -> "NFNet":
-        """Eval mode and no parameter gradients (a frozen Flamingo vision encoder)."""
+        """Eval mode, no parameter gradients, and every weight standardization folded once
+        (exact; a frozen Flamingo vision encoder). ``unfreeze()`` undoes it."""
         self.eval()
         self.requires_grad_(False)
+        for m in self.modules():
+            if isinstance(m, ScaledStdConv2d):
+                m.fold()
         return self
+
+    def unfreeze(self) -> "NFNet":
+        """Trainable again: gradients on, standardization back in the graph."""
+        self.requires_grad_(True)
+        for m in self.modules():
+            if isinstance(m, ScaledStdConv2d):
+                m.unfold()
+        return self.train()
 
     # ---------------------------------------------------------------- timm interop
 

@@ -346,9 +346,23 @@ def ws_conv2d(
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    sh, sw = _pair(stride, "stride")
-    kh, kw = weight.shape[2], weight.shape[3]
     w = ws_standardize(weight, gain, eps, backend=backend)
+    return conv2d_padded(x, w, bias, stride, groups, padding)
+
+
+def conv2d_padded(
+    x: Tensor,
+    w: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Union[int, Tuple[int, int]] = 1,
+    groups: int = 1,
+    padding: Union[str, int, Tuple[int, int]] = "same",
+) -> Tensor:
+    """``F.conv2d`` with the padding modes of :func:`ws_conv2d` (TF-style ``"same"``,
+    ``"valid"``, an int or a pair), for a weight that is already standardized (e.g. folded
+    once in a frozen encoder). x (N, C_in, H, W); w (C_out, C_in/groups, kh, kw)."""
+    sh, sw = _pair(stride, "stride")
+    kh, kw = w.shape[2], w.shape[3]
     if isinstance(padding, str):
         mode = padding.lower()
         if mode == "valid":

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.linear import Linear
+
 FF_KINDS = ("gelu", "sqrelu")
 
 
@@ -22,8 +24,8 @@ class FeedForward(nn.Module):
         self.kind = kind
         inner = int(dim * mult)
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, inner, bias=False)
-        self.fc2 = nn.Linear(inner, dim, bias=False)
+        self.fc1 = Linear(dim, inner, bias=False)
+        self.fc2 = Linear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(self.norm(x))

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.linear import Linear
+
 from .config import LMConfig
 
 __all__ = [
@@ -159,10 +161,10 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim ** -0.5
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=bias)
+        self.q_proj = Linear(cfg.dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.dim, bias=bias)
 
     def forward(
         self,
@@ -214,9 +216,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         bias = cfg.mlp_bias
-        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=bias)
+        self.gate_proj = Linear(cfg.dim, cfg.intermediate_size, bias=bias)
+        self.up_proj = Linear(cfg.dim, cfg.intermediate_size, bias=bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -294,7 +296,7 @@ class DecoderLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)

@@ -6,6 +6,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..ops.linear import Linear
+
 from ..ops import image_causal_attention
 from .ff import FeedForward
 from .media import num_media_tensor, resolve_media_index
@@ -24,9 +26,9 @@ class MaskedCrossAttention(nn.Module):
         self.heads, self.dim_head = heads, dim_head
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_kv = Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
 
     def media_kv(self, media: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """media (B, M, N, Dv) -> keys, values, each (B, M, N, H, dh)."""

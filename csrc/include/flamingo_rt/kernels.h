@@ -167,3 +167,4 @@ Status bias_gamma_act_backward_cuda(const BiasGammaActBackwardParams& p);
 }  // namespace flamingo_rt
 
 #include "flamingo_rt/xattn.h"
+#include "flamingo_rt/small_linear.h"

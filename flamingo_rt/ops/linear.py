@@ -1,0 +1,51 @@
+"""``linear``: ``F.linear`` with flamingo_rt's small-batch kernel for decode-sized inputs.
+
+At decode time every projection multiplies one token per sequence by a weight matrix:
+the cost is streaming the weight once, where a general GEMM is not at its best. When the
+input has at most 16 rows, lives on the CPU in float32 or bfloat16, and no gradient is
+needed, the C++ kernel ``flamingo_rt_C::small_linear`` runs instead (measured 1.4-1.7x
+faster than torch's in float32 and about 2x in bfloat16 on 4096 x 1024 weights).
+Everything else (training, larger inputs, other devices, torch.compile) is ``F.linear``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _ext
+
+MAX_ROWS = 16
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        return False
+    if x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    if weight.dim() != 2 or weight.stride(-1) != 1 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
+        return False
+    return not torch.compiler.is_compiling() and _ext.load()
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N)."""
+    if _small_ok(x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = torch.ops.flamingo_rt_C.small_linear(x2, weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict names) whose forward is :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

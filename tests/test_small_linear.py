@@ -1,0 +1,59 @@
+"""The small-batch linear kernel (decode projections) against the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flamingo_rt import _ext
+from flamingo_rt.ops.linear import MAX_ROWS, Linear, linear
+from conftest import rel_err
+
+needs_ext = pytest.mark.skipif(not _ext.load(), reason="flamingo_rt._C not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("N,K", [(5, 7), (257, 96), (1024, 130)])
+def test_kernel_matches_reference(dtype, tol, B, N, K):
+    x, w, b = torch.randn(B, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    want = x.double() @ w.double().t() + b.double()
+    got = torch.ops.flamingo_rt_C.small_linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (B, N) and torch.isfinite(got).all()
+    assert rel_err(got, want) < tol
+    # no worse than torch's own linear in the same dtype (2x plus a floor)
+    assert rel_err(got, want) <= 2 * rel_err(F.linear(x, w, b), want) + tol / 4
+    assert rel_err(torch.ops.flamingo_rt_C.small_linear(x, w, None), x.double() @ w.double().t()) < tol
+
+
+@needs_ext
+def test_strided_rows_and_errors():
+    w = torch.randn(64, 2 * 48)[:, ::2]  # K stride 2: rejected
+    with pytest.raises(RuntimeError, match="unit stride"):
+        torch.ops.flamingo_rt_C.small_linear(torch.randn(2, 48), w, None)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        torch.ops.flamingo_rt_C.small_linear(torch.randn(17, 8), torch.randn(4, 8), None)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.flamingo_rt_C.small_linear(torch.randn(2, 9), torch.randn(4, 8), None)
+    big = torch.randn(40, 3, 32)[:, 1]  # row-strided weight (stride 96 in N): accepted
+    x = torch.randn(2, 32)
+    assert rel_err(torch.ops.flamingo_rt_C.small_linear(x, big, None), x.double() @ big.double().t()) < 2e-6
+
+
+def test_linear_dispatch_keeps_autograd_and_shapes():
+    layer = Linear(24, 40)
+    x = torch.randn(2, 3, 24)
+    with torch.no_grad():
+        y = layer(x)  # 6 rows, no grad: the kernel (when built)
+    assert y.shape == (2, 3, 40)
+    assert rel_err(y, F.linear(x, layer.weight, layer.bias)) < 2e-6
+    xg = torch.randn(1, 24, requires_grad=True)
+    out = layer(xg)  # grads needed: F.linear
+    out.sum().backward()
+    assert xg.grad is not None and layer.weight.grad is not None
+    many = torch.randn(MAX_ROWS + 1, 24)
+    with torch.no_grad():
+        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    assert linear(torch.randn(3, 24, dtype=torch.float64), layer.weight.double()).dtype == torch.float64

@@ -5,40 +5,21 @@
 // `omp simd` reductions in float32 (float64 for float64), compiled per ISA level with
 // target_clones (AVX-512 / AVX2 / baseline) and picked at load time. bfloat16 weights are
 // widened on the fly (a shift), x is widened once into a float32 scratch.
-#include <omp.h>
-
-#include <cstring>
 #include <vector>
 
+#include "cpu_math.h"
 #include "flamingo_rt/kernels.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FRT_SL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FRT_SL_CLONES
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 namespace flamingo_rt {
+using namespace cpu;  // element types and scalar math: cpu_math.h
 namespace {
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 // One weight row (float32) against B float32 rows of x.
-FRT_SL_CLONES void rows_f32(const float* w, const float* x, int64_t xs, int64_t B, int64_t K,
-                            float* acc) {
+FRT_CLONES void rows_f32(const float* w, const float* x, int64_t xs, int64_t B, int64_t K, float* acc) {
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x + b * xs;
     float s = 0.f;
@@ -49,18 +30,12 @@ FRT_SL_CLONES void rows_f32(const float* w, const float* x, int64_t xs, int64_t 
 }
 
 // One bfloat16 weight row against B float32 rows of x (x already widened).
-FRT_SL_CLONES void rows_bf16(const uint16_t* w, const float* x, int64_t xs, int64_t B, int64_t K,
-                             float* acc) {
+FRT_CLONES void rows_bf16(const uint16_t* w, const float* x, int64_t xs, int64_t B, int64_t K, float* acc) {
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x + b * xs;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < K; ++k) {
-      uint32_t u = static_cast<uint32_t>(w[k]) << 16;
-      float wf;
-      std::memcpy(&wf, &u, sizeof wf);
-      s += wf * xb[k];
-    }
+    for (int64_t k = 0; k < K; ++k) s += BF16::load(w[k]) * xb[k];
     acc[b] = s;
   }
 }
@@ -77,7 +52,11 @@ void rows_f64(const double* w, const double* x, int64_t xs, int64_t B, int64_t K
 // Threads only when there is enough weight to stream (a few hundred KB per thread).
 int threads_for(int64_t N, int64_t K, int64_t elt) {
   const int64_t bytes = N * K * elt;
+#ifdef _OPENMP
   const int max_t = omp_get_max_threads();
+#else
+  const int max_t = 1;
+#endif
   const int64_t want = bytes / (256 * 1024);
   return static_cast<int>(want < 1 ? 1 : (want < max_t ? want : max_t));
 }
@@ -112,13 +91,13 @@ Status small_linear_cpu(const SmallLinearParams& p) {
       uint16_t* y = static_cast<uint16_t*>(p.y);
       std::vector<float> xf(static_cast<size_t>(B * K));
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = 0; k < K; ++k) xf[b * K + k] = bf16_to_float(x16[b * p.x_row_stride + k]);
+        for (int64_t k = 0; k < K; ++k) xf[b * K + k] = BF16::load(x16[b * p.x_row_stride + k]);
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K, 2))
       for (int64_t n = 0; n < N; ++n) {
         float acc[kSmallLinearMaxRows];
         rows_bf16(w + n * p.w_row_stride, xf.data(), K, B, K, acc);
-        const float bn = bias ? bf16_to_float(bias[n]) : 0.f;
-        for (int64_t b = 0; b < B; ++b) y[b * N + n] = float_to_bf16(acc[b] + bn);
+        const float bn = bias ? BF16::load(bias[n]) : 0.f;
+        for (int64_t b = 0; b < B; ++b) y[b * N + n] = BF16::store(acc[b] + bn);
       }
       return Status::kOk;
     }

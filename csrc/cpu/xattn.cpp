@@ -29,15 +29,10 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
+
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
-    !defined(FLAMINGO_RT_NO_CLONES)
-#define FRT_XCLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FRT_XCLONES
 #endif
 
 // Vectorize reductions (max, sum) and exp loops: `omp simd` (honoured with -fopenmp;
@@ -46,18 +41,13 @@
 #define FRT_SIMD FRT_PRAGMA(omp simd)
 #define FRT_SIMD_RED(r) FRT_PRAGMA(omp simd reduction(r))
 
-#if defined(__GNUC__)
-#define FRT_XINLINE inline __attribute__((always_inline))
-#else
-#define FRT_XINLINE inline
-#endif
-
 #if defined(__GNUC__) && !defined(__clang__)
 // The vector-typed helpers below are always inlined; no vector crosses a call boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 namespace flamingo_rt {
+using namespace cpu;  // element types and scalar math: cpu_math.h
 namespace {
 
 constexpr int64_t kTB = 32;      // queries per block
@@ -72,70 +62,13 @@ inline double fwd_macs(int64_t B, int64_t T, int64_t H, int64_t dh, int64_t M, i
   return 2.0 * double(B) * double(T) * double(H) * double(dh) * double(N) * (allp ? double(std::max<int64_t>(M, 1)) / 2 + 1 : 1);
 }
 
-FRT_XINLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+FRT_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-FRT_XINLINE float u2f(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-FRT_XINLINE uint32_t f2u(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 
-struct F32 {
-  using T = float;
-  using Acc = float;
-  FRT_XINLINE static float load(T v) { return v; }
-  FRT_XINLINE static T store(float v) { return v; }
-};
-struct BF16 {
-  using T = uint16_t;
-  using Acc = float;
-  FRT_XINLINE static float load(T v) { return u2f(uint32_t(v) << 16); }
-  FRT_XINLINE static T store(float v) {  // round to nearest even, NaN stays NaN
-    const uint32_t u = f2u(v);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return T(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x0040u) : rounded);
-  }
-};
-struct F64 {
-  using T = double;
-  using Acc = double;
-  FRT_XINLINE static double load(T v) { return v; }
-  FRT_XINLINE static T store(double v) { return v; }
-};
 
-// exp for float32, branch-free (vectorizes): Cody-Waite reduction + degree-7 Taylor,
-// ~2 ulp; 0 below -87.33 (also for -inf), +inf above 88. Same scheme as bias_gamma_act.cpp.
-FRT_XINLINE float exp_acc(float a) {
-  const float lo = -87.33f, hi = 88.0f;
-  float ac = a < lo ? lo : a;
-  ac = ac > hi ? hi : ac;
-  const float shifter = 12582912.0f;
-  const float kk = ac * 1.44269504088896341f + shifter;
-  const int32_t n = int32_t(f2u(kk) - f2u(shifter));
-  const float kf = kk - shifter;
-  float r = ac - kf * 0.693145751953125f;
-  r = r - kf * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  float e = p * u2f(uint32_t(n + 127) << 23);
-  e = a < lo ? 0.0f : e;
-  e = a > hi ? std::numeric_limits<float>::infinity() : e;
-  return e;
-}
-FRT_XINLINE double exp_acc(double a) { return std::exp(a); }
-FRT_XINLINE float log_acc(float a) { return std::log(a); }
-FRT_XINLINE double log_acc(double a) { return std::log(a); }
+FRT_INLINE double exp_f32(double a) { return std::exp(a); }
+FRT_INLINE float log_acc(float a) { return std::log(a); }
+FRT_INLINE double log_acc(double a) { return std::log(a); }
 
 // A vector of kVW accumulators (GCC/Clang vector extension: one zmm for float on AVX-512,
 // two ymm on AVX2, four xmm on the baseline; the compiler splits it as the ISA needs).
@@ -145,20 +78,20 @@ struct VecOf {
 };
 
 template <typename V, typename A>
-FRT_XINLINE V vload(const A* p) {
+FRT_INLINE V vload(const A* p) {
   V v;
   std::memcpy(&v, p, sizeof(V));
   return v;
 }
 template <typename V, typename A>
-FRT_XINLINE void vstore(A* p, const V& v) {
+FRT_INLINE void vstore(A* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
 // C[r, 0:W] (+)= sum_k A[r, k] B[k, 0:W] for R rows; W a multiple of kVW; B rows readable
 // to W. R accumulator vectors stay in registers across the k loop.
 template <typename A, int R>
-FRT_XINLINE void mk_rows(const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
+FRT_INLINE void mk_rows(const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
                          int64_t K, int64_t W, bool accumulate) {
   using V = typename VecOf<A>::type;
   for (int64_t j0 = 0; j0 < W; j0 += kVW) {
@@ -175,7 +108,7 @@ FRT_XINLINE void mk_rows(const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
 
 // C (rows x W) (+)= A (rows x K) B (K x W).
 template <typename A>
-FRT_XINLINE void gemm(int64_t rows, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
+FRT_INLINE void gemm(int64_t rows, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
                       int64_t ldc, int64_t K, int64_t W, bool accumulate) {
   int64_t r = 0;
   for (; r + 8 <= rows; r += 8)
@@ -220,17 +153,17 @@ struct Scratch {
 };
 
 template <class L>
-FRT_XINLINE const typename L::T* cptr(const void* p) {
+FRT_INLINE const typename L::T* cptr(const void* p) {
   return static_cast<const typename L::T*>(p);
 }
 template <class L>
-FRT_XINLINE typename L::T* mptr(void* p) {
+FRT_INLINE typename L::T* mptr(void* p) {
   return static_cast<typename L::T*>(p);
 }
 
 // rows x dh of a (B, T, H, dh) tensor -> dst rows of ld Dp, times mul; pads zero.
 template <class L>
-FRT_XINLINE void load_rows(const Ctx& c, const void* src, const int64_t* st, int64_t b, int64_t t0,
+FRT_INLINE void load_rows(const Ctx& c, const void* src, const int64_t* st, int64_t b, int64_t t0,
                            int64_t rows, int64_t h, typename L::Acc mul, typename L::Acc* dst) {
   using Acc = typename L::Acc;
   const typename L::T* base = cptr<L>(src) + b * st[0] + h * st[2];
@@ -247,7 +180,7 @@ FRT_XINLINE void load_rows(const Ctx& c, const void* src, const int64_t* st, int
 }
 
 template <class L>
-FRT_XINLINE void store_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t b, int64_t t0,
+FRT_INLINE void store_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t b, int64_t t0,
                             int64_t rows, int64_t h, const typename L::Acc* src,
                             const typename L::Acc* rowmul) {
   typename L::T* base = mptr<L>(dstp) + b * st[0] + h * st[2];
@@ -264,7 +197,7 @@ FRT_XINLINE void store_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t
 }
 
 template <class L>
-FRT_XINLINE void zero_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t b, int64_t t0,
+FRT_INLINE void zero_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t b, int64_t t0,
                            int64_t rows, int64_t h) {
   typename L::T* base = mptr<L>(dstp) + b * st[0] + h * st[2];
   for (int64_t r = 0; r < rows; ++r)
@@ -274,7 +207,7 @@ FRT_XINLINE void zero_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t 
 // Image j's keys or values (B, M, N, H, dh): row-major N x Dp (`rowm`) and/or transposed
 // dh x Np (`tr`), both zero-padded.
 template <class L>
-FRT_XINLINE void load_image(const Ctx& c, const void* src, const int64_t* st, int64_t b, int64_t j,
+FRT_INLINE void load_image(const Ctx& c, const void* src, const int64_t* st, int64_t b, int64_t j,
                             int64_t h, typename L::Acc* rowm, typename L::Acc* tr) {
   using Acc = typename L::Acc;
   const typename L::T* base = cptr<L>(src) + b * st[0] + j * st[1] + h * st[3];
@@ -297,7 +230,7 @@ FRT_XINLINE void load_image(const Ctx& c, const void* src, const int64_t* st, in
 // [j_lo, j_hi]: s.o = normalized output, s.lse = log-sum-exp of the scaled scores.
 // `loaded` caches which image s.kt / s.vr hold (-1: none).
 template <class L>
-FRT_XINLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, int64_t rows,
+FRT_INLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, int64_t rows,
                               int64_t j_lo, int64_t j_hi, int64_t& loaded) {
   using Acc = typename L::Acc;
   const Acc ninf = -std::numeric_limits<Acc>::infinity();
@@ -321,12 +254,12 @@ FRT_XINLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h,
       Acc sum = Acc(0);
       FRT_SIMD_RED(+ : sum)
       for (int64_t n = 0; n < c.N; ++n) {
-        const Acc e = exp_acc(sr[n] - mx);
+        const Acc e = exp_f32(sr[n] - mx);
         sr[n] = e;
         sum += e;
       }
       if (s.m[r] != mx) {  // rescale what earlier images contributed
-        const Acc alpha = s.m[r] == ninf ? Acc(0) : exp_acc(s.m[r] - mx);
+        const Acc alpha = s.m[r] == ninf ? Acc(0) : exp_f32(s.m[r] - mx);
         Acc* orow = s.o.data() + r * c.Dp;
         for (int64_t i = 0; i < c.Dp; ++i) orow[i] *= alpha;
         s.l[r] *= alpha;
@@ -347,7 +280,7 @@ FRT_XINLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h,
 // ------------------------------------------------------------------ forward task
 
 template <class L>
-FRT_XINLINE void fwd_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>& s) {
+FRT_INLINE void fwd_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>& s) {
   using Acc = typename L::Acc;
   if (sg.idx < 0) {
     zero_rows<L>(c, c.out, c.os, sg.b, sg.t0, sg.len, h);
@@ -363,22 +296,22 @@ FRT_XINLINE void fwd_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>& s)
   }
 }
 
-FRT_XCLONES void fwd_task_f32(const Ctx& c, const Seg& sg, int64_t h, Scratch<F32>& s) {
+FRT_CLONES void fwd_task_f32(const Ctx& c, const Seg& sg, int64_t h, Scratch<F32>& s) {
   fwd_task<F32>(c, sg, h, s);
 }
-FRT_XCLONES void fwd_task_bf16(const Ctx& c, const Seg& sg, int64_t h, Scratch<BF16>& s) {
+FRT_CLONES void fwd_task_bf16(const Ctx& c, const Seg& sg, int64_t h, Scratch<BF16>& s) {
   fwd_task<BF16>(c, sg, h, s);
 }
-FRT_XCLONES void fwd_task_f64(const Ctx& c, const Seg& sg, int64_t h, Scratch<F64>& s) {
+FRT_CLONES void fwd_task_f64(const Ctx& c, const Seg& sg, int64_t h, Scratch<F64>& s) {
   fwd_task<F64>(c, sg, h, s);
 }
-FRT_XINLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<F32>& s) {
+FRT_INLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<F32>& s) {
   fwd_task_f32(c, sg, h, s);
 }
-FRT_XINLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<BF16>& s) {
+FRT_INLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<BF16>& s) {
   fwd_task_bf16(c, sg, h, s);
 }
-FRT_XINLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<F64>& s) {
+FRT_INLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<F64>& s) {
   fwd_task_f64(c, sg, h, s);
 }
 
@@ -386,7 +319,7 @@ FRT_XINLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<F6
 
 // all_previous, phase 1: dq of a token chunk, and lse / D per row for phase 2.
 template <class L>
-FRT_XINLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>& s) {
+FRT_INLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>& s) {
   using Acc = typename L::Acc;
   if (sg.idx < 0) {
     zero_rows<L>(c, c.dq, c.dqs, sg.b, sg.t0, sg.len, h);
@@ -427,7 +360,7 @@ FRT_XINLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L
         Acc* dpr = s.dp.data() + r * c.Np;
         FRT_SIMD
         for (int64_t n = 0; n < c.N; ++n) {
-          const Acc p = exp_acc(sr[n] - s.lse[r]);
+          const Acc p = exp_f32(sr[n] - s.lse[r]);
           dpr[n] = p * (dpr[n] - s.d[r]);
         }
       }
@@ -440,7 +373,7 @@ FRT_XINLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L
 
 // dK_j, dV_j of image j (and, image-causal mode, dq of the tokens of image j).
 template <class L>
-FRT_XINLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64_t b, int64_t j,
+FRT_INLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64_t b, int64_t j,
                                 int64_t h, Scratch<L>& s) {
   using Acc = typename L::Acc;
   const size_t nd = size_t(c.N * c.Dp);
@@ -475,7 +408,7 @@ FRT_XINLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int6
             d = c.d32[so + r];
           }
           FRT_SIMD
-          for (int64_t n = 0; n < c.N; ++n) sr[n] = exp_acc(sr[n] - lse);
+          for (int64_t n = 0; n < c.N; ++n) sr[n] = exp_f32(sr[n] - lse);
         } else {
           Acc mx = sr[0];
           FRT_SIMD_RED(max : mx)
@@ -483,7 +416,7 @@ FRT_XINLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int6
           Acc sum = Acc(0);
           FRT_SIMD_RED(+ : sum)
           for (int64_t n = 0; n < c.N; ++n) {
-            const Acc e = exp_acc(sr[n] - mx);
+            const Acc e = exp_f32(sr[n] - mx);
             sr[n] = e;
             sum += e;
           }
@@ -520,17 +453,17 @@ FRT_XINLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int6
 }
 
 #define FRT_XDEF(NAME, LT)                                                                   \
-  FRT_XCLONES void bwd_rows_##NAME(const Ctx& c, const Seg& sg, int64_t h, Scratch<LT>& s) { \
+  FRT_CLONES void bwd_rows_##NAME(const Ctx& c, const Seg& sg, int64_t h, Scratch<LT>& s) { \
     bwd_rows_task<LT>(c, sg, h, s);                                                         \
   }                                                                                         \
-  FRT_XCLONES void bwd_image_##NAME(const Ctx& c, const std::vector<Seg>& segs, int64_t b,  \
+  FRT_CLONES void bwd_image_##NAME(const Ctx& c, const std::vector<Seg>& segs, int64_t b,  \
                                     int64_t j, int64_t h, Scratch<LT>& s) {                 \
     bwd_image_task<LT>(c, segs, b, j, h, s);                                                \
   }                                                                                         \
-  FRT_XINLINE void bwd_rows(const Ctx& c, const Seg& sg, int64_t h, Scratch<LT>& s) {       \
+  FRT_INLINE void bwd_rows(const Ctx& c, const Seg& sg, int64_t h, Scratch<LT>& s) {       \
     bwd_rows_##NAME(c, sg, h, s);                                                           \
   }                                                                                         \
-  FRT_XINLINE void bwd_image(const Ctx& c, const std::vector<Seg>& segs, int64_t b,         \
+  FRT_INLINE void bwd_image(const Ctx& c, const std::vector<Seg>& segs, int64_t b,         \
                              int64_t j, int64_t h, Scratch<LT>& s) {                        \
     bwd_image_##NAME(c, segs, b, j, h, s);                                                  \
   }

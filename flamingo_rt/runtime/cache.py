@@ -110,6 +110,23 @@ class StaticCache:
             t = getattr(self, name)
             t.copy_(t.index_select(0, rows))
 
+    def broadcast_from(self, src: "StaticCache") -> None:
+        """Every row becomes a copy of the single row of ``src`` (a computed prefix or
+        prompt): its filled token slots, its media K/V and its bookkeeping."""
+        if src.batch != 1:
+            raise ValueError(f"expected a one-row source cache, got {src.batch} rows")
+        n, m = src.length, int(src.num_media.max())
+        for (k, v), (ks, vs) in zip(self.kv, src.kv):
+            k[:, :, :n] = ks[:, :, :n]
+            v[:, :, :n] = vs[:, :, :n]
+        for key, (k, v) in self.media_kv.items():
+            ks, vs = src.media_kv[key]
+            k[:, :m] = ks[:, :m]
+            v[:, :m] = vs[:, :m]
+        B = self.batch
+        self.restore(CacheSnapshot(n, src.key_valid.expand(B, -1), src.pad.expand(B),
+                                   src.num_media.expand(B), src.image_count.expand(B)))
+
     # ------------------------------------------------------------------ media
     def add_media(self, model: Flamingo, media_tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Store the cross-attention K/V of new media after each row's existing ones.

@@ -14,7 +14,7 @@ import torch
 
 from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
-from .cache import CacheSnapshot, StaticCache
+from .cache import StaticCache
 from .engine import decode_step, encode_rows, forward_chunk, left_pad
 from .prompt import EncodedPrompt, PromptItem, encode_prompt
 from .sampling import GenerationConfig, choose_next
@@ -144,16 +144,7 @@ class Generator:
 
     def _from_prefix(self, prefix: Prefix, batch: int) -> StaticCache:
         cache = self._cache(batch)
-        src = prefix.cache
-        for (k, v), (ks, vs) in zip(cache.kv, src.kv):
-            k[:, :, :src.length] = ks[:, :, :src.length]
-            v[:, :, :src.length] = vs[:, :, :src.length]
-        for key, (k, v) in cache.media_kv.items():
-            ks, vs = src.media_kv[key]
-            k[:, :prefix.num_media] = ks[:, :prefix.num_media]
-            v[:, :prefix.num_media] = vs[:, :prefix.num_media]
-        cache.restore(CacheSnapshot(src.length, src.key_valid.expand(batch, -1), src.pad.expand(batch),
-                                    src.num_media.expand(batch), src.image_count.expand(batch)))
+        cache.broadcast_from(prefix.cache)
         return cache
 
     def _start(self, prompts: Sequence[PromptLike], cfg: GenerationConfig, prefix: Optional[Prefix]):
@@ -296,17 +287,8 @@ class Generator:
     def _beam_search(self, prompt: PromptLike, cfg: GenerationConfig, prefix: Optional[Prefix]) -> str:
         K = cfg.num_beams
         cache1, encs, logits = self._start([prompt], cfg, prefix)  # media encoded once
-        cache = self._cache_beams(K)
-        # copy the prefilled row into K beams (media K/V included, copied not recomputed)
-        for (k, v), (k1, v1) in zip(cache.kv, cache1.kv):
-            k.copy_(k1.expand_as(k))
-            v.copy_(v1.expand_as(v))
-        for key, (k, v) in cache.media_kv.items():
-            k1, v1 = cache1.media_kv[key]
-            k.copy_(k1.expand_as(k))
-            v.copy_(v1.expand_as(v))
-        cache.restore(CacheSnapshot(cache1.length, cache1.key_valid.expand(K, -1), cache1.pad.expand(K),
-                                    cache1.num_media.expand(K), cache1.image_count.expand(K)))
+        cache = self._cache(K)
+        cache.broadcast_from(cache1)  # the prefilled row into K beams (media K/V copied, not recomputed)
         stop = set(self._stop_ids(cfg))
         V = logits.shape[-1]
         scores = torch.full((K,), float("-inf"), device=self.device)
@@ -353,15 +335,6 @@ class Generator:
                     finished.append((s / (len(seq) ** cfg.length_penalty), seq))
         best = max(finished, key=lambda f: f[0])[1]
         return self._finish_text(best, cfg)
-
-    def _cache_beams(self, K: int) -> StaticCache:
-        key = ("beams", K)
-        c = self._caches.get(key)
-        if c is None:
-            c = self._caches[key] = StaticCache(self.model, K, self.max_seq_len, self.max_media,
-                                                dtype=self.dtype, device=self.device)
-        c.reset()
-        return c
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()

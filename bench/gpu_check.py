@@ -229,20 +229,11 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
                             x = x.to(memory_format=torch.channels_last)
                         bias = torch.randn(40)
                         results.append(run_case(
-                            "bias_gamma_act", 
+                            "bias_gamma_act",
                             lambda x, bias, backend: ops.bias_gamma_act(x, bias, act, 1.7015, backend=backend),
-                            lambda x, bias: R.bias_gamma_act(x, bias, act, 1.7015) if hasattr(R, "bias_gamma_act")
-                            else _bga_formula(x, bias, act, 1.7015),
+                            lambda x, bias: R.bias_gamma_act(x, bias, act, 1.7015),
                             (x, bias), (0, 1), b, dt, device, f"{act} {'NHWC' if cl else 'NCHW'}"))
     return results
-
-
-def _bga_formula(x, bias, act, gamma):
-    import torch.nn.functional as F
-
-    y = x + bias[None, :, None, None]
-    y = {"gelu": F.gelu, "relu": torch.relu, "silu": F.silu}[act](y)
-    return gamma * y
 
 
 # --------------------------------------------------------------------------- timings

@@ -201,7 +201,7 @@ class Flamingo(nn.Module):
         """Convert a whole open_flamingo ``Flamingo`` whose language model is a transformers
         LLaMA model. Its vision encoder module is kept as is (wrapped to return tokens);
         the resampler, the LM and its gated cross-attention blocks are copied."""
-        from .config import LMConfig, ResamplerConfig, VisionConfig, XAttnConfig  # noqa: F401
+        from .config import VisionConfig, XAttnConfig
         from .lm import hf_key_to_ours, lm_config_from_hf
 
         lang = of_model.lang_encoder

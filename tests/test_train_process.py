@@ -68,14 +68,26 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_equal_one(world, tmp_path):
-    steps = 4
-    one = write_config(tmp_path / "one.json", train_config_dict(world["model"].parent, tmp_path / "one", steps))
-    two = write_config(tmp_path / "two.json", train_config_dict(world["model"].parent, tmp_path / "two", steps))
-    _run(one)
+def _torchrun(cfg: Path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        WORKER, str(two)], env=ENV, capture_output=True, text=True, timeout=300)
+                        WORKER, str(cfg)], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one(world, tmp_path, strategy):
+    """The same global batch on 2 processes (gloo) gives the 1-process losses and weights.
+    For FSDP2 the run is also stopped at step 2 and resumed from its sharded-then-gathered
+    checkpoint."""
+    steps = 4
+    root = world["model"].parent
+    one = write_config(tmp_path / "one.json", train_config_dict(root, tmp_path / "one", steps))
+    _run(one)
+    two_d = train_config_dict(root, tmp_path / "two", steps, strategy=strategy)
+    if strategy == "fsdp":
+        _torchrun(write_config(tmp_path / "two_a.json", dict(two_d, steps=2)))
+        assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    _torchrun(write_config(tmp_path / "two.json", two_d))
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in l1] == [s for s, _ in l2] == list(range(1, steps + 1))
     for (_, a), (_, b) in zip(l1, l2):
@@ -84,6 +96,7 @@ def test_two_processes_equal_one(world, tmp_path):
             assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
     w1 = load_state_dict(tmp_path / "one" / "final")
     w2 = load_state_dict(tmp_path / "two" / "final")
+    assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(w1[k], load_state_dict(world["model"])[k]) for k in w1)  # it trained

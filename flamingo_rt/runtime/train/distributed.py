@@ -61,7 +61,7 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, device: str
                ) -> "tuple[nn.Module, Optional[Callable[[], contextlib.AbstractContextManager]]]":
     """Wrap for data parallelism. ``strategy``: "none" / "auto" (DDP when distributed) /
     "ddp" / "fsdp" (FSDP2 ``fully_shard`` per decoder layer, cross-attention block and
-    the resampler, then the root). Returns (model, no_sync factory or None)."""
+    the resampler, then the root; the frozen vision encoder stays replicated). Returns (model, no_sync factory or None)."""
     if info.world_size <= 1 or strategy == "none":
         return model, None
     if strategy in ("auto", "ddp"):
@@ -80,7 +80,9 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, device: str
         for blk in model.lm.xattn.values():
             fully_shard(blk)
         fully_shard(model.resampler)
-        fully_shard(model)
+        # The frozen vision encoder is replicated, not sharded (NFNet's scalar skip-init
+        # gains cannot be sharded, and a frozen encoder needs no optimizer state).
+        fully_shard(model, ignored_params=set(model.vision_encoder.parameters()))
 
         @contextlib.contextmanager
         def no_sync():

@@ -82,6 +82,7 @@ def train_step(
     backend: Optional[str] = None,
     no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     params=None,
+    grad_mask: Optional[Callable[[], None]] = None,
 ) -> StepResult:
     """Accumulate ``weights[d] * loss_d`` over the datasets, clip, step.
 
@@ -93,6 +94,8 @@ def train_step(
         no_sync: a context-manager factory suppressing gradient synchronisation (DDP's
             ``no_sync``), used for every dataset but the last.
         params: the parameters to clip (default: the model's trainable ones).
+        grad_mask: called after the backward passes, before clipping (e.g. a
+            :class:`~flamingo_rt.runtime.train.freeze.RowGradMask`).
     Raises:
         NonFiniteLossError naming the dataset and step when a loss (or the gradient norm) is
         not finite; gradients are cleared and nothing is applied.
@@ -121,13 +124,12 @@ def train_step(
             (s * (float(weights[name]) * world / n)).backward()
             sums[i] = s.detach().double() / n
     _all_reduce(sums)
+    if grad_mask is not None:
+        grad_mask()
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
-    if grad_clip is not None:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        norm = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None])))
+    norm_t = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+    norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
     if not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError("gradient norm", step, norm)

@@ -8,6 +8,9 @@ Layout (``<out_dir>/checkpoints``)::
         state.pt                optimizer, scheduler, RNG states, data positions, step, rows
     latest                      the name of the newest complete checkpoint
 
+State is gathered with ``torch.distributed.checkpoint.state_dict`` (full, on the CPU of the
+main process), so plain, DDP and FSDP2 runs write the same files and resume the same way.
+
 A checkpoint is written into a temporary folder, every file fsync-ed, then the folder is
 renamed into place and ``latest`` is replaced atomically, so a run killed at any moment
 leaves the previous checkpoint loadable. Older checkpoints beyond ``keep`` are removed
@@ -45,15 +48,19 @@ def set_rng_state(s: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+_OPTS = dict(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
 def trainable_state(model: nn.Module, rows: Dict[str, List[int]]) -> Dict[str, torch.Tensor]:
-    """{name: tensor} of the trainable parameters; for a name in ``rows`` only those rows
-    (stored as ``name + ":rows"``). Tied parameters appear once."""
-    out, seen = {}, set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        t = p.detach()
+    """{name: full tensor on CPU} of the trainable parameters (gathered from all processes
+    under FSDP; a collective there, every process must call it). For a name in ``rows`` only
+    those rows (stored as ``name + ":rows"``). With several processes only the main one
+    receives the tensors (the others get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(**_OPTS))
+    out = {}
+    for name, t in sd.items():
         if name in rows:
             out[name + ":rows"] = t[rows[name]].clone()
         else:
@@ -62,23 +69,30 @@ def trainable_state(model: nn.Module, rows: Dict[str, List[int]]) -> Dict[str, t
 
 
 def _load_trainable(model: nn.Module, tensors: Dict[str, torch.Tensor], rows: Dict[str, List[int]]) -> None:
-    params = dict(model.named_parameters())
-    expected = set(trainable_state(model, rows))
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, set_model_state_dict,
+    )
+
+    current = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    expected = {k + ":rows" if k in rows else k for k in current}
     got = set(tensors)
     if expected != got:
         raise CheckpointError(
             f"the checkpoint's trainable tensors do not match the model's: missing {sorted(expected - got)[:8]}, "
             f"unexpected {sorted(got - expected)[:8]} (was the freeze configuration changed?)"
         )
-    with torch.no_grad():
-        for key, t in tensors.items():
-            if key.endswith(":rows"):
-                name = key[: -len(":rows")]
-                params[name][rows[name]] = t.to(params[name].dtype)
-            else:
-                if params[key].shape != t.shape:
-                    raise CheckpointError(f"{key}: expected shape {tuple(params[key].shape)}, got {tuple(t.shape)}")
-                params[key].copy_(t)
+    full = {}
+    for name, cur in current.items():
+        cur = cur.full_tensor() if hasattr(cur, "full_tensor") else cur
+        if name in rows:
+            t = cur.detach().to("cpu", copy=True)
+            t[rows[name]] = tensors[name + ":rows"].to(t.dtype)
+        else:
+            t = tensors[name]
+            if tuple(t.shape) != tuple(cur.shape):
+                raise CheckpointError(f"{name}: expected shape {tuple(cur.shape)}, got {tuple(t.shape)}")
+        full[name] = t
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -106,18 +120,25 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 
 def save_train_state(ckpt_dir: Path, step: int, model: nn.Module, optimizer, scheduler,
                      data: Dict[str, Any], rows: Dict[str, List[int]], extra: Optional[Dict[str, Any]] = None,
-                     keep: int = 2) -> Path:
-    """Write the checkpoint of ``step`` (completed optimizer steps); returns its folder."""
+                     keep: int = 2, is_main: bool = True) -> Optional[Path]:
+    """Write the checkpoint of ``step`` (completed optimizer steps). Every process must call
+    it (gathering sharded state is collective); the main one writes and returns the folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = trainable_state(model, rows)
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     tmp = ckpt_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_checkpoint(trainable_state(model, rows), tmp, metadata={"step": str(step)})
+        save_checkpoint(weights, tmp, metadata={"step": str(step)})
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             "data": data,
@@ -143,13 +164,15 @@ def save_train_state(ckpt_dir: Path, step: int, model: nn.Module, optimizer, sch
 
 
 def load_train_state(folder: Path, model: nn.Module, optimizer, scheduler) -> Tuple[int, Dict[str, Any], Dict[str, Any]]:
-    """Restore a checkpoint into ``model`` / ``optimizer`` / ``scheduler`` and the RNGs.
-    Returns (step, data positions, extra)."""
+    """Restore a checkpoint into ``model`` / ``optimizer`` / ``scheduler`` and the RNGs
+    (every process reads the folder). Returns (step, data positions, extra)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     folder = Path(folder)
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     rows = {k: [int(r) for r in v] for k, v in state["rows"].items()}
     _load_trainable(model, load_state_dict(folder), rows)
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

@@ -24,7 +24,7 @@ from .collate import Collator
 from .config import TrainConfig
 from .dataset_stream import DatasetStream
 from .distributed import DistInfo, init_distributed, row_range, wrap_model
-from .freeze import apply_freeze
+from .freeze import RowGradMask, apply_freeze
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
 from .step import NonFiniteLossError, train_step
@@ -80,20 +80,15 @@ class Trainer:
             )
         self.tokenizer = tokenizer
         self.model = model.to(self.device)
-        self.rows: Dict[str, List[int]] = {}
-        self._hooks = apply_freeze(self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id])
-        if self._hooks:
-            rows = sorted(set(cfg.freeze.trainable_token_ids if cfg.freeze.trainable_token_ids is not None
-                              else [tokenizer.image_token_id, tokenizer.eoc_token_id]))
-            seen = set()
-            for name, p in self.model.named_parameters():
-                if name in ("lm.embed_tokens.weight", "lm.lm_head.weight") and p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    self.rows[name] = rows
+        self.rows: Dict[str, List[int]] = apply_freeze(
+            self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id])
         self.model.train()
         self.model.lm.activation_checkpointing = cfg.activation_checkpointing
+        # wrap first: FSDP2 replaces the parameters the optimizer and the row mask must hold
+        self.wrapped, self._no_sync = wrap_model(self.model, self.dist, cfg.strategy, str(self.device))
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
+        self.grad_mask = RowGradMask(self.model, self.rows)
         self.streams = {d.name: DatasetStream(d, cfg.seed) for d in cfg.datasets}
         self.collators = {d.name: Collator(tokenizer, self.model.config.vision, d) for d in cfg.datasets}
         for d in cfg.datasets:
@@ -104,16 +99,13 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
         latest = latest_checkpoint(self.ckpt_dir)
         if latest is not None:
-            if cfg.strategy == "fsdp" and self.dist.world_size > 1:
-                raise NotImplementedError("resuming an FSDP run is not supported yet; use strategy='ddp'")
             self.step, data, _ = load_train_state(latest, self.model, self.optimizer, self.scheduler)
-            for name, s in data.items():
+            for name, st in data.items():
                 if name not in self.streams:
                     raise ValueError(f"the checkpoint {latest} has data positions of dataset {name!r}, "
                                      f"which is not in the configured mixture {list(self.streams)}")
-                self.streams[name].load_state_dict(s)
+                self.streams[name].load_state_dict(st)
             self.resumed_from = latest
-        self.wrapped, self._no_sync = wrap_model(self.model, self.dist, cfg.strategy, str(self.device))
         self.history: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------ pieces
@@ -129,16 +121,42 @@ class Trainer:
 
     def save_checkpoint(self) -> Optional[Path]:
         """Checkpoint the current step (the main process writes; all wait)."""
-        path = None
-        if self.dist.is_main:
-            path = save_train_state(
-                self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                {n: s.state_dict() for n, s in self.streams.items()}, self.rows,
-                extra={"config": self.cfg.to_dict()}, keep=self.cfg.keep_checkpoints,
-            )
+        path = save_train_state(
+            self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+            {n: s.state_dict() for n, s in self.streams.items()}, self.rows,
+            extra={"config": self.cfg.to_dict()}, keep=self.cfg.keep_checkpoints, is_main=self.dist.is_main,
+        )
         if self.dist.world_size > 1:
             dist.barrier()
         return path
+
+    def gate_values(self) -> Dict[str, List[float]]:
+        """{layer: [tanh(attn gate), tanh(ff gate)]} (a collective under FSDP)."""
+        def val(t):
+            t = t.detach()
+            return float((t.full_tensor() if hasattr(t, "full_tensor") else t).tanh())
+
+        return {k: [round(val(b.attn_gate), 6), round(val(b.ff_gate), 6)] for k, b in self.model.lm.xattn.items()}
+
+    def save_final(self, folder: Path) -> None:
+        """The whole model as a model folder (``save_pretrained`` layout) with the tokenizer
+        (gathered under FSDP: every process calls it, the main one writes)."""
+        from ...io.checkpoint import save_checkpoint
+        from ...io.pretrained import save_pretrained
+
+        if self.cfg.strategy == "fsdp" and self.dist.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.dist.is_main:
+                if self.model.config.lm.tie_embeddings:
+                    sd["lm.lm_head.weight"] = sd["lm.embed_tokens.weight"]
+                save_checkpoint(sd, folder, config=self.model.config.to_dict())
+                self.tokenizer.save(Path(folder) / "tokenizer.json")
+        elif self.dist.is_main:
+            save_pretrained(self.model, folder, tokenizer=self.tokenizer)
+        if self.dist.world_size > 1:
+            dist.barrier()
 
     def bad_records(self) -> Dict[str, Dict[str, int]]:
         return {n: dict(s.bad) for n, s in self.streams.items()}
@@ -164,13 +182,13 @@ class Trainer:
                 try:
                     res = train_step(self.wrapped, batches, weights, targets, self.optimizer, self.scheduler,
                                      step=self.step + 1, grad_clip=cfg.optim.grad_clip, autocast_dtype=autocast,
-                                     backend=cfg.backend, no_sync=self._no_sync)
+                                     backend=cfg.backend, no_sync=self._no_sync, grad_mask=self.grad_mask)
                 except NonFiniteLossError as e:
                     log.message(f"stopped: {e}")
                     raise
                 self.step += 1
                 dt = time.perf_counter() - t0
-                gates = {str(k): [round(a, 6), round(f, 6)] for k, (a, f) in self.model.gate_values().items()}
+                gates = self.gate_values()
                 rec = {
                     "step": self.step, "lr": lr, "loss": res.losses,
                     "loss_weighted": sum(weights[n] * v for n, v in res.losses.items()),
@@ -185,12 +203,7 @@ class Trainer:
                 log.advance()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
-            if main:
-                from ...io.pretrained import save_pretrained
-
-                save_pretrained(self.model, self.out_dir / "final", tokenizer=self.tokenizer)
-            if self.dist.world_size > 1:
-                dist.barrier()
+            self.save_final(self.out_dir / "final")
         finally:
             log.close()
         return self.history

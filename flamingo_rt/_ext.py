@@ -1,8 +1,8 @@
 """Loader of the compiled extension :mod:`flamingo_rt._C`.
 
 Importing ``flamingo_rt._C`` runs its ``TORCH_LIBRARY`` registrations, which define the
-ops in ``torch.ops.flamingo_rt_C`` (C++ CPU kernels, CUDA kernels when compiled in, Meta
-kernels). The package works without it (the ``reference`` and ``triton`` backends), so
+ops in ``torch.ops.flamingo_rt_C`` (C++ CPU kernels, CUDA kernels when compiled in; their fake/meta
+kernels are registered from Python, :mod:`flamingo_rt._cpp_fakes`). The package works without it (the ``reference`` and ``triton`` backends), so
 a missing or broken build is not an import error: :func:`load` says whether it loaded
 and :func:`error` why not. ``FLAMINGO_RT_NO_EXT=1`` pretends it is absent.
 """
@@ -29,8 +29,10 @@ def load() -> bool:
                 import torch  # noqa: F401  (libtorch must be loaded before _C)
 
                 from . import _C
+                from . import _cpp_fakes
 
                 _module = _C
+                _cpp_fakes.register()  # fake kernels (symbolic-shape friendly) of the C++ ops
             except Exception as e:  # not built, built against another torch, registered twice
                 _error = f"{type(e).__name__}: {e}"
     return _module is not None

@@ -1,5 +1,5 @@
 // torch ops over the csrc kernels, namespace `flamingo_rt_C` (the Python package owns
-// `flamingo_rt`). Schemas, CPU and Meta kernels here; CUDA kernels in ops_cuda.cpp.
+// `flamingo_rt`). Schemas and CPU kernels here (fake/meta kernels: flamingo_rt/_cpp_fakes.py); CUDA kernels in ops_cuda.cpp.
 //
 //   flamingo_rt_C::bias_gamma_act(Tensor x, Tensor? bias, str act, float gamma) -> Tensor
 //   flamingo_rt_C::bias_gamma_act_backward(Tensor grad_out, Tensor x, Tensor? bias, str act,
@@ -43,23 +43,6 @@ std::tuple<at::Tensor, at::Tensor> bias_gamma_act_backward_cpu_impl(
   return {dx, dbias};
 }
 
-at::Tensor bias_gamma_act_meta(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                               c10::string_view act, double gamma) {
-  check_args(kFwd, x, bias, nullptr);
-  parse_act(kFwd, act);
-  to_dtype(kFwd, x, /*allow_half=*/true, "Meta");
-  return empty_like_format(x);
-}
-
-std::tuple<at::Tensor, at::Tensor> bias_gamma_act_backward_meta(
-    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-    c10::string_view act, double gamma) {
-  const int64_t C = check_args(kBwd, x, bias, &grad_out);
-  parse_act(kBwd, act);
-  to_dtype(kBwd, x, /*allow_half=*/true, "Meta");
-  return {empty_like_format(x), at::empty({C}, x.options())};
-}
-
 }  // namespace
 }  // namespace torch_ops
 }  // namespace flamingo_rt
@@ -76,10 +59,6 @@ TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("bias_gamma_act_backward", &flamingo_rt::torch_ops::bias_gamma_act_backward_cpu_impl);
 }
 
-TORCH_LIBRARY_IMPL(flamingo_rt_C, Meta, m) {
-  m.impl("bias_gamma_act", &flamingo_rt::torch_ops::bias_gamma_act_meta);
-  m.impl("bias_gamma_act_backward", &flamingo_rt::torch_ops::bias_gamma_act_backward_meta);
-}
 
 // `import flamingo_rt._C` loads this library (and so runs the registrations above).
 // The module also says whether the CUDA kernels were compiled in.

@@ -3,7 +3,7 @@
 //   flamingo_rt_C::small_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor
 //
 // x (B, K) with B <= 16, w (N, K), bias (N,); rows of x and w must have unit stride in K.
-// Output (B, N) contiguous, in x's dtype. CPU and Meta kernels; no autograd here.
+// Output (B, N) contiguous, in x's dtype. CPU kernel (fake kernel in flamingo_rt/_cpp_fakes.py); no autograd here.
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
@@ -55,11 +55,6 @@ at::Tensor small_linear_cpu_impl(const at::Tensor& x, const at::Tensor& w, const
   return y;
 }
 
-at::Tensor small_linear_meta(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  check_small_linear(x, w, bias);
-  return at::empty({x.size(0), w.size(0)}, x.options());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
@@ -68,7 +63,6 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) { m.impl("small_linear", &small_linear_cpu_impl); }
 
-TORCH_LIBRARY_IMPL(flamingo_rt_C, Meta, m) { m.impl("small_linear", &small_linear_meta); }
 
 }  // namespace torch_ops
 }  // namespace flamingo_rt

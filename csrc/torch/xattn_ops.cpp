@@ -6,8 +6,8 @@
 //       Tensor v, Tensor media_index, bool all_previous, float scale) -> (Tensor, Tensor, Tensor)
 //
 // q (B, T, H, dh), k/v (B, M, N, H, dh), media_index (B, T) int32/int64 with values in
-// [-1, M). Inputs may be any strided views (no copies); outputs are contiguous. CPU and Meta
-// kernels; no autograd here (flamingo_rt.ops.xattn wires the backward).
+// [-1, M). Inputs may be any strided views (no copies); outputs are contiguous. CPU kernels
+// (fake kernels in flamingo_rt/_cpp_fakes.py); no autograd here (flamingo_rt.ops.xattn wires the backward).
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
@@ -118,22 +118,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xattn_bwd_cpu(
   return {dq, dk, dv};
 }
 
-at::Tensor xattn_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& media_index, bool, double) {
-  check_xattn(kXFwd, q, k, v, media_index, nullptr);
-  to_dtype(kXFwd, q, /*allow_half=*/true, "Meta");
-  return at::empty(q.sizes(), q.options());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> xattn_bwd_meta(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& media_index, bool, double) {
-  check_xattn(kXBwd, q, k, v, media_index, &grad_out);
-  to_dtype(kXBwd, q, /*allow_half=*/true, "Meta");
-  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()),
-          at::empty(v.sizes(), v.options())};
-}
-
 }  // namespace
 }  // namespace torch_ops
 }  // namespace flamingo_rt
@@ -152,7 +136,3 @@ TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("image_causal_attention_backward", &flamingo_rt::torch_ops::xattn_bwd_cpu);
 }
 
-TORCH_LIBRARY_IMPL(flamingo_rt_C, Meta, m) {
-  m.impl("image_causal_attention", &flamingo_rt::torch_ops::xattn_meta);
-  m.impl("image_causal_attention_backward", &flamingo_rt::torch_ops::xattn_bwd_meta);
-}

@@ -14,11 +14,18 @@ argument) or process-wide with the environment variable ``FLAMINGO_RT_BACKEND``.
 
 Each op registers the backends it implements with :func:`register`; asking an op
 for a backend it does not implement is an error that lists what it does implement.
+
+Inside :func:`export_mode` the ops call their backend's kernel directly instead of going
+through their Python ``torch.library`` op: a C++ backend is then a ``flamingo_rt_C`` op
+(implemented in C++, so an AOTInductor package can call it with no Python present) and
+the reference backend is plain aten ops (which Inductor compiles into the package).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Dict
+import threading
+from typing import Callable, Dict, Iterator
 
 import torch
 
@@ -31,6 +38,23 @@ AUTO_ORDER = {
 }
 
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
+_EXPORT = threading.local()
+
+
+@contextlib.contextmanager
+def export_mode() -> Iterator[None]:
+    """Within this context, ops run their backend's kernel directly (see module doc)."""
+    prev = getattr(_EXPORT, "on", False)
+    _EXPORT.on = True
+    try:
+        yield
+    finally:
+        _EXPORT.on = prev
+
+
+def exporting() -> bool:
+    """True inside :func:`export_mode`."""
+    return getattr(_EXPORT, "on", False)
 
 
 def register(op: str, backend: str, fn: Callable) -> Callable:

@@ -16,12 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _ext
+from . import backend as _backend
 
 MAX_ROWS = 16
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    if torch.compiler.is_compiling() or _backend.exporting():  # symbolic row counts: F.linear
+        return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False
     if x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
@@ -30,7 +33,7 @@ def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         return False
     if weight.dim() != 2 or weight.stride(-1) != 1 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
         return False
-    return not torch.compiler.is_compiling() and _ext.load()
+    return _ext.load()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

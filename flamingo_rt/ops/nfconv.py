@@ -103,6 +103,8 @@ def ws_standardize(weight: Tensor, gain: Tensor, eps: float = 1e-5, *, backend: 
     if gain.dtype != weight.dtype:
         raise TypeError(f"expected gain of weight's dtype {weight.dtype}, got {gain.dtype}")
     be = _backend.resolve(WS_OP, backend, weight.device)
+    if _backend.exporting():
+        return _backend.get(WS_OP, be)(weight, gain, float(eps))
     return _ws_op(weight, gain, float(eps), be)
 
 
@@ -187,6 +189,8 @@ def bias_gamma_act(
     if act not in _ref.ACTS:
         raise ValueError(f"expected act to be one of {_ref.ACTS}, got {act!r}")
     be = _backend.resolve(BGA_OP, backend, x.device)
+    if _backend.exporting():
+        return _backend.get(BGA_OP, be)(x, bias, act, float(gamma))
     return _bga_op(x, bias, act, float(gamma), be)
 
 
@@ -273,6 +277,8 @@ def se_residual(
     if not scale.dtype.is_floating_point:
         raise TypeError(f"expected a floating-point scale, got {scale.dtype}")
     be = _backend.resolve(SE_OP, backend, x.device)
+    if _backend.exporting():
+        return _backend.get(SE_OP, be)(x, gate_logits, shortcut, scale)
     return _se_op(x, gate_logits, shortcut, scale, be)
 
 

@@ -106,4 +106,6 @@ def resampler_attention(
     if scale is None:
         scale = dh ** -0.5
     be = _backend.resolve(OP, backend, q.device)
+    if _backend.exporting():
+        return _backend.get(OP, be)(q, k_x, v_x, k_l, v_l, float(scale))
     return _resampler_op(q, k_x, v_x, k_l, v_l, float(scale), be)

@@ -119,4 +119,6 @@ def image_causal_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     be = _backend.resolve(OP, backend, q.device)
+    if _backend.exporting():  # the kernel itself (a flamingo_rt_C op or plain aten), no Python op
+        return _backend.get(OP, be)(q, k, v, media_index, bool(all_previous), float(scale))
     return _xattn_op(q, k, v, media_index, bool(all_previous), float(scale), be)

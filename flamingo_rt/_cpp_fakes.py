@@ -1,0 +1,83 @@
+"""Fake (meta) kernels of the C++ ops in ``torch.ops.flamingo_rt_C``.
+
+They live in Python, not C++, because they must work on symbolic shapes: ``torch.export``
+with dynamic dimensions (the token count of a prefill chunk, the frames of a clip) traces
+through them without specialising, while C++ meta kernels read concrete sizes. They
+check what the C++ kernels check about shapes and dtypes, with the same messages, and
+return outputs with the C++ kernels' shapes, dtypes and memory formats.
+Registered by :func:`flamingo_rt._ext.load` right after the library loads.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_done = False
+
+
+def _fmt(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
+                                   and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+
+
+def _check_bga(op: str, x: Tensor, bias: Optional[Tensor], act: str) -> None:
+    torch._check(x.dim() == 4, lambda: f"{op}: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == x.shape[1],
+                     lambda: f"{op}: expected bias of shape (C,) = ({x.shape[1]},) for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(bias.shape)}")
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: expected bias of dtype {x.dtype}, got {bias.dtype}")
+    torch._check(act in ("gelu", "relu", "silu"),
+                 lambda: f"{op}: expected act to be one of 'gelu', 'relu', 'silu', got '{act}'")
+    torch._check(x.dtype in _FLOATS, lambda: f"{op}: expected x of dtype float32, bfloat16, float16 or float64, "
+                                            f"got {x.dtype}")
+
+
+def register() -> None:
+    """Register every fake kernel once (after ``flamingo_rt._C`` loaded)."""
+    global _done
+    if _done:
+        return
+    _done = True
+
+    @torch.library.register_fake("flamingo_rt_C::bias_gamma_act")
+    def _(x, bias, act, gamma):
+        _check_bga("bias_gamma_act", x, bias, act)
+        return torch.empty_like(x, memory_format=_fmt(x))
+
+    @torch.library.register_fake("flamingo_rt_C::bias_gamma_act_backward")
+    def _(grad_out, x, bias, act, gamma):
+        _check_bga("bias_gamma_act_backward", x, bias, act)
+        torch._check(grad_out.shape == x.shape, lambda: f"bias_gamma_act_backward: expected grad_out of shape "
+                                                       f"{tuple(x.shape)}, got {tuple(grad_out.shape)}")
+        return torch.empty_like(x, memory_format=_fmt(x)), x.new_empty((x.shape[1],))
+
+    def _check_xattn(op, q, k, v, media_index):
+        torch._check(q.dim() == 4 and k.dim() == 5 and v.shape == k.shape,
+                     lambda: f"{op}: expected q (B, T, H, dh) and k, v (B, M, N, H, dh), got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        torch._check(media_index.dim() == 2 and media_index.shape[0] == q.shape[0]
+                     and media_index.shape[1] == q.shape[1],
+                     lambda: f"{op}: expected media_index of shape (B, T) = ({q.shape[0]}, {q.shape[1]}), "
+                             f"got {tuple(media_index.shape)}")
+        torch._check(q.dtype == k.dtype == v.dtype and q.dtype in _FLOATS,
+                     lambda: f"{op}: expected q, k, v of one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+    @torch.library.register_fake("flamingo_rt_C::image_causal_attention")
+    def _(q, k, v, media_index, all_previous, scale):
+        _check_xattn("image_causal_attention", q, k, v, media_index)
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("flamingo_rt_C::image_causal_attention_backward")
+    def _(grad_out, q, k, v, media_index, all_previous, scale):
+        _check_xattn("image_causal_attention_backward", q, k, v, media_index)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("flamingo_rt_C::small_linear")
+    def _(x, w, bias):
+        torch._check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1],
+                     lambda: f"small_linear: expected x (B, K) and w (N, K), got {tuple(x.shape)}, {tuple(w.shape)}")
+        return x.new_empty((x.shape[0], w.shape[0]))

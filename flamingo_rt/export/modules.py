@@ -1,0 +1,72 @@
+"""The pieces of a Flamingo model that a host runs, as export-ready modules.
+
+Both are pure functions of their inputs apart from in-place writes into caches the host
+owns (so one loaded package serves any number of sessions):
+
+* :class:`MediaEncoderStep`: one medium's pixels -> every cross-attention layer's keys
+  and values for it (vision encoder, Perceiver Resampler, ``to_kv`` of each block).
+* :class:`TokenStep`: a chunk of T tokens (T = 1 when decoding) at positions
+  ``start .. start + T - 1`` -> the next-token logits of its last position, writing the
+  chunk's self-attention keys/values into the host's KV cache.
+
+Shapes (batch 1; ``X`` cross-attention layers, ``L`` latents per medium, ``H``/``dh`` the
+cross-attention heads, ``Hkv``/``Dh`` the LM's key/value heads, ``S`` cache slots, ``M``
+media slots):
+
+* media cache ``(X, 2, 1, M, L, H, dh)``: [:, 0] keys, [:, 1] values of each medium;
+* KV cache ``(n_layers, 2, 1, Hkv, S, Dh)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.flamingo import Flamingo
+
+
+class MediaEncoderStep(nn.Module):
+    """pixels (1, F, 3, S_img, S_img) float, normalised as the vision config says ->
+    media keys/values (X, 2, L, H, dh) in the model dtype."""
+
+    def __init__(self, model: Flamingo):
+        super().__init__()
+        self.model = model
+        self.keys = list(model.lm.xattn.keys())
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.encode_media(pixels[:, None])  # (1, 1, L, D)
+        out = []
+        for key in self.keys:
+            k, v = self.model.lm.xattn[key].attn.media_kv(tokens)  # (1, 1, L, H, dh) each
+            out.append(torch.stack([k[0, 0], v[0, 0]]))
+        return torch.stack(out)
+
+
+class TokenStep(nn.Module):
+    """(ids (1, T) int64, start (1,) int64, media_index (1, T) int32, kv_cache, media_cache)
+    -> logits (1, V) float32 of the chunk's last token; ``kv_cache`` is written in place.
+
+    ``media_index[0, t]`` is the media slot of the latest ``<image>`` at or before token t
+    (-1 before the first). Attention sees cache slots ``0 .. start + t``; slots after
+    ``start + T`` are never read, so a new conversation simply starts again at 0.
+    """
+
+    def __init__(self, model: Flamingo):
+        super().__init__()
+        self.model = model
+        self.keys = list(model.lm.xattn.keys())
+
+    def forward(self, ids: torch.Tensor, start: torch.Tensor, media_index: torch.Tensor,
+                kv_cache: torch.Tensor, media_cache: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        S = kv_cache.shape[4]
+        positions = start + torch.arange(T, device=ids.device)  # (T,)
+        mask = torch.arange(S, device=ids.device)[None, :] <= positions[:, None]  # (T, S)
+        kv = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
+        per_layer = {
+            key: dict(media_kv=(media_cache[j, 0], media_cache[j, 1]), media_index=media_index, validate=False)
+            for j, key in enumerate(self.keys)
+        }
+        logits = self.model.lm.forward_cached(ids, positions[None], kv, positions, mask[None, None],
+                                              xattn_layer_kwargs=per_layer, last_only=True)
+        return logits[:, -1].float()

@@ -1,0 +1,135 @@
+"""``flamingo-rt export``: a model folder -> AOTInductor packages a C++ host runs.
+
+Output folder::
+
+    encode_media.pt2   MediaEncoderStep: pixels (1, F, 3, S, S) -> media keys/values (X, 2, L, H, dh)
+    token_step.pt2     TokenStep: a chunk of tokens -> last logits (1, V), writes the KV cache
+    tokenizer.json     the model's tokenizer
+    manifest.json      shapes, dtypes, special token ids, preprocessing, versions
+
+The packages call flamingo_rt's C++ ops (``flamingo_rt_C::*``) where a C++ kernel exists
+for the device; every other op is compiled into the package. A host loads our op library
+(``libflamingo_rt_ops``) and libtorch, nothing else.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from .. import __version__ as _version
+from ..io.pretrained import load_pretrained
+from ..models.flamingo import Flamingo
+from ..ops import backend as _backend
+from .modules import MediaEncoderStep, TokenStep
+
+__all__ = ["export_model", "cache_shapes", "MANIFEST_VERSION"]
+
+MANIFEST_VERSION = 1
+
+
+def cache_shapes(model: Flamingo, max_seq_len: int, max_media: int) -> Dict[str, list]:
+    """Shapes of the host-owned caches (batch 1) for ``model``."""
+    c = model.config
+    blk = next(iter(model.lm.xattn.values()))
+    return {
+        "kv_cache": [c.lm.n_layers, 2, 1, c.lm.n_kv_heads, max_seq_len, c.lm.head_dim],
+        "media_cache": [len(model.lm.xattn), 2, 1, max_media, c.resampler.num_latents,
+                        blk.attn.heads, blk.attn.dim_head],
+        "media_kv": [len(model.lm.xattn), 2, c.resampler.num_latents, blk.attn.heads, blk.attn.dim_head],
+    }
+
+
+def _compile(ep, path: Path) -> float:
+    t = time.perf_counter()
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+    return time.perf_counter() - t
+
+
+def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, Path], device: str = "cpu",
+                 max_seq_len: int = 512, max_media: int = 16, max_frames: Optional[int] = None,
+                 tokenizer=None, progress: bool = False) -> Dict[str, Any]:
+    """Export a model (a folder, or a model plus ``tokenizer``) into ``out_dir``; returns
+    the manifest. ``max_frames``: the most frames a clip may have (default: the
+    resampler's trained frame count, or 8)."""
+    from ..io.tokenizer import FlamingoTokenizer  # noqa: F401  (type of tokenizer)
+
+    if isinstance(model_or_dir, (str, Path)):
+        model, tokenizer = load_pretrained(model_or_dir, device=device)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{model_or_dir} has no tokenizer.json; a host needs one")
+    else:
+        model = model_or_dir.to(device)
+        if tokenizer is None:
+            raise ValueError("expected the model's tokenizer with an in-memory model")
+    model = model.eval()
+    if hasattr(model.vision_encoder, "freeze"):
+        model.vision_encoder.freeze()  # the standardization folded once
+    c = model.config
+    if not len(model.lm.xattn):
+        raise ValueError("the model has no cross-attention layer; nothing to export for media")
+    if not 1 <= max_seq_len <= c.lm.max_seq_len:
+        raise ValueError(f"expected max_seq_len in [1, {c.lm.max_seq_len}], got {max_seq_len}")
+    if max_media < 1:
+        raise ValueError(f"expected max_media >= 1, got {max_media}")
+    max_frames = max_frames or c.resampler.max_num_frames or 8
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = next(model.parameters()).dtype
+    shapes = cache_shapes(model, max_seq_len, max_media)
+    S_img = c.vision.image_size
+    dev = torch.device(device)
+    times = {}
+    with torch.no_grad(), _backend.export_mode():
+        # media encoder: F frames dynamic in [1, max_frames]
+        enc = MediaEncoderStep(model).eval()
+        F = torch.export.Dim("frames", min=1, max=max_frames)
+        pixels = torch.randn(1, 2, 3, S_img, S_img, device=dev, dtype=dtype)
+        ep = torch.export.export(enc, (pixels,), dynamic_shapes=({1: F},))
+        if progress:
+            print("compiling encode_media.pt2 ...", flush=True)
+        times["encode_media"] = _compile(ep, out / "encode_media.pt2")
+        # token step: T tokens dynamic in [1, max_seq_len]
+        step = TokenStep(model).eval()
+        T = torch.export.Dim("tokens", min=1, max=max_seq_len)
+        ids = torch.zeros(1, 2, dtype=torch.long, device=dev)
+        start = torch.zeros(1, dtype=torch.long, device=dev)
+        midx = torch.full((1, 2), -1, dtype=torch.int32, device=dev)
+        kv = torch.zeros(shapes["kv_cache"], dtype=dtype, device=dev)
+        mc = torch.zeros(shapes["media_cache"], dtype=dtype, device=dev)
+        ep = torch.export.export(step, (ids, start, midx, kv, mc),
+                                 dynamic_shapes=({1: T}, None, {1: T}, None, None))
+        if progress:
+            print("compiling token_step.pt2 ...", flush=True)
+        times["token_step"] = _compile(ep, out / "token_step.pt2")
+    tokenizer.save(out / "tokenizer.json")
+    manifest = {
+        "format": "flamingo_rt-export",
+        "manifest_version": MANIFEST_VERSION,
+        "flamingo_rt_version": _version,
+        "torch_version": torch.__version__,
+        "device": dev.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "max_seq_len": max_seq_len,
+        "max_media": max_media,
+        "max_frames": max_frames,
+        "image_size": S_img,
+        "image_mean": list(c.vision.image_mean),
+        "image_std": list(c.vision.image_std),
+        "vocab_size": c.lm.vocab_size,
+        "special_tokens": {"image": tokenizer.image_token_id, "endofchunk": tokenizer.eoc_token_id,
+                           "pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id},
+        "shapes": shapes,
+        "packages": {"encode_media": "encode_media.pt2", "token_step": "token_step.pt2"},
+        "inputs": {
+            "encode_media": ["pixels (1, F, 3, image_size, image_size) normalised"],
+            "token_step": ["ids (1, T) int64", "start (1,) int64", "media_index (1, T) int32",
+                           "kv_cache (written)", "media_cache"],
+        },
+        "compile_seconds": {k: round(v, 1) for k, v in times.items()},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

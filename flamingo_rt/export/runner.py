@@ -1,0 +1,118 @@
+"""Run an exported model folder from Python, exactly as the C API host does: the
+reference for the C++ host and a check of every export.
+
+    m = ExportedModel("exported/")
+    s = m.session()
+    s.append_media(img); s.append_text("Output:")
+    s.generate(max_new_tokens=20)            # greedy, stops at <|endofchunk|> / <|endoftext|>
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Union
+
+import torch
+
+from ..io.tokenizer import FlamingoTokenizer
+from ..models.config import VisionConfig
+from ..runtime.prompt import MediaLike, preprocess_media
+
+__all__ = ["ExportedModel", "ExportedSession"]
+
+
+class ExportedModel:
+    """The packages, tokenizer and manifest of an export folder (loaded once, shared by
+    sessions)."""
+
+    def __init__(self, folder: Union[str, Path]):
+        folder = Path(folder)
+        mf = folder / "manifest.json"
+        if not mf.is_file():
+            raise FileNotFoundError(f"{folder} is not an exported model: {mf.name} is missing")
+        self.manifest = json.loads(mf.read_text())
+        if self.manifest.get("format") != "flamingo_rt-export":
+            raise ValueError(f"{mf}: expected format 'flamingo_rt-export', got {self.manifest.get('format')!r}")
+        from .. import _ext
+
+        _ext.load()  # the flamingo_rt_C ops the packages call
+        self.encode = torch._inductor.aoti_load_package(str(folder / self.manifest["packages"]["encode_media"]))
+        self.step = torch._inductor.aoti_load_package(str(folder / self.manifest["packages"]["token_step"]))
+        self.tokenizer = FlamingoTokenizer.from_file(folder / "tokenizer.json")
+        m = self.manifest
+        self.vision = VisionConfig(kind="external", width=1, image_size=m["image_size"],
+                                   image_mean=tuple(m["image_mean"]), image_std=tuple(m["image_std"]))
+        self.dtype = getattr(torch, m["dtype"])
+        self.device = torch.device(m["device"])
+
+    def session(self) -> "ExportedSession":
+        return ExportedSession(self)
+
+
+class ExportedSession:
+    """One conversation: its own KV and media caches."""
+
+    def __init__(self, model: ExportedModel):
+        self.m = model
+        sh = model.manifest["shapes"]
+        kw = dict(dtype=model.dtype, device=model.device)
+        self.kv = torch.zeros(sh["kv_cache"], **kw)
+        self.media = torch.zeros(sh["media_cache"], **kw)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.num_media = 0
+        self.seen_images = 0
+        self.pending: List[int] = []
+        self.logits = None
+
+    def append_text(self, text: str) -> None:
+        self.pending += self.m.tokenizer.encode(text)
+
+    def append_media(self, media: MediaLike) -> None:
+        if self.num_media >= self.m.manifest["max_media"]:
+            raise ValueError(f"the session already holds max_media = {self.m.manifest['max_media']} media")
+        px = preprocess_media(media, self.m.vision).to(self.m.device, self.m.dtype)
+        if px.shape[0] > self.m.manifest["max_frames"]:
+            raise ValueError(f"a clip of {px.shape[0]} frames; this export takes at most {self.m.manifest['max_frames']}")
+        self.media[:, :, 0, self.num_media] = self.m.encode(px[None])
+        self.num_media += 1
+        self.pending.append(self.m.tokenizer.image_token_id)
+
+    def _flush(self) -> torch.Tensor:
+        ids = self.pending
+        if not ids:
+            return self.logits
+        if self.pos + len(ids) > self.m.manifest["max_seq_len"]:
+            raise ValueError(f"the prompt needs {self.pos + len(ids)} cache slots; this export has "
+                             f"max_seq_len = {self.m.manifest['max_seq_len']}")
+        img = self.m.tokenizer.image_token_id
+        index = []
+        for t in ids:
+            if t == img:
+                self.seen_images += 1
+            index.append(self.seen_images - 1)
+        dev = self.m.device
+        self.logits = self.m.step(torch.tensor([ids], device=dev), torch.tensor([self.pos], device=dev),
+                                  torch.tensor([index], dtype=torch.int32, device=dev), self.kv, self.media)
+        self.pos += len(ids)
+        self.pending = []
+        return self.logits
+
+    def generate(self, max_new_tokens: int = 32) -> str:
+        """Greedy continuation until ``<|endofchunk|>``, ``<|endoftext|>`` or the limit."""
+        tok = self.m.tokenizer
+        stop = {tok.eoc_token_id, tok.eos_token_id}
+        out: List[int] = []
+        logits = self._flush()
+        for _ in range(max_new_tokens):
+            nxt = int(logits[0].argmax())
+            if nxt in stop:
+                break
+            out.append(nxt)
+            if self.pos >= self.m.manifest["max_seq_len"]:
+                break
+            self.pending = [nxt]
+            logits = self._flush()
+        return tok.decode(out)

@@ -1,0 +1,119 @@
+"""AOTInductor export (issue 9, Python side): the exported packages, run as the C API host
+runs them, give the Python runtime's greedy answers token for token; dynamic chunk lengths
+and clip lengths; clear errors for what does not fit."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "train"))
+from world_fixture import FRAMES, make_world  # noqa: E402
+
+from flamingo_rt import _ext  # noqa: E402
+from flamingo_rt.io.pretrained import load_pretrained  # noqa: E402
+from flamingo_rt.runtime import GenerationConfig, Generator  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _ext.load(), reason="needs the C++ extension (the packages call its ops)")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from flamingo_rt.export import export_model
+
+    root = tmp_path_factory.mktemp("export")
+    p = make_world(root / "world")
+    model, tok = load_pretrained(p["model"])
+    with torch.no_grad():  # open the gates so the media matter
+        for i, b in enumerate(model.xattn_blocks()):
+            b.attn_gate.fill_(0.8 - 0.3 * i)
+            b.ff_gate.fill_(0.5)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        man = export_model(model, root / "out", tokenizer=tok, max_seq_len=96, max_media=4)
+    finally:
+        torch.set_num_threads(n)
+    return model, tok, root / "out", man
+
+
+def _images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, 32, 32, generator=g) for _ in range(n)]
+
+
+def test_manifest(exported):
+    model, tok, out, man = exported
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == man
+    assert man["special_tokens"] == {"image": 0, "endofchunk": 1, "pad": 2, "eos": 3}
+    assert man["shapes"]["kv_cache"] == [model.config.lm.n_layers, 2, 1, model.config.lm.n_kv_heads, 96,
+                                         model.config.lm.head_dim]
+    assert man["max_frames"] == FRAMES and man["image_size"] == 32
+    assert (out / "encode_media.pt2").stat().st_size > 0 and (out / "token_step.pt2").stat().st_size > 0
+    assert (out / "tokenizer.json").read_text() == (Path(tok.save(out.parent / "t.json"))).read_text()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_equals_python_runtime(exported, seed):
+    from flamingo_rt.export import ExportedModel
+
+    model, tok, out, _ = exported
+    em = ExportedModel(out)
+    imgs = _images(3, seed)
+    clip = torch.rand(FRAMES, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 10))
+    prompt = [imgs[0], "a red circle.<|endofchunk|>", clip, "a square moves.<|endofchunk|>", imgs[1], "a blue"]
+    s = em.session()
+    for item in prompt:
+        s.append_text(item) if isinstance(item, str) else s.append_media(item)
+    got = s.generate(12)
+    gen = Generator(model.eval(), tok, max_seq_len=96, max_media=4)
+    want = gen.generate(prompt, GenerationConfig(max_new_tokens=12))
+    assert got == want and len(want) > 0
+    # a second session on the same loaded packages is independent of the first
+    s2 = em.session()
+    s2.append_media(imgs[2])
+    s2.append_text("a")
+    assert s2.generate(6) == gen.generate([imgs[2], "a"], GenerationConfig(max_new_tokens=6))
+
+
+def test_chunked_prefill_equals_one_chunk(exported):
+    from flamingo_rt.export import ExportedModel
+
+    _, tok, out, _ = exported
+    em = ExportedModel(out)
+    img = _images(1, 5)[0]
+    a = em.session()
+    a.append_media(img)
+    a.append_text("a small green star.")
+    la = a._flush().clone()
+    b = em.session()
+    b.append_media(img)
+    b._flush()
+    for piece in ("a small", " green", " star."):  # chunks of several sizes, incl. 1 token
+        b.append_text(piece)
+        lb = b._flush()
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-5)
+
+
+def test_errors(exported):
+    from flamingo_rt.export import ExportedModel
+
+    _, _, out, _ = exported
+    em = ExportedModel(out)
+    s = em.session()
+    for im in _images(4, 3):
+        s.append_media(im)
+    with pytest.raises(ValueError, match="max_media = 4"):
+        s.append_media(_images(1, 4)[0])
+    s = em.session()
+    s.append_text("a " * 200)
+    with pytest.raises(ValueError, match="max_seq_len = 96"):
+        s.generate(2)
+    with pytest.raises(ValueError, match="at most 3"):
+        em.session().append_media(torch.rand(FRAMES + 1, 3, 32, 32))
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        ExportedModel(out.parent)

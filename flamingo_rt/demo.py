@@ -13,6 +13,7 @@ Without the shipped model folder it says where it looked and how to make it (exi
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,22 +56,26 @@ def _print_prompt(out: TextIO, ep, index: int, folder: Path, color: bool, width:
     for m, n in zip(media, names):
         save_png(m, folder / f"prompt{index}_{n}.png")
     is_clip = ep.query.dim() == 4
-    blocks = [render(m, width=width if not is_clip else max(4, width // 2), color=color) for m in media]
-    for line in side_by_side(blocks, names, max_width=100):
+    blocks = [render(m, width=width - 2 if is_clip else width, color=color) for m in media]
+    columns = shutil.get_terminal_size((100, 24)).columns - 2
+    for line in side_by_side(blocks, names, max_width=max(columns, 40)):
         print("  " + line, file=out)
     for j, (prefix, (_, answer)) in enumerate(zip(ep.support_prefixes, ep.support)):
         print(f"  {j + 1}: {prefix} {answer}", file=out)
     print(f"  query: {ep.query_prefix}", file=out, end="", flush=True)
 
 
-def show_prompts(gen, out: TextIO, folder: Path, seed: int, color: bool, width: int = 12) -> List[bool]:
-    """Stream the model's answers to the :data:`DEMO_PROMPTS`; returns whether each was right."""
+def show_prompts(gen, out: TextIO, folder: Path, seed: int, color: bool, formats: str = "train",
+                 width: int = 12) -> List[bool]:
+    """Stream the model's answers to the :data:`DEMO_PROMPTS` (held-out episodes with
+    ``formats`` phrasings); returns whether each was right."""
     from .eval.metrics import exact_match
     from .world import few_shot_episode
 
     right = []
     for n, (title, task, k, opts) in enumerate(DEMO_PROMPTS, 1):
-        ep = few_shot_episode(task, k, np.random.default_rng([seed, 7, n]), "heldout", **opts)
+        ep = few_shot_episode(task, k, np.random.default_rng([seed, 7, n]), "heldout", format_split=formats,
+                              **opts)
         print(f"\n[{n}/{len(DEMO_PROMPTS)}] {title}", file=out)
         _print_prompt(out, ep, n, folder, color, width)
         pieces = []
@@ -88,7 +93,8 @@ def show_prompts(gen, out: TextIO, folder: Path, seed: int, color: bool, width: 
 
 
 def run_demo(model: Optional[str] = None, out_dir: str = "demo_out", episodes: int = 12, seed: int = 0,
-             color: Optional[bool] = None, tasks: Sequence[str] = EVAL_TASKS, shots: Sequence[int] = EVAL_SHOTS,
+             color: Optional[bool] = None, formats: str = "train", threads: Optional[int] = 1,
+             tasks: Sequence[str] = EVAL_TASKS, shots: Sequence[int] = EVAL_SHOTS,
              out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """Run the demo; returns the exit status (0, or 2 when the model folder is missing).
 
@@ -98,7 +104,15 @@ def run_demo(model: Optional[str] = None, out_dir: str = "demo_out", episodes: i
         episodes: queries per task and shot count in the evaluation.
         seed: the prompts and the evaluation episodes are a function of it.
         color: 24-bit colour pictures (default: when ``out`` is a terminal).
+        formats: phrasings of the held-out episodes: "train" (default; held-out attribute
+            combinations and nonsense words asked in the training phrasings) or "heldout"
+            (held-out phrasings too; longer prompts in tokens).
+        threads: torch CPU threads (default 1: the tiny model's ops are too small to gain
+            from more, and threads that wait on a busy machine cost much more); None keeps
+            torch's setting.
     """
+    import torch
+
     from .eval import TaskSuite, evaluate
     from .eval.plot import plot_curve
     from .eval.runner import media_needed
@@ -112,17 +126,19 @@ def run_demo(model: Optional[str] = None, out_dir: str = "demo_out", episodes: i
     if not (folder / "config.json").is_file():
         print(missing_model_message(folder.resolve()), file=err)
         return 2
+    if threads:
+        torch.set_num_threads(threads)
     color = supports_color(out) if color is None else color
     dest = Path(out_dir)
     dest.mkdir(parents=True, exist_ok=True)
     suite = TaskSuite(tasks=tuple(tasks), shots=tuple(shots), episodes=episodes, seed=seed, split="heldout",
-                      n_way=5, selection="random")
+                      format_split=formats, n_way=5, selection="random")
     gen = Generator.from_pretrained(folder, max_media=media_needed(suite))
     n_params = sum(p.numel() for p in gen.model.parameters())
     print(f"Flamingo few-shot demo — model {folder} ({n_params / 1e6:.2f}M parameters), seed {seed}", file=out)
-    print("Every prompt below is a held-out episode: attribute combinations, phrasings and words the "
-          "model never saw in training.", file=out)
-    right = show_prompts(gen, out, dest, seed, color)
+    never = "attribute combinations and nonsense words" + (" and phrasings" if formats == "heldout" else "")
+    print(f"Every prompt below is a held-out episode: {never} the model never saw in training.", file=out)
+    right = show_prompts(gen, out, dest, seed, color, formats)
     print(f"\n{sum(right)} of {len(right)} shown answers right. Now the evaluation on fresh held-out episodes "
           f"({episodes} queries per task and shot count) ...", file=out, flush=True)
     res = evaluate(gen, suite, progress=True)

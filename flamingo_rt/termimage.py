@@ -54,13 +54,14 @@ def to_rgb8(media: Union[torch.Tensor, np.ndarray], max_frames: int = 4, gap: in
     return np.concatenate(parts, axis=1)
 
 
-def save_png(media: Union[torch.Tensor, np.ndarray], path: Union[str, Path], scale: int = 2) -> Path:
+def save_png(media: Union[torch.Tensor, np.ndarray], path: Union[str, Path], scale: int = 2,
+             max_frames: int = 8) -> Path:
     """Write an image or clip (see :func:`to_rgb8`; an (H, W, 3) uint8 array is written as
     is) as a PNG, each pixel a ``scale`` x ``scale`` block. Returns the path."""
     from PIL import Image
 
     arr = media if isinstance(media, np.ndarray) and media.ndim == 3 and media.shape[-1] == 3 \
-        and media.dtype == np.uint8 else to_rgb8(media)
+        and media.dtype == np.uint8 else to_rgb8(media, max_frames=max_frames)
     if scale < 1:
         raise ValueError(f"expected scale >= 1, got {scale}")
     if scale > 1:
@@ -90,11 +91,13 @@ def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(img).astype(np.float32)
 
 
-def render(media: Union[torch.Tensor, np.ndarray], width: int = 16, color: bool = True) -> List[str]:
-    """An image / clip (or (H, W, 3) uint8 array) as terminal lines ``width`` characters wide
-    (clips: proportionally wider). Colour: 2 pixel rows per line; plain: ASCII ramp."""
+def render(media: Union[torch.Tensor, np.ndarray], width: int = 16, color: bool = True,
+           max_frames: int = 3) -> List[str]:
+    """An image / clip (or (H, W, 3) uint8 array) as terminal lines: ``width`` characters
+    per image side (a clip's strip of ``max_frames`` frames is proportionally wider), a
+    character cell per pixel column and two pixel rows. Colour: half blocks; plain: ASCII ramp over the picture's luminance range."""
     rgb = media if isinstance(media, np.ndarray) and media.ndim == 3 and media.shape[-1] == 3 \
-        and media.dtype == np.uint8 else to_rgb8(media)
+        and media.dtype == np.uint8 else to_rgb8(media, max_frames=max_frames)
     H, W = rgb.shape[:2]
     if width < 1:
         raise ValueError(f"expected width >= 1, got {width}")
@@ -112,6 +115,8 @@ def render(media: Union[torch.Tensor, np.ndarray], width: int = 16, color: bool 
     else:
         lum = (0.299 * px[..., 0] + 0.587 * px[..., 1] + 0.114 * px[..., 2]) / 255.0
         lum = (lum[0::2] + lum[1::2]) / 2  # one character per two pixel rows
+        lo, hi = float(lum.min()), float(lum.max())
+        lum = (lum - lo) / (hi - lo) if hi - lo > 1e-6 else lum * 0  # contrast stretched
         idx = np.clip((lum * len(_RAMP)).astype(int), 0, len(_RAMP) - 1)
         lines = ["".join(_RAMP[i] for i in row) for row in idx]
     return lines

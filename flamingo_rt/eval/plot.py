@@ -46,7 +46,7 @@ def plot_curve(results: EvalResults, path: Union[str, Path], title: str = "few-s
             ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{title} ({results.suite.get('split')} split, {results.cells[0].n} queries per point)")
+    fig.suptitle(f"{title} ({results.suite.get('split')} split, {max(c.n for c in results.cells)} queries per point)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

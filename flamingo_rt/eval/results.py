@@ -19,14 +19,17 @@ METRIC_LABELS = {"accuracy": "accuracy", "exact_match": "exact match", "vqa_accu
 class Cell:
     """The score of ``metric`` on ``task`` with ``shots`` examples (per class for classify),
     averaged over ``n`` queries. Accuracies are in [0, 1]; CIDEr on the coco-caption scale
-    (10 x the mean n-gram cosine). ``chance``: the accuracy of guessing (classify)."""
+    (10 x the mean n-gram cosine). ``chance``: the accuracy of guessing (classify).
+    ``skipped``: why the cell was not evaluated (then ``score`` is None and ``n`` 0), e.g.
+    prompts longer than the model's context."""
 
     task: str
     metric: str
     shots: int
-    score: float
+    score: Optional[float]
     n: int
     chance: Optional[float] = None
+    skipped: Optional[str] = None
 
 
 @dataclass
@@ -39,8 +42,9 @@ class EvalResults:
     records: List[Dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def score(self, task: str, shots: int, metric: Optional[str] = None) -> float:
-        """One cell's score (``metric`` may be omitted when the task has one metric)."""
+    def score(self, task: str, shots: int, metric: Optional[str] = None) -> Optional[float]:
+        """One cell's score (``metric`` may be omitted when the task has one metric); None
+        for a skipped cell."""
         found = [c for c in self.cells if c.task == task and c.shots == shots and (metric is None or c.metric == metric)]
         if len(found) != 1:
             have = sorted({(c.task, c.metric, c.shots) for c in self.cells})
@@ -60,8 +64,9 @@ class EvalResults:
         return sorted({c.shots for c in self.cells})
 
     def curve(self, task: str, metric: str) -> Tuple[List[int], List[float]]:
-        """(shots, scores) of one row."""
-        pts = sorted((c.shots, c.score) for c in self.cells if c.task == task and c.metric == metric)
+        """(shots, scores) of one row, skipped cells left out."""
+        pts = sorted((c.shots, c.score) for c in self.cells
+                     if c.task == task and c.metric == metric and c.score is not None)
         return [k for k, _ in pts], [s for _, s in pts]
 
     def table(self) -> str:
@@ -74,13 +79,17 @@ class EvalResults:
         for task, metric in self.rows():
             cells = {c.shots: c for c in self.cells if c.task == task and c.metric == metric}
             first = next(iter(cells.values()))
+            n = max(c.n for c in cells.values())
             name = f"{task} ({n_way}-way)" if task == "classify" and n_way else task
             chance = f"{100 * first.chance:.1f}" if first.chance is not None else "-"
-            vals = "".join(f"{100 * cells[k].score:9.1f}" if k in cells else f"{'':>9}" for k in shots)
-            lines.append(f"{name:<22}{METRIC_LABELS.get(metric, metric):<13}{first.n:>5}{chance:>8}{vals}")
+            vals = "".join(f"{'':>9}" if k not in cells else f"{'n/a':>9}" if cells[k].score is None
+                           else f"{100 * cells[k].score:9.1f}" for k in shots)
+            lines.append(f"{name:<22}{METRIC_LABELS.get(metric, metric):<13}{n:>5}{chance:>8}{vals}")
         lines.append(f"(scores x100; shots: examples in the prompt, per class for classify; "
                      f"{self.suite.get('split')} split, {self.suite.get('selection')} support selection, "
                      f"{self.seconds:.1f} s)")
+        notes = sorted({f"{c.task}: {c.skipped}" for c in self.cells if c.skipped})
+        lines += [f"n/a: {note}" for note in notes]
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:

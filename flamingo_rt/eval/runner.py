@@ -99,17 +99,59 @@ def _references(suite: TaskSuite, ep: Episode, index: int) -> List[str]:
 METRICS = {"classify": ("accuracy",), "caption": ("cider",), "qa": ("vqa_accuracy", "exact_match")}
 
 
-def _cells(task: str, kind: str, recs: List[Dict[str, Any]], suite: TaskSuite) -> List[Cell]:
+def _cells(task: str, kind: str, recs: List[Dict[str, Any]], suite: TaskSuite,
+           skipped: Dict[int, str]) -> List[Cell]:
     """One cell per (metric, shots) of a task; CIDEr-D is computed here per shot count (its
-    document frequencies come from that cell's references) and stored in the records."""
+    document frequencies come from that cell's references) and stored in the records.
+    Skipped shot counts get a cell with score None and the reason."""
     by_k = {k: sorted((r for r in recs if r["shots"] == k), key=lambda r: r["episode"]) for k in suite.shots}
     if kind == "caption":
-        for rk in by_k.values():
+        for k, rk in by_k.items():
+            if k in skipped:
+                continue
             for r, s in zip(rk, cider_d_scores([r["prediction"] for r in rk], [r["references"] for r in rk])):
                 r["cider"] = s
     chance = 1.0 / suite.n_way if kind == "classify" else None
-    return [Cell(task, metric, k, float(np.mean([r[metric] for r in by_k[k]])), len(by_k[k]), chance)
+    return [Cell(task, metric, k, None, 0, chance, skipped[k]) if k in skipped else
+            Cell(task, metric, k, float(np.mean([r[metric] for r in by_k[k]])), len(by_k[k]), chance)
             for metric in METRICS[kind] for k in suite.shots]
+
+
+def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
+                 queries: Dict[int, Tuple[Episode, List[int]]]) -> Union[str, List[Dict[str, Any]]]:
+    """Answer the queries {episode index: (episode, support indices)} with k shots; returns
+    their records, or why they cannot run (a prompt exceeds the model's context or media)."""
+    encs = {i: gen.encode(build_prompt(ep, sup)) for i, (ep, sup) in queries.items()}
+    if kind == "classify":
+        new_tokens = max(len(gen.tok.encode(" " + c)) for ep, _ in queries.values() for c in ep.candidates)
+    else:
+        new_tokens = suite.max_new_tokens_caption if kind == "caption" else suite.max_new_tokens_answer
+    for i, enc in encs.items():
+        if len(enc.ids) + new_tokens > gen.max_seq_len:
+            return (f"{k}-shot prompts do not fit: episode {i} has {len(enc.ids)} prompt tokens + {new_tokens} "
+                    f"to score or generate, the model's context is {gen.max_seq_len}")
+        if len(enc.media) > gen.max_media:
+            return f"{k}-shot prompts have {len(enc.media)} media; the generator holds at most {gen.max_media}"
+    recs = []
+    if kind == "classify":
+        for i, (ep, sup) in queries.items():
+            scores = gen.score(encs[i], [" " + c for c in ep.candidates])
+            pred = ep.candidates[int(np.argmax(scores))]
+            recs.append({"task": task, "episode": i, "shots": k, "support": sup, "answer": ep.answer,
+                         "prediction": pred, "candidates": list(ep.candidates), "scores": scores,
+                         "accuracy": float(pred == ep.answer)})
+        return recs
+    outs = gen.generate(list(encs.values()), GenerationConfig(max_new_tokens=new_tokens, num_beams=suite.num_beams))
+    for (i, (ep, sup)), out in zip(queries.items(), outs):
+        pred = out.strip()
+        rec = {"task": task, "episode": i, "shots": k, "support": sup, "answer": ep.answer, "prediction": pred}
+        if kind == "caption":
+            rec["references"] = _references(suite, ep, i)
+        else:
+            rec["exact_match"] = exact_match(pred, ep.answer)
+            rec["vqa_accuracy"] = vqa_accuracy(pred, [ep.answer] * NUM_ANNOTATORS)
+        recs.append(rec)
+    return recs
 
 
 def _load(model: Union[str, Path, Generator], suite: TaskSuite) -> Tuple[Generator, str]:
@@ -143,6 +185,7 @@ def evaluate(model: Union[str, Path, Generator], suite: Optional[TaskSuite] = No
     for task in suite.tasks:
         kind = task_kind(task)
         recs: List[Dict[str, Any]] = []
+        skipped: Dict[int, str] = {}  # shots -> why the cell was not evaluated
         for start in range(0, suite.episodes, suite.batch_size):
             chunk = list(range(start, min(start + suite.batch_size, suite.episodes)))
             eps = {i: draw_episode(suite, task, i) for i in chunk}
@@ -152,33 +195,17 @@ def evaluate(model: Union[str, Path, Generator], suite: Optional[TaskSuite] = No
                     labels = ep.meta["support_classes"] if kind == "classify" else None
                     indexes[i] = RicesIndex(gen.model, [m for m, _ in ep.support], labels)
             for k in suite.shots:
-                support = {i: select_support(suite, eps[i], i, k, indexes.get(i)) for i in chunk}
-                prompts = {i: build_prompt(eps[i], support[i]) for i in chunk}
-                if kind == "classify":
-                    for i in chunk:
-                        ep = eps[i]
-                        scores = gen.score(prompts[i], [" " + c for c in ep.candidates])
-                        pred = ep.candidates[int(np.argmax(scores))]
-                        recs.append({"task": task, "episode": i, "shots": k, "support": support[i],
-                                     "answer": ep.answer, "prediction": pred, "candidates": list(ep.candidates),
-                                     "scores": scores, "accuracy": float(pred == ep.answer)})
-                else:
-                    limit = suite.max_new_tokens_caption if kind == "caption" else suite.max_new_tokens_answer
-                    cfg = GenerationConfig(max_new_tokens=limit, num_beams=suite.num_beams)
-                    outs = gen.generate([prompts[i] for i in chunk], cfg)
-                    for i, out in zip(chunk, outs):
-                        ep, pred = eps[i], out.strip()
-                        rec = {"task": task, "episode": i, "shots": k, "support": support[i],
-                               "answer": ep.answer, "prediction": pred}
-                        if kind == "caption":
-                            rec["references"] = _references(suite, ep, i)
-                        else:
-                            rec["exact_match"] = exact_match(pred, ep.answer)
-                            rec["vqa_accuracy"] = vqa_accuracy(pred, [ep.answer] * NUM_ANNOTATORS)
-                        recs.append(rec)
+                if k not in skipped:
+                    support = {i: select_support(suite, eps[i], i, k, indexes.get(i)) for i in chunk}
+                    new = _run_queries(gen, suite, task, kind, k, {i: (eps[i], support[i]) for i in chunk})
+                    if isinstance(new, str):
+                        skipped[k] = new
+                    else:
+                        recs += new
                 if bar is not None:
                     bar.update(len(chunk))
-        cells += _cells(task, kind, recs, suite)
+        recs = [r for r in recs if r["shots"] not in skipped]
+        cells += _cells(task, kind, recs, suite, skipped)
         records += sorted(recs, key=lambda r: (r["episode"], suite.shots.index(r["shots"])))
     if bar is not None:
         bar.close()

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, TextIO
 
 import numpy as np
 
-__all__ = ["DEFAULT_MODEL", "DEMO_PROMPTS", "run_demo"]
+__all__ = ["DEFAULT_MODEL", "DEMO_PROMPTS", "EVAL_SHOTS", "EVAL_TASKS", "demo_episodes", "demo_suite", "run_demo"]
 
 #: where the recipe (``flamingo-rt train --preset tiny-world``) puts the shipped model
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-world"
@@ -36,6 +36,26 @@ DEMO_PROMPTS = (
 )
 EVAL_TASKS = ("classify", "qa", "video_qa", "caption")
 EVAL_SHOTS = (0, 1, 2, 4, 8)
+
+
+def demo_episodes(seed: int = 0, formats: str = "train") -> list:
+    """The held-out episodes of :data:`DEMO_PROMPTS`: a list of (title, Episode, max new tokens)."""
+    from .world import few_shot_episode
+
+    out = []
+    for n, (title, task, k, opts) in enumerate(DEMO_PROMPTS, 1):
+        ep = few_shot_episode(task, k, np.random.default_rng([seed, 7, n]), "heldout", format_split=formats, **opts)
+        out.append((title, ep, 24 if "caption" in task else 8))
+    return out
+
+
+def demo_suite(episodes: int = 12, seed: int = 0, formats: str = "train", tasks: Sequence[str] = EVAL_TASKS,
+               shots: Sequence[int] = EVAL_SHOTS):
+    """The evaluation the demo runs: held-out split, 5-way naming, random support."""
+    from .eval import TaskSuite
+
+    return TaskSuite(tasks=tuple(tasks), shots=tuple(shots), episodes=episodes, seed=seed, split="heldout",
+                     format_split=formats, n_way=5, selection="random")
 
 
 def missing_model_message(folder: Path) -> str:
@@ -70,21 +90,17 @@ def show_prompts(gen, out: TextIO, folder: Path, seed: int, color: bool, formats
     """Stream the model's answers to the :data:`DEMO_PROMPTS` (held-out episodes with
     ``formats`` phrasings); returns whether each was right."""
     from .eval.metrics import exact_match
-    from .world import few_shot_episode
 
     right = []
-    for n, (title, task, k, opts) in enumerate(DEMO_PROMPTS, 1):
-        ep = few_shot_episode(task, k, np.random.default_rng([seed, 7, n]), "heldout", format_split=formats,
-                              **opts)
-        print(f"\n[{n}/{len(DEMO_PROMPTS)}] {title}", file=out)
+    shown = demo_episodes(seed, formats)
+    for n, (title, ep, limit) in enumerate(shown, 1):
+        print(f"\n[{n}/{len(shown)}] {title}", file=out)
         _print_prompt(out, ep, n, folder, color, width)
         pieces = []
-        limit = 24 if "caption" in task else 8
         for piece in gen.stream(ep.prompt, max_new_tokens=limit):
             pieces.append(piece)
             print(piece, end="", file=out, flush=True)
-        answer = "".join(pieces).strip()
-        ok = exact_match(answer, ep.answer) == 1.0
+        ok = exact_match("".join(pieces), ep.answer) == 1.0
         right.append(ok)
         mark = ("\x1b[32m✓\x1b[0m" if ok else "\x1b[31m✗\x1b[0m") if color else ("right" if ok else "wrong")
         print(f"\n  expected: {ep.answer}   {mark}", file=out)
@@ -113,7 +129,7 @@ def run_demo(model: Optional[str] = None, out_dir: str = "demo_out", episodes: i
     """
     import torch
 
-    from .eval import TaskSuite, evaluate
+    from .eval import evaluate
     from .eval.plot import plot_curve
     from .eval.runner import media_needed
     from .runtime import Generator
@@ -131,8 +147,7 @@ def run_demo(model: Optional[str] = None, out_dir: str = "demo_out", episodes: i
     color = supports_color(out) if color is None else color
     dest = Path(out_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    suite = TaskSuite(tasks=tuple(tasks), shots=tuple(shots), episodes=episodes, seed=seed, split="heldout",
-                      format_split=formats, n_way=5, selection="random")
+    suite = demo_suite(episodes, seed, formats, tasks, shots)
     gen = Generator.from_pretrained(folder, max_media=media_needed(suite))
     n_params = sum(p.numel() for p in gen.model.parameters())
     print(f"Flamingo few-shot demo — model {folder} ({n_params / 1e6:.2f}M parameters), seed {seed}", file=out)

@@ -6,8 +6,12 @@
     flamingo-rt check                build status: C++ extension, backends per op
     flamingo-rt generate MODEL_DIR PROMPT [--image PATH ...]   stream a continuation
 
-``train``, ``ablate`` and ``export`` arrive with the training and C-API work; until then
-they say so and exit with status 2.
+    flamingo-rt train CONFIG.{toml,json} [--steps N] [--out-dir D]   train the connectors
+                                     (torchrun --nproc_per_node N -m flamingo_rt.cli train ... for DDP)
+    flamingo-rt train --preset tiny-world [--out-dir D]   the miniature Flamingo recipe
+
+``ablate`` and ``export`` arrive with the ablation and C-API work; until then they say so
+and exit with status 2.
 """
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ import sys
 from typing import List, Optional
 
 NOT_YET = {
-    "train": "the training runtime is not built yet",
     "ablate": "the ablation runner is not built yet",
     "export": "AOTInductor export and the C API are not built yet",
 }
@@ -150,6 +153,53 @@ def _demo(args) -> int:
                     formats=args.formats, threads=args.threads)
 
 
+def _train(args) -> int:
+    from pathlib import Path
+
+    if args.preset is not None:
+        if args.config is not None:
+            print("flamingo-rt train: give a CONFIG file or --preset, not both", file=sys.stderr)
+            return 2
+        try:
+            from .recipe import run_recipe
+        except ImportError as e:
+            print(f"flamingo-rt train --preset {args.preset}: the recipe is not available ({e})", file=sys.stderr)
+            return 2
+        out = args.out_dir or f"runs/{args.preset}"
+        run_recipe(args.preset, out, seed=args.seed if args.seed is not None else 0, progress=not args.no_progress)
+        return 0
+    if args.config is None:
+        print("flamingo-rt train: expected a CONFIG file (.toml or .json) or --preset NAME", file=sys.stderr)
+        return 2
+    from .runtime.train import NonFiniteLossError, Trainer, load_train_config
+
+    over = {}
+    if args.steps is not None:
+        over["steps"] = args.steps
+    if args.out_dir is not None:
+        over["out_dir"] = str(Path(args.out_dir).resolve())
+    if args.seed is not None:
+        over["seed"] = args.seed
+    if args.no_progress:
+        over["progress"] = False
+    try:
+        cfg = load_train_config(args.config, over)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"flamingo-rt train: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(cfg)
+        trainer.fit()
+    except NonFiniteLossError as e:
+        print(f"flamingo-rt train: {e}", file=sys.stderr)
+        return 1
+    if trainer.dist.is_main:
+        bad = {k: v for k, v in trainer.bad_records().items() if v}
+        print(f"trained {cfg.steps} steps; model: {Path(cfg.out_dir) / 'final'}; log: {Path(cfg.out_dir) / 'log.jsonl'}"
+              + (f"; skipped bad records: {bad}" if bad else ""))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="flamingo-rt", description="Flamingo-style VLM kernels and runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -195,6 +245,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_info.add_argument("--seq-len", type=int, default=256)
     p_info.add_argument("--num-media", type=int, default=1)
     sub.add_parser("check", help="extension and backend status")
+    p_train = sub.add_parser("train", help="train the connectors on a configured mixture, or run a recipe preset")
+    p_train.add_argument("config", nargs="?", help="training config (.toml or .json)")
+    p_train.add_argument("--preset", default=None, help="a recipe preset instead of a config (tiny-world)")
+    p_train.add_argument("--steps", type=int, default=None)
+    p_train.add_argument("--out-dir", default=None)
+    p_train.add_argument("--seed", type=int, default=None)
+    p_train.add_argument("--no-progress", action="store_true")
     p_gen = sub.add_parser("generate", help="stream a continuation of a prompt with images")
     p_gen.add_argument("model_dir")
     p_gen.add_argument("prompt", help="text; <image> markers place the --image files (default: all first)")
@@ -219,6 +276,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _info(args.presets, args.seq_len, args.num_media)
     if args.cmd == "check":
         return _check()
+    if args.cmd == "train":
+        return _train(args)
     print(f"flamingo-rt {args.cmd}: not yet — {NOT_YET[args.cmd]}.")
     print("What works today: `flamingo-rt info` (presets, parameters, FLOPs), `flamingo-rt check`,")
     print("and the Python API (see README.md: flamingo_rt.models, flamingo_rt.ops, flamingo_rt.io).")

@@ -62,7 +62,7 @@ def missing_model_message(folder: Path) -> str:
     return (
         f"flamingo-rt demo: no model at {folder}\n"
         f"  (looked for {folder / 'config.json'}, the weights and tokenizer.json there).\n"
-        "  Make it with the training recipe:   flamingo-rt train --preset tiny-world\n"
+        f"  Make it with the training recipe:   flamingo-rt train --preset tiny-world --out-dir {folder}\n"
         "  or show the demo on another model folder (save_pretrained):   flamingo-rt demo --model DIR"
     )
 

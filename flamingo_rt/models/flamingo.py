@@ -283,5 +283,5 @@ class Flamingo(nn.Module):
     def gate_values(self) -> dict:
         """{layer index: (tanh(attn_gate), tanh(ff_gate))} as floats."""
         return {
-            int(k): (float(b.attn_gate.tanh()), float(b.ff_gate.tanh())) for k, b in self.lm.xattn.items()
+            int(k): (float(b.attn_gate.detach().tanh()), float(b.ff_gate.detach().tanh())) for k, b in self.lm.xattn.items()
         }

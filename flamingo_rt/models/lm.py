@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -288,6 +289,10 @@ class DecoderLM(nn.Module):
     Attribute ``check_inputs`` (default True): validate token ids (integer dtype, range
     [0, V)) on every forward; the range check reads the ids' min/max (a device sync on a
     GPU). It is skipped while ``torch.compile`` traces.
+
+    Attribute ``activation_checkpointing`` (default False): when training with gradients,
+    each (cross-attention block, decoder layer) pair keeps only its input and recomputes its
+    activations in the backward pass (``torch.utils.checkpoint``, non-reentrant).
     """
 
     def __init__(self, cfg: LMConfig) -> None:
@@ -302,6 +307,7 @@ class DecoderLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.xattn = nn.ModuleDict()
         self.check_inputs = True
+        self.activation_checkpointing = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -402,16 +408,24 @@ class DecoderLM(nn.Module):
 
         cos, sin = self.rotary(position_ids)
         kw = xattn_kwargs or {}
+        ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            key = str(i)
-            if key in self.xattn:
-                h = self.xattn[key](h, **kw)
-            h = layer(h, cos, sin, mask)
+            if ckpt:
+                h = torch.utils.checkpoint.checkpoint(self._layer, i, h, cos, sin, mask, kw, use_reentrant=False)
+            else:
+                h = self._layer(i, h, cos, sin, mask, kw)
         h = self.norm(h)
         logits = self.lm_head(h)
         if return_hidden:
             return logits, h
         return logits
+
+    def _layer(self, i: int, h: torch.Tensor, cos, sin, mask, kw: Dict[str, Any]) -> torch.Tensor:
+        """The cross-attention block before layer ``i`` (if any), then layer ``i``."""
+        key = str(i)
+        if key in self.xattn:
+            h = self.xattn[key](h, **kw)
+        return self.layers[i](h, cos, sin, mask)
 
     def forward_cached(
         self,

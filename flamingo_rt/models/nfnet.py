@@ -121,7 +121,10 @@ class ScaledStdConv2d(nn.Module):
         """``gamma * gelu(conv(x) + bias)``: the conv without bias, then the fused
         bias + GELU + gamma op."""
         y = self._conv(x, None, backend)
-        return _ops.bias_gamma_act(y, self.bias, "gelu", gamma, backend=backend)
+        bias = self.bias
+        if bias is not None and bias.dtype != y.dtype:  # autocast: the conv ran in lower precision
+            bias = bias.to(y.dtype)
+        return _ops.bias_gamma_act(y, bias, "gelu", gamma, backend=backend)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,212 @@
+"""Training configuration: the mixture, the optimizer, freezing, checkpoints, logging.
+
+A run is described by one :class:`TrainConfig`, built in code or read from a JSON or TOML
+file (:func:`load_train_config`). Example TOML::
+
+    model = "out/pretrained"          # a model folder (save_pretrained), or preset = "tiny"
+    out_dir = "out/run1"              # checkpoints/, log.jsonl, final/
+    steps = 1000
+    seed = 0
+    precision = "bf16"                # "fp32" | "bf16" (autocast)
+
+    [[datasets]]
+    name = "m3w"
+    kind = "interleaved"              # "interleaved" | "pairs" | "video"
+    path = "data/docs"                # a folder of *.jsonl shards (see dataset_format.py)
+    weight = 1.0
+    batch_size = 8                    # the global batch, split over processes
+    max_images = 5
+    max_tokens = 256
+
+    [optim]
+    lr = 1e-4
+    warmup_steps = 100
+
+Every field is checked on construction; errors name the field, what was expected and
+what was received.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = [
+    "DatasetConfig", "OptimConfig", "FreezeConfig", "TrainConfig", "load_train_config", "DATASET_KINDS",
+]
+
+DATASET_KINDS = ("interleaved", "pairs", "video")
+PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of the mixture.
+
+    Attributes:
+        name: a unique name (used in logs: ``loss/<name>``).
+        kind: "interleaved" (several images among text, M3W), "pairs" (one image and its
+            text, ALIGN / LTIP) or "video" (F frames and a text, VTP).
+        path: folder of ``*.jsonl`` shards (format in :mod:`.dataset_format`).
+        weight: the loss weight (paper: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03).
+        batch_size: sequences per step (global: split over processes).
+        max_images: records with more media are skipped (counted as "too_many_images").
+        max_tokens: sequences are cut to this many tokens (media whose ``<image>`` token is
+            cut off are dropped).
+        num_frames: "video": frames per clip (clips are resampled uniformly to it);
+            None keeps each clip's own count (then all clips must agree).
+        mask_before_first_image: "interleaved": no loss on the text before the first image
+            and between an ``<|endofchunk|>`` and the next ``<image>`` (OpenFlamingo's rule).
+    """
+
+    name: str
+    kind: str
+    path: str
+    weight: float = 1.0
+    batch_size: int = 8
+    max_images: int = 5
+    max_tokens: int = 256
+    num_frames: Optional[int] = None
+    mask_before_first_image: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name != "", f"expected a non-empty dataset name, got {self.name!r}")
+        _check(self.kind in DATASET_KINDS, f"dataset {self.name!r}: expected kind in {DATASET_KINDS}, got {self.kind!r}")
+        _check(self.weight >= 0, f"dataset {self.name!r}: expected weight >= 0, got {self.weight}")
+        _check(int(self.batch_size) >= 1, f"dataset {self.name!r}: expected batch_size >= 1, got {self.batch_size}")
+        _check(int(self.max_images) >= 1, f"dataset {self.name!r}: expected max_images >= 1, got {self.max_images}")
+        _check(int(self.max_tokens) >= 2, f"dataset {self.name!r}: expected max_tokens >= 2, got {self.max_tokens}")
+        _check(self.num_frames is None or int(self.num_frames) >= 1,
+               f"dataset {self.name!r}: expected num_frames >= 1 or None, got {self.num_frames}")
+        self.path = str(self.path)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr``.
+
+    Weight decay applies to weight matrices only (not biases, norms, gates, embeddings,
+    latents or positional/temporal embeddings)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: Optional[float] = 1.0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        _check(self.lr > 0, f"optim: expected lr > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim: expected weight_decay >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim: expected two betas in [0, 1), got {self.betas}")
+        _check(self.warmup_steps >= 0, f"optim: expected warmup_steps >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim: expected min_lr_ratio in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"optim: expected grad_clip > 0 or None, got {self.grad_clip}")
+
+
+@dataclass
+class FreezeConfig:
+    """What trains. Default (Flamingo): the resampler and the cross-attention blocks train,
+    the vision encoder and the LM are frozen, and of the LM only the embedding rows of
+    ``trainable_token_ids`` (default: ``<image>`` and ``<|endofchunk|>``) train."""
+
+    vision: bool = True
+    lm: bool = True
+    resampler: bool = False
+    xattn: bool = False
+    trainable_token_ids: Optional[List[int]] = None
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``model`` is a model folder; ``preset`` builds a fresh model
+    from a preset instead (with ``tokenizer``: a ``tokenizer.json`` path)."""
+
+    datasets: List[DatasetConfig]
+    out_dir: str
+    steps: int
+    model: Optional[str] = None
+    preset: Optional[str] = None
+    tokenizer: Optional[str] = None
+    seed: int = 0
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    progress: bool = True
+    strategy: str = "auto"
+    backend: Optional[str] = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.datasets = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in self.datasets]
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+        if isinstance(self.freeze, dict):
+            self.freeze = FreezeConfig(**self.freeze)
+        _check(len(self.datasets) >= 1, "expected at least one dataset in the mixture, got none")
+        names = [d.name for d in self.datasets]
+        _check(len(set(names)) == len(names), f"expected unique dataset names, got {names}")
+        _check(int(self.steps) >= 1, f"expected steps >= 1, got {self.steps}")
+        _check((self.model is None) != (self.preset is None),
+               f"expected exactly one of model (a folder) or preset, got model={self.model!r} preset={self.preset!r}")
+        _check(self.preset is None or self.tokenizer is not None,
+               "a preset model needs tokenizer = path to a tokenizer.json")
+        _check(self.precision in PRECISIONS, f"expected precision in {PRECISIONS}, got {self.precision!r}")
+        _check(self.strategy in STRATEGIES, f"expected strategy in {STRATEGIES}, got {self.strategy!r}")
+        _check(int(self.checkpoint_every) >= 1, f"expected checkpoint_every >= 1, got {self.checkpoint_every}")
+        _check(int(self.keep_checkpoints) >= 1, f"expected keep_checkpoints >= 1, got {self.keep_checkpoints}")
+        _check(int(self.log_every) >= 1, f"expected log_every >= 1, got {self.log_every}")
+        self.out_dir = str(self.out_dir)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+def load_train_config(path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """Read a :class:`TrainConfig` from ``.json`` or ``.toml``; relative dataset / model /
+    tokenizer / out_dir paths are taken relative to the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {path} does not exist")
+    if path.suffix == ".toml":
+        import tomllib
+
+        d = tomllib.loads(path.read_text())
+    elif path.suffix == ".json":
+        d = json.loads(path.read_text())
+    else:
+        raise ValueError(f"expected a .json or .toml training config, got {path.name}")
+    d.update(overrides or {})
+    base = path.parent
+
+    def rel(p: Optional[str]) -> Optional[str]:
+        return None if p is None else str((base / p) if not Path(p).is_absolute() else Path(p))
+
+    for k in ("model", "tokenizer", "out_dir"):
+        if k in d:
+            d[k] = rel(d[k])
+    d["datasets"] = [dict(ds, path=rel(ds["path"])) if "path" in ds else ds for ds in d.get("datasets", [])]
+    return TrainConfig.from_dict(d)

@@ -1,0 +1,141 @@
+"""One optimizer step over a weighted mixture: every dataset's batch, its loss scaled by
+the dataset's weight, gradients accumulated, then clip and step.
+
+The loss of dataset d is ``sum of token cross-entropies / number of target tokens in d's
+*global* batch``, so a global batch split over P processes gives the same gradient as one
+process holding it all (each process scales its partial sum by P; DDP averages).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .collate import Batch
+
+__all__ = ["NonFiniteLossError", "StepResult", "loss_sum", "train_step"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient was NaN or infinite; the step was not applied."""
+
+    def __init__(self, what: str, step: int, value: float):
+        super().__init__(
+            f"non-finite {what} ({value}) at step {step}; the optimizer step was not applied and no "
+            "checkpoint was written (the last good checkpoint is intact). Lower the learning rate, "
+            "check the data, or try precision='fp32'."
+        )
+        self.what = what
+        self.step = step
+        self.value = value
+
+
+@dataclass
+class StepResult:
+    """Per-dataset losses (mean over the global batch's target tokens), the gradient norm
+    before clipping, and token counts."""
+
+    losses: Dict[str, float]
+    grad_norm: float
+    tokens: int
+    targets: Dict[str, int] = field(default_factory=dict)
+
+
+def loss_sum(model: nn.Module, batch: Batch, backend: Optional[str] = None) -> torch.Tensor:
+    """Sum of next-token cross-entropies (float32 scalar) over the batch's target tokens.
+    Padding is on the right, so no attention mask is needed (causal attention never lets a
+    token see the padding after it)."""
+    out = model(batch.input_ids, media=batch.media, num_media=batch.num_media, backend=backend)
+    logits = out.logits
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
+        ignore_index=-100, reduction="sum",
+    )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def train_step(
+    model: nn.Module,
+    batches: Mapping[str, Batch],
+    weights: Mapping[str, float],
+    global_targets: Mapping[str, int],
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    step: int = 0,
+    grad_clip: Optional[float] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+    no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+    params=None,
+    grad_mask: Optional[Callable[[], None]] = None,
+) -> StepResult:
+    """Accumulate ``weights[d] * loss_d`` over the datasets, clip, step.
+
+    Args:
+        model: the (possibly DDP / FSDP wrapped) model.
+        batches: this process's rows of each dataset's global batch (already on the device).
+        weights: dataset loss weights.
+        global_targets: target tokens per dataset in the *global* batch (the loss divisor).
+        no_sync: a context-manager factory suppressing gradient synchronisation (DDP's
+            ``no_sync``), used for every dataset but the last.
+        params: the parameters to clip (default: the model's trainable ones).
+        grad_mask: called after the backward passes, before clipping (e.g. a
+            :class:`~flamingo_rt.runtime.train.freeze.RowGradMask`).
+    Raises:
+        NonFiniteLossError naming the dataset and step when a loss (or the gradient norm) is
+        not finite; gradients are cleared and nothing is applied.
+    """
+    world = dist.get_world_size() if _distributed() else 1
+    names = list(batches)
+    device = next(iter(batches.values())).input_ids.device
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+    optimizer.zero_grad(set_to_none=True)
+    tokens = 0
+    for i, name in enumerate(names):
+        b = batches[name]
+        tokens += b.num_tokens
+        last = i == len(names) - 1
+        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with ctx:
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                s = loss_sum(model, b, backend)
+            finite = torch.isfinite(s.detach()).to(torch.float64)
+            if _distributed():
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"loss of dataset {name!r}", step, float(s.detach()))
+            n = max(1, int(global_targets[name]))
+            (s * (float(weights[name]) * world / n)).backward()
+            sums[i] = s.detach().double() / n
+    _all_reduce(sums)
+    if grad_mask is not None:
+        grad_mask()
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    norm_t = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+    norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError("gradient norm", step, norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult({n: float(v) for n, v in zip(names, sums.tolist())}, norm, tokens,
+                      {n: int(global_targets[n]) for n in names})

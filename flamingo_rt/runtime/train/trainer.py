@@ -1,0 +1,215 @@
+"""The training loop: a configured mixture, frozen backbones, weighted accumulation,
+checkpoints with exact resume, logs, DDP / FSDP2.
+
+    from flamingo_rt.runtime.train import Trainer, load_train_config
+    Trainer(load_train_config("run.toml")).fit()
+
+or ``flamingo-rt train run.toml`` (``torchrun --nproc_per_node N -m flamingo_rt.cli train
+run.toml`` for several processes). A run whose ``out_dir`` holds a checkpoint resumes from
+it: the steps that follow are exactly those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ...io.tokenizer import FlamingoTokenizer
+from ...models.flamingo import Flamingo
+from .collate import Collator
+from .config import TrainConfig
+from .dataset_stream import DatasetStream
+from .distributed import DistInfo, init_distributed, row_range, wrap_model
+from .freeze import RowGradMask, apply_freeze
+from .metrics_log import MetricsLog
+from .optim import build_optimizer, build_scheduler
+from .step import NonFiniteLossError, train_step
+from .train_state import latest_checkpoint, load_train_state, save_train_state
+
+__all__ = ["Trainer", "train"]
+
+
+def _load_model(cfg: TrainConfig):
+    if cfg.model is not None:
+        from ...io.pretrained import load_pretrained
+
+        model, tok = load_pretrained(cfg.model)
+        if tok is None:
+            if cfg.tokenizer is None:
+                raise FileNotFoundError(f"model folder {cfg.model} has no tokenizer.json; set tokenizer = <path>")
+            tok = FlamingoTokenizer.from_file(cfg.tokenizer)
+        return model, tok
+    from ...models.config import get_preset
+
+    model = Flamingo(get_preset(cfg.preset))
+    return model, FlamingoTokenizer.from_file(cfg.tokenizer)
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler, data streams and logs of one run.
+
+    Args:
+        cfg: the :class:`TrainConfig`.
+        model, tokenizer: an in-memory model and tokenizer instead of ``cfg.model`` /
+            ``cfg.preset`` (the tokenizer's ``<image>`` / ``<|endofchunk|>`` ids must match
+            the model config's).
+    """
+
+    def __init__(self, cfg: TrainConfig, model: Optional[Flamingo] = None,
+                 tokenizer: Optional[FlamingoTokenizer] = None):
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(cfg.device)
+        dev = cfg.device
+        if dev.startswith("cuda") and self.dist.world_size > 1:
+            dev = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(dev)
+        torch.manual_seed(cfg.seed)
+        if model is None:
+            model, tokenizer = _load_model(cfg)
+        if tokenizer is None:
+            raise ValueError("expected a tokenizer with the model")
+        c = model.config
+        if (tokenizer.image_token_id, tokenizer.eoc_token_id) != (c.image_token_id, c.eoc_token_id):
+            raise ValueError(
+                f"tokenizer ids (<image>={tokenizer.image_token_id}, <|endofchunk|>={tokenizer.eoc_token_id}) "
+                f"differ from the model config's ({c.image_token_id}, {c.eoc_token_id})"
+            )
+        self.tokenizer = tokenizer
+        self.model = model.to(self.device)
+        self.rows: Dict[str, List[int]] = apply_freeze(
+            self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id])
+        self.model.train()
+        self.model.lm.activation_checkpointing = cfg.activation_checkpointing
+        # wrap first: FSDP2 replaces the parameters the optimizer and the row mask must hold
+        self.wrapped, self._no_sync = wrap_model(self.model, self.dist, cfg.strategy, str(self.device))
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
+        self.grad_mask = RowGradMask(self.model, self.rows)
+        self.streams = {d.name: DatasetStream(d, cfg.seed) for d in cfg.datasets}
+        self.collators = {d.name: Collator(tokenizer, self.model.config.vision, d) for d in cfg.datasets}
+        for d in cfg.datasets:
+            row_range(d.batch_size, self.dist, d.name)  # divisibility, checked before any work
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.step = 0
+        self.resumed_from: Optional[Path] = None
+        latest = latest_checkpoint(self.ckpt_dir)
+        if latest is not None:
+            self.step, data, _ = load_train_state(latest, self.model, self.optimizer, self.scheduler)
+            for name, st in data.items():
+                if name not in self.streams:
+                    raise ValueError(f"the checkpoint {latest} has data positions of dataset {name!r}, "
+                                     f"which is not in the configured mixture {list(self.streams)}")
+                self.streams[name].load_state_dict(st)
+            self.resumed_from = latest
+        self.history: List[Dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ pieces
+    def _batches(self):
+        batches, targets, tokens = {}, {}, 0
+        for d in self.cfg.datasets:
+            gb = self.collators[d.name](self.streams[d.name].take(d.batch_size))
+            targets[d.name] = gb.num_targets
+            tokens += gb.num_tokens
+            r = row_range(d.batch_size, self.dist, d.name)
+            batches[d.name] = gb.rows(r.start, r.stop).to(self.device)
+        return batches, targets, tokens
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Checkpoint the current step (the main process writes; all wait)."""
+        path = save_train_state(
+            self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+            {n: s.state_dict() for n, s in self.streams.items()}, self.rows,
+            extra={"config": self.cfg.to_dict()}, keep=self.cfg.keep_checkpoints, is_main=self.dist.is_main,
+        )
+        if self.dist.world_size > 1:
+            dist.barrier()
+        return path
+
+    def gate_values(self) -> Dict[str, List[float]]:
+        """{layer: [tanh(attn gate), tanh(ff gate)]} (a collective under FSDP)."""
+        def val(t):
+            t = t.detach()
+            return float((t.full_tensor() if hasattr(t, "full_tensor") else t).tanh())
+
+        return {k: [round(val(b.attn_gate), 6), round(val(b.ff_gate), 6)] for k, b in self.model.lm.xattn.items()}
+
+    def save_final(self, folder: Path) -> None:
+        """The whole model as a model folder (``save_pretrained`` layout) with the tokenizer
+        (gathered under FSDP: every process calls it, the main one writes)."""
+        from ...io.checkpoint import save_checkpoint
+        from ...io.pretrained import save_pretrained
+
+        if self.cfg.strategy == "fsdp" and self.dist.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.dist.is_main:
+                if self.model.config.lm.tie_embeddings:
+                    sd["lm.lm_head.weight"] = sd["lm.embed_tokens.weight"]
+                save_checkpoint(sd, folder, config=self.model.config.to_dict())
+                self.tokenizer.save(Path(folder) / "tokenizer.json")
+        elif self.dist.is_main:
+            save_pretrained(self.model, folder, tokenizer=self.tokenizer)
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def bad_records(self) -> Dict[str, Dict[str, int]]:
+        return {n: dict(s.bad) for n, s in self.streams.items()}
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> List[Dict[str, Any]]:
+        """Train until ``cfg.steps``; returns the logged records of this call. Writes
+        ``out_dir/log.jsonl``, checkpoints every ``checkpoint_every`` steps and at the end,
+        and the final model folder ``out_dir/final`` (``save_pretrained``, loadable by
+        ``Generator.from_pretrained``)."""
+        cfg = self.cfg
+        main = self.dist.is_main
+        log = MetricsLog(self.out_dir / "log.jsonl", cfg.steps, self.step, cfg.progress and main, enabled=main)
+        if self.resumed_from is not None:
+            log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+        weights = {d.name: d.weight for d in cfg.datasets}
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                batches, targets, tokens = self._batches()
+                lr = self.optimizer.param_groups[0]["lr"]
+                try:
+                    res = train_step(self.wrapped, batches, weights, targets, self.optimizer, self.scheduler,
+                                     step=self.step + 1, grad_clip=cfg.optim.grad_clip, autocast_dtype=autocast,
+                                     backend=cfg.backend, no_sync=self._no_sync, grad_mask=self.grad_mask)
+                except NonFiniteLossError as e:
+                    log.message(f"stopped: {e}")
+                    raise
+                self.step += 1
+                dt = time.perf_counter() - t0
+                gates = self.gate_values()
+                rec = {
+                    "step": self.step, "lr": lr, "loss": res.losses,
+                    "loss_weighted": sum(weights[n] * v for n, v in res.losses.items()),
+                    "grad_norm": res.grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt,
+                    "step_time_s": dt, "gates": gates, "bad_records": self.bad_records(),
+                }
+                self.history.append(rec)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    post = {n[:8]: f"{v:.3f}" for n, v in res.losses.items()}
+                    post["tok/s"] = f"{tokens / dt:.0f}"
+                    log.log(rec, post)
+                log.advance()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+            self.save_final(self.out_dir / "final")
+        finally:
+            log.close()
+        return self.history
+
+
+def train(cfg: TrainConfig, model: Optional[Flamingo] = None, tokenizer: Optional[FlamingoTokenizer] = None
+          ) -> List[Dict[str, Any]]:
+    """``Trainer(cfg, model, tokenizer).fit()``."""
+    return Trainer(cfg, model, tokenizer).fit()

@@ -1,0 +1,216 @@
+"""The training step: freezing, weighted accumulation over datasets, the kernels' gradients
+against the reference's, bf16 autocast, activation checkpointing, the non-finite guard,
+the schedule, and a short run whose loss goes down while the gates open."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "train"))
+from world_fixture import make_world, train_config_dict  # noqa: E402
+
+from flamingo_rt.io.pretrained import load_pretrained  # noqa: E402
+from flamingo_rt.runtime.train import (  # noqa: E402
+    NonFiniteLossError, OptimConfig, TrainConfig, Trainer, load_train_config, lr_factor, param_groups,
+    train_step,
+)
+from flamingo_rt.runtime.train.step import loss_sum  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threads only add overhead (and contention)
+    yield
+    torch.set_num_threads(n)
+
+
+def _trainer(world, tmp_path, steps=4, open_gates=False, **over):
+    cfg = TrainConfig.from_dict(train_config_dict(world["model"].parent, tmp_path / "run", steps, **over))
+    tr = Trainer(cfg)
+    if open_gates:  # at init tanh(0) = 0 blocks every gradient but the gates'; open them
+        with torch.no_grad():
+            for blk in tr.model.xattn_blocks():
+                blk.attn_gate.fill_(0.5)
+                blk.ff_gate.fill_(-0.4)
+    return tr
+
+
+class _GradCapture(torch.optim.SGD):
+    """An optimizer that records the gradients it is asked to apply."""
+
+    def step(self, closure=None):
+        self.captured = {id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                         if p.grad is not None}
+        return super().step(closure)
+
+
+def test_freezing_keeps_backbones_bit_identical(world, tmp_path):
+    tr = _trainer(world, tmp_path, steps=3)
+    m = tr.model
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("resampler.", "lm.xattn.", "lm.embed_tokens", "lm.lm_head"))
+                             for n in trainable)
+    assert not any(p.requires_grad for p in m.vision_encoder.parameters())
+    assert not m.vision_encoder.training
+    tr.fit()
+    rows = [tr.tokenizer.image_token_id, tr.tokenizer.eoc_token_id]
+    for n, p in m.named_parameters():
+        if n in ("lm.embed_tokens.weight", "lm.lm_head.weight"):
+            other = torch.ones(p.shape[0], dtype=torch.bool)
+            other[rows] = False
+            assert torch.equal(p[other], before[n][other]), n  # every other row bit-identical
+            assert not torch.equal(p[rows], before[n][rows]), n  # the special rows train
+        elif n in trainable:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+
+
+def test_accumulation_equals_weighted_sum_of_dataset_gradients(world, tmp_path):
+    tr = _trainer(world, tmp_path, steps=1, open_gates=True)
+    batches, targets, _ = tr._batches()
+    weights = {"docs": 1.0, "pairs": 0.2, "video": 0.03}
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    opt = _GradCapture(params, lr=0.0)
+    train_step(tr.model, batches, weights, targets, opt, grad_clip=None)
+    expect = {id(p): torch.zeros_like(p) for p in params}
+    for name, b in batches.items():
+        tr.model.zero_grad(set_to_none=True)
+        (loss_sum(tr.model, b) / targets[name]).backward()
+        for p in params:
+            if p.grad is not None:
+                expect[id(p)] += weights[name] * p.grad
+    for p in params:
+        got = opt.captured.get(id(p), torch.zeros_like(p))
+        torch.testing.assert_close(got, expect[id(p)], rtol=1e-5, atol=1e-7)
+    # the temporal embeddings only get gradient from clips
+    assert opt.captured[id(tr.model.resampler.frame_embs)].abs().sum() > 0
+
+
+def test_kernel_backends_gradients_equal_reference(world, tmp_path):
+    tr = _trainer(world, tmp_path, steps=1, open_gates=True)
+    batches, targets, _ = tr._batches()
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    grads = {}
+    for backend in ("reference", None):  # None: "auto", the C++ kernels where registered
+        opt = _GradCapture(params, lr=0.0)
+        train_step(tr.model, batches, {"docs": 1.0, "pairs": 0.2, "video": 0.03}, targets, opt, backend=backend)
+        grads[backend] = opt.captured
+    for p in params:
+        torch.testing.assert_close(grads[None][id(p)], grads["reference"][id(p)], rtol=1e-4, atol=1e-6)
+
+
+def test_activation_checkpointing_same_gradients(world, tmp_path):
+    tr = _trainer(world, tmp_path, steps=1, open_gates=True)
+    batches, targets, _ = tr._batches()
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    out = []
+    for ckpt in (False, True):
+        tr.model.lm.activation_checkpointing = ckpt
+        opt = _GradCapture(params, lr=0.0)
+        train_step(tr.model, batches, {"docs": 1.0, "pairs": 1.0, "video": 1.0}, targets, opt)
+        out.append(opt.captured)
+    for p in params:
+        torch.testing.assert_close(out[1][id(p)], out[0][id(p)], rtol=1e-6, atol=1e-8)
+
+
+def test_bf16_autocast_step_close_to_fp32(world, tmp_path):
+    tr = _trainer(world, tmp_path, steps=1, open_gates=True)
+    batches, targets, _ = tr._batches()
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    res = {}
+    for dt in (None, torch.bfloat16):
+        opt = _GradCapture(params, lr=0.0)
+        res[dt] = (train_step(tr.model, batches, {"docs": 1.0, "pairs": 0.2, "video": 0.03}, targets, opt,
+                              autocast_dtype=dt), opt.captured)
+    for name in batches:
+        assert abs(res[torch.bfloat16][0].losses[name] - res[None][0].losses[name]) < 0.05
+    g32 = torch.cat([res[None][1][id(p)].flatten() for p in params])
+    g16 = torch.cat([res[torch.bfloat16][1][id(p)].flatten() for p in params])
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
+def test_non_finite_loss_names_dataset_and_step_and_keeps_checkpoint(world, tmp_path):
+    tr = _trainer(world, tmp_path, steps=6)
+    tr.cfg.steps = 2
+    tr.fit()  # checkpoint at step 2
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints" / latest.strip()).iterdir()}
+    tr.cfg.steps = 6
+    with torch.no_grad():
+        tr.model.resampler.latents[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"dataset 'docs'.* at step 3"):
+        tr.fit()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == latest
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints" / latest.strip()).iterdir()} == files
+    assert all(p.grad is None for p in tr.model.parameters())  # nothing half-applied
+
+
+def test_loss_goes_down_and_gates_open(world, tmp_path):
+    tr = _trainer(world, tmp_path, steps=30, checkpoint_every=100,
+                  optim=dict(lr=5e-3, warmup_steps=3, min_lr_ratio=0.5))
+    hist = tr.fit()
+    first = sum(hist[0]["loss"].values())
+    last = sum(sum(h["loss"].values()) for h in hist[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    gates = hist[-1]["gates"]
+    assert max(abs(v) for g in gates.values() for v in g) > 0.02  # tanh gates started at exactly 0
+    assert all(v == 0 for g in model_gates_at_init(world).values() for v in g)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert set(log[0]) >= {"lr", "loss", "loss_weighted", "grad_norm", "tokens_per_s", "gates", "bad_records"}
+    m, tok = load_pretrained(tmp_path / "run" / "final")  # the final model folder loads
+    torch.testing.assert_close(m.resampler.latents, tr.model.resampler.latents)
+
+
+def model_gates_at_init(world):
+    m, _ = load_pretrained(world["model"])
+    return {k: list(v) for k, v in m.gate_values().items()}
+
+
+def test_param_groups_and_schedule(world):
+    m, _ = load_pretrained(world["model"])
+    m.freeze_backbones()
+    groups = param_groups(m, 0.1)
+    decay = set(groups[0]["names"])
+    assert "lm.xattn.1.attn.to_q.weight" in decay and "resampler.layers.0.ff.fc1.weight" in decay
+    no = set(groups[1]["names"])
+    assert {"lm.xattn.1.attn_gate", "resampler.latents", "resampler.frame_embs",
+            "lm.xattn.1.attn.norm.weight"} <= no
+    assert groups[1]["weight_decay"] == 0.0
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    f = [lr_factor(s, 14, cfg) for s in range(14)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert abs(f[9] - (0.1 + 0.9 * 0.5)) < 1e-12  # half way through the cosine
+    assert all(a >= b for a, b in zip(f[3:], f[4:])) and f[-1] > 0.1
+
+
+def test_config_files_and_errors(world, tmp_path):
+    d = train_config_dict(world["model"].parent, "run", 3)
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    cfg = load_train_config(tmp_path / "c.json")
+    assert cfg.out_dir == str(tmp_path / "run") and cfg.datasets[2].num_frames == 3
+    toml = f'''model = "{d["model"]}"\nout_dir = "r"\nsteps = 2\n[[datasets]]\nname = "p"\nkind = "pairs"\npath = "{d["datasets"][1]["path"]}"\nweight = 0.2\n[optim]\nlr = 0.01\n'''
+    (tmp_path / "c.toml").write_text(toml)
+    cfg = load_train_config(tmp_path / "c.toml")
+    assert cfg.optim.lr == 0.01 and cfg.datasets[0].weight == 0.2 and cfg.out_dir == str(tmp_path / "r")
+    with pytest.raises(ValueError, match="kind in"):
+        TrainConfig.from_dict(dict(d, datasets=[dict(d["datasets"][0], kind="audio")]))
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.from_dict(dict(d, stepz=3))
+    from flamingo_rt.runtime.train.distributed import DistInfo, row_range
+
+    with pytest.raises(ValueError, match="divisible"):
+        row_range(3, DistInfo(0, 2), "docs")

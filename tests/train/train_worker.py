@@ -1,0 +1,12 @@
+"""Subprocess entry for training tests: ``python train_worker.py CONFIG.json`` (also under
+torchrun). One thread per process, so runs are quick and do not fight over the cores."""
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from flamingo_rt.runtime.train import Trainer, load_train_config  # noqa: E402
+
+if __name__ == "__main__":
+    Trainer(load_train_config(sys.argv[1])).fit()

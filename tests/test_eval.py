@@ -231,3 +231,14 @@ def test_cli_eval(model_dir, tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["eval", str(model_dir), "--shots", "0,x"])
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_open_ended_answers_are_the_generators_greedy_or_beam_output(gen, num_beams):
+    suite = TaskSuite(tasks=("qa", "caption"), shots=(1,), episodes=2, num_beams=num_beams, seed=3)
+    res = evaluate(gen, suite)
+    for r in res.records:
+        ep = draw_episode(suite, r["task"], r["episode"])
+        limit = suite.max_new_tokens_caption if r["task"] == "caption" else suite.max_new_tokens_answer
+        want = gen.generate(build_prompt(ep, r["support"]), max_new_tokens=limit, num_beams=num_beams)
+        assert r["prediction"] == want.strip()

@@ -104,6 +104,10 @@ def show_prompts(gen, out: TextIO, folder: Path, seed: int, color: bool, formats
         right.append(ok)
         mark = ("\x1b[32m✓\x1b[0m" if ok else "\x1b[31m✗\x1b[0m") if color else ("right" if ok else "wrong")
         print(f"\n  expected: {ep.answer}   {mark}", file=out)
+        if ep.task == "classify":  # what the evaluation does: rank the words by log-likelihood
+            scores = gen.score(ep.prompt, [" " + c for c in ep.candidates])
+            ranked = sorted(zip(scores, ep.candidates), reverse=True)
+            print("  log-likelihood of each word: " + ", ".join(f"{c} {s:.1f}" for s, c in ranked), file=out)
         print(f"  (pictures: {folder}/prompt{n}_*.png)", file=out)
     return right
 

@@ -68,7 +68,7 @@ def test_demo_end_to_end_on_a_random_tiny_model(model_dir, tmp_path, capsys, mon
     cells = {(c["task"], c["shots"]) for c in d["cells"] if c["score"] is not None and c["n"] == 1}
     assert cells == {(t, k) for t in demo.EVAL_TASKS for k in (0, 1, 2, 4, 8)}
     assert d["suite"]["split"] == "heldout" and d["suite"]["n_way"] == 5
-    for word in ("classify (5-way)", "video_qa", "caption", "8-shot", "Demo done in"):
+    for word in ("classify (5-way)", "video_qa", "caption", "8-shot", "Demo done in", "log-likelihood of each word: "):
         assert word in printed
     curve = Image.open(out / "few_shot_curve.png")
     assert curve.format == "PNG" and curve.size[0] > 400

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..io.tokenizer import EOC_TOKEN
 from ..runtime.generate import Generator
 from ..runtime.sampling import GenerationConfig
 from ..world.episodes import Episode, few_shot_episode
@@ -67,10 +68,9 @@ def build_prompt(ep: Episode, support: Sequence[int]) -> List[Any]:
     """``[media_i, "<prefix_i> <answer_i><|endofchunk|>", ..., query, "<query prefix>"]`` for
     the chosen pool indices, in the given order (the layout of the world's episodes)."""
     prompt: List[Any] = []
-    eoc = "<|endofchunk|>"
     for j in support:
         media, answer = ep.support[j]
-        prompt += [media, f"{ep.support_prefixes[j]} {answer}{eoc}"]
+        prompt += [media, f"{ep.support_prefixes[j]} {answer}{EOC_TOKEN}"]
     return prompt + [ep.query, ep.query_prefix]
 
 

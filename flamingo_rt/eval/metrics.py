@@ -100,7 +100,7 @@ def _tfidf(counts: Counter, df: Mapping[Tuple[str, ...], float], log_n_docs: flo
         w = float(tf) * (log_n_docs - math.log(max(1.0, df.get(gram, 0.0))))
         vec[k][gram] = w
         norm[k] += w * w
-        if k == 0:
+        if k == 0:  # words (coco-caption counts bigrams, words - 1: the same length differences)
             length += tf
     return vec, [math.sqrt(x) for x in norm], length
 

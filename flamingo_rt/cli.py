@@ -1,6 +1,7 @@
 """The ``flamingo-rt`` command.
 
-    flamingo-rt demo                 few-shot demo on the shipped model (not yet: see below)
+    flamingo-rt demo [--model DIR]   few-shot demo on the shipped model (prompts, then an evaluation)
+    flamingo-rt eval MODEL_DIR       few-shot evaluation on a task suite (table, JSON)
     flamingo-rt info [PRESET ...]    parameters and forward FLOPs of presets (meta device)
     flamingo-rt check                build status: C++ extension, backends per op
     flamingo-rt generate MODEL_DIR PROMPT [--image PATH ...]   stream a continuation
@@ -9,8 +10,8 @@
                                      (torchrun --nproc_per_node N -m flamingo_rt.cli train ... for DDP)
     flamingo-rt train --preset tiny-world [--out-dir D]   the miniature Flamingo recipe
 
-``eval``, ``ablate`` and ``export`` arrive with the training, demo and C-API
-work; until then they say so and exit with status 2.
+``ablate`` and ``export`` arrive with the ablation and C-API work; until then they say so
+and exit with status 2.
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import sys
 from typing import List, Optional
 
 NOT_YET = {
-    "demo": "the few-shot demo needs the shipped model (procedural world + training recipe), which is not built yet",
-    "eval": "the evaluation harness is not built yet",
     "ablate": "the ablation runner is not built yet",
     "export": "AOTInductor export and the C API are not built yet",
 }
@@ -114,6 +113,46 @@ def _generate(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2,4,8, got {text!r}")
+
+
+def _eval(args) -> int:
+    from .eval import TaskSuite, evaluate
+    from .eval.plot import plot_curve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tasks = [t for arg in args.tasks for t in arg.split(",") if t]
+    try:
+        suite = TaskSuite(tasks=tuple(tasks), shots=tuple(args.shots), episodes=args.episodes, seed=args.seed,
+                          split=args.split, format_split=args.format_split, n_way=args.n_way, by=args.by,
+                          selection=args.selection, pool=args.pool, num_beams=args.num_beams)
+        res = evaluate(args.model_dir, suite, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"flamingo-rt eval: {e}", file=sys.stderr)
+        return 2
+    print(res.table())
+    if args.json:
+        print(f"wrote {res.save_json(args.json)}")
+    if args.plot:
+        print(f"wrote {plot_curve(res, args.plot, title=f'few-shot curve of {args.model_dir}')}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    color = {"auto": None, "always": True, "never": False}[args.color]
+    return run_demo(args.model, out_dir=args.out, episodes=args.episodes, seed=args.seed, color=color,
+                    formats=args.formats, threads=args.threads)
+
+
 def _train(args) -> int:
     from pathlib import Path
 
@@ -166,6 +205,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in NOT_YET:
         sub.add_parser(name, help=NOT_YET[name].split(",")[0])
+    from .eval.suite import DEFAULT_SHOTS, DEFAULT_TASKS
+    from .world.episodes import CLASSIFY_BY
+
+    p_demo = sub.add_parser("demo", help="few-shot demo on the shipped model (prompts, then an evaluation)")
+    p_demo.add_argument("--model", default=None, help="model folder (default: the shipped flamingo_rt/assets/tiny-world)")
+    p_demo.add_argument("--out", default="demo_out", help="folder for the PNGs and eval.json (default demo_out/)")
+    p_demo.add_argument("--episodes", type=int, default=12, help="queries per task and shot count in the evaluation")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--formats", default="train", choices=["train", "heldout"],
+                        help="phrasings of the held-out episodes (default: the training ones)")
+    p_demo.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                        help="24-bit colour pictures in the terminal (auto: when stdout is a terminal)")
+    p_demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model gains nothing from more)")
+    p_eval = sub.add_parser("eval", help="few-shot evaluation of a model folder on a task suite")
+    p_eval.add_argument("model_dir")
+    p_eval.add_argument("--tasks", nargs="+", default=[",".join(DEFAULT_TASKS)],
+                        help=f"world tasks, space- or comma-separated (default {','.join(DEFAULT_TASKS)})")
+    p_eval.add_argument("--shots", type=_int_list, default=list(DEFAULT_SHOTS),
+                        help="shot counts, e.g. 0,1,2,4,8 (for classify: examples of each class)")
+    p_eval.add_argument("--episodes", type=int, default=20, help="queries per task (the same for every shot count)")
+    p_eval.add_argument("--selection", default="random", choices=["random", "rices"],
+                        help="support examples: random, or RICES (nearest images by vision features)")
+    p_eval.add_argument("--pool", type=int, default=None,
+                        help="support pool per query (per class for classify); default max shots (x4 for rices)")
+    p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    p_eval.add_argument("--format-split", default=None, choices=["heldout", "train"],
+                        help="phrasings (default: those of --split)")
+    p_eval.add_argument("--n-way", type=int, default=5, help="classes of a classify episode")
+    p_eval.add_argument("--by", default="shape", choices=list(CLASSIFY_BY), help="what a classify class is")
+    p_eval.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding; > 1: beam search")
+    p_eval.add_argument("--json", default=None, help="write the results (cells and per-query records) here")
+    p_eval.add_argument("--plot", default=None, help="write the few-shot curve (PNG) here")
+    p_eval.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p_eval.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_info = sub.add_parser("info", help="parameters and FLOPs of presets")
     p_info.add_argument("presets", nargs="*")
     p_info.add_argument("--seq-len", type=int, default=256)
@@ -194,6 +268,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "generate":
         return _generate(args)
+    if args.cmd == "eval":
+        return _eval(args)
+    if args.cmd == "demo":
+        return _demo(args)
     if args.cmd == "info":
         return _info(args.presets, args.seq_len, args.num_media)
     if args.cmd == "check":
@@ -203,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"flamingo-rt {args.cmd}: not yet — {NOT_YET[args.cmd]}.")
     print("What works today: `flamingo-rt info` (presets, parameters, FLOPs), `flamingo-rt check`,")
     print("and the Python API (see README.md: flamingo_rt.models, flamingo_rt.ops, flamingo_rt.io).")
-    return 0 if args.cmd == "demo" else 2
+    return 2
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@
                                      (torchrun --nproc_per_node N -m flamingo_rt.cli train ... for DDP)
     flamingo-rt train --preset tiny-world [--out-dir D]   the miniature Flamingo recipe
 
-``ablate`` and ``export`` arrive with the ablation and C-API work; until then they say so
-and exit with status 2.
+    flamingo-rt export MODEL_DIR OUT_DIR [--device cpu|cuda] [--max-seq-len N] [--max-media M]
+                                     AOTInductor packages + tokenizer + manifest for C++ hosts
+
+``ablate`` arrives with the ablation work; until then it says so and exits with status 2.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from typing import List, Optional
 
 NOT_YET = {
     "ablate": "the ablation runner is not built yet",
-    "export": "AOTInductor export and the C API are not built yet",
 }
 
 
@@ -200,6 +201,25 @@ def _train(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from pathlib import Path
+
+    from .export import export_model
+
+    if not (Path(args.model_dir) / "config.json").is_file():
+        print(f"flamingo-rt export: {args.model_dir} is not a model folder (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        man = export_model(args.model_dir, args.out_dir, device=args.device, max_seq_len=args.max_seq_len,
+                           max_media=args.max_media, max_frames=args.max_frames, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"flamingo-rt export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {args.out_dir}: {', '.join(man['packages'].values())}, tokenizer.json, manifest.json "
+          f"(compile {sum(man['compile_seconds'].values()):.0f} s)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="flamingo-rt", description="Flamingo-style VLM kernels and runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -252,6 +272,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_train.add_argument("--out-dir", default=None)
     p_train.add_argument("--seed", type=int, default=None)
     p_train.add_argument("--no-progress", action="store_true")
+    p_exp = sub.add_parser("export", help="AOTInductor packages of a model folder for C++ hosts")
+    p_exp.add_argument("model_dir")
+    p_exp.add_argument("out_dir")
+    p_exp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p_exp.add_argument("--max-seq-len", type=int, default=512, help="KV cache slots of a session")
+    p_exp.add_argument("--max-media", type=int, default=16, help="media slots of a session")
+    p_exp.add_argument("--max-frames", type=int, default=None, help="most frames per clip (default: trained count or 8)")
     p_gen = sub.add_parser("generate", help="stream a continuation of a prompt with images")
     p_gen.add_argument("model_dir")
     p_gen.add_argument("prompt", help="text; <image> markers place the --image files (default: all first)")
@@ -278,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _check()
     if args.cmd == "train":
         return _train(args)
+    if args.cmd == "export":
+        return _export(args)
     print(f"flamingo-rt {args.cmd}: not yet — {NOT_YET[args.cmd]}.")
     print("What works today: `flamingo-rt info` (presets, parameters, FLOPs), `flamingo-rt check`,")
     print("and the Python API (see README.md: flamingo_rt.models, flamingo_rt.ops, flamingo_rt.io).")

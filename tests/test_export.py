@@ -117,3 +117,10 @@ def test_errors(exported):
         em.session().append_media(torch.rand(FRAMES + 1, 3, 32, 32))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ExportedModel(out.parent)
+
+
+def test_cli_export_rejects_a_non_model_folder(tmp_path, capsys):
+    from flamingo_rt import cli
+
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "not a model folder" in capsys.readouterr().err

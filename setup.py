@@ -10,7 +10,7 @@ A plain (isolated) ``pip install .`` has no torch while building: it installs th
 Python package without the extension (every op then runs its reference backend) and
 prints a warning; ``FLAMINGO_RT_REQUIRE_EXT=1`` makes that an error instead.
 
-CPU sources (``csrc/cpu/*.cpp``, ``csrc/torch/*.cpp``) are always compiled: -O3, OpenMP
+CPU sources (``csrc/cpu/*.cpp``, ``csrc/torch/*.cpp``, ``csrc/python/*.cpp``) are always compiled: -O3, OpenMP
 on Linux, no -march (the CPU kernels pick AVX-512 / AVX2 / SSE2 at run time). The CUDA
 sources (``csrc/cuda/*.cu``) are added when torch is a CUDA build and nvcc is found with
 the same CUDA major version. Environment:
@@ -159,7 +159,7 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     linux = sys.platform.startswith("linux")
-    sources = _rel("csrc/cpu/*.cpp") + _rel("csrc/torch/*.cpp")
+    sources = _rel("csrc/cpu/*.cpp") + _rel("csrc/torch/*.cpp") + _rel("csrc/python/*.cpp")
     cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
     ldflags = []
     if linux:

@@ -7,7 +7,6 @@
 //
 // Outputs are dense in x's memory format (NCHW or channels-last). No autograd here:
 // flamingo_rt.ops wires the backward.
-#include <Python.h>
 
 #include <torch/library.h>
 
@@ -57,25 +56,4 @@ TORCH_LIBRARY(flamingo_rt_C, m) {
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("bias_gamma_act", &flamingo_rt::torch_ops::bias_gamma_act_cpu_impl);
   m.impl("bias_gamma_act_backward", &flamingo_rt::torch_ops::bias_gamma_act_backward_cpu_impl);
-}
-
-
-// `import flamingo_rt._C` loads this library (and so runs the registrations above).
-// The module also says whether the CUDA kernels were compiled in.
-static struct PyModuleDef flamingo_rt_c_module = {
-    PyModuleDef_HEAD_INIT,
-    "_C",
-    "flamingo_rt's C++/CUDA kernels, as torch ops in torch.ops.flamingo_rt_C.",
-    -1,
-    nullptr,
-};
-
-PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* mod = PyModule_Create(&flamingo_rt_c_module);
-  if (mod == nullptr) return nullptr;
-  if (PyModule_AddIntConstant(mod, "WITH_CUDA", flamingo_rt::built_with_cuda() ? 1 : 0) < 0) {
-    Py_DECREF(mod);
-    return nullptr;
-  }
-  return mod;
 }

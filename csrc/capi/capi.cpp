@@ -1,0 +1,364 @@
+// The C API (csrc/include/flamingo_rt/flamingo_rt.h) over AOTInductor packages: a model holds
+// the two packages, the tokenizer and the manifest; a session holds its KV and media caches
+// and mirrors flamingo_rt/export/runner.py (the Python reference of this host logic).
+#include "flamingo_rt/flamingo_rt.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "api_error.h"
+#include "flamingo_rt/tokenizer.h"
+#include "manifest.h"
+#include "preprocess.h"
+#include "sampling.h"
+
+using flamingo_rt::capi::ApiError;
+using flamingo_rt::capi::guard;
+
+struct flamingo_model {
+  flamingo_rt::capi::Manifest manifest;
+  flamingo_rt::Tokenizer tokenizer;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> encode, step;
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::kCPU;
+};
+
+struct flamingo_session {
+  flamingo_model* model = nullptr;
+  at::Tensor kv, media, logits;
+  int pos = 0, num_media = 0, seen_images = 0;
+  std::vector<int32_t> pending;
+};
+
+namespace {
+
+using flamingo_rt::capi::Manifest;
+
+[[noreturn]] void invalid(const std::string& what) { throw ApiError(FLAMINGO_ERR_INVALID_ARGUMENT, what); }
+
+at::ScalarType dtype_from_name(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  if (name == "float64") return at::kDouble;
+  throw ApiError(FLAMINGO_ERR_FORMAT, "manifest: unsupported dtype \"" + name + "\"");
+}
+
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_package(const std::string& path) {
+  if (!std::filesystem::is_regular_file(path)) throw ApiError(FLAMINGO_ERR_IO, path + ": no such package file");
+  try {
+    return std::make_unique<torch::inductor::AOTIModelPackageLoader>(path);
+  } catch (const c10::Error& e) {
+    throw ApiError(FLAMINGO_ERR_FORMAT, path + ": not a loadable AOTInductor package (" +
+                                            e.what_without_backtrace() + ")");
+  } catch (const std::exception& e) {
+    throw ApiError(FLAMINGO_ERR_FORMAT, path + ": not a loadable AOTInductor package (" + e.what() + ")");
+  }
+}
+
+void check_session(const flamingo_session* s) {
+  if (s == nullptr) invalid("expected a session, got NULL");
+}
+
+// Runs the queued tokens through the token step; returns the logits of the last one.
+at::Tensor flush(flamingo_session* s) {
+  flamingo_model* m = s->model;
+  if (s->pending.empty()) {
+    if (!s->logits.defined()) invalid("nothing to generate from: append text or media first");
+    return s->logits;
+  }
+  const int T = static_cast<int>(s->pending.size());
+  if (s->pos + T > m->manifest.max_seq_len) {
+    throw ApiError(FLAMINGO_ERR_CAPACITY, "the context needs " + std::to_string(s->pos + T) +
+                                              " token slots; this export has max_seq_len = " +
+                                              std::to_string(m->manifest.max_seq_len));
+  }
+  at::Tensor ids = at::empty({1, T}, at::kLong);
+  at::Tensor index = at::empty({1, T}, at::kInt);
+  auto* ip = ids.data_ptr<int64_t>();
+  auto* xp = index.data_ptr<int32_t>();
+  for (int t = 0; t < T; ++t) {
+    ip[t] = s->pending[t];
+    if (s->pending[t] == m->manifest.image_id) ++s->seen_images;
+    xp[t] = s->seen_images - 1;
+  }
+  at::Tensor start = at::full({1}, s->pos, at::kLong);
+  std::vector<at::Tensor> out = m->step->run(
+      {ids.to(m->device), start.to(m->device), index.to(m->device), s->kv, s->media});
+  s->pos += T;
+  s->pending.clear();
+  s->logits = out.at(0).to(at::kCPU, at::kFloat).contiguous();
+  return s->logits;
+}
+
+void append_frames(flamingo_session* s, const at::Tensor& frames) {
+  flamingo_model* m = s->model;
+  if (s->num_media >= m->manifest.max_media) {
+    throw ApiError(FLAMINGO_ERR_CAPACITY, "the session already holds max_media = " +
+                                              std::to_string(m->manifest.max_media) + " media");
+  }
+  if (frames.size(0) > m->manifest.max_frames) {
+    invalid("a clip of " + std::to_string(frames.size(0)) + " frames; this export takes at most " +
+            std::to_string(m->manifest.max_frames));
+  }
+  at::Tensor px = flamingo_rt::capi::preprocess_frames(frames, m->manifest, m->dtype, m->device);
+  std::vector<at::Tensor> out = m->encode->run({px});
+  s->media.select(2, 0).select(2, s->num_media).copy_(out.at(0));
+  ++s->num_media;
+  s->pending.push_back(m->manifest.image_id);
+}
+
+void check_pixels(const void* p, int frames, int width, int height) {
+  if (p == nullptr) invalid("expected pixels, got NULL");
+  if (width < 1 || height < 1 || frames < 1) {
+    invalid("expected width, height and frames >= 1, got " + std::to_string(width) + " x " +
+            std::to_string(height) + " x " + std::to_string(frames));
+  }
+  if (static_cast<int64_t>(width) * height > (int64_t{1} << 28)) invalid("image too large");
+}
+
+// Longest suffix of `text` that is a proper prefix of one of `stops`.
+size_t held_suffix(const std::string& text, const std::vector<std::string>& stops) {
+  size_t best = 0;
+  for (const std::string& st : stops)
+    for (size_t k = std::min(st.size() - 1, text.size()); k > best; --k)
+      if (text.compare(text.size() - k, k, st, 0, k) == 0) {
+        best = k;
+        break;
+      }
+  return best;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* flamingo_status_string(flamingo_status status) {
+  switch (status) {
+    case FLAMINGO_OK: return "ok";
+    case FLAMINGO_ERR_INVALID_ARGUMENT: return "invalid argument";
+    case FLAMINGO_ERR_IO: return "i/o error";
+    case FLAMINGO_ERR_FORMAT: return "bad format";
+    case FLAMINGO_ERR_CAPACITY: return "capacity exceeded";
+    case FLAMINGO_ERR_RUNTIME: return "runtime error";
+  }
+  return "unknown status";
+}
+
+const char* flamingo_version(void) { return "0.1.0"; }
+
+flamingo_model_params flamingo_model_default_params(void) {
+  flamingo_model_params p;
+  p.num_threads = 0;
+  return p;
+}
+
+flamingo_status flamingo_model_load(const char* folder, const flamingo_model_params* params, flamingo_model** out) {
+  return guard("flamingo_model_load", [&] {
+    if (out == nullptr) invalid("expected a place for the model (out), got NULL");
+    *out = nullptr;
+    if (folder == nullptr) invalid("expected an export folder, got NULL");
+    flamingo_model_params p = params ? *params : flamingo_model_default_params();
+    if (p.num_threads < 0) invalid("expected num_threads >= 0, got " + std::to_string(p.num_threads));
+    if (p.num_threads > 0) at::set_num_threads(p.num_threads);
+    Manifest man = flamingo_rt::capi::read_manifest(folder);
+    flamingo_rt::Tokenizer tok = flamingo_rt::Tokenizer::from_file(std::string(folder) + "/tokenizer.json");
+    if (tok.image_token_id() != man.image_id || tok.eoc_token_id() != man.eoc_id || tok.eos_token_id() != man.eos_id) {
+      throw ApiError(FLAMINGO_ERR_FORMAT, "tokenizer.json's special token ids differ from the manifest's");
+    }
+    auto model = std::unique_ptr<flamingo_model>(new flamingo_model{man, tok, nullptr, nullptr});
+    model->dtype = dtype_from_name(man.dtype);
+    if (man.device != "cpu" && man.device != "cuda") throw ApiError(FLAMINGO_ERR_FORMAT, "manifest: unknown device " + man.device);
+    model->device = at::Device(man.device);
+    model->encode = load_package(man.encode_package);
+    model->step = load_package(man.step_package);
+    *out = model.release();
+  });
+}
+
+void flamingo_model_free(flamingo_model* model) { delete model; }
+
+int flamingo_model_max_seq_len(const flamingo_model* m) { return m ? m->manifest.max_seq_len : 0; }
+int flamingo_model_max_media(const flamingo_model* m) { return m ? m->manifest.max_media : 0; }
+int flamingo_model_max_frames(const flamingo_model* m) { return m ? m->manifest.max_frames : 0; }
+int flamingo_model_image_size(const flamingo_model* m) { return m ? m->manifest.image_size : 0; }
+
+flamingo_status flamingo_tokenize(const flamingo_model* model, const char* utf8, int32_t* out_ids, size_t capacity,
+                                  size_t* n_ids) {
+  return guard("flamingo_tokenize", [&] {
+    if (model == nullptr || utf8 == nullptr || n_ids == nullptr) invalid("expected a model, text and n_ids, got NULL");
+    std::vector<int32_t> ids = model->tokenizer.encode(utf8);
+    *n_ids = ids.size();
+    if (out_ids != nullptr)
+      for (size_t i = 0; i < ids.size() && i < capacity; ++i) out_ids[i] = ids[i];
+  });
+}
+
+flamingo_status flamingo_session_create(flamingo_model* model, flamingo_session** out) {
+  return guard("flamingo_session_create", [&] {
+    if (out == nullptr) invalid("expected a place for the session (out), got NULL");
+    *out = nullptr;
+    if (model == nullptr) invalid("expected a model, got NULL");
+    auto s = std::make_unique<flamingo_session>();
+    s->model = model;
+    auto opts = at::TensorOptions().dtype(model->dtype).device(model->device);
+    s->kv = at::zeros(model->manifest.kv_cache_shape, opts);
+    s->media = at::zeros(model->manifest.media_cache_shape, opts);
+    *out = s.release();
+  });
+}
+
+void flamingo_session_free(flamingo_session* session) { delete session; }
+
+flamingo_status flamingo_session_reset(flamingo_session* s) {
+  return guard("flamingo_session_reset", [&] {
+    check_session(s);
+    s->pos = s->num_media = s->seen_images = 0;
+    s->pending.clear();
+    s->logits = at::Tensor();
+  });
+}
+
+int flamingo_session_num_tokens(const flamingo_session* s) {
+  return s ? s->pos + static_cast<int>(s->pending.size()) : 0;
+}
+
+flamingo_status flamingo_session_append_text(flamingo_session* s, const char* utf8) {
+  return guard("flamingo_session_append_text", [&] {
+    check_session(s);
+    if (utf8 == nullptr) invalid("expected text, got NULL");
+    std::vector<int32_t> ids = s->model->tokenizer.encode(utf8);
+    for (int32_t id : ids)
+      if (id == s->model->manifest.image_id) invalid("the text contains <image>; append images with append_image_*");
+    s->pending.insert(s->pending.end(), ids.begin(), ids.end());
+  });
+}
+
+flamingo_status flamingo_session_append_image_rgb8(flamingo_session* s, const uint8_t* rgb, int width, int height) {
+  return guard("flamingo_session_append_image_rgb8", [&] {
+    check_session(s);
+    check_pixels(rgb, 1, width, height);
+    append_frames(s, flamingo_rt::capi::frames_from_rgb8(rgb, 1, width, height));
+  });
+}
+
+flamingo_status flamingo_session_append_image_f32(flamingo_session* s, const float* chw, int width, int height) {
+  return guard("flamingo_session_append_image_f32", [&] {
+    check_session(s);
+    check_pixels(chw, 1, width, height);
+    at::Tensor t = at::from_blob(const_cast<float*>(chw), {1, 3, height, width}, at::kFloat).clone();
+    append_frames(s, t);
+  });
+}
+
+flamingo_status flamingo_session_append_clip_rgb8(flamingo_session* s, const uint8_t* rgb, int frames, int width,
+                                                  int height) {
+  return guard("flamingo_session_append_clip_rgb8", [&] {
+    check_session(s);
+    check_pixels(rgb, frames, width, height);
+    append_frames(s, flamingo_rt::capi::frames_from_rgb8(rgb, frames, width, height));
+  });
+}
+
+flamingo_generate_params flamingo_generate_default_params(void) {
+  flamingo_generate_params p;
+  p.max_new_tokens = 32;
+  p.temperature = 0.f;
+  p.top_k = 0;
+  p.top_p = 1.f;
+  p.seed = 0;
+  p.stop_at_endofchunk = 1;
+  p.stop_strings = nullptr;
+  p.num_stop_strings = 0;
+  return p;
+}
+
+flamingo_status flamingo_session_generate(flamingo_session* s, const flamingo_generate_params* params,
+                                          flamingo_piece_callback callback, void* user_data,
+                                          flamingo_generate_result* result) {
+  return guard("flamingo_session_generate", [&] {
+    check_session(s);
+    flamingo_generate_params p = params ? *params : flamingo_generate_default_params();
+    if (p.max_new_tokens < 1) invalid("expected max_new_tokens >= 1, got " + std::to_string(p.max_new_tokens));
+    if (!(p.temperature >= 0.f)) invalid("expected temperature >= 0");
+    if (p.top_k < 0) invalid("expected top_k >= 0, got " + std::to_string(p.top_k));
+    if (!(p.top_p > 0.f && p.top_p <= 1.f)) invalid("expected top_p in (0, 1]");
+    if (p.num_stop_strings < 0 || (p.num_stop_strings > 0 && p.stop_strings == nullptr)) invalid("bad stop strings");
+    std::vector<std::string> stops;
+    for (int i = 0; i < p.num_stop_strings; ++i) {
+      if (p.stop_strings[i] == nullptr || p.stop_strings[i][0] == '\0') invalid("expected non-empty stop strings");
+      stops.emplace_back(p.stop_strings[i]);
+    }
+    flamingo_generate_result r{};
+    flamingo_model* m = s->model;
+    flamingo_rt::capi::SamplingParams sp{p.temperature, p.top_k, p.top_p};
+    std::mt19937_64 rng(p.seed);
+    flamingo_rt::IncrementalDecoder dec(m->tokenizer);
+    std::string text;
+    size_t emitted = 0;
+    bool by_string = false;
+    // emit text[emitted:upto]; false when the callback asked to stop
+    auto emit = [&](size_t upto) {
+      if (upto > emitted && callback != nullptr) {
+        if (callback(text.data() + emitted, upto - emitted, user_data) != 0) r.stopped_by_callback = 1;
+      }
+      emitted = std::max(emitted, upto);
+      return r.stopped_by_callback == 0;
+    };
+    auto on_text = [&](const std::string& piece) {
+      text += piece;
+      if (!stops.empty()) {
+        size_t cut = std::string::npos;
+        const size_t from = emitted > 0 ? emitted - 1 : 0;
+        for (const std::string& st : stops) {
+          size_t at = text.find(st, from > st.size() ? from - st.size() : 0);
+          if (at != std::string::npos && at < cut) cut = at;
+        }
+        if (cut != std::string::npos) {
+          emit(cut);
+          r.hit_stop = 1;
+          by_string = true;
+          text.resize(cut);
+          return false;
+        }
+        return emit(text.size() - held_suffix(text, stops));
+      }
+      return emit(text.size());
+    };
+    auto t0 = std::chrono::steady_clock::now();
+    at::Tensor logits = flush(s);
+    auto t1 = std::chrono::steady_clock::now();
+    for (int i = 0; i < p.max_new_tokens; ++i) {
+      const int32_t next = flamingo_rt::capi::choose_token(logits.data_ptr<float>(), logits.size(-1), sp, rng);
+      if (next == m->manifest.eos_id || (p.stop_at_endofchunk && next == m->manifest.eoc_id)) {
+        r.hit_stop = 1;
+        s->pending.push_back(next);  // the stop token stays in the context
+        break;
+      }
+      ++r.num_tokens;
+      s->pending.push_back(next);
+      if (!on_text(dec.push(next))) break;
+      if (i + 1 == p.max_new_tokens) break;
+      if (s->pos + 1 > m->manifest.max_seq_len) break;  // the caches are full: the answer ends here
+      logits = flush(s);
+    }
+    if (!r.stopped_by_callback && !by_string) {  // what the decoder and the stop-string check held back
+      text += dec.flush();
+      emit(text.size());
+    }
+    auto t2 = std::chrono::steady_clock::now();
+    r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+    r.decode_seconds = std::chrono::duration<double>(t2 - t1).count();
+    if (result != nullptr) *result = r;
+  });
+}
+
+}  // extern "C"

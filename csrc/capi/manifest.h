@@ -1,0 +1,25 @@
+// manifest.json of an export folder (written by flamingo_rt/export/package.py).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace flamingo_rt::capi {
+
+struct Manifest {
+  std::string device;  // "cpu" or "cuda"
+  std::string dtype;   // "float32", "bfloat16", ...
+  int max_seq_len = 0, max_media = 0, max_frames = 0, image_size = 0, vocab_size = 0;
+  std::array<float, 3> image_mean{}, image_std{};
+  int32_t image_id = 0, eoc_id = 0, pad_id = 0, eos_id = 0;
+  std::vector<int64_t> kv_cache_shape, media_cache_shape, media_kv_shape;
+  std::string encode_package, step_package;
+};
+
+// Reads and checks `folder`/manifest.json. Throws ApiError (FLAMINGO_ERR_IO when missing,
+// FLAMINGO_ERR_FORMAT when malformed, naming the field).
+Manifest read_manifest(const std::string& folder);
+
+}  // namespace flamingo_rt::capi

@@ -21,7 +21,7 @@ Bpe::Bpe(std::unordered_map<std::string, int32_t> vocab,
     auto it = vocab_.find(token);
     if (it == vocab_.end()) {
       throw TokenizerError(TokenizerError::Kind::kInvalid,
-                           where + ": merges[" + std::to_string(rank) + "]: expected its " + role +
+                           where + ".merges[" + std::to_string(rank) + "]: expected its " + role +
                                " \"" + token + "\" in model.vocab, found no such token");
     }
     return it->second;
@@ -34,7 +34,7 @@ Bpe::Bpe(std::unordered_map<std::string, int32_t> vocab,
     const int32_t b_id = id_of(b, rank, "right token");
     if (b.size() < prefix_len) {
       throw TokenizerError(TokenizerError::Kind::kInvalid,
-                           where + ": merges[" + std::to_string(rank) + "]: expected the right token \"" +
+                           where + ".merges[" + std::to_string(rank) + "]: expected the right token \"" +
                                b + "\" to start with continuing_subword_prefix, found it shorter");
     }
     const int32_t new_id = id_of(a + b.substr(prefix_len), rank, "merged token");
@@ -45,7 +45,7 @@ Bpe::Bpe(std::unordered_map<std::string, int32_t> vocab,
     auto it = vocab_.find(*options_.unk_token);
     if (it == vocab_.end()) {
       throw TokenizerError(TokenizerError::Kind::kInvalid,
-                           where + ": expected unk_token \"" + *options_.unk_token +
+                           where + ".unk_token: expected \"" + *options_.unk_token +
                                "\" in model.vocab, found no such token");
     }
     unk_id_ = it->second;

@@ -2,6 +2,8 @@
 // every other (by name), and adds the Flamingo special tokens as FlamingoTokenizer does.
 #include <algorithm>
 #include <initializer_list>
+#include <locale>
+#include <sstream>
 #include <unordered_map>
 
 #include "byte_level.h"
@@ -35,7 +37,12 @@ class Loader {
       std::string s = v.string.size() > 40 ? v.string.substr(0, 40) + "..." : v.string;
       return "the string \"" + s + "\"";
     }
-    if (v.type == Type::kNumber && v.is_integer) return "the number " + std::to_string(v.integer);
+    if (v.type == Type::kNumber) {
+      std::ostringstream os;
+      os.imbue(std::locale::classic());
+      if (v.is_integer) os << v.integer; else os << v.number;
+      return "the number " + os.str();
+    }
     if (v.type == Type::kBool) return v.boolean ? "true" : "false";
     return json_type_name(v.type);
   }
@@ -86,7 +93,7 @@ class Loader {
                 const char* what) const {
     if (obj == nullptr || obj->type == Type::kNull) {
       if (null_ok) return false;
-      fail(Kind::kUnsupported, path, std::string("a ") + type + " " + what, obj ? "null" : "none");
+      fail(Kind::kUnsupported, path, std::string("a ") + type + " " + what, obj ? "null" : "no \"" + path + "\" key");
     }
     if (obj->type != Type::kObject) {
       fail(Kind::kInvalid, path + " (" + obj->where() + ")", std::string(null_ok ? "null or " : "") + "an object", found(*obj));
@@ -204,7 +211,7 @@ class Loader {
         fail(Kind::kInvalid, p, "a merge: \"A B\" or [\"A\", \"B\"]", found(e));
       }
     }
-    return std::make_unique<tokenizer_detail::Bpe>(std::move(v), pairs, std::move(opt), source_);
+    return std::make_unique<tokenizer_detail::Bpe>(std::move(v), pairs, std::move(opt), source_ + ": model");
   }
 
   std::shared_ptr<const Tokenizer::Impl> load(const JsonValue& root) const {
@@ -227,7 +234,7 @@ class Loader {
       if (n->type != Type::kNull) {
         const JsonValue* t = n->type == Type::kObject ? n->find("type") : nullptr;
         fail(Kind::kUnsupported, "normalizer (" + n->where() + ")", "null (normalizers are not implemented)",
-             t ? "a normalizer of type " + found(*t) : found(*n));
+             t && t->type == Type::kString ? "a normalizer of type \"" + t->string + "\"" : found(*n));
       }
     }
     const JsonValue* pre = root.find("pre_tokenizer");

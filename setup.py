@@ -159,7 +159,10 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     linux = sys.platform.startswith("linux")
-    sources = _rel("csrc/cpu/*.cpp") + _rel("csrc/torch/*.cpp") + _rel("csrc/python/*.cpp")
+    # csrc/tokenizer: the plain C++ tokenizer, bound as torch.classes.flamingo_rt_C.Tokenizer;
+    # csrc/python: the Python module init (C++ hosts link csrc/torch without it)
+    sources = (_rel("csrc/cpu/*.cpp") + _rel("csrc/tokenizer/*.cpp") + _rel("csrc/torch/*.cpp")
+               + _rel("csrc/python/*.cpp"))
     cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
     ldflags = []
     if linux:

@@ -1,0 +1,135 @@
+// A C++ host of flamingo_rt: loads an exported model (flamingo-rt export), builds a few-shot
+// prompt from the command line, streams the answer to stdout. No Python anywhere.
+//
+//   cpp_host EXPORT_DIR [--image FILE.ppm | --clip N FILE.ppm... | --text TEXT]... \
+//            [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR]
+//
+// Items are appended in the order given. Images are binary PPM (P6, maxval 255). Exit status:
+// 0 on success, else the flamingo_status of the failing call (its message on stderr).
+// With FLAMINGO_RT_CHECK_NO_PYTHON=1 the host also fails (status 90) if a libpython is mapped.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "flamingo_rt/flamingo_rt.h"
+
+namespace {
+
+bool read_ppm(const std::string& path, std::vector<uint8_t>* rgb, int* w, int* h) {
+  std::ifstream f(path, std::ios::binary);
+  std::string magic;
+  int maxval = 0;
+  if (!(f >> magic >> *w >> *h >> maxval) || magic != "P6" || maxval != 255 || *w < 1 || *h < 1) return false;
+  f.get();  // the single whitespace after the header
+  rgb->resize(static_cast<size_t>(*w) * *h * 3);
+  return static_cast<bool>(f.read(reinterpret_cast<char*>(rgb->data()), static_cast<std::streamsize>(rgb->size())));
+}
+
+int on_piece(const char* piece, size_t len, void*) {
+  std::fwrite(piece, 1, len, stdout);
+  std::fflush(stdout);
+  return 0;
+}
+
+int fail(flamingo_status st) {
+  std::fprintf(stderr, "cpp_host: %s: %s\n", flamingo_status_string(st), flamingo_last_error());
+  return static_cast<int>(st);
+}
+
+bool python_mapped() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line))
+    if (line.find("libpython") != std::string::npos) return true;
+  return false;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s EXPORT_DIR [--image F.ppm | --clip N F.ppm... | --text T]... [options]\n", argv[0]);
+    return 2;
+  }
+  flamingo_model_params mp = flamingo_model_default_params();
+  flamingo_model* model = nullptr;
+  flamingo_status st = flamingo_model_load(argv[1], &mp, &model);
+  if (st != FLAMINGO_OK) return fail(st);
+  flamingo_session* s = nullptr;
+  if ((st = flamingo_session_create(model, &s)) != FLAMINGO_OK) return fail(st);
+  flamingo_generate_params gp = flamingo_generate_default_params();
+  std::vector<std::string> stops;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> const char* {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "cpp_host: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--text") {
+      st = flamingo_session_append_text(s, next());
+    } else if (a == "--image") {
+      std::vector<uint8_t> rgb;
+      int w = 0, h = 0;
+      std::string path = next();
+      if (!read_ppm(path, &rgb, &w, &h)) {
+        std::fprintf(stderr, "cpp_host: %s: expected a binary PPM (P6, maxval 255)\n", path.c_str());
+        return 2;
+      }
+      st = flamingo_session_append_image_rgb8(s, rgb.data(), w, h);
+    } else if (a == "--clip") {
+      int n = std::atoi(next());
+      std::vector<uint8_t> all, rgb;
+      int w = 0, h = 0;
+      for (int k = 0; k < n; ++k) {
+        std::string path = next();
+        int fw = 0, fh = 0;
+        if (!read_ppm(path, &rgb, &fw, &fh) || (k > 0 && (fw != w || fh != h))) {
+          std::fprintf(stderr, "cpp_host: %s: expected a P6 PPM frame of the clip's size\n", path.c_str());
+          return 2;
+        }
+        w = fw, h = fh;
+        all.insert(all.end(), rgb.begin(), rgb.end());
+      }
+      st = flamingo_session_append_clip_rgb8(s, all.data(), n, w, h);
+    } else if (a == "--max-new-tokens") {
+      gp.max_new_tokens = std::atoi(next());
+    } else if (a == "--temperature") {
+      gp.temperature = static_cast<float>(std::atof(next()));
+    } else if (a == "--top-k") {
+      gp.top_k = std::atoi(next());
+    } else if (a == "--top-p") {
+      gp.top_p = static_cast<float>(std::atof(next()));
+    } else if (a == "--seed") {
+      gp.seed = std::strtoull(next(), nullptr, 10);
+    } else if (a == "--stop") {
+      stops.emplace_back(next());
+    } else {
+      std::fprintf(stderr, "cpp_host: unknown argument %s\n", a.c_str());
+      return 2;
+    }
+    if (st != FLAMINGO_OK) return fail(st);
+  }
+  std::vector<const char*> stop_ptrs;
+  for (const std::string& x : stops) stop_ptrs.push_back(x.c_str());
+  gp.stop_strings = stop_ptrs.empty() ? nullptr : stop_ptrs.data();
+  gp.num_stop_strings = static_cast<int>(stop_ptrs.size());
+  flamingo_generate_result r{};
+  if ((st = flamingo_session_generate(s, &gp, on_piece, nullptr, &r)) != FLAMINGO_OK) return fail(st);
+  std::printf("\n");
+  std::fprintf(stderr, "cpp_host: %d tokens, first token after %.3f s, %.1f tokens/s\n", r.num_tokens,
+               r.prefill_seconds, r.num_tokens > 1 ? (r.num_tokens - 1) / (r.decode_seconds > 0 ? r.decode_seconds : 1e-9) : 0.0);
+  flamingo_session_free(s);
+  flamingo_model_free(model);
+  const char* check = std::getenv("FLAMINGO_RT_CHECK_NO_PYTHON");
+  if (check != nullptr && std::strcmp(check, "1") == 0 && python_mapped()) {
+    std::fprintf(stderr, "cpp_host: a libpython is mapped into this process\n");
+    return 90;
+  }
+  return 0;
+}

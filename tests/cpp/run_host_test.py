@@ -1,0 +1,129 @@
+"""ctest `cpp_host`: export a small model, run the C++ host (examples/cpp_host) on few-shot
+prompts and compare its answers with the Python runtime's, token for token; check that no
+libpython is in the host process; check the error paths.
+
+    python tests/cpp/run_host_test.py PATH/TO/cpp_host WORK_DIR [--export-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "train"))
+
+from world_fixture import FRAMES, make_world  # noqa: E402
+
+from flamingo_rt.io.pretrained import load_pretrained  # noqa: E402
+from flamingo_rt.runtime import GenerationConfig, Generator  # noqa: E402
+
+FAILURES = []
+
+
+def check(cond: bool, what: str) -> None:
+    print(("ok   " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        FAILURES.append(what)
+
+
+def write_ppm(path: Path, img: np.ndarray) -> Path:
+    h, w, _ = img.shape
+    path.write_bytes(f"P6\n{w} {h}\n255\n".encode() + img.astype(np.uint8).tobytes())
+    return path
+
+
+def run_host(host: str, export: Path, args, env=None):
+    e = dict(os.environ, **(env or {}))
+    r = subprocess.run([host, str(export), *map(str, args)], capture_output=True, env=e, timeout=300)
+    # bytes, decoded without newline translation (answers of a random model contain \r)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8"), r.stderr.decode("utf-8"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("host")
+    ap.add_argument("work")
+    ap.add_argument("--export-dir", default=None, help="reuse an export of the world model (skip exporting)")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    p = make_world(work / "world")
+    model, tok = load_pretrained(p["model"])
+    with torch.no_grad():  # the same gates as tests/test_export.py: the media matter
+        for i, b in enumerate(model.xattn_blocks()):
+            b.attn_gate.fill_(0.8 - 0.3 * i)
+            b.ff_gate.fill_(0.5)
+    export = Path(a.export_dir) if a.export_dir else work / "export"
+    if not a.export_dir:
+        from flamingo_rt.export import export_model
+
+        shutil.rmtree(export, ignore_errors=True)
+        export_model(model, export, tokenizer=tok, max_seq_len=96, max_media=4)
+    gen = Generator(model.eval(), tok, max_seq_len=96, max_media=4)
+    rng = np.random.default_rng(0)
+
+    # few-shot prompts: images of other sizes than the model's (resized on both sides)
+    for case in range(3):
+        imgs = [rng.integers(0, 256, (24 + 8 * k, 40 - 4 * k, 3), dtype=np.uint8) for k in range(3)]
+        files = [write_ppm(work / f"c{case}_{k}.ppm", im) for k, im in enumerate(imgs)]
+        prompt = [imgs[0], "a red circle.<|endofchunk|>", imgs[1], "a blue star.<|endofchunk|>", imgs[2], "a"]
+        want = gen.generate(prompt, GenerationConfig(max_new_tokens=10))
+        r = run_host(a.host, export, ["--image", files[0], "--text", "a red circle.<|endofchunk|>", "--image", files[1],
+                                      "--text", "a blue star.<|endofchunk|>", "--image", files[2], "--text", "a",
+                                      "--max-new-tokens", 10], env={"FLAMINGO_RT_CHECK_NO_PYTHON": "1"})
+        check(r.returncode == 0, f"case {case}: host exits 0 ({r.stderr.strip()[-300:]})")
+        check(r.stdout == want + "\n", f"case {case}: host answer {r.stdout!r} == Python runtime {want + chr(10)!r}")
+    # a clip
+    clip = rng.integers(0, 256, (FRAMES, 32, 32, 3), dtype=np.uint8)
+    frames = [write_ppm(work / f"f{k}.ppm", fr) for k, fr in enumerate(clip)]
+    want = gen.generate([clip, "a square"], GenerationConfig(max_new_tokens=8))
+    r = run_host(a.host, export, ["--clip", FRAMES, *frames, "--text", "a square", "--max-new-tokens", 8])
+    check(r.returncode == 0 and r.stdout == want + "\n", f"clip: host {r.stdout!r} == Python {want + chr(10)!r}")
+    # stop strings: the answer ends before the first occurrence, on both sides
+    full = gen.generate([clip, "a square"], GenerationConfig(max_new_tokens=8))
+    if len(full) >= 3:
+        stop = full[1:3]
+        r = run_host(a.host, export, ["--clip", FRAMES, *frames, "--text", "a square", "--max-new-tokens", 8,
+                                      "--stop", stop])
+        check(r.returncode == 0 and r.stdout == full[: full.index(stop)] + "\n", f"stop string {stop!r}: {r.stdout!r}")
+    # no Python in the host
+    ldd = subprocess.run(["ldd", a.host], capture_output=True, text=True).stdout
+    check("libpython" not in ldd, "ldd cpp_host lists no libpython")
+
+    # error paths: status codes and messages
+    r = run_host(a.host, work / "nope", ["--text", "a"])
+    check(r.returncode == 2 and "manifest.json" in r.stderr, f"missing folder -> FLAMINGO_ERR_IO (2): {r.stderr.strip()}")
+    bad = work / "corrupt"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(export, bad)
+    data = (bad / "token_step.pt2").read_bytes()
+    (bad / "token_step.pt2").write_bytes(data[: len(data) // 3])
+    r = run_host(a.host, bad, ["--text", "a"])
+    check(r.returncode == 3 and "token_step.pt2" in r.stderr, f"corrupted package -> FLAMINGO_ERR_FORMAT (3): {r.stderr.strip()[:200]}")
+    (bad / "manifest.json").write_text("{not json")
+    r = run_host(a.host, bad, ["--text", "a"])
+    check(r.returncode == 3 and "manifest.json" in r.stderr, f"corrupted manifest -> 3: {r.stderr.strip()[:200]}")
+    five = ["--image", work / "c0_0.ppm"] * 5
+    r = run_host(a.host, export, five + ["--text", "a"])
+    check(r.returncode == 4 and "max_media = 4" in r.stderr, f"5 images for 4 slots -> FLAMINGO_ERR_CAPACITY (4): {r.stderr.strip()}")
+    r = run_host(a.host, export, ["--text", "a " * 200])
+    check(r.returncode == 4 and "max_seq_len = 96" in r.stderr, f"prompt too long -> 4: {r.stderr.strip()}")
+    r = run_host(a.host, export, ["--clip", FRAMES + 1, *(frames + frames[:1]), "--text", "a"])
+    check(r.returncode == 1 and "at most" in r.stderr, f"clip too long -> FLAMINGO_ERR_INVALID_ARGUMENT (1): {r.stderr.strip()}")
+    r = run_host(a.host, export, [])
+    check(r.returncode == 1 and "nothing to generate" in r.stderr, f"empty prompt -> 1: {r.stderr.strip()}")
+    print(f"{len(FAILURES)} failure(s)")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <memory>
 #include <random>
@@ -276,6 +277,7 @@ flamingo_generate_params flamingo_generate_default_params(void) {
   p.top_p = 1.f;
   p.seed = 0;
   p.stop_at_endofchunk = 1;
+  p.stop_at_endoftext = 1;
   p.stop_strings = nullptr;
   p.num_stop_strings = 0;
   return p;
@@ -337,8 +339,14 @@ flamingo_status flamingo_session_generate(flamingo_session* s, const flamingo_ge
     at::Tensor logits = flush(s);
     auto t1 = std::chrono::steady_clock::now();
     for (int i = 0; i < p.max_new_tokens; ++i) {
-      const int32_t next = flamingo_rt::capi::choose_token(logits.data_ptr<float>(), logits.size(-1), sp, rng);
-      if (next == m->manifest.eos_id || (p.stop_at_endofchunk && next == m->manifest.eoc_id)) {
+      // as the Python runtime: never <image> or <pad>, nor LM rows beyond the tokenizer's vocabulary
+      float* lp = logits.data_ptr<float>();
+      const int64_t V = logits.size(-1);
+      lp[m->manifest.image_id] = -INFINITY;
+      lp[m->manifest.pad_id] = -INFINITY;
+      for (int64_t v = m->tokenizer.vocab_size(); v < V; ++v) lp[v] = -INFINITY;
+      const int32_t next = flamingo_rt::capi::choose_token(lp, V, sp, rng);
+      if ((p.stop_at_endoftext && next == m->manifest.eos_id) || (p.stop_at_endofchunk && next == m->manifest.eoc_id)) {
         r.hit_stop = 1;
         s->pending.push_back(next);  // the stop token stays in the context
         break;

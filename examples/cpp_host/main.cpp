@@ -2,11 +2,12 @@
 // prompt from the command line, streams the answer to stdout. No Python anywhere.
 //
 //   cpp_host EXPORT_DIR [--image FILE.ppm | --clip N FILE.ppm... | --text TEXT]... \
-//            [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR]
+//            [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--no-stop]
 //
 // Items are appended in the order given. Images are binary PPM (P6, maxval 255). Exit status:
 // 0 on success, else the flamingo_status of the failing call (its message on stderr).
 // With FLAMINGO_RT_CHECK_NO_PYTHON=1 the host also fails (status 90) if a libpython is mapped.
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -62,6 +63,8 @@ int main(int argc, char** argv) {
   if ((st = flamingo_session_create(model, &s)) != FLAMINGO_OK) return fail(st);
   flamingo_generate_params gp = flamingo_generate_default_params();
   std::vector<std::string> stops;
+  double read_s = 0;  // PPM reading, not the library's work
+  const auto t_prompt = std::chrono::steady_clock::now();  // media encoding counts toward the first token
   for (int i = 2; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -77,7 +80,10 @@ int main(int argc, char** argv) {
       std::vector<uint8_t> rgb;
       int w = 0, h = 0;
       std::string path = next();
-      if (!read_ppm(path, &rgb, &w, &h)) {
+      const auto t_read = std::chrono::steady_clock::now();
+      const bool ok = read_ppm(path, &rgb, &w, &h);
+      read_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_read).count();
+      if (!ok) {
         std::fprintf(stderr, "cpp_host: %s: expected a binary PPM (P6, maxval 255)\n", path.c_str());
         return 2;
       }
@@ -107,6 +113,9 @@ int main(int argc, char** argv) {
       gp.top_p = static_cast<float>(std::atof(next()));
     } else if (a == "--seed") {
       gp.seed = std::strtoull(next(), nullptr, 10);
+    } else if (a == "--no-stop") {  // only max_new_tokens ends the answer (benchmarks)
+      gp.stop_at_endofchunk = 0;
+      gp.stop_at_endoftext = 0;
     } else if (a == "--stop") {
       stops.emplace_back(next());
     } else {
@@ -119,11 +128,16 @@ int main(int argc, char** argv) {
   for (const std::string& x : stops) stop_ptrs.push_back(x.c_str());
   gp.stop_strings = stop_ptrs.empty() ? nullptr : stop_ptrs.data();
   gp.num_stop_strings = static_cast<int>(stop_ptrs.size());
+  const auto t_gen = std::chrono::steady_clock::now();
   flamingo_generate_result r{};
   if ((st = flamingo_session_generate(s, &gp, on_piece, nullptr, &r)) != FLAMINGO_OK) return fail(st);
   std::printf("\n");
-  std::fprintf(stderr, "cpp_host: %d tokens, first token after %.3f s, %.1f tokens/s\n", r.num_tokens,
-               r.prefill_seconds, r.num_tokens > 1 ? (r.num_tokens - 1) / (r.decode_seconds > 0 ? r.decode_seconds : 1e-9) : 0.0);
+  const double encode_s = std::chrono::duration<double>(t_gen - t_prompt).count() - read_s;
+  std::fprintf(stderr, "cpp_host: %d tokens, first token after %.4f s (media %.4f s + prefill %.4f s), %.1f tokens/s\n",
+               r.num_tokens, encode_s + r.prefill_seconds, encode_s, r.prefill_seconds,
+               r.num_tokens > 1 ? (r.num_tokens - 1) / (r.decode_seconds > 0 ? r.decode_seconds : 1e-9) : 0.0);
+  std::fprintf(stderr, "cpp_host: stats tokens=%d ttft_s=%.6f decode_s=%.6f\n", r.num_tokens,
+               encode_s + r.prefill_seconds, r.decode_seconds);
   flamingo_session_free(s);
   flamingo_model_free(model);
   const char* check = std::getenv("FLAMINGO_RT_CHECK_NO_PYTHON");

@@ -107,6 +107,9 @@ class ExportedSession:
         out: List[int] = []
         logits = self._flush()
         for _ in range(max_new_tokens):
+            logits = logits.float().clone()  # as the Python runtime: never <image> / <pad> / rows past the vocab
+            logits[:, [tok.image_token_id, tok.pad_token_id]] = float("-inf")
+            logits[:, tok.vocab_size:] = float("-inf")
             nxt = int(logits[0].argmax())
             if nxt in stop:
                 break

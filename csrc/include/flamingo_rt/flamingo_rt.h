@@ -130,6 +130,7 @@ typedef struct flamingo_generate_params {
   float top_p;                     /* 1: off; (0, 1]: nucleus sampling */
   uint64_t seed;                   /* sampling seed */
   int stop_at_endofchunk;          /* nonzero (default): stop at <|endofchunk|> */
+  int stop_at_endoftext;           /* nonzero (default): stop at <|endoftext|> */
   const char* const* stop_strings; /* optional: stop when the text contains one of these */
   int num_stop_strings;
 } flamingo_generate_params;
@@ -144,7 +145,8 @@ typedef struct flamingo_generate_result {
   double decode_seconds;   /* the rest */
 } flamingo_generate_result;
 
-/* Run the queued prompt, then generate. The answer stays in the session's context (the
+/* Run the queued prompt, then generate (as the Python runtime, <image> and <pad> are never
+ * generated). The answer stays in the session's context (the
  * conversation can continue with more appends). `callback` and `result` may be NULL. */
 FLAMINGO_API flamingo_status flamingo_session_generate(flamingo_session* session,
                                                        const flamingo_generate_params* params,

@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import unicodedata
+from pathlib import Path
 from typing import List
 
 import pytest
@@ -261,6 +264,29 @@ def test_pre_tokenize_sweeps_the_code_points(trained):
             pytest.fail(f"pre-tokenization differs at piece {k}, near {text[at - 4:at + 8]!r} "
                         f"(code point U+{ord(text[at + 1]) if at + 1 < len(text) else 0:04X}): "
                         f"tokenizers lengths {exp[k:k + 4]}, C++ {got[k:k + 4]}")
+
+
+def test_unicode_tables_agree_with_unicodedata():
+    """The committed tables (tools/gen_unicode_tables.py) on every scalar value: where Python's
+    unicodedata assigns a category, letter = L*, number = N*; whitespace = White_Space."""
+    header = (Path(__file__).resolve().parent.parent / "csrc" / "tokenizer" / "unicode_tables.h").read_text()
+    tables = {}
+    for name, body in re.findall(r"k(\w+)Ranges\[\] = \{(.*?)\};", header, re.S):
+        tables[name] = set()
+        for lo, hi in re.findall(r"\{0x([0-9A-F]+), 0x([0-9A-F]+)\}", body):
+            tables[name].update(range(int(lo, 16), int(hi, 16) + 1))
+    assert set(tables) == {"Letter", "Number", "Whitespace"}
+    white = {0x85, *range(0x09, 0x0E)}
+    for c in range(0x110000):
+        if 0xD800 <= c <= 0xDFFF:
+            continue
+        cat = unicodedata.category(chr(c))
+        if cat in ("Zs", "Zl", "Zp"):
+            white.add(c)
+        if cat != "Cn":
+            assert (c in tables["Letter"]) == (cat[0] == "L"), f"U+{c:04X} ({cat})"
+            assert (c in tables["Number"]) == (cat[0] == "N"), f"U+{c:04X} ({cat})"
+    assert tables["Whitespace"] == white
 
 
 def test_pre_tokenize_corpus(trained, corpus):

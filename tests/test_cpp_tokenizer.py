@@ -354,6 +354,17 @@ def _no_special(d):
     d["model"]["vocab"] = {k: i for i, (k, _) in enumerate(kept)}
 
 
+def _gpt2_style(d):
+    """Fields as in GPT-2's tokenizer.json: empty prefix/suffix strings, a ByteLevel
+    post-processor, <|endoftext|> a normalized special token."""
+    d["model"].update(continuing_subword_prefix="", end_of_word_suffix="")
+    d["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                           "use_regex": True}
+    for t in d["added_tokens"]:
+        if t["content"] == "<|endoftext|>":
+            t["normalized"] = True
+
+
 VARIANTS = {
     "add_prefix_space": dict(mutate=lambda d: d["pre_tokenizer"].update(add_prefix_space=True)),
     "no_regex": dict(mutate=lambda d: d["pre_tokenizer"].update(use_regex=False)),
@@ -365,8 +376,7 @@ VARIANTS = {
     "unk": dict(mutate=_unk(False)),
     "unk_fused": dict(mutate=_unk(True)),
     "byte_fallback": dict(mutate=_byte_fallback),
-    "post_processor_byte_level": dict(mutate=lambda d: d.update(post_processor={
-        "type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True})),
+    "gpt2_style": dict(mutate=_gpt2_style),
 }
 
 

@@ -160,4 +160,3 @@ void AddedVocabulary::split(const std::string& text, std::vector<Segment>& out) 
 
 }  // namespace tokenizer_detail
 }  // namespace flamingo_rt
-

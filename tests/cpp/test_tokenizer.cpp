@@ -1,8 +1,9 @@
 // ctest `tokenizer`: the C++ tokenizer through its public header against ids and texts
 // that the `tokenizers` library gave for the fixture tokenizer.json (tests/cpp/fixtures,
 // made by tools/gen_tokenizer_fixture.py): encode, decode (with and without special tokens,
-// ill-formed UTF-8), the incremental decoder, lookups, and the errors for missing,
-// corrupted and unsupported files and bad input. Argument: the fixtures directory.
+// ill-formed UTF-8), the incremental decoder, lookups, use from several threads, and the
+// errors for missing, corrupted and unsupported files and bad input. Argument: the
+// fixtures directory.
 // Exits non-zero on failure.
 #include "flamingo_rt/tokenizer.h"
 
@@ -11,6 +12,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -204,6 +206,24 @@ void test_special_tokens_added(const std::string& dir) {
   CHECK(tok.decode(c.ids) == c.text, "decode with appended special tokens");
 }
 
+// One Tokenizer used from several threads at once (its BPE cache is shared): every thread
+// gets the fixture's ids.
+void test_threads(const Tokenizer& tok) {
+  std::vector<int> wrong(4, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&tok, &wrong, t] {
+      for (int rep = 0; rep < 50; ++rep) {
+        for (const EncodeCase& c : kEncodeCases) {
+          if (tok.encode(c.text) != c.ids || tok.decode(c.ids) != c.decoded) ++wrong[t];
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 4; ++t) CHECK(wrong[t] == 0, "thread %d: %d wrong results", t, wrong[t]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -218,6 +238,7 @@ int main(int argc, char** argv) {
     CHECK(by_dir.encode("a red square") == tok.encode("a red square"), "loading by directory");
     test_encode_decode(tok);
     test_lookups(tok);
+    test_threads(Tokenizer::from_file(dir + "/tokenizer.json"));  // a fresh, empty cache
     const std::string json = read_file(dir + "/tokenizer.json");
     test_errors(dir, json);
     test_special_tokens_added(dir);

@@ -258,3 +258,18 @@ def test_incremental_decoder_generic_path():
     for text in ["café ☕ 漢字 words", "<image>abc def<|endofchunk|> ghi"]:
         ids = tok.encode(text)
         assert "".join(_stream(IncrementalDecoder(tok), ids)) == tok.decode(ids)
+
+
+def test_incremental_decoder_reads_non_ascii_added_tokens_like_decode():
+    """An added token with characters of the byte-level alphabet streams exactly as
+    tokenizers' decode renders it (the C++ tokenizer does the same)."""
+    from tokenizers import AddedToken
+
+    from flamingo_rt.io.tokenizer import FlamingoTokenizer, IncrementalDecoder
+
+    tok = FlamingoTokenizer.train_bpe(["a red square, a blue circle"] * 20, vocab_size=280)
+    tok.tokenizer.add_tokens([AddedToken("café", special=False), AddedToken("日本", special=False)])
+    tok._refresh()
+    ids = tok.encode("x café y 日本 z")
+    dec = IncrementalDecoder(tok)
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == tok.decode(ids)

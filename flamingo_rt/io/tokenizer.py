@@ -347,16 +347,18 @@ class FlamingoTokenizer:
         cached = self._token_bytes.get(token_id)
         if cached is not None:
             return cached
-        if token_id in self._added:
-            out = self._added[token_id].encode("utf-8")
-        else:
+        # Added tokens too are read the way tokenizers' ByteLevel decoder reads them: when
+        # every character is in the byte-level alphabet, the bytes they stand for (so an added
+        # "café" streams as tokenizers decodes it, "caf\ufffd"); otherwise its UTF-8 bytes.
+        tok = self._added.get(token_id)
+        if tok is None:
             tok = self._tok.id_to_token(token_id)
-            if tok is None:
-                raise ValueError(f"token id {token_id} is out of range (vocab_size {self.vocab_size})")
-            try:
-                out = bytes(_CHAR_TO_BYTE[c] for c in tok)
-            except KeyError:
-                out = tok.encode("utf-8")
+        if tok is None:
+            raise ValueError(f"token id {token_id} is out of range (vocab_size {self.vocab_size})")
+        try:
+            out = bytes(_CHAR_TO_BYTE[c] for c in tok)
+        except KeyError:
+            out = tok.encode("utf-8")
         self._token_bytes[token_id] = out
         return out
 

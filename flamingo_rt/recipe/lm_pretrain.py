@@ -1,0 +1,119 @@
+"""Stage 2 of the recipe: a BPE tokenizer on the world's text and next-token pretraining of
+the decoder LM (:class:`flamingo_rt.models.lm.DecoderLM`) on it.
+
+The corpus is :func:`flamingo_rt.world.world_corpus` (training split): captions, scene
+descriptions with questions and answers, naming paragraphs that bind nonsense words to
+described objects in context, documents without their images, video captions, and a
+quarter of the texts in few-shot layout with ``<|endofchunk|>``. Texts are joined with
+``<|endoftext|>`` and cut into windows of ``seq_len`` tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..io.tokenizer import FlamingoTokenizer
+from ..models.config import LMConfig
+from ..models.lm import DecoderLM
+from ..world import world_corpus
+from .presets import LMPretrainConfig
+from .progress import progress_bar
+from .schedule import warmup_cosine
+
+
+def train_tokenizer(cfg: LMPretrainConfig, seed: int) -> FlamingoTokenizer:
+    """A byte-level BPE tokenizer of ``cfg.vocab_size`` ids trained on
+    ``world_corpus(cfg.tokenizer_corpus, seed)`` (special tokens at ids 0..3)."""
+    return FlamingoTokenizer.train_bpe(world_corpus(cfg.tokenizer_corpus, seed=seed), vocab_size=cfg.vocab_size)
+
+
+def pack_corpus(tokenizer: FlamingoTokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """Texts -> one int64 stream ``t_1 <|endoftext|> t_2 <|endoftext|> ...`` of shape (N,)."""
+    ids: List[int] = []
+    eos = tokenizer.eos_token_id
+    for enc in tokenizer.encode_batch(list(texts)):
+        ids += enc
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class LMStats:
+    """Per-step training losses and the loss on held-out text (first and last windows of
+    a stream the LM never trains on) before and after training."""
+
+    losses: List[float] = field(default_factory=list)
+    heldout_before: float = 0.0
+    heldout_after: float = 0.0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def _eval_loss(lm: DecoderLM, windows: torch.Tensor) -> float:
+    was = lm.training
+    lm.eval()
+    logits = lm(windows)
+    lm.train(was)
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1)))
+
+
+def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretrainConfig, seed: int,
+                progress: bool = True, texts: Optional[Sequence[str]] = None) -> Tuple[DecoderLM, LMStats]:
+    """Train a :class:`DecoderLM` of ``lm_config`` (its ``vocab_size`` must equal the
+    tokenizer's) for ``cfg.steps`` steps of ``cfg.batch_size`` random windows of
+    ``cfg.seq_len + 1`` tokens, AdamW with warmup and cosine decay.
+
+    ``texts`` defaults to ``world_corpus(cfg.corpus, seed + 1)``. Returns ``(lm, LMStats)``."""
+    if lm_config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"expected LM vocab_size {tokenizer.vocab_size} (the tokenizer's), "
+                         f"got {lm_config.vocab_size}")
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    lm = DecoderLM(lm_config)
+    with torch.no_grad():  # GPT-style small init: std 0.02 for every matrix
+        for p in lm.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    if texts is None:
+        texts = world_corpus(cfg.corpus, seed=seed + 1)
+    stream = pack_corpus(tokenizer, texts)
+    L = cfg.seq_len + 1
+    if len(stream) < 2 * L:
+        raise ValueError(f"expected a corpus of at least {2 * L} tokens, got {len(stream)}")
+    heldout_text = world_corpus(max(16, cfg.batch_size), seed=seed + 2)
+    hs = pack_corpus(tokenizer, heldout_text)
+    nh = min(8, len(hs) // L)
+    held = hs[: nh * L].view(nh, L)
+    stats = LMStats()
+    stats.heldout_before = _eval_loss(lm, held)
+    decay = [p for p in lm.parameters() if p.dim() >= 2]
+    other = [p for p in lm.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(L)
+    lm.train()
+    bar = progress_bar(range(cfg.steps), "stage 2/3 LM pretraining", progress)
+    for _ in bar:
+        starts = torch.randint(0, len(stream) - L, (cfg.batch_size,), generator=g)
+        win = stream[starts[:, None] + offsets]  # (B, L)
+        logits = lm(win[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), win[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        stats.losses.append(loss.item())
+        stats.tokens_seen += win.numel()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{stats.losses[-1]:.3f}")
+    stats.heldout_after = _eval_loss(lm, held)
+    stats.seconds = time.perf_counter() - t0
+    return lm, stats

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -102,7 +102,8 @@ class ConnectorStats:
 
 
 def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: ConnectorConfig, seed: int = 0,
-                     image_size: int = 64, progress: bool = True) -> ConnectorStats:
+                     image_size: int = 64, progress: bool = True,
+                     pools: Optional[Dict[str, List[Record]]] = None) -> ConnectorStats:
     """Freeze ``model``'s backbones and train its connectors in place.
 
     Args:
@@ -112,6 +113,8 @@ def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: Connect
             pool sizes, document-kind mixture).
         seed: seeds the data pools, the batch draws and the connectors' initialisation.
         image_size: side the world renders images at (resized to the encoder's size).
+        pools: pools from :func:`build_pools` to reuse (e.g. across ablation runs); built
+            from ``cfg``, ``seed`` and ``image_size`` when None.
     Returns:
         :class:`ConnectorStats`. The model is left in eval mode.
     """
@@ -128,7 +131,8 @@ def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: Connect
                              {"params": other + special, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
 
-    pools = build_pools(cfg, seed, image_size, progress)
+    if pools is None:
+        pools = build_pools(cfg, seed, image_size, progress)
     stats.data_seconds = time.perf_counter() - t0
     plan = [("docs", cfg.doc_batch, cfg.doc_weight), ("pairs", cfg.pair_batch, cfg.pair_weight),
             ("videos", cfg.video_batch, cfg.video_weight)]
@@ -157,6 +161,7 @@ def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: Connect
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total:.3f}", **{n[:3]: f"{v[-1]:.2f}" for n, v in stats.dataset_losses.items()})
     model.eval()
-    stats.gates = model.gate_values()
+    with torch.no_grad():
+        stats.gates = model.gate_values()
     stats.seconds = time.perf_counter() - t0
     return stats

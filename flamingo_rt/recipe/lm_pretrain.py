@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,51 @@ def train_tokenizer(cfg: LMPretrainConfig, seed: int) -> FlamingoTokenizer:
     """A byte-level BPE tokenizer of ``cfg.vocab_size`` ids trained on
     ``world_corpus(cfg.tokenizer_corpus, seed)`` (special tokens at ids 0..3)."""
     return FlamingoTokenizer.train_bpe(world_corpus(cfg.tokenizer_corpus, seed=seed), vocab_size=cfg.vocab_size)
+
+
+def naming_texts(n: int, seed: int, split: str = "train") -> List[str]:
+    """``n`` naming paragraphs: 2..5 nonsense words bound (freshly per paragraph) to shapes,
+    colours or shape-colour pairs, then 1..3 described examples of each class in random
+    order, e.g. ``"a small red star: This is a blicket. a large red circle: This is a dax.
+    ..."``. The text analogue of the few-shot naming task; more of them than
+    :func:`flamingo_rt.world.text_corpus` holds (a fifth) teaches the LM to copy the word
+    bound to a matching description from its context."""
+    from ..world import CLASSIFY_BY, CLASSIFY_FORMATS, nonsense_words
+    from ..world.attributes import article
+    from ..world.episodes import _classify_class_values, _classify_scene
+    from ..world.text import _pick
+
+    out = []
+    for i in range(n):
+        g = np.random.default_rng([seed, 5, i])
+        by = CLASSIFY_BY[int(g.integers(len(CLASSIFY_BY)))]
+        nc = int(g.integers(2, 6))
+        values = _classify_class_values(g, by, nc, split)
+        words = nonsense_words(g, nc, split)
+        fmt = _pick(g, "", split, CLASSIFY_FORMATS).text
+        order = [c for c in range(nc) for _ in range(int(g.integers(1, 4)))]
+        order = [order[j] for j in g.permutation(len(order))]
+        parts = []
+        for c in order:
+            o = _classify_scene(g, by, values[c], split).subject
+            parts.append(f"{article(o.size_name)} {o.size_name} {o.colour} {o.shape}: {fmt} {words[c]}.")
+        out.append(" ".join(parts))
+    return out
+
+
+def copy_texts(n: int, seed: int, split: str = "train") -> List[str]:
+    """``n`` repetition paragraphs: a list of 3..8 nonsense words said again (2 or 3 times in
+    all), e.g. ``"sloka spufum sliro. again: sloka spufum sliro."``. Exact repeats of
+    unpredictable tokens are what makes a small LM form induction (copying) heads quickly;
+    the naming task needs them, and the world's own text alone grows them too slowly."""
+    from ..world import nonsense_words
+
+    out = []
+    for i in range(n):
+        g = np.random.default_rng([seed, 7, i])
+        words = " ".join(nonsense_words(g, int(g.integers(3, 9)), split))
+        out.append(" again: ".join([words] * int(g.integers(2, 4))) + ".")
+    return out
 
 
 def pack_corpus(tokenizer: FlamingoTokenizer, texts: Sequence[str]) -> torch.Tensor:
@@ -68,7 +114,8 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
     tokenizer's) for ``cfg.steps`` steps of ``cfg.batch_size`` random windows of
     ``cfg.seq_len + 1`` tokens, AdamW with warmup and cosine decay.
 
-    ``texts`` defaults to ``world_corpus(cfg.corpus, seed + 1)``. Returns ``(lm, LMStats)``."""
+    ``texts`` defaults to ``world_corpus(cfg.corpus, seed + 1)`` plus ``cfg.naming``
+    :func:`naming_texts` and ``cfg.copy`` :func:`copy_texts`, shuffled. Returns ``(lm, LMStats)``."""
     if lm_config.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"expected LM vocab_size {tokenizer.vocab_size} (the tokenizer's), "
                          f"got {lm_config.vocab_size}")
@@ -80,7 +127,9 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
     if texts is None:
-        texts = world_corpus(cfg.corpus, seed=seed + 1)
+        texts = (world_corpus(cfg.corpus, seed=seed + 1) + naming_texts(cfg.naming, seed + 1)
+                 + copy_texts(cfg.copy, seed + 1))
+        texts = [texts[i] for i in np.random.default_rng([seed, 6]).permutation(len(texts))]
     stream = pack_corpus(tokenizer, texts)
     L = cfg.seq_len + 1
     if len(stream) < 2 * L:

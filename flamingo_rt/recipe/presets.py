@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict
 
 from ..models.config import (
-    FlamingoConfig, LMConfig, NFNetConfig, ResamplerConfig, VisionConfig, XAttnConfig,
+    FlamingoConfig, LMConfig, NFNetConfig, ResamplerConfig, VisionConfig, XAttnConfig, get_preset,
 )
 
 
@@ -40,6 +40,8 @@ class LMPretrainConfig:
     vocab_size: int = 1024
     tokenizer_corpus: int = 4000  # texts the tokenizer is trained on
     corpus: int = 16000  # texts (from ``world_corpus``) the LM is trained on, cycled
+    naming: int = 8000  # extra naming paragraphs (``naming_texts``) mixed in
+    copy: int = 6000  # repetition paragraphs (``copy_texts``) mixed in
     steps: int = 600
     batch_size: int = 32
     seq_len: int = 128
@@ -90,19 +92,6 @@ class RecipeConfig:
     image_size: int = 64
 
 
-def _tiny_world_model(vocab_size: int = 1024) -> FlamingoConfig:
-    nf = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), stem_chs=16, group_size=16,
-                     num_features=128)
-    return FlamingoConfig(
-        vision=VisionConfig(kind="nfnet", nfnet=nf, width=128, image_size=64),
-        resampler=ResamplerConfig(dim=128, depth=2, heads=4, dim_head=32, num_latents=8, ff_mult=2,
-                                  max_num_frames=8),
-        xattn=XAttnConfig(heads=4, dim_head=32, ff_mult=2, every=1),
-        lm=LMConfig(vocab_size=vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
-                    intermediate_size=384, max_seq_len=1024),
-    )
-
-
 def _toy_model(vocab_size: int = 300) -> FlamingoConfig:
     nf = NFNetConfig(depths=(1, 1, 1, 1), channels=(8, 16, 16, 32), stem_chs=8, group_size=8,
                      num_features=32)
@@ -117,20 +106,20 @@ def _toy_model(vocab_size: int = 300) -> FlamingoConfig:
 
 
 def _tiny_world() -> RecipeConfig:
-    return RecipeConfig("tiny-world", _tiny_world_model(), ContrastiveConfig(), LMPretrainConfig(),
+    return RecipeConfig("tiny-world", get_preset("tiny-world"), ContrastiveConfig(), LMPretrainConfig(),
                         ConnectorConfig(), image_size=64)
 
 
 def _toy() -> RecipeConfig:
     return RecipeConfig(
         "toy", _toy_model(),
-        ContrastiveConfig(steps=25, batch_size=16, pool_size=128, lr=3e-3, warmup=3, text_dim=32,
+        ContrastiveConfig(steps=15, batch_size=16, pool_size=96, lr=3e-3, warmup=3, text_dim=32,
                           text_layers=1, text_heads=2, embed_dim=32),
-        LMPretrainConfig(vocab_size=300, tokenizer_corpus=300, corpus=300, steps=25, batch_size=8,
-                         seq_len=64, lr=3e-3, warmup=3),
-        ConnectorConfig(steps=25, lr=3e-3, warmup=3, doc_batch=4, pair_batch=4, video_batch=1,
-                        doc_pool=48, pair_pool=32, video_pool=4, max_images=4, num_frames=2,
-                        max_seq_len=128),
+        LMPretrainConfig(vocab_size=300, tokenizer_corpus=200, corpus=200, naming=60, copy=60, steps=20,
+                         batch_size=8, seq_len=64, lr=3e-3, warmup=3),
+        ConnectorConfig(steps=15, lr=3e-3, warmup=3, doc_batch=4, pair_batch=4, video_batch=1,
+                        doc_pool=24, pair_pool=16, video_pool=3, max_images=3, num_frames=2,
+                        max_seq_len=96),
         image_size=32,
     )
 

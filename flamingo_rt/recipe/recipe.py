@@ -63,7 +63,7 @@ class RecipeResult:
 
 
 def run_recipe(preset: Union[str, RecipeConfig] = "tiny-world", out_dir: Union[str, os.PathLike, None] = None,
-               seed: int = 0, progress: bool = True) -> RecipeResult:
+               seed: int = 0, progress: bool = True, num_threads: Optional[int] = None) -> RecipeResult:
     """Run the three stages and, when ``out_dir`` is given, save the model folder there
     (with ``recipe.json``: settings, loss summaries, timings).
 
@@ -72,7 +72,20 @@ def run_recipe(preset: Union[str, RecipeConfig] = "tiny-world", out_dir: Union[s
         out_dir: folder to write; created if missing.
         seed: the only source of randomness (same seed, same thread count -> same weights).
         progress: tqdm bars for each stage.
+        num_threads: torch intra-op threads for the run (restored afterwards); None keeps
+            the current setting. Results are reproducible for a fixed thread count.
     """
+    if num_threads is None:
+        return _run(preset, out_dir, seed, progress)
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        return _run(preset, out_dir, seed, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(preset, out_dir, seed: int, progress: bool) -> RecipeResult:
     cfg = get_recipe_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
     torch.manual_seed(seed)
     times: Dict[str, float] = {}

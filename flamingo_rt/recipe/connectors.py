@@ -120,15 +120,22 @@ def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: Connect
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model.freeze_backbones()
-    special = train_special_rows(model, [tokenizer.image_token_id, tokenizer.eoc_token_id])
+    model.freeze_backbones(lm=cfg.freeze_lm)
+    xattn_ids = {id(p) for p in model.lm.xattn.parameters()}
+    lm_params = [p for p in model.lm.parameters() if id(p) not in xattn_ids] if not cfg.freeze_lm else []
+    lm_ids = {id(p) for p in lm_params}
+    special = train_special_rows(model, [tokenizer.image_token_id, tokenizer.eoc_token_id]) if cfg.freeze_lm else []
     special_ids = {id(p) for p in special}
-    conn = [p for _, p in model.trainable_parameters() if id(p) not in special_ids]
+    conn = [p for _, p in model.trainable_parameters() if id(p) not in special_ids and id(p) not in lm_ids]
     decay = [p for p in conn if p.dim() >= 2]
     other = [p for p in conn if p.dim() < 2]
-    stats = ConnectorStats(trainable_parameters=sum(p.numel() for p in conn) + 2 * len(special) * model.config.lm.dim)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other + special, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    stats = ConnectorStats(trainable_parameters=sum(p.numel() for p in conn) + 2 * len(special) * model.config.lm.dim
+                           + sum(p.numel() for p in lm_params))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": other + special, "weight_decay": 0.0}]
+    if lm_params:
+        groups.append({"params": lm_params, "weight_decay": 0.0, "lr": cfg.lm_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
 
     if pools is None:

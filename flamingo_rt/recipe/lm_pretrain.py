@@ -77,6 +77,16 @@ def copy_texts(n: int, seed: int, split: str = "train") -> List[str]:
     return out
 
 
+def repeated_tokens(rows: int, length: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(rows, length) int64 windows of a random token sequence said twice: ``[a, a]`` cut to
+    ``length`` (ids 4.. only, no special token). Only copying predicts the second half, so a
+    small share of these rows grows induction heads within a few hundred steps, where the
+    world's text alone (whose repeats are partly predictable) takes far longer."""
+    half = (length + 1) // 2
+    a = torch.randint(4, vocab_size, (rows, half), generator=generator)
+    return torch.cat([a, a], 1)[:, :length]
+
+
 def pack_corpus(tokenizer: FlamingoTokenizer, texts: Sequence[str]) -> torch.Tensor:
     """Texts -> one int64 stream ``t_1 <|endoftext|> t_2 <|endoftext|> ...`` of shape (N,)."""
     ids: List[int] = []
@@ -115,7 +125,9 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
     ``cfg.seq_len + 1`` tokens, AdamW with warmup and cosine decay.
 
     ``texts`` defaults to ``world_corpus(cfg.corpus, seed + 1)`` plus ``cfg.naming``
-    :func:`naming_texts` and ``cfg.copy`` :func:`copy_texts`, shuffled. Returns ``(lm, LMStats)``."""
+    :func:`naming_texts` and ``cfg.copy`` :func:`copy_texts`, shuffled; a share
+    ``cfg.repeat_frac`` of each batch's rows are :func:`repeated_tokens` instead.
+    Returns ``(lm, LMStats)``."""
     if lm_config.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"expected LM vocab_size {tokenizer.vocab_size} (the tokenizer's), "
                          f"got {lm_config.vocab_size}")
@@ -147,11 +159,14 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     g = torch.Generator().manual_seed(seed)
     offsets = torch.arange(L)
+    n_rep = int(round(cfg.repeat_frac * cfg.batch_size))
     lm.train()
     bar = progress_bar(range(cfg.steps), "stage 2/3 LM pretraining", progress)
     for _ in bar:
         starts = torch.randint(0, len(stream) - L, (cfg.batch_size,), generator=g)
         win = stream[starts[:, None] + offsets]  # (B, L)
+        if n_rep:
+            win[:n_rep] = repeated_tokens(n_rep, L, tokenizer.vocab_size, g)
         logits = lm(win[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), win[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)

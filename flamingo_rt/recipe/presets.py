@@ -39,11 +39,12 @@ class LMPretrainConfig:
 
     vocab_size: int = 1024
     tokenizer_corpus: int = 4000  # texts the tokenizer is trained on
-    corpus: int = 16000  # texts (from ``world_corpus``) the LM is trained on, cycled
-    naming: int = 8000  # extra naming paragraphs (``naming_texts``) mixed in
-    copy: int = 6000  # repetition paragraphs (``copy_texts``) mixed in
-    steps: int = 600
-    batch_size: int = 32
+    corpus: int = 6000  # texts (from ``world_corpus``) the LM is trained on, cycled
+    naming: int = 4000  # extra naming paragraphs (``naming_texts``) mixed in
+    copy: int = 2000  # repetition paragraphs (``copy_texts``) mixed in
+    repeat_frac: float = 0.25  # share of each batch's rows that are random tokens said twice
+    steps: int = 1000
+    batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -59,25 +60,29 @@ class ConnectorConfig:
     ``sum(weight * loss)`` before one optimizer step (the paper's accumulation over all
     datasets)."""
 
-    steps: int = 800
-    lr: float = 1e-3
+    steps: int = 600
+    lr: float = 2e-3
     weight_decay: float = 0.01
-    warmup: int = 50
-    doc_batch: int = 16
-    pair_batch: int = 16
-    video_batch: int = 4
+    warmup: int = 30
+    doc_batch: int = 8
+    pair_batch: int = 4
+    video_batch: int = 2
     doc_weight: float = 1.0
     pair_weight: float = 0.2
     video_weight: float = 0.03
-    doc_pool: int = 3000  # documents rendered once and cycled through
-    pair_pool: int = 2000
-    video_pool: int = 300
+    doc_pool: int = 2000  # documents rendered once and cycled through
+    pair_pool: int = 1000
+    video_pool: int = 200
     max_images: int = 8  # per document
     num_frames: int = 4  # frames per training clip
     #: probabilities of the document kinds ("captions", "qa", "naming", "mixed")
     doc_kinds: Dict[str, float] = field(
-        default_factory=lambda: {"captions": 0.2, "qa": 0.2, "naming": 0.45, "mixed": 0.15})
-    max_seq_len: int = 256  # longer documents are cut (whole chunks are kept)
+        default_factory=lambda: {"captions": 0.15, "qa": 0.15, "naming": 0.55, "mixed": 0.15})
+    max_seq_len: int = 192  # longer documents are cut (media whose <image> is cut are dropped)
+    #: the paper's recipe freezes the LM; False fine-tunes it too (the paper's "freezing LM"
+    #: ablation), at ``lm_lr``
+    freeze_lm: bool = True
+    lm_lr: float = 5e-4
 
 
 @dataclass

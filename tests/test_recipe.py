@@ -143,3 +143,27 @@ def test_toy_recipe_end_to_end(tmp_path):
     for k in sd1:
         assert torch.equal(sd1[k], sd2[k]), f"{k} differs between two runs with the same seed"
     assert r.connectors.losses == r2.connectors.losses
+
+
+@pytest.mark.parametrize("freeze_lm", [True, False])
+def test_train_connectors_freezing(tok, freeze_lm):
+    """Frozen LM (the recipe): only the xattn blocks, the resampler and the special rows
+    change; with ``freeze_lm=False`` (the paper's ablation) the LM's own layers change too.
+    The vision encoder never changes."""
+    from flamingo_rt.recipe import train_connectors
+
+    rc = get_recipe_preset("toy")
+    rc.model.lm.vocab_size = tok.vocab_size
+    c = rc.connectors
+    c.steps, c.doc_pool, c.pair_pool, c.video_pool, c.freeze_lm = 2, 3, 3, 1, freeze_lm
+    torch.manual_seed(0)
+    model = Flamingo(rc.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train_connectors(model, tok, c, seed=0, image_size=rc.image_size, progress=False)
+    assert len(stats.losses) == 2 and set(stats.dataset_losses) == {"docs", "pairs", "videos"}
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith("vision_encoder.") for k in changed)
+    assert any(k.startswith("resampler.") for k in changed) and any(k.startswith("lm.xattn.") for k in changed)
+    lm_core = {k for k in changed if k.startswith("lm.layers.")}
+    assert bool(lm_core) == (not freeze_lm)

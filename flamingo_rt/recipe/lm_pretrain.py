@@ -78,13 +78,28 @@ def copy_texts(n: int, seed: int, split: str = "train") -> List[str]:
 
 
 def repeated_tokens(rows: int, length: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
-    """(rows, length) int64 windows of a random token sequence said twice: ``[a, a]`` cut to
-    ``length`` (ids 4.. only, no special token). Only copying predicts the second half, so a
-    small share of these rows grows induction heads within a few hundred steps, where the
-    world's text alone (whose repeats are partly predictable) takes far longer."""
-    half = (length + 1) // 2
-    a = torch.randint(4, vocab_size, (rows, half), generator=generator)
-    return torch.cat([a, a], 1)[:, :length]
+    """(rows, length) int64 rows of random segments (3..12 random token ids >= 4, no special
+    token), about half of them repeats of an earlier segment of the same row, at varying
+    distances. Only copying predicts a repeat, and since the distance varies it must be
+    copying by content (an induction head), not by a fixed offset. A small share of such
+    rows grows induction heads within a few hundred steps; the world's text alone (whose
+    repeats are partly predictable) takes far longer."""
+    out = torch.empty((rows, length), dtype=torch.long)
+    for r in range(rows):
+        segs: List[torch.Tensor] = []
+        row: List[torch.Tensor] = []
+        n = 0
+        while n < length:
+            if segs and float(torch.rand((), generator=generator)) < 0.5:
+                seg = segs[int(torch.randint(len(segs), (), generator=generator))]
+            else:
+                seg = torch.randint(4, vocab_size, (int(torch.randint(3, 13, (), generator=generator)),),
+                                    generator=generator)
+                segs.append(seg)
+            row.append(seg)
+            n += len(seg)
+        out[r] = torch.cat(row)[:length]
+    return out
 
 
 def pack_corpus(tokenizer: FlamingoTokenizer, texts: Sequence[str]) -> torch.Tensor:

@@ -167,3 +167,13 @@ def test_train_connectors_freezing(tok, freeze_lm):
     assert any(k.startswith("resampler.") for k in changed) and any(k.startswith("lm.xattn.") for k in changed)
     lm_core = {k for k in changed if k.startswith("lm.layers.")}
     assert bool(lm_core) == (not freeze_lm)
+
+
+def test_quick_eval_word_f1_by_hand():
+    from flamingo_rt.recipe.quick_eval import _f1
+
+    # pred "a red circle" vs ref "a red square.": 2 common of 3 and 3 -> P = R = 2/3
+    assert _f1("a red circle", "a red square.") == pytest.approx(2 / 3)
+    # repeated words count at most as often as in the other text: common 1 -> P 1/2, R 1/3
+    assert _f1("red red", "a red square") == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
+    assert _f1("", "a red square") == 0.0 and _f1("blue", "a red square") == 0.0

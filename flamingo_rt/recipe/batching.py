@@ -12,7 +12,7 @@ still images). Records are built from the world's streams by :func:`doc_record`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 import torch.nn.functional as F

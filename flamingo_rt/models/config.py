@@ -7,6 +7,7 @@ through ``to_dict`` / ``from_dict`` (stored as ``config.json`` beside checkpoint
 Presets (:func:`get_preset`, :data:`PRESETS`):
 
 - ``tiny``: a few hundred thousand parameters; minutes-scale CPU training, tests, demo.
+- ``tiny-world``: the shipped model trained by :mod:`flamingo_rt.recipe` on the world.
 - ``open-flamingo-3b``: OpenFlamingo-3B shapes (vision width 1024 from an external
   CLIP-style encoder, resampler depth 6 / 8 heads x 64 / 64 latents / GELU, xattn
   8 heads x 64 before every decoder layer, LM 24 x 2048).
@@ -194,6 +195,22 @@ def _tiny() -> FlamingoConfig:
     )
 
 
+def _tiny_world() -> FlamingoConfig:
+    """The shipped model's shapes (``flamingo_rt.recipe`` preset ``tiny-world``): 64x64
+    images, NFNet to a 2x2 grid of width 128, 8 latents, xattn before every LM layer, a
+    4 x 128 LM. ``lm.vocab_size`` is the recipe tokenizer's (set when it is trained)."""
+    nf = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), stem_chs=16, group_size=16,
+                     num_features=128)
+    return FlamingoConfig(
+        vision=VisionConfig(kind="nfnet", nfnet=nf, width=128, image_size=64),
+        resampler=ResamplerConfig(dim=128, depth=2, heads=4, dim_head=32, num_latents=8, ff_mult=2,
+                                  max_num_frames=8),
+        xattn=XAttnConfig(heads=4, dim_head=32, ff_mult=2, every=1),
+        lm=LMConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
+                    intermediate_size=384, max_seq_len=1024),
+    )
+
+
 def _open_flamingo_3b() -> FlamingoConfig:
     return FlamingoConfig(
         vision=VisionConfig(kind="external", nfnet=None, width=1024, image_size=224),
@@ -218,6 +235,7 @@ def _paper(lm_layers: int, lm_dim: int, every: int, xattn_heads: int) -> Flaming
 
 PRESETS = {
     "tiny": _tiny,
+    "tiny-world": _tiny_world,
     "open-flamingo-3b": _open_flamingo_3b,
     "flamingo-3b": lambda: _paper(24, 2048, 1, 16),
     "flamingo-9b": lambda: _paper(40, 4096, 4, 32),

@@ -1,0 +1,139 @@
+"""Recipe presets: every size and schedule of the three-stage recipe in one dataclass.
+
+``tiny-world`` is the shipped model's recipe (about 15 minutes on 2 CPU cores); ``toy``
+is the CI size (well under 2 minutes). :func:`get_recipe_preset` returns a fresh copy, and
+``dataclasses.replace`` / attribute assignment derive experiment variants from it.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Dict
+
+from ..models.config import (
+    FlamingoConfig, LMConfig, NFNetConfig, ResamplerConfig, VisionConfig, XAttnConfig, get_preset,
+)
+
+
+@dataclass
+class ContrastiveConfig:
+    """Stage 1: CLIP-style InfoNCE between the NFNet and a small text encoder."""
+
+    steps: int = 300
+    batch_size: int = 64
+    pool_size: int = 4096  # image-caption pairs rendered once and cycled through
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_max_len: int = 48
+    embed_dim: int = 128  # the joint embedding width
+    init_temperature: float = 0.07
+
+
+@dataclass
+class LMPretrainConfig:
+    """Stage 2: BPE tokenizer on ``world_corpus`` and next-token pretraining of the LM."""
+
+    vocab_size: int = 1024
+    tokenizer_corpus: int = 4000  # texts the tokenizer is trained on
+    corpus: int = 6000  # texts (from ``world_corpus``) the LM is trained on, cycled
+    naming: int = 4000  # extra naming paragraphs (``naming_texts``) mixed in
+    copy: int = 2000  # repetition paragraphs (``copy_texts``) mixed in
+    repeat_frac: float = 0.25  # share of each batch's rows that are random tokens said twice
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: int = 50
+
+
+@dataclass
+class ConnectorConfig:
+    """Stage 3: the resampler and gated cross-attention layers (plus the ``<image>`` and
+    ``<|endofchunk|>`` embedding rows) on the weighted mixture, both backbones frozen.
+
+    Every step draws one batch from each dataset and accumulates
+    ``sum(weight * loss)`` before one optimizer step (the paper's accumulation over all
+    datasets)."""
+
+    steps: int = 600
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    doc_batch: int = 8
+    pair_batch: int = 4
+    video_batch: int = 2
+    doc_weight: float = 1.0
+    pair_weight: float = 0.2
+    video_weight: float = 0.03
+    doc_pool: int = 2000  # documents rendered once and cycled through
+    pair_pool: int = 1000
+    video_pool: int = 200
+    max_images: int = 8  # per document
+    num_frames: int = 4  # frames per training clip
+    #: probabilities of the document kinds ("captions", "qa", "naming", "mixed")
+    doc_kinds: Dict[str, float] = field(
+        default_factory=lambda: {"captions": 0.15, "qa": 0.15, "naming": 0.55, "mixed": 0.15})
+    max_seq_len: int = 192  # longer documents are cut (media whose <image> is cut are dropped)
+    #: the paper's recipe freezes the LM; False fine-tunes it too (the paper's "freezing LM"
+    #: ablation), at ``lm_lr``
+    freeze_lm: bool = True
+    lm_lr: float = 5e-4
+
+
+@dataclass
+class RecipeConfig:
+    """The whole recipe: the model shapes (vocabulary filled in by stage 2) and each stage."""
+
+    name: str
+    model: FlamingoConfig
+    contrastive: ContrastiveConfig
+    lm: LMPretrainConfig
+    connectors: ConnectorConfig
+    image_size: int = 64
+
+
+def _toy_model(vocab_size: int = 300) -> FlamingoConfig:
+    nf = NFNetConfig(depths=(1, 1, 1, 1), channels=(8, 16, 16, 32), stem_chs=8, group_size=8,
+                     num_features=32)
+    return FlamingoConfig(
+        vision=VisionConfig(kind="nfnet", nfnet=nf, width=32, image_size=32),
+        resampler=ResamplerConfig(dim=32, depth=1, heads=2, dim_head=16, num_latents=4, ff_mult=2,
+                                  max_num_frames=4),
+        xattn=XAttnConfig(heads=2, dim_head=16, ff_mult=2, every=2),
+        lm=LMConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                    intermediate_size=64, max_seq_len=256),
+    )
+
+
+def _tiny_world() -> RecipeConfig:
+    return RecipeConfig("tiny-world", get_preset("tiny-world"), ContrastiveConfig(), LMPretrainConfig(),
+                        ConnectorConfig(), image_size=64)
+
+
+def _toy() -> RecipeConfig:
+    return RecipeConfig(
+        "toy", _toy_model(),
+        ContrastiveConfig(steps=15, batch_size=16, pool_size=96, lr=3e-3, warmup=3, text_dim=32,
+                          text_layers=1, text_heads=2, embed_dim=32),
+        LMPretrainConfig(vocab_size=300, tokenizer_corpus=200, corpus=200, naming=60, copy=60, steps=20,
+                         batch_size=8, seq_len=64, lr=3e-3, warmup=3),
+        ConnectorConfig(steps=15, lr=3e-3, warmup=3, doc_batch=4, pair_batch=4, video_batch=1,
+                        doc_pool=24, pair_pool=16, video_pool=3, max_images=3, num_frames=2,
+                        max_seq_len=96),
+        image_size=32,
+    )
+
+
+RECIPE_PRESETS: Dict[str, Callable[[], RecipeConfig]] = {"tiny-world": _tiny_world, "toy": _toy}
+
+
+def get_recipe_preset(name: str) -> RecipeConfig:
+    """A fresh copy of the named recipe (``"tiny-world"``, ``"toy"``)."""
+    if name not in RECIPE_PRESETS:
+        raise ValueError(f"unknown recipe preset {name!r}; expected one of {sorted(RECIPE_PRESETS)}")
+    return copy.deepcopy(RECIPE_PRESETS[name]())

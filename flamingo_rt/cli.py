@@ -167,7 +167,12 @@ def _train(args) -> int:
             print(f"flamingo-rt train --preset {args.preset}: the recipe is not available ({e})", file=sys.stderr)
             return 2
         out = args.out_dir or f"runs/{args.preset}"
-        run_recipe(args.preset, out, seed=args.seed if args.seed is not None else 0, progress=not args.no_progress)
+        try:
+            run_recipe(args.preset, out, seed=args.seed if args.seed is not None else 0, progress=not args.no_progress)
+        except ValueError as e:  # e.g. an unknown preset
+            print(f"flamingo-rt train: {e}", file=sys.stderr)
+            return 2
+        print(f"recipe {args.preset!r} done; model folder: {out}")
         return 0
     if args.config is None:
         print("flamingo-rt train: expected a CONFIG file (.toml or .json) or --preset NAME", file=sys.stderr)

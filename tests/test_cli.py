@@ -42,3 +42,16 @@ def test_not_yet_commands_say_so(capsys):
     assert cli.main(["ablate"]) == 2
     assert "not yet" in capsys.readouterr().out
     assert cli.main(["train"]) == 2
+
+
+def test_train_preset_runs_the_recipe(tmp_path, capsys):
+    """`flamingo-rt train --preset toy` runs the three-stage recipe into a model folder."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["train", "--preset", "toy", "--out-dir", str(tmp_path / "m"), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert "model folder" in capsys.readouterr().out
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.json").exists()
+    assert cli.main(["train", "--preset", "nope", "--out-dir", str(tmp_path / "x")]) == 2

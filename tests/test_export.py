@@ -53,7 +53,8 @@ def test_manifest(exported):
     assert man["shapes"]["kv_cache"] == [model.config.lm.n_layers, 2, 1, model.config.lm.n_kv_heads, 96,
                                          model.config.lm.head_dim]
     assert man["max_frames"] == FRAMES and man["image_size"] == 32
-    assert (out / "encode_media.pt2").stat().st_size > 0 and (out / "token_step.pt2").stat().st_size > 0
+    for pkg in ("encode_media.pt2", "token_step.pt2", "decode_step.pt2"):
+        assert (out / pkg).stat().st_size > 0
     assert (out / "tokenizer.json").read_text() == (Path(tok.save(out.parent / "t.json"))).read_text()
 
 

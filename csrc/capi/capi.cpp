@@ -27,7 +27,7 @@ using flamingo_rt::capi::guard;
 struct flamingo_model {
   flamingo_rt::capi::Manifest manifest;
   flamingo_rt::Tokenizer tokenizer;
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> encode, step;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> encode, step, decode;  // decode: T = 1
   at::ScalarType dtype = at::kFloat;
   at::Device device = at::kCPU;
 };
@@ -92,7 +92,8 @@ at::Tensor flush(flamingo_session* s) {
     xp[t] = s->seen_images - 1;
   }
   at::Tensor start = at::full({1}, s->pos, at::kLong);
-  std::vector<at::Tensor> out = m->step->run(
+  auto& package = T == 1 ? m->decode : m->step;
+  std::vector<at::Tensor> out = package->run(
       {ids.to(m->device), start.to(m->device), index.to(m->device), s->kv, s->media});
   s->pos += T;
   s->pending.clear();
@@ -175,12 +176,13 @@ flamingo_status flamingo_model_load(const char* folder, const flamingo_model_par
     if (tok.image_token_id() != man.image_id || tok.eoc_token_id() != man.eoc_id || tok.eos_token_id() != man.eos_id) {
       throw ApiError(FLAMINGO_ERR_FORMAT, "tokenizer.json's special token ids differ from the manifest's");
     }
-    auto model = std::unique_ptr<flamingo_model>(new flamingo_model{man, tok, nullptr, nullptr});
+    auto model = std::unique_ptr<flamingo_model>(new flamingo_model{man, tok, nullptr, nullptr, nullptr});
     model->dtype = dtype_from_name(man.dtype);
     if (man.device != "cpu" && man.device != "cuda") throw ApiError(FLAMINGO_ERR_FORMAT, "manifest: unknown device " + man.device);
     model->device = at::Device(man.device);
     model->encode = load_package(man.encode_package);
     model->step = load_package(man.step_package);
+    model->decode = load_package(man.decode_package);
     *out = model.release();
   });
 }

@@ -15,7 +15,7 @@ struct Manifest {
   std::array<float, 3> image_mean{}, image_std{};
   int32_t image_id = 0, eoc_id = 0, pad_id = 0, eos_id = 0;
   std::vector<int64_t> kv_cache_shape, media_cache_shape, media_kv_shape;
-  std::string encode_package, step_package;
+  std::string encode_package, step_package, decode_package;
 };
 
 // Reads and checks `folder`/manifest.json. Throws ApiError (FLAMINGO_ERR_IO when missing,

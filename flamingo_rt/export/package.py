@@ -3,7 +3,8 @@
 Output folder::
 
     encode_media.pt2   MediaEncoderStep: pixels (1, F, 3, S, S) -> media keys/values (X, 2, L, H, dh)
-    token_step.pt2     TokenStep: a chunk of tokens -> last logits (1, V), writes the KV cache
+    token_step.pt2     TokenStep: a chunk of T tokens -> last logits (1, V), writes the KV cache
+    decode_step.pt2    the same at T = 1 (static shapes: decode-sized kernels)
     tokenizer.json     the model's tokenizer
     manifest.json      shapes, dtypes, special token ids, preprocessing, versions
 
@@ -105,6 +106,12 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
         if progress:
             print("compiling token_step.pt2 ...", flush=True)
         times["token_step"] = _compile(ep, out / "token_step.pt2")
+        # the decode step: the same function at T = 1 (static), so its projections run our
+        # small-batch C++ kernel instead of a general GEMM
+        ep = torch.export.export(step, (ids[:, :1], start, midx[:, :1], kv, mc))
+        if progress:
+            print("compiling decode_step.pt2 ...", flush=True)
+        times["decode_step"] = _compile(ep, out / "decode_step.pt2")
     tokenizer.save(out / "tokenizer.json")
     manifest = {
         "format": "flamingo_rt-export",
@@ -123,11 +130,13 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
         "special_tokens": {"image": tokenizer.image_token_id, "endofchunk": tokenizer.eoc_token_id,
                            "pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id},
         "shapes": shapes,
-        "packages": {"encode_media": "encode_media.pt2", "token_step": "token_step.pt2"},
+        "packages": {"encode_media": "encode_media.pt2", "token_step": "token_step.pt2",
+                     "decode_step": "decode_step.pt2"},
         "inputs": {
             "encode_media": ["pixels (1, F, 3, image_size, image_size) normalised"],
             "token_step": ["ids (1, T) int64", "start (1,) int64", "media_index (1, T) int32",
                            "kv_cache (written)", "media_cache"],
+            "decode_step": ["as token_step with T = 1"],
         },
         "compile_seconds": {k: round(v, 1) for k, v in times.items()},
     }

@@ -38,6 +38,7 @@ class ExportedModel:
         _ext.load()  # the flamingo_rt_C ops the packages call
         self.encode = torch._inductor.aoti_load_package(str(folder / self.manifest["packages"]["encode_media"]))
         self.step = torch._inductor.aoti_load_package(str(folder / self.manifest["packages"]["token_step"]))
+        self.decode = torch._inductor.aoti_load_package(str(folder / self.manifest["packages"]["decode_step"]))
         self.tokenizer = FlamingoTokenizer.from_file(folder / "tokenizer.json")
         m = self.manifest
         self.vision = VisionConfig(kind="external", width=1, image_size=m["image_size"],
@@ -94,7 +95,8 @@ class ExportedSession:
                 self.seen_images += 1
             index.append(self.seen_images - 1)
         dev = self.m.device
-        self.logits = self.m.step(torch.tensor([ids], device=dev), torch.tensor([self.pos], device=dev),
+        run = self.m.decode if len(ids) == 1 else self.m.step
+        self.logits = run(torch.tensor([ids], device=dev), torch.tensor([self.pos], device=dev),
                                   torch.tensor([index], dtype=torch.int32, device=dev), self.kv, self.media)
         self.pos += len(ids)
         self.pending = []

@@ -23,7 +23,13 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    if torch.compiler.is_compiling() or _backend.exporting():  # symbolic row counts: F.linear
+    if _backend.exporting():
+        # An export with a static row count (the decode step) calls the C++ op; a symbolic
+        # one (a prefill chunk of dynamic length) is F.linear, compiled by Inductor.
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else None
+        if not isinstance(rows, int) or rows > MAX_ROWS:
+            return False
+    elif torch.compiler.is_compiling():
         return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False

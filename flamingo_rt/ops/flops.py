@@ -50,3 +50,13 @@ def register() -> None:
         n, L, H, dh = _shape(q)
         keys = _shape(k_x)[1] + L
         return 10 * n * L * keys * H * dh
+
+    @register_flop_formula(ops.norm_project, get_raw=True)
+    def _np_fwd(x, gammas, betas, weights, eps, compute_dtype, *args, out_val=None, **kw):
+        R, D = _shape(x)
+        return sum(2 * R * D * _shape(w)[0] for w in weights)
+
+    @register_flop_formula(ops.norm_project_backward, get_raw=True)
+    def _np_bwd(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx, *args, out_val=None, **kw):
+        R, D = _shape(x)
+        return sum(2 * R * D * _shape(w)[0] for w in weights) * (2 if need_dx else 1)

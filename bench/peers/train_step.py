@@ -45,7 +45,7 @@ FULL = dict(vocab=32000, dim=2048, layers=2, heads=32, kv_heads=4, intermediate=
 QUICK = dict(vocab=512, dim=128, layers=2, heads=4, kv_heads=2, intermediate=256,
              vis=64, S=17, B=2, M=3, T=48)
 IMG = 0  # the <image> token id of tests/peers/of_models.py
-LR, CLIP = 1e-4, 1.0
+LR, WD, CLIP = 1e-4, 0.1, 1.0
 
 
 def shape() -> Dict[str, int]:
@@ -141,12 +141,15 @@ def _batch(data: Data, B: int):
 
 
 def ours_stepper(ours: nn.Module, data: Data, B: int, autocast: Optional[torch.dtype]) -> Callable[[], float]:
-    """A closure running one ``train_step`` (AdamW, clip 1.0); returns the loss."""
+    """A closure running one ``train_step`` with the runtime's optimizer (``build_optimizer``:
+    AdamW, weight decay 0.1 on weight matrices) and clipping at 1.0; returns the loss."""
+    from flamingo_rt.runtime.train.config import OptimConfig
+    from flamingo_rt.runtime.train.optim import build_optimizer
     from flamingo_rt.runtime.train.step import train_step
 
     model = _OursFromFeatures(ours)
     params = [p for p in ours.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR)
+    opt = build_optimizer(ours, OptimConfig(lr=LR, weight_decay=WD))
     batch = _batch(data, B)
     n = batch.num_targets
 
@@ -174,9 +177,14 @@ def peer_loss(of: nn.Module, data: Data, B: int) -> torch.Tensor:
 
 
 def peer_stepper(of: nn.Module, data: Data, B: int, autocast: Optional[torch.dtype]) -> Callable[[], float]:
-    """A closure running one step as open_flamingo's training loop does; returns the loss."""
+    """A closure running one step as open_flamingo's training loop does (its optimizer:
+    AdamW, weight decay 0.1 on the cross-attention blocks' parameters); returns the loss."""
     params = [p for p in of.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR)
+    named = [(n, p) for n, p in of.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": [p for n, p in named if "gated_cross_attn" in n], "weight_decay": WD},
+        {"params": [p for n, p in named if "gated_cross_attn" not in n], "weight_decay": 0.0},
+    ], lr=LR)
 
     def step() -> float:
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
@@ -185,7 +193,7 @@ def peer_stepper(of: nn.Module, data: Data, B: int, autocast: Optional[torch.dty
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

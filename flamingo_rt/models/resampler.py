@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import norm_project, resampler_attention
+from ..ops.feed_forward import module_feed_forward
 from .config import ResamplerConfig
 from .ff import FeedForward
 
@@ -56,7 +57,7 @@ class ResamplerLayer(nn.Module):
 
     def forward(self, x, latents, backend=None, kv_x=None):
         latents = latents + self.attn(x, latents, backend, kv_x)
-        return latents + self.ff(latents)
+        return latents + module_feed_forward(self.ff, latents)
 
 
 class PerceiverResampler(nn.Module):

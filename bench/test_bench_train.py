@@ -17,10 +17,14 @@ steps run: "peak" is the high-water RSS of the process during them, "step" the h
 minus the RSS just before (what one step adds to weights and optimizer state: saved
 activations, gradients, temporaries). tracemalloc does not see torch's allocations.
 
-FLOP count of one step (fp32, ours, torch's counter): about 1.09 TFLOP, almost all matrix
-products (resampler 50%, cross-attention blocks 21%, frozen LM layers 17%, LM head 12%).
-Both sides do the same products, so the time ratio is bounded by what the non-product
-work and the avoidable products are (see the README's table for the measured numbers).
+FLOP count of one step (fp32, torch's counter with our op formulas): about 1.1 TFLOP, almost
+all matrix products (resampler ~50%, cross-attention blocks ~21%, frozen LM layers ~17%, LM
+head ~12%), and both sides do nearly the same products: ours skips one product per
+resampler layer in the backward (``norm_project``, ~52 GFLOP). So the time ratio is bounded
+by the non-product work: in fp32 the peer's products are ~70% of its step, so even a step
+with nothing but products would be < 1.5x faster; in bf16 the products are ~40% of the
+peer's step and the rest is mostly autocast's casts and AdamW (profile with
+``bench/peers/profile_train_step.py``).
 """
 from __future__ import annotations
 

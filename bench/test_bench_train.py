@@ -91,18 +91,31 @@ def _loss_and_grads(side: str, dtype: str, sh, seed_model=0):
     return float(loss.detach()), {t[0]: t[k] for t in _grad_pairs(ours, of)}
 
 
+def _pool_scalars(grads: dict) -> dict:
+    """{name: grad} with the one-element gradients (the gates) replaced by one vector "gates"."""
+    out = {n: g for n, g in grads.items() if g.numel() > 1}
+    out["gates"] = torch.cat([g.reshape(1).float() for n, g in sorted(grads.items()) if g.numel() == 1])
+    return out
+
+
 def check_same_step(dtype: str):
     """From the same fresh weights and data, our loss and the gradient of every trainable
     parameter agree with the peer's. Returns (peer loss, (worst name, its error))."""
     sh = ts.shape()
     lo, go = _loss_and_grads("ours", dtype, sh)
     lp, gp = _loss_and_grads("peer", dtype, sh)
+    if dtype != "fp32":
+        _, truth = _loss_and_grads("peer", "fp32", sh)
+    # the scalar gates' gradients are compared as one vector: each is a whole-batch sum
+    # whose relative bf16 error swings with its cancellation (measured: 1e-4 .. 6e-2 on
+    # either side), a norm over the four is what the tensor rule means for them
+    go, gp = _pool_scalars(go), _pool_scalars(gp)
     if dtype == "fp32":
         tl, tg = TOL_FP32
         limit = {n: tg for n in gp}
     else:
         tl = BF16_LOSS_TOL
-        _, truth = _loss_and_grads("peer", "fp32", sh)
+        truth = _pool_scalars(truth)
         limit = {n: BF16_FACTOR * _rel(gp[n], truth[n]) + BF16_FLOOR for n in gp}
         gp = truth
     assert abs(lo - lp) <= tl * abs(lp), (lo, lp)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import resampler_attention
+from ..ops import norm_project, resampler_attention
+from ..ops.feed_forward import module_feed_forward
 from .config import ResamplerConfig
 from .ff import FeedForward
 
@@ -16,7 +17,9 @@ class PerceiverAttention(nn.Module):
     """Latents attend to concat(LN(features), LN(latents)), one call for all media.
 
     ``to_kv`` is one Linear producing [K | V] (as OpenFlamingo), applied to features and
-    latents separately so their concatenation is never built.
+    latents separately so their concatenation is never built. The features' [K | V]
+    (``kv_x``, (N, S, 2*H*dh)) may be passed in precomputed: :class:`PerceiverResampler`
+    computes those of all layers at once (:func:`~flamingo_rt.ops.norm_project`).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int):
@@ -29,15 +32,18 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        """x: (N, S, D) features; latents: (N, L, D). Returns (N, L, D)."""
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, backend: Optional[str] = None,
+                kv_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, S, D) features; latents: (N, L, D); kv_x: optional
+        ``to_kv(norm_media(x))`` (N, S, 2*H*dh). Returns (N, L, D)."""
         n, S, _ = x.shape
         L = latents.shape[1]
         H, dh = self.heads, self.dim_head
-        xn = self.norm_media(x)
         ln = self.norm_latents(latents)
         q = self.to_q(ln).view(n, L, H, dh)
-        k_x, v_x = self.to_kv(xn).view(n, S, 2, H, dh).unbind(2)
+        if kv_x is None:
+            kv_x = self.to_kv(self.norm_media(x))
+        k_x, v_x = kv_x.view(n, S, 2, H, dh).unbind(2)
         k_l, v_l = self.to_kv(ln).view(n, L, 2, H, dh).unbind(2)
         out = resampler_attention(q, k_x, v_x, k_l, v_l, scale=dh ** -0.5, backend=backend)
         return self.to_out(out.reshape(n, L, H * dh))
@@ -49,9 +55,9 @@ class ResamplerLayer(nn.Module):
         self.attn = PerceiverAttention(cfg.dim, cfg.heads, cfg.dim_head)
         self.ff = FeedForward(cfg.dim, cfg.ff_mult, cfg.ff_kind)
 
-    def forward(self, x, latents, backend=None):
-        latents = latents + self.attn(x, latents, backend)
-        return latents + self.ff(latents)
+    def forward(self, x, latents, backend=None, kv_x=None):
+        latents = latents + self.attn(x, latents, backend, kv_x)
+        return latents + module_feed_forward(self.ff, latents)
 
 
 class PerceiverResampler(nn.Module):
@@ -112,9 +118,24 @@ class PerceiverResampler(nn.Module):
         x = x.reshape(B * M, Fr * S, D)
         # a real copy (tiny): a no-grad view of a leaf confuses module hooks (FlopCounterMode)
         latents = self.latents.to(x.dtype).repeat(B * M, 1, 1)
-        for layer in self.layers:
-            latents = layer(x, latents, backend)
+        for layer, kv_x in zip(self.layers, self.media_kv(x)):
+            latents = layer(x, latents, backend, kv_x)
         return self.norm(latents).view(B, M, -1, D)
+
+    def media_kv(self, x: torch.Tensor) -> list:
+        """``[layer.attn.to_kv(layer.attn.norm_media(x)) for layer in self.layers]`` for
+        features x (N, S, D), each (N, S, 2*H*dh), computed with one set of LayerNorm
+        statistics and, in the backward, one matrix product per layer instead of two
+        (:func:`~flamingo_rt.ops.norm_project`; the features themselves get a gradient only
+        when they need one)."""
+        attns = [layer.attn for layer in self.layers]
+        norms = [a.norm_media for a in attns]
+        if any(nm.weight is None or nm.bias is None or nm.eps != norms[0].eps for nm in norms) or any(
+            a.to_kv.bias is not None for a in attns
+        ):
+            return [a.to_kv(a.norm_media(x)) for a in attns]
+        return norm_project(x, [nm.weight for nm in norms], [nm.bias for nm in norms],
+                            [a.to_kv.weight for a in attns], eps=norms[0].eps)
 
     @classmethod
     def from_open_flamingo(cls, module: nn.Module, ff_kind: str = "gelu") -> "PerceiverResampler":

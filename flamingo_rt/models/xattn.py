@@ -9,6 +9,7 @@ from torch import nn
 from ..ops.linear import Linear
 
 from ..ops import image_causal_attention
+from ..ops.feed_forward import module_feed_forward
 from .ff import FeedForward
 from .media import num_media_tensor, resolve_media_index
 
@@ -122,7 +123,7 @@ class GatedCrossAttentionBlock(nn.Module):
                 raise ValueError(
                     "batch has <image> tokens but no media were supplied; expected media of shape (B, M, N, Dv)"
                 )
-        return x + self.ff_gate.tanh().to(x.dtype) * self.ff(x)
+        return x + self.ff_gate.tanh().to(x.dtype) * module_feed_forward(self.ff, x)
 
     @classmethod
     def from_open_flamingo(cls, module: nn.Module, ff_kind: str = "gelu") -> "GatedCrossAttentionBlock":

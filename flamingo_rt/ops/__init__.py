@@ -7,6 +7,8 @@ set of backends chosen by :mod:`flamingo_rt.ops.backend`.
 from . import backend, reference
 from .xattn import image_causal_attention
 from .resampler import resampler_attention
+from .norm_project import norm_project
+from .feed_forward import feed_forward
 from .reference.xattn import media_index_from_locations
 from .nfconv import ws_standardize, bias_gamma_act, se_residual, ws_conv2d
 from . import flops as _flops
@@ -18,6 +20,8 @@ __all__ = [
     "reference",
     "image_causal_attention",
     "resampler_attention",
+    "norm_project",
+    "feed_forward",
     "media_index_from_locations",
     "ws_standardize",
     "bias_gamma_act",

@@ -50,3 +50,23 @@ def register() -> None:
         n, L, H, dh = _shape(q)
         keys = _shape(k_x)[1] + L
         return 10 * n * L * keys * H * dh
+
+    @register_flop_formula(ops.norm_project, get_raw=True)
+    def _np_fwd(x, gammas, betas, weights, eps, compute_dtype, *args, out_val=None, **kw):
+        R, D = _shape(x)
+        return sum(2 * R * D * _shape(w)[0] for w in weights)
+
+    @register_flop_formula(ops.norm_project_backward, get_raw=True)
+    def _np_bwd(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx, *args, out_val=None, **kw):
+        R, D = _shape(x)
+        return sum(2 * R * D * _shape(w)[0] for w in weights) * (2 if need_dx else 1)
+
+    @register_flop_formula(ops.feed_forward, get_raw=True)
+    def _ff_fwd(x, gamma, beta, w1, w2, *args, out_val=None, **kw):
+        R, D = _shape(x)
+        return 4 * R * D * _shape(w1)[0]
+
+    @register_flop_formula(ops.feed_forward_backward, get_raw=True)
+    def _ff_bwd(dy, x, gamma, beta, w1, w2, h, *args, out_val=None, **kw):
+        R, D = _shape(x)
+        return 8 * R * D * _shape(w1)[0]  # dW2, dA, dW1, d(norm input)

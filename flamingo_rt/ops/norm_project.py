@@ -1,0 +1,166 @@
+"""``flamingo_rt::norm_project``: several ``Linear_i(LayerNorm_i(x))`` of one input, sharing
+the normalization, registered with ``torch.library`` (fake implementation and autograd).
+
+The Perceiver Resampler projects the same media features x (B*M*S rows of width D) to keys
+and values in each of its layers, each through its own LayerNorm (gamma_i, beta_i) and
+``to_kv`` weight W_i:  y_i = (xhat * gamma_i + beta_i) W_i^T,  xhat = (x - mean) * rstd.
+Written as  y_i = xhat (W_i diag(gamma_i))^T + W_i beta_i,  the statistics and xhat are
+computed once for all i, no normalized copy per layer exists, and the backward needs no
+gradient with respect to the normalized input when x itself needs none (frozen features):
+
+    G_i = dy_i^T xhat,  s_i = colsum(dy_i)      (the one matrix product per layer)
+    dW_i = G_i diag(gamma_i) + s_i beta_i^T,  dgamma_i = colsum(W_i * G_i),  dbeta_i = W_i^T s_i
+
+where the usual backward needs two products per layer (dW_i and d(LN_i(x)) for gamma_i and
+beta_i). Only x is saved (xhat is recomputed in the backward, one pass over x).
+
+Under autocast (``compute_dtype`` bfloat16/float16) the statistics are float32, xhat and
+the folded weights are cast to the compute dtype for the product (as autocast's
+``layer_norm`` -> ``linear`` does with the normalized input and the weight), the
+outputs are in the compute dtype, and the parameter gradients in the parameters' dtype.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["norm_project"]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _xhat(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x (R, D) -> (xhat (R, D), rstd (R, 1)) in the accumulation dtype."""
+    xf = x.to(_acc(x.dtype))
+    xhat, _, rstd = torch.native_layer_norm(xf, [xf.shape[-1]], None, None, eps)
+    return xhat, rstd.view(-1, 1)
+
+
+@torch.library.custom_op("flamingo_rt::norm_project", mutates_args=())
+def _norm_project_op(
+    x: Tensor, gammas: List[Tensor], betas: List[Tensor], weights: List[Tensor], eps: float,
+    compute_dtype: torch.dtype,
+) -> List[Tensor]:
+    with torch.autocast(x.device.type, enabled=False):  # the dtypes below are explicit
+        return _forward(x, gammas, betas, weights, eps, compute_dtype)
+
+
+def _forward(x, gammas, betas, weights, eps, compute_dtype):
+    xhat, _ = _xhat(x, eps)
+    xc = xhat.to(compute_dtype)
+    outs = []
+    for g, b, w in zip(gammas, betas, weights):
+        wf = w.to(_acc(w.dtype))
+        folded = (wf * g.to(wf.dtype)[None, :]).to(compute_dtype)
+        bias = (wf @ b.to(wf.dtype)).to(compute_dtype)
+        outs.append(torch.addmm(bias, xc, folded.t()))
+    return outs
+
+
+@_norm_project_op.register_fake
+def _(x, gammas, betas, weights, eps, compute_dtype):
+    return [x.new_empty((x.shape[0], w.shape[0]), dtype=compute_dtype) for w in weights]
+
+
+@torch.library.custom_op("flamingo_rt::norm_project_backward", mutates_args=())
+def _norm_project_bwd_op(
+    grads: List[Tensor], x: Tensor, gammas: List[Tensor], betas: List[Tensor], weights: List[Tensor],
+    eps: float, compute_dtype: torch.dtype, need_dx: bool,
+) -> List[Tensor]:
+    """Returns [dx (or an empty tensor), dgamma_0.., dbeta_0.., dW_0..]."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx)
+
+
+def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx):
+    xhat, rstd = _xhat(x, eps)
+    xc = xhat.to(compute_dtype)
+    dgs, dbs, dws = [], [], []
+    dxhat: Optional[Tensor] = None
+    for dy, g, b, w in zip(grads, gammas, betas, weights):
+        wf = w.to(_acc(w.dtype))
+        gf = g.to(wf.dtype)
+        dy = dy.to(compute_dtype)
+        G = (dy.t() @ xc).to(wf.dtype)  # (out, D)
+        s = dy.to(wf.dtype).sum(0)  # (out,)
+        dws.append(torch.addr(G * gf[None, :], s, b.to(wf.dtype)).to(w.dtype))
+        dgs.append((wf * G).sum(0).to(g.dtype))
+        dbs.append((wf.t() @ s).to(b.dtype))
+        if need_dx:
+            d = dy @ (wf * gf[None, :]).to(compute_dtype)
+            dxhat = d.to(xhat.dtype) if dxhat is None else dxhat.add_(d)
+    if need_dx:
+        dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        dx = dx.to(x.dtype)
+    else:
+        dx = x.new_empty(0)
+    return [dx, *dgs, *dbs, *dws]
+
+
+@_norm_project_bwd_op.register_fake
+def _(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return [dx, *(g.new_empty(g.shape) for g in gammas), *(b.new_empty(b.shape) for b in betas),
+            *(w.new_empty(w.shape) for w in weights)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, gammas, betas, weights, eps, compute_dtype = inputs
+    ctx.save_for_backward(x, *gammas, *betas, *weights)
+    ctx.n, ctx.eps, ctx.compute_dtype = len(weights), eps, compute_dtype
+
+
+def _backward(ctx, grads):
+    n = ctx.n
+    saved = ctx.saved_tensors
+    x, gammas, betas, weights = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:]
+    grads = [g if g is not None else x.new_zeros((x.shape[0], w.shape[0]), dtype=ctx.compute_dtype)
+             for g, w in zip(grads, weights)]
+    need_dx = ctx.needs_input_grad[0]
+    res = _norm_project_bwd_op(grads, x, list(gammas), list(betas), list(weights), ctx.eps,
+                               ctx.compute_dtype, need_dx)
+    dx = res[0] if need_dx else None
+    return dx, res[1:1 + n], res[1 + n:1 + 2 * n], res[1 + 2 * n:], None, None
+
+
+_norm_project_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def norm_project(
+    x: Tensor, gammas: Sequence[Tensor], betas: Sequence[Tensor], weights: Sequence[Tensor],
+    eps: float = 1e-5,
+) -> List[Tensor]:
+    """``[F.linear(F.layer_norm(x, (D,), gammas[i], betas[i], eps), weights[i]) for i]``.
+
+    Args:
+        x: (..., D) input, any float dtype.
+        gammas, betas: (D,) LayerNorm scale and shift per projection.
+        weights: (O_i, D) projection weights (no bias), same count as ``gammas``.
+        eps: the LayerNorm epsilon.
+    Returns:
+        a list of (..., O_i) tensors: in the autocast dtype when autocast is on for x's
+        device (and x is floating point, not float64), else in x's dtype.
+    """
+    if not (len(gammas) == len(betas) == len(weights)) or not weights:
+        raise ValueError(
+            f"expected as many gammas, betas and weights (at least one), got {len(gammas)}, {len(betas)}, {len(weights)}"
+        )
+    D = x.shape[-1]
+    for i, (g, b, w) in enumerate(zip(gammas, betas, weights)):
+        if g.shape != (D,) or b.shape != (D,) or w.dim() != 2 or w.shape[1] != D:
+            raise ValueError(
+                f"expected gamma/beta of shape ({D},) and weight of shape (O, {D}) for projection {i}, "
+                f"got {tuple(g.shape)}, {tuple(b.shape)}, {tuple(w.shape)}"
+            )
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        cd = torch.get_autocast_dtype(dev)
+    else:
+        cd = x.dtype
+    lead = x.shape[:-1]
+    outs = _norm_project_op(x.reshape(-1, D), list(gammas), list(betas), list(weights), float(eps), cd)
+    return [o.view(*lead, o.shape[-1]) for o in outs]

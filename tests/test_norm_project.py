@@ -1,0 +1,82 @@
+"""flamingo_rt::norm_project (shared LayerNorm statistics + several projections): values
+and gradients against LayerNorm -> Linear, gradcheck in float64, autocast bf16, meta."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flamingo_rt.ops import norm_project
+from conftest import rel_err
+
+
+def _params(n, D, O, dtype=torch.float32):
+    g = [(1 + 0.3 * torch.randn(D, dtype=dtype)).requires_grad_() for _ in range(n)]
+    b = [(0.2 * torch.randn(D, dtype=dtype)).requires_grad_() for _ in range(n)]
+    w = [(torch.randn(O, D, dtype=dtype) * D ** -0.5).requires_grad_() for _ in range(n)]
+    return g, b, w
+
+
+def _ref(x, g, b, w, eps=1e-5):
+    return [F.linear(F.layer_norm(x, (x.shape[-1],), gi, bi, eps), wi) for gi, bi, wi in zip(g, b, w)]
+
+
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_matches_layernorm_linear_fp32(x_grad):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 37, 48) * 2 + 0.5).requires_grad_(x_grad)
+    g, b, w = _params(3, 48, 40)
+    outs = norm_project(x, g, b, w)
+    refs = _ref(x, g, b, w)
+    gos = [torch.randn_like(r) for r in refs]
+    leaves = ([x] if x_grad else []) + g + b + w
+    got = torch.autograd.grad(outs, leaves, gos)
+    want = torch.autograd.grad(refs, leaves, gos)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and rel_err(o, r) < 1e-5
+    for a, c in zip(got, want):
+        assert rel_err(a, c) < 1e-5
+
+
+def test_unused_output_and_gradcheck_float64():
+    torch.manual_seed(1)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    g, b, w = _params(2, 6, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda x, *p: tuple(norm_project(x, p[0:2], p[2:4], p[4:6])), (x, *g, *b, *w))
+    # only one of the outputs used: the other's gradient is zero
+    out = norm_project(x, g, b, w)[1].sum()
+    ref = _ref(x, g, b, w)[1].sum()
+    for a, c in zip(torch.autograd.grad(out, [x, *g, *b, *w], allow_unused=True),
+                    torch.autograd.grad(ref, [x, *g, *b, *w], allow_unused=True)):
+        assert (c is None and float(a.abs().max()) == 0) or rel_err(a, c) < 1e-10
+
+
+def test_autocast_bf16_close_to_float32_like_layernorm_linear():
+    torch.manual_seed(2)
+    x = torch.randn(200, 64)
+    g, b, w = _params(2, 64, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = norm_project(x, g, b, w)
+        refs = _ref(x, g, b, w)
+    exact = _ref(x.double(), [t.double() for t in g], [t.double() for t in b], [t.double() for t in w])
+    for o, r, e in zip(outs, refs, exact):
+        assert o.dtype == torch.bfloat16 == r.dtype
+        assert rel_err(o, e) <= 2 * rel_err(r, e) + 1e-3
+    gos = [torch.randn_like(e).float() for e in exact]
+    got = torch.autograd.grad([o.float() for o in outs], g + b + w, gos)
+    want = torch.autograd.grad([r.float() for r in refs], g + b + w, gos)
+    truth = torch.autograd.grad([e.float() for e in _ref(x, g, b, w)], g + b + w, gos)
+    for a, c, t in zip(got, want, truth):
+        assert a.dtype == torch.float32
+        assert rel_err(a, t) <= 3 * rel_err(c, t) + 1e-3
+
+
+def test_meta_and_errors():
+    x = torch.empty(4, 8, 16, device="meta")
+    g, b, w = [torch.empty(16, device="meta")], [torch.empty(16, device="meta")], [torch.empty(32, 16, device="meta")]
+    (y,) = norm_project(x, g, b, w)
+    assert y.shape == (4, 8, 32) and y.device.type == "meta"
+    with pytest.raises(ValueError, match="weight of shape"):
+        norm_project(torch.randn(2, 16), [torch.ones(16)], [torch.zeros(16)], [torch.randn(3, 15)])
+    with pytest.raises(ValueError, match="as many"):
+        norm_project(torch.randn(2, 16), [torch.ones(16)], [], [torch.randn(3, 16)])

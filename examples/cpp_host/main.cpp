@@ -3,6 +3,7 @@
 //
 //   cpp_host EXPORT_DIR [--image FILE.ppm | --clip N FILE.ppm... | --text TEXT]... \
 //            [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--no-stop]
+//            [--stop-after-pieces N]
 //
 // Items are appended in the order given. Images are binary PPM (P6, maxval 255). Exit status:
 // 0 on success, else the flamingo_status of the failing call (its message on stderr).
@@ -29,10 +30,12 @@ bool read_ppm(const std::string& path, std::vector<uint8_t>* rgb, int* w, int* h
   return static_cast<bool>(f.read(reinterpret_cast<char*>(rgb->data()), static_cast<std::streamsize>(rgb->size())));
 }
 
-int on_piece(const char* piece, size_t len, void*) {
+// user_data: pieces left before the callback asks to stop (-1: never)
+int on_piece(const char* piece, size_t len, void* user_data) {
   std::fwrite(piece, 1, len, stdout);
   std::fflush(stdout);
-  return 0;
+  int* left = static_cast<int*>(user_data);
+  return (*left >= 0 && --*left <= 0) ? 1 : 0;
 }
 
 int fail(flamingo_status st) {
@@ -63,6 +66,7 @@ int main(int argc, char** argv) {
   if ((st = flamingo_session_create(model, &s)) != FLAMINGO_OK) return fail(st);
   flamingo_generate_params gp = flamingo_generate_default_params();
   std::vector<std::string> stops;
+  int stop_after = -1;
   double read_s = 0;  // PPM reading, not the library's work
   const auto t_prompt = std::chrono::steady_clock::now();  // media encoding counts toward the first token
   for (int i = 2; i < argc; ++i) {
@@ -113,6 +117,8 @@ int main(int argc, char** argv) {
       gp.top_p = static_cast<float>(std::atof(next()));
     } else if (a == "--seed") {
       gp.seed = std::strtoull(next(), nullptr, 10);
+    } else if (a == "--stop-after-pieces") {  // the callback stops the generation after N pieces
+      stop_after = std::atoi(next());
     } else if (a == "--no-stop") {  // only max_new_tokens ends the answer (benchmarks)
       gp.stop_at_endofchunk = 0;
       gp.stop_at_endoftext = 0;
@@ -130,7 +136,8 @@ int main(int argc, char** argv) {
   gp.num_stop_strings = static_cast<int>(stop_ptrs.size());
   const auto t_gen = std::chrono::steady_clock::now();
   flamingo_generate_result r{};
-  if ((st = flamingo_session_generate(s, &gp, on_piece, nullptr, &r)) != FLAMINGO_OK) return fail(st);
+  if ((st = flamingo_session_generate(s, &gp, on_piece, &stop_after, &r)) != FLAMINGO_OK) return fail(st);
+  if (r.stopped_by_callback) std::fprintf(stderr, "cpp_host: stopped by the callback\n");
   std::printf("\n");
   const double encode_s = std::chrono::duration<double>(t_gen - t_prompt).count() - read_s;
   std::fprintf(stderr, "cpp_host: %d tokens, first token after %.4f s (media %.4f s + prefill %.4f s), %.1f tokens/s\n",

@@ -95,6 +95,14 @@ def main() -> int:
         r = run_host(a.host, export, ["--clip", FRAMES, *frames, "--text", "a square", "--max-new-tokens", 8,
                                       "--stop", stop])
         check(r.returncode == 0 and r.stdout == full[: full.index(stop)] + "\n", f"stop string {stop!r}: {r.stdout!r}")
+    # the callback stops the generation: the first pieces only, exit 0, no crash; the
+    # session then continues (the same host process generates nothing more here)
+    r_all = run_host(a.host, export, ["--clip", FRAMES, *frames, "--text", "a square", "--max-new-tokens", 8, "--no-stop"])
+    r = run_host(a.host, export, ["--clip", FRAMES, *frames, "--text", "a square", "--max-new-tokens", 8, "--no-stop",
+                                  "--stop-after-pieces", 2])
+    check(r.returncode == 0 and "stopped by the callback" in r.stderr and r.stdout[:-1] != ""
+          and r_all.stdout.startswith(r.stdout[:-1]) and len(r.stdout) < len(r_all.stdout),
+          f"callback stop after 2 pieces: {r.stdout!r} is a proper prefix of {r_all.stdout!r}")
     # no Python in the host
     ldd = subprocess.run(["ldd", a.host], capture_output=True, text=True).stdout
     check("libpython" not in ldd, "ldd cpp_host lists no libpython")

@@ -125,3 +125,16 @@ def test_cli_export_rejects_a_non_model_folder(tmp_path, capsys):
 
     assert cli.main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a model folder" in capsys.readouterr().err
+
+
+def test_exported_graphs_call_no_python_op(exported):
+    """Every package calls only aten ops and C++ ops (flamingo_rt_C), never a Python-defined
+    flamingo_rt op (a C++ host could not run it); the export refuses such a graph."""
+    import types
+
+    from flamingo_rt.export.package import _check_no_python_ops
+
+    fake = types.SimpleNamespace(graph=types.SimpleNamespace(nodes=[types.SimpleNamespace(
+        op="call_function", target=torch.ops.flamingo_rt.image_causal_attention.default)]))
+    with pytest.raises(RuntimeError, match="Python-defined ops"):
+        _check_no_python_ops(fake, "x.pt2")

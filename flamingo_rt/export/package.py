@@ -44,7 +44,18 @@ def cache_shapes(model: Flamingo, max_seq_len: int, max_media: int) -> Dict[str,
     }
 
 
+def _check_no_python_ops(ep, name: str) -> None:
+    """A C++ host cannot run ops defined in Python (``torch.library.custom_op``): refuse an
+    exported graph that calls one (every flamingo_rt op must take its export-mode path)."""
+    bad = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function"
+                  and getattr(getattr(n.target, "namespace", None), "__str__", lambda: "")() == "flamingo_rt"})
+    if bad:
+        raise RuntimeError(f"the exported {name} calls Python-defined ops {bad}, which a C++ host cannot run; "
+                           "each must call its kernel directly under ops.backend.export_mode()")
+
+
 def _compile(ep, path: Path) -> float:
+    _check_no_python_ops(ep, path.name)
     t = time.perf_counter()
     torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
     return time.perf_counter() - t

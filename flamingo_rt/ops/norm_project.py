@@ -26,6 +26,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import backend as _backend
+
 __all__ = ["norm_project"]
 
 
@@ -162,5 +164,8 @@ def norm_project(
     else:
         cd = x.dtype
     lead = x.shape[:-1]
-    outs = _norm_project_op(x.reshape(-1, D), list(gammas), list(betas), list(weights), float(eps), cd)
+    if _backend.exporting():  # plain aten in AOTInductor packages (a Python op cannot run in a C++ host)
+        outs = _forward(x.reshape(-1, D), list(gammas), list(betas), list(weights), float(eps), cd)
+    else:
+        outs = _norm_project_op(x.reshape(-1, D), list(gammas), list(betas), list(weights), float(eps), cd)
     return [o.view(*lead, o.shape[-1]) for o in outs]

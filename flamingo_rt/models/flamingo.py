@@ -281,7 +281,10 @@ class Flamingo(nn.Module):
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
     def gate_values(self) -> dict:
-        """{layer index: (tanh(attn_gate), tanh(ff_gate))} as floats."""
-        return {
-            int(k): (float(b.attn_gate.detach().tanh()), float(b.ff_gate.detach().tanh())) for k, b in self.lm.xattn.items()
-        }
+        """{layer index: (tanh(attn_gate), tanh(ff_gate))} as floats. Gates sharded by FSDP2
+        (DTensors) are gathered first: then every process must call it."""
+        def val(t: torch.Tensor) -> float:
+            t = t.detach()
+            return float((t.full_tensor() if hasattr(t, "full_tensor") else t).tanh())
+
+        return {int(k): (val(b.attn_gate), val(b.ff_gate)) for k, b in self.lm.xattn.items()}

@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ...io.tokenizer import FlamingoTokenizer
 from ...models.flamingo import Flamingo
@@ -131,12 +130,8 @@ class Trainer:
         return path
 
     def gate_values(self) -> Dict[str, List[float]]:
-        """{layer: [tanh(attn gate), tanh(ff gate)]} (a collective under FSDP)."""
-        def val(t):
-            t = t.detach()
-            return float((t.full_tensor() if hasattr(t, "full_tensor") else t).tanh())
-
-        return {k: [round(val(b.attn_gate), 6), round(val(b.ff_gate), 6)] for k, b in self.model.lm.xattn.items()}
+        """{layer: [tanh(attn gate), tanh(ff gate)]}, rounded for the log (a collective under FSDP)."""
+        return {str(k): [round(a, 6), round(f, 6)] for k, (a, f) in self.model.gate_values().items()}
 
     def save_final(self, folder: Path) -> None:
         """The whole model as a model folder (``save_pretrained`` layout) with the tokenizer

@@ -8,7 +8,6 @@ once per run (a few minutes of AOTInductor compilation).
 """
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import subprocess

@@ -3,7 +3,6 @@ against the reference's, bf16 autocast, activation checkpointing, the non-finite
 the schedule, and a short run whose loss goes down while the gates open."""
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path

@@ -67,8 +67,6 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
     """Export a model (a folder, or a model plus ``tokenizer``) into ``out_dir``; returns
     the manifest. ``max_frames``: the most frames a clip may have (default: the
     resampler's trained frame count, or 8)."""
-    from ..io.tokenizer import FlamingoTokenizer  # noqa: F401  (type of tokenizer)
-
     if isinstance(model_or_dir, (str, Path)):
         model, tokenizer = load_pretrained(model_or_dir, device=device)
         if tokenizer is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
@@ -44,7 +44,6 @@ def make_world(root: Path) -> Dict[str, Path]:
     write_dataset(image_text_pairs(1, image_size=IMAGE_SIZE, n=24), paths["pairs"], "pairs", shard_size=8)
     write_dataset(video_text_pairs(2, image_size=IMAGE_SIZE, num_frames=FRAMES, n=12), paths["video"], "video",
                   shard_size=4)
-    g = torch.Generator().manual_seed(0)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = Flamingo(tiny_model_config(tok.vocab_size))

@@ -44,7 +44,7 @@ def _model():
     return model, tok
 
 
-def test_cpp_host_vs_python(benchmark, report, tmp_path):
+def test_cpp_host_vs_python(benchmark, ceilings, report, tmp_path):
     if not HOST.exists():
         pytest.skip(f"{HOST} is missing: run ./dev cpp first")
     from flamingo_rt.export import export_model

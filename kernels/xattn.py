@@ -361,6 +361,11 @@ def _launch(tuned, raw, grid_fn, args, consts):
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocator of every output (tests swap it for one that fills with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _seg_bucket(T: int, M: int) -> int:
     """Expected tokens per image (T / M), as a power of two in [1, 4096]: the autotune key."""
     return min(4096, triton.next_power_of_2(max(1, T // max(M, 1))))
@@ -396,7 +401,7 @@ def image_causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     in q's dtype (written into ``out`` when given, any strides)."""
     B, T, H, dh, M, N, idx, consts = _common(q, k, media_index, all_previous)
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = _empty(q.shape, q.dtype, q.device)
     if out.numel() == 0:
         return out
     if M == 0:
@@ -428,13 +433,13 @@ def image_causal_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch
     B, T, H, dh, M, N, idx, consts = _common(q, k, media_index, all_previous)
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
     if M == 0 or T == 0 or B == 0 or H == 0 or dh == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    lse = _empty((B, H, T), torch.float32, q.device)
+    delta = _empty((B, H, T), torch.float32, q.device)
     seg = _seg_bucket(T, M)
     common = (T, M, N, H, dh, float(scale), seg)
     args = (q, k, v, idx, grad_out, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *idx.stride(),

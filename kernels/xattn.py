@@ -25,9 +25,12 @@ Work decomposition (never a (T, M*N) matrix):
   media_index, computed once with torch) and accumulates dK_j and dV_j in registers.
   Every output element has one writer and a fixed summation order: deterministic.
 
-Accumulation is fp32; the probabilities are rounded to the input dtype before the P V and
-P^T dO products (tensor cores for bf16/fp16), and float32 inputs use IEEE fp32 products
-(no TF32), so float32 results match the float64 reference to ~1e-6.
+Accumulation is fp32. Q K^T and dO V^T run on the inputs' dtype (bf16/fp16 tensor cores);
+the products with a probability operand (P V, dS K, P^T dO, dS^T Q) keep that operand in
+fp32 and use TF32 tensor cores for 16-bit inputs (rounding P to bf16 would double the
+error of a bf16 result; these products are far from the memory-bound kernels' limit).
+float32 inputs use IEEE fp32 products throughout (no TF32), so float32 results match the
+float64 reference to ~1e-6.
 
 Launch configurations are autotuned on the GPU over a small pruned space keyed on the
 head dim, the mode and the segment-length bucket (next power of two of T / M, clamped);
@@ -67,10 +70,33 @@ def _mma(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _to(x, ty: tl.constexpr, FIX: tl.constexpr):
+    """fp32 -> the output dtype, rounded to nearest even. FIX (the interpreter with
+    bfloat16, whose fp32 -> bf16 conversion truncates): add the rounding bias to the bits
+    first, so the truncation rounds like the GPU does."""
+    if ty == tl.float32:
+        return x
+    else:
+        if FIX:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(ty)
+
+
+@triton.jit
+def _mma_f32(a, b, PREC: tl.constexpr):
+    """a @ b for the products with a probability-like fp32 operand (P V, dS K, P^T dO,
+    dS^T Q): both operands in fp32, TF32 tensor cores for 16-bit inputs (PREC "tf32": 10
+    mantissa bits for P instead of bf16's 7), IEEE fp32 for float32 inputs."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
 def _attend(q, row_idx, row_ok, k_base, v_base, sk_m, sk_n, sk_d, sv_m, sv_n, sv_d,
             N, DH, lo, hi, scale,
             ALL_PREV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+            BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PREC2: tl.constexpr):
     """Online-softmax sweep over images lo..hi: (acc (BLOCK_T, BLOCK_D), row max, row sum)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -97,7 +123,7 @@ def _attend(q, row_idx, row_ok, k_base, v_base, sk_m, sk_n, sk_d, sv_m, sv_n, sv
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(vj + n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC, UPCAST)
+            acc = acc * alpha[:, None] + _mma_f32(p, v, PREC2)
             m_i = m_new
     return acc, m_i, l_i
 
@@ -129,7 +155,7 @@ def _xattn_fwd_kernel(
     T, M, N, H, DH, scale,
     SEG_BUCKET,  # autotune key only
     ALL_PREV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PREC2: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,11 +168,11 @@ def _xattn_fwd_kernel(
     q = tl.load(Q + b * sq_b + h * sq_h + t[:, None] * sq_t + offs_d[None, :] * sq_d, mask=qmask, other=0.0)
     acc, m_i, l_i = _attend(q, row_idx, row_ok, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
                             sk_m, sk_n, sk_d, sv_m, sv_n, sv_d, N, DH, lo, hi, scale,
-                            ALL_PREV, BLOCK_T, BLOCK_N, BLOCK_D, PREC, UPCAST)
+                            ALL_PREV, BLOCK_T, BLOCK_N, BLOCK_D, PREC, UPCAST, PREC2)
     has = l_i > 0.0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     tl.store(OUT + b * so_b + h * so_h + t[:, None] * so_t + offs_d[None, :] * so_d,
-             o.to(OUT.dtype.element_ty), mask=qmask)
+             _to(o, OUT.dtype.element_ty, UPCAST), mask=qmask)
 
 
 @triton.jit
@@ -161,7 +187,7 @@ def _xattn_bwd_dq_kernel(
     T, M, N, H, DH, scale,
     SEG_BUCKET,
     ALL_PREV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PREC2: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -178,7 +204,7 @@ def _xattn_bwd_dq_kernel(
     v_base = V + b * sv_b + h * sv_h
     # pass 1: the forward, in fp32
     acc, m_i, l_i = _attend(q, row_idx, row_ok, k_base, v_base, sk_m, sk_n, sk_d, sv_m, sv_n, sv_d,
-                            N, DH, lo, hi, scale, ALL_PREV, BLOCK_T, BLOCK_N, BLOCK_D, PREC, UPCAST)
+                            N, DH, lo, hi, scale, ALL_PREV, BLOCK_T, BLOCK_N, BLOCK_D, PREC, UPCAST, PREC2)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     o = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
@@ -206,10 +232,10 @@ def _xattn_bwd_dq_kernel(
             p = tl.where(allowed[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = _mma(do, tl.trans(v), PREC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dq += _mma(ds.to(k.dtype), k, PREC, UPCAST)
+            dq += _mma_f32(ds, k, PREC2)
     dq = dq * scale
     tl.store(DQ + b * sdq_b + h * sdq_h + t[:, None] * sdq_t + offs_d[None, :] * sdq_d,
-             dq.to(DQ.dtype.element_ty), mask=qmask)
+             _to(dq, DQ.dtype.element_ty, UPCAST), mask=qmask)
 
 
 @triton.jit
@@ -225,7 +251,7 @@ def _xattn_bwd_dkdv_kernel(
     T, M, N, H, DH, scale,
     SEG_BUCKET,
     ALL_PREV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PREC2: tl.constexpr,
 ):
     bmh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -266,15 +292,15 @@ def _xattn_bwd_dkdv_kernel(
         delta = tl.load(DELTA + row_base + t, mask=tmask, other=0.0)
         s = _mma(q, tl.trans(k), PREC, UPCAST) * scale  # (BLOCK_T, BLOCK_N)
         p = tl.where(allowed[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dv += _mma(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+        dv += _mma_f32(tl.trans(p), do, PREC2)
         dp = _mma(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dk += _mma(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
+        dk += _mma_f32(tl.trans(ds), q, PREC2)
     dk = dk * scale
     tl.store(DK + b * sdk_b + j64 * sdk_m + h * sdk_h + n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
+             _to(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)
     tl.store(DV + b * sdv_b + j64 * sdv_m + h * sdv_h + n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+             _to(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)
 
 
 # --------------------------------------------------------------------------- autotuning
@@ -389,6 +415,7 @@ def _common(q, k, media_index, all_previous):
         ALL_PREV=bool(all_previous),
         BLOCK_D=max(16, triton.next_power_of_2(dh)),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PREC2="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=bool(q.dtype == torch.bfloat16 and (INTERPRET or os.environ.get("TRITON_INTERPRET") == "1")),
     )
     return B, T, H, dh, M, N, idx, consts

@@ -53,7 +53,7 @@ __all__ = [
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_NEG = -1.0e30  # finite "minus infinity" for running maxima (no inf - inf = NaN)
+
 
 
 # --------------------------------------------------------------------------- device code
@@ -101,7 +101,7 @@ def _attend(q, row_idx, row_ok, k_base, v_base, sk_m, sk_n, sk_d, sv_m, sv_n, sv
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < DH
-    m_i = tl.full([BLOCK_T], _NEG, tl.float32)
+    m_i = tl.full([BLOCK_T], -1.0e30, tl.float32)  # finite: no inf - inf = NaN
     l_i = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for j in range(lo, hi + 1):

@@ -80,7 +80,7 @@ def _to(x, ty: tl.constexpr, FIX: tl.constexpr):
         if FIX:
             bits = x.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            x = bits.to(tl.float32, bitcast=True)
+            x = tl.where(x == 0.0, x, bits.to(tl.float32, bitcast=True))  # exact zeros stay 0
         return x.to(ty)
 
 

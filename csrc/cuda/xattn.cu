@@ -174,6 +174,7 @@ __global__ void __launch_bounds__(kThreads) xattn_fwd_tile_kernel(const Args a) 
         if (lane < nc) {
           const float* kr = k_s + lane * ldk;
           float dot = 0.0f;
+#pragma unroll 8
           for (int d = 0; d < dh; ++d) dot = fmaf(qr[d], kr[d], dot);
           s = dot;
         }
@@ -189,6 +190,7 @@ __global__ void __launch_bounds__(kThreads) xattn_fwd_tile_kernel(const Args a) 
           const int d = lane + 32 * e;
           float o = acc[rr][e] * alpha;
           if (d < dh)
+#pragma unroll 8
             for (int n = 0; n < nc; ++n) o = fmaf(p_w[n], v_s[n * ldk + d], o);
           acc[rr][e] = o;
         }
@@ -265,6 +267,7 @@ __global__ void __launch_bounds__(kThreads) xattn_decode_kernel(const Args a) {
     if (lane < nc) {
       const int64_t kr = kj + (n0 + lane) * a.sk[2];
       float dot = 0.0f;
+#pragma unroll 8
       for (int d = 0; d < dh; ++d) dot = fmaf(q_s[d], ld<T>(k, kr + int64_t(d) * a.sk[4]), dot);
       s = dot;
     }
@@ -280,6 +283,7 @@ __global__ void __launch_bounds__(kThreads) xattn_decode_kernel(const Args a) {
       const int d = lane + 32 * e;
       float o = acc[e] * alpha;
       if (d < dh)
+#pragma unroll 8
         for (int n = 0; n < nc; ++n) o = fmaf(p_w[n], ld<T>(v, vj + (n0 + n) * a.sv[2] + int64_t(d) * a.sv[4]), o);
       acc[e] = o;
     }

@@ -305,57 +305,62 @@ def _xattn_bwd_dkdv_kernel(
 
 # --------------------------------------------------------------------------- autotuning
 
+# (BLOCK_T, BLOCK_N, num_warps, num_stages): a small space, pruned per key below.
+_Q_SPACE = ((16, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+            (64, 128, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2))
+_KV_SPACE = ((16, 64, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2),
+             (64, 64, 8, 2), (32, 128, 4, 2))
+
+
 def _configs(dkdv: bool):
-    out = []
-    for bt in (16, 32, 64, 128):
-        for bn in (32, 64, 128):
-            for w in (4, 8):
-                for st in (1, 2, 3):
-                    out.append(triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w, num_stages=st))
-    return out
+    space = _KV_SPACE if dkdv else _Q_SPACE
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bt, bn, w, st in space]
+
+
+def _arg(named_args, kwargs, name, default):
+    return int(named_args.get(name, kwargs.get(name, default)))
 
 
 def _prune_q(configs, named_args, **kwargs):
     """Query-block kernels: blocks no longer than ~2 segments (a longer block straddles
-    images and does their work for every row), tiles that fit the registers."""
-    seg = int(named_args.get("SEG_BUCKET", kwargs.get("SEG_BUCKET", 64)))
-    dh = int(named_args.get("DH", kwargs.get("DH", 64)))
-    T = int(named_args.get("T", kwargs.get("T", 1)))
+    images and does their work for every row), key tiles no longer than N, tiles that
+    fit the registers for large head dims."""
+    seg = _arg(named_args, kwargs, "SEG_BUCKET", 64)
+    dh = _arg(named_args, kwargs, "DH", 64)
+    T = _arg(named_args, kwargs, "T", 1)
+    N = _arg(named_args, kwargs, "N", 64)
     bt_max = max(16, min(2 * seg, triton.next_power_of_2(max(T, 1))))
-    keep = []
-    for c in configs:
-        bt, bn = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"]
-        if bt > bt_max:
-            continue
-        if dh > 64 and bt * bn > 64 * 64:
-            continue
-        if bt * bn > 128 * 64:
-            continue
-        if c.num_stages == 1 and bt > 16:  # single-stage only for tiny (decode) blocks
-            continue
-        if c.num_warps == 8 and bt < 64:
-            continue
-        keep.append(c)
+    bn_max = max(32, triton.next_power_of_2(max(N, 1)))
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_T"] <= bt_max and c.kwargs["BLOCK_N"] <= bn_max
+            and not (dh > 64 and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] > 64 * 64)]
     return keep or configs[:1]
 
 
 def _prune_kv(configs, named_args, **kwargs):
-    """Key-block kernel: the key tile lives in registers for the whole segment sweep."""
-    dh = int(named_args.get("DH", kwargs.get("DH", 64)))
-    N = int(named_args.get("N", kwargs.get("N", 64)))
+    """Key-block kernel: key tiles no longer than N (the tile stays in registers for the
+    whole segment sweep), smaller tiles for large head dims."""
+    dh = _arg(named_args, kwargs, "DH", 64)
+    N = _arg(named_args, kwargs, "N", 64)
     bn_max = max(32, triton.next_power_of_2(max(N, 1)))
-    keep = []
-    for c in configs:
-        bt, bn = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"]
-        if bn > bn_max or bt > 64 or c.num_stages == 1:
-            continue
-        if dh > 64 and bt * bn > 64 * 64:
-            continue
-        if c.num_warps == 8 and bn < 64:
-            continue
-        keep.append(c)
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= bn_max
+            and not (dh > 64 and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] > 64 * 64)]
     return keep or configs[:1]
 
+
+def _heuristic(dkdv: bool, T: int, M: int, N: int, dh: int) -> dict:
+    """The configuration of problems too small to be worth tuning (and of the first call
+    with FLAMINGO_RT_TRITON_AUTOTUNE=0)."""
+    bn = 32 if N <= 32 or dh > 128 else 64
+    if dkdv:
+        return {"BLOCK_T": 32, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+    bt = 16 if _seg_bucket(T, M) <= 16 or T <= 16 else (32 if dh > 64 else 64)
+    return {"BLOCK_T": bt, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+
+
+#: Autotune only problems with at least this many (token, head) rows; below, the heuristic.
+AUTOTUNE_MIN_ROWS = 8192
 
 _KEY = ["DH", "SEG_BUCKET", "ALL_PREV", "N"]
 
@@ -374,12 +379,17 @@ def _interp_blocks():
     return {"BLOCK_T": bt, "BLOCK_N": bn}
 
 
-def _launch(tuned, raw, grid_fn, args, consts):
+def _launch(tuned, raw, grid_fn, args, consts, heuristic: dict, rows: int):
+    """Run one kernel: the fixed interpreter blocks under TRITON_INTERPRET=1; on the GPU the
+    autotuned kernel for problems of at least AUTOTUNE_MIN_ROWS rows (unless
+    FLAMINGO_RT_TRITON_AUTOTUNE=0), else the heuristic configuration."""
     if INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
         blocks = _interp_blocks()
         raw[grid_fn(blocks)](*args, **consts, **blocks)
-    else:
+    elif rows >= AUTOTUNE_MIN_ROWS and os.environ.get("FLAMINGO_RT_TRITON_AUTOTUNE", "1") != "0":
         tuned[grid_fn](*args, **consts)
+    else:
+        raw[grid_fn(heuristic)](*args, **consts, **heuristic)
 
 
 # --------------------------------------------------------------------------- host side
@@ -435,7 +445,8 @@ def image_causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return out.zero_()
     args = (q, k, v, idx, out, *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *out.stride(),
             T, M, N, H, dh, float(scale), _seg_bucket(T, M))
-    _launch(_fwd_tuned, _xattn_fwd_kernel, lambda c: (triton.cdiv(T, c["BLOCK_T"]), B * H), args, consts)
+    _launch(_fwd_tuned, _xattn_fwd_kernel, lambda c: (triton.cdiv(T, c["BLOCK_T"]), B * H), args, consts,
+            _heuristic(False, T, M, N, dh), B * T * H)
     return out
 
 
@@ -471,9 +482,11 @@ def image_causal_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch
     common = (T, M, N, H, dh, float(scale), seg)
     args = (q, k, v, idx, grad_out, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *idx.stride(),
             *grad_out.stride(), *dq.stride(), *common)
-    _launch(_dq_tuned, _xattn_bwd_dq_kernel, lambda c: (triton.cdiv(T, c["BLOCK_T"]), B * H), args, consts)
+    _launch(_dq_tuned, _xattn_bwd_dq_kernel, lambda c: (triton.cdiv(T, c["BLOCK_T"]), B * H), args, consts,
+            _heuristic(False, T, M, N, dh), B * T * H)
     start, end = segment_bounds(idx, M, all_previous)
     args = (q, k, v, idx, grad_out, dk, dv, lse, delta, start, end, *q.stride(), *k.stride(), *v.stride(),
             *idx.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *common)
-    _launch(_dkdv_tuned, _xattn_bwd_dkdv_kernel, lambda c: (B * M * H, triton.cdiv(N, c["BLOCK_N"])), args, consts)
+    _launch(_dkdv_tuned, _xattn_bwd_dkdv_kernel, lambda c: (B * M * H, triton.cdiv(N, c["BLOCK_N"])), args, consts,
+            _heuristic(True, T, M, N, dh), B * T * H)
     return dq, dk, dv

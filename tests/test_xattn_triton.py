@@ -219,3 +219,9 @@ def test_autotune_space_is_pruned_per_key():
         kept = kx._prune_kv(kx._configs(True), {"DH": dh, "N": N})
         assert 0 < len(kept) < len(full)
     assert kx._seg_bucket(2048, 32) == 64 and kx._seg_bucket(1, 32) == 1 and kx._seg_bucket(10, 0) == 16
+    # small problems (the GPU check's correctness cases, decoding) skip tuning
+    for dkdv in (False, True):
+        for T, M, N, dh in ((1, 32, 64, 64), (24, 3, 257, 128), (2048, 32, 64, 64), (40, 2, 1, 256)):
+            h = kx._heuristic(dkdv, T, M, N, dh)
+            assert h["BLOCK_T"] >= 16 and h["BLOCK_N"] >= 16 and h["BLOCK_T"] * h["BLOCK_N"] <= 64 * 64
+    assert kx.AUTOTUNE_MIN_ROWS > 3 * 24 * 2  # gpu_check's correctness shapes run untuned

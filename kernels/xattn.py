@@ -58,6 +58,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # --------------------------------------------------------------------------- device code
 
+# Sizes that vary from call to call: one compiled kernel for all of their values (strides
+# keep Triton's divisibility specialization, which the vectorized loads need).
+_NO_SPEC = ["T", "M", "N", "H", "DH", "scale", "SEG_BUCKET"]
+
 
 @triton.jit
 def _mma(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -144,7 +148,7 @@ def _row_block(IDX, si_b, si_t, b, pid_t, T, M, BLOCK_T: tl.constexpr, ALL_PREV:
     return t, tmask, row_idx, row_ok, lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _xattn_fwd_kernel(
     Q, K, V, IDX, OUT,
     sq_b, sq_t, sq_h, sq_d,
@@ -175,7 +179,7 @@ def _xattn_fwd_kernel(
              _to(o, OUT.dtype.element_ty, UPCAST), mask=qmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _xattn_bwd_dq_kernel(
     Q, K, V, IDX, DO, DQ, LSE, DELTA,
     sq_b, sq_t, sq_h, sq_d,
@@ -238,7 +242,7 @@ def _xattn_bwd_dq_kernel(
              _to(dq, DQ.dtype.element_ty, UPCAST), mask=qmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _xattn_bwd_dkdv_kernel(
     Q, K, V, IDX, DO, DK, DV, LSE, DELTA, SEG_START, SEG_END,
     sq_b, sq_t, sq_h, sq_d,

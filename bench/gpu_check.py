@@ -179,6 +179,13 @@ def xattn_cases(quick: bool):
             k = torch.randn(B, M, N, H, dh)
             v = torch.randn(B, M, N, H, dh)
             yield f"N={N} dh={dh}", (q, k, v, idx)
+    # decode: one new token per sequence against the cached per-image K/V (the CUDA decode
+    # kernel's path), rows with no image, the first image, a later one
+    for N, dh in ((64, 64), (257, 128)):
+        B, H, M = 4, 2, 3
+        idx = torch.tensor([[-1], [0], [2], [1]], dtype=torch.int32)
+        yield f"decode N={N} dh={dh}", (torch.randn(B, 1, H, dh), torch.randn(B, M, N, H, dh),
+                                         torch.randn(B, M, N, H, dh), idx)
 
 
 def resampler_cases(quick: bool):
@@ -205,6 +212,8 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
     for b in backends_for("image_causal_attention"):
         for dt in dtypes:
             for case, (q, k, v, idx) in xattn_cases(quick):
+                if b == "triton" and device.type == "cpu" and not case.startswith(("N=49 dh=64", "decode N=64")):
+                    continue  # the Triton interpreter is slow: a dry run checks two cases
                 for allp in (False, True):
                     results.append(run_case(
                         "image_causal_attention" + (" all-prev" if allp else ""),
@@ -292,7 +301,9 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
     shape = f"B{B} T{T} M{M} N{N} H{H} d{dh}"
     flops = 4 * B * T * N * H * dh
     nbytes = _nbytes(q, k, v, idx) + q.numel() * q.element_size()
-    for b in [b for b in be.implemented("image_causal_attention") if be._device_ok(b, device)]:
+    xattn_backends = [b for b in be.implemented("image_causal_attention") if be._device_ok(b, device)
+                      and not (b == "triton" and device.type == "cpu")]  # no timing of the interpreter
+    for b in xattn_backends:
         add("xattn fwd", b, shape, lambda: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
     # peer: OpenFlamingo's dense formulation through SDPA with a (T, M*N) boolean mask
     img = torch.arange(M, device=device).repeat_interleave(N)
@@ -301,6 +312,8 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
     add("xattn fwd", "sdpa dense mask (OF)", shape,
         lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), 4 * B * T * M * N * H * dh, nbytes,
         note="FLOPs counted dense")
+
+    _time_xattn_more(add, device, dt, xattn_backends)
 
     # resampler attention: all media of a batch in one call
     if device.type == "cuda":
@@ -330,6 +343,92 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
         add("bias_gamma_act fwd", "torch eager (peer)", f"{tuple(x.shape)}",
             lambda: F.gelu(x + bias[None, :, None, None]) * 1.7015, 0, nb)
     return out
+
+
+def _time_xattn_more(add, device, dt, backends) -> None:
+    """image-causal attention beyond the forward above: forward+backward (the training
+    step's attention core) at OpenFlamingo-3B's shape (T 2048, M 32 images of 64 tokens,
+    8 heads x 64, batch 1 and 4), single-token decode at batch 1, each against SDPA with
+    OpenFlamingo's dense (T, M*64) mask and, on GPU, compiled FlexAttention with a block mask."""
+    import torch.nn.functional as F
+
+    import flamingo_rt.ops as ops
+    from flamingo_rt.ops import media_index_from_locations
+
+    H, N, dh = 8, 64, 64
+    shapes = [(1, 2048, 32), (4, 2048, 32)] if device.type == "cuda" else [(1, 128, 4)]
+    for B, T, M in shapes:
+        q = torch.randn(B, T, H, dh, device=device, dtype=dt, requires_grad=True)
+        k = torch.randn(B, M, N, H, dh, device=device, dtype=dt, requires_grad=True)
+        v = torch.randn(B, M, N, H, dh, device=device, dtype=dt, requires_grad=True)
+        loc = torch.zeros(B, T, dtype=torch.bool)
+        loc[:, torch.linspace(1, T - 8, M).long()] = True
+        idx = media_index_from_locations(loc).to(device)
+        go = torch.randn(B, T, H, dh, device=device, dtype=dt)
+        shape = f"B{B} T{T} M{M} N{N} H{H} d{dh}"
+        flops = 3 * 4 * B * T * N * H * dh  # fwd 4, bwd 8 (dq, dk, dv, dP) per q.k pair
+        esz = q.element_size()
+        nbytes = esz * (2 * q.numel() + 2 * k.numel() + 2 * v.numel() + 2 * q.numel()) + idx.numel() * 4
+        for b in backends:
+            def step(b=b):
+                out = ops.image_causal_attention(q, k, v, idx, backend=b)
+                torch.autograd.grad(out, (q, k, v), go)
+            add("xattn fwd+bwd", b, shape, step, flops, nbytes,
+                note="bwd = triton kernels" if b == "cuda" else "")
+        img = torch.arange(M, device=device).repeat_interleave(N)
+        mask = (img[None, None, :] == idx[:, :, None].long())[:, None]
+        kd, vd = (t.detach().reshape(B, M * N, H, dh).transpose(1, 2).requires_grad_(True) for t in (k, v))
+        qd = q.detach().transpose(1, 2).requires_grad_(True)
+        god = go.transpose(1, 2)
+
+        def sdpa_step():
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+            torch.autograd.grad(out, (qd, kd, vd), god)
+        add("xattn fwd+bwd", "sdpa dense mask (OF)", shape, sdpa_step, M * flops, nbytes, note="FLOPs counted dense")
+        if device.type == "cuda":
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+                idx_l = idx.long()
+
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return idx_l[b, q_idx] == kv_idx // N
+
+                bm = create_block_mask(mask_mod, B, None, T, M * N, device=device)
+                flex = torch.compile(flex_attention)
+                add("xattn fwd", "flex_attention compiled", shape,
+                    lambda: flex(qd, kd, vd, block_mask=bm), flops / 3, esz * (2 * q.numel() + k.numel() + v.numel()),
+                    note="forward only")
+
+                def flex_step():
+                    out = flex(qd, kd, vd, block_mask=bm)
+                    torch.autograd.grad(out, (qd, kd, vd), god)
+                add("xattn fwd+bwd", "flex_attention compiled", shape, flex_step, flops, nbytes)
+            except Exception as e:  # FlexAttention missing or failing: say so in the table
+                add("xattn fwd", "flex_attention compiled", shape, lambda: (_ for _ in ()).throw(e), 0, 1)
+
+    # decode: one token per sequence, batch 1, against cached K/V of 32 images
+    B, M = 1, (32 if device.type == "cuda" else 4)
+    q = torch.randn(B, 1, H, dh, device=device, dtype=dt)
+    k = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
+    v = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
+    idx = torch.full((B, 1), M - 1, dtype=torch.int32, device=device)
+    shape = f"decode B{B} M{M} N{N} H{H} d{dh}"
+    flops = 4 * B * N * H * dh
+    nbytes = q.element_size() * (2 * q.numel() + 2 * B * N * H * dh)  # the one image's K/V
+    for b in backends:
+        add("xattn decode", b, shape, lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
+    if "cuda" in backends:
+        from flamingo_rt.ops import _cuda_xattn
+
+        add("xattn decode", "cuda decode kernel (op)", shape,
+            lambda: _cuda_xattn.image_causal_attention_decode(q, k, v, idx), flops, nbytes)
+    img = torch.arange(M, device=device).repeat_interleave(N)
+    mask = (img[None, None, :] == idx[:, :, None].long())[:, None]
+    qh, kh, vh = q.transpose(1, 2), k.reshape(B, M * N, H, dh).transpose(1, 2), v.reshape(B, M * N, H, dh).transpose(1, 2)
+    add("xattn decode", "sdpa dense mask (OF)", shape,
+        lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), M * flops, nbytes,
+        note="reads all M images")
 
 
 # --------------------------------------------------------------------------- report

@@ -119,7 +119,7 @@ def test_interpolation_contract():
     e30 = r.frame_embeddings(30)
     assert e30.shape == (30, 32) and e30.dtype == fe.dtype
     assert torch.equal(e30[0], fe[0]) and torch.allclose(e30[-1], fe[-1], rtol=0, atol=1e-6)
-    assert torch.allclose(e30, lerp_frames(fe, 30), rtol=0, atol=1e-6)
+    assert torch.allclose(e30, lerp_frames(fe, 30), rtol=0, atol=1e-5)  # fp32 source positions
     # between its two neighbours, element-wise
     pos = 10 * 7 / 29
     i0 = int(pos)

@@ -105,13 +105,13 @@ class PerceiverResampler(nn.Module):
         """
         if self.frame_embs is None:
             raise ValueError("this resampler has no temporal embeddings (max_num_frames=None)")
-        if int(num_frames) < 1:
+        if num_frames < 1:  # (no int(): num_frames may be symbolic under torch.export)
             raise ValueError(f"expected at least 1 frame per medium, got {num_frames}")
         fe = self.frame_embs
         if num_frames <= fe.shape[0]:
             return fe[:num_frames]
         return F.interpolate(
-            fe.float().t()[None], size=int(num_frames), mode="linear", align_corners=True
+            fe.float().t()[None], size=num_frames, mode="linear", align_corners=True
         )[0].t().to(fe.dtype)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:

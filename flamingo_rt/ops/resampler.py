@@ -186,5 +186,7 @@ def resampler_attention(
         scale = dh ** -0.5
     be = _backend.resolve(OP, backend, q.device)
     if _backend.exporting():
+        if be == "triton":  # a kernel launched from Python cannot go into an AOTInductor package
+            be = "cuda" if "cuda" in _backend.implemented(OP) else "reference"
         return _backend.get(OP, be)(q, k_x, v_x, k_l, v_l, float(scale))
     return _resampler_op(q, k_x, v_x, k_l, v_l, float(scale), be)

@@ -148,3 +148,15 @@ def test_compile_fullgraph():
     assert rel_err(out, want) < 2e-6
     out.sum().backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)
+
+
+def test_no_feature_tokens(poisoned):
+    """S = 0: the latents attend to themselves only; dk_x / dv_x are empty."""
+    xs = _inputs(2, 8, 0, 1, 64, torch.float32, False)
+    out = resampler_attention(*xs, backend="triton")
+    go = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, xs, go)
+    d = [t.detach().double() for t in xs]
+    assert rel_err(out, ref.resampler_attention(*d)) < 2e-6
+    for g, w in zip(grads, ref.resampler_attention_backward(go.double(), *d)):
+        assert g.shape == w.shape and (g.numel() == 0 or rel_err(g, w) < 1e-5)

@@ -188,14 +188,22 @@ def xattn_cases(quick: bool):
                                          torch.randn(B, M, N, H, dh), idx)
 
 
-def resampler_cases(quick: bool):
+def resampler_cases(quick: bool, interpreted: bool = False):
+    """(case, (q, k_x, v_x, k_l, v_l)); k_x/v_x and k_l/v_l are the halves of fused [K | V]
+    projections (non-contiguous, as the resampler makes them). ``interpreted``: the Triton
+    interpreter on the CPU (dry run), a few small cases only."""
     Ss = (1, 49, 257) if quick else (1, 49, 256, 257, 300)
     for S in Ss:
         for dh in (64, 96, 128):
             if quick and dh == 96 and S != 49:
                 continue
-            n, L, H = 3, 64, 2
-            yield f"S={S} dh={dh}", tuple(torch.randn(n, s, H, dh) for s in (L, S, S, L, L))
+            if interpreted and (S == 257 or dh == 128):
+                continue
+            n, L, H = (2, 8, 1) if interpreted else (3, 64, 2)
+            q = torch.randn(n, L, H, dh)
+            k_x, v_x = torch.randn(n, S, 2, H, dh).unbind(2)
+            k_l, v_l = torch.randn(n, L, 2, H, dh).unbind(2)
+            yield f"S={S} dh={dh}", (q, k_x, v_x, k_l, v_l)
 
 
 def check_all(device: torch.device, quick: bool) -> List[Check]:
@@ -222,7 +230,7 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
                         (q, k, v, idx), (0, 1, 2), b, dt, device, case))
     for b in backends_for("resampler_attention"):
         for dt in dtypes:
-            for case, xs in resampler_cases(quick):
+            for case, xs in resampler_cases(quick, interpreted=b == "triton" and device.type == "cpu"):
                 results.append(run_case(
                     "resampler_attention",
                     lambda *t, backend: ops.resampler_attention(*t, backend=backend),
@@ -326,13 +334,40 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
     shape = f"n{n} L{L} S{S} H{H} d{dh}"
     flops = 4 * n * L * (S + L) * H * dh
     nbytes = _nbytes(qr, kx, vx, kl, vl, qr)
-    for b in [b for b in be.implemented("resampler_attention") if be._device_ok(b, device)]:
+    # (the Triton interpreter on the CPU is not worth timing)
+    r_backends = [b for b in be.implemented("resampler_attention") if be._device_ok(b, device)
+                  and not (b == "triton" and device.type == "cpu")]
+    for b in r_backends:
         add("resampler fwd", b, shape, lambda: ops.resampler_attention(qr, kx, vx, kl, vl, backend=b), flops, nbytes)
     kc = torch.cat([kx, kl], 1).transpose(1, 2)
     vc = torch.cat([vx, vl], 1).transpose(1, 2)
     add("resampler fwd", "sdpa on concat (peer)", shape,
         lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc), flops, nbytes,
         note="concat excluded")
+    add("resampler fwd", "sdpa incl. concat (peer)", shape,
+        lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), torch.cat([kx, kl], 1).transpose(1, 2),
+                                               torch.cat([vx, vl], 1).transpose(1, 2)), flops, nbytes)
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc)
+
+        add("resampler fwd", "sdpa flash on concat (peer)", shape, sdpa_flash, flops, nbytes,
+            note="backend pinned, concat excluded")
+    # backward: the kernels alone (dq, dk_x, dv_x, dk_l, dv_l from dO); bytes = inputs + dO + grads
+    go = torch.randn_like(qr)
+    bflops = 2.5 * flops  # recomputed QK^T and PV, plus dV, dP, dK, dQ
+    bbytes = 2 * _nbytes(qr, kx, vx, kl, vl) + _nbytes(go)
+    for b in r_backends:
+        bwd_fn = be.get("resampler_attention.backward", b)
+        add("resampler bwd", b, shape, lambda: bwd_fn(go, qr, kx, vx, kl, vl, dh ** -0.5), bflops, bbytes)
+    qs, ks_, vs_ = (t.detach().requires_grad_() for t in (qr.transpose(1, 2), kc, vc))
+    o_sdpa = F.scaled_dot_product_attention(qs, ks_, vs_)
+    add("resampler bwd", "sdpa on concat (peer)", shape,
+        lambda: torch.autograd.grad(o_sdpa, (qs, ks_, vs_), go.transpose(1, 2), retain_graph=True),
+        bflops, bbytes, note="concat excluded")
 
     if hasattr(ops, "bias_gamma_act"):
         x = torch.randn(32 if device.type == "cuda" else 2, 256, 56, 56, device=device, dtype=dt)

@@ -283,6 +283,33 @@ def se_residual(
 
 
 # --------------------------------------------------------------------------------------
+# triton backends (flamingo_rt.kernels.nfnet, imported on first use)
+# --------------------------------------------------------------------------------------
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_fn(name: str):
+    def call(*args):
+        from ..kernels import nfnet as _k
+
+        return getattr(_k, name)(*args)
+
+    call.__name__ = name
+    return call
+
+
+if _triton_available():
+    for _op, _name in ((WS_OP, "ws_standardize"), (BGA_OP, "bias_gamma_act"), (SE_OP, "se_residual")):
+        _backend.register(_op, "triton", _triton_fn(_name))
+        _backend.register(_op + ".backward", "triton", _triton_fn(_name + "_backward"))
+
+
+# --------------------------------------------------------------------------------------
 # ws_conv2d
 # --------------------------------------------------------------------------------------
 

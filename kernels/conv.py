@@ -35,7 +35,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                  NB, H, W, Ho, Wo, C_out, KH, KW, stride, pad_t, pad_l, cin_g, cout_g,
                  sxn, sxh, sxw, sxc, syn, syh, syw, syc, gamma,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     grp = tl.program_id(2)
@@ -64,6 +64,9 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                             mask=ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_ptr + (w_row + ck)[:, None].to(tl.int64) * C_out + co[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -154,7 +157,8 @@ def conv2d_nhwc(x: Tensor, w: Tensor, bias: Optional[Tensor], stride: int = 1, g
     args = (x, wp, b, y, NB, H, W, Ho, Wo, C_out, KH, KW, stride, pt, pl, cin_g, cout_g,
             x.stride(0), x.stride(2), x.stride(3), x.stride(1),
             y.stride(0), y.stride(2), y.stride(3), y.stride(1), float(gamma))
-    meta = dict(ACT=_ACT[act], HAS_BIAS=bias is not None, PRECISION=prec)
+    meta = dict(ACT=_ACT[act], HAS_BIAS=bias is not None, PRECISION=prec,
+                UPCAST=_interpreting() and x.dtype != torch.float32)
     if _interpreting() or not x.is_cuda:
         bm, bn, bk = 16, 16, 16
         grid = (triton.cdiv(M, bm), triton.cdiv(cout_g, bn), groups)

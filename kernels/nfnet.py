@@ -37,9 +37,7 @@ def _fmt(x: Tensor) -> torch.memory_format:
 def _dense(x: Tensor) -> Tuple[Tensor, bool]:
     """x dense in its suggested memory format (a copy only for other strides), and whether
     it is channels-last."""
-    fmt = _fmt(x)
-    if fmt == torch.contiguous_format and not x.is_contiguous():
-        fmt = x.suggest_memory_format() if x.dim() == 4 else torch.contiguous_format
+    fmt = _fmt(x)  # any other strides: a copy to NCHW
     x = x.contiguous(memory_format=fmt)
     return x, fmt == torch.channels_last
 

@@ -76,7 +76,8 @@ class ScaledStdConv2d(nn.Module):
         #: exact scalar the frozen fast path folds into this conv's weight: the scale of the
         #: conv's input that the preceding op no longer applies (see NFNet.freeze)
         self.in_scale = 1.0
-        self._fast = None  # (folded_weight it was made from, fast weight, mkldnn-ready weight)
+        self._fast = None  # (folded_weight it was made from, fast weight)
+        self._packed = None  # (fast weight it was made from, packed weight)
         self.reset_parameters()
 
     def fold(self) -> None:
@@ -91,6 +92,7 @@ class ScaledStdConv2d(nn.Module):
         self.folded_weight = None
         self._folded_versions = None
         self._fast = None
+        self._packed = None
 
     def fast_weight(self) -> Tensor:
         """The frozen fast path's weight: ``ws_standardize(weight, gain) * in_scale``,
@@ -106,6 +108,13 @@ class ScaledStdConv2d(nn.Module):
                 w = (w * self.in_scale).to(fw.dtype)
             self._fast = (fw, w.detach())
         return self._fast[1]
+
+    def packed_weight(self, dtype: torch.dtype) -> Tensor:
+        """fast_weight in the Triton NHWC conv's layout and ``dtype``, cached."""
+        w = self.fast_weight()
+        if self._packed is None or self._packed[0] is not w or self._packed[1].dtype != dtype:
+            self._packed = (w, _ops.pack_conv_weight(w.to(dtype)))
+        return self._packed[1]
 
     def _standardized(self) -> Optional[Tensor]:
         """The folded weight when it may be used now, else None (standardize in the graph)."""
@@ -153,54 +162,15 @@ class ScaledStdConv2d(nn.Module):
         )
 
 
-def _mkldnn_ok(x: Tensor) -> bool:
-    """Whether the frozen fast path may run a conv through oneDNN's fused conv + post-op
-    (CPU, float32 / bfloat16, no autocast, no autograd)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and _HAS_MKLDNN_POINTWISE
-        and not torch.is_autocast_enabled("cpu")
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and not torch.compiler.is_compiling()
-    )
-
-
-_HAS_MKLDNN_POINTWISE = bool(
-    torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-)
-
-
 def fast_conv(x: Tensor, conv: "ScaledStdConv2d", act: bool, backend: Optional[str] = None) -> Tensor:
     """One conv of the frozen fast path: ``gelu(conv(x, fast_weight) + bias)`` when ``act``
-    (no gamma: it is folded into the next conv's weight), else ``conv(x, fast_weight) + bias``.
-
-    On the CPU (float32 / bfloat16) the conv, its bias and the GELU run as one oneDNN
-    primitive (the GELU is a post-op applied to the output tile in registers, so no extra
-    pass over memory); elsewhere the conv runs through ``F.conv2d`` (cuDNN) and the bias +
-    GELU through the fused :func:`flamingo_rt.ops.bias_gamma_act`.
-    """
+    (no gamma: it is folded into the next conv's weight), else ``conv(x, fast_weight) + bias``,
+    through :func:`flamingo_rt.ops.nfconv.conv2d_bias_act` (GPU: the Triton NHWC conv with
+    bias + GELU in its epilogue; CPU: one oneDNN conv + bias + GELU primitive)."""
     w = conv.fast_weight()
-    b = conv.bias
-    if b is not None and b.dtype != x.dtype:
-        b = b.to(x.dtype)
-    if w.dtype != x.dtype:  # autocast / mixed dtypes: the conv's compute dtype is x's
-        w = w.to(x.dtype)
-    if _mkldnn_ok(x):
-        kh, kw = w.shape[2], w.shape[3]
-        top, bottom = _ops.same_padding(x.shape[2], kh, conv.stride)
-        left, right = _ops.same_padding(x.shape[3], kw, conv.stride)
-        if top != bottom or left != right:
-            x = F.pad(x, (left, right, top, bottom))
-            top = left = 0
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, w, b, [top, left], [conv.stride, conv.stride], [1, 1], conv.groups,
-            "gelu" if act else "none", [], "none" if act else "",
-        )
-    if not act:
-        return _ops.conv2d_padded(x, w, b, conv.stride, conv.groups, "same")
-    y = _ops.conv2d_padded(x, w, None, conv.stride, conv.groups, "same")
-    return _ops.bias_gamma_act(y, b, "gelu", 1.0, backend=backend)
+    packed = conv.packed_weight(x.dtype) if x.device.type == "cuda" else None
+    return _ops.conv2d_bias_act(x, w, conv.bias, conv.stride, conv.groups, "gelu" if act else "none",
+                                1.0, packed=packed, backend=backend)
 
 
 class Stem(nn.Module):

@@ -413,3 +413,94 @@ def conv2d_padded(
     else:
         pad = _pair(padding, "padding")
     return F.conv2d(x, w, bias, (sh, sw), pad, 1, groups)
+
+
+# --------------------------------------------------------------------------------------
+# conv2d_bias_act: the frozen (inference-only) conv with its tail fused
+# --------------------------------------------------------------------------------------
+
+_ACTS_OR_NONE = ("none",) + _ref.ACTS
+
+
+def _mkldnn_pointwise_ok(x: Tensor, act: str, gamma: float) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and act in ("none", "gelu", "relu", "silu")
+        and gamma == 1.0
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def pack_conv_weight(w: Tensor) -> Tensor:
+    """The weight layout of the Triton NHWC convolution: (kh, kw, C_in/groups, C_out)."""
+    return w.permute(2, 3, 1, 0).contiguous()
+
+
+def conv2d_bias_act(
+    x: Tensor,
+    w: Tensor,
+    bias: Optional[Tensor],
+    stride: int = 1,
+    groups: int = 1,
+    act: str = "gelu",
+    gamma: float = 1.0,
+    *,
+    packed: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``gamma * act(conv2d(x, w) + bias)`` with TF-style SAME padding, for frozen
+    inference (no autograd through this function's fused paths: call it under
+    ``torch.no_grad()`` or on tensors that need no gradient; otherwise it runs the plain
+    differentiable ops).
+
+    Paths, by device and ``backend`` (of the ``bias_gamma_act`` op):
+      - ``triton`` (GPU default; CPU under ``TRITON_INTERPRET=1``): the implicit-GEMM NHWC
+        convolution of :mod:`flamingo_rt.kernels.conv` with bias, activation and gamma in
+        its epilogue (one pass, output channels-last);
+      - CPU, float32 / bfloat16, gamma 1: one oneDNN primitive (conv, bias, activation as a
+        post-op), in x's memory format;
+      - otherwise ``F.conv2d`` then the fused :func:`bias_gamma_act` (``act="none"``: the
+        conv with its bias, times gamma).
+
+    Args:
+        x: (N, C_in, H, W); w: (C_out, C_in/groups, kh, kw) (already standardized / folded),
+            bias (C_out,) or None, all of one dtype (bias / w are cast to x's).
+        act: ``"none"``, ``"gelu"``, ``"relu"`` or ``"silu"``.
+        packed: :func:`pack_conv_weight` of w, cached by the caller (Triton path).
+
+    Returns:
+        (N, C_out, ceil(H / stride), ceil(W / stride)) in x's dtype.
+    """
+    if act not in _ACTS_OR_NONE:
+        raise ValueError(f"expected act to be one of {_ACTS_OR_NONE}, got {act!r}")
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad))
+    be = _backend.resolve(BGA_OP, backend, x.device)
+    if not needs_grad and be == "triton" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        from ..kernels import conv as _kconv
+
+        return _kconv.conv2d_nhwc(x, w, bias, stride, groups, act, gamma, "same", packed=packed)
+    if not needs_grad and _mkldnn_pointwise_ok(x, act, gamma):
+        kh, kw = w.shape[2], w.shape[3]
+        top, bottom = same_padding(x.shape[2], kh, stride)
+        left, right = same_padding(x.shape[3], kw, stride)
+        if top != bottom or left != right:
+            x = F.pad(x, (left, right, top, bottom))
+            top = left = 0
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, w.contiguous(), bias, [top, left], [stride, stride], [1, 1], groups,
+            "swish" if act == "silu" else act, [], "none" if act == "gelu" else None,
+        )
+    if act == "none":
+        y = conv2d_padded(x, w, bias, stride, groups, "same")
+        return y if gamma == 1.0 else y * gamma
+    y = conv2d_padded(x, w, None, stride, groups, "same")
+    return bias_gamma_act(y, bias, act, gamma, backend=be)

@@ -78,6 +78,7 @@ class ScaledStdConv2d(nn.Module):
         self.in_scale = 1.0
         self._fast = None  # (folded_weight it was made from, fast weight)
         self._packed = None  # (fast weight it was made from, packed weight)
+        self._mk = None  # (fast weight it was made from, {(input shape, dtype): oneDNN weight})
         self.reset_parameters()
 
     def fold(self) -> None:
@@ -93,11 +94,14 @@ class ScaledStdConv2d(nn.Module):
         self._folded_versions = None
         self._fast = None
         self._packed = None
+        self._mk = None
 
-    def fast_weight(self) -> Tensor:
+    def fast_weight(self, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
         """The frozen fast path's weight: ``ws_standardize(weight, gain) * in_scale``,
-        computed in float32 (float64 for float64) and rounded once to the weight's dtype.
-        Refreshed when the folded weight is (weights changed in place, moved, recast)."""
+        computed in float32 (float64 for float64) and rounded once to the weight's dtype,
+        stored in ``memory_format`` (channels-last for channels-last activations: oneDNN
+        then reads it without a per-call reorder). Refreshed when the folded weight is
+        (weights changed in place, moved, recast)."""
         fw = self._standardized()
         if fw is None:
             fw = _ops.ws_standardize(self.weight.detach(), self.gain.detach(), self.eps)
@@ -106,8 +110,32 @@ class ScaledStdConv2d(nn.Module):
                 ct = torch.promote_types(fw.dtype, torch.float32)
                 w = _ops.ws_standardize(self.weight.to(ct), self.gain.to(ct), self.eps)
                 w = (w * self.in_scale).to(fw.dtype)
-            self._fast = (fw, w.detach())
-        return self._fast[1]
+            self._fast = (fw, {torch.contiguous_format: w.detach()})
+        cache = self._fast[1]
+        if memory_format not in cache:
+            cache[memory_format] = cache[torch.contiguous_format].contiguous(memory_format=memory_format)
+        return cache[memory_format]
+
+    def mkldnn_weight(self, x_shape, dtype: torch.dtype) -> Optional[Tensor]:
+        """fast_weight reordered once for oneDNN (CPU) and inputs of ``x_shape``; a few
+        input shapes are cached (e.g. full batches and the last chunk)."""
+        w = self.fast_weight()
+        if self._mk is None or self._mk[0] is not w:
+            self._mk = (w, {})
+        cache = self._mk[1]
+        key = (tuple(x_shape), dtype)
+        if key not in cache:
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = _ops.mkldnn_pack_conv_weight(w.to(dtype), x_shape, self.stride, self.groups)
+        return cache[key]
+
+    def __getstate__(self):
+        # derived caches (opaque oneDNN tensors among them) are not copied or pickled
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_fast"] = state["_packed"] = state["_mk"] = None
+        return state
 
     def packed_weight(self, dtype: torch.dtype) -> Tensor:
         """fast_weight in the Triton NHWC conv's layout and ``dtype``, cached."""
@@ -167,8 +195,14 @@ def fast_conv(x: Tensor, conv: "ScaledStdConv2d", act: bool, backend: Optional[s
     (no gamma: it is folded into the next conv's weight), else ``conv(x, fast_weight) + bias``,
     through :func:`flamingo_rt.ops.nfconv.conv2d_bias_act` (GPU: the Triton NHWC conv with
     bias + GELU in its epilogue; CPU: one oneDNN conv + bias + GELU primitive)."""
-    w = conv.fast_weight()
-    packed = conv.packed_weight(x.dtype) if x.device.type == "cuda" else None
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    w = conv.fast_weight(torch.channels_last if cl else torch.contiguous_format)
+    if x.device.type == "cuda":
+        packed = conv.packed_weight(x.dtype)
+    elif x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        packed = conv.mkldnn_weight(x.shape, x.dtype)
+    else:
+        packed = None
     return _ops.conv2d_bias_act(x, w, conv.bias, conv.stride, conv.groups, "gelu" if act else "none",
                                 1.0, packed=packed, backend=backend)
 

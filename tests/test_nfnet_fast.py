@@ -116,6 +116,7 @@ def test_fast_path_bfloat16_close_to_float32():
 
 def test_channels_last_off_and_chunking_give_the_same_features():
     net = _random_net(4).freeze()
+    assert net.chunk_size == 256  # default: bounded memory for big frame batches
     x = torch.randn(5, 3, 40, 40)
     with torch.no_grad():
         want = net.forward_features(x)

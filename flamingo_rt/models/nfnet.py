@@ -272,6 +272,35 @@ class SqueezeExcite(nn.Module):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
             nn.init.zeros_(m.bias)
 
+    def _fast_params(self):
+        """fc1 / fc2 as float32 (float64 for float64) transposed matrices and biases,
+        cached until a parameter changes (frozen fast path)."""
+        ps = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in ps)
+        cache = getattr(self, "_fast_cache", None)
+        if cache is None or cache[0] != key:
+            ct = torch.promote_types(self.fc1.weight.dtype, torch.float32)
+            with torch.no_grad():
+                w1 = self.fc1.weight.flatten(1).to(ct).t().contiguous()
+                w2 = self.fc2.weight.flatten(1).to(ct).t().contiguous()
+                cache = (key, (w1, self.fc1.bias.to(ct), w2, self.fc2.bias.to(ct)))
+            self._fast_cache = cache
+        return cache[1]
+
+    def forward_fast(self, x: Tensor) -> Tensor:
+        """Frozen fast path: the same logits, pooled and computed in float32 (float64 for
+        float64; a batch-1 bfloat16 GEMV is slow on the CPU and less accurate), returned
+        in x's dtype."""
+        w1, b1, w2, b2 = self._fast_params()
+        pooled = x.mean(dim=(2, 3), dtype=w1.dtype)
+        h = torch.relu(torch.addmm(b1, pooled, w1))
+        return torch.addmm(b2, h, w2).to(x.dtype)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_fast_cache", None)
+        return state
+
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, C) pre-sigmoid gate logits."""
         pooled = x.mean(dim=(2, 3))
@@ -347,7 +376,7 @@ class NormFreeBlock(nn.Module):
         h = fast_conv(h, self.conv2, True, backend)
         h = fast_conv(h, self.conv2b, True, backend)
         h = fast_conv(h, self.conv3, False, backend)
-        gate_logits = self.attn_last(h)
+        gate_logits = self.attn_last.forward_fast(h)
         scale = self.skipinit_gain * (self.alpha * self.attn_gain)
         if scale.dtype != h.dtype:
             scale = scale.to(h.dtype)
@@ -385,8 +414,9 @@ class NFNet(nn.Module):
         #: on the CPU with oneDNN and on the GPU with cuDNN / bf16)
         self.channels_last: Optional[bool] = None
         #: encode at most this many images per pass (bounds activation memory when a
-        #: batch holds many frames); None: all at once
-        self.chunk_size: Optional[int] = None
+        #: batch holds many frames, e.g. every frame of every clip of a video batch);
+        #: None: all at once. Not applied to symbolic batch sizes (torch.export / compile).
+        self.chunk_size: Optional[int] = 256
         eps = cfg.std_conv_eps
         stem_chs = make_divisible(cfg.stem_chs)
         self.stem = Stem(cfg.in_chans, stem_chs, eps)
@@ -444,7 +474,7 @@ class NFNet(nn.Module):
         cs = self.chunk_size
         if cs is not None and cs < 1:
             raise ValueError(f"expected chunk_size >= 1 or None, got {cs}")
-        if cs is None or n <= cs:
+        if cs is None or not isinstance(n, int) or n <= cs:
             return self._features(x)
         parts = [self._features(x[i:i + cs]) for i in range(0, n, cs)]
         return torch.cat(parts, dim=0)

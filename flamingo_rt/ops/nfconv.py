@@ -22,6 +22,23 @@ from ._outputs import new_act_like as _new_act
 from ._outputs import new_like as _new
 from .reference import nfnet as _ref
 
+def _direct(*tensors) -> bool:
+    """Call the backend kernel directly, skipping the ``torch.library`` op: inside
+    ``export_mode``, or eagerly when no input needs a gradient (inference: the op's Python
+    dispatch costs more than a small kernel; ``torch.compile`` still sees the op)."""
+    if _backend.exporting():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return not any(t is not None and _is_fake(t) for t in tensors)
+
+
+def _is_fake(t: Tensor) -> bool:
+    return t.device.type == "meta" or type(t) is not Tensor and not isinstance(t, torch.nn.Parameter)
+
+
 WS_OP = "ws_standardize"
 BGA_OP = "bias_gamma_act"
 SE_OP = "se_residual"
@@ -103,7 +120,7 @@ def ws_standardize(weight: Tensor, gain: Tensor, eps: float = 1e-5, *, backend: 
     if gain.dtype != weight.dtype:
         raise TypeError(f"expected gain of weight's dtype {weight.dtype}, got {gain.dtype}")
     be = _backend.resolve(WS_OP, backend, weight.device)
-    if _backend.exporting():
+    if _direct(weight, gain):
         return _backend.get(WS_OP, be)(weight, gain, float(eps))
     return _ws_op(weight, gain, float(eps), be)
 
@@ -189,7 +206,7 @@ def bias_gamma_act(
     if act not in _ref.ACTS:
         raise ValueError(f"expected act to be one of {_ref.ACTS}, got {act!r}")
     be = _backend.resolve(BGA_OP, backend, x.device)
-    if _backend.exporting():
+    if _direct(x, bias):
         return _backend.get(BGA_OP, be)(x, bias, act, float(gamma))
     return _bga_op(x, bias, act, float(gamma), be)
 
@@ -277,7 +294,7 @@ def se_residual(
     if not scale.dtype.is_floating_point:
         raise TypeError(f"expected a floating-point scale, got {scale.dtype}")
     be = _backend.resolve(SE_OP, backend, x.device)
-    if _backend.exporting():
+    if _direct(x, gate_logits, shortcut, scale):
         return _backend.get(SE_OP, be)(x, gate_logits, shortcut, scale)
     return _se_op(x, gate_logits, shortcut, scale, be)
 

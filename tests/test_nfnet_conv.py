@@ -106,3 +106,22 @@ def test_gradients_flow_when_needed():
 def test_errors_say_expected_and_got():
     with pytest.raises(ValueError, match="expected act to be one of"):
         nfconv.conv2d_bias_act(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1), None, act="tanh")
+
+
+def test_triton_conv_failure_falls_back_to_the_vendor_conv(monkeypatch):
+    """A Triton that cannot compile the conv must not break the frozen encoder."""
+    pytest.importorskip("triton")
+    from flamingo_rt.kernels import conv as kconv
+
+    def boom(*a, **k):
+        raise RuntimeError("no luck")
+
+    monkeypatch.setattr(kconv, "conv2d_nhwc", boom)
+    monkeypatch.setattr(nfconv, "_TRITON_CONV_BROKEN", False)
+    ok = B._device_ok
+    monkeypatch.setattr(B, "_device_ok", lambda b, d: b == "triton" or ok(b, d))  # 'triton' on the CPU
+    x, w, b = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3) * 0.2, torch.randn(6)
+    with pytest.warns(RuntimeWarning, match="Triton NHWC convolution failed"):
+        y = nfconv.conv2d_bias_act(x, w, b, 1, 1, "gelu", 1.0, backend="triton")
+    assert rel_err(y, _ref(x, w, b, 1, 1, "gelu", 1.0)) < 1e-5
+    assert nfconv._TRITON_CONV_BROKEN

@@ -479,6 +479,27 @@ def mkldnn_pack_conv_weight(w: Tensor, x_shape, stride: int, groups: int) -> Opt
         return None
 
 
+_TRITON_CONV_BROKEN = False
+
+
+def _triton_conv_failed(e: Exception) -> None:
+    """The Triton conv raised (not a wrong result: the GPU check tests those): warn once and
+    use the vendor convolution from now on in this process."""
+    global _TRITON_CONV_BROKEN
+    import warnings
+
+    _TRITON_CONV_BROKEN = True
+    warnings.warn(f"flamingo_rt: the Triton NHWC convolution failed ({type(e).__name__}: {e}); "
+                  "using F.conv2d + the fused bias/activation op instead", RuntimeWarning)
+
+
+def _non_triton_backend(device: torch.device) -> str:
+    for cand in ("cuda", "cpu", "reference"):
+        if cand in _backend.implemented(BGA_OP) and _backend._device_ok(cand, device):
+            return cand
+    return "reference"
+
+
 def pack_conv_weight(w: Tensor) -> Tensor:
     """The weight layout of the Triton NHWC convolution: (kh, kw, C_in/groups, C_out)."""
     return w.permute(2, 3, 1, 0).contiguous()
@@ -530,11 +551,16 @@ def conv2d_bias_act(
         x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad))
     be = _backend.resolve(BGA_OP, backend, x.device)
     mk = packed is not None and packed.is_mkldnn
-    if not needs_grad and be == "triton" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        from ..kernels import conv as _kconv
+    if (not needs_grad and be == "triton" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not _TRITON_CONV_BROKEN):
+        try:
+            from ..kernels import conv as _kconv
 
-        return _kconv.conv2d_nhwc(x, w, bias, stride, groups, act, gamma, "same",
-                                  packed=None if mk else packed)
+            return _kconv.conv2d_nhwc(x, w, bias, stride, groups, act, gamma, "same",
+                                      packed=None if mk else packed)
+        except Exception as e:  # e.g. a Triton that cannot compile it: the vendor conv instead
+            _triton_conv_failed(e)
+            be = _non_triton_backend(x.device)
     if not needs_grad and _mkldnn_pointwise_ok(x, act, gamma):
         (top, left), fpad, _ = _mkldnn_geometry(x.shape, w.shape, stride)
         if fpad is not None:

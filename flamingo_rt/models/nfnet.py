@@ -197,12 +197,13 @@ def fast_conv(x: Tensor, conv: "ScaledStdConv2d", act: bool, backend: Optional[s
     bias + GELU in its epilogue; CPU: one oneDNN conv + bias + GELU primitive)."""
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     w = conv.fast_weight(torch.channels_last if cl else torch.contiguous_format)
-    if x.device.type == "cuda":
+    packed = None
+    if torch.compiler.is_compiling() or not all(isinstance(d, int) for d in x.shape):
+        pass  # traced (compile / export): plain weights, the graph holds no opaque tensors
+    elif x.device.type == "cuda":
         packed = conv.packed_weight(x.dtype)
     elif x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
         packed = conv.mkldnn_weight(x.shape, x.dtype)
-    else:
-        packed = None
     return _ops.conv2d_bias_act(x, w, conv.bias, conv.stride, conv.groups, "gelu" if act else "none",
                                 1.0, packed=packed, backend=backend)
 
@@ -275,11 +276,14 @@ class SqueezeExcite(nn.Module):
     def _fast_params(self):
         """fc1 / fc2 as float32 (float64 for float64) transposed matrices and biases,
         cached until a parameter changes (frozen fast path)."""
+        ct = torch.promote_types(self.fc1.weight.dtype, torch.float32)
+        if torch.compiler.is_compiling():  # traced: the casts go in the graph, no cache
+            return (self.fc1.weight.flatten(1).to(ct).t(), self.fc1.bias.to(ct),
+                    self.fc2.weight.flatten(1).to(ct).t(), self.fc2.bias.to(ct))
         ps = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in ps)
         cache = getattr(self, "_fast_cache", None)
         if cache is None or cache[0] != key:
-            ct = torch.promote_types(self.fc1.weight.dtype, torch.float32)
             with torch.no_grad():
                 w1 = self.fc1.weight.flatten(1).to(ct).t().contiguous()
                 w2 = self.fc2.weight.flatten(1).to(ct).t().contiguous()

@@ -16,6 +16,15 @@ All convs are scaled weight-standardized with TF-style SAME padding
 (:func:`flamingo_rt.ops.ws_conv2d`); each conv followed by an activation feeds its bias
 into :func:`flamingo_rt.ops.bias_gamma_act`; each block ends in
 :func:`flamingo_rt.ops.se_residual`.
+
+Frozen fast path (:meth:`NFNet.freeze`, the default for a frozen Flamingo): every scalar
+applied to a conv's input (the block pre-activation's gamma * beta, each inner
+gamma-GELU's gamma) is folded into that conv's standardized weight once (exact: a conv is
+linear in its input, SAME zero padding and average pooling commute with a scalar), so each
+conv's tail is ``gelu(conv + bias)``: one fused call (:func:`flamingo_rt.ops.nfconv.conv2d_bias_act`:
+oneDNN conv + bias + GELU post-op on the CPU with prepacked weights, the Triton
+implicit-GEMM NHWC conv with the epilogue fused on the GPU), activations channels-last,
+SE logits in float32, and many frames encoded in chunks (``chunk_size``).
 """
 from __future__ import annotations
 

@@ -250,7 +250,138 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
                             lambda x, bias, backend: ops.bias_gamma_act(x, bias, act, 1.7015, backend=backend),
                             lambda x, bias: R.bias_gamma_act(x, bias, act, 1.7015),
                             (x, bias), (0, 1), b, dt, device, f"{act} {'NHWC' if cl else 'NCHW'}"))
+    results += nfnet_checks(device, dtypes, backends_for, quick)
     return results
+
+
+def _conv_same_ref(x, w, bias, stride, groups, act, gamma):
+    """float64 reference of conv2d_bias_act: TF-style SAME padding, conv, bias, act, gamma."""
+    import torch.nn.functional as F
+
+    from flamingo_rt.ops.nfconv import same_padding
+
+    t, b_ = same_padding(x.shape[2], w.shape[2], stride)
+    l_, r_ = same_padding(x.shape[3], w.shape[3], stride)
+    y = F.conv2d(F.pad(x, (l_, r_, t, b_)), w, bias, stride, 0, 1, groups)
+    if act == "gelu":
+        y = F.gelu(y)
+    return y * gamma
+
+
+def nfnet_checks(device, dtypes, backends_for, quick) -> List[Check]:
+    """NFNet ops (issue 5): ws_standardize and se_residual forward + backward on every
+    backend, and the frozen-path conv2d_bias_act (Triton implicit-GEMM NHWC conv on the GPU:
+    strides 1 / 2, SAME padding, groups, 1x1 / 3x3)."""
+    import flamingo_rt.ops as ops
+    from flamingo_rt.ops import nfconv
+    from flamingo_rt.ops import reference as R
+
+    out: List[Check] = []
+    if not hasattr(nfconv, "conv2d_bias_act"):
+        return out
+    RN = R.nfnet
+    for b in backends_for("ws_standardize"):
+        for dt in dtypes:
+            for shape in ((16, 8, 3, 3), (128, 128, 3, 3), (96, 1536, 1, 1)):
+                w = torch.randn(*shape) * 0.3 + 0.1
+                g = 1 + 0.2 * torch.randn(shape[0], 1, 1, 1)
+                out.append(run_case("ws_standardize",
+                                    lambda w, g, backend: ops.ws_standardize(w, g, 1e-5, backend=backend),
+                                    lambda w, g: RN.ws_standardize(w, g, 1e-5), (w, g), (0, 1), b, dt, device,
+                                    f"{shape}"))
+    for b in backends_for("se_residual"):
+        for dt in dtypes:
+            for cl in (False, True):
+                for shape in ((2, 64, 7, 7), (3, 40, 9, 5)):
+                    x = torch.randn(*shape)
+                    if cl:
+                        x = x.to(memory_format=torch.channels_last)
+                    gl, sc, c = torch.randn(shape[:2]), torch.randn(*shape), torch.tensor(0.7)
+                    out.append(run_case("se_residual",
+                                        lambda x, g, s, c, backend: ops.se_residual(x, g, s, c, backend=backend),
+                                        RN.se_residual, (x, gl, sc, c), (0, 1, 2, 3), b, dt, device,
+                                        f"{shape} {'NHWC' if cl else 'NCHW'}"))
+    conv_cases = [(2, 32, 15, 14, 64, 3, 1, 1), (2, 32, 16, 16, 64, 3, 2, 4), (1, 24, 9, 8, 48, 1, 1, 1),
+                  (2, 3, 17, 16, 16, 3, 2, 1), (1, 128, 14, 14, 128, 3, 1, 1)]
+    if quick:
+        conv_cases = conv_cases[:4]
+    for b in backends_for("bias_gamma_act"):
+        for dt in dtypes:
+            for (N, C, H, W, O, k, st, g) in conv_cases:
+                x = torch.randn(N, C, H, W)
+                w = torch.randn(O, C // g, k, k) * (C // g * k * k) ** -0.5
+                bias = 0.1 * torch.randn(O)
+                for act in ("gelu", "none"):
+                    out.append(run_case(
+                        "conv2d_bias_act",
+                        lambda x, w, bias, backend: nfconv.conv2d_bias_act(x, w, bias, st, g, act, 1.7, backend=backend),
+                        lambda x, w, bias: _conv_same_ref(x, w, bias, st, g, act, 1.7),
+                        (x, w, bias), (), b, dt, device, f"{N}x{C}x{H}x{W}->{O} k{k} s{st} g{g} {act}"))
+    return out
+
+
+def nfnet_timings(device: torch.device, quick: bool, add) -> None:
+    """Frozen NFNet encoder: ours folded (fast path) vs ours unfolded vs timm (when
+    installed), channels-last bf16 on the GPU (issue 5 target: dm_nfnet_f6 at 448, batch 32,
+    >= 1.5x timm channels-last bf16)."""
+    from flamingo_rt.models.config import NFNetConfig
+    from flamingo_rt.models.nfnet import NFNet
+
+    if device.type == "cuda":
+        cases = [("dm_nfnet_f0", 224, 32)] + ([] if quick else [("dm_nfnet_f6", 448, 32)])
+        dt = torch.bfloat16
+    else:
+        cases = [("tiny-nfnet", 64, 2)]
+        dt = torch.float32
+    for name, res, batch in cases:
+        if name.startswith("dm_"):
+            cfg = NFNetConfig.timm(name)
+        else:
+            cfg = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 48, 64, 96), stem_chs=16, group_size=8,
+                              num_features=128)
+        torch.manual_seed(0)
+        net = NFNet(cfg).to(device=device, dtype=dt).eval()
+        x = torch.randn(batch, 3, res, res, device=device, dtype=dt)
+        # FLOPs of the convs (2 * MACs), counted once from the module shapes
+        flops = _nfnet_flops(net, res) * batch
+        shape = f"{name} {res}px b{batch}"
+        with torch.no_grad():
+            net.requires_grad_(False)
+            add("nfnet frozen fwd", "ours unfolded", shape, lambda: net.forward_features(x), flops, _nbytes(x))
+            net.freeze()
+            add("nfnet frozen fwd", "ours folded (fast)", shape, lambda: net.forward_features(x), flops, _nbytes(x))
+            try:
+                import timm  # noqa: F401
+
+                tm = timm.create_model(name, pretrained=False) if name.startswith("dm_") else None
+            except Exception:
+                tm = None
+            if tm is not None:
+                tm = tm.to(device=device, dtype=dt).eval().to(memory_format=torch.channels_last)
+                xc = x.contiguous(memory_format=torch.channels_last)
+                add("nfnet frozen fwd", "timm channels-last (peer)", shape, lambda: tm.forward_features(xc),
+                    flops, _nbytes(x))
+        del net
+
+
+def _nfnet_flops(net, res: int) -> float:
+    """2 * multiply-adds of every convolution of one image (the unfolded forward, traced)."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    total = [0.0]
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (F.conv2d, torch.conv2d):
+                total[0] += 2.0 * out[0].numel() * args[1][0].numel()
+            return out
+
+    p = next(net.parameters())
+    with torch.no_grad(), Count():
+        net.forward_features(torch.zeros(1, 3, res, res, device=p.device, dtype=p.dtype))
+    return total[0]
 
 
 # --------------------------------------------------------------------------- timings
@@ -377,6 +508,7 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
             add("bias_gamma_act fwd", b, f"{tuple(x.shape)}", lambda: ops.bias_gamma_act(x, bias, "gelu", 1.7015, backend=b), 0, nb)
         add("bias_gamma_act fwd", "torch eager (peer)", f"{tuple(x.shape)}",
             lambda: F.gelu(x + bias[None, :, None, None]) * 1.7015, 0, nb)
+    nfnet_timings(device, quick, add)
     return out
 
 

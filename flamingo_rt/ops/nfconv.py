@@ -10,6 +10,7 @@ with the argument lists of the reference functions in
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -439,10 +440,28 @@ def conv2d_padded(
 _ACTS_OR_NONE = ("none",) + _ref.ACTS
 
 
+def _mkldnn_dtype_ok(dtype: torch.dtype) -> bool:
+    """oneDNN runs this dtype's convolutions on this CPU (its bf16 path needs AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT; an AVX2-only CPU has none and must take aten's conv instead)."""
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return _mkldnn_bf16_supported()
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _mkldnn_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _mkldnn_pointwise_ok(x: Tensor, act: str, gamma: float) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and _mkldnn_dtype_ok(x.dtype)
         and act in ("none", "gelu", "relu", "silu")
         and gamma == 1.0
         and torch.backends.mkldnn.is_available()
@@ -469,7 +488,7 @@ def mkldnn_pack_conv_weight(w: Tensor, x_shape, stride: int, groups: int) -> Opt
     when this torch has no oneDNN. Saves the weight reorder oneDNN otherwise does per call
     (~10% of a frozen NFNet forward at batch 1)."""
     if not (torch.backends.mkldnn.is_available() and w.device.type == "cpu"
-            and w.dtype in (torch.float32, torch.bfloat16)):
+            and _mkldnn_dtype_ok(w.dtype)):
         return None
     pad, _, shape = _mkldnn_geometry(x_shape, w.shape, stride)
     try:

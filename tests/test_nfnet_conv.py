@@ -125,3 +125,20 @@ def test_triton_conv_failure_falls_back_to_the_vendor_conv(monkeypatch):
         y = nfconv.conv2d_bias_act(x, w, b, 1, 1, "gelu", 1.0, backend="triton")
     assert rel_err(y, _ref(x, w, b, 1, 1, "gelu", 1.0)) < 1e-5
     assert nfconv._TRITON_CONV_BROKEN
+
+
+@pytest.mark.parametrize("be", ["cpu", "reference"])
+@pytest.mark.parametrize("act", ["gelu", "none"])
+def test_float32_weights_under_bfloat16_autocast(be, act):
+    """A frozen encoder in float32 run under CPU autocast (bf16 training of the connectors):
+    the conv runs in bf16 and the float32 bias follows it (no dtype error, bf16 accuracy)."""
+    if be not in B.implemented(nfconv.BGA_OP):
+        pytest.skip(f"no {be} backend")
+    x = torch.randn(2, 8, 7, 6)
+    w = torch.randn(16, 8, 3, 3) * (8 * 9) ** -0.5
+    b = 0.1 * torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nfconv.conv2d_bias_act(x, w, b, 1, 1, act, 1.0, backend=be)
+    want = _ref(x, w, b, 1, 1, act, 1.0)
+    assert y.shape == want.shape and torch.isfinite(y).all()
+    assert rel_err(y.float(), want) < 3e-2

@@ -592,4 +592,6 @@ def conv2d_bias_act(
         y = conv2d_padded(x, w, bias, stride, groups, "same")
         return y if gamma == 1.0 else y * gamma
     y = conv2d_padded(x, w, None, stride, groups, "same")
+    if bias is not None and bias.dtype != y.dtype:  # autocast ran the conv in its own dtype
+        bias = bias.to(y.dtype)
     return bias_gamma_act(y, bias, act, gamma, backend=be)

@@ -29,6 +29,8 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#include "elem.cuh"
 #include <type_traits>
 
 namespace flamingo_rt {
@@ -48,33 +50,7 @@ Status launch_status() {
 
 // ------------------------------------------------------------------ elements, math
 
-template <typename T>
-struct Elem;
-// Acc: the math type (float32, float64 for float64).
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Elem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
-};
+using cuda_detail::Elem;  // Acc: the math type (float32, float64 for float64)
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {

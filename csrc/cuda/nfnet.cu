@@ -18,35 +18,12 @@
 
 #include <cstdint>
 
+#include "elem.cuh"
+
 namespace flamingo_rt {
 namespace {
 
-template <typename T>
-struct NfElem;
-template <>
-struct NfElem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-template <>
-struct NfElem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct NfElem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct NfElem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
-};
+using cuda_detail::Elem;
 
 Status nf_launch_status() {
   return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
@@ -74,7 +51,7 @@ template <typename T>
 __global__ void __launch_bounds__(kWsThreads)
     ws_fwd_kernel(const T* __restrict__ W, int64_t ws, const T* __restrict__ G, int64_t gs,
                   T* __restrict__ O, int64_t os, int64_t fan_in, double eps) {
-  using E = NfElem<T>;
+  using E = Elem<T>;
   __shared__ double smem[kWsThreads / 32 + 1];
   const int64_t row = blockIdx.x;
   const T* w = W + row * ws;
@@ -117,7 +94,7 @@ template <typename T>
 __global__ void se_fwd_kernel(const T* __restrict__ X, const T* __restrict__ G,
                               const T* __restrict__ S, const T* __restrict__ scale,
                               T* __restrict__ Y, SeGeom g, int64_t total) {
-  using E = NfElem<T>;
+  using E = Elem<T>;
   using Acc = typename E::Acc;
   const Acc sc = E::load(*scale);
   const int64_t HW = g.H * g.W;

@@ -30,6 +30,8 @@
 #include <climits>
 #include <cstdint>
 
+#include "elem.cuh"
+
 namespace flamingo_rt {
 namespace {
 
@@ -53,25 +55,12 @@ template <>
 __device__ __forceinline__ float ld<__half>(const __half* p, int64_t off) { return __half2float(p[off]); }
 
 template <typename T>
-__device__ __forceinline__ T st(float v);
-template <>
-__device__ __forceinline__ float st<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half st<__half>(float v) { return __float2half_rn(v); }
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
+__device__ __forceinline__ T st(float v) {
+  return cuda_detail::from_f32<T>(v);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+using cuda_detail::warp_max;
+using cuda_detail::warp_sum;
 
 struct Args {
   const void* q;

@@ -66,16 +66,32 @@ FRT_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; 
 
 
 
+// float64 exp beside cpu::exp_f32 (float). The using-declaration is needed: this overload,
+// declared in this namespace, would otherwise hide cpu's float one from unqualified lookup
+// and every float32 exp would go through libm's scalar double exp (~30% of a forward).
+using cpu::exp_f32;
 FRT_INLINE double exp_f32(double a) { return std::exp(a); }
 FRT_INLINE float log_acc(float a) { return std::log(a); }
 FRT_INLINE double log_acc(double a) { return std::log(a); }
 
-// A vector of kVW accumulators (GCC/Clang vector extension: one zmm for float on AVX-512,
-// two ymm on AVX2, four xmm on the baseline; the compiler splits it as the ISA needs).
-template <typename A>
+// Vector registers as GCC/Clang vector-extension types of VB bytes. A type wider than the
+// ISA's registers is not split into registers: GCC keeps it in memory (BLKmode) and every
+// += goes through the stack (measured ~4 GFLOP/s for 64-byte vectors on an AVX2-only EPYC).
+// So the width is the running CPU's: 64 bytes with AVX-512 (32 zmm), 32 with AVX2 (16 ymm),
+// 16 otherwise -- picked once at run time (each target clone carries all three paths).
+template <typename A, int VB>
 struct VecOf {
-  typedef A type __attribute__((vector_size(kVW * sizeof(A))));
+  typedef A type __attribute__((vector_size(VB)));
 };
+
+inline int vector_bytes() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const int vb = __builtin_cpu_supports("avx512f") ? 64 : __builtin_cpu_supports("avx2") ? 32 : 16;
+  return vb;
+#else
+  return 16;  // AArch64 NEON (and others): 128-bit registers
+#endif
+}
 
 template <typename V, typename A>
 FRT_INLINE V vload(const A* p) {
@@ -89,33 +105,57 @@ FRT_INLINE void vstore(A* p, const V& v) {
 }
 
 // C[r, 0:W] (+)= sum_k A[r, k] B[k, 0:W] for R rows; W a multiple of kVW; B rows readable
-// to W. R accumulator vectors stay in registers across the k loop.
-template <typename A, int R>
+// to W. R x (kVW / lanes) accumulator vectors stay in registers across the k loop.
+template <typename A, int R, int VB>
 FRT_INLINE void mk_rows(const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
                          int64_t K, int64_t W, bool accumulate) {
-  using V = typename VecOf<A>::type;
+  using V = typename VecOf<A, VB>::type;
+  constexpr int L = VB / int(sizeof(A));  // lanes per vector
+  constexpr int NV = int(kVW) / L;        // vectors per row of a column block
   for (int64_t j0 = 0; j0 < W; j0 += kVW) {
-    V s[R];
-    for (int r = 0; r < R; ++r) s[r] = accumulate ? vload<V>(c + r * ldc + j0) : V{};
+    V s[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) s[r][u] = accumulate ? vload<V>(c + r * ldc + j0 + u * L) : V{};
     const A* bk = b + j0;
     for (int64_t k = 0; k < K; ++k, bk += ldb) {
-      const V bv = vload<V>(bk);
-      for (int r = 0; r < R; ++r) s[r] += a[r * lda + k] * bv;
+      V bv[NV];
+      for (int u = 0; u < NV; ++u) bv[u] = vload<V>(bk + u * L);
+      for (int r = 0; r < R; ++r) {
+        const A ar = a[r * lda + k];
+        for (int u = 0; u < NV; ++u) s[r][u] += ar * bv[u];
+      }
     }
-    for (int r = 0; r < R; ++r) vstore(c + r * ldc + j0, s[r]);
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) vstore(c + r * ldc + j0 + u * L, s[r][u]);
   }
+}
+
+// Row blocks as large as the register file allows: R x NV accumulators + NV for B + 1.
+template <typename A, int VB>
+FRT_INLINE void gemm_vb(int64_t rows, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
+                         int64_t ldc, int64_t K, int64_t W, bool accumulate) {
+  constexpr int NV = int(kVW) / (VB / int(sizeof(A)));
+  constexpr int kRegs = VB == 64 ? 32 : 16;
+  constexpr int RB0 = (kRegs - 1 - NV) / NV;
+  constexpr int RB = RB0 > 8 ? 8 : (RB0 < 1 ? 1 : RB0);
+  constexpr int RH = RB / 2 > 0 ? RB / 2 : 1;
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB)
+    mk_rows<A, RB, VB>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+  for (; r + RH <= rows; r += RH)
+    mk_rows<A, RH, VB>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+  for (; r < rows; ++r) mk_rows<A, 1, VB>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
 }
 
 // C (rows x W) (+)= A (rows x K) B (K x W).
 template <typename A>
 FRT_INLINE void gemm(int64_t rows, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
                       int64_t ldc, int64_t K, int64_t W, bool accumulate) {
-  int64_t r = 0;
-  for (; r + 8 <= rows; r += 8)
-    mk_rows<A, 8>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
-  for (; r + 4 <= rows; r += 4)
-    mk_rows<A, 4>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
-  for (; r < rows; ++r) mk_rows<A, 1>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+  switch (vector_bytes()) {
+    case 64: gemm_vb<A, 64>(rows, a, lda, b, ldb, c, ldc, K, W, accumulate); break;
+    case 32: gemm_vb<A, 32>(rows, a, lda, b, ldb, c, ldc, K, W, accumulate); break;
+    default: gemm_vb<A, 16>(rows, a, lda, b, ldb, c, ldc, K, W, accumulate); break;
+  }
 }
 
 struct Seg {

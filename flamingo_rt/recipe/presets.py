@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 from ..models.config import (
     FlamingoConfig, LMConfig, NFNetConfig, ResamplerConfig, VisionConfig, XAttnConfig, get_preset,
@@ -43,6 +43,9 @@ class LMPretrainConfig:
     naming: int = 4000  # extra naming paragraphs (``naming_texts``) mixed in
     copy: int = 2000  # repetition paragraphs (``copy_texts``) mixed in
     repeat_frac: float = 0.25  # share of each batch's rows that are random tokens said twice
+    #: curriculum: the first ``pure_repeat_steps`` steps train on :func:`repeated_tokens` rows
+    #: only (content-based copying forms there first), then world text with ``repeat_frac``
+    pure_repeat_steps: int = 0
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 128
@@ -83,6 +86,16 @@ class ConnectorConfig:
     #: ablation), at ``lm_lr``
     freeze_lm: bool = True
     lm_lr: float = 5e-4
+    #: a fourth dataset: few-shot naming episodes in the evaluation's own layout
+    #: (:func:`flamingo_rt.world.few_shot_episode` "classify", training split): ``naming_ways``
+    #: (min, max) classes, 1..``naming_shots`` examples of each, then a query with its word
+    naming_batch: int = 0
+    naming_weight: float = 1.0
+    naming_pool: int = 0
+    naming_ways: Tuple[int, int] = (2, 5)
+    naming_shots: int = 3
+    #: run the frozen vision encoder once over the pools instead of every step (same result)
+    cache_features: bool = True
 
 
 @dataclass
@@ -95,6 +108,9 @@ class RecipeConfig:
     lm: LMPretrainConfig
     connectors: ConnectorConfig
     image_size: int = 64
+    #: torch intra-op threads :func:`~flamingo_rt.recipe.run_recipe` runs with (None: keep
+    #: the caller's); the weights are reproducible for a fixed thread count
+    num_threads: Optional[int] = None
 
 
 def _toy_model(vocab_size: int = 300) -> FlamingoConfig:
@@ -111,8 +127,17 @@ def _toy_model(vocab_size: int = 300) -> FlamingoConfig:
 
 
 def _tiny_world() -> RecipeConfig:
-    return RecipeConfig("tiny-world", get_preset("tiny-world"), ContrastiveConfig(), LMPretrainConfig(),
-                        ConnectorConfig(), image_size=64)
+    model = get_preset("tiny-world")
+    # a 2-layer LM: the smallest that holds an induction (copying) circuit -- a previous-token
+    # head then a matching head -- and it forms it in fewer steps than 4 layers (FEASIBILITY.md)
+    model.lm.n_layers = 2
+    model.lm.vocab_size = 512
+    lm = LMPretrainConfig(vocab_size=512, steps=1400, pure_repeat_steps=1000, repeat_frac=0.5, batch_size=32,
+                          seq_len=64, lr=1e-3, warmup=50)
+    conn = ConnectorConfig(steps=500, lr=2e-3, doc_batch=4, pair_batch=4, video_batch=2, doc_pool=800,
+                           pair_pool=500, video_pool=100, naming_batch=8, naming_weight=1.0, naming_pool=1500,
+                           naming_ways=(2, 5), naming_shots=3, max_seq_len=256)
+    return RecipeConfig("tiny-world", model, ContrastiveConfig(), lm, conn, image_size=64, num_threads=1)
 
 
 def _toy() -> RecipeConfig:

@@ -179,16 +179,31 @@ def xattn_cases(quick: bool):
             k = torch.randn(B, M, N, H, dh)
             v = torch.randn(B, M, N, H, dh)
             yield f"N={N} dh={dh}", (q, k, v, idx)
+    # decode: one new token per sequence against the cached per-image K/V (the CUDA decode
+    # kernel's path), rows with no image, the first image, a later one
+    for N, dh in ((64, 64), (257, 128)):
+        B, H, M = 4, 2, 3
+        idx = torch.tensor([[-1], [0], [2], [1]], dtype=torch.int32)
+        yield f"decode N={N} dh={dh}", (torch.randn(B, 1, H, dh), torch.randn(B, M, N, H, dh),
+                                         torch.randn(B, M, N, H, dh), idx)
 
 
-def resampler_cases(quick: bool):
+def resampler_cases(quick: bool, interpreted: bool = False):
+    """(case, (q, k_x, v_x, k_l, v_l)); k_x/v_x and k_l/v_l are the halves of fused [K | V]
+    projections (non-contiguous, as the resampler makes them). ``interpreted``: the Triton
+    interpreter on the CPU (dry run), a few small cases only."""
     Ss = (1, 49, 257) if quick else (1, 49, 256, 257, 300)
     for S in Ss:
         for dh in (64, 96, 128):
             if quick and dh == 96 and S != 49:
                 continue
-            n, L, H = 3, 64, 2
-            yield f"S={S} dh={dh}", tuple(torch.randn(n, s, H, dh) for s in (L, S, S, L, L))
+            if interpreted and (S == 257 or dh == 128):
+                continue
+            n, L, H = (2, 8, 1) if interpreted else (3, 64, 2)
+            q = torch.randn(n, L, H, dh)
+            k_x, v_x = torch.randn(n, S, 2, H, dh).unbind(2)
+            k_l, v_l = torch.randn(n, L, 2, H, dh).unbind(2)
+            yield f"S={S} dh={dh}", (q, k_x, v_x, k_l, v_l)
 
 
 def check_all(device: torch.device, quick: bool) -> List[Check]:
@@ -205,6 +220,8 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
     for b in backends_for("image_causal_attention"):
         for dt in dtypes:
             for case, (q, k, v, idx) in xattn_cases(quick):
+                if b == "triton" and device.type == "cpu" and not case.startswith(("N=49 dh=64", "decode N=64")):
+                    continue  # the Triton interpreter is slow: a dry run checks two cases
                 for allp in (False, True):
                     results.append(run_case(
                         "image_causal_attention" + (" all-prev" if allp else ""),
@@ -213,7 +230,7 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
                         (q, k, v, idx), (0, 1, 2), b, dt, device, case))
     for b in backends_for("resampler_attention"):
         for dt in dtypes:
-            for case, xs in resampler_cases(quick):
+            for case, xs in resampler_cases(quick, interpreted=b == "triton" and device.type == "cpu"):
                 results.append(run_case(
                     "resampler_attention",
                     lambda *t, backend: ops.resampler_attention(*t, backend=backend),
@@ -233,7 +250,138 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
                             lambda x, bias, backend: ops.bias_gamma_act(x, bias, act, 1.7015, backend=backend),
                             lambda x, bias: R.bias_gamma_act(x, bias, act, 1.7015),
                             (x, bias), (0, 1), b, dt, device, f"{act} {'NHWC' if cl else 'NCHW'}"))
+    results += nfnet_checks(device, dtypes, backends_for, quick)
     return results
+
+
+def _conv_same_ref(x, w, bias, stride, groups, act, gamma):
+    """float64 reference of conv2d_bias_act: TF-style SAME padding, conv, bias, act, gamma."""
+    import torch.nn.functional as F
+
+    from flamingo_rt.ops.nfconv import same_padding
+
+    t, b_ = same_padding(x.shape[2], w.shape[2], stride)
+    l_, r_ = same_padding(x.shape[3], w.shape[3], stride)
+    y = F.conv2d(F.pad(x, (l_, r_, t, b_)), w, bias, stride, 0, 1, groups)
+    if act == "gelu":
+        y = F.gelu(y)
+    return y * gamma
+
+
+def nfnet_checks(device, dtypes, backends_for, quick) -> List[Check]:
+    """NFNet ops (issue 5): ws_standardize and se_residual forward + backward on every
+    backend, and the frozen-path conv2d_bias_act (Triton implicit-GEMM NHWC conv on the GPU:
+    strides 1 / 2, SAME padding, groups, 1x1 / 3x3)."""
+    import flamingo_rt.ops as ops
+    from flamingo_rt.ops import nfconv
+    from flamingo_rt.ops import reference as R
+
+    out: List[Check] = []
+    if not hasattr(nfconv, "conv2d_bias_act"):
+        return out
+    RN = R.nfnet
+    for b in backends_for("ws_standardize"):
+        for dt in dtypes:
+            for shape in ((16, 8, 3, 3), (128, 128, 3, 3), (96, 1536, 1, 1)):
+                w = torch.randn(*shape) * 0.3 + 0.1
+                g = 1 + 0.2 * torch.randn(shape[0], 1, 1, 1)
+                out.append(run_case("ws_standardize",
+                                    lambda w, g, backend: ops.ws_standardize(w, g, 1e-5, backend=backend),
+                                    lambda w, g: RN.ws_standardize(w, g, 1e-5), (w, g), (0, 1), b, dt, device,
+                                    f"{shape}"))
+    for b in backends_for("se_residual"):
+        for dt in dtypes:
+            for cl in (False, True):
+                for shape in ((2, 64, 7, 7), (3, 40, 9, 5)):
+                    x = torch.randn(*shape)
+                    if cl:
+                        x = x.to(memory_format=torch.channels_last)
+                    gl, sc, c = torch.randn(shape[:2]), torch.randn(*shape), torch.tensor(0.7)
+                    out.append(run_case("se_residual",
+                                        lambda x, g, s, c, backend: ops.se_residual(x, g, s, c, backend=backend),
+                                        RN.se_residual, (x, gl, sc, c), (0, 1, 2, 3), b, dt, device,
+                                        f"{shape} {'NHWC' if cl else 'NCHW'}"))
+    conv_cases = [(2, 32, 15, 14, 64, 3, 1, 1), (2, 32, 16, 16, 64, 3, 2, 4), (1, 24, 9, 8, 48, 1, 1, 1),
+                  (2, 3, 17, 16, 16, 3, 2, 1), (1, 128, 14, 14, 128, 3, 1, 1)]
+    if quick:
+        conv_cases = conv_cases[:4]
+    for b in backends_for("bias_gamma_act"):
+        for dt in dtypes:
+            for (N, C, H, W, O, k, st, g) in conv_cases:
+                x = torch.randn(N, C, H, W)
+                w = torch.randn(O, C // g, k, k) * (C // g * k * k) ** -0.5
+                bias = 0.1 * torch.randn(O)
+                for act in ("gelu", "none"):
+                    out.append(run_case(
+                        "conv2d_bias_act",
+                        lambda x, w, bias, backend: nfconv.conv2d_bias_act(x, w, bias, st, g, act, 1.7, backend=backend),
+                        lambda x, w, bias: _conv_same_ref(x, w, bias, st, g, act, 1.7),
+                        (x, w, bias), (), b, dt, device, f"{N}x{C}x{H}x{W}->{O} k{k} s{st} g{g} {act}"))
+    return out
+
+
+def nfnet_timings(device: torch.device, quick: bool, add) -> None:
+    """Frozen NFNet encoder: ours folded (fast path) vs ours unfolded vs timm (when
+    installed), channels-last bf16 on the GPU (issue 5 target: dm_nfnet_f6 at 448, batch 32,
+    >= 1.5x timm channels-last bf16)."""
+    from flamingo_rt.models.config import NFNetConfig
+    from flamingo_rt.models.nfnet import NFNet
+
+    if device.type == "cuda":
+        cases = [("dm_nfnet_f0", 224, 32)] + ([] if quick else [("dm_nfnet_f6", 448, 32)])
+        dt = torch.bfloat16
+    else:
+        cases = [("tiny-nfnet", 64, 2)]
+        dt = torch.float32
+    for name, res, batch in cases:
+        if name.startswith("dm_"):
+            cfg = NFNetConfig.timm(name)
+        else:
+            cfg = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 48, 64, 96), stem_chs=16, group_size=8,
+                              num_features=128)
+        torch.manual_seed(0)
+        net = NFNet(cfg).to(device=device, dtype=dt).eval()
+        x = torch.randn(batch, 3, res, res, device=device, dtype=dt)
+        # FLOPs of the convs (2 * MACs), counted once from the module shapes
+        flops = _nfnet_flops(net, res) * batch
+        shape = f"{name} {res}px b{batch}"
+        with torch.no_grad():
+            net.requires_grad_(False)
+            add("nfnet frozen fwd", "ours unfolded", shape, lambda: net.forward_features(x), flops, _nbytes(x))
+            net.freeze()
+            add("nfnet frozen fwd", "ours folded (fast)", shape, lambda: net.forward_features(x), flops, _nbytes(x))
+            try:
+                import timm  # noqa: F401
+
+                tm = timm.create_model(name, pretrained=False) if name.startswith("dm_") else None
+            except Exception:
+                tm = None
+            if tm is not None:
+                tm = tm.to(device=device, dtype=dt).eval().to(memory_format=torch.channels_last)
+                xc = x.contiguous(memory_format=torch.channels_last)
+                add("nfnet frozen fwd", "timm channels-last (peer)", shape, lambda: tm.forward_features(xc),
+                    flops, _nbytes(x))
+        del net
+
+
+def _nfnet_flops(net, res: int) -> float:
+    """2 * multiply-adds of every convolution of one image (the unfolded forward, traced)."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    total = [0.0]
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (F.conv2d, torch.conv2d):
+                total[0] += 2.0 * out[0].numel() * args[1][0].numel()
+            return out
+
+    p = next(net.parameters())
+    with torch.no_grad(), Count():
+        net.forward_features(torch.zeros(1, 3, res, res, device=p.device, dtype=p.dtype))
+    return total[0]
 
 
 # --------------------------------------------------------------------------- timings
@@ -292,7 +440,9 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
     shape = f"B{B} T{T} M{M} N{N} H{H} d{dh}"
     flops = 4 * B * T * N * H * dh
     nbytes = _nbytes(q, k, v, idx) + q.numel() * q.element_size()
-    for b in [b for b in be.implemented("image_causal_attention") if be._device_ok(b, device)]:
+    xattn_backends = [b for b in be.implemented("image_causal_attention") if be._device_ok(b, device)
+                      and not (b == "triton" and device.type == "cpu")]  # no timing of the interpreter
+    for b in xattn_backends:
         add("xattn fwd", b, shape, lambda: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
     # peer: OpenFlamingo's dense formulation through SDPA with a (T, M*N) boolean mask
     img = torch.arange(M, device=device).repeat_interleave(N)
@@ -301,6 +451,8 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
     add("xattn fwd", "sdpa dense mask (OF)", shape,
         lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), 4 * B * T * M * N * H * dh, nbytes,
         note="FLOPs counted dense")
+
+    _time_xattn_more(add, device, dt, xattn_backends)
 
     # resampler attention: all media of a batch in one call
     if device.type == "cuda":
@@ -313,13 +465,40 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
     shape = f"n{n} L{L} S{S} H{H} d{dh}"
     flops = 4 * n * L * (S + L) * H * dh
     nbytes = _nbytes(qr, kx, vx, kl, vl, qr)
-    for b in [b for b in be.implemented("resampler_attention") if be._device_ok(b, device)]:
+    # (the Triton interpreter on the CPU is not worth timing)
+    r_backends = [b for b in be.implemented("resampler_attention") if be._device_ok(b, device)
+                  and not (b == "triton" and device.type == "cpu")]
+    for b in r_backends:
         add("resampler fwd", b, shape, lambda: ops.resampler_attention(qr, kx, vx, kl, vl, backend=b), flops, nbytes)
     kc = torch.cat([kx, kl], 1).transpose(1, 2)
     vc = torch.cat([vx, vl], 1).transpose(1, 2)
     add("resampler fwd", "sdpa on concat (peer)", shape,
         lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc), flops, nbytes,
         note="concat excluded")
+    add("resampler fwd", "sdpa incl. concat (peer)", shape,
+        lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), torch.cat([kx, kl], 1).transpose(1, 2),
+                                               torch.cat([vx, vl], 1).transpose(1, 2)), flops, nbytes)
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc)
+
+        add("resampler fwd", "sdpa flash on concat (peer)", shape, sdpa_flash, flops, nbytes,
+            note="backend pinned, concat excluded")
+    # backward: the kernels alone (dq, dk_x, dv_x, dk_l, dv_l from dO); bytes = inputs + dO + grads
+    go = torch.randn_like(qr)
+    bflops = 2.5 * flops  # recomputed QK^T and PV, plus dV, dP, dK, dQ
+    bbytes = 2 * _nbytes(qr, kx, vx, kl, vl) + _nbytes(go)
+    for b in r_backends:
+        bwd_fn = be.get("resampler_attention.backward", b)
+        add("resampler bwd", b, shape, lambda: bwd_fn(go, qr, kx, vx, kl, vl, dh ** -0.5), bflops, bbytes)
+    qs, ks_, vs_ = (t.detach().requires_grad_() for t in (qr.transpose(1, 2), kc, vc))
+    o_sdpa = F.scaled_dot_product_attention(qs, ks_, vs_)
+    add("resampler bwd", "sdpa on concat (peer)", shape,
+        lambda: torch.autograd.grad(o_sdpa, (qs, ks_, vs_), go.transpose(1, 2), retain_graph=True),
+        bflops, bbytes, note="concat excluded")
 
     if hasattr(ops, "bias_gamma_act"):
         x = torch.randn(32 if device.type == "cuda" else 2, 256, 56, 56, device=device, dtype=dt)
@@ -329,7 +508,94 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
             add("bias_gamma_act fwd", b, f"{tuple(x.shape)}", lambda: ops.bias_gamma_act(x, bias, "gelu", 1.7015, backend=b), 0, nb)
         add("bias_gamma_act fwd", "torch eager (peer)", f"{tuple(x.shape)}",
             lambda: F.gelu(x + bias[None, :, None, None]) * 1.7015, 0, nb)
+    nfnet_timings(device, quick, add)
     return out
+
+
+def _time_xattn_more(add, device, dt, backends) -> None:
+    """image-causal attention beyond the forward above: forward+backward (the training
+    step's attention core) at OpenFlamingo-3B's shape (T 2048, M 32 images of 64 tokens,
+    8 heads x 64, batch 1 and 4), single-token decode at batch 1, each against SDPA with
+    OpenFlamingo's dense (T, M*64) mask and, on GPU, compiled FlexAttention with a block mask."""
+    import torch.nn.functional as F
+
+    import flamingo_rt.ops as ops
+    from flamingo_rt.ops import media_index_from_locations
+
+    H, N, dh = 8, 64, 64
+    shapes = [(1, 2048, 32), (4, 2048, 32)] if device.type == "cuda" else [(1, 128, 4)]
+    for B, T, M in shapes:
+        q = torch.randn(B, T, H, dh, device=device, dtype=dt, requires_grad=True)
+        k = torch.randn(B, M, N, H, dh, device=device, dtype=dt, requires_grad=True)
+        v = torch.randn(B, M, N, H, dh, device=device, dtype=dt, requires_grad=True)
+        loc = torch.zeros(B, T, dtype=torch.bool)
+        loc[:, torch.linspace(1, T - 8, M).long()] = True
+        idx = media_index_from_locations(loc).to(device)
+        go = torch.randn(B, T, H, dh, device=device, dtype=dt)
+        shape = f"B{B} T{T} M{M} N{N} H{H} d{dh}"
+        flops = 3 * 4 * B * T * N * H * dh  # fwd 4, bwd 8 (dq, dk, dv, dP) per q.k pair
+        esz = q.element_size()
+        nbytes = esz * (2 * q.numel() + 2 * k.numel() + 2 * v.numel() + 2 * q.numel()) + idx.numel() * 4
+        for b in backends:
+            def step(b=b):
+                out = ops.image_causal_attention(q, k, v, idx, backend=b)
+                torch.autograd.grad(out, (q, k, v), go)
+            add("xattn fwd+bwd", b, shape, step, flops, nbytes,
+                note="bwd = triton kernels" if b == "cuda" else "")
+        img = torch.arange(M, device=device).repeat_interleave(N)
+        mask = (img[None, None, :] == idx[:, :, None].long())[:, None]
+        kd, vd = (t.detach().reshape(B, M * N, H, dh).transpose(1, 2).requires_grad_(True) for t in (k, v))
+        qd = q.detach().transpose(1, 2).requires_grad_(True)
+        god = go.transpose(1, 2)
+
+        def sdpa_step():
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+            torch.autograd.grad(out, (qd, kd, vd), god)
+        add("xattn fwd+bwd", "sdpa dense mask (OF)", shape, sdpa_step, M * flops, nbytes, note="FLOPs counted dense")
+        if device.type == "cuda":
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+                idx_l = idx.long()
+
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return idx_l[b, q_idx] == kv_idx // N
+
+                bm = create_block_mask(mask_mod, B, None, T, M * N, device=device)
+                flex = torch.compile(flex_attention)
+                add("xattn fwd", "flex_attention compiled", shape,
+                    lambda: flex(qd, kd, vd, block_mask=bm), flops / 3, esz * (2 * q.numel() + k.numel() + v.numel()),
+                    note="forward only")
+
+                def flex_step():
+                    out = flex(qd, kd, vd, block_mask=bm)
+                    torch.autograd.grad(out, (qd, kd, vd), god)
+                add("xattn fwd+bwd", "flex_attention compiled", shape, flex_step, flops, nbytes)
+            except Exception as e:  # FlexAttention missing or failing: say so in the table
+                add("xattn fwd", "flex_attention compiled", shape, lambda: (_ for _ in ()).throw(e), 0, 1)
+
+    # decode: one token per sequence, batch 1, against cached K/V of 32 images
+    B, M = 1, (32 if device.type == "cuda" else 4)
+    q = torch.randn(B, 1, H, dh, device=device, dtype=dt)
+    k = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
+    v = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
+    idx = torch.full((B, 1), M - 1, dtype=torch.int32, device=device)
+    shape = f"decode B{B} M{M} N{N} H{H} d{dh}"
+    flops = 4 * B * N * H * dh
+    nbytes = q.element_size() * (2 * q.numel() + 2 * B * N * H * dh)  # the one image's K/V
+    for b in backends:
+        add("xattn decode", b, shape, lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
+    if "cuda" in backends:
+        from flamingo_rt.ops import _cuda_xattn
+
+        add("xattn decode", "cuda decode kernel (op)", shape,
+            lambda: _cuda_xattn.image_causal_attention_decode(q, k, v, idx), flops, nbytes)
+    img = torch.arange(M, device=device).repeat_interleave(N)
+    mask = (img[None, None, :] == idx[:, :, None].long())[:, None]
+    qh, kh, vh = q.transpose(1, 2), k.reshape(B, M * N, H, dh).transpose(1, 2), v.reshape(B, M * N, H, dh).transpose(1, 2)
+    add("xattn decode", "sdpa dense mask (OF)", shape,
+        lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), M * flops, nbytes,
+        note="reads all M images")
 
 
 # --------------------------------------------------------------------------- report

@@ -139,3 +139,59 @@ def test_xattn_block_forward_fp32(benchmark, ceilings, report, of_helpers):
                          "open_flamingo", flops=gemm_flops + USEFUL_FWD, min_run_time=1.0)
     benchmark.extra_info.update(peer_ms=row.peer_s * 1e3, ratio_peer_over_ours=row.speedup)
     benchmark.pedantic(run_ours, rounds=2, iterations=1, warmup_rounds=0)
+
+
+# --------------------------------------------------------------------------- GPU (triton, cuda)
+# The same shape on a GPU, bf16: our triton and cuda backends vs SDPA with OpenFlamingo's dense
+# (T, M*64) mask. Each timed call synchronizes, so times include ~10 us of sync; the GPU check
+# (bench/gpu_check.py) has the do_bench numbers. Skipped without CUDA.
+
+def _gpu_backends():
+    from flamingo_rt.ops import backend as be
+
+    return [b for b in ("triton", "cuda") if b in be.implemented("image_causal_attention")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "fwd+bwd"])
+def test_xattn_core_gpu(benchmark, report, backend, train):
+    import torch.nn.functional as F
+
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} backend not registered")
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q, k, v, idx, loc = _data(torch.float32)
+    q, k, v = (t.to(dev, dt).requires_grad_(train) for t in (q, k, v))
+    idx = idx.to(dev)
+    go = torch.randn_like(q)
+    img = torch.arange(M, device=dev).repeat_interleave(N)
+    mask = (img[None, None, :] == idx[:, :, None].long())[:, None]
+    qh = q.detach().transpose(1, 2).requires_grad_(train)
+    kh = k.detach().reshape(B, M * N, H, DH).transpose(1, 2).requires_grad_(train)
+    vh = v.detach().reshape(B, M * N, H, DH).transpose(1, 2).requires_grad_(train)
+
+    def run_ours():
+        out = image_causal_attention(q, k, v, idx, backend=backend)
+        if train:
+            torch.autograd.grad(out, (q, k, v), go)
+        torch.cuda.synchronize()
+
+    def run_peer():
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        if train:
+            torch.autograd.grad(out, (qh, kh, vh), go.transpose(1, 2))
+        torch.cuda.synchronize()
+
+    with torch.no_grad():
+        ours_out = image_causal_attention(q, k, v, idx, backend=backend).float()
+        peer_out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask).transpose(1, 2).float()
+        has = (idx >= 0)[:, :, None, None]  # SDPA's rows without an image: NaN or junk
+        peer_out = torch.where(has, peer_out, 0.0)
+        err = ((ours_out - peer_out).norm() / peer_out.norm()).item()
+    assert err < 2e-2
+    flops = int(USEFUL_FWD * (3.5 if train else 1))
+    row = report.compare(f"xattn core {'fwd+bwd' if train else 'fwd'} bf16 GPU {backend}", run_ours, run_peer,
+                         "sdpa dense mask", flops=flops, min_run_time=0.5)
+    benchmark.extra_info.update(peer_ms=row.peer_s * 1e3, ratio_peer_over_ours=row.speedup)
+    benchmark.pedantic(run_ours, rounds=5, iterations=1, warmup_rounds=1)

@@ -18,6 +18,17 @@ def _seed(request):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module: the tiny models' ops are too small for threads, and
+    on a shared 2-core machine extra threads only wait. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64; NaN anywhere gives inf."""
     a64, b64 = a.detach().double(), b.detach().double()

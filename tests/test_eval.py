@@ -25,13 +25,7 @@ from flamingo_rt.world import few_shot_episode, render_clip, render_scene, sampl
 from world_models import tiny_world_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small for threads; on a shared machine they only wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

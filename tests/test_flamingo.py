@@ -78,6 +78,36 @@ def test_loss_is_shifted_cross_entropy_with_ignore_index():
     assert torch.allclose(out.loss, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_only_forward_equals_the_logits_path(reduction):
+    """return_logits=False (the chunked LM head + loss) gives the logits path's loss and the
+    same gradients (trainable connectors and the embedding rows, through the tied head)."""
+    torch.manual_seed(0)
+    model = tiny_model().freeze_backbones()
+    model.lm.embed_tokens.weight.requires_grad_(True)
+    open_gates(model, 0.4)
+    ids, media, n = make_batch((2, 1))
+    labels = ids.clone()
+    labels[ids == IMG] = -100
+    labels[1, -4:] = -100
+    grads = []
+    for logits_path in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, media, labels=labels, num_media=n, return_logits=logits_path, loss_reduction=reduction)
+        assert (out.logits is None) != logits_path
+        out.loss.backward()
+        grads.append((out.loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and "lm.embed_tokens.weight" in g1
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(ids, media, num_media=n, return_logits=False)
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        model(ids, media, labels=labels, num_media=n, loss_reduction="max")
+
+
 def test_rows_with_different_image_counts_equal_running_alone():
     model = tiny_model().eval()
     open_gates(model)

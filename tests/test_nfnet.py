@@ -81,6 +81,7 @@ def test_features_match_timm(pair, hw):
     """64: every strided SAME conv sees an even size (asymmetric pad); 80x72: stage inputs
     of 5 and 9 pixels (odd: symmetric pad, ceil-mode pooling with a partial window)."""
     tm, ours = pair
+    assert ours.fast  # frozen: the folded fast path (gammas and betas in the conv weights)
     x = torch.randn(2, 3, *hw)
     with torch.no_grad():
         want = tm.forward_features(x)
@@ -290,7 +291,7 @@ def test_frozen_fold_is_exact_and_tracks_weight_changes():
     x = torch.randn(2, 3, 40, 40)
     with torch.no_grad():
         want = net(x)
-    net.freeze()
+    net.freeze(fast=False)  # only the standardization folded: the plain graph, bitwise
     convs = [m for m in net.modules() if isinstance(m, ScaledStdConv2d)]
     assert convs and all(m.folded_weight is not None for m in convs)
     assert not any(k.endswith("folded_weight") for k in net.state_dict())  # never saved
@@ -303,6 +304,9 @@ def test_frozen_fold_is_exact_and_tracks_weight_changes():
     fresh.load_state_dict(sd)
     with torch.no_grad():
         assert torch.equal(net(x), fresh(x))
+        # the fast path (every exact fold) gives the same features within fp32 rounding
+        net.freeze()
+        assert rel_err(net(x), fresh(x)) < 2e-6
     # unfrozen: gradients reach the raw weights and gains again
     net.unfreeze()
     net(x).sum().backward()

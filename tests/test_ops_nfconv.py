@@ -139,9 +139,14 @@ def test_se_residual_reference_matches_timm_block_tail():
 # ------------------------------------------------------------------ gradcheck of every backward
 
 
+def _gradcheck_backends(op: str):
+    """reference, and the C++ backend when built (float64 kernels)."""
+    return [b for b in ("reference", "cpu") if b in B.implemented(op)]
+
+
+@pytest.mark.parametrize("backend", _gradcheck_backends("ws_standardize"))
 @pytest.mark.parametrize("shape", [(4, 3, 3, 3), (6, 2, 1, 1)])
-def test_ws_standardize_gradcheck(shape):
-    backend = "reference"
+def test_ws_standardize_gradcheck(shape, backend):
     w = _rand(*shape, dtype=F64, requires_grad=True)
     g = (1 + 0.3 * torch.randn(shape[0], 1, 1, 1, dtype=F64)).requires_grad_()
     assert torch.autograd.gradcheck(lambda w, g: ws_standardize(w, g, 1e-3, backend=backend), (w, g))
@@ -163,14 +168,19 @@ def test_bias_gamma_act_gradcheck(act, with_bias, channels_last):
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("backend", _gradcheck_backends("se_residual"))
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("scale_shape", [(), (1,)])
-def test_se_residual_gradcheck(scale_shape):
-    x = _rand(2, 3, 4, 5, dtype=F64, requires_grad=True)
+def test_se_residual_gradcheck(scale_shape, channels_last, backend):
+    x = _rand(2, 3, 4, 5, dtype=F64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     g = _rand(2, 3, dtype=F64, requires_grad=True)
     s = _rand(2, 3, 4, 5, dtype=F64, requires_grad=True)
     scale = (0.5 + torch.rand(scale_shape, dtype=F64)).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x, g, s, c: se_residual(x, g, s, c, backend="reference"), (x, g, s, scale)
+        lambda x, g, s, c: se_residual(x, g, s, c, backend=backend), (x, g, s, scale)
     )
 
 
@@ -232,12 +242,26 @@ def test_bias_gamma_act_backends(be, act):
     assert y.data_ptr() != x.data_ptr()
 
 
+def _layout(t, layout):
+    """NCHW, channels-last, or a non-contiguous view (every other column of a wider tensor)."""
+    if layout == "channels_last":
+        return t.to(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.randn(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype)
+        v = wide[..., ::2]
+        v.copy_(t)
+        return v
+    return t
+
+
 @pytest.mark.parametrize("be", _cpu_backends("se_residual"))
-def test_se_residual_backends(be):
-    x, s = _rand(2, 6, 5, 7, requires_grad=True), _rand(2, 6, 5, 7, requires_grad=True)
-    g, c = _rand(2, 6, requires_grad=True), torch.tensor(0.6, requires_grad=True)
-    go = torch.randn(2, 6, 5, 7)
-    _poison((2, 6, 5, 7), torch.float32)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_se_residual_backends(be, layout):
+    x = _layout(torch.randn(2, 70, 5, 7), layout).requires_grad_()
+    s = _layout(torch.randn(2, 70, 5, 7), "nchw" if layout == "strided" else layout).requires_grad_()
+    g, c = _rand(2, 70, requires_grad=True), torch.tensor(0.6, requires_grad=True)
+    go = torch.randn(2, 70, 5, 7)
+    _poison((2, 70, 5, 7), torch.float32)
     y = se_residual(x, g, s, c, backend=be)
     grads = torch.autograd.grad(y, (x, g, s, c), go)
     args64 = [t.detach().double() for t in (x, g, s, c)]
@@ -247,6 +271,43 @@ def test_se_residual_backends(be):
         assert torch.isfinite(got).all()
         assert rel_err(got, want) < 1e-5
     assert y.data_ptr() not in (x.data_ptr(), s.data_ptr())
+
+
+@pytest.mark.parametrize("be", _cpu_backends("se_residual"))
+def test_se_residual_backends_bfloat16(be):
+    """bf16: error at most ~2x the plain-torch bf16 reference's own error (vs float64)."""
+    x, s = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
+    g, c = torch.randn(2, 16), torch.tensor(0.8)
+    args = [t.bfloat16() for t in (x, g, s, c)]
+    go = torch.randn(2, 16, 6, 6).bfloat16()
+    a64 = [t.double() for t in args]
+    want = ref.se_residual(*a64)
+    got = se_residual(*args, backend=be)
+    base = rel_err(ref.se_residual(*args), want)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) <= 2 * base + 1e-3
+    wants = ref.se_residual_backward(go.double(), *a64)
+    gots = nfconv._backend.get("se_residual.backward", be)(go, *args)
+    bases = ref.se_residual_backward(go, *args)
+    for gt, wt, bs in zip(gots, wants, bases):
+        assert gt.dtype == torch.bfloat16 and rel_err(gt, wt) <= 3 * rel_err(bs, wt) + 1e-2
+
+
+@pytest.mark.parametrize("be", _cpu_backends("ws_standardize"))
+@pytest.mark.parametrize("shape", [(12, 8, 3, 3), (48, 1, 3, 3), (16, 600, 1, 1)])
+def test_ws_standardize_backends_shapes(be, shape):
+    w, g = _rand(*shape) * 0.3 + 0.1, 1 + 0.2 * torch.randn(shape[0], 1, 1, 1)
+    go = torch.randn(*shape)
+    _poison(shape, torch.float32)
+    w64, g64 = w.double(), g.double()
+    got = ws_standardize(w, g, 1e-5, backend=be)
+    assert rel_err(got, ref.ws_standardize(w64, g64, 1e-5)) < 1e-6
+    dw, dg = nfconv._backend.get("ws_standardize.backward", be)(go, w, g, 1e-5)
+    dw64, dg64 = ref.ws_standardize_backward(go.double(), w64, g64, 1e-5)
+    assert rel_err(dw, dw64) < 1e-5 and rel_err(dg, dg64) < 1e-5
+    # bfloat16: the kernel's error is at most ~2x the bf16 reference's
+    wb, gb = w.bfloat16(), g.bfloat16()
+    want = ref.ws_standardize(wb.double(), gb.double(), 1e-5)
+    assert rel_err(ws_standardize(wb, gb, 1e-5, backend=be), want) <= 2 * rel_err(ref.ws_standardize(wb, gb, 1e-5), want) + 1e-3
 
 
 @pytest.mark.parametrize("be", _cpu_backends("ws_standardize"))

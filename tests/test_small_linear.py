@@ -57,3 +57,28 @@ def test_linear_dispatch_keeps_autograd_and_shapes():
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
     assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
     assert linear(torch.randn(3, 24, dtype=torch.float64), layer.weight.double()).dtype == torch.float64
+
+
+@needs_ext
+def test_compiled_graph_calls_the_kernel_for_static_small_rows():
+    """Under torch.compile a decode-sized input (static row count <= 16) still runs the C++
+    kernel, as an extern op in the graph; a larger or symbolic row count is F.linear."""
+    seen = []
+
+    def recorder(gm, example_inputs):
+        seen.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    w, b = torch.randn(96, 40), torch.randn(96)
+    f = torch.compile(lambda x: linear(x, w, b), backend=recorder, fullgraph=True)
+    with torch.no_grad():
+        x1 = torch.randn(1, 1, 40)
+        torch.testing.assert_close(f(x1), F.linear(x1, w, b), rtol=1e-5, atol=1e-5)
+        assert any("flamingo_rt_C.small_linear" in t for t in seen[-1]), seen[-1]
+        x64 = torch.randn(64, 40)
+        torch.testing.assert_close(f(x64), F.linear(x64, w, b), rtol=1e-5, atol=1e-5)
+        assert not any("small_linear" in t for t in seen[-1]), seen[-1]
+    # with a gradient needed the kernel is not used (it has no backward)
+    x = torch.randn(1, 40, requires_grad=True)
+    torch.compile(lambda x: linear(x, w, b), backend=recorder, fullgraph=True)(x).sum().backward()
+    assert not any("small_linear" in t for t in seen[-1]) and x.grad is not None

@@ -119,9 +119,9 @@ class _OursFromFeatures(nn.Module):
         super().__init__()
         self.flamingo = flamingo
 
-    def forward(self, input_ids, media=None, num_media=None, backend=None):
+    def forward(self, input_ids, media=None, num_media=None, backend=None, **kw):
         tokens = self.flamingo.resampler(media, backend=backend)
-        return self.flamingo(input_ids, media_tokens=tokens, num_media=num_media, backend=backend)
+        return self.flamingo(input_ids, media_tokens=tokens, num_media=num_media, backend=backend, **kw)
 
 
 def ours_loss(ours: nn.Module, data: Data, B: int) -> torch.Tensor:

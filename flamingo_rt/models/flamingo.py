@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from .config import FlamingoConfig
 from .lm import DecoderLM
 from .media import num_media_tensor, resolve_media_index
@@ -56,9 +57,10 @@ class OpenFlamingoVisionAdapter(nn.Module):
 
 @dataclass
 class FlamingoOutput:
-    """logits (B, T, vocab); loss: mean next-token cross-entropy over labels != -100."""
+    """logits (B, T, vocab) (None when the forward was asked for the loss only); loss: the
+    next-token cross-entropy over labels != -100 (mean, or sum with ``loss_reduction="sum"``)."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
 
 
@@ -146,6 +148,8 @@ class Flamingo(nn.Module):
         num_media: Union[int, torch.Tensor, None] = None,
         media_tokens: Optional[torch.Tensor] = None,
         backend: Optional[str] = None,
+        return_logits: bool = True,
+        loss_reduction: str = "mean",
     ) -> FlamingoOutput:
         """
         Args:
@@ -157,9 +161,17 @@ class Flamingo(nn.Module):
             num_media: images supplied per row (int or (B,) tensor), default M.
             media_tokens: precomputed ``encode_media(media)`` (B, M, L, D), instead of media.
             backend: op backend for the resampler and cross-attention ops.
+            return_logits: False (with labels) returns only the loss, computed by
+                :func:`flamingo_rt.ops.linear_cross_entropy`: the LM head and the loss in
+                chunks of tokens, so the (B, T, vocab) logits are never held (training).
+            loss_reduction: ``"mean"`` over the target tokens, or ``"sum"``.
         Returns:
             :class:`FlamingoOutput` with logits (B, T, vocab) and the loss when labels are given.
         """
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels (it returns only the loss)")
         if input_ids.dim() != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
         B = input_ids.shape[0]
@@ -183,15 +195,23 @@ class Flamingo(nn.Module):
                     f"input_ids contain up to {n} <image> tokens per row but no media were supplied"
                 )
             xkw = dict(media=None, backend=backend)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"expected labels of shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if not return_logits:
+            h = self.lm(input_ids, attention_mask=attention_mask, xattn_kwargs=xkw, head=False)
+            targets = labels[:, 1:].reshape(-1)
+            loss = linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm.lm_head.weight, targets)
+            if loss_reduction == "mean":
+                loss = loss / (targets != -100).sum()
+            return FlamingoOutput(logits=None, loss=loss)
         logits = self.lm(input_ids, attention_mask=attention_mask, xattn_kwargs=xkw)
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"expected labels of shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
+                reduction=loss_reduction,
             )
         return FlamingoOutput(logits=logits, loss=loss)
 

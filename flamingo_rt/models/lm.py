@@ -353,6 +353,7 @@ class DecoderLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         xattn_kwargs: Optional[Dict[str, Any]] = None,
         return_hidden: bool = False,
+        head: bool = True,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Next-token logits.
 
@@ -367,10 +368,12 @@ class DecoderLM(nn.Module):
             xattn_kwargs: keyword arguments passed to every cross-attention block, as
                 ``h = self.xattn[str(i)](h, **xattn_kwargs)`` before decoder layer i.
             return_hidden: also return the final hidden states (after ``norm``).
+            head: False skips ``lm_head`` and returns only the final hidden states (for a
+                loss that applies the head itself, chunked: ``ops.linear_cross_entropy``).
 
         Returns:
             logits (B, T, V) in the dtype of the weights; with ``return_hidden`` a tuple
-            ``(logits, hidden)`` with hidden (B, T, D).
+            ``(logits, hidden)`` with hidden (B, T, D); with ``head=False`` hidden only.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
@@ -415,6 +418,8 @@ class DecoderLM(nn.Module):
             else:
                 h = self._layer(i, h, cos, sin, mask, kw)
         h = self.norm(h)
+        if not head:
+            return h
         logits = self.lm_head(h)
         if return_hidden:
             return logits, h

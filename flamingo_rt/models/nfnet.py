@@ -16,6 +16,15 @@ All convs are scaled weight-standardized with TF-style SAME padding
 (:func:`flamingo_rt.ops.ws_conv2d`); each conv followed by an activation feeds its bias
 into :func:`flamingo_rt.ops.bias_gamma_act`; each block ends in
 :func:`flamingo_rt.ops.se_residual`.
+
+Frozen fast path (:meth:`NFNet.freeze`, the default for a frozen Flamingo): every scalar
+applied to a conv's input (the block pre-activation's gamma * beta, each inner
+gamma-GELU's gamma) is folded into that conv's standardized weight once (exact: a conv is
+linear in its input, SAME zero padding and average pooling commute with a scalar), so each
+conv's tail is ``gelu(conv + bias)``: one fused call (:func:`flamingo_rt.ops.nfconv.conv2d_bias_act`:
+oneDNN conv + bias + GELU post-op on the CPU with prepacked weights, the Triton
+implicit-GEMM NHWC conv with the epilogue fused on the GPU), activations channels-last,
+SE logits in float32, and many frames encoded in chunks (``chunk_size``).
 """
 from __future__ import annotations
 
@@ -73,6 +82,12 @@ class ScaledStdConv2d(nn.Module):
         # the standardized weight, computed once by fold() for frozen inference (not saved)
         self.register_buffer("folded_weight", None, persistent=False)
         self._folded_versions = None
+        #: exact scalar the frozen fast path folds into this conv's weight: the scale of the
+        #: conv's input that the preceding op no longer applies (see NFNet.freeze)
+        self.in_scale = 1.0
+        self._fast = None  # (folded_weight it was made from, fast weight)
+        self._packed = None  # (fast weight it was made from, packed weight)
+        self._mk = None  # (fast weight it was made from, {(input shape, dtype): oneDNN weight})
         self.reset_parameters()
 
     def fold(self) -> None:
@@ -86,6 +101,57 @@ class ScaledStdConv2d(nn.Module):
     def unfold(self) -> None:
         self.folded_weight = None
         self._folded_versions = None
+        self._fast = None
+        self._packed = None
+        self._mk = None
+
+    def fast_weight(self, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """The frozen fast path's weight: ``ws_standardize(weight, gain) * in_scale``,
+        computed in float32 (float64 for float64) and rounded once to the weight's dtype,
+        stored in ``memory_format`` (channels-last for channels-last activations: oneDNN
+        then reads it without a per-call reorder). Refreshed when the folded weight is
+        (weights changed in place, moved, recast)."""
+        fw = self._standardized()
+        if fw is None:
+            fw = _ops.ws_standardize(self.weight.detach(), self.gain.detach(), self.eps)
+        if self._fast is None or self._fast[0] is not fw:
+            with torch.no_grad():
+                ct = torch.promote_types(fw.dtype, torch.float32)
+                w = _ops.ws_standardize(self.weight.to(ct), self.gain.to(ct), self.eps)
+                w = (w * self.in_scale).to(fw.dtype)
+            self._fast = (fw, {torch.contiguous_format: w.detach()})
+        cache = self._fast[1]
+        if memory_format not in cache:
+            cache[memory_format] = cache[torch.contiguous_format].contiguous(memory_format=memory_format)
+        return cache[memory_format]
+
+    def mkldnn_weight(self, x_shape, dtype: torch.dtype) -> Optional[Tensor]:
+        """fast_weight reordered once for oneDNN (CPU) and inputs of ``x_shape``; a few
+        input shapes are cached (e.g. full batches and the last chunk)."""
+        w = self.fast_weight()
+        if self._mk is None or self._mk[0] is not w:
+            self._mk = (w, {})
+        cache = self._mk[1]
+        key = (tuple(x_shape), dtype)
+        if key not in cache:
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = _ops.mkldnn_pack_conv_weight(w.to(dtype), x_shape, self.stride, self.groups)
+        return cache[key]
+
+    def __getstate__(self):
+        # derived caches (opaque oneDNN tensors among them) are not copied or pickled
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_fast"] = state["_packed"] = state["_mk"] = None
+        return state
+
+    def packed_weight(self, dtype: torch.dtype) -> Tensor:
+        """fast_weight in the Triton NHWC conv's layout and ``dtype``, cached."""
+        w = self.fast_weight()
+        if self._packed is None or self._packed[0] is not w or self._packed[1].dtype != dtype:
+            self._packed = (w, _ops.pack_conv_weight(w.to(dtype)))
+        return self._packed[1]
 
     def _standardized(self) -> Optional[Tensor]:
         """The folded weight when it may be used now, else None (standardize in the graph)."""
@@ -133,6 +199,24 @@ class ScaledStdConv2d(nn.Module):
         )
 
 
+def fast_conv(x: Tensor, conv: "ScaledStdConv2d", act: bool, backend: Optional[str] = None) -> Tensor:
+    """One conv of the frozen fast path: ``gelu(conv(x, fast_weight) + bias)`` when ``act``
+    (no gamma: it is folded into the next conv's weight), else ``conv(x, fast_weight) + bias``,
+    through :func:`flamingo_rt.ops.nfconv.conv2d_bias_act` (GPU: the Triton NHWC conv with
+    bias + GELU in its epilogue; CPU: one oneDNN conv + bias + GELU primitive)."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    w = conv.fast_weight(torch.channels_last if cl else torch.contiguous_format)
+    packed = None
+    if torch.compiler.is_compiling() or not all(isinstance(d, int) for d in x.shape):
+        pass  # traced (compile / export): plain weights, the graph holds no opaque tensors
+    elif x.device.type == "cuda":
+        packed = conv.packed_weight(x.dtype)
+    elif x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        packed = conv.mkldnn_weight(x.shape, x.dtype)
+    return _ops.conv2d_bias_act(x, w, conv.bias, conv.stride, conv.groups, "gelu" if act else "none",
+                                1.0, packed=packed, backend=backend)
+
+
 class Stem(nn.Module):
     """timm's "deep_quad" stem: conv1..conv4 (3x3; strides 2, 1, 1, 2), gamma-GELU between."""
 
@@ -144,6 +228,8 @@ class Stem(nn.Module):
         for i, (c, s) in enumerate(zip(widths, strides)):
             self.add_module(f"conv{i + 1}", ScaledStdConv2d(prev, c, 3, stride=s, eps=eps))
             prev = c
+        for name in ("conv2", "conv3", "conv4"):  # each follows a gamma-GELU
+            getattr(self, name).in_scale = GELU_GAMMA
 
     def forward(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
         """(N, in_chans, H, W) -> (N, stem_chs, H / 4, W / 4) (ceil at each stride)."""
@@ -151,6 +237,13 @@ class Stem(nn.Module):
         x = self.conv2.forward_act(x, GELU_GAMMA, backend)
         x = self.conv3.forward_act(x, GELU_GAMMA, backend)
         return self.conv4(x, backend)
+
+    def forward_fast(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
+        """Frozen fast path (gammas folded into conv2..conv4): same result as forward."""
+        x = fast_conv(x, self.conv1, True, backend)
+        x = fast_conv(x, self.conv2, True, backend)
+        x = fast_conv(x, self.conv3, True, backend)
+        return fast_conv(x, self.conv4, False, backend)
 
 
 class DownsampleAvg(nn.Module):
@@ -166,6 +259,11 @@ class DownsampleAvg(nn.Module):
         if self.stride > 1:
             x = F.avg_pool2d(x, 2, self.stride, ceil_mode=True, count_include_pad=False)
         return self.conv(x, backend)
+
+    def forward_fast(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, 2, self.stride, ceil_mode=True, count_include_pad=False)
+        return fast_conv(x, self.conv, False, backend)
 
 
 class SqueezeExcite(nn.Module):
@@ -183,6 +281,38 @@ class SqueezeExcite(nn.Module):
         for m in (self.fc1, self.fc2):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
             nn.init.zeros_(m.bias)
+
+    def _fast_params(self):
+        """fc1 / fc2 as float32 (float64 for float64) transposed matrices and biases,
+        cached until a parameter changes (frozen fast path)."""
+        ct = torch.promote_types(self.fc1.weight.dtype, torch.float32)
+        if torch.compiler.is_compiling():  # traced: the casts go in the graph, no cache
+            return (self.fc1.weight.flatten(1).to(ct).t(), self.fc1.bias.to(ct),
+                    self.fc2.weight.flatten(1).to(ct).t(), self.fc2.bias.to(ct))
+        ps = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in ps)
+        cache = getattr(self, "_fast_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                w1 = self.fc1.weight.flatten(1).to(ct).t().contiguous()
+                w2 = self.fc2.weight.flatten(1).to(ct).t().contiguous()
+                cache = (key, (w1, self.fc1.bias.to(ct), w2, self.fc2.bias.to(ct)))
+            self._fast_cache = cache
+        return cache[1]
+
+    def forward_fast(self, x: Tensor) -> Tensor:
+        """Frozen fast path: the same logits, pooled and computed in float32 (float64 for
+        float64; a batch-1 bfloat16 GEMV is slow on the CPU and less accurate), returned
+        in x's dtype."""
+        w1, b1, w2, b2 = self._fast_params()
+        pooled = x.mean(dim=(2, 3), dtype=w1.dtype)
+        h = torch.relu(torch.addmm(b1, pooled, w1))
+        return torch.addmm(b2, h, w2).to(x.dtype)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_fast_cache", None)
+        return state
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, C) pre-sigmoid gate logits."""
@@ -229,6 +359,14 @@ class NormFreeBlock(nn.Module):
         self.conv3 = ScaledStdConv2d(mid_chs, out_chs, 1, eps=eps, gain_init=1.0)
         self.attn_last = SqueezeExcite(out_chs, make_divisible(out_chs * se_ratio, CH_DIV, round_limit=0.0))
         self.skipinit_gain = nn.Parameter(torch.tensor(0.0))
+        # frozen fast path: the pre-activation's gamma * beta moves into the convs reading
+        # it (conv1 and the shortcut conv, through the linear average pool); each later
+        # gamma-GELU's gamma into the conv after it
+        self.conv1.in_scale = GELU_GAMMA * beta
+        if self.downsample is not None:
+            self.downsample.conv.in_scale = GELU_GAMMA * beta
+        for conv in (self.conv2, self.conv2b, self.conv3):
+            conv.in_scale = GELU_GAMMA
 
     def forward(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
         """(N, in_chs, H, W) -> (N, out_chs, ceil(H / stride), ceil(W / stride))."""
@@ -240,6 +378,21 @@ class NormFreeBlock(nn.Module):
         h = self.conv3(h, backend)
         gate_logits = self.attn_last(h)
         scale = self.skipinit_gain * (self.alpha * self.attn_gain)
+        return _ops.se_residual(h, gate_logits, shortcut, scale, backend=backend)
+
+    def forward_fast(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
+        """Frozen fast path: the same block with gamma * beta and the gammas folded into
+        the convs' weights (see NFNet.freeze); the GELUs run as conv post-ops."""
+        out = _ops.bias_gamma_act(x, None, "gelu", 1.0, backend=backend)
+        shortcut = x if self.downsample is None else self.downsample.forward_fast(out, backend)
+        h = fast_conv(out, self.conv1, True, backend)
+        h = fast_conv(h, self.conv2, True, backend)
+        h = fast_conv(h, self.conv2b, True, backend)
+        h = fast_conv(h, self.conv3, False, backend)
+        gate_logits = self.attn_last.forward_fast(h)
+        scale = self.skipinit_gain * (self.alpha * self.attn_gain)
+        if scale.dtype != h.dtype:
+            scale = scale.to(h.dtype)
         return _ops.se_residual(h, gate_logits, shortcut, scale, backend=backend)
 
 
@@ -268,6 +421,15 @@ class NFNet(nn.Module):
             raise ValueError(f"expected num_features > 0, got {cfg.num_features}")
         self.config = cfg
         self.backend = backend
+        #: frozen fast path on (set by freeze(fast=True); see freeze for the folds)
+        self.fast = False
+        #: channels-last activations on the fast path (None: auto = yes; measured faster
+        #: on the CPU with oneDNN and on the GPU with cuDNN / bf16)
+        self.channels_last: Optional[bool] = None
+        #: encode at most this many images per pass (bounds activation memory when a
+        #: batch holds many frames, e.g. every frame of every clip of a video batch);
+        #: None: all at once. Not applied to symbolic batch sizes (torch.export / compile).
+        self.chunk_size: Optional[int] = 256
         eps = cfg.std_conv_eps
         stem_chs = make_divisible(cfg.stem_chs)
         self.stem = Stem(cfg.in_chans, stem_chs, eps)
@@ -314,15 +476,47 @@ class NFNet(nn.Module):
 
         Returns:
             (N, num_features, ceil(H / 32), ceil(W / 32)) in the parameters' dtype: the
-            output of final_conv and its gamma-GELU (timm's ``forward_features``).
+            output of final_conv and its gamma-GELU (timm's ``forward_features``). On the
+            frozen fast path the result is channels-last (same values and shape).
+
+        With ``chunk_size`` set, the images go through in chunks of at most that many
+        (the result is the same; activation memory is bounded by one chunk).
         """
         x = self._check_images(images)
+        n = x.shape[0]
+        cs = self.chunk_size
+        if cs is not None and cs < 1:
+            raise ValueError(f"expected chunk_size >= 1 or None, got {cs}")
+        if cs is None or not isinstance(n, int) or n <= cs:
+            return self._features(x)
+        parts = [self._features(x[i:i + cs]) for i in range(0, n, cs)]
+        return torch.cat(parts, dim=0)
+
+    def _use_fast(self) -> bool:
+        if not self.fast:
+            return False
+        # training the encoder (gradients to its parameters): the exact, unfolded graph
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.final_conv.parameters()))
+
+    def _features(self, x: Tensor) -> Tensor:
         be = self.backend
+        if self._use_fast():
+            return self._features_fast(x, be)
         x = self.stem(x, be)
         for stage in self.stages:
             for block in stage:
                 x = block(x, be)
         return self.final_conv.forward_act(x, GELU_GAMMA, be)
+
+    def _features_fast(self, x: Tensor, be: Optional[str]) -> Tensor:
+        if self.channels_last is not False:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem.forward_fast(x, be)
+        for stage in self.stages:
+            for block in stage:
+                x = block.forward_fast(x, be)
+        y = fast_conv(x, self.final_conv, True, be)
+        return y.mul_(GELU_GAMMA) if not y.requires_grad else y * GELU_GAMMA
 
     def forward(self, images: Tensor) -> Tensor:
         """Visual tokens.
@@ -336,14 +530,37 @@ class NFNet(nn.Module):
         """
         return self.forward_features(images).flatten(2).transpose(1, 2)
 
-    def freeze(self) -> "NFNet":
+    def freeze(self, fast: bool = True) -> "NFNet":
         """Eval mode, no parameter gradients, and every weight standardization folded once
-        (exact; a frozen Flamingo vision encoder). ``unfreeze()`` undoes it."""
+        (exact; a frozen Flamingo vision encoder). ``unfreeze()`` undoes it.
+
+        With ``fast`` (the default) the forward also takes the folded fast path:
+
+        - exact folds (each conv is linear in its input, and SAME zero padding and the
+          shortcut's average pool commute with a scalar): every scalar applied to a conv's
+          *input* moves into that conv's weight. The block pre-activation
+          ``gamma * beta * gelu(x)`` becomes ``gelu(x)`` with ``gamma * beta`` in conv1's
+          and the shortcut conv's weights; each ``gamma * gelu(conv + b)`` inside the stem
+          and the residual branch becomes ``gelu(conv + b)`` with gamma in the next conv's
+          weight. The folded weights are standardized and scaled in float32 and rounded
+          once, so features agree with the unfolded model within rounding.
+        - not folded: the final gamma (nothing after it), the skipinit ``scale`` of
+          ``se_residual`` (moving it into conv3 would need dividing SE's fc1 by it: not
+          exact in floating point, and singular at the skipinit init of 0), and gamma
+          into the *bias* or across a GELU (a positive scale does not commute with GELU).
+        - with every gamma gone, a conv's tail is ``gelu(conv + bias)``: on the CPU one
+          oneDNN primitive (conv, bias and GELU post-op), channels-last; elsewhere the
+          conv and the fused bias + GELU op. Fewer passes: no separate bias/gamma pass.
+
+        ``fast=False`` keeps the plain graph with only the standardization folded
+        (bitwise equal to the unfrozen forward).
+        """
         self.eval()
         self.requires_grad_(False)
         for m in self.modules():
             if isinstance(m, ScaledStdConv2d):
                 m.fold()
+        self.fast = bool(fast)
         return self
 
     def unfreeze(self) -> "NFNet":
@@ -352,6 +569,7 @@ class NFNet(nn.Module):
         for m in self.modules():
             if isinstance(m, ScaledStdConv2d):
                 m.unfold()
+        self.fast = False
         return self.train()
 
     # ---------------------------------------------------------------- timm interop

@@ -69,8 +69,10 @@ class PerceiverResampler(nn.Module):
 
     Optional learned temporal embeddings (``max_num_frames``) are added per frame; when a
     clip has more frames than were trained, they are linearly interpolated over time
-    (the paper trains on 8 frames and evaluates on 30). ``max_num_media`` adds
-    OpenFlamingo's per-medium time embeddings.
+    (the paper trains on 8 frames and evaluates on 30; see :meth:`frame_embeddings`).
+    The F frames of a medium are then one set of F*S keys: every medium (image or clip)
+    is one attention problem, all of them in one kernel launch per layer.
+    ``max_num_media`` adds OpenFlamingo's per-medium time embeddings.
     """
 
     def __init__(self, cfg: ResamplerConfig):
@@ -87,14 +89,30 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def frame_embeddings(self, num_frames: int) -> torch.Tensor:
-        """(num_frames, D) temporal embeddings: the first ``num_frames`` learned ones, or
-        all of them linearly interpolated when ``num_frames`` exceeds what was learned."""
+        """(num_frames, D) temporal embeddings, in the dtype of ``frame_embs``.
+
+        Contract (``T`` = ``max_num_frames``, the number of learned embeddings):
+
+        - ``num_frames <= T``: the first ``num_frames`` learned embeddings, unchanged
+          (a still image, F = 1, gets embedding 0; as OpenFlamingo).
+        - ``num_frames > T``: the T learned embeddings are linearly interpolated over the
+          frame axis onto ``num_frames`` evenly spaced points with the end points aligned
+          (frame 0 gets embedding 0, the last frame embedding T - 1; frame f samples the
+          learned sequence at position f * (T - 1) / (num_frames - 1)), so a model trained
+          on 8 frames evaluates 30-frame clips as the paper does. Computed in float32.
+        - ``num_frames < 1`` is an error; so is asking a resampler without temporal
+          embeddings (``max_num_frames=None``; its clips get no temporal embedding).
+        """
+        if self.frame_embs is None:
+            raise ValueError("this resampler has no temporal embeddings (max_num_frames=None)")
+        if num_frames < 1:  # (no int(): num_frames may be symbolic under torch.export)
+            raise ValueError(f"expected at least 1 frame per medium, got {num_frames}")
         fe = self.frame_embs
         if num_frames <= fe.shape[0]:
             return fe[:num_frames]
         return F.interpolate(
-            fe.t()[None], size=num_frames, mode="linear", align_corners=True
-        )[0].t()
+            fe.float().t()[None], size=num_frames, mode="linear", align_corners=True
+        )[0].t().to(fe.dtype)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         D = self.config.dim
@@ -105,6 +123,8 @@ class PerceiverResampler(nn.Module):
                 f"expected media features of shape (B, M, F, S, {D}) or (B, M, S, {D}), got {tuple(x.shape)}"
             )
         B, M, Fr, S, _ = x.shape
+        if Fr < 1:
+            raise ValueError(f"expected at least 1 frame per medium, got features of shape {tuple(x.shape)}")
         if self.frame_embs is not None:
             x = x + self.frame_embeddings(Fr).to(x.dtype)[None, None, :, None, :]
         x = x.reshape(B, M, Fr * S, D)

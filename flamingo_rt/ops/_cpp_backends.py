@@ -121,6 +121,76 @@ def _make_resampler():
     return resampler_attention, resampler_attention_backward
 
 
+# ---- NFNet: ws_standardize, se_residual (issue 5) -------------------------------------
+WS_OP = "ws_standardize"
+SE_OP = "se_residual"
+_NF_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float64),
+              "cuda": (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+def _make_nfnet(device: str):
+    """C++ (cpu: forward + backward) / CUDA C++ (cuda: forward; backward = the reference
+    math on the GPU) ws_standardize and se_residual; other dtypes: the reference."""
+    dtypes = _NF_DTYPES[device]
+
+    def ws_standardize(weight: Tensor, gain: Tensor, eps: float) -> Tensor:
+        if weight.dtype not in dtypes:
+            return _reference(WS_OP)(weight, gain, eps)
+        return torch.ops.flamingo_rt_C.ws_standardize(weight, gain, float(eps))
+
+    def ws_standardize_backward(grad_out: Tensor, weight: Tensor, gain: Tensor, eps: float):
+        if device != "cpu" or weight.dtype not in dtypes:
+            return _reference(WS_OP + ".backward")(grad_out, weight, gain, eps)
+        return torch.ops.flamingo_rt_C.ws_standardize_backward(grad_out.to(weight.dtype), weight, gain, float(eps))
+
+    def se_residual(x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor) -> Tensor:
+        if x.dtype not in dtypes or scale.dtype != x.dtype:
+            return _reference(SE_OP)(x, gate_logits, shortcut, scale)
+        return torch.ops.flamingo_rt_C.se_residual(x, gate_logits, shortcut, scale)
+
+    def se_residual_backward(grad_out: Tensor, x: Tensor, gate_logits: Tensor, shortcut: Tensor,
+                             scale: Tensor):
+        if device != "cpu" or x.dtype not in dtypes or scale.dtype != x.dtype:
+            return _reference(SE_OP + ".backward")(grad_out, x, gate_logits, shortcut, scale)
+        return torch.ops.flamingo_rt_C.se_residual_backward(grad_out.to(x.dtype), x, gate_logits, scale)
+
+    return ws_standardize, ws_standardize_backward, se_residual, se_residual_backward
+
+
+def _register_nfnet_fakes() -> None:
+    def _fmt(x: Tensor) -> torch.memory_format:
+        return (torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+                else torch.contiguous_format)
+
+    @torch.library.register_fake("flamingo_rt_C::ws_standardize")
+    def _(weight, gain, eps):
+        return weight.new_empty(weight.shape)
+
+    @torch.library.register_fake("flamingo_rt_C::ws_standardize_backward")
+    def _(grad_out, weight, gain, eps):
+        return weight.new_empty(weight.shape), gain.new_empty(gain.shape)
+
+    @torch.library.register_fake("flamingo_rt_C::se_residual")
+    def _(x, gate_logits, shortcut, scale):
+        return torch.empty_like(x, memory_format=_fmt(x))
+
+    @torch.library.register_fake("flamingo_rt_C::se_residual_backward")
+    def _(grad_out, x, gate_logits, scale):
+        return torch.empty_like(x, memory_format=_fmt(x)), x.new_empty(gate_logits.shape), scale.new_empty(scale.shape)
+
+
+def _register_nfnet(devices) -> None:
+    if not hasattr(torch.ops.flamingo_rt_C, "ws_standardize"):
+        return  # an extension built before these ops
+    _register_nfnet_fakes()
+    for dev in devices:
+        wf, wb, sf, sb = _make_nfnet(dev)
+        _backend.register(WS_OP, dev, wf)
+        _backend.register(WS_OP + ".backward", dev, wb)
+        _backend.register(SE_OP, dev, sf)
+        _backend.register(SE_OP + ".backward", dev, sb)
+
+
 def register_all() -> bool:
     """Register the C++/CUDA backends; False (nothing registered) without the extension."""
     if not _ext.load():
@@ -136,6 +206,7 @@ def register_all() -> bool:
     rf, rb = _make_resampler()
     _backend.register(RESAMPLER_OP, "cpu", rf)
     _backend.register(RESAMPLER_OP + ".backward", "cpu", rb)
+    _register_nfnet(devices)
     return True
 
 

@@ -5,7 +5,8 @@ the cost is streaming the weight once, where a general GEMM is not at its best. 
 input has at most 16 rows, lives on the CPU in float32 or bfloat16, and no gradient is
 needed, the C++ kernel ``flamingo_rt_C::small_linear`` runs instead (measured 1.4-1.7x
 faster than torch's in float32 and about 2x in bfloat16 on 4096 x 1024 weights).
-Everything else (training, larger inputs, other devices, torch.compile) is ``F.linear``.
+Under ``torch.compile`` and export the kernel is used when the row count is static (the
+decode step); everything else (training, larger inputs, other devices) is ``F.linear``.
 """
 from __future__ import annotations
 
@@ -23,14 +24,13 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    if _backend.exporting():
-        # An export with a static row count (the decode step) calls the C++ op; a symbolic
-        # one (a prefill chunk of dynamic length) is F.linear, compiled by Inductor.
+    if _backend.exporting() or torch.compiler.is_compiling():
+        # A graph with a static row count (the decode step; batch 1 is always static) calls
+        # the C++ op, as an extern kernel between Inductor's fused ones; a symbolic count (a
+        # prefill chunk, or a batch under dynamic=True) is F.linear, compiled by Inductor.
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else None
         if not isinstance(rows, int) or rows > MAX_ROWS:
             return False
-    elif torch.compiler.is_compiling():
-        return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False
     if x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] > MAX_ROWS:

@@ -6,6 +6,8 @@ implementation and autograd included).
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
@@ -68,6 +70,83 @@ _backend.register(OP, "reference", _reference_forward)
 _backend.register(OP + ".backward", "reference", _reference_backward)
 
 
+# ---------------------------------------------------------------- triton backend
+# Kernels in flamingo_rt.kernels.resampler (imported on first use: ``import flamingo_rt``
+# works without triton). fp32 / bf16 / fp16 and dh <= 256 run the kernels; other dtypes
+# (float64) go to the reference, and so does the backward for more than 128 latents.
+
+
+def _triton_kernels():
+    from flamingo_rt.kernels import resampler as kernels
+
+    return kernels
+
+
+def _triton_forward(q, k_x, v_x, k_l, v_l, scale):
+    K = _triton_kernels()
+    if not K.supported(q):
+        return _reference_forward(q, k_x, v_x, k_l, v_l, scale)
+    return K.resampler_attention_fwd(q, k_x, v_x, k_l, v_l, scale)
+
+
+def _triton_backward(grad_out, q, k_x, v_x, k_l, v_l, scale):
+    K = _triton_kernels()
+    if not K.backward_supported(q):
+        return _reference_backward(grad_out, q, k_x, v_x, k_l, v_l, scale)
+    return K.resampler_attention_bwd(grad_out, q, k_x, v_x, k_l, v_l, scale)
+
+
+if importlib.util.find_spec("triton") is not None:
+    _backend.register(OP, "triton", _triton_forward)
+    _backend.register(OP + ".backward", "triton", _triton_backward)
+
+
+# ---------------------------------------------------------------- cuda backend
+# CUDA C++ forward (csrc/cuda/resampler.cu, ``flamingo_rt_C::resampler_attention``) for
+# fp32 / bf16 / fp16 and dh <= 128; its backward is the triton one when triton is
+# installed, else the reference (the CUDA C++ backward is not written).
+
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cuda_forward(q, k_x, v_x, k_l, v_l, scale):
+    if q.dtype not in _CUDA_DTYPES or q.shape[-1] > 128:
+        return _reference_forward(q, k_x, v_x, k_l, v_l, scale)
+    return torch.ops.flamingo_rt_C.resampler_attention(q, k_x, v_x, k_l, v_l, float(scale))
+
+
+def _cuda_backward(grad_out, q, k_x, v_x, k_l, v_l, scale):
+    if importlib.util.find_spec("triton") is not None:
+        return _triton_backward(grad_out, q, k_x, v_x, k_l, v_l, scale)
+    return _reference_backward(grad_out, q, k_x, v_x, k_l, v_l, scale)
+
+
+def _register_cuda() -> bool:
+    from .. import _ext
+
+    if not (_ext.with_cuda() and hasattr(torch.ops.flamingo_rt_C, "resampler_attention")):
+        return False
+    _backend.register(OP, "cuda", _cuda_forward)
+    _backend.register(OP + ".backward", "cuda", _cuda_backward)
+    return True
+
+
+def _register_cpp_fake() -> None:
+    """Fake kernel of the C++ op (schema in csrc/torch/resampler_cuda_ops.cpp)."""
+    from .. import _ext
+
+    if not (_ext.load() and hasattr(torch.ops.flamingo_rt_C, "resampler_attention")):
+        return
+
+    @torch.library.register_fake("flamingo_rt_C::resampler_attention")
+    def _(q, k_x, v_x, k_l, v_l, scale):
+        return q.new_empty(q.shape)
+
+
+_register_cpp_fake()
+CUDA_AVAILABLE: bool = _register_cuda()
+
+
 def resampler_attention(
     q: Tensor,
     k_x: Tensor,
@@ -107,5 +186,7 @@ def resampler_attention(
         scale = dh ** -0.5
     be = _backend.resolve(OP, backend, q.device)
     if _backend.exporting():
+        if be == "triton":  # a kernel launched from Python cannot go into an AOTInductor package
+            be = "cuda" if "cuda" in _backend.implemented(OP) else "reference"
         return _backend.get(OP, be)(q, k_x, v_x, k_l, v_l, float(scale))
     return _resampler_op(q, k_x, v_x, k_l, v_l, float(scale), be)

@@ -122,3 +122,7 @@ def image_causal_attention(
     if _backend.exporting():  # the kernel itself (a flamingo_rt_C op or plain aten), no Python op
         return _backend.get(OP, be)(q, k, v, media_index, bool(all_previous), float(scale))
     return _xattn_op(q, k, v, media_index, bool(all_previous), float(scale), be)
+
+
+from . import _triton_xattn  # noqa: E402,F401  (registers the triton backend when triton is installed)
+from . import _cuda_xattn  # noqa: E402,F401  (registers the CUDA C++ backend when _C has CUDA)

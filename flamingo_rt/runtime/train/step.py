@@ -14,7 +14,6 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .collate import Batch
@@ -50,13 +49,11 @@ class StepResult:
 def loss_sum(model: nn.Module, batch: Batch, backend: Optional[str] = None) -> torch.Tensor:
     """Sum of next-token cross-entropies (float32 scalar) over the batch's target tokens.
     Padding is on the right, so no attention mask is needed (causal attention never lets a
-    token see the padding after it)."""
-    out = model(batch.input_ids, media=batch.media, num_media=batch.num_media, backend=backend)
-    logits = out.logits
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
-        ignore_index=-100, reduction="sum",
-    )
+    token see the padding after it). The LM head and the loss run chunked
+    (``return_logits=False``): the (B, T, vocab) logits are never held."""
+    out = model(batch.input_ids, media=batch.media, num_media=batch.num_media, backend=backend,
+                labels=batch.labels, return_logits=False, loss_reduction="sum")
+    return out.loss
 
 
 def _distributed() -> bool:

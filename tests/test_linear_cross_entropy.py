@@ -1,0 +1,122 @@
+"""The chunked LM-head + cross-entropy against its plain-torch specification."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flamingo_rt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from conftest import rel_err
+
+
+def _inputs(N, D, V, dtype, ignore_frac=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) / D ** 0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    t[torch.rand(N, generator=g) < ignore_frac] = -100
+    return h, w, t
+
+
+def _exact(h, w, t, ignore_index=-100):
+    """float64 throughout (the specification's ``.float()`` would round float64 logits)."""
+    return torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(h.double(), w.double()), t, ignore_index=ignore_index, reduction="sum").float()
+
+
+def _loss_and_grads(fn, h, w, t, **kw):
+    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = fn(h, w, t, **kw)
+    (loss * 0.37).backward()  # a non-unit incoming gradient
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 64])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_matches_reference(chunk, dtype, tol):
+    h, w, t = _inputs(29, 24, 101, dtype)
+    spec = _exact if dtype == torch.float64 else linear_cross_entropy_reference
+    want = _loss_and_grads(spec, h, w, t)
+    got = _loss_and_grads(linear_cross_entropy, h, w, t, chunk_rows=chunk)
+    assert got[0].dtype == torch.float32
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel_err(a, b) < tol, (rel_err(a, b), tol)
+    # float64 reference of the float32 run: as accurate as the plain path (2x plus a floor)
+    if dtype == torch.float32:
+        exact = _loss_and_grads(_exact, h.double(), w.double(), t)
+        for a, b, e in zip(got, want, exact):
+            assert rel_err(a, e) <= 2 * rel_err(b, e) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_matches_the_plain_path(dtype):
+    """float32 weights and hidden states, products in the autocast dtype (as F.linear would),
+    the softmax in float32; within the autocast dtype's rounding of the plain path."""
+    h, w, t = _inputs(40, 32, 257, torch.float32)
+    with torch.autocast("cpu", dtype=dtype):
+        want = _loss_and_grads(linear_cross_entropy_reference, h, w, t)
+        got = _loss_and_grads(linear_cross_entropy, h, w, t, chunk_rows=9)
+    exact = _loss_and_grads(_exact, h.double(), w.double(), t)
+    for a, b, e in zip(got, want, exact):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel_err(a, b) < 2e-2
+        assert rel_err(a, e) <= 2 * rel_err(b, e) + 1e-3
+
+
+def test_frozen_weight_no_weight_gradient_and_no_grad_mode():
+    h, w, t = _inputs(16, 8, 33, torch.float32)
+    w = w.detach()
+    h = h.detach().requires_grad_()
+    loss = linear_cross_entropy(h, w, t, chunk_rows=5)
+    loss.backward()
+    h2 = h.detach().clone().requires_grad_()
+    linear_cross_entropy_reference(h2, w, t).backward()
+    assert w.grad is None and rel_err(h.grad, h2.grad) < 2e-6
+    with torch.no_grad():
+        out = linear_cross_entropy(h, w, t)
+    assert not out.requires_grad and torch.allclose(out, loss.detach())
+
+
+def test_all_rows_ignored_gives_zero_loss_and_gradient():
+    h, w, _ = _inputs(6, 8, 11, torch.float32)
+    t = torch.full((6,), -100)
+    loss, gh, gw = _loss_and_grads(linear_cross_entropy, h, w, t)
+    assert loss.item() == 0.0 and not gh.any() and not gw.any()
+
+
+def test_errors_say_what_was_expected():
+    h, w, t = _inputs(4, 8, 11, torch.float32)
+    with pytest.raises(IndexError, match=r"\[0, 11\)"):
+        linear_cross_entropy(h, w, torch.tensor([0, 11, -100, 3]))
+    with pytest.raises(ValueError, match=r"targets of shape \(4,\)"):
+        linear_cross_entropy(h, w, t[:3])
+    with pytest.raises(ValueError, match="hidden \\(N, D\\) and weight \\(V, D\\)"):
+        linear_cross_entropy(h, w[:, :5], t)
+    with pytest.raises(TypeError, match="one dtype"):
+        linear_cross_entropy(h, w.double(), t)
+
+
+def test_never_holds_more_than_one_chunk_of_logits():
+    """No op creates a tensor with more than chunk_rows x V elements (besides the weight's
+    gradient), forward or backward: the (N, V) logits never exist."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor) and o.shape != w.shape and o.shape != w.shape[::-1]:
+                    Largest.biggest = max(Largest.biggest, o.numel())
+            return out
+
+    h, w, t = _inputs(64, 16, 300, torch.float32)
+    with Largest():
+        linear_cross_entropy(h, w, t, chunk_rows=8).backward()
+    assert 0 < Largest.biggest <= 8 * 300
+    Largest.biggest = 0
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    with Largest():
+        linear_cross_entropy_reference(h2, w2, t).backward()
+    assert Largest.biggest >= 64 * 300  # the plain path does hold them (the check can see it)

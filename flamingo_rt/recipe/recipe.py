@@ -96,6 +96,13 @@ def run_stage3(cfg: RecipeConfig, tokenizer: FlamingoTokenizer, nfnet, lm, seed:
     backbones and give the weights the whole recipe gives. Returns ``(model, ConnectorStats)``."""
     torch.manual_seed(seed + 3)
     model = build_flamingo(cfg.model, nfnet, lm)
+    c = cfg.connectors
+    with torch.no_grad():
+        for blk in model.lm.xattn.values():
+            blk.attn.to_out.weight.mul_(c.out_init_scale)
+            blk.ff.fc2.weight.mul_(c.out_init_scale)
+            blk.attn_gate.fill_(c.gate_init)
+            blk.ff_gate.fill_(c.gate_init)
     return model, train_connectors(model, tokenizer, cfg.connectors, seed, cfg.image_size, progress)
 
 

@@ -1,5 +1,6 @@
 """The recipe (flamingo_rt.recipe): batching, frozen-backbone details, and the toy recipe end
 to end (under 2 minutes, losses go down, deterministic under its seed, loadable folder)."""
+import copy
 import time
 
 import numpy as np
@@ -177,3 +178,32 @@ def test_quick_eval_word_f1_by_hand():
     # repeated words count at most as often as in the other text: common 1 -> P 1/2, R 1/3
     assert _f1("red red", "a red square") == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
     assert _f1("", "a red square") == 0.0 and _f1("blue", "a red square") == 0.0
+
+
+def test_cached_features_and_naming_episodes(tok):
+    """Stage 3 with the vision features computed once (``cache_features``) gives the losses
+    of the per-step encoder, and the naming-episode dataset is in the evaluation's layout."""
+    from flamingo_rt.recipe import run_stage3
+    from flamingo_rt.recipe.connectors import naming_record
+
+    r = naming_record(np.random.default_rng(0), (2, 3), 2, 32)
+    chunks = r["text"].split(IMAGE_TOKEN)[1:]
+    assert len(chunks) == len(r["media"]) >= 3 and all(c.endswith(EOC_TOKEN) for c in chunks)
+    assert len({c.split(" a ")[0] for c in chunks}) == 1  # one naming format ("This is a" / "It is called a")
+
+    rc = get_recipe_preset("toy")
+    rc.model.lm.vocab_size = tok.vocab_size
+    c = rc.connectors
+    c.steps, c.doc_pool, c.pair_pool, c.video_pool, c.naming_pool, c.naming_batch = 2, 3, 3, 1, 4, 2
+    from flamingo_rt.models import NFNet
+    from flamingo_rt.models.lm import DecoderLM
+
+    torch.manual_seed(0)
+    nf, lm = NFNet(rc.model.vision.nfnet), DecoderLM(rc.model.lm)
+    losses = []
+    for cache in (True, False):
+        c.cache_features = cache
+        _, st = run_stage3(rc, tok, copy.deepcopy(nf), lm, seed=1, progress=False)
+        assert set(st.dataset_losses) == {"docs", "pairs", "videos", "naming"}
+        losses.append(st.losses)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)

@@ -19,4 +19,4 @@ from .lm_pretrain import pack_corpus, pretrain_lm, train_tokenizer  # noqa: F401
 from .presets import (  # noqa: F401
     RECIPE_PRESETS, ConnectorConfig, ContrastiveConfig, LMPretrainConfig, RecipeConfig, get_recipe_preset,
 )
-from .recipe import RECIPE_LOG, RecipeResult, run_recipe  # noqa: F401
+from .recipe import RECIPE_LOG, RecipeResult, run_recipe, run_stage3  # noqa: F401

@@ -69,7 +69,8 @@ class Batch:
     input_ids: (B, T) int64, right-padded with ``<pad>``.
     labels: (B, T) int64, -100 at padding and at ``<image>`` tokens.
     attention_mask: (B, T) int64, 1 on real tokens.
-    media: (B, M, F, 3, S, S) float32 normalised pixels (rows with fewer media zero-padded).
+    media: (B, M, F, 3, S, S) float32 normalised pixels (rows with fewer media zero-padded),
+        or (B, M, F, S', Dv) vision features when collated with ``features=True``.
     num_media: (B,) int64 media per row.
     media_index: (B, T) int32, the medium each token attends to (-1 before the first).
     """
@@ -83,12 +84,16 @@ class Batch:
 
 
 def collate(records: Sequence[Record], tokenizer: FlamingoTokenizer, vision: VisionConfig,
-            max_seq_len: int) -> Batch:
+            max_seq_len: int, features: bool = False) -> Batch:
     """Tokenize and pad ``records`` into a :class:`Batch`.
 
     Texts longer than ``max_seq_len`` tokens are cut at the end, and the media whose
     ``<image>`` token was cut are dropped. All media of a batch must have the same frame
-    count F (stills and clips go in separate batches)."""
+    count F (stills and clips go in separate batches).
+
+    With ``features=True`` every record carries ``"feats"``: the frozen vision encoder's
+    output per medium, (F, S, Dv) float32 (:func:`add_features`), and ``Batch.media`` is
+    (B, M, F, S, Dv) features (zero-padded) instead of pixels: the input of the resampler."""
     if not records:
         raise ValueError("expected at least one record, got none")
     img = tokenizer.image_token_id
@@ -100,7 +105,7 @@ def collate(records: Sequence[Record], tokenizer: FlamingoTokenizer, vision: Vis
         ids = tokenizer.encode(r["text"])[:max_seq_len]
         kept = sum(1 for t in ids if t == img)
         seqs.append(ids)
-        media.append(r["media"][:kept])
+        media.append((r["feats"] if features else r["media"])[:kept])
     frames = {m.shape[0] for ms in media for m in ms}
     if len(frames) > 1:
         raise ValueError(f"expected one frame count per batch, got {sorted(frames)}")
@@ -110,14 +115,40 @@ def collate(records: Sequence[Record], tokenizer: FlamingoTokenizer, vision: Vis
     Fr = frames.pop() if frames else 1
     input_ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
-    pix = torch.zeros((B, M, Fr, 3, S, S), dtype=torch.float32)
+    if features:
+        shape = next((m.shape[1:] for ms in media for m in ms), (1, vision.width))
+        pix = torch.zeros((B, M, Fr, *shape), dtype=torch.float32)
+    else:
+        pix = torch.zeros((B, M, Fr, 3, S, S), dtype=torch.float32)
     for b, (s, ms) in enumerate(zip(seqs, media)):
         input_ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
         attention_mask[b, : len(s)] = 1
         for j, m in enumerate(ms):
-            pix[b, j] = normalize_pixels(m, vision)
+            pix[b, j] = m if features else normalize_pixels(m, vision)
     labels = input_ids.masked_fill((attention_mask == 0) | (input_ids == img), -100)
     locations = input_ids == img
     return Batch(input_ids, labels, attention_mask, pix,
                  torch.tensor([len(ms) for ms in media], dtype=torch.long),
                  media_index_from_locations(locations))
+
+
+@torch.no_grad()
+def add_features(records: Sequence[Record], encoder: torch.nn.Module, vision: VisionConfig,
+                 chunk: int = 256) -> None:
+    """Run the frozen vision ``encoder`` once over every medium of ``records`` and store its
+    output in place as ``record["feats"]``: a list of (F, S', Dv) float32 tensors, one per
+    medium. A frozen encoder without augmentation gives the same features every step, so
+    stage 3 computes them once instead of every step (:func:`collate` with ``features=True``)."""
+    frames = [(i, j, m) for i, r in enumerate(records) for j, m in enumerate(r["media"])]
+    for r in records:
+        r["feats"] = [None] * len(r["media"])
+    flat = [(i, j, f) for i, j, m in frames for f in range(m.shape[0])]
+    out = {}
+    for s in range(0, len(flat), chunk):
+        part = flat[s:s + chunk]
+        x = torch.stack([normalize_pixels(records[i]["media"][j][f], vision) for i, j, f in part])
+        y = encoder(x)
+        for (i, j, f), v in zip(part, y):
+            out.setdefault((i, j), []).append(v)
+    for (i, j), vs in out.items():
+        records[i]["feats"][j] = torch.stack(vs)

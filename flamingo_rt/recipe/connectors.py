@@ -21,11 +21,16 @@ from ..models.config import FlamingoConfig
 from ..models.flamingo import Flamingo
 from ..models.lm import DecoderLM
 from ..models.nfnet import NFNet
-from ..world import DOCUMENT_KINDS, image_text_pairs, sample_document, video_text_pairs
-from .batching import Record, collate, doc_record, pair_record, video_record
+from ..io.tokenizer import EOC_TOKEN, IMAGE_TOKEN
+from ..world import CLASSIFY_BY, DOCUMENT_KINDS, few_shot_episode, image_text_pairs, sample_document, video_text_pairs
+from .batching import Record, add_features, collate, doc_record, pair_record, to_uint8, video_record
 from .presets import ConnectorConfig
 from .progress import progress_bar
 from .schedule import warmup_cosine
+
+
+#: std of the resampler's frame / media-time embeddings at the start of stage 3
+EMBED_INIT_STD = 0.02
 
 
 def build_flamingo(config: FlamingoConfig, nfnet: NFNet, lm: DecoderLM) -> Flamingo:
@@ -37,6 +42,15 @@ def build_flamingo(config: FlamingoConfig, nfnet: NFNet, lm: DecoderLM) -> Flami
     if config.vision.nfnet != nfnet.config:
         raise ValueError(f"expected the NFNet config {config.vision.nfnet}, got {nfnet.config}")
     model = Flamingo(config, vision_encoder=nfnet)
+    # The resampler's learned frame (and media-time) embeddings start as randn (std 1, as in
+    # OpenFlamingo, whose CLIP features are of that scale). The small NFNet's pooled features
+    # are ~0.07 in size, so std-1 embeddings added to them drown the image: the resampler's
+    # output then varies ~0.2% between images and stage 3 never opens the attention gates
+    # (FEASIBILITY.md). Start them at the features' scale instead (same random draws, scaled).
+    with torch.no_grad():
+        for emb in (getattr(model.resampler, "frame_embs", None), getattr(model.resampler, "media_time_embs", None)):
+            if emb is not None:
+                emb.mul_(EMBED_INIT_STD)
     missing, unexpected = model.lm.load_state_dict(lm.state_dict(), strict=False)
     missing = [k for k in missing if not k.startswith("xattn.")]
     if missing or unexpected:
@@ -74,12 +88,28 @@ def _doc_pool(cfg: ConnectorConfig, seed: int, image_size: int) -> List[Record]:
     return pool
 
 
+def naming_record(rng: np.random.Generator, ways: tuple, max_shots: int, image_size: int) -> Record:
+    """A training-split few-shot naming episode as one record, in the layout the evaluation
+    prompts with: ``<image>This is a blicket<|endofchunk|>`` for 1..``max_shots`` shuffled
+    examples of each of ``ways[0]..ways[1]`` classes, then the query image with its word."""
+    n_way = int(rng.integers(ways[0], ways[1] + 1))
+    k = int(rng.integers(1, max_shots + 1))
+    by = CLASSIFY_BY[int(rng.integers(len(CLASSIFY_BY)))]
+    ep = few_shot_episode("classify", k, rng, "train", n_way=n_way, by=by, image_size=image_size)
+    texts = [t for t in ep.prompt if isinstance(t, str)]
+    texts[-1] = f"{texts[-1]} {ep.answer}{EOC_TOKEN}"
+    media = [m for m in ep.prompt if not isinstance(m, str)]
+    return {"text": "".join(IMAGE_TOKEN + t for t in texts), "media": [to_uint8(m)[None] for m in media]}
+
+
 def build_pools(cfg: ConnectorConfig, seed: int, image_size: int, progress: bool = False) -> Dict[str, List[Record]]:
-    """The three training pools, rendered once (training split): ``{"docs", "pairs",
-    "videos"}`` lists of records, deterministic under ``seed``."""
+    """The training pools, rendered once (training split): ``{"docs", "pairs", "videos",
+    "naming"}`` lists of records, deterministic under ``seed``."""
     pools = {}
     for name, make in progress_bar(
-            [("docs", lambda: _doc_pool(cfg, seed, image_size)),
+            [("naming", lambda: [naming_record(np.random.default_rng([seed, 13, i]), cfg.naming_ways,
+                                               cfg.naming_shots, image_size) for i in range(cfg.naming_pool)]),
+             ("docs", lambda: _doc_pool(cfg, seed, image_size)),
              ("pairs", lambda: [pair_record(r) for r in image_text_pairs(seed + 11, "train", image_size,
                                                                           n=cfg.pair_pool)]),
              ("videos", lambda: [video_record(r) for r in video_text_pairs(seed + 12, "train", image_size,
@@ -140,10 +170,14 @@ def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: Connect
 
     if pools is None:
         pools = build_pools(cfg, seed, image_size, progress)
-    stats.data_seconds = time.perf_counter() - t0
     plan = [("docs", cfg.doc_batch, cfg.doc_weight), ("pairs", cfg.pair_batch, cfg.pair_weight),
-            ("videos", cfg.video_batch, cfg.video_weight)]
-    plan = [(n, b, w) for n, b, w in plan if b > 0 and w > 0 and pools[n]]
+            ("videos", cfg.video_batch, cfg.video_weight), ("naming", cfg.naming_batch, cfg.naming_weight)]
+    plan = [(n, b, w) for n, b, w in plan if b > 0 and w > 0 and pools.get(n)]
+    if cfg.cache_features:
+        for name, _, _ in plan:
+            if not all("feats" in r for r in pools[name]):
+                add_features(pools[name], model.vision_encoder, model.config.vision)
+    stats.data_seconds = time.perf_counter() - t0
     stats.dataset_losses = {n: [] for n, _, _ in plan}
     g = torch.Generator().manual_seed(seed)
     vision = model.config.vision
@@ -155,9 +189,13 @@ def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: Connect
         for name, bs, w in plan:
             pool = pools[name]
             idx = torch.randint(0, len(pool), (bs,), generator=g).tolist()
-            batch = collate([pool[i] for i in idx], tokenizer, vision, cfg.max_seq_len)
-            out = model(batch.input_ids, batch.media, attention_mask=batch.attention_mask, labels=batch.labels,
-                        num_media=batch.num_media)
+            batch = collate([pool[i] for i in idx], tokenizer, vision, cfg.max_seq_len, features=cfg.cache_features)
+            if cfg.cache_features:
+                out = model(batch.input_ids, media_tokens=model.resampler(batch.media),
+                            attention_mask=batch.attention_mask, labels=batch.labels, num_media=batch.num_media)
+            else:
+                out = model(batch.input_ids, batch.media, attention_mask=batch.attention_mask,
+                            labels=batch.labels, num_media=batch.num_media)
             (w * out.loss).backward()
             stats.dataset_losses[name].append(out.loss.item())
             total += w * stats.dataset_losses[name][-1]

@@ -177,11 +177,14 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
     n_rep = int(round(cfg.repeat_frac * cfg.batch_size))
     lm.train()
     bar = progress_bar(range(cfg.steps), "stage 2/3 LM pretraining", progress)
-    for _ in bar:
-        starts = torch.randint(0, len(stream) - L, (cfg.batch_size,), generator=g)
-        win = stream[starts[:, None] + offsets]  # (B, L)
-        if n_rep:
-            win[:n_rep] = repeated_tokens(n_rep, L, tokenizer.vocab_size, g)
+    for step in bar:
+        if step < cfg.pure_repeat_steps:
+            win = repeated_tokens(cfg.batch_size, L, tokenizer.vocab_size, g)
+        else:
+            starts = torch.randint(0, len(stream) - L, (cfg.batch_size,), generator=g)
+            win = stream[starts[:, None] + offsets]  # (B, L)
+            if n_rep:
+                win[:n_rep] = repeated_tokens(n_rep, L, tokenizer.vocab_size, g)
         logits = lm(win[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), win[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 from ..models.config import (
     FlamingoConfig, LMConfig, NFNetConfig, ResamplerConfig, VisionConfig, XAttnConfig, get_preset,
@@ -43,6 +43,9 @@ class LMPretrainConfig:
     naming: int = 4000  # extra naming paragraphs (``naming_texts``) mixed in
     copy: int = 2000  # repetition paragraphs (``copy_texts``) mixed in
     repeat_frac: float = 0.25  # share of each batch's rows that are random tokens said twice
+    #: curriculum: the first ``pure_repeat_steps`` steps train on :func:`repeated_tokens` rows
+    #: only (content-based copying forms there first), then world text with ``repeat_frac``
+    pure_repeat_steps: int = 0
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 128
@@ -83,6 +86,23 @@ class ConnectorConfig:
     #: ablation), at ``lm_lr``
     freeze_lm: bool = True
     lm_lr: float = 5e-4
+    #: a fourth dataset: few-shot naming episodes in the evaluation's own layout
+    #: (:func:`flamingo_rt.world.few_shot_episode` "classify", training split): ``naming_ways``
+    #: (min, max) classes, 1..``naming_shots`` examples of each, then a query with its word
+    naming_batch: int = 0
+    naming_weight: float = 1.0
+    naming_pool: int = 0
+    naming_ways: Tuple[int, int] = (2, 5)
+    naming_shots: int = 3
+    #: run the frozen vision encoder once over the pools instead of every step (same result)
+    cache_features: bool = True
+    #: initial value of every tanh gate's parameter (the paper: 0, the model starts as the LM)
+    #: and a factor on the initial output projections of the gated blocks (the attention's
+    #: ``to_out``, the feed-forward's ``fc2``). The small LM's residual stream is ~0.03 in size,
+    #: so a block's default-init output (~1) can only enter through a near-closed gate; open
+    #: gates with small outputs let the images in from the first step (FEASIBILITY.md)
+    gate_init: float = 0.0
+    out_init_scale: float = 1.0
 
 
 @dataclass
@@ -95,6 +115,9 @@ class RecipeConfig:
     lm: LMPretrainConfig
     connectors: ConnectorConfig
     image_size: int = 64
+    #: torch intra-op threads :func:`~flamingo_rt.recipe.run_recipe` runs with (None: keep
+    #: the caller's); the weights are reproducible for a fixed thread count
+    num_threads: Optional[int] = None
 
 
 def _toy_model(vocab_size: int = 300) -> FlamingoConfig:
@@ -111,8 +134,23 @@ def _toy_model(vocab_size: int = 300) -> FlamingoConfig:
 
 
 def _tiny_world() -> RecipeConfig:
-    return RecipeConfig("tiny-world", get_preset("tiny-world"), ContrastiveConfig(), LMPretrainConfig(),
-                        ConnectorConfig(), image_size=64)
+    model = get_preset("tiny-world")
+    # A 2 x 64 LM on a near-byte-level vocabulary (320 ids): the smallest LM that holds an
+    # induction (copying) circuit -- a previous-token head, then a matching head -- and the
+    # one that forms it fastest on 2 CPU cores (see FEASIBILITY.md: 4 x 128 / vocab 1024 and
+    # 2 x 128 / vocab 512 did not within 1000-1200 steps).
+    model.lm = LMConfig(vocab_size=320, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, intermediate_size=192,
+                        max_seq_len=1024)
+    lm = LMPretrainConfig(vocab_size=320, steps=2300, pure_repeat_steps=2000, repeat_frac=0.5, batch_size=32,
+                          seq_len=64, lr=1e-3, warmup=50)
+    # Stage 3 fine-tunes the LM too (the paper's "LM fine-tuned" ablation, lm_lr 1e-3) with the
+    # gates open from the start and the blocks' outputs scaled to the LM's small residual
+    # stream: with the frozen LM, or with closed gates, no run got above chance (FEASIBILITY.md)
+    conn = ConnectorConfig(steps=800, lr=2e-3, doc_batch=4, pair_batch=4, video_batch=2, doc_pool=800,
+                           pair_pool=500, video_pool=100, naming_batch=8, naming_weight=2.0, naming_pool=1500,
+                           naming_ways=(3, 5), naming_shots=3, max_seq_len=256, freeze_lm=False, lm_lr=1e-3,
+                           gate_init=1.0, out_init_scale=0.03)
+    return RecipeConfig("tiny-world", model, ContrastiveConfig(), lm, conn, image_size=64, num_threads=1)
 
 
 def _toy() -> RecipeConfig:

@@ -72,9 +72,13 @@ def run_recipe(preset: Union[str, RecipeConfig] = "tiny-world", out_dir: Union[s
         out_dir: folder to write; created if missing.
         seed: the only source of randomness (same seed, same thread count -> same weights).
         progress: tqdm bars for each stage.
-        num_threads: torch intra-op threads for the run (restored afterwards); None keeps
-            the current setting. Results are reproducible for a fixed thread count.
+        num_threads: torch intra-op threads for the run (restored afterwards); None takes
+            the preset's ``num_threads`` (1 for ``tiny-world``: the same weights on any
+            machine, and the fastest on a busy one). Results are reproducible for a fixed
+            thread count.
     """
+    if num_threads is None:
+        num_threads = (get_recipe_preset(preset) if isinstance(preset, str) else preset).num_threads
     if num_threads is None:
         return _run(preset, out_dir, seed, progress)
     before = torch.get_num_threads()
@@ -83,6 +87,23 @@ def run_recipe(preset: Union[str, RecipeConfig] = "tiny-world", out_dir: Union[s
         return _run(preset, out_dir, seed, progress)
     finally:
         torch.set_num_threads(before)
+
+
+def run_stage3(cfg: RecipeConfig, tokenizer: FlamingoTokenizer, nfnet, lm, seed: int, progress: bool = True):
+    """Stage 3 alone: a Flamingo around the pretrained ``nfnet`` and ``lm`` (connectors
+    initialised from ``seed``) with its connectors trained. A function of the two backbones,
+    the tokenizer, ``cfg`` and ``seed`` only, so stage-3 variants can start from saved
+    backbones and give the weights the whole recipe gives. Returns ``(model, ConnectorStats)``."""
+    torch.manual_seed(seed + 3)
+    model = build_flamingo(cfg.model, nfnet, lm)
+    c = cfg.connectors
+    with torch.no_grad():
+        for blk in model.lm.xattn.values():
+            blk.attn.to_out.weight.mul_(c.out_init_scale)
+            blk.ff.fc2.weight.mul_(c.out_init_scale)
+            blk.attn_gate.fill_(c.gate_init)
+            blk.ff_gate.fill_(c.gate_init)
+    return model, train_connectors(model, tokenizer, cfg.connectors, seed, cfg.image_size, progress)
 
 
 def _run(preset, out_dir, seed: int, progress: bool) -> RecipeResult:
@@ -107,8 +128,7 @@ def _run(preset, out_dir, seed: int, progress: bool) -> RecipeResult:
     lm, s2 = pretrain_lm(cfg.model.lm, tok, cfg.lm, seed, progress)
     times["stage2_lm"] = time.perf_counter() - t
     t = time.perf_counter()
-    model = build_flamingo(cfg.model, nfnet, lm)
-    s3 = train_connectors(model, tok, cfg.connectors, seed, cfg.image_size, progress)
+    model, s3 = run_stage3(cfg, tok, nfnet, lm, seed, progress)
     times["stage3_connectors"] = time.perf_counter() - t
     times["total"] = sum(times.values())
 

@@ -216,6 +216,9 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
+    # the shipped model (flamingo_rt/assets/tiny-world: weights, config, tokenizer), so that a
+    # non-editable install runs the demo too
+    package_data={"flamingo_rt": ["assets/*/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch", "numpy", "safetensors", "tokenizers", "tqdm"],

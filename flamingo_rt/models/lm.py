@@ -354,6 +354,7 @@ class DecoderLM(nn.Module):
         xattn_kwargs: Optional[Dict[str, Any]] = None,
         return_hidden: bool = False,
         head: bool = True,
+        embed_offsets: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Next-token logits.
 
@@ -370,6 +371,10 @@ class DecoderLM(nn.Module):
             return_hidden: also return the final hidden states (after ``norm``).
             head: False skips ``lm_head`` and returns only the final hidden states (for a
                 loss that applies the head itself, chunked: ``ops.linear_cross_entropy``).
+            embed_offsets: optional (B, T, D) added to the token embeddings before the first
+                layer (stage 2 of the recipe trains the LM to bind words to such offsets, the
+                way cross-attention later writes images into the residual stream:
+                ``flamingo_rt.recipe.binding``).
 
         Returns:
             logits (B, T, V) in the dtype of the weights; with ``return_hidden`` a tuple
@@ -379,6 +384,11 @@ class DecoderLM(nn.Module):
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         h = self.embed(input_ids)
+        if embed_offsets is not None:
+            if tuple(embed_offsets.shape) != (B, T, h.shape[-1]):
+                raise ValueError(f"expected embed_offsets of shape (B, T, D) = {(B, T, h.shape[-1])}, "
+                                 f"got {tuple(embed_offsets.shape)}")
+            h = h + embed_offsets.to(h.dtype)
 
         mask = None
         if attention_mask is not None:

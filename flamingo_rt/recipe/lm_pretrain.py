@@ -21,6 +21,7 @@ from ..io.tokenizer import FlamingoTokenizer
 from ..models.config import LMConfig
 from ..models.lm import DecoderLM
 from ..world import world_corpus
+from .binding import binding_accuracy, binding_rows
 from .presets import LMPretrainConfig
 from .progress import progress_bar
 from .schedule import warmup_cosine
@@ -122,6 +123,12 @@ class LMStats:
     heldout_after: float = 0.0
     tokens_seen: int = 0
     seconds: float = 0.0
+    #: the signature-binding phase (``cfg.bind_rows > 0``): the offsets' scale (the token
+    #: embeddings' RMS when the phase starts), its per-step losses, and the held-out
+    #: signature-naming accuracy after training (``{"5way_k1": ..., "5way_k2": ..., "2way_k1": ...}``)
+    bind_scale: float = 0.0
+    bind_losses: List[float] = field(default_factory=list)
+    binding_accuracy: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -167,17 +174,26 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
     held = hs[: nh * L].view(nh, L)
     stats = LMStats()
     stats.heldout_before = _eval_loss(lm, held)
-    decay = [p for p in lm.parameters() if p.dim() >= 2]
-    other = [p for p in lm.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    def optimizer(steps: int):
+        decay = [p for p in lm.parameters() if p.dim() >= 2]
+        other = [p for p in lm.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+        return opt, warmup_cosine(opt, cfg.warmup, steps)
+
+    # With binding rows the curriculum's two phases get their own optimizer and schedule:
+    # the pure-repeat phase ends with a low learning rate, the binding phase starts afresh.
+    phased = cfg.bind_rows > 0 and 0 < cfg.pure_repeat_steps < cfg.steps
+    opt, sched = optimizer(cfg.pure_repeat_steps if phased else cfg.steps)
     g = torch.Generator().manual_seed(seed)
+    bind_rng = np.random.default_rng([seed, 8])
     offsets = torch.arange(L)
     n_rep = int(round(cfg.repeat_frac * cfg.batch_size))
     lm.train()
     bar = progress_bar(range(cfg.steps), "stage 2/3 LM pretraining", progress)
     for step in bar:
+        if phased and step == cfg.pure_repeat_steps:
+            opt, sched = optimizer(cfg.steps - cfg.pure_repeat_steps)
         if step < cfg.pure_repeat_steps:
             win = repeated_tokens(cfg.batch_size, L, tokenizer.vocab_size, g)
         else:
@@ -188,14 +204,29 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
         logits = lm(win[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), win[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
+        stats.losses.append(loss.item())  # the text windows' loss (binding rows: bind_losses)
+        if cfg.bind_rows and step >= cfg.pure_repeat_steps:
+            if not stats.bind_scale:
+                stats.bind_scale = float(lm.embed_tokens.weight.detach().float().pow(2).mean().sqrt())
+            bx, boff, by = binding_rows(tokenizer, cfg.bind_rows, cfg.bind_len, lm_config.dim, bind_rng,
+                                        max_ways=cfg.bind_max_ways, max_shots=cfg.bind_max_shots,
+                                        scale=stats.bind_scale, noise=cfg.bind_noise)
+            blogits = lm(bx, embed_offsets=boff)
+            bloss = F.cross_entropy(blogits.reshape(-1, blogits.shape[-1]).float(), by.reshape(-1), ignore_index=-100)
+            stats.bind_losses.append(bloss.item())
+            loss = loss + bloss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         sched.step()
-        stats.losses.append(loss.item())
         stats.tokens_seen += win.numel()
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{stats.losses[-1]:.3f}")
     stats.heldout_after = _eval_loss(lm, held)
+    if cfg.bind_rows and stats.bind_scale:
+        stats.binding_accuracy = {
+            f"{n}way_k{k}": binding_accuracy(lm, tokenizer, n, k, 100, seed + 9, scale=stats.bind_scale,
+                                             noise=cfg.bind_noise)
+            for n, k in ((5, 1), (5, 2), (2, 1))}
     stats.seconds = time.perf_counter() - t0
     return lm, stats

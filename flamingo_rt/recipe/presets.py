@@ -46,6 +46,16 @@ class LMPretrainConfig:
     #: curriculum: the first ``pure_repeat_steps`` steps train on :func:`repeated_tokens` rows
     #: only (content-based copying forms there first), then world text with ``repeat_frac``
     pure_repeat_steps: int = 0
+    #: signature-binding rows (:mod:`flamingo_rt.recipe.binding`) added to every step after
+    #: the pure-repeat phase, each up to ``bind_len`` tokens (few-shot prompts are longer
+    #: than ``seq_len``): naming episodes of 2..``bind_max_ways`` classes x
+    #: 1..``bind_max_shots`` shots whose chunks carry class vectors (+ ``bind_noise``) on
+    #: their input embeddings, the skill a frozen LM needs for in-context naming
+    bind_rows: int = 0
+    bind_len: int = 224
+    bind_max_ways: int = 5
+    bind_max_shots: int = 4
+    bind_noise: float = 0.3
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 128
@@ -141,8 +151,8 @@ def _tiny_world() -> RecipeConfig:
     # 2 x 128 / vocab 512 did not within 1000-1200 steps).
     model.lm = LMConfig(vocab_size=320, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, intermediate_size=192,
                         max_seq_len=1024)
-    lm = LMPretrainConfig(vocab_size=320, steps=2300, pure_repeat_steps=2000, repeat_frac=0.5, batch_size=32,
-                          seq_len=64, lr=1e-3, warmup=50)
+    lm = LMPretrainConfig(vocab_size=320, steps=3500, pure_repeat_steps=2000, repeat_frac=0.25, batch_size=32,
+                          seq_len=64, lr=1e-3, warmup=50, bind_rows=8)
     # Stage 3 fine-tunes the LM too (the paper's "LM fine-tuned" ablation, lm_lr 1e-3) with the
     # gates open from the start and the blocks' outputs scaled to the LM's small residual
     # stream: with the frozen LM, or with closed gates, no run got above chance (FEASIBILITY.md)
@@ -159,7 +169,8 @@ def _toy() -> RecipeConfig:
         ContrastiveConfig(steps=15, batch_size=16, pool_size=96, lr=3e-3, warmup=3, text_dim=32,
                           text_layers=1, text_heads=2, embed_dim=32),
         LMPretrainConfig(vocab_size=300, tokenizer_corpus=200, corpus=200, naming=60, copy=60, steps=20,
-                         batch_size=8, seq_len=64, lr=3e-3, warmup=3),
+                         batch_size=8, seq_len=64, lr=3e-3, warmup=3, pure_repeat_steps=8, bind_rows=2, bind_len=64,
+                         bind_max_shots=2),
         ConnectorConfig(steps=15, lr=3e-3, warmup=3, doc_batch=4, pair_batch=4, video_batch=1,
                         doc_pool=24, pair_pool=16, video_pool=3, max_images=3, num_frames=2,
                         max_seq_len=96),

@@ -1,0 +1,127 @@
+"""Signature-binding rows: the text-side analogue of few-shot naming, for stage 2.
+
+In a few-shot naming prompt ``<image>This is a blicket.<|endofchunk|> ... <image>This is a``
+the only thing that tells the chunks' images apart is what the gated cross-attention adds to
+the residual stream of the chunk's tokens. So the LM can bind a word to an image only if it
+can bind a word to *a vector added to its input over a chunk*, and look that vector up again
+when the query chunk carries a similar one. Text alone never asks for that, and an LM
+pretrained on text alone does not do it (FEASIBILITY.md: every frozen-LM stage 3 was at
+chance). These rows ask for it: each class of a naming episode gets a random vector (its
+"signature"), added to the input embeddings of every token of each of its chunks (plus
+per-chunk noise, as two images of one class differ); the words are fresh nonsense words, so
+the only way to predict a word the second time is to find the earlier chunk with the same
+signature. Stage 3 then only has to make the cross-attention write class-consistent vectors.
+
+``binding_rows`` builds a batch; ``binding_accuracy`` measures the skill (the few-shot
+naming evaluation with signatures in place of images).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..io.tokenizer import EOC_TOKEN, FlamingoTokenizer
+from ..models.lm import DecoderLM
+
+__all__ = ["naming_chunks", "binding_rows", "binding_accuracy"]
+
+
+def naming_chunks(tokenizer: FlamingoTokenizer, rng: np.random.Generator, n_way: int, shots: int,
+                  split: str = "train") -> Tuple[List[int], List[int], int, List[str]]:
+    """One naming episode as token ids, in the layout the evaluation prompts with:
+    ``shots`` shuffled ``<image>{fmt} {word}<|endofchunk|>`` chunks of each of ``n_way``
+    classes, then the query chunk ``<image>{fmt}``.
+
+    Returns ``(ids, classes, query_class, words)``: ``classes[t]`` is the class of the chunk
+    token ``t`` belongs to (the query's for the query chunk)."""
+    from ..world import CLASSIFY_FORMATS, nonsense_words
+    from ..world.text import _pick
+
+    words = nonsense_words(rng, n_way, split)
+    fmt = _pick(rng, "", "train", CLASSIFY_FORMATS).text
+    order = [c for c in range(n_way) for _ in range(shots)]
+    order = [order[i] for i in rng.permutation(len(order))]
+    img = tokenizer.image_token_id
+    ids: List[int] = []
+    classes: List[int] = []
+    for c in order:
+        t = [img] + tokenizer.encode(f"{fmt} {words[c]}{EOC_TOKEN}")
+        ids += t
+        classes += [c] * len(t)
+    q = int(rng.integers(n_way))
+    t = [img] + tokenizer.encode(fmt)
+    return ids + t, classes + [q] * len(t), q, words
+
+
+def _signatures(rng: np.random.Generator, ids: Sequence[int], classes: Sequence[int], image_token_id: int,
+                dim: int, scale: float, noise: float) -> torch.Tensor:
+    """(len(ids), dim) float32: class signature + per-chunk noise, times ``scale``."""
+    n_cls = max(classes) + 1
+    sig = rng.standard_normal((n_cls, dim)).astype(np.float32)
+    chunk = np.cumsum(np.asarray(ids) == image_token_id)  # 1.. per chunk
+    eps = rng.standard_normal((int(chunk.max()) + 1, dim)).astype(np.float32) * noise
+    return torch.from_numpy((sig[np.asarray(classes)] + eps[chunk]) * scale)
+
+
+def binding_rows(tokenizer: FlamingoTokenizer, rows: int, length: int, dim: int, rng: np.random.Generator, *,
+                 max_ways: int = 5, max_shots: int = 4, scale: float = 0.04, noise: float = 0.3,
+                 split: str = "train") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of signature-binding rows for next-token training.
+
+    Each row is one naming episode (2..``max_ways`` classes, 1..``max_shots`` examples of
+    each, fresh nonsense words of ``split``) followed by the query's word and
+    ``<|endofchunk|>``, cut to ``length + 1`` tokens. Class ``c`` of the row gets a signature
+    ``s_c ~ N(0, I)``, chunk ``j`` noise ``e_j ~ N(0, noise^2 I)``, and every token of the
+    chunk the offset ``scale * (s_c + e_j)`` (``scale``: the LM's embedding RMS is right).
+
+    Returns ``(input_ids (rows, length) int64, offsets (rows, length, dim) float32,
+    labels (rows, length) int64 with -100 past each row's end)``; padding inputs are
+    ``tokenizer.eos_token_id`` with zero offsets."""
+    if max_ways < 2 or max_shots < 1:
+        raise ValueError(f"expected max_ways >= 2 and max_shots >= 1, got {max_ways} and {max_shots}")
+    x = torch.full((rows, length), tokenizer.eos_token_id, dtype=torch.long)
+    off = torch.zeros(rows, length, dim)
+    y = torch.full((rows, length), -100, dtype=torch.long)
+    for r in range(rows):
+        ids, classes, q, words = naming_chunks(tokenizer, rng, int(rng.integers(2, max_ways + 1)),
+                                               int(rng.integers(1, max_shots + 1)), split)
+        tail = tokenizer.encode(f" {words[q]}{EOC_TOKEN}")
+        ids, classes = (ids + tail)[:length + 1], (classes + [q] * len(tail))[:length + 1]
+        s = _signatures(rng, ids, classes, tokenizer.image_token_id, dim, scale, noise)
+        n = len(ids) - 1
+        x[r, :n] = torch.tensor(ids[:-1])
+        y[r, :n] = torch.tensor(ids[1:])
+        off[r, :n] = s[:-1]
+    return x, off, y
+
+
+@torch.no_grad()
+def binding_accuracy(lm: DecoderLM, tokenizer: FlamingoTokenizer, n_way: int, shots: int, episodes: int,
+                     seed: int, *, scale: float = 0.04, noise: float = 0.3, split: str = "heldout") -> float:
+    """Fraction of ``episodes`` signature-naming episodes (held-out words by default) in
+    which the query's word has the highest log-likelihood among the ``n_way`` words (each
+    scored with its leading space, the signature of the query chunk on its tokens), as the
+    few-shot evaluation ranks candidates."""
+    was = lm.training
+    lm.eval()
+    hits = 0
+    for e in range(episodes):
+        g = np.random.default_rng([seed, n_way, shots, e])
+        ids, classes, q, words = naming_chunks(tokenizer, g, n_way, shots, split)
+        cands = [tokenizer.encode(" " + w) for w in words]
+        rows = [ids + c for c in cands]
+        # one signature draw per episode, shared by every candidate's row
+        # one signature draw per episode; the candidate's tokens continue the query chunk
+        s = _signatures(g, ids, classes, tokenizer.image_token_id, lm.cfg.dim, scale, noise)
+        longest = max(len(r) for r in rows)
+        s = torch.cat([s, s[-1:].expand(longest - len(ids), -1)])
+        scores = []
+        for c, r in zip(cands, rows):
+            logp = lm(torch.tensor([r]), embed_offsets=s[None, :len(r)].to(lm.embed_tokens.weight.dtype))
+            logp = logp[0].float().log_softmax(-1)
+            scores.append(sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(c)))
+        hits += int(np.argmax(scores)) == q
+    lm.train(was)
+    return hits / episodes

@@ -1,0 +1,112 @@
+"""Stage 2's signature-binding rows (flamingo_rt.recipe.binding) and the LM's embed_offsets."""
+import numpy as np
+import pytest
+import torch
+
+from flamingo_rt.io import FlamingoTokenizer
+from flamingo_rt.io.tokenizer import EOC_TOKEN
+from flamingo_rt.models.config import LMConfig
+from flamingo_rt.models.lm import DecoderLM
+from flamingo_rt.recipe.binding import binding_accuracy, binding_rows, naming_chunks
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = ["This is a blicket.", "It is called a dax", "a red square at the top."] * 30
+    return FlamingoTokenizer.train_bpe(texts, vocab_size=300)
+
+
+def test_naming_chunks_layout(tok):
+    ids, classes, q, words = naming_chunks(tok, np.random.default_rng(0), 4, 2)
+    img = tok.image_token_id
+    assert len(ids) == len(classes) and len(words) == 4 and 0 <= q < 4
+    starts = [i for i, t in enumerate(ids) if t == img]
+    assert len(starts) == 4 * 2 + 1 and starts[0] == 0
+    bounds = starts + [len(ids)]
+    seen = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        assert len(set(classes[a:b])) == 1  # one class per chunk
+        seen.append(classes[a])
+    assert sorted(seen[:-1]) == sorted([c for c in range(4) for _ in range(2)]) and seen[-1] == q
+    text = tok.decode(ids)
+    for c in range(4):  # each support chunk names its class's word
+        assert text.count(words[c] + EOC_TOKEN) == 2
+    assert not text.endswith(EOC_TOKEN)  # the query chunk ends at the format
+
+
+def test_binding_rows_offsets_follow_classes_and_chunks(tok):
+    x, off, y = binding_rows(tok, 3, 96, 16, np.random.default_rng(1), max_ways=3, max_shots=2,
+                             scale=0.5, noise=0.0)
+    assert x.shape == y.shape == (3, 96) and off.shape == (3, 96, 16) and x.dtype == torch.long
+    for r in range(3):
+        n = int((y[r] != -100).sum())
+        assert torch.equal(x[r, 1:n], y[r, :n - 1])  # labels are the inputs shifted
+        assert (x[r, n:] == tok.eos_token_id).all() and (off[r, n:] == 0).all()
+        # with noise 0, positions of one chunk carry one vector, and each vector is a class's
+        starts = (x[r, :n] == tok.image_token_id).nonzero().flatten().tolist() + [n]
+        vecs = [off[r, a] for a in starts[:-1]]
+        for a, b in zip(starts[:-1], starts[1:]):
+            assert torch.equal(off[r, a:b], off[r, a].expand(b - a, -1))
+        distinct = {tuple(v.tolist()) for v in vecs}
+        assert len(distinct) <= 3  # at most max_ways classes
+        if len(vecs) > 3:  # then some class repeats: the same vector again
+            assert len(distinct) < len(vecs)
+        assert abs(float(off[r, :n].std()) - 0.5) < 0.3
+    # deterministic under the generator; noise makes chunks of one class differ
+    x2, off2, y2 = binding_rows(tok, 3, 96, 16, np.random.default_rng(1), max_ways=3, max_shots=2,
+                                scale=0.5, noise=0.0)
+    assert torch.equal(x, x2) and torch.equal(off, off2) and torch.equal(y, y2)
+    _, offn, _ = binding_rows(tok, 1, 96, 16, np.random.default_rng(2), max_ways=2, max_shots=3, scale=1.0, noise=0.3)
+    starts = (x2[0] == tok.image_token_id).nonzero().flatten()
+    assert not torch.equal(offn[0, 0], offn[0, int(starts[1])])
+
+
+def test_embed_offsets_add_to_the_embeddings():
+    torch.manual_seed(0)
+    lm = DecoderLM(LMConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, intermediate_size=32,
+                            max_seq_len=32)).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    off = torch.randn(2, 7, 16)
+    h = lm.embed_tokens.register_forward_hook(lambda m, i, o: o + off)
+    ref = lm(ids)
+    h.remove()
+    torch.testing.assert_close(lm(ids, embed_offsets=off), ref)
+    assert not torch.allclose(lm(ids), ref)
+    with pytest.raises(ValueError, match=r"embed_offsets of shape \(B, T, D\)"):
+        lm(ids, embed_offsets=torch.zeros(2, 7, 8))
+
+
+class _OracleLM(torch.nn.Module):
+    """Reads the binding from the offsets: the word after the earlier chunk whose offset is
+    nearest the last position's (or, with ``blind``, always the first chunk's word)."""
+
+    def __init__(self, tok, dim, blind=False):
+        super().__init__()
+        self.cfg = LMConfig(vocab_size=tok.vocab_size, dim=dim, n_layers=1, n_heads=1, n_kv_heads=1,
+                            intermediate_size=8, max_seq_len=1024)
+        self.embed_tokens = torch.nn.Embedding(tok.vocab_size, dim)
+        self.tok, self.blind = tok, blind
+
+    def forward(self, ids, embed_offsets):
+        ids, off = ids[0].tolist(), embed_offsets[0]
+        starts = [i for i, t in enumerate(ids) if t == self.tok.image_token_id]
+        q = starts[-1]
+        sims = [float(torch.nn.functional.cosine_similarity(off[s], off[q], dim=0)) for s in starts[:-1]]
+        best = starts[0] if self.blind else starts[int(np.argmax(sims))]
+        end = ids.index(self.tok.eoc_token_id, best)
+        fmt, word = self.tok.decode(ids[best + 1:end]).rsplit(" ", 1)
+        prompt_end = q + 1 + len(self.tok.encode(fmt))  # the query chunk: <image> + format
+        logits = torch.zeros(1, len(ids), self.cfg.vocab_size)
+        for j, t in enumerate(self.tok.encode(" " + word)):  # predict the word's tokens in order
+            if prompt_end - 1 + j < len(ids):
+                logits[0, prompt_end - 1 + j, t] = 20.0
+        return logits
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_binding_accuracy_scores_the_bound_word(tok, blind):
+    acc = binding_accuracy(_OracleLM(tok, 16, blind), tok, 5, 1, 40, seed=0, noise=0.3)
+    if blind:
+        assert acc < 0.5  # the first chunk's word is right only when it is the query's class
+    else:
+        assert acc == 1.0

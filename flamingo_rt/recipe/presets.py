@@ -31,6 +31,33 @@ class ContrastiveConfig:
     text_max_len: int = 48
     embed_dim: int = 128  # the joint embedding width
     init_temperature: float = 0.07
+    #: share of the steps (and of the pool) given to single-object images with short
+    #: attribute captions (``flamingo_rt.world.data.attribute_pairs``: "a star.", "a red
+    #: shape.", "a red star."); each such batch uses one caption kind, so many captions in it
+    #: are equal and InfoNCE's ``same`` mask makes them multi-positive. 0: world captions only.
+    single_frac: float = 0.0
+    #: caption kinds of the attribute batches, taken in turn
+    single_kinds: Tuple[str, ...] = ("shape", "colour", "shape_colour")
+    #: learning rate of the NFNet's parameters (None: ``lr``, like the rest)
+    vision_lr: Optional[float] = None
+    #: learning rate of the NFNet blocks' ``skipinit_gain`` scalars (None: the NFNet's). They
+    #: start at 0 and move ~lr per Adam step, so the residual branches grow slowly; in a
+    #: 150-step shape-only test 0.05 here changed little
+    skipinit_lr: Optional[float] = None
+    #: InfoNCE on each of the NFNet's output tokens (averaged) instead of on their mean: every
+    #: token must then describe the whole image, wherever its object is
+    per_token: bool = False
+    #: hard negatives: each attribute batch shows only ``hard_k`` shapes x ``hard_k`` colours
+    #: (drawn per batch), so captions naming both differ from their negatives in the shape
+    #: alone or the colour alone; 0: attribute batches drawn from the whole pool
+    hard_k: int = 0
+    #: attribute batches of each caption kind project the image through their own head (the
+    #: text side is shared): a shape batch's embedding need not carry colour, nor the reverse
+    kind_heads: bool = False
+    #: curriculum: the first ``lead_steps`` steps are all attribute batches of
+    #: ``single_kinds[0]``; ``single_frac`` spreads the rest. (Measured: shape is learnt
+    #: slowly, and hardly at all when colour batches alternate with it from the start.)
+    lead_steps: int = 0
 
 
 @dataclass

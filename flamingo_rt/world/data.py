@@ -20,7 +20,7 @@ from .scene import Scene, render_scene, sample_scene
 
 __all__ = [
     "Document", "DOCUMENT_KINDS", "sample_document", "describe_scene", "image_text_pairs",
-    "interleaved_documents", "video_text_pairs", "text_corpus", "world_corpus",
+    "interleaved_documents", "video_text_pairs", "text_corpus", "world_corpus", "attribute_pairs",
 ]
 
 _INTROS = ("here are some pictures.", "look at these images.", "a page about shapes and colours.",
@@ -161,6 +161,24 @@ def image_text_pairs(seed: int, split: str = "train", image_size: int = 64, n: O
         sc = sample_scene(g, split)
         text, tid = caption(g, sc, split)
         yield {"image": render_scene(sc, image_size), "text": text, "scene": sc, "template_id": tid}
+
+
+def attribute_pairs(seed: int, split: str = "train", image_size: int = 64, n: Optional[int] = None
+                    ) -> Iterator[Dict[str, Any]]:
+    """Single-object images with their short attribute captions (one per kind of
+    :data:`~flamingo_rt.world.text.ATTRIBUTE_CAPTION_KINDS`): ``{"image": float32 (3, S, S)
+    in [0, 1], "scene": Scene, "captions": {"shape": "a star.", "colour": "a red shape.",
+    "shape_colour": "a red star."}}``. Record i depends only on (seed, i), and its scene is
+    drawn independently of record i of :func:`image_text_pairs` under the same seed."""
+    from .text import ATTRIBUTE_CAPTION_KINDS, attribute_caption
+    check_split(split)
+    i = 0
+    while n is None or i < n:
+        g = np.random.default_rng([seed, i, 1])
+        sc = sample_scene(g, split, kind="single")
+        yield {"image": render_scene(sc, image_size), "scene": sc,
+               "captions": {k: attribute_caption(sc, k) for k in ATTRIBUTE_CAPTION_KINDS}}
+        i += 1
 
 
 def interleaved_documents(seed: int, split: str = "train", image_size: int = 64, max_images: int = 5,

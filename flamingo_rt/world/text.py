@@ -31,7 +31,7 @@ __all__ = [
     "Template", "TEMPLATES", "QA", "QA_TYPES", "VIDEO_QA_TYPES", "ANSWER_SETS", "heldout_markers",
     "caption", "sample_qa", "video_caption", "sample_video_qa", "qa_text", "where_phrase",
     "nonsense_word", "nonsense_words", "nonsense_word_split", "world_vocabulary",
-    "CLASSIFY_FORMATS", "CAPTION_PREFIXES",
+    "CLASSIFY_FORMATS", "CAPTION_PREFIXES", "ATTRIBUTE_CAPTION_KINDS", "attribute_caption",
 ]
 
 
@@ -215,6 +215,27 @@ def caption(rng: np.random.Generator, scene: Scene, split: str = "train") -> Tup
         return _fill(t.text, n=COUNT_WORDS[n], colour=g.colour, plural=g.shape if n == 1 else SHAPE_PLURALS[g.shape],
                      rest=rest_s, be="is" if n == 1 else "are"), t.id
     raise ValueError(f"expected a still scene of kind single/multi/count, got {scene.kind!r}")
+
+
+#: what an attribute caption names: the shape, the colour, or both
+ATTRIBUTE_CAPTION_KINDS = ("shape", "colour", "shape_colour")
+
+
+def attribute_caption(scene: Scene, kind: str) -> str:
+    """A short caption of a single-object scene that names one or two attributes of its
+    object: ``"a star."`` (kind "shape"), ``"a red shape."`` ("colour") or ``"a red star."``
+    ("shape_colour"). Deterministic (no template is drawn); only words of the train captions.
+    Used to pretrain the vision encoder contrastively, where many images share a caption."""
+    if scene.kind != "single":
+        raise ValueError(f"expected a single-object scene, got kind {scene.kind!r}")
+    o = scene.subject
+    if kind == "shape":
+        return f"{article(o.shape)} {o.shape}."
+    if kind == "colour":
+        return f"{article(o.colour)} {o.colour} shape."
+    if kind == "shape_colour":
+        return f"{article(o.colour)} {o.colour} {o.shape}."
+    raise ValueError(f"expected kind in {ATTRIBUTE_CAPTION_KINDS}, got {kind!r}")
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,27 @@ def test_binding_accuracy_scores_the_bound_word(tok, blind):
         assert acc < 0.5  # the first chunk's word is right only when it is the query's class
     else:
         assert acc == 1.0
+
+
+def test_binding_rows_amplitude_and_common_part(tok):
+    def chunk_vectors(off, x):
+        starts = (x == tok.image_token_id).nonzero().flatten().tolist()
+        return off[starts]
+
+    # a fixed amplitude scales the class vectors; no shared part: chunk vectors uncorrelated
+    x, off, _ = binding_rows(tok, 4, 160, 64, np.random.default_rng(3), scale=1.0, noise=0.0, amplitude=(0.5, 0.5))
+    v = torch.cat([chunk_vectors(off[r], x[r]) for r in range(4)])
+    assert abs(float(v.std()) - 0.5) < 0.1
+    # a shared part (its size uniform in [0, common) per row): chunks of a row point the same way
+    def mean_cos(common):
+        x, off, _ = binding_rows(tok, 16, 160, 64, np.random.default_rng(4), scale=1.0, noise=0.0,
+                                 amplitude=(0.1, 0.1), common=common)
+        cos = []
+        for r in range(16):
+            c = torch.nn.functional.normalize(chunk_vectors(off[r], x[r]), dim=-1)
+            cos += [float(a) for i, a in enumerate((c @ c.T).flatten()) if i % (len(c) + 1)]
+        return float(np.mean(cos))
+
+    assert mean_cos(20.0) > 0.7 and abs(mean_cos(0.0)) < 0.3
+    with pytest.raises(ValueError, match="max_ways >= 2"):
+        binding_rows(tok, 1, 32, 8, np.random.default_rng(0), max_ways=1)

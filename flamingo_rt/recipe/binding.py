@@ -56,17 +56,21 @@ def naming_chunks(tokenizer: FlamingoTokenizer, rng: np.random.Generator, n_way:
 
 
 def _signatures(rng: np.random.Generator, ids: Sequence[int], classes: Sequence[int], image_token_id: int,
-                dim: int, scale: float, noise: float) -> torch.Tensor:
-    """(len(ids), dim) float32: class signature + per-chunk noise, times ``scale``."""
+                dim: int, scale: float, noise: float, amplitude: float = 1.0, common: float = 0.0) -> torch.Tensor:
+    """(len(ids), dim) float32 offsets ``scale * (common * a + amplitude * (s_c + e_j))``:
+    a shared vector ``a`` (one per episode), class signatures ``s_c`` and per-chunk noise
+    ``e_j ~ N(0, noise^2)``, all standard normal before scaling."""
     n_cls = max(classes) + 1
     sig = rng.standard_normal((n_cls, dim)).astype(np.float32)
     chunk = np.cumsum(np.asarray(ids) == image_token_id)  # 1.. per chunk
     eps = rng.standard_normal((int(chunk.max()) + 1, dim)).astype(np.float32) * noise
-    return torch.from_numpy((sig[np.asarray(classes)] + eps[chunk]) * scale)
+    shared = rng.standard_normal(dim).astype(np.float32) * common
+    return torch.from_numpy((shared + amplitude * (sig[np.asarray(classes)] + eps[chunk])) * scale)
 
 
 def binding_rows(tokenizer: FlamingoTokenizer, rows: int, length: int, dim: int, rng: np.random.Generator, *,
                  max_ways: int = 5, max_shots: int = 4, scale: float = 0.04, noise: float = 0.3,
+                 amplitude: Tuple[float, float] = (1.0, 1.0), common: float = 0.0,
                  split: str = "train") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch of signature-binding rows for next-token training.
 
@@ -74,7 +78,11 @@ def binding_rows(tokenizer: FlamingoTokenizer, rows: int, length: int, dim: int,
     each, fresh nonsense words of ``split``) followed by the query's word and
     ``<|endofchunk|>``, cut to ``length + 1`` tokens. Class ``c`` of the row gets a signature
     ``s_c ~ N(0, I)``, chunk ``j`` noise ``e_j ~ N(0, noise^2 I)``, and every token of the
-    chunk the offset ``scale * (s_c + e_j)`` (``scale``: the LM's embedding RMS is right).
+    chunk the offset ``scale * (c * a + r * (s_c + e_j))`` (``scale``: the LM's embedding RMS
+    is right), with a vector ``a ~ N(0, I)`` shared by the whole row, ``c ~ U(0, common)`` and
+    the class amplitude ``r`` log-uniform in ``amplitude``. What cross-attention writes over a
+    chunk is mostly the same for every image (the shared part) with a small image-specific
+    part, so the LM must bind on small differences on top of a large common offset.
 
     Returns ``(input_ids (rows, length) int64, offsets (rows, length, dim) float32,
     labels (rows, length) int64 with -100 past each row's end)``; padding inputs are
@@ -89,7 +97,10 @@ def binding_rows(tokenizer: FlamingoTokenizer, rows: int, length: int, dim: int,
                                                int(rng.integers(1, max_shots + 1)), split)
         tail = tokenizer.encode(f" {words[q]}{EOC_TOKEN}")
         ids, classes = (ids + tail)[:length + 1], (classes + [q] * len(tail))[:length + 1]
-        s = _signatures(rng, ids, classes, tokenizer.image_token_id, dim, scale, noise)
+        lo, hi = amplitude
+        amp = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) if hi > lo else float(lo)
+        s = _signatures(rng, ids, classes, tokenizer.image_token_id, dim, scale, noise, amp,
+                        float(rng.uniform(0.0, common)) if common > 0 else 0.0)
         n = len(ids) - 1
         x[r, :n] = torch.tensor(ids[:-1])
         y[r, :n] = torch.tensor(ids[1:])
@@ -99,11 +110,13 @@ def binding_rows(tokenizer: FlamingoTokenizer, rows: int, length: int, dim: int,
 
 @torch.no_grad()
 def binding_accuracy(lm: DecoderLM, tokenizer: FlamingoTokenizer, n_way: int, shots: int, episodes: int,
-                     seed: int, *, scale: float = 0.04, noise: float = 0.3, split: str = "heldout") -> float:
+                     seed: int, *, scale: float = 0.04, noise: float = 0.3, amplitude: float = 1.0,
+                     common: float = 0.0, split: str = "heldout") -> float:
     """Fraction of ``episodes`` signature-naming episodes (held-out words by default) in
     which the query's word has the highest log-likelihood among the ``n_way`` words (each
     scored with its leading space, the signature of the query chunk on its tokens), as the
-    few-shot evaluation ranks candidates."""
+    few-shot evaluation ranks candidates. ``amplitude`` and ``common`` as in
+    :func:`binding_rows` (fixed values here)."""
     was = lm.training
     lm.eval()
     hits = 0
@@ -114,7 +127,7 @@ def binding_accuracy(lm: DecoderLM, tokenizer: FlamingoTokenizer, n_way: int, sh
         rows = [ids + c for c in cands]
         # one signature draw per episode, shared by every candidate's row
         # one signature draw per episode; the candidate's tokens continue the query chunk
-        s = _signatures(g, ids, classes, tokenizer.image_token_id, lm.cfg.dim, scale, noise)
+        s = _signatures(g, ids, classes, tokenizer.image_token_id, lm.cfg.dim, scale, noise, amplitude, common)
         longest = max(len(r) for r in rows)
         s = torch.cat([s, s[-1:].expand(longest - len(ids), -1)])
         scores = []

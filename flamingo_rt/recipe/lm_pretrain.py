@@ -208,9 +208,12 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
         if cfg.bind_rows and step >= cfg.pure_repeat_steps:
             if not stats.bind_scale:
                 stats.bind_scale = float(lm.embed_tokens.weight.detach().float().pow(2).mean().sqrt())
+            ramp = min(1.0, (step - cfg.pure_repeat_steps) / max(1.0, 0.7 * (cfg.steps - cfg.pure_repeat_steps)))
             bx, boff, by = binding_rows(tokenizer, cfg.bind_rows, cfg.bind_len, lm_config.dim, bind_rng,
                                         max_ways=cfg.bind_max_ways, max_shots=cfg.bind_max_shots,
-                                        scale=stats.bind_scale, noise=cfg.bind_noise)
+                                        scale=stats.bind_scale, noise=cfg.bind_noise,
+                                        amplitude=(cfg.bind_min_amplitude ** ramp, cfg.bind_max_amplitude ** ramp),
+                                        common=cfg.bind_common * ramp)
             blogits = lm(bx, embed_offsets=boff)
             bloss = F.cross_entropy(blogits.reshape(-1, blogits.shape[-1]).float(), by.reshape(-1), ignore_index=-100)
             stats.bind_losses.append(bloss.item())
@@ -225,8 +228,10 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
     stats.heldout_after = _eval_loss(lm, held)
     if cfg.bind_rows and stats.bind_scale:
         stats.binding_accuracy = {
-            f"{n}way_k{k}": binding_accuracy(lm, tokenizer, n, k, 100, seed + 9, scale=stats.bind_scale,
-                                             noise=cfg.bind_noise)
-            for n, k in ((5, 1), (5, 2), (2, 1))}
+            f"{n}way_k{k}" + (f"_amp{a}_common{c}" if (a, c) != (1.0, 0.0) else ""): binding_accuracy(
+                lm, tokenizer, n, k, 100, seed + 9, scale=stats.bind_scale, noise=cfg.bind_noise, amplitude=a, common=c)
+            for n, k, a, c in ((5, 1, 1.0, 0.0), (5, 2, 1.0, 0.0), (2, 1, 1.0, 0.0),
+                               (5, 1, cfg.bind_min_amplitude, 0.0), (5, 1, cfg.bind_max_amplitude, cfg.bind_common))
+            if (a, c) == (1.0, 0.0) or (n, k) == (5, 1)}
     stats.seconds = time.perf_counter() - t0
     return lm, stats

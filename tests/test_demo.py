@@ -139,12 +139,9 @@ def test_shipped_model_is_the_recipe_output_and_small():
     assert len(scores) == 5 and all(np.isfinite(scores))
 
 
-# Issue 8's target. The shipped model does not reach it yet: on this suite it is at chance
-# (FEASIBILITY.md, "Session 2026-12-02"); the test stays as the target, expected to fail.
+# Issue 8's target, on the demo's own naming episodes (5-way, classes are colours; held-out
+# images and words, training phrasings, seed 0).
 @pytest.mark.skipif(not _SHIPPED, reason="the shipped model (flamingo_rt/assets/tiny-world) is not in the repo")
-@pytest.mark.xfail(reason="issue 8 open: the shipped tiny-world model names held-out 5-way at chance "
-                          "(stage-1 NFNet features separate held-out shapes too weakly; FEASIBILITY.md)",
-                   strict=False)
 def test_shipped_model_names_5_way_2_shot_at_least_80_percent():
     suite = demo.demo_suite(tasks=("classify",))  # the demo's own classify episodes (seed 0)
     res = evaluate(str(demo.DEFAULT_MODEL), suite)

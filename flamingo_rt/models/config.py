@@ -199,11 +199,10 @@ def _tiny_world() -> FlamingoConfig:
     """The shipped model's shapes (``flamingo_rt.recipe`` preset ``tiny-world``): 64x64
     images, NFNet to a 2x2 grid of width 128, 8 latents, xattn before every LM layer, a
     4 x 128 LM. ``lm.vocab_size`` is the recipe tokenizer's (set when it is trained)."""
-    # stem_chs 16 makes the deep stem's convs 2/4/8/16 wide: RGB goes through a 2-channel
-    # first conv. 64 (8/16/32/64) lifts the held-out colour probe of the stage-1 features from
-    # 0.77 to 0.99 (FEASIBILITY.md); the shipped model was trained with 16, so it stays here
-    # until the model is retrained
-    nf = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), stem_chs=16, group_size=16,
+    # stem_chs 64: the deep stem's convs are 8/16/32/64 wide. With 16 they were 2/4/8/16 and RGB
+    # went through a 2-channel first conv (held-out colour probe of the stage-1 features 0.77;
+    # 0.99 with 64: FEASIBILITY.md)
+    nf = NFNetConfig(depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), stem_chs=64, group_size=16,
                      num_features=128)
     return FlamingoConfig(
         vision=VisionConfig(kind="nfnet", nfnet=nf, width=128, image_size=64),

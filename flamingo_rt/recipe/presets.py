@@ -187,16 +187,18 @@ def _tiny_world() -> RecipeConfig:
     # 2 x 128 / vocab 512 did not within 1000-1200 steps).
     model.lm = LMConfig(vocab_size=320, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, intermediate_size=192,
                         max_seq_len=1024)
-    # (Stage 2 can also teach binding on input-embedding offsets, ``bind_rows`` and friends; the
-    # shipped model predates them, and stage 3 does not yet profit from them: FEASIBILITY.md)
-    lm = LMPretrainConfig(vocab_size=320, steps=2300, pure_repeat_steps=2000, repeat_frac=0.5, batch_size=32,
-                          seq_len=64, lr=1e-3, warmup=50)
-    # Stage 3 fine-tunes the LM too (the paper's "LM fine-tuned" ablation, lm_lr 1e-3) with the
-    # gates open from the start and the blocks' outputs scaled to the LM's small residual
-    # stream: with the frozen LM, or with closed gates, no run got above chance (FEASIBILITY.md)
+    # Then 2000 steps of world text with signature-binding rows (flamingo_rt.recipe.binding): the
+    # LM learns to bind a word to a vector added over its chunk, at the small amplitude and
+    # under the shared offset that stage 3's cross-attention writes (FEASIBILITY.md)
+    lm = LMPretrainConfig(vocab_size=320, steps=4000, pure_repeat_steps=2000, repeat_frac=0.25, batch_size=32,
+                          seq_len=64, lr=1e-3, warmup=50, bind_rows=8, bind_min_amplitude=0.1,
+                          bind_max_amplitude=0.3, bind_common=0.5)
+    # Stage 3 keeps both backbones frozen (the paper's recipe), with the gates open from the
+    # start and the blocks' outputs scaled to the LM's small residual stream, and the naming
+    # episodes weighted 8 (the other datasets pull against binding: FEASIBILITY.md)
     conn = ConnectorConfig(steps=800, lr=2e-3, doc_batch=4, pair_batch=4, video_batch=2, doc_pool=800,
-                           pair_pool=500, video_pool=100, naming_batch=8, naming_weight=2.0, naming_pool=1500,
-                           naming_ways=(3, 5), naming_shots=3, max_seq_len=256, freeze_lm=False, lm_lr=1e-3,
+                           pair_pool=500, video_pool=100, naming_batch=8, naming_weight=8.0, naming_pool=1500,
+                           naming_ways=(3, 5), naming_shots=3, max_seq_len=256, freeze_lm=True,
                            gate_init=1.0, out_init_scale=0.03)
     return RecipeConfig("tiny-world", model, ContrastiveConfig(), lm, conn, image_size=64, num_threads=1)
 

@@ -88,7 +88,9 @@ class _OracleLM(torch.nn.Module):
         self.tok, self.blind = tok, blind
 
     def forward(self, ids, embed_offsets):
-        ids, off = ids[0].tolist(), embed_offsets[0]
+        return torch.cat([self._row(r.tolist(), o) for r, o in zip(ids, embed_offsets)])
+
+    def _row(self, ids, off):
         starts = [i for i, t in enumerate(ids) if t == self.tok.image_token_id]
         q = starts[-1]
         sims = [float(torch.nn.functional.cosine_similarity(off[s], off[q], dim=0)) for s in starts[:-1]]

@@ -124,17 +124,17 @@ def binding_accuracy(lm: DecoderLM, tokenizer: FlamingoTokenizer, n_way: int, sh
         g = np.random.default_rng([seed, n_way, shots, e])
         ids, classes, q, words = naming_chunks(tokenizer, g, n_way, shots, split)
         cands = [tokenizer.encode(" " + w) for w in words]
-        rows = [ids + c for c in cands]
-        # one signature draw per episode, shared by every candidate's row
         # one signature draw per episode; the candidate's tokens continue the query chunk
         s = _signatures(g, ids, classes, tokenizer.image_token_id, lm.cfg.dim, scale, noise, amplitude, common)
-        longest = max(len(r) for r in rows)
+        longest = len(ids) + max(len(c) for c in cands)
         s = torch.cat([s, s[-1:].expand(longest - len(ids), -1)])
-        scores = []
-        for c, r in zip(cands, rows):
-            logp = lm(torch.tensor([r]), embed_offsets=s[None, :len(r)].to(lm.embed_tokens.weight.dtype))
-            logp = logp[0].float().log_softmax(-1)
-            scores.append(sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(c)))
+        # all candidates in one causal forward, right-padded (padding only follows what is scored)
+        x = torch.full((len(cands), longest), tokenizer.eos_token_id, dtype=torch.long)
+        for i, c in enumerate(cands):
+            x[i, :len(ids) + len(c)] = torch.tensor(ids + c)
+        logp = lm(x, embed_offsets=s.expand(len(cands), -1, -1).to(lm.embed_tokens.weight.dtype))
+        logp = logp.float().log_softmax(-1)
+        scores = [sum(float(logp[i, len(ids) - 1 + j, t]) for j, t in enumerate(c)) for i, c in enumerate(cands)]
         hits += int(np.argmax(scores)) == q
     lm.train(was)
     return hits / episodes

@@ -227,11 +227,13 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
             bar.set_postfix(loss=f"{stats.losses[-1]:.3f}")
     stats.heldout_after = _eval_loss(lm, held)
     if cfg.bind_rows and stats.bind_scale:
+        cases = {"5way_k1": (5, 1, 1.0, 0.0), "5way_k2": (5, 2, 1.0, 0.0), "2way_k1": (2, 1, 1.0, 0.0)}
+        for a, c in ((cfg.bind_min_amplitude, 0.0), (cfg.bind_max_amplitude, cfg.bind_common)):
+            if (a, c) != (1.0, 0.0):  # the curriculum's end points, when it has one
+                cases[f"5way_k1_amp{a}_common{c}"] = (5, 1, a, c)
         stats.binding_accuracy = {
-            f"{n}way_k{k}" + (f"_amp{a}_common{c}" if (a, c) != (1.0, 0.0) else ""): binding_accuracy(
-                lm, tokenizer, n, k, 100, seed + 9, scale=stats.bind_scale, noise=cfg.bind_noise, amplitude=a, common=c)
-            for n, k, a, c in ((5, 1, 1.0, 0.0), (5, 2, 1.0, 0.0), (2, 1, 1.0, 0.0),
-                               (5, 1, cfg.bind_min_amplitude, 0.0), (5, 1, cfg.bind_max_amplitude, cfg.bind_common))
-            if (a, c) == (1.0, 0.0) or (n, k) == (5, 1)}
+            key: binding_accuracy(lm, tokenizer, n, k, 100, seed + 9, scale=stats.bind_scale, noise=cfg.bind_noise,
+                                  amplitude=a, common=c)
+            for key, (n, k, a, c) in cases.items()}
     stats.seconds = time.perf_counter() - t0
     return lm, stats

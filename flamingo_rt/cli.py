@@ -12,19 +12,14 @@
 
     flamingo-rt export MODEL_DIR OUT_DIR [--device cpu|cuda] [--max-seq-len N] [--max-media M]
                                      AOTInductor packages + tokenizer + manifest for C++ hosts
-
-``ablate`` arrives with the ablation work; until then it says so and exits with status 2.
+    flamingo-rt ablate [--model DIR] [--only NAME ...] [--steps N] [--json F]
+                                     the paper's ablations in miniature (short stage-3 runs, table)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import List, Optional
-
-NOT_YET = {
-    "ablate": "the ablation runner is not built yet",
-}
-
 
 def _info(presets: List[str], seq_len: int, num_media: int) -> int:
     from .models import PRESETS
@@ -225,11 +220,35 @@ def _export(args) -> int:
     return 0
 
 
+def _ablate(args) -> int:
+    from .demo import DEFAULT_MODEL
+    from .recipe.ablate import ABLATIONS, format_table, run_ablations, save_json
+
+    model = args.model or str(DEFAULT_MODEL)
+    names = [n for arg in args.only for n in arg.split(",") if n] if args.only else None
+    steps = args.steps or f"the {args.preset} preset's"
+    print(f"ablations of stage 3 on the backbones of {model}: {', '.join(names or ABLATIONS)}; "
+          f"{steps} steps each, scored on {args.episodes} held-out queries per cell", flush=True)
+
+    def on_row(row):
+        print(f"  {row.name}: score {100 * row.score:.1f}% in {row.train_seconds:.0f} s", flush=True)
+
+    try:
+        rows = run_ablations(model, preset=args.preset, names=names, steps=args.steps or None, seed=args.seed,
+                             episodes=args.episodes, shots=tuple(args.shots), by=args.by,
+                             progress=not args.no_progress, num_threads=args.threads or None, on_row=on_row)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"flamingo-rt ablate: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.json:
+        print(f"wrote {save_json(rows, args.json, model=model, preset=args.preset, seed=args.seed, episodes=args.episodes, by=args.by)}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="flamingo-rt", description="Flamingo-style VLM kernels and runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in NOT_YET:
-        sub.add_parser(name, help=NOT_YET[name].split(",")[0])
     from .eval.suite import DEFAULT_SHOTS, DEFAULT_TASKS
     from .world.episodes import CLASSIFY_BY
 
@@ -297,7 +316,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p_gen.add_argument("--device", default="cpu")
     p_gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p_abl = sub.add_parser("ablate", help="the paper's ablations in miniature: short stage-3 runs, one change each")
+    p_abl.add_argument("--model", default=None,
+                       help="model folder whose NFNet, LM and tokenizer are the frozen backbones (default: the shipped one)")
+    p_abl.add_argument("--only", nargs="+", default=None,
+                       help="ablations to run, space- or comma-separated (default: all; baseline, no_tanh_gating, "
+                            "all_previous_images, mlp_resampler, xattn_every_2nd_layer, unfrozen_lm)")
+    p_abl.add_argument("--preset", default="tiny-world", help="recipe preset whose stage-3 settings every run uses")
+    p_abl.add_argument("--steps", type=int, default=400,
+                       help="stage-3 steps per run (default 400: half the tiny-world recipe's stage 3; 0: the preset's)")
+    p_abl.add_argument("--episodes", type=int, default=40, help="held-out queries per task and shot count")
+    p_abl.add_argument("--shots", type=_int_list, default=[0, 1, 2, 4], help="shot counts of the evaluation")
+    p_abl.add_argument("--by", default="colour", choices=list(CLASSIFY_BY), help="what a naming class is")
+    p_abl.add_argument("--seed", type=int, default=0)
+    p_abl.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: keep torch's)")
+    p_abl.add_argument("--json", default=None, help="write the rows here")
+    p_abl.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "ablate":
+        return _ablate(args)
     if args.cmd == "generate":
         return _generate(args)
     if args.cmd == "eval":
@@ -310,12 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _check()
     if args.cmd == "train":
         return _train(args)
-    if args.cmd == "export":
-        return _export(args)
-    print(f"flamingo-rt {args.cmd}: not yet — {NOT_YET[args.cmd]}.")
-    print("What works today: `flamingo-rt info` (presets, parameters, FLOPs), `flamingo-rt check`,")
-    print("and the Python API (see README.md: flamingo_rt.models, flamingo_rt.ops, flamingo_rt.io).")
-    return 2
+    return _export(args)
 
 
 if __name__ == "__main__":

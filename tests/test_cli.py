@@ -38,10 +38,9 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys):
     assert printed == want + "\n"
 
 
-def test_not_yet_commands_say_so(capsys):
-    assert cli.main(["ablate"]) == 2
-    assert "not yet" in capsys.readouterr().out
+def test_train_without_config_or_preset_is_an_error(capsys):
     assert cli.main(["train"]) == 2
+    assert "expected a CONFIG file" in capsys.readouterr().err
 
 
 def test_train_preset_runs_the_recipe(tmp_path, capsys):

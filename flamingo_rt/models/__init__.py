@@ -9,9 +9,10 @@ from .config import (
     XAttnConfig,
     get_preset,
 )
-from .flamingo import Flamingo, FlamingoOutput
+from .flamingo import Flamingo, FlamingoOutput, build_resampler
 from .lm import DecoderLM
 from .nfnet import NFNet
+from .mlp_resampler import MLPResampler
 from .resampler import PerceiverResampler
 from .xattn import GatedCrossAttentionBlock
 
@@ -21,7 +22,9 @@ __all__ = [
     "FlamingoOutput",
     "GatedCrossAttentionBlock",
     "NFNet",
+    "MLPResampler",
     "PerceiverResampler",
+    "build_resampler",
     "FlamingoConfig",
     "LMConfig",
     "NFNetConfig",

@@ -81,10 +81,19 @@ class VisionConfig:
     image_std: Tuple[float, float, float] = (0.5, 0.5, 0.5)  # normalised (x - mean) / std
 
 
+#: the connectors between vision features and media tokens (:func:`flamingo_rt.models.build_resampler`)
+RESAMPLER_KINDS = ("perceiver", "mlp")
+
+
 @dataclass
 class ResamplerConfig:
-    """Perceiver Resampler: ``num_latents`` latents of width ``dim`` (= vision width)."""
+    """Perceiver Resampler: ``num_latents`` latents of width ``dim`` (= vision width).
 
+    ``kind="mlp"`` replaces it by the paper's MLP ablation (:class:`~flamingo_rt.models.MLPResampler`:
+    ``depth`` residual feed-forward layers on each feature token, then the medium's tokens
+    average-pooled to ``num_latents``); ``heads``/``dim_head`` are then unused."""
+
+    kind: str = "perceiver"
     dim: int = 1024
     depth: int = 6
     heads: int = 8
@@ -94,6 +103,10 @@ class ResamplerConfig:
     ff_kind: str = "gelu"  # "gelu" (OpenFlamingo) or "sqrelu" (paper)
     max_num_frames: Optional[int] = None  # learned temporal embeddings for video
     max_num_media: Optional[int] = None  # OpenFlamingo's media_time_embs (optional)
+
+    def __post_init__(self):
+        if self.kind not in RESAMPLER_KINDS:
+            raise ValueError(f"unknown resampler kind {self.kind!r}; expected one of {RESAMPLER_KINDS}")
 
 
 @dataclass
@@ -107,6 +120,7 @@ class XAttnConfig:
     every: int = 1  # one block every ``every`` decoder layers
     placement: str = "openflamingo"  # before layer i when (i+1)%every==0; "first": i%every==0
     all_previous: bool = False  # ablation: attend to all previous images
+    gated: bool = True  # False (ablation): y = x + XAttn(x), z = y + FF(y), no tanh gates
 
 
 @dataclass

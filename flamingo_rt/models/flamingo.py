@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.linear_cross_entropy import linear_cross_entropy
-from .config import FlamingoConfig
+from .config import FlamingoConfig, ResamplerConfig
 from .lm import DecoderLM
 from .media import num_media_tensor, resolve_media_index
+from .mlp_resampler import MLPResampler
 from .resampler import PerceiverResampler
 from .xattn import GatedCrossAttentionBlock
 
@@ -64,6 +65,12 @@ class FlamingoOutput:
     loss: Optional[torch.Tensor] = None
 
 
+def build_resampler(cfg: ResamplerConfig) -> nn.Module:
+    """The connector ``cfg.kind`` names: a :class:`PerceiverResampler` (``"perceiver"``) or
+    the paper's MLP ablation, :class:`MLPResampler` (``"mlp"``)."""
+    return MLPResampler(cfg) if cfg.kind == "mlp" else PerceiverResampler(cfg)
+
+
 class Flamingo(nn.Module):
     """A Flamingo model.
 
@@ -85,7 +92,7 @@ class Flamingo(nn.Module):
                 f"got {config.resampler.dim}"
             )
         self.vision_encoder = vision_encoder if vision_encoder is not None else build_vision_encoder(config)
-        self.resampler = PerceiverResampler(config.resampler)
+        self.resampler = build_resampler(config.resampler)
         self.lm = DecoderLM(config.lm)
         xc = config.xattn
         self.lm.insert_xattn(
@@ -97,6 +104,7 @@ class Flamingo(nn.Module):
                 ff_mult=xc.ff_mult,
                 ff_kind=xc.ff_kind,
                 all_previous=xc.all_previous,
+                gated=xc.gated,
             ),
             every=xc.every,
             placement=xc.placement,
@@ -301,10 +309,12 @@ class Flamingo(nn.Module):
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
     def gate_values(self) -> dict:
-        """{layer index: (tanh(attn_gate), tanh(ff_gate))} as floats. Gates sharded by FSDP2
-        (DTensors) are gathered first: then every process must call it."""
-        def val(t: torch.Tensor) -> float:
-            t = t.detach()
+        """{layer index: (tanh(attn_gate), tanh(ff_gate))} as floats (1.0 for ungated blocks).
+        Gates sharded by FSDP2 (DTensors) are gathered first: then every process must call it."""
+        def val(b, name: str) -> float:
+            if not b.gated:
+                return 1.0
+            t = getattr(b, name).detach()
             return float((t.full_tensor() if hasattr(t, "full_tensor") else t).tanh())
 
-        return {int(k): (val(b.attn_gate), val(b.ff_gate)) for k, b in self.lm.xattn.items()}
+        return {int(k): (val(b, "attn_gate"), val(b, "ff_gate")) for k, b in self.lm.xattn.items()}

@@ -13,6 +13,60 @@ from .config import ResamplerConfig
 from .ff import FeedForward
 
 
+def frame_embeddings(frame_embs: Optional[torch.Tensor], num_frames: int) -> torch.Tensor:
+    """(num_frames, D) temporal embeddings from the learned ``frame_embs`` (T, D), in their dtype.
+
+    Contract (``T`` = ``max_num_frames``, the number of learned embeddings):
+
+    - ``num_frames <= T``: the first ``num_frames`` learned embeddings, unchanged
+      (a still image, F = 1, gets embedding 0; as OpenFlamingo).
+    - ``num_frames > T``: the T learned embeddings are linearly interpolated over the
+      frame axis onto ``num_frames`` evenly spaced points with the end points aligned
+      (frame 0 gets embedding 0, the last frame embedding T - 1; frame f samples the
+      learned sequence at position f * (T - 1) / (num_frames - 1)), so a model trained
+      on 8 frames evaluates 30-frame clips as the paper does. Computed in float32.
+    - ``num_frames < 1`` is an error; so is a resampler without temporal embeddings
+      (``frame_embs=None``, ``max_num_frames=None``; its clips get no temporal embedding).
+    """
+    if frame_embs is None:
+        raise ValueError("this resampler has no temporal embeddings (max_num_frames=None)")
+    if num_frames < 1:  # (no int(): num_frames may be symbolic under torch.export)
+        raise ValueError(f"expected at least 1 frame per medium, got {num_frames}")
+    fe = frame_embs
+    if num_frames <= fe.shape[0]:
+        return fe[:num_frames]
+    return F.interpolate(
+        fe.float().t()[None], size=num_frames, mode="linear", align_corners=True
+    )[0].t().to(fe.dtype)
+
+
+def media_features(x: torch.Tensor, dim: int, frame_embs: Optional[torch.Tensor],
+                   media_time_embs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Features (B, M, F, S, dim) or (B, M, S, dim) -> (B, M, F*S, dim) with the temporal
+    embeddings (when given) added per frame and the per-medium time embeddings (when
+    given) per medium: the keys every resampler kind reads."""
+    if x.dim() == 4:
+        x = x.unsqueeze(2)
+    if x.dim() != 5 or x.shape[-1] != dim:
+        raise ValueError(
+            f"expected media features of shape (B, M, F, S, {dim}) or (B, M, S, {dim}), got {tuple(x.shape)}"
+        )
+    B, M, Fr, S, _ = x.shape
+    if Fr < 1:
+        raise ValueError(f"expected at least 1 frame per medium, got features of shape {tuple(x.shape)}")
+    if frame_embs is not None:
+        x = x + frame_embeddings(frame_embs, Fr).to(x.dtype)[None, None, :, None, :]
+    x = x.reshape(B, M, Fr * S, dim)
+    if media_time_embs is not None:
+        if M > media_time_embs.shape[0]:
+            raise ValueError(
+                f"expected at most {media_time_embs.shape[0]} media per sequence "
+                f"(max_num_media), got {M}"
+            )
+        x = x + media_time_embs[:M].to(x.dtype)
+    return x
+
+
 class PerceiverAttention(nn.Module):
     """Latents attend to concat(LN(features), LN(latents)), one call for all media.
 
@@ -69,7 +123,7 @@ class PerceiverResampler(nn.Module):
 
     Optional learned temporal embeddings (``max_num_frames``) are added per frame; when a
     clip has more frames than were trained, they are linearly interpolated over time
-    (the paper trains on 8 frames and evaluates on 30; see :meth:`frame_embeddings`).
+    (the paper trains on 8 frames and evaluates on 30; see :func:`frame_embeddings`).
     The F frames of a medium are then one set of F*S keys: every medium (image or clip)
     is one attention problem, all of them in one kernel launch per layer.
     ``max_num_media`` adds OpenFlamingo's per-medium time embeddings.
@@ -89,53 +143,14 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def frame_embeddings(self, num_frames: int) -> torch.Tensor:
-        """(num_frames, D) temporal embeddings, in the dtype of ``frame_embs``.
-
-        Contract (``T`` = ``max_num_frames``, the number of learned embeddings):
-
-        - ``num_frames <= T``: the first ``num_frames`` learned embeddings, unchanged
-          (a still image, F = 1, gets embedding 0; as OpenFlamingo).
-        - ``num_frames > T``: the T learned embeddings are linearly interpolated over the
-          frame axis onto ``num_frames`` evenly spaced points with the end points aligned
-          (frame 0 gets embedding 0, the last frame embedding T - 1; frame f samples the
-          learned sequence at position f * (T - 1) / (num_frames - 1)), so a model trained
-          on 8 frames evaluates 30-frame clips as the paper does. Computed in float32.
-        - ``num_frames < 1`` is an error; so is asking a resampler without temporal
-          embeddings (``max_num_frames=None``; its clips get no temporal embedding).
-        """
-        if self.frame_embs is None:
-            raise ValueError("this resampler has no temporal embeddings (max_num_frames=None)")
-        if num_frames < 1:  # (no int(): num_frames may be symbolic under torch.export)
-            raise ValueError(f"expected at least 1 frame per medium, got {num_frames}")
-        fe = self.frame_embs
-        if num_frames <= fe.shape[0]:
-            return fe[:num_frames]
-        return F.interpolate(
-            fe.float().t()[None], size=num_frames, mode="linear", align_corners=True
-        )[0].t().to(fe.dtype)
+        """(num_frames, D) temporal embeddings: :func:`frame_embeddings` of ``frame_embs``."""
+        return frame_embeddings(self.frame_embs, num_frames)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         D = self.config.dim
-        if x.dim() == 4:
-            x = x.unsqueeze(2)
-        if x.dim() != 5 or x.shape[-1] != D:
-            raise ValueError(
-                f"expected media features of shape (B, M, F, S, {D}) or (B, M, S, {D}), got {tuple(x.shape)}"
-            )
-        B, M, Fr, S, _ = x.shape
-        if Fr < 1:
-            raise ValueError(f"expected at least 1 frame per medium, got features of shape {tuple(x.shape)}")
-        if self.frame_embs is not None:
-            x = x + self.frame_embeddings(Fr).to(x.dtype)[None, None, :, None, :]
-        x = x.reshape(B, M, Fr * S, D)
-        if self.media_time_embs is not None:
-            if M > self.media_time_embs.shape[0]:
-                raise ValueError(
-                    f"expected at most {self.media_time_embs.shape[0]} media per sequence "
-                    f"(max_num_media), got {M}"
-                )
-            x = x + self.media_time_embs[:M].to(x.dtype)
-        x = x.reshape(B * M, Fr * S, D)
+        x = media_features(x, D, self.frame_embs, self.media_time_embs)
+        B, M, N, _ = x.shape
+        x = x.reshape(B * M, N, D)
         # a real copy (tiny): a no-grad view of a leaf confuses module hooks (FlopCounterMode)
         latents = self.latents.to(x.dtype).repeat(B * M, 1, 1)
         for layer, kv_x in zip(self.layers, self.media_kv(x)):

@@ -50,7 +50,9 @@ class MaskedCrossAttention(nn.Module):
 class GatedCrossAttentionBlock(nn.Module):
     """y = x + tanh(attn_gate) * XAttn(x, media);  z = y + tanh(ff_gate) * FF(y).
 
-    Gates start at 0, so a fresh block is the identity (to the last bit).
+    Gates start at 0, so a fresh block is the identity (to the last bit). ``gated=False``
+    (the paper's "no tanh gating" ablation) drops both gates: y = x + XAttn(x, media),
+    z = y + FF(y); the block then has no gate parameters.
 
     Args:
         dim: text width D; dim_visual: media token width Dv.
@@ -58,17 +60,24 @@ class GatedCrossAttentionBlock(nn.Module):
         ff_mult, ff_kind: feed-forward width multiple and ``"gelu"`` / ``"sqrelu"``.
         all_previous: False (default, image-causal): a token sees only the tokens of the
             latest image at or before it; True: all images up to it (ablation).
+        gated: tanh gates on both residual branches (default) or none (ablation).
     """
 
     def __init__(self, dim: int, dim_visual: int, heads: int = 8, dim_head: int = 64,
-                 ff_mult: int = 4, ff_kind: str = "gelu", all_previous: bool = False):
+                 ff_mult: int = 4, ff_kind: str = "gelu", all_previous: bool = False, gated: bool = True):
         super().__init__()
         self.dim, self.dim_visual = dim, dim_visual
-        self.all_previous = all_previous
+        self.all_previous, self.gated = all_previous, gated
         self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ff = FeedForward(dim, ff_mult, ff_kind)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        if gated:
+            self.attn_gate = nn.Parameter(torch.zeros(1))
+            self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def gate(self, name: str, dtype: torch.dtype):
+        """tanh of the gate parameter ``name`` ("attn_gate" / "ff_gate") in ``dtype``, or
+        the plain number 1 for an ungated block."""
+        return getattr(self, name).tanh().to(dtype) if self.gated else 1
 
     def forward(
         self,
@@ -117,13 +126,13 @@ class GatedCrossAttentionBlock(nn.Module):
             if idx.shape != (B, T):
                 raise ValueError(f"expected media index/locations of shape ({B}, {T}), got {tuple(idx.shape)}")
             attn = self.attn(x, media_kv, idx, self.all_previous, backend)
-            x = x + self.attn_gate.tanh().to(x.dtype) * attn
+            x = x + self.gate("attn_gate", x.dtype) * attn
         else:
             if media_locations is not None and not torch.compiler.is_compiling() and bool(media_locations.any()):
                 raise ValueError(
                     "batch has <image> tokens but no media were supplied; expected media of shape (B, M, N, Dv)"
                 )
-        return x + self.ff_gate.tanh().to(x.dtype) * module_feed_forward(self.ff, x)
+        return x + self.gate("ff_gate", x.dtype) * module_feed_forward(self.ff, x)
 
     @classmethod
     def from_open_flamingo(cls, module: nn.Module, ff_kind: str = "gelu") -> "GatedCrossAttentionBlock":

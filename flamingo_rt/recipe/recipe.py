@@ -91,11 +91,14 @@ def run_recipe(preset: Union[str, RecipeConfig] = "tiny-world", out_dir: Union[s
         torch.set_num_threads(before)
 
 
-def run_stage3(cfg: RecipeConfig, tokenizer: FlamingoTokenizer, nfnet, lm, seed: int, progress: bool = True):
+def run_stage3(cfg: RecipeConfig, tokenizer: FlamingoTokenizer, nfnet, lm, seed: int, progress: bool = True,
+               pools=None):
     """Stage 3 alone: a Flamingo around the pretrained ``nfnet`` and ``lm`` (connectors
     initialised from ``seed``) with its connectors trained. A function of the two backbones,
     the tokenizer, ``cfg`` and ``seed`` only, so stage-3 variants can start from saved
-    backbones and give the weights the whole recipe gives. Returns ``(model, ConnectorStats)``."""
+    backbones and give the weights the whole recipe gives. ``pools``: data pools of
+    :func:`~flamingo_rt.recipe.build_pools` to reuse (built from ``cfg`` and ``seed`` when
+    None). Returns ``(model, ConnectorStats)``."""
     torch.manual_seed(seed + 3)
     model = build_flamingo(cfg.model, nfnet, lm)
     c = cfg.connectors
@@ -103,9 +106,10 @@ def run_stage3(cfg: RecipeConfig, tokenizer: FlamingoTokenizer, nfnet, lm, seed:
         for blk in model.lm.xattn.values():
             blk.attn.to_out.weight.mul_(c.out_init_scale)
             blk.ff.fc2.weight.mul_(c.out_init_scale)
-            blk.attn_gate.fill_(c.gate_init)
-            blk.ff_gate.fill_(c.gate_init)
-    return model, train_connectors(model, tokenizer, cfg.connectors, seed, cfg.image_size, progress)
+            if blk.gated:
+                blk.attn_gate.fill_(c.gate_init)
+                blk.ff_gate.fill_(c.gate_init)
+    return model, train_connectors(model, tokenizer, cfg.connectors, seed, cfg.image_size, progress, pools)
 
 
 def _run(preset, out_dir, seed: int, progress: bool) -> RecipeResult:

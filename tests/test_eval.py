@@ -135,7 +135,7 @@ def test_runner_asks_the_right_queries_and_scores_the_right_way_round(gen):
     assert perfect_cider > 1.0
     for k in suite.shots:
         assert right.score("classify", k) == 1.0 and wrong.score("classify", k) == 0.0
-        for m in ("vqa_accuracy", "exact_match"):
+        for m in ("vqa_accuracy", "exact_match", "ranked_accuracy"):
             assert right.score("qa.colour", k, m) == 1.0 and wrong.score("qa.colour", k, m) == 0.0
         assert right.score("caption", k) == pytest.approx(perfect_cider) and wrong.score("caption", k) == 0.0
 
@@ -143,8 +143,9 @@ def test_runner_asks_the_right_queries_and_scores_the_right_way_round(gen):
 def test_runner_complete_table_and_json(gen, tmp_path):
     suite = TaskSuite(tasks=("classify", "qa", "caption", "video_qa"), shots=(0, 1, 2), episodes=2, seed=1)
     res = evaluate(gen, suite)
-    rows = [("classify", "accuracy"), ("qa", "vqa_accuracy"), ("qa", "exact_match"), ("caption", "cider"),
-            ("video_qa", "vqa_accuracy"), ("video_qa", "exact_match")]
+    rows = [("classify", "accuracy"), ("qa", "vqa_accuracy"), ("qa", "exact_match"), ("qa", "ranked_accuracy"),
+            ("caption", "cider"), ("video_qa", "vqa_accuracy"), ("video_qa", "exact_match"),
+            ("video_qa", "ranked_accuracy")]
     assert res.rows() == rows
     for task, metric in rows:
         for k in suite.shots:
@@ -162,8 +163,22 @@ def test_runner_complete_table_and_json(gen, tmp_path):
     ep = draw_episode(suite, "classify", r["episode"])
     scores = gen.score(build_prompt(ep, r["support"]), [" " + c for c in ep.candidates])
     assert r["scores"] == pytest.approx(scores) and r["prediction"] == ep.candidates[int(np.argmax(scores))]
+    # QA: the generated answer, and the answer set ranked the same way (chance: 1 / answers)
+    for task in ("qa", "video_qa"):
+        r = next(r for r in res.records if r["task"] == task and r["shots"] == 1)
+        ep = draw_episode(suite, task, r["episode"])
+        assert r["candidates"] == list(ep.candidates) and ep.answer in r["candidates"]
+        scores = gen.score(build_prompt(ep, r["support"]), [" " + c for c in ep.candidates])
+        assert r["scores"] == pytest.approx(scores)
+        assert r["ranked_prediction"] == ep.candidates[int(np.argmax(scores))]
+        assert r["ranked_accuracy"] == float(r["ranked_prediction"] == ep.answer)
+        cell = next(c for c in res.cells if (c.task, c.metric, c.shots) == (task, "ranked_accuracy", 1))
+        recs = [x for x in res.records if x["task"] == task and x["shots"] == 1]
+        assert cell.chance == pytest.approx(np.mean([1 / len(x["candidates"]) for x in recs]))
+        assert next(c for c in res.cells if (c.task, c.metric, c.shots) == (task, "exact_match", 1)).chance is None
     table = res.table()
-    for word in ("classify (5-way)", "qa", "caption", "video_qa", "CIDEr", "VQA acc", "0-shot", "2-shot", "20.0"):
+    for word in ("classify (5-way)", "qa", "caption", "video_qa", "CIDEr", "VQA acc", "ranked acc", "0-shot", "2-shot",
+                 "20.0"):
         assert word in table
     path = res.save_json(tmp_path / "r" / "eval.json")
     back = EvalResults.from_dict(json.loads(path.read_text()))

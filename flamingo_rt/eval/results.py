@@ -12,14 +12,16 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 __all__ = ["Cell", "EvalResults", "METRIC_LABELS"]
 
 #: metric -> how the table names it
-METRIC_LABELS = {"accuracy": "accuracy", "exact_match": "exact match", "vqa_accuracy": "VQA acc", "cider": "CIDEr"}
+METRIC_LABELS = {"accuracy": "accuracy", "exact_match": "exact match", "vqa_accuracy": "VQA acc", "cider": "CIDEr",
+                 "ranked_accuracy": "ranked acc"}
 
 
 @dataclass
 class Cell:
     """The score of ``metric`` on ``task`` with ``shots`` examples (per class for classify),
     averaged over ``n`` queries. Accuracies are in [0, 1]; CIDEr on the coco-caption scale
-    (10 x the mean n-gram cosine). ``chance``: the accuracy of guessing (classify).
+    (10 x the mean n-gram cosine). ``chance``: the accuracy of guessing (classify, and
+    ranked accuracy of QA: the mean of 1 / possible answers over the cell's queries).
     ``skipped``: why the cell was not evaluated (then ``score`` is None and ``n`` 0), e.g.
     prompts longer than the model's context."""
 

@@ -8,7 +8,9 @@ from the suite's seed; each shot count k then prompts with k examples chosen fro
   the prompt (:meth:`Generator.score`); accuracy.
 * QA tasks: the answer is generated (greedy, or beam search with ``num_beams > 1``) up to
   ``<|endofchunk|>``; exact match and VQA accuracy after VQA normalization (the world's
-  answer is unambiguous, so it stands for all 10 annotators and the two agree).
+  answer is unambiguous, so it stands for all 10 annotators and the two agree). With
+  ``suite.rank_answers`` also ranked accuracy: the question type's answer set ranked by
+  log-likelihood, as classify (chance: 1 / answers).
 * captions: generated the same way; CIDEr-D against the episode's caption plus other
   captions of the same scene/clip, with document frequencies over the cell's queries.
 """
@@ -99,6 +101,10 @@ def _references(suite: TaskSuite, ep: Episode, index: int) -> List[str]:
 METRICS = {"classify": ("accuracy",), "caption": ("cider",), "qa": ("vqa_accuracy", "exact_match")}
 
 
+def _metrics(kind: str, suite: TaskSuite) -> Tuple[str, ...]:
+    return METRICS[kind] + (("ranked_accuracy",) if kind == "qa" and suite.rank_answers else ())
+
+
 def _cells(task: str, kind: str, recs: List[Dict[str, Any]], suite: TaskSuite,
            skipped: Dict[int, str]) -> List[Cell]:
     """One cell per (metric, shots) of a task; CIDEr-D is computed here per shot count (its
@@ -111,10 +117,16 @@ def _cells(task: str, kind: str, recs: List[Dict[str, Any]], suite: TaskSuite,
                 continue
             for r, s in zip(rk, cider_d_scores([r["prediction"] for r in rk], [r["references"] for r in rk])):
                 r["cider"] = s
-    chance = 1.0 / suite.n_way if kind == "classify" else None
-    return [Cell(task, metric, k, None, 0, chance, skipped[k]) if k in skipped else
-            Cell(task, metric, k, float(np.mean([r[metric] for r in by_k[k]])), len(by_k[k]), chance)
-            for metric in METRICS[kind] for k in suite.shots]
+    def chance(metric: str, k: int) -> Optional[float]:
+        if kind == "classify":
+            return 1.0 / suite.n_way
+        if metric == "ranked_accuracy" and by_k[k]:
+            return float(np.mean([1.0 / len(r["candidates"]) for r in by_k[k]]))
+        return None
+
+    return [Cell(task, metric, k, None, 0, chance(metric, k), skipped[k]) if k in skipped else
+            Cell(task, metric, k, float(np.mean([r[metric] for r in by_k[k]])), len(by_k[k]), chance(metric, k))
+            for metric in _metrics(kind, suite) for k in suite.shots]
 
 
 def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
@@ -150,6 +162,14 @@ def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
         else:
             rec["exact_match"] = exact_match(pred, ep.answer)
             rec["vqa_accuracy"] = vqa_accuracy(pred, [ep.answer] * NUM_ANNOTATORS)
+            if suite.rank_answers:
+                if not ep.candidates or ep.answer not in ep.candidates:
+                    raise ValueError(f"rank_answers needs the episode's possible answers with the answer among "
+                                     f"them; task {task!r} episode {i} has {ep.candidates!r}, answer {ep.answer!r}")
+                scores = gen.score(encs[i], [" " + c for c in ep.candidates])
+                rec["candidates"], rec["scores"] = list(ep.candidates), scores
+                rec["ranked_prediction"] = ep.candidates[int(np.argmax(scores))]
+                rec["ranked_accuracy"] = float(rec["ranked_prediction"] == ep.answer)
         recs.append(rec)
     return recs
 

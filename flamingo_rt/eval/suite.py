@@ -49,6 +49,10 @@ class TaskSuite:
             other captions of the same scene/clip, duplicates dropped).
         image_size, num_frames: world media size (images (3, S, S), clips (F, 3, S, S)).
         batch_size: prompts generated together (greedy decoding).
+        rank_answers: QA tasks also get "ranked accuracy": the question type's possible
+            answers (the world's answer set) ranked by log-likelihood as classify does,
+            with its chance level (1 / answers) beside it; the generated answer is still
+            scored by exact match and VQA accuracy.
     """
 
     tasks: Tuple[str, ...] = DEFAULT_TASKS
@@ -68,6 +72,7 @@ class TaskSuite:
     image_size: int = 64
     num_frames: int = 8
     batch_size: int = 8
+    rank_answers: bool = True
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)

@@ -235,14 +235,15 @@ def _ablate(args) -> int:
 
     try:
         rows = run_ablations(model, preset=args.preset, names=names, steps=args.steps or None, seed=args.seed,
-                             episodes=args.episodes, shots=tuple(args.shots), by=args.by,
+                             episodes=args.episodes, shots=tuple(args.shots), by=args.by, eval_seed=args.eval_seed,
                              progress=not args.no_progress, num_threads=args.threads or None, on_row=on_row)
     except (FileNotFoundError, ValueError) as e:
         print(f"flamingo-rt ablate: {e}", file=sys.stderr)
         return 2
     print(format_table(rows))
     if args.json:
-        print(f"wrote {save_json(rows, args.json, model=model, preset=args.preset, seed=args.seed, episodes=args.episodes, by=args.by)}")
+        print(f"wrote {save_json(rows, args.json, model=model, preset=args.preset, seed=args.seed,
+                                   eval_seed=args.eval_seed, episodes=args.episodes, by=args.by)}")
     return 0
 
 
@@ -328,7 +329,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_abl.add_argument("--episodes", type=int, default=40, help="held-out queries per task and shot count")
     p_abl.add_argument("--shots", type=_int_list, default=[0, 1, 2, 4], help="shot counts of the evaluation")
     p_abl.add_argument("--by", default="colour", choices=list(CLASSIFY_BY), help="what a naming class is")
-    p_abl.add_argument("--seed", type=int, default=0)
+    p_abl.add_argument("--seed", type=int, default=0, help="seed of the data pools, batches and connector init")
+    p_abl.add_argument("--eval-seed", type=int, default=100, help="seed of the held-out evaluation episodes")
     p_abl.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: keep torch's)")
     p_abl.add_argument("--json", default=None, help="write the rows here")
     p_abl.add_argument("--no-progress", action="store_true")

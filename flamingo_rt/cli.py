@@ -242,8 +242,9 @@ def _ablate(args) -> int:
         return 2
     print(format_table(rows))
     if args.json:
-        print(f"wrote {save_json(rows, args.json, model=model, preset=args.preset, seed=args.seed,
-                                   eval_seed=args.eval_seed, episodes=args.episodes, by=args.by)}")
+        path = save_json(rows, args.json, model=model, preset=args.preset, seed=args.seed, eval_seed=args.eval_seed,
+                         steps=args.steps, shots=list(args.shots), episodes=args.episodes, by=args.by)
+        print(f"wrote {path}")
     return 0
 
 

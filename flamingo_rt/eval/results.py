@@ -76,17 +76,22 @@ class EvalResults:
         x100 (accuracy in %, CIDEr as papers print it)."""
         shots = self.shots()
         n_way = self.suite.get("n_way")
-        head = f"{'task':<22}{'metric':<13}{'n':>5}{'chance':>8}" + "".join(f"{f'{k}-shot':>9}" for k in shots)
+
+        def task_name(task: str) -> str:
+            return f"{task} ({n_way}-way)" if task == "classify" and n_way else task
+
+        w = max([22] + [len(task_name(t)) + 2 for t, _ in self.rows()])
+        head = f"{'task':<{w}}{'metric':<13}{'n':>5}{'chance':>8}" + "".join(f"{f'{k}-shot':>9}" for k in shots)
         lines = [head, "-" * len(head)]
         for task, metric in self.rows():
             cells = {c.shots: c for c in self.cells if c.task == task and c.metric == metric}
             first = next(iter(cells.values()))
             n = max(c.n for c in cells.values())
-            name = f"{task} ({n_way}-way)" if task == "classify" and n_way else task
+            name = task_name(task)
             chance = f"{100 * first.chance:.1f}" if first.chance is not None else "-"
             vals = "".join(f"{'':>9}" if k not in cells else f"{'n/a':>9}" if cells[k].score is None
                            else f"{100 * cells[k].score:9.1f}" for k in shots)
-            lines.append(f"{name:<22}{METRIC_LABELS.get(metric, metric):<13}{n:>5}{chance:>8}{vals}")
+            lines.append(f"{name:<{w}}{METRIC_LABELS.get(metric, metric):<13}{n:>5}{chance:>8}{vals}")
         lines.append(f"(scores x100; shots: examples in the prompt, per class for classify; "
                      f"{self.suite.get('split')} split, {self.suite.get('selection')} support selection, "
                      f"{self.seconds:.1f} s)")

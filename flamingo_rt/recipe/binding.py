@@ -17,7 +17,9 @@ naming evaluation with signatures in place of images).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import functools
+import re
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,14 +27,47 @@ import torch
 from ..io.tokenizer import EOC_TOKEN, FlamingoTokenizer
 from ..models.lm import DecoderLM
 
-__all__ = ["naming_chunks", "binding_rows", "binding_accuracy"]
+__all__ = ["naming_chunks", "binding_rows", "binding_accuracy", "random_format"]
+
+
+@functools.lru_cache(maxsize=1)
+def _train_words() -> Tuple[str, ...]:
+    """The words of the world's training-split phrasings and answers (never a word that only
+    a held-out phrasing has)."""
+    from ..world.text import ANSWER_SETS, CAPTION_PREFIXES, CLASSIFY_FORMATS, TEMPLATES
+
+    words = set()
+    for t in [t for fam in TEMPLATES.values() for t in fam] + CLASSIFY_FORMATS + CAPTION_PREFIXES:
+        if t.split == "train":
+            words.update(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", t.text.lower())))
+    for vals in ANSWER_SETS.values():
+        for v in vals:
+            words.update(v.split())
+    return tuple(sorted(words))
+
+
+def random_format(rng: np.random.Generator) -> str:
+    """A naming phrasing that is none of the world's: 1 to 3 random words of the training
+    texts (first one capitalised), then "a" ("Shape left two a"). Binding rows that use such
+    phrasings teach the LM that the bound word does not depend on the words before it, so
+    that it binds under phrasings it never saw (the evaluation's held-out ones). A draw that
+    contains a held-out phrasing's marker is drawn again."""
+    from ..world.text import heldout_markers
+
+    words, markers = _train_words(), [m.lower() for m in heldout_markers()]
+    while True:
+        n = int(rng.integers(1, 4))
+        text = " ".join(words[int(i)] for i in rng.integers(len(words), size=n)) + " a"
+        if not any(m in text for m in markers):
+            return text[0].upper() + text[1:]
 
 
 def naming_chunks(tokenizer: FlamingoTokenizer, rng: np.random.Generator, n_way: int, shots: int,
-                  split: str = "train") -> Tuple[List[int], List[int], int, List[str]]:
+                  split: str = "train", fmt: Optional[str] = None) -> Tuple[List[int], List[int], int, List[str]]:
     """One naming episode as token ids, in the layout the evaluation prompts with:
     ``shots`` shuffled ``<image>{fmt} {word}<|endofchunk|>`` chunks of each of ``n_way``
-    classes, then the query chunk ``<image>{fmt}``.
+    classes, then the query chunk ``<image>{fmt}``; ``fmt`` one of the training phrasings
+    (drawn from ``rng``) unless given.
 
     Returns ``(ids, classes, query_class, words)``: ``classes[t]`` is the class of the chunk
     token ``t`` belongs to (the query's for the query chunk)."""
@@ -40,7 +75,8 @@ def naming_chunks(tokenizer: FlamingoTokenizer, rng: np.random.Generator, n_way:
     from ..world.text import _pick
 
     words = nonsense_words(rng, n_way, split)
-    fmt = _pick(rng, "", "train", CLASSIFY_FORMATS).text
+    if fmt is None:
+        fmt = _pick(rng, "", "train", CLASSIFY_FORMATS).text
     order = [c for c in range(n_way) for _ in range(shots)]
     order = [order[i] for i in rng.permutation(len(order))]
     img = tokenizer.image_token_id
@@ -71,7 +107,8 @@ def _signatures(rng: np.random.Generator, ids: Sequence[int], classes: Sequence[
 def binding_rows(tokenizer: FlamingoTokenizer, rows: int, length: int, dim: int, rng: np.random.Generator, *,
                  max_ways: int = 5, max_shots: int = 4, scale: float = 0.04, noise: float = 0.3,
                  amplitude: Tuple[float, float] = (1.0, 1.0), common: float = 0.0,
-                 split: str = "train") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 split: str = "train", random_formats: float = 0.0
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch of signature-binding rows for next-token training.
 
     Each row is one naming episode (2..``max_ways`` classes, 1..``max_shots`` examples of
@@ -82,7 +119,9 @@ def binding_rows(tokenizer: FlamingoTokenizer, rows: int, length: int, dim: int,
     is right), with a vector ``a ~ N(0, I)`` shared by the whole row, ``c ~ U(0, common)`` and
     the class amplitude ``r`` log-uniform in ``amplitude``. What cross-attention writes over a
     chunk is mostly the same for every image (the shared part) with a small image-specific
-    part, so the LM must bind on small differences on top of a large common offset.
+    part, so the LM must bind on small differences on top of a large common offset. A share
+    ``random_formats`` of the rows use a :func:`random_format` phrasing instead of a
+    training one (drawn from ``rng`` only when the share is > 0).
 
     Returns ``(input_ids (rows, length) int64, offsets (rows, length, dim) float32,
     labels (rows, length) int64 with -100 past each row's end)``; padding inputs are
@@ -93,8 +132,9 @@ def binding_rows(tokenizer: FlamingoTokenizer, rows: int, length: int, dim: int,
     off = torch.zeros(rows, length, dim)
     y = torch.full((rows, length), -100, dtype=torch.long)
     for r in range(rows):
+        fmt = random_format(rng) if random_formats > 0 and rng.random() < random_formats else None
         ids, classes, q, words = naming_chunks(tokenizer, rng, int(rng.integers(2, max_ways + 1)),
-                                               int(rng.integers(1, max_shots + 1)), split)
+                                               int(rng.integers(1, max_shots + 1)), split, fmt)
         tail = tokenizer.encode(f" {words[q]}{EOC_TOKEN}")
         ids, classes = (ids + tail)[:length + 1], (classes + [q] * len(tail))[:length + 1]
         lo, hi = amplitude

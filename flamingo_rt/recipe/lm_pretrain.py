@@ -213,7 +213,7 @@ def pretrain_lm(lm_config: LMConfig, tokenizer: FlamingoTokenizer, cfg: LMPretra
                                         max_ways=cfg.bind_max_ways, max_shots=cfg.bind_max_shots,
                                         scale=stats.bind_scale, noise=cfg.bind_noise,
                                         amplitude=(cfg.bind_min_amplitude ** ramp, cfg.bind_max_amplitude ** ramp),
-                                        common=cfg.bind_common * ramp)
+                                        common=cfg.bind_common * ramp, random_formats=cfg.bind_random_formats)
             blogits = lm(bx, embed_offsets=boff)
             bloss = F.cross_entropy(blogits.reshape(-1, blogits.shape[-1]).float(), by.reshape(-1), ignore_index=-100)
             stats.bind_losses.append(bloss.item())

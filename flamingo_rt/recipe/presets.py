@@ -92,6 +92,9 @@ class LMPretrainConfig:
     bind_min_amplitude: float = 1.0
     bind_max_amplitude: float = 1.0
     bind_common: float = 0.0
+    #: share of the binding rows phrased by :func:`~flamingo_rt.recipe.binding.random_format`
+    #: (random training words, then "a") instead of a training phrasing
+    bind_random_formats: float = 0.0
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 128

@@ -136,3 +136,33 @@ def test_binding_rows_amplitude_and_common_part(tok):
     assert mean_cos(20.0) > 0.7 and abs(mean_cos(0.0)) < 0.3
     with pytest.raises(ValueError, match="max_ways >= 2"):
         binding_rows(tok, 1, 32, 8, np.random.default_rng(0), max_ways=1)
+
+
+def test_random_formats_are_new_phrasings_of_training_words(tok):
+    from flamingo_rt.recipe.binding import _train_words, random_format
+    from flamingo_rt.world import CLASSIFY_FORMATS
+    from flamingo_rt.world.text import heldout_markers
+
+    g = np.random.default_rng(5)
+    fmts = [random_format(g) for _ in range(400)]
+    words = set(_train_words())
+    markers = [m.lower() for m in heldout_markers()]
+    assert "here" not in words  # a word only the held-out naming phrasing has
+    for f in fmts:
+        parts = f.lower().split()
+        assert 2 <= len(parts) <= 4 and parts[-1] == "a" and f[0].isupper()
+        assert set(parts[:-1]) <= words and not any(m in f.lower() for m in markers)
+    assert len(set(fmts)) > 300
+    # rows phrased that way: every chunk of a row has the row's (random) phrasing
+    x, _, y = binding_rows(tok, 6, 128, 8, np.random.default_rng(6), max_ways=3, max_shots=2, random_formats=1.0)
+    train = {t.text for t in CLASSIFY_FORMATS if t.split == "train"}
+    for r in range(6):
+        n = int((y[r] != -100).sum())
+        text = tok.decode(x[r, :n].tolist())
+        chunks = [c for c in text.split("<image>") if c]
+        phrase = chunks[0].replace(EOC_TOKEN, "").rsplit(" ", 1)[0]
+        assert phrase.endswith(" a") and phrase not in train and all(c.startswith(phrase) for c in chunks)
+    # a share of 0 draws nothing extra: the rows are those of the default
+    a = binding_rows(tok, 3, 96, 16, np.random.default_rng(1), max_ways=3, max_shots=2, random_formats=0.0)
+    b = binding_rows(tok, 3, 96, 16, np.random.default_rng(1), max_ways=3, max_shots=2)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))

@@ -165,7 +165,7 @@ class RecipeConfig:
     connectors: ConnectorConfig
     image_size: int = 64
     #: torch intra-op threads :func:`~flamingo_rt.recipe.run_recipe` runs with (None: keep
-    #: the caller's); the weights are reproducible for a fixed thread count
+    #: the caller's); the weights are reproducible for a fixed thread count and CPU kind
     num_threads: Optional[int] = None
 
 
@@ -192,10 +192,12 @@ def _tiny_world() -> RecipeConfig:
                         max_seq_len=1024)
     # Then 2000 steps of world text with signature-binding rows (flamingo_rt.recipe.binding): the
     # LM learns to bind a word to a vector added over its chunk, at the small amplitude and
-    # under the shared offset that stage 3's cross-attention writes (FEASIBILITY.md)
+    # under the shared offset that stage 3's cross-attention writes (FEASIBILITY.md). Rows of up
+    # to 8 shots and 416 tokens (8-shot 5-way prompts fit), half of them in random phrasings (the
+    # bound word must not depend on the words before it: held-out phrasings bind too)
     lm = LMPretrainConfig(vocab_size=320, steps=4000, pure_repeat_steps=2000, repeat_frac=0.25, batch_size=32,
-                          seq_len=64, lr=1e-3, warmup=50, bind_rows=8, bind_min_amplitude=0.1,
-                          bind_max_amplitude=0.3, bind_common=0.5)
+                          seq_len=64, lr=1e-3, warmup=50, bind_rows=8, bind_len=416, bind_max_shots=8,
+                          bind_random_formats=0.5, bind_min_amplitude=0.1, bind_max_amplitude=0.3, bind_common=0.5)
     # Stage 3 keeps both backbones frozen (the paper's recipe), with the gates open from the
     # start and the blocks' outputs scaled to the LM's small residual stream, and the naming
     # episodes weighted 8 (the other datasets pull against binding: FEASIBILITY.md)

@@ -72,12 +72,15 @@ def run_recipe(preset: Union[str, RecipeConfig] = "tiny-world", out_dir: Union[s
     Args:
         preset: a recipe preset name (``"tiny-world"``, ``"toy"``) or a :class:`RecipeConfig`.
         out_dir: folder to write; created if missing.
-        seed: the only source of randomness (same seed, same thread count -> same weights).
+        seed: the only source of randomness (same seed, same thread count and same kind of
+            CPU -> the same weights, bit for bit).
         progress: tqdm bars for each stage.
         num_threads: torch intra-op threads for the run (restored afterwards); None takes
-            the preset's ``num_threads`` (1 for ``tiny-world``: the same weights on any
-            machine, and the fastest on a busy one). Results are reproducible for a fixed
-            thread count.
+            the preset's ``num_threads`` (1 for ``tiny-world``: the same weights however
+            many cores a machine has, and the fastest on a busy one). CPUs whose GEMM
+            kernels differ (AVX2 vs AVX-512) round differently: their weights differ in the
+            last bits, and the stage-1 NFNet, trained longest on them, by up to ~1e-2
+            (measured on the tiny-world recipe).
     """
     if num_threads is None:
         num_threads = (get_recipe_preset(preset) if isinstance(preset, str) else preset).num_threads

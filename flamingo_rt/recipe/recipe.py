@@ -78,9 +78,9 @@ def run_recipe(preset: Union[str, RecipeConfig] = "tiny-world", out_dir: Union[s
         num_threads: torch intra-op threads for the run (restored afterwards); None takes
             the preset's ``num_threads`` (1 for ``tiny-world``: the same weights however
             many cores a machine has, and the fastest on a busy one). CPUs whose GEMM
-            kernels differ (AVX2 vs AVX-512) round differently: their weights differ in the
-            last bits, and the stage-1 NFNet, trained longest on them, by up to ~1e-2
-            (measured on the tiny-world recipe).
+            kernels differ (AVX2 vs AVX-512) round differently, and the differences grow
+            with training: tiny-world's stage-1 NFNet differed by up to 2e-2 per weight
+            between two such CPUs (stage 2 was bit-identical).
     """
     if num_threads is None:
         num_threads = (get_recipe_preset(preset) if isinstance(preset, str) else preset).num_threads

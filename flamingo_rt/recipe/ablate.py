@@ -36,6 +36,7 @@ import torch
 
 from ..io.pretrained import load_pretrained
 from ..io.tokenizer import FlamingoTokenizer
+from ..models.config import FlamingoConfig
 from ..models.lm import DecoderLM
 from ..models.nfnet import NFNet
 from .connectors import build_pools
@@ -104,7 +105,7 @@ class AblationRow:
         return self.train_seconds / max(1, self.steps)
 
 
-def load_backbones(folder: Union[str, Path]) -> Tuple[NFNet, DecoderLM, FlamingoTokenizer, "object"]:
+def load_backbones(folder: Union[str, Path]) -> Tuple[NFNet, DecoderLM, FlamingoTokenizer, FlamingoConfig]:
     """The frozen backbones of a model folder written by the recipe: (its NFNet, its LM
     without the cross-attention blocks, its tokenizer, its :class:`FlamingoConfig`)."""
     folder = Path(folder)

@@ -10,10 +10,10 @@ from torch import nn
 from ..ops.feed_forward import module_feed_forward
 from .config import ResamplerConfig
 from .ff import FeedForward
-from .resampler import frame_embeddings, media_features
+from .resampler import MediaEmbeddings
 
 
-class MLPResampler(nn.Module):
+class MLPResampler(MediaEmbeddings):
     """Media features -> ``num_latents`` tokens without attention.
 
     Input features (B, M, F, S, D) or (B, M, S, D), as :class:`PerceiverResampler`; the
@@ -32,24 +32,15 @@ class MLPResampler(nn.Module):
         if cfg.kind != "mlp":
             raise ValueError(f"expected a resampler config of kind 'mlp', got {cfg.kind!r}")
         self.config = cfg
-        self.frame_embs = (
-            nn.Parameter(torch.randn(cfg.max_num_frames, cfg.dim)) if cfg.max_num_frames else None
-        )
-        self.media_time_embs = (
-            nn.Parameter(torch.randn(cfg.max_num_media, 1, cfg.dim)) if cfg.max_num_media else None
-        )
+        self._init_media_embeddings(cfg)
         self.layers = nn.ModuleList([FeedForward(cfg.dim, cfg.ff_mult, cfg.ff_kind) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
-
-    def frame_embeddings(self, num_frames: int) -> torch.Tensor:
-        """(num_frames, D) temporal embeddings (:func:`~flamingo_rt.models.resampler.frame_embeddings`)."""
-        return frame_embeddings(self.frame_embs, num_frames)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """x (B, M, F, S, D) or (B, M, S, D) -> (B, M, num_latents, D). ``backend`` is taken
         for :class:`PerceiverResampler`'s signature; there is no attention op to route."""
         D, L = self.config.dim, self.config.num_latents
-        x = media_features(x, D, self.frame_embs, self.media_time_embs)
+        x = self.media_features(x)
         B, M, N, _ = x.shape
         x = x.reshape(B * M, N, D)
         for ff in self.layers:

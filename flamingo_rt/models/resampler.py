@@ -40,31 +40,49 @@ def frame_embeddings(frame_embs: Optional[torch.Tensor], num_frames: int) -> tor
     )[0].t().to(fe.dtype)
 
 
-def media_features(x: torch.Tensor, dim: int, frame_embs: Optional[torch.Tensor],
-                   media_time_embs: Optional[torch.Tensor]) -> torch.Tensor:
-    """Features (B, M, F, S, dim) or (B, M, S, dim) -> (B, M, F*S, dim) with the temporal
-    embeddings (when given) added per frame and the per-medium time embeddings (when
-    given) per medium: the keys every resampler kind reads."""
-    if x.dim() == 4:
-        x = x.unsqueeze(2)
-    if x.dim() != 5 or x.shape[-1] != dim:
-        raise ValueError(
-            f"expected media features of shape (B, M, F, S, {dim}) or (B, M, S, {dim}), got {tuple(x.shape)}"
+class MediaEmbeddings(nn.Module):
+    """What every resampler kind shares: the optional learned temporal embeddings
+    (``frame_embs`` (max_num_frames, D)) and per-medium time embeddings (``media_time_embs``
+    (max_num_media, 1, D), OpenFlamingo's), and the features with them added."""
+
+    def _init_media_embeddings(self, cfg: ResamplerConfig) -> None:
+        # called by subclasses after any parameter drawn earlier (the draw order fixes the init)
+        self.frame_embs = (
+            nn.Parameter(torch.randn(cfg.max_num_frames, cfg.dim)) if cfg.max_num_frames else None
         )
-    B, M, Fr, S, _ = x.shape
-    if Fr < 1:
-        raise ValueError(f"expected at least 1 frame per medium, got features of shape {tuple(x.shape)}")
-    if frame_embs is not None:
-        x = x + frame_embeddings(frame_embs, Fr).to(x.dtype)[None, None, :, None, :]
-    x = x.reshape(B, M, Fr * S, dim)
-    if media_time_embs is not None:
-        if M > media_time_embs.shape[0]:
+        self.media_time_embs = (
+            nn.Parameter(torch.randn(cfg.max_num_media, 1, cfg.dim)) if cfg.max_num_media else None
+        )
+
+    def frame_embeddings(self, num_frames: int) -> torch.Tensor:
+        """(num_frames, D) temporal embeddings: :func:`frame_embeddings` of ``frame_embs``."""
+        return frame_embeddings(self.frame_embs, num_frames)
+
+    def media_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (B, M, F, S, D) or (B, M, S, D) -> (B, M, F*S, D) with the temporal
+        embeddings (when there are) added per frame and the per-medium time embeddings (when
+        there are) per medium: the keys every resampler kind reads."""
+        dim = self.config.dim
+        if x.dim() == 4:
+            x = x.unsqueeze(2)
+        if x.dim() != 5 or x.shape[-1] != dim:
             raise ValueError(
-                f"expected at most {media_time_embs.shape[0]} media per sequence "
-                f"(max_num_media), got {M}"
+                f"expected media features of shape (B, M, F, S, {dim}) or (B, M, S, {dim}), got {tuple(x.shape)}"
             )
-        x = x + media_time_embs[:M].to(x.dtype)
-    return x
+        B, M, Fr, S, _ = x.shape
+        if Fr < 1:
+            raise ValueError(f"expected at least 1 frame per medium, got features of shape {tuple(x.shape)}")
+        if self.frame_embs is not None:
+            x = x + self.frame_embeddings(Fr).to(x.dtype)[None, None, :, None, :]
+        x = x.reshape(B, M, Fr * S, dim)
+        if self.media_time_embs is not None:
+            if M > self.media_time_embs.shape[0]:
+                raise ValueError(
+                    f"expected at most {self.media_time_embs.shape[0]} media per sequence "
+                    f"(max_num_media), got {M}"
+                )
+            x = x + self.media_time_embs[:M].to(x.dtype)
+        return x
 
 
 class PerceiverAttention(nn.Module):
@@ -114,7 +132,7 @@ class ResamplerLayer(nn.Module):
         return latents + module_feed_forward(self.ff, latents)
 
 
-class PerceiverResampler(nn.Module):
+class PerceiverResampler(MediaEmbeddings):
     """Perceiver Resampler (Flamingo section 2.1).
 
     Input features (B, M, F, S, D) — B sequences, M media each, F frames per medium
@@ -133,22 +151,13 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.config = cfg
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, cfg.dim))
-        self.frame_embs = (
-            nn.Parameter(torch.randn(cfg.max_num_frames, cfg.dim)) if cfg.max_num_frames else None
-        )
-        self.media_time_embs = (
-            nn.Parameter(torch.randn(cfg.max_num_media, 1, cfg.dim)) if cfg.max_num_media else None
-        )
+        self._init_media_embeddings(cfg)
         self.layers = nn.ModuleList([ResamplerLayer(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def frame_embeddings(self, num_frames: int) -> torch.Tensor:
-        """(num_frames, D) temporal embeddings: :func:`frame_embeddings` of ``frame_embs``."""
-        return frame_embeddings(self.frame_embs, num_frames)
-
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         D = self.config.dim
-        x = media_features(x, D, self.frame_embs, self.media_time_embs)
+        x = self.media_features(x)
         B, M, N, _ = x.shape
         x = x.reshape(B * M, N, D)
         # a real copy (tiny): a no-grad view of a leaf confuses module hooks (FlopCounterMode)

@@ -41,7 +41,7 @@ from ..models.lm import DecoderLM
 from ..models.nfnet import NFNet
 from .connectors import build_pools
 from .presets import RecipeConfig, get_recipe_preset
-from .recipe import run_stage3
+from .recipe import loss_ends, run_stage3
 
 __all__ = ["ABLATIONS", "AblationRow", "format_table", "load_backbones", "run_ablations", "save_json"]
 
@@ -187,13 +187,13 @@ def run_ablations(model_dir: Union[str, Path], preset: str = "tiny-world", names
             apply(cfg)
             model, stats = run_stage3(cfg, tok, nfnet, lm, seed, progress=progress, pools=pools)
             naming, qa = _evaluate(model, tok, cfg, episodes, shots, eval_seed, by)
-            n = min(20, len(stats.losses))
+            loss_first, loss_last = loss_ends(stats.losses)
             ks = [k for k in shots if k >= 1]
             row = AblationRow(
                 name=name, change=change, steps=cfg.connectors.steps,
                 trainable_parameters=stats.trainable_parameters,
                 train_seconds=stats.seconds - stats.data_seconds,
-                loss_first=sum(stats.losses[:n]) / n, loss_last=sum(stats.losses[-n:]) / n,
+                loss_first=loss_first, loss_last=loss_last,
                 naming=naming, qa=qa, score=sum(naming[k] for k in ks) / len(ks), gates=stats.gates)
             rows.append(row)
             if on_row is not None:

@@ -27,6 +27,11 @@ from .presets import RecipeConfig, get_recipe_preset
 RECIPE_LOG = "recipe.json"
 
 
+def loss_ends(xs, n: int = 20) -> list:
+    """``[mean of the first n, mean of the last n]`` of a loss curve ([] when empty)."""
+    return [sum(xs[:n]) / max(1, len(xs[:n])), sum(xs[-n:]) / max(1, len(xs[-n:]))] if xs else []
+
+
 @dataclass
 class RecipeResult:
     """What :func:`run_recipe` produced: the trained model (eval mode), its tokenizer, the
@@ -43,22 +48,19 @@ class RecipeResult:
 
     def summary(self) -> Dict[str, Any]:
         """A JSON-able summary: settings, first/last losses of each stage, timings."""
-        def ends(xs, n=20):
-            return [sum(xs[:n]) / max(1, len(xs[:n])), sum(xs[-n:]) / max(1, len(xs[-n:]))] if xs else []
-
         return {
             "preset": self.config.name,
             "recipe": dataclasses.asdict(self.config),
             "seconds": self.seconds,
-            "stage1": {"loss_first_last": ends(self.contrastive.losses),
+            "stage1": {"loss_first_last": loss_ends(self.contrastive.losses),
                        "retrieval_before": self.contrastive.retrieval_before,
                        "retrieval_after": self.contrastive.retrieval_after},
-            "stage2": {"loss_first_last": ends(self.lm.losses), "heldout_before": self.lm.heldout_before,
+            "stage2": {"loss_first_last": loss_ends(self.lm.losses), "heldout_before": self.lm.heldout_before,
                        "heldout_after": self.lm.heldout_after, "tokens_seen": self.lm.tokens_seen,
-                       "bind_scale": self.lm.bind_scale, "bind_loss_first_last": ends(self.lm.bind_losses),
+                       "bind_scale": self.lm.bind_scale, "bind_loss_first_last": loss_ends(self.lm.bind_losses),
                        "binding_accuracy": self.lm.binding_accuracy},
-            "stage3": {"loss_first_last": ends(self.connectors.losses),
-                       "dataset_loss_first_last": {k: ends(v) for k, v in self.connectors.dataset_losses.items()},
+            "stage3": {"loss_first_last": loss_ends(self.connectors.losses),
+                       "dataset_loss_first_last": {k: loss_ends(v) for k, v in self.connectors.dataset_losses.items()},
                        "gates": {str(k): v for k, v in self.connectors.gates.items()},
                        "trainable_parameters": self.connectors.trainable_parameters},
         }

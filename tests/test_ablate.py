@@ -245,3 +245,26 @@ def test_cli_ablate_prints_the_table_and_writes_json(toy_folder, tmp_path, capsy
     assert cli.main(["ablate", "--model", str(toy_folder), "--preset", "toy", "--only", "bogus", "--steps", "1",
                      "--no-progress"]) == 2
     assert "expected ablation names" in capsys.readouterr().err
+
+
+def test_each_ablation_changes_exactly_its_setting():
+    import dataclasses
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    base = get_recipe_preset("tiny-world")
+    want = {"baseline": {}, "no_tanh_gating": {"model.xattn.gated": False},
+            "all_previous_images": {"model.xattn.all_previous": True},
+            "mlp_resampler": {"model.resampler.kind": "mlp"}, "xattn_every_2nd_layer": {"model.xattn.every": 2},
+            "unfrozen_lm": {"connectors.freeze_lm": False}}
+    assert set(want) == set(ABLATIONS)
+    before = flat(dataclasses.asdict(base))
+    for name, (_, apply) in ABLATIONS.items():
+        cfg = get_recipe_preset("tiny-world")
+        apply(cfg)
+        after = flat(dataclasses.asdict(cfg))
+        assert {k: v for k, v in after.items() if before[k] != v} == want[name], name

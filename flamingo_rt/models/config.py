@@ -103,10 +103,17 @@ class ResamplerConfig:
     ff_kind: str = "gelu"  # "gelu" (OpenFlamingo) or "sqrelu" (paper)
     max_num_frames: Optional[int] = None  # learned temporal embeddings for video
     max_num_media: Optional[int] = None  # OpenFlamingo's media_time_embs (optional)
+    #: learned spatial position embeddings, one per feature position of a frame (a frame's S
+    #: features must then be at most this many). Neither Flamingo nor OpenFlamingo has them
+    #: (a large encoder's grid carries position implicitly); a 2 x 2 grid does not carry it
+    #: well enough to tell where an object moved (FEASIBILITY.md). None: off.
+    max_num_spatial: Optional[int] = None
 
     def __post_init__(self):
         if self.kind not in RESAMPLER_KINDS:
             raise ValueError(f"unknown resampler kind {self.kind!r}; expected one of {RESAMPLER_KINDS}")
+        if self.max_num_spatial is not None and self.max_num_spatial < 1:
+            raise ValueError(f"expected max_num_spatial >= 1 or None, got {self.max_num_spatial}")
 
 
 @dataclass

@@ -35,6 +35,7 @@ class MLPResampler(MediaEmbeddings):
         self._init_media_embeddings(cfg)
         self.layers = nn.ModuleList([FeedForward(cfg.dim, cfg.ff_mult, cfg.ff_kind) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
+        self._init_spatial_embeddings(cfg)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """x (B, M, F, S, D) or (B, M, S, D) -> (B, M, num_latents, D). ``backend`` is taken

@@ -42,8 +42,10 @@ def frame_embeddings(frame_embs: Optional[torch.Tensor], num_frames: int) -> tor
 
 class MediaEmbeddings(nn.Module):
     """What every resampler kind shares: the optional learned temporal embeddings
-    (``frame_embs`` (max_num_frames, D)) and per-medium time embeddings (``media_time_embs``
-    (max_num_media, 1, D), OpenFlamingo's), and the features with them added."""
+    (``frame_embs`` (max_num_frames, D)), per-medium time embeddings (``media_time_embs``
+    (max_num_media, 1, D), OpenFlamingo's) and spatial embeddings (``spatial_embs``
+    (max_num_spatial, D), one per feature position of a frame), and the features with them
+    added."""
 
     def _init_media_embeddings(self, cfg: ResamplerConfig) -> None:
         # called by subclasses after any parameter drawn earlier (the draw order fixes the init)
@@ -53,15 +55,22 @@ class MediaEmbeddings(nn.Module):
         self.media_time_embs = (
             nn.Parameter(torch.randn(cfg.max_num_media, 1, cfg.dim)) if cfg.max_num_media else None
         )
+        self.spatial_embs = None  # drawn by _init_spatial_embeddings, after every other parameter
+
+    def _init_spatial_embeddings(self, cfg: ResamplerConfig) -> None:
+        # called last by subclasses: turning the option on leaves the other parameters' init as it was
+        if cfg.max_num_spatial:
+            self.spatial_embs = nn.Parameter(torch.randn(cfg.max_num_spatial, cfg.dim))
 
     def frame_embeddings(self, num_frames: int) -> torch.Tensor:
         """(num_frames, D) temporal embeddings: :func:`frame_embeddings` of ``frame_embs``."""
         return frame_embeddings(self.frame_embs, num_frames)
 
     def media_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features (B, M, F, S, D) or (B, M, S, D) -> (B, M, F*S, D) with the temporal
-        embeddings (when there are) added per frame and the per-medium time embeddings (when
-        there are) per medium: the keys every resampler kind reads."""
+        """Features (B, M, F, S, D) or (B, M, S, D) -> (B, M, F*S, D) with the spatial
+        embeddings (when there are) added per feature position, the temporal embeddings (when
+        there are) per frame and the per-medium time embeddings (when there are) per medium:
+        the keys every resampler kind reads."""
         dim = self.config.dim
         if x.dim() == 4:
             x = x.unsqueeze(2)
@@ -72,6 +81,13 @@ class MediaEmbeddings(nn.Module):
         B, M, Fr, S, _ = x.shape
         if Fr < 1:
             raise ValueError(f"expected at least 1 frame per medium, got features of shape {tuple(x.shape)}")
+        if self.spatial_embs is not None:
+            if S > self.spatial_embs.shape[0]:
+                raise ValueError(
+                    f"expected at most {self.spatial_embs.shape[0]} features per frame (max_num_spatial), "
+                    f"got features of shape {tuple(x.shape)}"
+                )
+            x = x + self.spatial_embs[:S].to(x.dtype)[None, None, None]
         if self.frame_embs is not None:
             x = x + self.frame_embeddings(Fr).to(x.dtype)[None, None, :, None, :]
         x = x.reshape(B, M, Fr * S, dim)
@@ -154,6 +170,7 @@ class PerceiverResampler(MediaEmbeddings):
         self._init_media_embeddings(cfg)
         self.layers = nn.ModuleList([ResamplerLayer(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.dim)
+        self._init_spatial_embeddings(cfg)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         D = self.config.dim

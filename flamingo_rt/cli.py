@@ -326,7 +326,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "all_previous_images, mlp_resampler, xattn_every_2nd_layer, unfrozen_lm)")
     p_abl.add_argument("--preset", default="tiny-world", help="recipe preset whose stage-3 settings every run uses")
     p_abl.add_argument("--steps", type=int, default=400,
-                       help="stage-3 steps per run (default 400: half the tiny-world recipe's stage 3; 0: the preset's)")
+                       help="stage-3 steps per run (default 400: a quarter of the tiny-world recipe's stage 3; 0: the preset's)")
     p_abl.add_argument("--episodes", type=int, default=40, help="held-out queries per task and shot count")
     p_abl.add_argument("--shots", type=_int_list, default=[0, 1, 2, 4], help="shot counts of the evaluation")
     p_abl.add_argument("--by", default="colour", choices=list(CLASSIFY_BY), help="what a naming class is")

@@ -1,6 +1,6 @@
 """Recipe presets: every size and schedule of the three-stage recipe in one dataclass.
 
-``tiny-world`` is the shipped model's recipe (about 15 minutes on 2 CPU cores); ``toy``
+``tiny-world`` is the shipped model's recipe (about 16 minutes on 2 CPU cores); ``toy``
 is the CI size (well under 2 minutes). :func:`get_recipe_preset` returns a fresh copy, and
 ``dataclasses.replace`` / attribute assignment derive experiment variants from it.
 """

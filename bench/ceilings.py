@@ -1,4 +1,10 @@
-"""This machine's ceilings: GEMM GFLOP/s (fp32, bf16) and copy GB/s, measured with torch.
+"""This machine's ceilings: GEMM GFLOP/s (fp32, bf16), copy GB/s and read GB/s, measured
+with torch.
+
+Copy counts the bytes read plus the bytes written (STREAM's convention); read is a
+reduction over the same large buffer, bytes read only: what a memory-bound GEMV (a decode
+step's weights) can stream at best. On a 2-core AMD EPYC guest copy measured 47 GB/s and
+read 26-28 GB/s, so a read-only kernel sits well below the copy figure at the hardware's limit.
 
 Every benchmark run prints them next to the results, so achieved numbers can be read
 as a fraction of what the hardware does on its best-understood workload.
@@ -36,16 +42,18 @@ class Ceilings:
     gemm_bf16_gflops: float
     copy_gbps: float
     threads: int
+    read_gbps: float = float("nan")
 
     def line(self) -> str:
         return (
             f"machine ceilings [{self.device}, {self.threads} threads]: GEMM fp32 {self.gemm_fp32_gflops:.0f} GFLOP/s, "
-            f"GEMM bf16 {self.gemm_bf16_gflops:.0f} GFLOP/s, copy {self.copy_gbps:.1f} GB/s"
+            f"GEMM bf16 {self.gemm_bf16_gflops:.0f} GFLOP/s, copy {self.copy_gbps:.1f} GB/s, read {self.read_gbps:.1f} GB/s"
         )
 
 
 def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceilings:
-    """Measure GEMM (n x n x n) in fp32 and bf16 and a large tensor copy on ``device``."""
+    """Measure GEMM (n x n x n) in fp32 and bf16, a large tensor copy and a large tensor's
+    sum (read bandwidth) on ``device``."""
     device = torch.device(device)
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
@@ -60,10 +68,13 @@ def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceiling
     dst = torch.empty_like(src)
     t = _best_time(lambda: dst.copy_(src), device)
     copy = 2 * src.numel() * 4 / t / 1e9  # read + write
+    t = _best_time(lambda: src.sum(), device)
+    read = src.numel() * 4 / t / 1e9  # read only (the buffer is 4x the L3 of the CPUs we run on)
     return Ceilings(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         gemm_fp32_gflops=res[torch.float32],
         gemm_bf16_gflops=res[torch.bfloat16],
         copy_gbps=copy,
+        read_gbps=read,
         threads=torch.get_num_threads(),
     )

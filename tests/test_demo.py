@@ -146,3 +146,22 @@ def test_shipped_model_names_5_way_2_shot_at_least_80_percent():
     suite = demo.demo_suite(tasks=("classify",))  # the demo's own classify episodes (seed 0)
     res = evaluate(str(demo.DEFAULT_MODEL), suite)
     assert res.score("classify", 2) >= 0.8, res.table()
+
+
+# Issue 8's other targets on the shipped model, at the settings of the README's numbers
+# (held-out combinations, training phrasings, seed 100, 40 queries): it reads attributes out of
+# the image, and answers a question about a held-out clip above chance. The thresholds sit
+# well above chance and below the measured scores (colour 65%, count at 8 shots 35%, new
+# colour of a clip 17.5-22.5%), which change only by float rounding between CPU kinds.
+@pytest.mark.skipif(not _SHIPPED, reason="the shipped model (flamingo_rt/assets/tiny-world) is not in the repo")
+def test_shipped_model_answers_questions_and_video_above_chance():
+    from flamingo_rt.eval import TaskSuite
+
+    suite = TaskSuite(tasks=("qa.colour", "qa.count", "video_qa.new_colour"), shots=(0, 8), episodes=40, seed=100,
+                      split="heldout", format_split="train")
+    res = evaluate(str(demo.DEFAULT_MODEL), suite)
+    table = res.table()
+    assert res.score("qa.colour", 0, "ranked_accuracy") >= 0.4, table  # chance 0.1
+    assert res.score("qa.count", 8, "exact_match") >= res.score("qa.count", 0, "exact_match") + 0.1, table
+    video = [res.score("video_qa.new_colour", k, "exact_match") for k in (0, 8)]
+    assert sum(video) / 2 >= 0.15, table  # ranked chance 0.1; the generated answer must be the colour

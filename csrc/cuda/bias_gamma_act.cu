@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda_status.cuh"
 #include "elem.cuh"
 #include <type_traits>
 
@@ -37,16 +38,7 @@ namespace flamingo_rt {
 
 namespace {
 
-thread_local const char* g_last_error = "";
-
-Status launch_status() {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    g_last_error = cudaGetErrorString(e);
-    return Status::kCudaError;
-  }
-  return Status::kOk;
-}
+using cuda_detail::launch_status;
 
 // ------------------------------------------------------------------ elements, math
 
@@ -558,7 +550,6 @@ Status check_common(DType dtype, Act act, const int64_t sizes[4]) {
 
 bool built_with_cuda() { return true; }
 
-const char* last_cuda_error() { return g_last_error; }
 
 Status bias_gamma_act_cuda(const BiasGammaActParams& p) {
   const Status st = check_common(p.dtype, p.act, p.sizes);

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "cuda_status.cuh"
 #include "elem.cuh"
 
 namespace flamingo_rt {
@@ -25,9 +26,7 @@ namespace {
 
 using cuda_detail::Elem;
 
-Status nf_launch_status() {
-  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
-}
+using cuda_detail::launch_status;
 
 constexpr int kWsThreads = 256;
 
@@ -78,7 +77,7 @@ Status ws_launch(const WsStandardizeParams& p) {
   ws_fwd_kernel<T><<<unsigned(p.rows), kWsThreads, 0, st>>>(
       static_cast<const T*>(p.weight), p.weight_row_stride, static_cast<const T*>(p.gain),
       p.gain_stride, static_cast<T*>(p.out), p.out_row_stride, p.fan_in, p.eps);
-  return nf_launch_status();
+  return launch_status();
 }
 
 // ------------------------------------------------------------------ se_residual
@@ -165,7 +164,7 @@ Status se_launch(const SeResidualParams& p) {
   se_fwd_kernel<T><<<unsigned(blocks), threads, 0, static_cast<cudaStream_t>(p.stream)>>>(
       static_cast<const T*>(p.x), static_cast<const T*>(p.gate), static_cast<const T*>(p.shortcut),
       static_cast<const T*>(p.scale), static_cast<T*>(p.y), g, total);
-  return nf_launch_status();
+  return launch_status();
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda_status.cuh"
 #include "elem.cuh"
 
 namespace flamingo_rt {
@@ -169,8 +170,6 @@ __global__ void __launch_bounds__(kThreads) resampler_fwd_kernel(const Args a) {
   }
 }
 
-thread_local const char* g_resampler_error = "";
-
 template <typename T>
 Status launch(const ResamplerAttentionParams& p, const Args& a) {
   const dim3 grid(unsigned(p.n * p.H), unsigned((p.L + kRows - 1) / kRows));
@@ -182,17 +181,12 @@ Status launch(const ResamplerAttentionParams& p, const Args& a) {
     case 3: resampler_fwd_kernel<T, 3><<<grid, kThreads, 0, stream>>>(a); break;
     default: resampler_fwd_kernel<T, 4><<<grid, kThreads, 0, stream>>>(a); break;
   }
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    g_resampler_error = cudaGetErrorString(e);
-    return Status::kCudaError;
-  }
-  return Status::kOk;
+  return cuda_detail::launch_status();
 }
 
 }  // namespace
 
-const char* resampler_attention_cuda_last_error() { return g_resampler_error; }
+const char* resampler_attention_cuda_last_error() { return last_cuda_error(); }
 
 Status resampler_attention_cuda(const ResamplerAttentionParams& p) {
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16)

@@ -22,6 +22,7 @@
 // memory at the end (m = max m_w, l = sum l_w e^(m_w - m), acc likewise).
 #include "flamingo_rt/kernels.h"
 #include "flamingo_rt/xattn_cuda.h"
+#include "cuda_status.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -310,16 +311,7 @@ __global__ void __launch_bounds__(kThreads) xattn_decode_kernel(const Args a) {
 
 // ------------------------------------------------------------------ host side
 
-thread_local const char* g_xattn_error = "";
-
-Status launch_status() {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    g_xattn_error = cudaGetErrorString(e);
-    return Status::kCudaError;
-  }
-  return Status::kOk;
-}
+using cuda_detail::launch_status;
 
 Args make_args(const ImageCausalAttnParams& p) {
   Args a;
@@ -390,10 +382,7 @@ Status launch_tile(const Args& a, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(xattn_fwd_tile_kernel<T, DPL>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) {
-      g_xattn_error = cudaGetErrorString(e);
-      return Status::kCudaError;
-    }
+    if (e != cudaSuccess) return cuda_detail::record_cuda_error(e);
   }
   const dim3 grid(unsigned((a.T + kTileT - 1) / kTileT), unsigned(a.B * a.H));
   xattn_fwd_tile_kernel<T, DPL><<<grid, kThreads, smem, stream>>>(a);
@@ -453,6 +442,6 @@ Status image_causal_attention_decode_cuda(const ImageCausalAttnParams& p, void* 
   return run(p, true, stream);
 }
 
-const char* image_causal_attention_cuda_last_error() { return g_xattn_error; }
+const char* image_causal_attention_cuda_last_error() { return last_cuda_error(); }
 
 }  // namespace flamingo_rt

@@ -76,6 +76,13 @@ def register() -> None:
         _check_xattn("image_causal_attention_backward", q, k, v, media_index)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
+    @torch.library.register_fake("flamingo_rt_C::decode_attention")
+    def _(q, k, v, mask, scale):
+        torch._check(q.dim() == 4 and k.dim() == 4 and k.shape == v.shape,
+                     lambda: f"decode_attention: expected q (B, H, 1, Dh) and k, v (B, Hkv, S, Dh), got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("flamingo_rt_C::small_linear")
     def _(x, w, bias):
         torch._check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1],

@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.decode_attention import cached_attention
 from ..ops.linear import Linear
 
 from .config import LMConfig
@@ -197,12 +198,7 @@ class Attention(nn.Module):
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=rep > 1
             )
         else:
-            if rep > 1:
-                # Expand K/V explicitly: with an explicit mask, the fused kernels that
-                # would take it do not all support grouped heads.
-                k = k.repeat_interleave(rep, dim=1)
-                v = v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+            out = cached_attention(q, k, v, attn_mask, self.scale)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
 

@@ -550,7 +550,6 @@ Status check_common(DType dtype, Act act, const int64_t sizes[4]) {
 
 bool built_with_cuda() { return true; }
 
-
 Status bias_gamma_act_cuda(const BiasGammaActParams& p) {
   const Status st = check_common(p.dtype, p.act, p.sizes);
   if (st != Status::kOk) return st;

@@ -7,9 +7,9 @@ tensors are on the CPU in float32 or bfloat16 and no gradient is needed, the C++
 ``flamingo_rt_C::decode_attention`` runs (one pass over K, one over V, grouped heads read
 in place; on a (16 heads, 687 slots, 64) cache measured 1.8-2x faster than SDPA with the
 mask in float32, reading K and V at the machine's read bandwidth, and 5.6-6.3x in bfloat16:
-``bench/test_bench_decode_attention.py``);
-everything else is ``F.scaled_dot_product_attention`` (the reference). A row with no
-visible slot gives 0 from the kernel (SDPA gives NaN there); the runtime never asks for one.
+``bench/test_bench_decode_attention.py``); everything else is
+``F.scaled_dot_product_attention`` (the reference). A row with no visible slot gives 0 from
+the kernel (SDPA gives NaN there); the runtime never asks for one.
 """
 from __future__ import annotations
 

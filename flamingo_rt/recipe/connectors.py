@@ -43,10 +43,11 @@ def build_flamingo(config: FlamingoConfig, nfnet: NFNet, lm: DecoderLM) -> Flami
         raise ValueError(f"expected the NFNet config {config.vision.nfnet}, got {nfnet.config}")
     model = Flamingo(config, vision_encoder=nfnet)
     # The resampler's learned frame (and media-time, spatial) embeddings start as randn (std
-    # 1, as in OpenFlamingo, whose CLIP features are of that scale). The small NFNet's pooled features
-    # are ~0.07 in size, so std-1 embeddings added to them drown the image: the resampler's
-    # output then varies ~0.2% between images and stage 3 never opens the attention gates
-    # (FEASIBILITY.md). Start them at the features' scale instead (same random draws, scaled).
+    # 1, as in OpenFlamingo, whose CLIP features are of that scale). The small NFNet's pooled
+    # features are ~0.07 in size, so std-1 embeddings added to them drown the image: the
+    # resampler's output then varies ~0.2% between images and stage 3 never opens the
+    # attention gates (FEASIBILITY.md). Start them at the features' scale instead (same
+    # random draws, scaled).
     with torch.no_grad():
         for name in ("frame_embs", "media_time_embs", "spatial_embs"):
             emb = getattr(model.resampler, name, None)

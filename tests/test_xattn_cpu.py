@@ -70,13 +70,10 @@ def _check(q, k, v, idx, allp, fwd_tol_mult=None, tol=2e-6):
     if q.dtype == torch.float32:
         assert rel_err(out, want) < tol
         # Gradients: within 3x of the fp32 plain-torch reference's own error (DESIGN.md 3), with
-        # a floor. The kernel's backward recomputes p = exp(s - lse) from a saved float32 lse and
-        # uses D = rowsum(dO * O); when a row's softmax is nearly one-hot over 1-2 keys
-        # (all-previous mode, one token per image, q scaled by 2) the cancellation in
-        # p * (dP - D) costs up to 3.1e-5 relative (measured over 460 seeds; 1e-6 elsewhere)
+        # a 1e-5 floor
         base_g = ref.image_causal_attention_backward(go, q, k, v, idx, allp, scale)
         for g, w, bg in zip(grads, want_g, base_g):
-            assert rel_err(g, w) <= max(5 * tol, 3 * rel_err(bg, w)) + 4e-5
+            assert rel_err(g, w) <= max(5 * tol, 3 * rel_err(bg, w))
     else:  # bf16: within 2x (grads 3x) of the same-dtype reference's own error, + a floor
         base = ref.image_causal_attention(q, k, v, idx, allp, scale)
         base_g = ref.image_causal_attention_backward(go, q, k, v, idx, allp, scale)
@@ -92,6 +89,23 @@ def _check(q, k, v, idx, allp, fwd_tol_mult=None, tol=2e-6):
 def test_against_float64_reference(case, allp, dtype):
     B, T, H, dh, M, N, counts = case
     _check(*_inputs(B, T, H, dh, M, N, dtype, counts), allp)
+
+
+def test_all_previous_backward_sharp_softmax_over_one_key_per_image():
+    """One key per image, all-previous mode, q scaled by 2: a row's softmax is nearly one-hot
+    over 1-2 keys and dS = p * (dP - D) cancels. D must be built from the very p of the
+    backward (sum p dP), not rowsum(dO * O): that cost up to 1.7e-4 relative in dq and dK on
+    these seeds (seed 186 the worst of 200); now the error is the fp32 reference's own."""
+    B, T, H, dh, M, N, counts = 2, 23, 2, 128, 2, 1, [2, 1]
+    scale = dh ** -0.5
+    for seed in (186, 189, 0, 1, 2, 3):
+        q, k, v, idx = _inputs(B, T, H, dh, M, N, torch.float32, counts, seed=seed)
+        go = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed))
+        grads = OP.image_causal_attention_backward(go, q, k, v, idx, True, scale)
+        want = ref.image_causal_attention_backward(go.double(), q.double(), k.double(), v.double(), idx, True, scale)
+        base = ref.image_causal_attention_backward(go, q, k, v, idx, True, scale)
+        for g, w, bg in zip(grads, want, base):
+            assert rel_err(g, w) <= 3 * rel_err(bg, w) + 1e-6, (seed, rel_err(g, w), rel_err(bg, w))
 
 
 @pytest.mark.parametrize("allp", [False, True])

@@ -28,10 +28,8 @@ peer's step and the rest is mostly autocast's casts and AdamW (profile with
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -151,13 +149,9 @@ def alternate(ours_step, peer_step, rounds: int):
 
 
 def memory(side: str, dtype: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "peers" / "train_step.py"),
-                           "--side", side, "--dtype", dtype], capture_output=True, text=True,
-                          env=env, timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON ")][-1]
-    return json.loads(line[5:])
+    import rss
+
+    return rss.run(ROOT / "bench" / "peers" / "train_step.py", ["--side", side, "--dtype", dtype], ROOT)
 
 
 def _load() -> str:

@@ -21,6 +21,7 @@ import torch
 
 from flamingo_rt.ops import _cpp_backends
 from flamingo_rt.ops.xattn import image_causal_attention
+from harness import median_seconds
 
 pytestmark = pytest.mark.skipif(not _cpp_backends.AVAILABLE, reason="flamingo_rt._C not built")
 
@@ -109,36 +110,76 @@ def test_xattn_core_forward_backward(benchmark, ceilings, report, of_helpers, dt
     benchmark.pedantic(run_ours, rounds=2, iterations=1, warmup_rounds=1)
 
 
-def test_xattn_block_forward_fp32(benchmark, ceilings, report, of_helpers):
-    from flamingo_rt.models.xattn import GatedCrossAttentionBlock
+# Issue 3's CPU targets for the whole block: (fwd, fwd+bwd) speed over open_flamingo, and the
+# block against its own matrix products alone (fwd, fwd+bwd); memory: peer/ours >= 3.
+BLOCK_TARGETS = {"fp32": ((1.6, 1.4), (1.15, 1.25)), "bf16": ((2.5, 2.5), (1.3, 1.4))}
 
-    of = of_helpers
-    torch.manual_seed(0)
-    peer = of.GatedCrossAttentionBlock(dim=2048, dim_visual=1024, dim_head=64, heads=8).eval()
-    with torch.no_grad():
-        peer.attn_gate.fill_(0.5)
-        peer.ff_gate.fill_(0.5)
-    ours = GatedCrossAttentionBlock.from_open_flamingo(peer).eval()
-    _, _, _, idx, loc = _data(torch.float32)
-    x = torch.randn(B, T, 2048)
-    media = torch.randn(B, M, N, 1024)
 
-    def run_ours():
-        with torch.no_grad():
-            return ours(x, media, media_index=idx, backend="cpu", validate=False)
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_xattn_block(benchmark, ceilings, report, of_helpers, dtype, batch):
+    """The whole GatedCrossAttentionBlock (OpenFlamingo-3B's, T=2048, 32 images x 64),
+    ours (cpu backend) vs open_flamingo's on the same weights: forward, forward+backward
+    (gradients of all parameters, x and the media), the block's GEMMs alone in the same run,
+    and the peak resident memory of forward+backward (each side in a fresh process)."""
+    import sys
+    from pathlib import Path
 
-    def run_peer():
-        with torch.no_grad():
-            return peer(x, media, media_locations=loc)
+    sys.path.insert(0, str(Path(__file__).parent / "peers"))
+    import rss
+    import xattn_block_step as bs
 
-    a, b = run_ours(), run_peer()
-    assert ((a - b).norm() / b.norm()).item() < 1e-4
-    # matrix products of the block: q, kv, out projections and the FF (4x)
-    gemm_flops = 2 * B * T * 2048 * 512 * 2 + 2 * B * M * N * 1024 * 1024 + 2 * 2 * B * T * 2048 * 8192
-    row = report.compare(f"xattn block fwd fp32 T{T} M{M}x{N} (LM 2048)", run_ours, run_peer,
-                         "open_flamingo", flops=gemm_flops + USEFUL_FWD, min_run_time=1.0)
-    benchmark.extra_info.update(peer_ms=row.peer_s * 1e3, ratio_peer_over_ours=row.speedup)
-    benchmark.pedantic(run_ours, rounds=2, iterations=1, warmup_rounds=0)
+    peer, ours, x, media, idx, loc = bs.build(batch, of_helpers)
+    a = bs.forward("ours", ours, x, media, idx, loc, dtype)()
+    b = bs.forward("peer", peer, x, media, idx, loc, dtype)()
+    ref = bs.forward("peer", peer, x, media, idx, loc, "fp32")()
+    if dtype == "fp32":
+        assert rel(a, b) < 1e-4
+    else:  # both in bf16: ours within 2x the peer's own bf16 error (DESIGN.md 3)
+        assert rel(a, ref) <= 2 * rel(b, ref) + 1e-3
+    ga = bs.forward_backward("ours", ours, x, media, idx, loc, dtype)()
+    gb = bs.forward_backward("peer", peer, x, media, idx, loc, "fp32" if dtype == "bf16" else dtype)()
+    for u, w in zip(ga, gb):
+        assert rel(u, w) < (1e-4 if dtype == "fp32" else 3e-2)
+    tag = f"xattn block {dtype} B{batch} T{T} M{M}x{N}"
+    mt = 1.0 if batch == 1 else 0.5
+    fwd = report.compare(f"{tag} fwd", bs.forward("ours", ours, x, media, idx, loc, dtype),
+                         bs.forward("peer", peer, x, media, idx, loc, dtype), "open_flamingo",
+                         flops=bs.gemm_flops(batch, False) + batch * USEFUL_FWD, min_run_time=mt)
+    fb = report.compare(f"{tag} fwd+bwd", bs.forward_backward("ours", ours, x, media, idx, loc, dtype),
+                        bs.forward_backward("peer", peer, x, media, idx, loc, dtype), "open_flamingo",
+                        flops=bs.gemm_flops(batch, True) + int(3.5 * batch * USEFUL_FWD), min_run_time=mt)
+    g_fwd = median_seconds(bs.gemms_alone(batch, dtype, False), mt)
+    g_fb = median_seconds(bs.gemms_alone(batch, dtype, True), mt)
+    del peer, ours
+    root = Path(__file__).resolve().parents[1]
+    mem = {side: rss.run(Path(__file__).parent / "peers" / "xattn_block_step.py",
+                         ["--side", side, "--dtype", dtype, "--batch", str(batch)], root)
+           for side in ("ours", "peer")}
+    (t_fwd, t_fb), (l_fwd, l_fb) = BLOCK_TARGETS[dtype]
+    mem_ratio = mem["peer"]["step_mib"] / mem["ours"]["step_mib"]
+    if not any(n.startswith("xattn block vs open_flamingo") for n in report.notes):
+        report.notes += [
+            "xattn block vs open_flamingo (issue 3 targets in brackets; 'GEMMs' = the block's matrix products alone, same run):",
+            "  | block | fwd peer/ours | fwd+bwd peer/ours | fwd ours/GEMMs | fwd+bwd ours/GEMMs "
+            "| fwd+bwd memory added ours / peer (peer/ours) |",
+        ]
+    report.notes.append(
+        f"  | {dtype} B{batch} | {fwd.speedup:.2f}x [{t_fwd}] | {fb.speedup:.2f}x [{t_fb}] "
+        f"| {fwd.ours_s / g_fwd:.2f}x [{l_fwd}] ({g_fwd * 1e3:.0f} ms) | {fb.ours_s / g_fb:.2f}x [{l_fb}] "
+        f"({g_fb * 1e3:.0f} ms) | {mem['ours']['step_mib']:.0f} / {mem['peer']['step_mib']:.0f} MiB "
+        f"({mem_ratio:.2f}x [3]) |")
+    benchmark.extra_info.update(
+        fwd_ratio=fwd.speedup, fwd_bwd_ratio=fb.speedup, fwd_over_gemms=fwd.ours_s / g_fwd,
+        fwd_bwd_over_gemms=fb.ours_s / g_fb, gemms_fwd_s=g_fwd, gemms_fwd_bwd_s=g_fb,
+        memory_ours_mib=mem["ours"]["step_mib"], memory_peer_mib=mem["peer"]["step_mib"],
+        ceiling_fp32_gflops=ceilings.gemm_fp32_gflops, ceiling_bf16_gflops=ceilings.gemm_bf16_gflops)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # --------------------------------------------------------------------------- GPU (triton, cuda)

@@ -26,10 +26,8 @@ Importable (the benchmark) and runnable (``python bench/peers/train_step.py --si
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -39,6 +37,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "peers"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FULL = dict(vocab=32000, dim=2048, layers=2, heads=32, kv_heads=4, intermediate=5632,
             vis=1024, S=257, B=2, M=8, T=256)
@@ -201,25 +200,16 @@ def peer_stepper(of: nn.Module, data: Data, B: int, autocast: Optional[torch.dty
 # --------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_memory(side: str, dtype: str, steps: int = 2) -> dict:
-    """Peak resident memory of one step of ``side`` in this (fresh) process.
+    """Peak resident memory of one step of ``side`` in this (fresh) process (:mod:`rss`).
 
     Builds both models (the conversion needs the peer), drops the side not measured, runs
-    one warm-up step (it allocates AdamW's state), then resets the kernel's RSS high-water
-    mark (``/proc/self/clear_refs`` = 5) and runs ``steps`` more: ``peak_mib`` is the
+    one warm-up step (it allocates AdamW's state), then ``steps`` more: ``peak_mib`` is the
     process's high-water RSS during those steps, ``base_mib`` the RSS just before them
     (weights, gradients freed, optimizer state), ``step_mib`` their difference: what the step
-    itself adds (activations kept for backward, gradients, temporaries). Run with
-    MALLOC_MMAP_THRESHOLD_ fixed (see the benchmark) so freed tensors leave the RSS.
+    itself adds (activations kept for backward, gradients, temporaries).
     """
-    import gc
+    import rss
 
     torch.manual_seed(0)
     sh = shape()
@@ -232,17 +222,7 @@ def measure_memory(side: str, dtype: str, steps: int = 2) -> dict:
         step = ours_stepper(model, data, sh["B"], autocast)
     else:
         step = peer_stepper(peer, data, sh["B"], autocast)
-    step()
-    gc.collect()
-    base = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dt = (time.perf_counter() - t0) / steps
-    peak = _status_kib("VmHWM")
-    return dict(side=side, dtype=dtype, peak_mib=peak / 1024, base_mib=base / 1024,
-                step_mib=(peak - base) / 1024, step_s=dt, threads=torch.get_num_threads())
+    return dict(side=side, dtype=dtype, threads=torch.get_num_threads(), **rss.measure(step, steps))
 
 
 if __name__ == "__main__":
@@ -251,4 +231,6 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", choices=("fp32", "bf16"), required=True)
     ap.add_argument("--steps", type=int, default=2)
     a = ap.parse_args()
-    print("JSON " + json.dumps(measure_memory(a.side, a.dtype, a.steps)))
+    import rss
+
+    rss.emit(measure_memory(a.side, a.dtype, a.steps))

@@ -126,13 +126,21 @@ class GatedCrossAttentionBlock(nn.Module):
             if idx.shape != (B, T):
                 raise ValueError(f"expected media index/locations of shape ({B}, {T}), got {tuple(idx.shape)}")
             attn = self.attn(x, media_kv, idx, self.all_previous, backend)
-            x = x + self.gate("attn_gate", x.dtype) * attn
+            x = self._gated_add(x, "attn_gate", attn)
         else:
             if media_locations is not None and not torch.compiler.is_compiling() and bool(media_locations.any()):
                 raise ValueError(
                     "batch has <image> tokens but no media were supplied; expected media of shape (B, M, N, Dv)"
                 )
-        return x + self.gate("ff_gate", x.dtype) * module_feed_forward(self.ff, x)
+        return self._gated_add(x, "ff_gate", module_feed_forward(self.ff, x))
+
+    def _gated_add(self, x: torch.Tensor, gate: str, y: torch.Tensor) -> torch.Tensor:
+        """x + tanh(gate) * y in one pass (``addcmul``; in x's dtype when y is a lower-precision
+        autocast output): the (T, D) product is never written out. Exact gate gradient
+        (autograd of addcmul: sum(dz * y))."""
+        if not self.gated:
+            return x + y
+        return torch.addcmul(x, self.gate(gate, x.dtype), y)
 
     @classmethod
     def from_open_flamingo(cls, module: nn.Module, ff_kind: str = "gelu") -> "GatedCrossAttentionBlock":

@@ -95,7 +95,9 @@ def forward_backward(side: str, block, x, media, idx, loc, dtype: str) -> Callab
             else:
                 y = block(xg, mg, media_locations=loc)
         y.backward(go.to(y.dtype))
-        return xg.grad, mg.grad
+        out = xg.grad, mg.grad
+        xg.grad = mg.grad = None
+        return out
 
     return run
 
@@ -137,13 +139,19 @@ def gemms_alone(batch: int, dtype: str, train: bool) -> Callable[[], None]:
 
 
 def measure_memory(side: str, dtype: str, batch: int, steps: int = 2) -> dict:
-    """Peak resident memory of ``side``'s forward+backward in this (fresh) process."""
+    """Peak resident memory of ``side``'s forward+backward in this (fresh) process: what a step
+    adds over the weights (its saved activations, temporaries and the gradients it makes)."""
     import rss
 
     peer, ours, x, media, idx, loc = build(batch)
     block = ours if side == "ours" else peer
     del peer, ours
-    step = forward_backward(side, block, x, media, idx, loc, dtype)
+    run = forward_backward(side, block, x, media, idx, loc, dtype)
+
+    def step():  # gradients freed after each step, so the base holds none
+        run()
+        block.zero_grad(set_to_none=True)
+
     return dict(side=side, dtype=dtype, batch=batch, threads=torch.get_num_threads(), **rss.measure(step, steps))
 
 

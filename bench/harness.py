@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.benchmark as tbench
@@ -21,6 +21,29 @@ def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float
         min_run_time=min_run_time
     )
     return m.median
+
+
+def gemms_alone(shapes: Sequence[Tuple[int, int, int]], dtype: torch.dtype, train: bool) -> Callable[[], None]:
+    """A closure doing only a model's matrix products, for "ours vs its GEMMs alone": for each
+    (rows, in, out), y = x W^T; with ``train`` also dx = dy W and dW = dy^T x (transposed
+    operands as autograd passes them). Tensors of ``dtype``, made once."""
+    g = torch.Generator().manual_seed(0)
+    ops = []
+    for r, i, o in shapes:
+        xin = torch.randn(r, i, generator=g).to(dtype)
+        w = torch.randn(o, i, generator=g).to(dtype)
+        dy = torch.randn(r, o, generator=g).to(dtype)
+        ops.append((xin, w, dy, torch.empty(r, o, dtype=dtype), torch.empty(r, i, dtype=dtype),
+                    torch.empty(o, i, dtype=dtype)))
+
+    def run():
+        for xin, w, dy, y, dx, dw in ops:
+            torch.mm(xin, w.t(), out=y)
+            if train:
+                torch.mm(dy, w, out=dx)
+                torch.mm(dy.t(), xin, out=dw)
+
+    return run
 
 
 @dataclass

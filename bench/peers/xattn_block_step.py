@@ -7,10 +7,13 @@ prompt), batch 1 or 4. Gates open (tanh(0.5)), so every path carries a gradient.
 - forward: no gradient, the block's output.
 - forward+backward: gradients of every block parameter, of the text input x and of the
   media tokens (in Flamingo both come from trainable parts: the LM stream and the resampler).
-- under bf16 autocast on both sides for "bf16" (weights and inputs stay float32).
-- GEMMs alone: the block's matrix products (q, kv, out projections, FF up and down) as plain
-  ``torch.mm`` on tensors of the same shapes in the compute dtype; the backward adds the
-  input-gradient and weight-gradient products of each (3x the forward's).
+- under bf16 autocast on both sides for "bf16" (weights and inputs stay float32); the
+  forward also with our block in bfloat16 weights (:func:`in_bf16`, no autocast), as bf16
+  inference runs it (the peer stays under autocast, as issue 3 prescribes).
+- GEMMs alone (:func:`gemm_shapes`, timed with ``harness.gemms_alone``): the block's matrix
+  products (q, kv, out projections, FF up and down) as plain ``torch.mm`` on tensors of the
+  same shapes in the compute dtype; the backward adds the input-gradient and weight-gradient
+  products of each (3x the forward's).
 
 Importable (``bench/test_bench_xattn.py``) and runnable: ``python
 bench/peers/xattn_block_step.py --side ours --dtype bf16 --batch 1`` prints the peak resident
@@ -80,6 +83,14 @@ def forward(side: str, block, x, media, idx, loc, dtype: str) -> Callable[[], to
     return run
 
 
+def in_bf16(block, x, media):
+    """A bfloat16 copy of ``block`` and of the inputs: bf16 inference as a user runs it (the
+    model loaded in bf16, no autocast, no per-call weight casts)."""
+    import copy
+
+    return copy.deepcopy(block).to(torch.bfloat16), x.to(torch.bfloat16), media.to(torch.bfloat16)
+
+
 def forward_backward(side: str, block, x, media, idx, loc, dtype: str) -> Callable[[], Tuple]:
     """A closure: output, then the gradients of every parameter, x and media for a fixed
     output gradient; returns (x.grad, media.grad)."""
@@ -112,30 +123,6 @@ def gemm_shapes(batch: int) -> List[Tuple[int, int, int]]:
 
 def gemm_flops(batch: int, train: bool) -> int:
     return (3 if train else 1) * sum(2 * r * i * o for r, i, o in gemm_shapes(batch))
-
-
-def gemms_alone(batch: int, dtype: str, train: bool) -> Callable[[], None]:
-    """A closure doing only the block's matrix products, in the compute dtype: per linear
-    y = x W^T; with ``train`` also dx = dy W and dW = dy^T x (transposed operands as autograd
-    passes them)."""
-    cd = torch.bfloat16 if dtype == "bf16" else torch.float32
-    g = torch.Generator().manual_seed(0)
-    ops = []
-    for r, i, o in gemm_shapes(batch):
-        xin = torch.randn(r, i, generator=g).to(cd)
-        w = torch.randn(o, i, generator=g).to(cd)
-        dy = torch.randn(r, o, generator=g).to(cd)
-        ops.append((xin, w, dy, torch.empty(r, o, dtype=cd), torch.empty(r, i, dtype=cd),
-                    torch.empty(o, i, dtype=cd)))
-
-    def run():
-        for xin, w, dy, y, dx, dw in ops:
-            torch.mm(xin, w.t(), out=y)
-            if train:
-                torch.mm(dy, w, out=dx)
-                torch.mm(dy.t(), xin, out=dw)
-
-    return run
 
 
 def measure_memory(side: str, dtype: str, batch: int, steps: int = 2) -> dict:

@@ -166,12 +166,17 @@ struct Seg {
 // Shapes, pointers and strides shared by forward and backward.
 struct Ctx {
   int64_t B, T, H, dh, M, N, Np, Dp;
+  int64_t N1;  // rows [0, N1) of an image from k/v, [N1, N) from k2/v2 (n_tail)
   bool allprev;
   double scale;
   const void *q, *k, *v, *go;
   const int64_t *qs, *ks, *vs, *gos;
   void *out, *dq, *dk, *dv;
   const int64_t *os, *dqs, *dks, *dvs;
+  const void *k2, *v2;
+  const int64_t *ks2, *vs2;
+  void *dk2, *dv2;
+  const int64_t *dks2, *dvs2;
   float* lse32;  // all_previous backward: per (b, h, t) log-sum-exp and D
   float* d32;
   double* lse64;
@@ -246,21 +251,26 @@ FRT_INLINE void zero_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t b
 }
 
 // Image j's keys or values (B, M, N, H, dh): row-major N x Dp (`rowm`) and/or transposed
-// dh x Np (`tr`), both zero-padded.
+// dh x Np (`tr`), both zero-padded. Rows n >= c.N1 come from src2 (the n_tail source).
 template <class L>
-FRT_INLINE void load_image(const Ctx& c, const void* src, const int64_t* st, int64_t b, int64_t j,
-                            int64_t h, typename L::Acc* rowm, typename L::Acc* tr) {
+FRT_INLINE void load_image(const Ctx& c, const void* src, const int64_t* st, const void* src2,
+                            const int64_t* st2, int64_t b, int64_t j, int64_t h,
+                            typename L::Acc* rowm, typename L::Acc* tr) {
   using Acc = typename L::Acc;
-  const typename L::T* base = cptr<L>(src) + b * st[0] + j * st[1] + h * st[3];
+  const typename L::T* base = c.N1 > 0 ? cptr<L>(src) + b * st[0] + j * st[1] + h * st[3] : nullptr;
+  const typename L::T* base2 =
+      c.N1 < c.N ? cptr<L>(src2) + b * st2[0] + j * st2[1] + h * st2[3] : nullptr;
   for (int64_t n = 0; n < c.N; ++n) {
-    const typename L::T* row = base + n * st[2];
+    const bool head = n < c.N1;
+    const typename L::T* row = head ? base + n * st[2] : base2 + (n - c.N1) * st2[2];
+    const int64_t es = head ? st[4] : st2[4];
     if (rowm) {
       Acc* d = rowm + n * c.Dp;
-      for (int64_t i = 0; i < c.dh; ++i) d[i] = Acc(L::load(row[i * st[4]]));
+      for (int64_t i = 0; i < c.dh; ++i) d[i] = Acc(L::load(row[i * es]));
       for (int64_t i = c.dh; i < c.Dp; ++i) d[i] = Acc(0);
     }
     if (tr)
-      for (int64_t i = 0; i < c.dh; ++i) tr[i * c.Np + n] = Acc(L::load(row[i * st[4]]));
+      for (int64_t i = 0; i < c.dh; ++i) tr[i * c.Np + n] = Acc(L::load(row[i * es]));
   }
   if (tr)
     for (int64_t i = 0; i < c.dh; ++i)
@@ -282,8 +292,8 @@ FRT_INLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, 
   std::fill(s.o.begin(), s.o.begin() + rows * c.Dp, Acc(0));
   for (int64_t j = j_lo; j <= j_hi; ++j) {
     if (loaded != j) {
-      load_image<L>(c, c.k, c.ks, b, j, h, nullptr, s.kt.data());
-      load_image<L>(c, c.v, c.vs, b, j, h, s.vr.data(), nullptr);
+      load_image<L>(c, c.k, c.ks, c.k2, c.ks2, b, j, h, nullptr, s.kt.data());
+      load_image<L>(c, c.v, c.vs, c.v2, c.vs2, b, j, h, s.vr.data(), nullptr);
       loaded = j;
     }
     gemm<Acc>(rows, s.qs.data(), c.Dp, s.kt.data(), c.Np, s.s.data(), c.Np, c.dh, c.Np, false);
@@ -375,8 +385,8 @@ FRT_INLINE void softmax_stats_block(const Ctx& c, Scratch<L>& s, int64_t b, int6
     s.d[r] = Acc(0);
   }
   for (int64_t j = 0; j <= j_hi; ++j) {
-    load_image<L>(c, c.k, c.ks, b, j, h, nullptr, s.kt.data());
-    load_image<L>(c, c.v, c.vs, b, j, h, nullptr, s.vt.data());
+    load_image<L>(c, c.k, c.ks, c.k2, c.ks2, b, j, h, nullptr, s.kt.data());
+    load_image<L>(c, c.v, c.vs, c.v2, c.vs2, b, j, h, nullptr, s.vt.data());
     gemm<Acc>(rows, s.qs.data(), c.Dp, s.kt.data(), c.Np, s.s.data(), c.Np, c.dh, c.Np, false);
     gemm<Acc>(rows, s.go.data(), c.Dp, s.vt.data(), c.Np, s.dp.data(), c.Np, c.dh, c.Np, false);
     for (int64_t r = 0; r < rows; ++r) {
@@ -433,8 +443,8 @@ FRT_INLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>
     // dq = scale sum_j dS_j K_j, accumulated in s.o
     std::fill(s.o.begin(), s.o.begin() + rows * c.Dp, Acc(0));
     for (int64_t j = 0; j <= sg.idx; ++j) {
-      load_image<L>(c, c.k, c.ks, sg.b, j, h, s.kr.data(), s.kt.data());
-      load_image<L>(c, c.v, c.vs, sg.b, j, h, nullptr, s.vt.data());
+      load_image<L>(c, c.k, c.ks, c.k2, c.ks2, sg.b, j, h, s.kr.data(), s.kt.data());
+      load_image<L>(c, c.v, c.vs, c.v2, c.vs2, sg.b, j, h, nullptr, s.vt.data());
       gemm<Acc>(rows, s.qs.data(), c.Dp, s.kt.data(), c.Np, s.s.data(), c.Np, c.dh, c.Np, false);
       gemm<Acc>(rows, s.go.data(), c.Dp, s.vt.data(), c.Np, s.dp.data(), c.Np, c.dh, c.Np, false);
       for (int64_t r = 0; r < rows; ++r) {
@@ -467,8 +477,8 @@ FRT_INLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64
     if (sg.b != b || sg.idx < 0) continue;
     if (c.allprev ? sg.idx < j : sg.idx != j) continue;
     if (!loaded) {
-      load_image<L>(c, c.k, c.ks, b, j, h, c.allprev ? nullptr : s.kr.data(), s.kt.data());
-      load_image<L>(c, c.v, c.vs, b, j, h, nullptr, s.vt.data());
+      load_image<L>(c, c.k, c.ks, c.k2, c.ks2, b, j, h, c.allprev ? nullptr : s.kr.data(), s.kt.data());
+      load_image<L>(c, c.v, c.vs, c.v2, c.vs2, b, j, h, nullptr, s.vt.data());
       loaded = true;
     }
     for (int64_t t0 = sg.t0; t0 < sg.t0 + sg.len; t0 += kTB) {
@@ -528,11 +538,20 @@ FRT_INLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64
   }
   typename L::T* dk = mptr<L>(c.dk) + b * c.dks[0] + j * c.dks[1] + h * c.dks[3];
   typename L::T* dv = mptr<L>(c.dv) + b * c.dvs[0] + j * c.dvs[1] + h * c.dvs[3];
-  for (int64_t n = 0; n < c.N; ++n)
+  for (int64_t n = 0; n < c.N1; ++n)
     for (int64_t i = 0; i < c.dh; ++i) {
       dk[n * c.dks[2] + i * c.dks[4]] = L::store(s.dk[n * c.Dp + i]);
       dv[n * c.dvs[2] + i * c.dvs[4]] = L::store(s.dv[n * c.Dp + i]);
     }
+  if (c.N1 < c.N) {  // the n_tail rows
+    typename L::T* dk2 = mptr<L>(c.dk2) + b * c.dks2[0] + j * c.dks2[1] + h * c.dks2[3];
+    typename L::T* dv2 = mptr<L>(c.dv2) + b * c.dvs2[0] + j * c.dvs2[1] + h * c.dvs2[3];
+    for (int64_t n = c.N1; n < c.N; ++n)
+      for (int64_t i = 0; i < c.dh; ++i) {
+        dk2[(n - c.N1) * c.dks2[2] + i * c.dks2[4]] = L::store(s.dk[n * c.Dp + i]);
+        dv2[(n - c.N1) * c.dvs2[2] + i * c.dvs2[4]] = L::store(s.dv[n * c.Dp + i]);
+      }
+  }
 }
 
 #define FRT_XDEF(NAME, LT)                                                                   \
@@ -632,6 +651,9 @@ template <class P>
 Status check_sizes(const P& p) {
   if (!valid_dtype(p.dtype)) return Status::kUnsupportedDtype;
   if (p.B < 0 || p.T < 0 || p.H < 0 || p.dh < 0 || p.M < 0 || p.N < 0) return Status::kInvalidArgument;
+  if (p.n_tail < 0 || p.n_tail > p.N) return Status::kInvalidArgument;
+  if (p.n_tail > 0 && p.B * p.M * p.H * p.dh > 0 && (p.k_tail == nullptr || p.v_tail == nullptr))
+    return Status::kInvalidArgument;
   return Status::kOk;
 }
 
@@ -639,6 +661,7 @@ Ctx make_ctx(int64_t B, int64_t T, int64_t H, int64_t dh, int64_t M, int64_t N, 
              double scale) {
   Ctx c{};
   c.B = B; c.T = T; c.H = H; c.dh = dh; c.M = M; c.N = N;
+  c.N1 = N;
   c.Np = round_up(std::max<int64_t>(N, 1), kVW);
   c.Dp = round_up(std::max<int64_t>(dh, 1), kVW);
   c.allprev = allprev;
@@ -653,7 +676,7 @@ Status image_causal_attention_fwd_cpu(const ImageCausalAttnParams& p) {
   if (st != Status::kOk) return st;
   if (p.B * p.T * p.H * p.dh == 0) return Status::kOk;
   if (p.q == nullptr || p.out == nullptr || p.media_index == nullptr) return Status::kInvalidArgument;
-  if (p.M * p.N > 0 && (p.k == nullptr || p.v == nullptr)) return Status::kInvalidArgument;
+  if (p.M * (p.N - p.n_tail) > 0 && (p.k == nullptr || p.v == nullptr)) return Status::kInvalidArgument;
   std::vector<Seg> segs;
   if (!find_segments(p.media_index, p.media_index_strides, p.B, p.T, p.M, kChunk, segs))
     return Status::kInvalidArgument;
@@ -665,6 +688,9 @@ Status image_causal_attention_fwd_cpu(const ImageCausalAttnParams& p) {
   c.k = p.k; c.ks = p.k_strides;
   c.v = p.v; c.vs = p.v_strides;
   c.out = p.out; c.os = p.out_strides;
+  c.N1 = p.N - p.n_tail;
+  c.k2 = p.k_tail; c.ks2 = p.k_tail_strides;
+  c.v2 = p.v_tail; c.vs2 = p.v_tail_strides;
   if (p.dtype == DType::kBFloat16)
     run_fwd<BF16>(c, segs);
   else if (p.dtype == DType::kFloat64)
@@ -681,8 +707,9 @@ Status image_causal_attention_bwd_cpu(const ImageCausalAttnBackwardParams& p) {
   if (!rows && !imgs) return Status::kOk;
   if (rows && (p.q == nullptr || p.grad_out == nullptr || p.dq == nullptr || p.media_index == nullptr))
     return Status::kInvalidArgument;
-  if (imgs && (p.k == nullptr || p.v == nullptr || p.dk == nullptr || p.dv == nullptr))
+  if (imgs && p.N > p.n_tail && (p.k == nullptr || p.v == nullptr || p.dk == nullptr || p.dv == nullptr))
     return Status::kInvalidArgument;
+  if (imgs && p.n_tail > 0 && (p.dk_tail == nullptr || p.dv_tail == nullptr)) return Status::kInvalidArgument;
   std::vector<Seg> segs;
   if (p.T > 0 && p.media_index == nullptr) return Status::kInvalidArgument;
   if (!find_segments(p.media_index, p.media_index_strides, p.B, p.T, p.M, kChunk, segs))
@@ -698,6 +725,11 @@ Status image_causal_attention_bwd_cpu(const ImageCausalAttnBackwardParams& p) {
   c.dq = p.dq; c.dqs = p.dq_strides;
   c.dk = p.dk; c.dks = p.dk_strides;
   c.dv = p.dv; c.dvs = p.dv_strides;
+  c.N1 = p.N - p.n_tail;
+  c.k2 = p.k_tail; c.ks2 = p.k_tail_strides;
+  c.v2 = p.v_tail; c.vs2 = p.v_tail_strides;
+  c.dk2 = p.dk_tail; c.dks2 = p.dk_tail_strides;
+  c.dv2 = p.dv_tail; c.dvs2 = p.dv_tail_strides;
   if (p.dh == 0 || p.H == 0 || p.B == 0) return Status::kOk;
   std::vector<float> st32;
   std::vector<double> st64;

@@ -5,12 +5,22 @@
 //   flamingo_rt_C::image_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k,
 //       Tensor v, Tensor media_index, bool all_previous, float scale) -> (Tensor, Tensor, Tensor)
 //
+//   flamingo_rt_C::resampler_attention(Tensor q, Tensor k_x, Tensor v_x, Tensor k_l, Tensor v_l,
+//                                      float scale) -> Tensor
+//   flamingo_rt_C::resampler_attention_backward(Tensor grad_out, Tensor q, Tensor k_x,
+//       Tensor v_x, Tensor k_l, Tensor v_l, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+//
+// The resampler ops: q (N, L, H, dh) latent queries of N media, each against the keys
+// [k_x; k_l] of its own medium, k_x/v_x (N, S, H, dh) from the features and k_l/v_l
+// (N, L', H, dh) from the latents, read in place (the kernel's n_tail source: no
+// concatenation). The image-causal ops:
 // q (B, T, H, dh), k/v (B, M, N, H, dh), media_index (B, T) int32/int64 with values in
 // [-1, M). Inputs may be any strided views (no copies); outputs are contiguous. CPU kernels
 // (fake kernels in flamingo_rt/_cpp_fakes.py); no autograd here (flamingo_rt.ops.xattn wires the backward).
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include "common.h"
 
@@ -118,6 +128,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xattn_bwd_cpu(
   return {dq, dk, dv};
 }
 
+constexpr const char* kRFwd = "flamingo_rt_C::resampler_attention";
+constexpr const char* kRBwd = "flamingo_rt_C::resampler_attention_backward";
+
+void check_resampler(const char* op, const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
+                     const at::Tensor& k_l, const at::Tensor& v_l, const at::Tensor* grad_out) {
+  TORCH_CHECK(q.dim() == 4, op, ": expected q of shape (N, L, H, dh), got ", q.sizes());
+  const int64_t n = q.size(0), H = q.size(2), dh = q.size(3);
+  for (const at::Tensor* t : {&k_x, &k_l}) {
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == n && t->size(2) == H && t->size(3) == dh, op,
+                ": expected k_x and k_l of shape (N, S, H, dh) = (", n, ", S, ", H, ", ", dh, "), got ",
+                k_x.sizes(), " and ", k_l.sizes());
+  }
+  TORCH_CHECK(v_x.sizes() == k_x.sizes() && v_l.sizes() == k_l.sizes(), op,
+              ": expected v_x, v_l of the shapes of k_x, k_l ", k_x.sizes(), ", ", k_l.sizes(), ", got ",
+              v_x.sizes(), ", ", v_l.sizes());
+  for (const at::Tensor* t : {&k_x, &v_x, &k_l, &v_l}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": expected q, k_x, v_x, k_l, v_l of one dtype, got ",
+                q.scalar_type(), " and ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), op, ": expected every tensor on ", q.device(), ", got one on ",
+                t->device());
+  }
+  TORCH_CHECK(k_x.size(1) + k_l.size(1) > 0, op, ": expected at least one key (S + L' > 0)");
+  if (grad_out != nullptr) {
+    TORCH_CHECK(grad_out->sizes() == q.sizes() && grad_out->scalar_type() == q.scalar_type(), op,
+                ": expected grad_out of the shape and dtype of q (", q.sizes(), ", ", q.scalar_type(), "), got ",
+                grad_out->sizes(), ", ", grad_out->scalar_type());
+  }
+}
+
+// (N, S, H, dh) strides -> the kernel's (B, M = 1, N, H, dh).
+void media_strides(int64_t (&dst)[5], const at::Tensor& t) {
+  dst[0] = t.stride(0);
+  dst[1] = 0;
+  dst[2] = t.stride(1);
+  dst[3] = t.stride(2);
+  dst[4] = t.stride(3);
+}
+
+at::Tensor resampler_cpu(const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
+                         const at::Tensor& k_l, const at::Tensor& v_l, double scale) {
+  check_resampler(kRFwd, q, k_x, v_x, k_l, v_l, nullptr);
+  const DType dt = to_dtype(kRFwd, q, /*allow_half=*/false, "CPU");
+  const at::Tensor mi = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kInt));
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  ImageCausalAttnParams p;
+  p.dtype = dt;
+  p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.dh = q.size(3); p.M = 1;
+  p.N = k_x.size(1) + k_l.size(1);
+  p.n_tail = k_l.size(1);
+  p.scale = scale;
+  p.q = q.data_ptr(); copy_strides(p.q_strides, q);
+  p.k = k_x.data_ptr(); media_strides(p.k_strides, k_x);
+  p.v = v_x.data_ptr(); media_strides(p.v_strides, v_x);
+  p.k_tail = k_l.data_ptr(); media_strides(p.k_tail_strides, k_l);
+  p.v_tail = v_l.data_ptr(); media_strides(p.v_tail_strides, v_l);
+  p.media_index = mi.data_ptr<int32_t>(); copy_strides(p.media_index_strides, mi);
+  p.out = out.data_ptr(); copy_strides(p.out_strides, out);
+  check_status(kRFwd, "CPU", image_causal_attention_fwd_cpu(p));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resampler_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
+    const at::Tensor& k_l, const at::Tensor& v_l, double scale) {
+  check_resampler(kRBwd, q, k_x, v_x, k_l, v_l, &grad_out);
+  const DType dt = to_dtype(kRBwd, q, /*allow_half=*/false, "CPU");
+  const at::Tensor mi = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kInt));
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk_x = at::empty(k_x.sizes(), k_x.options()), dv_x = at::empty(v_x.sizes(), v_x.options());
+  at::Tensor dk_l = at::empty(k_l.sizes(), k_l.options()), dv_l = at::empty(v_l.sizes(), v_l.options());
+  ImageCausalAttnBackwardParams p;
+  p.dtype = dt;
+  p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.dh = q.size(3); p.M = 1;
+  p.N = k_x.size(1) + k_l.size(1);
+  p.n_tail = k_l.size(1);
+  p.scale = scale;
+  p.grad_out = grad_out.data_ptr(); copy_strides(p.grad_out_strides, grad_out);
+  p.q = q.data_ptr(); copy_strides(p.q_strides, q);
+  p.k = k_x.data_ptr(); media_strides(p.k_strides, k_x);
+  p.v = v_x.data_ptr(); media_strides(p.v_strides, v_x);
+  p.k_tail = k_l.data_ptr(); media_strides(p.k_tail_strides, k_l);
+  p.v_tail = v_l.data_ptr(); media_strides(p.v_tail_strides, v_l);
+  p.media_index = mi.data_ptr<int32_t>(); copy_strides(p.media_index_strides, mi);
+  p.dq = dq.data_ptr(); copy_strides(p.dq_strides, dq);
+  p.dk = dk_x.data_ptr(); media_strides(p.dk_strides, dk_x);
+  p.dv = dv_x.data_ptr(); media_strides(p.dv_strides, dv_x);
+  p.dk_tail = dk_l.data_ptr(); media_strides(p.dk_tail_strides, dk_l);
+  p.dv_tail = dv_l.data_ptr(); media_strides(p.dv_tail_strides, dv_l);
+  check_status(kRBwd, "CPU", image_causal_attention_bwd_cpu(p));
+  return {dq, dk_x, dv_x, dk_l, dv_l};
+}
+
 }  // namespace
 }  // namespace torch_ops
 }  // namespace flamingo_rt
@@ -129,10 +231,16 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def(
       "image_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
       "Tensor media_index, bool all_previous, float scale) -> (Tensor, Tensor, Tensor)");
+  // resampler_attention's schema: csrc/torch/resampler_cuda_ops.cpp (every build)
+  m.def(
+      "resampler_attention_backward(Tensor grad_out, Tensor q, Tensor k_x, Tensor v_x, Tensor k_l, "
+      "Tensor v_l, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("image_causal_attention", &flamingo_rt::torch_ops::xattn_cpu);
   m.impl("image_causal_attention_backward", &flamingo_rt::torch_ops::xattn_bwd_cpu);
+  m.impl("resampler_attention", &flamingo_rt::torch_ops::resampler_cpu);
+  m.impl("resampler_attention_backward", &flamingo_rt::torch_ops::resampler_bwd_cpu);
 }
 

@@ -83,25 +83,20 @@ RESAMPLER_OP = "resampler_attention"
 
 
 def _make_resampler():
-    """The Perceiver Resampler attention on the CPU through the image-causal kernel: each
-    medium is one batch row with a single "image" whose N = S + L tokens are the features'
-    and the latents' keys/values (one concatenation), every latent query sees that image.
-    float32, bfloat16, float64 (fp32 accumulation); other dtypes: the reference."""
+    """The Perceiver Resampler attention on the CPU through the image-causal kernel
+    (``flamingo_rt_C::resampler_attention`` and its backward): each medium is one batch row
+    with a single "image" whose S + L keys/values are read in place from the features' and
+    the latents' tensors (the kernel's second source; no concatenation), and every latent
+    query sees that image. float32, bfloat16, float64 (fp32 accumulation); other dtypes:
+    the reference."""
     dtypes = _KERNEL_DTYPES["cpu"]
-
-    def _kv(q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_l: Tensor):
-        k = torch.cat((k_x, k_l), dim=1).unsqueeze(1)  # (N, 1, S + L, H, dh)
-        v = torch.cat((v_x, v_l), dim=1).unsqueeze(1)
-        idx = torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32, device=q.device)
-        return k, v, idx
 
     def resampler_attention(q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_l: Tensor,
                             scale: float) -> Tensor:
         """q (N, L, H, dh), k_x/v_x (N, S, H, dh), k_l/v_l (N, L, H, dh) -> (N, L, H, dh)."""
         if q.dtype not in dtypes:
             return _reference(RESAMPLER_OP)(q, k_x, v_x, k_l, v_l, scale)
-        k, v, idx = _kv(q, k_x, v_x, k_l, v_l)
-        return torch.ops.flamingo_rt_C.image_causal_attention(q, k, v, idx, False, float(scale))
+        return torch.ops.flamingo_rt_C.resampler_attention(q, k_x, v_x, k_l, v_l, float(scale))
 
     def resampler_attention_backward(grad_out: Tensor, q: Tensor, k_x: Tensor, v_x: Tensor,
                                      k_l: Tensor, v_l: Tensor, scale: float) -> Tuple[Tensor, ...]:
@@ -110,13 +105,7 @@ def _make_resampler():
             return _reference(RESAMPLER_OP + ".backward")(grad_out, q, k_x, v_x, k_l, v_l, scale)
         if grad_out.dtype != q.dtype:
             grad_out = grad_out.to(q.dtype)
-        k, v, idx = _kv(q, k_x, v_x, k_l, v_l)
-        dq, dk, dv = torch.ops.flamingo_rt_C.image_causal_attention_backward(
-            grad_out, q, k, v, idx, False, float(scale))
-        S = k_x.shape[1]
-        # the latent parts as copies: outputs of the op must not alias each other
-        return (dq, dk[:, 0, :S], dv[:, 0, :S], dk[:, 0, S:].clone(memory_format=torch.contiguous_format),
-                dv[:, 0, S:].clone(memory_format=torch.contiguous_format))
+        return torch.ops.flamingo_rt_C.resampler_attention_backward(grad_out, q, k_x, v_x, k_l, v_l, float(scale))
 
     return resampler_attention, resampler_attention_backward
 

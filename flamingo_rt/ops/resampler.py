@@ -132,7 +132,8 @@ def _register_cuda() -> bool:
 
 
 def _register_cpp_fake() -> None:
-    """Fake kernel of the C++ op (schema in csrc/torch/resampler_cuda_ops.cpp)."""
+    """Fake kernels of the C++ ops (forward schema in csrc/torch/resampler_cuda_ops.cpp, CPU
+    forward and backward in csrc/torch/xattn_ops.cpp)."""
     from .. import _ext
 
     if not (_ext.load() and hasattr(torch.ops.flamingo_rt_C, "resampler_attention")):
@@ -141,6 +142,12 @@ def _register_cpp_fake() -> None:
     @torch.library.register_fake("flamingo_rt_C::resampler_attention")
     def _(q, k_x, v_x, k_l, v_l, scale):
         return q.new_empty(q.shape)
+
+    if hasattr(torch.ops.flamingo_rt_C, "resampler_attention_backward"):
+        @torch.library.register_fake("flamingo_rt_C::resampler_attention_backward")
+        def _(grad_out, q, k_x, v_x, k_l, v_l, scale):
+            return (q.new_empty(q.shape), k_x.new_empty(k_x.shape), v_x.new_empty(v_x.shape),
+                    k_l.new_empty(k_l.shape), v_l.new_empty(v_l.shape))
 
 
 _register_cpp_fake()

@@ -42,6 +42,15 @@ struct ImageCausalAttnParams {
   int64_t media_index_strides[2] = {0, 0};
   void* out = nullptr;
   int64_t out_strides[4] = {0, 0, 0, 0};
+  // Optional second key/value source (the Perceiver Resampler's latents, so that its keys
+  // [features; latents] need no concatenation): when n_tail > 0, rows n >= N - n_tail of
+  // every image come from k_tail / v_tail (B, M, n_tail, H, dh), row n - (N - n_tail), and
+  // k / v hold only the first N - n_tail rows.
+  int64_t n_tail = 0;
+  const void* k_tail = nullptr;
+  int64_t k_tail_strides[5] = {0, 0, 0, 0, 0};
+  const void* v_tail = nullptr;
+  int64_t v_tail_strides[5] = {0, 0, 0, 0, 0};
 };
 
 struct ImageCausalAttnBackwardParams {
@@ -66,6 +75,19 @@ struct ImageCausalAttnBackwardParams {
   int64_t dk_strides[5] = {0, 0, 0, 0, 0};
   void* dv = nullptr;
   int64_t dv_strides[5] = {0, 0, 0, 0, 0};
+  // Optional second key/value source (the Perceiver Resampler's latents, so that its keys
+  // [features; latents] need no concatenation): when n_tail > 0, rows n >= N - n_tail of
+  // every image come from k_tail / v_tail (B, M, n_tail, H, dh), row n - (N - n_tail), and
+  // k / v hold only the first N - n_tail rows.
+  int64_t n_tail = 0;
+  const void* k_tail = nullptr;
+  int64_t k_tail_strides[5] = {0, 0, 0, 0, 0};
+  const void* v_tail = nullptr;
+  int64_t v_tail_strides[5] = {0, 0, 0, 0, 0};
+  void* dk_tail = nullptr;  // with n_tail > 0: the gradients of k_tail / v_tail
+  int64_t dk_tail_strides[5] = {0, 0, 0, 0, 0};
+  void* dv_tail = nullptr;
+  int64_t dv_tail_strides[5] = {0, 0, 0, 0, 0};
 };
 
 // CPU (OpenMP) kernels: float32, bfloat16, float64. kInvalidArgument for negative sizes,

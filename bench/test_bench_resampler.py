@@ -46,6 +46,25 @@ def gemm_shapes(dim, depth, heads, dh, L, M, S, frames):
     return layer * depth
 
 
+def _fwd(m, inp, autocast=False):
+    """A closure: m(inp) without gradients, under bf16 autocast if asked."""
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return m(inp)
+    return run
+
+
+def _fwd_bwd(m, xg, autocast=False):
+    """A closure: m(xg) and the backward of its sum (every weight's and xg's gradient)."""
+    def run():
+        m.zero_grad(set_to_none=True)
+        xg.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xg)
+        y.float().sum().backward()
+    return run
+
+
 def _note_header(report):
     if not any(n.startswith("resampler vs open_flamingo") for n in report.notes):
         report.notes += [
@@ -65,19 +84,12 @@ def test_resampler_issue_shapes_fwd_and_fwd_bwd(benchmark, ceilings, report, of_
         assert torch.allclose(ours(x), peer(x), atol=1e-4, rtol=1e-4)
 
     def fwd(m):
-        def run():
-            with torch.no_grad():
-                return m(x)
-        return run
+        return _fwd(m, x)
 
     xg = x.clone().requires_grad_()
 
     def fwd_bwd(m):
-        def run():
-            m.zero_grad(set_to_none=True)
-            xg.grad = None
-            m(xg).sum().backward()
-        return run
+        return _fwd_bwd(m, xg)
 
     flops = count_flops(lambda: ours(x))
     row = report.compare(f"resampler fwd {shape}", fwd(ours), fwd(peer), "open_flamingo", flops=flops,
@@ -114,36 +126,22 @@ def test_resampler_issue_shapes_bf16(benchmark, ceilings, report, of_helpers, sh
     peer, ours = _pair(of_helpers, dim, depth, heads, dh, L, frames)
     x = torch.randn(1, M, frames, S, dim)
     ours16, x16 = copy.deepcopy(ours).to(torch.bfloat16), x.to(torch.bfloat16)
-    ac = dict(device_type="cpu", dtype=torch.bfloat16)
-
-    def fwd(m, inp, autocast):
-        def run():
-            with torch.no_grad(), torch.autocast(**ac, enabled=autocast):
-                return m(inp)
-        return run
-
     xg = x.clone().requires_grad_()
 
     def fwd_bwd(m):
-        def run():
-            m.zero_grad(set_to_none=True)
-            xg.grad = None
-            with torch.autocast(**ac):
-                y = m(xg)
-            y.float().sum().backward()
-        return run
+        return _fwd_bwd(m, xg, autocast=True)
 
     with torch.no_grad():
         ref = peer(x)
-    e_peer = _rel(fwd(peer, x, True)(), ref)
-    assert _rel(fwd(ours, x, True)(), ref) <= 2 * e_peer + 1e-3
+    e_peer = _rel(_fwd(peer, x, True)(), ref)
+    assert _rel(_fwd(ours, x, True)(), ref) <= 2 * e_peer + 1e-3
     peer16 = copy.deepcopy(peer).to(torch.bfloat16)  # a bf16 output is held to a bf16 peer's error
-    assert _rel(fwd(ours16, x16, False)(), ref) <= 2 * _rel(fwd(peer16, x16, False)(), ref) + 1e-3
+    assert _rel(_fwd(ours16, x16, False)(), ref) <= 2 * _rel(_fwd(peer16, x16, False)(), ref) + 1e-3
     del peer16
     tag = f"resampler bf16 {shape}"
-    row = report.compare(f"{tag} fwd, ours in bf16 weights", fwd(ours16, x16, False), fwd(peer, x, True),
+    row = report.compare(f"{tag} fwd, ours in bf16 weights", _fwd(ours16, x16, False), _fwd(peer, x, True),
                          "open_flamingo", min_run_time=1.0)
-    row_ac = report.compare(f"{tag} fwd, both autocast", fwd(ours, x, True), fwd(peer, x, True),
+    row_ac = report.compare(f"{tag} fwd, both autocast", _fwd(ours, x, True), _fwd(peer, x, True),
                             "open_flamingo", min_run_time=1.0)
     row2 = report.compare(f"{tag} fwd+bwd, both autocast", fwd_bwd(ours), fwd_bwd(peer), "open_flamingo",
                           min_run_time=1.0)
@@ -156,7 +154,7 @@ def test_resampler_issue_shapes_bf16(benchmark, ceilings, report, of_helpers, sh
                         f"| {row2.ours_s / g_fb:.2f}x ({g_fb * 1e3:.0f} ms) |")
     benchmark.extra_info.update(fwd_ratio=row.speedup, fwd_autocast_ratio=row_ac.speedup,
                                 fwd_bwd_ratio=row2.speedup, ceiling_bf16_gflops=ceilings.gemm_bf16_gflops)
-    benchmark.pedantic(fwd(ours16, x16, False), rounds=2, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(_fwd(ours16, x16, False), rounds=2, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -166,13 +166,11 @@ void media_strides(int64_t (&dst)[5], const at::Tensor& t) {
   dst[4] = t.stride(3);
 }
 
-at::Tensor resampler_cpu(const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
-                         const at::Tensor& k_l, const at::Tensor& v_l, double scale) {
-  check_resampler(kRFwd, q, k_x, v_x, k_l, v_l, nullptr);
-  const DType dt = to_dtype(kRFwd, q, /*allow_half=*/false, "CPU");
-  const at::Tensor mi = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kInt));
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  ImageCausalAttnParams p;
+// The fields the resampler's forward and backward params share: one medium per batch row,
+// one "image" of S + L' keys (k_x/v_x, then k_l/v_l as the n_tail source), media_index 0.
+template <class P>
+void fill_resampler(P& p, DType dt, const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
+                    const at::Tensor& k_l, const at::Tensor& v_l, const at::Tensor& mi, double scale) {
   p.dtype = dt;
   p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.dh = q.size(3); p.M = 1;
   p.N = k_x.size(1) + k_l.size(1);
@@ -184,6 +182,16 @@ at::Tensor resampler_cpu(const at::Tensor& q, const at::Tensor& k_x, const at::T
   p.k_tail = k_l.data_ptr(); media_strides(p.k_tail_strides, k_l);
   p.v_tail = v_l.data_ptr(); media_strides(p.v_tail_strides, v_l);
   p.media_index = mi.data_ptr<int32_t>(); copy_strides(p.media_index_strides, mi);
+}
+
+at::Tensor resampler_cpu(const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
+                         const at::Tensor& k_l, const at::Tensor& v_l, double scale) {
+  check_resampler(kRFwd, q, k_x, v_x, k_l, v_l, nullptr);
+  const DType dt = to_dtype(kRFwd, q, /*allow_half=*/false, "CPU");
+  const at::Tensor mi = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kInt));
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  ImageCausalAttnParams p;
+  fill_resampler(p, dt, q, k_x, v_x, k_l, v_l, mi, scale);
   p.out = out.data_ptr(); copy_strides(p.out_strides, out);
   check_status(kRFwd, "CPU", image_causal_attention_fwd_cpu(p));
   return out;
@@ -199,18 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resampler
   at::Tensor dk_x = at::empty(k_x.sizes(), k_x.options()), dv_x = at::empty(v_x.sizes(), v_x.options());
   at::Tensor dk_l = at::empty(k_l.sizes(), k_l.options()), dv_l = at::empty(v_l.sizes(), v_l.options());
   ImageCausalAttnBackwardParams p;
-  p.dtype = dt;
-  p.B = q.size(0); p.T = q.size(1); p.H = q.size(2); p.dh = q.size(3); p.M = 1;
-  p.N = k_x.size(1) + k_l.size(1);
-  p.n_tail = k_l.size(1);
-  p.scale = scale;
+  fill_resampler(p, dt, q, k_x, v_x, k_l, v_l, mi, scale);
   p.grad_out = grad_out.data_ptr(); copy_strides(p.grad_out_strides, grad_out);
-  p.q = q.data_ptr(); copy_strides(p.q_strides, q);
-  p.k = k_x.data_ptr(); media_strides(p.k_strides, k_x);
-  p.v = v_x.data_ptr(); media_strides(p.v_strides, v_x);
-  p.k_tail = k_l.data_ptr(); media_strides(p.k_tail_strides, k_l);
-  p.v_tail = v_l.data_ptr(); media_strides(p.v_tail_strides, v_l);
-  p.media_index = mi.data_ptr<int32_t>(); copy_strides(p.media_index_strides, mi);
   p.dq = dq.data_ptr(); copy_strides(p.dq_strides, dq);
   p.dk = dk_x.data_ptr(); media_strides(p.dk_strides, dk_x);
   p.dv = dv_x.data_ptr(); media_strides(p.dv_strides, dv_x);

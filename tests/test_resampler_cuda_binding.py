@@ -25,10 +25,13 @@ def test_schema_and_fake_kernel():
     assert out.shape == (3, 64, 2, 96) and out.dtype == torch.bfloat16
 
 
-def test_no_cpu_kernel_is_a_clear_error():
+def test_the_op_runs_on_cpu_too_and_bad_shapes_are_clear_errors():
+    # one schema, two kernels: the CPU one (csrc/torch/xattn_ops.cpp) beside the CUDA one
     q = torch.randn(1, 4, 1, 8)
-    with pytest.raises((NotImplementedError, RuntimeError), match="resampler_attention"):
-        torch.ops.flamingo_rt_C.resampler_attention(q, q, q, q, q, 0.5)
+    out = torch.ops.flamingo_rt_C.resampler_attention(q, q, q, q, q, 0.5)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    with pytest.raises(RuntimeError, match="resampler_attention: expected k_x and k_l"):
+        torch.ops.flamingo_rt_C.resampler_attention(q, q[:, :, :, :4], q, q, q, 0.5)
 
 
 def test_registration_follows_the_build():

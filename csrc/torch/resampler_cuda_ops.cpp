@@ -1,7 +1,8 @@
 // flamingo_rt_C::resampler_attention: the CUDA C++ forward of the Perceiver Resampler
 // attention (csrc/cuda/resampler.cu), the `cuda` backend of
-// flamingo_rt.ops.resampler_attention. The schema is defined in every build (its fake
-// kernel is registered from Python); the CUDA implementation only when the build has CUDA.
+// flamingo_rt.ops.resampler_attention. The schema and the CPU implementation are in
+// csrc/torch/xattn_ops.cpp (every build, also the C++ hosts' library); this file adds the
+// CUDA implementation when the build has CUDA.
 #include <torch/library.h>
 
 #ifdef FLAMINGO_RT_WITH_CUDA
@@ -91,11 +92,6 @@ at::Tensor resampler_attention_cuda_impl(const at::Tensor& q, const at::Tensor& 
 }  // namespace flamingo_rt
 
 #endif  // FLAMINGO_RT_WITH_CUDA
-
-TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
-  m.def("resampler_attention(Tensor q, Tensor k_x, Tensor v_x, Tensor k_l, Tensor v_l, "
-        "float scale) -> Tensor");
-}
 
 #ifdef FLAMINGO_RT_WITH_CUDA
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CUDA, m) {

@@ -229,7 +229,8 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def(
       "image_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
       "Tensor media_index, bool all_previous, float scale) -> (Tensor, Tensor, Tensor)");
-  // resampler_attention's schema: csrc/torch/resampler_cuda_ops.cpp (every build)
+  // resampler_attention: CPU impl here, CUDA impl in csrc/torch/resampler_cuda_ops.cpp
+  m.def("resampler_attention(Tensor q, Tensor k_x, Tensor v_x, Tensor k_l, Tensor v_l, float scale) -> Tensor");
   m.def(
       "resampler_attention_backward(Tensor grad_out, Tensor q, Tensor k_x, Tensor v_x, Tensor k_l, "
       "Tensor v_l, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -132,8 +132,8 @@ def _register_cuda() -> bool:
 
 
 def _register_cpp_fake() -> None:
-    """Fake kernels of the C++ ops (forward schema in csrc/torch/resampler_cuda_ops.cpp, CPU
-    forward and backward in csrc/torch/xattn_ops.cpp)."""
+    """Fake kernels of the C++ ops (schemas and CPU kernels in csrc/torch/xattn_ops.cpp, the
+    CUDA forward in csrc/torch/resampler_cuda_ops.cpp)."""
     from .. import _ext
 
     if not (_ext.load() and hasattr(torch.ops.flamingo_rt_C, "resampler_attention")):

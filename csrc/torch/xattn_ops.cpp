@@ -16,7 +16,8 @@
 // concatenation). The image-causal ops:
 // q (B, T, H, dh), k/v (B, M, N, H, dh), media_index (B, T) int32/int64 with values in
 // [-1, M). Inputs may be any strided views (no copies); outputs are contiguous. CPU kernels
-// (fake kernels in flamingo_rt/_cpp_fakes.py); no autograd here (flamingo_rt.ops.xattn wires the backward).
+// (fake kernels in flamingo_rt/_cpp_fakes.py, the resampler ops' in flamingo_rt/ops/resampler.py);
+// no autograd here (flamingo_rt.ops.xattn and .resampler wire the backward).
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>

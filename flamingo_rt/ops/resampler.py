@@ -143,11 +143,10 @@ def _register_cpp_fake() -> None:
     def _(q, k_x, v_x, k_l, v_l, scale):
         return q.new_empty(q.shape)
 
-    if hasattr(torch.ops.flamingo_rt_C, "resampler_attention_backward"):
-        @torch.library.register_fake("flamingo_rt_C::resampler_attention_backward")
-        def _(grad_out, q, k_x, v_x, k_l, v_l, scale):
-            return (q.new_empty(q.shape), k_x.new_empty(k_x.shape), v_x.new_empty(v_x.shape),
-                    k_l.new_empty(k_l.shape), v_l.new_empty(v_l.shape))
+    @torch.library.register_fake("flamingo_rt_C::resampler_attention_backward")
+    def _(grad_out, q, k_x, v_x, k_l, v_l, scale):
+        return (q.new_empty(q.shape), k_x.new_empty(k_x.shape), v_x.new_empty(v_x.shape),
+                k_l.new_empty(k_l.shape), v_l.new_empty(v_l.shape))
 
 
 _register_cpp_fake()

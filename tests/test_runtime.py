@@ -206,7 +206,70 @@ def test_memory_stays_flat_over_many_tokens(gen):
     assert rss_kb() - before < 8 * 1024, "resident memory grew by more than 8 MB"
 
 
-def test_decode_step_compiles_fullgraph(gen, tok):
-    compiled = Generator(gen.model, tok, max_seq_len=160, max_media=5, compile="aot_eager")
-    p = [img(), "a red", img(), "the"]
-    assert compiled.generate(p, GREEDY) == gen.generate(p, GREEDY)
+def _compiled_graphs():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", True])
+def test_decode_step_compiles_once_for_every_position(gen, tok, backend):
+    """One graph per batch size serves every decode position, prompt length and cache
+    (a CUDA graph needs exactly that), and its tokens equal the eager step's."""
+    torch._dynamo.reset()
+    compiled = Generator(gen.model, tok, max_seq_len=160, max_media=5, compile=backend)
+    assert not compiled.cuda_graphs  # CPU
+    before = _compiled_graphs()
+    prompts = [[img(), "a red", img(), "the"], ["one two three left", img(), "big"]]
+    for p in prompts:
+        assert compiled.generate(p, GREEDY) == gen.generate(p, GREEDY)
+    s_eager, s_comp = gen.session(), compiled.session()  # another cache object
+    for s in (s_eager, s_comp):
+        s.append(prompts[0][0], "a")
+    assert s_comp.generate(GREEDY) == s_eager.generate(GREEDY)
+    assert _compiled_graphs() - before == 1
+    if backend == "aot_eager":  # (inductor: one more compile, ~15 s, for the same fact)
+        assert compiled.generate(prompts, GREEDY) == gen.generate(prompts, GREEDY)  # batch 2: its own graph
+        assert _compiled_graphs() - before == 2
+
+
+def test_decode_plan_equals_chunk_plan_and_buffers_stay(gen):
+    """plan_decode (tensor position) gives plan_chunk's slots, positions and mask; the
+    cache's buffers are never reallocated (reset, restore, broadcast, decoding)."""
+    enc = [gen.encode([img(), "a red square"]), gen.encode(["two", img(), "blue"])]
+    cache = gen._cache(2)
+    ptrs = [t.data_ptr() for t in cache.buffers()]
+    with torch.no_grad():
+        gen._prefill(cache, enc)
+        for t in ([5, 6], [7, 8]):
+            decode_step(gen.model, cache, torch.tensor(t))
+    assert int(cache.position) == cache.length == max(len(e.ids) for e in enc) + 2
+    snap = cache.snapshot()
+    want = cache.plan_chunk(torch.ones(2, dtype=torch.long), 1)
+    cache.restore(snap)
+    got = cache.plan_decode()
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    cache.restore(snap)
+    assert int(cache.position) == snap.length
+    one = gen._cache(1)
+    with torch.no_grad():
+        gen._prefill(one, enc[:1])
+    cache.broadcast_from(one)
+    assert int(cache.position) == cache.length == len(enc[0].ids)
+    cache.reset()
+    assert int(cache.position) == cache.length == 0 and not cache.key_valid.any()
+    assert [t.data_ptr() for t in cache.buffers()] == ptrs
+
+
+def test_decode_step_errors(gen, tok):
+    cache = gen._cache(1)
+    with torch.no_grad():
+        gen._prefill(cache, [gen.encode(["a red"])])
+        with pytest.raises(ValueError, match="<image> tokens but 0 media"):
+            decode_step(gen.model, cache, torch.tensor([tok.image_token_id]))
+        cache.length = cache.max_seq_len
+        with pytest.raises(ValueError, match="at most 160 tokens"):
+            decode_step(gen.model, cache, torch.tensor([5]))
+    with pytest.raises(ValueError, match="cuda_graphs=True needs compile=True"):
+        Generator(gen.model, tok, max_seq_len=160, cuda_graphs=True)

@@ -70,17 +70,30 @@ class StaticCache:
             mshape = (batch, max(max_media, 1), n_lat, blk.attn.heads, blk.attn.dim_head)
             self.media_kv[key] = (torch.zeros(mshape, **kw), torch.zeros(mshape, **kw))
         self.slots = torch.arange(max_seq_len, device=self.device)
-        self.reset()
+        # bookkeeping, allocated once: reset() / restore() write in place, so a compiled or
+        # CUDA-graph decode step keeps reading the same buffers
+        self.length = 0
+        self.position = torch.zeros((), dtype=torch.long, device=self.device)  # == length, on the device
+        self.key_valid = torch.zeros(batch, max_seq_len, dtype=torch.bool, device=self.device)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.num_media = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.image_count = torch.zeros(batch, dtype=torch.long, device=self.device)
+        for t in self.buffers():
+            # inputs at fixed addresses (as parameters are): CUDA graphs of the decode step
+            # read and write them in place instead of copying them in and out every replay
+            torch._dynamo.mark_static_address(t, guard=False)
+
+    def buffers(self) -> List[torch.Tensor]:
+        """Every tensor the cache owns (allocated once, never replaced)."""
+        out = [t for kv in self.kv for t in kv] + [t for kv in self.media_kv.values() for t in kv]
+        return out + [self.slots, self.position, self.key_valid, self.pad, self.num_media, self.image_count]
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Empty every row (buffers are kept; nothing is reallocated)."""
-        B, dev = self.batch, self.device
+        """Empty every row, in place (nothing is reallocated)."""
         self.length = 0
-        self.key_valid = torch.zeros(B, self.max_seq_len, dtype=torch.bool, device=dev)
-        self.pad = torch.zeros(B, dtype=torch.long, device=dev)
-        self.num_media = torch.zeros(B, dtype=torch.long, device=dev)
-        self.image_count = torch.zeros(B, dtype=torch.long, device=dev)
+        for t in (self.position, self.key_valid, self.pad, self.num_media, self.image_count):
+            t.zero_()
 
     def snapshot(self) -> CacheSnapshot:
         return CacheSnapshot(self.length, self.key_valid.clone(), self.pad.clone(),
@@ -89,6 +102,7 @@ class StaticCache:
     def restore(self, snap: CacheSnapshot) -> None:
         """Go back to ``snap`` (O(1): later slots and media are simply overwritten)."""
         self.length = snap.length
+        self.position.fill_(snap.length)
         self.key_valid.copy_(snap.key_valid)
         self.pad.copy_(snap.pad)
         self.num_media.copy_(snap.num_media)
@@ -161,11 +175,7 @@ class StaticCache:
         Returns (slots (T,), position_ids (B, T), attn_mask (B, 1, T, S), real (B, T) bool).
         Raises ValueError when the chunk does not fit in the cache.
         """
-        if self.length + T > self.max_seq_len:
-            raise ValueError(
-                f"expected at most {self.max_seq_len} tokens in the cache, got "
-                f"{self.length} + {T} = {self.length + T}"
-            )
+        self.check_room(T)
         dev = self.device
         lengths = lengths.to(dev)
         slots = self.slots[self.length:self.length + T]
@@ -183,3 +193,27 @@ class StaticCache:
     def commit_chunk(self, lengths: torch.Tensor, T: int) -> None:
         self.pad += (T - lengths.to(self.device))
         self.length += T
+        self.position.fill_(self.length)
+
+    def check_room(self, T: int) -> None:
+        """Raise ValueError when T more slots do not fit."""
+        if self.length + T > self.max_seq_len:
+            raise ValueError(
+                f"expected at most {self.max_seq_len} tokens in the cache, got "
+                f"{self.length} + {T} = {self.length + T}"
+            )
+
+    def plan_decode(self):
+        """:meth:`plan_chunk` for one real token per row (T = 1, every row real), from
+        tensors alone: the slot is :attr:`position` (a 0-dim tensor on the cache's device),
+        so no Python number reaches a shape or an offset and one compiled graph (or CUDA
+        graph) serves every decode position. Same values as ``plan_chunk(ones, 1)``; the
+        caller checks the room (:meth:`check_room`) and advances :attr:`position` and
+        :attr:`length` after the step (:func:`~flamingo_rt.runtime.engine.decode_step`).
+        """
+        slots = self.position.view(1)
+        self.key_valid.index_fill_(1, slots, True)
+        positions = (self.position - self.pad).clamp_min(0)[:, None]  # (B, 1)
+        visible = (self.slots <= self.position)[None, :] & self.key_valid  # (B, S)
+        real = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
+        return slots, positions, visible[:, None, None, :], real

@@ -1,7 +1,7 @@
 """Pure prefill / decode functions over a :class:`~flamingo_rt.runtime.cache.StaticCache`."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -57,11 +57,44 @@ def forward_chunk(model: Flamingo, cache: StaticCache, ids: torch.Tensor, length
     return logits[:, -1] if last_only else logits
 
 
-def decode_step(model: Flamingo, cache: StaticCache, tokens: torch.Tensor,
-                backend: Optional[str] = None) -> torch.Tensor:
-    """Feed one token per row (B,) and return the next-token logits (B, V)."""
-    ones = torch.ones(tokens.shape[0], dtype=torch.long, device=tokens.device)
-    return forward_chunk(model, cache, tokens[:, None], ones, last_only=True, backend=backend)
+def decode_tensors(model: Flamingo, cache: StaticCache, tokens: torch.Tensor,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """The tensor work of one decode step: feed one token per row (B,) at slot
+    ``cache.position``, return the next-token logits (B, V), advance ``cache.position``.
+
+    Capture-safe: shapes depend only on the cache's sizes, every cache write is in place,
+    no value goes back to the host, so ``torch.compile(fullgraph=True, dynamic=False)``
+    makes one graph for every position (and, on CUDA, one CUDA graph). Use through
+    :func:`decode_step`, which checks the room and advances ``cache.length``."""
+    slots, positions, mask, real = cache.plan_decode()
+    ids = tokens[:, None]
+    img = model.config.image_token_id
+    idx = chunk_media_index(cache, ids, real, img, check=False)
+    per_layer = {
+        key: dict(media_kv=cache.media_kv[key], media_index=idx, validate=False, backend=backend)
+        for key in model.lm.xattn.keys()
+    }
+    logits = model.lm.forward_cached(ids, positions, cache.kv, slots, mask, xattn_layer_kwargs=per_layer,
+                                     last_only=True)
+    cache.image_count += (ids == img).long().sum(1)
+    cache.position.add_(1)
+    return logits[:, -1]
+
+
+def decode_step(model: Flamingo, cache: StaticCache, tokens: torch.Tensor, backend: Optional[str] = None,
+                step: Callable = decode_tensors, check_media: bool = True) -> torch.Tensor:
+    """Feed one token per row (B,) and return the next-token logits (B, V).
+
+    ``step`` is :func:`decode_tensors` or a compiled version of it (see
+    :class:`~flamingo_rt.runtime.generate.Generator`). Raises ValueError when the cache is
+    full or (``check_media``) a row's ``<image>`` token has no medium."""
+    cache.check_room(1)
+    if check_media:
+        ids = tokens[:, None].to(cache.device)
+        chunk_media_index(cache, ids, torch.ones_like(ids, dtype=torch.bool), model.config.image_token_id)
+    logits = step(model, cache, tokens, backend)
+    cache.length += 1
+    return logits
 
 
 def encode_rows(model: Flamingo, media_rows: List[List[torch.Tensor]], device, dtype,

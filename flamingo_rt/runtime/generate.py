@@ -15,7 +15,7 @@ import torch
 from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
-from .engine import decode_step, encode_rows, forward_chunk, left_pad
+from .engine import decode_step, decode_tensors, encode_rows, forward_chunk, left_pad
 from .prompt import EncodedPrompt, PromptItem, encode_prompt
 from .sampling import GenerationConfig, choose_next
 
@@ -42,12 +42,18 @@ class Generator:
         max_seq_len: cache length in tokens (prompt + generated), default the LM's.
         max_media: media per row the caches hold, default 32.
         backend: op backend for the attention ops (default: auto).
-        compile: run the decode step through ``torch.compile(fullgraph=True, dynamic=True)``
-            (``True`` for inductor, or a torch.compile backend name such as ``"aot_eager"``).
+        compile: run the decode step (:func:`~flamingo_rt.runtime.engine.decode_tensors`)
+            through ``torch.compile(fullgraph=True, dynamic=False)``: ``True`` for inductor, or
+            a torch.compile backend name such as ``"aot_eager"``. The step reads its position
+            from a device tensor, so one graph serves every position of a batch size.
+        cuda_graphs: replay the compiled step as a CUDA graph (inductor's
+            ``mode="reduce-overhead"``; the caches live at fixed addresses). Default: on when
+            ``compile`` is ``True`` and the model is on a CUDA device. Needs ``compile=True``.
     """
 
     def __init__(self, model: Flamingo, tokenizer: FlamingoTokenizer, max_seq_len: Optional[int] = None,
-                 max_media: int = 32, backend: Optional[str] = None, compile: Union[bool, str] = False):
+                 max_media: int = 32, backend: Optional[str] = None, compile: Union[bool, str] = False,
+                 cuda_graphs: Optional[bool] = None):
         self.model = model.eval()
         self.tok = tokenizer
         self.max_seq_len = max_seq_len or model.config.lm.max_seq_len
@@ -60,12 +66,29 @@ class Generator:
         self._caches = {}
         self.vision_calls = 0  # media frames encoded (for tests and stats)
         self._banned = [tokenizer.image_token_id, tokenizer.pad_token_id]
-        self._decode = decode_step
-        if compile:
-            self._decode = torch.compile(
-                decode_step, fullgraph=True, dynamic=True,
-                **({} if compile is True else {"backend": compile}),
+        if cuda_graphs is None:
+            cuda_graphs = compile is True and self.device.type == "cuda"
+        if cuda_graphs and (compile is not True or self.device.type != "cuda"):
+            raise ValueError(
+                f"cuda_graphs=True needs compile=True (inductor) and a model on a CUDA device; got "
+                f"compile={compile!r} on {self.device}"
             )
+        self.cuda_graphs = bool(cuda_graphs)
+        self._decode_tensors = decode_tensors
+        if compile:
+            kw = {"mode": "reduce-overhead"} if self.cuda_graphs else {}
+            if compile is not True:
+                kw["backend"] = compile
+            self._decode_tensors = torch.compile(decode_tensors, fullgraph=True, dynamic=False, **kw)
+
+    def _decode(self, cache: StaticCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step (B,) tokens -> (B, V) logits, through the (compiled) step. Under
+        CUDA graphs the logits live in the graph's memory until the next step: callers use
+        them before the next call (they do: the next token is chosen from them first)."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        # <image> is banned from sampling, so a decoded token never needs a medium
+        return decode_step(self.model, cache, tokens, self.backend, step=self._decode_tensors, check_media=False)
 
     @classmethod
     def from_pretrained(cls, folder, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
@@ -189,7 +212,7 @@ class Generator:
             done = done | torch.isin(nxt, stop_ids)
             if bool(done.all()) or step == cfg.max_new_tokens - 1:
                 return
-            logits = self._decode(self.model, cache, nxt, backend=self.backend)
+            logits = self._decode(cache, nxt)
 
     def _finish_text(self, ids: List[int], cfg: GenerationConfig) -> str:
         stop = set(self._stop_ids(cfg))
@@ -325,7 +348,7 @@ class Generator:
             cache.select_rows(rows, media=False)  # beams of one prompt share their media
             scores = torch.tensor(new_scores, device=self.device)
             seqs = new_seqs
-            logits = self._decode(self.model, cache, torch.tensor(new_tokens, device=self.device), backend=self.backend)
+            logits = self._decode(cache, torch.tensor(new_tokens, device=self.device))
         if not finished:
             for s, seq in zip(scores.tolist(), seqs):
                 if s > float("-inf"):

@@ -515,6 +515,7 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
         add("bias_gamma_act fwd", "torch eager (peer)", f"{tuple(x.shape)}",
             lambda: F.gelu(x + bias[None, :, None, None]) * 1.7015, 0, nb)
     nfnet_timings(device, quick, add)
+    decode_step_timings(device, quick, add)
     return out
 
 
@@ -602,6 +603,77 @@ def _time_xattn_more(add, device, dt, backends) -> None:
     add("xattn decode", "sdpa dense mask (OF)", shape,
         lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), M * flops, nbytes,
         note="reads all M images")
+
+
+def decode_step_timings(device: torch.device, quick: bool, add) -> None:
+    """Issue 6: one whole-model decode step at batch 1 after a 32-shot prompt (33 images of
+    64 tokens, ~20 text tokens per shot), ``flamingo-3b`` with random bf16 weights on GPU
+    (the ``tiny`` preset, 4 shots, fp32 on the CPU dry run): eager, compiled, and compiled
+    with CUDA graphs (what ``Generator(compile=True)`` runs on a GPU). Bytes = what a step
+    must read: the LM's and cross-attention blocks' weights (one row of the embedding), the
+    filled self-attention KV slots, and one image's K/V per block; "% copy BW" >= 67 means
+    within 1.5x of the memory-bound limit (issue 6's GPU target)."""
+    from flamingo_rt.models import Flamingo, get_preset
+    from flamingo_rt.runtime import engine
+    from flamingo_rt.runtime.cache import StaticCache
+
+    preset, shots, per_shot = ("tiny", 4, 20) if quick else ("flamingo-3b", 32, 20)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    op = "decode step (whole model)"
+    try:
+        cfg = get_preset(preset)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Flamingo(cfg)
+        model = model.to(dt).eval()
+        M, T0 = shots + 1, (shots + 1) * per_shot
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(4, cfg.lm.vocab_size, (1, T0), generator=g)
+        ids[0, ::per_shot] = cfg.image_token_id  # <image> opens each shot (and the query)
+        cache = StaticCache(model, 1, T0 + 64, M, dtype=dt, device=device)
+        media = torch.randn(1, M, cfg.resampler.num_latents, cfg.resampler.dim, device=device, dtype=dt)
+        with torch.no_grad():
+            cache.add_media(model, media, torch.tensor([M], device=device))
+            engine.forward_chunk(model, cache, ids.to(device), torch.tensor([T0], device=device))
+    except Exception as e:  # a failed row (NaN, the error in its note), not a crash
+        err = e
+
+        def fail():
+            raise err
+
+        add(op, "setup", preset, fail, 0, 0)
+        return
+    snap = cache.snapshot()
+    el = torch.finfo(dt).bits // 8
+    lm = model.lm
+    weights = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel() + cfg.lm.dim
+    kv = sum(k[:, :, :T0 + 1].numel() * 2 for k, _ in cache.kv)
+    media_kv = sum(k[:, :1].numel() * 2 for k, _ in cache.media_kv.values())
+    nbytes = (weights + kv + media_kv) * el
+    flops = 2 * weights
+    shape = f"{preset} B1, {T0} prompt tokens, {M} images"
+    tok = torch.tensor([5], device=device)
+    # (GPU: inductor compiles of a 24-layer model take minutes, so only the CUDA-graph one)
+    variants = [("eager", engine.decode_tensors, False)]
+    if device.type == "cuda":
+        variants.append(("compiled + CUDA graphs", {"mode": "reduce-overhead"}, True))
+    else:
+        variants.append(("compiled (aot_eager)", {"backend": "aot_eager"}, False))
+    for name, step, graphs in variants:
+        if isinstance(step, dict):
+            torch._dynamo.reset()  # each variant compiles on its own
+            step = torch.compile(engine.decode_tensors, fullgraph=True, dynamic=False, **step)
+
+        def fn(step=step, graphs=graphs):
+            cache.restore(snap)
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad():
+                return engine.decode_step(model, cache, tok, step=step, check_media=False)
+
+        add(op, name, shape, fn, flops, nbytes,
+            note="target (GPU): >= 67% of copy BW, i.e. within 1.5x of the memory-bound limit")
+    del model, cache
 
 
 # --------------------------------------------------------------------------- report

@@ -21,4 +21,5 @@ def test_gpu_check_dry_runs_on_cpu(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["checks"] and all(c["ok"] for c in res["checks"])
     assert any(t["impl"].startswith("sdpa") for t in res["timings"])
+    assert {t["impl"] for t in res["timings"] if t["op"].startswith("decode step")} >= {"eager", "compiled (aot_eager)"}
     assert all(t["ms"] > 0 for t in res["timings"])

@@ -9,7 +9,11 @@ A :class:`StaticCache` holds, for B rows:
 - the bookkeeping that makes rows of different lengths and image counts share one
   batch: which slots hold real tokens (``key_valid``), how many padding slots precede
   each row's tokens (``pad``, so RoPE positions stay 0, 1, 2, ... per row), how many
-  media and ``<image>`` tokens each row has so far.
+  media and ``<image>`` tokens each row has so far, and the next free slot both as a
+  Python int (``length``) and as a device tensor (``position``, what a compiled or
+  CUDA-graph decode step reads, so no graph depends on it).
+
+Every buffer is allocated once; reset / restore / broadcast write in place.
 
 Chunks of tokens are appended at the same slots for every row; a row with a shorter
 chunk is left-padded inside that chunk (padding slots are invalid keys), so each row

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,16 @@ int fail(flamingo_status st) {
   return static_cast<int>(st);
 }
 
+// Every exit path frees the session and the model (the model's packages are extracted to a
+// temporary folder that its free removes).
+struct SessionFree {
+  void operator()(flamingo_session* s) const { flamingo_session_free(s); }
+};
+struct ModelFree {
+  void operator()(flamingo_model* m) const { flamingo_model_free(m); }
+};
+struct MissingValue {};  // an option without its value (exit status 2)
+
 bool python_mapped() {
   std::ifstream maps("/proc/self/maps");
   std::string line;
@@ -62,19 +73,21 @@ int main(int argc, char** argv) {
   flamingo_model* model = nullptr;
   flamingo_status st = flamingo_model_load(argv[1], &mp, &model);
   if (st != FLAMINGO_OK) return fail(st);
+  std::unique_ptr<flamingo_model, ModelFree> model_owner(model);
   flamingo_session* s = nullptr;
   if ((st = flamingo_session_create(model, &s)) != FLAMINGO_OK) return fail(st);
+  std::unique_ptr<flamingo_session, SessionFree> session_owner(s);
   flamingo_generate_params gp = flamingo_generate_default_params();
   std::vector<std::string> stops;
   int stop_after = -1;
   double read_s = 0;  // PPM reading, not the library's work
   const auto t_prompt = std::chrono::steady_clock::now();  // media encoding counts toward the first token
-  for (int i = 2; i < argc; ++i) {
+  for (int i = 2; i < argc; ++i) try {
     std::string a = argv[i];
     auto next = [&]() -> const char* {
       if (i + 1 >= argc) {
         std::fprintf(stderr, "cpp_host: %s needs a value\n", a.c_str());
-        std::exit(2);
+        throw MissingValue{};
       }
       return argv[++i];
     };
@@ -129,6 +142,8 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (st != FLAMINGO_OK) return fail(st);
+  } catch (const MissingValue&) {
+    return 2;
   }
   std::vector<const char*> stop_ptrs;
   for (const std::string& x : stops) stop_ptrs.push_back(x.c_str());
@@ -145,8 +160,8 @@ int main(int argc, char** argv) {
                r.num_tokens > 1 ? (r.num_tokens - 1) / (r.decode_seconds > 0 ? r.decode_seconds : 1e-9) : 0.0);
   std::fprintf(stderr, "cpp_host: stats tokens=%d ttft_s=%.6f decode_s=%.6f\n", r.num_tokens,
                encode_s + r.prefill_seconds, r.decode_seconds);
-  flamingo_session_free(s);
-  flamingo_model_free(model);
+  session_owner.reset();
+  model_owner.reset();
   const char* check = std::getenv("FLAMINGO_RT_CHECK_NO_PYTHON");
   if (check != nullptr && std::strcmp(check, "1") == 0 && python_mapped()) {
     std::fprintf(stderr, "cpp_host: a libpython is mapped into this process\n");

@@ -41,8 +41,15 @@ def write_ppm(path: Path, img: np.ndarray) -> Path:
 
 
 def run_host(host: str, export: Path, args, env=None):
-    e = dict(os.environ, **(env or {}))
+    """Run the host; it must leave nothing in its TMPDIR (the packages' extraction folders
+    are removed when the model is freed, on every exit path)."""
+    tmp = Path(export).parent / "host_tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    e = dict(os.environ, TMPDIR=str(tmp), **(env or {}))
     r = subprocess.run([host, str(export), *map(str, args)], capture_output=True, env=e, timeout=300)
+    left = sorted(x.name for x in tmp.iterdir())
+    check(not left, f"host {' '.join(map(str, args))[:80]!r} (exit {r.returncode}) left {left} in its TMPDIR")
     # bytes, decoded without newline translation (answers of a random model contain \r)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8"), r.stderr.decode("utf-8"))
 

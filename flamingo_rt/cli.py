@@ -149,6 +149,15 @@ def _demo(args) -> int:
                     formats=args.formats, threads=args.threads)
 
 
+def _tune_malloc(args) -> None:
+    """Reuse large CPU blocks instead of page-faulting fresh mmaps (process-wide; see
+    flamingo_rt.runtime.cpu_malloc) unless --default-malloc."""
+    if not args.default_malloc:
+        from .runtime import cpu_malloc
+
+        cpu_malloc.keep_freed_memory()
+
+
 def _train(args) -> int:
     from pathlib import Path
 
@@ -162,6 +171,7 @@ def _train(args) -> int:
             print(f"flamingo-rt train --preset {args.preset}: the recipe is not available ({e})", file=sys.stderr)
             return 2
         out = args.out_dir or f"runs/{args.preset}"
+        _tune_malloc(args)
         try:
             run_recipe(args.preset, out, seed=args.seed if args.seed is not None else 0, progress=not args.no_progress)
         except ValueError as e:  # e.g. an unknown preset
@@ -188,6 +198,7 @@ def _train(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"flamingo-rt train: {e}", file=sys.stderr)
         return 2
+    _tune_malloc(args)
     try:
         trainer = Trainer(cfg)
         trainer.fit()
@@ -298,6 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_train.add_argument("--out-dir", default=None)
     p_train.add_argument("--seed", type=int, default=None)
     p_train.add_argument("--no-progress", action="store_true")
+    p_train.add_argument("--default-malloc", action="store_true",
+                         help="keep glibc's default malloc (by default large CPU blocks are reused instead of "
+                              "mmapped and page-faulted anew each time; see flamingo_rt.runtime.cpu_malloc)")
     p_exp = sub.add_parser("export", help="AOTInductor packages of a model folder for C++ hosts")
     p_exp.add_argument("model_dir")
     p_exp.add_argument("out_dir")

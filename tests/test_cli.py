@@ -43,8 +43,14 @@ def test_train_without_config_or_preset_is_an_error(capsys):
     assert "expected a CONFIG file" in capsys.readouterr().err
 
 
-def test_train_preset_runs_the_recipe(tmp_path, capsys):
-    """`flamingo-rt train --preset toy` runs the three-stage recipe into a model folder."""
+def test_train_preset_runs_the_recipe(tmp_path, capsys, monkeypatch):
+    """`flamingo-rt train --preset toy` runs the three-stage recipe into a model folder,
+    with the malloc tuning unless --default-malloc (recorded here, not applied: it is
+    process-wide; tests/test_cpu_malloc.py tests it in a subprocess)."""
+    from flamingo_rt.runtime import cpu_malloc
+
+    calls = []
+    monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda: calls.append(1))
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -53,4 +59,6 @@ def test_train_preset_runs_the_recipe(tmp_path, capsys):
         torch.set_num_threads(n)
     assert "model folder" in capsys.readouterr().out
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.json").exists()
-    assert cli.main(["train", "--preset", "nope", "--out-dir", str(tmp_path / "x")]) == 2
+    assert calls == [1]
+    assert cli.main(["train", "--preset", "nope", "--out-dir", str(tmp_path / "x"), "--default-malloc"]) == 2
+    assert calls == [1]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import nfconv as _ops
+from ..ops.linear import linear as _linear
 from .config import NFNetConfig
 
 #: timm's (and DeepMind's) signal-preserving gamma of the exact-erf GELU.
@@ -283,31 +284,31 @@ class SqueezeExcite(nn.Module):
             nn.init.zeros_(m.bias)
 
     def _fast_params(self):
-        """fc1 / fc2 as float32 (float64 for float64) transposed matrices and biases,
-        cached until a parameter changes (frozen fast path)."""
+        """fc1 / fc2 as float32 (float64 for float64) (out, in) matrices and biases, cached
+        until a parameter changes (frozen fast path)."""
         ct = torch.promote_types(self.fc1.weight.dtype, torch.float32)
         if torch.compiler.is_compiling():  # traced: the casts go in the graph, no cache
-            return (self.fc1.weight.flatten(1).to(ct).t(), self.fc1.bias.to(ct),
-                    self.fc2.weight.flatten(1).to(ct).t(), self.fc2.bias.to(ct))
+            return (self.fc1.weight.flatten(1).to(ct), self.fc1.bias.to(ct),
+                    self.fc2.weight.flatten(1).to(ct), self.fc2.bias.to(ct))
         ps = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in ps)
         cache = getattr(self, "_fast_cache", None)
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                w1 = self.fc1.weight.flatten(1).to(ct).t().contiguous()
-                w2 = self.fc2.weight.flatten(1).to(ct).t().contiguous()
-                cache = (key, (w1, self.fc1.bias.to(ct), w2, self.fc2.bias.to(ct)))
+                cache = (key, tuple(p.flatten(1).to(ct).contiguous() if p.dim() > 1 else p.to(ct).contiguous()
+                                    for p in ps))
             self._fast_cache = cache
         return cache[1]
 
     def forward_fast(self, x: Tensor) -> Tensor:
         """Frozen fast path: the same logits, pooled and computed in float32 (float64 for
         float64; a batch-1 bfloat16 GEMV is slow on the CPU and less accurate), returned
-        in x's dtype."""
+        in x's dtype. The few pooled rows go through :func:`flamingo_rt.ops.linear.linear`
+        (the C++ small-batch kernel on the CPU: the products stream the weights once)."""
         w1, b1, w2, b2 = self._fast_params()
         pooled = x.mean(dim=(2, 3), dtype=w1.dtype)
-        h = torch.relu(torch.addmm(b1, pooled, w1))
-        return torch.addmm(b2, h, w2).to(x.dtype)
+        h = torch.relu(_linear(pooled, w1, b1))
+        return _linear(h, w2, b2).to(x.dtype)
 
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)

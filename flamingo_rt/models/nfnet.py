@@ -287,16 +287,18 @@ class SqueezeExcite(nn.Module):
         """fc1 / fc2 as float32 (float64 for float64) (out, in) matrices and biases, cached
         until a parameter changes (frozen fast path)."""
         ct = torch.promote_types(self.fc1.weight.dtype, torch.float32)
-        if torch.compiler.is_compiling():  # traced: the casts go in the graph, no cache
-            return (self.fc1.weight.flatten(1).to(ct), self.fc1.bias.to(ct),
-                    self.fc2.weight.flatten(1).to(ct), self.fc2.bias.to(ct))
         ps = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
+        def cast(p: Tensor) -> Tensor:  # (out, in, 1, 1) weights -> (out, in); biases as they are
+            return (p.flatten(1) if p.dim() > 1 else p).to(ct)
+
+        if torch.compiler.is_compiling():  # traced: the casts go in the graph, no cache
+            return tuple(cast(p) for p in ps)
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in ps)
         cache = getattr(self, "_fast_cache", None)
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                cache = (key, tuple(p.flatten(1).to(ct).contiguous() if p.dim() > 1 else p.to(ct).contiguous()
-                                    for p in ps))
+                cache = (key, tuple(cast(p).contiguous() for p in ps))
             self._fast_cache = cache
         return cache[1]
 

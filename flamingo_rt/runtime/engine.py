@@ -37,14 +37,14 @@ def chunk_media_index(cache: StaticCache, ids: torch.Tensor, real: torch.Tensor,
     return torch.where(real, idx, torch.full_like(idx, -1)).to(torch.int32)
 
 
-def forward_chunk(model: Flamingo, cache: StaticCache, ids: torch.Tensor, lengths: torch.Tensor,
-                  last_only: bool = True, backend: Optional[str] = None) -> torch.Tensor:
-    """Append a chunk (B, T) of left-padded token ids (row b has ``lengths[b]`` real ones)
-    to the cache and return its logits: (B, V) of the last position when ``last_only``,
-    else (B, T, V). Media for the chunk's ``<image>`` tokens must already be in the cache."""
-    B, T = ids.shape
-    slots, positions, mask, real = cache.plan_chunk(lengths, T)
-    idx = chunk_media_index(cache, ids, real, model.config.image_token_id)
+def _forward_planned(model: Flamingo, cache: StaticCache, ids: torch.Tensor, plan: tuple, last_only: bool,
+                     backend: Optional[str], check_media: bool) -> torch.Tensor:
+    """The chunk (B, T) at the slots of ``plan`` (from ``cache.plan_chunk`` or
+    ``cache.plan_decode``): its media index, the LM with every block's cached media K/V,
+    the rows' ``<image>`` counts advanced. Returns forward_cached's logits."""
+    slots, positions, mask, real = plan
+    img = model.config.image_token_id
+    idx = chunk_media_index(cache, ids, real, img, check=check_media)
     per_layer = {
         key: dict(media_kv=cache.media_kv[key], media_index=idx, validate=False, backend=backend)
         for key in model.lm.xattn.keys()
@@ -52,7 +52,17 @@ def forward_chunk(model: Flamingo, cache: StaticCache, ids: torch.Tensor, length
     logits = model.lm.forward_cached(
         ids, positions, cache.kv, slots, mask, xattn_layer_kwargs=per_layer, last_only=last_only
     )
-    cache.image_count += ((ids == model.config.image_token_id) & real).long().sum(1)
+    cache.image_count += ((ids == img) & real).long().sum(1)
+    return logits
+
+
+def forward_chunk(model: Flamingo, cache: StaticCache, ids: torch.Tensor, lengths: torch.Tensor,
+                  last_only: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """Append a chunk (B, T) of left-padded token ids (row b has ``lengths[b]`` real ones)
+    to the cache and return its logits: (B, V) of the last position when ``last_only``,
+    else (B, T, V). Media for the chunk's ``<image>`` tokens must already be in the cache."""
+    T = ids.shape[1]
+    logits = _forward_planned(model, cache, ids, cache.plan_chunk(lengths, T), last_only, backend, True)
     cache.commit_chunk(lengths, T)
     return logits[:, -1] if last_only else logits
 
@@ -66,17 +76,7 @@ def decode_tensors(model: Flamingo, cache: StaticCache, tokens: torch.Tensor,
     no value goes back to the host, so ``torch.compile(fullgraph=True, dynamic=False)``
     makes one graph for every position (and, on CUDA, one CUDA graph). Use through
     :func:`decode_step`, which checks the room and advances ``cache.length``."""
-    slots, positions, mask, real = cache.plan_decode()
-    ids = tokens[:, None]
-    img = model.config.image_token_id
-    idx = chunk_media_index(cache, ids, real, img, check=False)
-    per_layer = {
-        key: dict(media_kv=cache.media_kv[key], media_index=idx, validate=False, backend=backend)
-        for key in model.lm.xattn.keys()
-    }
-    logits = model.lm.forward_cached(ids, positions, cache.kv, slots, mask, xattn_layer_kwargs=per_layer,
-                                     last_only=True)
-    cache.image_count += (ids == img).long().sum(1)
+    logits = _forward_planned(model, cache, tokens[:, None], cache.plan_decode(), True, backend, False)
     cache.position.add_(1)
     return logits[:, -1]
 

@@ -43,12 +43,24 @@ class Ceilings:
     copy_gbps: float
     threads: int
     read_gbps: float = float("nan")
+    gemm_fp32_torch_gflops: float = float("nan")
+    gemm_fp32_onednn_gflops: float = float("nan")
 
     def line(self) -> str:
+        fp32 = f"GEMM fp32 {self.gemm_fp32_gflops:.0f} GFLOP/s"
+        if self.gemm_fp32_onednn_gflops == self.gemm_fp32_onednn_gflops:  # measured (CPU)
+            fp32 += (f" (torch.mm {self.gemm_fp32_torch_gflops:.0f}, oneDNN {self.gemm_fp32_onednn_gflops:.0f}; "
+                     f"flamingo_rt uses {'oneDNN' if _onednn_active() else 'torch.mm'})")
         return (
-            f"machine ceilings [{self.device}, {self.threads} threads]: GEMM fp32 {self.gemm_fp32_gflops:.0f} GFLOP/s, "
+            f"machine ceilings [{self.device}, {self.threads} threads]: {fp32}, "
             f"GEMM bf16 {self.gemm_bf16_gflops:.0f} GFLOP/s, copy {self.copy_gbps:.1f} GB/s, read {self.read_gbps:.1f} GB/s"
         )
+
+
+def _onednn_active() -> bool:
+    from flamingo_rt.ops import cpu_gemm
+
+    return cpu_gemm.onednn_active()
 
 
 def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceilings:
@@ -57,6 +69,7 @@ def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceiling
     device = torch.device(device)
     sizes = [n] if n is not None else ([8192] if device.type == "cuda" else [2048, 4096])
     res = {}
+    onednn = float("nan")
     for dt in (torch.float32, torch.bfloat16):
         # the best over sizes: on CPUs with AMX, bf16 GEMMs keep speeding up past n = 2048
         # (measured 0.7 TFLOP/s at 2048, 1.5-2 at 8192 rows x 2048 x 8192 on 2 cores)
@@ -65,6 +78,15 @@ def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceiling
             b = torch.randn(size, size, device=device, dtype=dt)
             t = _best_time(lambda: torch.mm(a, b), device)
             res[dt] = max(res.get(dt, 0.0), 2 * size ** 3 / t / 1e9)
+            if dt == torch.float32 and device.type == "cpu":
+                # torch's fp32 BLAS (MKL) is not the fastest library on every CPU: the
+                # machine's ceiling is the better of it and oneDNN (flamingo_rt.ops.cpu_gemm)
+                from flamingo_rt.ops import cpu_gemm
+
+                if cpu_gemm.available():
+                    with cpu_gemm.use("onednn"):
+                        t = _best_time(lambda: cpu_gemm.mm(a, b), device)
+                    onednn = max(0.0 if onednn != onednn else onednn, 2 * size ** 3 / t / 1e9)
     numel = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
@@ -74,7 +96,9 @@ def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceiling
     read = src.numel() * 4 / t / 1e9  # read only (the buffer is 4x the L3 of the CPUs we run on)
     return Ceilings(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        gemm_fp32_gflops=res[torch.float32],
+        gemm_fp32_gflops=max(res[torch.float32], 0.0 if onednn != onednn else onednn),
+        gemm_fp32_torch_gflops=res[torch.float32],
+        gemm_fp32_onednn_gflops=onednn,
         gemm_bf16_gflops=res[torch.bfloat16],
         copy_gbps=copy,
         read_gbps=read,

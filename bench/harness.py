@@ -26,7 +26,10 @@ def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float
 def gemms_alone(shapes: Sequence[Tuple[int, int, int]], dtype: torch.dtype, train: bool) -> Callable[[], None]:
     """A closure doing only a model's matrix products, for "ours vs its GEMMs alone": for each
     (rows, in, out), y = x W^T; with ``train`` also dx = dy W and dW = dy^T x (transposed
-    operands as autograd passes them). Tensors of ``dtype``, made once."""
+    operands as autograd passes them). Tensors of ``dtype``, made once. The products run as
+    flamingo_rt runs them on this machine: float32 through :mod:`flamingo_rt.ops.cpu_gemm`
+    when its policy picks oneDNN, else ``torch.mm`` into preallocated outputs."""
+    from flamingo_rt.ops import cpu_gemm
     g = torch.Generator().manual_seed(0)
     ops = []
     for r, i, o in shapes:
@@ -43,7 +46,14 @@ def gemms_alone(shapes: Sequence[Tuple[int, int, int]], dtype: torch.dtype, trai
                 torch.mm(dy, w, out=dx)
                 torch.mm(dy.t(), xin, out=dw)
 
-    return run
+    def run_onednn():
+        for xin, w, dy, *_ in ops:
+            cpu_gemm.linear(xin, w)
+            if train:
+                cpu_gemm.mm(dy, w)
+                cpu_gemm.mm(dy.t(), xin)
+
+    return run_onednn if dtype == torch.float32 and cpu_gemm.onednn_active() else run
 
 
 @dataclass

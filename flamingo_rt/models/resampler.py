@@ -9,6 +9,7 @@ from torch import nn
 
 from ..ops import norm_project, resampler_attention
 from ..ops.feed_forward import module_feed_forward
+from ..ops.linear import Linear
 from .config import ResamplerConfig
 from .ff import FeedForward
 
@@ -116,9 +117,9 @@ class PerceiverAttention(nn.Module):
         inner = heads * dim_head
         self.norm_media = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_kv = Linear(dim, 2 * inner, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, backend: Optional[str] = None,
                 kv_x: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cpu_gemm import mm
+
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
 FF_KINDS = ("gelu", "sqrelu")
@@ -47,8 +49,8 @@ def _ff_op(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, eps: 
     """Returns (y (R, D), h (R, inner)); h is returned to be saved for the backward."""
     with torch.autocast(x.device.type, enabled=False):
         xn = _norm(x, gamma, beta, eps)[0].to(compute_dtype)
-        h = xn @ w1.to(compute_dtype).t()
-        y = _act(h, kind) @ w2.to(compute_dtype).t()
+        h = mm(xn, w1.to(compute_dtype).t())
+        y = mm(_act(h, kind), w2.to(compute_dtype).t())
     return y, h
 
 
@@ -70,16 +72,16 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
     with torch.autocast(x.device.type, enabled=False):
         cd = h.dtype
         dy = dy.to(cd)
-        da = dy @ w2.to(cd)
+        da = mm(dy, w2.to(cd))
         if kind == "gelu":
             dh = torch.ops.aten.gelu_backward(da, h)
         else:
             dh = da.mul_(2 * torch.relu(h))
         del da
-        dw2 = (dy.t() @ _act(h, kind)).to(w2.dtype)
+        dw2 = mm(dy.t(), _act(h, kind)).to(w2.dtype)
         xn, xf, mean, rstd, g, b = _norm(x, gamma, beta, eps)
-        dw1 = (dh.t() @ xn.to(cd)).to(w1.dtype)
-        dxn = (dh @ w1.to(cd)).to(xf.dtype)
+        dw1 = mm(dh.t(), xn.to(cd)).to(w1.dtype)
+        dxn = mm(dh, w1.to(cd)).to(xf.dtype)
         del dh
         dx, dg, db = torch.ops.aten.native_layer_norm_backward(
             dxn, xf, [xf.shape[-1]], mean, rstd, g, b, [need_dx, True, True])

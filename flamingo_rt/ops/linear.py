@@ -1,4 +1,5 @@
-"""``linear``: ``F.linear`` with flamingo_rt's small-batch kernel for decode-sized inputs.
+"""``linear``: ``F.linear`` with flamingo_rt's small-batch kernel for decode-sized inputs,
+and float32 CPU products through oneDNN where that is the faster library.
 
 At decode time every projection multiplies one token per sequence by a weight matrix:
 the cost is streaming the weight once, where a general GEMM is not at its best. When the
@@ -6,7 +7,13 @@ input has at most 16 rows, lives on the CPU in float32 or bfloat16, and no gradi
 needed, the C++ kernel ``flamingo_rt_C::small_linear`` runs instead (measured 1.4-1.7x
 faster than torch's in float32 and about 2x in bfloat16 on 4096 x 1024 weights).
 Under ``torch.compile`` and export the kernel is used when the row count is static (the
-decode step); everything else (training, larger inputs, other devices) is ``F.linear``.
+decode step).
+
+Larger float32 CPU inputs go through :mod:`flamingo_rt.ops.cpu_gemm` (oneDNN instead of MKL
+on CPUs where MKL runs its AVX2 kernels), with an autograd function whose backward uses the
+same products and keeps the input only when the weight needs a gradient. Everything else
+(autocast, other devices and dtypes, ``torch.compile`` / export, ``torch.func`` transforms)
+is ``F.linear``.
 """
 from __future__ import annotations
 
@@ -18,9 +25,21 @@ from torch import Tensor, nn
 
 from .. import _ext
 from . import backend as _backend
+from . import cpu_gemm
 
 MAX_ROWS = 16
 _DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _plain(x: Tensor, weight: Tensor) -> bool:
+    """Neither autocast (it decides the product's dtype) nor a ``torch.func`` transform (vmap,
+    grad: F.linear has their rules) is active: our kernels may replace F.linear."""
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.compiler.is_compiling():
+        return True  # the compiler handles transforms itself (and cannot trace the check below)
+    return not (torch._C._functorch.is_functorch_wrapped_tensor(x)
+                or torch._C._functorch.is_functorch_wrapped_tensor(weight))
 
 
 def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
@@ -33,6 +52,8 @@ def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
             return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False
+    if not _plain(x, weight):
+        return False
     if x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
@@ -40,6 +61,37 @@ def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     if weight.dim() != 2 or weight.stride(-1) != 1 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
         return False
     return _ext.load()
+
+
+class _CpuLinear(torch.autograd.Function):
+    """``F.linear`` whose forward and backward products are :mod:`cpu_gemm`'s (float32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        need_x, need_w, need_b = ctx.needs_input_grad
+        # x is kept only for the weight's gradient; the weight only for the input's.
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
+        ctx.x_shape = x.shape
+        return cpu_gemm.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = cpu_gemm.mm(dy2, weight).view(ctx.x_shape) if need_x else None
+        dw = cpu_gemm.mm(dy2.t(), x.reshape(-1, x.shape[-1])) if need_w else None
+        db = dy2.sum(0) if need_b else None
+        return dx, dw, db
+
+
+def _cpu_gemm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if bias is not None and bias.dtype != torch.float32:
+        return False
+    return _plain(x, weight) and cpu_gemm.onednn_active()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -50,6 +102,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
             x2 = x2.contiguous()
         y = torch.ops.flamingo_rt_C.small_linear(x2, weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
+    if not (torch.compiler.is_compiling() or _backend.exporting()) and _cpu_gemm_ok(x, weight, bias):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _CpuLinear.apply(x, weight, bias)
+        return cpu_gemm.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

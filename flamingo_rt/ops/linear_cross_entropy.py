@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_gemm
+
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
 
 #: float32 elements of one chunk's logits (8 MiB) ...
@@ -59,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 t = targets[s:s + chunk]
                 valid = t != ignore_index
                 tt = torch.where(valid, t, torch.zeros_like(t))
-                logits = F.linear(h, w).to(acc)  # (n, V)
+                logits = cpu_gemm.linear(h, w).to(acc)  # (n, V)
                 lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, tt[:, None])[:, 0]
                 total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
@@ -69,9 +71,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g.mul_(valid[:, None])
                     g = g.to(dtype)
                     if need_h:
-                        gh[s:s + chunk] = (g @ w).to(hidden.dtype)
+                        gh[s:s + chunk] = cpu_gemm.mm(g, w).to(hidden.dtype)
                     if need_w:
-                        gw += (g.t() @ h).to(acc)
+                        gw += cpu_gemm.mm(g.t(), h).to(acc)
         ctx.save_for_backward(*(x for x in (gh, gw) if x is not None))
         ctx.need = (need_h, need_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from . import cpu_gemm
 
 __all__ = ["norm_project"]
 
@@ -59,7 +60,7 @@ def _forward(x, gammas, betas, weights, eps, compute_dtype):
         wf = w.to(_acc(w.dtype))
         folded = (wf * g.to(wf.dtype)[None, :]).to(compute_dtype)
         bias = (wf @ b.to(wf.dtype)).to(compute_dtype)
-        outs.append(torch.addmm(bias, xc, folded.t()))
+        outs.append(cpu_gemm.linear(xc, folded, bias))
     return outs
 
 
@@ -87,13 +88,13 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         wf = w.to(_acc(w.dtype))
         gf = g.to(wf.dtype)
         dy = dy.to(compute_dtype)
-        G = (dy.t() @ xc).to(wf.dtype)  # (out, D)
+        G = cpu_gemm.mm(dy.t(), xc).to(wf.dtype)  # (out, D)
         s = dy.to(wf.dtype).sum(0)  # (out,)
         dws.append(torch.addr(G * gf[None, :], s, b.to(wf.dtype)).to(w.dtype))
         dgs.append((wf * G).sum(0).to(g.dtype))
         dbs.append((wf.t() @ s).to(b.dtype))
         if need_dx:
-            d = dy @ (wf * gf[None, :]).to(compute_dtype)
+            d = cpu_gemm.mm(dy, (wf * gf[None, :]).to(compute_dtype))
             dxhat = d.to(xhat.dtype) if dxhat is None else dxhat.add_(d)
     if need_dx:
         dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))

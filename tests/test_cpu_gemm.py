@@ -1,0 +1,205 @@
+"""flamingo_rt.ops.cpu_gemm (float32 CPU products through oneDNN) and ops.linear's use of it.
+
+Every product is checked against float64 under both policies (``onednn`` and ``torch``),
+whatever this machine's ``auto`` picks, and the profiler shows which library ran."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flamingo_rt.ops import cpu_gemm, feed_forward, norm_project
+from flamingo_rt.ops.linear import linear
+from flamingo_rt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+needs_onednn = pytest.mark.skipif(not cpu_gemm.available(), reason="torch built without oneDNN")
+POLICIES = [pytest.param("onednn", marks=needs_onednn), "torch"]
+
+
+def _ops_run(fn) -> set:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def _close(a, b, rtol=2e-5):
+    b = b.to(a.dtype) if a.dtype != b.dtype else b
+    scale = b.abs().max().clamp_min(1.0)
+    assert (a - b).abs().max() <= rtol * scale, f"max err {(a - b).abs().max().item():.3e} vs scale {scale.item():.3e}"
+
+
+def _layouts(M, K, N, g):
+    """(a, b) pairs of shapes (M, K), (K, N): contiguous, transposed views, and strided slices."""
+    a = torch.randn(M, K, generator=g)
+    b = torch.randn(K, N, generator=g)
+    yield a, b
+    yield torch.randn(K, M, generator=g).t(), b  # column-major a (a weight gradient's dy^T)
+    yield a, torch.randn(N, K, generator=g).t()  # b = W^T view (a forward product)
+    yield torch.randn(M, 2 * K, generator=g)[:, ::2], torch.randn(K, 3 * N, generator=g)[:, N:2 * N]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("M,K,N", [(1, 7, 5), (33, 64, 17), (128, 96, 200)])
+def test_mm_matches_float64_on_every_layout(policy, M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    for a, b in _layouts(M, K, N, g):
+        with cpu_gemm.use(policy):
+            out = cpu_gemm.mm(a, b)
+        assert out.shape == (M, N) and out.dtype == torch.float32
+        _close(out, a.double() @ b.double())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_linear_matches_float64_with_bias_batch_dims_and_strides(policy):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 10, 2 * 48, generator=g)[..., ::2]  # (3, 10, 48), last dim strided
+    w = torch.randn(40, 48, generator=g)
+    b = torch.randn(40, generator=g)
+    with cpu_gemm.use(policy):
+        out = cpu_gemm.linear(x, w, b)
+        out_nb = cpu_gemm.linear(x.contiguous(), w)
+    _close(out, F.linear(x.double(), w.double(), b.double()))
+    _close(out_nb, F.linear(x.double(), w.double()))
+
+
+@needs_onednn
+def test_the_policy_picks_the_library():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    with cpu_gemm.use("onednn"):
+        assert cpu_gemm.onednn_active()
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: cpu_gemm.mm(a, b))
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: linear(a, b.t()))
+        # Not float32, or not the CPU's float32 product: torch's own.
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: cpu_gemm.mm(a.bfloat16(), b.bfloat16()))
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: cpu_gemm.mm(a.double(), b.double()))
+    with cpu_gemm.use("torch"):
+        assert not cpu_gemm.onednn_active()
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: cpu_gemm.mm(a, b))
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: linear(a, b.t()))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_empty_products(policy):
+    with cpu_gemm.use(policy):
+        z = cpu_gemm.mm(torch.randn(4, 0), torch.randn(0, 3))
+        assert z.shape == (4, 3) and bool((z == 0).all())
+        assert cpu_gemm.mm(torch.randn(0, 5), torch.randn(5, 3)).shape == (0, 3)
+        assert cpu_gemm.linear(torch.randn(2, 5), torch.randn(0, 5)).shape == (2, 0)
+
+
+def test_policy_errors(monkeypatch):
+    monkeypatch.setenv("FLAMINGO_RT_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match=r"FLAMINGO_RT_CPU_GEMM='mkl': expected one of \('auto', 'onednn', 'torch'\)"):
+        cpu_gemm.policy()
+    with pytest.raises(ValueError, match="unknown CPU GEMM policy 'fast'"):
+        with cpu_gemm.use("fast"):
+            pass
+    monkeypatch.setenv("FLAMINGO_RT_CPU_GEMM", "torch")
+    assert cpu_gemm.policy() == "torch" and not cpu_gemm.onednn_active()
+    with cpu_gemm.use("auto"):
+        assert cpu_gemm.policy() == "auto"
+    monkeypatch.setattr(cpu_gemm, "available", lambda: False)
+    monkeypatch.setenv("FLAMINGO_RT_CPU_GEMM", "onednn")
+    with pytest.raises(RuntimeError, match="this torch build has no oneDNN"):
+        cpu_gemm.onednn_active()
+
+
+def test_auto_is_onednn_only_off_intel_with_avx512(monkeypatch):
+    cpu_gemm._auto.cache_clear()
+    try:
+        monkeypatch.setattr(cpu_gemm, "_cpu_vendor", lambda: "GenuineIntel")
+        assert not cpu_gemm._auto()
+        cpu_gemm._auto.cache_clear()
+        monkeypatch.setattr(cpu_gemm, "_cpu_vendor", lambda: "AuthenticAMD")
+        expect = (cpu_gemm.available() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+                  and __import__("platform").machine().lower() in ("x86_64", "amd64"))
+        assert cpu_gemm._auto() == expect
+    finally:
+        cpu_gemm._auto.cache_clear()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("need", ["x", "w", "xwb", "b"])
+def test_linear_autograd_matches_float64(policy, need):
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(2, 9, 24, generator=g)
+    w0, b0 = torch.randn(30, 24, generator=g), torch.randn(30, generator=g)
+    dy = torch.randn(2, 9, 30, generator=g)
+    x, w, b = (t.clone().requires_grad_(k in need) for t, k in zip((x0, w0, b0), "xwb"))
+    with cpu_gemm.use(policy):
+        y = linear(x, w, b)
+        y.backward(dy)
+    x64, w64, b64 = (t.double().requires_grad_(k in need) for t, k in zip((x0, w0, b0), "xwb"))
+    y64 = F.linear(x64, w64, b64)
+    y64.backward(dy.double())
+    _close(y, y64)
+    for t, r, k in zip((x, w, b), (x64, w64, b64), "xwb"):
+        if k in need:
+            _close(t.grad, r.grad)
+        else:
+            assert t.grad is None
+
+
+@needs_onednn
+def test_linear_keeps_the_input_only_for_a_weight_gradient():
+    x = torch.randn(8, 16, requires_grad=True)
+    with cpu_gemm.use("onednn"):
+        frozen = linear(x, torch.randn(4, 16))  # a frozen layer: only dx, from the weight
+        trained = linear(x.detach(), torch.randn(4, 16, requires_grad=True))  # only dw, from x
+    assert type(frozen.grad_fn).__name__ == "_CpuLinearBackward"
+    kept = [t is not None for t in frozen.grad_fn.saved_tensors]
+    assert kept == [False, True]
+    assert [t is not None for t in trained.grad_fn.saved_tensors] == [True, False]
+
+
+@needs_onednn
+def test_linear_under_autocast_compile_and_vmap_is_torchs():
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    with cpu_gemm.use("onednn"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            # Few rows (the small-batch kernel's range) and many: autocast's bfloat16 product.
+            assert linear(x, w).dtype == torch.bfloat16
+            assert linear(torch.randn(40, 16), w).dtype == torch.bfloat16
+        compiled = torch.compile(lambda a, b: linear(a, b), backend="aot_eager", fullgraph=True)
+        _close(compiled(x, w), x.double() @ w.double().t())
+        batched = torch.func.vmap(lambda a: linear(a, w))(x[:, None].expand(5, 3, 16))
+        _close(batched, (x.double() @ w.double().t())[:, None].expand(5, 3, 8))
+        gx = torch.func.grad(lambda a: linear(a, w).sum())(x)
+        _close(gx, w.double().sum(0).expand(5, 16))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fused_ops_match_their_references_under_each_policy(policy):
+    """feed_forward, norm_project and linear_cross_entropy route their products through
+    cpu_gemm: forward and every gradient against float64."""
+    g = torch.Generator().manual_seed(5)
+    D, inner, R = 32, 96, 40
+    x = torch.randn(R, D, generator=g)
+    gamma, beta = 1 + 0.1 * torch.randn(D, generator=g), 0.1 * torch.randn(D, generator=g)
+    w1, w2 = torch.randn(inner, D, generator=g) / 6, torch.randn(D, inner, generator=g) / 10
+    wk = [torch.randn(48, D, generator=g) / 6 for _ in range(2)]
+    head = torch.randn(50, D, generator=g) / 6
+    targets = torch.randint(0, 50, (R,), generator=g)
+    targets[::7] = -100
+
+    def run(dtype, fused):
+        ps = [t.to(dtype).requires_grad_() for t in (x, gamma, beta, w1, w2, *wk, head)]
+        xx, ga, be, a1, a2, k0, k1, hd = ps
+        if fused:
+            y = feed_forward(xx, ga, be, a1, a2)
+            kv = norm_project(xx, [ga, ga], [be, be], [k0, k1])
+            loss = linear_cross_entropy(y, hd, targets)
+        else:
+            ln = F.layer_norm(xx, (D,), ga, be, 1e-5)
+            y = F.linear(F.gelu(F.linear(ln, a1)), a2)
+            kv = [F.linear(ln, k0), F.linear(ln, k1)]
+            loss = linear_cross_entropy_reference(y, hd, targets)
+        total = loss + sum((t * t).sum() for t in kv) * 1e-2
+        grads = torch.autograd.grad(total, ps)
+        return [y, *kv, loss, *grads]
+
+    with cpu_gemm.use(policy):
+        got = run(torch.float32, True)
+    want = run(torch.float64, False)
+    for a, b in zip(got, want):
+        _close(a, b, rtol=5e-5)

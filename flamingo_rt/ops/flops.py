@@ -61,6 +61,12 @@ def register() -> None:
         R, D = _shape(x)
         return sum(2 * R * D * _shape(w)[0] for w in weights) * (2 if need_dx else 1)
 
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        # ops.cpu_gemm's float32 products (oneDNN), counted as the mm / addmm they replace
+        @register_flop_formula(torch.ops.mkldnn._linear_pointwise, get_raw=True)
+        def _onednn_linear(x, w, *args, out_val=None, **kw):
+            return 2 * (x.numel() // _shape(x)[-1]) * _shape(x)[-1] * _shape(w)[0]
+
     @register_flop_formula(ops.feed_forward, get_raw=True)
     def _ff_fwd(x, gamma, beta, w1, w2, *args, out_val=None, **kw):
         R, D = _shape(x)

@@ -88,3 +88,8 @@ def register() -> None:
         torch._check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1],
                      lambda: f"small_linear: expected x (B, K) and w (N, K), got {tuple(x.shape)}, {tuple(w.shape)}")
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("flamingo_rt_C::transpose_copy")
+    def _(a):
+        torch._check(a.dim() == 2, lambda: f"transpose_copy: expected a 2-D tensor, got shape {tuple(a.shape)}")
+        return a.new_empty((a.shape[1], a.shape[0]))

@@ -203,3 +203,33 @@ def test_fused_ops_match_their_references_under_each_policy(policy):
     want = run(torch.float64, False)
     for a, b in zip(got, want):
         _close(a, b, rtol=5e-5)
+
+
+needs_ext = pytest.mark.skipif(not __import__("flamingo_rt._ext", fromlist=["load"]).load(),
+                               reason="flamingo_rt._C not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int16, torch.int64])
+@pytest.mark.parametrize("R,C", [(1, 1), (63, 65), (130, 7), (200, 300), (1024, 96)])
+def test_transpose_copy_equals_torch_on_every_stride(dtype, R, C):
+    g = torch.Generator().manual_seed(R * C)
+    n = max(R, C)
+    base = (torch.randn(2 * n + 3, 2 * n + 5, generator=g) * 100).to(dtype)
+    sources = [base[:R, :C], base[:C, :R].t(), base[1:2 * R + 1:2, 3:3 + 2 * C:2], base[:R, :C].contiguous()]
+    for a in sources:
+        out = torch.ops.flamingo_rt_C.transpose_copy(a)
+        assert out.is_contiguous() and out.shape == (C, R) and out.dtype == dtype
+        assert torch.equal(out, a.t().contiguous())
+        assert torch.equal(cpu_gemm.transpose_rows(a.t()), a.t().contiguous())
+
+
+@needs_ext
+def test_transpose_copy_edges_and_errors():
+    tc = torch.ops.flamingo_rt_C.transpose_copy
+    assert tc(torch.empty(0, 5)).shape == (5, 0) and tc(torch.empty(4, 0)).shape == (0, 4)
+    with pytest.raises(RuntimeError, match=r"transpose_copy: expected a 2-D tensor, got 3 dims"):
+        tc(torch.zeros(2, 3, 4))
+    with pytest.raises(RuntimeError, match=r"expected 2-, 4- or 8-byte elements, got Byte"):
+        tc(torch.zeros(2, 3, dtype=torch.uint8))
+    torch.library.opcheck(tc, (torch.randn(37, 21).t(),))

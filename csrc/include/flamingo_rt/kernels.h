@@ -168,4 +168,5 @@ Status bias_gamma_act_backward_cuda(const BiasGammaActBackwardParams& p);
 
 #include "flamingo_rt/xattn.h"
 #include "flamingo_rt/small_linear.h"
+#include "flamingo_rt/transpose.h"
 #include "flamingo_rt/decode_attention.h"

@@ -233,3 +233,19 @@ def test_transpose_copy_edges_and_errors():
     with pytest.raises(RuntimeError, match=r"expected 2-, 4- or 8-byte elements, got Byte"):
         tc(torch.zeros(2, 3, dtype=torch.uint8))
     torch.library.opcheck(tc, (torch.randn(37, 21).t(),))
+
+
+@needs_onednn
+def test_tensor_subclasses_take_torchs_path():
+    """A subclass (here a minimal __torch_function__ one, as DTensor is one) never reaches
+    the oneDNN op, which subclasses have no rules for."""
+    class Tagged(torch.Tensor):
+        pass
+
+    a = torch.randn(32, 16).as_subclass(Tagged)
+    w = torch.randn(8, 16)
+    with cpu_gemm.use("onednn"):
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: linear(a, w))
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: cpu_gemm.mm(w, a.t()))
+        _close(linear(a, w).as_subclass(torch.Tensor), a.as_subclass(torch.Tensor).double() @ w.double().t())
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: linear(torch.nn.Parameter(a.as_subclass(torch.Tensor)), w))

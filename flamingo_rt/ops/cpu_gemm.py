@@ -102,8 +102,19 @@ def use(name: str) -> Iterator[None]:
         _OVERRIDE.pop()
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_tensor(t: Tensor) -> bool:
+    """A ``torch.Tensor`` or ``nn.Parameter`` itself, not a subclass."""
+    return type(t) in _PLAIN_TYPES
+
+
 def _eligible(a: Tensor, b: Tensor) -> bool:
-    """a (..., K) rows, b a 2-D weight-like operand: both float32 on the CPU, eager mode."""
+    """a (..., K) rows, b a 2-D weight-like operand: both plain float32 CPU tensors (not a
+    tensor subclass such as DTensor, which has no rule for the oneDNN op), eager mode."""
+    if not (plain_tensor(a) and plain_tensor(b)):
+        return False
     if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
     if a.shape[-1] == 0 or a.numel() == 0 or b.numel() == 0 or b.dim() != 2:

@@ -89,6 +89,8 @@ class _CpuLinear(torch.autograd.Function):
 def _cpu_gemm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
+    if not (cpu_gemm.plain_tensor(x) and cpu_gemm.plain_tensor(weight)):
+        return False  # a tensor subclass (DTensor, ...): F.linear, which it has rules for
     if bias is not None and bias.dtype != torch.float32:
         return False
     return _plain(x, weight) and cpu_gemm.onednn_active()

@@ -4,7 +4,8 @@
 // Checked: bias_gamma_act forward and backward (dx and dbias), float32, bfloat16, float64,
 // gelu / relu / silu, with and without bias, layouts NCHW, NHWC, a permuted padded
 // view and a stride-0 (expanded) input; outputs are poisoned with NaN first; dbias
-// must be bitwise identical across runs and thread counts. Exits non-zero on failure.
+// must be bitwise identical across runs and thread counts. transpose_2d_cpu bit for bit on
+// three source layouts. Exits non-zero on failure.
 #include "flamingo_rt/kernels.h"
 
 #include <cmath>
@@ -327,6 +328,61 @@ void test_errors() {
   std::printf("  error handling checks done\n");
 }
 
+// transpose_2d_cpu: dst (C, R) == src^T bit for bit, for 2/4/8-byte elements, a row-major,
+// a column-major and a padded strided source, odd and threaded sizes; then the errors.
+template <typename T>
+void check_transpose(std::mt19937_64& rng, int64_t R, int64_t C, int layout) {
+  // layout 0: row-major (R, C); 1: the transpose of a row-major (C, R); 2: every other
+  // element of a (2R, 2C + 3) row-major buffer.
+  const int64_t rows = layout == 2 ? 2 * R : R, cols = layout == 2 ? 2 * C + 3 : C;
+  std::vector<T> buf(size_t(rows * cols));
+  for (auto& v : buf) v = T(rng());
+  int64_t sr = C, sc = 1;
+  if (layout == 1) { sr = 1; sc = R; }
+  if (layout == 2) { sr = 2 * cols; sc = 2; }
+  std::vector<T> dst(size_t(R * C), T(0x5a));
+  flamingo_rt::Transpose2dParams p;
+  p.src = buf.data();
+  p.dst = dst.data();
+  p.R = R;
+  p.C = C;
+  p.src_stride_r = sr;
+  p.src_stride_c = sc;
+  p.elem_size = sizeof(T);
+  bool ok = flamingo_rt::transpose_2d_cpu(p) == Status::kOk;
+  for (int64_t r = 0; ok && r < R; ++r)
+    for (int64_t c = 0; c < C; ++c)
+      if (dst[size_t(c * R + r)] != buf[size_t(r * sr + c * sc)]) { ok = false; break; }
+  expect(ok, "transpose " + std::to_string(sizeof(T)) + "-byte " + std::to_string(R) + "x" +
+                 std::to_string(C) + " layout " + std::to_string(layout));
+}
+
+void test_transpose(std::mt19937_64& rng) {
+  const int64_t shapes[][2] = {{1, 1}, {7, 130}, {65, 63}, {300, 257}, {1024, 96}};
+  for (const auto& s : shapes)
+    for (int layout = 0; layout < 3; ++layout) {
+      check_transpose<uint16_t>(rng, s[0], s[1], layout);
+      check_transpose<uint32_t>(rng, s[0], s[1], layout);
+      check_transpose<uint64_t>(rng, s[0], s[1], layout);
+    }
+  flamingo_rt::Transpose2dParams p;
+  float a[2] = {0, 0};
+  p.src = a;
+  p.dst = a;
+  p.R = 1;
+  p.C = 2;
+  p.elem_size = 3;
+  expect(flamingo_rt::transpose_2d_cpu(p) == Status::kUnsupportedDtype, "transpose 3-byte -> kUnsupportedDtype");
+  p.elem_size = 4;
+  p.dst = nullptr;
+  expect(flamingo_rt::transpose_2d_cpu(p) == Status::kInvalidArgument, "transpose null dst -> kInvalidArgument");
+  p.R = 0;
+  expect(flamingo_rt::transpose_2d_cpu(p) == Status::kOk, "transpose of an empty matrix -> kOk");
+  p.R = -1;
+  expect(flamingo_rt::transpose_2d_cpu(p) == Status::kInvalidArgument, "transpose negative size -> kInvalidArgument");
+  std::printf("  transpose checks done\n");
+}
+
 }  // namespace
 
 int main() {
@@ -359,6 +415,7 @@ int main() {
         for (const auto& lay : layouts)
           for (int b = 0; b < 2; ++b) run_case(rng, dt, a, b == 1, sz, lay[0], lay[1]);
   test_errors();
+  test_transpose(rng);
 
   std::printf("kernels_cpu: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -249,3 +249,16 @@ def test_tensor_subclasses_take_torchs_path():
         assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: cpu_gemm.mm(w, a.t()))
         _close(linear(a, w).as_subclass(torch.Tensor), a.as_subclass(torch.Tensor).double() @ w.double().t())
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda: linear(torch.nn.Parameter(a.as_subclass(torch.Tensor)), w))
+
+
+def test_use_is_per_thread():
+    import threading
+
+    seen = {}
+    with cpu_gemm.use("torch"):
+        t = threading.Thread(target=lambda: seen.setdefault("other", cpu_gemm.policy()))
+        t.start()
+        t.join()
+        seen["this"] = cpu_gemm.policy()
+    assert seen["this"] == "torch"
+    assert seen["other"] == cpu_gemm.policy()  # the other thread saw the environment's policy

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import os
 import platform
+import threading
 from typing import Iterator, Optional
 
 import torch
@@ -37,7 +38,14 @@ from . import backend as _backend
 __all__ = ["POLICIES", "policy", "onednn_active", "use", "mm", "linear", "available", "transpose_rows"]
 
 POLICIES = ("auto", "onednn", "torch")
-_OVERRIDE: list = []
+_LOCAL = threading.local()  # .stack: the policies of the enclosing use() blocks, per thread
+
+
+def _stack() -> list:
+    st = getattr(_LOCAL, "stack", None)
+    if st is None:
+        st = _LOCAL.stack = []
+    return st
 
 
 def _cpu_vendor() -> str:
@@ -69,8 +77,9 @@ def _auto() -> bool:
 
 def policy() -> str:
     """The policy in force: the innermost :func:`use`, else ``FLAMINGO_RT_CPU_GEMM``, else auto."""
-    if _OVERRIDE:
-        return _OVERRIDE[-1]
+    st = _stack()
+    if st:
+        return st[-1]
     p = os.environ.get("FLAMINGO_RT_CPU_GEMM", "auto").strip().lower() or "auto"
     if p not in POLICIES:
         raise ValueError(f"FLAMINGO_RT_CPU_GEMM={p!r}: expected one of {POLICIES}")
@@ -92,14 +101,16 @@ def onednn_active() -> bool:
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
-    """``with use("onednn"): ...`` forces a policy (``auto``, ``onednn`` or ``torch``) in the block."""
+    """``with use("onednn"): ...`` forces a policy (``auto``, ``onednn`` or ``torch``) in the
+    block, on this thread (as ``torch.no_grad``; a CPU backward runs on the calling thread)."""
     if name not in POLICIES:
         raise ValueError(f"unknown CPU GEMM policy {name!r}; expected one of {POLICIES}")
-    _OVERRIDE.append(name)
+    st = _stack()
+    st.append(name)
     try:
         yield
     finally:
-        _OVERRIDE.pop()
+        st.pop()
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)

@@ -49,6 +49,21 @@ def test_mm_matches_float64_on_every_layout(policy, M, K, N):
         _close(out, a.double() @ b.double())
 
 
+@needs_onednn
+def test_mm_copies_a_large_transposed_operand_in_blocks(monkeypatch):
+    """A column-major a above BLOCK_BYTES is copied and multiplied a block of rows at a time
+    (here the block is shrunk to 10 rows of a (53, 40) a): same product, every row written."""
+    monkeypatch.setattr(cpu_gemm, "BLOCK_BYTES", 10 * 40 * 4)
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(40, 53, generator=g).t()
+    b = torch.randn(40, 31, generator=g)
+    with cpu_gemm.use("onednn"):
+        out = cpu_gemm.mm(a, b)
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: cpu_gemm.mm(a, b))
+    assert out.shape == (53, 31)
+    _close(out, a.double() @ b.double())
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_linear_matches_float64_with_bias_batch_dims_and_strides(policy):
     g = torch.Generator().manual_seed(3)

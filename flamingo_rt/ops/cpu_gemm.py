@@ -35,7 +35,8 @@ from torch import Tensor
 from .. import _ext
 from . import backend as _backend
 
-__all__ = ["POLICIES", "policy", "onednn_active", "use", "mm", "linear", "available", "transpose_rows"]
+__all__ = ["POLICIES", "policy", "onednn_active", "use", "mm", "linear", "available", "eligible", "plain_tensor",
+           "transpose_rows"]
 
 POLICIES = ("auto", "onednn", "torch")
 BLOCK_BYTES = 16 << 20  # the largest transposed copy mm makes at once
@@ -122,23 +123,27 @@ def plain_tensor(t: Tensor) -> bool:
     return type(t) in _PLAIN_TYPES
 
 
-def _eligible(a: Tensor, b: Tensor) -> bool:
-    """a (..., K) rows, b a 2-D weight-like operand: both plain float32 CPU tensors (not a
-    tensor subclass such as DTensor, which has no rule for the oneDNN op), eager mode."""
+def eligible(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """Whether oneDNN computes ``a`` (..., K) times the 2-D weight-like ``b`` (+ ``bias``) here:
+    eager mode (not compiling or exporting), plain float32 CPU tensors (not a tensor
+    subclass such as DTensor, which has no rule for the oneDNN op), a non-empty product,
+    and the policy in force picks oneDNN."""
+    if torch.compiler.is_compiling() or _backend.exporting():
+        return False
     if not (plain_tensor(a) and plain_tensor(b)):
         return False
     if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
-    if a.shape[-1] == 0 or a.numel() == 0 or b.numel() == 0 or b.dim() != 2:
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
         return False
-    if torch.compiler.is_compiling() or _backend.exporting():
+    if a.shape[-1] == 0 or a.numel() == 0 or b.numel() == 0 or b.dim() != 2:
         return False
     return onednn_active()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N) float32."""
-    if _eligible(x, weight) and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")):
+    if eligible(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -152,7 +157,7 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     of at most ``BLOCK_BYTES`` of ``a``'s rows when ``a`` is larger, each block's product
     written into its rows of the output: the copy never holds more than a block (a 2048-token
     FF's ``dh`` is 64 MiB in float32; the blocked product measured as fast as the whole)."""
-    if a.dim() != 2 or b.dim() != 2 or not _eligible(a, b):
+    if a.dim() != 2 or b.dim() != 2 or not eligible(a, b):
         return a @ b
     lp = torch.ops.mkldnn._linear_pointwise
     bt = b.t()

@@ -86,16 +86,6 @@ class _CpuLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def _cpu_gemm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if not (cpu_gemm.plain_tensor(x) and cpu_gemm.plain_tensor(weight)):
-        return False  # a tensor subclass (DTensor, ...): F.linear, which it has rules for
-    if bias is not None and bias.dtype != torch.float32:
-        return False
-    return _plain(x, weight) and cpu_gemm.onednn_active()
-
-
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N)."""
     if _small_ok(x, weight, bias):
@@ -104,7 +94,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
             x2 = x2.contiguous()
         y = torch.ops.flamingo_rt_C.small_linear(x2, weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
-    if not (torch.compiler.is_compiling() or _backend.exporting()) and _cpu_gemm_ok(x, weight, bias):
+    if cpu_gemm.eligible(x, weight, bias) and _plain(x, weight):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _CpuLinear.apply(x, weight, bias)

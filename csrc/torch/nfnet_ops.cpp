@@ -1,4 +1,5 @@
-// torch ops over the NFNet kernels (csrc/cpu/ws_standardize.cpp, csrc/cpu/se_residual.cpp):
+// torch ops over the NFNet kernels (csrc/cpu/ws_standardize.cpp, csrc/cpu/se_residual.cpp,
+// csrc/cpu/spatial_mean.cpp):
 //
 //   flamingo_rt_C::ws_standardize(Tensor weight, Tensor gain, float eps) -> Tensor
 //   flamingo_rt_C::ws_standardize_backward(Tensor grad_out, Tensor weight, Tensor gain,
@@ -7,11 +8,13 @@
 //                                          -> Tensor
 //   flamingo_rt_C::se_residual_backward(Tensor grad_out, Tensor x, Tensor gate_logits,
 //                                       Tensor scale) -> (Tensor, Tensor, Tensor)  # dx, dgate, dscale
+//   flamingo_rt_C::spatial_mean(Tensor x) -> Tensor  # (N, C) float32 (float64 for float64)
 //
 // ws_standardize: weight (O, ...) any layout (made contiguous: weights are small), gain with
 // O elements; outputs contiguous, gain gradient in gain's shape. se_residual: x, shortcut
 // (N, C, H, W) any strides, gate (N, C), scale one element; outputs dense in x's memory
-// format. CPU kernels here, CUDA (forward) in nfnet_cuda_ops.cpp; fakes in
+// format. spatial_mean: x (N, C, H, W) float32 / bfloat16 / float64, any strides, CPU only,
+// inference (no autograd). CPU kernels here, CUDA (forward) in nfnet_cuda_ops.cpp; fakes in
 // flamingo_rt/ops/_cpp_backends.py. No autograd here (flamingo_rt.ops.nfconv wires it).
 #include <torch/library.h>
 
@@ -101,6 +104,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> se_residual_backward_cpu_impl(
   return {dx, dgate, dscale};
 }
 
+constexpr const char* kSpatialMean = "flamingo_rt_C::spatial_mean";
+
+at::Tensor spatial_mean_cpu_impl(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, kSpatialMean, ": expected x of shape (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), kSpatialMean, ": expected a CPU tensor, got ", x.device());
+  const DType dt = nf_dtype(kSpatialMean, x, "CPU", /*allow_half=*/false);
+  at::Tensor out = at::empty({x.size(0), x.size(1)},
+                             x.options().dtype(dt == DType::kFloat64 ? at::kDouble : at::kFloat));
+  SpatialMeanParams p;
+  p.dtype = dt;
+  copy4(p.sizes, x.sizes());
+  p.x = x.data_ptr();
+  copy4(p.x_strides, x.strides());
+  p.out = out.data_ptr();
+  check_status(kSpatialMean, "CPU", spatial_mean_cpu(p));
+  return out;
+}
+
 }  // namespace
 }  // namespace torch_ops
 }  // namespace flamingo_rt
@@ -112,6 +133,7 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def("se_residual(Tensor x, Tensor gate_logits, Tensor shortcut, Tensor scale) -> Tensor");
   m.def("se_residual_backward(Tensor grad_out, Tensor x, Tensor gate_logits, Tensor scale) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("spatial_mean(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
@@ -119,4 +141,5 @@ TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("ws_standardize_backward", &flamingo_rt::torch_ops::ws_standardize_backward_cpu_impl);
   m.impl("se_residual", &flamingo_rt::torch_ops::se_residual_cpu_impl);
   m.impl("se_residual_backward", &flamingo_rt::torch_ops::se_residual_backward_cpu_impl);
+  m.impl("spatial_mean", &flamingo_rt::torch_ops::spatial_mean_cpu_impl);
 }

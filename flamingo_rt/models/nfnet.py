@@ -308,7 +308,7 @@ class SqueezeExcite(nn.Module):
         in x's dtype. The few pooled rows go through :func:`flamingo_rt.ops.linear.linear`
         (the C++ small-batch kernel on the CPU: the products stream the weights once)."""
         w1, b1, w2, b2 = self._fast_params()
-        pooled = x.mean(dim=(2, 3), dtype=w1.dtype)
+        pooled = _ops.spatial_mean(x)
         h = torch.relu(_linear(pooled, w1, b1))
         return _linear(h, w2, b2).to(x.dtype)
 

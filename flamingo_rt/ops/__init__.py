@@ -10,7 +10,7 @@ from .resampler import resampler_attention
 from .norm_project import norm_project
 from .feed_forward import feed_forward
 from .reference.xattn import media_index_from_locations
-from .nfconv import ws_standardize, bias_gamma_act, se_residual, ws_conv2d
+from .nfconv import ws_standardize, bias_gamma_act, se_residual, spatial_mean, ws_conv2d
 from . import flops as _flops
 
 _flops.register()
@@ -26,6 +26,7 @@ __all__ = [
     "ws_standardize",
     "bias_gamma_act",
     "se_residual",
+    "spatial_mean",
     "ws_conv2d",
 ]
 

@@ -167,6 +167,13 @@ def _register_nfnet_fakes() -> None:
     def _(grad_out, x, gate_logits, scale):
         return torch.empty_like(x, memory_format=_fmt(x)), x.new_empty(gate_logits.shape), scale.new_empty(scale.shape)
 
+    if hasattr(torch.ops.flamingo_rt_C, "spatial_mean"):
+        @torch.library.register_fake("flamingo_rt_C::spatial_mean")
+        def _(x):
+            torch._check(x.dim() == 4, lambda: f"spatial_mean: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+            return x.new_empty((x.shape[0], x.shape[1]),
+                               dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
 
 def _register_nfnet(devices) -> None:
     if not hasattr(torch.ops.flamingo_rt_C, "ws_standardize"):

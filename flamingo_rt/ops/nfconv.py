@@ -300,6 +300,40 @@ def se_residual(
     return _se_op(x, gate_logits, shortcut, scale, be)
 
 
+def spatial_mean(x: Tensor) -> Tensor:
+    """The squeeze of squeeze-excite: the mean of each (n, c) plane, in float32 (float64 for
+    float64 x), for inference.
+
+    On the CPU, when no gradient is needed and outside ``torch.compile`` / export, the C++
+    kernel ``flamingo_rt_C::spatial_mean`` reads x once (float32 accumulation; torch's
+    ``x.mean(dim=(2, 3), dtype=torch.float32)`` casts a bfloat16 x to a new float32 tensor
+    first); otherwise that torch expression.
+
+    Args:
+        x: (N, C, H, W) float32, bfloat16 or float64 (other float dtypes: torch), any strides.
+
+    Returns:
+        (N, C) float32 (float64 for float64 x).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point x, got {x.dtype}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float64)
+            and not (torch.is_grad_enabled() and x.requires_grad) and not _backend.exporting()
+            and not torch.compiler.is_compiling() and not _is_fake(x) and _spatial_mean_kernel()):
+        return torch.ops.flamingo_rt_C.spatial_mean(x)
+    return x.mean(dim=(2, 3), dtype=acc)
+
+
+@functools.lru_cache(maxsize=1)
+def _spatial_mean_kernel() -> bool:
+    from .. import _ext
+
+    return _ext.load() and hasattr(torch.ops.flamingo_rt_C, "spatial_mean")
+
+
 # --------------------------------------------------------------------------------------
 # triton backends (flamingo_rt.kernels.nfnet, imported on first use)
 # --------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@
 // gelu / relu / silu, with and without bias, layouts NCHW, NHWC, a permuted padded
 // view and a stride-0 (expanded) input; outputs are poisoned with NaN first; dbias
 // must be bitwise identical across runs and thread counts. transpose_2d_cpu bit for bit on
-// three source layouts. Exits non-zero on failure.
+// three source layouts; spatial_mean_cpu (NFNet squeeze) on channels-last and NCHW sources.
+// Exits non-zero on failure.
 #include "flamingo_rt/kernels.h"
+#include "flamingo_rt/nfnet.h"
 
 #include <cmath>
 #include <cstdio>
@@ -383,6 +385,53 @@ void test_transpose(std::mt19937_64& rng) {
   std::printf("  transpose checks done\n");
 }
 
+
+// spatial_mean_cpu: the float64 mean of each (n, c) plane within float32 rounding, for a
+// channels-last and an NCHW float32 source (odd and threaded sizes), NaN for H * W == 0,
+// and the errors.
+void test_spatial_mean(std::mt19937_64& rng) {
+  std::normal_distribution<float> nd(0.5f, 1.0f);
+  const int64_t shapes[][4] = {{2, 3, 5, 7}, {3, 130, 17, 19}, {1, 64, 1, 1}};
+  for (const auto& sz : shapes)
+    for (int cl = 0; cl < 2; ++cl) {
+      const int64_t N = sz[0], C = sz[1], H = sz[2], W = sz[3];
+      std::vector<float> x(size_t(N * C * H * W));
+      for (auto& v : x) v = nd(rng);
+      flamingo_rt::SpatialMeanParams p;
+      p.dtype = DType::kFloat32;
+      for (int d = 0; d < 4; ++d) p.sizes[d] = sz[d];
+      const int64_t st_cl[4] = {H * W * C, 1, W * C, C}, st_nchw[4] = {C * H * W, H * W, W, 1};
+      for (int d = 0; d < 4; ++d) p.x_strides[d] = cl ? st_cl[d] : st_nchw[d];
+      std::vector<float> out(size_t(N * C), -1.0f);
+      p.x = x.data();
+      p.out = out.data();
+      bool ok = flamingo_rt::spatial_mean_cpu(p) == Status::kOk;
+      for (int64_t n = 0; ok && n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          double want = 0.0;
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t w = 0; w < W; ++w)
+              want += x[size_t(n * p.x_strides[0] + c * p.x_strides[1] + h * p.x_strides[2] + w * p.x_strides[3])];
+          want /= double(H * W);
+          if (std::fabs(out[size_t(n * C + c)] - want) > 1e-5 * (1.0 + std::fabs(want))) { ok = false; break; }
+        }
+      expect(ok, "spatial_mean " + std::string(cl ? "channels-last " : "nchw ") + std::to_string(N) + "x" +
+                     std::to_string(C) + "x" + std::to_string(H) + "x" + std::to_string(W));
+    }
+  flamingo_rt::SpatialMeanParams p;
+  float out[2] = {0, 0};
+  p.sizes[0] = 1; p.sizes[1] = 2; p.sizes[2] = 0; p.sizes[3] = 3;
+  p.out = out;
+  expect(flamingo_rt::spatial_mean_cpu(p) == Status::kOk && std::isnan(out[0]) && std::isnan(out[1]),
+         "spatial_mean of empty planes -> NaN");
+  p.sizes[2] = 2;
+  expect(flamingo_rt::spatial_mean_cpu(p) == Status::kInvalidArgument, "spatial_mean null x -> kInvalidArgument");
+  p.dtype = DType::kFloat16;
+  p.x = out;
+  expect(flamingo_rt::spatial_mean_cpu(p) == Status::kUnsupportedDtype, "spatial_mean float16 -> kUnsupportedDtype");
+  std::printf("  spatial_mean checks done\n");
+}
+
 }  // namespace
 
 int main() {
@@ -416,6 +465,7 @@ int main() {
           for (int b = 0; b < 2; ++b) run_case(rng, dt, a, b == 1, sz, lay[0], lay[1]);
   test_errors();
   test_transpose(rng);
+  test_spatial_mean(rng);
 
   std::printf("kernels_cpu: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

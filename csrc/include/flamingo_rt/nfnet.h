@@ -1,5 +1,6 @@
 // flamingo_rt NFNet kernels (C++17, no torch): scaled weight standardization and the
-// squeeze-excite residual tail of a NormFree block, forward and backward.
+// squeeze-excite residual tail of a NormFree block, forward and backward; the squeeze
+// (spatial mean) of the frozen fast path.
 // Same conventions as kernels.h: one params struct of raw pointers, sizes and strides (in
 // elements), a dtype tag, a Status result; `stream` is a cudaStream_t for *_cuda.
 #pragma once
@@ -108,5 +109,24 @@ struct SeResidualBackwardParams {
 Status se_residual_cpu(const SeResidualParams& p);
 Status se_residual_backward_cpu(const SeResidualBackwardParams& p);
 Status se_residual_cuda(const SeResidualParams& p);  // forward only on CUDA
+
+// ---------------------------------------------------------------------------------
+// spatial_mean (the squeeze of squeeze-excite)
+//
+//   out[n, c] = mean over (h, w) of x[n, c, h, w]
+//
+// over a logical (N, C, H, W) tensor with element strides x_strides (as se_residual).
+// Accumulated in float32 (float64 for float64), in blocks of pixels whose sums are then
+// added, in one fixed order per (n, c): results do not depend on the thread count; out (N, C) dense, float32 for
+// float32 / bfloat16 x, float64 for float64. H * W == 0 gives NaN (0 / 0, as torch).
+struct SpatialMeanParams {
+  DType dtype = DType::kFloat32;  // of x
+  int64_t sizes[4] = {0, 0, 0, 0};
+  const void* x = nullptr;
+  int64_t x_strides[4] = {0, 0, 0, 0};
+  void* out = nullptr;  // (N, C) dense: float for kFloat32 / kBFloat16, double for kFloat64
+};
+
+Status spatial_mean_cpu(const SpatialMeanParams& p);
 
 }  // namespace flamingo_rt

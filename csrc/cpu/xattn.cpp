@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_math.h"
@@ -105,24 +106,27 @@ FRT_INLINE void vstore(A* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// C[r, 0:W] (+)= sum_k A[r, k] B[k, 0:W] for R rows; W a multiple of kVW; B rows readable
-// to W. R x (kVW / lanes) accumulator vectors stay in registers across the k loop.
-template <typename A, int R, int VB>
-FRT_INLINE void mk_rows(const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
-                         int64_t K, int64_t W, bool accumulate) {
+// C[r, 0:W] (+)= sum_k A[r, k] B[k, 0:W] for R rows, A[r, k] at a[r * lda + k * ak]; W a
+// multiple of CW (the column block); B rows readable to W. R x (CW / lanes) accumulator
+// vectors stay in registers across the k loop.
+template <typename A, int R, int VB, int CW>
+FRT_INLINE void mk_rows(const A* a, int64_t lda, int64_t ak, const A* b, int64_t ldb, A* c,
+                         int64_t ldc, int64_t K, int64_t W, bool accumulate) {
   using V = typename VecOf<A, VB>::type;
   constexpr int L = VB / int(sizeof(A));  // lanes per vector
-  constexpr int NV = int(kVW) / L;        // vectors per row of a column block
-  for (int64_t j0 = 0; j0 < W; j0 += kVW) {
+  constexpr int NV = CW / L;              // vectors per row of a column block
+  static_assert(NV >= 1 && NV * L == CW, "column block: a whole number of vectors");
+  for (int64_t j0 = 0; j0 < W; j0 += CW) {
     V s[R][NV];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < NV; ++u) s[r][u] = accumulate ? vload<V>(c + r * ldc + j0 + u * L) : V{};
     const A* bk = b + j0;
-    for (int64_t k = 0; k < K; ++k, bk += ldb) {
+    const A* ak0 = a;
+    for (int64_t k = 0; k < K; ++k, bk += ldb, ak0 += ak) {
       V bv[NV];
       for (int u = 0; u < NV; ++u) bv[u] = vload<V>(bk + u * L);
       for (int r = 0; r < R; ++r) {
-        const A ar = a[r * lda + k];
+        const A ar = ak0[r * lda];
         for (int u = 0; u < NV; ++u) s[r][u] += ar * bv[u];
       }
     }
@@ -132,31 +136,41 @@ FRT_INLINE void mk_rows(const A* a, int64_t lda, const A* b, int64_t ldb, A* c, 
 }
 
 // Row blocks as large as the register file allows: R x NV accumulators + NV for B + 1.
-template <typename A, int VB>
-FRT_INLINE void gemm_vb(int64_t rows, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
-                         int64_t ldc, int64_t K, int64_t W, bool accumulate) {
-  constexpr int NV = int(kVW) / (VB / int(sizeof(A)));
+template <typename A, int VB, int CW>
+FRT_INLINE void gemm_vb(int64_t rows, const A* a, int64_t lda, int64_t ak, const A* b, int64_t ldb,
+                         A* c, int64_t ldc, int64_t K, int64_t W, bool accumulate) {
+  constexpr int L = VB / int(sizeof(A));
+  constexpr int CWV = CW < L ? L : CW;  // a column block of at least one vector
+  constexpr int NV = CWV / L;
   constexpr int kRegs = VB == 64 ? 32 : 16;
   constexpr int RB0 = (kRegs - 1 - NV) / NV;
   constexpr int RB = RB0 > 8 ? 8 : (RB0 < 1 ? 1 : RB0);
   constexpr int RH = RB / 2 > 0 ? RB / 2 : 1;
   int64_t r = 0;
   for (; r + RB <= rows; r += RB)
-    mk_rows<A, RB, VB>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+    mk_rows<A, RB, VB, CWV>(a + r * lda, lda, ak, b, ldb, c + r * ldc, ldc, K, W, accumulate);
   for (; r + RH <= rows; r += RH)
-    mk_rows<A, RH, VB>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
-  for (; r < rows; ++r) mk_rows<A, 1, VB>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+    mk_rows<A, RH, VB, CWV>(a + r * lda, lda, ak, b, ldb, c + r * ldc, ldc, K, W, accumulate);
+  for (; r < rows; ++r) mk_rows<A, 1, VB, CWV>(a + r * lda, lda, ak, b, ldb, c + r * ldc, ldc, K, W, accumulate);
 }
 
-// C (rows x W) (+)= A (rows x K) B (K x W).
+// C (rows x W) (+)= A (rows x K, A[r, k] at a[r * lda + k * ak]) B (K x W); W a multiple of
+// CW (16, 32 or 64) and of the vector width.
+template <typename A, int CW = int(kVW)>
+FRT_INLINE void gemm_ak(int64_t rows, const A* a, int64_t lda, int64_t ak, const A* b, int64_t ldb,
+                         A* c, int64_t ldc, int64_t K, int64_t W, bool accumulate) {
+  switch (vector_bytes()) {
+    case 64: gemm_vb<A, 64, CW>(rows, a, lda, ak, b, ldb, c, ldc, K, W, accumulate); break;
+    case 32: gemm_vb<A, 32, CW>(rows, a, lda, ak, b, ldb, c, ldc, K, W, accumulate); break;
+    default: gemm_vb<A, 16, CW>(rows, a, lda, ak, b, ldb, c, ldc, K, W, accumulate); break;
+  }
+}
+
+// C (rows x W) (+)= A (rows x K, row-major) B (K x W).
 template <typename A>
 FRT_INLINE void gemm(int64_t rows, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
                       int64_t ldc, int64_t K, int64_t W, bool accumulate) {
-  switch (vector_bytes()) {
-    case 64: gemm_vb<A, 64>(rows, a, lda, b, ldb, c, ldc, K, W, accumulate); break;
-    case 32: gemm_vb<A, 32>(rows, a, lda, b, ldb, c, ldc, K, W, accumulate); break;
-    default: gemm_vb<A, 16>(rows, a, lda, b, ldb, c, ldc, K, W, accumulate); break;
-  }
+  gemm_ak<A>(rows, a, lda, 1, b, ldb, c, ldc, K, W, accumulate);
 }
 
 struct Seg {
@@ -186,11 +200,12 @@ struct Ctx {
 template <class L>
 struct Scratch {
   using Acc = typename L::Acc;
-  std::vector<Acc> qs, go, o, s, dp, kt, kr, vr, vt, pt, dst, dk, dv, m, l, lse, d;
+  std::vector<Acc> qs, qt, st, go, o, s, dp, kt, kr, vr, vt, pt, dst, dk, dv, m, l, lse, d;
   void init(const Ctx& c) {
     const size_t tbd = size_t(kTB * c.Dp), tbn = size_t(kTB * c.Np);
     const size_t dn = size_t(c.dh * c.Np), nd = size_t(c.N * c.Dp), ntb = size_t(c.N * kTB);
-    qs.assign(tbd, 0); go.assign(tbd, 0); o.assign(tbd, 0);
+    qs.assign(tbd, 0); qt.assign(tbd, 0); go.assign(tbd, 0); o.assign(tbd, 0);
+    st.assign(size_t(c.Np * kTB), 0);
     s.assign(tbn, 0); dp.assign(tbn, 0);
     kt.assign(dn, 0); vt.assign(dn, 0); kr.assign(nd, 0); vr.assign(nd, 0);
     pt.assign(ntb, 0); dst.assign(ntb, 0); dk.assign(nd, 0); dv.assign(nd, 0);
@@ -266,7 +281,12 @@ FRT_INLINE void load_image(const Ctx& c, const void* src, const int64_t* st, con
     const int64_t es = head ? st[4] : st2[4];
     if (rowm) {
       Acc* d = rowm + n * c.Dp;
-      for (int64_t i = 0; i < c.dh; ++i) d[i] = Acc(L::load(row[i * es]));
+      if (es == 1) {
+        FRT_SIMD
+        for (int64_t i = 0; i < c.dh; ++i) d[i] = Acc(L::load(row[i]));
+      } else {
+        for (int64_t i = 0; i < c.dh; ++i) d[i] = Acc(L::load(row[i * es]));
+      }
       for (int64_t i = c.dh; i < c.Dp; ++i) d[i] = Acc(0);
     }
     if (tr)
@@ -277,54 +297,144 @@ FRT_INLINE void load_image(const Ctx& c, const void* src, const int64_t* st, con
       for (int64_t n = c.N; n < c.Np; ++n) tr[i * c.Np + n] = Acc(0);
 }
 
-// Forward of one block of `rows` queries (already in s.qs, scaled) against images
-// [j_lo, j_hi]: s.o = normalized output, s.lse = log-sum-exp of the scaled scores.
-// `loaded` caches which image s.kt / s.vr hold (-1: none).
+// Keys or values of image j as (at most two) runs of rows for the products: rows [0, N1)
+// and [N1, N) (the n_tail source). Read in place when they are already the accumulation
+// type with unit element stride (and, when `full_width`, dh is a multiple of kVW: a product
+// then reads whole column blocks of each row); else converted into `scratch` (N x Dp,
+// zero-padded) as one run.
+template <class L>
+struct ImageRows {
+  const typename L::Acc* p[2] = {nullptr, nullptr};
+  int64_t ld[2] = {0, 0}, n[2] = {0, 0};
+};
+
+template <class L>
+FRT_INLINE ImageRows<L> image_rows(const Ctx& c, const void* src, const int64_t* st, const void* src2,
+                                   const int64_t* st2, int64_t b, int64_t j, int64_t h, bool full_width,
+                                   typename L::Acc* scratch) {
+  using T = typename L::T;
+  using Acc = typename L::Acc;
+  ImageRows<L> r;
+  if constexpr (std::is_same<T, Acc>::value) {
+    const bool direct = (!full_width || c.dh == c.Dp) && (c.N1 == 0 || st[4] == 1) &&
+                        (c.N1 == c.N || st2[4] == 1);
+    if (direct) {
+      if (c.N1 > 0) {
+        r.p[0] = cptr<L>(src) + b * st[0] + j * st[1] + h * st[3];
+        r.ld[0] = st[2];
+        r.n[0] = c.N1;
+      }
+      if (c.N1 < c.N) {
+        r.p[1] = cptr<L>(src2) + b * st2[0] + j * st2[1] + h * st2[3];
+        r.ld[1] = st2[2];
+        r.n[1] = c.N - c.N1;
+      }
+      return r;
+    }
+  }
+  load_image<L>(c, src, st, src2, st2, b, j, h, scratch, nullptr);
+  r.p[0] = scratch;
+  r.ld[0] = c.Dp;
+  r.n[0] = c.N;
+  return r;
+}
+
+// rows x dh of a (B, T, H, dh) tensor, times mul, transposed: dst[i * kTB + r]; columns
+// r >= rows are zero.
+template <class L>
+FRT_INLINE void load_rows_t(const Ctx& c, const void* src, const int64_t* st, int64_t b, int64_t t0,
+                             int64_t rows, int64_t h, typename L::Acc mul, typename L::Acc* dst) {
+  using Acc = typename L::Acc;
+  const typename L::T* base = cptr<L>(src) + b * st[0] + h * st[2];
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename L::T* row = base + (t0 + r) * st[1];
+    for (int64_t i = 0; i < c.dh; ++i) dst[i * kTB + r] = Acc(L::load(row[i * st[3]])) * mul;
+  }
+  for (int64_t i = 0; i < c.dh; ++i)
+    for (int64_t r = rows; r < kTB; ++r) dst[i * kTB + r] = Acc(0);
+}
+
+// O (rows x Dp) += P (rows x n, stored transposed: pt[k * kTB + r]) V (n x Dp, row stride ldv),
+// with the widest column block that divides Dp.
+template <class A>
+FRT_INLINE void pv_product(int64_t rows, const A* pt, const A* v, int64_t ldv, A* o, int64_t Dp, int64_t n) {
+  if (Dp % 64 == 0)
+    gemm_ak<A, 64>(rows, pt, 1, kTB, v, ldv, o, Dp, n, Dp, true);
+  else if (Dp % 32 == 0)
+    gemm_ak<A, 32>(rows, pt, 1, kTB, v, ldv, o, Dp, n, Dp, true);
+  else
+    gemm_ak<A, 16>(rows, pt, 1, kTB, v, ldv, o, Dp, n, Dp, true);
+}
+
+// Forward of one block of `rows` queries (in s.qt, scaled, transposed: dh x kTB) against
+// images [j_lo, j_hi]: s.o = normalized output, s.lse = log-sum-exp of the scaled scores.
+// The scores are computed transposed, S^T = K (scale q)^T (N x kTB), so the keys are read
+// as rows (in place for float32 / float64) and the softmax reductions over the keys run
+// down the columns: one vector of queries at a time, no horizontal reductions. Online
+// softmax across images (all_previous mode). `loaded` caches which image s.kr / s.vr hold.
 template <class L>
 FRT_INLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, int64_t rows,
-                              int64_t j_lo, int64_t j_hi, int64_t& loaded) {
+                              int64_t j_lo, int64_t j_hi, int64_t& loaded, ImageRows<L>& kr,
+                              ImageRows<L>& vr) {
   using Acc = typename L::Acc;
   const Acc ninf = -std::numeric_limits<Acc>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    s.m[r] = ninf;
-    s.l[r] = Acc(0);
+  Acc* m = s.m.data();
+  Acc* l = s.l.data();
+  Acc* mx = s.lse.data();  // this image's running max, then lse at the end
+  Acc* sum = s.d.data();
+  for (int64_t r = 0; r < kTB; ++r) {
+    m[r] = ninf;
+    l[r] = Acc(0);
   }
   std::fill(s.o.begin(), s.o.begin() + rows * c.Dp, Acc(0));
+  Acc* st = s.st.data();
   for (int64_t j = j_lo; j <= j_hi; ++j) {
     if (loaded != j) {
-      load_image<L>(c, c.k, c.ks, c.k2, c.ks2, b, j, h, nullptr, s.kt.data());
-      load_image<L>(c, c.v, c.vs, c.v2, c.vs2, b, j, h, s.vr.data(), nullptr);
+      kr = image_rows<L>(c, c.k, c.ks, c.k2, c.ks2, b, j, h, false, s.kr.data());
+      vr = image_rows<L>(c, c.v, c.vs, c.v2, c.vs2, b, j, h, true, s.vr.data());
       loaded = j;
     }
-    gemm<Acc>(rows, s.qs.data(), c.Dp, s.kt.data(), c.Np, s.s.data(), c.Np, c.dh, c.Np, false);
-    for (int64_t r = 0; r < rows; ++r) {
-      Acc* sr = s.s.data() + r * c.Np;
-      Acc mx = s.m[r];
-      FRT_SIMD_RED(max : mx)
-      for (int64_t n = 0; n < c.N; ++n) mx = sr[n] > mx ? sr[n] : mx;
-      Acc sum = Acc(0);
-      FRT_SIMD_RED(+ : sum)
-      for (int64_t n = 0; n < c.N; ++n) {
-        const Acc e = exp_f32(sr[n] - mx);
-        sr[n] = e;
-        sum += e;
+    for (int part = 0, n0 = 0; part < 2; n0 += kr.n[part], ++part)
+      if (kr.n[part] > 0)
+        gemm_ak<Acc, int(kTB)>(kr.n[part], kr.p[part], kr.ld[part], 1, s.qt.data(), kTB,
+                               st + n0 * kTB, kTB, c.dh, kTB, false);
+    for (int64_t r = 0; r < kTB; ++r) {
+      mx[r] = m[r];
+      sum[r] = Acc(0);
+    }
+    for (int64_t n = 0; n < c.N; ++n) {
+      const Acc* sr = st + n * kTB;
+      FRT_SIMD
+      for (int64_t r = 0; r < kTB; ++r) mx[r] = sr[r] > mx[r] ? sr[r] : mx[r];
+    }
+    for (int64_t n = 0; n < c.N; ++n) {
+      Acc* sr = st + n * kTB;
+      FRT_SIMD
+      for (int64_t r = 0; r < kTB; ++r) {
+        const Acc e = exp_f32(sr[r] - mx[r]);
+        sr[r] = e;
+        sum[r] += e;
       }
-      if (s.m[r] != mx) {  // rescale what earlier images contributed
-        const Acc alpha = s.m[r] == ninf ? Acc(0) : exp_f32(s.m[r] - mx);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (m[r] != mx[r]) {  // rescale what earlier images contributed
+        const Acc alpha = m[r] == ninf ? Acc(0) : exp_f32(m[r] - mx[r]);
         Acc* orow = s.o.data() + r * c.Dp;
         for (int64_t i = 0; i < c.Dp; ++i) orow[i] *= alpha;
-        s.l[r] *= alpha;
-        s.m[r] = mx;
+        l[r] *= alpha;
+        m[r] = mx[r];
       }
-      s.l[r] += sum;
+      l[r] += sum[r];
     }
-    gemm<Acc>(rows, s.s.data(), c.Np, s.vr.data(), c.Dp, s.o.data(), c.Dp, c.N, c.Dp, true);
+    for (int part = 0, n0 = 0; part < 2; n0 += vr.n[part], ++part)
+      if (vr.n[part] > 0)
+        pv_product<Acc>(rows, st + n0 * kTB, vr.p[part], vr.ld[part], s.o.data(), c.Dp, vr.n[part]);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const Acc inv = Acc(1) / s.l[r];
+    const Acc inv = Acc(1) / l[r];
     Acc* orow = s.o.data() + r * c.Dp;
     for (int64_t i = 0; i < c.Dp; ++i) orow[i] *= inv;
-    s.lse[r] = s.m[r] + log_acc(s.l[r]);
+    s.lse[r] = m[r] + log_acc(l[r]);
   }
 }
 
@@ -339,10 +449,11 @@ FRT_INLINE void fwd_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>& s) 
   }
   const int64_t j_lo = c.allprev ? 0 : sg.idx;
   int64_t loaded = -1;
+  ImageRows<L> kr, vr;
   for (int64_t t0 = sg.t0; t0 < sg.t0 + sg.len; t0 += kTB) {
     const int64_t rows = std::min(kTB, sg.t0 + sg.len - t0);
-    load_rows<L>(c, c.q, c.qs, sg.b, t0, rows, h, Acc(c.scale), s.qs.data());
-    attend_block<L>(c, s, sg.b, h, rows, j_lo, sg.idx, loaded);
+    load_rows_t<L>(c, c.q, c.qs, sg.b, t0, rows, h, Acc(c.scale), s.qt.data());
+    attend_block<L>(c, s, sg.b, h, rows, j_lo, sg.idx, loaded, kr, vr);
     store_rows<L>(c, c.out, c.os, sg.b, t0, rows, h, s.o.data(), nullptr);
   }
 }

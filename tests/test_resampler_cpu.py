@@ -64,6 +64,27 @@ def test_against_float64_reference(case, dtype, noncontig):
             assert rel_err(g, w) <= 3 * rel_err(bg, w) + 4e-3
 
 
+@pytest.mark.parametrize("strided", ["keys", "values", "latents"])
+def test_mixed_layouts_some_read_in_place_some_copied(strided):
+    """float32 keys / values / latent rows with a unit element stride are read in place; one
+    tensor with a non-unit element stride (here a transposed (dh, H) pair) is copied: the
+    products then see runs of rows split differently for keys and values."""
+    torch.manual_seed(3)
+    n, L, S, H, dh = 3, 40, 70, 2, 64
+    xs = [torch.randn(n, L, H, dh) * 2] + [torch.randn(n, r, H, dh) for r in (S, S, L, L)]
+    pick = {"keys": 1, "values": 2, "latents": 4}[strided]
+    xs[pick] = xs[pick].transpose(2, 3).contiguous().transpose(2, 3)
+    assert xs[pick].stride(3) != 1
+    xs = [t.requires_grad_() for t in xs]
+    out = resampler_attention(*xs, backend="cpu")
+    go = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, xs, go)
+    d = [t.detach().double() for t in xs]
+    assert rel_err(out, ref.resampler_attention(*d)) < 2e-6
+    for g, w in zip(grads, ref.resampler_attention_backward(go.double(), *d)):
+        assert rel_err(g, w) < 1e-5
+
+
 def test_gradcheck_cpu_backend_and_auto_picks_it():
     from flamingo_rt.ops import backend as be
 

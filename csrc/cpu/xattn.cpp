@@ -200,15 +200,15 @@ struct Ctx {
 template <class L>
 struct Scratch {
   using Acc = typename L::Acc;
-  std::vector<Acc> qs, qt, st, go, o, s, dp, kt, kr, vr, vt, pt, dst, dk, dv, m, l, lse, d;
+  std::vector<Acc> qs, qt, gt, st, dpt, go, o, s, dp, kt, kr, vr, vt, dk, dv, m, l, lse, d;
   void init(const Ctx& c) {
     const size_t tbd = size_t(kTB * c.Dp), tbn = size_t(kTB * c.Np);
-    const size_t dn = size_t(c.dh * c.Np), nd = size_t(c.N * c.Dp), ntb = size_t(c.N * kTB);
-    qs.assign(tbd, 0); qt.assign(tbd, 0); go.assign(tbd, 0); o.assign(tbd, 0);
-    st.assign(size_t(c.Np * kTB), 0);
+    const size_t dn = size_t(c.dh * c.Np), nd = size_t(c.N * c.Dp);
+    qs.assign(tbd, 0); qt.assign(tbd, 0); gt.assign(tbd, 0); go.assign(tbd, 0); o.assign(tbd, 0);
+    st.assign(size_t(c.Np * kTB), 0); dpt.assign(size_t(c.Np * kTB), 0);
     s.assign(tbn, 0); dp.assign(tbn, 0);
     kt.assign(dn, 0); vt.assign(dn, 0); kr.assign(nd, 0); vr.assign(nd, 0);
-    pt.assign(ntb, 0); dst.assign(ntb, 0); dk.assign(nd, 0); dv.assign(nd, 0);
+    dk.assign(nd, 0); dv.assign(nd, 0);
     m.assign(kTB, 0); l.assign(kTB, 0); lse.assign(kTB, 0); d.assign(kTB, 0);
   }
 };
@@ -311,12 +311,12 @@ struct ImageRows {
 template <class L>
 FRT_INLINE ImageRows<L> image_rows(const Ctx& c, const void* src, const int64_t* st, const void* src2,
                                    const int64_t* st2, int64_t b, int64_t j, int64_t h, bool full_width,
-                                   typename L::Acc* scratch) {
+                                   typename L::Acc* scratch, bool copy = false) {
   using T = typename L::T;
   using Acc = typename L::Acc;
   ImageRows<L> r;
   if constexpr (std::is_same<T, Acc>::value) {
-    const bool direct = (!full_width || c.dh == c.Dp) && (c.N1 == 0 || st[4] == 1) &&
+    const bool direct = !copy && (!full_width || c.dh == c.Dp) && (c.N1 == 0 || st[4] == 1) &&
                         (c.N1 == c.N || st2[4] == 1);
     if (direct) {
       if (c.N1 > 0) {
@@ -575,7 +575,33 @@ FRT_INLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>
   }
 }
 
-// dK_j, dV_j of image j (and, image-causal mode, dq of the tokens of image j).
+// rows x Dp row-major scratch -> its transpose dst (Dp x kTB); columns r >= rows are zero.
+template <class A>
+FRT_INLINE void transpose_block(const A* src, int64_t Dp, int64_t dh, int64_t rows, A* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dh; ++i) dst[i * kTB + r] = src[r * Dp + i];
+  for (int64_t i = 0; i < dh; ++i)
+    for (int64_t r = rows; r < kTB; ++r) dst[i * kTB + r] = A(0);
+}
+
+// dV += P^T dO-style products: C (n x Dp) += A (n x rows, row stride kTB) B (rows x Dp), with
+// the widest column block that divides Dp.
+template <class A>
+FRT_INLINE void nt_product(int64_t n, const A* a, const A* b, A* c, int64_t Dp, int64_t rows) {
+  if (Dp % 64 == 0)
+    gemm_ak<A, 64>(n, a, kTB, 1, b, Dp, c, Dp, rows, Dp, true);
+  else if (Dp % 32 == 0)
+    gemm_ak<A, 32>(n, a, kTB, 1, b, Dp, c, Dp, rows, Dp, true);
+  else
+    gemm_ak<A, 16>(n, a, kTB, 1, b, Dp, c, Dp, rows, Dp, true);
+}
+
+// dK_j, dV_j of image j (and, image-causal mode, dq of the tokens of image j). Transposed
+// layout as the forward: per block of kTB queries, S^T = K_j (scale q)^T and dP^T = V_j dO^T
+// (N x kTB, keys and values read as rows, in place for float32 / float64), P^T and
+// dS^T = P^T (dP^T - D) computed down the columns (vectorized over queries); then
+// dV += P^T dO and dK += dS^T (scale q) (the N x kTB blocks as A), and dq = scale dS K_j (A:
+// dS^T read along its columns). No transposed copy of an N x kTB block.
 template <class L>
 FRT_INLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64_t b, int64_t j,
                                 int64_t h, Scratch<L>& s) {
@@ -584,67 +610,98 @@ FRT_INLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64
   std::fill(s.dk.begin(), s.dk.begin() + nd, Acc(0));
   std::fill(s.dv.begin(), s.dv.begin() + nd, Acc(0));
   bool loaded = false;
+  ImageRows<L> kr, vr;
+  Acc* st = s.st.data();    // S^T, then P^T
+  Acc* dpt = s.dpt.data();  // dP^T, then dS^T
+  Acc* mx = s.lse.data();
+  Acc* sum = s.l.data();
+  Acc* dd = s.d.data();
   for (const Seg& sg : segs) {
     if (sg.b != b || sg.idx < 0) continue;
     if (c.allprev ? sg.idx < j : sg.idx != j) continue;
-    if (!loaded) {
-      load_image<L>(c, c.k, c.ks, c.k2, c.ks2, b, j, h, c.allprev ? nullptr : s.kr.data(), s.kt.data());
-      load_image<L>(c, c.v, c.vs, c.v2, c.vs2, b, j, h, nullptr, s.vt.data());
+    if (!loaded) {  // copied (dense rows: the backward passes over them several times)
+      kr = image_rows<L>(c, c.k, c.ks, c.k2, c.ks2, b, j, h, true, s.kr.data(), true);
+      vr = image_rows<L>(c, c.v, c.vs, c.v2, c.vs2, b, j, h, true, s.vr.data(), true);
       loaded = true;
     }
     for (int64_t t0 = sg.t0; t0 < sg.t0 + sg.len; t0 += kTB) {
       const int64_t rows = std::min(kTB, sg.t0 + sg.len - t0);
       load_rows<L>(c, c.q, c.qs, b, t0, rows, h, Acc(c.scale), s.qs.data());
       load_rows<L>(c, c.go, c.gos, b, t0, rows, h, Acc(1), s.go.data());
-      gemm<Acc>(rows, s.qs.data(), c.Dp, s.kt.data(), c.Np, s.s.data(), c.Np, c.dh, c.Np, false);
-      gemm<Acc>(rows, s.go.data(), c.Dp, s.vt.data(), c.Np, s.dp.data(), c.Np, c.dh, c.Np, false);
-      const int64_t so = (b * c.H + h) * c.T + t0;
-      for (int64_t r = 0; r < rows; ++r) {
-        Acc* sr = s.s.data() + r * c.Np;  // becomes P
-        Acc* dpr = s.dp.data() + r * c.Np;  // becomes dS
-        Acc lse, d;
-        if (c.allprev) {
+      transpose_block<Acc>(s.qs.data(), c.Dp, c.dh, rows, s.qt.data());
+      transpose_block<Acc>(s.go.data(), c.Dp, c.dh, rows, s.gt.data());
+      // (keys and values may be split differently: one read in place, the other copied)
+      for (int part = 0, n0 = 0; part < 2; n0 += kr.n[part], ++part)
+        if (kr.n[part] > 0)
+          gemm_ak<Acc, int(kTB)>(kr.n[part], kr.p[part], kr.ld[part], 1, s.qt.data(), kTB,
+                                 st + n0 * kTB, kTB, c.dh, kTB, false);
+      for (int part = 0, n0 = 0; part < 2; n0 += vr.n[part], ++part)
+        if (vr.n[part] > 0)
+          gemm_ak<Acc, int(kTB)>(vr.n[part], vr.p[part], vr.ld[part], 1, s.gt.data(), kTB,
+                                 dpt + n0 * kTB, kTB, c.dh, kTB, false);
+      if (c.allprev) {
+        const int64_t so = (b * c.H + h) * c.T + t0;
+        for (int64_t r = 0; r < kTB; ++r) {
           if constexpr (sizeof(Acc) == 8) {
-            lse = c.lse64[so + r];
-            d = c.d64[so + r];
+            mx[r] = r < rows ? c.lse64[so + r] : Acc(0);
+            dd[r] = r < rows ? c.d64[so + r] : Acc(0);
           } else {
-            lse = c.lse32[so + r];
-            d = c.d32[so + r];
-          }
-          FRT_SIMD
-          for (int64_t n = 0; n < c.N; ++n) sr[n] = exp_f32(sr[n] - lse);
-        } else {
-          Acc mx = sr[0];
-          FRT_SIMD_RED(max : mx)
-          for (int64_t n = 1; n < c.N; ++n) mx = sr[n] > mx ? sr[n] : mx;
-          Acc sum = Acc(0);
-          FRT_SIMD_RED(+ : sum)
-          for (int64_t n = 0; n < c.N; ++n) {
-            const Acc e = exp_f32(sr[n] - mx);
-            sr[n] = e;
-            sum += e;
-          }
-          const Acc inv = Acc(1) / sum;
-          d = Acc(0);
-          FRT_SIMD_RED(+ : d)
-          for (int64_t n = 0; n < c.N; ++n) {
-            sr[n] *= inv;
-            d += sr[n] * dpr[n];
+            mx[r] = r < rows ? c.lse32[so + r] : Acc(0);
+            dd[r] = r < rows ? c.d32[so + r] : Acc(0);
           }
         }
-        for (int64_t n = 0; n < c.N; ++n) dpr[n] = sr[n] * (dpr[n] - d);
-        for (int64_t n = 0; n < c.N; ++n) {  // transposes for the dK / dV products
-          s.pt[n * kTB + r] = sr[n];
-          s.dst[n * kTB + r] = dpr[n];
+        for (int64_t n = 0; n < c.N; ++n) {
+          Acc* sr = st + n * kTB;
+          FRT_SIMD
+          for (int64_t r = 0; r < kTB; ++r) sr[r] = exp_f32(sr[r] - mx[r]);
+        }
+      } else {
+        for (int64_t r = 0; r < kTB; ++r) {
+          mx[r] = st[r];
+          sum[r] = Acc(0);
+          dd[r] = Acc(0);
+        }
+        for (int64_t n = 1; n < c.N; ++n) {
+          const Acc* sr = st + n * kTB;
+          FRT_SIMD
+          for (int64_t r = 0; r < kTB; ++r) mx[r] = sr[r] > mx[r] ? sr[r] : mx[r];
+        }
+        for (int64_t n = 0; n < c.N; ++n) {
+          Acc* sr = st + n * kTB;
+          FRT_SIMD
+          for (int64_t r = 0; r < kTB; ++r) {
+            const Acc e = exp_f32(sr[r] - mx[r]);
+            sr[r] = e;
+            sum[r] += e;
+          }
+        }
+        for (int64_t r = 0; r < kTB; ++r) sum[r] = Acc(1) / sum[r];
+        for (int64_t n = 0; n < c.N; ++n) {
+          Acc* sr = st + n * kTB;
+          const Acc* dr = dpt + n * kTB;
+          FRT_SIMD
+          for (int64_t r = 0; r < kTB; ++r) {
+            sr[r] *= sum[r];
+            dd[r] += sr[r] * dr[r];
+          }
         }
       }
-      if (!c.allprev) {
-        gemm<Acc>(rows, s.dp.data(), c.Np, s.kr.data(), c.Dp, s.o.data(), c.Dp, c.N, c.Dp, false);
+      for (int64_t n = 0; n < c.N; ++n) {  // dS^T = P^T (dP^T - D)
+        const Acc* sr = st + n * kTB;
+        Acc* dr = dpt + n * kTB;
+        FRT_SIMD
+        for (int64_t r = 0; r < kTB; ++r) dr[r] = sr[r] * (dr[r] - dd[r]);
+      }
+      if (!c.allprev) {  // dq = scale dS K_j
+        std::fill(s.o.begin(), s.o.begin() + rows * c.Dp, Acc(0));
+        for (int part = 0, n0 = 0; part < 2; n0 += kr.n[part], ++part)
+          if (kr.n[part] > 0)
+            pv_product<Acc>(rows, dpt + n0 * kTB, kr.p[part], kr.ld[part], s.o.data(), c.Dp, kr.n[part]);
         for (int64_t r = 0; r < rows; ++r) s.m[r] = Acc(c.scale);
         store_rows<L>(c, c.dq, c.dqs, b, t0, rows, h, s.o.data(), s.m.data());
       }
-      gemm<Acc>(c.N, s.pt.data(), kTB, s.go.data(), c.Dp, s.dv.data(), c.Dp, rows, c.Dp, true);
-      gemm<Acc>(c.N, s.dst.data(), kTB, s.qs.data(), c.Dp, s.dk.data(), c.Dp, rows, c.Dp, true);
+      nt_product<Acc>(c.N, st, s.go.data(), s.dv.data(), c.Dp, rows);   // dV += P^T dO
+      nt_product<Acc>(c.N, dpt, s.qs.data(), s.dk.data(), c.Dp, rows);  // dK += dS^T (scale q)
     }
   }
   typename L::T* dk = mptr<L>(c.dk) + b * c.dks[0] + j * c.dks[1] + h * c.dks[3];

@@ -56,6 +56,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if c is not None:
         tr.write_line(c.line())
     for row in REPORT.rows:
-        tr.write_line(row.format(c.gemm_fp32_gflops if c else None))
+        tr.write_line(row.format((c.gemm_bf16_gflops if row.dtype == "bf16" else c.gemm_fp32_gflops) if c else None))
     for line in REPORT.notes:
         tr.write_line(line)

@@ -63,6 +63,7 @@ class Row:
     peer_s: float
     peer_name: str
     flops: Optional[int] = None
+    dtype: str = "fp32"  # of ours' products: which GEMM ceiling its GFLOP/s are set against
 
     @property
     def speedup(self) -> float:
@@ -77,7 +78,7 @@ class Row:
             g = self.flops / self.ours_s / 1e9
             s += f"   ours {g:7.1f} GFLOP/s"
             if ceiling_gflops:
-                s += f" ({100 * g / ceiling_gflops:4.1f}% of GEMM)"
+                s += f" ({100 * g / ceiling_gflops:4.1f}% of {self.dtype} GEMM)"
         return s
 
 
@@ -87,14 +88,18 @@ class Report:
     notes: List[str] = field(default_factory=list)  # free-form lines printed after the rows
 
     def compare(self, name: str, ours: Callable, peer: Callable, peer_name: str,
-                flops: Optional[int] = None, min_run_time: float = 1.0) -> Row:
+                flops: Optional[int] = None, min_run_time: float = 1.0, dtype: str = "fp32") -> Row:
         """Time ``ours`` and ``peer`` alternately (ours, peer, ours, peer) and keep the
-        better median of each, so drift in machine load hits both alike."""
+        better median of each, so drift in machine load hits both alike. ``dtype``
+        (``"fp32"`` / ``"bf16"``): the precision of ours' products, whose GEMM ceiling the
+        printed GFLOP/s are set against."""
         o1 = median_seconds(ours, min_run_time / 2)
         p1 = median_seconds(peer, min_run_time / 2)
         o2 = median_seconds(ours, min_run_time / 2)
         p2 = median_seconds(peer, min_run_time / 2)
-        row = Row(name, min(o1, o2), min(p1, p2), peer_name, flops)
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"expected dtype 'fp32' or 'bf16', got {dtype!r}")
+        row = Row(name, min(o1, o2), min(p1, p2), peer_name, flops, dtype)
         self.rows.append(row)
         return row
 

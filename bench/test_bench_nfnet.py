@@ -113,8 +113,10 @@ def test_nfnet_frozen_bf16(benchmark, ceilings, report, models):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             return tm_cl.forward_features(xc)
 
-    row = report.compare(f"nfnet f0 frozen bf16 {RES}px b{BATCH}", run_ours, run_timm_fp32, "timm fp32", flops=flops)
-    report.compare(f"nfnet f0 frozen bf16 {RES}px b{BATCH}", run_ours, run_timm_bf16, "timm CL bf16", flops=flops)
+    row = report.compare(f"nfnet f0 frozen bf16 {RES}px b{BATCH}", run_ours, run_timm_fp32, "timm fp32", flops=flops,
+                         dtype="bf16")
+    report.compare(f"nfnet f0 frozen bf16 {RES}px b{BATCH}", run_ours, run_timm_bf16, "timm CL bf16", flops=flops,
+                   dtype="bf16")
     benchmark.extra_info.update(ratio_timm_fp32_over_ours=row.speedup, gflops=flops / row.ours_s / 1e9,
                                 ceiling_bf16_gflops=ceilings.gemm_bf16_gflops)
     benchmark.pedantic(run_ours, rounds=3, iterations=1, warmup_rounds=1)

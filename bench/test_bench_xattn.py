@@ -145,7 +145,7 @@ def test_xattn_block(benchmark, ceilings, report, of_helpers, dtype, batch):
     mt = 1.0 if batch == 1 else 0.5
     fwd = report.compare(f"{tag} fwd", bs.forward("ours", ours, x, media, idx, loc, dtype),
                          bs.forward("peer", peer, x, media, idx, loc, dtype), "open_flamingo",
-                         flops=bs.gemm_flops(batch, False) + batch * USEFUL_FWD, min_run_time=mt)
+                         flops=bs.gemm_flops(batch, False) + batch * USEFUL_FWD, min_run_time=mt, dtype=dtype)
     if dtype == "bf16":  # our bf16 inference: the block in bf16 weights, no autocast
         o16, x16, m16 = bs.in_bf16(ours, x, media)
         c = bs.forward("ours", o16, x16, m16, idx, loc, "fp32")()
@@ -157,11 +157,12 @@ def test_xattn_block(benchmark, ceilings, report, of_helpers, dtype, batch):
         fwd_autocast = fwd
         fwd = report.compare(f"{tag} fwd, ours in bf16 weights", bs.forward("ours", o16, x16, m16, idx, loc, "fp32"),
                              bs.forward("peer", peer, x, media, idx, loc, dtype), "open_flamingo",
-                             flops=bs.gemm_flops(batch, False) + batch * USEFUL_FWD, min_run_time=mt)
+                             flops=bs.gemm_flops(batch, False) + batch * USEFUL_FWD, min_run_time=mt, dtype=dtype)
         del o16
     fb = report.compare(f"{tag} fwd+bwd", bs.forward_backward("ours", ours, x, media, idx, loc, dtype),
                         bs.forward_backward("peer", peer, x, media, idx, loc, dtype), "open_flamingo",
-                        flops=bs.gemm_flops(batch, True) + int(3.5 * batch * USEFUL_FWD), min_run_time=mt)
+                        flops=bs.gemm_flops(batch, True) + int(3.5 * batch * USEFUL_FWD), min_run_time=mt,
+                        dtype=dtype)
     cd = torch.bfloat16 if dtype == "bf16" else torch.float32
     g_fwd = median_seconds(gemms_alone(bs.gemm_shapes(batch), cd, False), mt)
     g_fb = median_seconds(gemms_alone(bs.gemm_shapes(batch), cd, True), mt)

@@ -366,6 +366,30 @@ FRT_INLINE void pv_product(int64_t rows, const A* pt, const A* v, int64_t ldv, A
     gemm_ak<A, 16>(rows, pt, 1, kTB, v, ldv, o, Dp, n, Dp, true);
 }
 
+// Softmax pieces of a transposed score block st (n x kTB, one column per query), vectorized
+// over the columns: mx[r] = max(mx[r], max_k st[k, r]); then st[k, r] = exp(st[k, r] - mx[r])
+// in place, sum[r] += the column's exponentials.
+template <class A>
+FRT_INLINE void column_max(const A* st, int64_t n, A* mx) {
+  for (int64_t k = 0; k < n; ++k) {
+    const A* sr = st + k * kTB;
+    FRT_SIMD
+    for (int64_t r = 0; r < kTB; ++r) mx[r] = sr[r] > mx[r] ? sr[r] : mx[r];
+  }
+}
+template <class A>
+FRT_INLINE void column_exp_sum(A* st, int64_t n, const A* mx, A* sum) {
+  for (int64_t k = 0; k < n; ++k) {
+    A* sr = st + k * kTB;
+    FRT_SIMD
+    for (int64_t r = 0; r < kTB; ++r) {
+      const A e = exp_f32(sr[r] - mx[r]);
+      sr[r] = e;
+      sum[r] += e;
+    }
+  }
+}
+
 // Forward of one block of `rows` queries (in s.qt, scaled, transposed: dh x kTB) against
 // images [j_lo, j_hi]: s.o = normalized output, s.lse = log-sum-exp of the scaled scores.
 // The scores are computed transposed, S^T = K (scale q)^T (N x kTB), so the keys are read
@@ -402,20 +426,8 @@ FRT_INLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, 
       mx[r] = m[r];
       sum[r] = Acc(0);
     }
-    for (int64_t n = 0; n < c.N; ++n) {
-      const Acc* sr = st + n * kTB;
-      FRT_SIMD
-      for (int64_t r = 0; r < kTB; ++r) mx[r] = sr[r] > mx[r] ? sr[r] : mx[r];
-    }
-    for (int64_t n = 0; n < c.N; ++n) {
-      Acc* sr = st + n * kTB;
-      FRT_SIMD
-      for (int64_t r = 0; r < kTB; ++r) {
-        const Acc e = exp_f32(sr[r] - mx[r]);
-        sr[r] = e;
-        sum[r] += e;
-      }
-    }
+    column_max(st, c.N, mx);
+    column_exp_sum(st, c.N, mx, sum);
     for (int64_t r = 0; r < rows; ++r) {
       if (m[r] != mx[r]) {  // rescale what earlier images contributed
         const Acc alpha = m[r] == ninf ? Acc(0) : exp_f32(m[r] - mx[r]);
@@ -661,20 +673,8 @@ FRT_INLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64
           sum[r] = Acc(0);
           dd[r] = Acc(0);
         }
-        for (int64_t n = 1; n < c.N; ++n) {
-          const Acc* sr = st + n * kTB;
-          FRT_SIMD
-          for (int64_t r = 0; r < kTB; ++r) mx[r] = sr[r] > mx[r] ? sr[r] : mx[r];
-        }
-        for (int64_t n = 0; n < c.N; ++n) {
-          Acc* sr = st + n * kTB;
-          FRT_SIMD
-          for (int64_t r = 0; r < kTB; ++r) {
-            const Acc e = exp_f32(sr[r] - mx[r]);
-            sr[r] = e;
-            sum[r] += e;
-          }
-        }
+        column_max(st + kTB, c.N - 1, mx);
+        column_exp_sum(st, c.N, mx, sum);
         for (int64_t r = 0; r < kTB; ++r) sum[r] = Acc(1) / sum[r];
         for (int64_t n = 0; n < c.N; ++n) {
           Acc* sr = st + n * kTB;

@@ -2,26 +2,29 @@
 //
 // Work decomposition. The runs of equal media_index along each row ("segments") are found
 // once. The forward is a list of tasks (b, segment chunk of <= kChunk tokens) x head, spread
-// over OpenMP threads (dynamic schedule: chunks differ in size). A task loads the keys and
-// values of its image once into fp32 scratch (transposed / zero-padded so every inner loop
-// is unit-stride over a multiple of 16 elements), then for each block of kTB queries:
-// S = (scale q) K^T, softmax over the N keys (online across images in all_previous mode),
-// O = P V. Nothing larger than kTB x N scores exists at any time.
+// over OpenMP threads (dynamic schedule: chunks differ in size). For each block of kTB
+// queries a task computes the scores transposed, S^T = K (scale q)^T (N keys x kTB queries),
+// reading the image's keys and values as rows (in place when they are float32 / float64 with
+// unit element stride, else converted once per image into dense zero-padded fp32 rows), runs
+// the softmax down the columns (vectorized over queries; online across images in
+// all_previous mode) and O = P V. Nothing larger than N x kTB scores exists at any time.
 //
 // Backward, image-causal mode: one task per (b, head, image j) owns dK_j and dV_j and walks
-// the segments with media_index == j; per query block it recomputes S and P, then
-// dP = dO V^T, D = rowsum(P * dP), dS = P (dP - D), dQ = scale dS K (those tokens see only
-// image j, so dQ has one writer too), dK += dS^T (scale q), dV += P^T dO. all_previous mode:
-// first a task per (b, head, token chunk) makes a pass over its images for the softmax max,
-// normalizer and D = sum_n p_n dP_n per row (online, from the same exponentials as p; saved
-// as lse and D), and a second for dQ = scale sum_j dS_j K_j; then a task per (b, head,
-// image j) walks every segment with media_index >= j and accumulates dK_j, dV_j from them.
+// the segments with media_index == j; per query block it recomputes S^T and P^T, then
+// dP^T = V dO^T, D = colsum(P^T * dP^T), dS^T = P^T (dP^T - D), dQ = scale dS K (those
+// tokens see only image j, so dQ has one writer too), dK += dS^T (scale q), dV += P^T dO,
+// with K and V copied once into dense rows (the backward passes over them several times).
+// all_previous mode: first a task per (b, head, token chunk) makes a pass over its images
+// for the softmax max, normalizer and D = sum_n p_n dP_n per row (online, from the same
+// exponentials as p; saved as lse and D), and a second for dQ = scale sum_j dS_j K_j (row
+// layout, K transposed into scratch); then a task per (b, head, image j) walks every segment
+// with media_index >= j and accumulates dK_j, dV_j from them (transposed layout, P from lse).
 //
-// Inner loops: a register-blocked product C (+)= A B (4 rows x 16 columns of fp32
-// accumulators in GCC vector-extension registers, B row-major); the task functions are
-// compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA)
-// and the baseline with target_clones and picked at load time (as bias_gamma_act.cpp).
-// bfloat16 is converted to fp32 on load; float64 uses the same code in double.
+// Inner loops: a register-blocked product C (+)= A B (up to 8 rows x a 16-64 column block of
+// accumulators in GCC vector-extension registers, B row-major, A with any row and k strides);
+// the task functions are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and the
+// baseline with target_clones and picked at load time (as bias_gamma_act.cpp). bfloat16 is
+// converted to fp32 on load; float64 uses the same code in double.
 #include "flamingo_rt/kernels.h"
 
 #include <algorithm>

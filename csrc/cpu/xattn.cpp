@@ -357,16 +357,19 @@ FRT_INLINE void load_rows_t(const Ctx& c, const void* src, const int64_t* st, in
     for (int64_t r = rows; r < kTB; ++r) dst[i * kTB + r] = Acc(0);
 }
 
-// O (rows x Dp) += P (rows x n, stored transposed: pt[k * kTB + r]) V (n x Dp, row stride ldv),
-// with the widest column block that divides Dp.
+// C (rows x Dp, row-major) += A (rows x K, A[r, k] at a[r * lda + k * ak]) B (K x Dp, row
+// stride ldb), with the widest column block (64, 32 or 16) that divides Dp. The products of
+// the transposed layout: O += P V and dq = dS K (A = P^T / dS^T read along its columns),
+// dV += P^T dO and dK += dS^T q (A = the key rows of P^T / dS^T).
 template <class A>
-FRT_INLINE void pv_product(int64_t rows, const A* pt, const A* v, int64_t ldv, A* o, int64_t Dp, int64_t n) {
+FRT_INLINE void gemm_dp(int64_t rows, const A* a, int64_t lda, int64_t ak, const A* b, int64_t ldb, A* c,
+                        int64_t Dp, int64_t K) {
   if (Dp % 64 == 0)
-    gemm_ak<A, 64>(rows, pt, 1, kTB, v, ldv, o, Dp, n, Dp, true);
+    gemm_ak<A, 64>(rows, a, lda, ak, b, ldb, c, Dp, K, Dp, true);
   else if (Dp % 32 == 0)
-    gemm_ak<A, 32>(rows, pt, 1, kTB, v, ldv, o, Dp, n, Dp, true);
+    gemm_ak<A, 32>(rows, a, lda, ak, b, ldb, c, Dp, K, Dp, true);
   else
-    gemm_ak<A, 16>(rows, pt, 1, kTB, v, ldv, o, Dp, n, Dp, true);
+    gemm_ak<A, 16>(rows, a, lda, ak, b, ldb, c, Dp, K, Dp, true);
 }
 
 // Softmax pieces of a transposed score block st (n x kTB, one column per query), vectorized
@@ -443,7 +446,7 @@ FRT_INLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, 
     }
     for (int part = 0, n0 = 0; part < 2; n0 += vr.n[part], ++part)
       if (vr.n[part] > 0)
-        pv_product<Acc>(rows, st + n0 * kTB, vr.p[part], vr.ld[part], s.o.data(), c.Dp, vr.n[part]);
+        gemm_dp<Acc>(rows, st + n0 * kTB, 1, kTB, vr.p[part], vr.ld[part], s.o.data(), c.Dp, vr.n[part]);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const Acc inv = Acc(1) / l[r];
@@ -590,27 +593,6 @@ FRT_INLINE void bwd_rows_task(const Ctx& c, const Seg& sg, int64_t h, Scratch<L>
   }
 }
 
-// rows x Dp row-major scratch -> its transpose dst (Dp x kTB); columns r >= rows are zero.
-template <class A>
-FRT_INLINE void transpose_block(const A* src, int64_t Dp, int64_t dh, int64_t rows, A* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < dh; ++i) dst[i * kTB + r] = src[r * Dp + i];
-  for (int64_t i = 0; i < dh; ++i)
-    for (int64_t r = rows; r < kTB; ++r) dst[i * kTB + r] = A(0);
-}
-
-// dV += P^T dO-style products: C (n x Dp) += A (n x rows, row stride kTB) B (rows x Dp), with
-// the widest column block that divides Dp.
-template <class A>
-FRT_INLINE void nt_product(int64_t n, const A* a, const A* b, A* c, int64_t Dp, int64_t rows) {
-  if (Dp % 64 == 0)
-    gemm_ak<A, 64>(n, a, kTB, 1, b, Dp, c, Dp, rows, Dp, true);
-  else if (Dp % 32 == 0)
-    gemm_ak<A, 32>(n, a, kTB, 1, b, Dp, c, Dp, rows, Dp, true);
-  else
-    gemm_ak<A, 16>(n, a, kTB, 1, b, Dp, c, Dp, rows, Dp, true);
-}
-
 // dK_j, dV_j of image j (and, image-causal mode, dq of the tokens of image j). Transposed
 // layout as the forward: per block of kTB queries, S^T = K_j (scale q)^T and dP^T = V_j dO^T
 // (N x kTB, keys and values read as rows, in place for float32 / float64), P^T and
@@ -643,8 +625,8 @@ FRT_INLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64
       const int64_t rows = std::min(kTB, sg.t0 + sg.len - t0);
       load_rows<L>(c, c.q, c.qs, b, t0, rows, h, Acc(c.scale), s.qs.data());
       load_rows<L>(c, c.go, c.gos, b, t0, rows, h, Acc(1), s.go.data());
-      transpose_block<Acc>(s.qs.data(), c.Dp, c.dh, rows, s.qt.data());
-      transpose_block<Acc>(s.go.data(), c.Dp, c.dh, rows, s.gt.data());
+      load_rows_t<L>(c, c.q, c.qs, b, t0, rows, h, Acc(c.scale), s.qt.data());
+      load_rows_t<L>(c, c.go, c.gos, b, t0, rows, h, Acc(1), s.gt.data());
       // (keys and values may be split differently: one read in place, the other copied)
       for (int part = 0, n0 = 0; part < 2; n0 += kr.n[part], ++part)
         if (kr.n[part] > 0)
@@ -699,12 +681,12 @@ FRT_INLINE void bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64
         std::fill(s.o.begin(), s.o.begin() + rows * c.Dp, Acc(0));
         for (int part = 0, n0 = 0; part < 2; n0 += kr.n[part], ++part)
           if (kr.n[part] > 0)
-            pv_product<Acc>(rows, dpt + n0 * kTB, kr.p[part], kr.ld[part], s.o.data(), c.Dp, kr.n[part]);
+            gemm_dp<Acc>(rows, dpt + n0 * kTB, 1, kTB, kr.p[part], kr.ld[part], s.o.data(), c.Dp, kr.n[part]);
         for (int64_t r = 0; r < rows; ++r) s.m[r] = Acc(c.scale);
         store_rows<L>(c, c.dq, c.dqs, b, t0, rows, h, s.o.data(), s.m.data());
       }
-      nt_product<Acc>(c.N, st, s.go.data(), s.dv.data(), c.Dp, rows);   // dV += P^T dO
-      nt_product<Acc>(c.N, dpt, s.qs.data(), s.dk.data(), c.Dp, rows);  // dK += dS^T (scale q)
+      gemm_dp<Acc>(c.N, st, kTB, 1, s.go.data(), c.Dp, s.dv.data(), c.Dp, rows);   // dV += P^T dO
+      gemm_dp<Acc>(c.N, dpt, kTB, 1, s.qs.data(), c.Dp, s.dk.data(), c.Dp, rows);  // dK += dS^T (scale q)
     }
   }
   typename L::T* dk = mptr<L>(c.dk) + b * c.dks[0] + j * c.dks[1] + h * c.dks[3];

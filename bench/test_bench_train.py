@@ -173,17 +173,20 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
     del of, ours
     mo, mp = memory("ours", dtype), memory("peer", dtype)
     o, p = statistics.median(to), statistics.median(tp)
+    go, gp = mo["grad_mib"], mp["grad_mib"]  # each side's trainable parameters' gradients (held at the step's end)
     quick = " (QUICK shape)" if sh is ts.QUICK else ""
     if not any(n.startswith("connector training step") for n in report.notes):
         report.notes += [
             f"connector training step{quick} (resampler + 2 xattn blocks train, LM frozen, AdamW), ours vs open_flamingo:",
             "  | precision | ours step | peer step | peer/ours | ours peak RSS | peer peak RSS | peer/ours "
-            "| ours step adds | peer step adds | peer/ours | loss, worst grad err | load avg |",
+            "| ours step adds | peer step adds | peer/ours | same above each side's gradients (peer/ours) "
+            "| loss, worst grad err | load avg |",
         ]
     report.notes.append(
         f"  | {dtype} | {o:.2f} s | {p:.2f} s | {p / o:.2f}x | {mo['peak_mib']:.0f} MiB | {mp['peak_mib']:.0f} MiB "
         f"| {mp['peak_mib'] / mo['peak_mib']:.2f}x | {mo['step_mib']:.0f} MiB | {mp['step_mib']:.0f} MiB "
-        f"| {mp['step_mib'] / mo['step_mib']:.2f}x | {loss:.4f} equal, {worst[1]:.1e} ({worst[0]}) | {load0} -> {load1} |")
+        f"| {mp['step_mib'] / mo['step_mib']:.2f}x | {mo['step_mib'] - go:.0f} / {mp['step_mib'] - gp:.0f} MiB over "
+        f"{go:.0f} / {gp:.0f} MiB ({(mp['step_mib'] - gp) / max(1.0, mo['step_mib'] - go):.2f}x) | {loss:.4f} equal, {worst[1]:.1e} ({worst[0]}) | {load0} -> {load1} |")
     if flops:
         report.notes.append(f"  ({dtype}: ours {flops / o / 1e9:.0f} GFLOP/s on {flops / 1e9:.0f} GFLOP per step; "
                             f"median of {ROUNDS} alternating steps, {torch.get_num_threads()} threads; all times: "

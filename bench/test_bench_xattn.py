@@ -173,24 +173,26 @@ def test_xattn_block(benchmark, ceilings, report, of_helpers, dtype, batch):
            for side in ("ours", "peer")}
     (t_fwd, t_fb), (l_fwd, l_fb) = BLOCK_TARGETS[dtype]
     mem_ratio = mem["peer"]["step_mib"] / mem["ours"]["step_mib"]
+    grad = mem["ours"]["grad_mib"]  # the gradients of the parameters, x and media: the same on both sides
     if not any(n.startswith("xattn block vs open_flamingo") for n in report.notes):
         report.notes += [
             "xattn block vs open_flamingo (issue 3 targets in brackets; 'GEMMs' = the block's matrix products alone, same run):",
             "  | block | fwd peer/ours | fwd+bwd peer/ours | fwd ours/GEMMs | fwd+bwd ours/GEMMs "
-            "| fwd+bwd memory added ours / peer (peer/ours) |",
+            "| fwd+bwd memory added ours / peer (peer/ours) | same above the gradients both hold (peer/ours) |",
         ]
     report.notes.append(
         f"  | {dtype} B{batch} | {fwd.speedup:.2f}x [{t_fwd}] | {fb.speedup:.2f}x [{t_fb}] "
         f"| {fwd.ours_s / g_fwd:.2f}x [{l_fwd}] ({g_fwd * 1e3:.0f} ms) | {fb.ours_s / g_fb:.2f}x [{l_fb}] "
         f"({g_fb * 1e3:.0f} ms) | {mem['ours']['step_mib']:.0f} / {mem['peer']['step_mib']:.0f} MiB "
-        f"({mem_ratio:.2f}x [3]) |")
+        f"({mem_ratio:.2f}x [3]) | {mem['ours']['step_mib'] - grad:.0f} / {mem['peer']['step_mib'] - grad:.0f} MiB "
+        f"over {grad:.0f} MiB ({(mem['peer']['step_mib'] - grad) / max(1.0, mem['ours']['step_mib'] - grad):.2f}x) |")
     if dtype == "bf16":
         report.notes.append(f"    (bf16 B{batch} forward with our block under autocast instead: {fwd_autocast.speedup:.2f}x, "
                             f"{fwd_autocast.ours_s / g_fwd:.2f}x of the GEMMs; the table's forward is our block in bf16 weights)")
     benchmark.extra_info.update(
         fwd_ratio=fwd.speedup, fwd_bwd_ratio=fb.speedup, fwd_over_gemms=fwd.ours_s / g_fwd,
         fwd_bwd_over_gemms=fb.ours_s / g_fb, gemms_fwd_s=g_fwd, gemms_fwd_bwd_s=g_fb,
-        memory_ours_mib=mem["ours"]["step_mib"], memory_peer_mib=mem["peer"]["step_mib"],
+        memory_ours_mib=mem["ours"]["step_mib"], memory_peer_mib=mem["peer"]["step_mib"], memory_grads_mib=grad,
         ceiling_fp32_gflops=ceilings.gemm_fp32_gflops, ceiling_bf16_gflops=ceilings.gemm_bf16_gflops)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 

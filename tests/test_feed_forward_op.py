@@ -2,6 +2,8 @@
 FeedForward module: values, gradients, gradcheck in float64, autocast bf16, meta."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ from flamingo_rt.models.ff import FeedForward
 from flamingo_rt.ops import feed_forward
 from flamingo_rt.ops.feed_forward import module_feed_forward
 from conftest import rel_err
+
+FFMOD = importlib.import_module("flamingo_rt.ops.feed_forward")  # the module (the package exports the function)
 
 
 def _module(D, kind, dtype=torch.float32):
@@ -76,3 +80,119 @@ def test_module_helper_uses_the_module_without_grad_and_meta_errors():
         feed_forward(x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight, kind="relu")
     with pytest.raises(ValueError, match="expected gamma"):
         feed_forward(x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc1.weight)
+
+
+def _gated_ref(ff, x, gate):
+    return x + gate * ff(x) if gate is not None else x + ff(x)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "sqrelu"])
+@pytest.mark.parametrize("gate_value", [None, 0.0, 0.37])
+@pytest.mark.parametrize("chunk_bytes", [None, 1000])  # whole, or chunks of 5 rows (inner 192 x 4 B)
+def test_residual_gated_matches_module(kind, gate_value, chunk_bytes, monkeypatch):
+    """x + tanh(a) * FF(x) as one op against the module plus addcmul: values and every gradient,
+    the gate's included (at a gate of 0, a fresh block, the gate's gradient is still nonzero),
+    whole and over chunks of rows (the chunks' weight gradients summed)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(FFMOD, "CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(3)
+    ff = _module(48, kind)
+    x = (torch.randn(2, 13, 48) * 2 + 0.3).requires_grad_()
+    a = None if gate_value is None else torch.tensor([gate_value], requires_grad=True)
+    gate = None if a is None else a.tanh()
+    y = feed_forward(x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight, ff.norm.eps, kind,
+                     residual=True, gate=gate)
+    want = _gated_ref(ff, x, None if a is None else a.tanh())
+    assert y.dtype == x.dtype and rel_err(y, want) < 1e-6
+    go = torch.randn_like(want)
+    leaves = [x, *ff.parameters()] + ([a] if a is not None else [])
+    got = torch.autograd.grad(y, leaves, go)
+    ref = torch.autograd.grad(want, leaves, go)
+    for g1, g2 in zip(got, ref):
+        assert g1.shape == g2.shape and rel_err(g1, g2) < 1e-5
+    if a is not None:
+        assert got[-1].abs().item() > 0
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_residual_gradcheck_float64_over_chunks(gated, monkeypatch):
+    monkeypatch.setattr(FFMOD, "CHUNK_BYTES", 2 * 24 * 8)  # 2 rows per chunk (inner 24, float64)
+    torch.manual_seed(4)
+    ff = _module(6, "gelu", torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    ps = [ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight]
+    if gated:
+        a = torch.tensor([0.4], dtype=torch.float64, requires_grad=True)
+        fn = lambda x, g, b, w1, w2, a: feed_forward(x, g, b, w1, w2, 1e-5, "gelu", residual=True, gate=a.tanh())
+        assert torch.autograd.gradcheck(fn, (x, *ps, a))
+    else:
+        fn = lambda x, g, b, w1, w2: feed_forward(x, g, b, w1, w2, 1e-5, "gelu", residual=True)
+        assert torch.autograd.gradcheck(fn, (x, *ps))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4000])
+def test_residual_autocast_bf16_like_the_module(chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(FFMOD, "CHUNK_BYTES", chunk_bytes)  # 7 rows of 256 bf16 per chunk
+    torch.manual_seed(5)
+    ff = _module(64, "gelu")
+    x = torch.randn(40, 64, requires_grad=True)
+    a = torch.tensor([0.6], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = feed_forward(x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight, residual=True, gate=a.tanh())
+        ref = _gated_ref(ff, x, a.tanh())
+    truth = _gated_ref(ff, x, a.tanh())
+    assert y.dtype == ref.dtype == torch.float32
+    assert rel_err(y, truth) <= 2 * rel_err(ref, truth) + 1e-4
+    go = torch.randn_like(truth)
+    leaves = [x, *ff.parameters(), a]
+    got = torch.autograd.grad(y, leaves, go, retain_graph=True)
+    want = torch.autograd.grad(ref, leaves, go, retain_graph=True)
+    exact = torch.autograd.grad(truth, leaves, go)
+    for g1, g2, e, leaf in zip(got, want, exact, leaves):
+        assert g1.dtype == leaf.dtype
+        assert rel_err(g1, e) <= 3 * rel_err(g2, e) + 1e-3
+
+
+def test_backward_temporaries_are_chunked(monkeypatch):
+    """No (rows, inner) tensor besides the saved h is allocated in the forward or the backward
+    (h's unused gradient is not materialized as zeros either): with chunks of 8 rows the
+    largest allocation is the saved h itself and every other one is less than a quarter of
+    it (a chunk's (8, inner), a weight gradient (inner, D), oneDNN's packed weights)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    R, D, inner = 1024, 32, 512
+    monkeypatch.setattr(FFMOD, "CHUNK_BYTES", 8 * inner * 4)
+    torch.manual_seed(6)
+    ff = _module(D, "gelu")
+    ff.fc1 = torch.nn.Linear(D, inner, bias=False)
+    ff.fc2 = torch.nn.Linear(inner, D, bias=False)
+    x = torch.randn(R, D, requires_grad=True)
+    gate = torch.tensor([0.5], requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = feed_forward(x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight, residual=True, gate=gate.tanh())
+        y.backward(torch.randn_like(y))
+    sizes = sorted((e.nbytes() for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.nbytes() > 0), reverse=True)
+    h_bytes = R * inner * 4
+    assert sizes[0] == h_bytes  # h, allocated once
+    assert sizes[1] < h_bytes // 4, sizes[:4]
+
+
+def test_residual_errors_and_inference_path():
+    ff = _module(16, "gelu")
+    x = torch.randn(3, 16)
+    args = (x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight)
+    with pytest.raises(ValueError, match="residual=True"):
+        feed_forward(*args, gate=torch.ones(1))
+    with pytest.raises(ValueError, match="one-element gate"):
+        feed_forward(*args, residual=True, gate=torch.ones(2))
+    with pytest.raises(ValueError, match="one-element gate"):
+        feed_forward(*args, residual=True, gate=torch.ones(1, dtype=torch.float64))
+    g = torch.tensor([0.3])
+    with torch.no_grad():
+        assert torch.equal(module_feed_forward(ff, x, residual=True, gate=g), torch.addcmul(x, g, ff(x)))
+        assert torch.equal(module_feed_forward(ff, x, residual=True), x + ff(x))
+    y = feed_forward(torch.empty(4, 16, device="meta"), *(torch.empty(s, device="meta") for s in ((16,), (16,), (64, 16), (16, 64))),
+                     residual=True, gate=torch.empty(1, device="meta"))
+    assert y.shape == (4, 16) and y.dtype == torch.float32

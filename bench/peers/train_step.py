@@ -207,7 +207,8 @@ def measure_memory(side: str, dtype: str, steps: int = 2) -> dict:
     one warm-up step (it allocates AdamW's state), then ``steps`` more: ``peak_mib`` is the
     process's high-water RSS during those steps, ``base_mib`` the RSS just before them
     (weights, gradients freed, optimizer state), ``step_mib`` their difference: what the step
-    itself adds (activations kept for backward, gradients, temporaries).
+    itself adds (activations kept for backward, gradients, temporaries); ``grad_mib`` the
+    trainable parameters' gradients alone, which both sides hold at the step's end.
     """
     import rss
 
@@ -222,7 +223,10 @@ def measure_memory(side: str, dtype: str, steps: int = 2) -> dict:
         step = ours_stepper(model, data, sh["B"], autocast)
     else:
         step = peer_stepper(peer, data, sh["B"], autocast)
-    return dict(side=side, dtype=dtype, threads=torch.get_num_threads(), **rss.measure(step, steps))
+    trainable = (model if side == "ours" else peer).parameters()
+    grad = sum(p.numel() * p.element_size() for p in trainable if p.requires_grad)
+    return dict(side=side, dtype=dtype, threads=torch.get_num_threads(), grad_mib=grad / 2 ** 20,
+                **rss.measure(step, steps))
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def gemm_flops(batch: int, train: bool) -> int:
 
 def measure_memory(side: str, dtype: str, batch: int, steps: int = 2) -> dict:
     """Peak resident memory of ``side``'s forward+backward in this (fresh) process: what a step
-    adds over the weights (its saved activations, temporaries and the gradients it makes)."""
+    adds over the weights (its saved activations, temporaries and the gradients it makes);
+    ``grad_mib``: the gradients alone (parameters, x, media), which both sides must hold."""
     import rss
 
     peer, ours, x, media, idx, loc = build(batch)
@@ -139,7 +140,12 @@ def measure_memory(side: str, dtype: str, batch: int, steps: int = 2) -> dict:
         run()
         block.zero_grad(set_to_none=True)
 
-    return dict(side=side, dtype=dtype, batch=batch, threads=torch.get_num_threads(), **rss.measure(step, steps))
+    # the gradients a step must hold when it ends (every parameter's, x's and media's), the
+    # same on both sides: the floor under "step_mib"
+    grad = sum(p.numel() * p.element_size() for p in block.parameters()) + \
+        x.numel() * x.element_size() + media.numel() * media.element_size()
+    return dict(side=side, dtype=dtype, batch=batch, threads=torch.get_num_threads(), grad_mib=grad / 2 ** 20,
+                **rss.measure(step, steps))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ from torch import nn
 
 from ..ops.linear import Linear
 
-from ..ops import image_causal_attention
+from ..ops import image_causal_attention, norm_project
 from ..ops.feed_forward import module_feed_forward
+from ..ops.gated_linear_residual import module_gated_linear_residual
 from .ff import FeedForward
 from .media import num_media_tensor, resolve_media_index
 
@@ -36,19 +37,43 @@ class MaskedCrossAttention(nn.Module):
         B, M, N, _ = media.shape
         return self.to_kv(media).view(B, M, N, 2, self.heads, self.dim_head).unbind(3)
 
-    def forward(self, x, kv, media_index, all_previous=False, backend=None):
-        """x (B, T, D); kv: keys, values (B, M, N, H, dh); media_index (B, T) -> (B, T, D)."""
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> q (B, T, H, dh) = to_q(norm(x)). When a gradient will be taken (eager),
+        through :func:`~flamingo_rt.ops.norm_project`, which keeps x (the residual stream
+        holds it anyway) instead of the normalized copy the Linear would keep."""
         B, T, _ = x.shape
-        q = self.to_q(self.norm(x)).view(B, T, self.heads, self.dim_head)
+        n, w = self.norm, self.to_q.weight
+        if (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or n.weight.requires_grad)
+                and self.to_q.bias is None and not torch.compiler.is_compiling()):
+            q = norm_project(x, [n.weight], [n.bias], [w], n.eps)[0]
+        else:
+            q = self.to_q(n(x))
+        return q.view(B, T, self.heads, self.dim_head)
+
+    def attend(self, x, kv, media_index, all_previous=False, backend=None):
+        """x (B, T, D); kv: keys, values (B, M, N, H, dh); media_index (B, T) -> the attention
+        output before ``to_out``, (B, T, H * dh)."""
+        B, T, _ = x.shape
         k, v = kv
         out = image_causal_attention(
-            q, k, v, media_index, all_previous=all_previous, scale=self.dim_head ** -0.5, backend=backend
+            self.queries(x), k, v, media_index, all_previous=all_previous, scale=self.dim_head ** -0.5,
+            backend=backend,
         )
-        return self.to_out(out.reshape(B, T, self.heads * self.dim_head))
+        return out.reshape(B, T, self.heads * self.dim_head)
+
+    def forward(self, x, kv, media_index, all_previous=False, backend=None):
+        """x (B, T, D); kv: keys, values (B, M, N, H, dh); media_index (B, T) -> (B, T, D)."""
+        return self.to_out(self.attend(x, kv, media_index, all_previous, backend))
 
 
 class GatedCrossAttentionBlock(nn.Module):
     """y = x + tanh(attn_gate) * XAttn(x, media);  z = y + tanh(ff_gate) * FF(y).
+
+    In training each branch's output projection and gated add is one op
+    (:func:`~flamingo_rt.ops.gated_linear_residual`, :func:`~flamingo_rt.ops.feed_forward`
+    with ``residual``): neither branch's (T, D) output is kept for its gate's gradient, the
+    queries keep x instead of LN(x) (:func:`~flamingo_rt.ops.norm_project`), and the FF's
+    backward runs over chunks of rows. Exact gate gradients throughout.
 
     Gates start at 0, so a fresh block is the identity (to the last bit). ``gated=False``
     (the paper's "no tanh gating" ablation) drops both gates: y = x + XAttn(x, media),
@@ -125,22 +150,16 @@ class GatedCrossAttentionBlock(nn.Module):
                 idx = media_index
             if idx.shape != (B, T):
                 raise ValueError(f"expected media index/locations of shape ({B}, {T}), got {tuple(idx.shape)}")
-            attn = self.attn(x, media_kv, idx, self.all_previous, backend)
-            x = self._gated_add(x, "attn_gate", attn)
+            o = self.attn.attend(x, media_kv, idx, self.all_previous, backend)
+            gate = self.gate("attn_gate", x.dtype) if self.gated else None
+            x = module_gated_linear_residual(self.attn.to_out, x, o, gate)
         else:
             if media_locations is not None and not torch.compiler.is_compiling() and bool(media_locations.any()):
                 raise ValueError(
                     "batch has <image> tokens but no media were supplied; expected media of shape (B, M, N, Dv)"
                 )
-        return self._gated_add(x, "ff_gate", module_feed_forward(self.ff, x))
-
-    def _gated_add(self, x: torch.Tensor, gate: str, y: torch.Tensor) -> torch.Tensor:
-        """x + tanh(gate) * y in one pass (``addcmul``; in x's dtype when y is a lower-precision
-        autocast output): the (T, D) product is never written out. Exact gate gradient
-        (autograd of addcmul: sum(dz * y))."""
-        if not self.gated:
-            return x + y
-        return torch.addcmul(x, self.gate(gate, x.dtype), y)
+        gate = self.gate("ff_gate", x.dtype) if self.gated else None
+        return module_feed_forward(self.ff, x, residual=True, gate=gate)
 
     @classmethod
     def from_open_flamingo(cls, module: nn.Module, ff_kind: str = "gelu") -> "GatedCrossAttentionBlock":

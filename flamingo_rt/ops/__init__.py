@@ -9,6 +9,7 @@ from .xattn import image_causal_attention
 from .resampler import resampler_attention
 from .norm_project import norm_project
 from .feed_forward import feed_forward
+from .gated_linear_residual import gated_linear_residual
 from .reference.xattn import media_index_from_locations
 from .nfconv import ws_standardize, bias_gamma_act, se_residual, spatial_mean, ws_conv2d
 from . import flops as _flops
@@ -22,6 +23,7 @@ __all__ = [
     "resampler_attention",
     "norm_project",
     "feed_forward",
+    "gated_linear_residual",
     "media_index_from_locations",
     "ws_standardize",
     "bias_gamma_act",

@@ -35,8 +35,8 @@ from torch import Tensor
 from .. import _ext
 from . import backend as _backend
 
-__all__ = ["POLICIES", "policy", "onednn_active", "use", "mm", "linear", "available", "eligible", "plain_tensor",
-           "transpose_rows"]
+__all__ = ["POLICIES", "policy", "onednn_active", "use", "mm", "mm_add", "linear", "available", "eligible",
+           "plain_tensor", "transpose_rows"]
 
 POLICIES = ("auto", "onednn", "torch")
 BLOCK_BYTES = 16 << 20  # the largest transposed copy mm makes at once
@@ -159,17 +159,42 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     FF's ``dh`` is 64 MiB in float32; the blocked product measured as fast as the whole)."""
     if a.dim() != 2 or b.dim() != 2 or not eligible(a, b):
         return a @ b
+    return _onednn_mm(a, b, None)
+
+
+def mm_add(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``c + a @ b`` as a new (M, N) tensor, for 2-D c (M, N), a (M, K), b (K, N) of one dtype:
+    the accumulation of a product split along K (a weight gradient summed over row chunks).
+    On oneDNN (float32) the add is the product's post-op (one write of the output, measured
+    ~5 % over the bare product on 2048 x 1024 x 8192, against ~13 % for a separate add);
+    elsewhere ``torch.addmm``."""
+    if c.shape != (a.shape[0], b.shape[1]) or c.dtype != a.dtype:
+        raise ValueError(f"mm_add: expected c of shape ({a.shape[0]}, {b.shape[1]}) and dtype {a.dtype}, "
+                         f"got {tuple(c.shape)} {c.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or not eligible(a, b) or not plain_tensor(c):
+        return torch.addmm(c, a, b)
+    return _onednn_mm(a, b, c.contiguous())
+
+
+def _onednn_mm(a: Tensor, b: Tensor, c: Optional[Tensor]) -> Tensor:
+    """oneDNN's ``a @ b`` (+ ``c``), ``a`` copied to rows in blocks when it is a transposed view."""
     lp = torch.ops.mkldnn._linear_pointwise
     bt = b.t()
+
+    def prod(x: Tensor, cc: Optional[Tensor]) -> Tensor:
+        if cc is None:
+            return lp(x, bt, None, "none", [], "")
+        return lp.binary(x, cc, bt, None, "add")
+
     if a.stride(-1) == 1:
-        return lp(a, bt, None, "none", [], "")
+        return prod(a, c)
     M, K = a.shape
     rows = max(1, BLOCK_BYTES // (K * a.element_size()))
     if M <= rows:
-        return lp(transpose_rows(a), bt, None, "none", [], "")
+        return prod(transpose_rows(a), c)
     out = a.new_empty((M, b.shape[1]))
     for r0 in range(0, M, rows):
-        out[r0:r0 + rows] = lp(transpose_rows(a[r0:r0 + rows]), bt, None, "none", [], "")
+        out[r0:r0 + rows] = prod(transpose_rows(a[r0:r0 + rows]), None if c is None else c[r0:r0 + rows])
     return out
 
 

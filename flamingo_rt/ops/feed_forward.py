@@ -8,9 +8,17 @@ and recomputes the normalization and a in the backward (elementwise work, no pro
 for the resampler's FF (64 latents x 1024 -> 4096) and the cross-attention blocks' FF
 (2048 -> 8192) that is 2 of 3 activation tensors of the width-4x kind less per FF.
 
+With ``residual`` the op is the whole residual branch of a Flamingo block, ``x + gate *
+FF(x)``: the FF's output is not kept for the gate's gradient (an addcmul would keep it),
+and the incoming gradient is not scaled by the gate into a second (rows, D) tensor.
+Forward and backward run over chunks of rows (:data:`CHUNK_BYTES`): the activation, its
+gradient and their products exist one chunk at a time, the saved h is the only
+(rows, inner) tensor.
+
 Under autocast (``compute_dtype`` bfloat16/float16) it computes what autocast does on the
 module path: the LayerNorm in float32, the products in the compute dtype, the output in
-the compute dtype; parameter gradients come back in the parameters' dtype.
+the compute dtype (with ``residual``: x + gate * that, in x's dtype); parameter gradients
+come back in the parameters' dtype.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cpu_gemm import mm
+from .cpu_gemm import BLOCK_BYTES, mm, mm_add
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
@@ -43,84 +51,170 @@ def _act(h: Tensor, kind: str) -> Tensor:
     return F.gelu(h) if kind == "gelu" else torch.relu(h).square()
 
 
+CHUNK_BYTES = 32 << 20  # the largest (rows, inner) temporary the op makes at once, forward or backward
+
+
+def _chunk_rows(rows: int, inner: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: the (chunk, inner) temporaries in ``dtype`` at most :data:`CHUNK_BYTES`."""
+    esize = torch.empty(0, dtype=dtype).element_size()
+    return max(1, min(rows, CHUNK_BYTES // max(1, inner * esize)))
+
+
+def _gate_of(gate: Optional[Tensor]) -> Optional[Tensor]:
+    return None if gate is None else gate.reshape(())
+
+
 @torch.library.custom_op("flamingo_rt::feed_forward", mutates_args=())
-def _ff_op(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, eps: float, kind: str,
-           compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Returns (y (R, D), h (R, inner)); h is returned to be saved for the backward."""
+def _ff_op(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate: Optional[Tensor], eps: float,
+           kind: str, compute_dtype: torch.dtype, residual: bool) -> tuple[Tensor, Tensor]:
+    """Returns (y (R, D), h (R, inner)); h is returned to be saved for the backward.
+
+    y = FF(x) in the compute dtype, or with ``residual`` x + gate * FF(x) in x's dtype (gate
+    a one-element tensor in x's dtype, or None for 1). The activation and fc2 run over
+    chunks of rows, so the activated (rows, inner) tensor never exists whole."""
     with torch.autocast(x.device.type, enabled=False):
+        R = x.shape[0]
         xn = _norm(x, gamma, beta, eps)[0].to(compute_dtype)
         h = mm(xn, w1.to(compute_dtype).t())
-        y = mm(_act(h, kind), w2.to(compute_dtype).t())
+        del xn
+        w2t = w2.to(compute_dtype).t()
+        y = torch.empty((R, w2.shape[0]), dtype=x.dtype if residual else compute_dtype, device=x.device)
+        g = _gate_of(gate)
+        step = _chunk_rows(R, h.shape[1], compute_dtype)
+        for r0 in range(0, R, step):
+            r1 = min(R, r0 + step)
+            f = mm(_act(h[r0:r1], kind), w2t)
+            if not residual:
+                y[r0:r1] = f
+            elif g is None:
+                torch.add(x[r0:r1], f, out=y[r0:r1])
+            else:
+                torch.addcmul(x[r0:r1], g, f, out=y[r0:r1])
     return y, h
 
 
 @_ff_op.register_fake
-def _(x, gamma, beta, w1, w2, eps, kind, compute_dtype):
-    return (x.new_empty((x.shape[0], w2.shape[0]), dtype=compute_dtype),
+def _(x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual):
+    return (x.new_empty((x.shape[0], w2.shape[0]), dtype=x.dtype if residual else compute_dtype),
             x.new_empty((x.shape[0], w1.shape[0]), dtype=compute_dtype))
 
 
 @torch.library.custom_op("flamingo_rt::feed_forward_backward", mutates_args=())
 def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
-               eps: float, kind: str, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx (or empty), dgamma, dbeta, dw1, dw2).
+               gate: Optional[Tensor], eps: float, kind: str, residual: bool,
+               need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx (or empty), dgamma, dbeta, dw1, dw2, dgate (or empty)) for the output gradient dy.
 
-    Ordered so that the (R, inner) temporaries (da, dh, the recomputed activation) and the
-    compute-dtype weight casts live one or two at a time: dh first, then the two weight
-    gradients, then dx (measured on OpenFlamingo-3B's block, 2048 tokens, forward+backward: the
-    peak added memory 528 -> 448 MiB in float32, 450 -> 364 MiB under bf16 autocast)."""
+    Runs over chunks of rows: per chunk, da = dy W2 (ungated), the activation recomputed from
+    h, dW2 += dy^T a, dh = gate * da * act'(h), dW1 += dh^T LN(x), d(LN input) = dh W1 and
+    the LayerNorm backward; the (chunk, inner) temporaries live one or two at a time and no
+    (rows, inner) temporary exists besides the saved h (measured on OpenFlamingo-3B's block,
+    forward+backward, fp32: batch 1 ... MiB, batch 4 ... MiB added). The gate's gradient
+    sum(dy * FF(x)) is <W2, dy^T a> (the ungated dW2 against W2: FF's output need not be kept)."""
     with torch.autocast(x.device.type, enabled=False):
         cd = h.dtype
-        dy = dy.to(cd)
-        da = mm(dy, w2.to(cd))
-        if kind == "gelu":
-            dh = torch.ops.aten.gelu_backward(da, h)
+        R, D = x.shape
+        acc = _acc(w1.dtype)
+        g = _gate_of(gate)
+        w1c, w2c = w1.to(cd), w2.to(cd)
+        dw1 = dw2 = None
+        dg = torch.zeros(D, dtype=_acc(gamma.dtype), device=x.device)
+        db = torch.zeros(D, dtype=_acc(beta.dtype), device=x.device)
+        dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+        step = _chunk_rows(R, h.shape[1], cd)
+        for r0 in range(0, R, step):
+            r1 = min(R, r0 + step)
+            dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
+            dw2 = _acc_mm(dw2, dyc.t(), _act(hc, kind), acc)  # the activation lives for this product only
+            dh = mm(dyc, w2c)  # da, made dh in place
+            if kind == "gelu":
+                torch.ops.aten.gelu_backward.grad_input(dh, hc, grad_input=dh)
+            else:
+                dh.mul_(2 * torch.relu(hc))
+            if g is not None:
+                dh.mul_(g.to(cd))
+            xn, xf, mean, rstd, gm, bt = _norm(x[r0:r1], gamma, beta, eps)
+            dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), acc)
+            dxn = mm(dh, w1c).to(xf.dtype)
+            del dh
+            dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
+                dxn, xf, [D], mean, rstd, gm, bt, [need_dx, True, True])
+            dg += dgc
+            db += dbc
+            if need_dx:
+                if residual:
+                    dxc = dxc.add_(dy[r0:r1].to(dxc.dtype))
+                dx[r0:r1] = dxc
+        if g is not None:
+            dgate = torch.dot(dw2.reshape(-1), w2.to(acc).reshape(-1)).reshape(gate.shape).to(gate.dtype)
+            dw2 = dw2.mul_(g.to(acc))
         else:
-            dh = da.mul_(2 * torch.relu(h))
-        del da
-        dw2 = mm(dy.t(), _act(h, kind)).to(w2.dtype)
-        xn, xf, mean, rstd, g, b = _norm(x, gamma, beta, eps)
-        dw1 = mm(dh.t(), xn.to(cd)).to(w1.dtype)
-        dxn = mm(dh, w1.to(cd)).to(xf.dtype)
-        del dh
-        dx, dg, db = torch.ops.aten.native_layer_norm_backward(
-            dxn, xf, [xf.shape[-1]], mean, rstd, g, b, [need_dx, True, True])
-    dx = dx.to(x.dtype) if need_dx else x.new_empty(0)
-    return dx, dg.to(gamma.dtype), db.to(beta.dtype), dw1, dw2
+            dgate = x.new_empty(0)
+    return dx, dg.to(gamma.dtype), db.to(beta.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype), dgate
+
+
+def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``c += a @ b`` in place in the accumulation dtype ``acc`` (a new acc tensor ``a @ b``
+    when c is None), a (M, K) often a transposed view: computed in blocks of a's rows so that
+    no temporary is larger than ``cpu_gemm.BLOCK_BYTES`` (a whole-matrix ``c + a @ b`` would
+    hold a second weight-gradient-sized tensor). A product in acc adds c as its post-op
+    (:func:`cpu_gemm.mm_add`); a lower-precision product is summed into c."""
+    M, N = a.shape[0], b.shape[1]
+    out = torch.empty((M, N), dtype=acc, device=a.device) if c is None else c
+    rows = max(1, BLOCK_BYTES // (max(a.shape[1], N) * torch.empty(0, dtype=acc).element_size()))
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        if c is None:
+            out[r0:r1] = mm(a[r0:r1], b)
+        elif a.dtype == acc:
+            out[r0:r1] = mm_add(out[r0:r1], a[r0:r1], b)
+        else:
+            out[r0:r1] += mm(a[r0:r1], b)
+    return out
 
 
 @_ff_bwd_op.register_fake
-def _(dy, x, gamma, beta, w1, w2, h, eps, kind, need_dx):
+def _(dy, x, gamma, beta, w1, w2, h, gate, eps, kind, residual, need_dx):
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0), gamma.new_empty(gamma.shape),
-            beta.new_empty(beta.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape))
+            beta.new_empty(beta.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
+            gate.new_empty(gate.shape) if gate is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, gamma, beta, w1, w2, eps, kind, compute_dtype = inputs
-    ctx.save_for_backward(x, gamma, beta, w1, w2, output[1])
-    ctx.eps, ctx.kind = eps, kind
+    x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual = inputs
+    ctx.save_for_backward(x, gamma, beta, w1, w2, output[1], gate)
+    ctx.eps, ctx.kind, ctx.residual = eps, kind, residual
+    ctx.set_materialize_grads(False)  # h's gradient (never used) is None, not a (rows, inner) zeros
 
 
 def _backward(ctx, dy, dh_unused):
-    x, gamma, beta, w1, w2, h = ctx.saved_tensors
+    x, gamma, beta, w1, w2, h, gate = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, dg, db, dw1, dw2 = _ff_bwd_op(dy.contiguous(), x, gamma, beta, w1, w2, h, ctx.eps, ctx.kind, need_dx)
-    return (dx if need_dx else None), dg, db, dw1, dw2, None, None, None
+    if dy is None:  # y took no part in the loss
+        return (None,) * 10
+    dx, dg, db, dw1, dw2, dgate = _ff_bwd_op(dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind,
+                                             ctx.residual, need_dx)
+    return ((dx if need_dx else None), dg, db, dw1, dw2, (dgate if gate is not None else None),
+            None, None, None, None)
 
 
 _ff_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, eps: float = 1e-5,
-                 kind: str = "gelu") -> Tensor:
-    """``fc2(act(fc1(LayerNorm(x))))`` with bias-free fc1 (inner, D) and fc2 (D, inner).
+                 kind: str = "gelu", *, residual: bool = False, gate: Optional[Tensor] = None) -> Tensor:
+    """``fc2(act(fc1(LayerNorm(x))))`` with bias-free fc1 (inner, D) and fc2 (D, inner), or with
+    ``residual`` the residual branch ``x + gate * fc2(...)`` (the gated FF of a Flamingo block).
 
     Args:
         x: (..., D) any float dtype; gamma, beta: (D,) LayerNorm affine; w1: (inner, D);
         w2: (D, inner); kind: ``"gelu"`` (exact erf) or ``"sqrelu"`` (squared ReLU).
+        residual: add the FF's output (times ``gate``) to x.
+        gate: with ``residual``, a one-element tensor in x's dtype scaling the branch (e.g.
+            ``tanh(ff_gate)``; its gradient is exact), or None for an ungated residual.
     Returns:
-        (..., D) in the autocast dtype when autocast is on for x's device (and x is not
-        float64), else in x's dtype.
+        (..., D): the FF alone in the autocast dtype when autocast is on for x's device (and
+        x is not float64), else in x's dtype; with ``residual`` in x's dtype.
     """
     if kind not in FF_KINDS:
         raise ValueError(f"unknown feed-forward kind {kind!r}; expected one of {FF_KINDS}")
@@ -130,22 +224,34 @@ def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor,
             f"expected gamma/beta ({D},), w1 (inner, {D}), w2 ({D}, inner); got {tuple(gamma.shape)}, "
             f"{tuple(beta.shape)}, {tuple(w1.shape)}, {tuple(w2.shape)}"
         )
+    if gate is not None:
+        if not residual:
+            raise ValueError("a gate scales the residual branch: pass residual=True with gate")
+        if gate.numel() != 1 or gate.dtype != x.dtype:
+            raise ValueError(f"expected a one-element gate of x's dtype {x.dtype}, got shape {tuple(gate.shape)} "
+                             f"and dtype {gate.dtype}")
     dev = x.device.type
     cd: Optional[torch.dtype] = None
     if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
         cd = torch.get_autocast_dtype(dev)
-    y, _ = _ff_op(x.reshape(-1, D), gamma, beta, w1, w2, float(eps), kind, cd or x.dtype)
+    y, _ = _ff_op(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, cd or x.dtype, residual)
     return y.view(*x.shape[:-1], D)
 
 
-def module_feed_forward(ff, x: Tensor) -> Tensor:
-    """``ff(x)`` for a feed-forward module with ``norm`` (LayerNorm), bias-free ``fc1`` /
-    ``fc2`` and ``kind`` (:class:`flamingo_rt.models.ff.FeedForward`): through
-    :func:`feed_forward` when a gradient will be taken (training), else the module itself
-    (inference keeps its small-batch decode kernels)."""
+def module_feed_forward(ff, x: Tensor, residual: bool = False, gate: Optional[Tensor] = None) -> Tensor:
+    """``ff(x)`` (or with ``residual`` ``x + gate * ff(x)``, ``x + ff(x)`` when gate is None)
+    for a feed-forward module with ``norm`` (LayerNorm), bias-free ``fc1`` / ``fc2`` and
+    ``kind`` (:class:`flamingo_rt.models.ff.FeedForward`): through :func:`feed_forward` when a
+    gradient will be taken (training), else the module itself and ``addcmul`` (inference keeps
+    its small-batch decode kernels)."""
     n, f1, f2 = ff.norm, ff.fc1, ff.fc2
-    training = torch.is_grad_enabled() and (x.requires_grad or f1.weight.requires_grad or n.weight.requires_grad)
+    training = torch.is_grad_enabled() and (
+        x.requires_grad or f1.weight.requires_grad or n.weight.requires_grad
+        or (gate is not None and gate.requires_grad))
     if (not training or f1.bias is not None or f2.bias is not None or n.weight is None or n.bias is None
             or torch.compiler.is_compiling()):
-        return ff(x)
-    return feed_forward(x, n.weight, n.bias, f1.weight, f2.weight, n.eps, ff.kind)
+        y = ff(x)
+        if not residual:
+            return y
+        return x + y if gate is None else torch.addcmul(x, gate, y)
+    return feed_forward(x, n.weight, n.bias, f1.weight, f2.weight, n.eps, ff.kind, residual=residual, gate=gate)

@@ -72,6 +72,16 @@ def register() -> None:
         R, D = _shape(x)
         return 4 * R * D * _shape(w1)[0]
 
+    @register_flop_formula(ops.gated_linear_residual, get_raw=True)
+    def _glr_fwd(x, o, weight, *args, out_val=None, **kw):
+        R, K = _shape(o)
+        return 2 * R * K * _shape(weight)[0]
+
+    @register_flop_formula(ops.gated_linear_residual_backward, get_raw=True)
+    def _glr_bwd(dz, o, weight, *args, out_val=None, **kw):
+        R, K = _shape(o)
+        return 4 * R * K * _shape(weight)[0]  # dW, d(o)
+
     @register_flop_formula(ops.feed_forward_backward, get_raw=True)
     def _ff_bwd(dy, x, gamma, beta, w1, w2, h, *args, out_val=None, **kw):
         R, D = _shape(x)

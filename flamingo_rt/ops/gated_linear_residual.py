@@ -1,0 +1,140 @@
+"""``flamingo_rt::gated_linear_residual``: ``x + gate * (o W^T)``, the output projection of a
+Flamingo cross-attention branch and its tanh-gated residual add as one op (``torch.library``,
+fake implementation and autograd).
+
+The module path (``to_out`` Linear, then ``addcmul``) keeps the projection's input o (for
+W's gradient) and its output y = o W^T (for the gate's gradient sum(dz * y)): y is as wide
+as the text stream (rows x D; 64 MiB for 8192 tokens of width 2048 in float32). This op
+keeps o only: the gate's gradient is the same sum taken on the other side of the product,
+
+    sum(dz * (o W^T)) = <W, dz^T o>,
+
+and dz^T o is W's (ungated) gradient, computed anyway. The incoming gradient is not scaled
+into a second (rows, D) tensor either: dW = gate * dz^T o, do = gate * (dz W), dx = dz.
+
+Under autocast (``compute_dtype`` bfloat16/float16) the product runs in the compute dtype as
+autocast's ``linear`` does and the sum x + gate * y in x's dtype (as ``addcmul`` promotes);
+parameter gradients come back in the parameters' dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .cpu_gemm import BLOCK_BYTES, mm
+
+__all__ = ["gated_linear_residual", "module_gated_linear_residual"]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("flamingo_rt::gated_linear_residual", mutates_args=())
+def _glr_op(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor], compute_dtype: torch.dtype) -> Tensor:
+    """x (R, D), o (R, K), weight (D, K), gate (1,) in x's dtype or None -> (R, D) in x's dtype,
+    in row blocks (no whole (R, D) product besides the output)."""
+    with torch.autocast(x.device.type, enabled=False):
+        R, D = x.shape
+        wt = weight.to(compute_dtype).t()
+        oc = o.to(compute_dtype)
+        z = torch.empty_like(x)
+        g = None if gate is None else gate.reshape(())
+        step = max(1, BLOCK_BYTES // max(1, D * x.element_size()))
+        for r0 in range(0, R, step):
+            r1 = min(R, r0 + step)
+            y = mm(oc[r0:r1], wt)
+            if g is None:
+                torch.add(x[r0:r1], y, out=z[r0:r1])
+            else:
+                torch.addcmul(x[r0:r1], g, y, out=z[r0:r1])
+    return z
+
+
+@_glr_op.register_fake
+def _(x, o, weight, gate, compute_dtype):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("flamingo_rt::gated_linear_residual_backward", mutates_args=())
+def _glr_bwd_op(dz: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor],
+                compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(do (R, K) in o's dtype, dW (D, K) in W's dtype, dgate (1,) or empty)."""
+    with torch.autocast(dz.device.type, enabled=False):
+        cd = compute_dtype
+        acc = _acc(weight.dtype)
+        dzc, oc, wc = dz.to(cd), o.to(cd), weight.to(cd)
+        dw = mm(dzc.t(), oc).to(acc)  # ungated dz^T o
+        do = mm(dzc, wc)
+        if gate is None:
+            return do.to(o.dtype), dw.to(weight.dtype), dz.new_empty(0)
+        g = gate.reshape(())
+        dgate = torch.dot(dw.reshape(-1), weight.to(acc).reshape(-1)).reshape(gate.shape).to(gate.dtype)
+        do = do.mul_(g.to(do.dtype)).to(o.dtype)
+        dw = dw.mul_(g.to(acc)).to(weight.dtype)
+    return do, dw, dgate
+
+
+@_glr_bwd_op.register_fake
+def _(dz, o, weight, gate, compute_dtype):
+    return (torch.empty_like(o), torch.empty_like(weight),
+            torch.empty_like(gate) if gate is not None else dz.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, o, weight, gate, compute_dtype = inputs
+    ctx.save_for_backward(o, weight, gate)
+    ctx.compute_dtype = compute_dtype
+
+
+def _backward(ctx, dz):
+    o, weight, gate = ctx.saved_tensors
+    do, dw, dgate = _glr_bwd_op(dz.contiguous(), o, weight, gate, ctx.compute_dtype)
+    return dz, do, dw, (dgate if gate is not None else None), None
+
+
+_glr_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_linear_residual(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+    """``x + gate * F.linear(o, weight)`` (``x + F.linear(o, weight)`` when gate is None).
+
+    Args:
+        x: (..., D) the residual stream, any float dtype.
+        o: (..., K) the branch's input to the projection (the attention output), same leading
+            shape as x.
+        weight: (D, K) the projection (no bias).
+        gate: a one-element tensor in x's dtype (e.g. ``tanh(attn_gate)``; its gradient is
+            exact), or None.
+    Returns:
+        (..., D) in x's dtype; the product in the autocast dtype when autocast is on for x's
+        device (and x is not float64), else in x's dtype.
+    """
+    D, K = x.shape[-1], o.shape[-1]
+    if weight.shape != (D, K) or o.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"expected o (..., K) with x's leading shape {tuple(x.shape[:-1])} and weight ({D}, K); "
+                         f"got o {tuple(o.shape)}, weight {tuple(weight.shape)}")
+    if gate is not None and (gate.numel() != 1 or gate.dtype != x.dtype):
+        raise ValueError(f"expected a one-element gate of x's dtype {x.dtype}, got shape {tuple(gate.shape)} "
+                         f"and dtype {gate.dtype}")
+    dev = x.device.type
+    cd = x.dtype
+    if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        cd = torch.get_autocast_dtype(dev)
+    z = _glr_op(x.reshape(-1, D), o.reshape(-1, K), weight, gate, cd)
+    return z.view(x.shape)
+
+
+def module_gated_linear_residual(linear, x: Tensor, o: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+    """``x + gate * linear(o)`` for a bias-free ``nn.Linear``-like module: through
+    :func:`gated_linear_residual` when a gradient will be taken (training, eager), else the
+    module and ``addcmul`` (inference keeps the module's small-batch decode kernels)."""
+    w = linear.weight
+    training = torch.is_grad_enabled() and (
+        x.requires_grad or o.requires_grad or w.requires_grad or (gate is not None and gate.requires_grad))
+    if not training or linear.bias is not None or torch.compiler.is_compiling():
+        y = linear(o)
+        return x + y if gate is None else torch.addcmul(x, gate, y)
+    return gated_linear_residual(x, o, w, gate)

@@ -117,7 +117,6 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
         R, D = x.shape
         acc = _acc(w1.dtype)
         g = _gate_of(gate)
-        w1c, w2c = w1.to(cd), w2.to(cd)
         dw1 = dw2 = None
         dg = torch.zeros(D, dtype=_acc(gamma.dtype), device=x.device)
         db = torch.zeros(D, dtype=_acc(beta.dtype), device=x.device)
@@ -127,7 +126,8 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
             r1 = min(R, r0 + step)
             dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
             dw2 = _acc_mm(dw2, dyc.t(), _act(hc, kind), acc)  # the activation lives for this product only
-            dh = mm(dyc, w2c)  # da, made dh in place
+            # the compute-dtype weight casts (bf16 copies under autocast) live one at a time
+            dh = mm(dyc, w2.to(cd))  # da, made dh in place
             if kind == "gelu":
                 torch.ops.aten.gelu_backward.grad_input(dh, hc, grad_input=dh)
             else:
@@ -136,7 +136,7 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
                 dh.mul_(g.to(cd))
             xn, xf, mean, rstd, gm, bt = _norm(x[r0:r1], gamma, beta, eps)
             dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), acc)
-            dxn = mm(dh, w1c).to(xf.dtype)
+            dxn = mm(dh, w1.to(cd)).to(xf.dtype)
             del dh
             dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
                 dxn, xf, [D], mean, rstd, gm, bt, [need_dx, True, True])
@@ -161,8 +161,10 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
     hold a second weight-gradient-sized tensor). A product in acc adds c as its post-op
     (:func:`cpu_gemm.mm_add`); a lower-precision product is summed into c."""
     M, N = a.shape[0], b.shape[1]
-    out = torch.empty((M, N), dtype=acc, device=a.device) if c is None else c
     rows = max(1, BLOCK_BYTES // (max(a.shape[1], N) * torch.empty(0, dtype=acc).element_size()))
+    if c is None and (rows >= M or a.dtype == acc):
+        return mm(a, b).to(acc)  # mm copies a transposed a in blocks itself; no second output to fill
+    out = torch.empty((M, N), dtype=acc, device=a.device) if c is None else c
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
         if c is None:

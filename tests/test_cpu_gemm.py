@@ -277,3 +277,14 @@ def test_use_is_per_thread():
         seen["this"] = cpu_gemm.policy()
     assert seen["this"] == "torch"
     assert seen["other"] == cpu_gemm.policy()  # the other thread saw the environment's policy
+
+
+@pytest.mark.parametrize("rows,most,want", [(1024, 1020, 512), (1024, 1024, 1024), (5, 2, 2), (7, 3, 3), (9, 3, 3),
+                                            (10, 3, 3), (1, 0, 1), (0, 8, 1), (4112, 1000, 823)])
+def test_block_rows_balanced(rows, most, want):
+    """The fewest blocks of at most ``most`` rows, of equal size but the last."""
+    got = cpu_gemm.block_rows(rows, most)
+    assert got == want
+    if rows:
+        n = -(-rows // got)
+        assert got <= max(1, most) and n == -(-rows // max(1, most))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cpu_gemm import BLOCK_BYTES, mm, mm_add
+from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
@@ -55,9 +55,10 @@ CHUNK_BYTES = 32 << 20  # the largest (rows, inner) temporary the op makes at on
 
 
 def _chunk_rows(rows: int, inner: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the (chunk, inner) temporaries in ``dtype`` at most :data:`CHUNK_BYTES`."""
+    """Rows per chunk: the (chunk, inner) temporaries in ``dtype`` at most :data:`CHUNK_BYTES`,
+    the chunks balanced (:func:`cpu_gemm.block_rows`)."""
     esize = torch.empty(0, dtype=dtype).element_size()
-    return max(1, min(rows, CHUNK_BYTES // max(1, inner * esize)))
+    return block_rows(rows, CHUNK_BYTES // max(1, inner * esize))
 
 
 def _gate_of(gate: Optional[Tensor]) -> Optional[Tensor]:
@@ -161,7 +162,7 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
     hold a second weight-gradient-sized tensor). A product in acc adds c as its post-op
     (:func:`cpu_gemm.mm_add`); a lower-precision product is summed into c."""
     M, N = a.shape[0], b.shape[1]
-    rows = max(1, BLOCK_BYTES // (max(a.shape[1], N) * torch.empty(0, dtype=acc).element_size()))
+    rows = block_rows(M, BLOCK_BYTES // (max(a.shape[1], N) * torch.empty(0, dtype=acc).element_size()))
     if c is None and (rows >= M or a.dtype == acc):
         return mm(a, b).to(acc)  # mm copies a transposed a in blocks itself; no second output to fill
     out = torch.empty((M, N), dtype=acc, device=a.device) if c is None else c

@@ -45,6 +45,6 @@ class MLPResampler(MediaEmbeddings):
         B, M, N, _ = x.shape
         x = x.reshape(B * M, N, D)
         for ff in self.layers:
-            x = x + module_feed_forward(ff, x)
+            x = module_feed_forward(ff, x, residual=True)
         pooled = F.adaptive_avg_pool1d(x.transpose(1, 2), L).transpose(1, 2)
         return self.norm(pooled).reshape(B, M, L, D)

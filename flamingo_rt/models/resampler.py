@@ -146,7 +146,7 @@ class ResamplerLayer(nn.Module):
 
     def forward(self, x, latents, backend=None, kv_x=None):
         latents = latents + self.attn(x, latents, backend, kv_x)
-        return latents + module_feed_forward(self.ff, latents)
+        return module_feed_forward(self.ff, latents, residual=True)
 
 
 class PerceiverResampler(MediaEmbeddings):

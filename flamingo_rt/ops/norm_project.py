@@ -89,13 +89,13 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         gf = g.to(wf.dtype)
         dy = dy.to(compute_dtype)
         G = cpu_gemm.mm(dy.t(), xc).to(wf.dtype)  # (out, D)
-        s = dy.to(wf.dtype).sum(0)  # (out,)
+        s = dy.sum(0, dtype=wf.dtype)  # (out,), summed in the accumulation dtype without a copy of dy
         dws.append(torch.addr(G * gf[None, :], s, b.to(wf.dtype)).to(w.dtype))
         dgs.append((wf * G).sum(0).to(g.dtype))
         dbs.append((wf.t() @ s).to(b.dtype))
         if need_dx:
             d = cpu_gemm.mm(dy, (wf * gf[None, :]).to(compute_dtype))
-            dxhat = d.to(xhat.dtype) if dxhat is None else dxhat.add_(d)
+            dxhat = d.to(xhat.dtype) if dxhat is None else dxhat.add_(d)  # add_ widens d in place of a copy
     if need_dx:
         dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
         dx = dx.to(x.dtype)

@@ -79,9 +79,11 @@ def _ff_op(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate:
         h = mm(xn, w1.to(compute_dtype).t())
         del xn
         w2t = w2.to(compute_dtype).t()
-        y = torch.empty((R, w2.shape[0]), dtype=x.dtype if residual else compute_dtype, device=x.device)
         g = _gate_of(gate)
         step = _chunk_rows(R, h.shape[1], compute_dtype)
+        if not residual and step >= R:  # one chunk: the product is the output
+            return mm(_act(h, kind), w2t), h
+        y = torch.empty((R, w2.shape[0]), dtype=x.dtype if residual else compute_dtype, device=x.device)
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             f = mm(_act(h[r0:r1], kind), w2t)

@@ -1,7 +1,10 @@
 """Side-by-side timing of ours and a peer in one process, with ratios and rates."""
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +17,29 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops()
+
+
+def _status_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def peak_added_mib(fn: Callable[[], object]) -> float:
+    """How far one call of ``fn`` raises this process's resident set above where it started
+    (MiB; Linux with glibc). glibc's mmap threshold is pinned at 64 KiB first (for the rest
+    of the process: later timings map fresh pages for every large tensor, on both sides
+    alike), so every tensor buffer is mapped on allocation and unmapped on free and the
+    resident set follows live memory. ``fn`` runs once before the baseline, so what persists
+    across calls (gradient buffers kept by the caller) is not counted."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    fn()
+    gc.collect()
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
 
 
 def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float:

@@ -125,10 +125,13 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
         db = torch.zeros(D, dtype=_acc(beta.dtype), device=x.device)
         dx = torch.empty_like(x) if need_dx else x.new_empty(0)
         step = _chunk_rows(R, h.shape[1], cd)
+        # weight gradients summed over several chunks accumulate in float32; one chunk's are
+        # the products themselves, in the compute dtype (as the module path's), widened at the end
+        wacc = acc if step < R else cd
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
-            dw2 = _acc_mm(dw2, dyc.t(), _act(hc, kind), acc)  # the activation lives for this product only
+            dw2 = _acc_mm(dw2, dyc.t(), _act(hc, kind), wacc)  # the activation lives for this product only
             # the compute-dtype weight casts (bf16 copies under autocast) live one at a time
             dh = mm(dyc, w2.to(cd))  # da, made dh in place
             if kind == "gelu":
@@ -138,7 +141,7 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
             if g is not None:
                 dh.mul_(g.to(cd))
             xn, xf, mean, rstd, gm, bt = _norm(x[r0:r1], gamma, beta, eps)
-            dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), acc)
+            dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), wacc)
             dxn = mm(dh, w1.to(cd)).to(xf.dtype)
             del dh
             dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
@@ -150,6 +153,7 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
                     dxc = dxc.add_(dy[r0:r1].to(dxc.dtype))
                 dx[r0:r1] = dxc
         if g is not None:
+            dw2 = dw2.to(acc)
             dgate = torch.dot(dw2.reshape(-1), w2.to(acc).reshape(-1)).reshape(gate.shape).to(gate.dtype)
             dw2 = dw2.mul_(g.to(acc))
         else:

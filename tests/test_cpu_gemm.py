@@ -288,3 +288,36 @@ def test_block_rows_balanced(rows, most, want):
     if rows:
         n = -(-rows // got)
         assert got <= max(1, most) and n == -(-rows // max(1, most))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("block", [None, 7 * 40 * 4])  # whole, or a transposed a in blocks of 7 rows
+def test_mm_add_matches_float64_and_runs_on_onednn(policy, block, monkeypatch):
+    """c + a @ b on every layout of a and b, whole and with a transposed a copied in blocks
+    (the accumulator's rows added block by block); on oneDNN the add is the product's post-op
+    (the profiler shows its op and no addmm); c itself is not modified."""
+    if block is not None:
+        monkeypatch.setattr(cpu_gemm, "BLOCK_BYTES", block)
+    g = torch.Generator().manual_seed(11)
+    for a, b in _layouts(53, 40, 29, g):
+        c = torch.randn(53, 29, generator=g)
+        c0 = c.clone()
+        with cpu_gemm.use(policy):
+            out = cpu_gemm.mm_add(c, a, b)
+            ran = _ops_run(lambda: cpu_gemm.mm_add(c, a, b))
+        assert out.shape == (53, 29) and torch.equal(c, c0)
+        _close(out, c.double() + a.double() @ b.double())
+        if policy == "onednn":
+            assert "mkldnn::_linear_pointwise" in ran and "aten::addmm" not in ran, ran
+
+
+def test_mm_add_other_dtypes_and_errors():
+    g = torch.Generator().manual_seed(12)
+    a, b, c = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((6, 5), (5, 4), (6, 4)))
+    _close(cpu_gemm.mm_add(c, a, b), c + a @ b, rtol=1e-12)  # float64: torch.addmm
+    ab, bb, cb = a.bfloat16(), b.bfloat16(), c.bfloat16()
+    assert cpu_gemm.mm_add(cb, ab, bb).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="expected c of shape"):
+        cpu_gemm.mm_add(c[:, :3], a, b)
+    with pytest.raises(ValueError, match="expected c of shape"):
+        cpu_gemm.mm_add(c.float(), a, b)

@@ -196,3 +196,35 @@ def test_residual_errors_and_inference_path():
     y = feed_forward(torch.empty(4, 16, device="meta"), *(torch.empty(s, device="meta") for s in ((16,), (16,), (64, 16), (16, 64))),
                      residual=True, gate=torch.empty(1, device="meta"))
     assert y.shape == (4, 16) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("residual,gated", [(False, False), (True, False), (True, True)])
+def test_opcheck(residual, gated):
+    """Schema, fake implementation, autograd registration and AOT dispatch of the op (and,
+    through its autograd, of the backward op)."""
+    torch.manual_seed(7)
+    D, inner, R = 8, 32, 6
+    args = (torch.randn(R, D, requires_grad=True), torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True),
+            torch.randn(inner, D, requires_grad=True), torch.randn(D, inner, requires_grad=True),
+            torch.tensor([0.3], requires_grad=True) if gated else None, 1e-5, "gelu", torch.float32, residual)
+    torch.library.opcheck(FFMOD._ff_op, args)
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    """The gated residual op under torch.compile(fullgraph=True) (AOT autograd over the fake
+    implementation): the same output and gradients as eager."""
+    torch.manual_seed(8)
+    ff = _module(32, "gelu")
+    a = torch.tensor([0.4], requires_grad=True)
+    x = torch.randn(10, 32, requires_grad=True)
+    leaves = [x, a, *ff.parameters()]
+
+    def f(x, a):
+        return feed_forward(x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight, residual=True, gate=a.tanh())
+
+    go = torch.randn(10, 32)
+    want = torch.autograd.grad(f(x, a), leaves, go)
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, a)
+    assert rel_err(y, f(x, a)) < 1e-6
+    for g1, g2 in zip(torch.autograd.grad(y, leaves, go), want):
+        assert rel_err(g1, g2) < 1e-6

@@ -142,3 +142,21 @@ def test_block_training_keeps_no_branch_output():
     assert rel_err(z, want) < 1e-6
     for g1, g2 in zip(got, torch.autograd.grad(want, leaves, go)):
         assert rel_err(g1, g2) < 1e-5
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    torch.manual_seed(4)
+    x = torch.randn(12, 16, requires_grad=True)
+    o = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(16, 8, requires_grad=True)
+    a = torch.tensor([0.2], requires_grad=True)
+
+    def f(x, o, w, a):
+        return gated_linear_residual(x, o, w, a.tanh())
+
+    go = torch.randn(12, 16)
+    want = torch.autograd.grad(f(x, o, w, a), [x, o, w, a], go)
+    z = torch.compile(f, fullgraph=True, backend="aot_eager")(x, o, w, a)
+    assert rel_err(z, f(x, o, w, a)) < 1e-6
+    for g1, g2 in zip(torch.autograd.grad(z, [x, o, w, a], go), want):
+        assert rel_err(g1, g2) < 1e-6

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add
+from .gated_linear_residual import check_gate, gate_weight_grads
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
@@ -153,9 +154,7 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
                     dxc = dxc.add_(dy[r0:r1].to(dxc.dtype))
                 dx[r0:r1] = dxc
         if g is not None:
-            dw2 = dw2.to(acc)
-            dgate = torch.dot(dw2.reshape(-1), w2.to(acc).reshape(-1)).reshape(gate.shape).to(gate.dtype)
-            dw2 = dw2.mul_(g.to(acc))
+            dw2, dgate = gate_weight_grads(dw2, w2, gate)
         else:
             dgate = x.new_empty(0)
     return dx, dg.to(gamma.dtype), db.to(beta.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype), dgate
@@ -234,12 +233,9 @@ def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor,
             f"expected gamma/beta ({D},), w1 (inner, {D}), w2 ({D}, inner); got {tuple(gamma.shape)}, "
             f"{tuple(beta.shape)}, {tuple(w1.shape)}, {tuple(w2.shape)}"
         )
-    if gate is not None:
-        if not residual:
-            raise ValueError("a gate scales the residual branch: pass residual=True with gate")
-        if gate.numel() != 1 or gate.dtype != x.dtype:
-            raise ValueError(f"expected a one-element gate of x's dtype {x.dtype}, got shape {tuple(gate.shape)} "
-                             f"and dtype {gate.dtype}")
+    if gate is not None and not residual:
+        raise ValueError("a gate scales the residual branch: pass residual=True with gate")
+    check_gate(gate, x)
     dev = x.device.type
     cd: Optional[torch.dtype] = None
     if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):

@@ -23,13 +23,31 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .cpu_gemm import BLOCK_BYTES, mm
+from .cpu_gemm import BLOCK_BYTES, block_rows, mm
 
-__all__ = ["gated_linear_residual", "module_gated_linear_residual"]
+__all__ = ["gated_linear_residual", "module_gated_linear_residual", "check_gate", "gate_weight_grads"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def check_gate(gate: Optional[Tensor], x: Tensor) -> None:
+    """A residual branch's gate is None or a one-element tensor in x's dtype."""
+    if gate is not None and (gate.numel() != 1 or gate.dtype != x.dtype):
+        raise ValueError(f"expected a one-element gate of x's dtype {x.dtype}, got shape {tuple(gate.shape)} "
+                         f"and dtype {gate.dtype}")
+
+
+def gate_weight_grads(dw_raw: Tensor, weight: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """For a branch ``x + gate * (a W^T)``: from W's ungated gradient ``dz^T a`` (any dtype),
+    (W's gradient gate * dz^T a in the accumulation dtype, the gate's gradient
+    sum(dz * a W^T) = <W, dz^T a> in the gate's dtype and shape). The branch's output is
+    never needed."""
+    acc = _acc(weight.dtype)
+    dw = dw_raw.to(acc)
+    dgate = torch.dot(dw.reshape(-1), weight.to(acc).reshape(-1)).reshape(gate.shape).to(gate.dtype)
+    return dw.mul_(gate.reshape(()).to(acc)), dgate
 
 
 @torch.library.custom_op("flamingo_rt::gated_linear_residual", mutates_args=())
@@ -42,7 +60,7 @@ def _glr_op(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor], comput
         oc = o.to(compute_dtype)
         z = torch.empty_like(x)
         g = None if gate is None else gate.reshape(())
-        step = max(1, BLOCK_BYTES // max(1, D * x.element_size()))
+        step = block_rows(R, BLOCK_BYTES // max(1, D * x.element_size()))
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             y = mm(oc[r0:r1], wt)
@@ -64,17 +82,14 @@ def _glr_bwd_op(dz: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor],
     """(do (R, K) in o's dtype, dW (D, K) in W's dtype, dgate (1,) or empty)."""
     with torch.autocast(dz.device.type, enabled=False):
         cd = compute_dtype
-        acc = _acc(weight.dtype)
         dzc, oc, wc = dz.to(cd), o.to(cd), weight.to(cd)
-        dw = mm(dzc.t(), oc).to(acc)  # ungated dz^T o
+        dw = mm(dzc.t(), oc).to(_acc(weight.dtype))  # ungated dz^T o
         do = mm(dzc, wc)
         if gate is None:
             return do.to(o.dtype), dw.to(weight.dtype), dz.new_empty(0)
-        g = gate.reshape(())
-        dgate = torch.dot(dw.reshape(-1), weight.to(acc).reshape(-1)).reshape(gate.shape).to(gate.dtype)
-        do = do.mul_(g.to(do.dtype)).to(o.dtype)
-        dw = dw.mul_(g.to(acc)).to(weight.dtype)
-    return do, dw, dgate
+        dw, dgate = gate_weight_grads(dw, weight, gate)
+        do = do.mul_(gate.reshape(()).to(do.dtype)).to(o.dtype)
+    return do, dw.to(weight.dtype), dgate
 
 
 @_glr_bwd_op.register_fake
@@ -116,9 +131,7 @@ def gated_linear_residual(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[T
     if weight.shape != (D, K) or o.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"expected o (..., K) with x's leading shape {tuple(x.shape[:-1])} and weight ({D}, K); "
                          f"got o {tuple(o.shape)}, weight {tuple(weight.shape)}")
-    if gate is not None and (gate.numel() != 1 or gate.dtype != x.dtype):
-        raise ValueError(f"expected a one-element gate of x's dtype {x.dtype}, got shape {tuple(gate.shape)} "
-                         f"and dtype {gate.dtype}")
+    check_gate(gate, x)
     dev = x.device.type
     cd = x.dtype
     if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):

@@ -51,10 +51,16 @@ def test_unused_output_and_gradcheck_float64():
         assert (c is None and float(a.abs().max()) == 0) or rel_err(a, c) < 1e-10
 
 
-def test_autocast_bf16_close_to_float32_like_layernorm_linear():
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_autocast_bf16_close_to_float32_like_layernorm_linear(monkeypatch, x_grad):
+    """Three projections (the input gradient summed over them in float32) with the widening
+    blocks shrunk to 16 rows, so the bf16 column sums and the bf16 -> float32 adds run in
+    several blocks."""
+    from flamingo_rt.ops import precision
+    monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 16 * 96 * 4)
     torch.manual_seed(2)
-    x = torch.randn(200, 64)
-    g, b, w = _params(2, 64, 96)
+    x = torch.randn(200, 64).requires_grad_(x_grad)
+    g, b, w = _params(3, 64, 96)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outs = norm_project(x, g, b, w)
         refs = _ref(x, g, b, w)
@@ -63,9 +69,10 @@ def test_autocast_bf16_close_to_float32_like_layernorm_linear():
         assert o.dtype == torch.bfloat16 == r.dtype
         assert rel_err(o, e) <= 2 * rel_err(r, e) + 1e-3
     gos = [torch.randn_like(e).float() for e in exact]
-    got = torch.autograd.grad([o.float() for o in outs], g + b + w, gos)
-    want = torch.autograd.grad([r.float() for r in refs], g + b + w, gos)
-    truth = torch.autograd.grad([e.float() for e in _ref(x, g, b, w)], g + b + w, gos)
+    leaves = ([x] if x_grad else []) + g + b + w
+    got = torch.autograd.grad([o.float() for o in outs], leaves, gos)
+    want = torch.autograd.grad([r.float() for r in refs], leaves, gos)
+    truth = torch.autograd.grad([e.float() for e in _ref(x, g, b, w)], leaves, gos)
     for a, c, t in zip(got, want, truth):
         assert a.dtype == torch.float32
         assert rel_err(a, t) <= 3 * rel_err(c, t) + 1e-3

@@ -29,15 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add
+from .precision import acc_dtype as _acc
+from .precision import compute_dtype as _compute_dtype
 from .gated_linear_residual import check_gate, gate_weight_grads
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
 FF_KINDS = ("gelu", "sqrelu")
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _norm(x: Tensor, gamma: Tensor, beta: Tensor, eps: float):
@@ -236,11 +234,7 @@ def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor,
     if gate is not None and not residual:
         raise ValueError("a gate scales the residual branch: pass residual=True with gate")
     check_gate(gate, x)
-    dev = x.device.type
-    cd: Optional[torch.dtype] = None
-    if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        cd = torch.get_autocast_dtype(dev)
-    y, _ = _ff_op(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, cd or x.dtype, residual)
+    y, _ = _ff_op(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, _compute_dtype(x), residual)
     return y.view(*x.shape[:-1], D)
 
 

@@ -24,12 +24,10 @@ import torch
 from torch import Tensor
 
 from .cpu_gemm import BLOCK_BYTES, block_rows, mm
+from .precision import acc_dtype as _acc
+from .precision import compute_dtype as _compute_dtype
 
 __all__ = ["gated_linear_residual", "module_gated_linear_residual", "check_gate", "gate_weight_grads"]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def check_gate(gate: Optional[Tensor], x: Tensor) -> None:
@@ -132,11 +130,7 @@ def gated_linear_residual(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[T
         raise ValueError(f"expected o (..., K) with x's leading shape {tuple(x.shape[:-1])} and weight ({D}, K); "
                          f"got o {tuple(o.shape)}, weight {tuple(weight.shape)}")
     check_gate(gate, x)
-    dev = x.device.type
-    cd = x.dtype
-    if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        cd = torch.get_autocast_dtype(dev)
-    z = _glr_op(x.reshape(-1, D), o.reshape(-1, K), weight, gate, cd)
+    z = _glr_op(x.reshape(-1, D), o.reshape(-1, K), weight, gate, _compute_dtype(x))
     return z.view(x.shape)
 
 

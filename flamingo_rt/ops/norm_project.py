@@ -28,12 +28,11 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import cpu_gemm
+from .precision import acc_dtype as _acc
+from .precision import add_widened_, column_sum
+from .precision import compute_dtype as _compute_dtype
 
 __all__ = ["norm_project"]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _xhat(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -90,13 +89,13 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         gf = g.to(wf.dtype)
         dy = dy.to(compute_dtype)
         G = cpu_gemm.mm(dy.t(), xc).to(wf.dtype)  # (out, D)
-        s = dy.sum(0, dtype=wf.dtype)  # (out,), summed in the accumulation dtype without a copy of dy
+        s = column_sum(dy, wf.dtype)  # (out,), in the accumulation dtype without a whole widened copy of dy
         dws.append(torch.addr(G * gf[None, :], s, b.to(wf.dtype)).to(w.dtype))
         dgs.append((wf * G).sum(0).to(g.dtype))
         dbs.append((wf.t() @ s).to(b.dtype))
         if need_dx:
             d = cpu_gemm.mm(dy, (wf * gf[None, :]).to(compute_dtype))
-            dxhat = d.to(xhat.dtype) if dxhat is None else dxhat.add_(d)  # add_ widens d in place of a copy
+            dxhat = d.to(xhat.dtype) if dxhat is None else add_widened_(dxhat, d)
     if need_dx:
         del xc, xhat  # the LayerNorm backward below needs x and its statistics only
         # rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) in one pass (no (R, D)
@@ -164,11 +163,7 @@ def norm_project(
                 f"expected gamma/beta of shape ({D},) and weight of shape (O, {D}) for projection {i}, "
                 f"got {tuple(g.shape)}, {tuple(b.shape)}, {tuple(w.shape)}"
             )
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        cd = torch.get_autocast_dtype(dev)
-    else:
-        cd = x.dtype
+    cd = _compute_dtype(x)
     lead = x.shape[:-1]
     if _backend.exporting():  # plain aten in AOTInductor packages (a Python op cannot run in a C++ host)
         outs = _forward(x.reshape(-1, D), list(gammas), list(betas), list(weights), float(eps), cd)

@@ -1,0 +1,68 @@
+"""Dtype rules the fused ops share, and the widening reductions they need without copies.
+
+* :func:`acc_dtype`: the accumulation dtype of a tensor dtype (float32 for bf16/fp16/fp32,
+  float64 stays float64).
+* :func:`compute_dtype`: the dtype a matrix product of ``x`` runs in: the autocast dtype when
+  autocast is on for x's device (x floating point, not float64), else x's dtype.
+* :func:`column_sum` and :func:`add_widened_`: a bf16 (R, C) matrix's column sums in float32,
+  and ``acc += a`` into a float32 accumulator. Written plainly (``a.sum(0, dtype=float32)``,
+  ``acc.add_(a)``) PyTorch first makes a whole float32 copy of ``a`` (a fresh allocation,
+  page-faulted in: 8192 x 1024 bf16 took 13.6 ms for the sum and 14.7 ms for the add on the
+  2-core machine, against 1.1 and 1.7 ms here), so these widen a block of rows at a time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["acc_dtype", "compute_dtype", "column_sum", "add_widened_", "WIDEN_BLOCK_BYTES"]
+
+WIDEN_BLOCK_BYTES = 4 << 20  # the widened block (rows x C in the accumulation dtype) made at once
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and products of ``dtype`` values accumulate in: float32 or float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a matrix product of ``x`` in (x's dtype when autocast is off
+    for its device, x is float64 or not floating point)."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and x.is_floating_point() and x.dtype != torch.float64 \
+            and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _block_rows(a: Tensor, dtype: torch.dtype) -> int:
+    esize = torch.empty(0, dtype=dtype).element_size()
+    return max(1, WIDEN_BLOCK_BYTES // max(1, a.shape[1] * esize))
+
+
+def column_sum(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """a (R, C) any float dtype -> (C,) column sums accumulated and returned in ``dtype``
+    (default: :func:`acc_dtype` of a's), widening a block of rows at a time."""
+    if a.dim() != 2:
+        raise ValueError(f"column_sum expects a 2-D (rows, columns) tensor, got shape {tuple(a.shape)}")
+    dtype = acc_dtype(a.dtype) if dtype is None else dtype
+    if a.dtype == dtype:
+        return a.sum(0)
+    s = torch.zeros(a.shape[1], dtype=dtype, device=a.device)
+    step = _block_rows(a, dtype)
+    for r0 in range(0, a.shape[0], step):
+        s += a[r0:r0 + step].sum(0, dtype=dtype)
+    return s
+
+
+def add_widened_(acc: Tensor, a: Tensor) -> Tensor:
+    """``acc += a`` in place for acc (R, C) and a (R, C) of any float dtypes (a typically bf16
+    into a float32 acc), widening a block of a's rows at a time. Returns acc."""
+    if acc.shape != a.shape or acc.dim() != 2:
+        raise ValueError(f"add_widened_ expects two 2-D tensors of one shape, got {tuple(acc.shape)} and {tuple(a.shape)}")
+    if acc.dtype == a.dtype:
+        return acc.add_(a)
+    step = _block_rows(a, acc.dtype)
+    for r0 in range(0, a.shape[0], step):
+        acc[r0:r0 + step] += a[r0:r0 + step]
+    return acc

@@ -1,0 +1,90 @@
+"""flamingo_rt.ops.precision: the shared dtype rules and the blockwise widening reductions
+(column sums of a bf16 matrix in float32, a bf16 matrix added into a float32 accumulator)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flamingo_rt.ops import precision
+
+
+def test_acc_dtype():
+    assert precision.acc_dtype(torch.bfloat16) == torch.float32
+    assert precision.acc_dtype(torch.float16) == torch.float32
+    assert precision.acc_dtype(torch.float32) == torch.float32
+    assert precision.acc_dtype(torch.float64) == torch.float64
+
+
+def test_compute_dtype_follows_autocast():
+    x = torch.randn(2, 3)
+    assert precision.compute_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert precision.compute_dtype(x) == torch.bfloat16
+        assert precision.compute_dtype(x.double()) == torch.float64  # float64 is never cast down
+        assert precision.compute_dtype(torch.ones(2, dtype=torch.long)) == torch.long
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert precision.compute_dtype(x.bfloat16()) == torch.bfloat16
+
+
+def _inputs(R, C, dtype, seed, transposed=False):
+    g = torch.Generator().manual_seed(seed)
+    if transposed:
+        return torch.randn(C, R, generator=g).to(dtype).t()
+    return torch.randn(R, C + 3, generator=g).to(dtype)[:, 1:C + 1]  # a strided slice
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("R,C", [(1, 1), (7, 5), (300, 33)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_column_sum_matches_float64_in_blocks(monkeypatch, dtype, R, C, transposed):
+    """Blocks shrunk to 4 rows: every row is summed exactly once, in float32."""
+    monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 4 * C * 4)
+    a = _inputs(R, C, dtype, R * 100 + C, transposed)
+    s = precision.column_sum(a)
+    assert s.dtype == torch.float32 and s.shape == (C,)
+    ref = a.double().sum(0)
+    assert torch.allclose(s.double(), ref, rtol=1e-6, atol=1e-5 * max(1, R) ** 0.5)
+
+
+def test_column_sum_dtype_and_errors():
+    a = torch.randn(10, 4).bfloat16()
+    assert precision.column_sum(a, torch.float64).dtype == torch.float64
+    assert torch.allclose(precision.column_sum(a, torch.float64), a.double().sum(0))
+    with pytest.raises(ValueError, match=r"2-D .* got shape \(10,\)"):
+        precision.column_sum(torch.randn(10))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_add_widened_matches_float64_in_blocks(monkeypatch, dtype, transposed):
+    R, C = 37, 19
+    monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 5 * C * 4)
+    a = _inputs(R, C, dtype, 3, transposed)
+    acc = torch.randn(R, C, generator=torch.Generator().manual_seed(4))
+    ref = acc.double() + a.double()
+    out = precision.add_widened_(acc, a)
+    assert out is acc and acc.dtype == torch.float32
+    assert torch.allclose(acc.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_add_widened_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match=r"one shape, got \(3, 4\) and \(4, 3\)"):
+        precision.add_widened_(torch.zeros(3, 4), torch.zeros(4, 3, dtype=torch.bfloat16))
+
+
+def test_widening_makes_no_whole_float32_copy():
+    """The point of the blocks: no float32 copy of the whole bf16 matrix is allocated (the
+    plain ``a.sum(0, dtype=float32)`` and ``acc.add_(a)`` each make one)."""
+    R, C = 8192, 256  # 8 MiB in float32: two blocks of WIDEN_BLOCK_BYTES (4 MiB)
+    a = torch.randn(R, C).bfloat16()
+    acc = torch.zeros(R, C)
+    whole = R * C * 4
+
+    def largest_allocation(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as p:
+            fn()
+        return max((e.cpu_memory_usage for e in p.events() if e.cpu_memory_usage > 0), default=0)
+
+    assert largest_allocation(lambda: a.sum(0, dtype=torch.float32)) >= whole  # what is avoided
+    assert largest_allocation(lambda: precision.column_sum(a)) < whole
+    assert largest_allocation(lambda: precision.add_widened_(acc, a)) < whole

@@ -208,3 +208,46 @@ def test_config_files_and_errors(world, tmp_path):
 
     with pytest.raises(ValueError, match="divisible"):
         row_range(3, DistInfo(0, 2), "docs")
+
+
+def test_frozen_linears_in_bf16_give_the_same_step(world, tmp_path):
+    """freeze.frozen_linear_dtype = "bf16": the frozen LM's linear weights stored in bfloat16
+    give the same losses and gradients as autocast's casts of the float32 weights, the
+    trainable parameters (cross-attention, the row-trained embedding and output projection)
+    stay float32, and the stored weights do not change over steps."""
+    plain = _trainer(world, tmp_path / "a", steps=1, open_gates=True, precision="bf16")
+    tr = _trainer(world, tmp_path / "b", steps=2, open_gates=True, precision="bf16",
+                  freeze={"frozen_linear_dtype": "bf16"})
+    m = tr.model
+    frozen16 = {n for n, p in m.named_parameters() if p.dtype == torch.bfloat16}
+    assert frozen16 and all(n.startswith("lm.layers.") and not n.startswith("lm.xattn") for n in frozen16)
+    assert all(not p.requires_grad for n, p in m.named_parameters() if n in frozen16)
+    assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+    assert m.lm.lm_head.weight.dtype == torch.float32  # row-trained: not converted
+    bytes16 = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n in frozen16)
+    bytes32 = sum(p.numel() * p.element_size() for n, p in plain.model.named_parameters() if n in frozen16)
+    assert bytes16 * 2 == bytes32
+    batches, targets, _ = tr._batches()
+    res = []
+    for t in (plain, tr):
+        params = [p for p in t.model.parameters() if p.requires_grad]
+        opt = _GradCapture(params, lr=0.0)
+        r = train_step(t.model, batches, {"docs": 1.0, "pairs": 0.2, "video": 0.03}, targets, opt,
+                       autocast_dtype=torch.bfloat16)
+        res.append((r.losses, [opt.captured.get(id(p)) for p in params]))
+    assert res[0][0] == res[1][0]
+    for a, b in zip(res[0][1], res[1][1]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if n in frozen16}
+    tr.fit()
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters() if n in frozen16)
+
+
+def test_frozen_linear_dtype_config_errors(world):
+    d = train_config_dict(world["model"].parent, "run", 3)
+    with pytest.raises(ValueError, match="frozen_linear_dtype None or 'bf16', got 'fp16'"):
+        TrainConfig.from_dict(dict(d, precision="bf16", freeze={"frozen_linear_dtype": "fp16"}))
+    with pytest.raises(ValueError, match="needs precision = 'bf16'.*got 'fp32'"):
+        TrainConfig.from_dict(dict(d, precision="fp32", freeze={"frozen_linear_dtype": "bf16"}))
+    with pytest.raises(ValueError, match="got 'fsdp'"):
+        TrainConfig.from_dict(dict(d, precision="bf16", strategy="fsdp", freeze={"frozen_linear_dtype": "bf16"}))

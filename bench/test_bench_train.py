@@ -148,10 +148,10 @@ def alternate(ours_step, peer_step, rounds: int):
     return to, tp
 
 
-def memory(side: str, dtype: str) -> dict:
+def memory(side: str, dtype: str, *extra: str) -> dict:
     import rss
 
-    return rss.run(ROOT / "bench" / "peers" / "train_step.py", ["--side", side, "--dtype", dtype], ROOT)
+    return rss.run(ROOT / "bench" / "peers" / "train_step.py", ["--side", side, "--dtype", dtype, *extra], ROOT)
 
 
 def _load() -> str:
@@ -196,4 +196,20 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
                             f"peer {' '.join(f'{t:.2f}' for t in tp)})")
     benchmark.extra_info.update(ours_s=o, peer_s=p, ratio=p / o, ours_all_s=to, peer_all_s=tp,
                                 mem_ours=mo, mem_peer=mp, load=[load0, load1])
+    if dtype == "bf16":  # ours as `flamingo-rt train` runs with freeze.frozen_linear_dtype = "bf16"
+        of = ts.build_peer(sh)
+        ours = ts.build_ours(of, frozen_linears_bf16=True)
+        to16, tp16 = alternate(ts.ours_stepper(ours, data, sh["B"], ac), ts.peer_stepper(of, data, sh["B"], ac), ROUNDS)
+        del of, ours
+        m16 = memory("ours", dtype, "--frozen-linears-bf16")
+        o16, p16 = statistics.median(to16), statistics.median(tp16)
+        report.notes.append(
+            f"  | bf16, ours with the frozen LM linears stored in bf16 (same results) | {o16:.2f} s | {p16:.2f} s "
+            f"| {p16 / o16:.2f}x | {m16['peak_mib']:.0f} MiB | {mp['peak_mib']:.0f} MiB | {mp['peak_mib'] / m16['peak_mib']:.2f}x "
+            f"| {m16['step_mib']:.0f} MiB | {mp['step_mib']:.0f} MiB | {mp['step_mib'] / m16['step_mib']:.2f}x "
+            f"| {m16['step_mib'] - go:.0f} / {mp['step_mib'] - gp:.0f} MiB over {go:.0f} / {gp:.0f} MiB "
+            f"({(mp['step_mib'] - gp) / max(1.0, m16['step_mib'] - go):.2f}x) | (bit-identical: tests) | |")
+        report.notes.append(f"  (bf16 frozen linears in bf16: all times: ours {' '.join(f'{t:.2f}' for t in to16)}, "
+                            f"peer {' '.join(f'{t:.2f}' for t in tp16)})")
+        benchmark.extra_info.update(frozen_bf16_ours_s=o16, frozen_bf16_peer_s=p16, mem_ours_frozen_bf16=m16)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -66,12 +66,17 @@ def build_peer(sh: Dict[str, int], seed: int = 0) -> nn.Module:
     return of.train()
 
 
-def build_ours(peer: nn.Module) -> nn.Module:
-    """Ours with the peer's weights: vision encoder and LM frozen, connectors trainable."""
+def build_ours(peer: nn.Module, frozen_linears_bf16: bool = False) -> nn.Module:
+    """Ours with the peer's weights: vision encoder and LM frozen, connectors trainable;
+    with ``frozen_linears_bf16`` the frozen LM's linear weights stored in bfloat16
+    (``freeze.frozen_linear_dtype = "bf16"`` of ``flamingo-rt train``; for bf16 autocast)."""
     from flamingo_rt.models import Flamingo
+    from flamingo_rt.runtime.train.freeze import store_frozen_linears
 
     ours = Flamingo.from_open_flamingo(peer)
     ours.freeze_backbones()
+    if frozen_linears_bf16:
+        store_frozen_linears(ours, torch.bfloat16)
     return ours.train()
 
 
@@ -200,7 +205,7 @@ def peer_stepper(of: nn.Module, data: Data, B: int, autocast: Optional[torch.dty
 # --------------------------------------------------------------------------- memory
 
 
-def measure_memory(side: str, dtype: str, steps: int = 2) -> dict:
+def measure_memory(side: str, dtype: str, steps: int = 2, frozen_linears_bf16: bool = False) -> dict:
     """Peak resident memory of one step of ``side`` in this (fresh) process (:mod:`rss`).
 
     Builds both models (the conversion needs the peer), drops the side not measured, runs
@@ -209,6 +214,8 @@ def measure_memory(side: str, dtype: str, steps: int = 2) -> dict:
     (weights, gradients freed, optimizer state), ``step_mib`` their difference: what the step
     itself adds (activations kept for backward, gradients, temporaries); ``grad_mib`` the
     trainable parameters' gradients alone, which both sides hold at the step's end.
+    ``frozen_linears_bf16``: ours with its frozen LM linear weights in bfloat16 (see
+    :func:`build_ours`).
     """
     import rss
 
@@ -218,7 +225,7 @@ def measure_memory(side: str, dtype: str, steps: int = 2) -> dict:
     data = make_data(sh)
     autocast = torch.bfloat16 if dtype == "bf16" else None
     if side == "ours":
-        model = build_ours(peer)
+        model = build_ours(peer, frozen_linears_bf16)
         del peer
         step = ours_stepper(model, data, sh["B"], autocast)
     else:
@@ -234,7 +241,11 @@ if __name__ == "__main__":
     ap.add_argument("--side", choices=("ours", "peer"), required=True)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), required=True)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--frozen-linears-bf16", action="store_true",
+                    help="ours only: the frozen LM's linear weights stored in bfloat16")
     a = ap.parse_args()
+    if a.frozen_linears_bf16 and a.side != "ours":
+        ap.error("--frozen-linears-bf16 applies to --side ours")
     import rss
 
-    rss.emit(measure_memory(a.side, a.dtype, a.steps))
+    rss.emit(measure_memory(a.side, a.dtype, a.steps, a.frozen_linears_bf16))

@@ -241,6 +241,29 @@ def test_frozen_linears_in_bf16_give_the_same_step(world, tmp_path):
     before = {n: p.detach().clone() for n, p in m.named_parameters() if n in frozen16}
     tr.fit()
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters() if n in frozen16)
+    # the final model folder holds the frozen weights as loaded (float32), not their bf16 rounding
+    final, _ = load_pretrained(tmp_path / "b" / "run" / "final")
+    source = dict(plain.model.named_parameters())
+    for n, p in final.named_parameters():
+        if n in frozen16:
+            assert p.dtype == torch.float32 and torch.equal(p, source[n]), n
+
+
+def test_frozen_linears_of_an_in_memory_model_are_saved_rounded_and_said_so(world, tmp_path, capsys):
+    """Without a source folder the originals are gone: the final folder holds the bf16 values
+    (widened to float32) and the run says so."""
+    model, tok = load_pretrained(world["model"])
+    cfg = TrainConfig.from_dict(train_config_dict(world["model"].parent, tmp_path / "run", 1, precision="bf16",
+                                                  freeze={"frozen_linear_dtype": "bf16"}))
+    tr = Trainer(cfg, model=model, tokenizer=tok)
+    assert tr.lowp_frozen
+    tr.save_final(tmp_path / "final")
+    assert "frozen LM linear tensors hold their bf16-rounded values" in capsys.readouterr().out
+    final, _ = load_pretrained(tmp_path / "final")
+    params = dict(final.named_parameters())
+    for n in tr.lowp_frozen:
+        assert params[n].dtype == torch.float32
+        assert torch.equal(params[n], params[n].bfloat16().float()), n  # exactly representable in bf16
 
 
 def test_frozen_linear_dtype_config_errors(world):

@@ -23,7 +23,7 @@ from .collate import Collator
 from .config import TrainConfig
 from .dataset_stream import DatasetStream
 from .distributed import DistInfo, init_distributed, row_range, wrap_model
-from .freeze import RowGradMask, apply_freeze
+from .freeze import FROZEN_LINEAR_DTYPES, RowGradMask, apply_freeze, store_frozen_linears
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
 from .step import NonFiniteLossError, train_step
@@ -67,6 +67,7 @@ class Trainer:
             dev = f"cuda:{self.dist.local_rank}"
         self.device = torch.device(dev)
         torch.manual_seed(cfg.seed)
+        self._source_folder = cfg.model if model is None else None  # where the weights came from
         if model is None:
             model, tokenizer = _load_model(cfg)
         if tokenizer is None:
@@ -81,6 +82,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.rows: Dict[str, List[int]] = apply_freeze(
             self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id])
+        # the frozen LM's linears in bf16 (after apply_freeze: the row-trained projections stay float32)
+        self.lowp_frozen: List[str] = []
+        if cfg.freeze.frozen_linear_dtype is not None:
+            self.lowp_frozen = store_frozen_linears(self.model, FROZEN_LINEAR_DTYPES[cfg.freeze.frozen_linear_dtype])
         self.model.train()
         self.model.lm.activation_checkpointing = cfg.activation_checkpointing
         # wrap first: FSDP2 replaces the parameters the optimizer and the row mask must hold
@@ -148,10 +153,40 @@ class Trainer:
                     sd["lm.lm_head.weight"] = sd["lm.embed_tokens.weight"]
                 save_checkpoint(sd, folder, config=self.model.config.to_dict())
                 self.tokenizer.save(Path(folder) / "tokenizer.json")
+        elif self.dist.is_main and self.lowp_frozen:
+            save_checkpoint(self._state_with_frozen_originals(), folder, config=self.model.config.to_dict())
+            self.tokenizer.save(Path(folder) / "tokenizer.json")
         elif self.dist.is_main:
             save_pretrained(self.model, folder, tokenizer=self.tokenizer)
         if self.dist.world_size > 1:
             dist.barrier()
+
+    def _state_with_frozen_originals(self) -> Dict[str, torch.Tensor]:
+        """The model's state dict with the linears :func:`store_frozen_linears` rounded
+        replaced by their original values, read from the model folder the run started from
+        (a preset or in-memory model has none: then they stay rounded, widened to float32,
+        and a line on stdout says so)."""
+        sd = self.model.state_dict()
+        src = self._source_folder
+        if src is None:
+            print(f"[train] the final model's {len(self.lowp_frozen)} frozen LM linear tensors hold their "
+                  f"{self.cfg.freeze.frozen_linear_dtype}-rounded values (freeze.frozen_linear_dtype; no source folder "
+                  "to restore them from)", flush=True)
+            for n in self.lowp_frozen:
+                sd[n] = sd[n].float()
+            return sd
+        from safetensors import safe_open
+
+        want = set(self.lowp_frozen)
+        for shard in sorted(Path(src).glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                for name in want.intersection(f.keys()):
+                    sd[name] = f.get_tensor(name)
+                    want.discard(name)
+        if want:
+            raise RuntimeError(f"the source model folder {src} lacks {sorted(want)[:3]} "
+                               f"({len(want)} frozen tensors) to write back into the final model")
+        return sd
 
     def bad_records(self) -> Dict[str, Dict[str, int]]:
         return {n: dict(s.bad) for n, s in self.streams.items()}

@@ -87,3 +87,48 @@ def test_meta_and_errors():
         norm_project(torch.randn(2, 16), [torch.ones(16)], [torch.zeros(16)], [torch.randn(3, 15)])
     with pytest.raises(ValueError, match="as many"):
         norm_project(torch.randn(2, 16), [torch.ones(16)], [], [torch.randn(3, 16)])
+
+
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_per_projection_backward_when_x_needs_no_gradient(x_grad):
+    """Frozen features (x without gradient): one autograd node per projection, so that each
+    projection's backward runs on its own output gradient alone (the K/V gradients of the
+    resampler's layers are freed one by one); with x's gradient one node for all (the input
+    gradient summed in float32 across projections). Same values either way."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 30, 32).requires_grad_(x_grad)
+    g, b, w = _params(3, 32, 24)
+    outs = norm_project(x, g, b, w)
+    nodes = {id(o.grad_fn.next_functions[0][0]) for o in outs}  # under each output's view
+    assert len(nodes) == (1 if x_grad else 3)
+    refs = _ref(x, g, b, w)
+    only_first = torch.autograd.grad(outs[0].sum(), [g[0], b[0], w[0]])
+    want = torch.autograd.grad(refs[0].sum(), [g[0], b[0], w[0]])
+    for a, c in zip(only_first, want):
+        assert rel_err(a, c) < 1e-5
+    with torch.no_grad():  # no gradient to take: the one op
+        assert all(rel_err(o, r) < 1e-5 for o, r in zip(norm_project(x, g, b, w), refs))
+
+
+def test_iter_computes_each_projection_when_taken():
+    """norm_project_iter with frozen x: output i's node is created when it is taken, after
+    whatever ran before (so the engine runs its backward right after those ops'); with x's
+    gradient all outputs come from one node made at the first take."""
+    from flamingo_rt.ops import norm_project_iter
+
+    torch.manual_seed(8)
+    g, b, w = _params(3, 16, 8)
+    x = torch.randn(5, 16)
+    it = norm_project_iter(x, g, b, w)
+    o0 = next(it)
+    between = (o0 * 2).sum()
+    o1 = next(it)
+    node = lambda o: o.grad_fn.next_functions[0][0]  # noqa: E731  (under the output's view)
+    assert node(o1)._sequence_nr() > between.grad_fn._sequence_nr() > node(o0)._sequence_nr()
+    refs = _ref(x, g, b, w)
+    assert all(rel_err(o, r) < 1e-5 for o, r in zip([o0, o1, *it], refs))
+    xg = x.clone().requires_grad_()
+    outs = list(norm_project_iter(xg, g, b, w))
+    assert len({id(node(o)) for o in outs}) == 1
+    with pytest.raises(ValueError, match="as many gammas"):
+        norm_project_iter(x, g[:2], b, w)  # checked at the call, not at the first take

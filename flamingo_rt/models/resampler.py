@@ -1,13 +1,13 @@
 """The Perceiver Resampler: each medium's feature grid -> ``num_latents`` tokens."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import norm_project, resampler_attention
+from ..ops import norm_project_iter, resampler_attention
 from ..ops.feed_forward import module_feed_forward
 from ..ops.linear import Linear
 from .config import ResamplerConfig
@@ -184,20 +184,21 @@ class PerceiverResampler(MediaEmbeddings):
             latents = layer(x, latents, backend, kv_x)
         return self.norm(latents).view(B, M, -1, D)
 
-    def media_kv(self, x: torch.Tensor) -> list:
-        """``[layer.attn.to_kv(layer.attn.norm_media(x)) for layer in self.layers]`` for
-        features x (N, S, D), each (N, S, 2*H*dh), computed with one set of LayerNorm
-        statistics and, in the backward, one matrix product per layer instead of two
-        (:func:`~flamingo_rt.ops.norm_project`; the features themselves get a gradient only
-        when they need one)."""
+    def media_kv(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``layer.attn.to_kv(layer.attn.norm_media(x))`` for each layer, in order, each
+        computed when taken, for features x (N, S, D), each (N, S, 2*H*dh): with one set of
+        LayerNorm statistics and, in the backward, one matrix product per layer instead of
+        two (:func:`~flamingo_rt.ops.norm_project_iter`; the features themselves get a
+        gradient only when they need one; frozen features: each layer's projection backward
+        runs right after the layer's)."""
         attns = [layer.attn for layer in self.layers]
         norms = [a.norm_media for a in attns]
         if any(nm.weight is None or nm.bias is None or nm.eps != norms[0].eps for nm in norms) or any(
             a.to_kv.bias is not None for a in attns
         ):
-            return [a.to_kv(a.norm_media(x)) for a in attns]
-        return norm_project(x, [nm.weight for nm in norms], [nm.bias for nm in norms],
-                            [a.to_kv.weight for a in attns], eps=norms[0].eps)
+            return (a.to_kv(a.norm_media(x)) for a in attns)
+        return norm_project_iter(x, [nm.weight for nm in norms], [nm.bias for nm in norms],
+                                 [a.to_kv.weight for a in attns], eps=norms[0].eps)
 
     @classmethod
     def from_open_flamingo(cls, module: nn.Module, ff_kind: str = "gelu") -> "PerceiverResampler":

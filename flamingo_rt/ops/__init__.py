@@ -7,7 +7,7 @@ set of backends chosen by :mod:`flamingo_rt.ops.backend`.
 from . import backend, reference
 from .xattn import image_causal_attention
 from .resampler import resampler_attention
-from .norm_project import norm_project
+from .norm_project import norm_project, norm_project_iter
 from .feed_forward import feed_forward
 from .gated_linear_residual import gated_linear_residual
 from .reference.xattn import media_index_from_locations
@@ -22,6 +22,7 @@ __all__ = [
     "image_causal_attention",
     "resampler_attention",
     "norm_project",
+    "norm_project_iter",
     "feed_forward",
     "gated_linear_residual",
     "media_index_from_locations",

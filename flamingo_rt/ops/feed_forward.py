@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add
+from .precision import WIDEN_BLOCK_BYTES
 from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
 from .gated_linear_residual import check_gate, gate_weight_grads
@@ -124,13 +125,10 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
         db = torch.zeros(D, dtype=_acc(beta.dtype), device=x.device)
         dx = torch.empty_like(x) if need_dx else x.new_empty(0)
         step = _chunk_rows(R, h.shape[1], cd)
-        # weight gradients summed over several chunks accumulate in float32; one chunk's are
-        # the products themselves, in the compute dtype (as the module path's), widened at the end
-        wacc = acc if step < R else cd
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
-            dw2 = _acc_mm(dw2, dyc.t(), _act(hc, kind), wacc)  # the activation lives for this product only
+            dw2 = _acc_mm(dw2, dyc.t(), _act(hc, kind), acc)  # the activation lives for this product only
             # the compute-dtype weight casts (bf16 copies under autocast) live one at a time
             dh = mm(dyc, w2.to(cd))  # da, made dh in place
             if kind == "gelu":
@@ -140,7 +138,7 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
             if g is not None:
                 dh.mul_(g.to(cd))
             xn, xf, mean, rstd, gm, bt = _norm(x[r0:r1], gamma, beta, eps)
-            dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), wacc)
+            dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), acc)
             dxn = mm(dh, w1.to(cd)).to(xf.dtype)
             del dh
             dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
@@ -163,18 +161,28 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
     when c is None), a (M, K) often a transposed view: computed in blocks of a's rows so that
     no temporary is larger than ``cpu_gemm.BLOCK_BYTES`` (a whole-matrix ``c + a @ b`` would
     hold a second weight-gradient-sized tensor). A product in acc adds c as its post-op
-    (:func:`cpu_gemm.mm_add`); a lower-precision product is summed into c."""
+    (:func:`cpu_gemm.mm_add`). A lower-precision product (bf16 under autocast) is widened
+    into acc a block of rows at a time (``precision.WIDEN_BLOCK_BYTES``), never whole: its
+    values are those of the one whole product widened (each element is the same dot
+    product, rounded once to the compute dtype, as the module path's weight gradient), and
+    no compute-dtype copy of the gradient lives beside the float32 one (OpenFlamingo-3B's
+    block: 32 MiB at 8192 x 2048)."""
     M, N = a.shape[0], b.shape[1]
-    rows = block_rows(M, BLOCK_BYTES // (max(a.shape[1], N) * torch.empty(0, dtype=acc).element_size()))
-    if c is None and (rows >= M or a.dtype == acc):
-        return mm(a, b).to(acc)  # mm copies a transposed a in blocks itself; no second output to fill
+    esize = torch.empty(0, dtype=acc).element_size()
+    if a.dtype == acc:
+        if c is None:
+            return mm(a, b)  # mm copies a transposed a in blocks itself
+        rows = block_rows(M, BLOCK_BYTES // (max(a.shape[1], N) * esize))
+        for r0 in range(0, M, rows):
+            r1 = min(M, r0 + rows)
+            c[r0:r1] = mm_add(c[r0:r1], a[r0:r1], b)
+        return c
     out = torch.empty((M, N), dtype=acc, device=a.device) if c is None else c
+    rows = block_rows(M, WIDEN_BLOCK_BYTES // (max(a.shape[1], N) * esize))
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
         if c is None:
             out[r0:r1] = mm(a[r0:r1], b)
-        elif a.dtype == acc:
-            out[r0:r1] = mm_add(out[r0:r1], a[r0:r1], b)
         else:
             out[r0:r1] += mm(a[r0:r1], b)
     return out

@@ -12,7 +12,9 @@ gradient with respect to the normalized input when x itself needs none (frozen f
     dW_i = G_i diag(gamma_i) + s_i beta_i^T,  dgamma_i = colsum(W_i * G_i),  dbeta_i = W_i^T s_i
 
 where the usual backward needs two products per layer (dW_i and d(LN_i(x)) for gamma_i and
-beta_i). Only x is saved (xhat is recomputed in the backward, one pass over x).
+beta_i). Only x is saved (xhat is recomputed in the backward, one pass over x). When x
+needs no gradient (frozen features), x is normalized once and each projection is its own
+op saving that xhat: each backward then runs as soon as its output gradient is complete.
 
 Under autocast (``compute_dtype`` bfloat16/float16) the statistics are float32, xhat and
 the folded weights are cast to the compute dtype for the product (as autocast's
@@ -21,7 +23,7 @@ outputs are in the compute dtype, and the parameter gradients in the parameters'
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,32 +31,50 @@ from torch import Tensor
 from . import backend as _backend
 from . import cpu_gemm
 from .precision import acc_dtype as _acc
-from .precision import add_widened_, column_sum
+from .precision import WIDEN_BLOCK_BYTES, add_widened_, column_sum
 from .precision import compute_dtype as _compute_dtype
 
-__all__ = ["norm_project"]
+__all__ = ["norm_project", "norm_project_iter"]
 
 
-def _xhat(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x (R, D) -> (xhat (R, D), x, mean, rstd) in the accumulation dtype (mean and rstd as
-    ``native_layer_norm`` returns them, for its backward)."""
-    xf = x.to(_acc(x.dtype))
-    xhat, mean, rstd = torch.native_layer_norm(xf, [xf.shape[-1]], None, None, eps)
-    return xhat, xf, mean, rstd
+def _xhat(x: Tensor, eps: float, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """x (R, D) -> (xhat (R, D) in ``compute_dtype``, mean, rstd in the accumulation dtype, as
+    ``native_layer_norm`` returns them for its backward). In a lower compute dtype (bf16
+    under autocast) the normalization runs a block of rows at a time, so no whole float32
+    xhat exists (at 4112 x 1024 it was 16 MiB at the training step's memory peak)."""
+    acc = _acc(x.dtype)
+    D = x.shape[-1]
+    if compute_dtype == acc or torch.compiler.is_compiling() or _backend.exporting():
+        # (traced graphs: one whole-tensor op, which also takes a symbolic row count)
+        xhat, mean, rstd = torch.native_layer_norm(x.to(acc), [D], None, None, eps)
+        return xhat.to(compute_dtype), mean, rstd
+    R = x.shape[0]
+    xhat = torch.empty((R, D), dtype=compute_dtype, device=x.device)
+    mean = torch.empty((R, 1), dtype=acc, device=x.device)
+    rstd = torch.empty((R, 1), dtype=acc, device=x.device)
+    step = max(1, WIDEN_BLOCK_BYTES // max(1, D * torch.empty(0, dtype=acc).element_size()))
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        xh, m, r = torch.native_layer_norm(x[r0:r1].to(acc), [D], None, None, eps)
+        xhat[r0:r1] = xh
+        mean[r0:r1] = m
+        rstd[r0:r1] = r
+    return xhat, mean, rstd
 
 
 @torch.library.custom_op("flamingo_rt::norm_project", mutates_args=())
 def _norm_project_op(
     x: Tensor, gammas: List[Tensor], betas: List[Tensor], weights: List[Tensor], eps: float,
-    compute_dtype: torch.dtype,
+    compute_dtype: torch.dtype, normalized: bool = False,
 ) -> List[Tensor]:
+    """``normalized``: x is already xhat, in the compute dtype (the per-projection form of
+    :func:`norm_project`; x needs no gradient then)."""
     with torch.autocast(x.device.type, enabled=False):  # the dtypes below are explicit
-        return _forward(x, gammas, betas, weights, eps, compute_dtype)
+        return _forward(x, gammas, betas, weights, eps, compute_dtype, normalized)
 
 
-def _forward(x, gammas, betas, weights, eps, compute_dtype):
-    xhat = _xhat(x, eps)[0]
-    xc = xhat.to(compute_dtype)
+def _forward(x, gammas, betas, weights, eps, compute_dtype, normalized=False):
+    xc = x if normalized else _xhat(x, eps, compute_dtype)[0]
     outs = []
     for g, b, w in zip(gammas, betas, weights):
         wf = w.to(_acc(w.dtype))
@@ -65,23 +85,27 @@ def _forward(x, gammas, betas, weights, eps, compute_dtype):
 
 
 @_norm_project_op.register_fake
-def _(x, gammas, betas, weights, eps, compute_dtype):
+def _(x, gammas, betas, weights, eps, compute_dtype, normalized=False):
     return [x.new_empty((x.shape[0], w.shape[0]), dtype=compute_dtype) for w in weights]
 
 
 @torch.library.custom_op("flamingo_rt::norm_project_backward", mutates_args=())
 def _norm_project_bwd_op(
     grads: List[Tensor], x: Tensor, gammas: List[Tensor], betas: List[Tensor], weights: List[Tensor],
-    eps: float, compute_dtype: torch.dtype, need_dx: bool,
+    eps: float, compute_dtype: torch.dtype, need_dx: bool, normalized: bool = False,
 ) -> List[Tensor]:
     """Returns [dx (or an empty tensor), dgamma_0.., dbeta_0.., dW_0..]."""
     with torch.autocast(x.device.type, enabled=False):
-        return _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx)
+        return _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx, normalized)
 
 
-def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx):
-    xhat, xf, mean, rstd = _xhat(x, eps)
-    xc = xhat.to(compute_dtype)
+def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx, normalized=False):
+    if normalized:
+        if need_dx:
+            raise ValueError("norm_project: no input gradient through an already normalized input")
+        xc = x
+    else:
+        xc, mean, rstd = _xhat(x, eps, compute_dtype)
     dgs, dbs, dws = [], [], []
     dxhat: Optional[Tensor] = None
     for dy, g, b, w in zip(grads, gammas, betas, weights):
@@ -95,9 +119,10 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         dbs.append((wf.t() @ s).to(b.dtype))
         if need_dx:
             d = cpu_gemm.mm(dy, (wf * gf[None, :]).to(compute_dtype))
-            dxhat = d.to(xhat.dtype) if dxhat is None else add_widened_(dxhat, d)
+            dxhat = d.to(mean.dtype) if dxhat is None else add_widened_(dxhat, d)
     if need_dx:
-        del xc, xhat  # the LayerNorm backward below needs x and its statistics only
+        del xc  # the LayerNorm backward below needs x and its statistics only
+        xf = x.to(mean.dtype)
         # rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) in one pass (no (R, D)
         # temporaries: written out, the formula made five, 320 MiB for 8192 rows of 2048)
         dx = torch.ops.aten.native_layer_norm_backward(dxhat, xf, [xf.shape[-1]], mean, rstd, None, None,
@@ -109,16 +134,16 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
 
 
 @_norm_project_bwd_op.register_fake
-def _(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx):
+def _(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx, normalized=False):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return [dx, *(g.new_empty(g.shape) for g in gammas), *(b.new_empty(b.shape) for b in betas),
             *(w.new_empty(w.shape) for w in weights)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, gammas, betas, weights, eps, compute_dtype = inputs
+    x, gammas, betas, weights, eps, compute_dtype, normalized = inputs
     ctx.save_for_backward(x, *gammas, *betas, *weights)
-    ctx.n, ctx.eps, ctx.compute_dtype = len(weights), eps, compute_dtype
+    ctx.n, ctx.eps, ctx.compute_dtype, ctx.normalized = len(weights), eps, compute_dtype, normalized
 
 
 def _backward(ctx, grads):
@@ -129,9 +154,9 @@ def _backward(ctx, grads):
              for g, w in zip(grads, weights)]
     need_dx = ctx.needs_input_grad[0]
     res = _norm_project_bwd_op(grads, x, list(gammas), list(betas), list(weights), ctx.eps,
-                               ctx.compute_dtype, need_dx)
+                               ctx.compute_dtype, need_dx, ctx.normalized)
     dx = res[0] if need_dx else None
-    return dx, res[1:1 + n], res[1 + n:1 + 2 * n], res[1 + 2 * n:], None, None
+    return dx, res[1:1 + n], res[1 + n:1 + 2 * n], res[1 + 2 * n:], None, None, None
 
 
 _norm_project_op.register_autograd(_backward, setup_context=_setup_context)
@@ -152,6 +177,26 @@ def norm_project(
         a list of (..., O_i) tensors: in the autocast dtype when autocast is on for x's
         device (and x is floating point, not float64), else in x's dtype.
     """
+    return list(_projections(x, gammas, betas, weights, eps))
+
+
+def norm_project_iter(
+    x: Tensor, gammas: Sequence[Tensor], betas: Sequence[Tensor], weights: Sequence[Tensor],
+    eps: float = 1e-5,
+) -> Iterator[Tensor]:
+    """:func:`norm_project`'s outputs one at a time, each computed when it is taken.
+
+    When x needs no gradient and the parameters do (frozen features, trainable layers), x
+    is normalized once and each projection is its own op, run when taken: taking output i
+    just before the layer that uses it puts its autograd node among that layer's, so its
+    backward runs (and frees its output gradient) right after that layer's, instead of every
+    output gradient waiting for one node created before all the layers (the resampler's six
+    K/V gradients, 8 MiB each in the bf16 training step, held together at the memory peak).
+    Otherwise the one op computes them all at the first take."""
+    return _projections(x, gammas, betas, weights, eps)
+
+
+def _projections(x, gammas, betas, weights, eps) -> Iterator[Tensor]:
     if not (len(gammas) == len(betas) == len(weights)) or not weights:
         raise ValueError(
             f"expected as many gammas, betas and weights (at least one), got {len(gammas)}, {len(betas)}, {len(weights)}"
@@ -165,8 +210,24 @@ def norm_project(
             )
     cd = _compute_dtype(x)
     lead = x.shape[:-1]
+    x2 = x.reshape(-1, D)
     if _backend.exporting():  # plain aten in AOTInductor packages (a Python op cannot run in a C++ host)
-        outs = _forward(x.reshape(-1, D), list(gammas), list(betas), list(weights), float(eps), cd)
+        outs = _forward(x2, list(gammas), list(betas), list(weights), float(eps), cd)
+    elif _per_projection(x, gammas, betas, weights):
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            xc = _xhat(x2, float(eps), cd)[0]  # saved by every projection op (not recomputed)
+        outs = (_norm_project_op(xc, [g], [b], [w], float(eps), cd, True)[0]
+                for g, b, w in zip(gammas, betas, weights))
     else:
-        outs = _norm_project_op(x.reshape(-1, D), list(gammas), list(betas), list(weights), float(eps), cd)
-    return [o.view(*lead, o.shape[-1]) for o in outs]
+        outs = _norm_project_op(x2, list(gammas), list(betas), list(weights), float(eps), cd)
+    return (o.view(*lead, o.shape[-1]) for o in outs)
+
+
+def _per_projection(x: Tensor, gammas, betas, weights) -> bool:
+    """Several projections whose parameters will get gradients from an input that will not
+    (eager mode: a traced graph keeps the one op)."""
+    if len(weights) < 2 or x.requires_grad or not torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return any(t.requires_grad for t in (*gammas, *betas, *weights))

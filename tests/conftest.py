@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# tests/cpp/run_host_test.py is ctest's script (its name matches pytest's *_test.py): not a
+# pytest module, and importing it would run its module-level set-up
+collect_ignore = ["cpp/run_host_test.py"]
+
 
 @pytest.fixture(autouse=True)
 def _seed(request):

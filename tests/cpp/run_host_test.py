@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after site-packages: the source folder kernels/ must not shadow PyPI's `kernels`
 sys.path.insert(0, str(ROOT / "tests" / "train"))
 
 from world_fixture import FRAMES, make_world  # noqa: E402

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add
-from .precision import WIDEN_BLOCK_BYTES
 from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
+from .precision import widen_block_rows
 from .gated_linear_residual import check_gate, gate_weight_grads
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
@@ -168,17 +168,17 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
     no compute-dtype copy of the gradient lives beside the float32 one (OpenFlamingo-3B's
     block: 32 MiB at 8192 x 2048)."""
     M, N = a.shape[0], b.shape[1]
-    esize = torch.empty(0, dtype=acc).element_size()
     if a.dtype == acc:
         if c is None:
             return mm(a, b)  # mm copies a transposed a in blocks itself
+        esize = torch.empty(0, dtype=acc).element_size()
         rows = block_rows(M, BLOCK_BYTES // (max(a.shape[1], N) * esize))
         for r0 in range(0, M, rows):
             r1 = min(M, r0 + rows)
             c[r0:r1] = mm_add(c[r0:r1], a[r0:r1], b)
         return c
     out = torch.empty((M, N), dtype=acc, device=a.device) if c is None else c
-    rows = block_rows(M, WIDEN_BLOCK_BYTES // (max(a.shape[1], N) * esize))
+    rows = widen_block_rows(M, max(a.shape[1], N), acc)
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
         if c is None:

@@ -31,7 +31,7 @@ from torch import Tensor
 from . import backend as _backend
 from . import cpu_gemm
 from .precision import acc_dtype as _acc
-from .precision import WIDEN_BLOCK_BYTES, add_widened_, column_sum
+from .precision import add_widened_, column_sum, widen_block_rows
 from .precision import compute_dtype as _compute_dtype
 
 __all__ = ["norm_project", "norm_project_iter"]
@@ -52,7 +52,7 @@ def _xhat(x: Tensor, eps: float, compute_dtype: torch.dtype) -> tuple[Tensor, Te
     xhat = torch.empty((R, D), dtype=compute_dtype, device=x.device)
     mean = torch.empty((R, 1), dtype=acc, device=x.device)
     rstd = torch.empty((R, 1), dtype=acc, device=x.device)
-    step = max(1, WIDEN_BLOCK_BYTES // max(1, D * torch.empty(0, dtype=acc).element_size()))
+    step = widen_block_rows(R, D, acc)
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
         xh, m, r = torch.native_layer_norm(x[r0:r1].to(acc), [D], None, None, eps)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["acc_dtype", "compute_dtype", "column_sum", "add_widened_", "WIDEN_BLOCK_BYTES"]
+from .cpu_gemm import block_rows
+
+__all__ = ["acc_dtype", "compute_dtype", "column_sum", "add_widened_", "widen_block_rows", "WIDEN_BLOCK_BYTES"]
 
 WIDEN_BLOCK_BYTES = 4 << 20  # the widened block (rows x C in the accumulation dtype) made at once
 
@@ -35,9 +37,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _block_rows(a: Tensor, dtype: torch.dtype) -> int:
+def widen_block_rows(rows: int, columns: int, dtype: torch.dtype) -> int:
+    """Rows per block when ``rows`` rows of ``columns`` values are widened to ``dtype`` a block
+    at a time: at most :data:`WIDEN_BLOCK_BYTES` per widened block, the blocks balanced
+    (:func:`cpu_gemm.block_rows`)."""
     esize = torch.empty(0, dtype=dtype).element_size()
-    return max(1, WIDEN_BLOCK_BYTES // max(1, a.shape[1] * esize))
+    return block_rows(rows, WIDEN_BLOCK_BYTES // max(1, columns * esize))
 
 
 def column_sum(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -49,7 +54,7 @@ def column_sum(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     if a.dtype == dtype:
         return a.sum(0)
     s = torch.zeros(a.shape[1], dtype=dtype, device=a.device)
-    step = _block_rows(a, dtype)
+    step = widen_block_rows(a.shape[0], a.shape[1], dtype)
     for r0 in range(0, a.shape[0], step):
         s += a[r0:r0 + step].sum(0, dtype=dtype)
     return s
@@ -62,7 +67,7 @@ def add_widened_(acc: Tensor, a: Tensor) -> Tensor:
         raise ValueError(f"add_widened_ expects two 2-D tensors of one shape, got {tuple(acc.shape)} and {tuple(a.shape)}")
     if acc.dtype == a.dtype:
         return acc.add_(a)
-    step = _block_rows(a, acc.dtype)
+    step = widen_block_rows(a.shape[0], a.shape[1], acc.dtype)
     for r0 in range(0, a.shape[0], step):
         acc[r0:r0 + step] += a[r0:r0 + step]
     return acc

@@ -17,13 +17,20 @@ def _ref(x, o, w, gate):
     return x + y if gate is None else torch.addcmul(x, gate, y)
 
 
+def _leaves(lead, D, K, gate=None, dtype=torch.float32):
+    """Random x (*lead, D), o (*lead, K), w (D, K) and, for a gate value, a = [gate]: the
+    leaves of a gradient (drawn in that order)."""
+    x = torch.randn(*lead, D, dtype=dtype, requires_grad=True)
+    o = torch.randn(*lead, K, dtype=dtype, requires_grad=True)
+    w = torch.randn(D, K, dtype=dtype, requires_grad=True)
+    a = None if gate is None else torch.tensor([gate], dtype=dtype, requires_grad=True)
+    return x, o, w, a
+
+
 @pytest.mark.parametrize("gate_value", [None, 0.0, -0.8])
 def test_matches_module_fp32(gate_value):
     torch.manual_seed(0)
-    x = torch.randn(2, 9, 24, requires_grad=True)
-    o = torch.randn(2, 9, 16, requires_grad=True)
-    w = torch.randn(24, 16, requires_grad=True)
-    a = None if gate_value is None else torch.tensor([gate_value], requires_grad=True)
+    x, o, w, a = _leaves((2, 9), 24, 16, gate_value)
     z = gated_linear_residual(x, o, w, None if a is None else a.tanh())
     want = _ref(x, o, w, None if a is None else a.tanh())
     assert z.shape == x.shape and z.dtype == x.dtype and rel_err(z, want) < 1e-6
@@ -38,11 +45,8 @@ def test_matches_module_fp32(gate_value):
 @pytest.mark.parametrize("gated", [False, True])
 def test_gradcheck_float64(gated):
     torch.manual_seed(1)
-    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    o = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    x, o, w, a = _leaves((7,), 5, 3, 0.3 if gated else None, torch.float64)
     if gated:
-        a = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x, o, w, a: gated_linear_residual(x, o, w, a.tanh()), (x, o, w, a))
     else:
         assert torch.autograd.gradcheck(lambda x, o, w: gated_linear_residual(x, o, w), (x, o, w))
@@ -50,10 +54,7 @@ def test_gradcheck_float64(gated):
 
 def test_autocast_bf16_like_the_module():
     torch.manual_seed(2)
-    x = torch.randn(64, 96, requires_grad=True)
-    o = torch.randn(64, 32, requires_grad=True)
-    w = torch.randn(96, 32, requires_grad=True)
-    a = torch.tensor([0.5], requires_grad=True)
+    x, o, w, a = _leaves((64,), 96, 32, 0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = gated_linear_residual(x, o, w, a.tanh())
         ref = _ref(x, o, w, a.tanh())
@@ -82,10 +83,7 @@ def test_opcheck_and_meta():
 def test_keeps_o_not_the_product():
     """The backward keeps o (and the weight and gate), never a (rows, D) tensor."""
     R, D, K = 32, 48, 8
-    x = torch.randn(R, D, requires_grad=True)
-    o = torch.randn(R, K, requires_grad=True)
-    w = torch.randn(D, K, requires_grad=True)
-    a = torch.tensor([0.1], requires_grad=True)
+    x, o, w, a = _leaves((R,), D, K, 0.1)
     shapes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
         gated_linear_residual(x, o, w, a.tanh())
@@ -146,10 +144,7 @@ def test_block_training_keeps_no_branch_output():
 
 def test_compiles_fullgraph_forward_and_backward():
     torch.manual_seed(4)
-    x = torch.randn(12, 16, requires_grad=True)
-    o = torch.randn(12, 8, requires_grad=True)
-    w = torch.randn(16, 8, requires_grad=True)
-    a = torch.tensor([0.2], requires_grad=True)
+    x, o, w, a = _leaves((12,), 16, 8, 0.2)
 
     def f(x, o, w, a):
         return gated_linear_residual(x, o, w, a.tanh())

@@ -60,20 +60,33 @@ def _check() -> int:
 
 def _load_media(path: str):
     """An image or clip from a file: ``.npy`` (H, W, C) / (F, H, W, C) / (C, H, W) arrays,
-    or any format PIL reads (PIL is optional)."""
+    or any format PIL reads (PIL is optional). Raises ValueError naming the file and the
+    reason when it cannot be read (missing, not an image, a pickled .npy)."""
+    import os
+
     import numpy as np
     import torch
 
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot read --image {path!r}: no such file")
     if path.endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:  # truncated, not an .npy, or pickled objects
+            raise ValueError(f"cannot read --image {path!r} as a numpy array: {e}") from None
         if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
             return torch.from_numpy(arr)
         return arr
     try:
         from PIL import Image
     except ImportError:
-        raise SystemExit(f"cannot read {path}: only .npy files can be read without PIL installed")
-    return Image.open(path)
+        raise ValueError(f"cannot read --image {path!r}: only .npy files can be read without PIL installed") from None
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so a broken file fails here with its name
+    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read --image {path!r} as an image: {e}") from None
+    return img
 
 
 def _generate(args) -> int:
@@ -82,7 +95,11 @@ def _generate(args) -> int:
     from .runtime import GenerationConfig, Generator
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    media = [_load_media(p) for p in args.image]
+    try:
+        media = [_load_media(p) for p in args.image]
+    except ValueError as e:
+        print(f"flamingo-rt generate: {e}", file=sys.stderr)
+        return 2
     prompt = args.prompt
     if "<image>" not in prompt and media:
         prompt = "<image>" * len(media) + prompt

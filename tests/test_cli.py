@@ -38,6 +38,38 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys):
     assert printed == want + "\n"
 
 
+def test_generate_names_an_image_it_cannot_read(tmp_path, capsys):
+    """Missing, undecodable and pickled inputs: exit code 2 and one line naming the file and
+    the reason (no traceback); the model folder is not even opened."""
+    (tmp_path / "junk.png").write_bytes(b"not a png at all")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [(tmp_path / "missing.png", "no such file"), (tmp_path / "junk.png", "as an image"),
+             (tmp_path / "objects.npy", "as a numpy array")]
+    for path, reason in cases:
+        rc = cli.main(["generate", str(tmp_path / "no-model"), "hi", "--image", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 2, path
+        assert err.startswith("flamingo-rt generate: cannot read --image") and str(path) in err and reason in err, err
+        assert "Traceback" not in err
+
+
+def test_generate_reads_a_png(tmp_path, capsys):
+    """A PNG through PIL (a read-only pixel array) gives the same text as the array itself."""
+    Image = __import__("pytest").importorskip("PIL.Image")
+    tok = FlamingoTokenizer.train_bpe(["a red square left of a blue circle"] * 30, vocab_size=280)
+    cfg = get_preset("tiny")
+    cfg.lm.vocab_size = tok.vocab_size
+    model = Flamingo(cfg)
+    save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    img = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "img.png")
+    rc = cli.main(["generate", str(tmp_path / "m"), "<image>a red", "--image", str(tmp_path / "img.png"),
+                   "--max-new-tokens", "4"])
+    assert rc == 0
+    want = Generator(model.eval(), tok).generate([img, "a red"], GenerationConfig(max_new_tokens=4))
+    assert capsys.readouterr().out == want + "\n"
+
+
 def test_train_without_config_or_preset_is_an_error(capsys):
     assert cli.main(["train"]) == 2
     assert "expected a CONFIG file" in capsys.readouterr().err

@@ -39,7 +39,10 @@ def _to_frames(x: MediaLike) -> torch.Tensor:
             arr = arr[None]
         if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
             raise ValueError(f"expected an image array (H, W, C) or clip (F, H, W, C) with C in (1, 3), got {x.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+        arr = np.ascontiguousarray(arr)
+        if not arr.flags.writeable:  # e.g. np.asarray of a PIL image: torch would warn
+            arr = arr.copy()
+        t = torch.from_numpy(arr).permute(0, 3, 1, 2)
     elif torch.is_tensor(x):
         t = x.detach().cpu()
         if t.dim() == 3:

@@ -89,12 +89,36 @@ def _load_media(path: str):
     return img
 
 
+def _device_problem(device: str) -> Optional[str]:
+    """Why ``device`` cannot be used here (None when it can): not a device string, or a
+    CUDA device on a machine or build without CUDA, or past the last GPU."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"expected --device like cpu, cuda or cuda:1, got {device!r}"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            return f"--device {device}: {why} (torch {torch.__version__}); use --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
 def _generate(args) -> int:
     import torch
 
     from .runtime import GenerationConfig, Generator
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    problem = _device_problem(args.device)
+    if problem is None and args.temperature < 0:
+        problem = f"expected --temperature >= 0 (0: greedy), got {args.temperature}"
+    if problem is not None:
+        print(f"flamingo-rt generate: {problem}", file=sys.stderr)
+        return 2
     try:
         media = [_load_media(p) for p in args.image]
     except ValueError as e:
@@ -236,6 +260,10 @@ def _export(args) -> int:
 
     if not (Path(args.model_dir) / "config.json").is_file():
         print(f"flamingo-rt export: {args.model_dir} is not a model folder (no config.json)", file=sys.stderr)
+        return 2
+    problem = _device_problem(args.device)
+    if problem is not None:
+        print(f"flamingo-rt export: {problem}", file=sys.stderr)
         return 2
     try:
         man = export_model(args.model_dir, args.out_dir, device=args.device, max_seq_len=args.max_seq_len,

@@ -53,6 +53,30 @@ def test_generate_names_an_image_it_cannot_read(tmp_path, capsys):
         assert "Traceback" not in err
 
 
+def test_generate_and_export_refuse_a_device_they_cannot_use(tmp_path, capsys, monkeypatch):
+    """A CUDA device without CUDA, a device string torch does not parse, a GPU index past the
+    last one, a negative temperature: exit code 2 and one line, before any model is loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = [(["generate", str(tmp_path / "m"), "hi", "--device", "cuda"], "no CUDA"),
+             (["generate", str(tmp_path / "m"), "hi", "--device", "gpu"], "expected --device like cpu"),
+             (["generate", str(tmp_path / "m"), "hi", "--temperature", "-1"], "expected --temperature >= 0")]
+    for argv, msg in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("flamingo-rt generate: ") and msg in err, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["generate", str(tmp_path / "m"), "hi", "--device", "cuda:1"]) == 2
+    assert "only 1 CUDA device(s) are visible" in capsys.readouterr().err
+    assert cli._device_problem("cpu") is None and cli._device_problem("cuda:0") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert cli.main(["export", str(tmp_path / "m"), str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("flamingo-rt export: --device cuda: ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_generate_reads_a_png(tmp_path, capsys):
     """A PNG through PIL (a read-only pixel array) gives the same text as the array itself."""
     Image = __import__("pytest").importorskip("PIL.Image")

@@ -150,6 +150,25 @@ def _generate(args) -> int:
     return 0
 
 
+def _int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo`` (argparse then says which option and exits 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def _int_list(text: str) -> List[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -205,6 +224,10 @@ def _train(args) -> int:
     if args.preset is not None:
         if args.config is not None:
             print("flamingo-rt train: give a CONFIG file or --preset, not both", file=sys.stderr)
+            return 2
+        if args.steps is not None:
+            print("flamingo-rt train: --steps applies to a CONFIG run; a recipe preset sets the steps of each of "
+                  "its stages (flamingo_rt.recipe.presets)", file=sys.stderr)
             return 2
         try:
             from .recipe import run_recipe
@@ -313,44 +336,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_demo = sub.add_parser("demo", help="few-shot demo on the shipped model (prompts, then an evaluation)")
     p_demo.add_argument("--model", default=None, help="model folder (default: the shipped flamingo_rt/assets/tiny-world)")
     p_demo.add_argument("--out", default="demo_out", help="folder for the PNGs and eval.json (default demo_out/)")
-    p_demo.add_argument("--episodes", type=int, default=12, help="queries per task and shot count in the evaluation")
+    p_demo.add_argument("--episodes", type=_POSITIVE, default=12, help="queries per task and shot count in the evaluation")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--formats", default="train", choices=["train", "heldout"],
                         help="phrasings of the held-out episodes (default: the training ones)")
     p_demo.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                         help="24-bit colour pictures in the terminal (auto: when stdout is a terminal)")
-    p_demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model gains nothing from more)")
+    p_demo.add_argument("--threads", type=_POSITIVE, default=1, help="torch CPU threads (the tiny model gains nothing from more)")
     p_eval = sub.add_parser("eval", help="few-shot evaluation of a model folder on a task suite")
     p_eval.add_argument("model_dir")
     p_eval.add_argument("--tasks", nargs="+", default=[",".join(DEFAULT_TASKS)],
                         help=f"world tasks, space- or comma-separated (default {','.join(DEFAULT_TASKS)})")
     p_eval.add_argument("--shots", type=_int_list, default=list(DEFAULT_SHOTS),
                         help="shot counts, e.g. 0,1,2,4,8 (for classify: examples of each class)")
-    p_eval.add_argument("--episodes", type=int, default=20, help="queries per task (the same for every shot count)")
+    p_eval.add_argument("--episodes", type=_POSITIVE, default=20, help="queries per task (the same for every shot count)")
     p_eval.add_argument("--selection", default="random", choices=["random", "rices"],
                         help="support examples: random, or RICES (nearest images by vision features)")
-    p_eval.add_argument("--pool", type=int, default=None,
+    p_eval.add_argument("--pool", type=_POSITIVE, default=None,
                         help="support pool per query (per class for classify); default max shots (x4 for rices)")
     p_eval.add_argument("--seed", type=int, default=0)
     p_eval.add_argument("--split", default="heldout", choices=["heldout", "train"])
     p_eval.add_argument("--format-split", default=None, choices=["heldout", "train"],
                         help="phrasings (default: those of --split)")
-    p_eval.add_argument("--n-way", type=int, default=5, help="classes of a classify episode")
+    p_eval.add_argument("--n-way", type=_int_at_least(2), default=5, help="classes of a classify episode")
     p_eval.add_argument("--by", default="shape", choices=list(CLASSIFY_BY), help="what a classify class is")
-    p_eval.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding; > 1: beam search")
+    p_eval.add_argument("--num-beams", type=_POSITIVE, default=1, help="1: greedy decoding; > 1: beam search")
     p_eval.add_argument("--json", default=None, help="write the results (cells and per-query records) here")
     p_eval.add_argument("--plot", default=None, help="write the few-shot curve (PNG) here")
-    p_eval.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p_eval.add_argument("--threads", type=_NON_NEGATIVE, default=0, help="torch CPU threads (0: torch's default)")
     p_eval.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_info = sub.add_parser("info", help="parameters and FLOPs of presets")
     p_info.add_argument("presets", nargs="*")
-    p_info.add_argument("--seq-len", type=int, default=256)
-    p_info.add_argument("--num-media", type=int, default=1)
+    p_info.add_argument("--seq-len", type=_POSITIVE, default=256)
+    p_info.add_argument("--num-media", type=_POSITIVE, default=1)
     sub.add_parser("check", help="extension and backend status")
     p_train = sub.add_parser("train", help="train the connectors on a configured mixture, or run a recipe preset")
     p_train.add_argument("config", nargs="?", help="training config (.toml or .json)")
     p_train.add_argument("--preset", default=None, help="a recipe preset instead of a config (tiny-world)")
-    p_train.add_argument("--steps", type=int, default=None)
+    p_train.add_argument("--steps", type=_POSITIVE, default=None,
+                         help="optimizer steps (overrides the config's; not with --preset)")
     p_train.add_argument("--out-dir", default=None)
     p_train.add_argument("--seed", type=int, default=None)
     p_train.add_argument("--no-progress", action="store_true")
@@ -361,18 +385,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_exp.add_argument("model_dir")
     p_exp.add_argument("out_dir")
     p_exp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p_exp.add_argument("--max-seq-len", type=int, default=512, help="KV cache slots of a session")
-    p_exp.add_argument("--max-media", type=int, default=16, help="media slots of a session")
-    p_exp.add_argument("--max-frames", type=int, default=None, help="most frames per clip (default: trained count or 8)")
+    p_exp.add_argument("--max-seq-len", type=_POSITIVE, default=512, help="KV cache slots of a session")
+    p_exp.add_argument("--max-media", type=_POSITIVE, default=16, help="media slots of a session")
+    p_exp.add_argument("--max-frames", type=_POSITIVE, default=None, help="most frames per clip (default: trained count or 8)")
     p_gen = sub.add_parser("generate", help="stream a continuation of a prompt with images")
     p_gen.add_argument("model_dir")
     p_gen.add_argument("prompt", help="text; <image> markers place the --image files (default: all first)")
     p_gen.add_argument("--image", action="append", default=[], help="image/clip file (.npy, or PNG/JPEG with PIL)")
-    p_gen.add_argument("--max-new-tokens", type=int, default=32)
+    p_gen.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
     p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p_gen.add_argument("--top-k", type=int, default=0)
+    p_gen.add_argument("--top-k", type=_NON_NEGATIVE, default=0)
     p_gen.add_argument("--top-p", type=float, default=1.0)
-    p_gen.add_argument("--num-beams", type=int, default=1)
+    p_gen.add_argument("--num-beams", type=_POSITIVE, default=1)
     p_gen.add_argument("--seed", type=int, default=None)
     p_gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p_gen.add_argument("--device", default="cpu")
@@ -384,14 +408,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="ablations to run, space- or comma-separated (default: all; baseline, no_tanh_gating, "
                             "all_previous_images, mlp_resampler, xattn_every_2nd_layer, unfrozen_lm)")
     p_abl.add_argument("--preset", default="tiny-world", help="recipe preset whose stage-3 settings every run uses")
-    p_abl.add_argument("--steps", type=int, default=400,
+    p_abl.add_argument("--steps", type=_NON_NEGATIVE, default=400,
                        help="stage-3 steps per run (default 400: a quarter of the tiny-world recipe's stage 3; 0: the preset's)")
-    p_abl.add_argument("--episodes", type=int, default=40, help="held-out queries per task and shot count")
+    p_abl.add_argument("--episodes", type=_POSITIVE, default=40, help="held-out queries per task and shot count")
     p_abl.add_argument("--shots", type=_int_list, default=[0, 1, 2, 4], help="shot counts of the evaluation")
     p_abl.add_argument("--by", default="colour", choices=list(CLASSIFY_BY), help="what a naming class is")
     p_abl.add_argument("--seed", type=int, default=0, help="seed of the data pools, batches and connector init")
     p_abl.add_argument("--eval-seed", type=int, default=100, help="seed of the held-out evaluation episodes")
-    p_abl.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: keep torch's)")
+    p_abl.add_argument("--threads", type=_NON_NEGATIVE, default=1, help="torch CPU threads (0: keep torch's)")
     p_abl.add_argument("--json", default=None, help="write the rows here")
     p_abl.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -77,6 +77,33 @@ def test_generate_and_export_refuse_a_device_they_cannot_use(tmp_path, capsys, m
     assert not (tmp_path / "out").exists()
 
 
+def test_counts_out_of_range_are_argument_errors(tmp_path, capsys):
+    """Thread counts, sizes and step counts below their minimum stop at argument parsing
+    (exit code 2, the option named) instead of a torch traceback or a silent fallback."""
+    import pytest
+
+    cases = [(["demo", "--threads", "-1"], "--threads", ">= 1"),
+             (["eval", "m", "--threads", "-2"], "--threads", ">= 0"),
+             (["eval", "m", "--n-way", "1"], "--n-way", ">= 2"),
+             (["info", "tiny", "--seq-len", "-5"], "--seq-len", ">= 1"),
+             (["info", "tiny", "--num-media", "0"], "--num-media", ">= 1"),
+             (["ablate", "--threads", "-3"], "--threads", ">= 0"),
+             (["generate", "m", "hi", "--top-k", "-1"], "--top-k", ">= 0"),
+             (["generate", "m", "hi", "--max-new-tokens", "x"], "--max-new-tokens", "expected an integer"),
+             (["export", "m", "o", "--max-media", "0"], "--max-media", ">= 1"),
+             (["train", "c.toml", "--steps", "-1"], "--steps", ">= 1")]
+    for argv, opt, want in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert f"argument {opt}: " in err and want in err, err
+    # a recipe preset has per-stage steps: --steps with --preset is refused, not ignored
+    assert cli.main(["train", "--preset", "toy", "--steps", "5", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--steps applies to a CONFIG run" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_generate_reads_a_png(tmp_path, capsys):
     """A PNG through PIL (a read-only pixel array) gives the same text as the array itself."""
     Image = __import__("pytest").importorskip("PIL.Image")

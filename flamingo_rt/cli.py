@@ -129,7 +129,7 @@ def _generate(args) -> int:
         prompt = "<image>" * len(media) + prompt
     try:
         gen = Generator.from_pretrained(args.model_dir, device=args.device, dtype=dtype, max_media=max(len(media), 1))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no folder, no tokenizer, a broken checkpoint
         print(f"flamingo-rt generate: {e}", file=sys.stderr)
         return 2
     cfg = GenerationConfig(
@@ -264,7 +264,11 @@ def _train(args) -> int:
         return 2
     _tune_malloc(args)
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg)  # opens the model folder and the datasets
+    except (FileNotFoundError, ValueError) as e:
+        print(f"flamingo-rt train: {e}", file=sys.stderr)
+        return 2
+    try:
         trainer.fit()
     except NonFiniteLossError as e:
         print(f"flamingo-rt train: {e}", file=sys.stderr)

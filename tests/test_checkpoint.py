@@ -180,8 +180,11 @@ def test_explicit_config_and_atomic_config(tmp_path):
     save_checkpoint({"x": torch.randn(3)}, tmp_path / "c", config={"a": 2})
     assert load_config(tmp_path / "c") == {"a": 2}
     _no_temp_files(tmp_path / "c")
-    with pytest.raises(CheckpointError, match="no such config"):
+    with pytest.raises(CheckpointError, match="nothing: no such model folder or config file"):
         load_config(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json: no such config file \(expected a model folder"):
+        load_config(tmp_path / "empty")
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -51,6 +51,9 @@ def test_generate_names_an_image_it_cannot_read(tmp_path, capsys):
         assert rc == 2, path
         assert err.startswith("flamingo-rt generate: cannot read --image") and str(path) in err and reason in err, err
         assert "Traceback" not in err
+    assert cli.main(["generate", str(tmp_path / "no-model"), "hi"]) == 2  # a CheckpointError, was a traceback
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo-rt generate: ") and "no-model: no such model folder" in err, err
 
 
 def test_generate_and_export_refuse_a_device_they_cannot_use(tmp_path, capsys, monkeypatch):

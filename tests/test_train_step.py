@@ -208,6 +208,34 @@ def test_config_files_and_errors(world, tmp_path):
 
     with pytest.raises(ValueError, match="divisible"):
         row_range(3, DistInfo(0, 2), "docs")
+    # unparsable files name themselves; a JSON list is not a table of settings
+    (tmp_path / "bad.toml").write_text('model = "x"\n[[datasets]\n')
+    with pytest.raises(ValueError, match=r"cannot parse training config .*bad\.toml: "):
+        load_train_config(tmp_path / "bad.toml")
+    (tmp_path / "bad.json").write_text('{"steps": 2,')
+    with pytest.raises(ValueError, match=r"cannot parse training config .*bad\.json: "):
+        load_train_config(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="to hold a table of settings, got list"):
+        load_train_config(tmp_path / "list.json")
+
+
+def test_cli_train_reports_a_missing_dataset_or_model_in_one_line(world, tmp_path, capsys):
+    """`flamingo-rt train` with a config whose dataset folder or model folder is missing:
+    exit code 2 and one line naming it (the Trainer raised it through a traceback before)."""
+    from flamingo_rt import cli
+
+    d = train_config_dict(world["model"].parent, "run", 3)
+    gone = dict(d, datasets=[dict(d["datasets"][0], path=str(tmp_path / "no-data"))])
+    (tmp_path / "a.json").write_text(json.dumps(gone))
+    assert cli.main(["train", str(tmp_path / "a.json"), "--no-progress", "--default-malloc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo-rt train: ") and "no-data" in err and "does not exist" in err, err
+    (tmp_path / "b.json").write_text(json.dumps(dict(d, model=str(tmp_path / "no-model"))))
+    assert cli.main(["train", str(tmp_path / "b.json"), "--no-progress", "--default-malloc"]) == 2
+    err = capsys.readouterr().err
+    assert "no-model: no such model folder" in err and "save_pretrained" in err, err
+    assert "Traceback" not in err
 
 
 def test_frozen_linears_in_bf16_give_the_same_step(world, tmp_path):

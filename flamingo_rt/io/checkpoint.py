@@ -256,7 +256,10 @@ def load_config(folder: PathLike) -> Dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such config file", path=path) from None
+        where = (f"{folder}: no such model folder or config file" if not Path(folder).exists()
+                 else f"{path}: no such config file")
+        raise CheckpointError(f"{where} (expected a model folder written by save_pretrained, with "
+                              f"{CONFIG_FILE})", path=path) from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read config: {e}", path=path) from None
     try:

@@ -206,14 +206,19 @@ def load_train_config(path: Union[str, Path], overrides: Optional[Dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training config {path} does not exist")
-    if path.suffix == ".toml":
-        import tomllib
-
-        d = tomllib.loads(path.read_text())
-    elif path.suffix == ".json":
-        d = json.loads(path.read_text())
-    else:
+    if path.suffix not in (".toml", ".json"):
         raise ValueError(f"expected a .json or .toml training config, got {path.name}")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            d = tomllib.loads(path.read_text())
+        else:
+            d = json.loads(path.read_text())
+    except ValueError as e:  # tomllib.TOMLDecodeError, json.JSONDecodeError
+        raise ValueError(f"cannot parse training config {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"expected training config {path} to hold a table of settings, got {type(d).__name__}")
     d.update(overrides or {})
     base = path.parent
 

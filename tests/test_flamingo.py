@@ -142,6 +142,8 @@ def test_bad_media_and_ids_are_clear_errors():
         model(bad, media, num_media=n)
     with pytest.raises(ValueError, match=r"expected input_ids of shape \(B, T\)"):
         model(ids[0], media, num_media=n)
+    with pytest.raises(ValueError, match=r"expected integer input_ids .*got torch.float32"):
+        model(ids.float(), media, num_media=n)
 
 
 def test_video_media_and_still_shorthand():

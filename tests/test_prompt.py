@@ -40,3 +40,24 @@ def test_writable_arrays_are_not_copied_twice(monkeypatch):
     got = prompt_mod._to_frames(img)
     assert len(seen) == 1 and np.shares_memory(seen[0], img)
     torch.testing.assert_close(got, torch.from_numpy(img).permute(2, 0, 1)[None])
+
+
+def test_float_pixels_outside_unit_range_or_not_finite_are_refused():
+    """Float media must be [0, 1] pixels: a 0-255 float image (a common slip) or NaN would
+    otherwise be normalised into garbage and answered silently."""
+    import pytest
+
+    ok = np.random.RandomState(2).rand(6, 6, 3)
+    assert prompt_mod._to_frames(ok).shape == (1, 3, 6, 6)
+    assert prompt_mod._to_frames(np.clip(ok, 0, 1) + 5e-4).shape == (1, 3, 6, 6)  # rounding slack
+    with pytest.raises(ValueError, match=r"pixels in \[0, 1\], got values in \[[0-9.e-]+, 2[0-9.]+\]; pass uint8"):
+        prompt_mod._to_frames(ok * 255.0)
+    with pytest.raises(ValueError, match=r"pixels in \[0, 1\], got values in \[-0\.5"):
+        prompt_mod._to_frames(torch.full((3, 4, 4), -0.5))
+    bad = ok.astype(np.float32)
+    bad[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="finite pixel values"):
+        prompt_mod._to_frames(bad)
+    with pytest.raises(ValueError, match="finite pixel values"):
+        prompt_mod._to_frames(torch.full((2, 3, 4, 4), float("inf")))
+    assert prompt_mod._to_frames((ok * 255).astype(np.uint8)).max() <= 1.0  # uint8 is scaled, not refused

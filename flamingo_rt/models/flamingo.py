@@ -182,6 +182,8 @@ class Flamingo(nn.Module):
             raise ValueError("return_logits=False needs labels (it returns only the loss)")
         if input_ids.dim() != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"expected integer input_ids (token ids, e.g. torch.long), got {input_ids.dtype}")
         B = input_ids.shape[0]
         if media_tokens is None and media is not None:
             media_tokens = self.encode_media(media, backend=backend)

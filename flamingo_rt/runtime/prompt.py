@@ -1,7 +1,7 @@
 """Prompts: interleaved text and media -> token ids and preprocessed media.
 
 A prompt is a list whose items are text (``str``) or media: an image as a tensor
-(C, H, W) (float in [0, 1] or uint8), a numpy array (H, W, C) / (H, W), a PIL image, or a
+(C, H, W) (float in [0, 1] or uint8: other float ranges and NaN are refused), a numpy array (H, W, C) / (H, W), a PIL image, or a
 video clip as a tensor (F, C, H, W) / array (F, H, W, C). Each media item becomes one
 ``<image>`` token at its place; text may also contain literal ``<image>`` markers, which
 then take the prompt's media in order (``Prompt.from_text``).
@@ -20,6 +20,11 @@ from ..models.config import VisionConfig
 
 MediaLike = Union[torch.Tensor, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 PromptItem = Union[str, MediaLike]
+
+
+# floating-point pixels may stray this far outside [0, 1] (rounding of an earlier resize or
+# colour conversion) before they are refused as not being [0, 1] pixels at all
+_PIXEL_SLACK = 1e-3
 
 
 def _to_frames(x: MediaLike) -> torch.Tensor:
@@ -55,6 +60,14 @@ def _to_frames(x: MediaLike) -> torch.Tensor:
         t = t.float() / 255.0
     elif t.is_floating_point():
         t = t.float()
+        if t.numel():
+            lo, hi = torch.aminmax(t)
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                raise ValueError("expected finite pixel values, got NaN or infinity in the image")
+            if lo < -_PIXEL_SLACK or hi > 1.0 + _PIXEL_SLACK:
+                raise ValueError(
+                    f"expected floating-point pixels in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]; "
+                    "pass uint8 pixels (0-255) or divide by 255 (normalisation happens here, after resizing)")
     else:
         raise TypeError(f"expected uint8 or floating-point pixels, got {t.dtype}")
     if t.shape[1] == 1:

@@ -45,3 +45,5 @@ def test_load_bf16_and_wrong_shape_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="lm.embed_tokens.weight"):
         load_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="expected dtype to be a torch.dtype .*got 'bf16'"):
+        load_pretrained(tmp_path, dtype="bf16")

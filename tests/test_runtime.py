@@ -189,6 +189,10 @@ def test_errors_are_clear_and_early(gen):
         gen.generate([img() for _ in range(6)])
     with pytest.raises(TypeError, match="expected text"):
         gen.generate([3.5])
+    with pytest.raises(TypeError, match="expected config to be a GenerationConfig .*got dict"):
+        list(gen.stream(["a"], {"max_new_tokens": 2}))
+    with pytest.raises(TypeError, match="unknown generation setting: .*max_new_tokenz"):
+        gen.generate(["a"], max_new_tokenz=2)
 
 
 def test_memory_stays_flat_over_many_tokens(gen):

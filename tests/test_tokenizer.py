@@ -273,3 +273,16 @@ def test_incremental_decoder_reads_non_ascii_added_tokens_like_decode():
     ids = tok.encode("x café y 日本 z")
     dec = IncrementalDecoder(tok)
     assert "".join(dec.push(i) for i in ids) + dec.flush() == tok.decode(ids)
+
+
+def test_ids_out_of_range_are_errors(tok):
+    """decode, token_bytes and the streaming decoder refuse ids outside [0, vocab_size)
+    (the backends dropped unknown ids silently and overflowed on negative ones)."""
+    n = tok.vocab_size
+    assert tok.decode([n - 1]) == tok.decode(torch.tensor([n - 1]))
+    for bad in (n, 10**6, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} is out of range for this tokenizer \(expected 0 <= id < {n}\)"):
+            tok.decode([1, bad])
+        if tok.is_byte_level:
+            with pytest.raises(ValueError, match=f"token id {bad} is out of range"):
+                IncrementalDecoder(tok).push(bad)

@@ -45,6 +45,8 @@ def load_pretrained(
     folder has no ``tokenizer.json``). Missing, unexpected or mis-shaped weights raise
     :class:`~flamingo_rt.io.checkpoint.CheckpointError` listing them.
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"expected dtype to be a torch.dtype such as torch.bfloat16 (or None), got {dtype!r}")
     folder = Path(folder)
     config = FlamingoConfig.from_dict(load_config(folder))
     with torch.device("meta"):

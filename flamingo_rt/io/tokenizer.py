@@ -260,12 +260,18 @@ class FlamingoTokenizer:
         return out
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids`` (a list or a 1-D tensor)."""
+        """Text of ``ids`` (a list or a 1-D tensor); an id outside [0, vocab_size) is a
+        ValueError (a padded LM vocabulary's extra rows have no text)."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1:
                 raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        n = self._vocab_size
+        bad = next((i for i in ids if i < 0 or i >= n), None)
+        if bad is not None:  # the backends drop unknown ids silently (or overflow on negatives)
+            raise ValueError(f"token id {bad} is out of range for this tokenizer (expected 0 <= id < {n})")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def __call__(
         self,
@@ -347,6 +353,9 @@ class FlamingoTokenizer:
         cached = self._token_bytes.get(token_id)
         if cached is not None:
             return cached
+        if token_id < 0 or token_id >= self._vocab_size:
+            raise ValueError(f"token id {token_id} is out of range for this tokenizer "
+                             f"(expected 0 <= id < {self._vocab_size})")
         # Added tokens too are read the way tokenizers' ByteLevel decoder reads them: when
         # every character is in the byte-level alphabet, the bytes they stand for (so an added
         # "café" streams as tokenizers decodes it, "caf\ufffd"); otherwise its UTF-8 bytes.
@@ -354,7 +363,8 @@ class FlamingoTokenizer:
         if tok is None:
             tok = self._tok.id_to_token(token_id)
         if tok is None:
-            raise ValueError(f"token id {token_id} is out of range (vocab_size {self.vocab_size})")
+            raise ValueError(f"token id {token_id} is out of range for this tokenizer "
+                             f"(expected 0 <= id < {self._vocab_size})")
         try:
             out = bytes(_CHAR_TO_BYTE[c] for c in tok)
         except KeyError:

@@ -33,6 +33,17 @@ class Prefix:
     num_media: int
 
 
+
+def _config(config: Optional[GenerationConfig], overrides: dict) -> GenerationConfig:
+    """``config`` (default: GenerationConfig()) with keyword ``overrides``, validated."""
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise TypeError(f"expected config to be a GenerationConfig (or None), got {type(config).__name__}; "
+                        "pass settings as GenerationConfig(...) or as keyword arguments")
+    try:
+        return replace(config or GenerationConfig(), **overrides).validate()
+    except TypeError as e:  # an unknown keyword
+        raise TypeError(f"unknown generation setting: {e}") from None
+
 class Generator:
     """Generation over a :class:`~flamingo_rt.models.flamingo.Flamingo` and its tokenizer.
 
@@ -241,7 +252,7 @@ class Generator:
             isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (list, tuple, EncodedPrompt))
         )
         batch = [prompts] if single else list(prompts)
-        cfg = replace(config or GenerationConfig(), **kwargs).validate()
+        cfg = _config(config, kwargs)
         if cfg.num_beams > 1:
             outs = [self._beam_search(p, cfg, prefix) for p in batch]
             return outs[0] if single else outs
@@ -262,7 +273,7 @@ class Generator:
         """Yield the generated text piece by piece (whole characters only; text that could
         still become a stop string is held back). Concatenated, the pieces equal
         :meth:`generate`'s result. Stopping the iteration stops the work."""
-        cfg = replace(config or GenerationConfig(), **kwargs).validate()
+        cfg = _config(config, kwargs)
         if cfg.num_beams > 1:
             raise ValueError("stream() decodes token by token; beam search (num_beams > 1) is not streamable")
         with torch.no_grad():
@@ -411,7 +422,7 @@ class Session:
 
     @torch.no_grad()
     def generate(self, config: Optional[GenerationConfig] = None, **kwargs) -> str:
-        cfg = replace(config or GenerationConfig(), **kwargs).validate()
+        cfg = _config(config, kwargs)
         if cfg.num_beams > 1:
             raise ValueError("Session.generate decodes greedily or by sampling (num_beams must be 1)")
         g = self.gen

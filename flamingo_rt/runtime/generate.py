@@ -33,7 +33,6 @@ class Prefix:
     num_media: int
 
 
-
 def _config(config: Optional[GenerationConfig], overrides: dict) -> GenerationConfig:
     """``config`` (default: GenerationConfig()) with keyword ``overrides``, validated."""
     if config is not None and not isinstance(config, GenerationConfig):
@@ -43,6 +42,7 @@ def _config(config: Optional[GenerationConfig], overrides: dict) -> GenerationCo
         return replace(config or GenerationConfig(), **overrides).validate()
     except TypeError as e:  # an unknown keyword
         raise TypeError(f"unknown generation setting: {e}") from None
+
 
 class Generator:
     """Generation over a :class:`~flamingo_rt.models.flamingo.Flamingo` and its tokenizer.

@@ -1,10 +1,11 @@
 """Prompts: interleaved text and media -> token ids and preprocessed media.
 
 A prompt is a list whose items are text (``str``) or media: an image as a tensor
-(C, H, W) (float in [0, 1] or uint8: other float ranges and NaN are refused), a numpy array (H, W, C) / (H, W), a PIL image, or a
-video clip as a tensor (F, C, H, W) / array (F, H, W, C). Each media item becomes one
-``<image>`` token at its place; text may also contain literal ``<image>`` markers, which
-then take the prompt's media in order (``Prompt.from_text``).
+(C, H, W) (float in [0, 1] or uint8: other float ranges and NaN are refused), a numpy
+array (H, W, C) / (H, W), a PIL image, or a video clip as a tensor (F, C, H, W) / array
+(F, H, W, C). Each media item becomes one ``<image>`` token at its place; text may also
+contain literal ``<image>`` markers, which then take the prompt's media in order
+(``Prompt.from_text``).
 """
 from __future__ import annotations
 

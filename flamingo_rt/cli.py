@@ -295,7 +295,7 @@ def _export(args) -> int:
     try:
         man = export_model(args.model_dir, args.out_dir, device=args.device, max_seq_len=args.max_seq_len,
                            max_media=args.max_media, max_frames=args.max_frames, progress=True)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: an output folder that cannot be made
         print(f"flamingo-rt export: {e}", file=sys.stderr)
         return 2
     print(f"exported to {args.out_dir}: {', '.join(man['packages'].values())}, tokenizer.json, manifest.json "

@@ -78,6 +78,13 @@ def test_generate_and_export_refuse_a_device_they_cannot_use(tmp_path, capsys, m
     assert cli.main(["export", str(tmp_path / "m"), str(tmp_path / "out"), "--device", "cuda"]) == 2
     assert capsys.readouterr().err.startswith("flamingo-rt export: --device cuda: ")
     assert not (tmp_path / "out").exists()
+    # an output folder that cannot be made (a file in its path): one line, before any compile
+    from flamingo_rt.demo import DEFAULT_MODEL
+
+    (tmp_path / "a-file").write_text("x")
+    assert cli.main(["export", str(DEFAULT_MODEL), str(tmp_path / "a-file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo-rt export: ") and "Not a directory" in err, err
 
 
 def test_counts_out_of_range_are_argument_errors(tmp_path, capsys):

@@ -150,6 +150,33 @@ def _generate(args) -> int:
     return 0
 
 
+def _output_problem(path: Optional[str], folder: bool) -> Optional[str]:
+    """Why ``path`` cannot be written (None when it can, or when no path is given): its
+    folder (``path`` itself when ``folder``, else its parent) is made now, so that a bad
+    path fails before minutes of work instead of after them."""
+    import os
+    from pathlib import Path
+
+    if path is None:
+        return None
+    p = Path(path)
+    target = p if folder else p.parent
+    if not folder and p.is_dir():
+        return f"cannot write {path}: it is a folder"
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot write {path}: {existing} is a file, not a folder"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot write {path}: {e.strerror or e} ({target})"
+    if not os.access(target, os.W_OK):
+        return f"cannot write {path}: {target} is not writable"
+    return None
+
+
 def _int_at_least(lo: int):
     """An argparse type: an integer >= ``lo`` (argparse then says which option and exits 2)."""
 
@@ -185,6 +212,11 @@ def _eval(args) -> int:
 
         torch.set_num_threads(args.threads)
     tasks = [t for arg in args.tasks for t in arg.split(",") if t]
+    for out in (args.json, args.plot):
+        problem = _output_problem(out, folder=False)
+        if problem is not None:
+            print(f"flamingo-rt eval: {problem}", file=sys.stderr)
+            return 2
     try:
         suite = TaskSuite(tasks=tuple(tasks), shots=tuple(args.shots), episodes=args.episodes, seed=args.seed,
                           split=args.split, format_split=args.format_split, n_way=args.n_way, by=args.by,
@@ -205,6 +237,10 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     color = {"auto": None, "always": True, "never": False}[args.color]
+    problem = _output_problem(args.out, folder=True)
+    if problem is not None:
+        print(f"flamingo-rt demo: {problem}", file=sys.stderr)
+        return 2
     return run_demo(args.model, out_dir=args.out, episodes=args.episodes, seed=args.seed, color=color,
                     formats=args.formats, threads=args.threads)
 
@@ -235,6 +271,10 @@ def _train(args) -> int:
             print(f"flamingo-rt train --preset {args.preset}: the recipe is not available ({e})", file=sys.stderr)
             return 2
         out = args.out_dir or f"runs/{args.preset}"
+        problem = _output_problem(out, folder=True)
+        if problem is not None:
+            print(f"flamingo-rt train: {problem}", file=sys.stderr)
+            return 2
         _tune_malloc(args)
         try:
             run_recipe(args.preset, out, seed=args.seed if args.seed is not None else 0, progress=not args.no_progress)
@@ -264,8 +304,8 @@ def _train(args) -> int:
         return 2
     _tune_malloc(args)
     try:
-        trainer = Trainer(cfg)  # opens the model folder and the datasets
-    except (FileNotFoundError, ValueError) as e:
+        trainer = Trainer(cfg)  # opens the model folder and the datasets, makes out_dir
+    except (ValueError, OSError) as e:
         print(f"flamingo-rt train: {e}", file=sys.stderr)
         return 2
     try:
@@ -309,6 +349,10 @@ def _ablate(args) -> int:
 
     model = args.model or str(DEFAULT_MODEL)
     names = [n for arg in args.only for n in arg.split(",") if n] if args.only else None
+    problem = _output_problem(args.json, folder=False)
+    if problem is not None:
+        print(f"flamingo-rt ablate: {problem}", file=sys.stderr)
+        return 2
     steps = args.steps or f"the {args.preset} preset's"
     print(f"ablations of stage 3 on the backbones of {model}: {', '.join(names or ABLATIONS)}; "
           f"{steps} steps each, scored on {args.episodes} held-out queries per cell", flush=True)

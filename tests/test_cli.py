@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from flamingo_rt import cli
@@ -90,8 +91,6 @@ def test_generate_and_export_refuse_a_device_they_cannot_use(tmp_path, capsys, m
 def test_counts_out_of_range_are_argument_errors(tmp_path, capsys):
     """Thread counts, sizes and step counts below their minimum stop at argument parsing
     (exit code 2, the option named) instead of a torch traceback or a silent fallback."""
-    import pytest
-
     cases = [(["demo", "--threads", "-1"], "--threads", ">= 1"),
              (["eval", "m", "--threads", "-2"], "--threads", ">= 0"),
              (["eval", "m", "--n-way", "1"], "--n-way", ">= 2"),
@@ -114,9 +113,33 @@ def test_counts_out_of_range_are_argument_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, monkeypatch):
+    """demo --out, eval --json / --plot, ablate --json and train --out-dir under a path
+    that cannot be made (a file in the way, a folder where a file goes) fail at once with
+    one line; eval and ablate wrote their results only after all the work before."""
+    import flamingo_rt.eval as eval_pkg
+    from flamingo_rt import demo as demo_mod
+
+    (tmp_path / "a-file").write_text("x")
+    f = tmp_path / "a-file"
+    monkeypatch.setattr(demo_mod, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    monkeypatch.setattr(eval_pkg, "TaskSuite", lambda *a, **k: pytest.fail("the evaluation ran"))
+    cases = [(["demo", "--out", str(f / "out")], "demo", f"{f} is a file, not a folder"),
+             (["eval", "m", "--json", str(f / "r.json")], "eval", f"{f} is a file, not a folder"),
+             (["eval", "m", "--plot", str(tmp_path)], "eval", "it is a folder"),
+             (["ablate", "--json", str(f / "r.json")], "ablate", f"{f} is a file, not a folder"),
+             (["train", "--preset", "toy", "--out-dir", str(f / "run")], "train", f"{f} is a file, not a folder")]
+    for argv, cmd, want in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"flamingo-rt {cmd}: cannot write ") and want in err, err
+    assert cli._output_problem(str(tmp_path / "new" / "deeper" / "r.json"), folder=False) is None
+    assert (tmp_path / "new" / "deeper").is_dir()  # made now, not after the work
+
+
 def test_generate_reads_a_png(tmp_path, capsys):
     """A PNG through PIL (a read-only pixel array) gives the same text as the array itself."""
-    Image = __import__("pytest").importorskip("PIL.Image")
+    Image = pytest.importorskip("PIL.Image")
     tok = FlamingoTokenizer.train_bpe(["a red square left of a blue circle"] * 30, vocab_size=280)
     cfg = get_preset("tiny")
     cfg.lm.vocab_size = tok.vocab_size

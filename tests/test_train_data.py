@@ -52,6 +52,34 @@ def test_write_and_decode_round_trip(tmp_path):
     assert s.media[0].shape == (2, 3, 8, 8)  # 4 frames resampled to 2 (first and last)
 
 
+def test_write_dataset_names_the_record_it_cannot_write(tmp_path):
+    """Missing fields, images of the wrong shape, dtype or range, and marker counts that do
+    not match: a ValueError / TypeError naming the record and field (they were KeyErrors, a
+    sparse-permute RuntimeError, an AttributeError on numpy input, or a silently clamped
+    0-255 float image). (3, H, W) numpy arrays work like tensors."""
+    img = torch.rand(3, 8, 8)
+    cases = [
+        ([{"image": img}], "pairs", ValueError, r"record 0: a record of kind 'pairs' needs 'text'; got \['image'\]"),
+        ([{"image": img, "text": "a"}, {"image": img[0], "text": "b"}], "pairs", ValueError,
+         r"record 1 'image': expected an image of shape \(3, H, W\), got \(8, 8\)"),
+        ([{"image": img * 255, "text": "a"}], "pairs", ValueError, r"expected float pixels in \[0, 1\].*pass uint8"),
+        ([{"image": img.double().mul(2).int(), "text": "a"}], "pairs", TypeError, "expected uint8 or float pixels, got torch.int32"),
+        ([{"image": "a.png", "text": "a"}], "pairs", TypeError, "expected an image tensor or numpy array"),
+        ([{"text": "<image>a"}], "interleaved", ValueError, "needs 'images'"),
+        ([{"text": "<image>a <image>", "images": [img]}], "interleaved", ValueError, "2 <image> markers in its text for 1 images"),
+        ([{"video": img, "text": "a"}], "video", ValueError, r"expected 'video' of shape \(F, 3, H, W\)"),
+        ([{"image": img, "text": 3}], "pairs", TypeError, "expected 'text' to be a str, got int"),
+    ]
+    for i, (records, kind, exc, msg) in enumerate(cases):
+        with pytest.raises(exc, match=msg):
+            write_dataset(records, tmp_path / f"bad{i}", kind)
+    arr = (img * 255).round().to(torch.uint8).numpy()
+    arr.setflags(write=False)
+    write_dataset([{"image": arr, "text": "a red circle."}], tmp_path / "np", "pairs", image_format="npy")
+    s = decode_record((tmp_path / "np" / "shard-00000.jsonl").read_text(), tmp_path / "np", "pairs", 5)
+    assert torch.equal(s.media[0][0], torch.from_numpy(arr.copy()))
+
+
 @pytest.mark.parametrize("record,reason", [
     ("not json", "malformed"),
     ('{"text": "x"}', "malformed"),

@@ -154,11 +154,31 @@ def decode_record(line: Union[str, bytes], root: Path, kind: str, max_images: in
     return Sample(text, media)
 
 
-def _to_uint8_hwc(x: torch.Tensor) -> np.ndarray:
-    """float (3, H, W) in [0, 1] or uint8 (3, H, W) -> uint8 (H, W, 3)."""
+def _to_uint8_hwc(x: Any, where: str) -> np.ndarray:
+    """float (3, H, W) in [0, 1] or uint8 (3, H, W) (a tensor or numpy array) -> uint8
+    (H, W, 3). ``where`` names the record and field in errors."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.array(x))  # a copy: read-only arrays (PIL's) are fine
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected an image tensor or numpy array (3, H, W), got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[0] != 3 or x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"{where}: expected an image of shape (3, H, W), got {tuple(x.shape)}")
     if x.is_floating_point():
-        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    return x.permute(1, 2, 0).contiguous().numpy()
+        lo, hi = (float(v) for v in torch.aminmax(x.detach().float()))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"{where}: expected float pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                             "(pass uint8 for 0-255 pixels)")
+        x = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+    elif x.dtype != torch.uint8:
+        raise TypeError(f"{where}: expected uint8 or float pixels, got {x.dtype}")
+    return x.detach().cpu().permute(1, 2, 0).contiguous().numpy()
+
+
+def _record_field(rec: Any, i: int, key: str, kind: str) -> Any:
+    if not isinstance(rec, dict) or key not in rec:
+        got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise ValueError(f"record {i}: a record of kind {kind!r} needs {key!r}; got {got}")
+    return rec[key]
 
 
 def _save_image(arr: np.ndarray, path: Path, image_format: str) -> None:
@@ -176,8 +196,10 @@ def write_dataset(records: Iterable[Dict[str, Any]], folder: Union[str, Path], k
     ``interleaved_documents`` or ``video_text_pairs`` streams, limited with ``n``).
 
     Records: "pairs" ``{"image": (3, H, W), "text"}``; "interleaved" ``{"text", "images":
-    [(3, H, W), ...]}``; "video" ``{"video": (F, 3, H, W), "text"}``; pixels float in [0, 1]
-    or uint8. ``image_format``: "png" (needs PIL) or "npy". Shards are written to a temporary
+    [(3, H, W), ...]}`` (one ``<image>`` marker per image); "video" ``{"video": (F, 3, H, W),
+    "text"}``; tensors or numpy arrays, pixels float in [0, 1] or uint8 (anything else, a
+    missing field or a marker count that does not match is a ValueError / TypeError naming the
+    record). ``image_format``: "png" (needs PIL) or "npy". Shards are written to a temporary
     name and renamed. Returns ``{"records": n, "shards": s}``.
     """
     if kind not in ("interleaved", "pairs", "video"):
@@ -205,22 +227,34 @@ def write_dataset(records: Iterable[Dict[str, Any]], folder: Union[str, Path], k
 
     for rec in records:
         stem = f"media/{n:07d}"
+        text = _record_field(rec, n, "text", kind)
+        if not isinstance(text, str):
+            raise TypeError(f"record {n}: expected 'text' to be a str, got {type(text).__name__}")
         if kind == "pairs":
             rel = stem + ext
-            _save_image(_to_uint8_hwc(rec["image"]), folder / rel, image_format)
-            out = {"image": rel, "text": rec["text"]}
+            _save_image(_to_uint8_hwc(_record_field(rec, n, "image", kind), f"record {n} 'image'"),
+                        folder / rel, image_format)
+            out = {"image": rel, "text": text}
         elif kind == "interleaved":
+            images = _record_field(rec, n, "images", kind)
+            if text.count(IMAGE_TOKEN) != len(images):
+                raise ValueError(f"record {n}: {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} markers in its text for "
+                                 f"{len(images)} images; expected one marker per image")
             rels = []
-            for j, img in enumerate(rec["images"]):
+            for j, img in enumerate(images):
                 rels.append(f"{stem}-{j}{ext}")
-                _save_image(_to_uint8_hwc(img), folder / rels[-1], image_format)
-            out = {"text": rec["text"], "images": rels}
+                _save_image(_to_uint8_hwc(img, f"record {n} 'images'[{j}]"), folder / rels[-1], image_format)
+            out = {"text": text, "images": rels}
         else:
+            video = _record_field(rec, n, "video", kind)
+            if len(video) < 1 or getattr(video, "ndim", 4) != 4:
+                raise ValueError(f"record {n}: expected 'video' of shape (F, 3, H, W) with F >= 1, got "
+                                 f"{tuple(getattr(video, 'shape', (len(video),)))}")
             rels = []
-            for j, frame in enumerate(rec["video"]):
+            for j, frame in enumerate(video):
                 rels.append(f"{stem}-{j}{ext}")
-                _save_image(_to_uint8_hwc(frame), folder / rels[-1], image_format)
-            out = {"frames": rels, "text": rec["text"]}
+                _save_image(_to_uint8_hwc(frame, f"record {n} 'video'[{j}]"), folder / rels[-1], image_format)
+            out = {"frames": rels, "text": text}
         lines.append(json.dumps(out) + "\n")
         n += 1
         if len(lines) >= shard_size:

@@ -218,6 +218,19 @@ def test_config_files_and_errors(world, tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="to hold a table of settings, got list"):
         load_train_config(tmp_path / "list.json")
+    # sections: unknown keys and non-tables name the section; a mixture needs a positive weight
+    ds0 = d["datasets"][0]
+    for bad, msg in [(dict(d, optim={"lrr": 1}), r"optim: unknown keys \['lrr'\]"),
+                     (dict(d, freeze=3), "freeze: expected a table of settings, got int"),
+                     (dict(d, datasets=[dict(ds0, wieght=1.0)]), r"datasets\[0\]: unknown keys \['wieght'\]"),
+                     (dict(d, datasets=["x"]), r"datasets\[0\]: expected a table of settings, got str"),
+                     (dict(d, datasets=dict(ds0)), r"expected datasets: a list of tables \(\[\[datasets\]\] in TOML\), got dict"),
+                     (dict(d, datasets=[dict(ds0, weight=0.0)]), "at least one dataset with weight > 0")]:
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig.from_dict(bad)
+    (tmp_path / "single.toml").write_text(toml.replace("[[datasets]]", "[datasets]"))
+    with pytest.raises(ValueError, match=r"a list of tables \(\[\[datasets\]\] in TOML\), got dict"):
+        load_train_config(tmp_path / "single.toml")
 
 
 def test_cli_train_reports_a_missing_dataset_or_model_in_one_line(world, tmp_path, capsys):

@@ -136,6 +136,20 @@ class FreezeConfig:
                f"freeze: expected frozen_linear_dtype None or 'bf16', got {self.frozen_linear_dtype!r}")
 
 
+def _section(cls, value: Any, where: str):
+    """A config section: an instance of ``cls`` as is, or a table (dict) of its fields;
+    unknown keys and non-tables are ValueErrors naming the section."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a table of settings, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
+    return cls(**value)
+
+
 @dataclass
 class TrainConfig:
     """A training run. ``model`` is a model folder; ``preset`` builds a fresh model
@@ -161,14 +175,17 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self.datasets = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in self.datasets]
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
-        if isinstance(self.freeze, dict):
-            self.freeze = FreezeConfig(**self.freeze)
+        _check(isinstance(self.datasets, (list, tuple)),
+               f"expected datasets: a list of tables ([[datasets]] in TOML), got {type(self.datasets).__name__}")
+        self.datasets = [_section(DatasetConfig, d, f"datasets[{i}]") for i, d in enumerate(self.datasets)]
+        self.optim = _section(OptimConfig, self.optim, "optim")
+        self.freeze = _section(FreezeConfig, self.freeze, "freeze")
         _check(len(self.datasets) >= 1, "expected at least one dataset in the mixture, got none")
         names = [d.name for d in self.datasets]
         _check(len(set(names)) == len(names), f"expected unique dataset names, got {names}")
+        _check(any(d.weight > 0 for d in self.datasets),
+               f"expected at least one dataset with weight > 0 (the step's loss is the weighted sum), got "
+               f"{ {d.name: d.weight for d in self.datasets} }")
         _check(int(self.steps) >= 1, f"expected steps >= 1, got {self.steps}")
         _check((self.model is None) != (self.preset is None),
                f"expected exactly one of model (a folder) or preset, got model={self.model!r} preset={self.preset!r}")
@@ -228,5 +245,7 @@ def load_train_config(path: Union[str, Path], overrides: Optional[Dict[str, Any]
     for k in ("model", "tokenizer", "out_dir"):
         if k in d:
             d[k] = rel(d[k])
-    d["datasets"] = [dict(ds, path=rel(ds["path"])) if "path" in ds else ds for ds in d.get("datasets", [])]
+    if isinstance(d.get("datasets"), list):  # anything else is refused by TrainConfig, by name
+        d["datasets"] = [dict(ds, path=rel(ds["path"])) if isinstance(ds, dict) and "path" in ds else ds
+                         for ds in d["datasets"]]
     return TrainConfig.from_dict(d)

@@ -151,15 +151,17 @@ def _generate(args) -> int:
 
 
 def _output_problem(path: Optional[str], folder: bool) -> Optional[str]:
-    """Why ``path`` cannot be written (None when it can, or when no path is given): its
-    folder (``path`` itself when ``folder``, else its parent) is made now, so that a bad
-    path fails before minutes of work instead of after them."""
-    import os
+    """Why ``path`` cannot be written (None when it can, or when no path is given), checked
+    before the work so that a bad path fails before minutes of it instead of after: its
+    folder (``path`` itself when ``folder``, else its parent) must be a folder already, or
+    be makeable inside the nearest existing folder, which must take a new file (a temporary
+    one is made there and removed at once). Nothing else is made."""
+    import tempfile
     from pathlib import Path
 
     if path is None:
         return None
-    p = Path(path)
+    p = Path(path).absolute()
     target = p if folder else p.parent
     if not folder and p.is_dir():
         return f"cannot write {path}: it is a folder"
@@ -168,12 +170,11 @@ def _output_problem(path: Optional[str], folder: bool) -> Optional[str]:
         existing = existing.parent
     if not existing.is_dir():
         return f"cannot write {path}: {existing} is a file, not a folder"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
+    try:  # a real probe (os.access says yes to root even where nothing can be made)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
     except OSError as e:
-        return f"cannot write {path}: {e.strerror or e} ({target})"
-    if not os.access(target, os.W_OK):
-        return f"cannot write {path}: {target} is not writable"
+        return f"cannot write {path}: {existing} is not writable ({e.strerror or e})"
     return None
 
 

@@ -127,6 +127,7 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, m
     cases = [(["demo", "--out", str(f / "out")], "demo", f"{f} is a file, not a folder"),
              (["eval", "m", "--json", str(f / "r.json")], "eval", f"{f} is a file, not a folder"),
              (["eval", "m", "--plot", str(tmp_path)], "eval", "it is a folder"),
+             (["eval", "m", "--json", "/proc/flamingo-rt-test.json"], "eval", "/proc is not writable"),
              (["ablate", "--json", str(f / "r.json")], "ablate", f"{f} is a file, not a folder"),
              (["train", "--preset", "toy", "--out-dir", str(f / "run")], "train", f"{f} is a file, not a folder")]
     for argv, cmd, want in cases:
@@ -134,7 +135,7 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys, m
         err = capsys.readouterr().err
         assert err.startswith(f"flamingo-rt {cmd}: cannot write ") and want in err, err
     assert cli._output_problem(str(tmp_path / "new" / "deeper" / "r.json"), folder=False) is None
-    assert (tmp_path / "new" / "deeper").is_dir()  # made now, not after the work
+    assert not (tmp_path / "new").exists()  # checked, not made
 
 
 def test_generate_reads_a_png(tmp_path, capsys):

@@ -61,3 +61,16 @@ def test_float_pixels_outside_unit_range_or_not_finite_are_refused():
     with pytest.raises(ValueError, match="finite pixel values"):
         prompt_mod._to_frames(torch.full((2, 3, 4, 4), float("inf")))
     assert prompt_mod._to_frames((ok * 255).astype(np.uint8)).max() <= 1.0  # uint8 is scaled, not refused
+
+
+def test_few_shot_prompt_names_a_malformed_support_item_or_query():
+    import pytest
+
+    img = torch.rand(3, 4, 4)
+    assert len(prompt_mod.few_shot_prompt([(img, "a"), [img, 2]], img, prefix="Out:")) == 6
+    with pytest.raises(ValueError, match=r"support\[1\] is Tensor"):
+        prompt_mod.few_shot_prompt([(img, "a"), img], img)
+    with pytest.raises(ValueError, match=r"support\[0\] is a tuple of 3"):
+        prompt_mod.few_shot_prompt([(img, "a", "b")], img)
+    with pytest.raises(TypeError, match="expected the query to be media .*got NoneType"):
+        prompt_mod.few_shot_prompt([(img, "a")], None)

@@ -137,8 +137,14 @@ def few_shot_prompt(support: Sequence[Tuple[MediaLike, str]], query: MediaLike,
 
     Example: ``few_shot_prompt([(img1, "a cat"), (img2, "a dog")], img3, prefix="Output:")``.
     """
+    if query is None or isinstance(query, str):
+        raise TypeError(f"expected the query to be media (an image or clip), got {type(query).__name__}")
     items: List[PromptItem] = []
-    for image, answer in support:
+    for i, pair in enumerate(support):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            what = f"a {type(pair).__name__} of {len(pair)}" if isinstance(pair, (tuple, list)) else type(pair).__name__
+            raise ValueError(f"expected support as (image, answer) pairs; support[{i}] is {what}")
+        image, answer = pair
         items += [image, prefix + template.format(answer=answer) + EOC_TOKEN]
     items += [query, prefix] if prefix else [query]
     return items

@@ -28,6 +28,21 @@ PromptItem = Union[str, MediaLike]
 _PIXEL_SLACK = 1e-3
 
 
+def check_unit_pixels(t: torch.Tensor, where: str = "") -> None:
+    """Raise ValueError unless the floating-point pixels ``t`` are finite and in [0, 1]
+    (within rounding slack): a 0-255 float image or NaN would otherwise be normalised into
+    garbage silently. ``where`` (e.g. "record 3 'image'") prefixes the message."""
+    if not t.numel():
+        return
+    at = f"{where}: " if where else ""
+    lo, hi = (float(v) for v in torch.aminmax(t.detach().float()))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{at}expected finite pixel values, got NaN or infinity")
+    if lo < -_PIXEL_SLACK or hi > 1.0 + _PIXEL_SLACK:
+        raise ValueError(f"{at}expected float pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+                         "pass uint8 pixels (0-255) or divide by 255")
+
+
 def _to_frames(x: MediaLike) -> torch.Tensor:
     """Any supported media object -> (F, C, H, W) float32 in [0, 1]."""
     try:
@@ -61,14 +76,7 @@ def _to_frames(x: MediaLike) -> torch.Tensor:
         t = t.float() / 255.0
     elif t.is_floating_point():
         t = t.float()
-        if t.numel():
-            lo, hi = torch.aminmax(t)
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                raise ValueError("expected finite pixel values, got NaN or infinity in the image")
-            if lo < -_PIXEL_SLACK or hi > 1.0 + _PIXEL_SLACK:
-                raise ValueError(
-                    f"expected floating-point pixels in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]; "
-                    "pass uint8 pixels (0-255) or divide by 255 (normalisation happens here, after resizing)")
+        check_unit_pixels(t)
     else:
         raise TypeError(f"expected uint8 or floating-point pixels, got {t.dtype}")
     if t.shape[1] == 1:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ...io.tokenizer import EOC_TOKEN, IMAGE_TOKEN
+from ..prompt import check_unit_pixels
 
 __all__ = ["BadRecord", "BAD_REASONS", "Sample", "decode_record", "read_image", "write_dataset"]
 
@@ -164,10 +165,7 @@ def _to_uint8_hwc(x: Any, where: str) -> np.ndarray:
     if x.dim() != 3 or x.shape[0] != 3 or x.shape[1] < 1 or x.shape[2] < 1:
         raise ValueError(f"{where}: expected an image of shape (3, H, W), got {tuple(x.shape)}")
     if x.is_floating_point():
-        lo, hi = (float(v) for v in torch.aminmax(x.detach().float()))
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"{where}: expected float pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
-                             "(pass uint8 for 0-255 pixels)")
+        check_unit_pixels(x, where)
         x = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
     elif x.dtype != torch.uint8:
         raise TypeError(f"{where}: expected uint8 or float pixels, got {x.dtype}")

@@ -270,8 +270,12 @@ class FlamingoTokenizer:
         n = self._vocab_size
         bad = next((i for i in ids if i < 0 or i >= n), None)
         if bad is not None:  # the backends drop unknown ids silently (or overflow on negatives)
-            raise ValueError(f"token id {bad} is out of range for this tokenizer (expected 0 <= id < {n})")
+            raise self._id_error(bad)
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _id_error(self, token_id: int) -> ValueError:
+        return ValueError(f"token id {token_id} is out of range for this tokenizer "
+                          f"(expected 0 <= id < {self._vocab_size})")
 
     def __call__(
         self,
@@ -354,17 +358,15 @@ class FlamingoTokenizer:
         if cached is not None:
             return cached
         if token_id < 0 or token_id >= self._vocab_size:
-            raise ValueError(f"token id {token_id} is out of range for this tokenizer "
-                             f"(expected 0 <= id < {self._vocab_size})")
+            raise self._id_error(token_id)
         # Added tokens too are read the way tokenizers' ByteLevel decoder reads them: when
         # every character is in the byte-level alphabet, the bytes they stand for (so an added
         # "café" streams as tokenizers decodes it, "caf\ufffd"); otherwise its UTF-8 bytes.
         tok = self._added.get(token_id)
         if tok is None:
             tok = self._tok.id_to_token(token_id)
-        if tok is None:
-            raise ValueError(f"token id {token_id} is out of range for this tokenizer "
-                             f"(expected 0 <= id < {self._vocab_size})")
+        if tok is None:  # an id inside the range that names no token
+            raise self._id_error(token_id)
         try:
             out = bytes(_CHAR_TO_BYTE[c] for c in tok)
         except KeyError:

@@ -143,11 +143,17 @@ def _section(cls, value: Any, where: str):
         return value
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected a table of settings, got {type(value).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
+    _check_keys(cls, value, f"{where}: unknown keys")
     return cls(**value)
+
+
+def _check_keys(cls, d: Dict[str, Any], what: str) -> None:
+    """ValueError ``what [keys]; expected some of [fields]`` when ``d`` has keys that are
+    not fields of the dataclass ``cls``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{what} {unknown}; expected some of {sorted(known)}")
 
 
 @dataclass
@@ -210,10 +216,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; expected some of {sorted(known)}")
+        _check_keys(cls, d, "unknown training config keys")
         return cls(**d)
 
 

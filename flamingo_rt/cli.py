@@ -58,6 +58,13 @@ def _check() -> int:
     return 0
 
 
+def _fail(cmd: str, message: object, code: int = 2) -> int:
+    """Print ``flamingo-rt CMD: MESSAGE`` to stderr and return the exit code (2: the
+    arguments, inputs or outputs cannot be used; 1: the run itself failed)."""
+    print(f"flamingo-rt {cmd}: {message}", file=sys.stderr)
+    return code
+
+
 def _load_media(path: str):
     """An image or clip from a file: ``.npy`` (H, W, C) / (F, H, W, C) / (C, H, W) arrays,
     or any format PIL reads (PIL is optional). Raises ValueError naming the file and the
@@ -117,21 +124,18 @@ def _generate(args) -> int:
     if problem is None and args.temperature < 0:
         problem = f"expected --temperature >= 0 (0: greedy), got {args.temperature}"
     if problem is not None:
-        print(f"flamingo-rt generate: {problem}", file=sys.stderr)
-        return 2
+        return _fail("generate", problem)
     try:
         media = [_load_media(p) for p in args.image]
     except ValueError as e:
-        print(f"flamingo-rt generate: {e}", file=sys.stderr)
-        return 2
+        return _fail("generate", e)
     prompt = args.prompt
     if "<image>" not in prompt and media:
         prompt = "<image>" * len(media) + prompt
     try:
         gen = Generator.from_pretrained(args.model_dir, device=args.device, dtype=dtype, max_media=max(len(media), 1))
     except (FileNotFoundError, ValueError) as e:  # no folder, no tokenizer, a broken checkpoint
-        print(f"flamingo-rt generate: {e}", file=sys.stderr)
-        return 2
+        return _fail("generate", e)
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
@@ -145,8 +149,7 @@ def _generate(args) -> int:
                 print(piece, end="", flush=True)
             print()
     except ValueError as e:
-        print(f"flamingo-rt generate: {e}", file=sys.stderr)
-        return 2
+        return _fail("generate", e)
     return 0
 
 
@@ -216,16 +219,14 @@ def _eval(args) -> int:
     for out in (args.json, args.plot):
         problem = _output_problem(out, folder=False)
         if problem is not None:
-            print(f"flamingo-rt eval: {problem}", file=sys.stderr)
-            return 2
+            return _fail("eval", problem)
     try:
         suite = TaskSuite(tasks=tuple(tasks), shots=tuple(args.shots), episodes=args.episodes, seed=args.seed,
                           split=args.split, format_split=args.format_split, n_way=args.n_way, by=args.by,
                           selection=args.selection, pool=args.pool, num_beams=args.num_beams)
         res = evaluate(args.model_dir, suite, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
-        print(f"flamingo-rt eval: {e}", file=sys.stderr)
-        return 2
+        return _fail("eval", e)
     print(res.table())
     if args.json:
         print(f"wrote {res.save_json(args.json)}")
@@ -240,8 +241,7 @@ def _demo(args) -> int:
     color = {"auto": None, "always": True, "never": False}[args.color]
     problem = _output_problem(args.out, folder=True)
     if problem is not None:
-        print(f"flamingo-rt demo: {problem}", file=sys.stderr)
-        return 2
+        return _fail("demo", problem)
     return run_demo(args.model, out_dir=args.out, episodes=args.episodes, seed=args.seed, color=color,
                     formats=args.formats, threads=args.threads)
 
@@ -260,33 +260,27 @@ def _train(args) -> int:
 
     if args.preset is not None:
         if args.config is not None:
-            print("flamingo-rt train: give a CONFIG file or --preset, not both", file=sys.stderr)
-            return 2
+            return _fail("train", "give a CONFIG file or --preset, not both")
         if args.steps is not None:
-            print("flamingo-rt train: --steps applies to a CONFIG run; a recipe preset sets the steps of each of "
-                  "its stages (flamingo_rt.recipe.presets)", file=sys.stderr)
-            return 2
+            return _fail("train", "--steps applies to a CONFIG run; a recipe preset sets the steps of each of its "
+                                  "stages (flamingo_rt.recipe.presets)")
         try:
             from .recipe import run_recipe
         except ImportError as e:
-            print(f"flamingo-rt train --preset {args.preset}: the recipe is not available ({e})", file=sys.stderr)
-            return 2
+            return _fail(f"train --preset {args.preset}", f"the recipe is not available ({e})")
         out = args.out_dir or f"runs/{args.preset}"
         problem = _output_problem(out, folder=True)
         if problem is not None:
-            print(f"flamingo-rt train: {problem}", file=sys.stderr)
-            return 2
+            return _fail("train", problem)
         _tune_malloc(args)
         try:
             run_recipe(args.preset, out, seed=args.seed if args.seed is not None else 0, progress=not args.no_progress)
         except ValueError as e:  # e.g. an unknown preset
-            print(f"flamingo-rt train: {e}", file=sys.stderr)
-            return 2
+            return _fail("train", e)
         print(f"recipe {args.preset!r} done; model folder: {out}")
         return 0
     if args.config is None:
-        print("flamingo-rt train: expected a CONFIG file (.toml or .json) or --preset NAME", file=sys.stderr)
-        return 2
+        return _fail("train", "expected a CONFIG file (.toml or .json) or --preset NAME")
     from .runtime.train import NonFiniteLossError, Trainer, load_train_config
 
     over = {}
@@ -301,19 +295,16 @@ def _train(args) -> int:
     try:
         cfg = load_train_config(args.config, over)
     except (FileNotFoundError, ValueError) as e:
-        print(f"flamingo-rt train: {e}", file=sys.stderr)
-        return 2
+        return _fail("train", e)
     _tune_malloc(args)
     try:
         trainer = Trainer(cfg)  # opens the model folder and the datasets, makes out_dir
     except (ValueError, OSError) as e:
-        print(f"flamingo-rt train: {e}", file=sys.stderr)
-        return 2
+        return _fail("train", e)
     try:
         trainer.fit()
     except NonFiniteLossError as e:
-        print(f"flamingo-rt train: {e}", file=sys.stderr)
-        return 1
+        return _fail("train", e, code=1)
     if trainer.dist.is_main:
         bad = {k: v for k, v in trainer.bad_records().items() if v}
         print(f"trained {cfg.steps} steps; model: {Path(cfg.out_dir) / 'final'}; log: {Path(cfg.out_dir) / 'log.jsonl'}"
@@ -327,18 +318,15 @@ def _export(args) -> int:
     from .export import export_model
 
     if not (Path(args.model_dir) / "config.json").is_file():
-        print(f"flamingo-rt export: {args.model_dir} is not a model folder (no config.json)", file=sys.stderr)
-        return 2
+        return _fail("export", f"{args.model_dir} is not a model folder (no config.json)")
     problem = _device_problem(args.device)
     if problem is not None:
-        print(f"flamingo-rt export: {problem}", file=sys.stderr)
-        return 2
+        return _fail("export", problem)
     try:
         man = export_model(args.model_dir, args.out_dir, device=args.device, max_seq_len=args.max_seq_len,
                            max_media=args.max_media, max_frames=args.max_frames, progress=True)
     except (ValueError, OSError) as e:  # OSError: an output folder that cannot be made
-        print(f"flamingo-rt export: {e}", file=sys.stderr)
-        return 2
+        return _fail("export", e)
     print(f"exported to {args.out_dir}: {', '.join(man['packages'].values())}, tokenizer.json, manifest.json "
           f"(compile {sum(man['compile_seconds'].values()):.0f} s)")
     return 0
@@ -352,8 +340,7 @@ def _ablate(args) -> int:
     names = [n for arg in args.only for n in arg.split(",") if n] if args.only else None
     problem = _output_problem(args.json, folder=False)
     if problem is not None:
-        print(f"flamingo-rt ablate: {problem}", file=sys.stderr)
-        return 2
+        return _fail("ablate", problem)
     steps = args.steps or f"the {args.preset} preset's"
     print(f"ablations of stage 3 on the backbones of {model}: {', '.join(names or ABLATIONS)}; "
           f"{steps} steps each, scored on {args.episodes} held-out queries per cell", flush=True)
@@ -366,8 +353,7 @@ def _ablate(args) -> int:
                              episodes=args.episodes, shots=tuple(args.shots), by=args.by, eval_seed=args.eval_seed,
                              progress=not args.no_progress, num_threads=args.threads or None, on_row=on_row)
     except (FileNotFoundError, ValueError) as e:
-        print(f"flamingo-rt ablate: {e}", file=sys.stderr)
-        return 2
+        return _fail("ablate", e)
     print(format_table(rows))
     if args.json:
         path = save_json(rows, args.json, model=model, preset=args.preset, seed=args.seed, eval_seed=args.eval_seed,

@@ -3,6 +3,7 @@ feature parity at two resolutions with odd intermediate sizes, gradients, from_t
 state-dict names, the tiny preset, input errors."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from flamingo_rt.models.config import NFNetConfig, get_preset
 from flamingo_rt.models.nfnet import NFNet
+from flamingo_rt.ops import backend as B
 from conftest import rel_err
 
 timm = pytest.importorskip("timm")
@@ -153,6 +155,42 @@ def test_parameter_gradients_match_timm(mid_pair):
     assert errs["input"] < 1e-4 and total < 1e-4
     # single tensors (a scalar skipinit gain is one long fp32 sum) get a looser bound
     assert errs[worst] < 1e-3, (worst, errs[worst])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_training_channels_last_matches_nchw(backend):
+    """Training runs on channels-last activations by default (weights standardized in that
+    layout); in float64 its output and every gradient equal the NCHW graph's, the
+    parameters (and so their gradients) keep their own layout."""
+    if backend not in B.implemented("ws_standardize"):
+        pytest.skip(f"backend {backend} not built")
+    # stem_chs 32: the stem's first conv has 4 channels (1 in the tiny preset, where a
+    # (N, 1, H, W) tensor is both layouts at once and the rest then runs NCHW)
+    cfg = dataclasses.replace(get_preset("tiny").vision.nfnet, stem_chs=32)
+    model = NFNet(cfg, backend=backend).double().train()
+    _randomize(model, 5)
+    nchw = copy.deepcopy(model)
+    nchw.channels_last = False
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
+    outs, grads = [], []
+    for m in (model, nchw):
+        xi = x.clone().requires_grad_()
+        y = m.forward_features(xi)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    assert outs[1].is_contiguous()
+    assert rel_err(outs[0], outs[1]) < 1e-12
+    for (name, p), g_cl, g_ref in zip(model.named_parameters(), grads[0][1:], grads[1][1:]):
+        assert p.is_contiguous() and g_cl.shape == p.shape, name
+        assert rel_err(g_cl, g_ref) < 1e-10, name
+    assert rel_err(grads[0][0], grads[1][0]) < 1e-12
+    # float32 (oneDNN's convs): the activations, and so the features, are channels-last
+    m32 = model.float()
+    y = m32.forward_features(x.float())
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    y.sum().backward()
+    assert all(p.grad.is_contiguous() for p in m32.parameters())
 
 
 # ------------------------------------------------------------------ timm interop

@@ -201,6 +201,9 @@ def test_opcheck_ws_standardize():
     w, g = _rand(5, 3, 3, 3, requires_grad=True), (1 + 0.1 * torch.randn(5, 1, 1, 1)).requires_grad_()
     torch.library.opcheck(nfconv._ws_op, (w, g, 1e-5, "reference"))
     torch.library.opcheck(nfconv._ws_bwd_op, (torch.randn(5, 3, 3, 3), w.detach(), g.detach(), 1e-5, "reference"))
+    wc = w.detach().contiguous(memory_format=torch.channels_last).requires_grad_()  # layout kept
+    torch.library.opcheck(nfconv._ws_op, (wc, g, 1e-5, "reference"))
+    torch.library.opcheck(nfconv._ws_bwd_op, (torch.randn(5, 3, 3, 3), wc.detach(), g.detach(), 1e-5, "reference"))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -323,6 +326,60 @@ def test_ws_standardize_backends(be):
         assert torch.isfinite(got).all()
         assert rel_err(got, want) < 1e-5
     assert dg.shape == g.shape
+
+
+@pytest.mark.parametrize("be", _cpu_backends("ws_standardize"))
+def test_ws_standardize_keeps_channels_last_weights(be):
+    """A channels-last weight is standardized (and its gradient computed) in its own layout:
+    same values as the contiguous weight's, outputs channels-last, no layout mix-ups
+    between grad_out and the weight (grad_out given contiguous, weight channels-last)."""
+    shape = (12, 8, 3, 3)
+    w0, g0 = _rand(*shape) * 0.3 + 0.1, 1 + 0.2 * torch.randn(shape[0], 1, 1, 1)
+    w = w0.contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = g0.clone().requires_grad_()
+    go = torch.randn(*shape)
+    _poison(shape, torch.float32)
+    y = ws_standardize(w, g, 1e-5, backend=be)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    dw, dg = torch.autograd.grad(y, (w, g), go)
+    assert dw.is_contiguous(memory_format=torch.channels_last)
+    w64, g64 = w0.double(), g0.double()
+    dw64, dg64 = ref.ws_standardize_backward(go.double(), w64, g64, 1e-5)
+    for got, want in ((y, ref.ws_standardize(w64, g64, 1e-5)), (dw, dw64), (dg, dg64)):
+        assert rel_err(got, want) < 1e-5
+    # the backend kernel on its own, grad_out in the other layout than the weight
+    dwk, dgk = nfconv._backend.get("ws_standardize.backward", be)(go, w.detach(), g0, 1e-5)
+    assert rel_err(dwk, dw64) < 1e-5 and rel_err(dgk, dg64) < 1e-5
+    yk = nfconv._backend.get("ws_standardize", be)(w.detach(), g0, 1e-5)
+    if be != "reference":  # the kernels keep the layout themselves (the op wrapper ensures it for all)
+        assert yk.is_contiguous(memory_format=torch.channels_last) and dwk.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ws_conv2d_channels_last_input_standardizes_channels_last():
+    """ws_conv2d on channels-last activations: the weight is reordered once in the graph (its
+    gradient comes back in the parameter's own layout), the result equals the NCHW conv's."""
+    x = _rand(2, 8, 9, 9)
+    w = _rand(12, 4, 3, 3, requires_grad=True)
+    g = (1 + 0.1 * torch.randn(12, 1, 1, 1)).requires_grad_()
+    seen = []
+    real = nfconv.ws_standardize
+
+    def spy(weight, *a, **k):
+        seen.append(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+        return real(weight, *a, **k)
+
+    want = ws_conv2d(x, w, g, None, 2, 2)
+    dw_want, dg_want = torch.autograd.grad(want.square().sum(), (w, g))
+    nfconv.ws_standardize = spy
+    try:
+        got = ws_conv2d(x.contiguous(memory_format=torch.channels_last), w, g, None, 2, 2)
+    finally:
+        nfconv.ws_standardize = real
+    assert seen == [True]
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    dw, dg = torch.autograd.grad(got.square().sum(), (w, g))
+    assert rel_err(got, want) < 1e-5 and rel_err(dw, dw_want) < 1e-5 and rel_err(dg, dg_want) < 1e-5
+    assert dw.shape == w.shape
 
 
 def test_bias_none_gives_no_bias_grad():

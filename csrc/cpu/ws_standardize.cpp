@@ -14,6 +14,10 @@
 #include "flamingo_rt/kernels.h"
 #include "flamingo_rt/nfnet.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace flamingo_rt {
 
 #ifndef FLAMINGO_RT_WITH_CUDA
@@ -43,7 +47,7 @@ FRT_INLINE void row_stats(const typename L::T* w, int64_t n, double eps, double&
 }
 
 template <class L>
-void fwd_rows(const WsStandardizeParams& p, int64_t r0, int64_t r1) {
+FRT_INLINE void fwd_rows(const WsStandardizeParams& p, int64_t r0, int64_t r1) {
   using T = typename L::T;
   const T* W = static_cast<const T*>(p.weight);
   const T* G = static_cast<const T*>(p.gain);
@@ -69,7 +73,7 @@ void fwd_rows(const WsStandardizeParams& p, int64_t r0, int64_t r1) {
 //   dw = rstd * s * (go - mean(go) - xhat * mean(go * xhat))
 // in the storage type's accumulation type (float for float32 / bfloat16).
 template <class L>
-void bwd_rows(const WsStandardizeBackwardParams& p, int64_t r0, int64_t r1) {
+FRT_INLINE void bwd_rows(const WsStandardizeBackwardParams& p, int64_t r0, int64_t r1) {
   using T = typename L::T;
   using Acc = typename L::Acc;
   const T* W = static_cast<const T*>(p.weight);
@@ -107,16 +111,42 @@ void bwd_rows(const WsStandardizeBackwardParams& p, int64_t r0, int64_t r1) {
   }
 }
 
-template <class L>
-FRT_CLONES void fwd_all(const WsStandardizeParams& p) {
-#pragma omp parallel for schedule(static) if (p.rows * p.fan_in >= (1 << 15))
-  for (int64_t o = 0; o < p.rows; ++o) fwd_rows<L>(p, o, o + 1);
+// The per-row loops are compiled once per ISA level here (FRT_CLONES), with the row loop of
+// one thread's share inside: the OpenMP region only splits the rows (a clone's outlined
+// parallel body would call code compiled for the baseline ISA).
+#define FRT_WS_ROWS(NAME, LT)                                                          \
+  FRT_CLONES void fwd_rows_##NAME(const WsStandardizeParams& p, int64_t r0, int64_t r1) { \
+    fwd_rows<LT>(p, r0, r1);                                                           \
+  }                                                                                    \
+  FRT_CLONES void bwd_rows_##NAME(const WsStandardizeBackwardParams& p, int64_t r0,     \
+                                  int64_t r1) {                                        \
+    bwd_rows<LT>(p, r0, r1);                                                           \
+  }
+FRT_WS_ROWS(f32, F32)
+FRT_WS_ROWS(bf16, BF16)
+FRT_WS_ROWS(f64, F64)
+#undef FRT_WS_ROWS
+
+// rows [r0, r1) of thread t of n: contiguous, equal shares (static schedule)
+inline void share(int64_t rows, int t, int n, int64_t& r0, int64_t& r1) {
+  const int64_t q = rows / n, rem = rows % n;
+  r0 = t * q + std::min<int64_t>(t, rem);
+  r1 = r0 + q + (t < rem ? 1 : 0);
 }
 
-template <class L>
-FRT_CLONES void bwd_all(const WsStandardizeBackwardParams& p) {
-#pragma omp parallel for schedule(static) if (p.rows * p.fan_in >= (1 << 15))
-  for (int64_t o = 0; o < p.rows; ++o) bwd_rows<L>(p, o, o + 1);
+template <class P, class F>
+void split_rows(const P& p, F rows_fn) {
+#pragma omp parallel if (p.rows * p.fan_in >= (1 << 15))
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+    const int t = 0, n = 1;
+#endif
+    int64_t r0, r1;
+    share(p.rows, t, n, r0, r1);
+    if (r0 < r1) rows_fn(p, r0, r1);
+  }
 }
 
 }  // namespace
@@ -126,9 +156,9 @@ Status ws_standardize_cpu(const WsStandardizeParams& p) {
   if (p.rows == 0 || p.fan_in == 0) return Status::kOk;
   if (!p.weight || !p.gain || !p.out) return Status::kInvalidArgument;
   switch (p.dtype) {
-    case DType::kFloat32: fwd_all<F32>(p); return Status::kOk;
-    case DType::kBFloat16: fwd_all<BF16>(p); return Status::kOk;
-    case DType::kFloat64: fwd_all<F64>(p); return Status::kOk;
+    case DType::kFloat32: split_rows(p, fwd_rows_f32); return Status::kOk;
+    case DType::kBFloat16: split_rows(p, fwd_rows_bf16); return Status::kOk;
+    case DType::kFloat64: split_rows(p, fwd_rows_f64); return Status::kOk;
     default: return Status::kUnsupportedDtype;
   }
 }
@@ -142,9 +172,9 @@ Status ws_standardize_backward_cpu(const WsStandardizeBackwardParams& p) {
   }
   if (!p.weight || !p.gain || !p.grad_out || !p.grad_weight) return Status::kInvalidArgument;
   switch (p.dtype) {
-    case DType::kFloat32: bwd_all<F32>(p); return Status::kOk;
-    case DType::kBFloat16: bwd_all<BF16>(p); return Status::kOk;
-    case DType::kFloat64: bwd_all<F64>(p); return Status::kOk;
+    case DType::kFloat32: split_rows(p, bwd_rows_f32); return Status::kOk;
+    case DType::kBFloat16: split_rows(p, bwd_rows_bf16); return Status::kOk;
+    case DType::kFloat64: split_rows(p, bwd_rows_f64); return Status::kOk;
     default: return Status::kUnsupportedDtype;
   }
 }

@@ -49,7 +49,21 @@ inline DType nf_check_ws(const char* op, const at::Tensor& weight, const at::Ten
   return nf_dtype(op, weight, where, allow_half);
 }
 
-// w, g contiguous.
+// The layout ws_standardize keeps: channels-last when the weight is (and not also plain-
+// contiguous), else contiguous. Either way each output channel's fan_in elements are one
+// dense row (in (I, kh, kw) or (kh, kw, I) order); standardization is per row and
+// elementwise within it, so the kernels run on either unchanged, and the outputs (and a
+// backward's grad_out) take the weight's layout: a channels-last model trains without
+// reordering its weights.
+inline at::MemoryFormat ws_format(const at::Tensor& weight) {
+  if (weight.dim() == 4 && !weight.is_contiguous() &&
+      weight.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// w, g dense (w's rows in ws_format(w)), out like w.
 inline WsStandardizeParams nf_ws_params(DType dt, const at::Tensor& w, const at::Tensor& g,
                                         double eps, at::Tensor& out) {
   WsStandardizeParams p;

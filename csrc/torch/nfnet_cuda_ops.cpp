@@ -21,9 +21,10 @@ namespace {
 at::Tensor ws_standardize_cuda_impl(const at::Tensor& weight, const at::Tensor& gain, double eps) {
   const DType dt = nf_check_ws(kWsFwd, weight, gain, nullptr, "CUDA", /*allow_half=*/true);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor w = weight.contiguous();
+  const at::MemoryFormat fmt = ws_format(weight);
+  const at::Tensor w = weight.contiguous(fmt);
   const at::Tensor g = gain.contiguous();
-  at::Tensor out = at::empty(weight.sizes(), weight.options());
+  at::Tensor out = at::empty(weight.sizes(), weight.options(), fmt);
   WsStandardizeParams p = nf_ws_params(dt, w, g, eps, out);
   p.stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   check_status(kWsFwd, "CUDA", ws_standardize_cuda(p));

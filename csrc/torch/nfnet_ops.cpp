@@ -10,8 +10,9 @@
 //                                       Tensor scale) -> (Tensor, Tensor, Tensor)  # dx, dgate, dscale
 //   flamingo_rt_C::spatial_mean(Tensor x) -> Tensor  # (N, C) float32 (float64 for float64)
 //
-// ws_standardize: weight (O, ...) any layout (made contiguous: weights are small), gain with
-// O elements; outputs contiguous, gain gradient in gain's shape. se_residual: x, shortcut
+// ws_standardize: weight (O, ...) any layout, gain with O elements; the standardized weight
+// and the weight gradient in the weight's layout (channels-last stays channels-last, anything
+// else is made contiguous: ws_format), gain gradient in gain's shape. se_residual: x, shortcut
 // (N, C, H, W) any strides, gate (N, C), scale one element; outputs dense in x's memory
 // format. spatial_mean: x (N, C, H, W) float32 / bfloat16 / float64, any strides, CPU only,
 // inference (no autograd). CPU kernels here, CUDA (forward) in nfnet_cuda_ops.cpp; fakes in
@@ -30,9 +31,10 @@ namespace {
 
 at::Tensor ws_standardize_cpu_impl(const at::Tensor& weight, const at::Tensor& gain, double eps) {
   const DType dt = nf_check_ws(kWsFwd, weight, gain, nullptr, "CPU");
-  const at::Tensor w = weight.contiguous();
+  const at::MemoryFormat fmt = ws_format(weight);
+  const at::Tensor w = weight.contiguous(fmt);
   const at::Tensor g = gain.contiguous();
-  at::Tensor out = at::empty(weight.sizes(), weight.options());
+  at::Tensor out = at::empty(weight.sizes(), weight.options(), fmt);
   WsStandardizeParams p = nf_ws_params(dt, w, g, eps, out);
   check_status(kWsFwd, "CPU", ws_standardize_cpu(p));
   return out;
@@ -43,10 +45,11 @@ std::tuple<at::Tensor, at::Tensor> ws_standardize_backward_cpu_impl(const at::Te
                                                                      const at::Tensor& gain,
                                                                      double eps) {
   const DType dt = nf_check_ws(kWsBwd, weight, gain, &grad_out, "CPU");
-  const at::Tensor w = weight.contiguous();
+  const at::MemoryFormat fmt = ws_format(weight);
+  const at::Tensor w = weight.contiguous(fmt);
   const at::Tensor g = gain.contiguous();
-  const at::Tensor go = grad_out.contiguous();
-  at::Tensor dw = at::empty(weight.sizes(), weight.options());
+  const at::Tensor go = grad_out.contiguous(fmt);
+  at::Tensor dw = at::empty(weight.sizes(), weight.options(), fmt);
   at::Tensor dg = at::empty(gain.sizes(), gain.options());
   WsStandardizeBackwardParams p;
   p.dtype = dt;

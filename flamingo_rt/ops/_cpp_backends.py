@@ -153,11 +153,11 @@ def _register_nfnet_fakes() -> None:
 
     @torch.library.register_fake("flamingo_rt_C::ws_standardize")
     def _(weight, gain, eps):
-        return weight.new_empty(weight.shape)
+        return torch.empty_like(weight, memory_format=_fmt(weight))
 
     @torch.library.register_fake("flamingo_rt_C::ws_standardize_backward")
     def _(grad_out, weight, gain, eps):
-        return weight.new_empty(weight.shape), gain.new_empty(gain.shape)
+        return torch.empty_like(weight, memory_format=_fmt(weight)), gain.new_empty(gain.shape)
 
     @torch.library.register_fake("flamingo_rt_C::se_residual")
     def _(x, gate_logits, shortcut, scale):

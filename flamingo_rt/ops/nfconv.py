@@ -21,6 +21,7 @@ from . import backend as _backend
 from ._outputs import act_format as _fmt
 from ._outputs import new_act_like as _new_act
 from ._outputs import new_like as _new
+from ._outputs import new_weight_like as _new_weight
 from .reference import nfnet as _ref
 
 def _direct(*tensors) -> bool:
@@ -54,12 +55,12 @@ SE_OP = "se_residual"
 
 @torch.library.custom_op("flamingo_rt::ws_standardize", mutates_args=())
 def _ws_op(weight: Tensor, gain: Tensor, eps: float, backend: str) -> Tensor:
-    return _backend.get(WS_OP, backend)(weight, gain, eps).contiguous()
+    return _backend.get(WS_OP, backend)(weight, gain, eps).contiguous(memory_format=_fmt(weight))
 
 
 @_ws_op.register_fake
 def _(weight, gain, eps, backend):
-    return _new(weight)
+    return _new_weight(weight)
 
 
 @torch.library.custom_op("flamingo_rt::ws_standardize_backward", mutates_args=())
@@ -67,12 +68,12 @@ def _ws_bwd_op(
     grad_out: Tensor, weight: Tensor, gain: Tensor, eps: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
     dw, dg = _backend.get(WS_OP + ".backward", backend)(grad_out, weight, gain, eps)
-    return dw.contiguous(), dg.contiguous()
+    return dw.contiguous(memory_format=_fmt(weight)), dg.contiguous()
 
 
 @_ws_bwd_op.register_fake
 def _(grad_out, weight, gain, eps, backend):
-    return _new(weight), _new(gain)
+    return _new_weight(weight), _new(gain)
 
 
 def _ws_setup(ctx, inputs, output):
@@ -83,7 +84,7 @@ def _ws_setup(ctx, inputs, output):
 
 def _ws_backward(ctx, grad_out):
     weight, gain = ctx.saved_tensors
-    dw, dg = _ws_bwd_op(grad_out.contiguous(), weight, gain, ctx.eps, ctx.backend)
+    dw, dg = _ws_bwd_op(grad_out.contiguous(memory_format=_fmt(weight)), weight, gain, ctx.eps, ctx.backend)
     return dw, dg, None, None
 
 
@@ -107,7 +108,9 @@ def ws_standardize(weight: Tensor, gain: Tensor, eps: float = 1e-5, *, backend: 
             default from ``FLAMINGO_RT_BACKEND``, else ``auto``.
 
     Returns:
-        (O, I/groups, kh, kw) contiguous standardized weight in weight's dtype.
+        (O, I/groups, kh, kw) standardized weight in weight's dtype: channels-last when
+        weight is (and not also contiguous), else contiguous; the weight's gradient
+        likewise (a channels-last model trains without reordering its weights).
     """
     if weight.dim() != 4:
         raise ValueError(f"expected weight of shape (O, I/groups, kh, kw), got {tuple(weight.shape)}")
@@ -402,7 +405,9 @@ def ws_conv2d(
     The weight goes through :func:`ws_standardize`, then ``F.conv2d``. ``padding="same"``
     is TF-style SAME padding computed from x's spatial size (asymmetric when needed: the
     extra pixel goes right / bottom), as timm's ``pad_same``; an int (or pair) is plain
-    symmetric zero padding.
+    symmetric zero padding. For channels-last x the weight is standardized in channels-last
+    layout (one reorder of the raw weight in the graph, instead of one per conv call and its
+    gradient inside oneDNN), and the result is channels-last.
 
     Args:
         x: (N, C_in, H, W) float tensor.
@@ -431,6 +436,8 @@ def ws_conv2d(
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if _fmt(x) == torch.channels_last and _fmt(weight) != torch.channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
     w = ws_standardize(weight, gain, eps, backend=backend)
     return conv2d_padded(x, w, bias, stride, groups, padding)
 

@@ -29,7 +29,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(self.norm(x))
-        h = F.gelu(h) if self.kind == "gelu" else torch.relu(h).square()
+        if torch.is_grad_enabled() and h.requires_grad:
+            h = F.gelu(h) if self.kind == "gelu" else torch.relu(h).square()
+        elif self.kind == "gelu":
+            # in place on fc1's fresh output: no second (rows, inner) tensor, whose fresh
+            # pages cost more than the activation itself (2048 x 4096 bf16: 8.8 vs 19 ms
+            # for fc1 + GELU, fp32 60 vs 69 ms)
+            h = torch.ops.aten.gelu_(h)
+        else:
+            h = h.relu_().square_()
         return self.fc2(h)
 
     def load_open_flamingo(self, sd: dict, prefix: str) -> dict:

@@ -10,6 +10,7 @@ from torch import nn
 from ..ops import norm_project_iter, resampler_attention
 from ..ops.feed_forward import module_feed_forward
 from ..ops.linear import Linear
+from ..ops.residual import residual_add_
 from .config import ResamplerConfig
 from .ff import FeedForward
 
@@ -145,7 +146,7 @@ class ResamplerLayer(nn.Module):
         self.ff = FeedForward(cfg.dim, cfg.ff_mult, cfg.ff_kind)
 
     def forward(self, x, latents, backend=None, kv_x=None):
-        latents = latents + self.attn(x, latents, backend, kv_x)
+        latents = residual_add_(latents, self.attn(x, latents, backend, kv_x))  # into to_out's output
         return module_feed_forward(self.ff, latents, residual=True)
 
 

@@ -33,6 +33,7 @@ from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
 from .precision import widen_block_rows
 from .gated_linear_residual import check_gate, gate_weight_grads
+from .residual import residual_add_
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
@@ -261,5 +262,5 @@ def module_feed_forward(ff, x: Tensor, residual: bool = False, gate: Optional[Te
         y = ff(x)
         if not residual:
             return y
-        return x + y if gate is None else torch.addcmul(x, gate, y)
+        return residual_add_(x, y, gate)  # y is fc2's fresh output
     return feed_forward(x, n.weight, n.bias, f1.weight, f2.weight, n.eps, ff.kind, residual=residual, gate=gate)

@@ -13,12 +13,16 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from . import backend as _backend
+from .cpu_gemm import plain_tensor
+
 
 def residual_add_(x: Tensor, y: Tensor, gate: Optional[Union[Tensor, float]] = None) -> Tensor:
     """``x + y`` (``gate`` None or 1) or ``x + gate * y`` (``gate`` a one-element tensor), the
     same values as those expressions. y is overwritten with the result, and returned, when
     no gradient is being taken and y has the result's shape and dtype, is dense and does not
-    overlap x; otherwise a new tensor is returned and y is left as it was. The caller passes
+    overlap x (and not while compiling or exporting: traced graphs get the expression);
+    otherwise a new tensor is returned and y is left as it was. The caller passes
     a y it does not use afterwards.
 
     Args:
@@ -27,20 +31,27 @@ def residual_add_(x: Tensor, y: Tensor, gate: Optional[Union[Tensor, float]] = N
         gate: None, 1, or a one-element tensor.
     """
     plain = gate is None or (not isinstance(gate, Tensor) and gate == 1)
-    grads = torch.is_grad_enabled() and (
-        x.requires_grad or y.requires_grad or (isinstance(gate, Tensor) and gate.requires_grad))
+    if _in_place_ok(x, y, gate, plain):
+        return torch.add(x, y, out=y) if plain else torch.addcmul(x, gate, y, out=y)
+    return x + y if plain else torch.addcmul(x, gate, y)
+
+
+def _in_place_ok(x: Tensor, y: Tensor, gate, plain: bool) -> bool:
+    if torch.compiler.is_compiling() or _backend.exporting():
+        return False  # traced graphs get the expression
+    if not (plain_tensor(x) and plain_tensor(y)):
+        return False  # fake / functional tensors, subclasses
+    if torch.is_grad_enabled() and (
+            x.requires_grad or y.requires_grad or (isinstance(gate, Tensor) and gate.requires_grad)):
+        return False
     dtype = torch.result_type(x, y) if plain else torch.promote_types(torch.result_type(x, y), gate.dtype)
-    in_place = (
-        not grads
-        and y.dtype == dtype
+    return (
+        y.dtype == dtype
         and y.shape == torch.broadcast_shapes(x.shape, y.shape)
         and y.is_contiguous()
         and y.device == x.device
         and not _overlap(x, y)
     )
-    if plain:
-        return torch.add(x, y, out=y) if in_place else x + y
-    return torch.addcmul(x, gate, y, out=y) if in_place else torch.addcmul(x, gate, y)
 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:

@@ -50,6 +50,28 @@ def test_mm_matches_float64_on_every_layout(policy, M, K, N):
 
 
 @needs_onednn
+def test_mm_writes_into_a_dead_buffer_on_torchs_path():
+    """mm(a, b, out=buf) is a @ b; torch's BLAS writes it into buf (no fresh tensor), and a
+    buffer that does not fit (shape, dtype, layout, aliasing an operand) is left alone."""
+    torch.manual_seed(0)
+    a, b = torch.randn(12, 7), torch.randn(7, 9)
+    want = a @ b
+    with cpu_gemm.use("torch"):
+        buf = torch.full((12, 9), float("nan"))
+        got = cpu_gemm.mm(a, b, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, want)
+        for bad in (torch.zeros(9, 12), torch.zeros(12, 9, dtype=torch.float64), torch.zeros(9, 12).t()):
+            got = cpu_gemm.mm(a, b, out=bad)
+            assert got.data_ptr() != bad.data_ptr() and torch.equal(got, want)
+            assert not bad.any()  # untouched
+        sq = torch.randn(7, 7)
+        got = cpu_gemm.mm(sq, sq, out=sq)  # the output may not be an operand
+        assert got.data_ptr() != sq.data_ptr() and torch.allclose(got, sq @ sq)
+    if cpu_gemm.available():
+        with cpu_gemm.use("onednn"):  # oneDNN returns its own tensor
+            assert torch.allclose(cpu_gemm.mm(a, b, out=torch.empty(12, 9)), want, rtol=1e-5, atol=1e-5)
+
+
 def test_mm_copies_a_large_transposed_operand_in_blocks(monkeypatch):
     """A column-major a above BLOCK_BYTES is copied and multiplied a block of rows at a time
     (here the block is shrunk to 10 rows of a (53, 40) a): same product, every row written."""

@@ -148,8 +148,13 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def mm(a: Tensor, b: Tensor) -> Tensor:
+def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``a @ b`` for 2-D a (M, K) and b (K, N) -> (M, N), any strides.
+
+    ``out``: a dense (M, N) tensor of the result's dtype that the caller no longer needs
+    (a dead temporary), written with the product and returned when torch's BLAS computes
+    it: no fresh allocation, whose first-touch page faults cost more than a large
+    product's output on the CPU. The oneDNN path returns a new tensor.
 
     A column-major ``a`` (a transposed view, as in weight gradients ``dy.t() @ x``) is copied
     to rows first: oneDNN runs it 10-40 % slower in place, more than the copy costs. The copy
@@ -158,8 +163,23 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     written into its rows of the output: the copy never holds more than a block (a 2048-token
     FF's ``dh`` is 64 MiB in float32; the blocked product measured as fast as the whole)."""
     if a.dim() != 2 or b.dim() != 2 or not eligible(a, b):
+        if out is not None and _out_fits(out, a, b):
+            return torch.mm(a, b, out=out)
         return a @ b
     return _onednn_mm(a, b, None)
+
+
+def _out_fits(out: Tensor, a: Tensor, b: Tensor) -> bool:
+    return (
+        a.dim() == 2 and b.dim() == 2
+        and not torch.compiler.is_compiling() and not _backend.exporting()
+        and plain_tensor(out) and plain_tensor(a) and plain_tensor(b)
+        and not out.requires_grad
+        and out.shape == (a.shape[0], b.shape[1])
+        and out.dtype == a.dtype == b.dtype and out.device == a.device
+        and out.is_contiguous()
+        and out.untyped_storage().data_ptr() not in (a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr())
+    )
 
 
 def mm_add(c: Tensor, a: Tensor, b: Tensor) -> Tensor:

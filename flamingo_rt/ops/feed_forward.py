@@ -129,9 +129,12 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
-            dw2 = _acc_mm(dw2, dyc.t(), _act(hc, kind), acc)  # the activation lives for this product only
+            a = _act(hc, kind)
+            dw2 = _acc_mm(dw2, dyc.t(), a, acc)  # the activation lives for this product only
             # the compute-dtype weight casts (bf16 copies under autocast) live one at a time
-            dh = mm(dyc, w2.to(cd))  # da, made dh in place
+            w2c = w2.to(cd)
+            dh = mm(dyc, w2c, out=a)  # da into the activation's (now dead) buffer, made dh in place
+            del a
             if kind == "gelu":
                 torch.ops.aten.gelu_backward.grad_input(dh, hc, grad_input=dh)
             else:
@@ -140,7 +143,12 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
                 dh.mul_(g.to(cd))
             xn, xf, mean, rstd, gm, bt = _norm(x[r0:r1], gamma, beta, eps)
             dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), acc)
-            dxn = mm(dh, w1.to(cd)).to(xf.dtype)
+            # w1's cast into w2's (same size, dead once da is made) when that was a fresh copy
+            w1c = (w2c.view(w1.shape).copy_(w1) if w2c is not w2 and w2c.is_contiguous() and w2c.numel() == w1.numel()
+                   else w1.to(cd))
+            del w2c
+            dxn = mm(dh, w1c).to(xf.dtype)
+            del w1c
             del dh
             dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
                 dxn, xf, [D], mean, rstd, gm, bt, [need_dx, True, True])

@@ -1,7 +1,7 @@
 """Frozen NFNet encoder (issue 5): ours folded (the frozen fast path) vs timm's dm_nfnet_f0
 with the same weights (eager NCHW fp32, and channels-last under bf16 autocast) and vs our
 own unfolded model, side by side in one process; plus the unfrozen forward + backward
-(the pretraining case). Ratios peer/ours printed, GFLOP/s against the GEMM ceilings.
+(the pretraining case, float32 and under bf16 autocast). Ratios peer/ours printed, GFLOP/s against the GEMM ceilings.
 
 Shape: dm_nfnet_f0 at 224x224, batch 4 (issue 5); ``NFNET_BENCH_RES`` / ``NFNET_BENCH_BATCH``
 shrink it on a busy machine.
@@ -140,3 +140,30 @@ def test_nfnet_train_fwd_bwd(benchmark, ceilings, report, models):
                          flops=3 * flops)
     benchmark.extra_info.update(ratio_timm_over_ours=row.speedup)
     benchmark.pedantic(run_ours, rounds=2, iterations=1, warmup_rounds=1)
+
+
+def test_nfnet_train_fwd_bwd_bf16(benchmark, ceilings, report, models):
+    """The unfrozen forward + backward under bf16 autocast on both sides (issue 5: training
+    at least 1.3x timm in the same dtype): ours (channels-last by default) vs timm NCHW, and
+    vs timm channels-last (its model and input made channels-last)."""
+    tm, _, _, x, flops = models
+    tmt = copy.deepcopy(tm).train().requires_grad_(True)
+    tm_cl = copy.deepcopy(tmt).to(memory_format=torch.channels_last)
+    ours = NFNet.from_timm(tmt).train()
+    xc = x.contiguous(memory_format=torch.channels_last)
+    r = torch.randn_like(tmt.forward_features(x[:1]))[:1]
+
+    def step(m, inp):
+        def run():
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = m.forward_features(inp)
+            (y.float() * r).sum().backward()
+        return run
+
+    row = report.compare(f"nfnet f0 train fwd+bwd bf16 autocast {RES}px b{BATCH}", step(ours, x), step(tmt, x),
+                         "timm bf16", flops=3 * flops, dtype="bf16")
+    row_cl = report.compare(f"nfnet f0 train fwd+bwd bf16 autocast {RES}px b{BATCH}", step(ours, x),
+                            step(tm_cl, xc), "timm CL bf16", flops=3 * flops, dtype="bf16")
+    benchmark.extra_info.update(ratio_timm_bf16_over_ours=row.speedup, ratio_timm_cl_bf16_over_ours=row_cl.speedup)
+    benchmark.pedantic(step(ours, x), rounds=2, iterations=1, warmup_rounds=1)

@@ -382,6 +382,30 @@ def test_ws_conv2d_channels_last_input_standardizes_channels_last():
     assert dw.shape == w.shape
 
 
+def test_ws_conv2d_channels_last_1x1_weight_gets_channels_last_strides(monkeypatch):
+    """A 1x1 weight is both layouts at once; for channels-last x the conv gets it with
+    channels-last strides (a view), and values and gradients are the NCHW conv's."""
+    x = _rand(2, 8, 5, 6)
+    w = _rand(12, 8, 1, 1, requires_grad=True)
+    g = (1 + 0.1 * torch.randn(12, 1, 1, 1)).requires_grad_()
+    want = ws_conv2d(x, w, g, None, 1, 1)
+    dw_want, dg_want = torch.autograd.grad(want.square().sum(), (w, g))
+    strides = []
+    real = F.conv2d
+
+    def spy(inp, weight, *a, **k):
+        strides.append(weight.stride())
+        return real(inp, weight, *a, **k)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    got = ws_conv2d(x.contiguous(memory_format=torch.channels_last), w, g, None, 1, 1)
+    monkeypatch.setattr(F, "conv2d", real)
+    assert strides == [(8, 1, 8, 8)]
+    dw, dg = torch.autograd.grad(got.square().sum(), (w, g))
+    assert rel_err(got, want) < 1e-5 and rel_err(dw, dw_want) < 1e-5 and rel_err(dg, dg_want) < 1e-5
+    assert dw.shape == w.shape
+
+
 def test_bias_none_gives_no_bias_grad():
     x = _rand(1, 3, 2, 2, requires_grad=True)
     y = bias_gamma_act(x, None, "relu", 1.0)

@@ -436,9 +436,15 @@ def ws_conv2d(
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if _fmt(x) == torch.channels_last and _fmt(weight) != torch.channels_last:
+    cl = _fmt(x) == torch.channels_last
+    if cl and _fmt(weight) != torch.channels_last:
         weight = weight.contiguous(memory_format=torch.channels_last)
     w = ws_standardize(weight, gain, eps, backend=backend)
+    if cl and w.shape[2] == w.shape[3] == 1 and w.is_contiguous():
+        # a 1x1 weight is both layouts at once; give it channels-last strides (a view: same
+        # memory) or oneDNN reorders its gradient (measured up to 98 ms a step on F0's)
+        o, i = w.shape[0], w.shape[1]
+        w = w.reshape(o, 1, 1, i).permute(0, 3, 1, 2)
     return conv2d_padded(x, w, bias, stride, groups, padding)
 
 

@@ -305,6 +305,8 @@ def _train(args) -> int:
         trainer.fit()
     except NonFiniteLossError as e:
         return _fail("train", e, code=1)
+    finally:
+        trainer.close()
     if trainer.dist.is_main:
         bad = {k: v for k, v in trainer.bad_records().items() if v}
         print(f"trained {cfg.steps} steps; model: {Path(cfg.out_dir) / 'final'}; log: {Path(cfg.out_dir) / 'log.jsonl'}"

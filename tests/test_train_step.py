@@ -315,3 +315,26 @@ def test_frozen_linear_dtype_config_errors(world):
         TrainConfig.from_dict(dict(d, precision="fp32", freeze={"frozen_linear_dtype": "bf16"}))
     with pytest.raises(ValueError, match="got 'fsdp'"):
         TrainConfig.from_dict(dict(d, precision="bf16", strategy="fsdp", freeze={"frozen_linear_dtype": "bf16"}))
+
+
+def test_close_distributed_destroys_only_the_group_it_made():
+    """close_distributed destroys a process group init_distributed created and leaves one
+    the caller made (a one-process gloo group stands in for torchrun's)."""
+    import torch.distributed as dist
+
+    from flamingo_rt.runtime.train.distributed import DistInfo, close_distributed
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        close_distributed(DistInfo())  # not ours: untouched
+        assert dist.is_initialized()
+        info = DistInfo(initialized_here=True)
+        close_distributed(info)
+        assert not dist.is_initialized() and not info.initialized_here
+        close_distributed(info)  # idempotent
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

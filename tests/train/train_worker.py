@@ -9,4 +9,8 @@ torch.set_num_threads(1)
 from flamingo_rt.runtime.train import Trainer, load_train_config  # noqa: E402
 
 if __name__ == "__main__":
-    Trainer(load_train_config(sys.argv[1])).fit()
+    trainer = Trainer(load_train_config(sys.argv[1]))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "row_range"]
+__all__ = ["DistInfo", "init_distributed", "close_distributed", "wrap_model", "row_range"]
 
 
 @dataclass
@@ -44,6 +44,18 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+def close_distributed(info: DistInfo) -> None:
+    """Destroy the process group when ``init_distributed`` created it (``info.initialized_here``;
+    a group the caller made is the caller's). Call it once a training process is done: a
+    gloo group left to the interpreter's exit can abort a rank there ("terminate called
+    without an active exception") after training has finished."""
+    if info.initialized_here and dist.is_available() and dist.is_initialized():
+        # no barrier: after an error on one rank the others may never reach it; after a
+        # normal finish the last checkpoint's barrier has already lined the ranks up
+        dist.destroy_process_group()
+        info.initialized_here = False
 
 
 def row_range(global_batch: int, info: DistInfo, dataset: str = "") -> range:

@@ -22,7 +22,7 @@ from ...models.flamingo import Flamingo
 from .collate import Collator
 from .config import TrainConfig
 from .dataset_stream import DatasetStream
-from .distributed import DistInfo, init_distributed, row_range, wrap_model
+from .distributed import DistInfo, close_distributed, init_distributed, row_range, wrap_model
 from .freeze import FROZEN_LINEAR_DTYPES, RowGradMask, apply_freeze, store_frozen_linears
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
@@ -192,6 +192,12 @@ class Trainer:
         return {n: dict(s.bad) for n, s in self.streams.items()}
 
     # ------------------------------------------------------------------ loop
+    def close(self) -> None:
+        """Destroy the torch.distributed process group if this trainer created it (see
+        :func:`~flamingo_rt.runtime.train.distributed.close_distributed`); the trainer
+        does no collective afterwards. A no-op in a single process."""
+        close_distributed(self.dist)
+
     def fit(self) -> List[Dict[str, Any]]:
         """Train until ``cfg.steps``; returns the logged records of this call. Writes
         ``out_dir/log.jsonl``, checkpoints every ``checkpoint_every`` steps and at the end,
@@ -241,5 +247,9 @@ class Trainer:
 
 def train(cfg: TrainConfig, model: Optional[Flamingo] = None, tokenizer: Optional[FlamingoTokenizer] = None
           ) -> List[Dict[str, Any]]:
-    """``Trainer(cfg, model, tokenizer).fit()``."""
-    return Trainer(cfg, model, tokenizer).fit()
+    """``Trainer(cfg, model, tokenizer).fit()``, then :meth:`Trainer.close`."""
+    trainer = Trainer(cfg, model, tokenizer)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -29,6 +29,8 @@ _BLOCK = 1024
 
 
 def _fmt(x: Tensor) -> torch.memory_format:
+    """Channels-last when x is (and not also contiguous), else contiguous: activations, and
+    conv weights (each output channel's row is dense in either layout)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -314,17 +316,10 @@ def _ws_block(fan_in: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(fan_in)))
 
 
-def _row_format(w: Tensor) -> torch.memory_format:
-    """Channels-last when w is (and not also contiguous): each row is dense either way."""
-    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def ws_standardize(weight: Tensor, gain: Tensor, eps: float) -> Tensor:
     """(O, I/g, kh, kw) -> the scaled standardized weight in weight's dtype, channels-last
     when weight is (and not also contiguous), else contiguous (rows are dense either way)."""
-    w = weight.contiguous(memory_format=_row_format(weight))
+    w = weight.contiguous(memory_format=_fmt(weight))
     out = torch.empty_like(w)
     rows = w.shape[0]
     fan_in = w[0].numel()
@@ -337,8 +332,8 @@ def ws_standardize(weight: Tensor, gain: Tensor, eps: float) -> Tensor:
 
 def ws_standardize_backward(grad_out: Tensor, weight: Tensor, gain: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """(d_weight, d_gain) in the shapes and dtypes of weight and gain."""
-    w = weight.contiguous(memory_format=_row_format(weight))
-    go = grad_out.to(w.dtype).contiguous(memory_format=_row_format(weight))
+    w = weight.contiguous(memory_format=_fmt(weight))
+    go = grad_out.to(w.dtype).contiguous(memory_format=_fmt(weight))
     rows = w.shape[0]
     fan_in = w[0].numel()
     dw = torch.empty_like(w)

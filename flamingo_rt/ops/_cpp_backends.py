@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import _ext
 from . import backend as _backend
+from ._outputs import act_format as _fmt
 
 BGA_OP = "bias_gamma_act"
 
@@ -147,10 +148,6 @@ def _make_nfnet(device: str):
 
 
 def _register_nfnet_fakes() -> None:
-    def _fmt(x: Tensor) -> torch.memory_format:
-        return (torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
-                else torch.contiguous_format)
-
     @torch.library.register_fake("flamingo_rt_C::ws_standardize")
     def _(weight, gain, eps):
         return torch.empty_like(weight, memory_format=_fmt(weight))

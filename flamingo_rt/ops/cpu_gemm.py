@@ -36,7 +36,7 @@ from .. import _ext
 from . import backend as _backend
 
 __all__ = ["POLICIES", "policy", "onednn_active", "use", "mm", "mm_add", "linear", "available", "eligible",
-           "plain_tensor", "transpose_rows", "block_rows"]
+           "plain_tensor", "shares_storage", "transpose_rows", "block_rows"]
 
 POLICIES = ("auto", "onednn", "torch")
 BLOCK_BYTES = 16 << 20  # the largest transposed copy mm makes at once
@@ -123,6 +123,11 @@ def plain_tensor(t: Tensor) -> bool:
     return type(t) in _PLAIN_TYPES
 
 
+def shares_storage(a: Tensor, b: Tensor) -> bool:
+    """a and b are views of one storage (conservatively: any shared storage counts)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def eligible(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> bool:
     """Whether oneDNN computes ``a`` (..., K) times the 2-D weight-like ``b`` (+ ``bias``) here:
     eager mode (not compiling or exporting), plain float32 CPU tensors (not a tensor
@@ -178,7 +183,7 @@ def _out_fits(out: Tensor, a: Tensor, b: Tensor) -> bool:
         and out.shape == (a.shape[0], b.shape[1])
         and out.dtype == a.dtype == b.dtype and out.device == a.device
         and out.is_contiguous()
-        and out.untyped_storage().data_ptr() not in (a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr())
+        and not shares_storage(out, a) and not shares_storage(out, b)
     )
 
 

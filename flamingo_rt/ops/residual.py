@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
-from .cpu_gemm import plain_tensor
+from .cpu_gemm import plain_tensor, shares_storage
 
 
 def residual_add_(x: Tensor, y: Tensor, gate: Optional[Union[Tensor, float]] = None) -> Tensor:
@@ -50,10 +50,6 @@ def _in_place_ok(x: Tensor, y: Tensor, gate, plain: bool) -> bool:
         and y.shape == torch.broadcast_shapes(x.shape, y.shape)
         and y.is_contiguous()
         and y.device == x.device
-        and not _overlap(x, y)
+        and not shares_storage(x, y)
     )
 
-
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    """a and b are views of one storage (conservatively: any shared storage counts)."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

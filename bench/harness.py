@@ -54,7 +54,9 @@ def gemms_alone(shapes: Sequence[Tuple[int, int, int]], dtype: torch.dtype, trai
     (rows, in, out), y = x W^T; with ``train`` also dx = dy W and dW = dy^T x (transposed
     operands as autograd passes them). Tensors of ``dtype``, made once. The products run as
     flamingo_rt runs them on this machine: float32 through :mod:`flamingo_rt.ops.cpu_gemm`
-    when its policy picks oneDNN, else ``torch.mm`` into preallocated outputs."""
+    when its policy picks oneDNN, else ``torch.mm`` into preallocated outputs (the weight
+    gradient through ``cpu_gemm.mm``, which copies a bf16 ``dy^T`` to rows where that pays:
+    :func:`cpu_gemm.rows_first`)."""
     from flamingo_rt.ops import cpu_gemm
     g = torch.Generator().manual_seed(0)
     ops = []
@@ -70,7 +72,7 @@ def gemms_alone(shapes: Sequence[Tuple[int, int, int]], dtype: torch.dtype, trai
             torch.mm(xin, w.t(), out=y)
             if train:
                 torch.mm(dy, w, out=dx)
-                torch.mm(dy.t(), xin, out=dw)
+                cpu_gemm.mm(dy.t(), xin, out=dw)  # bf16: its transposed operand copied to rows first
 
     def run_onednn():
         for xin, w, dy, *_ in ops:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flamingo_rt import _ext
 from flamingo_rt.ops import cpu_gemm, feed_forward, norm_project
 from flamingo_rt.ops.linear import linear
 from flamingo_rt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -84,6 +85,49 @@ def test_mm_copies_a_large_transposed_operand_in_blocks(monkeypatch):
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda: cpu_gemm.mm(a, b))
     assert out.shape == (53, 31)
     _close(out, a.double() @ b.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_low_precision_transposed_a_is_copied_to_rows(dtype, blocked, with_out, monkeypatch):
+    """bf16 / fp16 ``mm`` of a column-major a with enough output columns copies a to rows
+    (whole, or a block of rows at a time) before torch's product: the product of the
+    copied rows exactly, every row written, ``out`` used when it fits."""
+    monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 16)
+    if blocked:
+        monkeypatch.setattr(cpu_gemm, "BLOCK_BYTES", 7 * 40 * 2)  # 7 rows of a (53, 40) a per block
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(40, 53, generator=g).to(dtype).t()
+    b = torch.randn(40, 31, generator=g).to(dtype)
+    assert cpu_gemm.rows_first(a, b)
+    buf = torch.full((53, 31), float("nan"), dtype=dtype) if with_out else None
+    got = cpu_gemm.mm(a, b, out=buf)
+    if with_out:
+        assert got.data_ptr() == buf.data_ptr()
+    want = torch.cat([a[r:r + 7].contiguous() @ b for r in range(0, 53, 7)]) if blocked else a.contiguous() @ b
+    assert got.shape == (53, 31) and got.dtype == dtype and torch.equal(got, want)
+    _close(got.float(), a.double() @ b.double(), rtol=2e-2)
+    if _ext.load():
+        assert "flamingo_rt_C::transpose_copy" in _ops_run(lambda: cpu_gemm.mm(a, b))
+
+
+def test_rows_first_only_where_it_pays():
+    """Rows first: bf16 / fp16 CPU products of a transposed a with at least ROWS_FIRST_MIN_N
+    output columns; not float32 (torch's / oneDNN's own rules), a contiguous a, fewer
+    columns, mixed dtypes, or under compile (mm is then torch's)."""
+    n = cpu_gemm.ROWS_FIRST_MIN_N
+    at = torch.randn(64, 32).bfloat16().t()
+    b = torch.randn(64, n).bfloat16()
+    assert cpu_gemm.rows_first(at, b)
+    assert not cpu_gemm.rows_first(at.contiguous(), b)
+    assert not cpu_gemm.rows_first(at, b[:, : n - 1])
+    assert not cpu_gemm.rows_first(at.float(), b.float())
+    assert not cpu_gemm.rows_first(at, b.half())
+    seen = []
+    compiled = torch.compile(lambda x, y: (seen.append(cpu_gemm.rows_first(x, y)), cpu_gemm.mm(x, y))[1],
+                             backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(at, b), at @ b) and seen == [False]
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -69,6 +69,36 @@ def test_autocast_bf16_like_the_module():
         assert rel_err(a, e) <= 3 * rel_err(b, e) + 1e-3
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("M,N", [(24, 80), (80, 24)])
+def test_widened_bf16_weight_gradient_product(accumulate, M, N, monkeypatch):
+    """The backward's bf16 weight-gradient products (``_acc_mm``), widened to float32 a block
+    at a time: a transposed a narrower than b goes in blocks of columns (a copied to rows
+    once), else in blocks of rows; each element is the bf16 product's, rounded once, plus
+    the accumulator's value."""
+    from flamingo_rt.ops import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 8)
+    monkeypatch.setattr(FFMOD, "widen_block_rows", lambda rows, cols, dtype: 7)  # blocks of 7
+    g = torch.Generator().manual_seed(3)
+    K = 37
+    a = torch.randn(K, M, generator=g).bfloat16().t()
+    b = torch.randn(K, N, generator=g).bfloat16()
+    c = torch.randn(M, N, generator=g) if accumulate else None
+    before = None if c is None else c.clone()
+    spy = []
+    orig = FFMOD.transpose_rows
+    monkeypatch.setattr(FFMOD, "transpose_rows", lambda t: spy.append(t.shape) or orig(t))
+    got = FFMOD._acc_mm(c, a, b, torch.float32)
+    want = (a.contiguous() @ b).float()
+    if accumulate:
+        want = before + want
+        assert got.data_ptr() == c.data_ptr()
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    assert spy == ([(M, K)] if M < N else [])  # the column-block path copies a once, whole
+
+
 def test_module_helper_uses_the_module_without_grad_and_meta_errors():
     ff = _module(16, "gelu")
     x = torch.randn(2, 16)

@@ -7,7 +7,8 @@ the op Inductor's CPU backend calls), dispatches on the instruction set alone. M
 a 2-core AMD EPYC (Zen 4) on the training step's shapes: MKL 100-155 GFLOP/s, oneDNN
 185-205 GFLOP/s in the forward and the input-gradient products, 150-170 against 70-165 in
 the weight-gradient ones (``dy^T x``, whose transposed operand is copied to rows first).
-bfloat16 products already go to oneDNN inside torch, so only float32 is routed here.
+bfloat16 products already go to oneDNN inside torch, so only float32 is routed here; for
+them :func:`mm` only copies a transposed first operand to rows (:func:`rows_first`).
 
 The choice is made per machine, never per call or by timing (results must not depend on
 which library won a race): ``FLAMINGO_RT_CPU_GEMM`` = ``auto`` (default: oneDNN on non-Intel
@@ -36,7 +37,7 @@ from .. import _ext
 from . import backend as _backend
 
 __all__ = ["POLICIES", "policy", "onednn_active", "use", "mm", "mm_add", "linear", "available", "eligible",
-           "plain_tensor", "shares_storage", "transpose_rows", "block_rows"]
+           "plain_tensor", "shares_storage", "transpose_rows", "block_rows", "rows_first"]
 
 POLICIES = ("auto", "onednn", "torch")
 BLOCK_BYTES = 16 << 20  # the largest transposed copy mm makes at once
@@ -166,12 +167,55 @@ def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     is :func:`transpose_rows` (3x faster than ``.contiguous()`` on such views), made in blocks
     of at most ``BLOCK_BYTES`` of ``a``'s rows when ``a`` is larger, each block's product
     written into its rows of the output: the copy never holds more than a block (a 2048-token
-    FF's ``dh`` is 64 MiB in float32; the blocked product measured as fast as the whole)."""
+    FF's ``dh`` is 64 MiB in float32; the blocked product measured as fast as the whole).
+    The same holds for bfloat16 / float16 on torch's own path (oneDNN inside torch), where a
+    column-major ``a`` runs at about half speed: see :func:`rows_first`."""
     if a.dim() != 2 or b.dim() != 2 or not eligible(a, b):
-        if out is not None and _out_fits(out, a, b):
+        fits = out is not None and _out_fits(out, a, b)
+        if rows_first(a, b):
+            return _rows_first_mm(a, b, out if fits else None)
+        if fits:
             return torch.mm(a, b, out=out)
         return a @ b
     return _onednn_mm(a, b, None)
+
+
+ROWS_FIRST_MIN_N = 1024  # below this many output columns the column-major product is as fast
+
+
+def rows_first(a: Tensor, b: Tensor) -> bool:
+    """Whether :func:`mm` copies a column-major bfloat16 / float16 ``a`` to rows (in blocks)
+    before torch's product: eager, plain 2-D CPU tensors of one of those dtypes, ``a`` with
+    strided rows, and at least :data:`ROWS_FIRST_MIN_N` output columns. torch computes
+    these products through oneDNN, which runs a transposed ``a`` at about half speed on the
+    AMX machine of the benchmarks (bf16 weight gradients ``dy^T x`` of the block's and the
+    resampler's shapes: 1000-1350 against 1750-2650 GFLOP/s); with the copy the products
+    take 0.56-0.85x the time (2048 x 2048 x 8192: 71.9 -> 40.6 ms). With 512 output
+    columns (a 512-wide head projection's gradient) the copy did not pay: not taken."""
+    return (
+        a.dim() == 2 and b.dim() == 2
+        and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+        and a.device.type == "cpu" and b.device.type == "cpu"
+        and a.stride(-1) != 1 and a.shape[0] > 1 and a.shape[1] > 1
+        and b.shape[1] >= ROWS_FIRST_MIN_N
+        and not torch.compiler.is_compiling() and not _backend.exporting()
+        and plain_tensor(a) and plain_tensor(b)
+    )
+
+
+def _rows_first_mm(a: Tensor, b: Tensor, out: Optional[Tensor]) -> Tensor:
+    """torch's ``a @ b`` with ``a`` copied to rows, in blocks of at most ``BLOCK_BYTES``
+    of them, each block's product written into its rows of ``out`` (new when None)."""
+    M, K = a.shape
+    rows = block_rows(M, BLOCK_BYTES // (K * a.element_size()))
+    if M <= rows:
+        a = transpose_rows(a)
+        return a @ b if out is None else torch.mm(a, b, out=out)
+    if out is None:
+        out = a.new_empty((M, b.shape[1]))
+    for r0 in range(0, M, rows):
+        torch.mm(transpose_rows(a[r0:r0 + rows]), b, out=out[r0:r0 + rows])
+    return out
 
 
 def _out_fits(out: Tensor, a: Tensor, b: Tensor) -> bool:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add
+from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add, rows_first, transpose_rows
 from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
 from .precision import widen_block_rows
@@ -187,6 +187,19 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
             c[r0:r1] = mm_add(c[r0:r1], a[r0:r1], b)
         return c
     out = torch.empty((M, N), dtype=acc, device=a.device) if c is None else c
+    if M < N and rows_first(a, b) and a.numel() * a.element_size() <= BLOCK_BYTES:
+        # a transposed a narrower than b (fc2's dW = dy^T a): a is copied to rows once and the
+        # output made in blocks of columns, so each block's product repacks the small operand,
+        # not b (2048 x 2048 x 8192 bf16: 80 ms in 16 blocks of rows, 37 ms in blocks of columns)
+        a = transpose_rows(a)
+        cols = widen_block_rows(N, M, acc)
+        for c0 in range(0, N, cols):
+            c1 = min(N, c0 + cols)
+            if c is None:
+                out[:, c0:c1] = mm(a, b[:, c0:c1])
+            else:
+                out[:, c0:c1] += mm(a, b[:, c0:c1])
+        return out
     rows = widen_block_rows(M, max(a.shape[1], N), acc)
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)

@@ -108,6 +108,7 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         xc, mean, rstd = _xhat(x, eps, compute_dtype)
     dgs, dbs, dws = [], [], []
     dxhat: Optional[Tensor] = None
+    dbuf: Optional[Tensor] = None  # each projection's share of dxhat, in one buffer reused (no fresh pages)
     for dy, g, b, w in zip(grads, gammas, betas, weights):
         wf = w.to(_acc(w.dtype))
         gf = g.to(wf.dtype)
@@ -118,8 +119,13 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         dgs.append((wf * G).sum(0).to(g.dtype))
         dbs.append((wf.t() @ s).to(b.dtype))
         if need_dx:
-            d = cpu_gemm.mm(dy, (wf * gf[None, :]).to(compute_dtype))
-            dxhat = d.to(mean.dtype) if dxhat is None else add_widened_(dxhat, d)
+            d = cpu_gemm.mm(dy, (wf * gf[None, :]).to(compute_dtype), out=dbuf)
+            if dxhat is None:
+                dxhat = d.to(mean.dtype)
+                if d.dtype != mean.dtype:
+                    dbuf = d  # dxhat is a widened copy: d's buffer is free for the next projection
+            else:
+                dxhat = add_widened_(dxhat, d)
     if need_dx:
         del xc  # the LayerNorm backward below needs x and its statistics only
         xf = x.to(mean.dtype)

@@ -109,8 +109,9 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
                need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx (or empty), dgamma, dbeta, dw1, dw2, dgate (or empty)) for the output gradient dy.
 
-    Runs over chunks of rows: per chunk, da = dy W2 (ungated), the activation recomputed from
-    h, dW2 += dy^T a, dh = gate * da * act'(h), dW1 += dh^T LN(x), d(LN input) = dh W1 and
+    Runs over chunks of rows: per chunk, the activation recomputed from h, dW2 += dy^T a
+    (ungated), dh = gate (dy W2) * act'(h) (the gate applied to dy's chunk when that is a
+    fresh compute-dtype cast: 4x fewer elements than dh), dW1 += dh^T LN(x), d(LN input) = dh W1 and
     the LayerNorm backward; the (chunk, inner) temporaries live one or two at a time and no
     (rows, inner) temporary exists besides the saved h (OpenFlamingo-3B's block, 2048 tokens
     per row, forward+backward in float32, resident memory added with the block's other ops
@@ -126,26 +127,39 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
         db = torch.zeros(D, dtype=_acc(beta.dtype), device=x.device)
         dx = torch.empty_like(x) if need_dx else x.new_empty(0)
         step = _chunk_rows(R, h.shape[1], cd)
+        # The compute-dtype weight casts (bf16 copies under autocast): with one chunk they live
+        # one at a time (w1's made in w2's buffer once da is made); with several, each is made
+        # once for all of them (made per chunk they were 40 % of the chunk loop's non-product
+        # time at OpenFlamingo-3B's block, batch 4: four 32 MiB casts of each, fresh pages).
+        several = step < R
+        w2_all = w2.to(cd) if several else None
+        w1_all = w1.to(cd) if several else None
+        gc = None if g is None else g.to(cd)
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
             a = _act(hc, kind)
             dw2 = _acc_mm(dw2, dyc.t(), a, acc)  # the activation lives for this product only
-            # the compute-dtype weight casts (bf16 copies under autocast) live one at a time
-            w2c = w2.to(cd)
+            w2c = w2_all if several else w2.to(cd)
+            # the gate on dy's chunk when that is a fresh cast (D wide), else on dh (inner wide)
+            gate_dy = gc is not None and dy.dtype != cd
+            if gate_dy:
+                dyc.mul_(gc)
             dh = mm(dyc, w2c, out=a)  # da into the activation's (now dead) buffer, made dh in place
-            del a
+            del a, dyc
             if kind == "gelu":
                 torch.ops.aten.gelu_backward.grad_input(dh, hc, grad_input=dh)
             else:
                 dh.mul_(2 * torch.relu(hc))
-            if g is not None:
-                dh.mul_(g.to(cd))
+            if gc is not None and not gate_dy:
+                dh.mul_(gc)
             xn, xf, mean, rstd, gm, bt = _norm(x[r0:r1], gamma, beta, eps)
             dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), acc)
-            # w1's cast into w2's (same size, dead once da is made) when that was a fresh copy
-            w1c = (w2c.view(w1.shape).copy_(w1) if w2c is not w2 and w2c.is_contiguous() and w2c.numel() == w1.numel()
-                   else w1.to(cd))
+            if several:
+                w1c = w1_all
+            else:  # w1's cast into w2's (same size, dead once da is made) when that was a fresh copy
+                w1c = (w2c.view(w1.shape).copy_(w1) if w2c is not w2 and w2c.is_contiguous()
+                       and w2c.numel() == w1.numel() else w1.to(cd))
             del w2c
             dxn = mm(dh, w1c).to(xf.dtype)
             del w1c

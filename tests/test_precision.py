@@ -75,7 +75,8 @@ def test_add_widened_rejects_shape_mismatch():
 def test_widening_makes_no_whole_float32_copy():
     """The point of the blocks: no float32 copy of the whole bf16 matrix is allocated (the
     plain ``a.sum(0, dtype=float32)`` and ``acc.add_(a)`` each make one)."""
-    R, C = 8192, 256  # 8 MiB in float32: two blocks of WIDEN_BLOCK_BYTES (4 MiB)
+    assert precision.WIDEN_BLOCK_BYTES == 8 << 20  # the shape below is sized for it
+    R, C = 16384, 256  # 16 MiB in float32: two blocks of WIDEN_BLOCK_BYTES (8 MiB)
     a = torch.randn(R, C).bfloat16()
     acc = torch.zeros(R, C)
     whole = R * C * 4

@@ -19,7 +19,7 @@ from .cpu_gemm import block_rows
 
 __all__ = ["acc_dtype", "compute_dtype", "column_sum", "add_widened_", "widen_block_rows", "WIDEN_BLOCK_BYTES"]
 
-WIDEN_BLOCK_BYTES = 4 << 20  # the widened block (rows x C in the accumulation dtype) made at once
+WIDEN_BLOCK_BYTES = 8 << 20  # the widened block (rows x C in the accumulation dtype) made at once
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -52,6 +52,13 @@ def _act(h: Tensor, kind: str) -> Tensor:
     return F.gelu(h) if kind == "gelu" else torch.relu(h).square()
 
 
+def _act_into(h: Tensor, kind: str, out: Tensor) -> Tensor:
+    """:func:`_act` written into ``out`` (same shape and dtype as h)."""
+    if kind == "gelu":
+        return torch.ops.aten.gelu.out(h, out=out)
+    return torch.clamp_min(h, 0, out=out).square_()
+
+
 CHUNK_BYTES = 32 << 20  # the largest (rows, inner) temporary the op makes at once, forward or backward
 # The forward's activation chunks stay below glibc's largest mmap threshold (32 MiB): a block
 # of that size or more is mapped fresh on every allocation (first-touch page faults on each
@@ -141,10 +148,14 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
         w2_all = w2.to(cd) if several else None
         w1_all = w1.to(cd) if several else None
         gc = None if g is None else g.to(cd)
+        # with several chunks, one (chunk, inner) buffer for all of them: the activation, then
+        # da / dh in place (a fresh one per chunk was fresh pages each time: at batch 4 the
+        # block's chunks are 32 MiB, which glibc always maps anew)
+        abuf = torch.empty((step, h.shape[1]), dtype=cd, device=x.device) if several else None
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
-            a = _act(hc, kind)
+            a = _act(hc, kind) if abuf is None else _act_into(hc, kind, abuf[:r1 - r0])
             dw2 = _acc_mm(dw2, dyc.t(), a, acc)  # the activation lives for this product only
             w2c = w2_all if several else w2.to(cd)
             # the gate on dy's chunk when that is a fresh cast (D wide), else on dh (inner wide)

@@ -52,12 +52,19 @@ def test_unused_output_and_gradcheck_float64():
 
 
 @pytest.mark.parametrize("x_grad", [False, True])
-def test_autocast_bf16_close_to_float32_like_layernorm_linear(monkeypatch, x_grad):
+@pytest.mark.parametrize("rows_first", [False, True])
+def test_autocast_bf16_close_to_float32_like_layernorm_linear(monkeypatch, x_grad, rows_first):
     """Three projections (the input gradient summed over them in float32) with the widening
     blocks shrunk to 16 rows, so the bf16 column sums and the bf16 -> float32 adds run in
-    several blocks."""
-    from flamingo_rt.ops import precision
+    several blocks; with ``rows_first`` the weight gradients go as G^T = xhat^T dy (the path
+    of D >= cpu_gemm.ROWS_FIRST_MIN_N, shrunk here), and equal the other path's bitwise."""
+    from flamingo_rt.ops import cpu_gemm, precision
     monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 16 * 96 * 4)
+    if rows_first:
+        monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 16)
+        spy = []
+        orig = cpu_gemm.transpose_rows
+        monkeypatch.setattr(cpu_gemm, "transpose_rows", lambda a: spy.append(tuple(a.shape)) or orig(a))
     torch.manual_seed(2)
     x = torch.randn(200, 64).requires_grad_(x_grad)
     g, b, w = _params(3, 64, 96)
@@ -76,6 +83,14 @@ def test_autocast_bf16_close_to_float32_like_layernorm_linear(monkeypatch, x_gra
     for a, c, t in zip(got, want, truth):
         assert a.dtype == torch.float32
         assert rel_err(a, t) <= 3 * rel_err(c, t) + 1e-3
+    if rows_first:
+        assert (64, 200) in spy  # xhat^T, copied to rows once
+        monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 1 << 30)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs2 = norm_project(x, g, b, w)
+        again = torch.autograd.grad([o.float() for o in outs2], leaves, gos)
+        for a, c in zip(got, again):
+            assert torch.equal(a, c)
 
 
 def test_meta_and_errors():

@@ -109,11 +109,20 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
     dgs, dbs, dws = [], [], []
     dxhat: Optional[Tensor] = None
     dbuf: Optional[Tensor] = None  # each projection's share of dxhat, in one buffer reused (no fresh pages)
+    # bf16 weight gradients G = dy^T xc: torch runs a transposed first operand at half speed
+    # (cpu_gemm.rows_first), so xc^T is copied to rows once for every projection and G^T =
+    # xc^T dy is the product (the same values: each element is the same dot product), not a
+    # copy of each (rows, out) dy (the resampler's six K/V projections: 142 -> 130 ms)
+    xct = cpu_gemm.transpose_rows(xc.t()) if grads and cpu_gemm.rows_first(
+        grads[0].to(compute_dtype).t(), xc) else None
     for dy, g, b, w in zip(grads, gammas, betas, weights):
         wf = w.to(_acc(w.dtype))
         gf = g.to(wf.dtype)
         dy = dy.to(compute_dtype)
-        G = cpu_gemm.mm(dy.t(), xc).to(wf.dtype)  # (out, D)
+        if xct is not None:
+            G = cpu_gemm.transpose_rows(torch.mm(xct, dy).t()).to(wf.dtype)  # (out, D)
+        else:
+            G = cpu_gemm.mm(dy.t(), xc).to(wf.dtype)  # (out, D)
         s = column_sum(dy, wf.dtype)  # (out,), in the accumulation dtype without a whole widened copy of dy
         dws.append(torch.addr(G * gf[None, :], s, b.to(wf.dtype)).to(w.dtype))
         dgs.append((wf * G).sum(0).to(g.dtype))

@@ -204,17 +204,29 @@ def rows_first(a: Tensor, b: Tensor) -> bool:
 
 
 def _rows_first_mm(a: Tensor, b: Tensor, out: Optional[Tensor]) -> Tensor:
-    """torch's ``a @ b`` with ``a`` copied to rows, in blocks of at most ``BLOCK_BYTES``
-    of them, each block's product written into its rows of ``out`` (new when None)."""
+    """torch's ``a @ b`` with ``a`` copied to rows (:func:`_by_copied_row_blocks`), written
+    into ``out`` when given."""
+    def prod(x: Tensor, r0: int, r1: int, dst: Optional[Tensor]) -> Tensor:
+        return x @ b if dst is None else torch.mm(x, b, out=dst)
+
+    return _by_copied_row_blocks(a, b.shape[1], prod, out)
+
+
+def _by_copied_row_blocks(a: Tensor, n: int, prod, out: Optional[Tensor] = None) -> Tensor:
+    """The (M, n) product of a column-major ``a`` (M, K) made from ``a`` copied to rows
+    (:func:`transpose_rows`): whole when ``a`` is at most ``BLOCK_BYTES``, else in blocks of
+    rows of at most that size, each block's product written into its rows of ``out`` (new
+    when None). ``prod(x, r0, r1, dst)`` multiplies the copied rows x = a[r0:r1]: into ``dst``
+    when given, else returning a new tensor."""
     M, K = a.shape
     rows = block_rows(M, BLOCK_BYTES // (K * a.element_size()))
     if M <= rows:
-        a = transpose_rows(a)
-        return a @ b if out is None else torch.mm(a, b, out=out)
+        return prod(transpose_rows(a), 0, M, out)
     if out is None:
-        out = a.new_empty((M, b.shape[1]))
+        out = a.new_empty((M, n))
     for r0 in range(0, M, rows):
-        torch.mm(transpose_rows(a[r0:r0 + rows]), b, out=out[r0:r0 + rows])
+        r1 = min(M, r0 + rows)
+        prod(transpose_rows(a[r0:r1]), r0, r1, out[r0:r1])
     return out
 
 
@@ -257,14 +269,12 @@ def _onednn_mm(a: Tensor, b: Tensor, c: Optional[Tensor]) -> Tensor:
 
     if a.stride(-1) == 1:
         return prod(a, c)
-    M, K = a.shape
-    rows = block_rows(M, BLOCK_BYTES // (K * a.element_size()))
-    if M <= rows:
-        return prod(transpose_rows(a), c)
-    out = a.new_empty((M, b.shape[1]))
-    for r0 in range(0, M, rows):
-        out[r0:r0 + rows] = prod(transpose_rows(a[r0:r0 + rows]), None if c is None else c[r0:r0 + rows])
-    return out
+
+    def block(x: Tensor, r0: int, r1: int, dst: Optional[Tensor]) -> Tensor:
+        y = prod(x, None if c is None else c[r0:r1])
+        return y if dst is None else dst.copy_(y)
+
+    return _by_copied_row_blocks(a, b.shape[1], block)
 
 
 def block_rows(rows: int, most: int) -> int:

@@ -99,20 +99,6 @@ def test_widened_bf16_weight_gradient_product(accumulate, M, N, monkeypatch):
     assert spy == ([(M, K)] if M < N else [])  # the column-block path copies a once, whole
 
 
-def test_forward_normalizes_in_row_blocks_under_autocast(monkeypatch):
-    """The forward's LN(x) in bf16 is made a block of rows at a time (no whole float32 copy):
-    bitwise the whole LayerNorm rounded to bf16."""
-    monkeypatch.setattr(FFMOD, "widen_block_rows", lambda rows, cols, dtype: 3)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(10, 24, generator=g) * 3
-    gamma, beta = torch.randn(24, generator=g), torch.randn(24, generator=g)
-    got = FFMOD._norm_in(x, gamma, beta, 1e-5, torch.bfloat16)
-    want = torch.nn.functional.layer_norm(x, (24,), gamma, beta, 1e-5).to(torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
-    assert torch.equal(FFMOD._norm_in(x, gamma, beta, 1e-5, torch.float32),
-                       torch.nn.functional.layer_norm(x, (24,), gamma, beta, 1e-5))
-
-
 def test_module_helper_uses_the_module_without_grad_and_meta_errors():
     ff = _module(16, "gelu")
     x = torch.randn(2, 16)

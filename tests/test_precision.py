@@ -89,3 +89,21 @@ def test_widening_makes_no_whole_float32_copy():
     assert largest_allocation(lambda: a.sum(0, dtype=torch.float32)) >= whole  # what is avoided
     assert largest_allocation(lambda: precision.column_sum(a)) < whole
     assert largest_allocation(lambda: precision.add_widened_(acc, a)) < whole
+
+
+def test_layer_norm_in_row_blocks_equals_the_whole(monkeypatch):
+    """LayerNorm into bf16 a block of rows at a time (here 3 rows of 24 floats per block; the
+    FF's forward input and norm_project's xhat): bitwise the whole LayerNorm rounded to bf16,
+    with and without the affine, and the same mean / rstd; in float32 the plain LayerNorm."""
+    monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 3 * 24 * 4)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 24, generator=g) * 3
+    gamma, beta = torch.randn(24, generator=g), torch.randn(24, generator=g)
+    for w, b in ((gamma, beta), (None, None)):
+        got, mean, rstd = precision.layer_norm_in(x, 1e-5, torch.bfloat16, w, b)
+        want, wm, wr = torch.native_layer_norm(x, [24], w, b, 1e-5)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+        assert torch.equal(mean, wm) and torch.equal(rstd, wr)
+    assert torch.equal(precision.layer_norm_in(x, 1e-5, torch.float32, gamma, beta)[0],
+                       torch.nn.functional.layer_norm(x, (24,), gamma, beta, 1e-5))
+

@@ -31,7 +31,7 @@ from torch import Tensor
 from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add, rows_first, transpose_rows
 from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
-from .precision import widen_block_rows
+from .precision import layer_norm_in, widen_block_rows
 from .gated_linear_residual import check_gate, gate_weight_grads
 from .residual import residual_add_
 
@@ -46,20 +46,6 @@ def _norm(x: Tensor, gamma: Tensor, beta: Tensor, eps: float):
     xf, g, b = x.to(a), gamma.to(a), beta.to(a)
     xn, mean, rstd = torch.native_layer_norm(xf, [xf.shape[-1]], g, b, eps)
     return xn, xf, mean, rstd, g, b
-
-
-def _norm_in(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    """LN(x) (R, D) in ``dtype``. In the accumulation dtype that is :func:`_norm`'s output;
-    in a lower one (bf16 under autocast) it is made a block of rows at a time, so the
-    float32 normalized rows never exist whole (64 MiB of fresh pages at the block's batch 4)."""
-    if dtype == _acc(x.dtype):
-        return _norm(x, gamma, beta, eps)[0].to(dtype)
-    R, D = x.shape
-    out = torch.empty((R, D), dtype=dtype, device=x.device)
-    rows = widen_block_rows(R, D, _acc(x.dtype))
-    for r0 in range(0, R, rows):
-        out[r0:r0 + rows] = _norm(x[r0:r0 + rows], gamma, beta, eps)[0]
-    return out
 
 
 def _act(h: Tensor, kind: str) -> Tensor:
@@ -103,7 +89,7 @@ def _ff_op(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate:
     chunks of rows, so the activated (rows, inner) tensor never exists whole."""
     with torch.autocast(x.device.type, enabled=False):
         R = x.shape[0]
-        xn = _norm_in(x, gamma, beta, eps, compute_dtype)
+        xn = layer_norm_in(x, eps, compute_dtype, gamma, beta)[0]  # bf16: in blocks of rows
         h = mm(xn, w1.to(compute_dtype).t())
         del xn
         w2t = w2.to(compute_dtype).t()

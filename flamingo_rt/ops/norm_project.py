@@ -31,35 +31,17 @@ from torch import Tensor
 from . import backend as _backend
 from . import cpu_gemm
 from .precision import acc_dtype as _acc
-from .precision import add_widened_, column_sum, widen_block_rows
+from .precision import add_widened_, column_sum, layer_norm_in
 from .precision import compute_dtype as _compute_dtype
 
 __all__ = ["norm_project", "norm_project_iter"]
 
 
 def _xhat(x: Tensor, eps: float, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """x (R, D) -> (xhat (R, D) in ``compute_dtype``, mean, rstd in the accumulation dtype, as
-    ``native_layer_norm`` returns them for its backward). In a lower compute dtype (bf16
-    under autocast) the normalization runs a block of rows at a time, so no whole float32
-    xhat exists (at 4112 x 1024 it was 16 MiB at the training step's memory peak)."""
-    acc = _acc(x.dtype)
-    D = x.shape[-1]
-    if compute_dtype == acc or torch.compiler.is_compiling() or _backend.exporting():
-        # (traced graphs: one whole-tensor op, which also takes a symbolic row count)
-        xhat, mean, rstd = torch.native_layer_norm(x.to(acc), [D], None, None, eps)
-        return xhat.to(compute_dtype), mean, rstd
-    R = x.shape[0]
-    xhat = torch.empty((R, D), dtype=compute_dtype, device=x.device)
-    mean = torch.empty((R, 1), dtype=acc, device=x.device)
-    rstd = torch.empty((R, 1), dtype=acc, device=x.device)
-    step = widen_block_rows(R, D, acc)
-    for r0 in range(0, R, step):
-        r1 = min(R, r0 + step)
-        xh, m, r = torch.native_layer_norm(x[r0:r1].to(acc), [D], None, None, eps)
-        xhat[r0:r1] = xh
-        mean[r0:r1] = m
-        rstd[r0:r1] = r
-    return xhat, mean, rstd
+    """x (R, D) -> (xhat (R, D) in ``compute_dtype``, mean, rstd in the accumulation dtype):
+    :func:`precision.layer_norm_in` without affine (in bf16 a block of rows at a time, so no
+    whole float32 xhat exists: at 4112 x 1024 it was 16 MiB at the training step's peak)."""
+    return layer_norm_in(x, eps, compute_dtype)
 
 
 @torch.library.custom_op("flamingo_rt::norm_project", mutates_args=())
@@ -113,12 +95,13 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
     # (cpu_gemm.rows_first), so xc^T is copied to rows once for every projection and G^T =
     # xc^T dy is the product (the same values: each element is the same dot product), not a
     # copy of each (rows, out) dy (the resampler's six K/V projections: 142 -> 130 ms)
-    xct = cpu_gemm.transpose_rows(xc.t()) if grads and cpu_gemm.rows_first(
-        grads[0].to(compute_dtype).t(), xc) else None
+    xct: Optional[Tensor] = None
     for dy, g, b, w in zip(grads, gammas, betas, weights):
         wf = w.to(_acc(w.dtype))
         gf = g.to(wf.dtype)
         dy = dy.to(compute_dtype)
+        if xct is None and cpu_gemm.rows_first(dy.t(), xc):
+            xct = cpu_gemm.transpose_rows(xc.t())
         if xct is not None:
             G = cpu_gemm.transpose_rows(torch.mm(xct, dy).t()).to(wf.dtype)  # (out, D)
         else:

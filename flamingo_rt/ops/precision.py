@@ -12,12 +12,16 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from . import backend as _backend
 from .cpu_gemm import block_rows
 
-__all__ = ["acc_dtype", "compute_dtype", "column_sum", "add_widened_", "widen_block_rows", "WIDEN_BLOCK_BYTES"]
+__all__ = ["acc_dtype", "compute_dtype", "column_sum", "add_widened_", "widen_block_rows", "layer_norm_in",
+           "WIDEN_BLOCK_BYTES"]
 
 WIDEN_BLOCK_BYTES = 8 << 20  # the widened block (rows x C in the accumulation dtype) made at once
 
@@ -43,6 +47,35 @@ def widen_block_rows(rows: int, columns: int, dtype: torch.dtype) -> int:
     (:func:`cpu_gemm.block_rows`)."""
     esize = torch.empty(0, dtype=dtype).element_size()
     return block_rows(rows, WIDEN_BLOCK_BYTES // max(1, columns * esize))
+
+
+def layer_norm_in(x: Tensor, eps: float, dtype: torch.dtype, weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """x (R, D) -> (LayerNorm(x) with the optional affine ``weight`` / ``bias`` (D,), in
+    ``dtype``; mean, rstd (R, 1) in the accumulation dtype, as ``native_layer_norm`` returns
+    them for its backward). Computed in the accumulation dtype; for a lower ``dtype`` (bf16
+    under autocast) a block of rows at a time (:func:`widen_block_rows`), so no whole
+    accumulation-dtype copy exists (the block's FF input at batch 4: 64 MiB of fresh pages).
+    Traced graphs get one whole-tensor op (which also takes a symbolic row count)."""
+    acc = acc_dtype(x.dtype)
+    D = x.shape[-1]
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    if dtype == acc or torch.compiler.is_compiling() or _backend.exporting():
+        y, mean, rstd = torch.native_layer_norm(x.to(acc), [D], w, b, eps)
+        return y.to(dtype), mean, rstd
+    R = x.shape[0]
+    y = torch.empty((R, D), dtype=dtype, device=x.device)
+    mean = torch.empty((R, 1), dtype=acc, device=x.device)
+    rstd = torch.empty((R, 1), dtype=acc, device=x.device)
+    step = widen_block_rows(R, D, acc)
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        yb, m, r = torch.native_layer_norm(x[r0:r1].to(acc), [D], w, b, eps)
+        y[r0:r1] = yb
+        mean[r0:r1] = m
+        rstd[r0:r1] = r
+    return y, mean, rstd
 
 
 def column_sum(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -121,8 +121,36 @@ def test_per_projection_backward_when_x_needs_no_gradient(x_grad):
     want = torch.autograd.grad(refs[0].sum(), [g[0], b[0], w[0]])
     for a, c in zip(only_first, want):
         assert rel_err(a, c) < 1e-5
-    with torch.no_grad():  # no gradient to take: the one op
+    with torch.no_grad():
         assert all(rel_err(o, r) < 1e-5 for o, r in zip(norm_project(x, g, b, w), refs))
+
+
+def test_inference_computes_each_projection_when_taken(monkeypatch):
+    """No gradient anywhere (inference): one product per take, so only the outputs still
+    referenced are alive (not all of them from the first take); same values."""
+    import importlib
+
+    npm = importlib.import_module("flamingo_rt.ops.norm_project")
+    from flamingo_rt.ops import norm_project_iter
+
+    torch.manual_seed(9)
+    x = torch.randn(3, 10, 32)
+    g, b, w = _params(4, 32, 16)
+    calls = []
+    real = npm._forward
+    monkeypatch.setattr(npm, "_forward", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    refs = _ref(x, g, b, w)
+    with torch.no_grad():
+        it = norm_project_iter(x, g, b, w)
+        assert calls == []
+        o0 = next(it)
+        assert calls == [1]  # the first projection alone
+        outs = [o0, *it]
+    assert calls == [1, 1, 1, 1]
+    assert all(rel_err(o, r) < 1e-5 for o, r in zip(outs, refs))
+    calls.clear()
+    list(norm_project_iter(x.requires_grad_(), g, b, w))  # x's gradient: the one op for all
+    assert calls == [4]
 
 
 def test_iter_computes_each_projection_when_taken():

@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_amx.h"
 #include "cpu_math.h"
 
 #ifdef _OPENMP
@@ -748,10 +749,58 @@ bool find_segments(const int32_t* mi, const int64_t* ms, int64_t B, int64_t T, i
   return true;
 }
 
+// The bfloat16 image-causal forward on AMX tiles (attention_amx.h): dh a multiple of 32 and
+// unit element strides (queries, output, keys, values), on a CPU with AMX-BF16.
+bool amx_fwd_fits(const Ctx& c) {
+  if (c.allprev || !amx::fits(c.dh) || c.qs[3] != 1 || c.os[3] != 1) return false;
+  if (c.N1 > 0 && (c.ks[4] != 1 || c.vs[4] != 1)) return false;
+  if (c.N1 < c.N && (c.ks2[4] != 1 || c.vs2[4] != 1)) return false;
+  return amx::available();
+}
+
+// Image `sg.idx`'s keys or values for batch row b, head h: rows [0, N1) from src, the rest
+// from src2 (the n_tail source).
+void amx_runs(const Ctx& c, const void* src, const int64_t* st, const void* src2, const int64_t* st2,
+              int64_t b, int64_t j, int64_t h, amx::Rows* runs) {
+  if (c.N1 > 0) runs[0] = {cptr<BF16>(src) + b * st[0] + j * st[1] + h * st[3], st[2], c.N1};
+  if (c.N1 < c.N) runs[1] = {cptr<BF16>(src2) + b * st2[0] + j * st2[1] + h * st2[3], st2[2], c.N - c.N1};
+  if (c.N1 == 0) std::swap(runs[0], runs[1]);
+}
+
+void amx_fwd_task(const Ctx& c, const Seg& sg, int64_t h, amx::Scratch& s) {
+  if (sg.idx < 0) {
+    zero_rows<BF16>(c, c.out, c.os, sg.b, sg.t0, sg.len, h);
+    return;
+  }
+  amx::ImageAttention a;
+  a.q = cptr<BF16>(c.q) + sg.b * c.qs[0] + sg.t0 * c.qs[1] + h * c.qs[2];
+  a.q_ld = c.qs[1];
+  a.rows = sg.len;
+  amx_runs(c, c.k, c.ks, c.k2, c.ks2, sg.b, sg.idx, h, a.k);
+  amx_runs(c, c.v, c.vs, c.v2, c.vs2, sg.b, sg.idx, h, a.v);
+  a.N = c.N;
+  a.dh = c.dh;
+  a.scale = float(c.scale);
+  a.out = mptr<BF16>(c.out) + sg.b * c.os[0] + sg.t0 * c.os[1] + h * c.os[2];
+  a.out_ld = c.os[1];
+  amx::image_attention_bf16(a, s);
+}
+
 template <class L>
 void run_fwd(const Ctx& c, const std::vector<Seg>& segs) {
   const int64_t ntask = int64_t(segs.size()) * c.H;
   const bool par = ntask > 1 && fwd_macs(c.B, c.T, c.H, c.dh, c.M, c.N, c.allprev) >= kParallelMinMacs;
+  if constexpr (std::is_same<L, BF16>::value) {
+    if (amx_fwd_fits(c)) {
+#pragma omp parallel if (par)
+      {
+        amx::Scratch s;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntask; ++t) amx_fwd_task(c, segs[size_t(t / c.H)], t % c.H, s);
+      }
+      return;
+    }
+  }
 #pragma omp parallel if (par)
   {
     Scratch<L> s;

@@ -235,6 +235,8 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def(
       "resampler_attention_backward(Tensor grad_out, Tensor q, Tensor k_x, Tensor v_x, Tensor k_l, "
       "Tensor v_l, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // whether the bfloat16 attention forwards above run on AMX tiles (flamingo_rt::cpu_amx_enabled)
+  m.def("cpu_amx_enabled() -> bool", [] { return flamingo_rt::cpu_amx_enabled(); });
 }
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {

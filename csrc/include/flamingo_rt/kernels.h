@@ -89,6 +89,14 @@ inline bool act_from_string(const char* s, Act* out) {
 // True when this build compiled the CUDA kernels.
 bool built_with_cuda();
 
+// True when the bfloat16 CPU attention forward (image_causal_attention_fwd_cpu in
+// image-causal mode with head dims a multiple of 32 and unit element strides; the
+// resampler's attention goes through it) runs its products on Intel AMX tiles: the CPU has
+// AMX-BF16, the OS granted this process tile data, and the environment variable
+// FLAMINGO_RT_CPU_AMX is not "0" (read at every call). Otherwise the AVX-512 / AVX2 float32
+// kernel runs.
+bool cpu_amx_enabled();
+
 // Text of the last CUDA error a flamingo_rt CUDA function returned kCudaError for, on
 // the calling thread ("" if none; always "" without CUDA).
 const char* last_cuda_error();

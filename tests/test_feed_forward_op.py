@@ -75,9 +75,11 @@ def test_widened_bf16_weight_gradient_product(accumulate, M, N, monkeypatch):
     """The backward's bf16 weight-gradient products (``_acc_mm``), widened to float32 a block
     at a time: a transposed a narrower than b goes in blocks of columns (a copied to rows
     once), else in blocks of rows; each element is the bf16 product's, rounded once, plus
-    the accumulator's value."""
+    the accumulator's value. (Where MKL's float32-accumulating product runs, widening_gemm,
+    these are the fallback paths: tests/test_widening_gemm.py covers that one.)"""
     from flamingo_rt.ops import cpu_gemm
 
+    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
     monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 8)
     monkeypatch.setattr(FFMOD, "widen_block_rows", lambda rows, cols, dtype: 7)  # blocks of 7
     g = torch.Generator().manual_seed(3)

@@ -53,12 +53,16 @@ def test_unused_output_and_gradcheck_float64():
 
 @pytest.mark.parametrize("x_grad", [False, True])
 @pytest.mark.parametrize("rows_first", [False, True])
-def test_autocast_bf16_close_to_float32_like_layernorm_linear(monkeypatch, x_grad, rows_first):
+@pytest.mark.parametrize("widening", [False, True])
+def test_autocast_bf16_close_to_float32_like_layernorm_linear(monkeypatch, x_grad, rows_first, widening):
     """Three projections (the input gradient summed over them in float32) with the widening
     blocks shrunk to 16 rows, so the bf16 column sums and the bf16 -> float32 adds run in
     several blocks; with ``rows_first`` the weight gradients go as G^T = xhat^T dy (the path
-    of D >= cpu_gemm.ROWS_FIRST_MIN_N, shrunk here), and equal the other path's bitwise."""
+    of D >= cpu_gemm.ROWS_FIRST_MIN_N, shrunk here), and equal the other path's bitwise.
+    ``widening``: MKL's float32-accumulating bf16 products where they exist (widening_gemm;
+    the same as without where they do not), else torch's bf16 products widened."""
     from flamingo_rt.ops import cpu_gemm, precision
+    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1" if widening else "0")
     monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 16 * 96 * 4)
     if rows_first:
         monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 16)

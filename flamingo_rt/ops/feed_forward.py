@@ -34,6 +34,7 @@ from .precision import compute_dtype as _compute_dtype
 from .precision import layer_norm_in, widen_block_rows
 from .gated_linear_residual import check_gate, gate_weight_grads
 from .residual import residual_add_
+from . import widening_gemm
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
@@ -208,6 +209,10 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
     no compute-dtype copy of the gradient lives beside the float32 one (OpenFlamingo-3B's
     block: 32 MiB at 8192 x 2048)."""
     M, N = a.shape[0], b.shape[1]
+    if a.dtype == torch.bfloat16 and acc == torch.float32 and widening_gemm.available():
+        # MKL's bf16 product accumulates into the float32 gradient itself: no widening pass,
+        # no bf16 rounding, a transposed operand read in place (widening_gemm)
+        return widening_gemm.mm(a, b) if c is None else widening_gemm.addmm_(c, a, b)
     if a.dtype == acc:
         if c is None:
             return mm(a, b)  # mm copies a transposed a in blocks itself

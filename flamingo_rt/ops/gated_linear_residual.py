@@ -26,6 +26,7 @@ from torch import Tensor
 from .cpu_gemm import BLOCK_BYTES, block_rows, mm
 from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
+from . import widening_gemm
 
 __all__ = ["gated_linear_residual", "module_gated_linear_residual", "check_gate", "gate_weight_grads"]
 
@@ -81,7 +82,11 @@ def _glr_bwd_op(dz: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor],
     with torch.autocast(dz.device.type, enabled=False):
         cd = compute_dtype
         dzc, oc, wc = dz.to(cd), o.to(cd), weight.to(cd)
-        dw = mm(dzc.t(), oc).to(_acc(weight.dtype))  # ungated dz^T o
+        acc = _acc(weight.dtype)
+        if cd == torch.bfloat16 and acc == torch.float32 and widening_gemm.available():
+            dw = widening_gemm.mm(dzc.t(), oc)  # float32-accumulated, dz^T read in place
+        else:
+            dw = mm(dzc.t(), oc).to(acc)  # ungated dz^T o
         do = mm(dzc, wc)
         if gate is None:
             return do.to(o.dtype), dw.to(weight.dtype), dz.new_empty(0)

@@ -23,13 +23,14 @@ outputs are in the compute dtype, and the parameter gradients in the parameters'
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import backend as _backend
-from . import cpu_gemm
+from . import cpu_gemm, widening_gemm
 from .precision import acc_dtype as _acc
 from .precision import add_widened_, column_sum, layer_norm_in
 from .precision import compute_dtype as _compute_dtype
@@ -100,9 +101,14 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         wf = w.to(_acc(w.dtype))
         gf = g.to(wf.dtype)
         dy = dy.to(compute_dtype)
-        if xct is None and cpu_gemm.rows_first(dy.t(), xc):
+        # bf16 products with float32 results (MKL, widening_gemm): G^T and each projection's
+        # share of dxhat accumulated in float32 by the product itself
+        widen = compute_dtype == torch.bfloat16 and wf.dtype == torch.float32 and widening_gemm.available()
+        if xct is None and (widen or cpu_gemm.rows_first(dy.t(), xc)):
             xct = cpu_gemm.transpose_rows(xc.t())
-        if xct is not None:
+        if widen:
+            G = cpu_gemm.transpose_rows(widening_gemm.mm(xct, dy).t())  # (out, D) float32
+        elif xct is not None:
             G = cpu_gemm.transpose_rows(torch.mm(xct, dy).t()).to(wf.dtype)  # (out, D)
         else:
             G = cpu_gemm.mm(dy.t(), xc).to(wf.dtype)  # (out, D)
@@ -110,7 +116,12 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         dws.append(torch.addr(G * gf[None, :], s, b.to(wf.dtype)).to(w.dtype))
         dgs.append((wf * G).sum(0).to(g.dtype))
         dbs.append((wf.t() @ s).to(b.dtype))
-        if need_dx:
+        if need_dx and widen:
+            first = dxhat is None
+            if first:
+                dxhat = torch.empty((dy.shape[0], wf.shape[1]), dtype=mean.dtype, device=dy.device)
+            widening_gemm.addmm_(dxhat, dy, (wf * gf[None, :]).to(compute_dtype), beta=0.0 if first else 1.0)
+        elif need_dx:
             d = cpu_gemm.mm(dy, (wf * gf[None, :]).to(compute_dtype), out=dbuf)
             if dxhat is None:
                 dxhat = d.to(mean.dtype)
@@ -214,7 +225,9 @@ def _projections(x, gammas, betas, weights, eps) -> Iterator[Tensor]:
     if _backend.exporting():  # plain aten in AOTInductor packages (a Python op cannot run in a C++ host)
         outs = _forward(x2, list(gammas), list(betas), list(weights), float(eps), cd)
     elif _per_projection(x, gammas, betas, weights):
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        no_autocast = (torch.autocast(x.device.type, enabled=False)
+                       if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext())
+        with torch.no_grad(), no_autocast:  # (no autocast on "meta")
             xc = _xhat(x2, float(eps), cd)[0]  # saved by every projection op (not recomputed)
         outs = (_norm_project_op(xc, [g], [b], [w], float(eps), cd, True)[0]
                 for g, b, w in zip(gammas, betas, weights))

@@ -1,0 +1,110 @@
+"""bf16 x bf16 -> float32 products (flamingo_rt.ops.widening_gemm): MKL's float32-accumulating
+product where it runs (x86-64 Intel with torch's MKL), torch's bf16 product widened elsewhere
+(FLAMINGO_RT_WIDENING_GEMM=0 forces that path here), both against float64."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from flamingo_rt.ops import _cpp_backends, cpu_gemm, widening_gemm
+from flamingo_rt.ops.precision import column_sum
+
+MKL_EXPECTED = (_cpp_backends.AVAILABLE and platform.machine() == "x86_64"
+                and cpu_gemm._cpu_vendor() == "GenuineIntel")
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(params=["mkl", "torch"])
+def path(request, monkeypatch):
+    if request.param == "mkl" and not widening_gemm.available():
+        pytest.skip("no MKL bf16 product on this machine / build")
+    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1" if request.param == "mkl" else "0")
+    return request.param
+
+
+def test_available_where_expected(monkeypatch):
+    """On an Intel x86-64 CPU with the extension built, torch's MKL carries the product (its
+    absence there would silently cost the speed); FLAMINGO_RT_WIDENING_GEMM=0 turns it off."""
+    monkeypatch.delenv("FLAMINGO_RT_WIDENING_GEMM", raising=False)
+    if MKL_EXPECTED:
+        assert widening_gemm.available()
+    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
+    assert not widening_gemm.available()
+
+
+@pytest.mark.parametrize("layout", ["NN", "TN", "NT", "TT", "strided"])
+@pytest.mark.parametrize("M,K,N", [(37, 53, 29), (64, 300, 128), (1, 257, 33), (5, 0, 7)])
+def test_addmm_against_float64(path, layout, M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    a = torch.randn(K, M, generator=g).bfloat16().t() if layout[0] == "T" else torch.randn(M, K, generator=g).bfloat16()
+    b = torch.randn(N, K, generator=g).bfloat16().t() if layout[1:] == "T" else torch.randn(K, N, generator=g).bfloat16()
+    if layout == "strided":  # neither stride 1: copied, same values
+        a = torch.randn(M, 2 * K, generator=g).bfloat16()[:, ::2]
+    c0 = torch.randn(M, N, generator=g)
+    want = 0.5 * c0.double() + 1.5 * (a.double() @ b.double())
+    c = c0.clone()
+    got = widening_gemm.addmm_(c, a, b, alpha=1.5, beta=0.5)
+    assert got.data_ptr() == c.data_ptr() and got.dtype == torch.float32
+    # float32 accumulation (MKL) or one bf16 rounding of the product (torch's path)
+    tol = 1e-6 if path == "mkl" else 8e-3
+    assert rel_err(got, want) <= tol or (want.abs().max() == 0 and got.abs().max() == 0)
+    fresh = torch.full((M, N), float("nan"))  # beta 0: c is not read (NaN must not leak)
+    widening_gemm.addmm_(fresh, a, b, alpha=1.0, beta=0.0)
+    assert torch.isfinite(fresh).all()
+    assert rel_err(widening_gemm.mm(a, b), a.double() @ b.double()) <= tol or K == 0
+
+
+def test_mkl_product_is_more_accurate_than_the_widened_bf16_one(monkeypatch):
+    if not widening_gemm.available():
+        pytest.skip("no MKL bf16 product here")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 512, generator=g).bfloat16(), torch.randn(512, 96, generator=g).bfloat16()
+    exact = a.double() @ b.double()
+    mkl = widening_gemm.mm(a, b)
+    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
+    widened = widening_gemm.mm(a, b)
+    assert rel_err(mkl, exact) < 1e-6 < rel_err(widened, exact) < 5e-3
+
+
+def test_column_sum_both_paths(path):
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(300, 70, generator=g).bfloat16()
+    got = column_sum(a, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (70,)
+    assert rel_err(got, a.double().sum(0)) < 1e-6
+
+
+def test_errors_say_expected_and_got():
+    with pytest.raises(ValueError, match="expects c"):
+        widening_gemm.addmm_(torch.zeros(3, 4), torch.zeros(3, 5).bfloat16(), torch.zeros(6, 4).bfloat16())
+    if _cpp_backends.AVAILABLE and torch.ops.flamingo_rt_C.widening_gemm_available():
+        with pytest.raises(RuntimeError, match="expected a float32 c"):
+            torch.ops.flamingo_rt_C.widening_addmm_(torch.zeros(3, 4).double(), torch.zeros(3, 5).bfloat16(),
+                                                    torch.zeros(5, 4).bfloat16(), 1.0, 0.0)
+
+
+def test_feed_forward_weight_gradients_use_it(monkeypatch):
+    """The FF backward's weight-gradient accumulation (_acc_mm) goes through addmm_ when it
+    runs MKL: float32-exact against float64, the accumulator updated in place."""
+    import importlib
+
+    if not widening_gemm.available():
+        pytest.skip("no MKL bf16 product here")
+    ffm = importlib.import_module("flamingo_rt.ops.feed_forward")
+    calls = []
+    orig = widening_gemm.addmm_
+    monkeypatch.setattr(widening_gemm, "addmm_", lambda *a, **k: calls.append(a[0].shape) or orig(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(40, 24, generator=g).bfloat16().t()
+    b = torch.randn(40, 80, generator=g).bfloat16()
+    c = torch.randn(24, 80, generator=g)
+    want = c.double() + a.double() @ b.double()
+    got = ffm._acc_mm(c, a, b, torch.float32)
+    assert got.data_ptr() == c.data_ptr() and calls == [(24, 80)]
+    assert rel_err(got, want) < 1e-6

@@ -1,5 +1,5 @@
-"""The bfloat16 attention forward on Intel AMX tiles (csrc/cpu/attention_amx.cpp) and the
-AVX-512 / AVX2 float32 kernel it replaces on such CPUs: both against the float64 reference,
+"""The bfloat16 attention forward and backward on Intel AMX tiles (csrc/cpu/attention_amx.cpp)
+and the AVX-512 / AVX2 float32 kernels they replace on such CPUs: both against float64,
 on the resampler's and the cross-attention's shapes; FLAMINGO_RT_CPU_AMX=0 picks the
 float32 kernel (read at every call). On a CPU without AMX both runs take the float32 kernel."""
 from __future__ import annotations
@@ -117,3 +117,53 @@ def test_nan_propagates_and_noncontiguous_falls_back(paths):
     want = _resampler_ref(q2, kx, vx, kl, vl, 0.125)
     assert rel_err(c, want) <= 1.5 * rel_err(want.bfloat16(), want) + 1e-4
     assert rel_err(f, want) <= 1.5 * rel_err(want.bfloat16(), want) + 1e-4
+
+
+def _resampler_ref_grads(q, kx, vx, kl, vl, scale, go):
+    leaves = [t.double().requires_grad_() for t in (q, kx, vx, kl, vl)]
+    out = _resampler_ref(*leaves, scale)
+    return torch.autograd.grad(out, leaves, go.double())
+
+
+@pytest.mark.parametrize("S", [0, 1, 49, 256, 257, 300])
+@pytest.mark.parametrize("dh", [32, 64, 96, 128])
+def test_resampler_backward_both_paths_against_float64(paths, S, dh):
+    """dq, dk/dv of the features and of the latents; 64 latents and 17 (rows padded to 32)."""
+    for L in (64, 17):
+        q, kx, vx, kl, vl = _resampler_inputs(2, L, S, 2, dh, seed=S * 1000 + dh + L + 7)
+        go = (torch.randn(q.shape, generator=torch.Generator().manual_seed(S + dh)) * 0.5).bfloat16()
+        scale = dh ** -0.5
+        want = _resampler_ref_grads(q, kx, vx, kl, vl, scale, go)
+        amx, f32 = paths(lambda: OP.resampler_attention_backward(go, q, kx, vx, kl, vl, scale))
+        for name, a, f, w in zip(["dq", "dk_x", "dv_x", "dk_l", "dv_l"], amx, f32, want):
+            assert a.dtype == torch.bfloat16 and a.shape == w.shape, name
+            if w.numel() == 0:
+                continue
+            e_round = rel_err(w.bfloat16(), w)
+            assert rel_err(f, w) <= 1.3 * e_round + 1e-4, (name, S, dh, L)
+            # AMX also rounds P and dS to bf16 for its products
+            assert rel_err(a, w) <= 2.0 * e_round + 1e-4, (name, S, dh, L)
+
+
+def test_image_causal_backward_both_paths(paths):
+    """Images nobody attends to (zero dk, dv), text rows before any image (zero dq), a
+    segment of 299 rows (three blocks accumulated into one image's dk, dv)."""
+    B, T, H, M, N, dh = 2, 300, 2, 3, 49, 64
+    g = torch.Generator().manual_seed(11)
+    idx = torch.full((B, T), -1, dtype=torch.int32)
+    idx[0, 1:] = 0  # one long segment; images 1, 2 of row 0 unseen
+    idx[1, 10:] = 1
+    idx[1, 200:] = 2  # image 0 of row 1 unseen
+    q = (torch.randn(B, T, H, dh, generator=g) * 2).bfloat16()
+    k = torch.randn(B, M, N, H, dh, generator=g).bfloat16()
+    v = torch.randn(B, M, N, H, dh, generator=g).bfloat16()
+    go = torch.randn(B, T, H, dh, generator=g).bfloat16()
+    scale = dh ** -0.5
+    want = ref.image_causal_attention_backward(go.double(), q.double(), k.double(), v.double(), idx, False, scale)
+    amx, f32 = paths(lambda: OP.image_causal_attention_backward(go, q, k, v, idx, False, scale))
+    for grads in (amx, f32):
+        dq, dk, dv = grads
+        assert (dq[idx < 0] == 0).all()
+        assert (dk[0, 1:] == 0).all() and (dv[0, 1:] == 0).all() and (dk[1, 0] == 0).all()
+        for a, w in zip(grads, want):
+            assert rel_err(a, w) <= 2.0 * rel_err(w.bfloat16(), w) + 1e-4

@@ -300,6 +300,250 @@ FRT_AMX_TARGET void attend(const ImageAttention& a, Scratch& sc) {
   _tile_release();
 }
 
+
+// ------------------------------------------------------------------ backward
+//
+// Per image and head (one call): the keys and values copied to dense zero-padded rows (kr,
+// vr: Np x dh, Np = N rounded up to 32) and K^T (kt: dh x Np). Per block of R query rows
+// (R = rows rounded up to 32, zero rows past them), transposed so that the softmax runs down
+// columns (one vector = 16 queries, no horizontal reductions):
+//   S^T = kr Q^T, dP^T = vr dO^T          (A: key rows; B: Q / dO as transposed words)
+//   P^T, D, dS^T = P^T (dP^T - D)         (float32, AVX-512; P^T and dS^T then in bf16)
+//   dV += P^T dO, dK += dS^T Q            (A: P^T / dS^T rows; B: dO / Q as row pairs)
+//   dQ^T = K^T dS^T                        (A: kt; B: dS^T as row pairs), transposed out
+// dK and dV accumulate in float32 scratch across blocks; scale applied on the way out.
+
+// rows x dh bfloat16 (row stride ld; zero rows past `rows`, up to R, a multiple of 16) ->
+// 32-bit words transposed: w[wd * R + r] = word wd of row r.
+FRT_AMX_TARGET void pack_words_t(const uint16_t* src, int64_t ld, int64_t rows, int64_t R, int64_t dh, uint32_t* w) {
+  for (int64_t r0 = 0; r0 < R; r0 += 16)
+    for (int64_t w0 = 0; w0 < dh / 2; w0 += 16) {
+      __m512i x[16];
+      for (int r = 0; r < 16; ++r)
+        x[r] = r0 + r < rows ? _mm512_loadu_si512(src + (r0 + r) * ld + 2 * w0) : _mm512_setzero_si512();
+      transpose16(x);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(w + (w0 + c) * R + r0, x[c]);
+    }
+}
+
+// rows x W bfloat16 (row stride ld, W a multiple of 32; zero rows past `rows`, up to R, even)
+// -> row pairs interleaved: p[i * W + e] = (src[2i][e], src[2i+1][e]).
+FRT_AMX_TARGET void pack_pairs(const uint16_t* src, int64_t ld, int64_t rows, int64_t R, int64_t W, uint32_t* p) {
+  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                              8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  for (int64_t i = 0; i < R / 2; ++i) {
+    const uint16_t* r0 = 2 * i < rows ? src + 2 * i * ld : nullptr;
+    const uint16_t* r1 = 2 * i + 1 < rows ? src + (2 * i + 1) * ld : nullptr;
+    uint32_t* dst = p + i * W;
+    for (int64_t e = 0; e < W; e += 32) {
+      const __m512i x0 = r0 ? _mm512_loadu_si512(r0 + e) : _mm512_setzero_si512();
+      const __m512i x1 = r1 ? _mm512_loadu_si512(r1 + e) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + e, _mm512_permutex2var_epi16(x0, lo, x1));
+      _mm512_storeu_si512(dst + e + 16, _mm512_permutex2var_epi16(x0, hi, x1));
+    }
+  }
+}
+
+// src (Np x dh bfloat16, dense) -> dst = src^T (dh x Np).
+FRT_AMX_TARGET void transpose_bf16(const uint16_t* src, int64_t Np, int64_t dh, uint16_t* dst) {
+  for (int64_t n0 = 0; n0 < Np; n0 += 16)
+    for (int64_t w0 = 0; w0 < dh / 2; w0 += 16) {
+      __m512i x[16];
+      for (int r = 0; r < 16; ++r) x[r] = _mm512_loadu_si512(src + (n0 + r) * dh + 2 * w0);
+      transpose16(x);  // x[c]: word w0 + c of keys n0..n0+15, element 2(w0+c) in the low half
+      for (int c = 0; c < 16; ++c) {
+        const int64_t d = 2 * (w0 + c);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d * Np + n0), _mm512_cvtepi32_epi16(x[c]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (d + 1) * Np + n0),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(x[c], 16)));
+      }
+    }
+}
+
+// NT output tiles in a row: C[:, 16t : 16t + 16] (+)= sum_k A_k B_{k,t} over `ksteps` steps of
+// 32 bfloat16, A_k at a + k * a_kstep (16 rows, stride a_ld bytes), B_{k,t} at b + k * b_kstep
+// + t * 64 (16 rows of 16 words, stride b_ld bytes); C float32, stride c_ld bytes, loaded
+// first when `accumulate`.
+template <int NT>
+FRT_AMX_TARGET inline void tiles_row(const char* a, int64_t a_ld, int64_t a_kstep, const char* b, int64_t b_ld,
+                                     int64_t b_kstep, int64_t ksteps, float* c, int64_t c_ld, bool accumulate) {
+  if (accumulate) {
+    _tile_loadd(0, c, c_ld);
+    if constexpr (NT > 1) _tile_loadd(1, c + 16, c_ld);
+    if constexpr (NT > 2) _tile_loadd(2, c + 32, c_ld);
+    if constexpr (NT > 3) _tile_loadd(3, c + 48, c_ld);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (NT > 2) _tile_zero(2);
+    if constexpr (NT > 3) _tile_zero(3);
+  }
+  for (int64_t k = 0; k < ksteps; ++k) {
+    _tile_loadd(4, a + k * a_kstep, a_ld);
+    const char* bk = b + k * b_kstep;
+    _tile_loadd(5, bk, b_ld);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (NT > 1) {
+      _tile_loadd(5, bk + 64, b_ld);
+      _tile_dpbf16ps(1, 4, 5);
+    }
+    if constexpr (NT > 2) {
+      _tile_loadd(5, bk + 128, b_ld);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if constexpr (NT > 3) {
+      _tile_loadd(5, bk + 192, b_ld);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, c, c_ld);
+  if constexpr (NT > 1) _tile_stored(1, c + 16, c_ld);
+  if constexpr (NT > 2) _tile_stored(2, c + 32, c_ld);
+  if constexpr (NT > 3) _tile_stored(3, c + 48, c_ld);
+}
+
+// A row of `ntiles` output tiles, four at a time (B and C advance 64 bytes per tile).
+FRT_AMX_TARGET inline void tiles_row_n(int64_t ntiles, const void* a, int64_t a_ld, int64_t a_kstep, const void* b,
+                                       int64_t b_ld, int64_t b_kstep, int64_t ksteps, float* c, int64_t c_ld,
+                                       bool accumulate) {
+  const char* ap = static_cast<const char*>(a);
+  const char* bp = static_cast<const char*>(b);
+  for (int64_t t = 0; t < ntiles; t += 4) {
+    const char* bt = bp + t * 64;
+    float* ct = c + t * 16;
+    switch (std::min<int64_t>(4, ntiles - t)) {
+      case 4: tiles_row<4>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
+      case 3: tiles_row<3>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
+      case 2: tiles_row<2>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
+      default: tiles_row<1>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
+    }
+  }
+}
+
+// One column block of 16 queries (column q0 of R): P^T, D and dS^T from S^T and dP^T
+// (float32, Np x R, N valid rows); P^T and dS^T also in bfloat16 (rows past N zero).
+FRT_AMX_TARGET void softmax_grad_columns(float* st, const float* dpt, int64_t N, int64_t Np, int64_t R, int64_t q0,
+                                         float scale, uint16_t* pt, uint16_t* dst) {
+  __m512 mx = _mm512_set1_ps(-__builtin_inff()), mn = _mm512_set1_ps(__builtin_inff());
+  for (int64_t n = 0; n < N; ++n) {
+    const __m512 x = _mm512_loadu_ps(st + n * R + q0);
+    mx = _mm512_max_ps(mx, x);
+    mn = _mm512_min_ps(mn, x);
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512 m = _mm512_mul_ps(vs, scale >= 0.0f ? mx : mn);  // max of scale * s per query
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t n = 0; n < N; ++n) {
+    float* p = st + n * R + q0;
+    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(p), vs, m));
+    _mm512_storeu_ps(p, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+  __m512 d = _mm512_setzero_ps();
+  for (int64_t n = 0; n < N; ++n) {
+    float* p = st + n * R + q0;
+    const __m512 pv = _mm512_mul_ps(_mm512_loadu_ps(p), inv);
+    _mm512_storeu_ps(p, pv);
+    d = _mm512_fmadd_ps(pv, _mm512_loadu_ps(dpt + n * R + q0), d);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const __m512 pv = _mm512_loadu_ps(st + n * R + q0);
+    const __m512 ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpt + n * R + q0), d));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + n * R + q0), (__m256i)_mm512_cvtneps_pbh(pv));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n * R + q0), (__m256i)_mm512_cvtneps_pbh(ds));
+  }
+  for (int64_t n = N; n < Np; ++n) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + n * R + q0), _mm256_setzero_si256());
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n * R + q0), _mm256_setzero_si256());
+  }
+}
+
+// float32 rows (Np x dh, ld dh) times mul -> bfloat16 output rows, split as `out`.
+FRT_AMX_TARGET void store_key_rows(const float* acc, int64_t N, int64_t dh, float mul, const OutRows* out) {
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (int64_t n = 0; n < N; ++n) {
+    uint16_t* dst = n < out[0].n ? out[0].p + n * out[0].ld : out[1].p + (n - out[0].n) * out[1].ld;
+    for (int64_t d = 0; d < dh; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + n * dh + d), vm)));
+  }
+}
+
+FRT_AMX_TARGET void attend_backward(const ImageAttentionBackward& a, BackwardScratch& sc) {
+  const int64_t dh = a.dh, N = a.N, Np = (N + 31) / 32 * 32, RM = kMaxBlockRows;
+  auto grow16 = [](std::vector<uint16_t>& v, int64_t n) { if (int64_t(v.size()) < n) v.resize(size_t(n)); };
+  auto grow32 = [](std::vector<uint32_t>& v, int64_t n) { if (int64_t(v.size()) < n) v.resize(size_t(n)); };
+  auto growf = [](std::vector<float>& v, int64_t n) { if (int64_t(v.size()) < n) v.resize(size_t(n)); };
+  grow16(sc.kr, Np * dh); grow16(sc.vr, Np * dh); grow16(sc.kt, dh * Np);
+  grow16(sc.pt, Np * RM); grow16(sc.dst, Np * RM);
+  grow32(sc.qw, dh / 2 * RM); grow32(sc.dow, dh / 2 * RM); grow32(sc.qp, RM / 2 * dh); grow32(sc.dop, RM / 2 * dh);
+  grow32(sc.dsp, Np / 2 * RM);
+  growf(sc.st, Np * RM); growf(sc.dpt, Np * RM); growf(sc.dk, Np * dh); growf(sc.dv, Np * dh); growf(sc.dqt, dh * RM);
+  if (a.nblocks == 0) {  // no query attends to this image
+    std::fill(sc.dk.begin(), sc.dk.begin() + N * dh, 0.0f);
+    store_key_rows(sc.dk.data(), N, dh, 1.0f, a.dk);
+    store_key_rows(sc.dk.data(), N, dh, 1.0f, a.dv);
+    return;
+  }
+  // keys and values as dense rows (zero past N), and K^T
+  for (int64_t n = 0; n < Np; ++n) {
+    const uint16_t* kn = n < N ? row_of(a.k, n) : nullptr;
+    const uint16_t* vn = n < N ? row_of(a.v, n) : nullptr;
+    uint16_t* kd = sc.kr.data() + n * dh;
+    uint16_t* vd = sc.vr.data() + n * dh;
+    if (kn) std::memcpy(kd, kn, size_t(dh) * 2); else std::memset(kd, 0, size_t(dh) * 2);
+    if (vn) std::memcpy(vd, vn, size_t(dh) * 2); else std::memset(vd, 0, size_t(dh) * 2);
+  }
+  transpose_bf16(sc.kr.data(), Np, dh, sc.kt.data());
+  load_config();
+  for (int64_t bi = 0; bi < a.nblocks; ++bi) {
+    const QueryBlock& qb = a.blocks[bi];
+    const int64_t rows = qb.rows, R = (rows + 31) / 32 * 32;
+    pack_words_t(qb.q, a.q_ld, rows, R, dh, sc.qw.data());
+    pack_words_t(qb.go, a.go_ld, rows, R, dh, sc.dow.data());
+    pack_pairs(qb.q, a.q_ld, rows, R, dh, sc.qp.data());
+    pack_pairs(qb.go, a.go_ld, rows, R, dh, sc.dop.data());
+    float* st = sc.st.data();
+    float* dpt = sc.dpt.data();
+    for (int64_t kb = 0; kb < Np / 16; ++kb) {  // S^T and dP^T, 16 keys x R
+      tiles_row_n(R / 16, sc.kr.data() + kb * 16 * dh, dh * 2, 64, sc.qw.data(), R * 4, 16 * R * 4, dh / 32,
+                  st + kb * 16 * R, R * 4, false);
+      tiles_row_n(R / 16, sc.vr.data() + kb * 16 * dh, dh * 2, 64, sc.dow.data(), R * 4, 16 * R * 4, dh / 32,
+                  dpt + kb * 16 * R, R * 4, false);
+    }
+    for (int64_t q0 = 0; q0 < R; q0 += 16)
+      softmax_grad_columns(st, dpt, N, Np, R, q0, a.scale, sc.pt.data(), sc.dst.data());
+    const bool acc = bi > 0;
+    for (int64_t kb = 0; kb < Np / 16; ++kb) {  // dV += P^T dO, dK += dS^T Q: 16 keys x dh
+      tiles_row_n(dh / 16, sc.pt.data() + kb * 16 * R, R * 2, 64, sc.dop.data(), dh * 4, 16 * dh * 4, R / 32,
+                  sc.dv.data() + kb * 16 * dh, dh * 4, acc);
+      tiles_row_n(dh / 16, sc.dst.data() + kb * 16 * R, R * 2, 64, sc.qp.data(), dh * 4, 16 * dh * 4, R / 32,
+                  sc.dk.data() + kb * 16 * dh, dh * 4, acc);
+    }
+    pack_pairs(sc.dst.data(), R, Np, Np, R, sc.dsp.data());  // dS^T as pairs of key rows
+    for (int64_t db = 0; db < dh / 16; ++db)  // dQ^T = K^T dS^T: 16 dims x R
+      tiles_row_n(R / 16, sc.kt.data() + db * 16 * Np, Np * 2, 64, sc.dsp.data(), R * 4, 16 * R * 4, Np / 32,
+                  sc.dqt.data() + db * 16 * R, R * 4, false);
+    const __m512 vs = _mm512_set1_ps(a.scale);
+    for (int64_t q0 = 0; q0 < rows; q0 += 16)  // dq rows = scale (dQ^T)^T
+      for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+        __m512i x[16];
+        for (int r = 0; r < 16; ++r) x[r] = _mm512_loadu_si512(sc.dqt.data() + (d0 + r) * R + q0);
+        transpose16(x);
+        for (int c = 0; c < 16 && q0 + c < rows; ++c)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb.dq + (q0 + c) * a.dq_ld + d0),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_castsi512_ps(x[c]), vs)));
+      }
+  }
+  _tile_release();
+  store_key_rows(sc.dk.data(), N, dh, a.scale, a.dk);
+  store_key_rows(sc.dv.data(), N, dh, 1.0f, a.dv);
+}
+
 }  // namespace
 
 bool available() {
@@ -314,10 +558,16 @@ void image_attention_bf16(const ImageAttention& a, Scratch& s) {
   attend(a, s);
 }
 
+void image_attention_backward_bf16(const ImageAttentionBackward& a, BackwardScratch& s) {
+  if (a.N <= 0) return;
+  attend_backward(a, s);
+}
+
 #else  // no AMX toolchain / platform
 
 bool available() { return false; }
 void image_attention_bf16(const ImageAttention&, Scratch&) {}
+void image_attention_backward_bf16(const ImageAttentionBackward&, BackwardScratch&) {}
 
 #endif
 

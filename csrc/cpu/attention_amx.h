@@ -51,5 +51,40 @@ struct Scratch {
 // fits(a.dh).
 void image_attention_bf16(const ImageAttention& a, Scratch& s);
 
+// The backward of one image for one head: every block of query rows that attends to it
+// (its output gradient go, its dq rows to write), and the image's dk, dv (all N rows,
+// written; zeros when no query attends to it).
+//   P = softmax(scale q k^T), dP = go v^T, dS = P (dP - rowsum(P dP)),
+//   dq = scale dS k, dk = scale dS^T q, dv = P^T go
+struct QueryBlock {
+  const uint16_t* q = nullptr;   // rows x dh, row stride q_ld
+  const uint16_t* go = nullptr;  // rows x dh, row stride go_ld
+  uint16_t* dq = nullptr;        // rows x dh, row stride dq_ld
+  int64_t rows = 0;              // <= kMaxBlockRows
+};
+constexpr int64_t kMaxBlockRows = 128;
+
+struct OutRows {
+  uint16_t* p = nullptr;
+  int64_t ld = 0, n = 0;
+};
+
+struct ImageAttentionBackward {
+  const QueryBlock* blocks = nullptr;
+  int64_t nblocks = 0, q_ld = 0, go_ld = 0, dq_ld = 0;
+  Rows k[2], v[2];        // as ImageAttention
+  OutRows dk[2], dv[2];   // the same split as k / v
+  int64_t N = 0, dh = 0;
+  float scale = 1.0f;
+};
+
+struct BackwardScratch {
+  std::vector<uint16_t> kr, vr, kt, pt, dst, qrow;
+  std::vector<uint32_t> qw, dow, qp, dop, dsp;
+  std::vector<float> st, dpt, dk, dv, dqt;
+};
+
+void image_attention_backward_bf16(const ImageAttentionBackward& a, BackwardScratch& s);
+
 }  // namespace amx
 }  // namespace flamingo_rt

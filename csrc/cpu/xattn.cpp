@@ -810,9 +810,77 @@ void run_fwd(const Ctx& c, const std::vector<Seg>& segs) {
   }
 }
 
+// The bfloat16 image-causal backward on AMX tiles: dh a multiple of 32 and unit element
+// strides (queries, output gradient, keys, values, dq, dk, dv), on a CPU with AMX-BF16.
+bool amx_bwd_fits(const Ctx& c) {
+  if (c.allprev || !amx::fits(c.dh) || c.qs[3] != 1 || c.gos[3] != 1 || c.dqs[3] != 1) return false;
+  if (c.N1 > 0 && (c.ks[4] != 1 || c.vs[4] != 1)) return false;
+  if (c.N1 < c.N && (c.ks2[4] != 1 || c.vs2[4] != 1)) return false;
+  if (c.N1 > 0 && (c.dks[4] != 1 || c.dvs[4] != 1)) return false;
+  if (c.N1 < c.N && (c.dks2[4] != 1 || c.dvs2[4] != 1)) return false;
+  return amx::available();
+}
+
+void amx_out_runs(const Ctx& c, void* dst, const int64_t* st, void* dst2, const int64_t* st2, int64_t b, int64_t j,
+                  int64_t h, amx::OutRows* runs) {
+  if (c.N1 > 0) runs[0] = {mptr<BF16>(dst) + b * st[0] + j * st[1] + h * st[3], st[2], c.N1};
+  if (c.N1 < c.N) runs[1] = {mptr<BF16>(dst2) + b * st2[0] + j * st2[1] + h * st2[3], st2[2], c.N - c.N1};
+  if (c.N1 == 0) std::swap(runs[0], runs[1]);
+}
+
+static_assert(kChunk <= amx::kMaxBlockRows, "a forward chunk is one AMX backward block");
+
+// Image j of batch row b, head h: the segments that attend to it (chunks of <= kChunk rows).
+void amx_bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64_t b, int64_t j, int64_t h,
+                        std::vector<amx::QueryBlock>& blocks, amx::BackwardScratch& s) {
+  blocks.clear();
+  for (const Seg& sg : segs) {
+    if (sg.b != b || sg.idx != j) continue;
+    amx::QueryBlock qb;
+    qb.q = cptr<BF16>(c.q) + b * c.qs[0] + sg.t0 * c.qs[1] + h * c.qs[2];
+    qb.go = cptr<BF16>(c.go) + b * c.gos[0] + sg.t0 * c.gos[1] + h * c.gos[2];
+    qb.dq = mptr<BF16>(c.dq) + b * c.dqs[0] + sg.t0 * c.dqs[1] + h * c.dqs[2];
+    qb.rows = sg.len;
+    blocks.push_back(qb);
+  }
+  amx::ImageAttentionBackward a;
+  a.blocks = blocks.data();
+  a.nblocks = int64_t(blocks.size());
+  a.q_ld = c.qs[1];
+  a.go_ld = c.gos[1];
+  a.dq_ld = c.dqs[1];
+  amx_runs(c, c.k, c.ks, c.k2, c.ks2, b, j, h, a.k);
+  amx_runs(c, c.v, c.vs, c.v2, c.vs2, b, j, h, a.v);
+  amx_out_runs(c, c.dk, c.dks, c.dk2, c.dks2, b, j, h, a.dk);
+  amx_out_runs(c, c.dv, c.dvs, c.dv2, c.dvs2, b, j, h, a.dv);
+  a.N = c.N;
+  a.dh = c.dh;
+  a.scale = float(c.scale);
+  amx::image_attention_backward_bf16(a, s);
+}
+
 template <class L>
 void run_bwd(const Ctx& c, const std::vector<Seg>& segs) {
   const bool par = 2.5 * fwd_macs(c.B, c.T, c.H, c.dh, c.M, c.N, c.allprev) >= kParallelMinMacs;
+  if constexpr (std::is_same<L, BF16>::value) {
+    if (amx_bwd_fits(c)) {
+      for (const Seg& sg : segs)  // dq of rows without an image; the others: their image's task
+        if (sg.idx < 0)
+          for (int64_t h = 0; h < c.H; ++h) zero_rows<BF16>(c, c.dq, c.dqs, sg.b, sg.t0, sg.len, h);
+      const int64_t ntask = c.B * c.M * c.H;
+#pragma omp parallel if (par && ntask > 1)
+      {
+        amx::BackwardScratch s;
+        std::vector<amx::QueryBlock> blocks;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntask; ++t) {
+          const int64_t h = t % c.H, j = (t / c.H) % c.M, b = t / (c.H * c.M);
+          amx_bwd_image_task(c, segs, b, j, h, blocks, s);
+        }
+      }
+      return;
+    }
+  }
   if (c.allprev) {
     const int64_t ntask = int64_t(segs.size()) * c.H;
 #pragma omp parallel if (par && ntask > 1)

@@ -89,6 +89,13 @@ def register() -> None:
                      lambda: f"small_linear: expected x (B, K) and w (N, K), got {tuple(x.shape)}, {tuple(w.shape)}")
         return x.new_empty((x.shape[0], w.shape[0]))
 
+    @torch.library.register_fake("flamingo_rt_C::layer_norm_rows")
+    def _(x, weight, bias, eps, out_dtype):
+        torch._check(x.dim() == 2, lambda: f"layer_norm_rows: expected x (R, D), got shape {tuple(x.shape)}")
+        R = x.shape[0]
+        return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((R, 1), dtype=torch.float32),
+                x.new_empty((R, 1), dtype=torch.float32))
+
     @torch.library.register_fake("flamingo_rt_C::transpose_copy")
     def _(a):
         torch._check(a.dim() == 2, lambda: f"transpose_copy: expected a 2-D tensor, got shape {tuple(a.shape)}")

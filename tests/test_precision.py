@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flamingo_rt import _ext
 from flamingo_rt.ops import precision
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def test_acc_dtype():
@@ -94,7 +100,9 @@ def test_widening_makes_no_whole_float32_copy():
 def test_layer_norm_in_row_blocks_equals_the_whole(monkeypatch):
     """LayerNorm into bf16 a block of rows at a time (here 3 rows of 24 floats per block; the
     FF's forward input and norm_project's xhat): bitwise the whole LayerNorm rounded to bf16,
-    with and without the affine, and the same mean / rstd; in float32 the plain LayerNorm."""
+    with and without the affine, and the same mean / rstd; in float32 the plain LayerNorm.
+    (The torch path: where the C++ row kernel runs, test_layer_norm_rows_kernel covers it.)"""
+    monkeypatch.setattr(precision, "_ln_kernel_fits", lambda *a: False)
     monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 3 * 24 * 4)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(10, 24, generator=g) * 3
@@ -107,3 +115,34 @@ def test_layer_norm_in_row_blocks_equals_the_whole(monkeypatch):
     assert torch.equal(precision.layer_norm_in(x, 1e-5, torch.float32, gamma, beta)[0],
                        torch.nn.functional.layer_norm(x, (24,), gamma, beta, 1e-5))
 
+
+
+@pytest.mark.skipif(not _ext.load(), reason="flamingo_rt._C not built")
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_rows_kernel(x_dtype, out_dtype):
+    """layer_norm_in through flamingo_rt_C::layer_norm_rows: y, mean and rstd against float64
+    (within float32 rounding, plus the output's own bf16 rounding), with and without the affine,
+    rows with a row stride (a column slice), an offset far larger than the spread, D not a
+    multiple of the vector width; errors say what was expected."""
+    g = torch.Generator().manual_seed(6)
+    R, D = 37, 203
+    base = torch.randn(R, D + 5, generator=g) * 2 + 50.0
+    x = base.to(x_dtype)[:, 3:3 + D]  # row stride D + 5
+    assert x.stride(0) == D + 5
+    w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    xd = x.double()
+    for wt, bt in ((w, b), (None, None)):
+        y, mean, rstd = precision.layer_norm_in(x, 1e-5, out_dtype, wt, bt)
+        want = torch.nn.functional.layer_norm(xd, (D,), None if wt is None else wt.double(),
+                                              None if bt is None else bt.double(), 1e-5)
+        assert y.dtype == out_dtype and y.shape == (R, D) and mean.shape == rstd.shape == (R, 1)
+        assert mean.dtype == rstd.dtype == torch.float32
+        tol = 2 * rel(want.to(out_dtype), want) + 1e-5
+        assert rel(y, want) <= tol
+        assert rel(mean, xd.mean(-1, keepdim=True)) < 1e-6
+        assert rel(rstd, (xd.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()) < 1e-5
+    with pytest.raises(RuntimeError, match="both weight and bias or neither"):
+        torch.ops.flamingo_rt_C.layer_norm_rows(x, w, None, 1e-5, torch.float32)
+    with pytest.raises(RuntimeError, match="expected out_dtype float32 or bfloat16"):
+        torch.ops.flamingo_rt_C.layer_norm_rows(x, None, None, 1e-5, torch.float16)

@@ -59,6 +59,10 @@ def layer_norm_in(x: Tensor, eps: float, dtype: torch.dtype, weight: Optional[Te
     Traced graphs get one whole-tensor op (which also takes a symbolic row count)."""
     acc = acc_dtype(x.dtype)
     D = x.shape[-1]
+    if _ln_kernel_fits(x, dtype, weight, bias):
+        # the C++ row kernel: one pass, bf16 read and written directly (8192 x 1024 bf16 ->
+        # bf16: 1.7 ms against 4.5-9.5 for the blocked native_layer_norm below)
+        return torch.ops.flamingo_rt_C.layer_norm_rows(x, weight, bias, float(eps), dtype)
     w = None if weight is None else weight.to(acc)
     b = None if bias is None else bias.to(acc)
     if dtype == acc or torch.compiler.is_compiling() or _backend.exporting():
@@ -76,6 +80,23 @@ def layer_norm_in(x: Tensor, eps: float, dtype: torch.dtype, weight: Optional[Te
         mean[r0:r1] = m
         rstd[r0:r1] = r
     return y, mean, rstd
+
+
+_LN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _ln_kernel_fits(x: Tensor, dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """flamingo_rt_C::layer_norm_rows takes it: a 2-D float32 / bf16 CPU tensor in eager mode,
+    output float32 / bf16, both or neither of weight and bias."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _LN_DTYPES or dtype not in _LN_DTYPES:
+        return False
+    if (weight is None) != (bias is None) or x.shape[-1] == 0:
+        return False
+    if torch.compiler.is_compiling() or _backend.exporting():
+        return False
+    from .. import _ext
+
+    return _ext.load()
 
 
 def column_sum(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -24,6 +24,8 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
+
+#include "avx512_transpose16.h"
 #include <unistd.h>
 #else
 #define FRT_HAVE_AMX 0
@@ -98,32 +100,6 @@ FRT_AMX_TARGET inline __m512 exp16(__m512 a) {
   return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(a, lo, _CMP_LT_OQ), _mm512_setzero_ps());
 }
 
-// r[0..15] (16 x 16 32-bit words) transposed in place.
-FRT_AMX_TARGET inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  // u[4i + e], 128-bit lane L: rows 4i..4i+3 at column 4L + e
-  for (int e = 0; e < 4; ++e) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88);
-    const __m512i v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
-    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
-    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
-    r[e] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    r[8 + e] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-    r[4 + e] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    r[12 + e] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
-  }
-}
-
 // Row n of keys or values given as two runs; nullptr past N.
 inline const uint16_t* row_of(const Rows* runs, int64_t n) {
   if (n < runs[0].n) return runs[0].p + n * runs[0].ld;
@@ -131,39 +107,57 @@ inline const uint16_t* row_of(const Rows* runs, int64_t n) {
   return n < runs[1].n ? runs[1].p + n * runs[1].ld : nullptr;
 }
 
-FRT_AMX_TARGET void pack_keys(const ImageAttention& a, int64_t Nk, uint32_t* kw) {
-  const int64_t W = a.dh / 2;  // words per key
-  for (int64_t n0 = 0; n0 < Nk; n0 += 16) {
+// Rows given by row(i) (a pointer to dh bfloat16, or nullptr for a zero row), i < R (a
+// multiple of 16) -> 32-bit words transposed: w[wd * R + i] = word wd of row i.
+template <class RowFn>
+FRT_AMX_TARGET void pack_words_t(RowFn row, int64_t R, int64_t dh, uint32_t* w) {
+  for (int64_t r0 = 0; r0 < R; r0 += 16) {
     const uint16_t* rows[16];
-    for (int r = 0; r < 16; ++r) rows[r] = n0 + r < a.N ? row_of(a.k, n0 + r) : nullptr;
-    for (int64_t w0 = 0; w0 < W; w0 += 16) {
+    for (int r = 0; r < 16; ++r) rows[r] = row(r0 + r);
+    for (int64_t w0 = 0; w0 < dh / 2; w0 += 16) {
       __m512i x[16];
-      for (int r = 0; r < 16; ++r)
-        x[r] = rows[r] ? _mm512_loadu_si512(rows[r] + 2 * w0) : _mm512_setzero_si512();
-      transpose16(x);
-      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(kw + (w0 + c) * Nk + n0, x[c]);
+      for (int r = 0; r < 16; ++r) x[r] = rows[r] ? _mm512_loadu_si512(rows[r] + 2 * w0) : _mm512_setzero_si512();
+      cpu::transpose16x16(x);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(w + (w0 + c) * R + r0, x[c]);
     }
   }
 }
 
-FRT_AMX_TARGET void pack_values(const ImageAttention& a, int64_t Nv, uint32_t* vp) {
+// Rows given by row(i) (W bfloat16, W a multiple of 32, or nullptr for zeros), i < R (even)
+// -> row pairs interleaved, the tiles' B layout: p[i * W + e] = (row 2i [e], row 2i+1 [e]).
+template <class RowFn>
+FRT_AMX_TARGET void pack_pairs(RowFn row, int64_t R, int64_t W, uint32_t* p) {
   alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
                                               8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
-  for (int64_t i = 0; i < Nv / 2; ++i) {
-    const uint16_t* r0 = 2 * i < a.N ? row_of(a.v, 2 * i) : nullptr;
-    const uint16_t* r1 = 2 * i + 1 < a.N ? row_of(a.v, 2 * i + 1) : nullptr;
-    uint32_t* dst = vp + i * a.dh;
-    for (int64_t d0 = 0; d0 < a.dh; d0 += 32) {
-      const __m512i x0 = r0 ? _mm512_loadu_si512(r0 + d0) : _mm512_setzero_si512();
-      const __m512i x1 = r1 ? _mm512_loadu_si512(r1 + d0) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + d0, _mm512_permutex2var_epi16(x0, lo, x1));
-      _mm512_storeu_si512(dst + d0 + 16, _mm512_permutex2var_epi16(x0, hi, x1));
+  for (int64_t i = 0; i < R / 2; ++i) {
+    const uint16_t* r0 = row(2 * i);
+    const uint16_t* r1 = row(2 * i + 1);
+    uint32_t* dst = p + i * W;
+    for (int64_t e = 0; e < W; e += 32) {
+      const __m512i x0 = r0 ? _mm512_loadu_si512(r0 + e) : _mm512_setzero_si512();
+      const __m512i x1 = r1 ? _mm512_loadu_si512(r1 + e) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + e, _mm512_permutex2var_epi16(x0, lo, x1));
+      _mm512_storeu_si512(dst + e + 16, _mm512_permutex2var_epi16(x0, hi, x1));
     }
   }
 }
+
+// Dense rows (row stride ld) of which the first `rows` exist; nullptr past them.
+struct DenseRows {
+  const uint16_t* p;
+  int64_t ld, rows;
+  const uint16_t* operator()(int64_t i) const { return i < rows ? p + i * ld : nullptr; }
+};
+
+// An image's keys or values as their two runs; nullptr past N.
+struct ImageRowsOf {
+  const Rows* runs;
+  int64_t N;
+  const uint16_t* operator()(int64_t n) const { return n < N ? row_of(runs, n) : nullptr; }
+};
 
 // S[:, n0 : n0 + 64] = Q K^T for one block of 16 query rows (q: row stride q_ld elements).
 FRT_AMX_TARGET inline void scores64(const uint16_t* q, int64_t q_ld, const uint32_t* kw, int64_t Nk,
@@ -268,8 +262,8 @@ FRT_AMX_TARGET void attend(const ImageAttention& a, Scratch& sc) {
   if (int64_t(sc.o.size()) < 16 * dh) sc.o.resize(size_t(16 * dh));
   if (int64_t(sc.q.size()) < 16 * dh) sc.q.resize(size_t(16 * dh));
   sc.sum.resize(16);
-  pack_keys(a, Nk, sc.kw.data());
-  pack_values(a, Nv, sc.vp.data());
+  pack_words_t(ImageRowsOf{a.k, N}, Nk, dh, sc.kw.data());
+  pack_pairs(ImageRowsOf{a.v, N}, Nv, dh, sc.vp.data());
   load_config();
   for (int64_t r0 = 0; r0 < a.rows; r0 += 16) {
     const int64_t rows = std::min<int64_t>(16, a.rows - r0);
@@ -313,47 +307,13 @@ FRT_AMX_TARGET void attend(const ImageAttention& a, Scratch& sc) {
 //   dQ^T = K^T dS^T                        (A: kt; B: dS^T as row pairs), transposed out
 // dK and dV accumulate in float32 scratch across blocks; scale applied on the way out.
 
-// rows x dh bfloat16 (row stride ld; zero rows past `rows`, up to R, a multiple of 16) ->
-// 32-bit words transposed: w[wd * R + r] = word wd of row r.
-FRT_AMX_TARGET void pack_words_t(const uint16_t* src, int64_t ld, int64_t rows, int64_t R, int64_t dh, uint32_t* w) {
-  for (int64_t r0 = 0; r0 < R; r0 += 16)
-    for (int64_t w0 = 0; w0 < dh / 2; w0 += 16) {
-      __m512i x[16];
-      for (int r = 0; r < 16; ++r)
-        x[r] = r0 + r < rows ? _mm512_loadu_si512(src + (r0 + r) * ld + 2 * w0) : _mm512_setzero_si512();
-      transpose16(x);
-      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(w + (w0 + c) * R + r0, x[c]);
-    }
-}
-
-// rows x W bfloat16 (row stride ld, W a multiple of 32; zero rows past `rows`, up to R, even)
-// -> row pairs interleaved: p[i * W + e] = (src[2i][e], src[2i+1][e]).
-FRT_AMX_TARGET void pack_pairs(const uint16_t* src, int64_t ld, int64_t rows, int64_t R, int64_t W, uint32_t* p) {
-  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                              8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
-  for (int64_t i = 0; i < R / 2; ++i) {
-    const uint16_t* r0 = 2 * i < rows ? src + 2 * i * ld : nullptr;
-    const uint16_t* r1 = 2 * i + 1 < rows ? src + (2 * i + 1) * ld : nullptr;
-    uint32_t* dst = p + i * W;
-    for (int64_t e = 0; e < W; e += 32) {
-      const __m512i x0 = r0 ? _mm512_loadu_si512(r0 + e) : _mm512_setzero_si512();
-      const __m512i x1 = r1 ? _mm512_loadu_si512(r1 + e) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + e, _mm512_permutex2var_epi16(x0, lo, x1));
-      _mm512_storeu_si512(dst + e + 16, _mm512_permutex2var_epi16(x0, hi, x1));
-    }
-  }
-}
-
 // src (Np x dh bfloat16, dense) -> dst = src^T (dh x Np).
 FRT_AMX_TARGET void transpose_bf16(const uint16_t* src, int64_t Np, int64_t dh, uint16_t* dst) {
   for (int64_t n0 = 0; n0 < Np; n0 += 16)
     for (int64_t w0 = 0; w0 < dh / 2; w0 += 16) {
       __m512i x[16];
       for (int r = 0; r < 16; ++r) x[r] = _mm512_loadu_si512(src + (n0 + r) * dh + 2 * w0);
-      transpose16(x);  // x[c]: word w0 + c of keys n0..n0+15, element 2(w0+c) in the low half
+      cpu::transpose16x16(x);  // x[c]: word w0 + c of keys n0..n0+15, element 2(w0+c) in the low half
       for (int c = 0; c < 16; ++c) {
         const int64_t d = 2 * (w0 + c);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d * Np + n0), _mm512_cvtepi32_epi16(x[c]));
@@ -503,10 +463,10 @@ FRT_AMX_TARGET void attend_backward(const ImageAttentionBackward& a, BackwardScr
   for (int64_t bi = 0; bi < a.nblocks; ++bi) {
     const QueryBlock& qb = a.blocks[bi];
     const int64_t rows = qb.rows, R = (rows + 31) / 32 * 32;
-    pack_words_t(qb.q, a.q_ld, rows, R, dh, sc.qw.data());
-    pack_words_t(qb.go, a.go_ld, rows, R, dh, sc.dow.data());
-    pack_pairs(qb.q, a.q_ld, rows, R, dh, sc.qp.data());
-    pack_pairs(qb.go, a.go_ld, rows, R, dh, sc.dop.data());
+    pack_words_t(DenseRows{qb.q, a.q_ld, rows}, R, dh, sc.qw.data());
+    pack_words_t(DenseRows{qb.go, a.go_ld, rows}, R, dh, sc.dow.data());
+    pack_pairs(DenseRows{qb.q, a.q_ld, rows}, R, dh, sc.qp.data());
+    pack_pairs(DenseRows{qb.go, a.go_ld, rows}, R, dh, sc.dop.data());
     float* st = sc.st.data();
     float* dpt = sc.dpt.data();
     for (int64_t kb = 0; kb < Np / 16; ++kb) {  // S^T and dP^T, 16 keys x R
@@ -524,7 +484,7 @@ FRT_AMX_TARGET void attend_backward(const ImageAttentionBackward& a, BackwardScr
       tiles_row_n(dh / 16, sc.dst.data() + kb * 16 * R, R * 2, 64, sc.qp.data(), dh * 4, 16 * dh * 4, R / 32,
                   sc.dk.data() + kb * 16 * dh, dh * 4, acc);
     }
-    pack_pairs(sc.dst.data(), R, Np, Np, R, sc.dsp.data());  // dS^T as pairs of key rows
+    pack_pairs(DenseRows{sc.dst.data(), R, Np}, Np, R, sc.dsp.data());  // dS^T as pairs of key rows
     for (int64_t db = 0; db < dh / 16; ++db)  // dQ^T = K^T dS^T: 16 dims x R
       tiles_row_n(R / 16, sc.kt.data() + db * 16 * Np, Np * 2, 64, sc.dsp.data(), R * 4, 16 * R * 4, Np / 32,
                   sc.dqt.data() + db * 16 * R, R * 4, false);
@@ -533,7 +493,7 @@ FRT_AMX_TARGET void attend_backward(const ImageAttentionBackward& a, BackwardScr
       for (int64_t d0 = 0; d0 < dh; d0 += 16) {
         __m512i x[16];
         for (int r = 0; r < 16; ++r) x[r] = _mm512_loadu_si512(sc.dqt.data() + (d0 + r) * R + q0);
-        transpose16(x);
+        cpu::transpose16x16(x);
         for (int c = 0; c < 16 && q0 + c < rows; ++c)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb.dq + (q0 + c) * a.dq_ld + d0),
                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_castsi512_ps(x[c]), vs)));

@@ -22,6 +22,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "avx512_transpose16.h"
 #define FRT_HAVE_AVX512_TRANSPOSE 1
 #endif
 
@@ -33,31 +35,7 @@ constexpr int64_t kTile = 64;
 #ifdef FRT_HAVE_AVX512_TRANSPOSE
 #define FRT_AVX512 __attribute__((target("avx512f")))
 
-// r[0..15] (16 rows of 16 32-bit words) -> r[c] = column c.
-FRT_AVX512 inline void transpose16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  // lane L of r[4i + k]: column 4L + k of rows 4i .. 4i + 3
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  // t[8i + k]: columns k and 8 + k, t[8i + 4 + k]: 4 + k and 12 + k, of rows 8i .. 8i + 7
-  for (int i = 0; i < 2; ++i)
-    for (int k = 0; k < 4; ++k) {
-      t[8 * i + k] = _mm512_shuffle_i32x4(r[8 * i + k], r[8 * i + 4 + k], 0x88);
-      t[8 * i + 4 + k] = _mm512_shuffle_i32x4(r[8 * i + k], r[8 * i + 4 + k], 0xdd);
-    }
-  for (int k = 0; k < 8; ++k) {
-    r[k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0x88);
-    r[8 + k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0xdd);
-  }
-}
+using cpu::transpose16x16;  // avx512_transpose16.h
 
 // 4-byte elements: src rows [r0, r0 + 16) x columns [c0, c0 + 16) -> dst (ld R).
 FRT_AVX512 inline void block32(const uint32_t* src, uint32_t* dst, int64_t R, int64_t r0, int64_t c0, int64_t sr) {

@@ -108,3 +108,46 @@ def test_feed_forward_weight_gradients_use_it(monkeypatch):
     got = ffm._acc_mm(c, a, b, torch.float32)
     assert got.data_ptr() == c.data_ptr() and calls == [(24, 80)]
     assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_under_bf16_autocast_uses_it_for_the_weight_gradient(with_bias, monkeypatch):
+    """flamingo_rt.ops.linear under CPU bf16 autocast with a trainable float32 weight: the
+    output and the input's gradient as autocast's F.linear makes them, the weight's (and
+    bias's) gradient float32-accumulated: at least as close to float64 as autocast's."""
+    from flamingo_rt.ops import linear as linmod
+
+    if not widening_gemm.available():
+        pytest.skip("no MKL bf16 product here")
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(3, 50, 96, generator=g)
+    w0 = torch.randn(40, 96, generator=g) * 0.1
+    b0 = torch.randn(40, generator=g) if with_bias else None
+    go = torch.randn(3, 50, 40, generator=g)
+    calls = []
+    orig = linmod._AutocastBf16Linear.apply
+    monkeypatch.setattr(linmod._AutocastBf16Linear, "apply", lambda *a: calls.append(1) or orig(*a))
+
+    def run(fn):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = None if b0 is None else b0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w, b)
+        grads = torch.autograd.grad(y, [x, w] + ([b] if b is not None else []), go.to(y.dtype))
+        return y, grads
+
+    y, (dx, dw, *db) = run(linmod.linear)
+    assert calls == [1]
+    ya, (dxa, dwa, *dba) = run(torch.nn.functional.linear)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ya)
+    assert dx.dtype == torch.float32 and torch.equal(dx, dxa)
+    exact_dw = go.bfloat16().reshape(-1, 40).double().t() @ x0.bfloat16().double().reshape(-1, 96)
+    assert dw.dtype == torch.float32 and rel_err(dw, exact_dw) < 1e-6 <= rel_err(dwa, exact_dw) + 1e-6
+    assert rel_err(dw, exact_dw) <= rel_err(dwa, exact_dw)
+    if with_bias:
+        exact_db = go.bfloat16().double().reshape(-1, 40).sum(0)
+        assert rel_err(db[0], exact_db) < 1e-6
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # no gradient: autocast's own
+        calls.clear()
+        linmod.linear(x0, w0.requires_grad_(), None)
+        assert calls == []

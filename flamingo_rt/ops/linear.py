@@ -11,9 +11,11 @@ decode step).
 
 Larger float32 CPU inputs go through :mod:`flamingo_rt.ops.cpu_gemm` (oneDNN instead of MKL
 on CPUs where MKL runs its AVX2 kernels), with an autograd function whose backward uses the
-same products and keeps the input only when the weight needs a gradient. Everything else
-(autocast, other devices and dtypes, ``torch.compile`` / export, ``torch.func`` transforms)
-is ``F.linear``.
+same products and keeps the input only when the weight needs a gradient. Under CPU bf16
+autocast a float32 weight that trains gets its gradient from MKL's float32-accumulating bf16
+product (:mod:`flamingo_rt.ops.widening_gemm`) where that runs. Everything else (other
+autocast cases, other devices and dtypes, ``torch.compile`` / export, ``torch.func``
+transforms) is ``F.linear``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from torch import Tensor, nn
 
 from .. import _ext
 from . import backend as _backend
-from . import cpu_gemm
+from . import cpu_gemm, widening_gemm
+from .precision import column_sum
 
 MAX_ROWS = 16
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -86,8 +89,59 @@ class _CpuLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+class _AutocastBf16Linear(torch.autograd.Function):
+    """``F.linear`` under CPU bf16 autocast with a float32 weight that trains: the forward as
+    autocast runs it (x and the weight cast to bf16, a bf16 product and output, x's cast kept
+    for the weight's gradient), the input's gradient the same bf16 product, and the weight's
+    gradient ``dy^T x`` accumulated in float32 by MKL's product (``widening_gemm``): not
+    rounded to bf16 and then widened, and without oneDNN's half-speed transposed operand."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        need_x, need_w, need_b = ctx.needs_input_grad
+        with torch.autocast("cpu", enabled=False):
+            xc = x.to(torch.bfloat16)
+            wc = weight.to(torch.bfloat16)
+            y = F.linear(xc, wc, None if bias is None else bias.to(torch.bfloat16))
+        ctx.save_for_backward(xc if need_w else None, wc if need_x else None)
+        ctx.x_dtype, ctx.x_shape, ctx.b_dtype = x.dtype, x.shape, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):
+        xc, wc = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        with torch.autocast("cpu", enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(torch.bfloat16)
+            dx = cpu_gemm.mm(dy2, wc).view(ctx.x_shape).to(ctx.x_dtype) if need_x else None
+            dw = widening_gemm.mm(dy2.t(), xc.reshape(-1, xc.shape[-1])) if need_w else None
+            db = column_sum(dy2, torch.float32).to(ctx.b_dtype) if need_b else None
+        return dx, dw, db
+
+
+def _autocast_bf16_training(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """CPU bf16 autocast, eager, a float32 weight that needs its gradient, and MKL's widening
+    product available: :class:`_AutocastBf16Linear` replaces autocast's F.linear."""
+    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return False
+    if torch.compiler.is_compiling() or _backend.exporting() or not torch.is_grad_enabled():
+        return False
+    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+        return False
+    if not weight.requires_grad or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() == 0:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1):
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(weight):
+        return False
+    return widening_gemm.available()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N)."""
+    if _autocast_bf16_training(x, weight, bias):
+        return _AutocastBf16Linear.apply(x, weight, bias)
     if _small_ok(x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:

@@ -159,61 +159,64 @@ struct ImageRowsOf {
   const uint16_t* operator()(int64_t n) const { return n < N ? row_of(runs, n) : nullptr; }
 };
 
-// S[:, n0 : n0 + 64] = Q K^T for one block of 16 query rows (q: row stride q_ld elements).
-FRT_AMX_TARGET inline void scores64(const uint16_t* q, int64_t q_ld, const uint32_t* kw, int64_t Nk,
-                                    int64_t dh, int64_t n0, float* s) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t c = 0; c < dh / 32; ++c) {
-    _tile_loadd(4, q + 32 * c, q_ld * 2);
-    const uint32_t* b = kw + (16 * c) * Nk + n0;
-    _tile_loadd(5, b, Nk * 4);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(5, b + 16, Nk * 4);
-    _tile_dpbf16ps(1, 4, 5);
-    _tile_loadd(5, b + 32, Nk * 4);
-    _tile_dpbf16ps(2, 4, 5);
-    _tile_loadd(5, b + 48, Nk * 4);
-    _tile_dpbf16ps(3, 4, 5);
-  }
-  _tile_stored(0, s + n0, Nk * 4);
-  _tile_stored(1, s + n0 + 16, Nk * 4);
-  _tile_stored(2, s + n0 + 32, Nk * 4);
-  _tile_stored(3, s + n0 + 48, Nk * 4);
-}
-
-// O[:, d0 : d0 + 16 * NT] = P V for one block (p: 16 x Nv bfloat16).
+// NT output tiles in a row: C[:, 16t : 16t + 16] (+)= sum_k A_k B_{k,t} over `ksteps` steps of
+// 32 bfloat16, A_k at a + k * a_kstep (16 rows, stride a_ld bytes), B_{k,t} at b + k * b_kstep
+// + t * 64 (16 rows of 16 words, stride b_ld bytes); C float32, stride c_ld bytes, loaded
+// first when `accumulate`.
 template <int NT>
-FRT_AMX_TARGET inline void values(const uint16_t* p, int64_t Nv, const uint32_t* vp, int64_t dh, int64_t d0,
-                                  float* o) {
-  _tile_zero(0);
-  if constexpr (NT > 1) _tile_zero(1);
-  if constexpr (NT > 2) _tile_zero(2);
-  if constexpr (NT > 3) _tile_zero(3);
-  for (int64_t kc = 0; kc < Nv / 32; ++kc) {
-    _tile_loadd(4, p + 32 * kc, Nv * 2);
-    const uint32_t* b = vp + (16 * kc) * dh + d0;
-    _tile_loadd(5, b, dh * 4);
+FRT_AMX_TARGET inline void tiles_row(const char* a, int64_t a_ld, int64_t a_kstep, const char* b, int64_t b_ld,
+                                     int64_t b_kstep, int64_t ksteps, float* c, int64_t c_ld, bool accumulate) {
+  if (accumulate) {
+    _tile_loadd(0, c, c_ld);
+    if constexpr (NT > 1) _tile_loadd(1, c + 16, c_ld);
+    if constexpr (NT > 2) _tile_loadd(2, c + 32, c_ld);
+    if constexpr (NT > 3) _tile_loadd(3, c + 48, c_ld);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (NT > 2) _tile_zero(2);
+    if constexpr (NT > 3) _tile_zero(3);
+  }
+  for (int64_t k = 0; k < ksteps; ++k) {
+    _tile_loadd(4, a + k * a_kstep, a_ld);
+    const char* bk = b + k * b_kstep;
+    _tile_loadd(5, bk, b_ld);
     _tile_dpbf16ps(0, 4, 5);
     if constexpr (NT > 1) {
-      _tile_loadd(5, b + 16, dh * 4);
+      _tile_loadd(5, bk + 64, b_ld);
       _tile_dpbf16ps(1, 4, 5);
     }
     if constexpr (NT > 2) {
-      _tile_loadd(5, b + 32, dh * 4);
+      _tile_loadd(5, bk + 128, b_ld);
       _tile_dpbf16ps(2, 4, 5);
     }
     if constexpr (NT > 3) {
-      _tile_loadd(5, b + 48, dh * 4);
+      _tile_loadd(5, bk + 192, b_ld);
       _tile_dpbf16ps(3, 4, 5);
     }
   }
-  _tile_stored(0, o + d0, dh * 4);
-  if constexpr (NT > 1) _tile_stored(1, o + d0 + 16, dh * 4);
-  if constexpr (NT > 2) _tile_stored(2, o + d0 + 32, dh * 4);
-  if constexpr (NT > 3) _tile_stored(3, o + d0 + 48, dh * 4);
+  _tile_stored(0, c, c_ld);
+  if constexpr (NT > 1) _tile_stored(1, c + 16, c_ld);
+  if constexpr (NT > 2) _tile_stored(2, c + 32, c_ld);
+  if constexpr (NT > 3) _tile_stored(3, c + 48, c_ld);
+}
+
+// A row of `ntiles` output tiles, four at a time (B and C advance 64 bytes per tile).
+FRT_AMX_TARGET inline void tiles_row_n(int64_t ntiles, const void* a, int64_t a_ld, int64_t a_kstep, const void* b,
+                                       int64_t b_ld, int64_t b_kstep, int64_t ksteps, float* c, int64_t c_ld,
+                                       bool accumulate) {
+  const char* ap = static_cast<const char*>(a);
+  const char* bp = static_cast<const char*>(b);
+  for (int64_t t = 0; t < ntiles; t += 4) {
+    const char* bt = bp + t * 64;
+    float* ct = c + t * 16;
+    switch (std::min<int64_t>(4, ntiles - t)) {
+      case 4: tiles_row<4>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
+      case 3: tiles_row<3>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
+      case 2: tiles_row<2>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
+      default: tiles_row<1>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
+    }
+  }
 }
 
 // Row r of S (N scores, then padding) -> P row (bfloat16 exp(scale s - max(scale s)), zero
@@ -275,13 +278,14 @@ FRT_AMX_TARGET void attend(const ImageAttention& a, Scratch& sc) {
       q = sc.q.data();
       q_ld = dh;
     }
-    for (int64_t n0 = 0; n0 < Nk; n0 += 64) scores64(q, q_ld, sc.kw.data(), Nk, dh, n0, sc.s.data());
+    // S (16 x Nk) = Q K^T: A the query rows (32 dims a step), B the keys' transposed words
+    tiles_row_n(Nk / 16, q, q_ld * 2, 64, sc.kw.data(), Nk * 4, 16 * Nk * 4, dh / 32, sc.s.data(), Nk * 4, false);
     for (int64_t r = 0; r < rows; ++r)
       sc.sum[size_t(r)] = softmax_row(sc.s.data() + r * Nk, N, Nv, a.scale, sc.p.data() + r * Nv);
     if (rows < 16) std::fill(sc.p.begin() + rows * Nv, sc.p.begin() + 16 * Nv, uint16_t(0));
-    int64_t d0 = 0;
-    for (; d0 + 64 <= dh; d0 += 64) values<4>(sc.p.data(), Nv, sc.vp.data(), dh, d0, sc.o.data());
-    if (dh - d0 == 32) values<2>(sc.p.data(), Nv, sc.vp.data(), dh, d0, sc.o.data());
+    // O (16 x dh) = P V: A the probabilities (32 keys a step), B the values' row pairs
+    tiles_row_n(dh / 16, sc.p.data(), Nv * 2, 64, sc.vp.data(), dh * 4, 16 * dh * 4, Nv / 32, sc.o.data(), dh * 4,
+                false);
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 inv = _mm512_set1_ps(1.0f / sc.sum[size_t(r)]);
       uint16_t* dst = a.out + (r0 + r) * a.out_ld;
@@ -321,66 +325,6 @@ FRT_AMX_TARGET void transpose_bf16(const uint16_t* src, int64_t Np, int64_t dh, 
                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(x[c], 16)));
       }
     }
-}
-
-// NT output tiles in a row: C[:, 16t : 16t + 16] (+)= sum_k A_k B_{k,t} over `ksteps` steps of
-// 32 bfloat16, A_k at a + k * a_kstep (16 rows, stride a_ld bytes), B_{k,t} at b + k * b_kstep
-// + t * 64 (16 rows of 16 words, stride b_ld bytes); C float32, stride c_ld bytes, loaded
-// first when `accumulate`.
-template <int NT>
-FRT_AMX_TARGET inline void tiles_row(const char* a, int64_t a_ld, int64_t a_kstep, const char* b, int64_t b_ld,
-                                     int64_t b_kstep, int64_t ksteps, float* c, int64_t c_ld, bool accumulate) {
-  if (accumulate) {
-    _tile_loadd(0, c, c_ld);
-    if constexpr (NT > 1) _tile_loadd(1, c + 16, c_ld);
-    if constexpr (NT > 2) _tile_loadd(2, c + 32, c_ld);
-    if constexpr (NT > 3) _tile_loadd(3, c + 48, c_ld);
-  } else {
-    _tile_zero(0);
-    if constexpr (NT > 1) _tile_zero(1);
-    if constexpr (NT > 2) _tile_zero(2);
-    if constexpr (NT > 3) _tile_zero(3);
-  }
-  for (int64_t k = 0; k < ksteps; ++k) {
-    _tile_loadd(4, a + k * a_kstep, a_ld);
-    const char* bk = b + k * b_kstep;
-    _tile_loadd(5, bk, b_ld);
-    _tile_dpbf16ps(0, 4, 5);
-    if constexpr (NT > 1) {
-      _tile_loadd(5, bk + 64, b_ld);
-      _tile_dpbf16ps(1, 4, 5);
-    }
-    if constexpr (NT > 2) {
-      _tile_loadd(5, bk + 128, b_ld);
-      _tile_dpbf16ps(2, 4, 5);
-    }
-    if constexpr (NT > 3) {
-      _tile_loadd(5, bk + 192, b_ld);
-      _tile_dpbf16ps(3, 4, 5);
-    }
-  }
-  _tile_stored(0, c, c_ld);
-  if constexpr (NT > 1) _tile_stored(1, c + 16, c_ld);
-  if constexpr (NT > 2) _tile_stored(2, c + 32, c_ld);
-  if constexpr (NT > 3) _tile_stored(3, c + 48, c_ld);
-}
-
-// A row of `ntiles` output tiles, four at a time (B and C advance 64 bytes per tile).
-FRT_AMX_TARGET inline void tiles_row_n(int64_t ntiles, const void* a, int64_t a_ld, int64_t a_kstep, const void* b,
-                                       int64_t b_ld, int64_t b_kstep, int64_t ksteps, float* c, int64_t c_ld,
-                                       bool accumulate) {
-  const char* ap = static_cast<const char*>(a);
-  const char* bp = static_cast<const char*>(b);
-  for (int64_t t = 0; t < ntiles; t += 4) {
-    const char* bt = bp + t * 64;
-    float* ct = c + t * 16;
-    switch (std::min<int64_t>(4, ntiles - t)) {
-      case 4: tiles_row<4>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
-      case 3: tiles_row<3>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
-      case 2: tiles_row<2>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
-      default: tiles_row<1>(ap, a_ld, a_kstep, bt, b_ld, b_kstep, ksteps, ct, c_ld, accumulate); break;
-    }
-  }
 }
 
 // One column block of 16 queries (column q0 of R): P^T, D and dS^T from S^T and dP^T

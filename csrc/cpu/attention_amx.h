@@ -79,7 +79,7 @@ struct ImageAttentionBackward {
 };
 
 struct BackwardScratch {
-  std::vector<uint16_t> kr, vr, kt, pt, dst, qrow;
+  std::vector<uint16_t> kr, vr, kt, pt, dst;
   std::vector<uint32_t> qw, dow, qp, dop, dsp;
   std::vector<float> st, dpt, dk, dv, dqt;
 };

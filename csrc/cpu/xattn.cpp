@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -749,21 +750,30 @@ bool find_segments(const int32_t* mi, const int64_t* ms, int64_t B, int64_t T, i
   return true;
 }
 
-// The bfloat16 image-causal forward on AMX tiles (attention_amx.h): dh a multiple of 32 and
-// unit element strides (queries, output, keys, values), on a CPU with AMX-BF16.
-bool amx_fwd_fits(const Ctx& c) {
-  if (c.allprev || !amx::fits(c.dh) || c.qs[3] != 1 || c.os[3] != 1) return false;
-  if (c.N1 > 0 && (c.ks[4] != 1 || c.vs[4] != 1)) return false;
-  if (c.N1 < c.N && (c.ks2[4] != 1 || c.vs2[4] != 1)) return false;
+// The bfloat16 image-causal kernels on AMX tiles (attention_amx.h) take the call:
+// image-causal mode, dh a multiple of 32, unit element strides of the queries and of the
+// tensors given per image (keys and values; their gradients in the backward), each split
+// into rows [0, N1) and the n_tail rows; and a CPU with AMX-BF16.
+bool amx_fits(const Ctx& c, std::initializer_list<const int64_t*> head, std::initializer_list<const int64_t*> tail) {
+  if (c.allprev || !amx::fits(c.dh) || c.qs[3] != 1) return false;
+  for (const int64_t* st : head)
+    if (c.N1 > 0 && st[4] != 1) return false;
+  for (const int64_t* st : tail)
+    if (c.N1 < c.N && st[4] != 1) return false;
   return amx::available();
 }
 
-// Image `sg.idx`'s keys or values for batch row b, head h: rows [0, N1) from src, the rest
-// from src2 (the n_tail source).
-void amx_runs(const Ctx& c, const void* src, const int64_t* st, const void* src2, const int64_t* st2,
-              int64_t b, int64_t j, int64_t h, amx::Rows* runs) {
-  if (c.N1 > 0) runs[0] = {cptr<BF16>(src) + b * st[0] + j * st[1] + h * st[3], st[2], c.N1};
-  if (c.N1 < c.N) runs[1] = {cptr<BF16>(src2) + b * st2[0] + j * st2[1] + h * st2[3], st2[2], c.N - c.N1};
+// The forward: also a unit element stride of the output.
+bool amx_fwd_fits(const Ctx& c) { return c.os[3] == 1 && amx_fits(c, {c.ks, c.vs}, {c.ks2, c.vs2}); }
+
+// Image j's rows of a (B, M, N, H, dh) tensor for batch row b, head h: rows [0, N1) from
+// src, the rest from src2 (the n_tail source); Run is amx::Rows or amx::OutRows.
+template <class Run, class P>
+void amx_runs(const Ctx& c, P src, const int64_t* st, P src2, const int64_t* st2, int64_t b, int64_t j, int64_t h,
+              Run* runs) {
+  using E = std::remove_pointer_t<decltype(runs[0].p)>;
+  if (c.N1 > 0) runs[0] = {static_cast<E*>(src) + b * st[0] + j * st[1] + h * st[3], st[2], c.N1};
+  if (c.N1 < c.N) runs[1] = {static_cast<E*>(src2) + b * st2[0] + j * st2[1] + h * st2[3], st2[2], c.N - c.N1};
   if (c.N1 == 0) std::swap(runs[0], runs[1]);
 }
 
@@ -810,22 +820,10 @@ void run_fwd(const Ctx& c, const std::vector<Seg>& segs) {
   }
 }
 
-// The bfloat16 image-causal backward on AMX tiles: dh a multiple of 32 and unit element
-// strides (queries, output gradient, keys, values, dq, dk, dv), on a CPU with AMX-BF16.
+// The backward: also unit element strides of the output gradient and of dq, dk, dv.
 bool amx_bwd_fits(const Ctx& c) {
-  if (c.allprev || !amx::fits(c.dh) || c.qs[3] != 1 || c.gos[3] != 1 || c.dqs[3] != 1) return false;
-  if (c.N1 > 0 && (c.ks[4] != 1 || c.vs[4] != 1)) return false;
-  if (c.N1 < c.N && (c.ks2[4] != 1 || c.vs2[4] != 1)) return false;
-  if (c.N1 > 0 && (c.dks[4] != 1 || c.dvs[4] != 1)) return false;
-  if (c.N1 < c.N && (c.dks2[4] != 1 || c.dvs2[4] != 1)) return false;
-  return amx::available();
-}
-
-void amx_out_runs(const Ctx& c, void* dst, const int64_t* st, void* dst2, const int64_t* st2, int64_t b, int64_t j,
-                  int64_t h, amx::OutRows* runs) {
-  if (c.N1 > 0) runs[0] = {mptr<BF16>(dst) + b * st[0] + j * st[1] + h * st[3], st[2], c.N1};
-  if (c.N1 < c.N) runs[1] = {mptr<BF16>(dst2) + b * st2[0] + j * st2[1] + h * st2[3], st2[2], c.N - c.N1};
-  if (c.N1 == 0) std::swap(runs[0], runs[1]);
+  return c.gos[3] == 1 && c.dqs[3] == 1 &&
+         amx_fits(c, {c.ks, c.vs, c.dks, c.dvs}, {c.ks2, c.vs2, c.dks2, c.dvs2});
 }
 
 static_assert(kChunk <= amx::kMaxBlockRows, "a forward chunk is one AMX backward block");
@@ -851,8 +849,8 @@ void amx_bwd_image_task(const Ctx& c, const std::vector<Seg>& segs, int64_t b, i
   a.dq_ld = c.dqs[1];
   amx_runs(c, c.k, c.ks, c.k2, c.ks2, b, j, h, a.k);
   amx_runs(c, c.v, c.vs, c.v2, c.vs2, b, j, h, a.v);
-  amx_out_runs(c, c.dk, c.dks, c.dk2, c.dks2, b, j, h, a.dk);
-  amx_out_runs(c, c.dv, c.dvs, c.dv2, c.dvs2, b, j, h, a.dv);
+  amx_runs(c, c.dk, c.dks, c.dk2, c.dks2, b, j, h, a.dk);
+  amx_runs(c, c.dv, c.dvs, c.dv2, c.dvs2, b, j, h, a.dv);
   a.N = c.N;
   a.dh = c.dh;
   a.scale = float(c.scale);

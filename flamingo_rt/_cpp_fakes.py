@@ -96,6 +96,11 @@ def register() -> None:
         return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((R, 1), dtype=torch.float32),
                 x.new_empty((R, 1), dtype=torch.float32))
 
+    @torch.library.register_fake("flamingo_rt_C::softmax_xent_rows_")
+    def _(logits, targets, ignore_index, write_grad, scale):
+        torch._check(logits.dim() == 2, lambda: f"softmax_xent_rows_: expected logits (N, V), got {tuple(logits.shape)}")
+        return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
     @torch.library.register_fake("flamingo_rt_C::transpose_copy")
     def _(a):
         torch._check(a.dim() == 2, lambda: f"transpose_copy: expected a 2-D tensor, got shape {tuple(a.shape)}")

@@ -120,3 +120,105 @@ def test_never_holds_more_than_one_chunk_of_logits():
     with Largest():
         linear_cross_entropy_reference(h2, w2, t).backward()
     assert Largest.biggest >= 64 * 300  # the plain path does hold them (the check can see it)
+
+
+def _xent_spec(logits, t, ignore_index=-100):
+    """float64 loss per row and softmax - onehot (0 rows where ignored)."""
+    x = logits.double()
+    valid = t != ignore_index
+    tt = torch.where(valid, t, torch.zeros_like(t))
+    lse = torch.logsumexp(x, -1)
+    loss = torch.where(valid, lse - x.gather(1, tt[:, None])[:, 0], torch.zeros_like(lse))
+    g = (x - lse[:, None]).exp()
+    g[torch.arange(len(t)), tt] -= 1
+    return loss, g * valid[:, None]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)])
+def test_softmax_xent_rows_kernel(dtype, tol):
+    """flamingo_rt_C::softmax_xent_rows_ against float64: the per-row loss, and the gradient
+    written over the logits (rounded once to their dtype), with ignored rows, a row stride
+    wider than the row, a scale; the logits untouched without write_grad."""
+    from flamingo_rt import _ext
+
+    if not _ext.load():
+        pytest.skip("C++ extension not built")
+    g = torch.Generator().manual_seed(3)
+    wide = (torch.randn(13, 1100, generator=g) * 4).to(dtype)
+    logits = wide[:, :1037]  # row stride 1100
+    logits[2, 5] = 60.0  # a dominant logit
+    t = torch.randint(0, 1037, (13,), generator=g)
+    t[[1, 7]] = -100
+    want_loss, want_g = _xent_spec(logits, t)
+    keep, tail = logits.clone(), wide[:, 1037:].clone()
+    loss = torch.ops.flamingo_rt_C.softmax_xent_rows_(logits, t, -100, False, 1.0)
+    assert torch.equal(logits, keep)
+    assert loss.dtype == torch.float32 and loss[1] == 0 and loss[7] == 0
+    assert rel_err(loss, want_loss.float()) < 1e-6
+    loss2 = torch.ops.flamingo_rt_C.softmax_xent_rows_(logits, t, -100, True, 0.5)
+    assert torch.equal(loss, loss2)
+    assert not logits[[1, 7]].any()
+    assert rel_err(logits, (0.5 * want_g).to(dtype)) < tol
+    # each gradient element is the float64 value rounded once to the dtype (a few ulp in float32)
+    assert torch.allclose(logits.double(), 0.5 * want_g, rtol=tol, atol=1e-7)
+    assert torch.equal(wide[:, 1037:], tail)  # past the row's end: untouched
+
+
+def test_softmax_xent_rows_errors():
+    from flamingo_rt import _ext
+
+    if not _ext.load():
+        pytest.skip("C++ extension not built")
+    x = torch.randn(3, 10)
+    with pytest.raises(RuntimeError, match=r"targets in \[0, 10\)"):
+        torch.ops.flamingo_rt_C.softmax_xent_rows_(x, torch.tensor([0, 10, 2]), -100, True, 1.0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.flamingo_rt_C.softmax_xent_rows_(x.double(), torch.tensor([0, 1, 2]), -100, True, 1.0)
+    with pytest.raises(RuntimeError, match="unit element stride"):
+        torch.ops.flamingo_rt_C.softmax_xent_rows_(x.t(), torch.tensor([0, 1] * 5), -100, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"int64 targets of shape \(3\)"):
+        torch.ops.flamingo_rt_C.softmax_xent_rows_(x, torch.tensor([0, 1]), -100, True, 1.0)
+
+
+def test_float32_weight_under_bf16_autocast_is_cast_a_block_at_a_time(monkeypatch):
+    """A float32 LM head under bf16 autocast: its bf16 cast made a block of vocabulary rows
+    at a time (ragged last block), the logits and the hidden states' gradient assembled from
+    the blocks: the plain path's values within bf16 rounding, as accurate against float64,
+    and no tensor as large as the whole cast besides the weight itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import flamingo_rt.ops.linear_cross_entropy as lce
+    from flamingo_rt.ops import widening_gemm
+
+    D, V = 32, 257
+    monkeypatch.setattr(lce, "WEIGHT_BLOCK_BYTES", 40 * D * 2)  # 40-row blocks: 7 of them
+    h, w, t = _inputs(50, D, V, torch.float32)
+    w = w.detach()
+    assert lce._WeightBlocks(w, torch.bfloat16).blockwise == widening_gemm.available()
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and o.shape[-1:] == (D,):
+                    Largest.biggest = max(Largest.biggest, o.shape[0] if o.dim() == 2 else 0)
+            return out
+
+    def run(fn, **kw):
+        hh = h.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(hh, w, t, **kw)
+        (loss * 0.37).backward()
+        return loss.detach(), hh.grad
+
+    with Largest():
+        got = run(linear_cross_entropy, chunk_rows=20)
+    want = run(linear_cross_entropy_reference)
+    exact = _loss_and_grads(_exact, h.double(), w.double(), t)
+    for a, b, e in zip(got, want, exact):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel_err(a, b) < 2e-2
+        assert rel_err(a, e) <= 2 * rel_err(b, e) + 1e-3
+    if widening_gemm.available():
+        assert 0 < Largest.biggest <= 40  # one block of the cast weight at a time, never (V, D)

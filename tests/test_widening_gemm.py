@@ -151,3 +151,37 @@ def test_linear_under_bf16_autocast_uses_it_for_the_weight_gradient(with_bias, m
         calls.clear()
         linmod.linear(x0, w0.requires_grad_(), None)
         assert calls == []
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_linear_under_bf16_autocast_with_a_frozen_weight_keeps_no_cast(with_bias, x_dtype):
+    """flamingo_rt.ops.linear under CPU bf16 autocast with a frozen float32 weight and an input
+    that needs its gradient: output and input gradient bitwise autocast's F.linear, and the
+    only tensor kept for the backward is the float32 parameter itself (autocast keeps its
+    bf16 copy)."""
+    from flamingo_rt.ops import linear as linmod
+
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(2, 37, 96, generator=g).to(x_dtype)
+    w = torch.randn(40, 96, generator=g) * 0.1
+    b = torch.randn(40, generator=g) if with_bias else None
+    go = torch.randn(2, 37, 40, generator=g).bfloat16()
+
+    def run(fn):
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w, b)
+        return y, torch.autograd.grad(y, x, go)[0]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = linmod.linear(x0.clone().requires_grad_(), w, b)
+    assert type(kept.grad_fn).__name__ == "_AutocastBf16FrozenLinearBackward"
+    saved = kept.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].data_ptr() == w.data_ptr() and saved[0].dtype == torch.float32
+    y, dx = run(linmod.linear)
+    ya, dxa = run(torch.nn.functional.linear)
+    assert y.dtype == ya.dtype == torch.bfloat16 and torch.equal(y, ya)
+    assert dx.dtype == dxa.dtype == x_dtype and torch.equal(dx, dxa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an input without a gradient: autocast's own
+        assert linmod.linear(x0, w, b).grad_fn is None

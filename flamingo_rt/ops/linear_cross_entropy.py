@@ -10,6 +10,12 @@ transposed against the hidden states for the weight), then frees them: the backw
 only scales the stored gradients by the incoming scalar. Same products as the plain path,
 same dtypes (the logits and both gradient products in the autocast dtype when autocast is
 on, the softmax in float32), sums in a different order.
+
+On the CPU the loss and the gradient of a chunk's logits are one C++ pass per row
+(``flamingo_rt_C::softmax_xent_rows_``: max, exp and sum in float32, softmax - onehot written
+over the logits in their dtype), where torch made a float32 copy of bf16 logits, its
+logsumexp, the exp, the one-hot scatter and a bf16 copy of the result: 2 x 256 rows over
+32,000 words under bf16 autocast, ~150 ms of those passes against ~10 in the kernel.
 """
 from __future__ import annotations
 
@@ -19,16 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_gemm
+from .. import _ext
+from . import cpu_gemm, widening_gemm
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
 
-#: float32 elements of one chunk's logits (8 MiB) ...
-CHUNK_ELEMENTS = 1 << 21
+#: bytes of one chunk's logits in the compute dtype (32 MiB: 524 rows of a 32,000-word
+#: vocabulary in bf16, 262 in float32) ...
+CHUNK_BYTES = 32 << 20
 #: ... but at least this many rows: thinner float32 products run well under the GEMM rate
 #: (511 x 2048 -> 32,000, fwd+bwd, 1 thread: 65-row chunks 8.7 s, 256 rows 5.0 s, 512 rows
 #: 4.1 s; the plain path 6.3 s).
 MIN_CHUNK_ROWS = 256
+#: bytes of one block of vocabulary rows of a weight cast to the compute dtype (a float32
+#: LM head under bf16 autocast): the cast is made a block at a time into one buffer.
+WEIGHT_BLOCK_BYTES = 16 << 20
 
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
@@ -47,33 +58,103 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def _kernel_ok(logits: Tensor) -> bool:
+    """``flamingo_rt_C::softmax_xent_rows_`` takes these logits: float32 / bf16 on the CPU,
+    eager, the C++ extension built."""
+    return (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling() and _ext.load())
+
+
+class _WeightBlocks:
+    """The weight (V, D) in the compute dtype, as whole or a block of vocabulary rows at a time.
+
+    When the weight is in another dtype (a float32 LM head under bf16 autocast) and MKL's
+    float32-accumulating product runs (:mod:`widening_gemm`: the hidden states' gradient is
+    then summed over the blocks in float32 and rounded once, as one product would be), the
+    cast is made :data:`WEIGHT_BLOCK_BYTES` at a time into one reused buffer instead of a whole
+    (V, D) copy: 32,000 x 2048 is 125 MiB of fresh pages, which took 96-205 ms on a 2-core
+    Xeon against 14 ms for the blocks (twice: for the logits and for the gradient)."""
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype):
+        self.weight, self.dtype = weight, dtype
+        self.blockwise = (weight.dtype != dtype and dtype == torch.bfloat16 and weight.device.type == "cpu"
+                          and widening_gemm.available())
+        if self.blockwise:
+            V, D = weight.shape
+            esize = torch.empty(0, dtype=dtype).element_size()
+            self.rows = cpu_gemm.block_rows(V, max(1, WEIGHT_BLOCK_BYTES // max(1, D * esize)))
+            self.buf = torch.empty((min(V, self.rows), D), dtype=dtype, device=weight.device)
+            self.whole = None
+        else:
+            self.whole = weight.to(dtype)
+
+    def blocks(self):
+        """(v0, v1, weight[v0:v1] in the compute dtype), the blocks made in turn in one buffer."""
+        V = self.weight.shape[0]
+        for v0 in range(0, V, self.rows):
+            v1 = min(V, v0 + self.rows)
+            yield v0, v1, self.buf[:v1 - v0].copy_(self.weight[v0:v1])
+
+    def logits(self, h: Tensor) -> Tensor:
+        """h (n, D) in the compute dtype -> h @ W^T (n, V) in the compute dtype."""
+        if not self.blockwise:
+            return cpu_gemm.linear(h, self.whole)
+        out = torch.empty((h.shape[0], self.weight.shape[0]), dtype=self.dtype, device=h.device)
+        for v0, v1, wb in self.blocks():
+            torch.mm(h, wb.t(), out=out[:, v0:v1])
+        return out
+
+    def grad_hidden(self, g: Tensor) -> Tensor:
+        """g (n, V) in the compute dtype -> g @ W (n, D) in the compute dtype."""
+        if not self.blockwise:
+            return cpu_gemm.mm(g, self.whole)
+        acc = torch.zeros((g.shape[0], self.weight.shape[1]), dtype=torch.float32, device=g.device)
+        for v0, v1, wb in self.blocks():
+            widening_gemm.addmm_(acc, g[:, v0:v1], wb)
+        return acc.to(self.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, dtype, chunk, need_h, need_w):
         acc = torch.promote_types(dtype, torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
+            w = _WeightBlocks(weight, dtype)
             total = torch.zeros((), dtype=acc, device=hidden.device)
             gh = torch.empty_like(hidden) if need_h else None
             gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk].to(dtype)
                 t = targets[s:s + chunk]
-                valid = t != ignore_index
-                tt = torch.where(valid, t, torch.zeros_like(t))
-                logits = cpu_gemm.linear(h, w).to(acc)  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1)
-                picked = logits.gather(1, tt[:, None])[:, 0]
-                total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
-                if need_h or need_w:
-                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                    g.scatter_add_(1, tt[:, None], -torch.ones_like(lse)[:, None])
-                    g.mul_(valid[:, None])
-                    g = g.to(dtype)
-                    if need_h:
-                        gh[s:s + chunk] = cpu_gemm.mm(g, w).to(hidden.dtype)
-                    if need_w:
+                logits = w.logits(h)  # (n, V) in the compute dtype
+                if _kernel_ok(logits):
+                    # the loss per row, and softmax - onehot written over the logits (one
+                    # pass per row in float32, rounded once to the compute dtype)
+                    rows = torch.ops.flamingo_rt_C.softmax_xent_rows_(logits, t, ignore_index, need_h or need_w, 1.0)
+                    total += rows.sum(dtype=acc)
+                    g = logits
+                else:
+                    valid = t != ignore_index
+                    tt = torch.where(valid, t, torch.zeros_like(t))
+                    logits = logits.to(acc)
+                    lse = torch.logsumexp(logits, dim=-1)
+                    picked = logits.gather(1, tt[:, None])[:, 0]
+                    total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+                    g = None
+                    if need_h or need_w:
+                        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                        g.scatter_add_(1, tt[:, None], -torch.ones_like(lse)[:, None])
+                        g.mul_(valid[:, None])
+                        g = g.to(dtype)
+                del logits
+                if need_h:
+                    gh[s:s + chunk] = w.grad_hidden(g).to(hidden.dtype)
+                if need_w:
+                    if dtype == torch.bfloat16 and acc == torch.float32:
+                        widening_gemm.addmm_(gw, g.t(), h)
+                    else:
                         gw += cpu_gemm.mm(g.t(), h).to(acc)
+                del g
         ctx.save_for_backward(*(x for x in (gh, gw) if x is not None))
         ctx.need = (need_h, need_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -97,7 +178,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
             products run in the autocast dtype, as ``F.linear`` would.
         weight: (V, D) the output projection (the LM head), same dtype as hidden (or autocast).
         targets: (N,) int64 in [0, V), or ``ignore_index`` for rows without a loss.
-        chunk_rows: rows per chunk (default: 8 MiB of float32 logits, at least 256 rows).
+        chunk_rows: rows per chunk (default: :data:`CHUNK_BYTES` of logits in the compute
+            dtype, at least :data:`MIN_CHUNK_ROWS` rows).
     Returns:
         float32 scalar (the sum, not the mean); differentiable in hidden and weight.
     """
@@ -113,7 +195,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
         bad = targets[valid & ((targets < 0) | (targets >= V))][:5].tolist()
         raise IndexError(f"targets must be in [0, {V}) or {ignore_index}; got {bad}")
     dtype = _compute_dtype(hidden, weight)
-    chunk = int(chunk_rows) if chunk_rows else max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(V, 1))
+    esize = torch.empty(0, dtype=dtype).element_size()
+    chunk = int(chunk_rows) if chunk_rows else max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(V * esize, 1))
     if chunk < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     grad = torch.is_grad_enabled()

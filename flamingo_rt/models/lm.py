@@ -28,6 +28,7 @@ from torch import nn
 
 from ..ops.decode_attention import cached_attention
 from ..ops.linear import Linear
+from ..ops.silu_mul import silu_mul
 
 from .config import LMConfig
 
@@ -218,7 +219,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

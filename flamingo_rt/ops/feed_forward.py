@@ -34,7 +34,7 @@ from .precision import compute_dtype as _compute_dtype
 from .precision import layer_norm_in, widen_block_rows
 from .gated_linear_residual import check_gate, gate_weight_grads
 from .residual import residual_add_
-from . import widening_gemm
+from . import factored_grads, widening_gemm
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
@@ -197,6 +197,88 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
     return dx, dg.to(gamma.dtype), db.to(beta.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype), dgate
 
 
+@torch.library.custom_op("flamingo_rt::feed_forward_backward_factored", mutates_args=())
+def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
+                        gate: Optional[Tensor], eps: float, kind: str, residual: bool,
+                        need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_ff_bwd_op` with the weight gradients left as factors (:mod:`factored_grads`):
+    (dx (or empty), dgamma, dbeta, dgate (or empty), dh, xn, dyc, a) where dW1 = dh^T xn and
+    dW2 = gate * dyc^T a; dh, a (R, inner) and xn, dyc (R, D) in the compute dtype.
+
+    The gate's gradient <W2, dy^T a> is computed as sum(da * a) with da = dy W2 (the product
+    the backward makes anyway; in float32 under bf16), summed in float64."""
+    with torch.autocast(x.device.type, enabled=False):
+        cd = h.dtype
+        R, D = x.shape
+        inner = h.shape[1]
+        acc = _acc(x.dtype)
+        g = _gate_of(gate)
+        gc = None if g is None else g.to(cd)
+        xn, mean, rstd = layer_norm_in(x, eps, cd, gamma, beta)
+        gm, bt = gamma.to(acc), beta.to(acc)
+        dyc = dy.to(cd) if dy.dtype != cd else dy.clone()  # kept as a factor: our own copy
+        a_all = torch.empty((R, inner), dtype=cd, device=x.device)
+        dh_all = torch.empty((R, inner), dtype=cd, device=x.device)
+        dg = torch.zeros(D, dtype=_acc(gamma.dtype), device=x.device)
+        db = torch.zeros(D, dtype=_acc(beta.dtype), device=x.device)
+        dgate = torch.zeros((), dtype=torch.float64, device=x.device)
+        dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+        step = _chunk_rows(R, inner, cd)
+        several = step < R
+        w2c = w2.to(cd)
+        w1c = w1.to(cd) if several else None
+        for r0 in range(0, R, step):
+            r1 = min(R, r0 + step)
+            hc = h[r0:r1]
+            a = _act_into(hc, kind, a_all[r0:r1])
+            dst = dh_all[r0:r1]
+            if g is not None and cd == torch.bfloat16:
+                # da in float32 for the gate's gradient sum(da * a): from a bf16-rounded da the
+                # sum's cancellation would amplify the rounding (the dense path sums the float32
+                # dy^T a against W2); then da rounded once to bf16, as the bf16 product rounds it
+                da = widening_gemm.mm(dyc[r0:r1], w2c)
+                dgate += (da * a).sum(dtype=torch.float64)
+                dh = dst.copy_(da)
+                del da
+            else:
+                dh = mm(dyc[r0:r1], w2c, out=dst)  # da, made dh in place below
+                if dh.data_ptr() != dst.data_ptr():  # a product that made its own output (oneDNN)
+                    dh = dst.copy_(dh)
+                if g is not None:
+                    dgate += torch.dot(dh.reshape(-1), a.reshape(-1)).to(torch.float64)
+            if not several:  # w1's cast into w2's buffer (same size) when that was a fresh copy
+                w1c = (w2c.view(w1.shape).copy_(w1) if w2c is not w2 and w2c.is_contiguous()
+                       and w2c.numel() == w1.numel() else w1.to(cd))
+                del w2c
+            if kind == "gelu":
+                torch.ops.aten.gelu_backward.grad_input(dh, hc, grad_input=dh)
+            else:
+                dh.mul_(2 * torch.relu(hc))
+            if gc is not None:
+                dh.mul_(gc)
+            dxn = mm(dh, w1c).to(acc)
+            dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
+                dxn, x[r0:r1].to(acc), [D], mean[r0:r1], rstd[r0:r1], gm, bt, [need_dx, True, True])
+            del dxn
+            dg += dgc
+            db += dbc
+            if need_dx:
+                if residual:
+                    dxc = dxc.add_(dy[r0:r1].to(dxc.dtype))
+                dx[r0:r1] = dxc
+        dgate_out = dgate.reshape(gate.shape).to(gate.dtype) if gate is not None else x.new_empty(0)
+    return dx, dg.to(gamma.dtype), db.to(beta.dtype), dgate_out, dh_all, xn, dyc, a_all
+
+
+@_ff_bwd_factored_op.register_fake
+def _(dy, x, gamma, beta, w1, w2, h, gate, eps, kind, residual, need_dx):
+    R, D = x.shape
+    cd = h.dtype
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0), gamma.new_empty(gamma.shape),
+            beta.new_empty(beta.shape), gate.new_empty(gate.shape) if gate is not None else x.new_empty(0),
+            h.new_empty(h.shape), x.new_empty((R, D), dtype=cd), x.new_empty((R, D), dtype=cd), h.new_empty(h.shape))
+
+
 def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """``c += a @ b`` in place in the accumulation dtype ``acc`` (a new acc tensor ``a @ b``
     when c is None), a (M, K) often a transposed view: computed in blocks of a's rows so that
@@ -265,6 +347,20 @@ def _backward(ctx, dy, dh_unused):
     need_dx = ctx.needs_input_grad[0]
     if dy is None:  # y took no part in the loss
         return (None,) * 10
+    store = None
+    if ctx.needs_input_grad[3] and ctx.needs_input_grad[4]:
+        # a training step collecting weight gradients as factors (factored_grads)? dW1 = dh^T xn,
+        # dW2 = gate dy^T a: (R, inner + D) factors each, in the compute dtype
+        R, D, inner, esize = x.shape[0], x.shape[1], h.shape[1], h.element_size()
+        n = R * (inner + D) * esize
+        store = factored_grads.store_for([(w1, n), (w2, n)])
+    if store is not None:
+        dx, dg, db, dgate, dh, xn, dyc, a = _ff_bwd_factored_op(
+            dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind, ctx.residual, need_dx)
+        store.add(w1, dh, xn)
+        store.add(w2, dyc, a, scale=gate)
+        return ((dx if need_dx else None), dg, db, None, None, (dgate if gate is not None else None),
+                None, None, None, None)
     dx, dg, db, dw1, dw2, dgate = _ff_bwd_op(dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind,
                                              ctx.residual, need_dx)
     return ((dx if need_dx else None), dg, db, dw1, dw2, (dgate if gate is not None else None),

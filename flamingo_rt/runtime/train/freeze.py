@@ -58,6 +58,7 @@ class RowGradMask:
             else:
                 keep = keep.to(p.device)
             self.masks.append((p, keep))
+        self.params = [p for p, _ in self.masks]  # the parameters whose gradients it masks
 
     def __call__(self) -> None:
         for p, keep in self.masks:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ...ops import factored_grads as _fg
+from . import factored_step
 from .collate import Batch
 
 __all__ = ["NonFiniteLossError", "StepResult", "loss_sum", "train_step"]
@@ -80,6 +82,7 @@ def train_step(
     no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     params=None,
     grad_mask: Optional[Callable[[], None]] = None,
+    factored: bool = True,
 ) -> StepResult:
     """Accumulate ``weights[d] * loss_d`` over the datasets, clip, step.
 
@@ -93,6 +96,12 @@ def train_step(
         params: the parameters to clip (default: the model's trainable ones).
         grad_mask: called after the backward passes, before clipping (e.g. a
             :class:`~flamingo_rt.runtime.train.freeze.RowGradMask`).
+        factored: let ops keep large weight gradients as the factors of their product
+            (:mod:`flamingo_rt.ops.factored_grads`: the cross-attention FF's at small batches),
+            clipped and applied a block of rows at a time (:mod:`.factored_step`). Used in one
+            process with Adam / AdamW (:func:`factored_step.supports`); the same step as with
+            dense gradients up to the products' summation order. Those parameters' ``.grad``
+            stay None during the step.
     Raises:
         NonFiniteLossError naming the dataset and step when a loss (or the gradient norm) is
         not finite; gradients are cleared and nothing is applied.
@@ -102,37 +111,66 @@ def train_step(
     device = next(iter(batches.values())).input_ids.device
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     optimizer.zero_grad(set_to_none=True)
-    tokens = 0
-    for i, name in enumerate(names):
-        b = batches[name]
-        tokens += b.num_tokens
-        last = i == len(names) - 1
-        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-        with ctx:
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                s = loss_sum(model, b, backend)
-            finite = torch.isfinite(s.detach()).to(torch.float64)
-            if _distributed():
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not bool(finite):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(f"loss of dataset {name!r}", step, float(s.detach()))
-            n = max(1, int(global_targets[name]))
-            (s * (float(weights[name]) * world / n)).backward()
-            sums[i] = s.detach().double() / n
-    _all_reduce(sums)
-    if grad_mask is not None:
-        grad_mask()
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
-    norm_t = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
-    norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
-    if not math.isfinite(norm):
+    store = _factored_store(factored, params, optimizer, no_sync, grad_mask)
+    tokens = 0
+    try:
+        with _fg.collecting(store) if store is not None else contextlib.nullcontext():
+            for i, name in enumerate(names):
+                b = batches[name]
+                tokens += b.num_tokens
+                last = i == len(names) - 1
+                ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+                with ctx:
+                    with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                        enabled=autocast_dtype is not None):
+                        s = loss_sum(model, b, backend)
+                    finite = torch.isfinite(s.detach()).to(torch.float64)
+                    if _distributed():
+                        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    if not bool(finite):
+                        raise NonFiniteLossError(f"loss of dataset {name!r}", step, float(s.detach()))
+                    n = max(1, int(global_targets[name]))
+                    (s * (float(weights[name]) * world / n)).backward()
+                    sums[i] = s.detach().double() / n
+        _all_reduce(sums)
+        if grad_mask is not None:
+            grad_mask()
+        if store is not None and len(store):
+            norm_t = factored_step.clip_(params, store, grad_clip)
+        else:
+            norm_t = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+        norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
+        if not math.isfinite(norm):
+            raise NonFiniteLossError("gradient norm", step, norm)
+        if store is not None and len(store):
+            factored_step.step_(optimizer, store)
+        else:
+            optimizer.step()
+    except BaseException:
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError("gradient norm", step, norm)
-    optimizer.step()
+        raise
+    finally:
+        if store is not None:
+            store.clear()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult({n: float(v) for n, v in zip(names, sums.tolist())}, norm, tokens,
                       {n: int(global_targets[n]) for n in names})
+
+
+def _factored_store(factored: bool, params, optimizer, no_sync, grad_mask) -> Optional[_fg.FactoredGrads]:
+    """A store for factored weight gradients when the step can use one: asked for, one
+    process (DDP / FSDP reduce ``.grad``), an optimizer :mod:`.factored_step` updates, and no
+    gradient mask it cannot see (a :class:`~.freeze.RowGradMask` names its parameters: those
+    stay dense)."""
+    if not factored or _distributed() or no_sync is not None or not factored_step.supports(optimizer):
+        return None
+    masked = set()
+    if grad_mask is not None:
+        if not hasattr(grad_mask, "params"):
+            return None
+        masked = {id(p) for p in grad_mask.params}
+    return _fg.FactoredGrads(p for p in params if id(p) not in masked and type(p) is nn.Parameter)

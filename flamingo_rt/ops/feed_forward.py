@@ -205,8 +205,8 @@ def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: 
     (dx (or empty), dgamma, dbeta, dgate (or empty), dh, xn, dyc, a) where dW1 = dh^T xn and
     dW2 = gate * dyc^T a; dh, a (R, inner) and xn, dyc (R, D) in the compute dtype.
 
-    The gate's gradient <W2, dy^T a> is computed as sum(da * a) with da = dy W2 (the product
-    the backward makes anyway; in float32 under bf16), summed in float64."""
+    The gate's gradient <W2, dy^T a> is computed as sum(dy * (a W2^T)): one (rows, D) product
+    (a quarter of the dense path's dW2 product), summed in float32 / float64."""
     with torch.autocast(x.device.type, enabled=False):
         cd = h.dtype
         R, D = x.shape
@@ -232,20 +232,21 @@ def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: 
             hc = h[r0:r1]
             a = _act_into(hc, kind, a_all[r0:r1])
             dst = dh_all[r0:r1]
-            if g is not None and cd == torch.bfloat16:
-                # da in float32 for the gate's gradient sum(da * a): from a bf16-rounded da the
-                # sum's cancellation would amplify the rounding (the dense path sums the float32
-                # dy^T a against W2); then da rounded once to bf16, as the bf16 product rounds it
-                da = widening_gemm.mm(dyc[r0:r1], w2c)
-                dgate += (da * a).sum(dtype=torch.float64)
-                dh = dst.copy_(da)
-                del da
-            else:
-                dh = mm(dyc[r0:r1], w2c, out=dst)  # da, made dh in place below
-                if dh.data_ptr() != dst.data_ptr():  # a product that made its own output (oneDNN)
-                    dh = dst.copy_(dh)
-                if g is not None:
-                    dgate += torch.dot(dh.reshape(-1), a.reshape(-1)).to(torch.float64)
+            if g is not None:
+                # the gate's gradient sum(dy * f) with f = a W2^T (the ungated FF output, not
+                # kept from the forward) remade as one (rows, D) product, accumulated in float32
+                # (bf16: MKL's widening product) against the unrounded dy; dy W2 rounded to
+                # bf16 (da) would lose it to the sum's cancellation
+                if cd == torch.bfloat16:
+                    f = widening_gemm.mm(a, w2c.t())
+                else:
+                    f = mm(a, w2c.t()).to(torch.float32 if cd != torch.float64 else cd)
+                dgate += torch.dot(f.reshape(-1), dy[r0:r1].to(f.dtype).reshape(-1)).to(torch.float64)
+                del f
+            dst = dh_all[r0:r1]
+            dh = mm(dyc[r0:r1], w2c, out=dst)  # da, made dh in place below
+            if dh.data_ptr() != dst.data_ptr():  # a product that made its own output (oneDNN)
+                dh = dst.copy_(dh)
             if not several:  # w1's cast into w2's buffer (same size) when that was a fresh copy
                 w1c = (w2c.view(w1.shape).copy_(w1) if w2c is not w2 and w2c.is_contiguous()
                        and w2c.numel() == w1.numel() else w1.to(cd))

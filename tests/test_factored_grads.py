@@ -52,13 +52,13 @@ def test_store_norm_rows_scale_and_densify(dtype):
         store.add(w, torch.zeros(3, 16), torch.zeros(3, 24))
 
 
-def test_wants_only_its_parameters_while_factors_are_smaller():
-    w = torch.nn.Parameter(torch.zeros(64, 32))  # 8 KiB float32
+def test_wants_only_its_parameters_while_factors_are_fewer():
+    w = torch.nn.Parameter(torch.zeros(64, 32))  # 2048 elements
     other = torch.nn.Parameter(torch.zeros(64, 32))
     store = fg.FactoredGrads([w])
-    assert store.wants(w, 8191) and not store.wants(w, 8192) and not store.wants(other, 10)
-    store.add(w, torch.zeros(20, 64), torch.zeros(20, 32))  # 7680 bytes held
-    assert store.wants(w, 500) and not store.wants(w, 600)
+    assert store.wants(w, 2047) and not store.wants(w, 2048) and not store.wants(other, 10)
+    store.add(w, torch.zeros(20, 64).bfloat16(), torch.zeros(20, 32).bfloat16())  # 1920 elements held
+    assert store.wants(w, 127) and not store.wants(w, 128)
     w.grad = torch.zeros(64, 32)
     assert not store.wants(w, 1)  # a dense gradient: no more factors
 

@@ -4,7 +4,8 @@ needs the gradient only to clip it and to update the weight.
 The weight gradient of a linear map over R rows is ``dW = s * A^T B``: A (R, out) the
 output's gradient, B (R, in) the input (s a scalar, e.g. a tanh gate). When the rows are few
 against the weight's size -- ``R * (out + in)`` elements of factors against ``out * in`` of
-gradient -- the factors are the smaller of the two: OpenFlamingo-3B's cross-attention FF
+gradient -- the factors are the smaller of the two (and the Gram matrices below cost less
+than the product): OpenFlamingo-3B's cross-attention FF
 (2048 <-> 8192) trained on 2 x 256 tokens has 20 MiB of bf16 factors per block against 128
 MiB of float32 gradients, written into fresh pages at every step. A step needs only
 
@@ -37,7 +38,7 @@ __all__ = ["FactoredGrads", "collecting", "store_for"]
 
 _ACTIVE: List["FactoredGrads"] = []
 
-#: factors are kept while their bytes stay under this fraction of the dense gradient's
+#: factors are kept while their element count stays under this fraction of the gradient's
 #: (1: while they are the smaller; tests raise it to factor tiny models)
 MAX_FRACTION = 1.0
 
@@ -53,14 +54,16 @@ class FactoredGrads:
 
     # ------------------------------------------------------------------ collecting
 
-    def wants(self, w: Tensor, nbytes: int) -> bool:
-        """Whether ``nbytes`` more of factors for ``w``'s gradient are taken: w is one of the
-        store's parameters, has no dense gradient, and its factors would stay smaller than
-        the dense gradient."""
+    def wants(self, w: Tensor, numel: int) -> bool:
+        """Whether ``numel`` more elements of factors for ``w``'s gradient are taken: w is one
+        of the store's parameters, has no dense gradient, and its factors would stay fewer
+        elements than the gradient (whatever their dtype: then the Gram matrices of the norm
+        cost less than the product that makes the gradient, and bf16 factors take at most
+        half the float32 gradient's memory)."""
         if id(w) not in self._params or w.grad is not None:
             return False
-        held = sum(x.numel() * x.element_size() for f in self._factors.get(id(w), []) for x in f[:2])
-        return held + nbytes < MAX_FRACTION * w.numel() * w.element_size()
+        held = sum(x.numel() for f in self._factors.get(id(w), []) for x in f[:2])
+        return held + numel < MAX_FRACTION * w.numel()
 
     def densify(self, w: Tensor) -> None:
         """Write the gradient held as factors into ``w.grad`` (added to it if there is one) and
@@ -167,7 +170,7 @@ def collecting(store: FactoredGrads) -> Iterator[FactoredGrads]:
 
 def store_for(factors: Iterable[Tuple[Tensor, int]]) -> Optional[FactoredGrads]:
     """The active store when it takes the factors of every weight in ``factors`` ((weight,
-    bytes of its new factors) pairs), else None -- and then any factors it held for them are
+    elements of its new factors) pairs), else None -- and then any factors it held for them are
     written into their ``.grad`` first (the caller returns dense gradients, which accumulate
     there). None also without a store or in a traced graph."""
     if not _ACTIVE or torch.compiler.is_compiling():

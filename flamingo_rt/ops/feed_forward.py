@@ -352,8 +352,8 @@ def _backward(ctx, dy, dh_unused):
     if ctx.needs_input_grad[3] and ctx.needs_input_grad[4]:
         # a training step collecting weight gradients as factors (factored_grads)? dW1 = dh^T xn,
         # dW2 = gate dy^T a: (R, inner + D) factors each, in the compute dtype
-        R, D, inner, esize = x.shape[0], x.shape[1], h.shape[1], h.element_size()
-        n = R * (inner + D) * esize
+        R, D, inner = x.shape[0], x.shape[1], h.shape[1]
+        n = R * (inner + D)
         store = factored_grads.store_for([(w1, n), (w2, n)])
     if store is not None:
         dx, dg, db, dgate, dh, xn, dyc, a = _ff_bwd_factored_op(

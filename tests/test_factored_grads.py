@@ -29,7 +29,7 @@ def _dense(pairs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_norm_rows_scale_and_densify(dtype):
+def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
     """sq_norm from Gram matrices equals the dense gradient's squared norm; rows_into gives
     its rows; scale_ multiplies it; densify writes it into .grad (adding to one there)."""
     w = torch.nn.Parameter(torch.zeros(24, 16))
@@ -41,6 +41,14 @@ def test_store_norm_rows_scale_and_densify(dtype):
     assert store.params() == [w] and w in store and len(store) == 1
     assert store.nbytes() == sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in pairs)
     assert abs(store.sq_norm(w).item() - want.norm().item() ** 2) <= 1e-5 * want.norm().item() ** 2
+    # one pair: the symmetric-blocks path (4 blocks of rows here), with its scale
+    one = fg.FactoredGrads([w])
+    a, b, _ = _factors(dtype, R=(37,), seed=5)[0]
+    one.add(w, a, b, torch.tensor(-1.5))
+    want1 = -1.5 * a.double().t() @ b.double()
+    for rows in (8, 16, 1000):  # 4, 2 and 1 blocks
+        monkeypatch.setattr(fg, "GRAM_BLOCK_ROWS", rows)
+        assert abs(one.sq_norm(w).item() - want1.norm().item() ** 2) <= 1e-5 * want1.norm().item() ** 2, rows
     out = torch.empty(7, 16)
     assert rel_err(store.rows_into(w, 10, 17, out), want[10:17]) < 1e-6
     store.scale_(torch.tensor(0.25))

@@ -103,6 +103,10 @@ class FactoredGrads:
         sum over pairs (k, l) of s_k s_l sum((A_k A_l^T) * (B_k B_l^T))."""
         fs = self._factors[id(p)]
         total = torch.zeros((), dtype=torch.float64, device=p.device)
+        if len(fs) == 1:  # one pair: the Gram matrices are symmetric, their blocks i <= j do
+            a, b, sc = fs[0]
+            total = _sym_gram_dot(a, b)
+            return total if sc is None else total * sc.double() ** 2
         for k, (ak, bk, sk) in enumerate(fs):
             for l, (al, bl, sl) in enumerate(fs[k:], start=k):
                 term = (_gram(ak, al).double() * _gram(bk, bl).double()).sum()
@@ -156,6 +160,27 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
     if x.dtype == torch.bfloat16 and y.dtype == torch.bfloat16:
         return widening_gemm.mm(x, y.t())
     return torch.mm(x, y.t())
+
+
+#: rows per block of :func:`_sym_gram_dot` (products of fewer rows run below the GEMM rate)
+GRAM_BLOCK_ROWS = 256
+
+
+def _sym_gram_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum((a a^T) * (b b^T)) in float64 for a (R, m), b (R, n): over blocks of rows, only the
+    blocks i <= j of the two symmetric Gram matrices (off-diagonal ones counted twice): with
+    2 blocks 3/4 of the whole products, with 4 blocks 5/8."""
+    R = a.shape[0]
+    k = max(1, min(4, R // GRAM_BLOCK_ROWS))
+    edges = [R * i // k for i in range(k + 1)]
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for i in range(k):
+        ai, bi = a[edges[i]:edges[i + 1]], b[edges[i]:edges[i + 1]]
+        for j in range(i, k):
+            aj, bj = a[edges[j]:edges[j + 1]], b[edges[j]:edges[j + 1]]
+            term = (_gram(ai, aj).double() * _gram(bi, bj).double()).sum()
+            total += term if i == j else 2 * term
+    return total
 
 
 @contextlib.contextmanager

@@ -260,3 +260,17 @@ def test_train_step_factored_equals_dense(world, tmp_path, precision, max_fracti
     for n in pd:
         worst["param"] = max(worst["param"], rel_err(pf[n], pd[n]))
     assert all(worst[k] <= tol[k] for k in tol), worst
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_trainer_follows_optim_factored_grads(world, tmp_path, on, monkeypatch):
+    """`flamingo-rt train`'s step factors weight gradients unless optim.factored_grads is false."""
+    from flamingo_rt.runtime.train import TrainConfig, Trainer
+
+    monkeypatch.setattr(fg, "MAX_FRACTION", 1e6)
+    calls = []
+    real_step = factored_step.step_
+    monkeypatch.setattr(factored_step, "step_", lambda opt, store: (calls.append(len(store)), real_step(opt, store))[1])
+    d = train_config_dict(world["model"].parent, tmp_path / "run", 1, optim={"factored_grads": on})
+    Trainer(TrainConfig.from_dict(d)).fit()
+    assert (len(calls) == 1 and calls[0] > 0) if on else calls == []

@@ -225,7 +225,8 @@ def test_config_files_and_errors(world, tmp_path):
                      (dict(d, datasets=[dict(ds0, wieght=1.0)]), r"datasets\[0\]: unknown keys \['wieght'\]"),
                      (dict(d, datasets=["x"]), r"datasets\[0\]: expected a table of settings, got str"),
                      (dict(d, datasets=dict(ds0)), r"expected datasets: a list of tables \(\[\[datasets\]\] in TOML\), got dict"),
-                     (dict(d, datasets=[dict(ds0, weight=0.0)]), "at least one dataset with weight > 0")]:
+                     (dict(d, datasets=[dict(ds0, weight=0.0)]), "at least one dataset with weight > 0"),
+                     (dict(d, optim={"factored_grads": "yes"}), "optim: expected factored_grads true or false")]:
         with pytest.raises(ValueError, match=msg):
             TrainConfig.from_dict(bad)
     (tmp_path / "single.toml").write_text(toml.replace("[[datasets]]", "[datasets]"))

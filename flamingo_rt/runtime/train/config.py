@@ -103,9 +103,13 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: Optional[float] = 1.0
+    #: keep weight gradients smaller as factors than dense as those factors during the step
+    #: (one process, AdamW; ``train_step(factored=...)``, :mod:`flamingo_rt.ops.factored_grads`)
+    factored_grads: bool = True
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        _check(isinstance(self.factored_grads, bool), f"optim: expected factored_grads true or false, got {self.factored_grads!r}")
         _check(self.lr > 0, f"optim: expected lr > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"optim: expected weight_decay >= 0, got {self.weight_decay}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

@@ -49,6 +49,18 @@ def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
     for rows in (8, 16, 1000):  # 4, 2 and 1 blocks
         monkeypatch.setattr(fg, "GRAM_BLOCK_ROWS", rows)
         assert abs(one.sq_norm(w).item() - want1.norm().item() ** 2) <= 1e-5 * want1.norm().item() ** 2, rows
+    # more rows than the Gram matrices pay for: the norm from the gradient's row blocks
+    monkeypatch.setattr(fg, "NORM_BLOCK_BYTES", 5 * 16 * 4)
+    many = fg.FactoredGrads([w])
+    a, b, _ = _factors(dtype, R=(30, 25), seed=6)[0]
+    many.add(w, a, b, torch.tensor(0.5))
+    many.add(w, a[:25].clone(), b[:25].clone())
+    want2 = 0.5 * a.double().t() @ b.double() + a[:25].double().t() @ b[:25].double()
+    called = []
+    orig = fg.FactoredGrads._sq_norm_by_rows
+    monkeypatch.setattr(fg.FactoredGrads, "_sq_norm_by_rows", lambda self, p: called.append(1) or orig(self, p))
+    assert abs(many.sq_norm(w).item() - want2.norm().item() ** 2) <= 1e-5 * want2.norm().item() ** 2
+    assert called == [1]
     out = torch.empty(7, 16)
     assert rel_err(store.rows_into(w, 10, 17, out), want[10:17]) < 1e-6
     store.scale_(torch.tensor(0.25))
@@ -60,15 +72,16 @@ def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
         store.add(w, torch.zeros(3, 16), torch.zeros(3, 24))
 
 
-def test_wants_only_its_parameters_while_factors_are_fewer():
-    w = torch.nn.Parameter(torch.zeros(64, 32))  # 2048 elements
+def test_wants_only_its_parameters_while_factors_are_smaller():
+    w = torch.nn.Parameter(torch.zeros(64, 32))  # 8 KiB float32
     other = torch.nn.Parameter(torch.zeros(64, 32))
     store = fg.FactoredGrads([w])
-    assert store.wants(w, 2047) and not store.wants(w, 2048) and not store.wants(other, 10)
-    store.add(w, torch.zeros(20, 64).bfloat16(), torch.zeros(20, 32).bfloat16())  # 1920 elements held
-    assert store.wants(w, 127) and not store.wants(w, 128)
+    assert store.wants(w, 2047, 4) and not store.wants(w, 2048, 4) and not store.wants(other, 10, 4)
+    assert store.wants(w, 4095, 2) and not store.wants(w, 4096, 2)  # bf16 factors: twice the elements
+    store.add(w, torch.zeros(20, 64).bfloat16(), torch.zeros(20, 32).bfloat16())  # 3840 bytes held
+    assert store.wants(w, 2175, 2) and not store.wants(w, 2176, 2)
     w.grad = torch.zeros(64, 32)
-    assert not store.wants(w, 1)  # a dense gradient: no more factors
+    assert not store.wants(w, 1, 2)  # a dense gradient: no more factors
 
 
 def _ff_inputs(dtype, R=12, D=16, inner=64, seed=1):

@@ -4,14 +4,15 @@ needs the gradient only to clip it and to update the weight.
 The weight gradient of a linear map over R rows is ``dW = s * A^T B``: A (R, out) the
 output's gradient, B (R, in) the input (s a scalar, e.g. a tanh gate). When the rows are few
 against the weight's size -- ``R * (out + in)`` elements of factors against ``out * in`` of
-gradient -- the factors are the smaller of the two (and the Gram matrices below cost less
-than the product): OpenFlamingo-3B's cross-attention FF
+gradient -- the factors are the smaller of the two: OpenFlamingo-3B's cross-attention FF
 (2048 <-> 8192) trained on 2 x 256 tokens has 20 MiB of bf16 factors per block against 128
 MiB of float32 gradients, written into fresh pages at every step. A step needs only
 
 - the gradient's norm, for clipping: ``||s A^T B||^2 = s^2 sum((A A^T) * (B B^T))`` from two
-  (R, R) Gram matrices (R^2 (out + in) multiply-adds, fewer than the product's R out in under
-  the same condition), summed in float64;
+  (R, R) Gram matrices (R^2 (out + in) multiply-adds, fewer than the product's R out in when
+  R (out + in) < out in), summed in float64; else from the gradient made a block of rows
+  at a time into one buffer, which costs the product (once more for the update) but no
+  fresh gradient pages;
 - the gradient itself, a block of W's rows at a time, for the optimizer's update of those rows
   (:mod:`flamingo_rt.runtime.train.factored_step`): the same product as the backward would
   have made, made later into one small buffer.
@@ -38,7 +39,7 @@ __all__ = ["FactoredGrads", "collecting", "store_for"]
 
 _ACTIVE: List["FactoredGrads"] = []
 
-#: factors are kept while their element count stays under this fraction of the gradient's
+#: factors are kept while their bytes stay under this fraction of the gradient's
 #: (1: while they are the smaller; tests raise it to factor tiny models)
 MAX_FRACTION = 1.0
 
@@ -54,16 +55,14 @@ class FactoredGrads:
 
     # ------------------------------------------------------------------ collecting
 
-    def wants(self, w: Tensor, numel: int) -> bool:
-        """Whether ``numel`` more elements of factors for ``w``'s gradient are taken: w is one
-        of the store's parameters, has no dense gradient, and its factors would stay fewer
-        elements than the gradient (whatever their dtype: then the Gram matrices of the norm
-        cost less than the product that makes the gradient, and bf16 factors take at most
-        half the float32 gradient's memory)."""
+    def wants(self, w: Tensor, numel: int, element_size: int) -> bool:
+        """Whether ``numel`` more factor elements of ``element_size`` bytes for ``w``'s
+        gradient are taken: w is one of the store's parameters, has no dense gradient, and
+        its factors would stay smaller in memory than the gradient."""
         if id(w) not in self._params or w.grad is not None:
             return False
-        held = sum(x.numel() for f in self._factors.get(id(w), []) for x in f[:2])
-        return held + numel < MAX_FRACTION * w.numel()
+        held = sum(x.numel() * x.element_size() for f in self._factors.get(id(w), []) for x in f[:2])
+        return held + numel * element_size < MAX_FRACTION * w.numel() * w.element_size()
 
     def densify(self, w: Tensor) -> None:
         """Write the gradient held as factors into ``w.grad`` (added to it if there is one) and
@@ -99,14 +98,21 @@ class FactoredGrads:
         return sum(x.numel() * x.element_size() for fs in self._factors.values() for f in fs for x in f[:2])
 
     def sq_norm(self, p: Tensor) -> Tensor:
-        """||grad of p||_F^2 as a float64 scalar, from the factors' Gram matrices:
-        sum over pairs (k, l) of s_k s_l sum((A_k A_l^T) * (B_k B_l^T))."""
+        """||grad of p||_F^2 as a float64 scalar: from the factors' Gram matrices, sum over
+        pairs (k, l) of s_k s_l sum((A_k A_l^T) * (B_k B_l^T)), where those cost less than the
+        gradient's product (R (m + n) against m n multiply-adds, R the rows, (m, n) p's
+        shape); else from the gradient itself, made a block of rows at a time into one
+        buffer (:data:`NORM_BLOCK_BYTES`)."""
         fs = self._factors[id(p)]
-        total = torch.zeros((), dtype=torch.float64, device=p.device)
+        rows = sum(a.shape[0] for a, _, _ in fs)
+        m, n = p.shape
+        if rows * (m + n) * (0.75 if len(fs) == 1 else 1.0) >= m * n:
+            return self._sq_norm_by_rows(p)
         if len(fs) == 1:  # one pair: the Gram matrices are symmetric, their blocks i <= j do
             a, b, sc = fs[0]
             total = _sym_gram_dot(a, b)
             return total if sc is None else total * sc.double() ** 2
+        total = torch.zeros((), dtype=torch.float64, device=p.device)
         for k, (ak, bk, sk) in enumerate(fs):
             for l, (al, bl, sl) in enumerate(fs[k:], start=k):
                 term = (_gram(ak, al).double() * _gram(bk, bl).double()).sum()
@@ -115,6 +121,16 @@ class FactoredGrads:
                 if sl is not None:
                     term = term * sl.double()
                 total += term if l == k else 2 * term
+        return total
+
+    def _sq_norm_by_rows(self, p: Tensor) -> Tensor:
+        m, n = p.shape
+        step = max(1, min(m, NORM_BLOCK_BYTES // max(1, n * 4)))
+        buf = torch.empty((step, n), dtype=torch.float32 if p.dtype == torch.bfloat16 else p.dtype, device=p.device)
+        total = torch.zeros((), dtype=torch.float64, device=p.device)
+        for r0 in range(0, m, step):
+            blk = self.rows_into(p, r0, min(m, r0 + step), buf[:min(m, r0 + step) - r0]).reshape(-1)
+            total += torch.dot(blk, blk).double()
         return total
 
     def scale_(self, coef: Tensor) -> None:
@@ -162,6 +178,10 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
     return torch.mm(x, y.t())
 
 
+#: bytes of the gradient block :meth:`FactoredGrads.sq_norm` makes at a time when the Gram
+#: matrices would cost more than the gradient's product
+NORM_BLOCK_BYTES = 16 << 20
+
 #: rows per block of :func:`_sym_gram_dot` (products of fewer rows run below the GEMM rate)
 GRAM_BLOCK_ROWS = 256
 
@@ -193,16 +213,17 @@ def collecting(store: FactoredGrads) -> Iterator[FactoredGrads]:
         _ACTIVE.remove(store)
 
 
-def store_for(factors: Iterable[Tuple[Tensor, int]]) -> Optional[FactoredGrads]:
+def store_for(factors: Iterable[Tuple[Tensor, int]], element_size: int) -> Optional[FactoredGrads]:
     """The active store when it takes the factors of every weight in ``factors`` ((weight,
-    elements of its new factors) pairs), else None -- and then any factors it held for them are
-    written into their ``.grad`` first (the caller returns dense gradients, which accumulate
-    there). None also without a store or in a traced graph."""
+    elements of its new factors) pairs, each element ``element_size`` bytes), else None --
+    and then any factors it held for them are written into their ``.grad`` first (the caller
+    returns dense gradients, which accumulate there). None also without a store or in a
+    traced graph."""
     if not _ACTIVE or torch.compiler.is_compiling():
         return None
     store = _ACTIVE[-1]
     factors = list(factors)
-    if all(store.wants(w, n) for w, n in factors):
+    if all(store.wants(w, n, element_size) for w, n in factors):
         return store
     for w, _ in factors:
         store.densify(w)

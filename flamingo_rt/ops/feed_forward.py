@@ -354,7 +354,7 @@ def _backward(ctx, dy, dh_unused):
         # dW2 = gate dy^T a: (R, inner + D) factors each, in the compute dtype
         R, D, inner = x.shape[0], x.shape[1], h.shape[1]
         n = R * (inner + D)
-        store = factored_grads.store_for([(w1, n), (w2, n)])
+        store = factored_grads.store_for([(w1, n), (w2, n)], h.element_size())
     if store is not None:
         dx, dg, db, dgate, dh, xn, dyc, a = _ff_bwd_factored_op(
             dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind, ctx.residual, need_dx)

@@ -94,13 +94,18 @@ def _ff_inputs(dtype, R=12, D=16, inner=64, seed=1):
     return [t.to(dtype) for t in (x, gamma, beta, w1, w2, gate)], dy
 
 
+@pytest.mark.parametrize("cast_parts", [False, True])
 @pytest.mark.parametrize("variant", ["plain", "residual", "gated"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, monkeypatch):
+def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, cast_parts, monkeypatch):
     """The FF's backward under a store: its weights get no .grad, the factors' product is the
     dense path's weight gradient, and every other gradient (input, LayerNorm, gate) equals
-    the dense path's."""
+    the dense path's (also with the bf16 weight casts made in several blocks)."""
+    import importlib
+
     monkeypatch.setattr(fg, "MAX_FRACTION", 1e6)
+    if cast_parts:
+        monkeypatch.setattr(importlib.import_module("flamingo_rt.ops.feed_forward"), "CAST_PART_BYTES", 700)
     ins, dy = _ff_inputs(torch.float32)
     ac = precision == "bf16"
 

@@ -162,10 +162,13 @@ def test_residual_gradcheck_float64_over_chunks(gated, monkeypatch):
         assert torch.autograd.gradcheck(fn, (x, *ps))
 
 
+@pytest.mark.parametrize("cast_parts", [False, True])
 @pytest.mark.parametrize("chunk_bytes", [None, 4000])
-def test_residual_autocast_bf16_like_the_module(chunk_bytes, monkeypatch):
+def test_residual_autocast_bf16_like_the_module(chunk_bytes, cast_parts, monkeypatch):
     if chunk_bytes is not None:
         monkeypatch.setattr(FFMOD, "CHUNK_BYTES", chunk_bytes)  # 7 rows of 256 bf16 per chunk
+    if cast_parts:  # the weights' bf16 casts in 11 blocks (the last one ragged), rows or columns
+        monkeypatch.setattr(FFMOD, "CAST_PART_BYTES", 3000)
     torch.manual_seed(5)
     ff = _module(64, "gelu")
     x = torch.randn(40, 64, requires_grad=True)
@@ -260,3 +263,23 @@ def test_compiles_fullgraph_forward_and_backward():
     assert rel_err(y, f(x, a)) < 1e-6
     for g1, g2 in zip(torch.autograd.grad(y, leaves, go), want):
         assert rel_err(g1, g2) < 1e-6
+
+
+def test_cast_parts_cover_the_weight(monkeypatch):
+    """_cast_parts: contiguous bf16 blocks of rows / columns that tile the weight, each within
+    CAST_PART_BYTES (plus one row or column of rounding); _mm_parts: the product from them."""
+    monkeypatch.setattr(FFMOD, "CAST_PART_BYTES", 200)  # 37 x 23 bf16 = 1702 bytes: 8-9 parts
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 23, generator=g)
+    wb = w.bfloat16()
+    for dim in (0, 1):
+        parts = FFMOD._cast_parts(w, torch.bfloat16, dim)
+        assert len(parts) >= 8 and parts[0][0] == 0 and parts[-1][1] == w.shape[dim]
+        assert all(p.is_contiguous() and p.numel() * 2 <= 200 + 2 * w.shape[1 - dim] for _, _, p in parts)
+        assert all(parts[i][1] == parts[i + 1][0] for i in range(len(parts) - 1))
+        assert torch.equal(torch.cat([p for _, _, p in parts], dim), wb)
+    rows, cols = FFMOD._cast_parts(w, torch.bfloat16, 0), FFMOD._cast_parts(w, torch.bfloat16, 1)
+    a, b = torch.randn(5, 23, generator=g).bfloat16(), torch.randn(5, 37, generator=g).bfloat16()
+    assert rel_err(FFMOD._mm_parts(a, rows, True), a.double() @ wb.double().t()) < 4e-3
+    assert rel_err(FFMOD._mm_parts(b, cols, False), b.double() @ wb.double()) < 4e-3
+    assert FFMOD._cast_parts(w, torch.float32, 0)[0][2] is w  # already in the dtype: no copy

@@ -76,6 +76,53 @@ def _chunk_rows(rows: int, inner: int, dtype: torch.dtype, limit: Optional[int] 
     return block_rows(rows, (CHUNK_BYTES if limit is None else limit) // max(1, inner * esize))
 
 
+#: a weight's compute-dtype cast (bf16 under autocast) is made in parts of at most this many
+#: bytes: glibc maps every block of 32 MiB or more anew, so a whole 2048 x 8192 bf16 cast
+#: (OpenFlamingo-3B's block FF, exactly 32 MiB) was fresh pages at every use, three per block
+#: and step; 16 MiB parts come back from its heap.
+CAST_PART_BYTES = 16 << 20
+
+
+def _cast_parts(w: Tensor, dtype: torch.dtype, dim: int, split: bool = True) -> list:
+    """``w`` (N, K) in ``dtype`` as [(lo, hi, part)]: contiguous blocks of rows (dim 0) or
+    columns (dim 1), each at most :data:`CAST_PART_BYTES`; ``[(0, n, w)]`` when w already is
+    in ``dtype``, one whole cast when that is small or ``split`` is False. (The ops split only
+    when their rows are one chunk: with many rows the fresh pages are a small share of the
+    products, and the products into column blocks of a wide output measured 3-7 % slower,
+    8192 rows of the 3B block.)"""
+    n = w.shape[dim]
+    if w.dtype == dtype:
+        return [(0, n, w)]
+    if not split:
+        return [(0, n, w.to(dtype))]
+    nbytes = w.numel() * torch.empty(0, dtype=dtype).element_size()
+    count = max(1, -(-nbytes // CAST_PART_BYTES))
+    if count == 1 or n < 2:
+        return [(0, n, w.to(dtype))]
+    per = -(-n // count)
+    parts = []
+    for lo in range(0, n, per):
+        hi = min(n, lo + per)
+        src = w[lo:hi] if dim == 0 else w[:, lo:hi]
+        parts.append((lo, hi, torch.empty(src.shape, dtype=dtype, device=w.device).copy_(src)))
+    return parts
+
+
+def _mm_parts(a: Tensor, parts: list, transposed: bool, out: Optional[Tensor] = None) -> Tensor:
+    """``a @ W.T`` (``transposed``; parts: W's row blocks) or ``a @ W`` (parts: W's column
+    blocks) for W given by :func:`_cast_parts`: each part's product written into its columns
+    of the output (``out`` when given, a dense (M, N) tensor)."""
+    if len(parts) == 1:
+        w = parts[0][2]
+        return mm(a, w.t() if transposed else w, out=out)
+    n = parts[-1][1]
+    if out is None:
+        out = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
+    for lo, hi, w in parts:
+        torch.mm(a, w.t() if transposed else w, out=out[:, lo:hi])
+    return out
+
+
 def _gate_of(gate: Optional[Tensor]) -> Optional[Tensor]:
     return None if gate is None else gate.reshape(())
 
@@ -91,17 +138,17 @@ def _ff_op(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate:
     with torch.autocast(x.device.type, enabled=False):
         R = x.shape[0]
         xn = layer_norm_in(x, eps, compute_dtype, gamma, beta)[0]  # bf16: in blocks of rows
-        h = mm(xn, w1.to(compute_dtype).t())
+        step = _chunk_rows(R, w1.shape[0], compute_dtype, min(CHUNK_BYTES, FORWARD_CHUNK_BYTES))
+        h = _mm_parts(xn, _cast_parts(w1, compute_dtype, 0, split=step >= R), True)
         del xn
-        w2t = w2.to(compute_dtype).t()
+        w2p = _cast_parts(w2, compute_dtype, 0, split=step >= R)
         g = _gate_of(gate)
-        step = _chunk_rows(R, h.shape[1], compute_dtype, min(CHUNK_BYTES, FORWARD_CHUNK_BYTES))
         if not residual and step >= R:  # one chunk: the product is the output
-            return mm(_act(h, kind), w2t), h
+            return _mm_parts(_act(h, kind), w2p, True), h
         y = torch.empty((R, w2.shape[0]), dtype=x.dtype if residual else compute_dtype, device=x.device)
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
-            f = mm(_act(h[r0:r1], kind), w2t)
+            f = _mm_parts(_act(h[r0:r1], kind), w2p, True)
             if not residual:
                 y[r0:r1] = f
             elif g is None:
@@ -141,13 +188,13 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
         db = torch.zeros(D, dtype=_acc(beta.dtype), device=x.device)
         dx = torch.empty_like(x) if need_dx else x.new_empty(0)
         step = _chunk_rows(R, h.shape[1], cd)
-        # The compute-dtype weight casts (bf16 copies under autocast): with one chunk they live
-        # one at a time (w1's made in w2's buffer once da is made); with several, each is made
-        # once for all of them (made per chunk they were 40 % of the chunk loop's non-product
-        # time at OpenFlamingo-3B's block, batch 4: four 32 MiB casts of each, fresh pages).
+        # The compute-dtype weight casts (bf16 copies under autocast, in parts: _cast_parts):
+        # with one chunk they live one at a time; with several, each is made once for all of
+        # them (made per chunk they were 40 % of the chunk loop's non-product time at
+        # OpenFlamingo-3B's block, batch 4).
         several = step < R
-        w2_all = w2.to(cd) if several else None
-        w1_all = w1.to(cd) if several else None
+        w2_all = _cast_parts(w2, cd, 1, split=False) if several else None
+        w1_all = _cast_parts(w1, cd, 1, split=False) if several else None
         gc = None if g is None else g.to(cd)
         # with several chunks, one (chunk, inner) buffer for all of them: the activation, then
         # da / dh in place (a fresh one per chunk was fresh pages each time: at batch 4 the
@@ -158,12 +205,13 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
             dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
             a = _act(hc, kind) if abuf is None else _act_into(hc, kind, abuf[:r1 - r0])
             dw2 = _acc_mm(dw2, dyc.t(), a, acc)  # the activation lives for this product only
-            w2c = w2_all if several else w2.to(cd)
+            w2c = w2_all if several else _cast_parts(w2, cd, 1)
             # the gate on dy's chunk when that is a fresh cast (D wide), else on dh (inner wide)
             gate_dy = gc is not None and dy.dtype != cd
             if gate_dy:
                 dyc.mul_(gc)
-            dh = mm(dyc, w2c, out=a)  # da into the activation's (now dead) buffer, made dh in place
+            # da into the activation's (now dead) buffer, made dh in place
+            dh = _mm_parts(dyc, w2c, False, out=a if a.is_contiguous() else None)
             del a, dyc
             if kind == "gelu":
                 torch.ops.aten.gelu_backward.grad_input(dh, hc, grad_input=dh)
@@ -173,13 +221,9 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
                 dh.mul_(gc)
             xn, xf, mean, rstd, gm, bt = _norm(x[r0:r1], gamma, beta, eps)
             dw1 = _acc_mm(dw1, dh.t(), xn.to(cd), acc)
-            if several:
-                w1c = w1_all
-            else:  # w1's cast into w2's (same size, dead once da is made) when that was a fresh copy
-                w1c = (w2c.view(w1.shape).copy_(w1) if w2c is not w2 and w2c.is_contiguous()
-                       and w2c.numel() == w1.numel() else w1.to(cd))
             del w2c
-            dxn = mm(dh, w1c).to(xf.dtype)
+            w1c = w1_all if several else _cast_parts(w1, cd, 1)
+            dxn = _mm_parts(dh, w1c, False).to(xf.dtype)
             del w1c
             del dh
             dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
@@ -225,8 +269,8 @@ def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: 
         dx = torch.empty_like(x) if need_dx else x.new_empty(0)
         step = _chunk_rows(R, inner, cd)
         several = step < R
-        w2c = w2.to(cd)
-        w1c = w1.to(cd) if several else None
+        w2c = _cast_parts(w2, cd, 1, split=not several)  # column blocks: da's output, f's inner dimension
+        w1c = _cast_parts(w1, cd, 1, split=False) if several else None
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             hc = h[r0:r1]
@@ -237,27 +281,29 @@ def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: 
                 # kept from the forward) remade as one (rows, D) product, accumulated in float32
                 # (bf16: MKL's widening product) against the unrounded dy; dy W2 rounded to
                 # bf16 (da) would lose it to the sum's cancellation
-                if cd == torch.bfloat16:
-                    f = widening_gemm.mm(a, w2c.t())
+                if cd == torch.bfloat16:  # summed over w2's column blocks in float32
+                    f = torch.zeros((r1 - r0, D), dtype=torch.float32, device=x.device)
+                    for lo, hi, wp in w2c:
+                        widening_gemm.addmm_(f, a[:, lo:hi], wp.t())
                 else:
-                    f = mm(a, w2c.t()).to(torch.float32 if cd != torch.float64 else cd)
+                    f = sum(mm(a[:, lo:hi], wp.t()) for lo, hi, wp in w2c)
+                    f = f.to(torch.float32 if cd != torch.float64 else cd)
                 dgate += torch.dot(f.reshape(-1), dy[r0:r1].to(f.dtype).reshape(-1)).to(torch.float64)
                 del f
             dst = dh_all[r0:r1]
-            dh = mm(dyc[r0:r1], w2c, out=dst)  # da, made dh in place below
+            dh = _mm_parts(dyc[r0:r1], w2c, False, out=dst)  # da, made dh in place below
             if dh.data_ptr() != dst.data_ptr():  # a product that made its own output (oneDNN)
                 dh = dst.copy_(dh)
-            if not several:  # w1's cast into w2's buffer (same size) when that was a fresh copy
-                w1c = (w2c.view(w1.shape).copy_(w1) if w2c is not w2 and w2c.is_contiguous()
-                       and w2c.numel() == w1.numel() else w1.to(cd))
+            if not several:  # w1's cast once w2's is no longer needed
                 del w2c
+                w1c = _cast_parts(w1, cd, 1)
             if kind == "gelu":
                 torch.ops.aten.gelu_backward.grad_input(dh, hc, grad_input=dh)
             else:
                 dh.mul_(2 * torch.relu(hc))
             if gc is not None:
                 dh.mul_(gc)
-            dxn = mm(dh, w1c).to(acc)
+            dxn = _mm_parts(dh, w1c, False).to(acc)
             dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
                 dxn, x[r0:r1].to(acc), [D], mean[r0:r1], rstd[r0:r1], gm, bt, [need_dx, True, True])
             del dxn

@@ -17,6 +17,11 @@
 #define FRT_CLONES
 #endif
 
+// FRT_SIMD / FRT_SIMD_RED(op : var): `omp simd` (with a reduction) before a loop.
+#define FRT_PRAGMA(x) _Pragma(#x)
+#define FRT_SIMD FRT_PRAGMA(omp simd)
+#define FRT_SIMD_RED(...) FRT_PRAGMA(omp simd reduction(__VA_ARGS__))
+
 #if defined(__GNUC__)
 #define FRT_INLINE inline __attribute__((always_inline))
 #else

@@ -15,10 +15,6 @@
 
 #include "cpu_math.h"
 
-#define FRT_PRAGMA(x) _Pragma(#x)
-#define FRT_SIMD FRT_PRAGMA(omp simd)
-#define FRT_SIMD_RED(...) FRT_PRAGMA(omp simd reduction(__VA_ARGS__))
-
 namespace flamingo_rt {
 namespace {
 

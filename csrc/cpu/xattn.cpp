@@ -42,11 +42,8 @@
 #include <omp.h>
 #endif
 
-// Vectorize reductions (max, sum) and exp loops: `omp simd` (honoured with -fopenmp;
-// ignored, and then scalar, without OpenMP).
-#define FRT_PRAGMA(x) _Pragma(#x)
-#define FRT_SIMD FRT_PRAGMA(omp simd)
-#define FRT_SIMD_RED(...) FRT_PRAGMA(omp simd reduction(__VA_ARGS__))
+// Reductions (max, sum) and exp loops are vectorized by `omp simd` (FRT_SIMD, cpu_math.h;
+// honoured with -fopenmp, ignored -- and then scalar -- without OpenMP).
 
 #if defined(__GNUC__) && !defined(__clang__)
 // The vector-typed helpers below are always inlined; no vector crosses a call boundary.

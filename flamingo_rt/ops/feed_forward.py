@@ -226,14 +226,7 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
             dxn = _mm_parts(dh, w1c, False).to(xf.dtype)
             del w1c
             del dh
-            dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
-                dxn, xf, [D], mean, rstd, gm, bt, [need_dx, True, True])
-            dg += dgc
-            db += dbc
-            if need_dx:
-                if residual:
-                    dxc = dxc.add_(dy[r0:r1].to(dxc.dtype))
-                dx[r0:r1] = dxc
+            _ln_backward_rows(dxn, xf, mean, rstd, gm, bt, dy, r0, r1, residual, dx if need_dx else None, dg, db)
         if g is not None:
             dw2, dgate = gate_weight_grads(dw2, w2, gate)
         else:
@@ -304,15 +297,9 @@ def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: 
             if gc is not None:
                 dh.mul_(gc)
             dxn = _mm_parts(dh, w1c, False).to(acc)
-            dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
-                dxn, x[r0:r1].to(acc), [D], mean[r0:r1], rstd[r0:r1], gm, bt, [need_dx, True, True])
+            _ln_backward_rows(dxn, x[r0:r1].to(acc), mean[r0:r1], rstd[r0:r1], gm, bt, dy, r0, r1, residual,
+                              dx if need_dx else None, dg, db)
             del dxn
-            dg += dgc
-            db += dbc
-            if need_dx:
-                if residual:
-                    dxc = dxc.add_(dy[r0:r1].to(dxc.dtype))
-                dx[r0:r1] = dxc
         dgate_out = dgate.reshape(gate.shape).to(gate.dtype) if gate is not None else x.new_empty(0)
     return dx, dg.to(gamma.dtype), db.to(beta.dtype), dgate_out, dh_all, xn, dyc, a_all
 
@@ -324,6 +311,22 @@ def _(dy, x, gamma, beta, w1, w2, h, gate, eps, kind, residual, need_dx):
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0), gamma.new_empty(gamma.shape),
             beta.new_empty(beta.shape), gate.new_empty(gate.shape) if gate is not None else x.new_empty(0),
             h.new_empty(h.shape), x.new_empty((R, D), dtype=cd), x.new_empty((R, D), dtype=cd), h.new_empty(h.shape))
+
+
+def _ln_backward_rows(dxn: Tensor, xf: Tensor, mean: Tensor, rstd: Tensor, gm: Tensor, bt: Tensor, dy: Tensor,
+                      r0: int, r1: int, residual: bool, dx: Optional[Tensor], dg: Tensor, db: Tensor) -> None:
+    """The LayerNorm's backward for rows r0:r1 (dxn its output gradient, xf its input, mean /
+    rstd its statistics, gm / bt its affine, all in the accumulation dtype): dgamma / dbeta
+    added into dg / db, the input gradient (plus dy's rows with ``residual``) written into
+    dx's rows when dx is given."""
+    dxc, dgc, dbc = torch.ops.aten.native_layer_norm_backward(
+        dxn, xf, [xf.shape[-1]], mean, rstd, gm, bt, [dx is not None, True, True])
+    dg += dgc
+    db += dbc
+    if dx is not None:
+        if residual:
+            dxc = dxc.add_(dy[r0:r1].to(dxc.dtype))
+        dx[r0:r1] = dxc
 
 
 def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:

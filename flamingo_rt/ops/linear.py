@@ -151,14 +151,13 @@ class _AutocastBf16FrozenLinear(torch.autograd.Function):
         return dx, None, None
 
 
-def _autocast_bf16_frozen(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """CPU bf16 autocast, eager, a float32 weight (and bias) that needs no gradient, an input
-    that does: :class:`_AutocastBf16FrozenLinear` replaces autocast's F.linear."""
+def _eager_cpu_bf16_autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """CPU bf16 autocast in eager mode with gradients on, a float32 / bf16 input, a 2-D float32
+    weight and a 1-D float32 bias (or none), no torch.func transform: the cases our autocast
+    linears may take over from F.linear."""
     if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return False
     if torch.compiler.is_compiling() or _backend.exporting() or not torch.is_grad_enabled():
-        return False
-    if not x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
         return False
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
         return False
@@ -170,22 +169,18 @@ def _autocast_bf16_frozen(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
                 or torch._C._functorch.is_functorch_wrapped_tensor(weight))
 
 
+def _autocast_bf16_frozen(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """A frozen weight (and bias) and an input that needs its gradient:
+    :class:`_AutocastBf16FrozenLinear` replaces autocast's F.linear."""
+    if not x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    return _eager_cpu_bf16_autocast(x, weight, bias)
+
+
 def _autocast_bf16_training(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """CPU bf16 autocast, eager, a float32 weight that needs its gradient, and MKL's widening
-    product available: :class:`_AutocastBf16Linear` replaces autocast's F.linear."""
-    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
-        return False
-    if torch.compiler.is_compiling() or _backend.exporting() or not torch.is_grad_enabled():
-        return False
-    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
-        return False
-    if not weight.requires_grad or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() == 0:
-        return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1):
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(weight):
-        return False
-    return widening_gemm.available()
+    """A weight that needs its gradient, and MKL's widening product available:
+    :class:`_AutocastBf16Linear` replaces autocast's F.linear."""
+    return weight.requires_grad and _eager_cpu_bf16_autocast(x, weight, bias) and widening_gemm.available()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

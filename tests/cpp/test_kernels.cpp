@@ -5,11 +5,13 @@
 // gelu / relu / silu, with and without bias, layouts NCHW, NHWC, a permuted padded
 // view and a stride-0 (expanded) input; outputs are poisoned with NaN first; dbias
 // must be bitwise identical across runs and thread counts. transpose_2d_cpu bit for bit on
-// three source layouts; spatial_mean_cpu (NFNet squeeze) on channels-last and NCHW sources.
+// three source layouts; spatial_mean_cpu (NFNet squeeze) on channels-last and NCHW sources;
+// softmax_xent_rows_cpu's loss and in-place gradient (float32, a wider row stride, an ignored row).
 // Exits non-zero on failure.
 #include "flamingo_rt/kernels.h"
 #include "flamingo_rt/nfnet.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -432,6 +434,51 @@ void test_spatial_mean(std::mt19937_64& rng) {
   std::printf("  spatial_mean checks done\n");
 }
 
+void test_softmax_xent(std::mt19937_64& rng) {
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  const int64_t N = 9, V = 1037, stride = 1050;
+  std::vector<float> x(static_cast<size_t>(N * stride), 0.0f);
+  for (auto& v : x) v = nd(rng);
+  std::vector<int64_t> t(static_cast<size_t>(N), 0);
+  for (int64_t r = 0; r < N; ++r) t[size_t(r)] = int64_t(rng() % uint64_t(V));
+  t[3] = -100;  // ignored
+  const std::vector<float> x0 = x;
+  std::vector<float> loss(size_t(N), -1.0f);
+  flamingo_rt::SoftmaxXentRowsParams p;
+  p.logits = x.data();
+  p.dtype = DType::kFloat32;
+  p.stride = stride;
+  p.targets = t.data();
+  p.loss = loss.data();
+  p.write_grad = true;
+  p.scale = 0.5f;
+  p.N = N;
+  p.V = V;
+  bool ok = flamingo_rt::softmax_xent_rows_cpu(p) == Status::kOk;
+  for (int64_t r = 0; ok && r < N; ++r) {
+    const float* row = x0.data() + r * stride;
+    double m = row[0], s = 0.0;
+    for (int64_t j = 1; j < V; ++j) m = std::max(m, double(row[j]));
+    for (int64_t j = 0; j < V; ++j) s += std::exp(double(row[j]) - m);
+    const double lse = m + std::log(s);
+    const bool ign = t[size_t(r)] == -100;
+    const double want_loss = ign ? 0.0 : lse - row[t[size_t(r)]];
+    if (std::fabs(loss[size_t(r)] - want_loss) > 1e-5 * (1.0 + std::fabs(want_loss))) ok = false;
+    for (int64_t j = 0; ok && j < V; ++j) {
+      const double g = ign ? 0.0 : 0.5 * (std::exp(double(row[j]) - lse) - (j == t[size_t(r)] ? 1.0 : 0.0));
+      if (std::fabs(x[size_t(r * stride + j)] - g) > 1e-6) ok = false;
+    }
+    for (int64_t j = V; ok && j < stride; ++j)  // past the row: untouched
+      if (x[size_t(r * stride + j)] != x0[size_t(r * stride + j)]) ok = false;
+  }
+  expect(ok, "softmax_xent_rows float32 loss and gradient vs float64");
+  t[0] = V;
+  expect(flamingo_rt::softmax_xent_rows_cpu(p) == Status::kInvalidArgument, "softmax_xent_rows target out of range -> kInvalidArgument");
+  p.dtype = DType::kFloat16;
+  expect(flamingo_rt::softmax_xent_rows_cpu(p) == Status::kUnsupportedDtype, "softmax_xent_rows float16 -> kUnsupportedDtype");
+  std::printf("  softmax_xent_rows checks done\n");
+}
+
 }  // namespace
 
 int main() {
@@ -466,6 +513,7 @@ int main() {
   test_errors();
   test_transpose(rng);
   test_spatial_mean(rng);
+  test_softmax_xent(rng);
 
   std::printf("kernels_cpu: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -61,7 +61,7 @@ class FactoredGrads:
         its factors would stay smaller in memory than the gradient."""
         if id(w) not in self._params or w.grad is not None:
             return False
-        held = sum(x.numel() * x.element_size() for f in self._factors.get(id(w), []) for x in f[:2])
+        held = _nbytes(self._factors.get(id(w), []))
         return held + numel * element_size < MAX_FRACTION * w.numel() * w.element_size()
 
     def densify(self, w: Tensor) -> None:
@@ -95,7 +95,7 @@ class FactoredGrads:
 
     def nbytes(self) -> int:
         """Bytes of the factors held."""
-        return sum(x.numel() * x.element_size() for fs in self._factors.values() for f in fs for x in f[:2])
+        return sum(_nbytes(fs) for fs in self._factors.values())
 
     def sq_norm(self, p: Tensor) -> Tensor:
         """||grad of p||_F^2 as a float64 scalar: from the factors' Gram matrices, sum over
@@ -108,25 +108,13 @@ class FactoredGrads:
         m, n = p.shape
         if rows * (m + n) * (0.75 if len(fs) == 1 else 1.0) >= m * n:
             return self._sq_norm_by_rows(p)
-        if len(fs) == 1:  # one pair: the Gram matrices are symmetric, their blocks i <= j do
-            a, b, sc = fs[0]
-            total = _sym_gram_dot(a, b)
-            return total if sc is None else total * sc.double() ** 2
-        total = torch.zeros((), dtype=torch.float64, device=p.device)
-        for k, (ak, bk, sk) in enumerate(fs):
-            for l, (al, bl, sl) in enumerate(fs[k:], start=k):
-                term = (_gram(ak, al).double() * _gram(bk, bl).double()).sum()
-                if sk is not None:
-                    term = term * sk.double()
-                if sl is not None:
-                    term = term * sl.double()
-                total += term if l == k else 2 * term
-        return total
+        # one pair: its rows in blocks (the Gram matrices are symmetric: blocks i <= j do)
+        return _gram_sq_norm(_row_blocks(*fs[0]) if len(fs) == 1 else fs)
 
     def _sq_norm_by_rows(self, p: Tensor) -> Tensor:
         m, n = p.shape
         step = max(1, min(m, NORM_BLOCK_BYTES // max(1, n * 4)))
-        buf = torch.empty((step, n), dtype=torch.float32 if p.dtype == torch.bfloat16 else p.dtype, device=p.device)
+        buf = torch.empty((step, n), dtype=_grad_dtype(p), device=p.device)
         total = torch.zeros((), dtype=torch.float64, device=p.device)
         for r0 in range(0, m, step):
             blk = self.rows_into(p, r0, min(m, r0 + step), buf[:min(m, r0 + step) - r0]).reshape(-1)
@@ -159,7 +147,7 @@ class FactoredGrads:
 
     def dense(self, p: Tensor) -> Tensor:
         """p's whole gradient as a new tensor of p's dtype and shape."""
-        out = torch.empty(p.shape, dtype=torch.float32 if p.dtype == torch.bfloat16 else p.dtype, device=p.device)
+        out = torch.empty(p.shape, dtype=_grad_dtype(p), device=p.device)
         return self.rows_into(p, 0, p.shape[0], out).to(p.dtype)
 
     def pop(self, p: Tensor) -> None:
@@ -169,6 +157,16 @@ class FactoredGrads:
     def clear(self) -> None:
         """Drop every factor."""
         self._factors.clear()
+
+
+def _nbytes(factors) -> int:
+    """Bytes of a list of (a, b, scale) factors."""
+    return sum(x.numel() * x.element_size() for f in factors for x in f[:2])
+
+
+def _grad_dtype(p: Tensor) -> torch.dtype:
+    """The dtype a gradient of p is made in (float32 for a bf16 parameter)."""
+    return torch.float32 if p.dtype == torch.bfloat16 else p.dtype
 
 
 def _gram(x: Tensor, y: Tensor) -> Tensor:
@@ -182,24 +180,33 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
 #: matrices would cost more than the gradient's product
 NORM_BLOCK_BYTES = 16 << 20
 
-#: rows per block of :func:`_sym_gram_dot` (products of fewer rows run below the GEMM rate)
+#: rows per block of :func:`_row_blocks` (products of fewer rows run below the GEMM rate)
 GRAM_BLOCK_ROWS = 256
 
 
-def _sym_gram_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum((a a^T) * (b b^T)) in float64 for a (R, m), b (R, n): over blocks of rows, only the
-    blocks i <= j of the two symmetric Gram matrices (off-diagonal ones counted twice): with
-    2 blocks 3/4 of the whole products, with 4 blocks 5/8."""
+def _row_blocks(a: Tensor, b: Tensor, s: Optional[Tensor]) -> list:
+    """One pair of factors as up to 4 pairs of row blocks (each with the pair's scale): the
+    gradient is their sum, and :func:`_gram_sq_norm` over them computes only the blocks
+    i <= j of the symmetric Gram matrices (2 blocks: 3/4 of the whole products, 4: 5/8)."""
     R = a.shape[0]
     k = max(1, min(4, R // GRAM_BLOCK_ROWS))
     edges = [R * i // k for i in range(k + 1)]
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for i in range(k):
-        ai, bi = a[edges[i]:edges[i + 1]], b[edges[i]:edges[i + 1]]
-        for j in range(i, k):
-            aj, bj = a[edges[j]:edges[j + 1]], b[edges[j]:edges[j + 1]]
-            term = (_gram(ai, aj).double() * _gram(bi, bj).double()).sum()
-            total += term if i == j else 2 * term
+    return [(a[edges[i]:edges[i + 1]], b[edges[i]:edges[i + 1]], s) for i in range(k)]
+
+
+def _gram_sq_norm(factors) -> Tensor:
+    """||sum_k s_k a_k^T b_k||_F^2 in float64 for (a_k, b_k, s_k) factors: over pairs k <= l
+    (off-diagonal ones counted twice) of s_k s_l sum((a_k a_l^T) * (b_k b_l^T))."""
+    total = torch.zeros((), dtype=torch.float64, device=factors[0][0].device)
+    for k, (ak, bk, sk) in enumerate(factors):
+        for l in range(k, len(factors)):
+            al, bl, sl = factors[l]
+            term = (_gram(ak, al).double() * _gram(bk, bl).double()).sum()
+            if sk is not None:
+                term = term * sk.double()
+            if sl is not None:
+                term = term * sl.double()
+            total += term if l == k else 2 * term
     return total
 
 

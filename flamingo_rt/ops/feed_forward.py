@@ -211,7 +211,7 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
             if gate_dy:
                 dyc.mul_(gc)
             # da into the activation's (now dead) buffer, made dh in place
-            dh = _mm_parts(dyc, w2c, False, out=a if a.is_contiguous() else None)
+            dh = _mm_parts(dyc, w2c, False, out=a)
             del a, dyc
             if kind == "gelu":
                 torch.ops.aten.gelu_backward.grad_input(dh, hc, grad_input=dh)
@@ -268,7 +268,6 @@ def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: 
             r1 = min(R, r0 + step)
             hc = h[r0:r1]
             a = _act_into(hc, kind, a_all[r0:r1])
-            dst = dh_all[r0:r1]
             if g is not None:
                 # the gate's gradient sum(dy * f) with f = a W2^T (the ungated FF output, not
                 # kept from the forward) remade as one (rows, D) product, accumulated in float32

@@ -103,8 +103,9 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: Optional[float] = 1.0
-    #: keep weight gradients smaller as factors than dense as those factors during the step
-    #: (one process, AdamW; ``train_step(factored=...)``, :mod:`flamingo_rt.ops.factored_grads`)
+    #: keep a weight gradient as the two factors of its product during the step when those
+    #: take less memory (one process, Adam / AdamW; ``train_step(factored=...)``,
+    #: :mod:`flamingo_rt.ops.factored_grads`)
     factored_grads: bool = True
 
     def __post_init__(self) -> None:

@@ -58,7 +58,11 @@ class RowGradMask:
             else:
                 keep = keep.to(p.device)
             self.masks.append((p, keep))
-        self.params = [p for p, _ in self.masks]  # the parameters whose gradients it masks
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        """The parameters whose gradients it masks."""
+        return [p for p, _ in self.masks]
 
     def __call__(self) -> None:
         for p, keep in self.masks:

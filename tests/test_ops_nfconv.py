@@ -398,12 +398,93 @@ def test_ws_conv2d_channels_last_1x1_weight_gets_channels_last_strides(monkeypat
         return real(inp, weight, *a, **k)
 
     monkeypatch.setattr(F, "conv2d", spy)
+    monkeypatch.setattr(nfconv, "CONV1X1_MM_MAX_ROWS_FP32", 0)  # the convolution, not the product
     got = ws_conv2d(x.contiguous(memory_format=torch.channels_last), w, g, None, 1, 1)
     monkeypatch.setattr(F, "conv2d", real)
     assert strides == [(8, 1, 8, 8)]
     dw, dg = torch.autograd.grad(got.square().sum(), (w, g))
     assert rel_err(got, want) < 1e-5 and rel_err(dw, dw_want) < 1e-5 and rel_err(dg, dg_want) < 1e-5
     assert dw.shape == w.shape
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-autocast"])
+def test_ws_conv2d_1x1_channels_last_runs_as_matrix_product(monkeypatch, with_bias, dtype):
+    """A stride-1 1x1 conv of channels-last x runs as one product over x's (N*H*W, C) rows
+    (no F.conv2d call): output channels-last, values and every gradient (x, weight, gain,
+    bias) those of the NCHW convolution; under bf16 autocast a bf16 output within bf16
+    rounding of the float32 convolution."""
+    x = _rand(2, 24, 5, 6, requires_grad=True)
+    w = _rand(40, 24, 1, 1, requires_grad=True)
+    g = (1 + 0.1 * torch.randn(40, 1, 1, 1)).requires_grad_()
+    b = _rand(40, requires_grad=True) if with_bias else None
+    params = [x, w, g] + ([b] if with_bias else [])
+    r = torch.randn(2, 40, 5, 6)
+    want = ws_conv2d(x, w, g, b, 1, 1)  # NCHW x: the convolution
+    grads_want = torch.autograd.grad((want * r).sum(), params)
+    calls = []
+    real = F.conv2d
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != "fp32"):
+        got = ws_conv2d(xc, w, g, b, 1, 1)
+    assert calls == []
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
+    assert got.dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16)
+    grads = torch.autograd.grad((got.float() * r).sum(), [xc] + params[1:])
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    assert rel_err(got.float(), want) < tol
+    for a, e in zip(grads, grads_want):
+        assert a.shape == e.shape and rel_err(a, e) < tol
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ws_conv2d_1x1_product_rule(monkeypatch):
+    """Which 1x1 convs take the product: float32 up to CONV1X1_MM_MAX_ROWS_FP32 output
+    pixels, bf16 at any size; strided, grouped, padded or NCHW ones stay convolutions."""
+    cl = torch.channels_last
+    w = torch.randn(8, 4, 1, 1)
+    small = torch.randn(2, 4, 8, 8).contiguous(memory_format=cl)  # 128 rows
+    assert nfconv._conv1x1_as_mm(small, w)
+    assert not nfconv._conv1x1_as_mm(small.contiguous(), w)  # NCHW
+    assert not nfconv._conv1x1_as_mm(small, torch.randn(8, 4, 3, 3))
+    monkeypatch.setattr(nfconv, "CONV1X1_MM_MAX_ROWS_FP32", 127)
+    assert not nfconv._conv1x1_as_mm(small, w)
+    assert nfconv._conv1x1_as_mm(small.bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nfconv._conv1x1_as_mm(small, w)
+    calls = []
+    real = F.conv2d
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    ws_conv2d(small, torch.randn(8, 4, 1, 1), torch.ones(8, 1, 1, 1), None, 2, 1)  # stride 2
+    ws_conv2d(small, torch.randn(8, 2, 1, 1), torch.ones(8, 1, 1, 1), None, 1, 2)  # groups
+    assert calls == [1, 1]
+
+
+def test_ws_conv2d_1x1_product_compiles_fullgraph():
+    """The product path traces (full graph, autograd) and matches eager."""
+    torch._dynamo.reset()
+    x = _rand(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    w, g = _rand(12, 8, 1, 1, requires_grad=True), (1 + 0.1 * torch.randn(12, 1, 1, 1)).requires_grad_()
+
+    def f(x, w, g):
+        return ws_conv2d(x, w, g, None, 1, 1)
+
+    want = f(x, w, g)
+    got = torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")(x, w, g)
+    assert rel_err(got, want) < 1e-6
+    for a, e in zip(torch.autograd.grad(got.square().sum(), (w, g)), torch.autograd.grad(want.square().sum(), (w, g))):
+        assert rel_err(a, e) < 1e-5
 
 
 def test_bias_none_gives_no_bias_grad():

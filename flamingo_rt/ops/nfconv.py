@@ -477,7 +477,48 @@ def conv2d_padded(
             raise ValueError(f"expected padding 'same', 'valid', an int or a pair, got {padding!r}")
     else:
         pad = _pair(padding, "padding")
+    if (sh, sw) == (1, 1) and pad == (0, 0) and groups == 1 and _conv1x1_as_mm(x, w):
+        return _conv1x1_mm(x, w, bias)
     return F.conv2d(x, w, bias, (sh, sw), pad, 1, groups)
+
+
+#: float32 1x1 convolutions with at most this many output pixels (N * H * W) run as a matrix
+#: product (see :func:`_conv1x1_as_mm`); bf16 ones always do.
+CONV1X1_MM_MAX_ROWS_FP32 = 4096
+
+
+def _conv1x1_as_mm(x: Tensor, w: Tensor) -> bool:
+    """Whether a stride-1, unpadded, ungrouped 1x1 convolution of x runs as one matrix
+    product over its (N*H*W, C) rows (:func:`_conv1x1_mm`): on the CPU, for channels-last x
+    (the rows are then x's memory, a view), in float32 up to
+    :data:`CONV1X1_MM_MAX_ROWS_FP32` rows and in bf16 (also under autocast) at any size.
+
+    Measured on a 2-core Xeon with AMX, forward + backward of each of dm_nfnet_f0's 1x1 convs
+    at batch 4 and 224 px (ms, oneDNN's convolution / torch's product): float32 14x14 and 7x7
+    (196 / 49 rows per image) 1.07-1.26x faster as a product, 1536 -> 3072 at 7x7 38.3 / 18.3;
+    28x28 (3136 rows) 0.97-1.10x; 56x56 (12544 rows, 128-256 channels) 0.76-0.92x, so not
+    taken; bf16 1.0-1.8x at every size. All of F0's 1x1 convs, forward + backward: float32
+    388 -> 343 ms, bf16 133 -> 112 ms."""
+    if x.device.type != "cpu" or x.dim() != 4 or w.shape[2] != 1 or w.shape[3] != 1:
+        return False
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype == torch.bfloat16:
+        return True
+    return dtype == torch.float32 and x.shape[0] * x.shape[2] * x.shape[3] <= CONV1X1_MM_MAX_ROWS_FP32
+
+
+def _conv1x1_mm(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 1x1 convolution of channels-last x (N, C, H, W) by w (O, C, 1, 1) as
+    ``rows @ w^T (+ bias)`` over x's (N*H*W, C) rows; returns (N, O, H, W) channels-last (a
+    view of the product). Autocast and autograd apply as to any ``torch.mm`` / ``addmm``."""
+    N, C, H, W = x.shape
+    O = w.shape[0]
+    rows = x.permute(0, 2, 3, 1).reshape(N * H * W, C)
+    wt = w.reshape(O, C).t()
+    y = torch.mm(rows, wt) if bias is None else torch.addmm(bias, rows, wt)
+    return y.view(N, H, W, O).permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------------------

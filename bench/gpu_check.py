@@ -385,8 +385,12 @@ def _nfnet_flops(net, res: int) -> float:
             return out
 
     p = next(net.parameters())
-    with torch.no_grad(), Count():
-        net.forward_features(torch.zeros(1, 3, res, res, device=p.device, dtype=p.dtype))
+    cl, net.channels_last = net.channels_last, False  # every conv an F.conv2d (CPU: channels-last 1x1 convs are products)
+    try:
+        with torch.no_grad(), Count():
+            net.forward_features(torch.zeros(1, 3, res, res, device=p.device, dtype=p.dtype))
+    finally:
+        net.channels_last = cl
     return total[0]
 
 

@@ -37,6 +37,7 @@ def _conv_flops(model: NFNet, res: int) -> float:
             return out
 
     plain = copy.deepcopy(model).unfreeze().eval()
+    plain.channels_last = False  # every conv an F.conv2d (channels-last 1x1 convs run as products)
     with torch.no_grad(), Count():
         plain.forward_features(torch.zeros(1, 3, res, res))
     return total[0]

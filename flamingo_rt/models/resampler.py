@@ -10,7 +10,7 @@ from torch import nn
 from ..ops import norm_project_iter, resampler_attention
 from ..ops.feed_forward import module_feed_forward
 from ..ops.linear import Linear
-from ..ops.residual import residual_add_
+from ..ops.fused_linear import linear_residual
 from .config import ResamplerConfig
 from .ff import FeedForward
 
@@ -123,9 +123,11 @@ class PerceiverAttention(nn.Module):
         self.to_out = Linear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, backend: Optional[str] = None,
-                kv_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+                kv_x: Optional[torch.Tensor] = None, residual: bool = False) -> torch.Tensor:
         """x: (N, S, D) features; latents: (N, L, D); kv_x: optional
-        ``to_kv(norm_media(x))`` (N, S, 2*H*dh). Returns (N, L, D)."""
+        ``to_kv(norm_media(x))`` (N, S, 2*H*dh). Returns (N, L, D): the attention's output,
+        or with ``residual`` latents + that (in inference the add is to_out's oneDNN post-op
+        where it runs: :func:`~flamingo_rt.ops.fused_linear.linear_residual`)."""
         n, S, _ = x.shape
         L = latents.shape[1]
         H, dh = self.heads, self.dim_head
@@ -135,8 +137,10 @@ class PerceiverAttention(nn.Module):
             kv_x = self.to_kv(self.norm_media(x))
         k_x, v_x = kv_x.view(n, S, 2, H, dh).unbind(2)
         k_l, v_l = self.to_kv(ln).view(n, L, 2, H, dh).unbind(2)
-        out = resampler_attention(q, k_x, v_x, k_l, v_l, scale=dh ** -0.5, backend=backend)
-        return self.to_out(out.reshape(n, L, H * dh))
+        out = resampler_attention(q, k_x, v_x, k_l, v_l, scale=dh ** -0.5, backend=backend).reshape(n, L, H * dh)
+        if residual:
+            return linear_residual(out, self.to_out.weight, self.to_out.bias, latents)
+        return self.to_out(out)
 
 
 class ResamplerLayer(nn.Module):
@@ -146,7 +150,7 @@ class ResamplerLayer(nn.Module):
         self.ff = FeedForward(cfg.dim, cfg.ff_mult, cfg.ff_kind)
 
     def forward(self, x, latents, backend=None, kv_x=None):
-        latents = residual_add_(latents, self.attn(x, latents, backend, kv_x))  # into to_out's output
+        latents = self.attn(x, latents, backend, kv_x, residual=True)
         return module_feed_forward(self.ff, latents, residual=True)
 
 

@@ -461,6 +461,8 @@ def module_feed_forward(ff, x: Tensor, residual: bool = False, gate: Optional[Te
         or (gate is not None and gate.requires_grad))
     if (not training or f1.bias is not None or f2.bias is not None or n.weight is None or n.bias is None
             or torch.compiler.is_compiling()):
+        if residual and gate is None and hasattr(ff, "forward_residual"):
+            return ff.forward_residual(x)  # x + ff(x), the add fused into fc2 where it can be
         y = ff(x)
         if not residual:
             return y

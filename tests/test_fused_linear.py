@@ -1,0 +1,162 @@
+"""flamingo_rt.ops.fused_linear: inference linears with the activation / residual add as
+oneDNN post-ops, against the plain expressions in float64 (the specification), the fused path
+taken where it should be and nowhere else, and the models' inference paths through it."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flamingo_rt.ops import cpu_gemm
+from flamingo_rt.ops import fused_linear as fl
+from flamingo_rt.models.ff import FeedForward
+from conftest import rel_err
+
+needs_onednn = pytest.mark.skipif(
+    not (cpu_gemm.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="this torch build has no oneDNN bf16 linear")
+
+
+def _case(rows=48, k=40, n=72, dtype=torch.bfloat16, bias=True):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    x = torch.randn(2, rows // 2, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    r = torch.randn(2, rows // 2, n, generator=g).to(dtype)
+    return x, w, b, r
+
+
+def _ref_linear(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts calls of the fused oneDNN primitives."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        def __call__(self, *a, **k):
+            calls.append("act")
+            return real(*a, **k)
+
+        def binary(self, *a, **k):
+            calls.append("add")
+            return real.binary(*a, **k)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_linear_act_bf16_fused_matches_float64(fused_calls, act, bias):
+    """bf16 inference: one fused primitive; within bf16 rounding of the float64 expression and
+    no less accurate than the unfused ops (the epilogue sees the float32 accumulator)."""
+    x, w, b, _ = _case(bias=bias)
+    with torch.no_grad():
+        got = fl.linear_act(x, w, b, act)
+    assert fused_calls == ["act"]
+    ref_fn = F.gelu if act == "gelu" else F.relu
+    want = ref_fn(_ref_linear(x, w, b))
+    unfused = ref_fn(F.linear(x, w, b))
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert rel_err(got, want) < 8e-3
+    assert rel_err(got, want) <= rel_err(unfused, want) * 1.05 + 1e-6
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_residual_bf16_fused_matches_float64(fused_calls, bias):
+    x, w, b, r = _case(bias=bias)
+    with torch.no_grad():
+        got = fl.linear_residual(x, w, b, r)
+    assert fused_calls == ["add"]
+    want = r.double() + _ref_linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == r.shape
+    assert rel_err(got, want) < 8e-3
+    assert rel_err(got, want) <= rel_err(r + F.linear(x, w, b), want) * 1.05 + 1e-6
+
+
+@needs_onednn
+def test_float32_fused_only_under_the_onednn_policy(fused_calls):
+    """float32: fused where float32 products go to oneDNN, else torch's product and the
+    separate ops; the same values within float32 rounding either way."""
+    x, w, b, r = _case(dtype=torch.float32)
+    want_act = F.gelu(_ref_linear(x, w, b))
+    want_res = r.double() + _ref_linear(x, w, b)
+    with torch.no_grad():
+        with cpu_gemm.use("torch"):
+            a0, r0 = fl.linear_act(x, w, b, "gelu"), fl.linear_residual(x, w, b, r)
+        assert fused_calls == []
+        with cpu_gemm.use("onednn"):
+            a1, r1 = fl.linear_act(x, w, b, "gelu"), fl.linear_residual(x, w, b, r)
+        assert fused_calls == ["act", "add"]
+    for got, want in ((a0, want_act), (a1, want_act), (r0, want_res), (r1, want_res)):
+        assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
+
+
+@needs_onednn
+def test_not_fused_with_gradients_decode_rows_or_other_dtypes(fused_calls):
+    """A gradient to take, <= 16 rows (the small-batch decode kernel) or float16 / float64:
+    the unfused ops, differentiable, equal to the plain expressions."""
+    x, w, b, r = _case()
+    xg = x.float().requires_grad_()
+    wf, bf_, rf = w.float(), b.float(), r.float()
+    y = fl.linear_act(xg, wf, bf_, "gelu")
+    z = fl.linear_residual(xg, wf, bf_, rf)
+    (y.sum() + z.sum()).backward()
+    assert fused_calls == []
+    xd = xg.detach().double().requires_grad_()
+    (F.gelu(F.linear(xd, wf.double(), bf_.double())).sum()
+     + (rf.double() + F.linear(xd, wf.double(), bf_.double())).sum()).backward()
+    assert rel_err(xg.grad, xd.grad) < 1e-5
+    xs = x[:1, :8]  # 8 rows
+    with torch.no_grad():
+        small = fl.linear_act(xs, w, b, "gelu")
+        for dt in (torch.float16, torch.float64):
+            fl.linear_residual(x.to(dt), w.to(dt), b.to(dt), r.to(dt))
+    assert fused_calls == []
+    assert rel_err(small, F.gelu(_ref_linear(xs, w, b))) < 8e-3
+
+
+def test_linear_act_rejects_unknown_activation():
+    x, w, b, _ = _case(dtype=torch.float32)
+    with pytest.raises(ValueError, match="gelu"):
+        fl.linear_act(x, w, b, "tanh")
+
+
+def test_linear_residual_broadcast_residual_is_not_fused(fused_calls):
+    """A residual that only broadcasts to the output takes the unfused add (same values)."""
+    x, w, b, r = _case()
+    r1 = r[:1]
+    with torch.no_grad():
+        got = fl.linear_residual(x, w, b, r1)
+    assert fused_calls == []
+    assert rel_err(got, r1.double() + _ref_linear(x, w, b)) < 8e-3
+
+
+@pytest.mark.parametrize("kind", ["gelu", "sqrelu"])
+def test_feed_forward_inference_equals_training_path(kind):
+    """FeedForward (bf16 weights): inference through the fused linears (forward and
+    forward_residual) agrees with the differentiable path within bf16 rounding, and with
+    float64; forward_residual is x + forward(x)."""
+    torch.manual_seed(0)
+    ff = FeedForward(64, 4, kind)
+    with torch.no_grad():
+        ff.norm.weight.normal_(1.0, 0.1)
+        ff.norm.bias.normal_(0.0, 0.1)
+    x = torch.randn(3, 20, 64)
+    ff64 = copy.deepcopy(ff).double()
+    want = ff64(x.double())
+    ff16, x16 = copy.deepcopy(ff).to(torch.bfloat16), x.bfloat16()
+    with torch.no_grad():
+        got = ff16(x16)
+        got_res = ff16.forward_residual(x16)
+    train = ff16(x16.requires_grad_())  # the differentiable path
+    assert rel_err(got, want) < 2e-2 and rel_err(train.detach(), want) < 2e-2
+    assert rel_err(got_res, x.double() + want) < 1e-2

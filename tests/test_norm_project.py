@@ -141,7 +141,8 @@ def test_inference_computes_each_projection_when_taken(monkeypatch):
     x = torch.randn(3, 10, 32)
     g, b, w = _params(4, 32, 16)
     calls = []
-    real = npm._forward
+    real_cached, real = npm._folded_cached, npm._forward
+    monkeypatch.setattr(npm, "_folded_cached", lambda *a, **k: calls.append(1) or real_cached(*a, **k))
     monkeypatch.setattr(npm, "_forward", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
     refs = _ref(x, g, b, w)
     with torch.no_grad():
@@ -155,6 +156,43 @@ def test_inference_computes_each_projection_when_taken(monkeypatch):
     calls.clear()
     list(norm_project_iter(x.requires_grad_(), g, b, w))  # x's gradient: the one op for all
     assert calls == [4]
+
+
+def test_inference_folded_weights_cached_until_a_parameter_changes():
+    """Inference keeps each weight's folded form (W diag(gamma), W beta) between calls:
+    the outputs are bitwise those of the op path, a second call folds nothing, and an in-place
+    update of gamma, beta or W (an optimizer step, load_state_dict) is seen at the next call."""
+    import importlib
+
+    npm = importlib.import_module("flamingo_rt.ops.norm_project")
+    from flamingo_rt.ops import norm_project_iter
+
+    torch.manual_seed(10)
+    x = torch.randn(2, 9, 32)
+    g, b, w = _params(3, 32, 24)
+    folds = []
+    real = npm._folded
+    npm_folded = lambda *a: folds.append(1) or real(*a)  # noqa: E731
+    try:
+        npm._folded = npm_folded
+        with torch.no_grad():
+            first = list(norm_project_iter(x, g, b, w))
+            assert len(folds) == 3
+            again = list(norm_project_iter(x, g, b, w))
+            assert len(folds) == 3  # all three from the cache
+            op_path = [norm_project(x, [gi], [bi], [wi])[0] for gi, bi, wi in zip(g, b, w)]  # folds anew
+            n = len(folds)
+            for a, c, o in zip(first, again, op_path):
+                assert torch.equal(a, c) and torch.equal(a, o)
+            g[1].mul_(1.5)
+            b[2].add_(0.25)
+            w[0].mul_(-1.0)
+            updated = list(norm_project_iter(x, g, b, w))
+            assert len(folds) == n + 3
+        for o, r in zip(updated, _ref(x, g, b, w)):
+            assert rel_err(o, r) < 1e-5
+    finally:
+        npm._folded = real
 
 
 def test_iter_computes_each_projection_when_taken():

@@ -12,9 +12,10 @@ with the same results up to the fused path's single rounding (the epilogue is ap
 float32 accumulator before the output is rounded to bf16, where the separate ops round the
 product first).
 
-The Perceiver Resampler's bf16 forward (32 images x 256 features, 6 layers, 2-core Xeon with
-AMX, 21 interleaved runs): 274 -> 253 ms median with the FF's GELU and both residual adds
-fused (fc1 + GELU, fc2 + residual, to_out + residual).
+The Perceiver Resampler's bf16 forward in bf16 weights (32 images x 256 features, 6 layers,
+2-core Xeon with AMX, 21 interleaved runs): 237 -> 224 ms median with the FF's GELU and both
+residual adds fused (fc1 + GELU, fc2 + residual, to_out + residual); its error against the
+float32 model 6.6e-3 -> 6.4e-3.
 """
 from __future__ import annotations
 

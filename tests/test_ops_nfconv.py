@@ -407,9 +407,23 @@ def test_ws_conv2d_channels_last_1x1_weight_gets_channels_last_strides(monkeypat
     assert dw.shape == w.shape
 
 
+@pytest.fixture
+def conv2d_calls(monkeypatch):
+    """Counts F.conv2d calls (a 1x1 conv that runs as a matrix product makes none)."""
+    calls = []
+    real = F.conv2d
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    return calls
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16-autocast"])
-def test_ws_conv2d_1x1_channels_last_runs_as_matrix_product(monkeypatch, with_bias, dtype):
+def test_ws_conv2d_1x1_channels_last_runs_as_matrix_product(conv2d_calls, with_bias, dtype):
     """A stride-1 1x1 conv of channels-last x runs as one product over x's (N*H*W, C) rows
     (no F.conv2d call): output channels-last, values and every gradient (x, weight, gain,
     bias) those of the NCHW convolution; under bf16 autocast a bf16 output within bf16
@@ -422,18 +436,11 @@ def test_ws_conv2d_1x1_channels_last_runs_as_matrix_product(monkeypatch, with_bi
     r = torch.randn(2, 40, 5, 6)
     want = ws_conv2d(x, w, g, b, 1, 1)  # NCHW x: the convolution
     grads_want = torch.autograd.grad((want * r).sum(), params)
-    calls = []
-    real = F.conv2d
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(F, "conv2d", spy)
+    conv2d_calls.clear()
     xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != "fp32"):
         got = ws_conv2d(xc, w, g, b, 1, 1)
-    assert calls == []
+    assert conv2d_calls == []
     assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
     assert got.dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16)
     grads = torch.autograd.grad((got.float() * r).sum(), [xc] + params[1:])
@@ -444,7 +451,7 @@ def test_ws_conv2d_1x1_channels_last_runs_as_matrix_product(monkeypatch, with_bi
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_ws_conv2d_1x1_product_rule(monkeypatch):
+def test_ws_conv2d_1x1_product_rule(monkeypatch, conv2d_calls):
     """Which 1x1 convs take the product: float32 up to CONV1X1_MM_MAX_ROWS_FP32 output
     pixels, bf16 at any size; strided, grouped, padded or NCHW ones stay convolutions."""
     cl = torch.channels_last
@@ -458,17 +465,9 @@ def test_ws_conv2d_1x1_product_rule(monkeypatch):
     assert nfconv._conv1x1_as_mm(small.bfloat16(), w.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert nfconv._conv1x1_as_mm(small, w)
-    calls = []
-    real = F.conv2d
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(F, "conv2d", spy)
     ws_conv2d(small, torch.randn(8, 4, 1, 1), torch.ones(8, 1, 1, 1), None, 2, 1)  # stride 2
     ws_conv2d(small, torch.randn(8, 2, 1, 1), torch.ones(8, 1, 1, 1), None, 1, 2)  # groups
-    assert calls == [1, 1]
+    assert conv2d_calls == [1, 1]
 
 
 def test_ws_conv2d_1x1_product_compiles_fullgraph():

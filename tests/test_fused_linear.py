@@ -15,7 +15,7 @@ from flamingo_rt.models.ff import FeedForward
 from conftest import rel_err
 
 needs_onednn = pytest.mark.skipif(
-    not (cpu_gemm.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    not cpu_gemm.bf16_available(),
     reason="this torch build has no oneDNN bf16 linear")
 
 

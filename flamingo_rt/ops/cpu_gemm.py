@@ -72,6 +72,15 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def bf16_available() -> bool:
+    """True when oneDNN runs bf16 products on this CPU (and this torch build has oneDNN)."""
+    try:
+        return available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def _auto() -> bool:
     if not available() or platform.machine().lower() not in ("x86_64", "amd64"):
         return False

@@ -57,7 +57,7 @@ def _fusable(x: Tensor, weight: Tensor, bias: Optional[Tensor], other: Optional[
     if dtype == torch.bfloat16:
         if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
             return False
-        return cpu_gemm.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return cpu_gemm.bf16_available()
     if dtype == torch.float32:
         return not torch.is_autocast_enabled("cpu") and cpu_gemm.eligible(x, weight, bias)
     return False

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend as _backend
+from . import cpu_gemm
 from ._outputs import act_format as _fmt
 from ._outputs import new_act_like as _new_act
 from ._outputs import new_like as _new
@@ -534,18 +535,11 @@ def _mkldnn_dtype_ok(dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return True
     if dtype == torch.bfloat16:
-        return _mkldnn_bf16_supported()
+        return cpu_gemm.bf16_available()
     return False
 
 
 @functools.lru_cache(maxsize=1)
-def _mkldnn_bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _mkldnn_pointwise_ok(x: Tensor, act: str, gamma: float) -> bool:
     return (
         x.device.type == "cpu"

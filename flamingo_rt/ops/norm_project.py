@@ -261,10 +261,11 @@ def _projections(x, gammas, betas, weights, eps) -> Iterator[Tensor]:
 
 
 def _per_projection(x: Tensor, gammas, betas, weights) -> bool:
-    """Normalize x once and run each projection as its own op, computed when taken (eager
+    """Normalize x once and run each projection on its own, computed when taken (eager
     mode: a traced graph keeps the one op), when x gets no gradient and there are several
-    projections: either their parameters get gradients (each backward then runs on its own
-    output gradient), or nothing does (inference: one output is alive at a time instead of
+    projections: either their parameters get gradients (each projection its own op, whose
+    backward then runs on its own output gradient), or nothing does (inference: the product
+    of the cached folded weight, :func:`_folded_cached`; one output is alive at a time instead of
     all of them -- the resampler's six K/V outputs are 96 MiB of fresh pages in bf16 at 32
     images, ~30 ms to touch on a 2-core guest, against one 16 MiB buffer the heap reuses)."""
     if len(weights) < 2 or torch.compiler.is_compiling():

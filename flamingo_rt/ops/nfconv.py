@@ -539,7 +539,6 @@ def _mkldnn_dtype_ok(dtype: torch.dtype) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=1)
 def _mkldnn_pointwise_ok(x: Tensor, act: str, gamma: float) -> bool:
     return (
         x.device.type == "cpu"

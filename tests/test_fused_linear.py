@@ -160,3 +160,26 @@ def test_feed_forward_inference_equals_training_path(kind):
     train = ff16(x16.requires_grad_())  # the differentiable path
     assert rel_err(got, want) < 2e-2 and rel_err(train.detach(), want) < 2e-2
     assert rel_err(got_res, x.double() + want) < 1e-2
+
+
+@needs_onednn
+def test_flop_counter_counts_fused_products_as_the_matmul():
+    """torch's FlopCounterMode (the benches' GFLOP/s) counts both oneDNN overloads -- the
+    activation one and the binary add (x, other, w, ...) -- as the 2*M*K*N of the product,
+    as it counts cpu_gemm.mm_add's binary product under the oneDNN policy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, b, r = _case()
+    want = 2 * 48 * 40 * 72
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    with torch.no_grad():
+        assert flops(lambda: fl.linear_act(x, w, b, "gelu")) == want
+        assert flops(lambda: fl.linear_residual(x, w, b, r)) == want
+        c = torch.zeros(48, 72)
+        with cpu_gemm.use("onednn"):
+            assert flops(lambda: cpu_gemm.mm_add(c, x.float().reshape(48, 40), w.float().t())) == want

@@ -62,9 +62,14 @@ def register() -> None:
         return sum(2 * R * D * _shape(w)[0] for w in weights) * (2 if need_dx else 1)
 
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        # ops.cpu_gemm's float32 products (oneDNN), counted as the mm / addmm they replace
+        # oneDNN's products (ops.cpu_gemm's float32 ones, ops.fused_linear's), counted as the
+        # mm / addmm they replace. One formula serves both overloads: (x, w, bias, ...) and
+        # binary (x, other, w, bias, ...), told apart by the 2-D weight after ``other``
+        # (a bias is 1-D)
         @register_flop_formula(torch.ops.mkldnn._linear_pointwise, get_raw=True)
         def _onednn_linear(x, w, *args, out_val=None, **kw):
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+                w = args[0]  # binary: the second argument was the addend
             return 2 * (x.numel() // _shape(x)[-1]) * _shape(x)[-1] * _shape(w)[0]
 
     @register_flop_formula(ops.feed_forward, get_raw=True)

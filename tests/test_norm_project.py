@@ -195,6 +195,28 @@ def test_inference_folded_weights_cached_until_a_parameter_changes():
         npm._folded = real
 
 
+def test_inference_with_inference_tensor_weights_folds_uncached():
+    """Parameters made under ``torch.inference_mode`` have no version counter: their folded
+    forms are made at each call (an update could not be seen), with the right values."""
+    import importlib
+
+    npm = importlib.import_module("flamingo_rt.ops.norm_project")
+    from flamingo_rt.ops import norm_project_iter
+
+    torch.manual_seed(11)
+    with torch.inference_mode():
+        x = torch.randn(2, 9, 32)
+        g, b, w = _params(3, 32, 24)
+        before = len(npm._FOLDED_CACHE)
+        outs = list(norm_project_iter(x, g, b, w))
+        g[0].mul_(2.0)  # seen: nothing was cached
+        outs2 = list(norm_project_iter(x, g, b, w))
+        assert len(npm._FOLDED_CACHE) == before
+    for o, r in zip(outs2, _ref(x, g, b, w)):
+        assert rel_err(o, r) < 1e-5
+    assert not torch.equal(outs[0], outs2[0])
+
+
 def test_iter_computes_each_projection_when_taken():
     """norm_project_iter with frozen x: output i's node is created when it is taken, after
     whatever ran before (so the engine runs its backward right after those ops'); with x's

@@ -183,3 +183,129 @@ def test_flop_counter_counts_fused_products_as_the_matmul():
         c = torch.zeros(48, 72)
         with cpu_gemm.use("onednn"):
             assert flops(lambda: cpu_gemm.mm_add(c, x.float().reshape(48, 40), w.float().t())) == want
+
+
+# ------------------------------------------------------------------ packed weights
+
+
+@pytest.fixture
+def reorders(monkeypatch):
+    """Counts the weight packings (oneDNN reorders) and starts from an empty cache with the
+    default budget."""
+    calls = []
+    real = torch.ops.mkldnn._reorder_linear_weight
+
+    class Spy:
+        def __call__(self, *a, **k):
+            calls.append(tuple(a[0].shape))
+            return real(*a, **k)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", Spy())
+    monkeypatch.setattr(fl, "PACK_BUDGET_BYTES", 1 << 30)
+    fl.clear_packed()
+    yield calls
+    fl.clear_packed()
+
+
+@needs_onednn
+@pytest.mark.parametrize("op", ["act", "residual", "plain"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_weight_bitwise_the_unpacked_product(reorders, monkeypatch, op, bias):
+    """The packed weight gives bitwise the unpacked primitive's output (bf16 inference), is
+    made once for the weight and reused by the next calls."""
+    x, w, b, r = _case(rows=64, k=96, n=160, bias=bias)
+    run = {"act": lambda: fl.linear_act(x, w, b, "gelu"), "residual": lambda: fl.linear_residual(x, w, b, r),
+           "plain": lambda: fl.linear_packed(x, w, b)}[op]
+    with torch.no_grad():
+        monkeypatch.setattr(fl, "PACK_BUDGET_BYTES", 0)
+        want = run()
+        assert reorders == [] and fl.packed_bytes() == 0
+        monkeypatch.setattr(fl, "PACK_BUDGET_BYTES", 1 << 30)
+        got = [run() for _ in range(3)]
+    assert reorders == [(160, 96)] and fl.packed_bytes() == w.numel() * 2
+    for g in got:
+        assert torch.equal(g, want)
+    ref = {"act": F.gelu(_ref_linear(x, w, b)), "residual": r.double() + _ref_linear(x, w, b),
+           "plain": _ref_linear(x, w, b)}[op]
+    assert rel_err(want, ref) < 8e-3
+
+
+@needs_onednn
+def test_packed_weight_follows_in_place_updates_and_new_storage(reorders):
+    """An in-place update of the weight (a training step, load_state_dict) or new storage
+    (``.data =``) is seen: the weight is packed again and the product uses the new values."""
+    x, w, b, _ = _case(rows=64, k=96, n=160)
+    lin = torch.nn.Linear(96, 160).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+        y0 = fl.linear_packed(x, lin.weight, lin.bias)
+        lin.weight.mul_(2)
+        y1 = fl.linear_packed(x, lin.weight, lin.bias)
+        lin.weight.data = w.clone() * 3
+        y2 = fl.linear_packed(x, lin.weight, lin.bias)
+    assert len(reorders) == 3
+    assert fl.packed_bytes() == w.numel() * 2  # the stale copies were dropped
+    for got, scale in ((y0, 1), (y1, 2), (y2, 3)):
+        assert rel_err(got, _ref_linear(x, w * scale, b)) < 8e-3
+
+
+@needs_onednn
+def test_packing_stays_within_the_budget_and_goes_with_the_weight(reorders, monkeypatch):
+    """Weights past the budget run unpacked (same values); a packed copy is dropped with its
+    weight; budget 0 packs nothing; inference tensors (no version counter) are not packed."""
+    import gc
+
+    x, w, b, _ = _case(rows=64, k=96, n=160)
+    w2 = w.clone()
+    monkeypatch.setattr(fl, "PACK_BUDGET_BYTES", w.numel() * 2 + 10)  # room for one
+    with torch.no_grad():
+        y = fl.linear_packed(x, w, b)
+        y2 = fl.linear_packed(x, w2, b)
+    assert reorders == [(160, 96)] and torch.equal(y, y2)
+    del w
+    gc.collect()
+    assert fl.packed_bytes() == 0
+    with torch.no_grad():
+        fl.linear_packed(x, w2, b)
+    assert len(reorders) == 2
+    with torch.inference_mode():
+        wi = w2.clone()
+        yi = fl.linear_packed(x, wi, b)
+    assert len(reorders) == 2 and torch.equal(yi, y)
+
+
+@needs_onednn
+def test_linear_packed_with_gradients_is_the_differentiable_linear(reorders):
+    """With a gradient to take linear_packed is linear.linear: nothing packed, gradients
+    equal to F.linear's."""
+    x, w, b, _ = _case(rows=64, k=96, n=160, dtype=torch.float32)
+    xg = x.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    fl.linear_packed(xg, wg, b).square().sum().backward()
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    F.linear(xd, wd, b.double()).square().sum().backward()
+    assert reorders == []
+    assert rel_err(xg.grad, xd.grad) < 1e-5 and rel_err(wg.grad, wd.grad) < 1e-5
+
+
+@needs_onednn
+def test_resampler_bf16_inference_packs_its_weights_bitwise(reorders, monkeypatch):
+    """The resampler's bf16 forward in bf16 weights packs its query, key/value (the folded
+    feature projections too), output and FF weights once, and is bitwise its unpacked forward."""
+    from flamingo_rt.models.config import ResamplerConfig
+    from flamingo_rt.models.resampler import PerceiverResampler
+
+    torch.manual_seed(0)
+    m = PerceiverResampler(ResamplerConfig(dim=64, depth=2, heads=2, dim_head=32, num_latents=16)).to(torch.bfloat16)
+    x = torch.randn(1, 3, 1, 20, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(fl, "PACK_BUDGET_BYTES", 0)
+        want = m(x)
+        monkeypatch.setattr(fl, "PACK_BUDGET_BYTES", 1 << 30)
+        got = m(x)
+        n = len(reorders)
+        again = m(x)
+    # per layer: to_q, to_kv, the folded feature K/V weight, to_out, fc1, fc2
+    assert n == 2 * 6 and len(reorders) == n
+    assert torch.equal(got, want) and torch.equal(again, want)

@@ -10,7 +10,7 @@ from torch import nn
 from ..ops import norm_project_iter, resampler_attention
 from ..ops.feed_forward import module_feed_forward
 from ..ops.linear import Linear
-from ..ops.fused_linear import linear_residual
+from ..ops.fused_linear import linear_packed, linear_residual
 from .config import ResamplerConfig
 from .ff import FeedForward
 
@@ -132,11 +132,12 @@ class PerceiverAttention(nn.Module):
         L = latents.shape[1]
         H, dh = self.heads, self.dim_head
         ln = self.norm_latents(latents)
-        q = self.to_q(ln).view(n, L, H, dh)
+        # (inference: the packed-weight oneDNN products, fused_linear.linear_packed)
+        q = linear_packed(ln, self.to_q.weight, self.to_q.bias).view(n, L, H, dh)
         if kv_x is None:
-            kv_x = self.to_kv(self.norm_media(x))
+            kv_x = linear_packed(self.norm_media(x), self.to_kv.weight, self.to_kv.bias)
         k_x, v_x = kv_x.view(n, S, 2, H, dh).unbind(2)
-        k_l, v_l = self.to_kv(ln).view(n, L, 2, H, dh).unbind(2)
+        k_l, v_l = linear_packed(ln, self.to_kv.weight, self.to_kv.bias).view(n, L, 2, H, dh).unbind(2)
         out = resampler_attention(q, k_x, v_x, k_l, v_l, scale=dh ** -0.5, backend=backend).reshape(n, L, H * dh)
         if residual:
             return linear_residual(out, self.to_out.weight, self.to_out.bias, latents)

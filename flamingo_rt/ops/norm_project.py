@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backend as _backend
 from . import cpu_gemm, widening_gemm
+from .fused_linear import linear_packed
 from .precision import acc_dtype as _acc
 from .precision import add_widened_, column_sum, layer_norm_in
 from .precision import compute_dtype as _compute_dtype
@@ -253,7 +254,7 @@ def _projections(x, gammas, betas, weights, eps) -> Iterator[Tensor]:
             xc = _xhat(x2, float(eps), cd)[0]  # saved by every projection op (not recomputed)
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in (*gammas, *betas, *weights)):
             # inference: the products of the cached folded weights, no op dispatch
-            outs = (cpu_gemm.linear(xc, *_folded_cached(g, b, w, cd)) for g, b, w in zip(gammas, betas, weights))
+            outs = (linear_packed(xc, *_folded_cached(g, b, w, cd)) for g, b, w in zip(gammas, betas, weights))
         else:
             outs = (_norm_project_op(xc, [g], [b], [w], float(eps), cd, True)[0]
                     for g, b, w in zip(gammas, betas, weights))

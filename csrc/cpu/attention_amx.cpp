@@ -75,28 +75,25 @@ FRT_AMX_TARGET inline void load_config() {
   _tile_loadconfig(&cfg);
 }
 
-// exp(a), float32 x 16, the same scheme as cpu::exp_f32 (range reduction by ln 2, degree-7
-// Taylor): 0 below -87.33, NaN stays NaN.
+// exp(a), float32 x 16: a = (k + f) ln 2 with k = round(a / ln 2), |f ln 2| <= ln 2 / 2; e^(f ln 2)
+// by its degree-6 Taylor polynomial (relative error below 1.3e-7: the softmax's probabilities are
+// rounded to bfloat16 and its sums kept in float32), times 2^k by vscalefps (which also gives 0
+// for k below the float range and inf above it). 0 below -87.33 (and for -inf); NaN stays NaN.
 FRT_AMX_TARGET inline __m512 exp16(__m512 a) {
   const __m512 lo = _mm512_set1_ps(-87.33f);
-  __m512 ac = _mm512_max_ps(lo, a);                         // NaN in a stays (second operand)
-  ac = _mm512_min_ps(_mm512_set1_ps(88.0f), ac);
-  const __m512 shifter = _mm512_set1_ps(12582912.0f);       // 1.5 * 2^23
-  const __m512 k = _mm512_add_ps(_mm512_mul_ps(ac, _mm512_set1_ps(1.44269504088896341f)), shifter);
-  const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(k), _mm512_castps_si512(shifter));
-  const __m512 kf = _mm512_sub_ps(k, shifter);
-  __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693145751953125f), ac);
-  r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  const __m512 ac = _mm512_max_ps(lo, a);  // NaN in a stays (second operand); -inf -> lo
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(ac, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), ac);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
-  const __m512 e = _mm512_mul_ps(p, scale);
+  const __m512 e = _mm512_scalef_ps(p, k);
   return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(a, lo, _CMP_LT_OQ), _mm512_setzero_ps());
 }
 

@@ -38,6 +38,67 @@ def test_direct_calls_match_reference_float64():
 
 
 @needs_ext
+@pytest.mark.parametrize("cl", [True, False])
+def test_bf16_with_a_float32_scale_against_float64(cl):
+    """bf16 tensors with a float32 scale (a float32 gain under bf16 autocast): the kernels read
+    the scale unrounded and return its gradient in float32; within bf16 rounding of float64,
+    and the whole-op wrapper runs the kernel, not the reference."""
+    C = torch.ops.flamingo_rt_C
+    g = torch.Generator().manual_seed(3)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(2, 80, 7, 9, generator=g).bfloat16().contiguous(memory_format=fmt)
+    s = torch.randn(2, 80, 7, 9, generator=g).bfloat16().contiguous(memory_format=fmt)
+    gl = torch.randn(2, 80, generator=g).bfloat16()
+    sc = torch.tensor(0.2998)  # 0.32% from its bf16 rounding (0.298828125): a rounded scale would show
+    go = torch.randn(2, 80, 7, 9, generator=g).bfloat16().contiguous(memory_format=fmt)
+    y = C.se_residual(x, gl, s, sc)
+    want = ref.se_residual(x.double(), gl.double(), s.double(), sc.double())
+    assert y.dtype == torch.bfloat16 and rel_err(y, want) < 4e-3
+    # the scale is read unrounded: with a zero shortcut the output is nearer the float64 result of
+    # the exact scale than of its bf16 rounding
+    z = torch.zeros_like(s)
+    y0 = C.se_residual(x, gl, z, sc)
+    e_exact = rel_err(y0, ref.se_residual(x.double(), gl.double(), z.double(), sc.double()))
+    e_rounded = rel_err(y0, ref.se_residual(x.double(), gl.double(), z.double(), sc.bfloat16().double()))
+    assert e_exact < 0.75 * e_rounded, (e_exact, e_rounded)
+    dx, dg, ds = C.se_residual_backward(go, x, gl, sc)
+    wdx, wdg, wds = ref.se_residual_backward(go.double(), x.double(), gl.double(), s.double(), sc.double())
+    assert dx.dtype == dg.dtype == torch.bfloat16 and ds.dtype == torch.float32 and ds.shape == sc.shape
+    assert rel_err(dx, wdx) < 4e-3 and rel_err(dg, wdg) < 4e-3 and rel_err(ds, wds) < 1e-5
+    with pytest.raises(RuntimeError, match="expected every tensor of x's dtype"):
+        C.se_residual(x.float(), gl.float(), s.float(), sc.double())  # only float32 beside bf16
+
+
+@needs_ext
+def test_se_residual_op_under_bf16_autocast_runs_the_kernel(monkeypatch):
+    """The model's case (bf16 activations, float32 scale): flamingo_rt.ops.nfconv.se_residual
+    forward and backward on the cpu backend call the C++ kernels, never the reference."""
+    from flamingo_rt.ops import _cpp_backends, nfconv
+    from flamingo_rt.ops import backend as _backend
+    from flamingo_rt.ops.reference import nfnet as refmod
+
+    called = []
+
+    def spy(op):
+        real = _backend.get(op, "reference")
+        return lambda *a: called.append(op) or real(*a)
+
+    monkeypatch.setattr(_cpp_backends, "_reference", spy)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 64, 6, 6, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    s = torch.randn(2, 64, 6, 6, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    gl = torch.randn(2, 64, generator=g).bfloat16().requires_grad_()
+    sc = torch.tensor(0.7, requires_grad=True)
+    y = nfconv.se_residual(x, gl, s, sc, backend="cpu")
+    y.float().square().sum().backward()
+    assert called == [] and sc.grad.dtype == torch.float32
+    xd, gd, sd = x.detach().double().requires_grad_(), gl.detach().double().requires_grad_(), sc.detach().double().requires_grad_()
+    refmod.se_residual(xd, gd, s.double(), sd).square().sum().backward()
+    assert rel_err(x.grad, xd.grad) < 1e-2 and rel_err(gl.grad, gd.grad) < 1e-2 and rel_err(sc.grad, sd.grad) < 1e-2
+
+
+@needs_ext
 def test_results_independent_of_thread_count():
     C = torch.ops.flamingo_rt_C
     x = torch.randn(4, 96, 20, 20).to(memory_format=torch.channels_last)

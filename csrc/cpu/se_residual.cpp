@@ -8,6 +8,9 @@
 // plain strided loop. Inner loops are vectorized (FRT_CLONES: AVX-512 / AVX2 / baseline
 // at run time). Math in float32 (float64 for float64).
 //
+// The scale (and grad_scale) may be float32 beside bf16 data (scale_float32: a float32 gain
+// under bf16 autocast), read and written as such.
+//
 // Backward sums: gx[n, c] is accumulated in one fixed order per (n, c) (pixels in order),
 // grad_scale over (n, c) in order after the parallel part, so results do not depend on
 // the number of threads.
@@ -39,14 +42,20 @@ Layout layout_of(const int64_t sizes[4], std::initializer_list<const int64_t*> s
   return kGeneric;
 }
 
+// The scale as double: one element of the data's type, or a float32 (scale_float32).
+template <class L>
+double load_scale(const void* scale, bool scale_float32) {
+  if (scale_float32) return double(*static_cast<const float*>(scale));
+  return double(L::load(*static_cast<const typename L::T*>(scale)));
+}
+
 template <class L>
 std::vector<typename L::Acc> factors(const int64_t sizes[4], const void* gate,
-                                     const int64_t gs[2], const void* scale,
+                                     const int64_t gs[2], double s,
                                      std::vector<typename L::Acc>* sig_out) {
   using T = typename L::T;
   using Acc = typename L::Acc;
   const T* g = static_cast<const T*>(gate);
-  const double s = double(L::load(*static_cast<const T*>(scale)));
   const int64_t N = sizes[0], C = sizes[1];
   std::vector<Acc> a(size_t(N * C));
   if (sig_out) sig_out->resize(size_t(N * C));
@@ -65,7 +74,8 @@ FRT_CLONES void fwd_impl(const SeResidualParams& p) {
   using T = typename L::T;
   using Acc = typename L::Acc;
   const int64_t N = p.sizes[0], C = p.sizes[1], H = p.sizes[2], W = p.sizes[3];
-  const std::vector<Acc> fac = factors<L>(p.sizes, p.gate, p.gate_strides, p.scale, nullptr);
+  const std::vector<Acc> fac =
+      factors<L>(p.sizes, p.gate, p.gate_strides, load_scale<L>(p.scale, p.scale_float32), nullptr);
   const Acc* a = fac.data();
   const T* X = static_cast<const T*>(p.x);
   const T* S = static_cast<const T*>(p.shortcut);
@@ -123,7 +133,8 @@ FRT_CLONES void bwd_impl(const SeResidualBackwardParams& p) {
   using Acc = typename L::Acc;
   const int64_t N = p.sizes[0], C = p.sizes[1], H = p.sizes[2], W = p.sizes[3];
   std::vector<Acc> sig;
-  const std::vector<Acc> fac = factors<L>(p.sizes, p.gate, p.gate_strides, p.scale, &sig);
+  const double s = load_scale<L>(p.scale, p.scale_float32);
+  const std::vector<Acc> fac = factors<L>(p.sizes, p.gate, p.gate_strides, s, &sig);
   const Acc* a = fac.data();
   const T* X = static_cast<const T*>(p.x);
   const T* GO = static_cast<const T*>(p.grad_out);
@@ -192,7 +203,6 @@ FRT_CLONES void bwd_impl(const SeResidualBackwardParams& p) {
       G[t] = s;
     }
   }
-  const double s = double(L::load(*static_cast<const T*>(p.scale)));
   T* DG = static_cast<T*>(p.grad_gate);
   double ds = 0.0;
   for (int64_t t = 0; t < N * C; ++t) {
@@ -200,7 +210,10 @@ FRT_CLONES void bwd_impl(const SeResidualBackwardParams& p) {
     DG[t] = L::store(Acc(g * s * sg * (1.0 - sg)));
     ds += g * sg;
   }
-  *static_cast<T*>(p.grad_scale) = L::store(Acc(ds));
+  if (p.scale_float32)
+    *static_cast<float*>(p.grad_scale) = float(ds);
+  else
+    *static_cast<T*>(p.grad_scale) = L::store(Acc(ds));
 }
 
 bool bad_sizes(const int64_t sizes[4]) {

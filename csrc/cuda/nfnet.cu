@@ -187,6 +187,7 @@ Status se_residual_cuda(const SeResidualParams& p) {
     if (p.sizes[d] < 0) return Status::kInvalidArgument;
   if (p.sizes[0] * p.sizes[1] * p.sizes[2] * p.sizes[3] == 0) return Status::kOk;
   if (!p.x || !p.gate || !p.shortcut || !p.scale || !p.y) return Status::kInvalidArgument;
+  if (p.scale_float32 && p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;  // CPU only
   switch (p.dtype) {
     case DType::kFloat32: return se_launch<float>(p);
     case DType::kBFloat16: return se_launch<__nv_bfloat16>(p);

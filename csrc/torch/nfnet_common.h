@@ -80,10 +80,12 @@ inline WsStandardizeParams nf_ws_params(DType dt, const at::Tensor& w, const at:
   return p;
 }
 
+// allow_f32_scale: a float32 scale beside bfloat16 tensors is accepted (the CPU kernels'
+// scale_float32).
 inline DType nf_check_se(const char* op, const at::Tensor& x, const at::Tensor& gate,
                          const at::Tensor* shortcut, const at::Tensor& scale,
                          const at::Tensor* grad_out, const char* where,
-                         bool allow_half = false) {
+                         bool allow_half = false, bool allow_f32_scale = false) {
   TORCH_CHECK(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(1), op,
               ": expected gate_logits of shape (N, C) = (", x.size(0), ", ", x.size(1), "), got ",
@@ -102,6 +104,9 @@ inline DType nf_check_se(const char* op, const at::Tensor& x, const at::Tensor& 
     others.push_back(grad_out);
   }
   for (const at::Tensor* t : others) {
+    if (t == &scale && allow_f32_scale && x.scalar_type() == at::kBFloat16 &&
+        scale.scalar_type() == at::kFloat && scale.device() == x.device())
+      continue;
     TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), op,
                 ": expected every tensor of x's dtype ", x.scalar_type(), " on ", x.device(),
                 ", got one of ", t->scalar_type(), " on ", t->device());
@@ -124,6 +129,7 @@ inline SeResidualParams nf_se_params(DType dt, const at::Tensor& x, const at::Te
   p.shortcut = shortcut.data_ptr();
   copy4(p.shortcut_strides, shortcut.strides());
   p.scale = sc.data_ptr();
+  p.scale_float32 = sc.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
   p.y = y.data_ptr();
   copy4(p.y_strides, y.strides());
   return p;

@@ -13,8 +13,8 @@
 // ws_standardize: weight (O, ...) any layout, gain with O elements; the standardized weight
 // and the weight gradient in the weight's layout (channels-last stays channels-last, anything
 // else is made contiguous: ws_format), gain gradient in gain's shape. se_residual: x, shortcut
-// (N, C, H, W) any strides, gate (N, C), scale one element; outputs dense in x's memory
-// format. spatial_mean: x (N, C, H, W) float32 / bfloat16 / float64, any strides, CPU only,
+// (N, C, H, W) any strides, gate (N, C), scale one element (x's dtype, or float32 beside
+// bfloat16: dscale is in scale's dtype); outputs dense in x's memory format. spatial_mean: x (N, C, H, W) float32 / bfloat16 / float64, any strides, CPU only,
 // inference (no autograd). CPU kernels here, CUDA (forward) in nfnet_cuda_ops.cpp; fakes in
 // flamingo_rt/ops/_cpp_backends.py. No autograd here (flamingo_rt.ops.nfconv wires it).
 #include <torch/library.h>
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> ws_standardize_backward_cpu_impl(const at::Te
 
 at::Tensor se_residual_cpu_impl(const at::Tensor& x, const at::Tensor& gate,
                                 const at::Tensor& shortcut, const at::Tensor& scale) {
-  const DType dt = nf_check_se(kSeFwd, x, gate, &shortcut, scale, nullptr, "CPU");
+  const DType dt = nf_check_se(kSeFwd, x, gate, &shortcut, scale, nullptr, "CPU", false, true);
   at::Tensor y = empty_like_format(x);
   const at::Tensor sc = scale.contiguous();
   SeResidualParams p = nf_se_params(dt, x, gate, shortcut, sc, y);
@@ -83,7 +83,7 @@ at::Tensor se_residual_cpu_impl(const at::Tensor& x, const at::Tensor& gate,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> se_residual_backward_cpu_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gate,
     const at::Tensor& scale) {
-  const DType dt = nf_check_se(kSeBwd, x, gate, nullptr, scale, &grad_out, "CPU");
+  const DType dt = nf_check_se(kSeBwd, x, gate, nullptr, scale, &grad_out, "CPU", false, true);
   at::Tensor dx = empty_like_format(x);
   at::Tensor dgate = at::empty({x.size(0), x.size(1)}, x.options());
   at::Tensor dscale = at::empty(scale.sizes(), scale.options());
@@ -99,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> se_residual_backward_cpu_impl(
   p.gate_strides[0] = gate.stride(0);
   p.gate_strides[1] = gate.stride(1);
   p.scale = sc.data_ptr();
+  p.scale_float32 = sc.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
   p.grad_x = dx.data_ptr();
   copy4(p.grad_x_strides, dx.strides());
   p.grad_gate = dgate.data_ptr();

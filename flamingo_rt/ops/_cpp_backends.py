@@ -133,14 +133,23 @@ def _make_nfnet(device: str):
             return _reference(WS_OP + ".backward")(grad_out, weight, gain, eps)
         return torch.ops.flamingo_rt_C.ws_standardize_backward(grad_out.to(weight.dtype), weight, gain, float(eps))
 
+    def se_fits(x: Tensor, gate_logits: Tensor, scale: Tensor) -> bool:
+        """The kernels take these dtypes: x's for all, or on the CPU a float32 scale beside
+        bf16 tensors (a float32 gain under bf16 autocast: it was the float32 reference, 76
+        of F0's 600 ms bf16 training step in the 56x56 stage's backward alone)."""
+        if x.dtype not in dtypes or gate_logits.dtype != x.dtype:
+            return False
+        return scale.dtype == x.dtype or (
+            device == "cpu" and x.dtype == torch.bfloat16 and scale.dtype == torch.float32)
+
     def se_residual(x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor) -> Tensor:
-        if x.dtype not in dtypes or scale.dtype != x.dtype:
+        if not se_fits(x, gate_logits, scale) or shortcut.dtype != x.dtype:
             return _reference(SE_OP)(x, gate_logits, shortcut, scale)
         return torch.ops.flamingo_rt_C.se_residual(x, gate_logits, shortcut, scale)
 
     def se_residual_backward(grad_out: Tensor, x: Tensor, gate_logits: Tensor, shortcut: Tensor,
                              scale: Tensor):
-        if device != "cpu" or x.dtype not in dtypes or scale.dtype != x.dtype:
+        if device != "cpu" or not se_fits(x, gate_logits, scale):
             return _reference(SE_OP + ".backward")(grad_out, x, gate_logits, shortcut, scale)
         return torch.ops.flamingo_rt_C.se_residual_backward(grad_out.to(x.dtype), x, gate_logits, scale)
 

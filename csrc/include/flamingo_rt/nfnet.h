@@ -65,8 +65,10 @@ Status ws_standardize_cuda(const WsStandardizeParams& p);  // forward only on CU
 //   y[n, c, h, w] = shortcut[n, c, h, w] + scale * x[n, c, h, w] * sigmoid(gate[n, c])
 //
 // over a logical (N, C, H, W) tensor; element (n, c, h, w) of T at
-// T + n*s[0] + c*s[1] + h*s[2] + w*s[3]. `scale` points at one element of `dtype`
-// (a device pointer on CUDA: no host sync). x, shortcut, y, gate have `dtype`.
+// T + n*s[0] + c*s[1] + h*s[2] + w*s[3]. `scale` points at one element of `dtype`, or
+// of float32 when `scale_float32` is set (a float32 gain beside bf16 activations under
+// autocast; CPU only: the CUDA kernel returns kUnsupportedDtype) (a device pointer on
+// CUDA: no host sync). x, shortcut, y, gate have `dtype`.
 // y may alias shortcut when their strides are equal.
 struct SeResidualParams {
   DType dtype = DType::kFloat32;
@@ -81,6 +83,7 @@ struct SeResidualParams {
   void* y = nullptr;
   int64_t y_strides[4] = {0, 0, 0, 0};
   void* stream = nullptr;  // CUDA only
+  bool scale_float32 = false;  // scale is float32 (not `dtype`); CPU only
 };
 
 // Backward (the shortcut's gradient is grad_out itself): with sig = sigmoid(gate),
@@ -88,7 +91,8 @@ struct SeResidualParams {
 //   grad_x    = grad_out * scale * sig
 //   grad_gate = gx * scale * sig * (1 - sig)      (N, C)
 //   grad_scale= sum_{n,c} gx * sig                 (one element)
-// Sums run in float32 (float64 for float64) in an order fixed by the shape alone.
+// Sums run in float32 (float64 for float64) in an order fixed by the shape alone. With
+// `scale_float32`, scale and grad_scale are float32 (the other tensors `dtype`).
 struct SeResidualBackwardParams {
   DType dtype = DType::kFloat32;
   int64_t sizes[4] = {0, 0, 0, 0};
@@ -104,6 +108,7 @@ struct SeResidualBackwardParams {
   void* grad_gate = nullptr;  // (N, C) dense
   void* grad_scale = nullptr;  // one element
   void* stream = nullptr;
+  bool scale_float32 = false;  // scale and grad_scale are float32 (not `dtype`)
 };
 
 Status se_residual_cpu(const SeResidualParams& p);

@@ -99,6 +99,33 @@ def test_se_residual_op_under_bf16_autocast_runs_the_kernel(monkeypatch):
 
 
 @needs_ext
+@pytest.mark.parametrize("cl", [False, True])
+def test_ws_standardize_bf16_is_the_float32_result_rounded_once(cl):
+    """ws_standardize_bf16 (float32 weight -> bf16) is bitwise ws_standardize's float32 output
+    cast to bf16; the backward with a bf16 grad_out beside the float32 weight is bitwise the
+    backward of that gradient widened to float32; only float32 weights."""
+    C = torch.ops.flamingo_rt_C
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(48, 16, 3, 3, generator=g) * 0.1 + 0.01
+    if cl:
+        w = w.contiguous(memory_format=torch.channels_last)
+    gain = 1 + 0.1 * torch.randn(48, 1, 1, 1, generator=g)
+    y = C.ws_standardize_bf16(w, gain, 1e-5)
+    assert y.dtype == torch.bfloat16 and y.stride() == C.ws_standardize(w, gain, 1e-5).stride()
+    assert torch.equal(y, C.ws_standardize(w, gain, 1e-5).bfloat16())
+    go = torch.randn(48, 16, 3, 3, generator=g).bfloat16()
+    if cl:
+        go = go.contiguous(memory_format=torch.channels_last)
+    dw, dg = C.ws_standardize_backward(go, w, gain, 1e-5)
+    dw32, dg32 = C.ws_standardize_backward(go.float(), w, gain, 1e-5)
+    assert dw.dtype == dg.dtype == torch.float32 and torch.equal(dw, dw32) and torch.equal(dg, dg32)
+    with pytest.raises(RuntimeError, match="expected a float32 weight"):
+        C.ws_standardize_bf16(w.double(), gain.double(), 1e-5)
+    with pytest.raises(RuntimeError, match="expected grad_out like weight"):
+        C.ws_standardize_backward(go.half(), w, gain, 1e-5)
+
+
+@needs_ext
 def test_results_independent_of_thread_count():
     C = torch.ops.flamingo_rt_C
     x = torch.randn(4, 96, 20, 20).to(memory_format=torch.channels_last)

@@ -556,3 +556,47 @@ def test_ws_conv2d_compiles_fullgraph_training():
     gc = torch.autograd.grad(got.square().sum(), (w, g, b))
     for a, e in zip(gc, gw):
         assert rel_err(a, e) < 1e-5
+
+
+@pytest.mark.parametrize("k,groups,channels_last", [(3, 2, True), (3, 1, False), (1, 1, True)])
+def test_ws_conv2d_bf16_autocast_standardizes_into_bf16_bitwise(monkeypatch, k, groups, channels_last):
+    """Under CPU bf16 autocast the float32 weight is standardized straight into bf16 (one op,
+    flamingo_rt::ws_standardize_bf16): output and every gradient (x, weight, gain, bias)
+    bitwise those of the float32 standardization cast by autocast."""
+    if not (B._device_ok("cpu", torch.device("cpu")) and nfconv._ext_loaded()
+            and hasattr(torch.ops.flamingo_rt_C, "ws_standardize_bf16")):
+        pytest.skip("flamingo_rt._C not built")
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(2, 8, 9, 10, generator=g)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0 = torch.randn(12, 8 // groups, k, k, generator=g) * 0.2
+    g0 = 1 + 0.1 * torch.randn(12, 1, 1, 1, generator=g)
+    b0 = torch.randn(12, generator=g)
+    used = []
+    real = nfconv._ws_bf16_op
+    monkeypatch.setattr(nfconv, "_ws_bf16_op", lambda *a: used.append(1) or real(*a))
+
+    def run(fused):
+        monkeypatch.setattr(nfconv, "_ws_bf16_ok", (lambda *a: fused) if not fused else _ok)
+        x, w, gn, b = (t.clone().requires_grad_() for t in (x0, w0, g0, b0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ws_conv2d(x, w, gn, b, stride=1, groups=groups, backend="cpu")
+        y.float().square().sum().backward()
+        return [y, x.grad, w.grad, gn.grad, b.grad]
+
+    _ok = nfconv._ws_bf16_ok
+    want = run(False)
+    assert used == []
+    got = run(True)
+    assert used == [1]
+    for a, c in zip(got, want):
+        assert a.dtype == c.dtype and torch.equal(a, c)
+    assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
+
+
+def test_opcheck_ws_standardize_bf16():
+    if not (nfconv._ext_loaded() and hasattr(torch.ops.flamingo_rt_C, "ws_standardize_bf16")):
+        pytest.skip("flamingo_rt._C not built")
+    w, g = _rand(5, 3, 3, 3, requires_grad=True), (1 + 0.1 * torch.randn(5, 1, 1, 1)).requires_grad_()
+    torch.library.opcheck(nfconv._ws_bf16_op, (w, g, 1e-5))

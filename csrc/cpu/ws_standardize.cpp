@@ -46,24 +46,25 @@ FRT_INLINE void row_stats(const typename L::T* w, int64_t n, double eps, double&
   rstd = 1.0 / std::sqrt(v / double(n) + eps);
 }
 
-template <class L>
+// LO: the output's storage (L's own, or BF16 beside a float32 weight: out_bfloat16).
+template <class L, class LO = L>
 FRT_INLINE void fwd_rows(const WsStandardizeParams& p, int64_t r0, int64_t r1) {
   using T = typename L::T;
   const T* W = static_cast<const T*>(p.weight);
   const T* G = static_cast<const T*>(p.gain);
-  T* O = static_cast<T*>(p.out);
+  typename LO::T* O = static_cast<typename LO::T*>(p.out);
   const int64_t n = p.fan_in;
   const double inv_sqrt_fan = 1.0 / std::sqrt(double(n));
   for (int64_t o = r0; o < r1; ++o) {
     const T* w = W + o * p.weight_row_stride;
-    T* out = O + o * p.out_row_stride;
+    typename LO::T* out = O + o * p.out_row_stride;
     double mean, rstd;
     row_stats<L>(w, n, p.eps, mean, rstd);
     const double a = rstd * double(L::load(G[o * p.gain_stride])) * inv_sqrt_fan;
     using Acc = typename L::Acc;
     const Acc af = Acc(a), bf = Acc(-mean * a);
 #pragma omp simd
-    for (int64_t k = 0; k < n; ++k) out[k] = L::store(Acc(L::load(w[k])) * af + bf);
+    for (int64_t k = 0; k < n; ++k) out[k] = LO::store(Acc(L::load(w[k])) * af + bf);
   }
 }
 
@@ -72,25 +73,26 @@ FRT_INLINE void fwd_rows(const WsStandardizeParams& p, int64_t r0, int64_t r1) {
 // float64 for any weight whose |mean| is not ~1e8 times its spread), then one that writes
 //   dw = rstd * s * (go - mean(go) - xhat * mean(go * xhat))
 // in the storage type's accumulation type (float for float32 / bfloat16).
-template <class L>
+// LG: grad_out's storage (L's own, or BF16 beside a float32 weight: grad_out_bfloat16).
+template <class L, class LG = L>
 FRT_INLINE void bwd_rows(const WsStandardizeBackwardParams& p, int64_t r0, int64_t r1) {
   using T = typename L::T;
   using Acc = typename L::Acc;
   const T* W = static_cast<const T*>(p.weight);
   const T* G = static_cast<const T*>(p.gain);
-  const T* GO = static_cast<const T*>(p.grad_out);
+  const typename LG::T* GO = static_cast<const typename LG::T*>(p.grad_out);
   T* DW = static_cast<T*>(p.grad_weight);
   T* DG = static_cast<T*>(p.grad_gain);
   const int64_t n = p.fan_in;
   const double inv_n = 1.0 / double(n), inv_sqrt_fan = 1.0 / std::sqrt(double(n));
   for (int64_t o = r0; o < r1; ++o) {
     const T* w = W + o * p.weight_row_stride;
-    const T* go = GO + o * p.grad_out_row_stride;
+    const typename LG::T* go = GO + o * p.grad_out_row_stride;
     T* dw = DW + o * p.grad_weight_row_stride;
     double s1 = 0.0, s2 = 0.0, sg = 0.0, sgw = 0.0;
 #pragma omp simd reduction(+ : s1, s2, sg, sgw)
     for (int64_t k = 0; k < n; ++k) {
-      const double wk = double(L::load(w[k])), gk = double(L::load(go[k]));
+      const double wk = double(L::load(w[k])), gk = double(LG::load(go[k]));
       s1 += wk;
       s2 += wk * wk;
       sg += gk;
@@ -107,24 +109,25 @@ FRT_INLINE void bwd_rows(const WsStandardizeBackwardParams& p, int64_t r0, int64
     const Acc a = Acc(c0), am = Acc(c0 * mg), b = Acc(c0 * mgx * rstd), mf = Acc(mean);
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k)
-      dw[k] = L::store(a * Acc(L::load(go[k])) - am - b * (Acc(L::load(w[k])) - mf));
+      dw[k] = L::store(a * Acc(LG::load(go[k])) - am - b * (Acc(L::load(w[k])) - mf));
   }
 }
 
 // The per-row loops are compiled once per ISA level here (FRT_CLONES), with the row loop of
 // one thread's share inside: the OpenMP region only splits the rows (a clone's outlined
 // parallel body would call code compiled for the baseline ISA).
-#define FRT_WS_ROWS(NAME, LT)                                                          \
+#define FRT_WS_ROWS(NAME, LT, LX)                                                      \
   FRT_CLONES void fwd_rows_##NAME(const WsStandardizeParams& p, int64_t r0, int64_t r1) { \
-    fwd_rows<LT>(p, r0, r1);                                                           \
+    fwd_rows<LT, LX>(p, r0, r1);                                                       \
   }                                                                                    \
   FRT_CLONES void bwd_rows_##NAME(const WsStandardizeBackwardParams& p, int64_t r0,     \
                                   int64_t r1) {                                        \
-    bwd_rows<LT>(p, r0, r1);                                                           \
+    bwd_rows<LT, LX>(p, r0, r1);                                                       \
   }
-FRT_WS_ROWS(f32, F32)
-FRT_WS_ROWS(bf16, BF16)
-FRT_WS_ROWS(f64, F64)
+FRT_WS_ROWS(f32, F32, F32)
+FRT_WS_ROWS(bf16, BF16, BF16)
+FRT_WS_ROWS(f64, F64, F64)
+FRT_WS_ROWS(f32_bf16, F32, BF16)  // a float32 weight with a bf16 output / grad_out
 #undef FRT_WS_ROWS
 
 // rows [r0, r1) of thread t of n: contiguous, equal shares (static schedule)
@@ -155,6 +158,11 @@ Status ws_standardize_cpu(const WsStandardizeParams& p) {
   if (p.rows < 0 || p.fan_in < 0 || !(p.eps >= 0.0)) return Status::kInvalidArgument;
   if (p.rows == 0 || p.fan_in == 0) return Status::kOk;
   if (!p.weight || !p.gain || !p.out) return Status::kInvalidArgument;
+  if (p.out_bfloat16) {
+    if (p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;
+    split_rows(p, fwd_rows_f32_bf16);
+    return Status::kOk;
+  }
   switch (p.dtype) {
     case DType::kFloat32: split_rows(p, fwd_rows_f32); return Status::kOk;
     case DType::kBFloat16: split_rows(p, fwd_rows_bf16); return Status::kOk;
@@ -171,6 +179,11 @@ Status ws_standardize_backward_cpu(const WsStandardizeBackwardParams& p) {
     return Status::kOk;
   }
   if (!p.weight || !p.gain || !p.grad_out || !p.grad_weight) return Status::kInvalidArgument;
+  if (p.grad_out_bfloat16) {
+    if (p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;
+    split_rows(p, bwd_rows_f32_bf16);
+    return Status::kOk;
+  }
   switch (p.dtype) {
     case DType::kFloat32: split_rows(p, bwd_rows_f32); return Status::kOk;
     case DType::kBFloat16: split_rows(p, bwd_rows_bf16); return Status::kOk;

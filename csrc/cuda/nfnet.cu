@@ -173,6 +173,7 @@ Status ws_standardize_cuda(const WsStandardizeParams& p) {
   if (p.rows < 0 || p.fan_in < 0 || !(p.eps >= 0.0)) return Status::kInvalidArgument;
   if (p.rows == 0 || p.fan_in == 0) return Status::kOk;
   if (!p.weight || !p.gain || !p.out || p.rows > 0x7fffffffLL) return Status::kInvalidArgument;
+  if (p.out_bfloat16) return Status::kUnsupportedDtype;  // CPU only
   switch (p.dtype) {
     case DType::kFloat32: return ws_launch<float>(p);
     case DType::kBFloat16: return ws_launch<__nv_bfloat16>(p);

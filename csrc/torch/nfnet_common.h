@@ -14,6 +14,7 @@ namespace flamingo_rt {
 namespace torch_ops {
 
 constexpr const char* kWsFwd = "flamingo_rt_C::ws_standardize";
+constexpr const char* kWsFwdBf16 = "flamingo_rt_C::ws_standardize_bf16";
 constexpr const char* kWsBwd = "flamingo_rt_C::ws_standardize_backward";
 constexpr const char* kSeFwd = "flamingo_rt_C::se_residual";
 constexpr const char* kSeBwd = "flamingo_rt_C::se_residual_backward";
@@ -30,9 +31,11 @@ inline DType nf_dtype(const char* op, const at::Tensor& t, const char* where, bo
               t.scalar_type());
 }
 
+// allow_bf16_grad: a bfloat16 grad_out beside a float32 weight is accepted (the CPU
+// kernel's grad_out_bfloat16).
 inline DType nf_check_ws(const char* op, const at::Tensor& weight, const at::Tensor& gain,
                          const at::Tensor* grad_out, const char* where,
-                         bool allow_half = false) {
+                         bool allow_half = false, bool allow_bf16_grad = false) {
   TORCH_CHECK(weight.dim() >= 1 && weight.size(0) > 0 && weight.numel() > 0, op,
               ": expected a non-empty weight of shape (O, I/groups, kh, kw), got ", weight.sizes());
   TORCH_CHECK(gain.numel() == weight.size(0), op, ": expected gain with ", weight.size(0),
@@ -41,8 +44,11 @@ inline DType nf_check_ws(const char* op, const at::Tensor& weight, const at::Ten
               ": expected gain of weight's dtype ", weight.scalar_type(), " on ", weight.device(),
               ", got ", gain.scalar_type(), " on ", gain.device());
   if (grad_out != nullptr) {
-    TORCH_CHECK(grad_out->sizes() == weight.sizes() && grad_out->scalar_type() == weight.scalar_type()
-                    && grad_out->device() == weight.device(), op,
+    const bool bf16_grad = allow_bf16_grad && grad_out->scalar_type() == at::kBFloat16 &&
+                           weight.scalar_type() == at::kFloat;
+    TORCH_CHECK(grad_out->sizes() == weight.sizes() &&
+                    (grad_out->scalar_type() == weight.scalar_type() || bf16_grad) &&
+                    grad_out->device() == weight.device(), op,
                 ": expected grad_out like weight ", weight.sizes(), " ", weight.scalar_type(), ", got ",
                 grad_out->sizes(), " ", grad_out->scalar_type());
   }

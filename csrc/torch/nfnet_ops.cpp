@@ -4,6 +4,9 @@
 //   flamingo_rt_C::ws_standardize(Tensor weight, Tensor gain, float eps) -> Tensor
 //   flamingo_rt_C::ws_standardize_backward(Tensor grad_out, Tensor weight, Tensor gain,
 //                                          float eps) -> (Tensor, Tensor)  # d_weight, d_gain
+//   flamingo_rt_C::ws_standardize_bf16(Tensor weight, Tensor gain, float eps) -> Tensor
+//       # a float32 weight standardized into bf16 (rounded once; CPU only). ws_standardize_backward
+//       # takes a bf16 grad_out beside a float32 weight (its gradients float32)
 //   flamingo_rt_C::se_residual(Tensor x, Tensor gate_logits, Tensor shortcut, Tensor scale)
 //                                          -> Tensor
 //   flamingo_rt_C::se_residual_backward(Tensor grad_out, Tensor x, Tensor gate_logits,
@@ -40,11 +43,25 @@ at::Tensor ws_standardize_cpu_impl(const at::Tensor& weight, const at::Tensor& g
   return out;
 }
 
+// A float32 weight standardized into bfloat16 (rounded once): the bf16 autocast training path.
+at::Tensor ws_standardize_bf16_cpu_impl(const at::Tensor& weight, const at::Tensor& gain, double eps) {
+  const DType dt = nf_check_ws(kWsFwdBf16, weight, gain, nullptr, "CPU");
+  TORCH_CHECK(dt == DType::kFloat32, kWsFwdBf16, ": expected a float32 weight, got ", weight.scalar_type());
+  const at::MemoryFormat fmt = ws_format(weight);
+  const at::Tensor w = weight.contiguous(fmt);
+  const at::Tensor g = gain.contiguous();
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(at::kBFloat16), fmt);
+  WsStandardizeParams p = nf_ws_params(dt, w, g, eps, out);
+  p.out_bfloat16 = true;
+  check_status(kWsFwdBf16, "CPU", ws_standardize_cpu(p));
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> ws_standardize_backward_cpu_impl(const at::Tensor& grad_out,
                                                                      const at::Tensor& weight,
                                                                      const at::Tensor& gain,
                                                                      double eps) {
-  const DType dt = nf_check_ws(kWsBwd, weight, gain, &grad_out, "CPU");
+  const DType dt = nf_check_ws(kWsBwd, weight, gain, &grad_out, "CPU", false, true);
   const at::MemoryFormat fmt = ws_format(weight);
   const at::Tensor w = weight.contiguous(fmt);
   const at::Tensor g = gain.contiguous();
@@ -58,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> ws_standardize_backward_cpu_impl(const at::Te
   p.eps = eps;
   p.grad_out = go.data_ptr();
   p.grad_out_row_stride = p.fan_in;
+  p.grad_out_bfloat16 = go.scalar_type() == at::kBFloat16 && dt == DType::kFloat32;
   p.weight = w.data_ptr();
   p.weight_row_stride = p.fan_in;
   p.gain = g.data_ptr();
@@ -132,6 +150,7 @@ at::Tensor spatial_mean_cpu_impl(const at::Tensor& x) {
 
 TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def("ws_standardize(Tensor weight, Tensor gain, float eps) -> Tensor");
+  m.def("ws_standardize_bf16(Tensor weight, Tensor gain, float eps) -> Tensor");
   m.def("ws_standardize_backward(Tensor grad_out, Tensor weight, Tensor gain, float eps) "
         "-> (Tensor, Tensor)");
   m.def("se_residual(Tensor x, Tensor gate_logits, Tensor shortcut, Tensor scale) -> Tensor");
@@ -142,6 +161,7 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("ws_standardize", &flamingo_rt::torch_ops::ws_standardize_cpu_impl);
+  m.impl("ws_standardize_bf16", &flamingo_rt::torch_ops::ws_standardize_bf16_cpu_impl);
   m.impl("ws_standardize_backward", &flamingo_rt::torch_ops::ws_standardize_backward_cpu_impl);
   m.impl("se_residual", &flamingo_rt::torch_ops::se_residual_cpu_impl);
   m.impl("se_residual_backward", &flamingo_rt::torch_ops::se_residual_backward_cpu_impl);

@@ -131,7 +131,9 @@ def _make_nfnet(device: str):
     def ws_standardize_backward(grad_out: Tensor, weight: Tensor, gain: Tensor, eps: float):
         if device != "cpu" or weight.dtype not in dtypes:
             return _reference(WS_OP + ".backward")(grad_out, weight, gain, eps)
-        return torch.ops.flamingo_rt_C.ws_standardize_backward(grad_out.to(weight.dtype), weight, gain, float(eps))
+        if not (grad_out.dtype == torch.bfloat16 and weight.dtype == torch.float32):
+            grad_out = grad_out.to(weight.dtype)  # (a bf16 one is read as such beside float32)
+        return torch.ops.flamingo_rt_C.ws_standardize_backward(grad_out, weight, gain, float(eps))
 
     def se_fits(x: Tensor, gate_logits: Tensor, scale: Tensor) -> bool:
         """The kernels take these dtypes: x's for all, or on the CPU a float32 scale beside
@@ -160,6 +162,11 @@ def _register_nfnet_fakes() -> None:
     @torch.library.register_fake("flamingo_rt_C::ws_standardize")
     def _(weight, gain, eps):
         return torch.empty_like(weight, memory_format=_fmt(weight))
+
+    if hasattr(torch.ops.flamingo_rt_C, "ws_standardize_bf16"):
+        @torch.library.register_fake("flamingo_rt_C::ws_standardize_bf16")
+        def _(weight, gain, eps):
+            return torch.empty_like(weight, dtype=torch.bfloat16, memory_format=_fmt(weight))
 
     @torch.library.register_fake("flamingo_rt_C::ws_standardize_backward")
     def _(grad_out, weight, gain, eps):

@@ -33,6 +33,9 @@ struct WsStandardizeParams {
   void* out = nullptr;
   int64_t out_row_stride = 0;
   void* stream = nullptr;  // CUDA only
+  // out is bfloat16 while dtype is float32: the standardized weight rounded once, as bf16
+  // autocast would cast it for the convolution (CPU only; CUDA returns kUnsupportedDtype)
+  bool out_bfloat16 = false;
 };
 
 // Backward: with xhat = (w - mean) * rstd, s = gain * fan_in^-0.5, g = grad_out * s,
@@ -53,6 +56,7 @@ struct WsStandardizeBackwardParams {
   void* grad_gain = nullptr;
   int64_t grad_gain_stride = 1;
   void* stream = nullptr;  // CUDA only
+  bool grad_out_bfloat16 = false;  // grad_out is bfloat16 while dtype is float32 (CPU only)
 };
 
 Status ws_standardize_cpu(const WsStandardizeParams& p);

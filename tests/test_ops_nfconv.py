@@ -563,8 +563,7 @@ def test_ws_conv2d_bf16_autocast_standardizes_into_bf16_bitwise(monkeypatch, k, 
     """Under CPU bf16 autocast the float32 weight is standardized straight into bf16 (one op,
     flamingo_rt::ws_standardize_bf16): output and every gradient (x, weight, gain, bias)
     bitwise those of the float32 standardization cast by autocast."""
-    if not (B._device_ok("cpu", torch.device("cpu")) and nfconv._ext_loaded()
-            and hasattr(torch.ops.flamingo_rt_C, "ws_standardize_bf16")):
+    if not (B._device_ok("cpu", torch.device("cpu")) and nfconv._has_kernel("ws_standardize_bf16")):
         pytest.skip("flamingo_rt._C not built")
     g = torch.Generator().manual_seed(7)
     x0 = torch.randn(2, 8, 9, 10, generator=g)
@@ -596,7 +595,7 @@ def test_ws_conv2d_bf16_autocast_standardizes_into_bf16_bitwise(monkeypatch, k, 
 
 
 def test_opcheck_ws_standardize_bf16():
-    if not (nfconv._ext_loaded() and hasattr(torch.ops.flamingo_rt_C, "ws_standardize_bf16")):
+    if not nfconv._has_kernel("ws_standardize_bf16"):
         pytest.skip("flamingo_rt._C not built")
     w, g = _rand(5, 3, 3, 3, requires_grad=True), (1 + 0.1 * torch.randn(5, 1, 1, 1)).requires_grad_()
     torch.library.opcheck(nfconv._ws_bf16_op, (w, g, 1e-5))

@@ -17,8 +17,9 @@
 // and the weight gradient in the weight's layout (channels-last stays channels-last, anything
 // else is made contiguous: ws_format), gain gradient in gain's shape. se_residual: x, shortcut
 // (N, C, H, W) any strides, gate (N, C), scale one element (x's dtype, or float32 beside
-// bfloat16: dscale is in scale's dtype); outputs dense in x's memory format. spatial_mean: x (N, C, H, W) float32 / bfloat16 / float64, any strides, CPU only,
-// inference (no autograd). CPU kernels here, CUDA (forward) in nfnet_cuda_ops.cpp; fakes in
+// bfloat16: dscale is in scale's dtype); outputs dense in x's memory format. spatial_mean:
+// x (N, C, H, W) float32 / bfloat16 / float64, any strides, CPU only, inference (no autograd).
+// CPU kernels here, CUDA (forward) in nfnet_cuda_ops.cpp; fakes in
 // flamingo_rt/ops/_cpp_backends.py. No autograd here (flamingo_rt.ops.nfconv wires it).
 #include <torch/library.h>
 

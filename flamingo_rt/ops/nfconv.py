@@ -133,13 +133,16 @@ def _ws_bf16_ok(weight: Tensor, gain: Tensor, backend: Optional[str]) -> bool:
         return False
     if _backend.resolve(WS_OP, backend, weight.device) != "cpu":
         return False
-    return hasattr(torch.ops.flamingo_rt_C, "ws_standardize_bf16") if _ext_loaded() else False
+    return _has_kernel("ws_standardize_bf16")
 
 
-def _ext_loaded() -> bool:
+@functools.lru_cache(maxsize=None)
+def _has_kernel(name: str) -> bool:
+    """flamingo_rt._C is built and loaded, and has the op ``flamingo_rt_C::<name>``."""
     from .. import _ext
 
-    return _ext.load()
+    return _ext.load() and hasattr(torch.ops.flamingo_rt_C, name)
+
 
 _backend.register(WS_OP, "reference", _ref.ws_standardize)
 _backend.register(WS_OP + ".backward", "reference", _ref.ws_standardize_backward)
@@ -380,16 +383,9 @@ def spatial_mean(x: Tensor) -> Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float64)
             and not (torch.is_grad_enabled() and x.requires_grad) and not _backend.exporting()
-            and not torch.compiler.is_compiling() and not _is_fake(x) and _spatial_mean_kernel()):
+            and not torch.compiler.is_compiling() and not _is_fake(x) and _has_kernel("spatial_mean")):
         return torch.ops.flamingo_rt_C.spatial_mean(x)
     return x.mean(dim=(2, 3), dtype=acc)
-
-
-@functools.lru_cache(maxsize=1)
-def _spatial_mean_kernel() -> bool:
-    from .. import _ext
-
-    return _ext.load() and hasattr(torch.ops.flamingo_rt_C, "spatial_mean")
 
 
 # --------------------------------------------------------------------------------------

@@ -33,27 +33,84 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
+
+class RunControl:
+    """The run's time budget, its section filter and progress lines: a GPU lease is short,
+    so a run that would overrun skips what is left (reported as skipped, not failed) and
+    still writes its table, and each section's progress is printed as it happens."""
+
+    SECTIONS = ("xattn_checks", "resampler_checks", "bga_checks", "nfnet_checks",
+                "xattn_time", "resampler_time", "bga_time", "nfnet_time", "decode_time")
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.deadline = math.inf
+        self.only: Optional[set] = None
+        self.on_section: Optional[Callable[[], object]] = None  # e.g. write the partial table
+        self.skipped: List[str] = []  # sections not run for want of time
+
+    def configure(self, budget_s: Optional[float], only: Optional[str]) -> None:
+        if budget_s:
+            self.deadline = self.t0 + budget_s
+        if only:
+            want = set()
+            for w in (x.strip() for x in only.split(",") if x.strip()):
+                hit = [s for s in self.SECTIONS if s == w or s.endswith("_" + w) or s.startswith(w + "_")]
+                if not hit:
+                    raise SystemExit(f"--only: unknown section {w!r}; expected some of {', '.join(self.SECTIONS)}"
+                                     " (or 'checks' / 'time')")
+                want.update(hit)
+            self.only = want
+
+    def want(self, section: str, min_left_s: float = 0.0) -> bool:
+        """Whether to run ``section``: selected, and (on a budget) at least ``min_left_s``
+        seconds left for it (a section whose one long step, e.g. a compile, would overrun)."""
+        ok = self.only is None or section in self.only
+        if ok and self.on_section is not None:
+            self.on_section()
+        if ok and time.time() + min_left_s > self.deadline:
+            self.progress(f"section {section}: skipped, under {min_left_s:.0f} s of the time budget left")
+            self.skipped.append(section)
+            return False
+        if ok:
+            self.progress(f"section {section}" + (" (over the time budget: skipped)" if self.over() else ""))
+        return ok
+
+    def over(self) -> bool:
+        return time.time() > self.deadline
+
+    def progress(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:7.1f} s] {msg}", flush=True)
+
+
+RUN = RunControl()
+
 # --------------------------------------------------------------------------- build
 
 
 def ensure_built(log: List[str]) -> bool:
-    """Import flamingo_rt._C, building it in place first if it is missing."""
+    """Import flamingo_rt._C, building it in place first if it is missing (with the CUDA
+    kernels, for sm_90 unless FLAMINGO_RT_CUDA_ARCHS says otherwise, when a GPU is
+    present: FLAMINGO_RT_CUDA=1 makes a build without them an error)."""
     try:
         import flamingo_rt._C  # noqa: F401
 
         log.append("flamingo_rt._C: already built")
         return True
     except ImportError as e:
-        log.append(f"flamingo_rt._C missing ({e}); building with pip install --no-build-isolation --no-deps -e .")
+        log.append(f"flamingo_rt._C missing ({e}); building in place (setup.py build_ext --inplace)")
+    RUN.progress(log[-1])
     t0 = time.time()
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
-        capture_output=True, text=True, env=env,
-    )
+    if torch.cuda.is_available():
+        env.setdefault("FLAMINGO_RT_CUDA", "1")
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
     log.append(f"build exit {proc.returncode} in {time.time() - t0:.0f} s")
+    RUN.progress(log[-1])
     if proc.returncode != 0:
-        log.append(proc.stdout[-3000:] + proc.stderr[-3000:])
+        log.append(proc.stdout[-3000:] + proc.stderr[-6000:])
+        print(log[-1], flush=True)
         return False
     try:
         import importlib
@@ -65,6 +122,28 @@ def ensure_built(log: List[str]) -> bool:
     except ImportError as e:
         log.append(f"still cannot import flamingo_rt._C: {e}")
         return False
+
+
+def save_extension(out_dir: Path) -> str:
+    """Copy the built flamingo_rt._C into out_dir as ``<name>.gz``, debug info stripped (the
+    build's -g / -lineinfo make it ~50 MB; stripped and compressed it is a few MB), so a
+    later run on a fresh machine can carry it instead of building again."""
+    import gzip
+    import shutil
+    import tempfile
+
+    import flamingo_rt._C as _ext
+
+    src = Path(_ext.__file__)
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / src.name
+        shutil.copy2(src, lib)
+        stripped = shutil.which("strip") is not None and subprocess.run(
+            ["strip", "--strip-debug", str(lib)], capture_output=True).returncode == 0
+        dst = out_dir / (src.name + ".gz")
+        with open(lib, "rb") as f, gzip.open(dst, "wb", compresslevel=6) as g:
+            shutil.copyfileobj(f, g)
+    return f"saved {src.name} ({'debug info stripped, ' if stripped else ''}{dst.stat().st_size / 1e6:.1f} MB gzip) to {dst}"
 
 
 # --------------------------------------------------------------------------- timing
@@ -116,6 +195,7 @@ class Check:
     tol: float
     ok: bool
     note: str = ""
+    skipped: bool = False
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
@@ -135,6 +215,9 @@ def run_case(op_name, fn, ref_fn, inputs, diff_idx, backend, dtype, device, case
     ``cotangent(ref, ref_inputs)``: for gradients that are sums over many elements, a
     cotangent without random signs keeps them well conditioned, so a relative error
     measures the kernel, not cancellation in a near-zero sum)."""
+    if RUN.over():
+        return Check(op_name, backend, str(dtype).replace("torch.", ""), case, math.nan, math.nan, TOL[dtype],
+                     True, note="skipped: time budget", skipped=True)
     try:
         dev_in, ref_in = [], []
         for i, t in enumerate(inputs):
@@ -156,9 +239,13 @@ def run_case(op_name, fn, ref_fn, inputs, diff_idx, backend, dtype, device, case
             gr = torch.autograd.grad(ref, [ref_in[i] for i in diff_idx], g)
             bwd = max(rel(a, b) for a, b in zip(gd, gr))
         tol = TOL[dtype]
-        return Check(op_name, backend, str(dtype).replace("torch.", ""), case, fwd, bwd, tol,
-                     fwd <= tol and bwd <= 3 * tol)
+        c = Check(op_name, backend, str(dtype).replace("torch.", ""), case, fwd, bwd, tol,
+                  fwd <= tol and bwd <= 3 * tol)
+        if not c.ok:
+            RUN.progress(f"FAIL {op_name} {backend} {c.dtype} {case}: fwd {fwd:.2e} bwd {bwd:.2e} (tol {tol:.0e})")
+        return c
     except Exception as e:  # a crash is a failed check, reported, not fatal
+        RUN.progress(f"FAIL {op_name} {backend} {dtype} {case}: {type(e).__name__}: {str(e)[:300]}")
         return Check(op_name, backend, str(dtype).replace("torch.", ""), case, math.inf, math.inf,
                      TOL[dtype], False, note=f"{type(e).__name__}: {str(e)[:200]}")
 
@@ -209,18 +296,22 @@ def resampler_cases(quick: bool, interpreted: bool = False):
             yield f"S={S} dh={dh}", (q, k_x, v_x, k_l, v_l)
 
 
-def check_all(device: torch.device, quick: bool) -> List[Check]:
+def all_dtypes(device: torch.device) -> List[torch.dtype]:
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+
+
+def check_all(device: torch.device, quick: bool, dtypes: Optional[List[torch.dtype]] = None) -> List[Check]:
     import flamingo_rt.ops as ops
     from flamingo_rt.ops import backend as be
     from flamingo_rt.ops import reference as R
 
-    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    dtypes = dtypes or all_dtypes(device)
     results: List[Check] = []
 
     def backends_for(op):
         return [b for b in be.implemented(op) if be._device_ok(b, device)]
 
-    for b in backends_for("image_causal_attention"):
+    for b in backends_for("image_causal_attention") if RUN.want("xattn_checks") else ():
         for dt in dtypes:
             for case, (q, k, v, idx) in xattn_cases(quick):
                 if b == "triton" and device.type == "cpu" and not case.startswith(("N=49 dh=64", "decode N=64")):
@@ -231,7 +322,7 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
                         lambda q, k, v, i, backend: ops.image_causal_attention(q, k, v, i, all_previous=allp, backend=backend),
                         lambda q, k, v, i: R.image_causal_attention(q, k, v, i, allp),
                         (q, k, v, idx), (0, 1, 2), b, dt, device, case))
-    for b in backends_for("resampler_attention"):
+    for b in backends_for("resampler_attention") if RUN.want("resampler_checks") else ():
         for dt in dtypes:
             for case, xs in resampler_cases(quick, interpreted=b == "triton" and device.type == "cpu"):
                 results.append(run_case(
@@ -239,7 +330,7 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
                     lambda *t, backend: ops.resampler_attention(*t, backend=backend),
                     lambda *t: R.resampler_attention(*t),
                     xs, (0, 1, 2, 3, 4), b, dt, device, case))
-    if hasattr(ops, "bias_gamma_act"):
+    if hasattr(ops, "bias_gamma_act") and RUN.want("bga_checks"):
         for b in backends_for("bias_gamma_act"):
             for dt in dtypes:
                 for act in ("gelu", "relu", "silu"):
@@ -253,8 +344,49 @@ def check_all(device: torch.device, quick: bool) -> List[Check]:
                             lambda x, bias, backend: ops.bias_gamma_act(x, bias, act, 1.7015, backend=backend),
                             lambda x, bias: R.bias_gamma_act(x, bias, act, 1.7015),
                             (x, bias), (0, 1), b, dt, device, f"{act} {'NHWC' if cl else 'NCHW'}"))
-    results += nfnet_checks(device, dtypes, backends_for, quick)
+    if RUN.want("nfnet_checks"):
+        results += nfnet_checks(device, dtypes, backends_for, quick)
     return results
+
+
+def _check_worker(device: str, quick: bool, section: str, dtype: str, deadline: float, seed: int) -> List[Check]:
+    """One (section, dtype) of the checks in a worker process (``--jobs``)."""
+    import flamingo_rt  # noqa: F401  (registers the ops and the C++ backends)
+
+    RUN.deadline, RUN.only = deadline, {section}
+    torch.manual_seed(seed)
+    return check_all(torch.device(device), quick, [getattr(torch, dtype)])
+
+
+def check_all_parallel(device: torch.device, quick: bool, jobs: int) -> List[Check]:
+    """The checks split by (section, dtype) over ``jobs`` processes (spawned, each with its
+    own CUDA context). Triton compiles each kernel specialization on the CPU, one at a
+    time per process: on a GPU machine with many cores this is what the checks' time is,
+    and the workers also fill the on-disk kernel cache that the timings then hit."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    sections = [s for s in RunControl.SECTIONS if s.endswith("_checks") and (RUN.only is None or s in RUN.only)]
+    tasks = [(s, str(dt).replace("torch.", "")) for s in sections for dt in all_dtypes(device)]
+    RUN.progress(f"checks: {len(tasks)} (section, dtype) tasks over {jobs} processes")
+    base = int(torch.randint(0, 1 << 30, ()).item())
+    out: List[Check] = []
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        futs = {ex.submit(_check_worker, str(device), quick, s, d, RUN.deadline, base + i): (s, d)
+                for i, (s, d) in enumerate(tasks)}
+        done: Dict[tuple, List[Check]] = {}
+        for f in cf.as_completed(futs):
+            s, d = futs[f]
+            try:
+                done[(s, d)] = f.result()
+            except Exception as e:  # a worker that died: one failed check that says so
+                done[(s, d)] = [Check(s, "worker", d, "-", math.inf, math.inf, math.nan, False,
+                                      note=f"{type(e).__name__}: {str(e)[:200]}")]
+            bad = sum(not c.ok for c in done[(s, d)])
+            RUN.progress(f"checks {s} {d}: {len(done[(s, d)])} done, {bad} failed")
+    for t in tasks:  # in a fixed order, whatever finished first
+        out += done[t]
+    return out
 
 
 def _conv_same_ref(x, w, bias, stride, groups, act, gamma):
@@ -269,6 +401,17 @@ def _conv_same_ref(x, w, bias, stride, groups, act, gamma):
     if act == "gelu":
         y = F.gelu(y)
     return y * gamma
+
+
+def _conv_checked(x, w, bias, stride, groups, act, backend):
+    """conv2d_bias_act on ``backend``; an error if the Triton convolution raised and the op
+    fell back to the vendor convolution (which would pass the check without testing it)."""
+    from flamingo_rt.ops import nfconv
+
+    y = nfconv.conv2d_bias_act(x, w, bias, stride, groups, act, 1.7, backend=backend)
+    if backend == "triton" and x.is_cuda and nfconv._TRITON_CONV_BROKEN:
+        raise RuntimeError("the Triton convolution raised and the op fell back to the vendor convolution")
+    return y
 
 
 def nfnet_checks(device, dtypes, backends_for, quick) -> List[Check]:
@@ -320,7 +463,7 @@ def nfnet_checks(device, dtypes, backends_for, quick) -> List[Check]:
                 for act in ("gelu", "none"):
                     out.append(run_case(
                         "conv2d_bias_act",
-                        lambda x, w, bias, backend: nfconv.conv2d_bias_act(x, w, bias, st, g, act, 1.7, backend=backend),
+                        lambda x, w, bias, backend: _conv_checked(x, w, bias, st, g, act, backend),
                         lambda x, w, bias: _conv_same_ref(x, w, bias, st, g, act, 1.7),
                         (x, w, bias), (), b, dt, device, f"{N}x{C}x{H}x{W}->{O} k{k} s{st} g{g} {act}"))
     return out
@@ -355,7 +498,10 @@ def nfnet_timings(device: torch.device, quick: bool, add) -> None:
             net.requires_grad_(False)
             add("nfnet frozen fwd", "ours unfolded", shape, lambda: net.forward_features(x), flops, _nbytes(x))
             net.freeze()
-            add("nfnet frozen fwd", "ours folded (fast)", shape, lambda: net.forward_features(x), flops, _nbytes(x))
+            from flamingo_rt.ops import nfconv
+
+            add("nfnet frozen fwd", "ours folded (fast)", shape, lambda: net.forward_features(x), flops, _nbytes(x),
+                note="Triton conv FAILED: vendor conv ran" if nfconv._TRITON_CONV_BROKEN else "")
             try:
                 import timm  # noqa: F401
 
@@ -414,103 +560,113 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
 
 
-def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[Timing]:
+def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
+             out: Optional[List[Timing]] = None) -> List[Timing]:
+    """Every timing, appended to ``out`` (a list the caller may write out as it grows)."""
     import torch.nn.functional as F
 
     import flamingo_rt.ops as ops
     from flamingo_rt.ops import backend as be
 
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out: List[Timing] = []
+    out = [] if out is None else out
 
     def add(op, impl, shape, fn, flops, nbytes, note=""):
+        if RUN.over():
+            out.append(Timing(op, impl, str(dt).replace("torch.", ""), shape, math.nan, math.nan, math.nan,
+                              math.nan, "skipped: time budget"))
+            return
         try:
             ms = time_ms(fn, device)
             s = ms * 1e-3
             tb = nbytes / s / 1e12
             out.append(Timing(op, impl, str(dt).replace("torch.", ""), shape, ms, flops / s / 1e12, tb,
                               100 * tb / ceil["copy_tbps"], note))
+            RUN.progress(f"{op} | {impl} | {shape}: {ms:.4f} ms, {flops / s / 1e12:.2f} TFLOP/s, {tb:.3f} TB/s")
         except Exception as e:
+            RUN.progress(f"{op} | {impl} | {shape}: {type(e).__name__}: {str(e)[:300]}")
             out.append(Timing(op, impl, str(dt).replace("torch.", ""), shape, math.nan, math.nan, math.nan,
                               math.nan, f"{type(e).__name__}: {str(e)[:120]}"))
 
-    # image-causal cross-attention: a few-shot prompt, every token sees its own 64 tokens
-    if device.type == "cuda":
-        B, T, M, N, H, dh = 8, 2048, 16, 64, 8, 64
-    else:
-        B, T, M, N, H, dh = 1, 128, 4, 64, 8, 64
-    q = torch.randn(B, T, H, dh, device=device, dtype=dt)
-    k = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
-    v = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
-    loc = torch.zeros(B, T, dtype=torch.bool)
-    loc[:, torch.linspace(1, T - 8, M).long()] = True
-    from flamingo_rt.ops import media_index_from_locations
+    if RUN.want("xattn_time"):
+        # image-causal cross-attention: a few-shot prompt, every token sees its own 64 tokens
+        if device.type == "cuda":
+            B, T, M, N, H, dh = 8, 2048, 16, 64, 8, 64
+        else:
+            B, T, M, N, H, dh = 1, 128, 4, 64, 8, 64
+        q = torch.randn(B, T, H, dh, device=device, dtype=dt)
+        k = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
+        v = torch.randn(B, M, N, H, dh, device=device, dtype=dt)
+        loc = torch.zeros(B, T, dtype=torch.bool)
+        loc[:, torch.linspace(1, T - 8, M).long()] = True
+        from flamingo_rt.ops import media_index_from_locations
 
-    idx = media_index_from_locations(loc).to(device)
-    shape = f"B{B} T{T} M{M} N{N} H{H} d{dh}"
-    flops = 4 * B * T * N * H * dh
-    nbytes = _nbytes(q, k, v, idx) + q.numel() * q.element_size()
-    xattn_backends = [b for b in be.implemented("image_causal_attention") if be._device_ok(b, device)
-                      and not (b == "triton" and device.type == "cpu")]  # no timing of the interpreter
-    for b in xattn_backends:
-        add("xattn fwd", b, shape, lambda: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
-    # peer: OpenFlamingo's dense formulation through SDPA with a (T, M*N) boolean mask
-    img = torch.arange(M, device=device).repeat_interleave(N)
-    mask = (img[None, None, :] == idx[:, :, None].long())[:, None]  # (B, 1, T, M*N)
-    qh, kh, vh = q.transpose(1, 2), k.reshape(B, M * N, H, dh).transpose(1, 2), v.reshape(B, M * N, H, dh).transpose(1, 2)
-    add("xattn fwd", "sdpa dense mask (OF)", shape,
-        lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), 4 * B * T * M * N * H * dh, nbytes,
-        note="FLOPs counted dense")
+        idx = media_index_from_locations(loc).to(device)
+        shape = f"B{B} T{T} M{M} N{N} H{H} d{dh}"
+        flops = 4 * B * T * N * H * dh
+        nbytes = _nbytes(q, k, v, idx) + q.numel() * q.element_size()
+        xattn_backends = [b for b in be.implemented("image_causal_attention") if be._device_ok(b, device)
+                          and not (b == "triton" and device.type == "cpu")]  # no timing of the interpreter
+        for b in xattn_backends:
+            add("xattn fwd", b, shape, lambda: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
+        # peer: OpenFlamingo's dense formulation through SDPA with a (T, M*N) boolean mask
+        img = torch.arange(M, device=device).repeat_interleave(N)
+        mask = (img[None, None, :] == idx[:, :, None].long())[:, None]  # (B, 1, T, M*N)
+        qh, kh, vh = q.transpose(1, 2), k.reshape(B, M * N, H, dh).transpose(1, 2), v.reshape(B, M * N, H, dh).transpose(1, 2)
+        add("xattn fwd", "sdpa dense mask (OF)", shape,
+            lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), 4 * B * T * M * N * H * dh, nbytes,
+            note="FLOPs counted dense")
 
-    _time_xattn_more(add, device, dt, xattn_backends)
+        _time_xattn_more(add, device, dt, xattn_backends)
 
-    # resampler attention: all media of a batch in one call
-    if device.type == "cuda":
-        n, L, S, H, dh = 256, 64, 257, 16, 96
-    else:
-        n, L, S, H, dh = 8, 64, 64, 8, 64
-    qr = torch.randn(n, L, H, dh, device=device, dtype=dt)
-    kx, vx = (torch.randn(n, S, H, dh, device=device, dtype=dt) for _ in range(2))
-    kl, vl = (torch.randn(n, L, H, dh, device=device, dtype=dt) for _ in range(2))
-    shape = f"n{n} L{L} S{S} H{H} d{dh}"
-    flops = 4 * n * L * (S + L) * H * dh
-    nbytes = _nbytes(qr, kx, vx, kl, vl, qr)
-    # (the Triton interpreter on the CPU is not worth timing)
-    r_backends = [b for b in be.implemented("resampler_attention") if be._device_ok(b, device)
-                  and not (b == "triton" and device.type == "cpu")]
-    for b in r_backends:
-        add("resampler fwd", b, shape, lambda: ops.resampler_attention(qr, kx, vx, kl, vl, backend=b), flops, nbytes)
-    kc = torch.cat([kx, kl], 1).transpose(1, 2)
-    vc = torch.cat([vx, vl], 1).transpose(1, 2)
-    add("resampler fwd", "sdpa on concat (peer)", shape,
-        lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc), flops, nbytes,
-        note="concat excluded")
-    add("resampler fwd", "sdpa incl. concat (peer)", shape,
-        lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), torch.cat([kx, kl], 1).transpose(1, 2),
-                                               torch.cat([vx, vl], 1).transpose(1, 2)), flops, nbytes)
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    if RUN.want("resampler_time"):
+        # resampler attention: all media of a batch in one call
+        if device.type == "cuda":
+            n, L, S, H, dh = 256, 64, 257, 16, 96
+        else:
+            n, L, S, H, dh = 8, 64, 64, 8, 64
+        qr = torch.randn(n, L, H, dh, device=device, dtype=dt)
+        kx, vx = (torch.randn(n, S, H, dh, device=device, dtype=dt) for _ in range(2))
+        kl, vl = (torch.randn(n, L, H, dh, device=device, dtype=dt) for _ in range(2))
+        shape = f"n{n} L{L} S{S} H{H} d{dh}"
+        flops = 4 * n * L * (S + L) * H * dh
+        nbytes = _nbytes(qr, kx, vx, kl, vl, qr)
+        # (the Triton interpreter on the CPU is not worth timing)
+        r_backends = [b for b in be.implemented("resampler_attention") if be._device_ok(b, device)
+                      and not (b == "triton" and device.type == "cpu")]
+        for b in r_backends:
+            add("resampler fwd", b, shape, lambda: ops.resampler_attention(qr, kx, vx, kl, vl, backend=b), flops, nbytes)
+        kc = torch.cat([kx, kl], 1).transpose(1, 2)
+        vc = torch.cat([vx, vl], 1).transpose(1, 2)
+        add("resampler fwd", "sdpa on concat (peer)", shape,
+            lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc), flops, nbytes,
+            note="concat excluded")
+        add("resampler fwd", "sdpa incl. concat (peer)", shape,
+            lambda: F.scaled_dot_product_attention(qr.transpose(1, 2), torch.cat([kx, kl], 1).transpose(1, 2),
+                                                   torch.cat([vx, vl], 1).transpose(1, 2)), flops, nbytes)
+        if device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def sdpa_flash():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc)
+            def sdpa_flash():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(qr.transpose(1, 2), kc, vc)
 
-        add("resampler fwd", "sdpa flash on concat (peer)", shape, sdpa_flash, flops, nbytes,
-            note="backend pinned, concat excluded")
-    # backward: the kernels alone (dq, dk_x, dv_x, dk_l, dv_l from dO); bytes = inputs + dO + grads
-    go = torch.randn_like(qr)
-    bflops = 2.5 * flops  # recomputed QK^T and PV, plus dV, dP, dK, dQ
-    bbytes = 2 * _nbytes(qr, kx, vx, kl, vl) + _nbytes(go)
-    for b in r_backends:
-        bwd_fn = be.get("resampler_attention.backward", b)
-        add("resampler bwd", b, shape, lambda: bwd_fn(go, qr, kx, vx, kl, vl, dh ** -0.5), bflops, bbytes)
-    qs, ks_, vs_ = (t.detach().requires_grad_() for t in (qr.transpose(1, 2), kc, vc))
-    o_sdpa = F.scaled_dot_product_attention(qs, ks_, vs_)
-    add("resampler bwd", "sdpa on concat (peer)", shape,
-        lambda: torch.autograd.grad(o_sdpa, (qs, ks_, vs_), go.transpose(1, 2), retain_graph=True),
-        bflops, bbytes, note="concat excluded")
+            add("resampler fwd", "sdpa flash on concat (peer)", shape, sdpa_flash, flops, nbytes,
+                note="backend pinned, concat excluded")
+        # backward: the kernels alone (dq, dk_x, dv_x, dk_l, dv_l from dO); bytes = inputs + dO + grads
+        go = torch.randn_like(qr)
+        bflops = 2.5 * flops  # recomputed QK^T and PV, plus dV, dP, dK, dQ
+        bbytes = 2 * _nbytes(qr, kx, vx, kl, vl) + _nbytes(go)
+        for b in r_backends:
+            bwd_fn = be.get("resampler_attention.backward", b)
+            add("resampler bwd", b, shape, lambda: bwd_fn(go, qr, kx, vx, kl, vl, dh ** -0.5), bflops, bbytes)
+        qs, ks_, vs_ = (t.detach().requires_grad_() for t in (qr.transpose(1, 2), kc, vc))
+        o_sdpa = F.scaled_dot_product_attention(qs, ks_, vs_)
+        add("resampler bwd", "sdpa on concat (peer)", shape,
+            lambda: torch.autograd.grad(o_sdpa, (qs, ks_, vs_), go.transpose(1, 2), retain_graph=True),
+            bflops, bbytes, note="concat excluded")
 
-    if hasattr(ops, "bias_gamma_act"):
+    if RUN.want("bga_time") and hasattr(ops, "bias_gamma_act"):
         x = torch.randn(32 if device.type == "cuda" else 2, 256, 56, 56, device=device, dtype=dt)
         bias = torch.randn(256, device=device, dtype=dt)
         nb = 2 * _nbytes(x)
@@ -518,8 +674,10 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float]) -> List[
             add("bias_gamma_act fwd", b, f"{tuple(x.shape)}", lambda: ops.bias_gamma_act(x, bias, "gelu", 1.7015, backend=b), 0, nb)
         add("bias_gamma_act fwd", "torch eager (peer)", f"{tuple(x.shape)}",
             lambda: F.gelu(x + bias[None, :, None, None]) * 1.7015, 0, nb)
-    nfnet_timings(device, quick, add)
-    decode_step_timings(device, quick, add)
+    if RUN.want("nfnet_time", min_left_s=60):
+        nfnet_timings(device, quick, add)
+    if RUN.want("decode_time", min_left_s=150 if device.type == "cuda" else 0):
+        decode_step_timings(device, quick, add)
     return out
 
 
@@ -687,17 +845,24 @@ def table(device_name: str, ceil: Dict[str, float], checks: List[Check], timings
     lines = [f"# flamingo_rt GPU check — {device_name} — {time.strftime('%Y-%m-%d %H:%M')}", ""]
     lines.append(f"ceilings: copy {ceil['copy_tbps']:.3f} TB/s, GEMM bf16 {ceil['gemm_bf16_tflops']:.1f} TFLOP/s, "
                  f"fp32 {ceil['gemm_fp32_tflops']:.1f} TFLOP/s; torch {torch.__version__}")
+    if RUN.skipped:
+        lines.append(f"sections skipped for want of time (--budget-s): {', '.join(RUN.skipped)}")
     lines.append("")
     groups: Dict[tuple, List[Check]] = {}
     for c in checks:
         groups.setdefault((c.op, c.backend, c.dtype), []).append(c)
     lines.append("| op | backend | dtype | cases | worst fwd err | worst bwd err | tol | result |")
     lines.append("|---|---|---|---|---|---|---|---|")
-    for (op, b, dt), cs in groups.items():
+    for (op, b, dt), all_cs in groups.items():
+        cs = [c for c in all_cs if not c.skipped]
+        n_skip = len(all_cs) - len(cs)
         bad = [c for c in cs if not c.ok]
-        lines.append(f"| {op} | {b} | {dt} | {len(cs)} | {max(c.fwd_err for c in cs):.2e} | "
-                     f"{max(c.bwd_err for c in cs):.2e} | {cs[0].tol:.0e} | "
-                     f"{'PASS' if not bad else 'FAIL: ' + ', '.join(c.case + (' ' + c.note if c.note else '') for c in bad[:3])} |")
+        res = 'PASS' if not bad else 'FAIL: ' + ', '.join(c.case + (' ' + c.note if c.note else '') for c in bad[:3])
+        if n_skip:
+            res += f" ({n_skip} skipped: time budget)"
+        worst_f = max((c.fwd_err for c in cs), default=math.nan)
+        worst_b = max((c.bwd_err for c in cs), default=math.nan)
+        lines.append(f"| {op} | {b} | {dt} | {len(cs)} | {worst_f:.2e} | {worst_b:.2e} | {all_cs[0].tol:.0e} | {res} |")
     lines.append("")
     lines.append("| op | implementation | dtype | shape | ms | TFLOP/s | TB/s | % copy BW | note |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -713,7 +878,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu (dry run)")
     ap.add_argument("--quick", action="store_true", help="fewer cases (default on CPU)")
     ap.add_argument("--no-build", action="store_true", help="do not try to build flamingo_rt._C")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="time budget of the whole run in seconds: what is left past it is skipped "
+                         "(reported as skipped) and the table is still written")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated sections to run: " + ", ".join(RunControl.SECTIONS)
+                         + " ('checks' / 'time' for all of a kind; 'xattn' for both xattn sections)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes for the checks (each compiles its own Triton kernels; the timings "
+                         "always run in this one)")
+    ap.add_argument("--save-ext", action="store_true",
+                    help="copy the built flamingo_rt._C library into --out (to carry it to a later run)")
     args = ap.parse_args(argv)
+    RUN.configure(args.budget_s, args.only)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or device.type == "cpu"
     out_dir = Path(args.out)
@@ -731,23 +908,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         built = ensure_built(log)
     import flamingo_rt  # noqa: F401  (registers ops, and the C++ backends when built)
 
+    if built and args.save_ext:
+        log.append(save_extension(out_dir))
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU dry run ({platform.processor() or platform.machine()})"
     torch.manual_seed(int(time.time()) & 0xFFFF)  # fresh random inputs every run
     ceil = ceilings(device, quick)
-    checks = check_all(device, quick)
-    timings = time_all(device, quick, ceil)
-    text = table(name, ceil, checks, timings)
+    RUN.progress("ceilings: " + ", ".join(f"{k} {v:.3f}" for k, v in ceil.items()))
+
+    def write(checks, timings) -> str:
+        text = table(name, ceil, checks, timings)
+        (out_dir / "table.md").write_text(text + "\n")
+        (out_dir / "results.json").write_text(json.dumps({
+            "device": name, "torch": torch.__version__, "extension_built": built, "log": log,
+            "ceilings": ceil, "checks": [asdict(c) for c in checks], "timings": [asdict(t) for t in timings],
+            "seconds": time.time() - t0, "budget_s": args.budget_s, "only": args.only,
+        }, indent=1))
+        return text
+
+    checks = check_all_parallel(device, quick, args.jobs) if args.jobs > 1 else check_all(device, quick)
+    timings: List[Timing] = []
+    RUN.on_section = lambda: write(checks, timings)  # a run cut short leaves what it measured
+    time_all(device, quick, ceil, timings)
+    RUN.on_section = None
+    text = write(checks, timings)
     failed = [c for c in checks if not c.ok]
-    (out_dir / "table.md").write_text(text + "\n")
-    (out_dir / "results.json").write_text(json.dumps({
-        "device": name, "torch": torch.__version__, "extension_built": built, "log": log,
-        "ceilings": ceil, "checks": [asdict(c) for c in checks], "timings": [asdict(t) for t in timings],
-        "seconds": time.time() - t0,
-    }, indent=1))
+    skipped = [c for c in checks if c.skipped]
     print("\n".join(log))
     print(text)
-    print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed, {len(timings)} timings, "
-          f"{time.time() - t0:.0f} s; written to {out_dir}/table.md and results.json")
+    print(f"\n{len(checks) - len(failed) - len(skipped)}/{len(checks) - len(skipped)} checks passed"
+          + (f" ({len(skipped)} skipped: time budget)" if skipped else "")
+          + f", {len(timings)} timings, {time.time() - t0:.0f} s; written to {out_dir}/table.md and results.json")
     return 1 if failed or (not built and not args.no_build) else 0
 
 

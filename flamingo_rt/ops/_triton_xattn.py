@@ -20,11 +20,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _kernels():
-    try:
-        from flamingo_rt.kernels import xattn as kx  # installed layout
-    except ImportError:
-        from kernels import xattn as kx  # source tree without an install
-    return kx
+    from ._kernel_modules import kernel_module
+
+    return kernel_module("xattn")
 
 
 def image_causal_attention(q: Tensor, k: Tensor, v: Tensor, media_index: Tensor,

@@ -401,9 +401,9 @@ def _triton_available() -> bool:
 
 def _triton_fn(name: str):
     def call(*args):
-        from ..kernels import nfnet as _k
+        from ._kernel_modules import kernel_module
 
-        return getattr(_k, name)(*args)
+        return getattr(kernel_module("nfnet"), name)(*args)
 
     call.__name__ = name
     return call
@@ -708,8 +708,9 @@ def conv2d_bias_act(
     if (not needs_grad and be == "triton" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not _TRITON_CONV_BROKEN):
         try:
-            from ..kernels import conv as _kconv
+            from ._kernel_modules import kernel_module
 
+            _kconv = kernel_module("conv")
             return _kconv.conv2d_nhwc(x, w, bias, stride, groups, act, gamma, "same",
                                       packed=None if mk else packed)
         except Exception as e:  # e.g. a Triton that cannot compile it: the vendor conv instead

@@ -77,9 +77,9 @@ _backend.register(OP + ".backward", "reference", _reference_backward)
 
 
 def _triton_kernels():
-    from flamingo_rt.kernels import resampler as kernels
+    from ._kernel_modules import kernel_module
 
-    return kernels
+    return kernel_module("resampler")
 
 
 def _triton_forward(q, k_x, v_x, k_l, v_l, scale):

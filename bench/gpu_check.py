@@ -39,19 +39,24 @@ class RunControl:
     so a run that would overrun skips what is left (reported as skipped, not failed) and
     still writes its table, and each section's progress is printed as it happens."""
 
+    # the default order: checks, then the timings by what is least known (the decode step
+    # and the NFNet need long compiles, so they come last)
     SECTIONS = ("xattn_checks", "resampler_checks", "bga_checks", "nfnet_checks",
-                "xattn_time", "resampler_time", "bga_time", "nfnet_time", "decode_time")
+                "xattn_time", "resampler_time", "bga_time", "decode_time", "nfnet_time")
 
     def __init__(self) -> None:
         self.t0 = time.time()
         self.deadline = math.inf
         self.only: Optional[set] = None
+        self.only_order: List[str] = []
         self.on_section: Optional[Callable[[], object]] = None  # e.g. write the partial table
         self.skipped: List[str] = []  # sections not run for want of time
+        self.out_dir: Optional[Path] = None
 
     def configure(self, budget_s: Optional[float], only: Optional[str]) -> None:
         if budget_s:
             self.deadline = self.t0 + budget_s
+        self.only_order: List[str] = []
         if only:
             want = set()
             for w in (x.strip() for x in only.split(",") if x.strip()):
@@ -60,7 +65,14 @@ class RunControl:
                     raise SystemExit(f"--only: unknown section {w!r}; expected some of {', '.join(self.SECTIONS)}"
                                      " (or 'checks' / 'time')")
                 want.update(hit)
+                self.only_order += [h for h in hit if h not in self.only_order]
             self.only = want
+
+    def order(self, names: List[str]) -> List[str]:
+        """``names`` in the order --only gave them (the default order otherwise)."""
+        if not self.only_order:
+            return names
+        return [n for n in self.only_order if n in names] + [n for n in names if n not in self.only_order]
 
     def want(self, section: str, min_left_s: float = 0.0) -> bool:
         """Whether to run ``section``: selected, and (on a budget) at least ``min_left_s``
@@ -163,6 +175,30 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     import torch.utils.benchmark as tb
 
     return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
+
+
+def profile_to_file(title: str, fn: Callable[[], object], device: torch.device, iters: int = 5) -> None:
+    """Append torch.profiler's per-op table (host and device time) of ``iters`` calls of
+    ``fn`` to RUN.out_dir/profiles.txt: where a call's time goes, kernels or the framework
+    around them."""
+    if RUN.out_dir is None or RUN.over():
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        fn()
+        sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(iters):
+                fn()
+            sync(device)
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        text = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
+    except Exception as e:  # the profile is a diagnostic: its failure is noted, not fatal
+        text = f"profiler failed: {type(e).__name__}: {e}"
+    with open(RUN.out_dir / "profiles.txt", "a") as f:
+        f.write(f"\n=== {title} ({iters} calls)\n{text}\n")
 
 
 def ceilings(device: torch.device, quick: bool) -> Dict[str, float]:
@@ -307,6 +343,10 @@ def check_all(device: torch.device, quick: bool, dtypes: Optional[List[torch.dty
 
     dtypes = dtypes or all_dtypes(device)
     results: List[Check] = []
+    # float32 means IEEE float32 here: torch's default lets cuDNN convolutions use TF32
+    # (errors ~3e-4), which would fail the float32 tolerance of the ops built on them
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
     def backends_for(op):
         return [b for b in be.implemented(op) if be._device_ok(b, device)]
@@ -588,7 +628,7 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
             out.append(Timing(op, impl, str(dt).replace("torch.", ""), shape, math.nan, math.nan, math.nan,
                               math.nan, f"{type(e).__name__}: {str(e)[:120]}"))
 
-    if RUN.want("xattn_time"):
+    def xattn_time():
         # image-causal cross-attention: a few-shot prompt, every token sees its own 64 tokens
         if device.type == "cuda":
             B, T, M, N, H, dh = 8, 2048, 16, 64, 8, 64
@@ -619,7 +659,7 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
 
         _time_xattn_more(add, device, dt, xattn_backends)
 
-    if RUN.want("resampler_time"):
+    def resampler_time():
         # resampler attention: all media of a batch in one call
         if device.type == "cuda":
             n, L, S, H, dh = 256, 64, 257, 16, 96
@@ -666,7 +706,9 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
             lambda: torch.autograd.grad(o_sdpa, (qs, ks_, vs_), go.transpose(1, 2), retain_graph=True),
             bflops, bbytes, note="concat excluded")
 
-    if RUN.want("bga_time") and hasattr(ops, "bias_gamma_act"):
+    def bga_time():
+        if not hasattr(ops, "bias_gamma_act"):
+            return
         x = torch.randn(32 if device.type == "cuda" else 2, 256, 56, 56, device=device, dtype=dt)
         bias = torch.randn(256, device=device, dtype=dt)
         nb = 2 * _nbytes(x)
@@ -674,10 +716,17 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
             add("bias_gamma_act fwd", b, f"{tuple(x.shape)}", lambda: ops.bias_gamma_act(x, bias, "gelu", 1.7015, backend=b), 0, nb)
         add("bias_gamma_act fwd", "torch eager (peer)", f"{tuple(x.shape)}",
             lambda: F.gelu(x + bias[None, :, None, None]) * 1.7015, 0, nb)
-    if RUN.want("nfnet_time", min_left_s=60):
-        nfnet_timings(device, quick, add)
-    if RUN.want("decode_time", min_left_s=150 if device.type == "cuda" else 0):
-        decode_step_timings(device, quick, add)
+    sections = {  # name: (run, seconds it needs at least: a long compile would overrun)
+        "xattn_time": (xattn_time, 0),
+        "resampler_time": (resampler_time, 0),
+        "bga_time": (bga_time, 0),
+        "decode_time": (lambda: decode_step_timings(device, quick, add), 150 if device.type == "cuda" else 0),
+        "nfnet_time": (lambda: nfnet_timings(device, quick, add), 60),
+    }
+    for name in RUN.order([n for n in RunControl.SECTIONS if n in sections]):
+        fn, min_left = sections[name]
+        if RUN.want(name, min_left_s=min_left):
+            fn()
     return out
 
 
@@ -689,6 +738,7 @@ def _time_xattn_more(add, device, dt, backends) -> None:
     import torch.nn.functional as F
 
     import flamingo_rt.ops as ops
+    from flamingo_rt.ops import backend as be
     from flamingo_rt.ops import media_index_from_locations
 
     H, N, dh = 8, 64, 64
@@ -711,6 +761,17 @@ def _time_xattn_more(add, device, dt, backends) -> None:
                 torch.autograd.grad(out, (q, k, v), go)
             add("xattn fwd+bwd", b, shape, step, flops, nbytes,
                 note="bwd = triton kernels" if b == "cuda" else "")
+            profile_to_file(f"xattn fwd+bwd {b} {shape}", step, device)
+        # the backward's kernels alone (no op dispatch, no autograd): what of the fwd+bwd
+        # time is kernels, and what is the framework around them
+        for b in backends:
+            try:
+                bwd_fn = be.get("image_causal_attention.backward", b)
+            except Exception:
+                continue
+            add("xattn bwd (kernels alone)", b, shape,
+                lambda bwd_fn=bwd_fn: bwd_fn(go, q.detach(), k.detach(), v.detach(), idx, False, dh ** -0.5),
+                flops * 2 / 3, esz * (2 * q.numel() + 2 * k.numel() + 2 * v.numel() + 2 * q.numel()))
         img = torch.arange(M, device=device).repeat_interleave(N)
         mask = (img[None, None, :] == idx[:, :, None].long())[:, None]
         kd, vd = (t.detach().reshape(B, M * N, H, dh).transpose(1, 2).requires_grad_(True) for t in (k, v))
@@ -754,6 +815,8 @@ def _time_xattn_more(add, device, dt, backends) -> None:
     nbytes = q.element_size() * (2 * q.numel() + 2 * B * N * H * dh)  # the one image's K/V
     for b in backends:
         add("xattn decode", b, shape, lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
+        profile_to_file(f"xattn decode {b} {shape}", lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b),
+                        device, iters=20)
     if "cuda" in backends:
         from flamingo_rt.ops import _cuda_xattn
 
@@ -835,6 +898,7 @@ def decode_step_timings(device: torch.device, quick: bool, add) -> None:
 
         add(op, name, shape, fn, flops, nbytes,
             note="target (GPU): >= 67% of copy BW, i.e. within 1.5x of the memory-bound limit")
+        profile_to_file(f"{op} {name} {shape}", fn, device, iters=10)
     del model, cache
 
 
@@ -882,7 +946,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="time budget of the whole run in seconds: what is left past it is skipped "
                          "(reported as skipped) and the table is still written")
     ap.add_argument("--only", default=None,
-                    help="comma-separated sections to run: " + ", ".join(RunControl.SECTIONS)
+                    help="comma-separated sections to run, timings in the order given: "
+                         + ", ".join(RunControl.SECTIONS)
                          + " ('checks' / 'time' for all of a kind; 'xattn' for both xattn sections)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes for the checks (each compiles its own Triton kernels; the timings "
@@ -895,6 +960,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     quick = args.quick or device.type == "cpu"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    RUN.out_dir = out_dir
+    (out_dir / "profiles.txt").unlink(missing_ok=True)
     log: List[str] = []
     t0 = time.time()
     if args.no_build:

@@ -817,6 +817,7 @@ def _time_xattn_more(add, device, dt, backends) -> None:
         add("xattn decode", b, shape, lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
         profile_to_file(f"xattn decode {b} {shape}", lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b),
                         device, iters=20)
+    add("xattn decode", "auto (the default)", shape, lambda: ops.image_causal_attention(q, k, v, idx), flops, nbytes)
     if "cuda" in backends:
         from flamingo_rt.ops import _cuda_xattn
 

@@ -100,3 +100,25 @@ def test_cuda_backend_registered_iff_the_extension_has_cuda():
         idx = torch.empty(2, 1, device="meta", dtype=torch.int32)
         out = torch.ops.flamingo_rt_C.image_causal_attention_decode(q, k, k, idx, False, 0.125)
         assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_auto_takes_the_cuda_decode_kernel_for_few_tokens_on_the_gpu(monkeypatch):
+    """``auto`` on a CUDA device: Triton, except T <= CUDA_DECODE_MAX_T, which goes to the
+    CUDA C++ decode kernel when it is built; explicit requests and other devices untouched."""
+    from flamingo_rt.ops import backend as be
+    from flamingo_rt.ops import xattn as X
+
+    monkeypatch.delenv("FLAMINGO_RT_BACKEND", raising=False)
+    impls = dict(be._IMPLS[X.OP])
+    monkeypatch.setitem(be._IMPLS, X.OP, {**impls, "cuda": lambda *a: None})
+    pick = X.shape_backend
+    assert pick("triton", None, "cuda", 1) == "cuda"
+    assert pick("triton", "auto", "cuda", X.CUDA_DECODE_MAX_T) == "cuda"
+    assert pick("triton", None, "cuda", X.CUDA_DECODE_MAX_T + 1) == "triton"
+    assert pick("triton", "triton", "cuda", 1) == "triton"  # asked for by name
+    assert pick("cpu", None, "cpu", 1) == "cpu"
+    monkeypatch.setenv("FLAMINGO_RT_BACKEND", "triton")
+    assert pick("triton", None, "cuda", 1) == "triton"  # asked for through the environment
+    monkeypatch.delenv("FLAMINGO_RT_BACKEND")
+    monkeypatch.setitem(be._IMPLS, X.OP, {k: f for k, f in impls.items() if k != "cuda"})
+    assert pick("triton", None, "cuda", 1) == "triton"  # no CUDA C++ build

@@ -6,6 +6,8 @@ Registered with ``torch.library`` (fake implementation and autograd included), s
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -91,6 +93,28 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, media_index: Tensor) -> None:
         raise TypeError(f"expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+#: Up to this many query tokens per sequence, the CUDA C++ forward runs its decode kernel
+#: (one block per (b, t, h) row; csrc/cuda/xattn.cu), and ``auto`` picks it over Triton on
+#: the GPU: measured on an H200 (bench/results/gpu_check_2026-12-04_NVIDIA-H200.md), one
+#: token against 32 cached images took 20.5 us through the cuda backend and 130 us through
+#: the triton one, while at training shapes Triton's tiled forward is the faster (0.10 vs
+#: 0.38 ms at B8 T2048).
+CUDA_DECODE_MAX_T = 4
+
+
+def shape_backend(resolved: str, requested: str | None, device_type: str, T: int) -> str:
+    """The backend for a call of ``T`` query tokens: ``resolved`` (what ``auto`` or the
+    request resolved to), except that ``auto`` on a CUDA device takes the CUDA C++ decode
+    kernel for T <= CUDA_DECODE_MAX_T when that backend is built. An explicit request
+    (argument or FLAMINGO_RT_BACKEND) is never changed."""
+    if requested is None:
+        requested = os.environ.get("FLAMINGO_RT_BACKEND", "auto") or "auto"
+    if (requested == "auto" and resolved == "triton" and device_type == "cuda" and T <= CUDA_DECODE_MAX_T
+            and "cuda" in _backend.implemented(OP)):
+        return "cuda"
+    return resolved
+
+
 def image_causal_attention(
     q: Tensor,
     k: Tensor,
@@ -110,7 +134,8 @@ def image_causal_attention(
         all_previous: attend to every image up to ``media_index`` instead of just it.
         scale: softmax scale, default ``dh ** -0.5``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``;
-            default from ``FLAMINGO_RT_BACKEND``, else ``auto``.
+            default from ``FLAMINGO_RT_BACKEND``, else ``auto`` (on the GPU: triton, and
+            the CUDA C++ decode kernel for T <= 4; see :func:`shape_backend`).
 
     Returns:
         (B, T, H, dh) in q's dtype; rows with media_index -1 are exactly zero.
@@ -118,7 +143,7 @@ def image_causal_attention(
     _check_shapes(q, k, v, media_index)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    be = _backend.resolve(OP, backend, q.device)
+    be = shape_backend(_backend.resolve(OP, backend, q.device), backend, q.device.type, q.shape[1])
     if _backend.exporting():  # the kernel itself (a flamingo_rt_C op or plain aten), no Python op
         return _backend.get(OP, be)(q, k, v, media_index, bool(all_previous), float(scale))
     return _xattn_op(q, k, v, media_index, bool(all_previous), float(scale), be)

@@ -336,7 +336,8 @@ def all_dtypes(device: torch.device) -> List[torch.dtype]:
     return [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
 
 
-def check_all(device: torch.device, quick: bool, dtypes: Optional[List[torch.dtype]] = None) -> List[Check]:
+def check_all(device: torch.device, quick: bool, dtypes: Optional[List[torch.dtype]] = None,
+              backends: Optional[List[str]] = None) -> List[Check]:
     import flamingo_rt.ops as ops
     from flamingo_rt.ops import backend as be
     from flamingo_rt.ops import reference as R
@@ -349,7 +350,7 @@ def check_all(device: torch.device, quick: bool, dtypes: Optional[List[torch.dty
     torch.backends.cuda.matmul.allow_tf32 = False
 
     def backends_for(op):
-        return [b for b in be.implemented(op) if be._device_ok(b, device)]
+        return [b for b in be.implemented(op) if be._device_ok(b, device) and (backends is None or b in backends)]
 
     for b in backends_for("image_causal_attention") if RUN.want("xattn_checks") else ():
         for dt in dtypes:
@@ -389,13 +390,14 @@ def check_all(device: torch.device, quick: bool, dtypes: Optional[List[torch.dty
     return results
 
 
-def _check_worker(device: str, quick: bool, section: str, dtype: str, deadline: float, seed: int) -> List[Check]:
-    """One (section, dtype) of the checks in a worker process (``--jobs``)."""
+def _check_worker(device: str, quick: bool, section: str, dtype: str, backend: str, deadline: float,
+                  seed: int) -> List[Check]:
+    """One (section, dtype, backend) of the checks in a worker process (``--jobs``)."""
     import flamingo_rt  # noqa: F401  (registers the ops and the C++ backends)
 
     RUN.deadline, RUN.only = deadline, {section}
     torch.manual_seed(seed)
-    return check_all(torch.device(device), quick, [getattr(torch, dtype)])
+    return check_all(torch.device(device), quick, [getattr(torch, dtype)], [backend])
 
 
 def check_all_parallel(device: torch.device, quick: bool, jobs: int) -> List[Check]:
@@ -406,24 +408,31 @@ def check_all_parallel(device: torch.device, quick: bool, jobs: int) -> List[Che
     import concurrent.futures as cf
     import multiprocessing as mp
 
+    from flamingo_rt.ops import backend as be
+
     sections = [s for s in RunControl.SECTIONS if s.endswith("_checks") and (RUN.only is None or s in RUN.only)]
-    tasks = [(s, str(dt).replace("torch.", "")) for s in sections for dt in all_dtypes(device)]
-    RUN.progress(f"checks: {len(tasks)} (section, dtype) tasks over {jobs} processes")
+    # the backends on this device (of any op: a section without one of them checks nothing)
+    device_backends = [b for b in be.BACKENDS if be._device_ok(b, device)]
+    # (section, dtype, backend), the slowest to compile first: Triton, float32 (IEEE products)
+    tasks = [(s, str(dt).replace("torch.", ""), b) for s in sections for dt in all_dtypes(device)
+             for b in device_backends]
+    tasks.sort(key=lambda t: (t[2] != "triton", t[1] != "float32"))
+    RUN.progress(f"checks: {len(tasks)} (section, dtype, backend) tasks over {jobs} processes")
     base = int(torch.randint(0, 1 << 30, ()).item())
     out: List[Check] = []
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futs = {ex.submit(_check_worker, str(device), quick, s, d, RUN.deadline, base + i): (s, d)
-                for i, (s, d) in enumerate(tasks)}
+        futs = {ex.submit(_check_worker, str(device), quick, s, d, b, RUN.deadline, base + i): (s, d, b)
+                for i, (s, d, b) in enumerate(tasks)}
         done: Dict[tuple, List[Check]] = {}
         for f in cf.as_completed(futs):
-            s, d = futs[f]
+            s, d, b = futs[f]
             try:
-                done[(s, d)] = f.result()
+                done[(s, d, b)] = f.result()
             except Exception as e:  # a worker that died: one failed check that says so
-                done[(s, d)] = [Check(s, "worker", d, "-", math.inf, math.inf, math.nan, False,
-                                      note=f"{type(e).__name__}: {str(e)[:200]}")]
-            bad = sum(not c.ok for c in done[(s, d)])
-            RUN.progress(f"checks {s} {d}: {len(done[(s, d)])} done, {bad} failed")
+                done[(s, d, b)] = [Check(s, b, d, "-", math.inf, math.inf, math.nan, False,
+                                         note=f"worker died: {type(e).__name__}: {str(e)[:200]}")]
+            res = done[(s, d, b)]
+            RUN.progress(f"checks {s} {d} {b}: {len(res)} done, {sum(not c.ok for c in res)} failed")
     for t in tasks:  # in a fixed order, whatever finished first
         out += done[t]
     return out

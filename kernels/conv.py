@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._host_math import cdiv, next_power_of_2
 from torch import Tensor
 
 _ACT = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
@@ -161,11 +163,11 @@ def conv2d_nhwc(x: Tensor, w: Tensor, bias: Optional[Tensor], stride: int = 1, g
                 UPCAST=_interpreting() and x.dtype != torch.float32)
     if _interpreting() or not x.is_cuda:
         bm, bn, bk = 16, 16, 16
-        grid = (triton.cdiv(M, bm), triton.cdiv(cout_g, bn), groups)
+        grid = (cdiv(M, bm), cdiv(cout_g, bn), groups)
         _conv_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         def grid(cfg):
-            return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
+            return (cdiv(M, cfg["BLOCK_M"]), cdiv(cout_g, cfg["BLOCK_N"]), groups)
 
         _conv_kernel_tuned[grid](*args, **meta)
     return y

@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._host_math import cdiv, next_power_of_2
 from torch import Tensor
 
 _ACT_CODE = {"gelu": 0, "relu": 1, "silu": 2}
@@ -126,7 +128,7 @@ def bias_gamma_act(x: Tensor, bias: Optional[Tensor], act: str, gamma: float) ->
         return y
     C, HW = x.shape[1], x.shape[2] * x.shape[3]
     b = bias.contiguous() if bias is not None else xd
-    grid = (triton.cdiv(total, _BLOCK),)
+    grid = (cdiv(total, _BLOCK),)
     _bga_fwd_kernel[grid](xd, b, y, total, C, HW, float(gamma), HAS_BIAS=bias is not None,
                           ACT=_ACT_CODE[act], CL=cl, F64=x.dtype == torch.float64, BLOCK=_BLOCK)
     return y
@@ -142,7 +144,7 @@ def bias_gamma_act_backward(grad_out: Tensor, x: Tensor, bias: Optional[Tensor],
     C, HW = x.shape[1], x.shape[2] * x.shape[3]
     if total > 0:
         b = bias.contiguous() if bias is not None else xd
-        grid = (triton.cdiv(total, _BLOCK),)
+        grid = (cdiv(total, _BLOCK),)
         _bga_bwd_kernel[grid](go, xd, b, dz, total, C, HW, float(gamma), HAS_BIAS=bias is not None,
                               ACT=_ACT_CODE[act], CL=cl, F64=x.dtype == torch.float64, BLOCK=_BLOCK)
     db_dtype = bias.dtype if bias is not None else x.dtype
@@ -207,7 +209,7 @@ def se_residual(x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor)
     if total == 0:
         return y
     C, HW = x.shape[1], x.shape[2] * x.shape[3]
-    grid = (triton.cdiv(total, _BLOCK),)
+    grid = (cdiv(total, _BLOCK),)
     _se_fwd_kernel[grid](xd, gate_logits.contiguous(), sd, scale.reshape(1).to(x.dtype).contiguous(), y,
                          total, C, HW, CL=cl, F64=x.dtype == torch.float64, BLOCK=_BLOCK)
     return y
@@ -224,7 +226,7 @@ def se_residual_backward(grad_out: Tensor, x: Tensor, gate_logits: Tensor, short
     total = xd.numel()
     C, HW = x.shape[1], x.shape[2] * x.shape[3]
     if total > 0:
-        grid = (triton.cdiv(total, _BLOCK),)
+        grid = (cdiv(total, _BLOCK),)
         _se_bwd_kernel[grid](go, xd, gate_logits.contiguous(), scale.reshape(1).to(x.dtype).contiguous(),
                              dx, gxp, total, C, HW, CL=cl, F64=x.dtype == torch.float64, BLOCK=_BLOCK)
     gx = gxp.sum(dim=(2, 3))
@@ -313,7 +315,7 @@ def _ws_bwd_kernel(go_ptr, w_ptr, g_ptr, dw_ptr, dg_ptr, fan_in, inv_sqrt_fan, e
 
 
 def _ws_block(fan_in: int) -> int:
-    return max(16, min(1024, triton.next_power_of_2(fan_in)))
+    return max(16, min(1024, next_power_of_2(fan_in)))
 
 
 def ws_standardize(weight: Tensor, gain: Tensor, eps: float) -> Tensor:

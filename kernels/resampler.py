@@ -36,6 +36,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from ._host_math import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 MAX_BWD_L = 128  # the backward keeps all query rows of a (medium, head) in one tile
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,7 +58,7 @@ def backward_supported(q: Tensor) -> bool:
 
 def _s_bucket(S: int) -> int:
     """Autotune key for the feature count: powers of two up to 4096."""
-    return min(4096, triton.next_power_of_2(max(S, 1)))
+    return min(4096, next_power_of_2(max(S, 1)))
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -235,7 +237,7 @@ def _prune(configs, named_args, **kwargs):
     L = named_args["L"]
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     keep = [c for c in configs
-            if c.kwargs["BLOCK_S"] <= max(32, triton.next_power_of_2(S + L))
+            if c.kwargs["BLOCK_S"] <= max(32, next_power_of_2(S + L))
             and not (bd >= 256 and c.kwargs["BLOCK_S"] > 32)]
     return keep or configs[:1]
 
@@ -284,14 +286,14 @@ def resampler_attention_fwd(q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_
     out = torch.empty((N, L, H, dh), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
-    BLOCK_L = min(MAX_BWD_L, max(16, triton.next_power_of_2(L)))
-    BLOCK_D = max(16, triton.next_power_of_2(dh))
+    BLOCK_L = min(MAX_BWD_L, max(16, next_power_of_2(L)))
+    BLOCK_D = max(16, next_power_of_2(dh))
     args = (q, k_x, v_x, k_l, v_l, out, *q.stride(), *k_x.stride(), *v_x.stride(), *k_l.stride(),
             *v_l.stride(), out.stride(0), out.stride(1), out.stride(2),
             H, L, S, float(scale) * LOG2E, _s_bucket(S))
     meta = dict(HEAD_DIM=dh, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, DOT_PREC=_dot_prec(q.dtype),
                 UPCAST=_interpret() and q.dtype == torch.bfloat16)
-    grid = (N * H, triton.cdiv(L, BLOCK_L))
+    grid = (N * H, cdiv(L, BLOCK_L))
     if _interpret():
         _resampler_fwd[grid](*args, **meta, BLOCK_S=32 if S + L <= 64 else 64)
     else:
@@ -317,8 +319,8 @@ def resampler_attention_bwd(grad_out: Tensor, q: Tensor, k_x: Tensor, v_x: Tenso
     dv_l = torch.empty_like(dq)
     if dq.numel() == 0:
         return dq, dk_x.zero_(), dv_x.zero_(), dk_l, dv_l
-    BLOCK_L = max(16, triton.next_power_of_2(L))
-    BLOCK_D = max(16, triton.next_power_of_2(dh))
+    BLOCK_L = max(16, next_power_of_2(L))
+    BLOCK_D = max(16, next_power_of_2(dh))
     args = (q, k_x, v_x, k_l, v_l, grad_out, dq, dk_x, dv_x, dk_l, dv_l,
             *q.stride(), *k_x.stride(), *v_x.stride(), *k_l.stride(), *v_l.stride(), *grad_out.stride(),
             H, L, S, float(scale) * LOG2E, float(scale), _s_bucket(S))

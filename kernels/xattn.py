@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host_math import cdiv, next_power_of_2
+
 __all__ = [
     "image_causal_attention_fwd",
     "image_causal_attention_bwd",
@@ -333,8 +335,8 @@ def _prune_q(configs, named_args, **kwargs):
     dh = _arg(named_args, kwargs, "DH", 64)
     T = _arg(named_args, kwargs, "T", 1)
     N = _arg(named_args, kwargs, "N", 64)
-    bt_max = max(16, min(2 * seg, triton.next_power_of_2(max(T, 1))))
-    bn_max = max(32, triton.next_power_of_2(max(N, 1)))
+    bt_max = max(16, min(2 * seg, next_power_of_2(max(T, 1))))
+    bn_max = max(32, next_power_of_2(max(N, 1)))
     keep = [c for c in configs
             if c.kwargs["BLOCK_T"] <= bt_max and c.kwargs["BLOCK_N"] <= bn_max
             and not (dh > 64 and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] > 64 * 64)]
@@ -346,7 +348,7 @@ def _prune_kv(configs, named_args, **kwargs):
     whole segment sweep), smaller tiles for large head dims."""
     dh = _arg(named_args, kwargs, "DH", 64)
     N = _arg(named_args, kwargs, "N", 64)
-    bn_max = max(32, triton.next_power_of_2(max(N, 1)))
+    bn_max = max(32, next_power_of_2(max(N, 1)))
     keep = [c for c in configs
             if c.kwargs["BLOCK_N"] <= bn_max
             and not (dh > 64 and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_N"] > 64 * 64)]
@@ -408,7 +410,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 def _seg_bucket(T: int, M: int) -> int:
     """Expected tokens per image (T / M), as a power of two in [1, 4096]: the autotune key."""
-    return min(4096, triton.next_power_of_2(max(1, T // max(M, 1))))
+    return min(4096, next_power_of_2(max(1, T // max(M, 1))))
 
 
 def _common(q, k, media_index, all_previous):
@@ -427,7 +429,7 @@ def _common(q, k, media_index, all_previous):
                          f"[{int(idx.min())}, {int(idx.max())}]")
     consts = dict(
         ALL_PREV=bool(all_previous),
-        BLOCK_D=max(16, triton.next_power_of_2(dh)),
+        BLOCK_D=max(16, next_power_of_2(dh)),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         PREC2="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=bool(q.dtype == torch.bfloat16 and (INTERPRET or os.environ.get("TRITON_INTERPRET") == "1")),
@@ -449,7 +451,7 @@ def image_causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return out.zero_()
     args = (q, k, v, idx, out, *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *out.stride(),
             T, M, N, H, dh, float(scale), _seg_bucket(T, M))
-    _launch(_fwd_tuned, _xattn_fwd_kernel, lambda c: (triton.cdiv(T, c["BLOCK_T"]), B * H), args, consts,
+    _launch(_fwd_tuned, _xattn_fwd_kernel, lambda c: (cdiv(T, c["BLOCK_T"]), B * H), args, consts,
             _heuristic(False, T, M, N, dh), B * T * H)
     return out
 
@@ -486,11 +488,11 @@ def image_causal_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch
     common = (T, M, N, H, dh, float(scale), seg)
     args = (q, k, v, idx, grad_out, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *idx.stride(),
             *grad_out.stride(), *dq.stride(), *common)
-    _launch(_dq_tuned, _xattn_bwd_dq_kernel, lambda c: (triton.cdiv(T, c["BLOCK_T"]), B * H), args, consts,
+    _launch(_dq_tuned, _xattn_bwd_dq_kernel, lambda c: (cdiv(T, c["BLOCK_T"]), B * H), args, consts,
             _heuristic(False, T, M, N, dh), B * T * H)
     start, end = segment_bounds(idx, M, all_previous)
     args = (q, k, v, idx, grad_out, dk, dv, lse, delta, start, end, *q.stride(), *k.stride(), *v.stride(),
             *idx.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *common)
-    _launch(_dkdv_tuned, _xattn_bwd_dkdv_kernel, lambda c: (B * M * H, triton.cdiv(N, c["BLOCK_N"])), args, consts,
+    _launch(_dkdv_tuned, _xattn_bwd_dkdv_kernel, lambda c: (B * M * H, cdiv(N, c["BLOCK_N"])), args, consts,
             _heuristic(True, T, M, N, dh), B * T * H)
     return dq, dk, dv

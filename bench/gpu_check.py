@@ -201,6 +201,22 @@ def profile_to_file(title: str, fn: Callable[[], object], device: torch.device, 
         f.write(f"\n=== {title} ({iters} calls)\n{text}\n")
 
 
+def cuda_graph_of(fn: Callable[[], object], device: torch.device, reps: int):
+    """A CUDA graph of ``reps`` calls of ``fn`` (warmed up on a side stream first, as
+    capture requires)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return g
+
+
 def ceilings(device: torch.device, quick: bool) -> Dict[str, float]:
     n = 8192 if device.type == "cuda" else (512 if quick else 1024)
     out = {}
@@ -620,13 +636,19 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = [] if out is None else out
 
-    def add(op, impl, shape, fn, flops, nbytes, note=""):
+    def add(op, impl, shape, fn, flops, nbytes, note="", graph_reps=0):
+        """Time ``fn``; with ``graph_reps`` (GPU), ``graph_reps`` calls of it captured in one
+        CUDA graph and the replay's time per call: the device time alone, without the host
+        time (Python, dispatch, launches) that an eager call of a small problem waits on."""
         if RUN.over():
             out.append(Timing(op, impl, str(dt).replace("torch.", ""), shape, math.nan, math.nan, math.nan,
                               math.nan, "skipped: time budget"))
             return
         try:
-            ms = time_ms(fn, device)
+            if graph_reps:
+                ms = time_ms(cuda_graph_of(fn, device, graph_reps).replay, device) / graph_reps
+            else:
+                ms = time_ms(fn, device)
             s = ms * 1e-3
             tb = nbytes / s / 1e12
             out.append(Timing(op, impl, str(dt).replace("torch.", ""), shape, ms, flops / s / 1e12, tb,
@@ -658,6 +680,9 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
                           and not (b == "triton" and device.type == "cpu")]  # no timing of the interpreter
         for b in xattn_backends:
             add("xattn fwd", b, shape, lambda: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
+            if device.type == "cuda":
+                add("xattn fwd", f"{b} (CUDA graph, per call)", shape,
+                    lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes, graph_reps=10)
         # peer: OpenFlamingo's dense formulation through SDPA with a (T, M*N) boolean mask
         img = torch.arange(M, device=device).repeat_interleave(N)
         mask = (img[None, None, :] == idx[:, :, None].long())[:, None]  # (B, 1, T, M*N)
@@ -770,6 +795,8 @@ def _time_xattn_more(add, device, dt, backends) -> None:
                 torch.autograd.grad(out, (q, k, v), go)
             add("xattn fwd+bwd", b, shape, step, flops, nbytes,
                 note="bwd = triton kernels" if b == "cuda" else "")
+            if device.type == "cuda":
+                add("xattn fwd+bwd", f"{b} (CUDA graph, per call)", shape, step, flops, nbytes, graph_reps=5)
             profile_to_file(f"xattn fwd+bwd {b} {shape}", step, device)
         # the backward's kernels alone (no op dispatch, no autograd): what of the fwd+bwd
         # time is kernels, and what is the framework around them
@@ -791,6 +818,9 @@ def _time_xattn_more(add, device, dt, backends) -> None:
             out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
             torch.autograd.grad(out, (qd, kd, vd), god)
         add("xattn fwd+bwd", "sdpa dense mask (OF)", shape, sdpa_step, M * flops, nbytes, note="FLOPs counted dense")
+        if device.type == "cuda":
+            add("xattn fwd+bwd", "sdpa dense mask (OF) (CUDA graph, per call)", shape, sdpa_step, M * flops, nbytes,
+                note="FLOPs counted dense", graph_reps=5)
         if device.type == "cuda":
             try:
                 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -824,6 +854,10 @@ def _time_xattn_more(add, device, dt, backends) -> None:
     nbytes = q.element_size() * (2 * q.numel() + 2 * B * N * H * dh)  # the one image's K/V
     for b in backends:
         add("xattn decode", b, shape, lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes)
+        if device.type == "cuda":
+            add("xattn decode", f"{b} (CUDA graph, per call)", shape,
+                lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b), flops, nbytes, graph_reps=20,
+                note="issue 3 target: decode kernel < 10 us per layer")
         profile_to_file(f"xattn decode {b} {shape}", lambda b=b: ops.image_causal_attention(q, k, v, idx, backend=b),
                         device, iters=20)
     add("xattn decode", "auto (the default)", shape, lambda: ops.image_causal_attention(q, k, v, idx), flops, nbytes)

@@ -283,3 +283,43 @@ def test_cast_parts_cover_the_weight(monkeypatch):
     assert rel_err(FFMOD._mm_parts(a, rows, True), a.double() @ wb.double().t()) < 4e-3
     assert rel_err(FFMOD._mm_parts(b, cols, False), b.double() @ wb.double()) < 4e-3
     assert FFMOD._cast_parts(w, torch.float32, 0)[0][2] is w  # already in the dtype: no copy
+
+
+@pytest.mark.parametrize("residual,gated", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("mode", ["bf16 weights", "autocast"])
+def test_bf16_inference_over_chunks_of_rows(residual, gated, mode, monkeypatch):
+    """Inference in bf16 (weights or autocast) runs over chunks of rows when the (rows, inner)
+    activation passes FORWARD_CHUNK_BYTES, with the values of the whole call; float32 and
+    training run whole."""
+    torch.manual_seed(5)
+    ff = _module(32, "gelu", torch.bfloat16 if mode == "bf16 weights" else torch.float32)
+    x = torch.randn(3, 11, 32, dtype=torch.bfloat16 if mode == "bf16 weights" else torch.float32)
+    gate = torch.tensor([0.4], dtype=x.dtype) if gated else None
+    calls = []
+    real = FFMOD._chunked_inference
+
+    def spy(*a, **k):
+        calls.append(a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(FFMOD, "_chunked_inference", spy)
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            return module_feed_forward(ff, x, residual=residual, gate=gate)
+
+    whole = run()
+    assert calls == []  # 33 rows x 128 x 2 B: under the bound
+    monkeypatch.setattr(FFMOD, "FORWARD_CHUNK_BYTES", 10 * 128 * 2)  # chunks of at most 10 rows
+    chunked = run()
+    assert calls == [9]  # 33 rows in 4 balanced chunks of 9 (the last 6)
+    assert chunked.shape == whole.shape and chunked.dtype == whole.dtype
+    # each row computed as in the whole call (up to the products' blocking for other row counts)
+    assert rel_err(chunked, whole) < 4e-3
+    # float32 inference and anything with a gradient stay whole
+    calls.clear()
+    ff32, x32 = _module(32, "gelu"), torch.randn(3, 11, 32)
+    with torch.no_grad():
+        module_feed_forward(ff32, x32, residual=residual)
+    module_feed_forward(ff32, x32.requires_grad_(), residual=residual)
+    assert calls == []

@@ -309,3 +309,91 @@ def test_resampler_bf16_inference_packs_its_weights_bitwise(reorders, monkeypatc
     # per layer: to_q, to_kv, the folded feature K/V weight, to_out, fc1, fc2
     assert n == 2 * 6 and len(reorders) == n
     assert torch.equal(got, want) and torch.equal(again, want)
+
+
+# ------------------------------------------------------------------ MKL-packed float32 weights
+
+needs_mkl = pytest.mark.skipif(not fl._mkl_available(), reason="this torch build has no MKL packed linear")
+
+
+@pytest.fixture
+def mkl_packs(monkeypatch):
+    """Counts MKL weight packings, (rows, shape) each; an empty cache, the default budget,
+    the torch float32 policy (MKL products) and no size bound (small test weights)."""
+    calls = []
+    real = torch.ops.mkl._mkl_reorder_linear_weight
+
+    class Spy:
+        def __call__(self, w, rows):
+            calls.append((rows, tuple(w.shape)))
+            return real(w, rows)
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight", Spy())
+    monkeypatch.setattr(fl, "PACK_BUDGET_BYTES", 1 << 30)
+    monkeypatch.setattr(fl, "MKL_MAX_GROWTH", 1e9)
+    fl.clear_packed()
+    with cpu_gemm.use("torch"):
+        yield calls
+    fl.clear_packed()
+
+
+@needs_mkl
+@pytest.mark.parametrize("op", ["act", "residual", "plain"])
+def test_float32_inference_reads_an_mkl_packed_weight(mkl_packs, op):
+    """float32 inference products (torch's policy: MKL) read the weight packed once by MKL
+    for their row count, with the float64 expression's values."""
+    x, w, b, r = _case(rows=64, k=96, n=160, dtype=torch.float32)
+    run = {"act": lambda: fl.linear_act(x, w, b, "gelu"), "residual": lambda: fl.linear_residual(x, w, b, r),
+           "plain": lambda: fl.linear_packed(x, w, b)}[op]
+    want = {"act": F.gelu(_ref_linear(x, w, b)), "residual": r.double() + _ref_linear(x, w, b),
+            "plain": _ref_linear(x, w, b)}[op]
+    with torch.no_grad():
+        got = [run() for _ in range(3)]
+    assert mkl_packs == [(64, (160, 96))] and fl.packed_bytes() > 0
+    for g in got:
+        assert g.dtype == torch.float32 and g.shape == want.shape and rel_err(g, want) < 1e-6
+    fl.clear_packed()
+    assert fl.packed_bytes() == 0
+
+
+@needs_mkl
+def test_mkl_packing_one_row_count_updates_and_where_it_is_not_used(mkl_packs, monkeypatch):
+    """One row count packed per weight (other counts run unpacked, the same values); an
+    in-place update packs again; no packing with gradients, under autocast, for decode rows
+    or under the oneDNN policy."""
+    x, w, b, _ = _case(rows=64, k=96, n=160, dtype=torch.float32)
+    x2 = torch.cat([x, x], 1)  # 128 rows
+    lin = torch.nn.Linear(96, 160)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+        y64 = fl.linear_packed(x, lin.weight, lin.bias)
+        y128 = fl.linear_packed(x2, lin.weight, lin.bias)
+        assert mkl_packs == [(64, (160, 96))]
+        assert rel_err(y128, _ref_linear(x2, w, b)) < 1e-6 and rel_err(y64, _ref_linear(x, w, b)) < 1e-6
+        lin.weight.mul_(2)
+        y = fl.linear_packed(x, lin.weight, lin.bias)
+        assert len(mkl_packs) == 2 and rel_err(y, _ref_linear(x, 2 * w, b)) < 1e-6
+    # not packed: a gradient to take, autocast, decode rows, oneDNN's policy
+    fl.clear_packed()
+    mkl_packs.clear()
+    fl.linear_packed(x, w.clone().requires_grad_(), b)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fl.linear_packed(x, w, b)
+        fl.linear_packed(x[:, :1], w, b)
+        with cpu_gemm.use("onednn"):
+            fl.linear_packed(x, w, b)
+    assert mkl_packs == []
+
+
+@needs_mkl
+def test_mkl_packing_skips_weights_it_would_pad_heavily(mkl_packs, monkeypatch):
+    """A weight whose packed copy would be more than MKL_MAX_GROWTH times its size is not
+    kept packed, and not packed again at the next call."""
+    monkeypatch.setattr(fl, "MKL_MAX_GROWTH", 1.5)  # the default bound
+    x, w, b, _ = _case(rows=64, k=96, n=160, dtype=torch.float32)  # MKL pads it ~100x
+    with torch.no_grad():
+        ys = [fl.linear_packed(x, w, b) for _ in range(3)]
+    assert mkl_packs == [(64, (160, 96))] and fl.packed_bytes() == 0
+    assert all(rel_err(y, _ref_linear(x, w, b)) < 1e-6 for y in ys)

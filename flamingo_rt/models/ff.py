@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.fused_linear import linear_act, linear_residual
+from ..ops.fused_linear import linear_act, linear_packed, linear_residual
 from ..ops.linear import Linear
 
 FF_KINDS = ("gelu", "sqrelu")
@@ -39,7 +39,8 @@ class FeedForward(nn.Module):
         return h.square() if torch.is_grad_enabled() and h.requires_grad else h.square_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self._hidden(x))
+        # fc2 through the packed-weight product in inference (linear.linear otherwise)
+        return linear_packed(self._hidden(x), self.fc2.weight, self.fc2.bias)
 
     def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
         """``x + self(x)``; in inference the add is fc2's oneDNN post-op where it runs

@@ -456,8 +456,10 @@ def _inference_chunk_rows(x: Tensor, inner: int) -> int:
     whole. A fresh activation of 32 MiB or more is mapped anew on every call (glibc's mmap
     threshold) and its first touch page-faults; chunks below it come back from the heap.
     The cross-attention block's bf16 forward at batch 4 (8192 x 8192 activation, 128 MiB):
-    716 -> 649 ms, batch 1 (32 MiB) 164 vs 166 ms. float32 stays whole: MKL repacks the
-    whole weight for each chunk's product (batch 1: 552 -> 567 ms chunked)."""
+    716 -> 649 ms, batch 1 (32 MiB) 164 vs 166 ms. float32 stays whole: unpacked, MKL
+    repacks the whole weight for each chunk's product (batch 1: 552 -> 567 ms chunked);
+    with MKL-packed weights (:mod:`fused_linear`) chunks of 512 rows gained nothing
+    (519.7 vs 522.4 ms)."""
     if torch.compiler.is_compiling() or x.dim() < 2 or not x.is_contiguous() or x.device.type != "cpu":
         return 0
     hd = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype

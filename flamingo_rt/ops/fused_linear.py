@@ -86,13 +86,15 @@ def _key(w: Tensor) -> tuple:
 
 
 def packed_bytes() -> int:
-    """Bytes of the packed weight copies held now."""
-    return sum(e[2] for e in list(_PACKED.values()))
+    """Bytes of the packed weight copies held now (oneDNN's and MKL's)."""
+    return (sum(e[2] for e in list(_PACKED.values()))
+            + sum(e[2] for sizes in list(_MKL_PACKED.values()) for e in list(sizes.values())))
 
 
 def clear_packed() -> None:
     """Drop every packed weight copy (they are made again at their weights' next use)."""
     _PACKED.clear()
+    _MKL_PACKED.clear()
 
 
 def _packed(w: Tensor) -> Tensor:
@@ -120,6 +122,93 @@ def _packed(w: Tensor) -> Tensor:
     return p
 
 
+# weight -> {rows: (key, MKL-packed copy, bytes)}: float32 products packed by MKL for one
+# row count each (its packed product runs only for that count; other counts run unpacked)
+_MKL_PACKED = WeakIdKeyDictionary()
+#: row counts packed per weight at most (the first seen; products of other row counts run unpacked)
+MKL_SIZES_PER_WEIGHT = 1
+#: a weight is used MKL-packed only when the packed copy is at most this many times its
+#: size: MKL pads small weights heavily (1024 x 1024 float32: 13.3 MiB packed for 4 MiB,
+#: for 2-3% of the resampler's forward), large ones little (2048 -> 8192: 79 MiB for 64)
+MKL_MAX_GROWTH = 1.5
+
+
+def _mkl_available() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def mkl_packing_active() -> bool:
+    """Whether float32 inference products read MKL-packed weights here (MKL present, the
+    float32 policy not oneDNN's, packing not turned off)."""
+    return PACK_BUDGET_BYTES > 0 and _mkl_available() and not cpu_gemm.onednn_active()
+
+
+def _fp32_packable(x: Tensor, weight: Tensor, bias: Optional[Tensor], other: Optional[Tensor] = None) -> bool:
+    """A float32 inference product that MKL runs (the policy does not send float32 products to
+    oneDNN, :func:`cpu_gemm.onednn_active`) and that may read an MKL-packed weight: the
+    conditions of :func:`_fusable` otherwise."""
+    if torch.compiler.is_compiling() or _backend.exporting() or PACK_BUDGET_BYTES <= 0:
+        return False
+    ts = [t for t in (x, weight, bias, other) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not cpu_gemm.plain_tensor(t) for t in ts):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    if torch.is_autocast_enabled("cpu") or weight.is_inference():
+        return False
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0 or weight.shape[0] == 0:
+        return False
+    if x.numel() // x.shape[-1] <= MAX_ROWS:
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(weight):
+        return False
+    return mkl_packing_active()
+
+
+def _mkl_packed(w: Tensor, rows: int) -> Optional[Tensor]:
+    """w packed by MKL for products of ``rows`` rows (``mkl._mkl_reorder_linear_weight``),
+    made at the first such product and kept while w is unchanged; None when packing is off,
+    w already has MKL_SIZES_PER_WEIGHT other row counts packed, the copy would be more than
+    MKL_MAX_GROWTH times w (remembered: w is not packed again) or would pass
+    PACK_BUDGET_BYTES."""
+    key = _key(w)
+    sizes = _MKL_PACKED.get(w)
+    if sizes is not None:
+        hit = sizes.get(rows)
+        if hit is not None and hit[0] == key:
+            return hit[1]  # (None for a weight not worth packing)
+        if any(e[0] != key for e in sizes.values()):  # stale: w was updated
+            sizes.clear()
+        if len(sizes) >= MKL_SIZES_PER_WEIGHT:
+            return None
+    try:
+        with torch.no_grad():
+            p = torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows)
+    except (RuntimeError, AttributeError):
+        return None
+    nbytes = p.numel() * p.element_size()
+    if sizes is None:
+        sizes = _MKL_PACKED[w] = {}
+    if nbytes > MKL_MAX_GROWTH * w.numel() * w.element_size():
+        sizes[rows] = (key, None, 0)
+        return None
+    if packed_bytes() + nbytes > PACK_BUDGET_BYTES:
+        return None
+    sizes[rows] = (key, p, nbytes)
+    return p
+
+
+def _mkl_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """``F.linear(x, weight, bias)`` through MKL's packed product (None where no packed weight
+    is at hand): x (..., K) -> (..., N) float32."""
+    x2 = _rows(x)
+    p = _mkl_packed(weight, x2.shape[0])
+    if p is None:
+        return None
+    y = torch.ops.mkl._mkl_linear(x2, p, weight, bias, x2.shape[0])
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def _rows(t: Tensor) -> Tensor:
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.is_contiguous() else t2.contiguous()
@@ -136,7 +225,9 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str) -> T
         name, algo = _POST_OPS[act]
         y = torch.ops.mkldnn._linear_pointwise(_rows(x), _packed(weight), bias, name, [], algo)
         return y.view(*x.shape[:-1], weight.shape[0])
-    y = linear(x, weight, bias)
+    y = _mkl_linear(x, weight, bias) if _fp32_packable(x, weight, bias) else None
+    if y is None:
+        y = linear(x, weight, bias)
     in_place = not (torch.is_grad_enabled() and y.requires_grad)  # y is our fresh output
     if act == "gelu":
         return torch.ops.aten.gelu_(y) if in_place else F.gelu(y)
@@ -150,7 +241,8 @@ def linear_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
     if residual.shape == (*x.shape[:-1], weight.shape[0]) and _fusable(x, weight, bias, residual):
         y = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(residual), _packed(weight), bias, "add")
         return y.view(residual.shape)
-    return residual_add_(residual, linear(x, weight, bias))
+    y = _mkl_linear(x, weight, bias) if _fp32_packable(x, weight, bias, residual) else None
+    return residual_add_(residual, linear(x, weight, bias) if y is None else y)
 
 
 def linear_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -160,4 +252,5 @@ def linear_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
     if _fusable(x, weight, bias):
         y = torch.ops.mkldnn._linear_pointwise(_rows(x), _packed(weight), bias, "none", [], "")
         return y.view(*x.shape[:-1], weight.shape[0])
-    return linear(x, weight, bias)
+    y = _mkl_linear(x, weight, bias) if _fp32_packable(x, weight, bias) else None
+    return linear(x, weight, bias) if y is None else y

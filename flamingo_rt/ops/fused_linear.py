@@ -24,7 +24,16 @@ otherwise reorders the whole weight at every call (2048 rows x 1024 -> 4096 in b
 ms). The packed copies cost the weights' size again, so they are bounded: at most
 :data:`PACK_BUDGET_BYTES` in all (``FLAMINGO_RT_PACK_BUDGET_MB``, 0 turns packing off);
 weights past the budget run unpacked. :func:`linear_packed` is the same product without an
-epilogue (the resampler's query and latent key/value projections, the folded K/V products).
+epilogue (the resampler's query and latent key/value projections, the folded K/V products,
+the feed-forwards' fc2).
+
+float32 inference products that torch's policy leaves to MKL read MKL-packed weights the same
+way (``mkl._mkl_reorder_linear_weight`` / ``mkl._mkl_linear``), with the activation or
+residual applied in place on the fresh output: packed for one row count per weight (MKL's
+packed product runs only for that count; others run unpacked), within the same budget, and
+only for weights whose packed copy is at most :data:`MKL_MAX_GROWTH` times their size (MKL
+pads by ~10 MB). OpenFlamingo-3B's cross-attention block forward, float32, batch 1: 553 ->
+529 ms (its FF's 2048 x 8192 weights, 170 MiB of copies).
 """
 from __future__ import annotations
 

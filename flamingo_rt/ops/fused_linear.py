@@ -56,31 +56,38 @@ __all__ = ["linear_act", "linear_residual", "linear_packed", "clear_packed", "pa
 _POST_OPS = {"gelu": ("gelu", "none"), "relu": ("relu", "")}
 
 
-def _fusable(x: Tensor, weight: Tensor, bias: Optional[Tensor], other: Optional[Tensor] = None) -> bool:
-    """oneDNN runs ``x W^T (+ b)`` with a post-op here (see the module docstring)."""
+def _path(x: Tensor, weight: Tensor, bias: Optional[Tensor], other: Optional[Tensor] = None) -> Optional[str]:
+    """How the inference product ``x W^T (+ b)`` (beside ``other``, a residual) runs here:
+    ``"onednn"`` (a oneDNN primitive with its post-op on the packed oneDNN weight: bf16, and
+    float32 where the policy sends float32 products to oneDNN), ``"mkl"`` (float32 that MKL
+    computes, reading an MKL-packed weight) or None (:func:`linear.linear` and separate ops:
+    a gradient to take, compiling, decode rows, other dtypes...). See the module docstring."""
     if torch.compiler.is_compiling() or _backend.exporting():
-        return False
+        return None
     ts = [t for t in (x, weight, bias, other) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return False
+        return None
     if not all(cpu_gemm.plain_tensor(t) and t.device.type == "cpu" for t in ts):
-        return False
+        return None
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0:
-        return False
+        return None
     if x.numel() // x.shape[-1] <= MAX_ROWS or weight.shape[0] == 0:
-        return False
+        return None
     if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(weight):
-        return False
+        return None
     dtype = x.dtype
     if any(t.dtype != dtype for t in ts):
-        return False
+        return None
     if dtype == torch.bfloat16:
         if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
-            return False
-        return cpu_gemm.bf16_available()
-    if dtype == torch.float32:
-        return not torch.is_autocast_enabled("cpu") and cpu_gemm.eligible(x, weight, bias)
-    return False
+            return None
+        return "onednn" if cpu_gemm.bf16_available() else None
+    if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        if cpu_gemm.eligible(x, weight, bias):
+            return "onednn"
+        if not weight.is_inference() and mkl_packing_active():
+            return "mkl"
+    return None
 
 
 #: the most bytes of packed weight copies kept at once (see the module docstring)
@@ -152,28 +159,6 @@ def mkl_packing_active() -> bool:
     return PACK_BUDGET_BYTES > 0 and _mkl_available() and not cpu_gemm.onednn_active()
 
 
-def _fp32_packable(x: Tensor, weight: Tensor, bias: Optional[Tensor], other: Optional[Tensor] = None) -> bool:
-    """A float32 inference product that MKL runs (the policy does not send float32 products to
-    oneDNN, :func:`cpu_gemm.onednn_active`) and that may read an MKL-packed weight: the
-    conditions of :func:`_fusable` otherwise."""
-    if torch.compiler.is_compiling() or _backend.exporting() or PACK_BUDGET_BYTES <= 0:
-        return False
-    ts = [t for t in (x, weight, bias, other) if t is not None]
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not cpu_gemm.plain_tensor(t) for t in ts):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return False
-    if torch.is_autocast_enabled("cpu") or weight.is_inference():
-        return False
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0 or weight.shape[0] == 0:
-        return False
-    if x.numel() // x.shape[-1] <= MAX_ROWS:
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._functorch.is_functorch_wrapped_tensor(weight):
-        return False
-    return mkl_packing_active()
-
-
 def _mkl_packed(w: Tensor, rows: int) -> Optional[Tensor]:
     """w packed by MKL for products of ``rows`` rows (``mkl._mkl_reorder_linear_weight``),
     made at the first such product and kept while w is unchanged; None when packing is off,
@@ -230,11 +215,12 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str) -> T
     :func:`linear.linear` when not fused)."""
     if act not in _POST_OPS:
         raise ValueError(f"linear_act: expected act to be one of {tuple(_POST_OPS)}, got {act!r}")
-    if _fusable(x, weight, bias):
+    path = _path(x, weight, bias)
+    if path == "onednn":
         name, algo = _POST_OPS[act]
         y = torch.ops.mkldnn._linear_pointwise(_rows(x), _packed(weight), bias, name, [], algo)
         return y.view(*x.shape[:-1], weight.shape[0])
-    y = _mkl_linear(x, weight, bias) if _fp32_packable(x, weight, bias) else None
+    y = _mkl_linear(x, weight, bias) if path == "mkl" else None
     if y is None:
         y = linear(x, weight, bias)
     in_place = not (torch.is_grad_enabled() and y.requires_grad)  # y is our fresh output
@@ -247,19 +233,22 @@ def linear_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
     """``residual + F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) or None,
     residual (..., N) of the output's shape -> (..., N). Unfused: the product, then
     :func:`residual.residual_add_` into its fresh output."""
-    if residual.shape == (*x.shape[:-1], weight.shape[0]) and _fusable(x, weight, bias, residual):
+    path = _path(x, weight, bias, residual)
+    if path == "onednn" and residual.shape == (*x.shape[:-1], weight.shape[0]):
         y = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(residual), _packed(weight), bias, "add")
         return y.view(residual.shape)
-    y = _mkl_linear(x, weight, bias) if _fp32_packable(x, weight, bias, residual) else None
+    y = _mkl_linear(x, weight, bias) if path == "mkl" else None
     return residual_add_(residual, linear(x, weight, bias) if y is None else y)
 
 
 def linear_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) or None -> (..., N),
     through oneDNN with the packed weight where the fused products run (inference, see
-    :func:`_fusable`), else :func:`linear.linear`."""
-    if _fusable(x, weight, bias):
+    :func:`_path`), with the MKL-packed weight for float32 that MKL computes, else
+    :func:`linear.linear`."""
+    path = _path(x, weight, bias)
+    if path == "onednn":
         y = torch.ops.mkldnn._linear_pointwise(_rows(x), _packed(weight), bias, "none", [], "")
         return y.view(*x.shape[:-1], weight.shape[0])
-    y = _mkl_linear(x, weight, bias) if _fp32_packable(x, weight, bias) else None
+    y = _mkl_linear(x, weight, bias) if path == "mkl" else None
     return linear(x, weight, bias) if y is None else y

@@ -85,6 +85,14 @@ def _device_ok(backend: str, device: torch.device) -> bool:
     return False
 
 
+def requested(backend: str | None) -> str:
+    """The backend asked for: ``backend``, or for None the ``FLAMINGO_RT_BACKEND``
+    environment variable if set, else ``"auto"``."""
+    if backend is None:
+        backend = os.environ.get("FLAMINGO_RT_BACKEND", "auto") or "auto"
+    return backend
+
+
 def resolve(op: str, backend: str | None, device: torch.device) -> str:
     """Turn ``backend`` (``None``/``"auto"``/a name) into a concrete backend for ``op``.
 
@@ -92,8 +100,7 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     A forced backend that ``op`` does not implement, or that cannot run on ``device``,
     is an error naming what was asked and what is available.
     """
-    if backend is None:
-        backend = os.environ.get("FLAMINGO_RT_BACKEND", "auto") or "auto"
+    backend = requested(backend)
     impls = _IMPLS.get(op, {})
     if backend == "auto":
         for cand in AUTO_ORDER.get(device.type, ("reference",)):

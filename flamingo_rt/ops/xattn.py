@@ -6,8 +6,6 @@ Registered with ``torch.library`` (fake implementation and autograd included), s
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -107,9 +105,7 @@ def shape_backend(resolved: str, requested: str | None, device_type: str, T: int
     request resolved to), except that ``auto`` on a CUDA device takes the CUDA C++ decode
     kernel for T <= CUDA_DECODE_MAX_T when that backend is built. An explicit request
     (argument or FLAMINGO_RT_BACKEND) is never changed."""
-    if requested is None:
-        requested = os.environ.get("FLAMINGO_RT_BACKEND", "auto") or "auto"
-    if (requested == "auto" and resolved == "triton" and device_type == "cuda" and T <= CUDA_DECODE_MAX_T
+    if (_backend.requested(requested) == "auto" and resolved == "triton" and device_type == "cuda" and T <= CUDA_DECODE_MAX_T
             and "cuda" in _backend.implemented(OP)):
         return "cuda"
     return resolved

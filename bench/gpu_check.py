@@ -81,11 +81,12 @@ class RunControl:
         if ok and self.on_section is not None:
             self.on_section()
         if ok and time.time() + min_left_s > self.deadline:
-            self.progress(f"section {section}: skipped, under {min_left_s:.0f} s of the time budget left")
+            self.progress(f"section {section}: skipped, " + (
+                f"under {min_left_s:.0f} s of the time budget left" if min_left_s else "over the time budget"))
             self.skipped.append(section)
             return False
         if ok:
-            self.progress(f"section {section}" + (" (over the time budget: skipped)" if self.over() else ""))
+            self.progress(f"section {section}")
         return ok
 
     def over(self) -> bool:

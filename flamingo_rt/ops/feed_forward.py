@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cpu_gemm import BLOCK_BYTES, block_rows, mm, mm_add, rows_first, transpose_rows
+from .cpu_gemm import BLOCK_BYTES, block_rows, eligible, mm, mm_add, rows_first, transpose_rows
 from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
 from .precision import layer_norm_in, widen_block_rows
@@ -333,7 +333,8 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
     when c is None), a (M, K) often a transposed view: computed in blocks of a's rows so that
     no temporary is larger than ``cpu_gemm.BLOCK_BYTES`` (a whole-matrix ``c + a @ b`` would
     hold a second weight-gradient-sized tensor). A product in acc adds c as its post-op
-    (:func:`cpu_gemm.mm_add`). A lower-precision product (bf16 under autocast) is widened
+    (:func:`cpu_gemm.mm_add`) on oneDNN, and in place (``addmm_``) on torch's BLAS. A
+    lower-precision product (bf16 under autocast) is widened
     into acc a block of rows at a time (``precision.WIDEN_BLOCK_BYTES``), never whole: its
     values are those of the one whole product widened (each element is the same dot
     product, rounded once to the compute dtype, as the module path's weight gradient), and
@@ -347,6 +348,11 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
     if a.dtype == acc:
         if c is None:
             return mm(a, b)  # mm copies a transposed a in blocks itself
+        if not eligible(a, b):
+            # torch's BLAS (MKL) adds into c in place (beta = 1), a transposed a read as it
+            # is: no temporary, no copy back (OpenFlamingo-3B's block in float32, both FF
+            # weight gradients over two chunks: 474 -> 447 ms against blocks of c + a @ b)
+            return c.addmm_(a, b)
         esize = torch.empty(0, dtype=acc).element_size()
         rows = block_rows(M, BLOCK_BYTES // (max(a.shape[1], N) * esize))
         for r0 in range(0, M, rows):

@@ -12,17 +12,20 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from ._eager import EagerOp
 from ._outputs import new_like as _new
 from .reference import resampler as _ref
 
 OP = "resampler_attention"
 
 
-@torch.library.custom_op("flamingo_rt::resampler_attention", mutates_args=())
-def _resampler_op(
+def _resampler_impl(
     q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_l: Tensor, scale: float, backend: str
 ) -> Tensor:
     return _backend.get(OP, backend)(q, k_x, v_x, k_l, v_l, scale).contiguous()
+
+
+_resampler_op = torch.library.custom_op("flamingo_rt::resampler_attention", mutates_args=())(_resampler_impl)
 
 
 @_resampler_op.register_fake
@@ -30,13 +33,16 @@ def _(q, k_x, v_x, k_l, v_l, scale, backend):
     return _new(q)
 
 
-@torch.library.custom_op("flamingo_rt::resampler_attention_backward", mutates_args=())
-def _resampler_bwd_op(
+def _resampler_bwd_impl(
     grad_out: Tensor, q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_l: Tensor,
     scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _backend.get(OP + ".backward", backend)(grad_out, q, k_x, v_x, k_l, v_l, scale)
     return tuple(g.contiguous() for g in grads)
+
+
+_resampler_bwd_op = torch.library.custom_op("flamingo_rt::resampler_attention_backward", mutates_args=())(
+    _resampler_bwd_impl)
 
 
 @_resampler_bwd_op.register_fake
@@ -51,11 +57,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    grads = _resampler_bwd_op(grad_out.contiguous(), *ctx.saved_tensors, ctx.scale, ctx.backend)
+    grads = _resampler_bwd(grad_out.contiguous(), *ctx.saved_tensors, ctx.scale, ctx.backend)
     return (*grads, None, None)
 
 
 _resampler_op.register_autograd(_backward, setup_context=_setup_context)
+
+# plain eager calls skip the custom-op machinery (_eager.py); compile / export see the ops
+_resampler = EagerOp(_resampler_op, _resampler_impl, _setup_context, _backward)
+_resampler_bwd = EagerOp(_resampler_bwd_op, _resampler_bwd_impl)
 
 
 def _reference_forward(q, k_x, v_x, k_l, v_l, scale):
@@ -195,4 +205,4 @@ def resampler_attention(
         if be == "triton":  # a kernel launched from Python cannot go into an AOTInductor package
             be = "cuda" if "cuda" in _backend.implemented(OP) else "reference"
         return _backend.get(OP, be)(q, k_x, v_x, k_l, v_l, float(scale))
-    return _resampler_op(q, k_x, v_x, k_l, v_l, float(scale), be)
+    return _resampler(q, k_x, v_x, k_l, v_l, float(scale), be)

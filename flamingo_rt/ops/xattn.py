@@ -10,17 +10,20 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from ._eager import EagerOp
 from ._outputs import new_like as _new
 from .reference import xattn as _ref
 
 OP = "image_causal_attention"
 
 
-@torch.library.custom_op("flamingo_rt::image_causal_attention", mutates_args=())
-def _xattn_op(
+def _xattn_impl(
     q: Tensor, k: Tensor, v: Tensor, media_index: Tensor, all_previous: bool, scale: float, backend: str
 ) -> Tensor:
     return _backend.get(OP, backend)(q, k, v, media_index, all_previous, scale).contiguous()
+
+
+_xattn_op = torch.library.custom_op("flamingo_rt::image_causal_attention", mutates_args=())(_xattn_impl)
 
 
 @_xattn_op.register_fake
@@ -28,8 +31,7 @@ def _(q, k, v, media_index, all_previous, scale, backend):
     return _new(q)
 
 
-@torch.library.custom_op("flamingo_rt::image_causal_attention_backward", mutates_args=())
-def _xattn_bwd_op(
+def _xattn_bwd_impl(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, media_index: Tensor,
     all_previous: bool, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -37,6 +39,10 @@ def _xattn_bwd_op(
         grad_out, q, k, v, media_index, all_previous, scale
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+_xattn_bwd_op = torch.library.custom_op("flamingo_rt::image_causal_attention_backward", mutates_args=())(
+    _xattn_bwd_impl)
 
 
 @_xattn_bwd_op.register_fake
@@ -52,13 +58,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     q, k, v, media_index = ctx.saved_tensors
-    dq, dk, dv = _xattn_bwd_op(
+    dq, dk, dv = _xattn_bwd(
         grad_out.contiguous(), q, k, v, media_index, ctx.all_previous, ctx.scale, ctx.backend
     )
     return dq, dk, dv, None, None, None, None
 
 
 _xattn_op.register_autograd(_backward, setup_context=_setup_context)
+
+# plain eager calls skip the custom-op machinery (_eager.py); compile / export see the ops
+_xattn = EagerOp(_xattn_op, _xattn_impl, _setup_context, _backward)
+_xattn_bwd = EagerOp(_xattn_bwd_op, _xattn_bwd_impl)
 
 
 def _reference_forward(q, k, v, media_index, all_previous, scale):
@@ -142,7 +152,7 @@ def image_causal_attention(
     be = shape_backend(_backend.resolve(OP, backend, q.device), backend, q.device.type, q.shape[1])
     if _backend.exporting():  # the kernel itself (a flamingo_rt_C op or plain aten), no Python op
         return _backend.get(OP, be)(q, k, v, media_index, bool(all_previous), float(scale))
-    return _xattn_op(q, k, v, media_index, bool(all_previous), float(scale), be)
+    return _xattn(q, k, v, media_index, bool(all_previous), float(scale), be)
 
 
 from . import _triton_xattn  # noqa: E402,F401  (registers the triton backend when triton is installed)

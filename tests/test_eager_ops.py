@@ -54,15 +54,79 @@ def _resampler_run(backend="cpu"):
     return (out, *torch.autograd.grad(out, xs, go))
 
 
-@pytest.mark.parametrize("run", [_xattn_run, _resampler_run], ids=["xattn", "resampler"])
+def _grads(out, inputs, seed=3):
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return (out, *torch.autograd.grad(out, inputs, go))
+
+
+def _ff_run(backend=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    R, D, inner = 6, 16, 40
+    xs = [torch.randn(R, D, generator=g), 1 + 0.1 * torch.randn(D, generator=g), 0.1 * torch.randn(D, generator=g),
+          0.2 * torch.randn(inner, D, generator=g), 0.2 * torch.randn(D, inner, generator=g),
+          torch.full((1,), 0.3)]
+    xs = [t.requires_grad_(True) for t in xs]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = ops.feed_forward(*xs[:5], residual=True, gate=xs[5])
+    return _grads(out, xs)
+
+
+def _glr_run(backend=None):
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 8, generator=g), 0.2 * torch.randn(16, 8, generator=g),
+          torch.full((1,), 0.4)]
+    xs = [t.requires_grad_(True) for t in xs]
+    return _grads(ops.gated_linear_residual(*xs), xs)
+
+
+def _nf_run(backend="cpu"):
+    g = torch.Generator().manual_seed(4)
+    w = (0.2 * torch.randn(6, 4, 3, 3, generator=g)).requires_grad_(True)
+    gain = (1 + 0.1 * torch.randn(6, 1, 1, 1, generator=g)).requires_grad_(True)
+    x = torch.randn(2, 6, 5, 5, generator=g).requires_grad_(True)
+    b = torch.randn(6, generator=g).requires_grad_(True)
+    gl = torch.randn(2, 6, generator=g).requires_grad_(True)
+    sc = torch.randn(2, 6, 5, 5, generator=g).requires_grad_(True)
+    scale = torch.tensor(0.7, requires_grad=True)
+    ws = ops.ws_standardize(w, gain, backend=backend)
+    a = ops.bias_gamma_act(x, b, "gelu", 1.7, backend=backend)
+    y = ops.se_residual(a, gl, sc, scale, backend=backend)
+    out = torch.cat([ws.reshape(-1), y.reshape(-1)])
+    return _grads(out, [w, gain, x, b, gl, sc, scale])
+
+
+RUNS = {"xattn": _xattn_run, "resampler": _resampler_run, "feed_forward": _ff_run,
+        "gated_linear_residual": _glr_run, "nfnet_ops": _nf_run}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_eager_path_equals_registered_op_bitwise(monkeypatch, run, backend):
+def test_eager_path_equals_registered_op_bitwise(monkeypatch, name, backend):
+    run = RUNS[name]
     eager = run(backend)
     monkeypatch.setenv("FLAMINGO_RT_EAGER_OPS", "0")
     registered = run(backend)
+    assert len(eager) == len(registered) > 1
     for a, b in zip(eager, registered):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
+
+
+def test_eager_path_under_autocast_bitwise(monkeypatch):
+    eager = _ff_run(dtype=torch.bfloat16)
+    monkeypatch.setenv("FLAMINGO_RT_EAGER_OPS", "0")
+    for a, b in zip(eager, _ff_run(dtype=torch.bfloat16)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _eager_ops():
+    import importlib
+
+    mods = [importlib.import_module(f"flamingo_rt.ops.{m}")
+            for m in ("xattn", "resampler", "feed_forward", "gated_linear_residual", "nfconv")]
+    found = [v for m in mods for v in vars(m).values() if isinstance(v, _eager.EagerOp)]
+    assert len(found) == 16, len(found)  # 2 + 2 + 3 + 2 + 7
+    return found
 
 
 def _forbid_registered(monkeypatch, eager_op):
@@ -72,13 +136,12 @@ def _forbid_registered(monkeypatch, eager_op):
 
 
 def test_plain_eager_calls_skip_the_registered_op(monkeypatch):
-    _forbid_registered(monkeypatch, xa_mod._xattn)
-    _forbid_registered(monkeypatch, xa_mod._xattn_bwd)
-    _forbid_registered(monkeypatch, rs_mod._resampler)
-    _forbid_registered(monkeypatch, rs_mod._resampler_bwd)
+    for eager_op in _eager_ops():
+        _forbid_registered(monkeypatch, eager_op)
     out, dq, dk, dv = _xattn_run()
     assert "function" in type(out.grad_fn).__name__.lower()
-    _resampler_run()
+    for run in RUNS.values():
+        run()
     with torch.no_grad():  # no autograd at all: the implementation itself
         (q, k, v), idx, _ = _xattn_inputs()
         y = ops.image_causal_attention(q, k, v, idx, backend="cpu")
@@ -146,3 +209,15 @@ def test_fake_tensors_and_compile_still_see_the_op():
 def test_eager_op_needs_both_parts_of_the_autograd_formula():
     with pytest.raises(ValueError, match="setup_context and backward"):
         _eager.EagerOp(lambda x: x, lambda x: x, setup_context=lambda ctx, i, o: None)
+
+
+def test_list_arguments_needing_gradients_take_the_registered_op():
+    """An autograd.Function does not see tensors inside lists: such calls go to the op."""
+    calls = []
+    op = _eager.EagerOp(lambda xs: calls.append("op") or xs[0] * 2, lambda xs: calls.append("impl") or xs[0] * 2,
+                        setup_context=lambda ctx, inputs, out: None, backward=lambda ctx, g: (None,))
+    t = torch.ones(2, requires_grad=True)
+    op([t])
+    with torch.no_grad():
+        op([t])
+    assert calls == ["op", "impl"]

@@ -573,8 +573,8 @@ def test_ws_conv2d_bf16_autocast_standardizes_into_bf16_bitwise(monkeypatch, k, 
     g0 = 1 + 0.1 * torch.randn(12, 1, 1, 1, generator=g)
     b0 = torch.randn(12, generator=g)
     used = []
-    real = nfconv._ws_bf16_op
-    monkeypatch.setattr(nfconv, "_ws_bf16_op", lambda *a: used.append(1) or real(*a))
+    real = nfconv._ws_bf16
+    monkeypatch.setattr(nfconv, "_ws_bf16", lambda *a: used.append(1) or real(*a))
 
     def run(fused):
         monkeypatch.setattr(nfconv, "_ws_bf16_ok", (lambda *a: fused) if not fused else _ok)

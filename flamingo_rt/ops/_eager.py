@@ -14,13 +14,16 @@ registration wraps) and its autograd formula (the ``setup_context`` / ``backward
 ``register_autograd``). A call runs
 
 - the registered op whenever the call is not plain eager (:func:`plain`): under
-  ``torch.compile`` or export, with fake or other tensor subclasses, under a dispatch or
-  function mode (FakeTensorMode, profilers' flop counters, ``torch.device`` contexts), under
-  a functorch transform; and always with ``FLAMINGO_RT_EAGER_OPS=0`` (read at each call);
+  ``torch.compile`` or export, with fake or other tensor subclasses or meta tensors, under
+  a dispatch or function mode (FakeTensorMode, profilers' flop counters, ``torch.device``
+  contexts), under a functorch transform; and always with ``FLAMINGO_RT_EAGER_OPS=0``
+  (read at each call);
 - else the implementation itself when no tensor argument needs a gradient (or grad mode is
   off);
 - else a ``torch.autograd.Function`` made from the same ``setup_context`` and ``backward``
-  (its backward is once-differentiable, as the registered op's).
+  (its backward is once-differentiable, as the registered op's); an autograd.Function
+  tracks top-level tensor arguments only, so a call with list arguments (``Tensor[]``)
+  that needs gradients takes the registered op.
 
 The same implementation runs in every case, so the results are the same, bit for bit.
 """
@@ -47,24 +50,31 @@ def enabled() -> bool:
 
 def plain(args) -> bool:
     """Whether a call with ``args`` is plain eager: not compiling or exporting, no dispatch
-    or function mode active, no functorch transform, and every tensor argument a
-    ``torch.Tensor`` or ``nn.Parameter`` itself (no subclass)."""
+    or function mode active, no functorch transform, and every tensor argument (in lists
+    too) a ``torch.Tensor`` or ``nn.Parameter`` itself (no subclass), not on the meta device."""
     if torch.compiler.is_compiling() or _backend.exporting():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    for a in args:
-        if isinstance(a, Tensor) and type(a) not in _PLAIN_TYPES:
+    for a in _tensors(args):
+        if type(a) not in _PLAIN_TYPES or a.is_meta:
             return False
     return True
 
 
+def _tensors(args):
+    """The tensor arguments, those in list / tuple arguments (Tensor[] in a schema) included."""
+    for a in args:
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, Tensor))
+
+
 def _needs_grad(args) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(isinstance(a, Tensor) and a.requires_grad for a in args)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args))
 
 
 class EagerOp:
@@ -100,4 +110,7 @@ class EagerOp:
             return self.op(*args)
         if self.function is None or not _needs_grad(args):
             return self.impl(*args)
+        if any(isinstance(a, (list, tuple)) for a in args):
+            # an autograd.Function tracks top-level tensor arguments only
+            return self.op(*args)
         return self.function.apply(*args)

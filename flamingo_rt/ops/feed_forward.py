@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cpu_gemm import BLOCK_BYTES, block_rows, eligible, mm, mm_add, rows_first, transpose_rows
+from ._eager import EagerOp
 from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
 from .precision import layer_norm_in, widen_block_rows
@@ -127,8 +128,7 @@ def _gate_of(gate: Optional[Tensor]) -> Optional[Tensor]:
     return None if gate is None else gate.reshape(())
 
 
-@torch.library.custom_op("flamingo_rt::feed_forward", mutates_args=())
-def _ff_op(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate: Optional[Tensor], eps: float,
+def _ff_op_impl(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate: Optional[Tensor], eps: float,
            kind: str, compute_dtype: torch.dtype, residual: bool) -> tuple[Tensor, Tensor]:
     """Returns (y (R, D), h (R, inner)); h is returned to be saved for the backward.
 
@@ -158,14 +158,16 @@ def _ff_op(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate:
     return y, h
 
 
+_ff_op = torch.library.custom_op("flamingo_rt::feed_forward", mutates_args=())(_ff_op_impl)
+
+
 @_ff_op.register_fake
 def _(x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual):
     return (x.new_empty((x.shape[0], w2.shape[0]), dtype=x.dtype if residual else compute_dtype),
             x.new_empty((x.shape[0], w1.shape[0]), dtype=compute_dtype))
 
 
-@torch.library.custom_op("flamingo_rt::feed_forward_backward", mutates_args=())
-def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
+def _ff_bwd_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
                gate: Optional[Tensor], eps: float, kind: str, residual: bool,
                need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx (or empty), dgamma, dbeta, dw1, dw2, dgate (or empty)) for the output gradient dy.
@@ -234,8 +236,10 @@ def _ff_bwd_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w
     return dx, dg.to(gamma.dtype), db.to(beta.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype), dgate
 
 
-@torch.library.custom_op("flamingo_rt::feed_forward_backward_factored", mutates_args=())
-def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
+_ff_bwd_op = torch.library.custom_op("flamingo_rt::feed_forward_backward", mutates_args=())(_ff_bwd_op_impl)
+
+
+def _ff_bwd_factored_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
                         gate: Optional[Tensor], eps: float, kind: str, residual: bool,
                         need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_ff_bwd_op` with the weight gradients left as factors (:mod:`factored_grads`):
@@ -301,6 +305,9 @@ def _ff_bwd_factored_op(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: 
             del dxn
         dgate_out = dgate.reshape(gate.shape).to(gate.dtype) if gate is not None else x.new_empty(0)
     return dx, dg.to(gamma.dtype), db.to(beta.dtype), dgate_out, dh_all, xn, dyc, a_all
+
+
+_ff_bwd_factored_op = torch.library.custom_op("flamingo_rt::feed_forward_backward_factored", mutates_args=())(_ff_bwd_factored_op_impl)
 
 
 @_ff_bwd_factored_op.register_fake
@@ -410,19 +417,24 @@ def _backward(ctx, dy, dh_unused):
         n = R * (inner + D)
         store = factored_grads.store_for([(w1, n), (w2, n)], h.element_size())
     if store is not None:
-        dx, dg, db, dgate, dh, xn, dyc, a = _ff_bwd_factored_op(
+        dx, dg, db, dgate, dh, xn, dyc, a = _ff_bwd_factored(
             dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind, ctx.residual, need_dx)
         store.add(w1, dh, xn)
         store.add(w2, dyc, a, scale=gate)
         return ((dx if need_dx else None), dg, db, None, None, (dgate if gate is not None else None),
                 None, None, None, None)
-    dx, dg, db, dw1, dw2, dgate = _ff_bwd_op(dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind,
+    dx, dg, db, dw1, dw2, dgate = _ff_bwd(dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind,
                                              ctx.residual, need_dx)
     return ((dx if need_dx else None), dg, db, dw1, dw2, (dgate if gate is not None else None),
             None, None, None, None)
 
 
 _ff_op.register_autograd(_backward, setup_context=_setup_context)
+
+# plain eager calls skip the custom-op machinery (_eager.py); compile / export see the ops
+_ff = EagerOp(_ff_op, _ff_op_impl, _setup_context, _backward)
+_ff_bwd = EagerOp(_ff_bwd_op, _ff_bwd_op_impl)
+_ff_bwd_factored = EagerOp(_ff_bwd_factored_op, _ff_bwd_factored_op_impl)
 
 
 def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, eps: float = 1e-5,
@@ -451,7 +463,7 @@ def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor,
     if gate is not None and not residual:
         raise ValueError("a gate scales the residual branch: pass residual=True with gate")
     check_gate(gate, x)
-    y, _ = _ff_op(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, _compute_dtype(x), residual)
+    y, _ = _ff(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, _compute_dtype(x), residual)
     return y.view(*x.shape[:-1], D)
 
 

@@ -27,6 +27,7 @@ from .cpu_gemm import BLOCK_BYTES, block_rows, mm
 from .precision import acc_dtype as _acc
 from .precision import compute_dtype as _compute_dtype
 from . import widening_gemm
+from ._eager import EagerOp
 
 __all__ = ["gated_linear_residual", "module_gated_linear_residual", "check_gate", "gate_weight_grads"]
 
@@ -49,8 +50,7 @@ def gate_weight_grads(dw_raw: Tensor, weight: Tensor, gate: Tensor) -> tuple[Ten
     return dw.mul_(gate.reshape(()).to(acc)), dgate
 
 
-@torch.library.custom_op("flamingo_rt::gated_linear_residual", mutates_args=())
-def _glr_op(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor], compute_dtype: torch.dtype) -> Tensor:
+def _glr_op_impl(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor], compute_dtype: torch.dtype) -> Tensor:
     """x (R, D), o (R, K), weight (D, K), gate (1,) in x's dtype or None -> (R, D) in x's dtype,
     in row blocks (no whole (R, D) product besides the output)."""
     with torch.autocast(x.device.type, enabled=False):
@@ -70,13 +70,15 @@ def _glr_op(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor], comput
     return z
 
 
+_glr_op = torch.library.custom_op("flamingo_rt::gated_linear_residual", mutates_args=())(_glr_op_impl)
+
+
 @_glr_op.register_fake
 def _(x, o, weight, gate, compute_dtype):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("flamingo_rt::gated_linear_residual_backward", mutates_args=())
-def _glr_bwd_op(dz: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor],
+def _glr_bwd_op_impl(dz: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor],
                 compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(do (R, K) in o's dtype, dW (D, K) in W's dtype, dgate (1,) or empty)."""
     with torch.autocast(dz.device.type, enabled=False):
@@ -95,6 +97,9 @@ def _glr_bwd_op(dz: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor],
     return do, dw.to(weight.dtype), dgate
 
 
+_glr_bwd_op = torch.library.custom_op("flamingo_rt::gated_linear_residual_backward", mutates_args=())(_glr_bwd_op_impl)
+
+
 @_glr_bwd_op.register_fake
 def _(dz, o, weight, gate, compute_dtype):
     return (torch.empty_like(o), torch.empty_like(weight),
@@ -109,11 +114,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dz):
     o, weight, gate = ctx.saved_tensors
-    do, dw, dgate = _glr_bwd_op(dz.contiguous(), o, weight, gate, ctx.compute_dtype)
+    do, dw, dgate = _glr_bwd(dz.contiguous(), o, weight, gate, ctx.compute_dtype)
     return dz, do, dw, (dgate if gate is not None else None), None
 
 
 _glr_op.register_autograd(_backward, setup_context=_setup_context)
+
+# plain eager calls skip the custom-op machinery (_eager.py); compile / export see the ops
+_glr = EagerOp(_glr_op, _glr_op_impl, _setup_context, _backward)
+_glr_bwd = EagerOp(_glr_bwd_op, _glr_bwd_op_impl)
 
 
 def gated_linear_residual(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor] = None) -> Tensor:
@@ -135,7 +144,7 @@ def gated_linear_residual(x: Tensor, o: Tensor, weight: Tensor, gate: Optional[T
         raise ValueError(f"expected o (..., K) with x's leading shape {tuple(x.shape[:-1])} and weight ({D}, K); "
                          f"got o {tuple(o.shape)}, weight {tuple(weight.shape)}")
     check_gate(gate, x)
-    z = _glr_op(x.reshape(-1, D), o.reshape(-1, K), weight, gate, _compute_dtype(x))
+    z = _glr(x.reshape(-1, D), o.reshape(-1, K), weight, gate, _compute_dtype(x))
     return z.view(x.shape)
 
 

@@ -19,23 +19,12 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import cpu_gemm
+from ._eager import EagerOp
 from ._outputs import act_format as _fmt
 from ._outputs import new_act_like as _new_act
 from ._outputs import new_like as _new
 from ._outputs import new_weight_like as _new_weight
 from .reference import nfnet as _ref
-
-def _direct(*tensors) -> bool:
-    """Call the backend kernel directly, skipping the ``torch.library`` op: inside
-    ``export_mode``, or eagerly when no input needs a gradient (inference: the op's Python
-    dispatch costs more than a small kernel; ``torch.compile`` still sees the op)."""
-    if _backend.exporting():
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return not any(t is not None and _is_fake(t) for t in tensors)
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -54,9 +43,11 @@ SE_OP = "se_residual"
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("flamingo_rt::ws_standardize", mutates_args=())
-def _ws_op(weight: Tensor, gain: Tensor, eps: float, backend: str) -> Tensor:
+def _ws_op_impl(weight: Tensor, gain: Tensor, eps: float, backend: str) -> Tensor:
     return _backend.get(WS_OP, backend)(weight, gain, eps).contiguous(memory_format=_fmt(weight))
+
+
+_ws_op = torch.library.custom_op("flamingo_rt::ws_standardize", mutates_args=())(_ws_op_impl)
 
 
 @_ws_op.register_fake
@@ -64,12 +55,14 @@ def _(weight, gain, eps, backend):
     return _new_weight(weight)
 
 
-@torch.library.custom_op("flamingo_rt::ws_standardize_backward", mutates_args=())
-def _ws_bwd_op(
+def _ws_bwd_op_impl(
     grad_out: Tensor, weight: Tensor, gain: Tensor, eps: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
     dw, dg = _backend.get(WS_OP + ".backward", backend)(grad_out, weight, gain, eps)
     return dw.contiguous(memory_format=_fmt(weight)), dg.contiguous()
+
+
+_ws_bwd_op = torch.library.custom_op("flamingo_rt::ws_standardize_backward", mutates_args=())(_ws_bwd_op_impl)
 
 
 @_ws_bwd_op.register_fake
@@ -85,19 +78,25 @@ def _ws_setup(ctx, inputs, output):
 
 def _ws_backward(ctx, grad_out):
     weight, gain = ctx.saved_tensors
-    dw, dg = _ws_bwd_op(grad_out.contiguous(memory_format=_fmt(weight)), weight, gain, ctx.eps, ctx.backend)
+    dw, dg = _ws_bwd(grad_out.contiguous(memory_format=_fmt(weight)), weight, gain, ctx.eps, ctx.backend)
     return dw, dg, None, None
 
 
 _ws_op.register_autograd(_ws_backward, setup_context=_ws_setup)
 
+# plain eager calls skip the custom-op machinery (_eager.py); compile / export see the ops
+_ws = EagerOp(_ws_op, _ws_op_impl, _ws_setup, _ws_backward)
+_ws_bwd = EagerOp(_ws_bwd_op, _ws_bwd_op_impl)
 
-@torch.library.custom_op("flamingo_rt::ws_standardize_bf16", mutates_args=())
-def _ws_bf16_op(weight: Tensor, gain: Tensor, eps: float) -> Tensor:
+
+def _ws_bf16_op_impl(weight: Tensor, gain: Tensor, eps: float) -> Tensor:
     """:func:`ws_standardize` of a float32 weight, rounded once to bf16 (the C++ kernel writes
     it so): bitwise the float32 op's output cast to bf16, as bf16 autocast casts it for the
     convolution. Its backward takes the bf16 gradient as is (no float32 copy first)."""
     return torch.ops.flamingo_rt_C.ws_standardize_bf16(weight, gain, eps)
+
+
+_ws_bf16_op = torch.library.custom_op("flamingo_rt::ws_standardize_bf16", mutates_args=())(_ws_bf16_op_impl)
 
 
 @_ws_bf16_op.register_fake
@@ -113,11 +112,12 @@ def _ws_bf16_setup(ctx, inputs, output):
 
 def _ws_bf16_backward(ctx, grad_out):
     weight, gain = ctx.saved_tensors
-    dw, dg = _ws_bwd_op(grad_out.contiguous(memory_format=_fmt(weight)), weight, gain, ctx.eps, "cpu")
+    dw, dg = _ws_bwd(grad_out.contiguous(memory_format=_fmt(weight)), weight, gain, ctx.eps, "cpu")
     return dw, dg, None
 
 
 _ws_bf16_op.register_autograd(_ws_bf16_backward, setup_context=_ws_bf16_setup)
+_ws_bf16 = EagerOp(_ws_bf16_op, _ws_bf16_op_impl, _ws_bf16_setup, _ws_bf16_backward)
 
 
 def _ws_bf16_ok(weight: Tensor, gain: Tensor, backend: Optional[str]) -> bool:
@@ -182,9 +182,9 @@ def ws_standardize(weight: Tensor, gain: Tensor, eps: float = 1e-5, *, backend: 
     """
     _check_ws(weight, gain)
     be = _backend.resolve(WS_OP, backend, weight.device)
-    if _direct(weight, gain):
+    if _backend.exporting():  # the kernel itself, no Python op in the exported graph
         return _backend.get(WS_OP, be)(weight, gain, float(eps))
-    return _ws_op(weight, gain, float(eps), be)
+    return _ws(weight, gain, float(eps), be)
 
 
 # --------------------------------------------------------------------------------------
@@ -192,9 +192,11 @@ def ws_standardize(weight: Tensor, gain: Tensor, eps: float = 1e-5, *, backend: 
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("flamingo_rt::bias_gamma_act", mutates_args=())
-def _bga_op(x: Tensor, bias: Optional[Tensor], act: str, gamma: float, backend: str) -> Tensor:
+def _bga_op_impl(x: Tensor, bias: Optional[Tensor], act: str, gamma: float, backend: str) -> Tensor:
     return _backend.get(BGA_OP, backend)(x, bias, act, gamma).contiguous(memory_format=_fmt(x))
+
+
+_bga_op = torch.library.custom_op("flamingo_rt::bias_gamma_act", mutates_args=())(_bga_op_impl)
 
 
 @_bga_op.register_fake
@@ -202,12 +204,14 @@ def _(x, bias, act, gamma, backend):
     return _new_act(x)
 
 
-@torch.library.custom_op("flamingo_rt::bias_gamma_act_backward", mutates_args=())
-def _bga_bwd_op(
+def _bga_bwd_op_impl(
     grad_out: Tensor, x: Tensor, bias: Optional[Tensor], act: str, gamma: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
     dx, db = _backend.get(BGA_OP + ".backward", backend)(grad_out, x, bias, act, gamma)
     return dx.contiguous(memory_format=_fmt(x)), db.contiguous()
+
+
+_bga_bwd_op = torch.library.custom_op("flamingo_rt::bias_gamma_act_backward", mutates_args=())(_bga_bwd_op_impl)
 
 
 @_bga_bwd_op.register_fake
@@ -225,11 +229,13 @@ def _bga_setup(ctx, inputs, output):
 
 def _bga_backward(ctx, grad_out):
     x, bias = ctx.saved_tensors
-    dx, db = _bga_bwd_op(grad_out.contiguous(memory_format=_fmt(x)), x, bias, ctx.act, ctx.gamma, ctx.backend)
+    dx, db = _bga_bwd(grad_out.contiguous(memory_format=_fmt(x)), x, bias, ctx.act, ctx.gamma, ctx.backend)
     return dx, (db if ctx.has_bias else None), None, None, None
 
 
 _bga_op.register_autograd(_bga_backward, setup_context=_bga_setup)
+_bga = EagerOp(_bga_op, _bga_op_impl, _bga_setup, _bga_backward)
+_bga_bwd = EagerOp(_bga_bwd_op, _bga_bwd_op_impl)
 
 _backend.register(BGA_OP, "reference", _ref.bias_gamma_act)
 _backend.register(BGA_OP + ".backward", "reference", _ref.bias_gamma_act_backward)
@@ -268,9 +274,9 @@ def bias_gamma_act(
     if act not in _ref.ACTS:
         raise ValueError(f"expected act to be one of {_ref.ACTS}, got {act!r}")
     be = _backend.resolve(BGA_OP, backend, x.device)
-    if _direct(x, bias):
+    if _backend.exporting():  # the kernel itself, no Python op in the exported graph
         return _backend.get(BGA_OP, be)(x, bias, act, float(gamma))
-    return _bga_op(x, bias, act, float(gamma), be)
+    return _bga(x, bias, act, float(gamma), be)
 
 
 # --------------------------------------------------------------------------------------
@@ -278,9 +284,11 @@ def bias_gamma_act(
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("flamingo_rt::se_residual", mutates_args=())
-def _se_op(x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor, backend: str) -> Tensor:
+def _se_op_impl(x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor, backend: str) -> Tensor:
     return _backend.get(SE_OP, backend)(x, gate_logits, shortcut, scale).contiguous(memory_format=_fmt(x))
+
+
+_se_op = torch.library.custom_op("flamingo_rt::se_residual", mutates_args=())(_se_op_impl)
 
 
 @_se_op.register_fake
@@ -288,12 +296,14 @@ def _(x, gate_logits, shortcut, scale, backend):
     return _new_act(x)
 
 
-@torch.library.custom_op("flamingo_rt::se_residual_backward", mutates_args=())
-def _se_bwd_op(
+def _se_bwd_op_impl(
     grad_out: Tensor, x: Tensor, gate_logits: Tensor, shortcut: Tensor, scale: Tensor, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dx, dg, ds = _backend.get(SE_OP + ".backward", backend)(grad_out, x, gate_logits, shortcut, scale)
     return dx.contiguous(memory_format=_fmt(x)), dg.contiguous(), ds.contiguous()
+
+
+_se_bwd_op = torch.library.custom_op("flamingo_rt::se_residual_backward", mutates_args=())(_se_bwd_op_impl)
 
 
 @_se_bwd_op.register_fake
@@ -309,11 +319,13 @@ def _se_setup(ctx, inputs, output):
 
 def _se_backward(ctx, grad_out):
     x, gate_logits, shortcut, scale = ctx.saved_tensors
-    dx, dg, ds = _se_bwd_op(grad_out.contiguous(memory_format=_fmt(x)), x, gate_logits, shortcut, scale, ctx.backend)
+    dx, dg, ds = _se_bwd(grad_out.contiguous(memory_format=_fmt(x)), x, gate_logits, shortcut, scale, ctx.backend)
     return dx, dg, grad_out, ds, None
 
 
 _se_op.register_autograd(_se_backward, setup_context=_se_setup)
+_se = EagerOp(_se_op, _se_op_impl, _se_setup, _se_backward)
+_se_bwd = EagerOp(_se_bwd_op, _se_bwd_op_impl)
 
 _backend.register(SE_OP, "reference", _ref.se_residual)
 _backend.register(SE_OP + ".backward", "reference", _ref.se_residual_backward)
@@ -356,9 +368,9 @@ def se_residual(
     if not scale.dtype.is_floating_point:
         raise TypeError(f"expected a floating-point scale, got {scale.dtype}")
     be = _backend.resolve(SE_OP, backend, x.device)
-    if _direct(x, gate_logits, shortcut, scale):
+    if _backend.exporting():  # the kernel itself, no Python op in the exported graph
         return _backend.get(SE_OP, be)(x, gate_logits, shortcut, scale)
-    return _se_op(x, gate_logits, shortcut, scale, be)
+    return _se(x, gate_logits, shortcut, scale, be)
 
 
 def spatial_mean(x: Tensor) -> Tensor:
@@ -492,7 +504,7 @@ def ws_conv2d(
         weight = weight.contiguous(memory_format=torch.channels_last)
     if _ws_bf16_ok(weight, gain, backend):
         _check_ws(weight, gain)
-        w = _ws_bf16_op(weight, gain, float(eps))  # bf16: autocast's cast for the conv is then a no-op
+        w = _ws_bf16(weight, gain, float(eps))  # bf16: autocast's cast for the conv is then a no-op
     else:
         w = ws_standardize(weight, gain, eps, backend=backend)
     if cl and w.shape[2] == w.shape[3] == 1 and w.is_contiguous():

@@ -21,8 +21,9 @@ Work decomposition (never a (T, M*N) matrix):
   sum), stores the log-sum-exp and D = rowsum(dO * O) per row (fp32, (B, H, T)), then a
   second sweep over the same keys gives dq = scale * sum_j dS_j K_j (one writer per row).
 - backward pass B, one program per (b, image j, h, block of BLOCK_N keys): walks the
-  query rows that see image j (the segment bounds [start, end) per (b, j) come from
-  media_index, computed once with torch) and accumulates dK_j and dV_j in registers.
+  query rows that see image j (the segment bounds [start, end): the first and last row
+  that sees j, found by the program itself in one sweep over media_index[b], exact for
+  any order of it; no host-side work or launch) and accumulates dK_j and dV_j in registers.
   Every output element has one writer and a fixed summation order: deterministic.
 
 Accumulation is fp32. Q K^T and dO V^T run on the inputs' dtype (bf16/fp16 tensor cores);
@@ -49,7 +50,6 @@ from ._host_math import cdiv, next_power_of_2
 __all__ = [
     "image_causal_attention_fwd",
     "image_causal_attention_bwd",
-    "segment_bounds",
     "INTERPRET",
 ]
 
@@ -244,9 +244,30 @@ def _xattn_bwd_dq_kernel(
              _to(dq, DQ.dtype.element_ty, UPCAST), mask=qmask)
 
 
+@triton.jit
+def _segment_bounds(IDX, b, si_b, si_t, j, T, M, ALL_PREV: tl.constexpr, SCAN: tl.constexpr):
+    """[start, end) of the rows of sequence b that see image j (end <= start: none): image-
+    causal, the rows with media_index == j; all-previous, those with j <= media_index < M.
+    One sweep over media_index[b] in blocks of SCAN rows."""
+    offs = tl.arange(0, SCAN)
+    lo = T
+    hi = 0
+    for t0 in range(0, T, SCAN):
+        t = t0 + offs
+        ok = t < T
+        r = tl.load(IDX + b * si_b + t * si_t, mask=ok, other=-1)
+        if ALL_PREV:
+            sees = ok & (r >= j) & (r < M)
+        else:
+            sees = ok & (r == j)
+        lo = tl.minimum(lo, tl.min(tl.where(sees, t, T), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(sees, t + 1, 0), axis=0))
+    return lo, hi
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _xattn_bwd_dkdv_kernel(
-    Q, K, V, IDX, DO, DK, DV, LSE, DELTA, SEG_START, SEG_END,
+    Q, K, V, IDX, DO, DK, DV, LSE, DELTA,
     sq_b, sq_t, sq_h, sq_d,
     sk_b, sk_m, sk_n, sk_h, sk_d,
     sv_b, sv_m, sv_n, sv_h, sv_d,
@@ -258,6 +279,7 @@ def _xattn_bwd_dkdv_kernel(
     SEG_BUCKET,
     ALL_PREV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PREC2: tl.constexpr,
+    SCAN_T: tl.constexpr,
 ):
     bmh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -276,8 +298,7 @@ def _xattn_bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * sv_b + j64 * sv_m + h * sv_h + n[:, None] * sv_n + offs_d[None, :] * sv_d,
                 mask=kv_mask, other=0.0)
-    t_start = tl.load(SEG_START + b * M + j)
-    t_end = tl.load(SEG_END + b * M + j)
+    t_start, t_end = _segment_bounds(IDX, b, si_b, si_t, j, T, M, ALL_PREV, SCAN_T)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     q_base = Q + b * sq_b + h * sq_h
@@ -378,6 +399,15 @@ _dkdv_tuned = triton.autotune(_configs(True), key=_KEY, prune_configs_by={"early
     _xattn_bwd_dkdv_kernel)
 
 
+def _scan_rows() -> int:
+    """Rows of media_index per step of the key-block kernel's segment-bounds sweep: 1024 on
+    the GPU (one or two steps at Flamingo's lengths), FLAMINGO_RT_XATTN_INTERP_SCAN (default
+    8) under TRITON_INTERPRET=1, so that the tests' short sequences take several steps."""
+    if INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+        return int(os.environ.get("FLAMINGO_RT_XATTN_INTERP_SCAN", "8"))
+    return 1024
+
+
 def _interp_blocks():
     """The one configuration run under TRITON_INTERPRET=1 (small, so tests cover tile edges)."""
     bt = int(os.environ.get("FLAMINGO_RT_XATTN_INTERP_BT", "16"))
@@ -456,20 +486,6 @@ def image_causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out
 
 
-def segment_bounds(media_index: torch.Tensor, M: int, all_previous: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start, end), each (B, M) int32: the tokens that see image j lie in [start, end)
-    (end <= start: none). Image-causal: the run of ``media_index == j``; all-previous:
-    every token with ``media_index >= j``. Exact bounds for any order of media_index."""
-    B, T = media_index.shape
-    idx = media_index.to(torch.int32)
-    jj = torch.arange(M, device=idx.device, dtype=torch.int32)[None, :, None]
-    sees = (idx[:, None, :] >= jj) & (idx[:, None, :] < M) if all_previous else idx[:, None, :] == jj
-    tt = torch.arange(T, device=idx.device, dtype=torch.int32)[None, None, :]
-    start = torch.where(sees, tt, T).amin(-1).to(torch.int32)
-    end = torch.where(sees, tt + 1, 0).amax(-1).to(torch.int32)
-    return start.contiguous(), end.contiguous()
-
-
 def image_causal_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, media_index: torch.Tensor, all_previous: bool,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -490,9 +506,8 @@ def image_causal_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch
             *grad_out.stride(), *dq.stride(), *common)
     _launch(_dq_tuned, _xattn_bwd_dq_kernel, lambda c: (cdiv(T, c["BLOCK_T"]), B * H), args, consts,
             _heuristic(False, T, M, N, dh), B * T * H)
-    start, end = segment_bounds(idx, M, all_previous)
-    args = (q, k, v, idx, grad_out, dk, dv, lse, delta, start, end, *q.stride(), *k.stride(), *v.stride(),
+    args = (q, k, v, idx, grad_out, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(),
             *idx.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *common)
-    _launch(_dkdv_tuned, _xattn_bwd_dkdv_kernel, lambda c: (B * M * H, cdiv(N, c["BLOCK_N"])), args, consts,
-            _heuristic(True, T, M, N, dh), B * T * H)
+    _launch(_dkdv_tuned, _xattn_bwd_dkdv_kernel, lambda c: (B * M * H, cdiv(N, c["BLOCK_N"])), args,
+            dict(consts, SCAN_T=_scan_rows()), _heuristic(True, T, M, N, dh), B * T * H)
     return dq, dk, dv

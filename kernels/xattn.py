@@ -245,10 +245,20 @@ def _xattn_bwd_dq_kernel(
 
 
 @triton.jit
+def _sees_image(row_idx, ok, j, M, ALL_PREV: tl.constexpr):
+    """Which rows (media_index ``row_idx``, valid where ``ok``) see image j: image-causal,
+    row_idx == j; all-previous, j <= row_idx < M."""
+    if ALL_PREV:
+        sees = ok & (row_idx >= j) & (row_idx < M)
+    else:
+        sees = ok & (row_idx == j)
+    return sees
+
+
+@triton.jit
 def _segment_bounds(IDX, b, si_b, si_t, j, T, M, ALL_PREV: tl.constexpr, SCAN: tl.constexpr):
-    """[start, end) of the rows of sequence b that see image j (end <= start: none): image-
-    causal, the rows with media_index == j; all-previous, those with j <= media_index < M.
-    One sweep over media_index[b] in blocks of SCAN rows."""
+    """[start, end) of the rows of sequence b that see image j (:func:`_sees_image`; end <=
+    start: none), in one sweep over media_index[b] in blocks of SCAN rows."""
     offs = tl.arange(0, SCAN)
     lo = T
     hi = 0
@@ -256,10 +266,7 @@ def _segment_bounds(IDX, b, si_b, si_t, j, T, M, ALL_PREV: tl.constexpr, SCAN: t
         t = t0 + offs
         ok = t < T
         r = tl.load(IDX + b * si_b + t * si_t, mask=ok, other=-1)
-        if ALL_PREV:
-            sees = ok & (r >= j) & (r < M)
-        else:
-            sees = ok & (r == j)
+        sees = _sees_image(r, ok, j, M, ALL_PREV)
         lo = tl.minimum(lo, tl.min(tl.where(sees, t, T), axis=0))
         hi = tl.maximum(hi, tl.max(tl.where(sees, t + 1, 0), axis=0))
     return lo, hi
@@ -308,10 +315,7 @@ def _xattn_bwd_dkdv_kernel(
         t = t0 + offs_t
         tmask = t < t_end
         row_idx = tl.load(IDX + b * si_b + t * si_t, mask=tmask, other=-1)
-        if ALL_PREV:
-            allowed = tmask & (row_idx >= j) & (row_idx < M)
-        else:
-            allowed = tmask & (row_idx == j)
+        allowed = _sees_image(row_idx, tmask, j, M, ALL_PREV)
         qmask = tmask[:, None] & dmask[None, :]
         q = tl.load(q_base + t[:, None] * sq_t + offs_d[None, :] * sq_d, mask=qmask, other=0.0)
         do = tl.load(do_base + t[:, None] * sg_t + offs_d[None, :] * sg_d, mask=qmask, other=0.0)

@@ -129,7 +129,7 @@ def _gate_of(gate: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _ff_op_impl(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate: Optional[Tensor], eps: float,
-           kind: str, compute_dtype: torch.dtype, residual: bool) -> tuple[Tensor, Tensor]:
+                kind: str, compute_dtype: torch.dtype, residual: bool) -> tuple[Tensor, Tensor]:
     """Returns (y (R, D), h (R, inner)); h is returned to be saved for the backward.
 
     y = FF(x) in the compute dtype, or with ``residual`` x + gate * FF(x) in x's dtype (gate
@@ -168,8 +168,8 @@ def _(x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual):
 
 
 def _ff_bwd_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
-               gate: Optional[Tensor], eps: float, kind: str, residual: bool,
-               need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    gate: Optional[Tensor], eps: float, kind: str, residual: bool,
+                    need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx (or empty), dgamma, dbeta, dw1, dw2, dgate (or empty)) for the output gradient dy.
 
     Runs over chunks of rows: per chunk, the activation recomputed from h, dW2 += dy^T a
@@ -239,9 +239,10 @@ def _ff_bwd_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tens
 _ff_bwd_op = torch.library.custom_op("flamingo_rt::feed_forward_backward", mutates_args=())(_ff_bwd_op_impl)
 
 
-def _ff_bwd_factored_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
-                        gate: Optional[Tensor], eps: float, kind: str, residual: bool,
-                        need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ff_bwd_factored_op_impl(
+        dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
+        gate: Optional[Tensor], eps: float, kind: str, residual: bool,
+        need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_ff_bwd_op` with the weight gradients left as factors (:mod:`factored_grads`):
     (dx (or empty), dgamma, dbeta, dgate (or empty), dh, xn, dyc, a) where dW1 = dh^T xn and
     dW2 = gate * dyc^T a; dh, a (R, inner) and xn, dyc (R, D) in the compute dtype.
@@ -307,7 +308,8 @@ def _ff_bwd_factored_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor,
     return dx, dg.to(gamma.dtype), db.to(beta.dtype), dgate_out, dh_all, xn, dyc, a_all
 
 
-_ff_bwd_factored_op = torch.library.custom_op("flamingo_rt::feed_forward_backward_factored", mutates_args=())(_ff_bwd_factored_op_impl)
+_ff_bwd_factored_op = torch.library.custom_op("flamingo_rt::feed_forward_backward_factored", mutates_args=())(
+    _ff_bwd_factored_op_impl)
 
 
 @_ff_bwd_factored_op.register_fake
@@ -341,11 +343,11 @@ def _acc_mm(c: Optional[Tensor], a: Tensor, b: Tensor, acc: torch.dtype) -> Tens
     no temporary is larger than ``cpu_gemm.BLOCK_BYTES`` (a whole-matrix ``c + a @ b`` would
     hold a second weight-gradient-sized tensor). A product in acc adds c as its post-op
     (:func:`cpu_gemm.mm_add`) on oneDNN, and in place (``addmm_``) on torch's BLAS. A
-    lower-precision product (bf16 under autocast) is widened
-    into acc a block of rows at a time (``precision.WIDEN_BLOCK_BYTES``), never whole: its
-    values are those of the one whole product widened (each element is the same dot
-    product, rounded once to the compute dtype, as the module path's weight gradient), and
-    no compute-dtype copy of the gradient lives beside the float32 one (OpenFlamingo-3B's
+    lower-precision product (bf16 under autocast) is widened into acc a block of rows at a
+    time (``precision.WIDEN_BLOCK_BYTES``), never whole: its values are those of the one
+    whole product widened (each element is the same dot product, rounded once to the
+    compute dtype, as the module path's weight gradient), and no compute-dtype copy of the
+    gradient lives beside the float32 one (OpenFlamingo-3B's
     block: 32 MiB at 8192 x 2048)."""
     M, N = a.shape[0], b.shape[1]
     if a.dtype == torch.bfloat16 and acc == torch.float32 and widening_gemm.available():

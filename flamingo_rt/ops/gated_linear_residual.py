@@ -79,7 +79,7 @@ def _(x, o, weight, gate, compute_dtype):
 
 
 def _glr_bwd_op_impl(dz: Tensor, o: Tensor, weight: Tensor, gate: Optional[Tensor],
-                compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                     compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(do (R, K) in o's dtype, dW (D, K) in W's dtype, dgate (1,) or empty)."""
     with torch.autocast(dz.device.type, enabled=False):
         cd = compute_dtype

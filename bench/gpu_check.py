@@ -765,6 +765,22 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
     return out
 
 
+def _registered_op(fn):
+    """``fn`` run with FLAMINGO_RT_EAGER_OPS=0: flamingo_rt's ops through their registered
+    torch.library ops, as before the plain eager path."""
+    def run():
+        old = os.environ.get("FLAMINGO_RT_EAGER_OPS")
+        os.environ["FLAMINGO_RT_EAGER_OPS"] = "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["FLAMINGO_RT_EAGER_OPS"]
+            else:
+                os.environ["FLAMINGO_RT_EAGER_OPS"] = old
+    return run
+
+
 def _time_xattn_more(add, device, dt, backends) -> None:
     """image-causal attention beyond the forward above: forward+backward (the training
     step's attention core) at OpenFlamingo-3B's shape (T 2048, M 32 images of 64 tokens,
@@ -796,6 +812,9 @@ def _time_xattn_more(add, device, dt, backends) -> None:
                 torch.autograd.grad(out, (q, k, v), go)
             add("xattn fwd+bwd", b, shape, step, flops, nbytes,
                 note="bwd = triton kernels" if b == "cuda" else "")
+            # the same through the registered torch.library op: what the plain eager path
+            # (flamingo_rt/ops/_eager.py) saves in host time
+            add("xattn fwd+bwd", f"{b} (registered op)", shape, _registered_op(step), flops, nbytes)
             if device.type == "cuda":
                 add("xattn fwd+bwd", f"{b} (CUDA graph, per call)", shape, step, flops, nbytes, graph_reps=5)
             profile_to_file(f"xattn fwd+bwd {b} {shape}", step, device)

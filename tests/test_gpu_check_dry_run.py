@@ -47,6 +47,11 @@ def test_gpu_check_sections_order_and_budget(tmp_path, capsys):
     assert res["checks"] == []
     ops = [t["op"] for t in res["timings"]]
     assert ops[0].startswith("bias_gamma_act") and any(o.startswith("xattn") for o in ops)
+    # the cross-attention's forward+backward also through the registered op (the A/B of
+    # the plain eager path), and the switch restored afterwards
+    impls = {t["impl"] for t in res["timings"] if t["op"] == "xattn fwd+bwd"}
+    assert {"cpu", "cpu (registered op)"} <= impls
+    assert "FLAMINGO_RT_EAGER_OPS" not in __import__("os").environ
     assert not any(o.startswith(("resampler", "nfnet", "decode")) for o in ops)
     assert all(t["ms"] > 0 for t in res["timings"])
     out = capsys.readouterr().out

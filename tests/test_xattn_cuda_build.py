@@ -66,10 +66,12 @@ def test_triton_kernels_compile_for_sm90():
         for fn in (kx._xattn_fwd_kernel, kx._xattn_bwd_dq_kernel, kx._xattn_bwd_dkdv_kernel):
             consts = dict(ALL_PREV=fn is kx._xattn_bwd_dq_kernel, BLOCK_T=64, BLOCK_N=64, BLOCK_D=64,
                           PREC="tf32", PREC2="tf32", UPCAST=False)
+            if fn is kx._xattn_bwd_dkdv_kernel:
+                consts["SCAN_T"] = 1024
             sig = {{}}
             for n in inspect.signature(fn.fn).parameters:
                 sig[n] = ("constexpr" if n in consts else "*bf16" if n in ptr else "*fp32" if n in ("LSE", "DELTA")
-                          else "*i32" if n in ("IDX", "SEG_START", "SEG_END") else "fp32" if n == "scale" else "i32")
+                          else "*i32" if n == "IDX" else "fp32" if n == "scale" else "i32")
             k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                options={{"num_warps": 4, "num_stages": 2}})
             assert k.asm.get("cubin"), fn

@@ -95,8 +95,19 @@ def _nf_run(backend="cpu"):
     return _grads(out, [w, gain, x, b, gl, sc, scale])
 
 
+def _np_run(backend=None):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 16, generator=g).requires_grad_(True)
+    ps = [t.requires_grad_(True) for t in (1 + 0.1 * torch.randn(16, generator=g), 0.1 * torch.randn(16, generator=g),
+                                           0.2 * torch.randn(12, 16, generator=g))]
+    with torch.no_grad():  # inference: the implementation itself (Tensor[] arguments)
+        inf = ops.norm_project(x, [ps[0]], [ps[1]], [ps[2]])[0]
+    (y,) = ops.norm_project(x, [ps[0]], [ps[1]], [ps[2]])  # gradients: the registered op
+    return (inf, *_grads(y, [x, *ps]))
+
+
 RUNS = {"xattn": _xattn_run, "resampler": _resampler_run, "feed_forward": _ff_run,
-        "gated_linear_residual": _glr_run, "nfnet_ops": _nf_run}
+        "gated_linear_residual": _glr_run, "nfnet_ops": _nf_run, "norm_project": _np_run}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -123,9 +134,9 @@ def _eager_ops():
     import importlib
 
     mods = [importlib.import_module(f"flamingo_rt.ops.{m}")
-            for m in ("xattn", "resampler", "feed_forward", "gated_linear_residual", "nfconv")]
+            for m in ("xattn", "resampler", "feed_forward", "gated_linear_residual", "nfconv", "norm_project")]
     found = [v for m in mods for v in vars(m).values() if isinstance(v, _eager.EagerOp)]
-    assert len(found) == 16, len(found)  # 2 + 2 + 3 + 2 + 7
+    assert len(found) == 18, len(found)  # 2 + 2 + 3 + 2 + 7 + 2
     return found
 
 
@@ -136,12 +147,19 @@ def _forbid_registered(monkeypatch, eager_op):
 
 
 def test_plain_eager_calls_skip_the_registered_op(monkeypatch):
+    import importlib
+
+    np_mod = importlib.import_module("flamingo_rt.ops.norm_project")
     for eager_op in _eager_ops():
-        _forbid_registered(monkeypatch, eager_op)
+        if eager_op is not np_mod._norm_project:  # its calls with gradients take the op (Tensor[])
+            _forbid_registered(monkeypatch, eager_op)
     out, dq, dk, dv = _xattn_run()
     assert "function" in type(out.grad_fn).__name__.lower()
     for run in RUNS.values():
         run()
+    _forbid_registered(monkeypatch, np_mod._norm_project)
+    with torch.no_grad():
+        ops.norm_project(torch.randn(3, 8), [torch.ones(8)], [torch.zeros(8)], [torch.randn(4, 8)])
     with torch.no_grad():  # no autograd at all: the implementation itself
         (q, k, v), idx, _ = _xattn_inputs()
         y = ops.image_causal_attention(q, k, v, idx, backend="cpu")

@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backend as _backend
 from . import cpu_gemm, widening_gemm
+from ._eager import EagerOp
 from .fused_linear import linear_packed
 from .precision import acc_dtype as _acc
 from .precision import add_widened_, column_sum, layer_norm_in
@@ -47,8 +48,7 @@ def _xhat(x: Tensor, eps: float, compute_dtype: torch.dtype) -> tuple[Tensor, Te
     return layer_norm_in(x, eps, compute_dtype)
 
 
-@torch.library.custom_op("flamingo_rt::norm_project", mutates_args=())
-def _norm_project_op(
+def _norm_project_op_impl(
     x: Tensor, gammas: List[Tensor], betas: List[Tensor], weights: List[Tensor], eps: float,
     compute_dtype: torch.dtype, normalized: bool = False,
 ) -> List[Tensor]:
@@ -56,6 +56,9 @@ def _norm_project_op(
     :func:`norm_project`; x needs no gradient then)."""
     with torch.autocast(x.device.type, enabled=False):  # the dtypes below are explicit
         return _forward(x, gammas, betas, weights, eps, compute_dtype, normalized)
+
+
+_norm_project_op = torch.library.custom_op("flamingo_rt::norm_project", mutates_args=())(_norm_project_op_impl)
 
 
 def _forward(x, gammas, betas, weights, eps, compute_dtype, normalized=False):
@@ -95,14 +98,17 @@ def _(x, gammas, betas, weights, eps, compute_dtype, normalized=False):
     return [x.new_empty((x.shape[0], w.shape[0]), dtype=compute_dtype) for w in weights]
 
 
-@torch.library.custom_op("flamingo_rt::norm_project_backward", mutates_args=())
-def _norm_project_bwd_op(
+def _norm_project_bwd_op_impl(
     grads: List[Tensor], x: Tensor, gammas: List[Tensor], betas: List[Tensor], weights: List[Tensor],
     eps: float, compute_dtype: torch.dtype, need_dx: bool, normalized: bool = False,
 ) -> List[Tensor]:
     """Returns [dx (or an empty tensor), dgamma_0.., dbeta_0.., dW_0..]."""
     with torch.autocast(x.device.type, enabled=False):
         return _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx, normalized)
+
+
+_norm_project_bwd_op = torch.library.custom_op("flamingo_rt::norm_project_backward", mutates_args=())(
+    _norm_project_bwd_op_impl)
 
 
 def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx, normalized=False):
@@ -185,13 +191,18 @@ def _backward(ctx, grads):
     grads = [g if g is not None else x.new_zeros((x.shape[0], w.shape[0]), dtype=ctx.compute_dtype)
              for g, w in zip(grads, weights)]
     need_dx = ctx.needs_input_grad[0]
-    res = _norm_project_bwd_op(grads, x, list(gammas), list(betas), list(weights), ctx.eps,
-                               ctx.compute_dtype, need_dx, ctx.normalized)
+    res = _norm_project_bwd(grads, x, list(gammas), list(betas), list(weights), ctx.eps,
+                            ctx.compute_dtype, need_dx, ctx.normalized)
     dx = res[0] if need_dx else None
     return dx, res[1:1 + n], res[1 + n:1 + 2 * n], res[1 + 2 * n:], None, None, None
 
 
 _norm_project_op.register_autograd(_backward, setup_context=_setup_context)
+
+# plain eager calls skip the custom-op machinery (_eager.py; with gradients, its Tensor[]
+# arguments take the registered op); compile / export see the ops
+_norm_project = EagerOp(_norm_project_op, _norm_project_op_impl, _setup_context, _backward)
+_norm_project_bwd = EagerOp(_norm_project_bwd_op, _norm_project_bwd_op_impl)
 
 
 def norm_project(
@@ -256,10 +267,10 @@ def _projections(x, gammas, betas, weights, eps) -> Iterator[Tensor]:
             # inference: the products of the cached folded weights, no op dispatch
             outs = (linear_packed(xc, *_folded_cached(g, b, w, cd)) for g, b, w in zip(gammas, betas, weights))
         else:
-            outs = (_norm_project_op(xc, [g], [b], [w], float(eps), cd, True)[0]
+            outs = (_norm_project(xc, [g], [b], [w], float(eps), cd, True)[0]
                     for g, b, w in zip(gammas, betas, weights))
     else:
-        outs = _norm_project_op(x2, list(gammas), list(betas), list(weights), float(eps), cd)
+        outs = _norm_project(x2, list(gammas), list(betas), list(weights), float(eps), cd)
     return (o.view(*lead, o.shape[-1]) for o in outs)
 
 

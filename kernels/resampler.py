@@ -135,7 +135,14 @@ def _bwd_keys(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stri
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+# Shape arguments that vary between problems are not specialized (Triton compiles a variant
+# per "== 1" / "divisible by 16" class of every int argument otherwise: S = 1, 49, 256 gave
+# three compilations per head dim, minutes each in float32); strides stay specialized (the
+# unit stride of the head dim is what vectorizes the loads).
+_NO_SPEC = ["H", "L", "S", "S_BUCKET"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _resampler_fwd(
     Q, KX, VX, KL, VL, O,
     sq_n, sq_l, sq_h, sq_d,
@@ -172,7 +179,7 @@ def _resampler_fwd(
              out.to(O.dtype.element_ty), mask=l_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _resampler_bwd(
     Q, KX, VX, KL, VL, DO, DQ, DKX, DVX, DKL, DVL,
     sq_n, sq_l, sq_h, sq_d,

@@ -124,3 +124,28 @@ def test_auto_takes_the_cuda_decode_kernel_for_few_tokens_on_the_gpu(monkeypatch
     monkeypatch.delenv("FLAMINGO_RT_BACKEND")
     monkeypatch.setitem(be._IMPLS, X.OP, {k: f for k, f in impls.items() if k != "cuda"})
     assert pick("triton", None, "cuda", 1) == "triton"  # no CUDA C++ build
+
+
+def test_resampler_triton_kernels_compile_for_sm90():
+    """The resampler's Triton kernels lower to sm_90 (kernels/resampler_aot_check.py), and
+    their shape arguments are not specialized (one compilation per head dim and dtype, not
+    one per feature-count class)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from kernels import resampler as K
+        from kernels.resampler_aot_check import compile_kernel
+
+        for fn in (K._resampler_fwd, K._resampler_bwd):
+            assert {{p.name for p in fn.params if p.do_not_specialize}} == {{"H", "L", "S", "S_BUCKET"}}, fn
+            k = compile_kernel(fn, "bf16", 64, 64, 32, 4, 2, 90)
+            assert k.asm.get("cubin"), fn
+            print("ok", fn.fn.__name__)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("triton's ptxas is not available here")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("ok ") == 2

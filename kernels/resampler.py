@@ -19,8 +19,9 @@ block and accumulates dQ in registers. L > 128 is not handled by the backward ke
 (:func:`backward_supported`); the op falls back to the reference there.
 
 Both are autotuned over a small space (key block size, warps, stages) keyed on the head
-dimension block and a bucket of S; under ``TRITON_INTERPRET=1`` (CPU) one fixed
-configuration runs instead of the tuning.
+dimension block and a bucket of S, for problems of at least AUTOTUNE_MIN_ROWS rows
+(smaller ones, or all with FLAMINGO_RT_TRITON_AUTOTUNE=0, run a heuristic configuration);
+under ``TRITON_INTERPRET=1`` (CPU) one fixed configuration runs instead.
 No autograd here: :mod:`flamingo_rt.ops.resampler` registers these as the ``triton``
 backend.
 """
@@ -259,6 +260,43 @@ _BWD_CONFIGS = [
 ]
 
 
+#: Autotune only problems of at least this many (medium, head, latent) rows; below, the
+#: heuristic configuration. Autotuning compiles every configuration of the space per key
+#: (S bucket, head dim, dtype): the GPU check's correctness cases (3 media x 2 heads x 64
+#: latents) would compile 20 kernels per head dim and feature-count bucket, which in
+#: float32 (IEEE products) took minutes each on the H200's host.
+AUTOTUNE_MIN_ROWS = 8192
+
+
+def _autotune(rows: int) -> bool:
+    """Whether a problem of ``rows`` (N * H * L) rows runs the autotuned kernel:
+    ``rows >= AUTOTUNE_MIN_ROWS`` and FLAMINGO_RT_TRITON_AUTOTUNE is not 0."""
+    return rows >= AUTOTUNE_MIN_ROWS and os.environ.get("FLAMINGO_RT_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _heuristic(which: str, S: int, L: int, block_d: int) -> dict:
+    """The configuration of untuned problems: one of the tuning space that
+    :func:`_prune` keeps for every S, L and head dim (key blocks of 32 for short key sets
+    and wide heads, else 64; 4 warps)."""
+    bs = 32 if S + L <= 64 or block_d >= 256 else 64
+    if which == "fwd":
+        return {"BLOCK_S": bs, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_S": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _launch(which: str, grid, args, meta: dict, S: int, L: int, rows: int) -> None:
+    """Run the forward or backward kernel: the fixed interpreter blocks under
+    TRITON_INTERPRET=1; on the GPU the autotuned kernel for large problems
+    (:func:`_autotune`), else the heuristic configuration."""
+    raw = _resampler_fwd if which == "fwd" else _resampler_bwd
+    if _interpret():
+        raw[grid](*args, **meta, BLOCK_S=32 if S + L <= 64 else 64)
+    elif _autotune(rows):
+        _tuned(which)[grid](*args, **meta)
+    else:
+        raw[grid](*args, **meta, **_heuristic(which, S, L, meta["BLOCK_D"]))
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(which: str):
     if which == "fwd":
@@ -300,11 +338,7 @@ def resampler_attention_fwd(q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_
             H, L, S, float(scale) * LOG2E, _s_bucket(S))
     meta = dict(HEAD_DIM=dh, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, DOT_PREC=_dot_prec(q.dtype),
                 UPCAST=_interpret() and q.dtype == torch.bfloat16)
-    grid = (N * H, cdiv(L, BLOCK_L))
-    if _interpret():
-        _resampler_fwd[grid](*args, **meta, BLOCK_S=32 if S + L <= 64 else 64)
-    else:
-        _tuned("fwd")[grid](*args, **meta)
+    _launch("fwd", (N * H, cdiv(L, BLOCK_L)), args, meta, S, L, N * H * L)
     return out
 
 
@@ -333,11 +367,7 @@ def resampler_attention_bwd(grad_out: Tensor, q: Tensor, k_x: Tensor, v_x: Tenso
             H, L, S, float(scale) * LOG2E, float(scale), _s_bucket(S))
     meta = dict(HEAD_DIM=dh, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, DOT_PREC=_dot_prec(q.dtype),
                 UPCAST=_interpret() and q.dtype == torch.bfloat16)
-    grid = (N * H,)
-    if _interpret():
-        _resampler_bwd[grid](*args, **meta, BLOCK_S=32 if S + L <= 64 else 64)
-    else:
-        _tuned("bwd")[grid](*args, **meta)
+    _launch("bwd", (N * H,), args, meta, S, L, N * H * L)
     return dq, dk_x, dv_x, dk_l, dv_l
 
 

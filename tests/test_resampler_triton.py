@@ -160,3 +160,23 @@ def test_no_feature_tokens(poisoned):
     assert rel_err(out, ref.resampler_attention(*d)) < 2e-6
     for g, w in zip(grads, ref.resampler_attention_backward(go.double(), *d)):
         assert g.shape == w.shape and (g.numel() == 0 or rel_err(g, w) < 1e-5)
+
+
+def test_small_problems_run_untuned_with_a_configuration_of_the_space(monkeypatch):
+    """Autotuning compiles every configuration per key: only problems of at least
+    AUTOTUNE_MIN_ROWS rows are tuned (the GPU check's correctness cases are not), and
+    FLAMINGO_RT_TRITON_AUTOTUNE=0 turns it off; the heuristic configuration is one that
+    the tuning space's pruning keeps."""
+    from flamingo_rt.ops._kernel_modules import kernel_module
+
+    K = kernel_module("resampler")
+    assert not K._autotune(3 * 2 * 64) and K._autotune(32 * 8 * 64)
+    monkeypatch.setenv("FLAMINGO_RT_TRITON_AUTOTUNE", "0")
+    assert not K._autotune(32 * 8 * 64)
+    for which, space in (("fwd", K._FWD_CONFIGS), ("bwd", K._BWD_CONFIGS)):
+        for S in (1, 49, 257, 300):
+            for bd in (64, 128, 256):
+                c = K._heuristic(which, S, 64, bd)
+                keys = {(x.kwargs["BLOCK_S"], x.num_warps, x.num_stages)
+                        for x in K._prune(space, {"S": S, "L": 64}, BLOCK_D=bd)}
+                assert (c["BLOCK_S"], c["num_warps"], c["num_stages"]) in keys, (which, S, bd, c)

@@ -52,6 +52,17 @@ def test_cuda_stubs_compile_without_cuda(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _compile_script(script: str) -> str:
+    """Run a Triton AOT-compile script in a fresh interpreter without TRITON_INTERPRET (the
+    suite sets it); its stdout. Skips where triton's ptxas is missing."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("triton's ptxas is not available here")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
 def test_triton_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     script = textwrap.dedent(f"""
@@ -77,12 +88,7 @@ def test_triton_kernels_compile_for_sm90():
             assert k.asm.get("cubin"), fn
             print("ok", fn.fn.__name__)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("triton's ptxas is not available here")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 3
+    assert _compile_script(script).count("ok ") == 3
 
 
 def test_cuda_backend_registered_iff_the_extension_has_cuda():
@@ -145,9 +151,4 @@ def test_resampler_triton_kernels_compile_for_sm90():
                 assert k.asm.get("cubin") and k.metadata.shared <= 227 * 1024, (fn, dh)
             print("ok", fn.fn.__name__)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("triton's ptxas is not available here")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 2
+    assert _compile_script(script).count("ok ") == 2

@@ -15,21 +15,17 @@ matmuls). Autotuned on the GPU over a small space of tile shapes; under
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-
-from ._host_math import cdiv, next_power_of_2
 from torch import Tensor
 
+from ._host_math import cdiv
+from ._launch_policy import interpreting
+
 _ACT = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -152,7 +148,7 @@ def conv2d_nhwc(x: Tensor, w: Tensor, bias: Optional[Tensor], stride: int = 1, g
         return y
     cout_g = C_out // groups
     b = bias.to(x.dtype).contiguous() if bias is not None else wp
-    use_tf32 = (x.dtype == torch.float32 and x.is_cuda and not _interpreting()
+    use_tf32 = (x.dtype == torch.float32 and x.is_cuda and not interpreting()
                 and torch.backends.cuda.matmul.allow_tf32)
     prec = "tf32" if use_tf32 else "ieee"
     M = NB * Ho * Wo
@@ -160,8 +156,8 @@ def conv2d_nhwc(x: Tensor, w: Tensor, bias: Optional[Tensor], stride: int = 1, g
             x.stride(0), x.stride(2), x.stride(3), x.stride(1),
             y.stride(0), y.stride(2), y.stride(3), y.stride(1), float(gamma))
     meta = dict(ACT=_ACT[act], HAS_BIAS=bias is not None, PRECISION=prec,
-                UPCAST=_interpreting() and x.dtype != torch.float32)
-    if _interpreting() or not x.is_cuda:
+                UPCAST=interpreting() and x.dtype != torch.float32)
+    if interpreting() or not x.is_cuda:
         bm, bn, bk = 16, 16, 16
         grid = (cdiv(M, bm), cdiv(cout_g, bn), groups)
         _conv_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)

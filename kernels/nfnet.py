@@ -22,9 +22,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._host_math import cdiv, next_power_of_2
-from torch import Tensor
 
 _ACT_CODE = {"gelu": 0, "relu": 1, "silu": 2}
 _BLOCK = 1024

@@ -28,7 +28,6 @@ backend.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Tuple
 
 import torch
@@ -38,14 +37,11 @@ import triton
 import triton.language as tl
 
 from ._host_math import cdiv, next_power_of_2
+from ._launch_policy import autotune, interpreting
 
 LOG2E = 1.4426950408889634
 MAX_BWD_L = 128  # the backward keeps all query rows of a (medium, head) in one tile
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supported(q: Tensor) -> bool:
@@ -271,7 +267,7 @@ AUTOTUNE_MIN_ROWS = 8192
 def _autotune(rows: int) -> bool:
     """Whether a problem of ``rows`` (N * H * L) rows runs the autotuned kernel:
     ``rows >= AUTOTUNE_MIN_ROWS`` and FLAMINGO_RT_TRITON_AUTOTUNE is not 0."""
-    return rows >= AUTOTUNE_MIN_ROWS and os.environ.get("FLAMINGO_RT_TRITON_AUTOTUNE", "1") != "0"
+    return autotune(rows, AUTOTUNE_MIN_ROWS)
 
 
 def _heuristic(which: str, S: int, L: int, block_d: int) -> dict:
@@ -289,7 +285,7 @@ def _launch(which: str, grid, args, meta: dict, S: int, L: int, rows: int) -> No
     TRITON_INTERPRET=1; on the GPU the autotuned kernel for large problems
     (:func:`_autotune`), else the heuristic configuration."""
     raw = _resampler_fwd if which == "fwd" else _resampler_bwd
-    if _interpret():
+    if interpreting():
         raw[grid](*args, **meta, BLOCK_S=32 if S + L <= 64 else 64)
     elif _autotune(rows):
         _tuned(which)[grid](*args, **meta)
@@ -337,7 +333,7 @@ def resampler_attention_fwd(q: Tensor, k_x: Tensor, v_x: Tensor, k_l: Tensor, v_
             *v_l.stride(), out.stride(0), out.stride(1), out.stride(2),
             H, L, S, float(scale) * LOG2E, _s_bucket(S))
     meta = dict(HEAD_DIM=dh, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, DOT_PREC=_dot_prec(q.dtype),
-                UPCAST=_interpret() and q.dtype == torch.bfloat16)
+                UPCAST=interpreting() and q.dtype == torch.bfloat16)
     _launch("fwd", (N * H, cdiv(L, BLOCK_L)), args, meta, S, L, N * H * L)
     return out
 
@@ -366,7 +362,7 @@ def resampler_attention_bwd(grad_out: Tensor, q: Tensor, k_x: Tensor, v_x: Tenso
             *q.stride(), *k_x.stride(), *v_x.stride(), *k_l.stride(), *v_l.stride(), *grad_out.stride(),
             H, L, S, float(scale) * LOG2E, float(scale), _s_bucket(S))
     meta = dict(HEAD_DIM=dh, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, DOT_PREC=_dot_prec(q.dtype),
-                UPCAST=_interpret() and q.dtype == torch.bfloat16)
+                UPCAST=interpreting() and q.dtype == torch.bfloat16)
     _launch("bwd", (N * H,), args, meta, S, L, N * H * L)
     return dq, dk_x, dv_x, dk_l, dv_l
 

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._host_math import cdiv, next_power_of_2
+from ._launch_policy import autotune, interpreting
 
 __all__ = [
     "image_causal_attention_fwd",
@@ -407,7 +408,7 @@ def _scan_rows() -> int:
     """Rows of media_index per step of the key-block kernel's segment-bounds sweep: 1024 on
     the GPU (one or two steps at Flamingo's lengths), FLAMINGO_RT_XATTN_INTERP_SCAN (default
     8) under TRITON_INTERPRET=1, so that the tests' short sequences take several steps."""
-    if INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET or interpreting():
         return int(os.environ.get("FLAMINGO_RT_XATTN_INTERP_SCAN", "8"))
     return 1024
 
@@ -423,10 +424,10 @@ def _launch(tuned, raw, grid_fn, args, consts, heuristic: dict, rows: int):
     """Run one kernel: the fixed interpreter blocks under TRITON_INTERPRET=1; on the GPU the
     autotuned kernel for problems of at least AUTOTUNE_MIN_ROWS rows (unless
     FLAMINGO_RT_TRITON_AUTOTUNE=0), else the heuristic configuration."""
-    if INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET or interpreting():
         blocks = _interp_blocks()
         raw[grid_fn(blocks)](*args, **consts, **blocks)
-    elif rows >= AUTOTUNE_MIN_ROWS and os.environ.get("FLAMINGO_RT_TRITON_AUTOTUNE", "1") != "0":
+    elif autotune(rows, AUTOTUNE_MIN_ROWS):
         tuned[grid_fn](*args, **consts)
     else:
         raw[grid_fn(heuristic)](*args, **consts, **heuristic)
@@ -466,7 +467,7 @@ def _common(q, k, media_index, all_previous):
         BLOCK_D=max(16, next_power_of_2(dh)),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         PREC2="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=bool(q.dtype == torch.bfloat16 and (INTERPRET or os.environ.get("TRITON_INTERPRET") == "1")),
+        UPCAST=bool(q.dtype == torch.bfloat16 and (INTERPRET or interpreting())),
     )
     return B, T, H, dh, M, N, idx, consts
 

@@ -115,8 +115,8 @@ def shape_backend(resolved: str, requested: str | None, device_type: str, T: int
     request resolved to), except that ``auto`` on a CUDA device takes the CUDA C++ decode
     kernel for T <= CUDA_DECODE_MAX_T when that backend is built. An explicit request
     (argument or FLAMINGO_RT_BACKEND) is never changed."""
-    if (_backend.requested(requested) == "auto" and resolved == "triton" and device_type == "cuda" and T <= CUDA_DECODE_MAX_T
-            and "cuda" in _backend.implemented(OP)):
+    if (_backend.requested(requested) == "auto" and resolved == "triton" and device_type == "cuda"
+            and T <= CUDA_DECODE_MAX_T and "cuda" in _backend.implemented(OP)):
         return "cuda"
     return resolved
 

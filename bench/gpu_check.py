@@ -768,16 +768,11 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
 def _registered_op(fn):
     """``fn`` run with FLAMINGO_RT_EAGER_OPS=0: flamingo_rt's ops through their registered
     torch.library ops, as before the plain eager path."""
+    from unittest import mock
+
     def run():
-        old = os.environ.get("FLAMINGO_RT_EAGER_OPS")
-        os.environ["FLAMINGO_RT_EAGER_OPS"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"FLAMINGO_RT_EAGER_OPS": "0"}):
             return fn()
-        finally:
-            if old is None:
-                del os.environ["FLAMINGO_RT_EAGER_OPS"]
-            else:
-                os.environ["FLAMINGO_RT_EAGER_OPS"] = old
     return run
 
 

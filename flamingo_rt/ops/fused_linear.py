@@ -203,6 +203,13 @@ def _mkl_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[T
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def _product(path: Optional[str], x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)`` off the oneDNN path (a fresh output): MKL's packed product
+    where ``path`` is ``"mkl"`` and a packed weight is at hand, else :func:`linear.linear`."""
+    y = _mkl_linear(x, weight, bias) if path == "mkl" else None
+    return linear(x, weight, bias) if y is None else y
+
+
 def _rows(t: Tensor) -> Tensor:
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.is_contiguous() else t2.contiguous()
@@ -220,9 +227,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str) -> T
         name, algo = _POST_OPS[act]
         y = torch.ops.mkldnn._linear_pointwise(_rows(x), _packed(weight), bias, name, [], algo)
         return y.view(*x.shape[:-1], weight.shape[0])
-    y = _mkl_linear(x, weight, bias) if path == "mkl" else None
-    if y is None:
-        y = linear(x, weight, bias)
+    y = _product(path, x, weight, bias)
     in_place = not (torch.is_grad_enabled() and y.requires_grad)  # y is our fresh output
     if act == "gelu":
         return torch.ops.aten.gelu_(y) if in_place else F.gelu(y)
@@ -237,8 +242,7 @@ def linear_residual(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
     if path == "onednn" and residual.shape == (*x.shape[:-1], weight.shape[0]):
         y = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(residual), _packed(weight), bias, "add")
         return y.view(residual.shape)
-    y = _mkl_linear(x, weight, bias) if path == "mkl" else None
-    return residual_add_(residual, linear(x, weight, bias) if y is None else y)
+    return residual_add_(residual, _product(path, x, weight, bias))
 
 
 def linear_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -250,5 +254,4 @@ def linear_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
     if path == "onednn":
         y = torch.ops.mkldnn._linear_pointwise(_rows(x), _packed(weight), bias, "none", [], "")
         return y.view(*x.shape[:-1], weight.shape[0])
-    y = _mkl_linear(x, weight, bias) if path == "mkl" else None
-    return linear(x, weight, bias) if y is None else y
+    return _product(path, x, weight, bias)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flamingo_rt.ops import factored_grads as fg
+from flamingo_rt.ops import widening_gemm
 from flamingo_rt.ops.feed_forward import feed_forward
 from flamingo_rt.runtime.train import factored_step
 from conftest import rel_err
@@ -28,6 +29,15 @@ def _dense(pairs):
     return sum((1.0 if s is None else float(s)) * a.double().t() @ b.double() for a, b, s in pairs)
 
 
+def _tol(dtype, exact: float) -> float:
+    """Relative tolerance of a gradient made from factors against float64: ``exact`` (float32
+    summation order) for float32 factors, and for bf16 ones where MKL's widening product runs
+    (:func:`widening_gemm.available`: float32 sums of exact bf16 products); elsewhere each
+    bf16 product is torch's, rounded to bf16 once (autocast's own precision, at most 2^-9
+    relative per element): 4e-3."""
+    return exact if dtype == torch.float32 or widening_gemm.available() else 4e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
     """sq_norm from Gram matrices equals the dense gradient's squared norm; rows_into gives
@@ -40,7 +50,8 @@ def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
     want = _dense(pairs)
     assert store.params() == [w] and w in store and len(store) == 1
     assert store.nbytes() == sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in pairs)
-    assert abs(store.sq_norm(w).item() - want.norm().item() ** 2) <= 1e-5 * want.norm().item() ** 2
+    sq = 2 * _tol(dtype, 5e-6)  # a squared norm: twice the relative error
+    assert abs(store.sq_norm(w).item() - want.norm().item() ** 2) <= sq * want.norm().item() ** 2
     # one pair: the symmetric-blocks path (4 blocks of rows here), with its scale
     one = fg.FactoredGrads([w])
     a, b, _ = _factors(dtype, R=(37,), seed=5)[0]
@@ -48,7 +59,7 @@ def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
     want1 = -1.5 * a.double().t() @ b.double()
     for rows in (8, 16, 1000):  # 4, 2 and 1 blocks
         monkeypatch.setattr(fg, "GRAM_BLOCK_ROWS", rows)
-        assert abs(one.sq_norm(w).item() - want1.norm().item() ** 2) <= 1e-5 * want1.norm().item() ** 2, rows
+        assert abs(one.sq_norm(w).item() - want1.norm().item() ** 2) <= sq * want1.norm().item() ** 2, rows
     # more rows than the Gram matrices pay for: the norm from the gradient's row blocks
     monkeypatch.setattr(fg, "NORM_BLOCK_BYTES", 5 * 16 * 4)
     many = fg.FactoredGrads([w])
@@ -59,15 +70,15 @@ def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
     called = []
     orig = fg.FactoredGrads._sq_norm_by_rows
     monkeypatch.setattr(fg.FactoredGrads, "_sq_norm_by_rows", lambda self, p: called.append(1) or orig(self, p))
-    assert abs(many.sq_norm(w).item() - want2.norm().item() ** 2) <= 1e-5 * want2.norm().item() ** 2
+    assert abs(many.sq_norm(w).item() - want2.norm().item() ** 2) <= sq * want2.norm().item() ** 2
     assert called == [1]
     out = torch.empty(7, 16)
-    assert rel_err(store.rows_into(w, 10, 17, out), want[10:17]) < 1e-6
+    assert rel_err(store.rows_into(w, 10, 17, out), want[10:17]) < _tol(dtype, 1e-6)
     store.scale_(torch.tensor(0.25))
-    assert rel_err(store.dense(w), 0.25 * want) < 1e-6
+    assert rel_err(store.dense(w), 0.25 * want) < _tol(dtype, 1e-6)
     w.grad = torch.ones(24, 16)
     store.densify(w)
-    assert w not in store and rel_err(w.grad, 1 + 0.25 * want) < 1e-6
+    assert w not in store and rel_err(w.grad, 1 + 0.25 * want) < _tol(dtype, 1e-6)
     with pytest.raises(ValueError, match=r"a \(R, 24\) and b \(R, 16\)"):
         store.add(w, torch.zeros(3, 16), torch.zeros(3, 24))
 
@@ -140,9 +151,13 @@ def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, 
             continue
         if precision == "fp32":
             assert rel_err(g, dense[i].grad) < 1e-5, i
-        else:  # bf16: the gate scales dh here, the bf16 dy there; its own gradient is sum(da * a)
-            # here, <W2, dy^T a> there: as accurate as the dense path against float64
-            assert rel_err(g, exact[i].grad) <= 2 * rel_err(dense[i].grad, exact[i].grad) + 2e-3, i
+        else:  # bf16: the gate scales dh here, the bf16 dy there; its own gradient is sum(dy * f),
+            # f = a W2^T, here, <W2, dy^T a> there: as accurate as the dense path against
+            # float64. Where f is torch's bf16 product (no widening product, see _tol) it is
+            # rounded to bf16 before the scalar sum cancels: a floor of 1e-2 for the gate
+            # (measured 9.5e-3, the dense path 3.5e-3, on a 2-core AMD EPYC)
+            floor = 1e-2 if i == 5 and not widening_gemm.available() else 2e-3
+            assert rel_err(g, exact[i].grad) <= 2 * rel_err(dense[i].grad, exact[i].grad) + floor, i
 
 
 def test_accumulation_turns_dense_when_factors_outgrow_the_gradient():
@@ -261,8 +276,13 @@ def test_train_step_factored_equals_dense(world, tmp_path, precision, max_fracti
     # float32: equal up to the products' summation order. bf16: dh one bf16 rounding apart (the
     # gate applied to it here, to the bf16 dy on the dense path), and the FF gate's gradient
     # sum(da * a) made with W2's bf16 copy (as autocast's module path makes it) where the dense
-    # path sums against the float32 W2: a scalar sum with cancellation, ~2e-2 apart at worst;
-    # AdamW's normalized updates carry that into the parameters over the three steps
+    # path sums against the float32 W2: a scalar sum with cancellation, ~2e-2 apart at worst.
+    # AdamW's normalized updates carry that into the parameters over the three steps. In bf16
+    # the parameters compared are those that start nonzero: a zero-initialized one (a bias)
+    # is its updates alone, whose relative error is unbounded there (an element whose
+    # gradient is near zero flips the sign of its ~lr update on one bf16 rounding: 6.5e-2 on
+    # resampler.layers.0.ff.norm.bias on a 2-core AMD EPYC, whose bf16 weight gradients are
+    # torch's bf16 products, rounded once as autocast's own); their gradients are compared
     tol = dict(loss=1e-5, norm=1e-5, grad=1e-5, param=1e-5) if precision is None else \
         dict(loss=1e-3, norm=1e-3, grad=5e-2, param=1e-2)
     worst = dict(loss=0.0, norm=0.0, grad=0.0, param=0.0)
@@ -276,7 +296,8 @@ def test_train_step_factored_equals_dense(world, tmp_path, precision, max_fracti
         for k in cd:
             worst["grad"] = max(worst["grad"], rel_err(cf[k], cd[k]))
     for n in pd:
-        worst["param"] = max(worst["param"], rel_err(pf[n], pd[n]))
+        if precision is None or start[n].any():
+            worst["param"] = max(worst["param"], rel_err(pf[n], pd[n]))
     assert all(worst[k] <= tol[k] for k in tol), worst
 
 

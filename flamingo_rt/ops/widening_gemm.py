@@ -89,7 +89,8 @@ def addmm_(c: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, beta: float = 1.
 
 
 def mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` as a new float32 (M, N) tensor (bf16 a (M, K) and b (K, N): accumulated in
-    float32, not rounded to bf16; see :func:`addmm_`)."""
+    """``a @ b`` as a new float32 (M, N) tensor (bf16 a (M, K) and b (K, N)): accumulated in
+    float32 and not rounded to bf16 where :func:`available`; elsewhere torch's bf16 product,
+    rounded to bf16 once and widened (see :func:`addmm_`)."""
     c = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32, device=a.device)
     return addmm_(c, a, b, 1.0, 0.0)

@@ -29,19 +29,39 @@ def _dense(pairs):
     return sum((1.0 if s is None else float(s)) * a.double().t() @ b.double() for a, b, s in pairs)
 
 
-def _tol(dtype, exact: float) -> float:
+def _products(kind, monkeypatch) -> bool:
+    """Makes bf16 products with float32 results (:mod:`widening_gemm`) one way for a test:
+    ``"widening"``, MKL's float32-accumulating product (Intel CPUs' default; forced on here
+    wherever its symbol exists, so both ways are tested on every x86 CPU), or ``"rounded"``,
+    torch's bf16 product rounded to bf16 once (``FLAMINGO_RT_WIDENING_GEMM=0``; other CPUs'
+    default, autocast's own precision). None: leave the default. Returns whether the
+    products are exact (not rounded)."""
+    if kind == "widening":
+        if not widening_gemm.mkl_symbol():
+            pytest.skip("MKL's float32-accumulating bf16 product is not in this torch")
+        monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
+    elif kind == "rounded":
+        monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
+    return widening_gemm.available()
+
+
+#: the two ways bf16 products with float32 results are made (:func:`_products`)
+BF16_PRODUCTS = ["widening", "rounded"]
+
+
+def _tol(dtype, exact: float, exact_products: bool) -> float:
     """Relative tolerance of a gradient made from factors against float64: ``exact`` (float32
-    summation order) for float32 factors, and for bf16 ones where MKL's widening product runs
-    (:func:`widening_gemm.available`: float32 sums of exact bf16 products); elsewhere each
-    bf16 product is torch's, rounded to bf16 once (autocast's own precision, at most 2^-9
-    relative per element): 4e-3."""
-    return exact if dtype == torch.float32 or widening_gemm.available() else 4e-3
+    summation order) for float32 factors, and for bf16 ones whose products are exact float32
+    sums (MKL's widening product); torch's bf16 products are each rounded to bf16 once (at
+    most 2^-9 relative per element): 4e-3."""
+    return exact if dtype == torch.float32 or exact_products else 4e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, products", [(torch.float32, None)] + [(torch.bfloat16, k) for k in BF16_PRODUCTS])
+def test_store_norm_rows_scale_and_densify(dtype, products, monkeypatch):
     """sq_norm from Gram matrices equals the dense gradient's squared norm; rows_into gives
     its rows; scale_ multiplies it; densify writes it into .grad (adding to one there)."""
+    exact_products = _products(products, monkeypatch)
     w = torch.nn.Parameter(torch.zeros(24, 16))
     store = fg.FactoredGrads([w])
     pairs = _factors(dtype)
@@ -50,7 +70,7 @@ def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
     want = _dense(pairs)
     assert store.params() == [w] and w in store and len(store) == 1
     assert store.nbytes() == sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in pairs)
-    sq = 2 * _tol(dtype, 5e-6)  # a squared norm: twice the relative error
+    sq = 2 * _tol(dtype, 5e-6, exact_products)  # a squared norm: twice the relative error
     assert abs(store.sq_norm(w).item() - want.norm().item() ** 2) <= sq * want.norm().item() ** 2
     # one pair: the symmetric-blocks path (4 blocks of rows here), with its scale
     one = fg.FactoredGrads([w])
@@ -73,12 +93,12 @@ def test_store_norm_rows_scale_and_densify(dtype, monkeypatch):
     assert abs(many.sq_norm(w).item() - want2.norm().item() ** 2) <= sq * want2.norm().item() ** 2
     assert called == [1]
     out = torch.empty(7, 16)
-    assert rel_err(store.rows_into(w, 10, 17, out), want[10:17]) < _tol(dtype, 1e-6)
+    assert rel_err(store.rows_into(w, 10, 17, out), want[10:17]) < _tol(dtype, 1e-6, exact_products)
     store.scale_(torch.tensor(0.25))
-    assert rel_err(store.dense(w), 0.25 * want) < _tol(dtype, 1e-6)
+    assert rel_err(store.dense(w), 0.25 * want) < _tol(dtype, 1e-6, exact_products)
     w.grad = torch.ones(24, 16)
     store.densify(w)
-    assert w not in store and rel_err(w.grad, 1 + 0.25 * want) < _tol(dtype, 1e-6)
+    assert w not in store and rel_err(w.grad, 1 + 0.25 * want) < _tol(dtype, 1e-6, exact_products)
     with pytest.raises(ValueError, match=r"a \(R, 24\) and b \(R, 16\)"):
         store.add(w, torch.zeros(3, 16), torch.zeros(3, 24))
 
@@ -107,14 +127,15 @@ def _ff_inputs(dtype, R=12, D=16, inner=64, seed=1):
 
 @pytest.mark.parametrize("cast_parts", [False, True])
 @pytest.mark.parametrize("variant", ["plain", "residual", "gated"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, cast_parts, monkeypatch):
+@pytest.mark.parametrize("precision, products", [("fp32", None)] + [("bf16", k) for k in BF16_PRODUCTS])
+def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, products, cast_parts, monkeypatch):
     """The FF's backward under a store: its weights get no .grad, the factors' product is the
     dense path's weight gradient, and every other gradient (input, LayerNorm, gate) equals
     the dense path's (also with the bf16 weight casts made in several blocks)."""
     import importlib
 
     monkeypatch.setattr(fg, "MAX_FRACTION", 1e6)
+    exact_products = _products(products, monkeypatch)
     if cast_parts:
         monkeypatch.setattr(importlib.import_module("flamingo_rt.ops.feed_forward"), "CAST_PART_BYTES", 700)
     ins, dy = _ff_inputs(torch.float32)
@@ -153,10 +174,10 @@ def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, 
             assert rel_err(g, dense[i].grad) < 1e-5, i
         else:  # bf16: the gate scales dh here, the bf16 dy there; its own gradient is sum(dy * f),
             # f = a W2^T, here, <W2, dy^T a> there: as accurate as the dense path against
-            # float64. Where f is torch's bf16 product (no widening product, see _tol) it is
-            # rounded to bf16 before the scalar sum cancels: a floor of 1e-2 for the gate
-            # (measured 9.5e-3, the dense path 3.5e-3, on a 2-core AMD EPYC)
-            floor = 1e-2 if i == 5 and not widening_gemm.available() else 2e-3
+            # float64. Where f is torch's bf16 product (rounded, see _products) it is rounded
+            # to bf16 before the scalar sum cancels: a floor of 1e-2 for the gate (measured
+            # 9.5e-3, the dense path 3.5e-3, on a 2-core AMD EPYC)
+            floor = 1e-2 if i == 5 and not exact_products else 2e-3
             assert rel_err(g, exact[i].grad) <= 2 * rel_err(dense[i].grad, exact[i].grad) + floor, i
 
 
@@ -217,9 +238,9 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("world"))
 
 
-@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+@pytest.mark.parametrize("precision, products", [(None, None)] + [(torch.bfloat16, k) for k in BF16_PRODUCTS])
 @pytest.mark.parametrize("max_fraction", [1e6, 6.2])  # every pass factored; some weights densified on a later dataset
-def test_train_step_factored_equals_dense(world, tmp_path, precision, max_fraction, monkeypatch):
+def test_train_step_factored_equals_dense(world, tmp_path, precision, products, max_fraction, monkeypatch):
     """train_step with factored weight gradients against the dense step from the same
     weights: three datasets accumulated, clipping active, three AdamW steps (the first
     creates the optimizer state, the next update by row blocks): same losses and gradient
@@ -230,6 +251,7 @@ def test_train_step_factored_equals_dense(world, tmp_path, precision, max_fracti
 
     monkeypatch.setattr(fg, "MAX_FRACTION", max_fraction)
     monkeypatch.setattr(factored_step, "ROW_BLOCK_BYTES", 4096)
+    _products(products, monkeypatch)
     cfg = TrainConfig.from_dict(train_config_dict(world["model"].parent, tmp_path / "run", 1))
     tr = Trainer(cfg)
     with torch.no_grad():

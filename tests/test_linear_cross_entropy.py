@@ -180,7 +180,8 @@ def test_softmax_xent_rows_errors():
         torch.ops.flamingo_rt_C.softmax_xent_rows_(x, torch.tensor([0, 1]), -100, True, 1.0)
 
 
-def test_float32_weight_under_bf16_autocast_is_cast_a_block_at_a_time(monkeypatch):
+@pytest.mark.parametrize("widening", [True, False])
+def test_float32_weight_under_bf16_autocast_is_cast_a_block_at_a_time(monkeypatch, widening):
     """A float32 LM head under bf16 autocast: its bf16 cast made a block of vocabulary rows
     at a time (ragged last block), the logits and the hidden states' gradient assembled from
     the blocks: the plain path's values within bf16 rounding, as accurate against float64,
@@ -189,6 +190,11 @@ def test_float32_weight_under_bf16_autocast_is_cast_a_block_at_a_time(monkeypatc
     import flamingo_rt.ops.linear_cross_entropy as lce
     from flamingo_rt.ops import widening_gemm
 
+    if widening:  # MKL's float32-accumulating bf16 products, forced on wherever torch carries them
+        if not widening_gemm.mkl_symbol():
+            pytest.skip("no MKL bf16 product in this torch / build")
+        monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
+    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1" if widening else "0")
     D, V = 32, 257
     monkeypatch.setattr(lce, "WEIGHT_BLOCK_BYTES", 40 * D * 2)  # 40-row blocks: 7 of them
     h, w, t = _inputs(50, D, V, torch.float32)

@@ -59,9 +59,13 @@ def test_autocast_bf16_close_to_float32_like_layernorm_linear(monkeypatch, x_gra
     blocks shrunk to 16 rows, so the bf16 column sums and the bf16 -> float32 adds run in
     several blocks; with ``rows_first`` the weight gradients go as G^T = xhat^T dy (the path
     of D >= cpu_gemm.ROWS_FIRST_MIN_N, shrunk here), and equal the other path's bitwise.
-    ``widening``: MKL's float32-accumulating bf16 products where they exist (widening_gemm;
-    the same as without where they do not), else torch's bf16 products widened."""
-    from flamingo_rt.ops import cpu_gemm, precision
+    ``widening``: MKL's float32-accumulating bf16 products (widening_gemm; forced on
+    wherever torch carries them, whatever the CPU), else torch's bf16 products widened."""
+    from flamingo_rt.ops import cpu_gemm, precision, widening_gemm
+    if widening:
+        if not widening_gemm.mkl_symbol():
+            pytest.skip("no MKL bf16 product in this torch / build")
+        monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
     monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1" if widening else "0")
     monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 16 * 96 * 4)
     if rows_first:

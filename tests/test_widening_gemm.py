@@ -1,6 +1,7 @@
 """bf16 x bf16 -> float32 products (flamingo_rt.ops.widening_gemm): MKL's float32-accumulating
-product where it runs (x86-64 Intel with torch's MKL), torch's bf16 product widened elsewhere
-(FLAMINGO_RT_WIDENING_GEMM=0 forces that path here), both against float64."""
+product (the default on x86-64 Intel with torch's MKL; forced on here on any x86-64 CPU whose
+torch carries it) and torch's bf16 product widened (the default elsewhere;
+FLAMINGO_RT_WIDENING_GEMM=0 forces it), both against float64."""
 from __future__ import annotations
 
 import platform
@@ -20,11 +21,22 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _force_mkl(monkeypatch) -> None:
+    """MKL's product on, wherever torch carries its symbol (on a non-Intel CPU it runs, just
+    not faster than torch's bf16 product, so it is off by default there)."""
+    if not widening_gemm.mkl_symbol():
+        pytest.skip("no MKL bf16 product in this torch / build")
+    monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
+    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1")
+    assert widening_gemm.available()
+
+
 @pytest.fixture(params=["mkl", "torch"])
 def path(request, monkeypatch):
-    if request.param == "mkl" and not widening_gemm.available():
-        pytest.skip("no MKL bf16 product on this machine / build")
-    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1" if request.param == "mkl" else "0")
+    if request.param == "mkl":
+        _force_mkl(monkeypatch)
+    else:
+        monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
     return request.param
 
 
@@ -61,8 +73,7 @@ def test_addmm_against_float64(path, layout, M, K, N):
 
 
 def test_mkl_product_is_more_accurate_than_the_widened_bf16_one(monkeypatch):
-    if not widening_gemm.available():
-        pytest.skip("no MKL bf16 product here")
+    _force_mkl(monkeypatch)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 512, generator=g).bfloat16(), torch.randn(512, 96, generator=g).bfloat16()
     exact = a.double() @ b.double()
@@ -94,8 +105,7 @@ def test_feed_forward_weight_gradients_use_it(monkeypatch):
     runs MKL: float32-exact against float64, the accumulator updated in place."""
     import importlib
 
-    if not widening_gemm.available():
-        pytest.skip("no MKL bf16 product here")
+    _force_mkl(monkeypatch)
     ffm = importlib.import_module("flamingo_rt.ops.feed_forward")
     calls = []
     orig = widening_gemm.addmm_
@@ -117,8 +127,7 @@ def test_linear_under_bf16_autocast_uses_it_for_the_weight_gradient(with_bias, m
     bias's) gradient float32-accumulated: at least as close to float64 as autocast's."""
     from flamingo_rt.ops import linear as linmod
 
-    if not widening_gemm.available():
-        pytest.skip("no MKL bf16 product here")
+    _force_mkl(monkeypatch)
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(3, 50, 96, generator=g)
     w0 = torch.randn(40, 96, generator=g) * 0.1

@@ -43,6 +43,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / denom if denom > 0 else num
 
 
+def use_bf16_products(kind, monkeypatch) -> bool:
+    """Makes bf16 products with float32 results (:mod:`flamingo_rt.ops.widening_gemm`) one
+    way for a test: ``"widening"``, MKL's float32-accumulating product (Intel CPUs' default;
+    forced on here wherever torch carries its symbol, so both ways are tested on every x86
+    CPU; skips where it does not), or ``"rounded"``, torch's bf16 product rounded to bf16
+    once (``FLAMINGO_RT_WIDENING_GEMM=0``; other CPUs' default, autocast's own precision).
+    None leaves the default. Returns whether the products are exact (not rounded)."""
+    from flamingo_rt.ops import widening_gemm
+
+    if kind == "widening":
+        if not widening_gemm.mkl_symbol():
+            pytest.skip("MKL's float32-accumulating bf16 product is not in this torch / build")
+        monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
+        monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1")
+    elif kind == "rounded":
+        monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
+    elif kind is not None:
+        raise ValueError(f"expected 'widening', 'rounded' or None, got {kind!r}")
+    return widening_gemm.available()
+
+
 def _load_of_helpers():
     spec = importlib.util.find_spec("open_flamingo")
     if spec is None or not spec.submodule_search_locations:

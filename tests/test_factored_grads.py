@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from flamingo_rt.ops import factored_grads as fg
-from flamingo_rt.ops import widening_gemm
 from flamingo_rt.ops.feed_forward import feed_forward
 from flamingo_rt.runtime.train import factored_step
-from conftest import rel_err
+from conftest import rel_err, use_bf16_products
 
 sys.path.insert(0, str(Path(__file__).parent / "train"))
 from world_fixture import make_world, train_config_dict  # noqa: E402
@@ -29,23 +28,7 @@ def _dense(pairs):
     return sum((1.0 if s is None else float(s)) * a.double().t() @ b.double() for a, b, s in pairs)
 
 
-def _products(kind, monkeypatch) -> bool:
-    """Makes bf16 products with float32 results (:mod:`widening_gemm`) one way for a test:
-    ``"widening"``, MKL's float32-accumulating product (Intel CPUs' default; forced on here
-    wherever its symbol exists, so both ways are tested on every x86 CPU), or ``"rounded"``,
-    torch's bf16 product rounded to bf16 once (``FLAMINGO_RT_WIDENING_GEMM=0``; other CPUs'
-    default, autocast's own precision). None: leave the default. Returns whether the
-    products are exact (not rounded)."""
-    if kind == "widening":
-        if not widening_gemm.mkl_symbol():
-            pytest.skip("MKL's float32-accumulating bf16 product is not in this torch")
-        monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
-    elif kind == "rounded":
-        monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
-    return widening_gemm.available()
-
-
-#: the two ways bf16 products with float32 results are made (:func:`_products`)
+#: the two ways bf16 products with float32 results are made (conftest.use_bf16_products)
 BF16_PRODUCTS = ["widening", "rounded"]
 
 
@@ -61,7 +44,7 @@ def _tol(dtype, exact: float, exact_products: bool) -> float:
 def test_store_norm_rows_scale_and_densify(dtype, products, monkeypatch):
     """sq_norm from Gram matrices equals the dense gradient's squared norm; rows_into gives
     its rows; scale_ multiplies it; densify writes it into .grad (adding to one there)."""
-    exact_products = _products(products, monkeypatch)
+    exact_products = use_bf16_products(products, monkeypatch)
     w = torch.nn.Parameter(torch.zeros(24, 16))
     store = fg.FactoredGrads([w])
     pairs = _factors(dtype)
@@ -135,7 +118,7 @@ def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, 
     import importlib
 
     monkeypatch.setattr(fg, "MAX_FRACTION", 1e6)
-    exact_products = _products(products, monkeypatch)
+    exact_products = use_bf16_products(products, monkeypatch)
     if cast_parts:
         monkeypatch.setattr(importlib.import_module("flamingo_rt.ops.feed_forward"), "CAST_PART_BYTES", 700)
     ins, dy = _ff_inputs(torch.float32)
@@ -174,7 +157,7 @@ def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, 
             assert rel_err(g, dense[i].grad) < 1e-5, i
         else:  # bf16: the gate scales dh here, the bf16 dy there; its own gradient is sum(dy * f),
             # f = a W2^T, here, <W2, dy^T a> there: as accurate as the dense path against
-            # float64. Where f is torch's bf16 product (rounded, see _products) it is rounded
+            # float64. Where f is torch's bf16 product (rounded, see conftest.use_bf16_products) it is rounded
             # to bf16 before the scalar sum cancels: a floor of 1e-2 for the gate (measured
             # 9.5e-3, the dense path 3.5e-3, on a 2-core AMD EPYC)
             floor = 1e-2 if i == 5 and not exact_products else 2e-3
@@ -251,7 +234,7 @@ def test_train_step_factored_equals_dense(world, tmp_path, precision, products, 
 
     monkeypatch.setattr(fg, "MAX_FRACTION", max_fraction)
     monkeypatch.setattr(factored_step, "ROW_BLOCK_BYTES", 4096)
-    _products(products, monkeypatch)
+    use_bf16_products(products, monkeypatch)
     cfg = TrainConfig.from_dict(train_config_dict(world["model"].parent, tmp_path / "run", 1))
     tr = Trainer(cfg)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flamingo_rt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from conftest import rel_err
+from conftest import rel_err, use_bf16_products
 
 
 def _inputs(N, D, V, dtype, ignore_frac=0.3, seed=0):
@@ -190,11 +190,7 @@ def test_float32_weight_under_bf16_autocast_is_cast_a_block_at_a_time(monkeypatc
     import flamingo_rt.ops.linear_cross_entropy as lce
     from flamingo_rt.ops import widening_gemm
 
-    if widening:  # MKL's float32-accumulating bf16 products, forced on wherever torch carries them
-        if not widening_gemm.mkl_symbol():
-            pytest.skip("no MKL bf16 product in this torch / build")
-        monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
-    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1" if widening else "0")
+    use_bf16_products("widening" if widening else "rounded", monkeypatch)
     D, V = 32, 257
     monkeypatch.setattr(lce, "WEIGHT_BLOCK_BYTES", 40 * D * 2)  # 40-row blocks: 7 of them
     h, w, t = _inputs(50, D, V, torch.float32)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flamingo_rt.ops import norm_project
-from conftest import rel_err
+from conftest import rel_err, use_bf16_products
 
 
 def _params(n, D, O, dtype=torch.float32):
@@ -61,12 +61,8 @@ def test_autocast_bf16_close_to_float32_like_layernorm_linear(monkeypatch, x_gra
     of D >= cpu_gemm.ROWS_FIRST_MIN_N, shrunk here), and equal the other path's bitwise.
     ``widening``: MKL's float32-accumulating bf16 products (widening_gemm; forced on
     wherever torch carries them, whatever the CPU), else torch's bf16 products widened."""
-    from flamingo_rt.ops import cpu_gemm, precision, widening_gemm
-    if widening:
-        if not widening_gemm.mkl_symbol():
-            pytest.skip("no MKL bf16 product in this torch / build")
-        monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
-    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1" if widening else "0")
+    from flamingo_rt.ops import cpu_gemm, precision
+    use_bf16_products("widening" if widening else "rounded", monkeypatch)
     monkeypatch.setattr(precision, "WIDEN_BLOCK_BYTES", 16 * 96 * 4)
     if rows_first:
         monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 16)

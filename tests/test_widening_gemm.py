@@ -11,6 +11,7 @@ import torch
 
 from flamingo_rt.ops import _cpp_backends, cpu_gemm, widening_gemm
 from flamingo_rt.ops.precision import column_sum
+from conftest import use_bf16_products
 
 MKL_EXPECTED = (_cpp_backends.AVAILABLE and platform.machine() == "x86_64"
                 and cpu_gemm._cpu_vendor() == "GenuineIntel")
@@ -24,11 +25,7 @@ def rel_err(a, b):
 def _force_mkl(monkeypatch) -> None:
     """MKL's product on, wherever torch carries its symbol (on a non-Intel CPU it runs, just
     not faster than torch's bf16 product, so it is off by default there)."""
-    if not widening_gemm.mkl_symbol():
-        pytest.skip("no MKL bf16 product in this torch / build")
-    monkeypatch.setattr(widening_gemm, "_mkl_present", lambda: True)
-    monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1")
-    assert widening_gemm.available()
+    assert use_bf16_products("widening", monkeypatch)
 
 
 @pytest.fixture(params=["mkl", "torch"])
@@ -36,7 +33,7 @@ def path(request, monkeypatch):
     if request.param == "mkl":
         _force_mkl(monkeypatch)
     else:
-        monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
+        use_bf16_products("rounded", monkeypatch)
     return request.param
 
 

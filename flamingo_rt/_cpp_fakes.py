@@ -101,6 +101,21 @@ def register() -> None:
         torch._check(logits.dim() == 2, lambda: f"softmax_xent_rows_: expected logits (N, V), got {tuple(logits.shape)}")
         return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
+    @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_weight")
+    def _(w, groups):
+        torch._check(w.dim() == 4 and w.shape[2] == 3 and w.shape[3] == 3,
+                     lambda: f"conv3x3_winograd_weight: expected a weight of shape (C_out, C_in/groups, 3, 3), "
+                             f"got {tuple(w.shape)}")
+        return w.new_empty((36 * groups, w.shape[1], w.shape[0] // groups))
+
+    @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd")
+    def _(x, u, bias, groups, act, gamma, chunk_tiles=0, products="auto"):
+        torch._check(x.dim() == 4 and u.dim() == 3 and u.shape[0] == 36 * groups,
+                     lambda: f"conv3x3_winograd: expected x (N, C_in, H, W) and u (36 * groups, C_in/groups, "
+                             f"C_out/groups), got {tuple(x.shape)} and {tuple(u.shape)}")
+        n, _, h, w = x.shape
+        return x.new_empty((n, u.shape[2] * groups, h, w)).contiguous(memory_format=torch.channels_last)
+
     @torch.library.register_fake("flamingo_rt_C::transpose_copy")
     def _(a):
         torch._check(a.dim() == 2, lambda: f"transpose_copy: expected a 2-D tensor, got shape {tuple(a.shape)}")

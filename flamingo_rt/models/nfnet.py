@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import nfconv as _ops
+from ..ops import winograd_conv as _wino
 from ..ops.linear import linear as _linear
 from .config import NFNetConfig
 
@@ -89,6 +90,7 @@ class ScaledStdConv2d(nn.Module):
         self._fast = None  # (folded_weight it was made from, fast weight)
         self._packed = None  # (fast weight it was made from, packed weight)
         self._mk = None  # (fast weight it was made from, {(input shape, dtype): oneDNN weight})
+        self._wino = None  # (fast weight it was made from, Winograd-transformed weight)
         self.reset_parameters()
 
     def fold(self) -> None:
@@ -105,6 +107,7 @@ class ScaledStdConv2d(nn.Module):
         self._fast = None
         self._packed = None
         self._mk = None
+        self._wino = None
 
     def fast_weight(self, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
         """The frozen fast path's weight: ``ws_standardize(weight, gain) * in_scale``,
@@ -140,11 +143,19 @@ class ScaledStdConv2d(nn.Module):
             cache[key] = _ops.mkldnn_pack_conv_weight(w.to(dtype), x_shape, self.stride, self.groups)
         return cache[key]
 
+    def winograd_weight(self) -> Tensor:
+        """fast_weight transformed once for the CPU Winograd convolution
+        (:func:`flamingo_rt.ops.winograd_conv.winograd_weight`; 3x3 float32 weights), cached."""
+        w = self.fast_weight()
+        if self._wino is None or self._wino[0] is not w:
+            self._wino = (w, _wino.winograd_weight(w, self.groups))
+        return self._wino[1]
+
     def __getstate__(self):
         # derived caches (opaque oneDNN tensors among them) are not copied or pickled
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state["_fast"] = state["_packed"] = state["_mk"] = None
+        state["_fast"] = state["_packed"] = state["_mk"] = state["_wino"] = None
         return state
 
     def packed_weight(self, dtype: torch.dtype) -> Tensor:
@@ -204,7 +215,13 @@ def fast_conv(x: Tensor, conv: "ScaledStdConv2d", act: bool, backend: Optional[s
     """One conv of the frozen fast path: ``gelu(conv(x, fast_weight) + bias)`` when ``act``
     (no gamma: it is folded into the next conv's weight), else ``conv(x, fast_weight) + bias``,
     through :func:`flamingo_rt.ops.nfconv.conv2d_bias_act` (GPU: the Triton NHWC conv with
-    bias + GELU in its epilogue; CPU: one oneDNN conv + bias + GELU primitive)."""
+    bias + GELU in its epilogue; CPU: one oneDNN conv + bias + GELU primitive, or for float32
+    3x3 stride-1 convs the Winograd convolution with bias + GELU in its output transform,
+    :mod:`flamingo_rt.ops.winograd_conv`)."""
+    if (x.device.type == "cpu" and conv.kernel_size == 3 and all(isinstance(d, int) for d in x.shape)
+            and _wino.eligible(x, conv.weight.detach(), conv.stride, conv.groups)):
+        return _wino.conv3x3_winograd(x, conv.winograd_weight(), conv.bias.detach(), conv.groups,
+                                     "gelu" if act else "none")
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     w = conv.fast_weight(torch.channels_last if cl else torch.contiguous_format)
     packed = None

@@ -6,8 +6,11 @@
 // view and a stride-0 (expanded) input; outputs are poisoned with NaN first; dbias
 // must be bitwise identical across runs and thread counts. transpose_2d_cpu bit for bit on
 // three source layouts; spatial_mean_cpu (NFNet squeeze) on channels-last and NCHW sources;
-// softmax_xent_rows_cpu's loss and in-place gradient (float32, a wider row stride, an ignored row).
+// softmax_xent_rows_cpu's loss and in-place gradient (float32, a wider row stride, an ignored row);
+// the Winograd 3x3 convolution's three stages (weight, input and output transforms, products)
+// against a direct float64 convolution, V, M and y poisoned first, several tile ranges.
 // Exits non-zero on failure.
+#include "flamingo_rt/conv3x3_winograd.h"
 #include "flamingo_rt/kernels.h"
 #include "flamingo_rt/nfnet.h"
 
@@ -481,6 +484,79 @@ void test_softmax_xent(std::mt19937_64& rng) {
 
 }  // namespace
 
+// gamma * gelu(conv3x3(x, w, padding 1, groups) + bias) through the Winograd stages, x and y
+// channels-last (y with a padded pixel stride), tiles in ranges of `chunk` (0: all at once).
+void check_winograd(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t G,
+                    int64_t chunk) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t cg = C / G, cog = CO / G, tiles = N * flamingo_rt::winograd_tiles(H) * flamingo_rt::winograd_tiles(W);
+  std::vector<float> x(size_t(N * H * W * C)), w(static_cast<size_t>(CO * cg * 9)), b(static_cast<size_t>(CO));
+  for (auto& v : x) v = nd(rng);
+  for (auto& v : w) v = nd(rng) / std::sqrt(float(9 * cg));
+  for (auto& v : b) v = 0.3f * nd(rng);
+  const int64_t ystride = CO + 3;  // pixel stride of y
+  std::vector<float> u(size_t(36 * G * cg * cog)), y(size_t(N * H * W * ystride), std::nanf(""));
+  bool ok = flamingo_rt::winograd_f43_weight_cpu(w.data(), CO, cg, G, u.data()) == Status::kOk;
+  const int64_t step = chunk > 0 ? chunk : tiles;
+  for (int64_t t0 = 0; ok && t0 < tiles; t0 += step) {
+    const int64_t n = std::min(step, tiles - t0);
+    std::vector<float> v(size_t(36 * G * n * cg), std::nanf("")), m(size_t(36 * G * n * cog), std::nanf(""));
+    flamingo_rt::Conv3x3WinogradParams p;
+    p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = G;
+    p.x = x.data(), p.sx_n = H * W * C, p.sx_h = W * C, p.sx_w = C;
+    p.tile_begin = t0, p.tile_count = n;
+    p.v = v.data(), p.m = m.data(), p.u = u.data(), p.bias = b.data();
+    p.has_act = true, p.act = Act::kGelu, p.gamma = 1.5;
+    p.y = y.data(), p.sy_n = H * W * ystride, p.sy_h = W * ystride, p.sy_w = ystride;
+    ok = flamingo_rt::conv3x3_winograd_input_cpu(p) == Status::kOk &&
+         flamingo_rt::conv3x3_winograd_products_cpu(p) == Status::kOk &&
+         flamingo_rt::conv3x3_winograd_output_cpu(p) == Status::kOk;
+  }
+  Err e;
+  for (int64_t n = 0; ok && n < N; ++n)
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j)
+        for (int64_t o = 0; o < CO; ++o) {
+          const int64_t g = o / cog;
+          double acc = b[size_t(o)];
+          for (int64_t c = 0; c < cg; ++c)
+            for (int64_t ki = 0; ki < 3; ++ki)
+              for (int64_t kj = 0; kj < 3; ++kj) {
+                const int64_t yy = i + ki - 1, xx = j + kj - 1;
+                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+                acc += double(x[size_t(((n * H + yy) * W + xx) * C + g * cg + c)]) *
+                       double(w[size_t(((o * cg + c) * 3 + ki) * 3 + kj)]);
+              }
+          const double want = 1.5 * acc * 0.5 * std::erfc(-acc / std::sqrt(2.0));
+          e.add(y[size_t(((n * H + i) * W + j) * ystride + o)], want, 1e-5, 5e-5, 1.0 + std::fabs(want));
+        }
+  expect(ok && !e.nan && e.worst <= 1.0 && e.rel() < 1e-5,
+         "winograd conv " + std::to_string(N) + "x" + std::to_string(C) + "x" + std::to_string(H) + "x" +
+             std::to_string(W) + " -> " + std::to_string(CO) + " groups " + std::to_string(G) + " chunk " +
+             std::to_string(chunk) + " (rel " + std::to_string(e.rel()) + ")");
+}
+
+void test_winograd(std::mt19937_64& rng) {
+  check_winograd(rng, 2, 32, 9, 7, 48, 1, 0);   // partial tiles at the bottom and right
+  check_winograd(rng, 1, 64, 8, 8, 64, 2, 3);   // 32 -> 32 per group (the AVX-512 products), 3-tile ranges
+  check_winograd(rng, 2, 20, 5, 6, 12, 2, 1);   // 10 -> 6 per group (the plain products), one tile a range
+  check_winograd(rng, 1, 16, 1, 1, 16, 1, 0);   // a 1x1 image
+  flamingo_rt::Conv3x3WinogradParams p;
+  p.n = 1, p.h = 4, p.w = 4, p.c_in = 6, p.c_out = 4, p.groups = 4;
+  expect(flamingo_rt::conv3x3_winograd_input_cpu(p) == Status::kInvalidArgument,
+         "winograd: c_in not a multiple of groups -> kInvalidArgument");
+  p.groups = 2;
+  expect(flamingo_rt::conv3x3_winograd_input_cpu(p) == Status::kInvalidArgument, "winograd: null x -> kInvalidArgument");
+  p.tile_begin = 2;  // one tile only
+  expect(flamingo_rt::conv3x3_winograd_output_cpu(p) == Status::kInvalidArgument,
+         "winograd: a tile range past the tiles -> kInvalidArgument");
+  p.tile_begin = 0;
+  p.dtype = DType::kBFloat16;
+  expect(flamingo_rt::conv3x3_winograd_products_cpu(p) == Status::kUnsupportedDtype,
+         "winograd: bfloat16 -> kUnsupportedDtype");
+  std::printf("  winograd checks done\n");
+}
+
 int main() {
   std::random_device rd;
   const uint64_t seed = (uint64_t(rd()) << 32) ^ rd();
@@ -514,6 +590,7 @@ int main() {
   test_transpose(rng);
   test_spatial_mean(rng);
   test_softmax_xent(rng);
+  test_winograd(rng);
 
   std::printf("kernels_cpu: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

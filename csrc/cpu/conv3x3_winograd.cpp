@@ -1,0 +1,394 @@
+// CPU stages of the F(4x4, 3x3) Winograd convolution (see
+// csrc/include/flamingo_rt/conv3x3_winograd.h): the input transform x -> V, the output
+// transform M -> y with bias + activation + gamma, and the weight transform.
+//
+// Both activation transforms work on 16 channels at a time (one AVX-512 vector of float32;
+// channels are the contiguous dim of channels-last x, y and of V, M), a task being one 4x4
+// output tile with all its channels; tasks are spread over OpenMP threads. The per-tile
+// functions are compiled per ISA level (FRT_CLONES: AVX-512, AVX2, baseline).
+//
+// Transform matrices (Lavin & Gray's F(4x4, 3x3), interpolation points 0, +-1, +-2, inf):
+//   B^T = [4  0 -5  0 1 0]   G = [ 1/4     0     0]   A^T = [1 1  1 1  1 0]
+//         [0 -4 -4  1 1 0]       [-1/6 -1/6  -1/6]         [0 1 -1 2 -2 0]
+//         [0  4 -4 -1 1 0]       [-1/6  1/6  -1/6]         [0 1  1 4  4 0]
+//         [0 -2 -1  2 1 0]       [1/24  1/12  1/6]         [0 1 -1 8 -8 1]
+//         [0  2 -1 -2 1 0]       [1/24 -1/12  1/6]
+//         [0  4  0 -5 0 1]       [ 0     0     1 ]
+#include "flamingo_rt/conv3x3_winograd.h"
+
+#include <algorithm>
+
+#include "cpu_act.h"
+#include "cpu_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FRT_WINO_AVX512 1
+#endif
+
+namespace flamingo_rt {
+namespace {
+
+using namespace cpu;
+
+constexpr int kVec = 16;  // channels per step
+constexpr int kIn = 6;    // input tile edge
+
+// One 16-channel chunk of an input tile: d (6x6 pixels, zero outside the image) -> V's 36
+// points. `L` lanes are live (16, or the group's last partial chunk).
+template <int L>
+FRT_INLINE void input_chunk(const float* x, int64_t sx_h, int64_t sx_w, int64_t y0, int64_t x0,
+                            int64_t H, int64_t W, float* v, int64_t v_point_stride, int nl) {
+  const int n = L == kVec ? kVec : nl;
+  float d[kIn][kIn][kVec];
+  for (int i = 0; i < kIn; ++i) {
+    const int64_t yy = y0 + i;
+    const bool row_in = yy >= 0 && yy < H;
+    for (int j = 0; j < kIn; ++j) {
+      const int64_t xx = x0 + j;
+      if (row_in && xx >= 0 && xx < W) {
+        const float* src = x + yy * sx_h + xx * sx_w;
+        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = src[l];
+      } else {
+        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = 0.0f;
+      }
+    }
+  }
+  float t[kIn][kIn][kVec];  // B^T d
+  for (int j = 0; j < kIn; ++j) {
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      const float d0 = d[0][j][l], d1 = d[1][j][l], d2 = d[2][j][l];
+      const float d3 = d[3][j][l], d4 = d[4][j][l], d5 = d[5][j][l];
+      t[0][j][l] = 4.0f * d0 - 5.0f * d2 + d4;
+      t[1][j][l] = (d3 + d4) - 4.0f * (d1 + d2);
+      t[2][j][l] = (d4 - d3) + 4.0f * (d1 - d2);
+      t[3][j][l] = (d4 - d2) + 2.0f * (d3 - d1);
+      t[4][j][l] = (d4 - d2) - 2.0f * (d3 - d1);
+      t[5][j][l] = 4.0f * d1 - 5.0f * d3 + d5;
+    }
+  }
+  for (int i = 0; i < kIn; ++i) {  // (B^T d) B, stored point by point
+    float* vi = v + (i * kIn) * v_point_stride;
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      const float t0 = t[i][0][l], t1 = t[i][1][l], t2 = t[i][2][l];
+      const float t3 = t[i][3][l], t4 = t[i][4][l], t5 = t[i][5][l];
+      vi[0 * v_point_stride + l] = 4.0f * t0 - 5.0f * t2 + t4;
+      vi[1 * v_point_stride + l] = (t3 + t4) - 4.0f * (t1 + t2);
+      vi[2 * v_point_stride + l] = (t4 - t3) + 4.0f * (t1 - t2);
+      vi[3 * v_point_stride + l] = (t4 - t2) + 2.0f * (t3 - t1);
+      vi[4 * v_point_stride + l] = (t4 - t2) - 2.0f * (t3 - t1);
+      vi[5 * v_point_stride + l] = 4.0f * t1 - 5.0f * t3 + t5;
+    }
+  }
+}
+
+// Every channel of tile `t` (image origin y0, x0 of its 6x6 input window).
+FRT_CLONES void input_tile(const Conv3x3WinogradParams& p, int64_t tiles, int64_t t, int64_t img,
+                           int64_t y0, int64_t x0) {
+  const float* x = static_cast<const float*>(p.x) + img * p.sx_n;
+  float* v = static_cast<float*>(p.v);
+  const int64_t cg = p.c_in / p.groups;
+  const int64_t point_stride = p.groups * tiles * cg;  // V (36, G, T, cg)
+  for (int64_t g = 0; g < p.groups; ++g) {
+    float* vg = v + (g * tiles + t) * cg;
+    const float* xg = x + g * cg;
+    int64_t c0 = 0;
+    for (; c0 + kVec <= cg; c0 += kVec)
+      input_chunk<kVec>(xg + c0, p.sx_h, p.sx_w, y0, x0, p.h, p.w, vg + c0, point_stride, kVec);
+    if (c0 < cg)
+      input_chunk<0>(xg + c0, p.sx_h, p.sx_w, y0, x0, p.h, p.w, vg + c0, point_stride, int(cg - c0));
+  }
+}
+
+// One 16-channel chunk of an output tile: M's 36 points -> the 4x4 outputs, with
+// gamma * act(. + bias), stored where inside the image.
+template <int L, bool HAS_ACT, Act A>
+FRT_INLINE void output_chunk(const float* m, int64_t m_point_stride, const float* bias, float gamma,
+                             float* y, int64_t sy_h, int64_t sy_w, int rows, int cols, int nl) {
+  const int n = L == kVec ? kVec : nl;
+  float s[kWinogradTile][kIn][kVec];  // A^T m
+  for (int j = 0; j < kIn; ++j) {
+    const float* mj = m + j * m_point_stride;
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      const float m0 = mj[0 * kIn * m_point_stride + l], m1 = mj[1 * kIn * m_point_stride + l];
+      const float m2 = mj[2 * kIn * m_point_stride + l], m3 = mj[3 * kIn * m_point_stride + l];
+      const float m4 = mj[4 * kIn * m_point_stride + l], m5 = mj[5 * kIn * m_point_stride + l];
+      const float a = m1 + m2, b = m1 - m2, c = m3 + m4, e = m3 - m4;
+      s[0][j][l] = m0 + a + c;
+      s[1][j][l] = b + 2.0f * e;
+      s[2][j][l] = a + 4.0f * c;
+      s[3][j][l] = b + 8.0f * e + m5;
+    }
+  }
+  float b[kVec];
+  FRT_SIMD for (int l = 0; l < n; ++l) b[l] = bias ? bias[l] : 0.0f;
+  for (int r = 0; r < rows; ++r) {
+    float o[kWinogradTile][kVec];  // (A^T m) A
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      const float s0 = s[r][0][l], s1 = s[r][1][l], s2 = s[r][2][l];
+      const float s3 = s[r][3][l], s4 = s[r][4][l], s5 = s[r][5][l];
+      const float a = s1 + s2, bb = s1 - s2, c = s3 + s4, e = s3 - s4;
+      o[0][l] = s0 + a + c;
+      o[1][l] = bb + 2.0f * e;
+      o[2][l] = a + 4.0f * c;
+      o[3][l] = bb + 8.0f * e + s5;
+    }
+    for (int c = 0; c < cols; ++c) {
+      float* dst = y + r * sy_h + c * sy_w;
+      FRT_SIMD for (int l = 0; l < n; ++l) {
+        const float val = o[c][l] + b[l];
+        if constexpr (HAS_ACT) {
+          dst[l] = gamma * act_fwd<A>(val);
+        } else {
+          dst[l] = gamma * val;
+        }
+      }
+    }
+  }
+}
+
+template <bool HAS_ACT, Act A>
+FRT_CLONES void output_tile(const Conv3x3WinogradParams& p, int64_t tiles, int64_t t, int64_t img,
+                            int64_t y0, int64_t x0) {
+  const float* m = static_cast<const float*>(p.m);
+  const float* bias = static_cast<const float*>(p.bias);
+  float* y = static_cast<float*>(p.y) + img * p.sy_n + y0 * p.sy_h + x0 * p.sy_w;
+  const int64_t cog = p.c_out / p.groups;
+  const int64_t point_stride = p.groups * tiles * cog;  // M (36, G, T, cog)
+  const int rows = int(std::min<int64_t>(kWinogradTile, p.h - y0));
+  const int cols = int(std::min<int64_t>(kWinogradTile, p.w - x0));
+  const float gamma = float(p.gamma);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const float* mg = m + (g * tiles + t) * cog;
+    float* yg = y + g * cog;
+    const float* bg = bias ? bias + g * cog : nullptr;
+    int64_t c0 = 0;
+    for (; c0 + kVec <= cog; c0 += kVec)
+      output_chunk<kVec, HAS_ACT, A>(mg + c0, point_stride, bg ? bg + c0 : nullptr, gamma, yg + c0,
+                                     p.sy_h, p.sy_w, rows, cols, kVec);
+    if (c0 < cog)
+      output_chunk<0, HAS_ACT, A>(mg + c0, point_stride, bg ? bg + c0 : nullptr, gamma, yg + c0,
+                                  p.sy_h, p.sy_w, rows, cols, int(cog - c0));
+  }
+}
+
+// ------------------------------------------------------------------ stage 2: products
+
+// C (rows x n, ldc) = A (rows x k, lda) @ B (k x n, ldb), all row-major float32: the
+// portable loop (i-k-j, the j loop vectorized).
+FRT_CLONES void gemm_plain(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                           int64_t rows, int64_t k, int64_t n) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* c = C + i * ldc;
+    FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] = 0.0f;
+    for (int64_t q = 0; q < k; ++q) {
+      const float a = A[i * lda + q];
+      const float* b = B + q * ldb;
+      FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+#ifdef FRT_WINO_AVX512
+#define FRT_AVX512 __attribute__((target("avx512f")))
+
+// MR rows x NV vectors of 16 columns of C, accumulated over k in MR * NV zmm registers:
+// per k, NV loads of B's row and MR broadcasts of A's column.
+template <int MR, int NV>
+FRT_AVX512 inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                             int64_t k) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < k; ++q) {
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + q * ldb + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + q]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+}
+
+constexpr int kMR = 6;  // rows per register block (6 x 4 zmm accumulators)
+
+template <int NV>
+FRT_AVX512 inline void rows_block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                                  int64_t ldc, int64_t rows, int64_t k) {
+  int64_t i = 0;
+  for (; i + kMR <= rows; i += kMR) micro<kMR, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k);
+  switch (rows - i) {
+    case 5: micro<5, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 4: micro<4, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 3: micro<3, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 2: micro<2, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 1: micro<1, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
+    default: break;
+  }
+}
+
+// n a multiple of 16: column panels of 64 (B's panel stays in L1 / L2 across the row blocks).
+FRT_AVX512 void gemm_avx512(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                            int64_t rows, int64_t k, int64_t n) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) rows_block<4>(A, lda, B + j, ldb, C + j, ldc, rows, k);
+  switch ((n - j) / 16) {
+    case 3: rows_block<3>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
+    case 2: rows_block<2>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
+    case 1: rows_block<1>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
+    default: break;
+  }
+}
+
+bool have_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+#else
+bool have_avx512() { return false; }
+#endif
+
+Status check(const Conv3x3WinogradParams& p) {
+  if (p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;
+  if (p.n < 0 || p.h < 0 || p.w < 0 || p.c_in < 0 || p.c_out < 0 || p.groups < 1 ||
+      p.c_in % p.groups || p.c_out % p.groups)
+    return Status::kInvalidArgument;
+  return Status::kOk;
+}
+
+// The number of tiles of the call's range, or -1 when the range is outside the tiles.
+int64_t range_tiles(const Conv3x3WinogradParams& p) {
+  const int64_t all = p.n * winograd_tiles(p.h) * winograd_tiles(p.w);
+  if (p.tile_begin < 0 || p.tile_begin > all) return -1;
+  if (p.tile_count < 0) return all - p.tile_begin;
+  return p.tile_begin + p.tile_count <= all ? p.tile_count : -1;
+}
+
+// Run fn(tiles, t, img, y0, x0) for every tile t of the range (t counted from the range's
+// start; img, y0, x0 its image and top-left pixel plus origin_offset), over OpenMP threads.
+template <class Fn>
+void for_each_tile(const Conv3x3WinogradParams& p, int64_t origin_offset, Fn fn) {
+  const int64_t th = winograd_tiles(p.h), tw = winograd_tiles(p.w);
+  const int64_t tiles = range_tiles(p);
+#pragma omp parallel for schedule(static) if (tiles > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t a = p.tile_begin + t;
+    const int64_t img = a / (th * tw), rem = a % (th * tw);
+    fn(tiles, t, img, (rem / tw) * kWinogradTile + origin_offset, (rem % tw) * kWinogradTile + origin_offset);
+  }
+}
+
+template <bool HAS_ACT, Act A>
+void output_all(const Conv3x3WinogradParams& p) {
+  for_each_tile(p, 0, [&](int64_t tiles, int64_t t, int64_t img, int64_t y0, int64_t x0) {
+    output_tile<HAS_ACT, A>(p, tiles, t, img, y0, x0);
+  });
+}
+
+}  // namespace
+
+Status conv3x3_winograd_input_cpu(const Conv3x3WinogradParams& p) {
+  const Status st = check(p);
+  if (st != Status::kOk) return st;
+  if (range_tiles(p) < 0) return Status::kInvalidArgument;
+  if (range_tiles(p) == 0 || p.c_in == 0) return Status::kOk;
+  if (!p.x || !p.v) return Status::kInvalidArgument;
+  // the 6x6 window of output tile (ty, tx) starts one pixel up and left (the padding)
+  for_each_tile(p, -1, [&](int64_t tiles, int64_t t, int64_t img, int64_t y0, int64_t x0) {
+    input_tile(p, tiles, t, img, y0, x0);
+  });
+  return Status::kOk;
+}
+
+bool conv3x3_winograd_products_vectorized(const Conv3x3WinogradParams& p) {
+  return have_avx512() && p.groups >= 1 && (p.c_out / p.groups) % 16 == 0;
+}
+
+Status conv3x3_winograd_products_cpu(const Conv3x3WinogradParams& p) {
+  const Status st = check(p);
+  if (st != Status::kOk) return st;
+  const int64_t tiles = range_tiles(p);
+  if (tiles < 0) return Status::kInvalidArgument;
+  if (tiles == 0 || p.c_out == 0) return Status::kOk;
+  if (!p.v || !p.u || !p.m) return Status::kInvalidArgument;
+  const int64_t cg = p.c_in / p.groups, cog = p.c_out / p.groups;
+  const int64_t pairs = kWinogradPoints * p.groups;
+  const float* v = static_cast<const float*>(p.v);
+  const float* u = static_cast<const float*>(p.u);
+  float* m = static_cast<float*>(p.m);
+  const bool vec = conv3x3_winograd_products_vectorized(p);
+  // tasks: (point, group) pairs x blocks of 48 rows (whole register blocks)
+  constexpr int64_t kRowsPerTask = 48;
+  const int64_t row_blocks = (tiles + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t pg = 0; pg < pairs; ++pg) {
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      const int64_t r0 = rb * kRowsPerTask, rows = std::min(kRowsPerTask, tiles - r0);
+      const float* A = v + (pg * tiles + r0) * cg;
+      const float* B = u + pg * cg * cog;
+      float* C = m + (pg * tiles + r0) * cog;
+#ifdef FRT_WINO_AVX512
+      if (vec) {
+        gemm_avx512(A, cg, B, cog, C, cog, rows, cg, cog);
+        continue;
+      }
+#endif
+      (void)vec;
+      gemm_plain(A, cg, B, cog, C, cog, rows, cg, cog);
+    }
+  }
+  return Status::kOk;
+}
+
+Status conv3x3_winograd_output_cpu(const Conv3x3WinogradParams& p) {
+  const Status st = check(p);
+  if (st != Status::kOk) return st;
+  if (range_tiles(p) < 0) return Status::kInvalidArgument;
+  if (range_tiles(p) == 0 || p.c_out == 0) return Status::kOk;
+  if (!p.m || !p.y) return Status::kInvalidArgument;
+  if (!p.has_act) {
+    output_all<false, Act::kGelu>(p);
+    return Status::kOk;
+  }
+  switch (p.act) {
+    case Act::kGelu: output_all<true, Act::kGelu>(p); return Status::kOk;
+    case Act::kRelu: output_all<true, Act::kRelu>(p); return Status::kOk;
+    case Act::kSilu: output_all<true, Act::kSilu>(p); return Status::kOk;
+  }
+  return Status::kInvalidArgument;
+}
+
+Status winograd_f43_weight_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                               float* u) {
+  if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
+  if (c_out == 0 || c_in_per_group == 0) return Status::kOk;
+  if (!w || !u) return Status::kInvalidArgument;
+  static const double Gm[kIn][3] = {{0.25, 0.0, 0.0},
+                                    {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                    {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                    {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                    {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                    {0.0, 0.0, 1.0}};
+  const int64_t cog = c_out / groups, ci = c_in_per_group;
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < c_out; ++o) {
+    const int64_t g = o / cog, co = o % cog;
+    for (int64_t c = 0; c < ci; ++c) {
+      const float* k = w + (o * ci + c) * 9;
+      double gk[kIn][3];  // G k
+      for (int a = 0; a < kIn; ++a)
+        for (int j = 0; j < 3; ++j)
+          gk[a][j] = Gm[a][0] * k[0 * 3 + j] + Gm[a][1] * k[1 * 3 + j] + Gm[a][2] * k[2 * 3 + j];
+      for (int a = 0; a < kIn; ++a)
+        for (int b = 0; b < kIn; ++b) {
+          const double val = gk[a][0] * Gm[b][0] + gk[a][1] * Gm[b][1] + gk[a][2] * Gm[b][2];
+          u[(((a * kIn + b) * groups + g) * ci + c) * cog + co] = float(val);
+        }
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace flamingo_rt

@@ -1,0 +1,141 @@
+// torch ops over the Winograd convolution (csrc/cpu/conv3x3_winograd.cpp):
+//
+//   flamingo_rt_C::conv3x3_winograd_weight(Tensor w, int groups) -> Tensor
+//       # w (C_out, C_in/groups, 3, 3) float32 -> U (36 * groups, C_in/groups, C_out/groups)
+//   flamingo_rt_C::conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int groups, str act,
+//                                   float gamma) -> Tensor
+//       # gamma * act(conv3x3(x, w, padding=1) + bias), act "none" | "gelu" | "relu" | "silu";
+//       # x (N, C_in, H, W) float32, any layout (channels-last is read in place, anything else
+//       # is made channels-last first); the result (N, C_out, H, W) channels-last.
+//       # chunk_tiles: tiles per chunk (0: about 2 MiB of V and M, at least 64 tiles);
+//       # products: "auto" (our AVX-512 kernels where they run, else at::bmm), "ours", "blas"
+//
+// The convolution is the header's three stages over chunks of tiles: the input transform into
+// V, the 36 * groups products M = V @ U of (tiles, C_in/groups) by (C_in/groups, C_out/groups)
+// (conv3x3_winograd_products_cpu, or at::bmm: torch's BLAS, on CPUs without AVX-512), the
+// output transform with the tail fused. CPU only, float32,
+// inference (no autograd); fakes in flamingo_rt/ops/_cpp_backends.py.
+#include <torch/library.h>
+
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <string>
+
+#include "common.h"
+#include "flamingo_rt/conv3x3_winograd.h"
+
+namespace flamingo_rt {
+namespace torch_ops {
+namespace {
+
+constexpr const char* kWino = "flamingo_rt_C::conv3x3_winograd";
+constexpr const char* kWinoW = "flamingo_rt_C::conv3x3_winograd_weight";
+// Tiles per chunk when the caller leaves it to us: V and M of a chunk take about kChunkBytes,
+// but a chunk has at least kMinChunkTiles tiles (its products have that many rows: fewer run
+// far below the GEMM's peak). Measured on dm_nfnet_f0's 3x3 convs (2-core Zen 4): whole-tensor
+// V and M (up to 29 MiB) made the 56x56 convs no faster than oneDNN's direct ones; 2 MiB
+// chunks 2.2-2.5x faster; 1 MiB chunks of fewer than 64 tiles lost on the 14x14 convs.
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+constexpr int64_t kMinChunkTiles = 64;
+
+at::Tensor winograd_weight_cpu_impl(const at::Tensor& w, int64_t groups) {
+  TORCH_CHECK(groups >= 1, kWinoW, ": expected groups >= 1, got ", groups);
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, kWinoW,
+              ": expected a weight of shape (C_out, C_in/groups, 3, 3), got ", w.sizes());
+  TORCH_CHECK(w.size(0) % groups == 0, kWinoW, ": expected C_out ", w.size(0), " to be a multiple of groups ",
+              groups);
+  TORCH_CHECK(w.scalar_type() == at::kFloat, kWinoW, ": expected a float32 weight, got ", w.scalar_type());
+  const at::Tensor wc = w.contiguous();
+  const int64_t co = w.size(0), ci = w.size(1);
+  at::Tensor u = at::empty({kWinogradPoints * groups, ci, co / groups}, w.options());
+  check_status(kWinoW, "CPU", winograd_f43_weight_cpu(wc.data_ptr<float>(), co, ci, groups, u.data_ptr<float>()));
+  return u;
+}
+
+at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
+                             int64_t groups, c10::string_view act, double gamma, int64_t chunk_tiles,
+                             c10::string_view products) {
+  const std::string prod(products.data(), products.size());
+  TORCH_CHECK(prod == "auto" || prod == "ours" || prod == "blas", kWino,
+              ": expected products 'auto', 'ours' or 'blas', got '", prod, "'");
+  TORCH_CHECK(chunk_tiles >= 0, kWino, ": expected chunk_tiles >= 0 (0: chosen here), got ", chunk_tiles);
+  TORCH_CHECK(x.dim() == 4, kWino, ": expected x of shape (N, C_in, H, W), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, kWino,
+              ": expected float32 x and u, got ", x.scalar_type(), " and ", u.scalar_type());
+  TORCH_CHECK(groups >= 1 && x.size(1) >= groups && x.size(1) % groups == 0, kWino, ": expected C_in ",
+              x.size(1), " to be a positive multiple of groups ", groups);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), cg = C / groups;
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == kWinogradPoints * groups && u.size(1) == cg, kWino,
+              ": expected u of shape (", kWinogradPoints * groups, ", ", cg,
+              ", C_out/groups) (conv3x3_winograd_weight of the weight, groups ", groups, "), got ", u.sizes());
+  const int64_t cog = u.size(2), CO = cog * groups;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == CO && bias->scalar_type() == at::kFloat, kWino,
+                ": expected a float32 bias of shape (", CO, ",), got ", bias->scalar_type(), " ", bias->sizes());
+  }
+  const std::string a(act.data(), act.size());
+  Conv3x3WinogradParams p;
+  if (a != "none") {
+    p.has_act = true;
+    p.act = parse_act(kWino, act);
+  }
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y = at::empty({N, CO, H, W}, x.options(), at::MemoryFormat::ChannelsLast);
+  const int64_t T = N * winograd_tiles(H) * winograd_tiles(W);
+  if (y.numel() == 0) return y;
+  // V and M of a chunk of tiles, in one workspace per thread that grows to the largest chunk
+  // met and is kept (at most ~14 MiB on dm_nfnet_f0: no page faults per call)
+  const int64_t tile_bytes = kWinogradPoints * (cg + cog) * groups * int64_t(sizeof(float));
+  const int64_t chunk = std::min<int64_t>(
+      T, chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes));
+  const int64_t P = kWinogradPoints * groups;
+  static thread_local at::Tensor ws;
+  const int64_t need = P * chunk * (cg + cog);
+  if (!ws.defined() || ws.numel() < need) ws = at::empty({need}, x.options());
+  const at::Tensor v = ws.narrow(0, 0, P * chunk * cg);
+  const at::Tensor m = ws.narrow(0, P * chunk * cg, P * chunk * cog);
+  p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
+  p.x = xc.data_ptr<float>();
+  p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  p.bias = bias.has_value() ? bc.data_ptr<float>() : nullptr;
+  p.gamma = gamma;
+  p.y = y.data_ptr<float>();
+  p.sy_n = y.stride(0), p.sy_h = y.stride(2), p.sy_w = y.stride(3);
+  const at::Tensor uc = u.contiguous();
+  p.u = uc.data_ptr<float>();
+  const bool own_products = prod == "ours" || (prod == "auto" && conv3x3_winograd_products_vectorized(p));
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t n = std::min(chunk, T - t0);
+    at::Tensor vc = v.narrow(0, 0, P * n * cg).view({P, n, cg});
+    at::Tensor mc = m.narrow(0, 0, P * n * cog).view({P, n, cog});
+    p.tile_begin = t0, p.tile_count = n;
+    p.v = vc.data_ptr<float>();
+    p.m = mc.data_ptr<float>();
+    check_status(kWino, "CPU", conv3x3_winograd_input_cpu(p));
+    if (own_products) {
+      check_status(kWino, "CPU", conv3x3_winograd_products_cpu(p));
+    } else {
+      at::bmm_out(mc, vc, uc);  // torch's BLAS
+    }
+    check_status(kWino, "CPU", conv3x3_winograd_output_cpu(p));
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace torch_ops
+}  // namespace flamingo_rt
+
+TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
+  m.def("conv3x3_winograd_weight(Tensor w, int groups) -> Tensor");
+  m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
+        "int chunk_tiles=0, str products='auto') -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
+  m.impl("conv3x3_winograd_weight", &flamingo_rt::torch_ops::winograd_weight_cpu_impl);
+  m.impl("conv3x3_winograd", &flamingo_rt::torch_ops::winograd_cpu_impl);
+}

@@ -1,0 +1,98 @@
+"""Winograd F(4x4, 3x3) convolution for frozen float32 inference on the CPU.
+
+A 3x3, stride-1 convolution with one pixel of zero padding on every side (TF-style SAME
+padding at stride 1), grouped or not, as Lavin & Gray's minimal filtering: every 4x4 output
+tile from a 6x6 input tile with 36 products per channel pair instead of 144. The three
+stages (input transform, 36 * groups matrix products, output transform with
+``gamma * act(. + bias)`` fused) run in ``flamingo_rt_C::conv3x3_winograd`` over chunks of
+tiles that stay in cache; the weight is transformed once (:func:`winograd_weight`, in
+float64, rounded once) and cached by the caller (the frozen NFNet's convolutions do).
+
+Numerics: the transforms add and scale by up to 5 and 8, so the result's relative error is
+about 10x a direct float32 convolution's (measured 1-2.5e-6 against float64, against
+2e-7 for oneDNN's direct convolution), well inside the frozen encoder's parity with timm.
+No autograd: inference only (the training path keeps the vendor convolution).
+
+Where it runs (:func:`eligible`): CPU, float32 activations and weight, 3x3, stride 1,
+SAME padding, no gradient needed, not under autocast or ``torch.compile``, at least
+:data:`MIN_CHANNELS` input and output channels per group, and
+``FLAMINGO_RT_WINOGRAD`` = ``auto`` (default) or ``1``; ``0`` turns it off (the oneDNN
+direct convolution then runs, as before).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+__all__ = ["MIN_CHANNELS", "enabled", "eligible", "winograd_weight", "conv3x3_winograd"]
+
+#: Fewer input or output channels per group than this and the 36 products are too thin to
+#: beat the direct convolution (dm_nfnet_f0's stem 16 -> 32 conv at 112 px measured 0.8-1.1x).
+MIN_CHANNELS = 32
+
+_ACTS = ("none", "gelu", "relu", "silu")
+
+
+def enabled() -> bool:
+    """``FLAMINGO_RT_WINOGRAD`` is not ``0`` / ``off`` and the extension has the op."""
+    v = os.environ.get("FLAMINGO_RT_WINOGRAD", "auto").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return False
+    if v not in ("", "auto", "1", "on", "true", "yes"):
+        raise ValueError(f"FLAMINGO_RT_WINOGRAD: expected auto, 1 or 0, got {v!r}")
+    return _ext.load() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd")
+
+
+def eligible(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
+    """Whether the SAME-padded convolution of x (N, C_in, H, W) by w (C_out, C_in/groups,
+    kh, kw) at ``stride`` runs as :func:`conv3x3_winograd` (see the module docstring)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.dim() == 4 and w.dim() == 4 and tuple(w.shape[2:]) == (3, 3) and stride == 1):
+        return False
+    if w.shape[1] < MIN_CHANNELS or w.shape[0] // groups < MIN_CHANNELS:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False
+    return enabled()
+
+
+def winograd_weight(w: Tensor, groups: int = 1) -> Tensor:
+    """The transformed weight ``G w G^T`` of w (C_out, C_in/groups, 3, 3) float32:
+    (36 * groups, C_in/groups, C_out/groups) float32, computed in float64 and rounded once."""
+    if w.dtype != torch.float32:
+        raise TypeError(f"winograd_weight: expected a float32 weight, got {w.dtype}")
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_weight(w.detach(), groups)
+
+
+def conv3x3_winograd(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: int = 1, act: str = "none",
+                     gamma: float = 1.0, *, chunk_tiles: int = 0, products: str = "auto") -> Tensor:
+    """``gamma * act(conv2d(x, w, bias, padding=1, groups=groups))`` for u =
+    ``winograd_weight(w, groups)``.
+
+    Args:
+        x: (N, C_in, H, W) float32 on the CPU, any layout (channels-last is read in place).
+        u: (36 * groups, C_in/groups, C_out/groups) float32 (:func:`winograd_weight`).
+        bias: (C_out,) float32 or None.
+        act: ``"none"``, ``"gelu"`` (exact, erf), ``"relu"`` or ``"silu"``.
+        chunk_tiles: 4x4 output tiles per chunk (0: about 2 MiB of transformed input and
+            products, at least 64 tiles). The result does not depend on it.
+        products: ``"auto"`` (our AVX-512 kernels where the CPU has AVX-512 and
+            C_out/groups is a multiple of 16, else torch's batched product), ``"ours"`` or
+            ``"blas"``.
+
+    Returns:
+        (N, C_out, H, W) float32, channels-last. No autograd.
+    """
+    if act not in _ACTS:
+        raise ValueError(f"conv3x3_winograd: expected act to be one of {_ACTS}, got {act!r}")
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    return torch.ops.flamingo_rt_C.conv3x3_winograd(x, u, bias, groups, act, float(gamma), int(chunk_tiles),
+                                                    products)

@@ -368,34 +368,55 @@ Status conv3x3_winograd_output_cpu(const Conv3x3WinogradParams& p) {
   return Status::kInvalidArgument;
 }
 
+namespace {
+
+// U's entries for one (group, input channel) row over the group's cog output channels: k_co
+// (9 taps) at kb + co * k_stride, written to u0[p * plane_stride + co] for the 36 points p.
+// Float64 math, vectorized over the output channels (the taps are gathered).
+FRT_CLONES void weight_row(const float* kb, int64_t k_stride, int64_t cog, float* u0, int64_t plane_stride) {
+  constexpr double g1 = 1.0 / 6, g2 = 1.0 / 12, g3 = 1.0 / 24;
+  FRT_SIMD for (int64_t co = 0; co < cog; ++co) {
+    const float* k = kb + co * k_stride;
+    double gk[kIn][3];  // G k: rows of G = (1/4, 0, 0), -(1, 1, 1)/6, (-1, 1, -1)/6,
+                        // (1/24, 1/12, 1/6), (1/24, -1/12, 1/6), (0, 0, 1)
+    for (int j = 0; j < 3; ++j) {
+      const double k0 = k[j], k1 = k[3 + j], k2 = k[6 + j];
+      gk[0][j] = 0.25 * k0;
+      gk[1][j] = -g1 * (k0 + k1 + k2);
+      gk[2][j] = -g1 * (k0 - k1 + k2);
+      gk[3][j] = g3 * k0 + g2 * k1 + g1 * k2;
+      gk[4][j] = g3 * k0 - g2 * k1 + g1 * k2;
+      gk[5][j] = k2;
+    }
+    for (int a = 0; a < kIn; ++a) {  // (G k) G^T
+      const double t0 = gk[a][0], t1 = gk[a][1], t2 = gk[a][2];
+      float* ua = u0 + (a * kIn) * plane_stride + co;
+      ua[0 * plane_stride] = float(0.25 * t0);
+      ua[1 * plane_stride] = float(-g1 * (t0 + t1 + t2));
+      ua[2 * plane_stride] = float(-g1 * (t0 - t1 + t2));
+      ua[3 * plane_stride] = float(g3 * t0 + g2 * t1 + g1 * t2);
+      ua[4 * plane_stride] = float(g3 * t0 - g2 * t1 + g1 * t2);
+      ua[5 * plane_stride] = float(t2);
+    }
+  }
+}
+
+}  // namespace
+
 Status winograd_f43_weight_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
                                float* u) {
   if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
   if (c_out == 0 || c_in_per_group == 0) return Status::kOk;
   if (!w || !u) return Status::kInvalidArgument;
-  static const double Gm[kIn][3] = {{0.25, 0.0, 0.0},
-                                    {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                    {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                                    {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                    {1.0 / 24, -1.0 / 12, 1.0 / 6},
-                                    {0.0, 0.0, 1.0}};
   const int64_t cog = c_out / groups, ci = c_in_per_group;
-#pragma omp parallel for schedule(static)
-  for (int64_t o = 0; o < c_out; ++o) {
-    const int64_t g = o / cog, co = o % cog;
-    for (int64_t c = 0; c < ci; ++c) {
-      const float* k = w + (o * ci + c) * 9;
-      double gk[kIn][3];  // G k
-      for (int a = 0; a < kIn; ++a)
-        for (int j = 0; j < 3; ++j)
-          gk[a][j] = Gm[a][0] * k[0 * 3 + j] + Gm[a][1] * k[1 * 3 + j] + Gm[a][2] * k[2 * 3 + j];
-      for (int a = 0; a < kIn; ++a)
-        for (int b = 0; b < kIn; ++b) {
-          const double val = gk[a][0] * Gm[b][0] + gk[a][1] * Gm[b][1] + gk[a][2] * Gm[b][2];
-          u[(((a * kIn + b) * groups + g) * ci + c) * cog + co] = float(val);
-        }
-    }
-  }
+  const int64_t plane = groups * ci * cog;  // U (36, G, ci, cog)
+  // one task per (group, input channel): its row of U at every point is contiguous over the
+  // group's output channels (a task per output channel, scalar, took 9.3 ms for a
+  // 768 x 128 x 3 x 3 weight)
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; c < ci; ++c)
+      weight_row(w + (g * cog * ci + c) * 9, ci * 9, cog, u + (g * ci + c) * cog, plane);
   return Status::kOk;
 }
 

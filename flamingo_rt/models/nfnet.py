@@ -219,6 +219,7 @@ def fast_conv(x: Tensor, conv: "ScaledStdConv2d", act: bool, backend: Optional[s
     3x3 stride-1 convs the Winograd convolution with bias + GELU in its output transform,
     :mod:`flamingo_rt.ops.winograd_conv`)."""
     if (x.device.type == "cpu" and conv.kernel_size == 3 and all(isinstance(d, int) for d in x.shape)
+            and not (torch.is_grad_enabled() and x.requires_grad)
             and _wino.eligible(x, conv.weight.detach(), conv.stride, conv.groups)):
         return _wino.conv3x3_winograd(x, conv.winograd_weight(), conv.bias.detach(), conv.groups,
                                      "gelu" if act else "none")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import cpu_gemm
+from . import winograd_conv as _winograd
 from ._eager import EagerOp
 from ._outputs import act_format as _fmt
 from ._outputs import new_act_like as _new_act
@@ -546,6 +547,8 @@ def conv2d_padded(
         pad = _pair(padding, "padding")
     if (sh, sw) == (1, 1) and pad == (0, 0) and groups == 1 and _conv1x1_as_mm(x, w):
         return _conv1x1_mm(x, w, bias)
+    if (sh, sw) == (1, 1) and pad == (1, 1) and kh == kw == 3 and _winograd.eligible(x, w, 1, groups):
+        return _winograd.conv3x3(x, w, bias, groups)  # forward and input gradient as Winograd convolutions
     return F.conv2d(x, w, bias, (sh, sw), pad, 1, groups)
 
 

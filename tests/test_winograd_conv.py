@@ -209,6 +209,25 @@ def test_conv3x3_forward_and_gradients_match_float64(shape, with_bias):
         assert rel_err(g, r) < TOL_NORM, (name, rel_err(g, r))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_weight_gradient_matches_float64(shape):
+    """The weight gradient alone, over chunkings that make the tile sum run in one range,
+    one tile a range, and ranges with a remainder: every one equal to the first (the sum's
+    order is fixed) and close to float64."""
+    n, c, h, w, co, groups = shape
+    x, wt, _ = _case(n, c, h, w, co, groups, seed=9)
+    dy = torch.randn(n, co, h, w)
+    w64 = wt.double().requires_grad_()
+    (want,) = torch.autograd.grad(F.conv2d(x.double(), w64, padding=1, groups=groups), [w64], dy.double())
+    first = W.conv3x3_weight_grad(x, dy, groups)
+    assert first.shape == wt.shape and first.is_contiguous()
+    assert rel_err(first, want) < TOL_NORM, rel_err(first, want)
+    for chunk in (1, 5):
+        assert torch.equal(W.conv3x3_weight_grad(x, dy, groups, chunk_tiles=chunk), first)
+    with pytest.raises(RuntimeError, match=r"expected dy of shape \(%d, C_out, %d, %d\)" % (n, h, w)):
+        W.conv3x3_weight_grad(x, torch.randn(n, co, h + 1, w), groups)
+
+
 def test_conv3x3_only_the_gradients_asked_for():
     x, wt, b = _case(1, 32, 8, 8, 32, 1, seed=7)
     y = W.conv3x3(x, wt.requires_grad_(), b, 1)  # x and bias need none

@@ -174,15 +174,17 @@ FRT_CLONES void output_tile(const Conv3x3WinogradParams& p, int64_t tiles, int64
 
 // ------------------------------------------------------------------ stage 2: products
 
-// C (rows x n, ldc) = A (rows x k, lda) @ B (k x n, ldb), all row-major float32: the
-// portable loop (i-k-j, the j loop vectorized).
+// C (rows x n, ldc) = op(A) @ B (k x n, ldb), row-major float32, op(A) (rows x k) being A
+// (lda: A[r * lda + q]) or, with TA, A's transpose (A[q * lda + r]: the weight gradient's
+// V^T, reduced over tiles); ACC adds to C instead of overwriting it. The portable loop.
+template <bool TA, bool ACC>
 FRT_CLONES void gemm_plain(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                            int64_t rows, int64_t k, int64_t n) {
   for (int64_t i = 0; i < rows; ++i) {
     float* c = C + i * ldc;
-    FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] = 0.0f;
+    if (!ACC) FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] = 0.0f;
     for (int64_t q = 0; q < k; ++q) {
-      const float a = A[i * lda + q];
+      const float a = TA ? A[q * lda + i] : A[i * lda + q];
       const float* b = B + q * ldb;
       FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] += a * b[j];
     }
@@ -193,8 +195,8 @@ FRT_CLONES void gemm_plain(const float* A, int64_t lda, const float* B, int64_t 
 #define FRT_AVX512 __attribute__((target("avx512f")))
 
 // MR rows x NV vectors of 16 columns of C, accumulated over k in MR * NV zmm registers:
-// per k, NV loads of B's row and MR broadcasts of A's column.
-template <int MR, int NV>
+// per k, NV loads of B's row and MR broadcasts of op(A)'s column.
+template <int MR, int NV, bool TA, bool ACC>
 FRT_AVX512 inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                              int64_t k) {
   // (the fixed loops are unrolled explicitly: at -O2 GCC kept acc in memory, 70 vs 210 GFLOP/s)
@@ -202,14 +204,14 @@ FRT_AVX512 inline void micro(const float* A, int64_t lda, const float* B, int64_
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
   for (int64_t q = 0; q < k; ++q) {
     __m512 b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + q * ldb + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + q]);
+      const __m512 a = _mm512_set1_ps(TA ? A[q * lda + r] : A[r * lda + q]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
     }
@@ -222,30 +224,33 @@ FRT_AVX512 inline void micro(const float* A, int64_t lda, const float* B, int64_
 
 constexpr int kMR = 6;  // rows per register block (6 x 4 zmm accumulators)
 
-template <int NV>
+template <int NV, bool TA, bool ACC>
 FRT_AVX512 inline void rows_block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                                   int64_t ldc, int64_t rows, int64_t k) {
+  // row i of op(A) starts at A + i * lda, or (TA) at column i: A + i
+  const int64_t rs = TA ? 1 : lda;
   int64_t i = 0;
-  for (; i + kMR <= rows; i += kMR) micro<kMR, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k);
+  for (; i + kMR <= rows; i += kMR) micro<kMR, NV, TA, ACC>(A + i * rs, lda, B, ldb, C + i * ldc, ldc, k);
   switch (rows - i) {
-    case 5: micro<5, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
-    case 4: micro<4, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
-    case 3: micro<3, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
-    case 2: micro<2, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
-    case 1: micro<1, NV>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 5: micro<5, NV, TA, ACC>(A + i * rs, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 4: micro<4, NV, TA, ACC>(A + i * rs, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 3: micro<3, NV, TA, ACC>(A + i * rs, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 2: micro<2, NV, TA, ACC>(A + i * rs, lda, B, ldb, C + i * ldc, ldc, k); break;
+    case 1: micro<1, NV, TA, ACC>(A + i * rs, lda, B, ldb, C + i * ldc, ldc, k); break;
     default: break;
   }
 }
 
 // n a multiple of 16: column panels of 64 (B's panel stays in L1 / L2 across the row blocks).
+template <bool TA, bool ACC>
 FRT_AVX512 void gemm_avx512(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                             int64_t rows, int64_t k, int64_t n) {
   int64_t j = 0;
-  for (; j + 64 <= n; j += 64) rows_block<4>(A, lda, B + j, ldb, C + j, ldc, rows, k);
+  for (; j + 64 <= n; j += 64) rows_block<4, TA, ACC>(A, lda, B + j, ldb, C + j, ldc, rows, k);
   switch ((n - j) / 16) {
-    case 3: rows_block<3>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
-    case 2: rows_block<2>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
-    case 1: rows_block<1>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
+    case 3: rows_block<3, TA, ACC>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
+    case 2: rows_block<2, TA, ACC>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
+    case 1: rows_block<1, TA, ACC>(A, lda, B + j, ldb, C + j, ldc, rows, k); break;
     default: break;
   }
 }
@@ -257,6 +262,71 @@ bool have_avx512() {
 #else
 bool have_avx512() { return false; }
 #endif
+
+// ------------------------------------------------------------------ weight gradient
+
+// One 16-channel chunk of an output-gradient tile: dy (4x4, zero outside the image) ->
+// Yg = A dy A^T at the 36 points, A = (A^T)^T (rows (1,0,0,0), (1,1,1,1), (1,-1,1,-1),
+// (1,2,4,8), (1,-2,4,-8), (0,0,0,1)).
+template <int L>
+FRT_INLINE void grad_chunk(const float* dy, int64_t s_h, int64_t s_w, int rows, int cols, float* m,
+                           int64_t m_point_stride, int nl) {
+  const int n = L == kVec ? kVec : nl;
+  float d[kWinogradTile][kWinogradTile][kVec];
+  for (int i = 0; i < kWinogradTile; ++i)
+    for (int j = 0; j < kWinogradTile; ++j) {
+      if (i < rows && j < cols) {
+        const float* src = dy + i * s_h + j * s_w;
+        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = src[l];
+      } else {
+        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = 0.0f;
+      }
+    }
+  float t[kIn][kWinogradTile][kVec];  // A dy
+  for (int j = 0; j < kWinogradTile; ++j) {
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      const float d0 = d[0][j][l], d1 = d[1][j][l], d2 = d[2][j][l], d3 = d[3][j][l];
+      const float e = d0 + d2, o = d1 + d3, e4 = d0 + 4.0f * d2, o4 = 2.0f * d1 + 8.0f * d3;
+      t[0][j][l] = d0;
+      t[1][j][l] = e + o;
+      t[2][j][l] = e - o;
+      t[3][j][l] = e4 + o4;
+      t[4][j][l] = e4 - o4;
+      t[5][j][l] = d3;
+    }
+  }
+  for (int a = 0; a < kIn; ++a) {  // (A dy) A^T
+    float* ma = m + (a * kIn) * m_point_stride;
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      const float t0 = t[a][0][l], t1 = t[a][1][l], t2 = t[a][2][l], t3 = t[a][3][l];
+      const float e = t0 + t2, o = t1 + t3, e4 = t0 + 4.0f * t2, o4 = 2.0f * t1 + 8.0f * t3;
+      ma[0 * m_point_stride + l] = t0;
+      ma[1 * m_point_stride + l] = e + o;
+      ma[2 * m_point_stride + l] = e - o;
+      ma[3 * m_point_stride + l] = e4 + o4;
+      ma[4 * m_point_stride + l] = e4 - o4;
+      ma[5 * m_point_stride + l] = t3;
+    }
+  }
+}
+
+FRT_CLONES void grad_tile(const Conv3x3WinogradParams& p, int64_t tiles, int64_t t, int64_t img, int64_t y0,
+                          int64_t x0) {
+  const float* dy = static_cast<const float*>(p.dy) + img * p.sdy_n + y0 * p.sdy_h + x0 * p.sdy_w;
+  float* m = static_cast<float*>(p.m);
+  const int64_t cog = p.c_out / p.groups;
+  const int64_t point_stride = p.groups * tiles * cog;  // Yg (36, G, T, cog), in M's buffer
+  const int rows = int(std::min<int64_t>(kWinogradTile, p.h - y0));
+  const int cols = int(std::min<int64_t>(kWinogradTile, p.w - x0));
+  for (int64_t g = 0; g < p.groups; ++g) {
+    float* mg = m + (g * tiles + t) * cog;
+    const float* dg = dy + g * cog;
+    int64_t c0 = 0;
+    for (; c0 + kVec <= cog; c0 += kVec)
+      grad_chunk<kVec>(dg + c0, p.sdy_h, p.sdy_w, rows, cols, mg + c0, point_stride, kVec);
+    if (c0 < cog) grad_chunk<0>(dg + c0, p.sdy_h, p.sdy_w, rows, cols, mg + c0, point_stride, int(cog - c0));
+  }
+}
 
 Status check(const Conv3x3WinogradParams& p) {
   if (p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;
@@ -310,6 +380,61 @@ Status conv3x3_winograd_input_cpu(const Conv3x3WinogradParams& p) {
   return Status::kOk;
 }
 
+Status conv3x3_winograd_grad_output_transform_cpu(const Conv3x3WinogradParams& p) {
+  const Status st = check(p);
+  if (st != Status::kOk) return st;
+  if (range_tiles(p) < 0) return Status::kInvalidArgument;
+  if (range_tiles(p) == 0 || p.c_out == 0) return Status::kOk;
+  if (!p.dy || !p.m) return Status::kInvalidArgument;
+  for_each_tile(p, 0, [&](int64_t tiles, int64_t t, int64_t img, int64_t y0, int64_t x0) {
+    grad_tile(p, tiles, t, img, y0, x0);
+  });
+  return Status::kOk;
+}
+
+Status conv3x3_winograd_weight_grad_products_cpu(const Conv3x3WinogradParams& p) {
+  const Status st = check(p);
+  if (st != Status::kOk) return st;
+  const int64_t tiles = range_tiles(p);
+  if (tiles < 0) return Status::kInvalidArgument;
+  if (tiles == 0 || p.c_out == 0 || p.c_in == 0) return Status::kOk;
+  if (!p.v || !p.m || !p.du) return Status::kInvalidArgument;
+  const int64_t cg = p.c_in / p.groups, cog = p.c_out / p.groups;
+  const int64_t pairs = kWinogradPoints * p.groups;
+  const float* v = static_cast<const float*>(p.v);
+  const float* m = static_cast<const float*>(p.m);
+  float* du = static_cast<float*>(p.du);
+  const bool vec = conv3x3_winograd_products_vectorized(p);
+  // tasks: (point, group) pairs x blocks of 48 input channels; each reduces over the range's
+  // tiles in one fixed order (deterministic)
+  constexpr int64_t kRowsPerTask = 48;
+  const int64_t row_blocks = (cg + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t pg = 0; pg < pairs; ++pg) {
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      const int64_t r0 = rb * kRowsPerTask, rows = std::min(kRowsPerTask, cg - r0);
+      const float* A = v + pg * tiles * cg + r0;  // V[pg]^T rows r0.. : columns of V
+      const float* B = m + pg * tiles * cog;
+      float* C = du + (pg * cg + r0) * cog;
+#ifdef FRT_WINO_AVX512
+      if (vec) {
+        if (p.du_accumulate)
+          gemm_avx512<true, true>(A, cg, B, cog, C, cog, rows, tiles, cog);
+        else
+          gemm_avx512<true, false>(A, cg, B, cog, C, cog, rows, tiles, cog);
+        continue;
+      }
+#endif
+      (void)vec;
+      if (p.du_accumulate)
+        gemm_plain<true, true>(A, cg, B, cog, C, cog, rows, tiles, cog);
+      else
+        gemm_plain<true, false>(A, cg, B, cog, C, cog, rows, tiles, cog);
+    }
+  }
+  return Status::kOk;
+}
+
 bool conv3x3_winograd_products_vectorized(const Conv3x3WinogradParams& p) {
   return have_avx512() && p.groups >= 1 && (p.c_out / p.groups) % 16 == 0;
 }
@@ -339,12 +464,12 @@ Status conv3x3_winograd_products_cpu(const Conv3x3WinogradParams& p) {
       float* C = m + (pg * tiles + r0) * cog;
 #ifdef FRT_WINO_AVX512
       if (vec) {
-        gemm_avx512(A, cg, B, cog, C, cog, rows, cg, cog);
+        gemm_avx512<false, false>(A, cg, B, cog, C, cog, rows, cg, cog);
         continue;
       }
 #endif
       (void)vec;
-      gemm_plain(A, cg, B, cog, C, cog, rows, cg, cog);
+      gemm_plain<false, false>(A, cg, B, cog, C, cog, rows, cg, cog);
     }
   }
   return Status::kOk;
@@ -417,6 +542,49 @@ Status winograd_f43_weight_cpu(const float* w, int64_t c_out, int64_t c_in_per_g
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t c = 0; c < ci; ++c)
       weight_row(w + (g * cog * ci + c) * 9, ci * 9, cog, u + (g * ci + c) * cog, plane);
+  return Status::kOk;
+}
+
+namespace {
+
+// dw of one (group, input channel) row over the group's output channels: du at
+// du0[p * plane_stride + co] (36 points) -> dw_co (9 taps) at dw0 + co * dw_stride, as
+// G^T du G in float64 (G's columns: (1/4, -1/6, -1/6, 1/24, 1/24, 0),
+// (0, -1/6, 1/6, 1/12, -1/12, 0), (0, -1/6, -1/6, 1/6, 1/6, 1)).
+FRT_CLONES void weight_grad_row(const float* du0, int64_t plane_stride, int64_t cog, float* dw0, int64_t dw_stride) {
+  constexpr double g1 = 1.0 / 6, g2 = 1.0 / 12, g3 = 1.0 / 24;
+  FRT_SIMD for (int64_t co = 0; co < cog; ++co) {
+    double s[kIn][3];  // du G
+    for (int a = 0; a < kIn; ++a) {
+      const float* r = du0 + (a * kIn) * plane_stride + co;
+      const double u0 = r[0], u1 = r[plane_stride], u2 = r[2 * plane_stride];
+      const double u3 = r[3 * plane_stride], u4 = r[4 * plane_stride], u5 = r[5 * plane_stride];
+      s[a][0] = 0.25 * u0 - g1 * (u1 + u2) + g3 * (u3 + u4);
+      s[a][1] = g1 * (u2 - u1) + g2 * (u3 - u4);
+      s[a][2] = g1 * (u3 + u4 - u1 - u2) + u5;
+    }
+    float* d = dw0 + co * dw_stride;
+    for (int l = 0; l < 3; ++l) {  // G^T (du G)
+      d[0 * 3 + l] = float(0.25 * s[0][l] - g1 * (s[1][l] + s[2][l]) + g3 * (s[3][l] + s[4][l]));
+      d[1 * 3 + l] = float(g1 * (s[2][l] - s[1][l]) + g2 * (s[3][l] - s[4][l]));
+      d[2 * 3 + l] = float(g1 * (s[3][l] + s[4][l] - s[1][l] - s[2][l]) + s[5][l]);
+    }
+  }
+}
+
+}  // namespace
+
+Status winograd_f43_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    float* dw) {
+  if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
+  if (c_out == 0 || c_in_per_group == 0) return Status::kOk;
+  if (!du || !dw) return Status::kInvalidArgument;
+  const int64_t cog = c_out / groups, ci = c_in_per_group;
+  const int64_t plane = groups * ci * cog;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; c < ci; ++c)
+      weight_grad_row(du + (g * ci + c) * cog, plane, cog, dw + (g * cog * ci + c) * 9, ci * 9);
   return Status::kOk;
 }
 

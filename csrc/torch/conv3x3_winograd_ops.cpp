@@ -9,12 +9,14 @@
 //       # is made channels-last first); the result (N, C_out, H, W) channels-last.
 //       # chunk_tiles: tiles per chunk (0: about 2 MiB of V and M, at least 64 tiles);
 //       # products: "auto" (our AVX-512 kernels where they run, else at::bmm), "ours", "blas"
+//   flamingo_rt_C::conv3x3_winograd_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0)
+//       -> Tensor  # dL/dw (C_out, C_in/groups, 3, 3) of that convolution (no bias) for dy
 //
 // The convolution is the header's three stages over chunks of tiles: the input transform into
 // V, the 36 * groups products M = V @ U of (tiles, C_in/groups) by (C_in/groups, C_out/groups)
 // (conv3x3_winograd_products_cpu, or at::bmm: torch's BLAS, on CPUs without AVX-512), the
 // output transform with the tail fused. CPU only, float32,
-// inference (no autograd); fakes in flamingo_rt/ops/_cpp_backends.py.
+// no autograd here (flamingo_rt.ops.winograd_conv wires it); fakes in flamingo_rt/_cpp_fakes.py.
 #include <torch/library.h>
 
 #include <ATen/ops/bmm.h>
@@ -125,6 +127,57 @@ at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10
   return y;
 }
 
+// dL/dw of y = conv3x3(x, w, padding 1, groups) for the output gradient dy: (C_out, C_in/groups,
+// 3, 3) float32 contiguous.
+at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& dy, int64_t groups,
+                                         int64_t chunk_tiles) {
+  constexpr const char* kOp = "flamingo_rt_C::conv3x3_winograd_weight_grad";
+  TORCH_CHECK(x.dim() == 4 && dy.dim() == 4, kOp, ": expected x (N, C_in, H, W) and dy (N, C_out, H, W), got ",
+              x.sizes(), " and ", dy.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && dy.scalar_type() == at::kFloat, kOp,
+              ": expected float32 x and dy, got ", x.scalar_type(), " and ", dy.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CO = dy.size(1);
+  TORCH_CHECK(dy.size(0) == N && dy.size(2) == H && dy.size(3) == W, kOp, ": expected dy of shape (", N,
+              ", C_out, ", H, ", ", W, ") for x of shape ", x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(groups >= 1 && C >= groups && C % groups == 0 && CO % groups == 0, kOp, ": expected C_in ", C,
+              " and C_out ", CO, " to be positive multiples of groups ", groups);
+  TORCH_CHECK(chunk_tiles >= 0, kOp, ": expected chunk_tiles >= 0 (0: chosen here), got ", chunk_tiles);
+  const int64_t cg = C / groups, cog = CO / groups, P = kWinogradPoints * groups;
+  at::Tensor dw = at::empty({CO, cg, 3, 3}, x.options());
+  const int64_t T = N * winograd_tiles(H) * winograd_tiles(W);
+  if (T == 0) return dw.zero_();
+  {  // (a scope: the workspace pointers below)
+    const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
+    const int64_t tile_bytes = P * (cg + cog) * int64_t(sizeof(float));
+    const int64_t chunk = std::min<int64_t>(
+        T, chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes));
+    // V, Yg and dL/dU in this thread's workspace (kept at its largest size: ~30 MiB on F0)
+    static thread_local at::Tensor ws;
+    const int64_t need = P * chunk * (cg + cog) + P * cg * cog;
+    if (!ws.defined() || ws.numel() < need) ws = at::empty({need}, x.options());
+    Conv3x3WinogradParams p;
+    p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
+    p.x = xc.data_ptr<float>();
+    p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
+    p.dy = dyc.data_ptr<float>();
+    p.sdy_n = dyc.stride(0), p.sdy_h = dyc.stride(2), p.sdy_w = dyc.stride(3);
+    p.v = ws.data_ptr<float>();
+    p.m = ws.data_ptr<float>() + P * chunk * cg;
+    p.du = ws.data_ptr<float>() + P * chunk * (cg + cog);
+    for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+      p.tile_begin = t0, p.tile_count = std::min(chunk, T - t0);
+      p.du_accumulate = t0 > 0;
+      check_status(kOp, "CPU", conv3x3_winograd_input_cpu(p));
+      check_status(kOp, "CPU", conv3x3_winograd_grad_output_transform_cpu(p));
+      check_status(kOp, "CPU", conv3x3_winograd_weight_grad_products_cpu(p));
+    }
+    check_status(kOp, "CPU", winograd_f43_weight_grad_cpu(static_cast<const float*>(p.du), CO, cg, groups,
+                                                         dw.data_ptr<float>()));
+  }
+  return dw;
+}
+
 }  // namespace
 }  // namespace torch_ops
 }  // namespace flamingo_rt
@@ -133,9 +186,11 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def("conv3x3_winograd_weight(Tensor w, int groups) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
         "int chunk_tiles=0, str products='auto') -> Tensor");
+  m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("conv3x3_winograd_weight", &flamingo_rt::torch_ops::winograd_weight_cpu_impl);
   m.impl("conv3x3_winograd", &flamingo_rt::torch_ops::winograd_cpu_impl);
+  m.impl("conv3x3_winograd_weight_grad", &flamingo_rt::torch_ops::winograd_weight_grad_cpu_impl);
 }

@@ -14,7 +14,8 @@ about 10x a direct float32 convolution's (measured 1-2.5e-6 against float64, aga
 Training (:func:`conv3x3`, an autograd function): the forward and the input gradient (the
 same convolution of the output gradient by the flipped, transposed weight) run as Winograd
 convolutions, the weight transformed at each call (~1.4 ms for a 768 x 128 x 3 x 3 weight);
-the weight gradient is oneDNN's (``convolution_backward`` with only the weight asked for).
+the weight gradient from the same algebra read backwards (``dL/dU = sum over tiles of
+V^T (A dy A^T)``, then ``dL/dw = G^T dL/dU G``; ``flamingo_rt_C::conv3x3_winograd_weight_grad``).
 
 Where it runs (:func:`eligible`): CPU, float32 activations and weight, 3x3, stride 1,
 SAME padding, not under autocast or ``torch.compile``, at least :data:`MIN_CHANNELS` input
@@ -31,7 +32,8 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["MIN_CHANNELS", "enabled", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3"]
+__all__ = ["MIN_CHANNELS", "enabled", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3",
+           "conv3x3_weight_grad"]
 
 #: Fewer input or output channels per group than this and the 36 products are too thin to
 #: beat the direct convolution (dm_nfnet_f0's stem 16 -> 32 conv at 112 px measured 0.8-1.1x).
@@ -99,6 +101,19 @@ def conv3x3_winograd(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: int =
                                                     products)
 
 
+def conv3x3_weight_grad(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: int = 0) -> Tensor:
+    """dL/dw of ``y = F.conv2d(x, w, padding=1, groups=groups)`` for a 3x3 w and the output
+    gradient dy, through the Winograd transforms: (C_out, C_in/groups, 3, 3) float32.
+
+    Args:
+        x: (N, C_in, H, W) float32 on the CPU, any layout.
+        dy: (N, C_out, H, W) float32, any layout.
+        chunk_tiles: 4x4 tiles per chunk (0: about 2 MiB of transforms, at least 64 tiles);
+            the sum over tiles runs in the same order whatever the chunking.
+    """
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_weight_grad(x, dy, groups, int(chunk_tiles))
+
+
 def _flipped_transposed(w: Tensor, groups: int) -> Tensor:
     """The weight of the input gradient's convolution: w (C_out, C_in/g, 3, 3) ->
     (C_in, C_out/g, 3, 3), each group's in/out channels swapped, the taps flipped."""
@@ -124,8 +139,7 @@ class _Conv3x3(torch.autograd.Function):
             u_t = torch.ops.flamingo_rt_C.conv3x3_winograd_weight(_flipped_transposed(w, g), g)
             dx = torch.ops.flamingo_rt_C.conv3x3_winograd(dy, u_t, None, g, "none", 1.0, 0, "auto")
         if ctx.needs_input_grad[1]:
-            dw = torch.ops.aten.convolution_backward(
-                dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], g, [False, True, False])[1]
+            dw = conv3x3_weight_grad(x, dy, g)
         if ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None

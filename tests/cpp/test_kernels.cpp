@@ -8,7 +8,8 @@
 // three source layouts; spatial_mean_cpu (NFNet squeeze) on channels-last and NCHW sources;
 // softmax_xent_rows_cpu's loss and in-place gradient (float32, a wider row stride, an ignored row);
 // the Winograd 3x3 convolution's three stages (weight, input and output transforms, products)
-// against a direct float64 convolution, V, M and y poisoned first, several tile ranges.
+// against a direct float64 convolution, V, M and y poisoned first, several tile ranges, and
+// its weight-gradient stages against a float64 correlation of x and dy.
 // Exits non-zero on failure.
 #include "flamingo_rt/conv3x3_winograd.h"
 #include "flamingo_rt/kernels.h"
@@ -536,11 +537,62 @@ void check_winograd(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, int64
              std::to_string(chunk) + " (rel " + std::to_string(e.rel()) + ")");
 }
 
+// dL/dw of that convolution (no bias) for a random dy, through the weight-gradient stages in
+// ranges of `chunk` tiles (the first range writes dL/dU, the others add), against float64.
+void check_winograd_weight_grad(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO,
+                                int64_t G, int64_t chunk) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t cg = C / G, cog = CO / G, tiles = N * flamingo_rt::winograd_tiles(H) * flamingo_rt::winograd_tiles(W);
+  std::vector<float> x(size_t(N * H * W * C)), dy(size_t(N * H * W * CO));
+  for (auto& v : x) v = nd(rng);
+  for (auto& v : dy) v = nd(rng);
+  std::vector<float> du(size_t(36 * G * cg * cog), std::nanf("")), dw(size_t(CO * cg * 9), std::nanf(""));
+  const int64_t step = chunk > 0 ? chunk : tiles;
+  bool ok = true;
+  for (int64_t t0 = 0; ok && t0 < tiles; t0 += step) {
+    const int64_t n = std::min(step, tiles - t0);
+    std::vector<float> v(size_t(36 * G * n * cg), std::nanf("")), m(size_t(36 * G * n * cog), std::nanf(""));
+    flamingo_rt::Conv3x3WinogradParams p;
+    p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = G;
+    p.x = x.data(), p.sx_n = H * W * C, p.sx_h = W * C, p.sx_w = C;
+    p.dy = dy.data(), p.sdy_n = H * W * CO, p.sdy_h = W * CO, p.sdy_w = CO;
+    p.tile_begin = t0, p.tile_count = n, p.du_accumulate = t0 > 0;
+    p.v = v.data(), p.m = m.data(), p.du = du.data();
+    ok = flamingo_rt::conv3x3_winograd_input_cpu(p) == Status::kOk &&
+         flamingo_rt::conv3x3_winograd_grad_output_transform_cpu(p) == Status::kOk &&
+         flamingo_rt::conv3x3_winograd_weight_grad_products_cpu(p) == Status::kOk;
+  }
+  ok = ok && flamingo_rt::winograd_f43_weight_grad_cpu(du.data(), CO, cg, G, dw.data()) == Status::kOk;
+  Err e;
+  for (int64_t o = 0; ok && o < CO; ++o)
+    for (int64_t c = 0; c < cg; ++c)
+      for (int64_t ki = 0; ki < 3; ++ki)
+        for (int64_t kj = 0; kj < 3; ++kj) {
+          double want = 0.0;
+          const int64_t ci = (o / cog) * cg + c;
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t i = 0; i < H; ++i)
+              for (int64_t j = 0; j < W; ++j) {
+                const int64_t yy = i + ki - 1, xx = j + kj - 1;
+                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+                want += double(dy[size_t(((n * H + i) * W + j) * CO + o)]) * double(x[size_t(((n * H + yy) * W + xx) * C + ci)]);
+              }
+          e.add(dw[size_t(((o * cg + c) * 3 + ki) * 3 + kj)], want, 1e-4, 5e-5, 1.0 + std::fabs(want));
+        }
+  expect(ok && !e.nan && e.worst <= 1.0 && e.rel() < 1e-5,
+         "winograd weight grad " + std::to_string(N) + "x" + std::to_string(C) + "x" + std::to_string(H) + "x" +
+             std::to_string(W) + " -> " + std::to_string(CO) + " groups " + std::to_string(G) + " chunk " +
+             std::to_string(chunk) + " (rel " + std::to_string(e.rel()) + ")");
+}
+
 void test_winograd(std::mt19937_64& rng) {
   check_winograd(rng, 2, 32, 9, 7, 48, 1, 0);   // partial tiles at the bottom and right
   check_winograd(rng, 1, 64, 8, 8, 64, 2, 3);   // 32 -> 32 per group (the AVX-512 products), 3-tile ranges
   check_winograd(rng, 2, 20, 5, 6, 12, 2, 1);   // 10 -> 6 per group (the plain products), one tile a range
   check_winograd(rng, 1, 16, 1, 1, 16, 1, 0);   // a 1x1 image
+  check_winograd_weight_grad(rng, 2, 32, 9, 7, 48, 1, 0);
+  check_winograd_weight_grad(rng, 1, 64, 8, 8, 64, 2, 3);
+  check_winograd_weight_grad(rng, 2, 20, 5, 6, 12, 2, 1);
   flamingo_rt::Conv3x3WinogradParams p;
   p.n = 1, p.h = 4, p.w = 4, p.c_in = 6, p.c_out = 4, p.groups = 4;
   expect(flamingo_rt::conv3x3_winograd_input_cpu(p) == Status::kInvalidArgument,

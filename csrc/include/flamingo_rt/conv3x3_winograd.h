@@ -56,6 +56,13 @@ struct Conv3x3WinogradParams {
   // y: (n, h, w, c_out) with unit channel stride; strides of n, h, w in elements
   void* y = nullptr;
   int64_t sy_n = 0, sy_h = 0, sy_w = 0;
+  // Weight gradient only. dy: the output's gradient (n, h, w, c_out), unit channel stride;
+  // du: dL/dU (36, groups, c_in / groups, c_out / groups) float32, overwritten by the range's
+  // sum, or with du_accumulate added to (the first range of a call writes, the others add)
+  const void* dy = nullptr;
+  int64_t sdy_n = 0, sdy_h = 0, sdy_w = 0;
+  void* du = nullptr;
+  bool du_accumulate = false;
 };
 
 // Stage 1: x -> V. Needs x, v and the sizes.
@@ -68,6 +75,19 @@ Status conv3x3_winograd_products_cpu(const Conv3x3WinogradParams& p);
 bool conv3x3_winograd_products_vectorized(const Conv3x3WinogradParams& p);
 // Stage 3: M -> y (bias, activation, gamma fused). Needs m, y, the sizes and the tail.
 Status conv3x3_winograd_output_cpu(const Conv3x3WinogradParams& p);
+
+// The weight gradient, from the same algebra read backwards (y = A^T [U . V] A per tile):
+//   dL/dU[p, g] = sum over tiles of V[p, g]^T @ Yg[p, g],   Yg = A dy A^T (4x4 -> 6x6 per tile)
+//   dL/dw = G^T (dL/dU) G                                  (6x6 -> 3x3 per channel pair)
+// Over successive tile ranges: stage 1 (x -> V), conv3x3_winograd_grad_output_transform_cpu
+// (dy -> Yg, written to m), conv3x3_winograd_weight_grad_products_cpu (du = V^T @ Yg for the
+// first range, du += V^T @ Yg with du_accumulate for the others), then
+// winograd_f43_weight_grad_cpu (du -> dw).
+Status conv3x3_winograd_grad_output_transform_cpu(const Conv3x3WinogradParams& p);
+Status conv3x3_winograd_weight_grad_products_cpu(const Conv3x3WinogradParams& p);
+// dw (c_out, c_in/groups, 3, 3) contiguous from du (36, groups, c_in/groups, c_out/groups).
+Status winograd_f43_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    float* dw);
 
 // The transformed weight U (36, groups, c_in/groups, c_out/groups) of w (c_out, c_in/groups,
 // 3, 3) (contiguous), computed in float64 and rounded once to float32.

@@ -596,10 +596,12 @@ def _nfnet_flops(net, res: int) -> float:
                 total[0] += 2.0 * out[0].numel() * args[1][0].numel()
             return out
 
+    from flamingo_rt.ops import winograd_conv
+
     p = next(net.parameters())
-    cl, net.channels_last = net.channels_last, False  # every conv an F.conv2d (CPU: channels-last 1x1 convs are products)
-    try:
-        with torch.no_grad(), Count():
+    cl, net.channels_last = net.channels_last, False  # every conv an F.conv2d (CPU: channels-last 1x1 convs are products,
+    try:                                              # float32 3x3 ones Winograd convolutions)
+        with torch.no_grad(), Count(), winograd_conv.use(False):
             net.forward_features(torch.zeros(1, 3, res, res, device=p.device, dtype=p.dtype))
     finally:
         net.channels_last = cl

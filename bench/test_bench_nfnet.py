@@ -36,9 +36,11 @@ def _conv_flops(model: NFNet, res: int) -> float:
                 total[0] += 2.0 * out[0].numel() * args[1][0].numel()
             return out
 
+    from flamingo_rt.ops import winograd_conv
+
     plain = copy.deepcopy(model).unfreeze().eval()
-    plain.channels_last = False  # every conv an F.conv2d (channels-last 1x1 convs run as products)
-    with torch.no_grad(), Count():
+    plain.channels_last = False  # every conv an F.conv2d (channels-last 1x1 convs run as products,
+    with torch.no_grad(), Count(), winograd_conv.use(False):  # 3x3 ones as Winograd convolutions)
         plain.forward_features(torch.zeros(1, 3, res, res))
     return total[0]
 

@@ -139,8 +139,14 @@ def test_eligibility(monkeypatch):
     x, w = x.detach(), w.detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not W.eligible(x, w, 1, 2)
+    with W.use(False):
+        assert not W.eligible(x, w, 1, 2)
+        with W.use(True):
+            assert W.eligible(x, w, 1, 2)
     monkeypatch.setenv("FLAMINGO_RT_WINOGRAD", "0")
     assert not W.eligible(x, w, 1, 2)
+    with W.use(True):
+        assert W.eligible(x, w, 1, 2)
     monkeypatch.setenv("FLAMINGO_RT_WINOGRAD", "sometimes")
     with pytest.raises(ValueError, match="FLAMINGO_RT_WINOGRAD: expected auto, 1 or 0"):
         W.enabled()
@@ -280,3 +286,19 @@ def test_nfnet_training_takes_it_and_matches_the_direct_gradients(monkeypatch):
     worst = max(errs, key=errs.get)
     print(f"NFNet training, Winograd vs direct: worst parameter gradient {worst} {errs[worst]:.2e}")
     assert errs[worst] < 1e-4
+
+
+def test_flop_counter_counts_the_direct_convolution():
+    """FlopCounterMode counts a Winograd convolution (forward, and each backward convolution)
+    as the direct convolution it computes, as it counts F.conv2d's forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, wt, b = _case(2, 64, 8, 8, 96, 2)
+    with FlopCounterMode(display=False) as ours:
+        W.conv3x3_winograd(x, W.winograd_weight(wt, 2), b, 2)
+    with FlopCounterMode(display=False) as direct:
+        F.conv2d(x, wt, b, padding=1, groups=2)
+    assert ours.get_total_flops() == direct.get_total_flops() == 2 * 2 * 64 * 96 * 32 * 9
+    with FlopCounterMode(display=False) as train:
+        W.conv3x3(x.requires_grad_(), wt.requires_grad_(), None, 2).sum().backward()
+    assert train.get_total_flops() == 3 * direct.get_total_flops()  # forward, input and weight gradients

@@ -91,3 +91,17 @@ def register() -> None:
     def _ff_bwd(dy, x, gamma, beta, w1, w2, h, *args, out_val=None, **kw):
         R, D = _shape(x)
         return 8 * R * D * _shape(w1)[0]  # dW2, dA, dW1, d(norm input)
+
+    cpp = getattr(torch.ops, "flamingo_rt_C", None)
+    if cpp is not None and hasattr(cpp, "conv3x3_winograd"):
+        # the Winograd 3x3 convolutions (ops.winograd_conv), counted as the direct convolution
+        # they compute (as FlopCounterMode counts a convolution), not the 36-point products
+        @register_flop_formula(cpp.conv3x3_winograd, get_raw=True)
+        def _wino_fwd(x, u, bias, groups, *args, out_val=None, **kw):
+            n, c, h, w = _shape(x)
+            return 2 * n * h * w * c * _shape(u)[2] * 9  # (C_in/g) * C_out = C_in * (C_out/g)
+
+        @register_flop_formula(cpp.conv3x3_winograd_weight_grad, get_raw=True)
+        def _wino_wgrad(x, dy, groups, *args, out_val=None, **kw):
+            n, c, h, w = _shape(x)
+            return 2 * n * h * w * c * _shape(dy)[1] * 9 // groups

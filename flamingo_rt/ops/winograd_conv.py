@@ -24,15 +24,17 @@ and output channels per group, and ``FLAMINGO_RT_WINOGRAD`` = ``auto`` (default)
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+import threading
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["MIN_CHANNELS", "enabled", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3",
+__all__ = ["MIN_CHANNELS", "enabled", "use", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3",
            "conv3x3_weight_grad"]
 
 #: Fewer input or output channels per group than this and the 36 products are too thin to
@@ -42,8 +44,30 @@ MIN_CHANNELS = 32
 _ACTS = ("none", "gelu", "relu", "silu")
 
 
+_LOCAL = threading.local()  # .stack: the settings of the enclosing use() blocks, per thread
+
+
+@contextlib.contextmanager
+def use(on: bool) -> Iterator[None]:
+    """Turn the Winograd path on or off in this thread for a ``with`` block (over
+    ``FLAMINGO_RT_WINOGRAD``); e.g. ``with winograd_conv.use(False):`` runs oneDNN's direct
+    convolutions (A/B measurements, FLOP counting through ``F.conv2d``)."""
+    st = getattr(_LOCAL, "stack", None)
+    if st is None:
+        st = _LOCAL.stack = []
+    st.append(bool(on))
+    try:
+        yield
+    finally:
+        st.pop()
+
+
 def enabled() -> bool:
-    """``FLAMINGO_RT_WINOGRAD`` is not ``0`` / ``off`` and the extension has the op."""
+    """The innermost :func:`use` block's setting, else ``FLAMINGO_RT_WINOGRAD`` is not ``0`` /
+    ``off``; and the extension has the op."""
+    st = getattr(_LOCAL, "stack", None)
+    if st:
+        return st[-1] and _ext.load() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd")
     v = os.environ.get("FLAMINGO_RT_WINOGRAD", "auto").strip().lower()
     if v in ("0", "off", "false", "no"):
         return False

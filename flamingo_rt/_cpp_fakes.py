@@ -109,7 +109,7 @@ def register() -> None:
         return w.new_empty((36 * groups, w.shape[1], w.shape[0] // groups))
 
     @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_weight_grad")
-    def _(x, dy, groups, chunk_tiles=0):
+    def _(x, dy, groups, chunk_tiles=0, products="auto"):
         torch._check(x.dim() == 4 and dy.dim() == 4,
                      lambda: f"conv3x3_winograd_weight_grad: expected x (N, C_in, H, W) and dy (N, C_out, H, W), "
                              f"got {tuple(x.shape)} and {tuple(dy.shape)}")

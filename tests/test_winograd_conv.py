@@ -229,7 +229,10 @@ def test_weight_gradient_matches_float64(shape):
     assert first.shape == wt.shape and first.is_contiguous()
     assert rel_err(first, want) < TOL_NORM, rel_err(first, want)
     for chunk in (1, 5):
-        assert torch.equal(W.conv3x3_weight_grad(x, dy, groups, chunk_tiles=chunk), first)
+        assert torch.equal(W.conv3x3_weight_grad(x, dy, groups, chunk_tiles=chunk, products="ours"),
+                           W.conv3x3_weight_grad(x, dy, groups, products="ours"))
+        blas = W.conv3x3_weight_grad(x, dy, groups, chunk_tiles=chunk, products="blas")
+        assert rel_err(blas, want) < TOL_NORM
     with pytest.raises(RuntimeError, match=r"expected dy of shape \(%d, C_out, %d, %d\)" % (n, h, w)):
         W.conv3x3_weight_grad(x, torch.randn(n, co, h + 1, w), groups)
 

@@ -9,7 +9,8 @@
 //       # is made channels-last first); the result (N, C_out, H, W) channels-last.
 //       # chunk_tiles: tiles per chunk (0: about 2 MiB of V and M, at least 64 tiles);
 //       # products: "auto" (our AVX-512 kernels where they run, else at::bmm), "ours", "blas"
-//   flamingo_rt_C::conv3x3_winograd_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0)
+//   flamingo_rt_C::conv3x3_winograd_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0,
+//                                               str products='auto')
 //       -> Tensor  # dL/dw (C_out, C_in/groups, 3, 3) of that convolution (no bias) for dy
 //
 // The convolution is the header's three stages over chunks of tiles: the input transform into
@@ -19,6 +20,7 @@
 // no autograd here (flamingo_rt.ops.winograd_conv wires it); fakes in flamingo_rt/_cpp_fakes.py.
 #include <torch/library.h>
 
+#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 
@@ -130,8 +132,11 @@ at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10
 // dL/dw of y = conv3x3(x, w, padding 1, groups) for the output gradient dy: (C_out, C_in/groups,
 // 3, 3) float32 contiguous.
 at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& dy, int64_t groups,
-                                         int64_t chunk_tiles) {
+                                         int64_t chunk_tiles, c10::string_view products) {
   constexpr const char* kOp = "flamingo_rt_C::conv3x3_winograd_weight_grad";
+  const std::string prod(products.data(), products.size());
+  TORCH_CHECK(prod == "auto" || prod == "ours" || prod == "blas", kOp,
+              ": expected products 'auto', 'ours' or 'blas', got '", prod, "'");
   TORCH_CHECK(x.dim() == 4 && dy.dim() == 4, kOp, ": expected x (N, C_in, H, W) and dy (N, C_out, H, W), got ",
               x.sizes(), " and ", dy.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && dy.scalar_type() == at::kFloat, kOp,
@@ -165,12 +170,25 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
     p.v = ws.data_ptr<float>();
     p.m = ws.data_ptr<float>() + P * chunk * cg;
     p.du = ws.data_ptr<float>() + P * chunk * (cg + cog);
+    const bool own_products = prod == "ours" || (prod == "auto" && conv3x3_winograd_products_vectorized(p));
+    at::Tensor du = ws.narrow(0, P * chunk * (cg + cog), P * cg * cog).view({P, cg, cog});
     for (int64_t t0 = 0; t0 < T; t0 += chunk) {
-      p.tile_begin = t0, p.tile_count = std::min(chunk, T - t0);
+      const int64_t n = std::min(chunk, T - t0);
+      p.tile_begin = t0, p.tile_count = n;
       p.du_accumulate = t0 > 0;
       check_status(kOp, "CPU", conv3x3_winograd_input_cpu(p));
       check_status(kOp, "CPU", conv3x3_winograd_grad_output_transform_cpu(p));
-      check_status(kOp, "CPU", conv3x3_winograd_weight_grad_products_cpu(p));
+      if (own_products) {
+        check_status(kOp, "CPU", conv3x3_winograd_weight_grad_products_cpu(p));
+      } else {  // torch's BLAS: du (+)= V^T @ Yg
+        const at::Tensor vt = ws.narrow(0, 0, P * n * cg).view({P, n, cg}).transpose(1, 2);
+        const at::Tensor yg = ws.narrow(0, P * chunk * cg, P * n * cog).view({P, n, cog});
+        if (t0 == 0) {
+          at::bmm_out(du, vt, yg);
+        } else {
+          du.baddbmm_(vt, yg);
+        }
+      }
     }
     check_status(kOp, "CPU", winograd_f43_weight_grad_cpu(static_cast<const float*>(p.du), CO, cg, groups,
                                                          dw.data_ptr<float>()));
@@ -186,7 +204,8 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def("conv3x3_winograd_weight(Tensor w, int groups) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
         "int chunk_tiles=0, str products='auto') -> Tensor");
-  m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0) -> Tensor");
+  m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0, "
+        "str products='auto') -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {

@@ -125,7 +125,8 @@ def conv3x3_winograd(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: int =
                                                     products)
 
 
-def conv3x3_weight_grad(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: int = 0) -> Tensor:
+def conv3x3_weight_grad(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: int = 0,
+                        products: str = "auto") -> Tensor:
     """dL/dw of ``y = F.conv2d(x, w, padding=1, groups=groups)`` for a 3x3 w and the output
     gradient dy, through the Winograd transforms: (C_out, C_in/groups, 3, 3) float32.
 
@@ -133,9 +134,10 @@ def conv3x3_weight_grad(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: 
         x: (N, C_in, H, W) float32 on the CPU, any layout.
         dy: (N, C_out, H, W) float32, any layout.
         chunk_tiles: 4x4 tiles per chunk (0: about 2 MiB of transforms, at least 64 tiles);
-            the sum over tiles runs in the same order whatever the chunking.
+            the sum over tiles runs in the same order whatever the chunking (with our products).
+        products: as :func:`conv3x3_winograd`'s (``"blas"``: torch's batched products).
     """
-    return torch.ops.flamingo_rt_C.conv3x3_winograd_weight_grad(x, dy, groups, int(chunk_tiles))
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_weight_grad(x, dy, groups, int(chunk_tiles), products)
 
 
 def _flipped_transposed(w: Tensor, groups: int) -> Tensor:

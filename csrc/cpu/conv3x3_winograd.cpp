@@ -1,11 +1,16 @@
 // CPU stages of the F(4x4, 3x3) Winograd convolution (see
-// csrc/include/flamingo_rt/conv3x3_winograd.h): the input transform x -> V, the output
-// transform M -> y with bias + activation + gamma, and the weight transform.
+// csrc/include/flamingo_rt/conv3x3_winograd.h): the input transform x -> V, the products
+// M = V @ U, the output transform M -> y with bias + activation + gamma, the weight
+// transform; for the weight gradient the output-gradient transform dy -> A dy A^T, the
+// products dL/dU (+)= V^T @ (A dy A^T) and the inverse weight transform G^T dL/dU G.
 //
-// Both activation transforms work on 16 channels at a time (one AVX-512 vector of float32;
-// channels are the contiguous dim of channels-last x, y and of V, M), a task being one 4x4
-// output tile with all its channels; tasks are spread over OpenMP threads. The per-tile
-// functions are compiled per ISA level (FRT_CLONES: AVX-512, AVX2, baseline).
+// The activation transforms work on 16 channels at a time (one AVX-512 vector of float32;
+// channels are the contiguous dim of channels-last x, y, dy and of V, M), a task being one
+// 4x4 output tile with all its channels; tasks are spread over OpenMP threads. The per-tile
+// functions are compiled per ISA level (FRT_CLONES: AVX-512, AVX2, baseline). The products
+// are register-blocked AVX-512 kernels (6 rows x 64 columns of the result in 24 zmm
+// accumulators) where the CPU has AVX-512F, a plain loop elsewhere; tasks are (point,
+// group) pairs x row blocks, each summing in one fixed order (deterministic).
 //
 // Transform matrices (Lavin & Gray's F(4x4, 3x3), interpolation points 0, +-1, +-2, inf):
 //   B^T = [4  0 -5  0 1 0]   G = [ 1/4     0     0]   A^T = [1 1  1 1  1 0]

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) convolution for frozen float32 inference on the CPU.
+"""Winograd F(4x4, 3x3) convolutions for float32 on the CPU: frozen inference and training.
 
 A 3x3, stride-1 convolution with one pixel of zero padding on every side (TF-style SAME
 padding at stride 1), grouped or not, as Lavin & Gray's minimal filtering: every 4x4 output
@@ -11,6 +11,7 @@ float64, rounded once) and cached by the caller (the frozen NFNet's convolutions
 Numerics: the transforms add and scale by up to 5 and 8, so the result's relative error is
 about 10x a direct float32 convolution's (measured 1-2.5e-6 against float64, against
 2e-7 for oneDNN's direct convolution), well inside the frozen encoder's parity with timm.
+
 Training (:func:`conv3x3`, an autograd function): the forward and the input gradient (the
 same convolution of the output gradient by the flipped, transposed weight) run as Winograd
 convolutions, the weight transformed at each call (~1.4 ms for a 768 x 128 x 3 x 3 weight);
@@ -20,7 +21,9 @@ V^T (A dy A^T)``, then ``dL/dw = G^T dL/dU G``; ``flamingo_rt_C::conv3x3_winogra
 Where it runs (:func:`eligible`): CPU, float32 activations and weight, 3x3, stride 1,
 SAME padding, not under autocast or ``torch.compile``, at least :data:`MIN_CHANNELS` input
 and output channels per group, and ``FLAMINGO_RT_WINOGRAD`` = ``auto`` (default) or ``1``;
-``0`` turns it off (oneDNN's direct convolution then runs, as before).
+``0`` turns it off (oneDNN's direct convolution then runs, as before); :func:`use` sets it
+per thread for a ``with`` block. Each thread that runs these convolutions keeps a workspace
+at the largest size it met (dm_nfnet_f0: 14 MiB, 28 MiB with the weight gradient).
 """
 from __future__ import annotations
 

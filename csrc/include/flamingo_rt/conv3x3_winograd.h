@@ -9,12 +9,13 @@
 //   1. input transform (this file): x (N, H, W, C_in) channels-last -> V (36, G, T, C_in/G),
 //      T = N * ceil(H/4) * ceil(W/4) tiles (or a range of them);
 //   2. M[p, g] = V[p, g] @ U[p, g] for the 36 * G pairs, U (36, G, C_in/G, C_out/G) the
-//      transformed weight (G w G^T, made once per frozen weight; see winograd_f43_weight_cpu):
+//      transformed weight (G w G^T, made once per weight; see winograd_f43_weight_cpu):
 //      conv3x3_winograd_products_cpu or any batched GEMM;
 //   3. output transform (this file): M (36, G, T, C_out/G) -> y (N, H, W, C_out), with
 //      y = gamma * act(conv + bias) fused (act optional), rows and columns past H, W dropped.
-// float32 only; the rounding differs from a direct convolution (the transforms add and
-// scale by up to 5 / 8): about 10x a direct float32 conv's relative error (~2e-6).
+// The weight gradient runs the same algebra backwards (declared below). float32 only; the
+// rounding differs from a direct convolution (the transforms add and scale by up to 5 / 8):
+// about 10x a direct float32 conv's relative error (~2e-6).
 // Same conventions as kernels.h: a params struct of raw pointers, sizes and strides (in
 // elements), a Status result.
 #pragma once

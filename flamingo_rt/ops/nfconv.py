@@ -548,7 +548,7 @@ def conv2d_padded(
     if (sh, sw) == (1, 1) and pad == (0, 0) and groups == 1 and _conv1x1_as_mm(x, w):
         return _conv1x1_mm(x, w, bias)
     if (sh, sw) == (1, 1) and pad == (1, 1) and kh == kw == 3 and _winograd.eligible(x, w, 1, groups):
-        return _winograd.conv3x3(x, w, bias, groups)  # forward and input gradient as Winograd convolutions
+        return _winograd.conv3x3(x, w, bias, groups)  # forward and both gradients as Winograd convolutions
     return F.conv2d(x, w, bias, (sh, sw), pad, 1, groups)
 
 

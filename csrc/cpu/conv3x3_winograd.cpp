@@ -333,6 +333,33 @@ FRT_CLONES void grad_tile(const Conv3x3WinogradParams& p, int64_t tiles, int64_t
   }
 }
 
+// op(A) @ B into C (ACC: added to C) through the AVX-512 kernels when vec, else the plain loop.
+template <bool TA, bool ACC>
+void gemm(bool vec, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+          int64_t k, int64_t n) {
+#ifdef FRT_WINO_AVX512
+  if (vec) {
+    gemm_avx512<TA, ACC>(A, lda, B, ldb, C, ldc, rows, k, n);
+    return;
+  }
+#endif
+  (void)vec;
+  gemm_plain<TA, ACC>(A, lda, B, ldb, C, ldc, rows, k, n);
+}
+
+// fn(pg, r0, n) for every (point, group) pair pg of `pairs` and block [r0, r0 + n) of 48 of
+// the product's `rows` result rows (whole register blocks), over OpenMP threads; each task's
+// sums run in one fixed order (deterministic).
+template <class Fn>
+void for_each_product_task(int64_t pairs, int64_t rows, Fn fn) {
+  constexpr int64_t kRowsPerTask = 48;
+  const int64_t blocks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t pg = 0; pg < pairs; ++pg)
+    for (int64_t rb = 0; rb < blocks; ++rb)
+      fn(pg, rb * kRowsPerTask, std::min(kRowsPerTask, rows - rb * kRowsPerTask));
+}
+
 Status check(const Conv3x3WinogradParams& p) {
   if (p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;
   if (p.n < 0 || p.h < 0 || p.w < 0 || p.c_in < 0 || p.c_out < 0 || p.groups < 1 ||
@@ -410,33 +437,16 @@ Status conv3x3_winograd_weight_grad_products_cpu(const Conv3x3WinogradParams& p)
   const float* m = static_cast<const float*>(p.m);
   float* du = static_cast<float*>(p.du);
   const bool vec = conv3x3_winograd_products_vectorized(p);
-  // tasks: (point, group) pairs x blocks of 48 input channels; each reduces over the range's
-  // tiles in one fixed order (deterministic)
-  constexpr int64_t kRowsPerTask = 48;
-  const int64_t row_blocks = (cg + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t pg = 0; pg < pairs; ++pg) {
-    for (int64_t rb = 0; rb < row_blocks; ++rb) {
-      const int64_t r0 = rb * kRowsPerTask, rows = std::min(kRowsPerTask, cg - r0);
-      const float* A = v + pg * tiles * cg + r0;  // V[pg]^T rows r0.. : columns of V
-      const float* B = m + pg * tiles * cog;
-      float* C = du + (pg * cg + r0) * cog;
-#ifdef FRT_WINO_AVX512
-      if (vec) {
-        if (p.du_accumulate)
-          gemm_avx512<true, true>(A, cg, B, cog, C, cog, rows, tiles, cog);
-        else
-          gemm_avx512<true, false>(A, cg, B, cog, C, cog, rows, tiles, cog);
-        continue;
-      }
-#endif
-      (void)vec;
-      if (p.du_accumulate)
-        gemm_plain<true, true>(A, cg, B, cog, C, cog, rows, tiles, cog);
-      else
-        gemm_plain<true, false>(A, cg, B, cog, C, cog, rows, tiles, cog);
-    }
-  }
+  // result rows: the input channels (du[pg] = V[pg]^T @ Yg[pg], reduced over the tiles)
+  for_each_product_task(pairs, cg, [&](int64_t pg, int64_t r0, int64_t rows) {
+    const float* A = v + pg * tiles * cg + r0;  // columns r0.. of V[pg]
+    const float* B = m + pg * tiles * cog;
+    float* C = du + (pg * cg + r0) * cog;
+    if (p.du_accumulate)
+      gemm<true, true>(vec, A, cg, B, cog, C, cog, rows, tiles, cog);
+    else
+      gemm<true, false>(vec, A, cg, B, cog, C, cog, rows, tiles, cog);
+  });
   return Status::kOk;
 }
 
@@ -457,26 +467,11 @@ Status conv3x3_winograd_products_cpu(const Conv3x3WinogradParams& p) {
   const float* u = static_cast<const float*>(p.u);
   float* m = static_cast<float*>(p.m);
   const bool vec = conv3x3_winograd_products_vectorized(p);
-  // tasks: (point, group) pairs x blocks of 48 rows (whole register blocks)
-  constexpr int64_t kRowsPerTask = 48;
-  const int64_t row_blocks = (tiles + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t pg = 0; pg < pairs; ++pg) {
-    for (int64_t rb = 0; rb < row_blocks; ++rb) {
-      const int64_t r0 = rb * kRowsPerTask, rows = std::min(kRowsPerTask, tiles - r0);
-      const float* A = v + (pg * tiles + r0) * cg;
-      const float* B = u + pg * cg * cog;
-      float* C = m + (pg * tiles + r0) * cog;
-#ifdef FRT_WINO_AVX512
-      if (vec) {
-        gemm_avx512<false, false>(A, cg, B, cog, C, cog, rows, cg, cog);
-        continue;
-      }
-#endif
-      (void)vec;
-      gemm_plain<false, false>(A, cg, B, cog, C, cog, rows, cg, cog);
-    }
-  }
+  // result rows: the range's tiles (M[pg] = V[pg] @ U[pg])
+  for_each_product_task(pairs, tiles, [&](int64_t pg, int64_t r0, int64_t rows) {
+    gemm<false, false>(vec, v + (pg * tiles + r0) * cg, cg, u + pg * cg * cog, cog, m + (pg * tiles + r0) * cog,
+                       cog, rows, cg, cog);
+  });
   return Status::kOk;
 }
 

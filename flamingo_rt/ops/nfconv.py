@@ -20,6 +20,7 @@ from torch import Tensor
 from . import backend as _backend
 from . import cpu_gemm
 from . import winograd_conv as _winograd
+from .linear import linear as _linear
 from ._eager import EagerOp
 from ._outputs import act_format as _fmt
 from ._outputs import new_act_like as _new_act
@@ -586,8 +587,13 @@ def _conv1x1_mm(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     N, C, H, W = x.shape
     O = w.shape[0]
     rows = x.permute(0, 2, 3, 1).reshape(N * H * W, C)
-    wt = w.reshape(O, C).t()
-    y = torch.mm(rows, wt) if bias is None else torch.addmm(bias, rows, wt)
+    if x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        # ops.linear: float32 products (and their backward) through oneDNN where MKL runs its
+        # AVX2 kernels (ops.cpu_gemm's policy), torch's elsewhere
+        y = _linear(rows, w.reshape(O, C), bias)
+    else:
+        wt = w.reshape(O, C).t()
+        y = torch.mm(rows, wt) if bias is None else torch.addmm(bias, rows, wt)
     return y.view(N, H, W, O).permute(0, 3, 1, 2)
 
 

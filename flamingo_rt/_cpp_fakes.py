@@ -102,10 +102,12 @@ def register() -> None:
         return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_weight")
-    def _(w, groups):
+    def _(w, groups, transposed=False):
         torch._check(w.dim() == 4 and w.shape[2] == 3 and w.shape[3] == 3,
                      lambda: f"conv3x3_winograd_weight: expected a weight of shape (C_out, C_in/groups, 3, 3), "
                              f"got {tuple(w.shape)}")
+        if transposed:
+            return w.new_empty((36 * groups, w.shape[0] // groups, w.shape[1]))
         return w.new_empty((36 * groups, w.shape[1], w.shape[0] // groups))
 
     @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_weight_grad")

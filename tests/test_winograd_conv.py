@@ -106,6 +106,9 @@ def test_weight_transform_is_g_w_gt_rounded_once():
     # rounded once from float64 (sums in another order can round to the neighbouring float)
     torch.testing.assert_close(u, want.float(), rtol=2.5e-7, atol=1e-12)
     assert (u != want.float()).float().mean() < 0.01
+    # transposed: the input gradient's weight (in / out swapped per group, kernels flipped)
+    wt_t = wt.reshape(3, 12, 8, 3, 3).transpose(1, 2).flip(-2, -1).reshape(24, 12, 3, 3)
+    assert torch.equal(W.winograd_weight(wt, 3, transposed=True), W.winograd_weight(wt_t, 3))
 
 
 def test_errors_say_what_was_expected():

@@ -495,9 +495,11 @@ Status conv3x3_winograd_output_cpu(const Conv3x3WinogradParams& p) {
 
 namespace {
 
-// U's entries for one (group, input channel) row over the group's cog output channels: k_co
-// (9 taps) at kb + co * k_stride, written to u0[p * plane_stride + co] for the 36 points p.
-// Float64 math, vectorized over the output channels (the taps are gathered).
+// U's entries for one row of U (a group's input channel) over its cog columns: kernel co
+// (9 taps) at kb + co * k_stride, its taps in reverse order with FLIP, written to
+// u0[p * plane_stride + co] for the 36 points p. Float64 math, vectorized over the columns
+// (the taps are gathered).
+template <bool FLIP>
 FRT_CLONES void weight_row(const float* kb, int64_t k_stride, int64_t cog, float* u0, int64_t plane_stride) {
   constexpr double g1 = 1.0 / 6, g2 = 1.0 / 12, g3 = 1.0 / 24;
   FRT_SIMD for (int64_t co = 0; co < cog; ++co) {
@@ -505,7 +507,7 @@ FRT_CLONES void weight_row(const float* kb, int64_t k_stride, int64_t cog, float
     double gk[kIn][3];  // G k: rows of G = (1/4, 0, 0), -(1, 1, 1)/6, (-1, 1, -1)/6,
                         // (1/24, 1/12, 1/6), (1/24, -1/12, 1/6), (0, 0, 1)
     for (int j = 0; j < 3; ++j) {
-      const double k0 = k[j], k1 = k[3 + j], k2 = k[6 + j];
+      const double k0 = k[FLIP ? 8 - j : j], k1 = k[FLIP ? 5 - j : 3 + j], k2 = k[FLIP ? 2 - j : 6 + j];
       gk[0][j] = 0.25 * k0;
       gk[1][j] = -g1 * (k0 + k1 + k2);
       gk[2][j] = -g1 * (k0 - k1 + k2);
@@ -529,19 +531,27 @@ FRT_CLONES void weight_row(const float* kb, int64_t k_stride, int64_t cog, float
 }  // namespace
 
 Status winograd_f43_weight_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
-                               float* u) {
+                               float* u, bool flipped_transposed) {
   if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
   if (c_out == 0 || c_in_per_group == 0) return Status::kOk;
   if (!w || !u) return Status::kInvalidArgument;
   const int64_t cog = c_out / groups, ci = c_in_per_group;
-  const int64_t plane = groups * ci * cog;  // U (36, G, ci, cog)
-  // one task per (group, input channel): its row of U at every point is contiguous over the
-  // group's output channels (a task per output channel, scalar, took 9.3 ms for a
-  // 768 x 128 x 3 x 3 weight)
+  const int64_t plane = groups * ci * cog;  // U (36, G, ci, cog), or transposed (36, G, cog, ci)
+  // one task per row of U: the row at every point is contiguous over U's columns (a task per
+  // output channel, scalar, took 9.3 ms for a 768 x 128 x 3 x 3 weight)
+  if (flipped_transposed) {
+    // U's rows are the forward's output channels o, its columns the input channels c (taps at
+    // stride 9), every kernel flipped: the input gradient's convolution
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t o = 0; o < cog; ++o)
+        weight_row<true>(w + (g * cog + o) * ci * 9, 9, ci, u + (g * cog + o) * ci, plane);
+    return Status::kOk;
+  }
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t c = 0; c < ci; ++c)
-      weight_row(w + (g * cog * ci + c) * 9, ci * 9, cog, u + (g * ci + c) * cog, plane);
+      weight_row<false>(w + (g * cog * ci + c) * 9, ci * 9, cog, u + (g * ci + c) * cog, plane);
   return Status::kOk;
 }
 

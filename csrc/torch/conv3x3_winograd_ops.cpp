@@ -1,7 +1,9 @@
 // torch ops over the Winograd convolution (csrc/cpu/conv3x3_winograd.cpp):
 //
-//   flamingo_rt_C::conv3x3_winograd_weight(Tensor w, int groups) -> Tensor
-//       # w (C_out, C_in/groups, 3, 3) float32 -> U (36 * groups, C_in/groups, C_out/groups)
+//   flamingo_rt_C::conv3x3_winograd_weight(Tensor w, int groups, bool transposed=False) -> Tensor
+//       # w (C_out, C_in/groups, 3, 3) float32 -> U (36 * groups, C_in/groups, C_out/groups);
+//       # transposed: U' (36 * groups, C_out/groups, C_in/groups) of the input gradient's
+//       # convolution (in / out channels swapped per group, kernels flipped)
 //   flamingo_rt_C::conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int groups, str act,
 //                                   float gamma) -> Tensor
 //       # gamma * act(conv3x3(x, w, padding=1) + bias), act "none" | "gelu" | "relu" | "silu";
@@ -44,7 +46,7 @@ constexpr const char* kWinoW = "flamingo_rt_C::conv3x3_winograd_weight";
 constexpr int64_t kChunkBytes = int64_t(2) << 20;
 constexpr int64_t kMinChunkTiles = 64;
 
-at::Tensor winograd_weight_cpu_impl(const at::Tensor& w, int64_t groups) {
+at::Tensor winograd_weight_cpu_impl(const at::Tensor& w, int64_t groups, bool transposed) {
   TORCH_CHECK(groups >= 1, kWinoW, ": expected groups >= 1, got ", groups);
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, kWinoW,
               ": expected a weight of shape (C_out, C_in/groups, 3, 3), got ", w.sizes());
@@ -53,8 +55,10 @@ at::Tensor winograd_weight_cpu_impl(const at::Tensor& w, int64_t groups) {
   TORCH_CHECK(w.scalar_type() == at::kFloat, kWinoW, ": expected a float32 weight, got ", w.scalar_type());
   const at::Tensor wc = w.contiguous();
   const int64_t co = w.size(0), ci = w.size(1);
-  at::Tensor u = at::empty({kWinogradPoints * groups, ci, co / groups}, w.options());
-  check_status(kWinoW, "CPU", winograd_f43_weight_cpu(wc.data_ptr<float>(), co, ci, groups, u.data_ptr<float>()));
+  at::Tensor u = transposed ? at::empty({kWinogradPoints * groups, co / groups, ci}, w.options())
+                            : at::empty({kWinogradPoints * groups, ci, co / groups}, w.options());
+  check_status(kWinoW, "CPU",
+               winograd_f43_weight_cpu(wc.data_ptr<float>(), co, ci, groups, u.data_ptr<float>(), transposed));
   return u;
 }
 
@@ -201,7 +205,7 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
 }  // namespace flamingo_rt
 
 TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
-  m.def("conv3x3_winograd_weight(Tensor w, int groups) -> Tensor");
+  m.def("conv3x3_winograd_weight(Tensor w, int groups, bool transposed=False) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
         "int chunk_tiles=0, str products='auto') -> Tensor");
   m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0, "

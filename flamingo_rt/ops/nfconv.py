@@ -502,7 +502,10 @@ def ws_conv2d(
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     cl = _fmt(x) == torch.channels_last
-    if cl and _fmt(weight) != torch.channels_last:
+    # (a Winograd convolution reads the weight in its own layout: no channels-last copy for it)
+    winograd = (padding == "same" and _pair(stride, "stride") == (1, 1) and tuple(weight.shape[2:]) == (3, 3)
+                and _winograd.eligible(x, weight, 1, groups))
+    if cl and not winograd and _fmt(weight) != torch.channels_last:
         weight = weight.contiguous(memory_format=torch.channels_last)
     if _ws_bf16_ok(weight, gain, backend):
         _check_ws(weight, gain)

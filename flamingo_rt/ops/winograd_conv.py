@@ -93,12 +93,14 @@ def eligible(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
     return enabled()
 
 
-def winograd_weight(w: Tensor, groups: int = 1) -> Tensor:
+def winograd_weight(w: Tensor, groups: int = 1, *, transposed: bool = False) -> Tensor:
     """The transformed weight ``G w G^T`` of w (C_out, C_in/groups, 3, 3) float32:
-    (36 * groups, C_in/groups, C_out/groups) float32, computed in float64 and rounded once."""
+    (36 * groups, C_in/groups, C_out/groups) float32, computed in float64 and rounded once.
+    ``transposed``: that of the input gradient's convolution (each group's in / out channels
+    swapped, every kernel flipped), (36 * groups, C_out/groups, C_in/groups)."""
     if w.dtype != torch.float32:
         raise TypeError(f"winograd_weight: expected a float32 weight, got {w.dtype}")
-    return torch.ops.flamingo_rt_C.conv3x3_winograd_weight(w.detach(), groups)
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_weight(w.detach(), groups, transposed)
 
 
 def conv3x3_winograd(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: int = 1, act: str = "none",
@@ -143,13 +145,6 @@ def conv3x3_weight_grad(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: 
     return torch.ops.flamingo_rt_C.conv3x3_winograd_weight_grad(x, dy, groups, int(chunk_tiles), products)
 
 
-def _flipped_transposed(w: Tensor, groups: int) -> Tensor:
-    """The weight of the input gradient's convolution: w (C_out, C_in/g, 3, 3) ->
-    (C_in, C_out/g, 3, 3), each group's in/out channels swapped, the taps flipped."""
-    co, cg = w.shape[0], w.shape[1]
-    return w.reshape(groups, co // groups, cg, 3, 3).transpose(1, 2).flip(-2, -1).reshape(groups * cg, co // groups, 3, 3)
-
-
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
@@ -165,7 +160,7 @@ class _Conv3x3(torch.autograd.Function):
         g = ctx.groups
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            u_t = torch.ops.flamingo_rt_C.conv3x3_winograd_weight(_flipped_transposed(w, g), g)
+            u_t = torch.ops.flamingo_rt_C.conv3x3_winograd_weight(w, g, True)
             dx = torch.ops.flamingo_rt_C.conv3x3_winograd(dy, u_t, None, g, "none", 1.0, 0, "auto")
         if ctx.needs_input_grad[1]:
             dw = conv3x3_weight_grad(x, dy, g)

@@ -91,8 +91,10 @@ Status winograd_f43_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in
                                     float* dw);
 
 // The transformed weight U (36, groups, c_in/groups, c_out/groups) of w (c_out, c_in/groups,
-// 3, 3) (contiguous), computed in float64 and rounded once to float32.
+// 3, 3) (contiguous), computed in float64 and rounded once to float32. flipped_transposed:
+// instead the transformed weight of the input gradient's convolution (each group's in and
+// out channels swapped, every kernel flipped): U' (36, groups, c_out/groups, c_in/groups).
 Status winograd_f43_weight_cpu(const float* w, int64_t c_out, int64_t c_in_per_group,
-                               int64_t groups, float* u);
+                               int64_t groups, float* u, bool flipped_transposed = false);
 
 }  // namespace flamingo_rt

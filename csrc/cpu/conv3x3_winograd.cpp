@@ -360,14 +360,6 @@ void for_each_product_task(int64_t pairs, int64_t rows, Fn fn) {
       fn(pg, rb * kRowsPerTask, std::min(kRowsPerTask, rows - rb * kRowsPerTask));
 }
 
-Status check(const Conv3x3WinogradParams& p) {
-  if (p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;
-  if (p.n < 0 || p.h < 0 || p.w < 0 || p.c_in < 0 || p.c_out < 0 || p.groups < 1 ||
-      p.c_in % p.groups || p.c_out % p.groups)
-    return Status::kInvalidArgument;
-  return Status::kOk;
-}
-
 // The number of tiles of the call's range, or -1 when the range is outside the tiles.
 int64_t range_tiles(const Conv3x3WinogradParams& p) {
   const int64_t all = p.n * winograd_tiles(p.h) * winograd_tiles(p.w);
@@ -376,23 +368,40 @@ int64_t range_tiles(const Conv3x3WinogradParams& p) {
   return p.tile_begin + p.tile_count <= all ? p.tile_count : -1;
 }
 
-// Run fn(tiles, t, img, y0, x0) for every tile t of the range (t counted from the range's
-// start; img, y0, x0 its image and top-left pixel plus origin_offset), over OpenMP threads.
+// The checks every stage starts with: dtype, sizes, the tile range, then (when there is work)
+// the pointers the stage uses (`pointers`). Sets *tiles to the range's tile count, 0 when there
+// is nothing to do (an empty range, or `no_channels`): kOk with *tiles == 0 means return.
+Status begin_stage(const Conv3x3WinogradParams& p, bool no_channels, bool pointers, int64_t* tiles) {
+  *tiles = 0;
+  if (p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;
+  if (p.n < 0 || p.h < 0 || p.w < 0 || p.c_in < 0 || p.c_out < 0 || p.groups < 1 ||
+      p.c_in % p.groups || p.c_out % p.groups)
+    return Status::kInvalidArgument;
+  const int64_t n = range_tiles(p);
+  if (n < 0) return Status::kInvalidArgument;
+  if (n == 0 || no_channels) return Status::kOk;
+  if (!pointers) return Status::kInvalidArgument;
+  *tiles = n;
+  return Status::kOk;
+}
+
+// Run fn(t, img, y0, x0) for every tile t of the range of `tiles` tiles (t counted from
+// the range's start; img, y0, x0 its image and top-left pixel plus origin_offset), over OpenMP
+// threads.
 template <class Fn>
-void for_each_tile(const Conv3x3WinogradParams& p, int64_t origin_offset, Fn fn) {
+void for_each_tile(const Conv3x3WinogradParams& p, int64_t tiles, int64_t origin_offset, Fn fn) {
   const int64_t th = winograd_tiles(p.h), tw = winograd_tiles(p.w);
-  const int64_t tiles = range_tiles(p);
 #pragma omp parallel for schedule(static) if (tiles > 1)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t a = p.tile_begin + t;
     const int64_t img = a / (th * tw), rem = a % (th * tw);
-    fn(tiles, t, img, (rem / tw) * kWinogradTile + origin_offset, (rem % tw) * kWinogradTile + origin_offset);
+    fn(t, img, (rem / tw) * kWinogradTile + origin_offset, (rem % tw) * kWinogradTile + origin_offset);
   }
 }
 
 template <bool HAS_ACT, Act A>
-void output_all(const Conv3x3WinogradParams& p) {
-  for_each_tile(p, 0, [&](int64_t tiles, int64_t t, int64_t img, int64_t y0, int64_t x0) {
+void output_all(const Conv3x3WinogradParams& p, int64_t tiles) {
+  for_each_tile(p, tiles, 0, [&](int64_t t, int64_t img, int64_t y0, int64_t x0) {
     output_tile<HAS_ACT, A>(p, tiles, t, img, y0, x0);
   });
 }
@@ -400,37 +409,30 @@ void output_all(const Conv3x3WinogradParams& p) {
 }  // namespace
 
 Status conv3x3_winograd_input_cpu(const Conv3x3WinogradParams& p) {
-  const Status st = check(p);
-  if (st != Status::kOk) return st;
-  if (range_tiles(p) < 0) return Status::kInvalidArgument;
-  if (range_tiles(p) == 0 || p.c_in == 0) return Status::kOk;
-  if (!p.x || !p.v) return Status::kInvalidArgument;
+  int64_t tiles;
+  const Status st = begin_stage(p, p.c_in == 0, p.x && p.v, &tiles);
+  if (st != Status::kOk || tiles == 0) return st;
   // the 6x6 window of output tile (ty, tx) starts one pixel up and left (the padding)
-  for_each_tile(p, -1, [&](int64_t tiles, int64_t t, int64_t img, int64_t y0, int64_t x0) {
+  for_each_tile(p, tiles, -1, [&](int64_t t, int64_t img, int64_t y0, int64_t x0) {
     input_tile(p, tiles, t, img, y0, x0);
   });
   return Status::kOk;
 }
 
 Status conv3x3_winograd_grad_output_transform_cpu(const Conv3x3WinogradParams& p) {
-  const Status st = check(p);
-  if (st != Status::kOk) return st;
-  if (range_tiles(p) < 0) return Status::kInvalidArgument;
-  if (range_tiles(p) == 0 || p.c_out == 0) return Status::kOk;
-  if (!p.dy || !p.m) return Status::kInvalidArgument;
-  for_each_tile(p, 0, [&](int64_t tiles, int64_t t, int64_t img, int64_t y0, int64_t x0) {
+  int64_t tiles;
+  const Status st = begin_stage(p, p.c_out == 0, p.dy && p.m, &tiles);
+  if (st != Status::kOk || tiles == 0) return st;
+  for_each_tile(p, tiles, 0, [&](int64_t t, int64_t img, int64_t y0, int64_t x0) {
     grad_tile(p, tiles, t, img, y0, x0);
   });
   return Status::kOk;
 }
 
 Status conv3x3_winograd_weight_grad_products_cpu(const Conv3x3WinogradParams& p) {
-  const Status st = check(p);
-  if (st != Status::kOk) return st;
-  const int64_t tiles = range_tiles(p);
-  if (tiles < 0) return Status::kInvalidArgument;
-  if (tiles == 0 || p.c_out == 0 || p.c_in == 0) return Status::kOk;
-  if (!p.v || !p.m || !p.du) return Status::kInvalidArgument;
+  int64_t tiles;
+  const Status st = begin_stage(p, p.c_out == 0 || p.c_in == 0, p.v && p.m && p.du, &tiles);
+  if (st != Status::kOk || tiles == 0) return st;
   const int64_t cg = p.c_in / p.groups, cog = p.c_out / p.groups;
   const int64_t pairs = kWinogradPoints * p.groups;
   const float* v = static_cast<const float*>(p.v);
@@ -455,12 +457,9 @@ bool conv3x3_winograd_products_vectorized(const Conv3x3WinogradParams& p) {
 }
 
 Status conv3x3_winograd_products_cpu(const Conv3x3WinogradParams& p) {
-  const Status st = check(p);
-  if (st != Status::kOk) return st;
-  const int64_t tiles = range_tiles(p);
-  if (tiles < 0) return Status::kInvalidArgument;
-  if (tiles == 0 || p.c_out == 0) return Status::kOk;
-  if (!p.v || !p.u || !p.m) return Status::kInvalidArgument;
+  int64_t tiles;
+  const Status st = begin_stage(p, p.c_out == 0, p.v && p.u && p.m, &tiles);
+  if (st != Status::kOk || tiles == 0) return st;
   const int64_t cg = p.c_in / p.groups, cog = p.c_out / p.groups;
   const int64_t pairs = kWinogradPoints * p.groups;
   const float* v = static_cast<const float*>(p.v);
@@ -476,19 +475,17 @@ Status conv3x3_winograd_products_cpu(const Conv3x3WinogradParams& p) {
 }
 
 Status conv3x3_winograd_output_cpu(const Conv3x3WinogradParams& p) {
-  const Status st = check(p);
-  if (st != Status::kOk) return st;
-  if (range_tiles(p) < 0) return Status::kInvalidArgument;
-  if (range_tiles(p) == 0 || p.c_out == 0) return Status::kOk;
-  if (!p.m || !p.y) return Status::kInvalidArgument;
+  int64_t tiles;
+  const Status st = begin_stage(p, p.c_out == 0, p.m && p.y, &tiles);
+  if (st != Status::kOk || tiles == 0) return st;
   if (!p.has_act) {
-    output_all<false, Act::kGelu>(p);
+    output_all<false, Act::kGelu>(p, tiles);
     return Status::kOk;
   }
   switch (p.act) {
-    case Act::kGelu: output_all<true, Act::kGelu>(p); return Status::kOk;
-    case Act::kRelu: output_all<true, Act::kRelu>(p); return Status::kOk;
-    case Act::kSilu: output_all<true, Act::kSilu>(p); return Status::kOk;
+    case Act::kGelu: output_all<true, Act::kGelu>(p, tiles); return Status::kOk;
+    case Act::kRelu: output_all<true, Act::kRelu>(p, tiles); return Status::kOk;
+    case Act::kSilu: output_all<true, Act::kSilu>(p, tiles); return Status::kOk;
   }
   return Status::kInvalidArgument;
 }

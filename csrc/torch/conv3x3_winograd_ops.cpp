@@ -46,6 +46,32 @@ constexpr const char* kWinoW = "flamingo_rt_C::conv3x3_winograd_weight";
 constexpr int64_t kChunkBytes = int64_t(2) << 20;
 constexpr int64_t kMinChunkTiles = 64;
 
+// Tiles per chunk of T tiles whose V and M (or Yg) rows take P * (cg + cog) floats a tile;
+// chunk_tiles > 0: the caller's.
+int64_t chunk_size(int64_t T, int64_t P, int64_t cg, int64_t cog, int64_t chunk_tiles) {
+  const int64_t tile_bytes = P * (cg + cog) * int64_t(sizeof(float));
+  return std::min<int64_t>(T, chunk_tiles > 0 ? chunk_tiles
+                                              : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes));
+}
+
+// The calling thread's workspace of at least `floats` float32 elements: one buffer per thread,
+// shared by the forward and the weight gradient (they never run nested), grown to the largest
+// size met and kept, so no call pays page faults for its transforms (fresh buffers made
+// dm_nfnet_f0's convolutions up to 2x slower inside the model).
+const at::Tensor& workspace(int64_t floats, const at::TensorOptions& options) {
+  static thread_local at::Tensor ws;
+  if (!ws.defined() || ws.numel() < floats) ws = at::empty({floats}, options);
+  return ws;
+}
+
+// Whether our products run: `products` "ours", or "auto" where they are vectorized.
+bool own_products(const char* op, c10::string_view products, const Conv3x3WinogradParams& p) {
+  const std::string prod(products.data(), products.size());
+  TORCH_CHECK(prod == "auto" || prod == "ours" || prod == "blas", op,
+              ": expected products 'auto', 'ours' or 'blas', got '", prod, "'");
+  return prod == "ours" || (prod == "auto" && conv3x3_winograd_products_vectorized(p));
+}
+
 at::Tensor winograd_weight_cpu_impl(const at::Tensor& w, int64_t groups, bool transposed) {
   TORCH_CHECK(groups >= 1, kWinoW, ": expected groups >= 1, got ", groups);
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, kWinoW,
@@ -65,9 +91,6 @@ at::Tensor winograd_weight_cpu_impl(const at::Tensor& w, int64_t groups, bool tr
 at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
                              int64_t groups, c10::string_view act, double gamma, int64_t chunk_tiles,
                              c10::string_view products) {
-  const std::string prod(products.data(), products.size());
-  TORCH_CHECK(prod == "auto" || prod == "ours" || prod == "blas", kWino,
-              ": expected products 'auto', 'ours' or 'blas', got '", prod, "'");
   TORCH_CHECK(chunk_tiles >= 0, kWino, ": expected chunk_tiles >= 0 (0: chosen here), got ", chunk_tiles);
   TORCH_CHECK(x.dim() == 4, kWino, ": expected x of shape (N, C_in, H, W), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, kWino,
@@ -92,19 +115,15 @@ at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = at::empty({N, CO, H, W}, x.options(), at::MemoryFormat::ChannelsLast);
   const int64_t T = N * winograd_tiles(H) * winograd_tiles(W);
+  p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
+  const bool ours = own_products(kWino, products, p);
   if (y.numel() == 0) return y;
-  // V and M of a chunk of tiles, in one workspace per thread that grows to the largest chunk
-  // met and is kept (at most ~14 MiB on dm_nfnet_f0: no page faults per call)
-  const int64_t tile_bytes = kWinogradPoints * (cg + cog) * groups * int64_t(sizeof(float));
-  const int64_t chunk = std::min<int64_t>(
-      T, chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes));
+  // V and M of a chunk of tiles (F0: at most ~14 MiB)
   const int64_t P = kWinogradPoints * groups;
-  static thread_local at::Tensor ws;
-  const int64_t need = P * chunk * (cg + cog);
-  if (!ws.defined() || ws.numel() < need) ws = at::empty({need}, x.options());
+  const int64_t chunk = chunk_size(T, P, cg, cog, chunk_tiles);
+  const at::Tensor& ws = workspace(P * chunk * (cg + cog), x.options());
   const at::Tensor v = ws.narrow(0, 0, P * chunk * cg);
   const at::Tensor m = ws.narrow(0, P * chunk * cg, P * chunk * cog);
-  p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
   p.x = xc.data_ptr<float>();
   p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -114,7 +133,6 @@ at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10
   p.sy_n = y.stride(0), p.sy_h = y.stride(2), p.sy_w = y.stride(3);
   const at::Tensor uc = u.contiguous();
   p.u = uc.data_ptr<float>();
-  const bool own_products = prod == "ours" || (prod == "auto" && conv3x3_winograd_products_vectorized(p));
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     const int64_t n = std::min(chunk, T - t0);
     at::Tensor vc = v.narrow(0, 0, P * n * cg).view({P, n, cg});
@@ -123,7 +141,7 @@ at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10
     p.v = vc.data_ptr<float>();
     p.m = mc.data_ptr<float>();
     check_status(kWino, "CPU", conv3x3_winograd_input_cpu(p));
-    if (own_products) {
+    if (ours) {
       check_status(kWino, "CPU", conv3x3_winograd_products_cpu(p));
     } else {
       at::bmm_out(mc, vc, uc);  // torch's BLAS
@@ -138,9 +156,6 @@ at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10
 at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& dy, int64_t groups,
                                          int64_t chunk_tiles, c10::string_view products) {
   constexpr const char* kOp = "flamingo_rt_C::conv3x3_winograd_weight_grad";
-  const std::string prod(products.data(), products.size());
-  TORCH_CHECK(prod == "auto" || prod == "ours" || prod == "blas", kOp,
-              ": expected products 'auto', 'ours' or 'blas', got '", prod, "'");
   TORCH_CHECK(x.dim() == 4 && dy.dim() == 4, kOp, ": expected x (N, C_in, H, W) and dy (N, C_out, H, W), got ",
               x.sizes(), " and ", dy.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && dy.scalar_type() == at::kFloat, kOp,
@@ -152,21 +167,18 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
               " and C_out ", CO, " to be positive multiples of groups ", groups);
   TORCH_CHECK(chunk_tiles >= 0, kOp, ": expected chunk_tiles >= 0 (0: chosen here), got ", chunk_tiles);
   const int64_t cg = C / groups, cog = CO / groups, P = kWinogradPoints * groups;
+  Conv3x3WinogradParams p;
+  p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
+  const bool ours = own_products(kOp, products, p);
   at::Tensor dw = at::empty({CO, cg, 3, 3}, x.options());
   const int64_t T = N * winograd_tiles(H) * winograd_tiles(W);
   if (T == 0) return dw.zero_();
   {  // (a scope: the workspace pointers below)
     const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
-    const int64_t tile_bytes = P * (cg + cog) * int64_t(sizeof(float));
-    const int64_t chunk = std::min<int64_t>(
-        T, chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes));
-    // V, Yg and dL/dU in this thread's workspace (kept at its largest size: ~30 MiB on F0)
-    static thread_local at::Tensor ws;
-    const int64_t need = P * chunk * (cg + cog) + P * cg * cog;
-    if (!ws.defined() || ws.numel() < need) ws = at::empty({need}, x.options());
-    Conv3x3WinogradParams p;
-    p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
+    const int64_t chunk = chunk_size(T, P, cg, cog, chunk_tiles);
+    // V, Yg and dL/dU (F0: at most ~28 MiB)
+    const at::Tensor& ws = workspace(P * chunk * (cg + cog) + P * cg * cog, x.options());
     p.x = xc.data_ptr<float>();
     p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
     p.dy = dyc.data_ptr<float>();
@@ -174,7 +186,6 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
     p.v = ws.data_ptr<float>();
     p.m = ws.data_ptr<float>() + P * chunk * cg;
     p.du = ws.data_ptr<float>() + P * chunk * (cg + cog);
-    const bool own_products = prod == "ours" || (prod == "auto" && conv3x3_winograd_products_vectorized(p));
     at::Tensor du = ws.narrow(0, P * chunk * (cg + cog), P * cg * cog).view({P, cg, cog});
     for (int64_t t0 = 0; t0 < T; t0 += chunk) {
       const int64_t n = std::min(chunk, T - t0);
@@ -182,7 +193,7 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
       p.du_accumulate = t0 > 0;
       check_status(kOp, "CPU", conv3x3_winograd_input_cpu(p));
       check_status(kOp, "CPU", conv3x3_winograd_grad_output_transform_cpu(p));
-      if (own_products) {
+      if (ours) {
         check_status(kOp, "CPU", conv3x3_winograd_weight_grad_products_cpu(p));
       } else {  // torch's BLAS: du (+)= V^T @ Yg
         const at::Tensor vt = ws.narrow(0, 0, P * n * cg).view({P, n, cg}).transpose(1, 2);

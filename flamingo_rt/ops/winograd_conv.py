@@ -70,13 +70,13 @@ def enabled() -> bool:
     ``off``; and the extension has the op."""
     st = getattr(_LOCAL, "stack", None)
     if st:
-        return st[-1] and _ext.load() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd")
-    v = os.environ.get("FLAMINGO_RT_WINOGRAD", "auto").strip().lower()
-    if v in ("0", "off", "false", "no"):
-        return False
-    if v not in ("", "auto", "1", "on", "true", "yes"):
-        raise ValueError(f"FLAMINGO_RT_WINOGRAD: expected auto, 1 or 0, got {v!r}")
-    return _ext.load() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd")
+        on = st[-1]
+    else:
+        v = os.environ.get("FLAMINGO_RT_WINOGRAD", "auto").strip().lower()
+        if v not in ("", "auto", "1", "on", "true", "yes", "0", "off", "false", "no"):
+            raise ValueError(f"FLAMINGO_RT_WINOGRAD: expected auto, 1 or 0, got {v!r}")
+        on = v not in ("0", "off", "false", "no")
+    return on and _ext.load() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd")
 
 
 def eligible(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
@@ -150,8 +150,7 @@ class _Conv3x3(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.groups = groups
-        u = torch.ops.flamingo_rt_C.conv3x3_winograd_weight(w, groups)
-        return torch.ops.flamingo_rt_C.conv3x3_winograd(x, u, bias, groups, "none", 1.0, 0, "auto")
+        return conv3x3_winograd(x, winograd_weight(w, groups), bias, groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -160,8 +159,7 @@ class _Conv3x3(torch.autograd.Function):
         g = ctx.groups
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            u_t = torch.ops.flamingo_rt_C.conv3x3_winograd_weight(w, g, True)
-            dx = torch.ops.flamingo_rt_C.conv3x3_winograd(dy, u_t, None, g, "none", 1.0, 0, "auto")
+            dx = conv3x3_winograd(dy, winograd_weight(w, g, transposed=True), None, g)
         if ctx.needs_input_grad[1]:
             dw = conv3x3_weight_grad(x, dy, g)
         if ctx.needs_input_grad[2]:
@@ -171,7 +169,7 @@ class _Conv3x3(torch.autograd.Function):
 
 def conv3x3(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, groups: int = 1) -> Tensor:
     """``F.conv2d(x, w, bias, padding=1, groups=groups)`` for a 3x3 float32 weight, as Winograd
-    convolutions (forward and input gradient), differentiable in x, w and bias (once).
+    convolutions (forward, input and weight gradients), differentiable in x, w and bias (once).
 
     Args:
         x: (N, C_in, H, W) float32 on the CPU, any layout.

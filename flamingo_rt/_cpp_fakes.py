@@ -125,6 +125,21 @@ def register() -> None:
         n, _, h, w = x.shape
         return x.new_empty((n, u.shape[2] * groups, h, w)).contiguous(memory_format=torch.channels_last)
 
+    @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_bf16_weight")
+    def _(w, groups):
+        torch._check(w.dim() == 4 and w.shape[2] == 3 and w.shape[3] == 3 and w.shape[1] % 2 == 0,
+                     lambda: f"conv3x3_winograd_bf16_weight: expected a weight of shape (C_out, C_in/groups, 3, 3) "
+                             f"with C_in/groups even, got {tuple(w.shape)}")
+        return w.new_empty((16 * groups, w.shape[1] // 2, w.shape[0] // groups, 2), dtype=torch.bfloat16)
+
+    @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_bf16")
+    def _(x, u, bias, groups, act, gamma, chunk_tiles=0, products="auto"):
+        torch._check(x.dim() == 4 and u.dim() == 4 and u.shape[0] == 16 * groups,
+                     lambda: f"conv3x3_winograd_bf16: expected x (N, C_in, H, W) and u (16 * groups, C_in/groups/2, "
+                             f"C_out/groups, 2), got {tuple(x.shape)} and {tuple(u.shape)}")
+        n, _, h, w = x.shape
+        return x.new_empty((n, u.shape[2] * groups, h, w)).contiguous(memory_format=torch.channels_last)
+
     @torch.library.register_fake("flamingo_rt_C::transpose_copy")
     def _(a):
         torch._check(a.dim() == 2, lambda: f"transpose_copy: expected a 2-D tensor, got shape {tuple(a.shape)}")

@@ -91,6 +91,7 @@ class ScaledStdConv2d(nn.Module):
         self._packed = None  # (fast weight it was made from, packed weight)
         self._mk = None  # (fast weight it was made from, {(input shape, dtype): oneDNN weight})
         self._wino = None  # (fast weight it was made from, Winograd-transformed weight)
+        self._wino16 = None  # the same for the bfloat16 F(2x2, 3x3) Winograd convolution
         self.reset_parameters()
 
     def fold(self) -> None:
@@ -108,6 +109,7 @@ class ScaledStdConv2d(nn.Module):
         self._packed = None
         self._mk = None
         self._wino = None
+        self._wino16 = None
 
     def fast_weight(self, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
         """The frozen fast path's weight: ``ws_standardize(weight, gain) * in_scale``,
@@ -151,11 +153,19 @@ class ScaledStdConv2d(nn.Module):
             self._wino = (w, _wino.winograd_weight(w, self.groups))
         return self._wino[1]
 
+    def winograd_weight_bf16(self) -> Tensor:
+        """fast_weight transformed once for the bfloat16 F(2x2, 3x3) Winograd convolution
+        (:func:`flamingo_rt.ops.winograd_conv.winograd_weight_bf16`), cached."""
+        w = self.fast_weight()
+        if self._wino16 is None or self._wino16[0] is not w:
+            self._wino16 = (w, _wino.winograd_weight_bf16(w, self.groups))
+        return self._wino16[1]
+
     def __getstate__(self):
         # derived caches (opaque oneDNN tensors among them) are not copied or pickled
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state["_fast"] = state["_packed"] = state["_mk"] = state["_wino"] = None
+        state["_fast"] = state["_packed"] = state["_mk"] = state["_wino"] = state["_wino16"] = None
         return state
 
     def packed_weight(self, dtype: torch.dtype) -> Tensor:
@@ -217,12 +227,18 @@ def fast_conv(x: Tensor, conv: "ScaledStdConv2d", act: bool, backend: Optional[s
     through :func:`flamingo_rt.ops.nfconv.conv2d_bias_act` (GPU: the Triton NHWC conv with
     bias + GELU in its epilogue; CPU: one oneDNN conv + bias + GELU primitive, or for float32
     3x3 stride-1 convs the Winograd convolution with bias + GELU in its output transform,
-    :mod:`flamingo_rt.ops.winograd_conv`)."""
+    bfloat16 ones F(2x2, 3x3) Winograd where :func:`~flamingo_rt.ops.winograd_conv.eligible_bf16`
+    says so, :mod:`flamingo_rt.ops.winograd_conv`)."""
     if (x.device.type == "cpu" and conv.kernel_size == 3 and all(isinstance(d, int) for d in x.shape)
             and not (torch.is_grad_enabled() and x.requires_grad)
             and _wino.eligible(x, conv.weight.detach(), conv.stride, conv.groups)):
         return _wino.conv3x3_winograd(x, conv.winograd_weight(), conv.bias.detach(), conv.groups,
                                      "gelu" if act else "none")
+    if (x.device.type == "cpu" and conv.kernel_size == 3 and all(isinstance(d, int) for d in x.shape)
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and _wino.eligible_bf16(x, conv.weight.detach(), conv.stride, conv.groups)):
+        return _wino.conv3x3_winograd_bf16(x, conv.winograd_weight_bf16(), conv.bias.detach(), conv.groups,
+                                          "gelu" if act else "none")
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     w = conv.fast_weight(torch.channels_last if cl else torch.contiguous_format)
     packed = None

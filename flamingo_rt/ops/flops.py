@@ -101,6 +101,12 @@ def register() -> None:
             n, c, h, w = _shape(x)
             return 2 * n * h * w * c * _shape(u)[2] * 9  # (C_in/g) * C_out = C_in * (C_out/g)
 
+        if hasattr(cpp, "conv3x3_winograd_bf16"):
+            @register_flop_formula(cpp.conv3x3_winograd_bf16, get_raw=True)
+            def _wino_bf16_fwd(x, u, bias, groups, *args, out_val=None, **kw):
+                n, c, h, w = _shape(x)
+                return 2 * n * h * w * c * _shape(u)[2] * 9
+
         @register_flop_formula(cpp.conv3x3_winograd_weight_grad, get_raw=True)
         def _wino_wgrad(x, dy, groups, *args, out_val=None, **kw):
             n, c, h, w = _shape(x)

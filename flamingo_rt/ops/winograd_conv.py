@@ -24,6 +24,17 @@ and output channels per group, and ``FLAMINGO_RT_WINOGRAD`` = ``auto`` (default)
 ``0`` turns it off (oneDNN's direct convolution then runs, as before); :func:`use` sets it
 per thread for a ``with`` block. Each thread that runs these convolutions keeps a workspace
 at the largest size it met (dm_nfnet_f0: 14 MiB, 28 MiB with the weight gradient).
+
+bfloat16 (inference only: :func:`conv3x3_winograd_bf16`, ``flamingo_rt_C::conv3x3_winograd_bf16``):
+F(2x2, 3x3), 16 products per 2x2 output tile instead of 36, on bfloat16 operands with float32
+sums (AVX-512 BF16 ``vdpbf16ps``). F(4x4, 3x3) with bfloat16 operands is too inexact (the
+transform's coefficients amplify the operands' rounding: dm_nfnet_f0's bf16 features 4.4e-2
+relative error against float64, F(2x2, 3x3) 2.1e-2, oneDNN's direct bf16 convolutions 1.9e-2).
+Where it runs (:func:`eligible_bf16`): as the float32 path, with bfloat16 x, at least
+:data:`MIN_CHANNELS_BF16` (an even number of) input and output channels per group, no gradient wanted, and by default (``FLAMINGO_RT_WINOGRAD=auto``)
+only on CPUs with AVX-512 BF16 and without AMX (with AMX, oneDNN's direct bf16 convolutions
+run on the tile units, several times faster than any AVX-512 product); ``1`` or ``use(True)``
+turns it on wherever the op exists (a portable loop runs the products without AVX-512 BF16).
 """
 from __future__ import annotations
 
@@ -37,12 +48,17 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["MIN_CHANNELS", "enabled", "use", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3",
-           "conv3x3_weight_grad"]
+__all__ = ["MIN_CHANNELS", "MIN_CHANNELS_BF16", "enabled", "use", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3",
+           "conv3x3_weight_grad", "bf16_enabled", "eligible_bf16", "winograd_weight_bf16", "conv3x3_winograd_bf16"]
 
 #: Fewer input or output channels per group than this and the 36 products are too thin to
 #: beat the direct convolution (dm_nfnet_f0's stem 16 -> 32 conv at 112 px measured 0.8-1.1x).
 MIN_CHANNELS = 32
+
+#: bfloat16 (F(2x2, 3x3)): fewer channels per group and the products' 16-pair sums and the
+#: transforms' per-tile overhead lose to oneDNN's direct convolution (dm_nfnet_f0's stem
+#: 32 -> 64 conv at 112 px: 5-12 ms against 4.9; its 128-channel groups: 1.2-1.6x faster).
+MIN_CHANNELS_BF16 = 64
 
 _ACTS = ("none", "gelu", "relu", "silu")
 
@@ -65,18 +81,42 @@ def use(on: bool) -> Iterator[None]:
         st.pop()
 
 
+def _setting() -> str:
+    """``"on"``, ``"off"`` or ``"auto"``: the innermost :func:`use` block's, else
+    ``FLAMINGO_RT_WINOGRAD``'s."""
+    st = getattr(_LOCAL, "stack", None)
+    if st:
+        return "on" if st[-1] else "off"
+    v = os.environ.get("FLAMINGO_RT_WINOGRAD", "auto").strip().lower()
+    if v not in ("", "auto", "1", "on", "true", "yes", "0", "off", "false", "no"):
+        raise ValueError(f"FLAMINGO_RT_WINOGRAD: expected auto, 1 or 0, got {v!r}")
+    return "off" if v in ("0", "off", "false", "no") else "on" if v in ("1", "on", "true", "yes") else "auto"
+
+
 def enabled() -> bool:
     """The innermost :func:`use` block's setting, else ``FLAMINGO_RT_WINOGRAD`` is not ``0`` /
     ``off``; and the extension has the op."""
-    st = getattr(_LOCAL, "stack", None)
-    if st:
-        on = st[-1]
-    else:
-        v = os.environ.get("FLAMINGO_RT_WINOGRAD", "auto").strip().lower()
-        if v not in ("", "auto", "1", "on", "true", "yes", "0", "off", "false", "no"):
-            raise ValueError(f"FLAMINGO_RT_WINOGRAD: expected auto, 1 or 0, got {v!r}")
-        on = v not in ("0", "off", "false", "no")
-    return on and _ext.load() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd")
+    return _setting() != "off" and _ext.load() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd")
+
+
+_BF16_AUTO: Optional[bool] = None
+
+
+def bf16_enabled() -> bool:
+    """Whether bfloat16 convolutions may run as F(2x2, 3x3) Winograd convolutions: ``use(True)``
+    or ``FLAMINGO_RT_WINOGRAD=1`` (wherever the op exists), ``auto`` (default: only on CPUs with
+    AVX-512 BF16 and without AMX), never with ``0`` / ``use(False)``."""
+    setting = _setting()
+    if setting == "off" or not (_ext.load() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd_bf16")):
+        return False
+    if setting == "on":
+        return True
+    global _BF16_AUTO
+    if _BF16_AUTO is None:
+        cpp = torch.ops.flamingo_rt_C
+        amx = hasattr(cpp, "cpu_amx_enabled") and bool(cpp.cpu_amx_enabled())
+        _BF16_AUTO = bool(cpp.winograd_bf16_cpu_supported()) and not amx
+    return _BF16_AUTO
 
 
 def eligible(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
@@ -91,6 +131,57 @@ def eligible(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
     return enabled()
+
+
+def eligible_bf16(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
+    """Whether the SAME-padded convolution of bfloat16 x (N, C_in, H, W) by w (C_out,
+    C_in/groups, kh, kw) at ``stride`` runs as a bfloat16 Winograd convolution
+    (:func:`conv3x3_winograd_bf16`; inference only: the caller checks that no gradient is
+    wanted). See the module docstring."""
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and w.dim() == 4
+            and tuple(w.shape[2:]) == (3, 3) and stride == 1):
+        return False
+    if (w.shape[1] < MIN_CHANNELS_BF16 or w.shape[1] % 2 or w.shape[0] // groups < MIN_CHANNELS_BF16
+            or w.shape[0] % groups):
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False
+    return bf16_enabled()
+
+
+def winograd_weight_bf16(w: Tensor, groups: int = 1) -> Tensor:
+    """The transformed weight of F(2x2, 3x3), ``G w G^T``, of w (C_out, C_in/groups, 3, 3)
+    float32 or bfloat16 (C_in/groups even): (16 * groups, C_in/groups/2, C_out/groups, 2)
+    bfloat16 (input channels in pairs, the products' layout), computed in float64 and rounded
+    once."""
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"winograd_weight_bf16: expected a float32 or bfloat16 weight, got {w.dtype}")
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight(w.detach(), groups)
+
+
+def conv3x3_winograd_bf16(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: int = 1, act: str = "none",
+                          gamma: float = 1.0, *, chunk_tiles: int = 0, products: str = "auto") -> Tensor:
+    """``gamma * act(conv2d(x, w, bias, padding=1, groups=groups))`` in bfloat16 for u =
+    ``winograd_weight_bf16(w, groups)``, as F(2x2, 3x3) Winograd products on bfloat16
+    operands with float32 sums; the tail in float32, rounded once.
+
+    Args:
+        x: (N, C_in, H, W) bfloat16 on the CPU, any layout (channels-last is read in place).
+        u: (16 * groups, C_in/groups/2, C_out/groups, 2) bfloat16 (:func:`winograd_weight_bf16`).
+        bias: (C_out,) float32 or bfloat16, or None.
+        act: ``"none"``, ``"gelu"`` (exact, erf), ``"relu"`` or ``"silu"``.
+        chunk_tiles: 2x2 output tiles per chunk (0: about 2 MiB of transformed input and
+            products, at least 96 tiles). The result does not depend on it.
+        products: ``"auto"`` / ``"ours"`` (AVX-512 BF16 kernels where the CPU has them and
+            C_out/groups is a multiple of 16, else a portable loop), ``"plain"`` (the loop).
+
+    Returns:
+        (N, C_out, H, W) bfloat16, channels-last. No autograd.
+    """
+    if act not in _ACTS:
+        raise ValueError(f"conv3x3_winograd_bf16: expected act to be one of {_ACTS}, got {act!r}")
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16(x, u, bias, groups, act, float(gamma), int(chunk_tiles),
+                                                         products)
 
 
 def winograd_weight(w: Tensor, groups: int = 1, *, transposed: bool = False) -> Tensor:

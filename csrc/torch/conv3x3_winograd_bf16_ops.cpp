@@ -1,0 +1,147 @@
+// torch ops over the bfloat16 F(2x2, 3x3) Winograd convolution (csrc/cpu/conv3x3_winograd_bf16.cpp):
+//
+//   flamingo_rt_C::conv3x3_winograd_bf16_weight(Tensor w, int groups) -> Tensor
+//       # w (C_out, C_in/groups, 3, 3) float32 or bfloat16 -> U (16 * groups, C_in/groups/2,
+//       # C_out/groups, 2) bfloat16: G w G^T in float64, rounded once, input channels in pairs
+//   flamingo_rt_C::conv3x3_winograd_bf16(Tensor x, Tensor u, Tensor? bias, int groups, str act,
+//                                        float gamma, int chunk_tiles=0, str products='auto') -> Tensor
+//       # gamma * act(conv3x3(x, w, padding=1) + bias), act "none" | "gelu" | "relu" | "silu";
+//       # x (N, C_in, H, W) bfloat16, any layout (channels-last is read in place); bias float32 or
+//       # bfloat16; the result (N, C_out, H, W) bfloat16 channels-last.
+//       # chunk_tiles: 2x2 tiles per chunk (0: chosen here); products: "auto" (AVX-512 BF16 where
+//       # the CPU has it and C_out/groups is a multiple of 16, else the portable loop), "ours"
+//       # (the same), "plain" (the portable loop: for tests)
+//   flamingo_rt_C::winograd_bf16_cpu_supported() -> bool   # the CPU runs the AVX-512 BF16 products
+//
+// CPU only, no autograd (inference: flamingo_rt.ops.winograd_conv wires it into the frozen
+// NFNet); fakes in flamingo_rt/_cpp_fakes.py.
+#include <torch/library.h>
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <string>
+
+#include "common.h"
+#include "flamingo_rt/conv3x3_winograd_bf16.h"
+
+namespace flamingo_rt {
+namespace torch_ops {
+namespace {
+
+constexpr const char* kOp = "flamingo_rt_C::conv3x3_winograd_bf16";
+constexpr const char* kOpW = "flamingo_rt_C::conv3x3_winograd_bf16_weight";
+
+// Tiles per chunk when the caller leaves it to us: V (bf16) and M (float32) of a chunk take
+// about kChunkBytes, with at least kMinChunkTiles tiles (rows of each product).
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+constexpr int64_t kMinChunkTiles = 96;
+
+// The calling thread's workspace of at least `bytes` bytes, grown to the largest size met and
+// kept (fresh buffers per call cost page faults inside a model; see conv3x3_winograd_ops.cpp).
+uint8_t* workspace(int64_t bytes) {
+  static thread_local at::Tensor ws;
+  if (!ws.defined() || ws.numel() < bytes) ws = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  return ws.data_ptr<uint8_t>();
+}
+
+at::Tensor weight_impl(const at::Tensor& w, int64_t groups) {
+  TORCH_CHECK(groups >= 1, kOpW, ": expected groups >= 1, got ", groups);
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, kOpW,
+              ": expected a weight of shape (C_out, C_in/groups, 3, 3), got ", w.sizes());
+  TORCH_CHECK(w.size(0) % groups == 0, kOpW, ": expected C_out ", w.size(0), " to be a multiple of groups ", groups);
+  TORCH_CHECK(w.size(1) % 2 == 0, kOpW, ": expected an even C_in/groups (the products take input channels in pairs), got ",
+              w.size(1));
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, kOpW,
+              ": expected a float32 or bfloat16 weight, got ", w.scalar_type());
+  const at::Tensor wc = w.to(at::kFloat).contiguous();
+  const int64_t co = w.size(0), ci = w.size(1);
+  at::Tensor u = at::empty({kWinogradF23Points * groups, ci / 2, co / groups, 2}, w.options().dtype(at::kBFloat16));
+  check_status(kOpW, "CPU",
+               winograd_f23_weight_bf16_cpu(wc.data_ptr<float>(), co, ci, groups,
+                                            reinterpret_cast<uint16_t*>(u.data_ptr<at::BFloat16>())));
+  return u;
+}
+
+at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias, int64_t groups,
+                     c10::string_view act, double gamma, int64_t chunk_tiles, c10::string_view products) {
+  TORCH_CHECK(chunk_tiles >= 0, kOp, ": expected chunk_tiles >= 0 (0: chosen here), got ", chunk_tiles);
+  const std::string prod(products.data(), products.size());
+  TORCH_CHECK(prod == "auto" || prod == "ours" || prod == "plain", kOp,
+              ": expected products 'auto', 'ours' or 'plain', got '", prod, "'");
+  TORCH_CHECK(x.dim() == 4, kOp, ": expected x of shape (N, C_in, H, W), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && u.scalar_type() == at::kBFloat16, kOp,
+              ": expected bfloat16 x and u, got ", x.scalar_type(), " and ", u.scalar_type());
+  TORCH_CHECK(groups >= 1 && x.size(1) >= groups && x.size(1) % groups == 0, kOp, ": expected C_in ", x.size(1),
+              " to be a positive multiple of groups ", groups);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), cg = C / groups;
+  TORCH_CHECK(cg % 2 == 0, kOp, ": expected an even C_in/groups (the products take input channels in pairs), got ",
+              cg);
+  TORCH_CHECK(u.dim() == 4 && u.size(0) == kWinogradF23Points * groups && u.size(1) == cg / 2 && u.size(3) == 2, kOp,
+              ": expected u of shape (", kWinogradF23Points * groups, ", ", cg / 2,
+              ", C_out/groups, 2) (conv3x3_winograd_bf16_weight of the weight, groups ", groups, "), got ", u.sizes());
+  const int64_t cog = u.size(2), CO = cog * groups;
+  at::Tensor bias32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == CO &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
+                kOp, ": expected a float32 or bfloat16 bias of shape (", CO, ",), got ", bias->scalar_type(), " ",
+                bias->sizes());
+    bias32 = bias->to(at::kFloat).contiguous();
+  }
+  const std::string a(act.data(), act.size());
+  Conv3x3WinogradBf16Params p;
+  if (a != "none") {
+    p.has_act = true;
+    p.act = parse_act(kOp, act);
+  }
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y = at::empty({N, CO, H, W}, x.options(), at::MemoryFormat::ChannelsLast);
+  if (y.numel() == 0) return y;
+  const int64_t T = N * winograd_f23_tiles(H) * winograd_f23_tiles(W);
+  p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
+  const int64_t P = kWinogradF23Points * groups;
+  const int64_t tile_bytes = P * (cg * 2 + cog * 4);
+  const int64_t chunk =
+      std::min<int64_t>(T, chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes));
+  // V (bf16) then M (float32, 64-byte aligned)
+  const int64_t v_bytes = (P * chunk * cg * 2 + 63) / 64 * 64;
+  uint8_t* ws = workspace(v_bytes + P * chunk * cog * 4 + 64);
+  uint8_t* ws_aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63));
+  p.v = ws_aligned;
+  p.m = ws_aligned + v_bytes;
+  p.x = xc.data_ptr<at::BFloat16>();
+  p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
+  p.bias = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
+  p.gamma = gamma;
+  p.y = y.data_ptr<at::BFloat16>();
+  p.sy_n = y.stride(0), p.sy_h = y.stride(2), p.sy_w = y.stride(3);
+  const at::Tensor uc = u.contiguous();
+  p.u = uc.data_ptr<at::BFloat16>();
+  const bool plain = prod == "plain";
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    p.tile_begin = t0, p.tile_count = std::min(chunk, T - t0);
+    check_status(kOp, "CPU", conv3x3_winograd_bf16_input_cpu(p));
+    check_status(kOp, "CPU", conv3x3_winograd_bf16_products_cpu(p, plain));
+    check_status(kOp, "CPU", conv3x3_winograd_bf16_output_cpu(p));
+  }
+  return y;
+}
+
+bool supported_impl() { return winograd_bf16_cpu_supported(); }
+
+}  // namespace
+}  // namespace torch_ops
+}  // namespace flamingo_rt
+
+TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
+  m.def("conv3x3_winograd_bf16_weight(Tensor w, int groups) -> Tensor");
+  m.def("conv3x3_winograd_bf16(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
+        "int chunk_tiles=0, str products='auto') -> Tensor");
+  m.def("winograd_bf16_cpu_supported() -> bool", &flamingo_rt::torch_ops::supported_impl);
+}
+
+TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
+  m.impl("conv3x3_winograd_bf16_weight", &flamingo_rt::torch_ops::weight_impl);
+  m.impl("conv3x3_winograd_bf16", &flamingo_rt::torch_ops::conv_impl);
+}

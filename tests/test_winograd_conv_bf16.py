@@ -1,0 +1,262 @@
+"""The CPU bfloat16 Winograd F(2x2, 3x3) convolution (flamingo_rt.ops.winograd_conv's
+conv3x3_winograd_bf16) against float64 references: an exact emulation of its roundings (V and U
+rounded once to bfloat16, float64 sums, the tail rounded once) and the direct convolution;
+sizes that are and are not multiples of the 2x2 tile, groups, every tail, chunkings, both
+product paths (AVX-512 BF16 where the CPU has it, the portable loop), layouts; the weight
+transform; errors; the eligibility rules; and a frozen bfloat16 NFNet taking it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flamingo_rt.ops import winograd_conv as W
+from conftest import rel_err
+
+pytestmark = pytest.mark.skipif(
+    not (W.enabled() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd_bf16")),
+    reason="needs the compiled extension (flamingo_rt._C)")
+
+_BT = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
+_G = torch.tensor([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], dtype=torch.float64)
+_AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+_ACT = {"none": lambda t: t, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def _u_exact(w: torch.Tensor) -> torch.Tensor:
+    """G w G^T in float64: (C_out, C_in/groups, 4, 4)."""
+    return torch.einsum("ik,ockl,jl->ocij", _G, w.double(), _G)
+
+
+def _to_bf16(d: torch.Tensor) -> torch.Tensor:
+    """float64 -> the nearest bfloat16 (ties to even), rounded once (``d.bfloat16()`` rounds
+    to float32 first: twice): through float32 rounded to odd."""
+    f = d.float()
+    inexact = f.double() != d
+    f = torch.where(inexact & (f.double().abs() > d.abs()), torch.nextafter(f, torch.zeros_like(f)), f)
+    bits = f.view(torch.int32)
+    f = torch.where(inexact, bits | 1, bits).view(torch.float32)
+    return f.bfloat16()
+
+
+def _emulated(x, w, b, groups, act, gamma):
+    """The op's arithmetic: V = B^T d B (float32) and U = G w G^T (float64) rounded to bfloat16,
+    the products and the output transform in float64, the tail rounded once to bfloat16."""
+    n, c, h, wd = x.shape
+    co = w.shape[0]
+    th, tw = (h + 1) // 2, (wd + 1) // 2
+    xp = F.pad(x.double(), (1, 2 * tw + 1 - wd, 1, 2 * th + 1 - h))
+    tiles = xp.unfold(2, 4, 2).unfold(3, 4, 2)  # n c th tw 4 4
+    # B^T d B in float32 as the op computes it, rows then columns: each entry is one float32
+    # addition of two, so the roundings are the op's (not always exact: a tiny and a large input)
+    bt = _BT.float()
+    t = torch.einsum("ik,nchwkl->nchwil", bt, tiles.float())
+    v = torch.einsum("nchwil,jl->nchwij", t, bt).bfloat16().double()
+    u = _to_bf16(_u_exact(w)).double()
+    v = v.view(n, groups, c // groups, th, tw, 4, 4)
+    u = u.view(groups, co // groups, c // groups, 4, 4)
+    m = torch.einsum("gocij,ngchwij->ngohwij", u, v).reshape(n, co, th, tw, 4, 4)
+    y = torch.einsum("ik,nohwkl,jl->nohwij", _AT, m, _AT)
+    y = y.permute(0, 1, 2, 4, 3, 5).reshape(n, co, 2 * th, 2 * tw)[:, :, :h, :wd]
+    if b is not None:
+        y = y + b.double().view(1, -1, 1, 1)
+    return (gamma * _ACT[act](y)).bfloat16().double()
+
+
+def _direct(x, w, b, groups, act, gamma):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1, groups=groups)
+    return gamma * _ACT[act](y)
+
+
+def _case(n, c, h, w, co, groups, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).bfloat16()
+    wt = torch.randn(co, c // groups, 3, 3, generator=g) / (9 * c // groups) ** 0.5
+    b = 0.3 * torch.randn(co, generator=g)
+    return x, wt, b
+
+
+def _check(y, x, wt, b, groups, act="none", gamma=1.0):
+    n, _, h, w = x.shape
+    assert y.dtype == torch.bfloat16 and y.shape == (n, wt.shape[0], h, w)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(y).all()
+    emu = _emulated(x, wt, b, groups, act, gamma)
+    # float32 sums in another order than float64's, then one bfloat16 rounding: at most one
+    # bfloat16 ulp (2^-8 relative) apart, plus the float32 sums' error near zero
+    scale = emu.abs().max().item()
+    torch.testing.assert_close(y.double(), emu, rtol=2 ** -7, atol=1e-5 * scale)
+    # and the convolution it approximates: measured 2-4e-3 (norm), direct bf16 convs 1.7-2.4e-3
+    assert rel_err(y, _direct(x, wt, b, groups, act, gamma)) < 1.5e-2
+
+
+SHAPES = [
+    # n, c_in, h, w, c_out, groups
+    (2, 32, 5, 7, 48, 1),      # odd sizes: the last row / column of tiles partial
+    (1, 64, 2, 2, 32, 1),      # exactly one tile
+    (3, 64, 1, 1, 64, 2),      # a 1x1 image: only the centre tap sees data
+    (2, 68, 6, 9, 40, 2),      # 34 -> 20 channels per group: partial 16-channel chunks both ways
+    (2, 256, 8, 8, 256, 2),    # dm_nfnet-like 128-channel groups
+]
+PRODUCTS = ["auto", "plain"]
+
+
+@pytest.mark.parametrize("products", PRODUCTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_emulation_and_the_direct_conv(shape, products):
+    n, c, h, w, co, groups = shape
+    x, wt, b = _case(n, c, h, w, co, groups)
+    y = W.conv3x3_winograd_bf16(x, W.winograd_weight_bf16(wt, groups), b, groups, products=products)
+    _check(y, x, wt, b, groups)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "relu", "silu"])
+@pytest.mark.parametrize("bias", ["none", "float32", "bfloat16"])
+def test_tails(act, bias):
+    x, wt, b = _case(2, 64, 6, 5, 64, 2, seed=1)
+    b = {"none": None, "float32": b, "bfloat16": b.bfloat16()}[bias]
+    y = W.conv3x3_winograd_bf16(x, W.winograd_weight_bf16(wt, 2), b, 2, act, 1.7)
+    _check(y, x, wt, None if b is None else b.float(), 2, act, 1.7)
+
+
+def test_layouts_views_and_chunkings_give_the_same_result():
+    """NCHW, channels-last and a strided view of x; any chunking of the tiles: bitwise the same
+    (each product row sums in one fixed order); both product paths agree to float32 sums."""
+    x, wt, b = _case(2, 64, 9, 11, 64, 1, seed=2)
+    u = W.winograd_weight_bf16(wt, 1)
+    want = W.conv3x3_winograd_bf16(x, u, b, 1, "gelu")
+    assert x.is_contiguous()  # NCHW: made channels-last inside
+    assert torch.equal(W.conv3x3_winograd_bf16(x.contiguous(memory_format=torch.channels_last), u, b, 1, "gelu"),
+                       want)
+    big = torch.zeros(2, 64, 13, 15, dtype=torch.bfloat16)
+    big[:, :, 2:11, 3:14] = x
+    assert torch.equal(W.conv3x3_winograd_bf16(big[:, :, 2:11, 3:14], u, b, 1, "gelu"), want)
+    for chunk in (1, 7, 30, 1000):
+        assert torch.equal(W.conv3x3_winograd_bf16(x, u, b, 1, "gelu", chunk_tiles=chunk), want)
+    plain = W.conv3x3_winograd_bf16(x, u, b, 1, "gelu", products="plain")
+    torch.testing.assert_close(plain.double(), want.double(), rtol=2 ** -7, atol=1e-3)
+
+
+def test_weight_transform_is_g_w_gt_rounded_once():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 20, 3, 3, generator=g)
+    u = W.winograd_weight_bf16(w, 2)
+    assert u.shape == (16 * 2, 10, 24, 2) and u.dtype == torch.bfloat16
+    exact = _u_exact(w).view(2, 24, 20, 16)  # g, o, c, point
+    # the op's layout: [point * groups + g, c // 2, o, c % 2]
+    got = u.view(16, 2, 10, 24, 2).permute(1, 3, 2, 4, 0).reshape(2, 24, 20, 16).double()
+    # correctly rounded: within half a bfloat16 ulp, equal to the rounding of _to_bf16
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+    assert ((got - exact).abs() <= 0.5 * ulp + 1e-30).all()
+    assert torch.equal(got, _to_bf16(exact).double())
+    # and _to_bf16 itself: a float64 just above a bfloat16 tie whose float32 rounding is the tie
+    d = torch.tensor([1 + 2 ** -8 + 2 ** -30], dtype=torch.float64)
+    assert d.bfloat16().item() == 1.0 and _to_bf16(d).item() == 1 + 2 ** -7
+    # a bfloat16 weight gives the same transform as its float32 values
+    assert torch.equal(W.winograd_weight_bf16(w.bfloat16(), 2),
+                       W.winograd_weight_bf16(w.bfloat16().float(), 2))
+
+
+def test_errors_say_what_was_expected():
+    x, wt, b = _case(1, 64, 4, 4, 64, 1)
+    u = W.winograd_weight_bf16(wt)
+    with pytest.raises(RuntimeError, match="expected an even C_in/groups"):
+        W.winograd_weight_bf16(torch.randn(64, 33, 3, 3))
+    with pytest.raises(TypeError, match="expected a float32 or bfloat16 weight"):
+        W.winograd_weight_bf16(wt.double())
+    with pytest.raises(RuntimeError, match="expected bfloat16 x and u"):
+        W.conv3x3_winograd_bf16(x.float(), u, b)
+    with pytest.raises(RuntimeError, match=r"expected u of shape \(16, 32, C_out/groups, 2\)"):
+        W.conv3x3_winograd_bf16(x, W.winograd_weight_bf16(torch.randn(64, 32, 3, 3), 2), b)
+    with pytest.raises(RuntimeError, match="expected a float32 or bfloat16 bias of shape"):
+        W.conv3x3_winograd_bf16(x, u, torch.randn(63))
+    with pytest.raises(ValueError, match="expected act to be one of"):
+        W.conv3x3_winograd_bf16(x, u, b, 1, "tanh")
+    with pytest.raises(RuntimeError, match="expected products 'auto', 'ours' or 'plain'"):
+        W.conv3x3_winograd_bf16(x, u, b, products="blas")
+
+
+def test_eligibility(monkeypatch):
+    x = torch.randn(1, 128, 8, 8).bfloat16()
+    w = torch.randn(128, 64, 3, 3).bfloat16()
+    with W.use(True):
+        assert W.eligible_bf16(x, w, 1, 2)
+        assert not W.eligible_bf16(x, w, 2, 2)                                  # strided
+        assert not W.eligible_bf16(x.float(), w.float(), 1, 2)                  # float32: F(4x4, 3x3)
+        assert not W.eligible_bf16(x, torch.randn(128, 32, 3, 3), 1, 4)         # 32 channels per group
+        assert not W.eligible_bf16(x, torch.randn(128, 128, 1, 1), 1, 1)        # 1x1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not W.eligible_bf16(x, w, 1, 2)
+        with W.use(False):
+            assert not W.eligible_bf16(x, w, 1, 2)
+    monkeypatch.setenv("FLAMINGO_RT_WINOGRAD", "0")
+    assert not W.bf16_enabled()
+    monkeypatch.setenv("FLAMINGO_RT_WINOGRAD", "1")
+    assert W.bf16_enabled()
+    monkeypatch.setenv("FLAMINGO_RT_WINOGRAD", "auto")
+    cpp = torch.ops.flamingo_rt_C
+    amx = hasattr(cpp, "cpu_amx_enabled") and cpp.cpu_amx_enabled()
+    assert W.bf16_enabled() == (cpp.winograd_bf16_cpu_supported() and not amx)
+
+
+def test_fake_shapes_and_flops():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, wt, b = _case(2, 64, 8, 8, 96, 2)
+    u = W.winograd_weight_bf16(wt, 2)
+    with FakeTensorMode() as mode:
+        fx, fu = mode.from_tensor(x), mode.from_tensor(u)
+        y = torch.ops.flamingo_rt_C.conv3x3_winograd_bf16(fx, fu, None, 2, "none", 1.0)
+        assert y.shape == (2, 96, 8, 8) and y.dtype == torch.bfloat16
+        assert torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight(mode.from_tensor(wt), 2).shape == u.shape
+    with FlopCounterMode(display=False) as ours:
+        W.conv3x3_winograd_bf16(x, u, b, 2)
+    assert ours.get_total_flops() == 2 * 2 * 64 * 96 * 32 * 9  # the direct convolution's
+
+
+def test_frozen_bf16_nfnet_uses_it_and_stays_close(monkeypatch):
+    """A frozen bfloat16 NFNet with 64-channel groups runs its eligible 3x3 stride-1 convs
+    through the bfloat16 Winograd path (counted), within bfloat16 rounding of the float64
+    features (as close as the direct bf16 convolutions' within 1.5x)."""
+    from flamingo_rt.models.config import NFNetConfig
+    from flamingo_rt.models.nfnet import NFNet
+
+    cfg = NFNetConfig(depths=(1, 1, 1, 1), channels=(128, 128, 256, 256), stem_chs=64, group_size=64,
+                      num_features=256)
+    torch.manual_seed(6)
+    net = NFNet(cfg).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("skipinit_gain"):
+                p.fill_(0.7)
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 40)
+    ref = NFNet(cfg).double().eval()
+    ref.load_state_dict(net.state_dict())
+    ref.freeze()
+    with torch.no_grad():
+        want = ref.forward_features(x.double())
+    net.freeze()
+    net = net.to(torch.bfloat16)
+    calls = []
+    orig = W.conv3x3_winograd_bf16
+
+    def counting(*a, **k):
+        calls.append(tuple(a[0].shape))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(W, "conv3x3_winograd_bf16", counting)
+    with torch.no_grad(), W.use(True):
+        got = net.forward_features(x.bfloat16())
+    eligible = [m for m in net.modules() if getattr(m, "kernel_size", None) == 3 and m.stride == 1
+                and m.in_chs // m.groups >= W.MIN_CHANNELS_BF16 and m.out_chs // m.groups >= W.MIN_CHANNELS_BF16]
+    assert len(calls) == len(eligible) >= 4
+    calls.clear()
+    with torch.no_grad(), W.use(False):
+        direct = net.forward_features(x.bfloat16())
+    assert not calls
+    err, err_direct = rel_err(got, want), rel_err(direct, want)
+    print(f"frozen bf16 NFNet vs float64: Winograd {err:.2e}, direct bf16 convolutions {err_direct:.2e}")
+    assert err < max(1.5 * err_direct, 1e-2)

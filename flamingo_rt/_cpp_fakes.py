@@ -126,11 +126,14 @@ def register() -> None:
         return x.new_empty((n, u.shape[2] * groups, h, w)).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_bf16_weight")
-    def _(w, groups):
-        torch._check(w.dim() == 4 and w.shape[2] == 3 and w.shape[3] == 3 and w.shape[1] % 2 == 0,
-                     lambda: f"conv3x3_winograd_bf16_weight: expected a weight of shape (C_out, C_in/groups, 3, 3) "
-                             f"with C_in/groups even, got {tuple(w.shape)}")
-        return w.new_empty((16 * groups, w.shape[1] // 2, w.shape[0] // groups, 2), dtype=torch.bfloat16)
+    def _(w, groups, transposed=False):
+        torch._check(w.dim() == 4 and w.shape[2] == 3 and w.shape[3] == 3,
+                     lambda: f"conv3x3_winograd_bf16_weight: expected a weight of shape (C_out, C_in/groups, 3, 3), "
+                             f"got {tuple(w.shape)}")
+        ci, cog = w.shape[1], w.shape[0] // groups
+        if transposed:
+            return w.new_empty((16 * groups, cog // 2, ci, 2), dtype=torch.bfloat16)
+        return w.new_empty((16 * groups, ci // 2, cog, 2), dtype=torch.bfloat16)
 
     @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_bf16")
     def _(x, u, bias, groups, act, gamma, chunk_tiles=0, products="auto"):

@@ -502,32 +502,37 @@ Status conv3x3_winograd_bf16_output_cpu(const Conv3x3WinogradBf16Params& p) {
 }
 
 Status winograd_f23_weight_bf16_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
-                                    uint16_t* u) {
-  if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups || c_in_per_group % 2)
-    return Status::kInvalidArgument;
-  if (c_out == 0 || c_in_per_group == 0) return Status::kOk;
-  if (!w || !u) return Status::kInvalidArgument;
+                                    uint16_t* u, bool flipped_transposed) {
+  if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
   const int64_t cog = c_out / groups, cg = c_in_per_group;
+  // the convolution U is made for: its input channels per group (taken in pairs) and outputs
+  const int64_t k_in = flipped_transposed ? cog : cg, k_out = flipped_transposed ? cg : cog;
+  if (k_in % 2) return Status::kInvalidArgument;
+  if (c_out == 0 || cg == 0) return Status::kOk;
+  if (!w || !u) return Status::kInvalidArgument;
   const int64_t plane = groups * cg * cog;  // elements per point
 #pragma omp parallel for schedule(static)
   for (int64_t go = 0; go < c_out; ++go) {
     const int64_t g = go / cog, o = go % cog;
     for (int64_t c = 0; c < cg; ++c) {
       const float* k = w + (go * cg + c) * 9;
-      double t[kIn][3];  // G w: rows of the kernel combined
+      double t[kIn][3];  // G w: rows of the kernel combined (flipped: taps reversed both ways)
       for (int j = 0; j < 3; ++j) {
-        const double k0 = k[j], k1 = k[3 + j], k2 = k[6 + j];
+        const double k0 = flipped_transposed ? k[8 - j] : k[j];
+        const double k1 = flipped_transposed ? k[5 - j] : k[3 + j];
+        const double k2 = flipped_transposed ? k[2 - j] : k[6 + j];
         t[0][j] = k0;
         t[1][j] = 0.5 * (k0 + k1 + k2);
         t[2][j] = 0.5 * (k0 - k1 + k2);
         t[3][j] = k2;
       }
-      // element [p, g, c / 2, o, c % 2] of U
-      uint16_t* dst = u + ((g * (cg / 2) + c / 2) * cog + o) * 2 + (c % 2);
-      for (int i = 0; i < kIn; ++i) {
-        const double r0 = t[i][0], r1 = t[i][1], r2 = t[i][2];
+      // element [p, g, i / 2, j, i % 2] of U for the convolution's input channel i and output j
+      const int64_t i = flipped_transposed ? o : c, j = flipped_transposed ? c : o;
+      uint16_t* dst = u + ((g * (k_in / 2) + i / 2) * k_out + j) * 2 + (i % 2);
+      for (int r = 0; r < kIn; ++r) {
+        const double r0 = t[r][0], r1 = t[r][1], r2 = t[r][2];
         const double row[kIn] = {r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2};
-        for (int j = 0; j < kIn; ++j) dst[(i * kIn + j) * plane] = double_to_bf16(row[j]);
+        for (int q = 0; q < kIn; ++q) dst[(r * kIn + q) * plane] = double_to_bf16(row[q]);
       }
     }
   }

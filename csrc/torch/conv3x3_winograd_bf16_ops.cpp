@@ -1,8 +1,10 @@
 // torch ops over the bfloat16 F(2x2, 3x3) Winograd convolution (csrc/cpu/conv3x3_winograd_bf16.cpp):
 //
-//   flamingo_rt_C::conv3x3_winograd_bf16_weight(Tensor w, int groups) -> Tensor
+//   flamingo_rt_C::conv3x3_winograd_bf16_weight(Tensor w, int groups, bool transposed=False) -> Tensor
 //       # w (C_out, C_in/groups, 3, 3) float32 or bfloat16 -> U (16 * groups, C_in/groups/2,
-//       # C_out/groups, 2) bfloat16: G w G^T in float64, rounded once, input channels in pairs
+//       # C_out/groups, 2) bfloat16: G w G^T in float64, rounded once, input channels in pairs;
+//       # transposed: U' (16 * groups, C_out/groups/2, C_in/groups, 2) of the input gradient's
+//       # convolution (in / out channels swapped per group, kernels flipped)
 //   flamingo_rt_C::conv3x3_winograd_bf16(Tensor x, Tensor u, Tensor? bias, int groups, str act,
 //                                        float gamma, int chunk_tiles=0, str products='auto') -> Tensor
 //       # gamma * act(conv3x3(x, w, padding=1) + bias), act "none" | "gelu" | "relu" | "silu";
@@ -45,21 +47,22 @@ uint8_t* workspace(int64_t bytes) {
   return ws.data_ptr<uint8_t>();
 }
 
-at::Tensor weight_impl(const at::Tensor& w, int64_t groups) {
+at::Tensor weight_impl(const at::Tensor& w, int64_t groups, bool transposed) {
   TORCH_CHECK(groups >= 1, kOpW, ": expected groups >= 1, got ", groups);
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, kOpW,
               ": expected a weight of shape (C_out, C_in/groups, 3, 3), got ", w.sizes());
   TORCH_CHECK(w.size(0) % groups == 0, kOpW, ": expected C_out ", w.size(0), " to be a multiple of groups ", groups);
-  TORCH_CHECK(w.size(1) % 2 == 0, kOpW, ": expected an even C_in/groups (the products take input channels in pairs), got ",
-              w.size(1));
+  const int64_t co = w.size(0), ci = w.size(1), paired = transposed ? co / groups : ci;
+  TORCH_CHECK(paired % 2 == 0, kOpW, ": expected an even ", transposed ? "C_out/groups" : "C_in/groups",
+              " (the products take the convolution's input channels in pairs), got ", paired);
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, kOpW,
               ": expected a float32 or bfloat16 weight, got ", w.scalar_type());
   const at::Tensor wc = w.to(at::kFloat).contiguous();
-  const int64_t co = w.size(0), ci = w.size(1);
-  at::Tensor u = at::empty({kWinogradF23Points * groups, ci / 2, co / groups, 2}, w.options().dtype(at::kBFloat16));
+  const int64_t k_out = transposed ? ci : co / groups;
+  at::Tensor u = at::empty({kWinogradF23Points * groups, paired / 2, k_out, 2}, w.options().dtype(at::kBFloat16));
   check_status(kOpW, "CPU",
                winograd_f23_weight_bf16_cpu(wc.data_ptr<float>(), co, ci, groups,
-                                            reinterpret_cast<uint16_t*>(u.data_ptr<at::BFloat16>())));
+                                            reinterpret_cast<uint16_t*>(u.data_ptr<at::BFloat16>()), transposed));
   return u;
 }
 
@@ -135,7 +138,7 @@ bool supported_impl() { return winograd_bf16_cpu_supported(); }
 }  // namespace flamingo_rt
 
 TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
-  m.def("conv3x3_winograd_bf16_weight(Tensor w, int groups) -> Tensor");
+  m.def("conv3x3_winograd_bf16_weight(Tensor w, int groups, bool transposed=False) -> Tensor");
   m.def("conv3x3_winograd_bf16(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
         "int chunk_tiles=0, str products='auto') -> Tensor");
   m.def("winograd_bf16_cpu_supported() -> bool", &flamingo_rt::torch_ops::supported_impl);

@@ -504,7 +504,7 @@ def ws_conv2d(
     cl = _fmt(x) == torch.channels_last
     # (a Winograd convolution reads the weight in its own layout: no channels-last copy for it)
     winograd = (padding == "same" and _pair(stride, "stride") == (1, 1) and tuple(weight.shape[2:]) == (3, 3)
-                and _winograd.eligible(x, weight, 1, groups))
+                and (_winograd.eligible(x, weight, 1, groups) or _winograd.eligible_bf16_autograd(x, weight, groups)))
     if cl and not winograd and _fmt(weight) != torch.channels_last:
         weight = weight.contiguous(memory_format=torch.channels_last)
     if _ws_bf16_ok(weight, gain, backend):
@@ -553,6 +553,8 @@ def conv2d_padded(
         return _conv1x1_mm(x, w, bias)
     if (sh, sw) == (1, 1) and pad == (1, 1) and kh == kw == 3 and _winograd.eligible(x, w, 1, groups):
         return _winograd.conv3x3(x, w, bias, groups)  # forward and both gradients as Winograd convolutions
+    if (sh, sw) == (1, 1) and pad == (1, 1) and kh == kw == 3 and _winograd.eligible_bf16_autograd(x, w, groups):
+        return _winograd.conv3x3_bf16(x, w, bias, groups)  # bf16 (autocast): forward and input gradient
     return F.conv2d(x, w, bias, (sh, sw), pad, 1, groups)
 
 

@@ -25,9 +25,11 @@ and output channels per group, and ``FLAMINGO_RT_WINOGRAD`` = ``auto`` (default)
 per thread for a ``with`` block. Each thread that runs these convolutions keeps a workspace
 at the largest size it met (dm_nfnet_f0: 14 MiB, 28 MiB with the weight gradient).
 
-bfloat16 (inference only: :func:`conv3x3_winograd_bf16`, ``flamingo_rt_C::conv3x3_winograd_bf16``):
+bfloat16 (:func:`conv3x3_winograd_bf16`, ``flamingo_rt_C::conv3x3_winograd_bf16``):
 F(2x2, 3x3), 16 products per 2x2 output tile instead of 36, on bfloat16 operands with float32
-sums (AVX-512 BF16 ``vdpbf16ps``). F(4x4, 3x3) with bfloat16 operands is too inexact (the
+sums (AVX-512 BF16 ``vdpbf16ps``); the frozen NFNet's bf16 convolutions, and in training
+(:func:`conv3x3_bf16`, bf16 tensors or bf16 autocast) the forward and the input gradient,
+the weight gradient staying oneDNN's (:func:`eligible_bf16_autograd`). F(4x4, 3x3) with bfloat16 operands is too inexact (the
 transform's coefficients amplify the operands' rounding: dm_nfnet_f0's bf16 features 4.4e-2
 relative error against float64, F(2x2, 3x3) 2.1e-2, oneDNN's direct bf16 convolutions 1.9e-2).
 Where it runs (:func:`eligible_bf16`): as the float32 path, with bfloat16 x, at least
@@ -49,7 +51,8 @@ from torch import Tensor
 from .. import _ext
 
 __all__ = ["MIN_CHANNELS", "MIN_CHANNELS_BF16", "enabled", "use", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3",
-           "conv3x3_weight_grad", "bf16_enabled", "eligible_bf16", "winograd_weight_bf16", "conv3x3_winograd_bf16"]
+           "conv3x3_weight_grad", "bf16_enabled", "eligible_bf16", "winograd_weight_bf16", "conv3x3_winograd_bf16",
+           "eligible_bf16_autograd", "conv3x3_bf16"]
 
 #: Fewer input or output channels per group than this and the 36 products are too thin to
 #: beat the direct convolution (dm_nfnet_f0's stem 16 -> 32 conv at 112 px measured 0.8-1.1x).
@@ -149,14 +152,16 @@ def eligible_bf16(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
     return bf16_enabled()
 
 
-def winograd_weight_bf16(w: Tensor, groups: int = 1) -> Tensor:
+def winograd_weight_bf16(w: Tensor, groups: int = 1, *, transposed: bool = False) -> Tensor:
     """The transformed weight of F(2x2, 3x3), ``G w G^T``, of w (C_out, C_in/groups, 3, 3)
     float32 or bfloat16 (C_in/groups even): (16 * groups, C_in/groups/2, C_out/groups, 2)
     bfloat16 (input channels in pairs, the products' layout), computed in float64 and rounded
-    once."""
+    once. ``transposed``: that of the input gradient's convolution (each group's in / out
+    channels swapped, every kernel flipped; C_out/groups even), (16 * groups, C_out/groups/2,
+    C_in/groups, 2)."""
     if w.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"winograd_weight_bf16: expected a float32 or bfloat16 weight, got {w.dtype}")
-    return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight(w.detach(), groups)
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight(w.detach(), groups, transposed)
 
 
 def conv3x3_winograd_bf16(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: int = 1, act: str = "none",
@@ -182,6 +187,78 @@ def conv3x3_winograd_bf16(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: 
         raise ValueError(f"conv3x3_winograd_bf16: expected act to be one of {_ACTS}, got {act!r}")
     return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16(x, u, bias, groups, act, float(gamma), int(chunk_tiles),
                                                          products)
+
+
+def eligible_bf16_autograd(x: Tensor, w: Tensor, groups: int) -> bool:
+    """Whether a SAME-padded 3x3 stride-1 convolution of x by w runs as :func:`conv3x3_bf16`
+    (bfloat16 Winograd forward and input gradient, with gradients): bfloat16 x and w, or CPU
+    bfloat16 autocast with float32 / bfloat16 x and w; at least :data:`MIN_CHANNELS_BF16` (an even
+    number of) input and output channels per group; :func:`bf16_enabled`; not compiling."""
+    if not (x.device.type == "cpu" and x.dim() == 4 and w.dim() == 4 and tuple(w.shape[2:]) == (3, 3)):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return False
+        if x.dtype not in (torch.float32, torch.bfloat16) or w.dtype not in (torch.float32, torch.bfloat16):
+            return False
+    elif not (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16):
+        return False
+    cg, cog = w.shape[1], w.shape[0] // groups
+    if cg < MIN_CHANNELS_BF16 or cog < MIN_CHANNELS_BF16 or cg % 2 or cog % 2 or w.shape[0] % groups:
+        return False
+    return bf16_enabled()
+
+
+class _Conv3x3Bf16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.groups = groups
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return conv3x3_winograd_bf16(x, winograd_weight_bf16(w, groups), bias, groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, w = ctx.saved_tensors
+        g = ctx.groups
+        dy = dy.to(torch.bfloat16)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = conv3x3_winograd_bf16(dy, winograd_weight_bf16(w, g, transposed=True), None, g)
+        if ctx.needs_input_grad[1]:  # oneDNN's direct weight gradient (bf16 operands, float32 sums)
+            dw = torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], g,
+                                                     [False, True, False])[1]
+        if ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, dw, db, None
+
+
+def conv3x3_bf16(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, groups: int = 1) -> Tensor:
+    """``F.conv2d(x, w, bias, padding=1, groups=groups)`` in bfloat16 as autocast runs it (x, w and
+    bias cast to bfloat16, a bfloat16 result), the forward and the input gradient as F(2x2, 3x3)
+    Winograd convolutions (:func:`conv3x3_winograd_bf16`; the input gradient's is the flipped,
+    transposed weight's), the weight gradient oneDNN's direct one; differentiable in x, w and
+    bias (once), the casts included.
+
+    Args:
+        x: (N, C_in, H, W) float32 or bfloat16 on the CPU, any layout.
+        w: (C_out, C_in/groups, 3, 3) float32 or bfloat16; C_in/groups and C_out/groups even.
+        bias: (C_out,) or None.
+
+    Returns:
+        (N, C_out, H, W) bfloat16, channels-last.
+    """
+    if w.dim() != 4 or tuple(w.shape[2:]) != (3, 3):
+        raise ValueError(f"conv3x3_bf16: expected a weight of shape (C_out, C_in/groups, 3, 3), got {tuple(w.shape)}")
+    for name, t in (("x", x), ("w", w), ("bias", bias)):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"conv3x3_bf16: expected a float32 or bfloat16 {name}, got {t.dtype}")
+    bf = torch.bfloat16
+    with torch.autocast("cpu", enabled=False):
+        return _Conv3x3Bf16.apply(x.to(bf), w.to(bf), None if bias is None else bias.to(bf), groups)
 
 
 def winograd_weight(w: Tensor, groups: int = 1, *, transposed: bool = False) -> Tensor:

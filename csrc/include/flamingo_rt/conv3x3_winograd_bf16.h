@@ -76,8 +76,10 @@ Status conv3x3_winograd_bf16_output_cpu(const Conv3x3WinogradBf16Params& p);
 
 // The transformed weight U (16, groups, c_in/groups/2, c_out/groups, 2) bfloat16 (uint16_t)
 // of w (c_out, c_in/groups, 3, 3) float32 contiguous: G w G^T in float64, rounded once to
-// bfloat16 (nearest even). c_in/groups must be even.
+// bfloat16 (nearest even). c_in/groups must be even. flipped_transposed: instead U' of the
+// input gradient's convolution (dx = conv3x3(dy, w') with each group's in and out channels
+// swapped and every kernel flipped): (16, groups, c_out/groups/2, c_in/groups, 2), c_out/groups even.
 Status winograd_f23_weight_bf16_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
-                                    uint16_t* u);
+                                    uint16_t* u, bool flipped_transposed = false);
 
 }  // namespace flamingo_rt

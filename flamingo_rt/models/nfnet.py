@@ -230,15 +230,12 @@ def fast_conv(x: Tensor, conv: "ScaledStdConv2d", act: bool, backend: Optional[s
     bfloat16 ones F(2x2, 3x3) Winograd where :func:`~flamingo_rt.ops.winograd_conv.eligible_bf16`
     says so, :mod:`flamingo_rt.ops.winograd_conv`)."""
     if (x.device.type == "cpu" and conv.kernel_size == 3 and all(isinstance(d, int) for d in x.shape)
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and _wino.eligible(x, conv.weight.detach(), conv.stride, conv.groups)):
-        return _wino.conv3x3_winograd(x, conv.winograd_weight(), conv.bias.detach(), conv.groups,
-                                     "gelu" if act else "none")
-    if (x.device.type == "cpu" and conv.kernel_size == 3 and all(isinstance(d, int) for d in x.shape)
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and _wino.eligible_bf16(x, conv.weight.detach(), conv.stride, conv.groups)):
-        return _wino.conv3x3_winograd_bf16(x, conv.winograd_weight_bf16(), conv.bias.detach(), conv.groups,
-                                          "gelu" if act else "none")
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        w_raw, tail = conv.weight.detach(), "gelu" if act else "none"
+        if _wino.eligible(x, w_raw, conv.stride, conv.groups):
+            return _wino.conv3x3_winograd(x, conv.winograd_weight(), conv.bias.detach(), conv.groups, tail)
+        if _wino.eligible_bf16(x, w_raw, conv.stride, conv.groups):
+            return _wino.conv3x3_winograd_bf16(x, conv.winograd_weight_bf16(), conv.bias.detach(), conv.groups, tail)
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     w = conv.fast_weight(torch.channels_last if cl else torch.contiguous_format)
     packed = None

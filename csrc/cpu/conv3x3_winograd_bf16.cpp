@@ -109,7 +109,7 @@ FRT_CLONES void input_tile(const Conv3x3WinogradBf16Params& p, int64_t tiles, in
 // instruction each: GCC's code for the portable loops ran at ~1 ns per input element).
 FRT_AVX512BF16 inline __m512 load_bf16x16(const uint16_t* src) {
   return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+      _mm512_slli_epi32(_mm512_maskz_cvtepu16_epi32(__mmask16(0xffff), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
 }
 FRT_AVX512BF16 inline void store_bf16x16(uint16_t* dst, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
@@ -421,14 +421,51 @@ void output_all(const Conv3x3WinogradBf16Params& p, int64_t tiles) {
 }
 
 // bfloat16 nearest to d (ties to even), through a float32 rounded to odd (exact: float32
-// keeps more than two extra bits).
-uint16_t double_to_bf16(double d) {
-  float f = float(d);
-  if (std::isfinite(d) && double(f) != d) {
-    if (std::fabs(double(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
-    f = bits_to_float(float_to_bits(f) | 1u);
+// keeps more than two extra bits); branch-free, so loops around it vectorize.
+FRT_INLINE uint32_t double_to_bf16_bits(double d) {
+  const float f = float(d);  // nearest
+  const double back = double(f);
+  uint32_t bits = float_to_bits(f);
+  const bool inexact = (back != d) & (back - back == 0.0);  // (finite; no &&: a branch)
+  const bool above = (back < 0 ? -back : back) > (d < 0 ? -d : d);
+  bits = inexact ? ((above ? bits - 1u : bits) | 1u) : bits;  // toward zero, then odd
+  return BF16::store(bits_to_float(bits));
+}
+
+// G k G^T of one 3x3 kernel k (taps reversed with FLIP) in float64, rounded to bfloat16,
+// point p stored at out[p * stride].
+template <bool FLIP>
+FRT_INLINE void transform_kernel(const float* k, uint16_t* out, int64_t stride) {
+  double t[kIn][3];  // G k: rows of the kernel combined
+#pragma GCC unroll 3
+  for (int j = 0; j < 3; ++j) {
+    const double k0 = k[FLIP ? 8 - j : j], k1 = k[FLIP ? 5 - j : 3 + j], k2 = k[FLIP ? 2 - j : 6 + j];
+    t[0][j] = k0;
+    t[1][j] = 0.5 * (k0 + k1 + k2);
+    t[2][j] = 0.5 * (k0 - k1 + k2);
+    t[3][j] = k2;
   }
-  return BF16::store(f);
+#pragma GCC unroll 4
+  for (int r = 0; r < kIn; ++r) {  // (G k) G^T
+    const double r0 = t[r][0], r1 = t[r][1], r2 = t[r][2];
+    uint16_t* o = out + (r * kIn) * stride;
+    o[0] = uint16_t(double_to_bf16_bits(r0));
+    o[stride] = uint16_t(double_to_bf16_bits(0.5 * (r0 + r1 + r2)));
+    o[2 * stride] = uint16_t(double_to_bf16_bits(0.5 * (r0 - r1 + r2)));
+    o[3 * stride] = uint16_t(double_to_bf16_bits(r2));
+  }
+}
+
+// One row of U's bfloat16 pairs: for lanes l < n, kernels lo + l * k_stride and
+// hi + l * k_stride transformed (transform_kernel), the pair (lo's, hi's) of point p stored at
+// dst[2 * (p * plane + l)] and the next element. Vectorized over the lanes (the taps gathered).
+template <bool FLIP>
+FRT_CLONES void weight_pairs(const float* lo, const float* hi, int64_t k_stride, int64_t n, uint16_t* dst,
+                             int64_t plane) {
+  FRT_SIMD for (int64_t l = 0; l < n; ++l) {
+    transform_kernel<FLIP>(lo + l * k_stride, dst + 2 * l, 2 * plane);
+    transform_kernel<FLIP>(hi + l * k_stride, dst + 2 * l + 1, 2 * plane);
+  }
 }
 
 }  // namespace
@@ -510,30 +547,19 @@ Status winograd_f23_weight_bf16_cpu(const float* w, int64_t c_out, int64_t c_in_
   if (k_in % 2) return Status::kInvalidArgument;
   if (c_out == 0 || cg == 0) return Status::kOk;
   if (!w || !u) return Status::kInvalidArgument;
-  const int64_t plane = groups * cg * cog;  // elements per point
+  // U's pairs: [p, g, i / 2, j] for the convolution's input channel pair i and output j
+  const int64_t plane = groups * (k_in / 2) * k_out;  // pairs per point
+  const int64_t pairs = groups * (k_in / 2);
 #pragma omp parallel for schedule(static)
-  for (int64_t go = 0; go < c_out; ++go) {
-    const int64_t g = go / cog, o = go % cog;
-    for (int64_t c = 0; c < cg; ++c) {
-      const float* k = w + (go * cg + c) * 9;
-      double t[kIn][3];  // G w: rows of the kernel combined (flipped: taps reversed both ways)
-      for (int j = 0; j < 3; ++j) {
-        const double k0 = flipped_transposed ? k[8 - j] : k[j];
-        const double k1 = flipped_transposed ? k[5 - j] : k[3 + j];
-        const double k2 = flipped_transposed ? k[2 - j] : k[6 + j];
-        t[0][j] = k0;
-        t[1][j] = 0.5 * (k0 + k1 + k2);
-        t[2][j] = 0.5 * (k0 - k1 + k2);
-        t[3][j] = k2;
-      }
-      // element [p, g, i / 2, j, i % 2] of U for the convolution's input channel i and output j
-      const int64_t i = flipped_transposed ? o : c, j = flipped_transposed ? c : o;
-      uint16_t* dst = u + ((g * (k_in / 2) + i / 2) * k_out + j) * 2 + (i % 2);
-      for (int r = 0; r < kIn; ++r) {
-        const double r0 = t[r][0], r1 = t[r][1], r2 = t[r][2];
-        const double row[kIn] = {r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2};
-        for (int q = 0; q < kIn; ++q) dst[(r * kIn + q) * plane] = double_to_bf16(row[q]);
-      }
+  for (int64_t gi = 0; gi < pairs; ++gi) {
+    const int64_t g = gi / (k_in / 2), i = 2 * (gi % (k_in / 2));
+    uint16_t* dst = u + 2 * gi * k_out;
+    if (flipped_transposed) {  // pair of old outputs i, i + 1; lanes: old inputs (kernels 9 floats apart)
+      const float* lo = w + ((g * cog + i) * cg) * 9;
+      weight_pairs<true>(lo, lo + cg * 9, 9, k_out, dst, plane);
+    } else {  // pair of inputs i, i + 1; lanes: outputs (kernels cg * 9 floats apart)
+      const float* lo = w + ((g * cog) * cg + i) * 9;
+      weight_pairs<false>(lo, lo + 9, cg * 9, k_out, dst, plane);
     }
   }
   return Status::kOk;

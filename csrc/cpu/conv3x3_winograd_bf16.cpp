@@ -434,12 +434,13 @@ FRT_INLINE uint32_t double_to_bf16_bits(double d) {
 
 // G k G^T of one 3x3 kernel k (taps reversed with FLIP) in float64, rounded to bfloat16,
 // point p stored at out[p * stride].
-template <bool FLIP>
-FRT_INLINE void transform_kernel(const float* k, uint16_t* out, int64_t stride) {
+template <class E, bool FLIP>
+FRT_INLINE void transform_kernel(const typename E::T* k, uint16_t* out, int64_t stride) {
   double t[kIn][3];  // G k: rows of the kernel combined
 #pragma GCC unroll 3
   for (int j = 0; j < 3; ++j) {
-    const double k0 = k[FLIP ? 8 - j : j], k1 = k[FLIP ? 5 - j : 3 + j], k2 = k[FLIP ? 2 - j : 6 + j];
+    const double k0 = E::load(k[FLIP ? 8 - j : j]), k1 = E::load(k[FLIP ? 5 - j : 3 + j]);
+    const double k2 = E::load(k[FLIP ? 2 - j : 6 + j]);
     t[0][j] = k0;
     t[1][j] = 0.5 * (k0 + k1 + k2);
     t[2][j] = 0.5 * (k0 - k1 + k2);
@@ -459,13 +460,42 @@ FRT_INLINE void transform_kernel(const float* k, uint16_t* out, int64_t stride) 
 // One row of U's bfloat16 pairs: for lanes l < n, kernels lo + l * k_stride and
 // hi + l * k_stride transformed (transform_kernel), the pair (lo's, hi's) of point p stored at
 // dst[2 * (p * plane + l)] and the next element. Vectorized over the lanes (the taps gathered).
-template <bool FLIP>
-FRT_CLONES void weight_pairs(const float* lo, const float* hi, int64_t k_stride, int64_t n, uint16_t* dst,
-                             int64_t plane) {
+template <class E, bool FLIP>
+FRT_CLONES void weight_pairs(const typename E::T* lo, const typename E::T* hi, int64_t k_stride, int64_t n,
+                             uint16_t* dst, int64_t plane) {
   FRT_SIMD for (int64_t l = 0; l < n; ++l) {
-    transform_kernel<FLIP>(lo + l * k_stride, dst + 2 * l, 2 * plane);
-    transform_kernel<FLIP>(hi + l * k_stride, dst + 2 * l + 1, 2 * plane);
+    transform_kernel<E, FLIP>(lo + l * k_stride, dst + 2 * l, 2 * plane);
+    transform_kernel<E, FLIP>(hi + l * k_stride, dst + 2 * l + 1, 2 * plane);
   }
+}
+
+// winograd_f23_weight_bf16_cpu for weights stored as E (F32 or BF16).
+template <class E>
+Status weight_bf16(const typename E::T* w, int64_t c_out, int64_t c_in_per_group, int64_t groups, uint16_t* u,
+                   bool flipped_transposed) {
+  if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
+  const int64_t cog = c_out / groups, cg = c_in_per_group;
+  // the convolution U is made for: its input channels per group (taken in pairs) and outputs
+  const int64_t k_in = flipped_transposed ? cog : cg, k_out = flipped_transposed ? cg : cog;
+  if (k_in % 2) return Status::kInvalidArgument;
+  if (c_out == 0 || cg == 0) return Status::kOk;
+  if (!w || !u) return Status::kInvalidArgument;
+  // U's pairs: [p, g, i / 2, j] for the convolution's input channel pair i and output j
+  const int64_t plane = groups * (k_in / 2) * k_out;  // pairs per point
+  const int64_t pairs = groups * (k_in / 2);
+#pragma omp parallel for schedule(static)
+  for (int64_t gi = 0; gi < pairs; ++gi) {
+    const int64_t g = gi / (k_in / 2), i = 2 * (gi % (k_in / 2));
+    uint16_t* dst = u + 2 * gi * k_out;
+    if (flipped_transposed) {  // pair of old outputs i, i + 1; lanes: old inputs (kernels 9 apart)
+      const typename E::T* lo = w + ((g * cog + i) * cg) * 9;
+      weight_pairs<E, true>(lo, lo + cg * 9, 9, k_out, dst, plane);
+    } else {  // pair of inputs i, i + 1; lanes: outputs (kernels cg * 9 apart)
+      const typename E::T* lo = w + ((g * cog) * cg + i) * 9;
+      weight_pairs<E, false>(lo, lo + 9, cg * 9, k_out, dst, plane);
+    }
+  }
+  return Status::kOk;
 }
 
 }  // namespace
@@ -540,29 +570,12 @@ Status conv3x3_winograd_bf16_output_cpu(const Conv3x3WinogradBf16Params& p) {
 
 Status winograd_f23_weight_bf16_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
                                     uint16_t* u, bool flipped_transposed) {
-  if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
-  const int64_t cog = c_out / groups, cg = c_in_per_group;
-  // the convolution U is made for: its input channels per group (taken in pairs) and outputs
-  const int64_t k_in = flipped_transposed ? cog : cg, k_out = flipped_transposed ? cg : cog;
-  if (k_in % 2) return Status::kInvalidArgument;
-  if (c_out == 0 || cg == 0) return Status::kOk;
-  if (!w || !u) return Status::kInvalidArgument;
-  // U's pairs: [p, g, i / 2, j] for the convolution's input channel pair i and output j
-  const int64_t plane = groups * (k_in / 2) * k_out;  // pairs per point
-  const int64_t pairs = groups * (k_in / 2);
-#pragma omp parallel for schedule(static)
-  for (int64_t gi = 0; gi < pairs; ++gi) {
-    const int64_t g = gi / (k_in / 2), i = 2 * (gi % (k_in / 2));
-    uint16_t* dst = u + 2 * gi * k_out;
-    if (flipped_transposed) {  // pair of old outputs i, i + 1; lanes: old inputs (kernels 9 floats apart)
-      const float* lo = w + ((g * cog + i) * cg) * 9;
-      weight_pairs<true>(lo, lo + cg * 9, 9, k_out, dst, plane);
-    } else {  // pair of inputs i, i + 1; lanes: outputs (kernels cg * 9 floats apart)
-      const float* lo = w + ((g * cog) * cg + i) * 9;
-      weight_pairs<false>(lo, lo + 9, cg * 9, k_out, dst, plane);
-    }
-  }
-  return Status::kOk;
+  return weight_bf16<F32>(w, c_out, c_in_per_group, groups, u, flipped_transposed);
+}
+
+Status winograd_f23_weight_bf16_cpu(const uint16_t* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    uint16_t* u, bool flipped_transposed) {
+  return weight_bf16<BF16>(w, c_out, c_in_per_group, groups, u, flipped_transposed);
 }
 
 }  // namespace flamingo_rt

@@ -57,12 +57,17 @@ at::Tensor weight_impl(const at::Tensor& w, int64_t groups, bool transposed) {
               " (the products take the convolution's input channels in pairs), got ", paired);
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, kOpW,
               ": expected a float32 or bfloat16 weight, got ", w.scalar_type());
-  const at::Tensor wc = w.to(at::kFloat).contiguous();
+  const at::Tensor wc = w.contiguous();
   const int64_t k_out = transposed ? ci : co / groups;
   at::Tensor u = at::empty({kWinogradF23Points * groups, paired / 2, k_out, 2}, w.options().dtype(at::kBFloat16));
-  check_status(kOpW, "CPU",
-               winograd_f23_weight_bf16_cpu(wc.data_ptr<float>(), co, ci, groups,
-                                            reinterpret_cast<uint16_t*>(u.data_ptr<at::BFloat16>()), transposed));
+  uint16_t* up = reinterpret_cast<uint16_t*>(u.data_ptr<at::BFloat16>());
+  if (wc.scalar_type() == at::kBFloat16) {  // read in place (the training path's standardized weights)
+    check_status(kOpW, "CPU",
+                 winograd_f23_weight_bf16_cpu(reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), co, ci,
+                                              groups, up, transposed));
+  } else {
+    check_status(kOpW, "CPU", winograd_f23_weight_bf16_cpu(wc.data_ptr<float>(), co, ci, groups, up, transposed));
+  }
   return u;
 }
 

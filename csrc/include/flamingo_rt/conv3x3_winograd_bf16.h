@@ -81,5 +81,8 @@ Status conv3x3_winograd_bf16_output_cpu(const Conv3x3WinogradBf16Params& p);
 // swapped and every kernel flipped): (16, groups, c_out/groups/2, c_in/groups, 2), c_out/groups even.
 Status winograd_f23_weight_bf16_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
                                     uint16_t* u, bool flipped_transposed = false);
+// The same for a bfloat16 weight (uint16_t storage).
+Status winograd_f23_weight_bf16_cpu(const uint16_t* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    uint16_t* u, bool flipped_transposed = false);
 
 }  // namespace flamingo_rt

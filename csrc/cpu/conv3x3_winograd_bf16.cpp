@@ -274,17 +274,105 @@ FRT_AVX512BF16 void output_tile_avx512bf16(const Conv3x3WinogradBf16Params& p, i
 }
 #endif
 
+// ------------------------------------------------------------------ weight gradient: pair transforms
+
+// d -> V (16 points x nl lanes, float32, not rounded) of one 4x4 input window (zero outside).
+template <int L>
+FRT_INLINE void input_points(const uint16_t* x, int64_t sx_h, int64_t sx_w, int64_t y0, int64_t x0, int64_t H,
+                             int64_t W, float v[kIn * kIn][kVec], int nl) {
+  const int n = L == kVec ? kVec : nl;
+  float d[kIn][kIn][kVec];
+  for (int i = 0; i < kIn; ++i) {
+    const int64_t yy = y0 + i;
+    const bool row_in = yy >= 0 && yy < H;
+    for (int j = 0; j < kIn; ++j) {
+      const int64_t xx = x0 + j;
+      if (row_in && xx >= 0 && xx < W) {
+        const uint16_t* src = x + yy * sx_h + xx * sx_w;
+        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = bf16_to_float(src[l]);
+      } else {
+        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = 0.0f;
+      }
+    }
+  }
+  float t[kIn][kIn][kVec];  // B^T d
+  for (int j = 0; j < kIn; ++j) {
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      const float d0 = d[0][j][l], d1 = d[1][j][l], d2 = d[2][j][l], d3 = d[3][j][l];
+      t[0][j][l] = d0 - d2;
+      t[1][j][l] = d1 + d2;
+      t[2][j][l] = d2 - d1;
+      t[3][j][l] = d1 - d3;
+    }
+  }
+  for (int i = 0; i < kIn; ++i) {  // (B^T d) B
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      const float t0 = t[i][0][l], t1 = t[i][1][l], t2 = t[i][2][l], t3 = t[i][3][l];
+      v[i * kIn + 0][l] = t0 - t2;
+      v[i * kIn + 1][l] = t1 + t2;
+      v[i * kIn + 2][l] = t2 - t1;
+      v[i * kIn + 3][l] = t1 - t3;
+    }
+  }
+}
+
+// dy -> Yg = A dy A^T (16 points x nl lanes, float32) of one 2x2 output tile (zero outside).
+template <int L>
+FRT_INLINE void grad_points(const uint16_t* dy, int64_t s_h, int64_t s_w, int64_t y0, int64_t x0, int64_t H,
+                            int64_t W, float v[kIn * kIn][kVec], int nl) {
+  const int n = L == kVec ? kVec : nl;
+  float d[kT][kT][kVec];
+  for (int a = 0; a < kT; ++a)
+    for (int b = 0; b < kT; ++b) {
+      const int64_t yy = y0 + a, xx = x0 + b;
+      if (yy < H && xx < W) {
+        const uint16_t* src = dy + yy * s_h + xx * s_w;
+        FRT_SIMD for (int l = 0; l < n; ++l) d[a][b][l] = bf16_to_float(src[l]);
+      } else {
+        FRT_SIMD for (int l = 0; l < n; ++l) d[a][b][l] = 0.0f;
+      }
+    }
+  FRT_SIMD for (int l = 0; l < n; ++l) {
+    // A dy (A's rows (1, 0), (1, 1), (1, -1), (0, -1)), column by column
+    const float d00 = d[0][0][l], d01 = d[0][1][l], d10 = d[1][0][l], d11 = d[1][1][l];
+    const float s0[kIn] = {d00, d00 + d10, d00 - d10, -d10};
+    const float s1[kIn] = {d01, d01 + d11, d01 - d11, -d11};
+    for (int i = 0; i < kIn; ++i) {  // (A dy) A^T
+      v[i * kIn + 0][l] = s0[i];
+      v[i * kIn + 1][l] = s0[i] + s1[i];
+      v[i * kIn + 2][l] = s0[i] - s1[i];
+      v[i * kIn + 3][l] = -s1[i];
+    }
+  }
+}
+
+// Two tiles' points rounded to bfloat16 and interleaved: dst[p * point_stride + 2 * l + e]
+// from a (e = 0) and b (e = 1).
+FRT_INLINE void store_pairs(const float a[kIn * kIn][kVec], const float b[kIn * kIn][kVec], uint16_t* dst,
+                            int64_t point_stride, int n) {
+  for (int pt = 0; pt < kIn * kIn; ++pt) {
+    uint16_t* d = dst + pt * point_stride;
+    FRT_SIMD for (int l = 0; l < n; ++l) {
+      d[2 * l] = BF16::store(a[pt][l]);
+      d[2 * l + 1] = BF16::store(b[pt][l]);
+    }
+  }
+}
+
 // ------------------------------------------------------------------ stage 2: products
 
-// C (rows x n, ldc) = A (rows x k, lda; bfloat16) @ B, B in pairs of rows: element (q, j) at
-// B[(q / 2) * ldb2 + 2 * j + q % 2] (ldb2 = 2 * n). The portable loop, float32 sums.
-FRT_CLONES void gemm_plain(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb2, float* C, int64_t ldc,
-                           int64_t rows, int64_t k, int64_t n) {
+// C (rows x n, ldc) = A (rows x k) @ B (k x n), bfloat16 operands, float32 sums (ACC: C += ...).
+// Both in pairs along k: A's (i, q) at A[i * a_row + (q / 2) * a_pair + q % 2] (the forward's
+// V: a_row = lda, a_pair = 2; the weight gradient's Vp^T: a_row = 2, a_pair = 2 * rows of Vp),
+// B's (q, j) at B[(q / 2) * ldb2 + 2 * j + q % 2]. The portable loop.
+template <bool ACC>
+FRT_CLONES void gemm_plain(const uint16_t* A, int64_t a_row, int64_t a_pair, const uint16_t* B, int64_t ldb2,
+                           float* C, int64_t ldc, int64_t rows, int64_t k, int64_t n) {
   for (int64_t i = 0; i < rows; ++i) {
     float* c = C + i * ldc;
-    FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] = 0.0f;
+    if (!ACC) FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] = 0.0f;
     for (int64_t q = 0; q < k; ++q) {
-      const float a = bf16_to_float(A[i * lda + q]);
+      const float a = bf16_to_float(A[i * a_row + (q / 2) * a_pair + (q % 2)]);
       const uint16_t* b = B + (q / 2) * ldb2 + (q % 2);
       FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] += a * bf16_to_float(b[2 * j]);
     }
@@ -292,16 +380,17 @@ FRT_CLONES void gemm_plain(const uint16_t* A, int64_t lda, const uint16_t* B, in
 }
 
 #ifdef FRT_WINO16_AVX512BF16
-// MR rows x NV vectors of 16 columns of C over k2 pairs of A's columns, in MR * NV zmm
-// accumulators: per pair, NV loads of B's row of pairs and MR broadcasts of A's pair.
-template <int MR, int NV>
-FRT_AVX512BF16 inline void micro(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb2, float* C,
-                                 int64_t ldc, int64_t k2) {
+// MR rows x NV vectors of 16 columns of C over k2 pairs of the reduction, in MR * NV zmm
+// accumulators: per pair, NV loads of B's row of pairs and MR broadcasts of A's pair (row r,
+// pair q at A + r * a_row + q * a_pair); ACC adds to C.
+template <int MR, int NV, bool ACC>
+FRT_AVX512BF16 inline void micro(const uint16_t* A, int64_t a_row, int64_t a_pair, const uint16_t* B, int64_t ldb2,
+                                 float* C, int64_t ldc, int64_t k2) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
   for (int64_t q = 0; q < k2; ++q) {
     __m512i b[NV];
 #pragma GCC unroll 4
@@ -309,7 +398,7 @@ FRT_AVX512BF16 inline void micro(const uint16_t* A, int64_t lda, const uint16_t*
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, A + r * lda + 2 * q, sizeof(pair));
+      std::memcpy(&pair, A + r * a_row + q * a_pair, sizeof(pair));
       const __m512i a = _mm512_set1_epi32(pair);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
@@ -323,32 +412,35 @@ FRT_AVX512BF16 inline void micro(const uint16_t* A, int64_t lda, const uint16_t*
 
 constexpr int kMR = 6;  // rows per register block (6 x 4 zmm accumulators)
 
-template <int NV>
-FRT_AVX512BF16 inline void rows_block(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb2, float* C,
-                                      int64_t ldc, int64_t rows, int64_t k2) {
+template <int NV, bool ACC>
+FRT_AVX512BF16 inline void rows_block(const uint16_t* A, int64_t a_row, int64_t a_pair, const uint16_t* B,
+                                      int64_t ldb2, float* C, int64_t ldc, int64_t rows, int64_t k2) {
   int64_t i = 0;
-  for (; i + kMR <= rows; i += kMR) micro<kMR, NV>(A + i * lda, lda, B, ldb2, C + i * ldc, ldc, k2);
+  for (; i + kMR <= rows; i += kMR) micro<kMR, NV, ACC>(A + i * a_row, a_row, a_pair, B, ldb2, C + i * ldc, ldc, k2);
+  const uint16_t* a = A + i * a_row;
+  float* c = C + i * ldc;
   switch (rows - i) {
-    case 5: micro<5, NV>(A + i * lda, lda, B, ldb2, C + i * ldc, ldc, k2); break;
-    case 4: micro<4, NV>(A + i * lda, lda, B, ldb2, C + i * ldc, ldc, k2); break;
-    case 3: micro<3, NV>(A + i * lda, lda, B, ldb2, C + i * ldc, ldc, k2); break;
-    case 2: micro<2, NV>(A + i * lda, lda, B, ldb2, C + i * ldc, ldc, k2); break;
-    case 1: micro<1, NV>(A + i * lda, lda, B, ldb2, C + i * ldc, ldc, k2); break;
+    case 5: micro<5, NV, ACC>(a, a_row, a_pair, B, ldb2, c, ldc, k2); break;
+    case 4: micro<4, NV, ACC>(a, a_row, a_pair, B, ldb2, c, ldc, k2); break;
+    case 3: micro<3, NV, ACC>(a, a_row, a_pair, B, ldb2, c, ldc, k2); break;
+    case 2: micro<2, NV, ACC>(a, a_row, a_pair, B, ldb2, c, ldc, k2); break;
+    case 1: micro<1, NV, ACC>(a, a_row, a_pair, B, ldb2, c, ldc, k2); break;
     default: break;
   }
 }
 
-// n a multiple of 16, k even: column panels of 64 (B's panel stays in L1 / L2 across the row
-// blocks).
-FRT_AVX512BF16 void gemm_avx512bf16(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb2, float* C,
-                                    int64_t ldc, int64_t rows, int64_t k, int64_t n) {
+// gemm_plain's product for n a multiple of 16 and k even: column panels of 64 (B's panel stays
+// in L1 / L2 across the row blocks).
+template <bool ACC>
+FRT_AVX512BF16 void gemm_avx512bf16(const uint16_t* A, int64_t a_row, int64_t a_pair, const uint16_t* B,
+                                    int64_t ldb2, float* C, int64_t ldc, int64_t rows, int64_t k, int64_t n) {
   const int64_t k2 = k / 2;
   int64_t j = 0;
-  for (; j + 64 <= n; j += 64) rows_block<4>(A, lda, B + 2 * j, ldb2, C + j, ldc, rows, k2);
+  for (; j + 64 <= n; j += 64) rows_block<4, ACC>(A, a_row, a_pair, B + 2 * j, ldb2, C + j, ldc, rows, k2);
   switch ((n - j) / 16) {
-    case 3: rows_block<3>(A, lda, B + 2 * j, ldb2, C + j, ldc, rows, k2); break;
-    case 2: rows_block<2>(A, lda, B + 2 * j, ldb2, C + j, ldc, rows, k2); break;
-    case 1: rows_block<1>(A, lda, B + 2 * j, ldb2, C + j, ldc, rows, k2); break;
+    case 3: rows_block<3, ACC>(A, a_row, a_pair, B + 2 * j, ldb2, C + j, ldc, rows, k2); break;
+    case 2: rows_block<2, ACC>(A, a_row, a_pair, B + 2 * j, ldb2, C + j, ldc, rows, k2); break;
+    case 1: rows_block<1, ACC>(A, a_row, a_pair, B + 2 * j, ldb2, C + j, ldc, rows, k2); break;
     default: break;
   }
 }
@@ -498,6 +590,175 @@ Status weight_bf16(const typename E::T* w, int64_t c_out, int64_t c_in_per_group
   return Status::kOk;
 }
 
+// Image and top-left output pixel of tile t of the range.
+FRT_INLINE void tile_origin(const Conv3x3WinogradBf16Params& p, int64_t t, int64_t* img, int64_t* y0, int64_t* x0) {
+  const int64_t th = winograd_f23_tiles(p.h), tw = winograd_f23_tiles(p.w);
+  const int64_t a = p.tile_begin + t, rem = a % (th * tw);
+  *img = a / (th * tw);
+  *y0 = (rem / tw) * kT;
+  *x0 = (rem % tw) * kT;
+}
+
+// Tiles 2q and 2q + 1 of the range (the second zero past the range's end) -> pair q of Vp
+// (GRAD false: x's input windows) or of Yp (GRAD true: dy's output tiles), every group, channels
+// c_begin.. of each.
+template <bool GRAD>
+FRT_CLONES void pair_transform(const Conv3x3WinogradBf16Params& p, int64_t tiles, int64_t q, int64_t c_begin) {
+  const int64_t npairs = (tiles + 1) / 2;
+  const int64_t C = GRAD ? p.c_out : p.c_in, cpg = C / p.groups;
+  const uint16_t* src = static_cast<const uint16_t*>(GRAD ? p.dy : p.x);
+  const int64_t s_n = GRAD ? p.sdy_n : p.sx_n, s_h = GRAD ? p.sdy_h : p.sx_h, s_w = GRAD ? p.sdy_w : p.sx_w;
+  uint16_t* out = static_cast<uint16_t*>(GRAD ? p.m : p.v);
+  const int64_t point_stride = p.groups * npairs * cpg * 2;  // (16, G, npairs, cpg, 2)
+  const bool second = 2 * q + 1 < tiles;
+  int64_t img[2], y0[2], x0[2];
+  for (int e = 0; e < 2; ++e)
+    if (e == 0 || second) tile_origin(p, 2 * q + e, &img[e], &y0[e], &x0[e]);
+  const int off = GRAD ? 0 : -1;  // an input window starts one pixel up and left (the padding)
+  for (int64_t g = 0; g < p.groups; ++g) {
+    uint16_t* og = out + ((g * npairs + q) * cpg) * 2;
+    for (int64_t c0 = c_begin; c0 < cpg; c0 += kVec) {
+      const int nl = int(std::min<int64_t>(kVec, cpg - c0));
+      float a[kIn * kIn][kVec], b[kIn * kIn][kVec];
+      for (int e = 0; e < 2; ++e) {
+        float(*v)[kVec] = e == 0 ? a : b;
+        if (e == 1 && !second) {
+          for (int pt = 0; pt < kIn * kIn; ++pt) FRT_SIMD for (int l = 0; l < kVec; ++l) v[pt][l] = 0.0f;
+          continue;
+        }
+        const uint16_t* base = src + img[e] * s_n + g * cpg + c0;
+        if (GRAD) {
+          if (nl == kVec) grad_points<kVec>(base, s_h, s_w, y0[e], x0[e], p.h, p.w, v, nl);
+          else grad_points<0>(base, s_h, s_w, y0[e], x0[e], p.h, p.w, v, nl);
+        } else {
+          if (nl == kVec) input_points<kVec>(base, s_h, s_w, y0[e] + off, x0[e] + off, p.h, p.w, v, nl);
+          else input_points<0>(base, s_h, s_w, y0[e] + off, x0[e] + off, p.h, p.w, v, nl);
+        }
+      }
+      store_pairs(a, b, og + c0 * 2, point_stride, nl);
+    }
+  }
+}
+
+#ifdef FRT_WINO16_AVX512BF16
+// pair_transform with intrinsics for whole 16-channel chunks (the tail chunk through the portable
+// code): both tiles' 16 points in registers, rounded and interleaved in three instructions.
+template <bool GRAD>
+FRT_AVX512BF16 void pair_transform_avx512bf16(const Conv3x3WinogradBf16Params& p, int64_t tiles, int64_t q) {
+  const int64_t npairs = (tiles + 1) / 2;
+  const int64_t C = GRAD ? p.c_out : p.c_in, cpg = C / p.groups, full = cpg / kVec * kVec;
+  const uint16_t* src = static_cast<const uint16_t*>(GRAD ? p.dy : p.x);
+  const int64_t s_n = GRAD ? p.sdy_n : p.sx_n, s_h = GRAD ? p.sdy_h : p.sx_h, s_w = GRAD ? p.sdy_w : p.sx_w;
+  uint16_t* out = static_cast<uint16_t*>(GRAD ? p.m : p.v);
+  const int64_t ps = p.groups * npairs * cpg * 2;  // (16, G, npairs, cpg, 2)
+  const bool second = 2 * q + 1 < tiles;
+  constexpr int kWin = GRAD ? kT : kIn;  // pixels read per tile edge
+  // per tile: the window's pixel pointers (null outside the image or past the range)
+  const uint16_t* px[2][kWin][kWin];
+  for (int e = 0; e < 2; ++e) {
+    int64_t img = 0, y0 = 0, x0 = 0;
+    const bool live = e == 0 || second;
+    if (live) tile_origin(p, 2 * q + e, &img, &y0, &x0);
+    if (!GRAD) y0 -= 1, x0 -= 1;
+    for (int i = 0; i < kWin; ++i)
+      for (int j = 0; j < kWin; ++j) {
+        const int64_t yy = y0 + i, xx = x0 + j;
+        px[e][i][j] = live && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w ? src + img * s_n + yy * s_h + xx * s_w
+                                                                          : nullptr;
+      }
+  }
+  __m512i idx;  // word 2l <- a's l (upper half of cvtne2ps's result), 2l + 1 <- b's l
+  {
+    alignas(64) int16_t t[32];
+    for (int l = 0; l < 16; ++l) t[2 * l] = int16_t(16 + l), t[2 * l + 1] = int16_t(l);
+    idx = _mm512_load_si512(t);
+  }
+  for (int64_t g = 0; g < p.groups; ++g) {
+    uint16_t* og = out + ((g * npairs + q) * cpg) * 2;
+    for (int64_t c0 = 0; c0 < full; c0 += kVec) {
+      const int64_t off = g * cpg + c0;
+      __m512 v[2][kIn * kIn];
+      for (int e = 0; e < 2; ++e) {
+        __m512 d[kWin][kWin];
+        for (int i = 0; i < kWin; ++i)
+          for (int j = 0; j < kWin; ++j) d[i][j] = px[e][i][j] ? load_bf16x16(px[e][i][j] + off) : _mm512_setzero_ps();
+        if constexpr (GRAD) {  // A dy A^T
+          const __m512 s0[kIn] = {d[0][0], _mm512_add_ps(d[0][0], d[1][0]), _mm512_sub_ps(d[0][0], d[1][0]),
+                                  _mm512_sub_ps(_mm512_setzero_ps(), d[1][0])};
+          const __m512 s1[kIn] = {d[0][1], _mm512_add_ps(d[0][1], d[1][1]), _mm512_sub_ps(d[0][1], d[1][1]),
+                                  _mm512_sub_ps(_mm512_setzero_ps(), d[1][1])};
+          for (int i = 0; i < kIn; ++i) {
+            v[e][i * kIn + 0] = s0[i];
+            v[e][i * kIn + 1] = _mm512_add_ps(s0[i], s1[i]);
+            v[e][i * kIn + 2] = _mm512_sub_ps(s0[i], s1[i]);
+            v[e][i * kIn + 3] = _mm512_sub_ps(_mm512_setzero_ps(), s1[i]);
+          }
+        } else {  // B^T d B
+          __m512 t[kIn][kIn];
+          for (int j = 0; j < kIn; ++j) {
+            t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+            t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+            t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+            t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+          }
+          for (int i = 0; i < kIn; ++i) {
+            v[e][i * kIn + 0] = _mm512_sub_ps(t[i][0], t[i][2]);
+            v[e][i * kIn + 1] = _mm512_add_ps(t[i][1], t[i][2]);
+            v[e][i * kIn + 2] = _mm512_sub_ps(t[i][2], t[i][1]);
+            v[e][i * kIn + 3] = _mm512_sub_ps(t[i][1], t[i][3]);
+          }
+        }
+      }
+      uint16_t* dst = og + c0 * 2;
+      for (int pt = 0; pt < kIn * kIn; ++pt) {
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(v[0][pt], v[1][pt]);  // b's in the lower half
+        _mm512_storeu_si512(dst + pt * ps, _mm512_permutexvar_epi16(idx, both));
+      }
+    }
+  }
+  if (full < cpg) pair_transform<GRAD>(p, tiles, q, full);
+}
+#endif
+
+template <bool GRAD>
+Status pairs_stage(const Conv3x3WinogradBf16Params& p) {
+  int64_t tiles;
+  const Status st = begin_stage(p, GRAD ? p.c_out == 0 : p.c_in == 0, GRAD ? (p.dy && p.m) : (p.x && p.v), &tiles);
+  if (st != Status::kOk || tiles == 0) return st;
+  const int64_t npairs = (tiles + 1) / 2;
+#ifdef FRT_WINO16_AVX512BF16
+  if (have_avx512bf16()) {
+#pragma omp parallel for schedule(static) if (npairs > 1)
+    for (int64_t q = 0; q < npairs; ++q) pair_transform_avx512bf16<GRAD>(p, tiles, q);
+    return Status::kOk;
+  }
+#endif
+#pragma omp parallel for schedule(static) if (npairs > 1)
+  for (int64_t q = 0; q < npairs; ++q) pair_transform<GRAD>(p, tiles, q, 0);
+  return Status::kOk;
+}
+
+// One row of dw's kernels: for lanes o < cog, dU's 16 points of (c, o) at du0[pt * plane + o]
+// -> G^T dU G (float64) at dw0[o * dw_stride .. + 9].
+FRT_CLONES void weight_grad_row(const float* du0, int64_t plane, int64_t cog, float* dw0, int64_t dw_stride) {
+  FRT_SIMD for (int64_t o = 0; o < cog; ++o) {
+    double r[kIn][3];  // dU G: G's columns (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0), (0, 1/2, 1/2, 1)
+    for (int i = 0; i < kIn; ++i) {
+      const double u0 = du0[(i * kIn + 0) * plane + o], u1 = du0[(i * kIn + 1) * plane + o];
+      const double u2 = du0[(i * kIn + 2) * plane + o], u3 = du0[(i * kIn + 3) * plane + o];
+      r[i][0] = u0 + 0.5 * (u1 + u2);
+      r[i][1] = 0.5 * (u1 - u2);
+      r[i][2] = 0.5 * (u1 + u2) + u3;
+    }
+    float* k = dw0 + o * dw_stride;
+    for (int j = 0; j < 3; ++j) {  // G^T (dU G)
+      k[0 * 3 + j] = float(r[0][j] + 0.5 * (r[1][j] + r[2][j]));
+      k[1 * 3 + j] = float(0.5 * (r[1][j] - r[2][j]));
+      k[2 * 3 + j] = float(0.5 * (r[1][j] + r[2][j]) + r[3][j]);
+    }
+  }
+}
+
 }  // namespace
 
 bool winograd_bf16_cpu_supported() { return have_avx512bf16(); }
@@ -542,12 +803,12 @@ Status conv3x3_winograd_bf16_products_cpu(const Conv3x3WinogradBf16Params& p, bo
     float* C = m + (pg * tiles + r0) * cog;
 #ifdef FRT_WINO16_AVX512BF16
     if (vec) {
-      gemm_avx512bf16(A, cg, B, 2 * cog, C, cog, rows, cg, cog);
+      gemm_avx512bf16<false>(A, cg, 2, B, 2 * cog, C, cog, rows, cg, cog);
       return;
     }
 #endif
     (void)vec;
-    gemm_plain(A, cg, B, 2 * cog, C, cog, rows, cg, cog);
+    gemm_plain<false>(A, cg, 2, B, 2 * cog, C, cog, rows, cg, cog);
   });
   return Status::kOk;
 }
@@ -566,6 +827,57 @@ Status conv3x3_winograd_bf16_output_cpu(const Conv3x3WinogradBf16Params& p) {
     case Act::kSilu: output_all<true, Act::kSilu>(p, tiles); return Status::kOk;
   }
   return Status::kInvalidArgument;
+}
+
+Status conv3x3_winograd_bf16_input_pairs_cpu(const Conv3x3WinogradBf16Params& p) { return pairs_stage<false>(p); }
+
+Status conv3x3_winograd_bf16_grad_output_pairs_cpu(const Conv3x3WinogradBf16Params& p) {
+  return pairs_stage<true>(p);
+}
+
+Status conv3x3_winograd_bf16_weight_grad_products_cpu(const Conv3x3WinogradBf16Params& p, bool plain) {
+  int64_t tiles;
+  const Status st = begin_stage(p, p.c_out == 0 || p.c_in == 0, p.v && p.m && p.du, &tiles);
+  if (st != Status::kOk || tiles == 0) return st;
+  const int64_t cg = p.c_in / p.groups, cog = p.c_out / p.groups;
+  const int64_t npairs = (tiles + 1) / 2, k = 2 * npairs;
+  const int64_t pgs = kWinogradF23Points * p.groups;
+  const uint16_t* vp = static_cast<const uint16_t*>(p.v);
+  const uint16_t* yp = static_cast<const uint16_t*>(p.m);
+  const bool vec = !plain && conv3x3_winograd_bf16_products_vectorized(p);
+  const bool acc = p.du_accumulate;
+  // result rows: the input channels (du[pg] = Vp[pg]^T @ Yp[pg], reduced over the tile pairs)
+  for_each_product_task(pgs, cg, [&](int64_t pg, int64_t r0, int64_t rows) {
+    const uint16_t* A = vp + pg * npairs * cg * 2 + 2 * r0;  // row c: 2 apart; pair q: 2 * cg apart
+    const uint16_t* B = yp + pg * npairs * cog * 2;
+    float* C = p.du + (pg * cg + r0) * cog;
+#ifdef FRT_WINO16_AVX512BF16
+    if (vec) {
+      if (acc) gemm_avx512bf16<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+      else gemm_avx512bf16<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+      return;
+    }
+#endif
+    (void)vec;
+    if (acc) gemm_plain<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+    else gemm_plain<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+  });
+  return Status::kOk;
+}
+
+Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    float* dw) {
+  if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
+  if (c_out == 0 || c_in_per_group == 0) return Status::kOk;
+  if (!du || !dw) return Status::kInvalidArgument;
+  const int64_t cog = c_out / groups, cg = c_in_per_group;
+  const int64_t plane = groups * cg * cog;
+#pragma omp parallel for schedule(static)
+  for (int64_t gc = 0; gc < groups * cg; ++gc) {
+    const int64_t g = gc / cg, c = gc % cg;
+    weight_grad_row(du + (g * cg + c) * cog, plane, cog, dw + ((g * cog) * cg + c) * 9, cg * 9);
+  }
+  return Status::kOk;
 }
 
 Status winograd_f23_weight_bf16_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,

@@ -13,6 +13,10 @@
 //       # chunk_tiles: 2x2 tiles per chunk (0: chosen here); products: "auto" (AVX-512 BF16 where
 //       # the CPU has it and C_out/groups is a multiple of 16, else the portable loop), "ours"
 //       # (the same), "plain" (the portable loop: for tests)
+//   flamingo_rt_C::conv3x3_winograd_bf16_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0,
+//                                                    str products='auto') -> Tensor
+//       # dL/dw (C_out, C_in/groups, 3, 3) float32 of that convolution (no bias) for dy, x and dy
+//       # bfloat16 (N, C, H, W) any layout: the products on bfloat16 transforms, float32 sums
 //   flamingo_rt_C::winograd_bf16_cpu_supported() -> bool   # the CPU runs the AVX-512 BF16 products
 //
 // CPU only, no autograd (inference: flamingo_rt.ops.winograd_conv wires it into the frozen
@@ -136,6 +140,58 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& u, const c10::option
   return y;
 }
 
+at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t groups, int64_t chunk_tiles,
+                            c10::string_view products) {
+  constexpr const char* kOpG = "flamingo_rt_C::conv3x3_winograd_bf16_weight_grad";
+  const std::string prod(products.data(), products.size());
+  TORCH_CHECK(prod == "auto" || prod == "ours" || prod == "plain", kOpG,
+              ": expected products 'auto', 'ours' or 'plain', got '", prod, "'");
+  TORCH_CHECK(x.dim() == 4 && dy.dim() == 4, kOpG, ": expected x (N, C_in, H, W) and dy (N, C_out, H, W), got ",
+              x.sizes(), " and ", dy.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && dy.scalar_type() == at::kBFloat16, kOpG,
+              ": expected bfloat16 x and dy, got ", x.scalar_type(), " and ", dy.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CO = dy.size(1);
+  TORCH_CHECK(dy.size(0) == N && dy.size(2) == H && dy.size(3) == W, kOpG, ": expected dy of shape (", N,
+              ", C_out, ", H, ", ", W, ") for x of shape ", x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(groups >= 1 && C >= groups && C % groups == 0 && CO % groups == 0, kOpG, ": expected C_in ", C,
+              " and C_out ", CO, " to be positive multiples of groups ", groups);
+  const int64_t cg = C / groups, cog = CO / groups, P = kWinogradF23Points * groups;
+  TORCH_CHECK(cg % 2 == 0, kOpG, ": expected an even C_in/groups, got ", cg);
+  TORCH_CHECK(chunk_tiles >= 0, kOpG, ": expected chunk_tiles >= 0 (0: chosen here), got ", chunk_tiles);
+  at::Tensor dw = at::empty({CO, cg, 3, 3}, x.options().dtype(at::kFloat));
+  const int64_t T = N * winograd_f23_tiles(H) * winograd_f23_tiles(W);
+  if (T == 0) return dw.zero_();
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
+  // tiles per chunk: even (the products take them in pairs), Vp and Yp about kChunkBytes
+  const int64_t tile_bytes = P * (cg + cog) * 2;
+  int64_t chunk = chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes);
+  chunk = std::min<int64_t>(T, (chunk + 1) / 2 * 2);
+  const int64_t npairs = (chunk + 1) / 2;
+  const int64_t vp_bytes = (P * npairs * cg * 4 + 63) / 64 * 64, yp_bytes = (P * npairs * cog * 4 + 63) / 64 * 64;
+  uint8_t* ws = workspace(vp_bytes + yp_bytes + P * cg * cog * 4 + 64);
+  uint8_t* wa = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63));
+  Conv3x3WinogradBf16Params p;
+  p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
+  p.x = xc.data_ptr<at::BFloat16>();
+  p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
+  p.dy = dyc.data_ptr<at::BFloat16>();
+  p.sdy_n = dyc.stride(0), p.sdy_h = dyc.stride(2), p.sdy_w = dyc.stride(3);
+  p.v = wa;
+  p.m = wa + vp_bytes;
+  p.du = reinterpret_cast<float*>(wa + vp_bytes + yp_bytes);
+  const bool plain = prod == "plain";
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    p.tile_begin = t0, p.tile_count = std::min(chunk, T - t0);
+    p.du_accumulate = t0 > 0;
+    check_status(kOpG, "CPU", conv3x3_winograd_bf16_input_pairs_cpu(p));
+    check_status(kOpG, "CPU", conv3x3_winograd_bf16_grad_output_pairs_cpu(p));
+    check_status(kOpG, "CPU", conv3x3_winograd_bf16_weight_grad_products_cpu(p, plain));
+  }
+  check_status(kOpG, "CPU", winograd_f23_weight_grad_cpu(p.du, CO, cg, groups, dw.data_ptr<float>()));
+  return dw;
+}
+
 bool supported_impl() { return winograd_bf16_cpu_supported(); }
 
 }  // namespace
@@ -146,10 +202,13 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def("conv3x3_winograd_bf16_weight(Tensor w, int groups, bool transposed=False) -> Tensor");
   m.def("conv3x3_winograd_bf16(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
         "int chunk_tiles=0, str products='auto') -> Tensor");
+  m.def("conv3x3_winograd_bf16_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0, "
+        "str products='auto') -> Tensor");
   m.def("winograd_bf16_cpu_supported() -> bool", &flamingo_rt::torch_ops::supported_impl);
 }
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("conv3x3_winograd_bf16_weight", &flamingo_rt::torch_ops::weight_impl);
   m.impl("conv3x3_winograd_bf16", &flamingo_rt::torch_ops::conv_impl);
+  m.impl("conv3x3_winograd_bf16_weight_grad", &flamingo_rt::torch_ops::weight_grad_impl);
 }

@@ -107,6 +107,11 @@ def register() -> None:
                 n, c, h, w = _shape(x)
                 return 2 * n * h * w * c * _shape(u)[2] * 9
 
+            @register_flop_formula(cpp.conv3x3_winograd_bf16_weight_grad, get_raw=True)
+            def _wino_bf16_wgrad(x, dy, groups, *args, out_val=None, **kw):
+                n, c, h, w = _shape(x)
+                return 2 * n * h * w * c * _shape(dy)[1] * 9 // groups
+
         @register_flop_formula(cpp.conv3x3_winograd_weight_grad, get_raw=True)
         def _wino_wgrad(x, dy, groups, *args, out_val=None, **kw):
             n, c, h, w = _shape(x)

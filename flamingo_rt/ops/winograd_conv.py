@@ -52,7 +52,7 @@ from .. import _ext
 
 __all__ = ["MIN_CHANNELS", "MIN_CHANNELS_BF16", "enabled", "use", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3",
            "conv3x3_weight_grad", "bf16_enabled", "eligible_bf16", "winograd_weight_bf16", "conv3x3_winograd_bf16",
-           "eligible_bf16_autograd", "conv3x3_bf16"]
+           "eligible_bf16_autograd", "conv3x3_bf16", "conv3x3_weight_grad_bf16"]
 
 #: Fewer input or output channels per group than this and the 36 products are too thin to
 #: beat the direct convolution (dm_nfnet_f0's stem 16 -> 32 conv at 112 px measured 0.8-1.1x).
@@ -189,6 +189,22 @@ def conv3x3_winograd_bf16(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: 
                                                          products)
 
 
+def conv3x3_weight_grad_bf16(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: int = 0,
+                             products: str = "auto") -> Tensor:
+    """dL/dw of ``y = F.conv2d(x, w, padding=1, groups=groups)`` for a 3x3 w and the output
+    gradient dy, through the F(2x2, 3x3) transforms read backwards (``dL/dU = sum over tiles
+    of V^T (A dy A^T)``, then ``G^T dL/dU G``), V and ``A dy A^T`` rounded once to bfloat16,
+    float32 sums: (C_out, C_in/groups, 3, 3) float32.
+
+    Args:
+        x: (N, C_in, H, W) bfloat16 on the CPU, any layout; C_in/groups even.
+        dy: (N, C_out, H, W) bfloat16, any layout.
+        chunk_tiles: 2x2 tiles per chunk (0: chosen here; made even).
+        products: ``"auto"`` / ``"ours"`` or ``"plain"`` (the portable loop).
+    """
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight_grad(x, dy, groups, int(chunk_tiles), products)
+
+
 def eligible_bf16_autograd(x: Tensor, w: Tensor, groups: int) -> bool:
     """Whether a SAME-padded 3x3 stride-1 convolution of x by w runs as :func:`conv3x3_bf16`
     (bfloat16 Winograd forward and input gradient, with gradients): bfloat16 x and w, or CPU
@@ -228,9 +244,8 @@ class _Conv3x3Bf16(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = conv3x3_winograd_bf16(dy, winograd_weight_bf16(w, g, transposed=True), None, g)
-        if ctx.needs_input_grad[1]:  # oneDNN's direct weight gradient (bf16 operands, float32 sums)
-            dw = torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], g,
-                                                     [False, True, False])[1]
+        if ctx.needs_input_grad[1]:
+            dw = conv3x3_weight_grad_bf16(x, dy, g).to(w.dtype)
         if ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, db, None

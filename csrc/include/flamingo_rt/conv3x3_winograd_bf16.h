@@ -59,6 +59,13 @@ struct Conv3x3WinogradBf16Params {
   // y: (n, h, w, c_out) bfloat16 with unit channel stride; strides in elements
   void* y = nullptr;
   int64_t sy_n = 0, sy_h = 0, sy_w = 0;
+  // Weight gradient only (see below). dy: the output's gradient (n, h, w, c_out) bfloat16, unit
+  // channel stride; du: dL/dU (16, groups, c_in / groups, c_out / groups) float32, overwritten
+  // by the range's sum, or with du_accumulate added to.
+  const void* dy = nullptr;
+  int64_t sdy_n = 0, sdy_h = 0, sdy_w = 0;
+  float* du = nullptr;
+  bool du_accumulate = false;
 };
 
 // Stage 1: x -> V. Needs x, v and the sizes.
@@ -73,6 +80,26 @@ bool conv3x3_winograd_bf16_products_vectorized(const Conv3x3WinogradBf16Params& 
 bool winograd_bf16_cpu_supported();
 // Stage 3: M -> y (bias, activation, gamma fused). Needs m, y and the sizes.
 Status conv3x3_winograd_bf16_output_cpu(const Conv3x3WinogradBf16Params& p);
+
+// The weight gradient, from the same algebra read backwards (y = A^T [U . V] A per tile):
+//   dL/dU[p, g] = sum over tiles of V[p, g]^T @ Yg[p, g],   Yg = A dy A^T (2x2 -> 4x4 per tile)
+//   dL/dw = G^T (dL/dU) G                                  (4x4 -> 3x3 per channel pair)
+// the products on bfloat16 V and Yg (each rounded once) with float32 sums, so their operands
+// come in pairs of tiles: Vp (16, groups, ceil(tiles / 2), c_in / groups, 2) and Yp (16, groups,
+// ceil(tiles / 2), c_out / groups, 2) (element [p, g, q, c, e] of tile 2q + e; an odd range's
+// last pair padded with zeros), in v and m. Over successive tile ranges of even length (but
+// the last): conv3x3_winograd_bf16_input_pairs_cpu (x -> Vp), ..._grad_output_pairs_cpu
+// (dy -> Yp), ..._weight_grad_products_cpu (du = Vp^T Yp, or du += with du_accumulate),
+// then winograd_f23_weight_grad_cpu (du -> dw).
+Status conv3x3_winograd_bf16_input_pairs_cpu(const Conv3x3WinogradBf16Params& p);
+Status conv3x3_winograd_bf16_grad_output_pairs_cpu(const Conv3x3WinogradBf16Params& p);
+// AVX-512 BF16 kernels where the CPU has them and c_out / groups is a multiple of 16 (else, or
+// with `plain`, a portable loop).
+Status conv3x3_winograd_bf16_weight_grad_products_cpu(const Conv3x3WinogradBf16Params& p, bool plain = false);
+// dw (c_out, c_in/groups, 3, 3) float32 contiguous from du (16, groups, c_in/groups, c_out/groups)
+// float32, in float64.
+Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    float* dw);
 
 // The transformed weight U (16, groups, c_in/groups/2, c_out/groups, 2) bfloat16 (uint16_t)
 // of w (c_out, c_in/groups, 3, 3) float32 contiguous: G w G^T in float64, rounded once to

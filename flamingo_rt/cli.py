@@ -129,6 +129,7 @@ def _generate(args) -> int:
         media = [_load_media(p) for p in args.image]
     except ValueError as e:
         return _fail("generate", e)
+    _tune_malloc(args)
     prompt = args.prompt
     if "<image>" not in prompt and media:
         prompt = "<image>" * len(media) + prompt
@@ -220,6 +221,7 @@ def _eval(args) -> int:
         problem = _output_problem(out, folder=False)
         if problem is not None:
             return _fail("eval", problem)
+    _tune_malloc(args)
     try:
         suite = TaskSuite(tasks=tuple(tasks), shots=tuple(args.shots), episodes=args.episodes, seed=args.seed,
                           split=args.split, format_split=args.format_split, n_way=args.n_way, by=args.by,
@@ -253,6 +255,12 @@ def _tune_malloc(args) -> None:
         from .runtime import cpu_malloc
 
         cpu_malloc.keep_freed_memory()
+
+
+def _add_malloc_flag(p: argparse.ArgumentParser, measured: str) -> None:
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default malloc (by default large CPU blocks are reused instead of mmapped "
+                        f"and page-faulted anew each time; {measured}; see flamingo_rt.runtime.cpu_malloc)")
 
 
 def _train(args) -> int:
@@ -402,6 +410,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_eval.add_argument("--plot", default=None, help="write the few-shot curve (PNG) here")
     p_eval.add_argument("--threads", type=_NON_NEGATIVE, default=0, help="torch CPU threads (0: torch's default)")
     p_eval.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_malloc_flag(p_eval, "dm_nfnet_f0's frozen forward 7% faster")
     p_info = sub.add_parser("info", help="parameters and FLOPs of presets")
     p_info.add_argument("presets", nargs="*")
     p_info.add_argument("--seq-len", type=_POSITIVE, default=256)
@@ -415,9 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_train.add_argument("--out-dir", default=None)
     p_train.add_argument("--seed", type=int, default=None)
     p_train.add_argument("--no-progress", action="store_true")
-    p_train.add_argument("--default-malloc", action="store_true",
-                         help="keep glibc's default malloc (by default large CPU blocks are reused instead of "
-                              "mmapped and page-faulted anew each time; see flamingo_rt.runtime.cpu_malloc)")
+    _add_malloc_flag(p_train, "a bf16 connector step 4.5 -> 3.65 s")
     p_exp = sub.add_parser("export", help="AOTInductor packages of a model folder for C++ hosts")
     p_exp.add_argument("model_dir")
     p_exp.add_argument("out_dir")
@@ -438,6 +445,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p_gen.add_argument("--device", default="cpu")
     p_gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_malloc_flag(p_gen, "dm_nfnet_f0's frozen forward 7% faster")
     p_abl = sub.add_parser("ablate", help="the paper's ablations in miniature: short stage-3 runs, one change each")
     p_abl.add_argument("--model", default=None,
                        help="model folder whose NFNet, LM and tokenizer are the frozen backbones (default: the shipped one)")

@@ -12,6 +12,17 @@ from flamingo_rt.models import Flamingo, get_preset
 from flamingo_rt.runtime import GenerationConfig, Generator
 
 
+@pytest.fixture(autouse=True)
+def malloc_calls(monkeypatch):
+    """The CLI's malloc tuning (flamingo_rt.runtime.cpu_malloc) is process-wide: recorded here,
+    not applied (tests/test_cpu_malloc.py tests it in a subprocess)."""
+    from flamingo_rt.runtime import cpu_malloc
+
+    calls = []
+    monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda *a, **k: calls.append(1) or True)
+    return calls
+
+
 def test_info_and_check(capsys):
     assert cli.main(["info", "tiny", "flamingo-3b", "--seq-len", "32"]) == 0
     out = capsys.readouterr().out
@@ -20,7 +31,7 @@ def test_info_and_check(capsys):
     assert "image_causal_attention" in capsys.readouterr().out
 
 
-def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys):
+def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys, malloc_calls):
     tok = FlamingoTokenizer.train_bpe(["a red square left of a blue circle"] * 30, vocab_size=280)
     cfg = get_preset("tiny")
     cfg.lm.vocab_size = tok.vocab_size
@@ -37,6 +48,10 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys):
     printed = capsys.readouterr().out
     want = Generator(model.eval(), tok).generate([img, "a red"], GenerationConfig(max_new_tokens=6))
     assert printed == want + "\n"
+    assert malloc_calls == [1]  # the malloc tuning, unless --default-malloc
+    rc = cli.main(["generate", str(tmp_path / "m"), "<image>a red", "--image", str(tmp_path / "img.npy"),
+                   "--max-new-tokens", "6", "--default-malloc"])
+    assert rc == 0 and capsys.readouterr().out == want + "\n" and malloc_calls == [1]
 
 
 def test_generate_names_an_image_it_cannot_read(tmp_path, capsys):

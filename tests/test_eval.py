@@ -28,6 +28,17 @@ from world_models import tiny_world_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(autouse=True)
+def malloc_calls(monkeypatch):
+    """The CLI's malloc tuning (flamingo_rt.runtime.cpu_malloc) is process-wide: recorded here,
+    not applied (tests/test_cpu_malloc.py tests it in a subprocess)."""
+    from flamingo_rt.runtime import cpu_malloc
+
+    calls = []
+    monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda *a, **k: calls.append(1) or True)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return tiny_world_model(tmp_path_factory.mktemp("eval") / "tiny")
@@ -225,18 +236,20 @@ def test_suite_errors_say_expected_and_got():
     assert TaskSuite().split == "heldout" and TaskSuite().shots == (0, 1, 2, 4, 8)
 
 
-def test_cli_eval(model_dir, tmp_path, capsys):
+def test_cli_eval(model_dir, tmp_path, capsys, malloc_calls):
     out, png = tmp_path / "e.json", tmp_path / "curve.png"
     rc = cli.main(["eval", str(model_dir), "--tasks", "classify,qa", "caption", "--shots", "0,1", "--episodes", "2",
                    "--json", str(out), "--plot", str(png), "--no-progress", "--threads", "1", "--seed", "3"])
     assert rc == 0
+    assert malloc_calls == [1]  # the malloc tuning, unless --default-malloc
     printed = capsys.readouterr().out
     assert "classify (5-way)" in printed and "1-shot" in printed and str(out) in printed
     d = json.loads(out.read_text())
     assert {(c["task"], c["shots"]) for c in d["cells"]} == {(t, k) for t in ("classify", "qa", "caption") for k in (0, 1)}
     assert d["suite"]["seed"] == 3 and len(d["records"]) == 3 * 2 * 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert cli.main(["eval", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert cli.main(["eval", str(tmp_path / "nothing"), "--no-progress", "--default-malloc"]) == 2
+    assert malloc_calls == [1]
     assert "config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["eval", str(model_dir), "--shots", "0,x"])

@@ -1,12 +1,15 @@
 // CPU stages of the bfloat16 F(2x2, 3x3) Winograd convolution (see
 // csrc/include/flamingo_rt/conv3x3_winograd_bf16.h): the input transform x -> V (bfloat16),
 // the products M = V @ U (bfloat16 operands, float32 sums), the output transform M -> y with
-// bias + activation + gamma, the weight transform.
+// bias + activation + gamma, the weight transform; for the weight gradient the input and
+// output-gradient transforms into pairs of tiles, the products dL/dU (+)= Vp^T Yp and the
+// inverse weight transform G^T dL/dU G.
 //
 // The transforms work on 16 channels at a time in float32 (channels are the contiguous dim of
-// channels-last x, y and of V, M), a task being one 2x2 output tile with all its channels;
-// tasks are spread over OpenMP threads, the per-tile functions compiled per ISA level
-// (FRT_CLONES). The products: register-blocked AVX-512 BF16 kernels (6 rows x 64 columns of
+// channels-last x, y, dy and of V, M), a task being one 2x2 output tile (or a pair of tiles)
+// with all its channels; tasks are spread over OpenMP threads. Whole 16-channel chunks run
+// through AVX-512 BF16 intrinsics where the CPU has them (one instruction per bf16 <-> float32
+// conversion), the rest through portable loops compiled per ISA level (FRT_CLONES). The products: register-blocked AVX-512 BF16 kernels (6 rows x 64 columns of
 // the result in 24 zmm accumulators; per pair of input channels one `vdpbf16ps` per
 // accumulator, A's pair broadcast as one 32-bit element, U's row of pairs loaded) where the CPU
 // has AVX-512 BF16, a plain float32 loop elsewhere; tasks are (point, group) pairs x row
@@ -45,11 +48,10 @@ bool have_avx512bf16();  // the CPU runs AVX-512 F, BW and BF16 code
 
 FRT_INLINE float bf16_to_float(uint16_t v) { return bits_to_float(uint32_t(v) << 16); }
 
-// One 16-channel chunk of an input tile: d (4x4 pixels, zero outside the image) -> V's 16
-// points, rounded to bfloat16. `L` lanes are live (16, or the group's last partial chunk).
+// d -> V (16 points x nl lanes, float32, not rounded) of one 4x4 input window (zero outside).
 template <int L>
-FRT_INLINE void input_chunk(const uint16_t* x, int64_t sx_h, int64_t sx_w, int64_t y0, int64_t x0, int64_t H,
-                            int64_t W, uint16_t* v, int64_t v_point_stride, int nl) {
+FRT_INLINE void input_points(const uint16_t* x, int64_t sx_h, int64_t sx_w, int64_t y0, int64_t x0, int64_t H,
+                             int64_t W, float v[kIn * kIn][kVec], int nl) {
   const int n = L == kVec ? kVec : nl;
   float d[kIn][kIn][kVec];
   for (int i = 0; i < kIn; ++i) {
@@ -75,15 +77,28 @@ FRT_INLINE void input_chunk(const uint16_t* x, int64_t sx_h, int64_t sx_w, int64
       t[3][j][l] = d1 - d3;
     }
   }
-  for (int i = 0; i < kIn; ++i) {  // (B^T d) B, stored point by point
-    uint16_t* vi = v + (i * kIn) * v_point_stride;
+  for (int i = 0; i < kIn; ++i) {  // (B^T d) B
     FRT_SIMD for (int l = 0; l < n; ++l) {
       const float t0 = t[i][0][l], t1 = t[i][1][l], t2 = t[i][2][l], t3 = t[i][3][l];
-      vi[0 * v_point_stride + l] = BF16::store(t0 - t2);
-      vi[1 * v_point_stride + l] = BF16::store(t1 + t2);
-      vi[2 * v_point_stride + l] = BF16::store(t2 - t1);
-      vi[3 * v_point_stride + l] = BF16::store(t1 - t3);
+      v[i * kIn + 0][l] = t0 - t2;
+      v[i * kIn + 1][l] = t1 + t2;
+      v[i * kIn + 2][l] = t2 - t1;
+      v[i * kIn + 3][l] = t1 - t3;
     }
+  }
+}
+
+// One 16-channel chunk of an input tile: d (4x4 pixels, zero outside the image) -> V's 16
+// points, rounded to bfloat16. `L` lanes are live (16, or the group's last partial chunk).
+template <int L>
+FRT_INLINE void input_chunk(const uint16_t* x, int64_t sx_h, int64_t sx_w, int64_t y0, int64_t x0, int64_t H,
+                            int64_t W, uint16_t* v, int64_t v_point_stride, int nl) {
+  const int n = L == kVec ? kVec : nl;
+  float pts[kIn * kIn][kVec];
+  input_points<L>(x, sx_h, sx_w, y0, x0, H, W, pts, nl);
+  for (int pt = 0; pt < kIn * kIn; ++pt) {
+    uint16_t* vp = v + pt * v_point_stride;
+    FRT_SIMD for (int l = 0; l < n; ++l) vp[l] = BF16::store(pts[pt][l]);
   }
 }
 
@@ -276,46 +291,6 @@ FRT_AVX512BF16 void output_tile_avx512bf16(const Conv3x3WinogradBf16Params& p, i
 
 // ------------------------------------------------------------------ weight gradient: pair transforms
 
-// d -> V (16 points x nl lanes, float32, not rounded) of one 4x4 input window (zero outside).
-template <int L>
-FRT_INLINE void input_points(const uint16_t* x, int64_t sx_h, int64_t sx_w, int64_t y0, int64_t x0, int64_t H,
-                             int64_t W, float v[kIn * kIn][kVec], int nl) {
-  const int n = L == kVec ? kVec : nl;
-  float d[kIn][kIn][kVec];
-  for (int i = 0; i < kIn; ++i) {
-    const int64_t yy = y0 + i;
-    const bool row_in = yy >= 0 && yy < H;
-    for (int j = 0; j < kIn; ++j) {
-      const int64_t xx = x0 + j;
-      if (row_in && xx >= 0 && xx < W) {
-        const uint16_t* src = x + yy * sx_h + xx * sx_w;
-        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = bf16_to_float(src[l]);
-      } else {
-        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = 0.0f;
-      }
-    }
-  }
-  float t[kIn][kIn][kVec];  // B^T d
-  for (int j = 0; j < kIn; ++j) {
-    FRT_SIMD for (int l = 0; l < n; ++l) {
-      const float d0 = d[0][j][l], d1 = d[1][j][l], d2 = d[2][j][l], d3 = d[3][j][l];
-      t[0][j][l] = d0 - d2;
-      t[1][j][l] = d1 + d2;
-      t[2][j][l] = d2 - d1;
-      t[3][j][l] = d1 - d3;
-    }
-  }
-  for (int i = 0; i < kIn; ++i) {  // (B^T d) B
-    FRT_SIMD for (int l = 0; l < n; ++l) {
-      const float t0 = t[i][0][l], t1 = t[i][1][l], t2 = t[i][2][l], t3 = t[i][3][l];
-      v[i * kIn + 0][l] = t0 - t2;
-      v[i * kIn + 1][l] = t1 + t2;
-      v[i * kIn + 2][l] = t2 - t1;
-      v[i * kIn + 3][l] = t1 - t3;
-    }
-  }
-}
-
 // dy -> Yg = A dy A^T (16 points x nl lanes, float32) of one 2x2 output tile (zero outside).
 template <int L>
 FRT_INLINE void grad_points(const uint16_t* dy, int64_t s_h, int64_t s_w, int64_t y0, int64_t x0, int64_t H,
@@ -500,7 +475,7 @@ void for_each_tile(const Conv3x3WinogradBf16Params& p, int64_t tiles, int64_t or
 template <bool HAS_ACT, Act A>
 void output_all(const Conv3x3WinogradBf16Params& p, int64_t tiles) {
 #ifdef FRT_WINO16_AVX512BF16
-  if (have_avx512bf16()) {
+  if (have_avx512bf16() && !p.portable) {
     for_each_tile(p, tiles, 0, [&](int64_t t, int64_t img, int64_t y0, int64_t x0) {
       output_tile_avx512bf16<HAS_ACT, A>(p, tiles, t, img, y0, x0);
     });
@@ -727,7 +702,7 @@ Status pairs_stage(const Conv3x3WinogradBf16Params& p) {
   if (st != Status::kOk || tiles == 0) return st;
   const int64_t npairs = (tiles + 1) / 2;
 #ifdef FRT_WINO16_AVX512BF16
-  if (have_avx512bf16()) {
+  if (have_avx512bf16() && !p.portable) {
 #pragma omp parallel for schedule(static) if (npairs > 1)
     for (int64_t q = 0; q < npairs; ++q) pair_transform_avx512bf16<GRAD>(p, tiles, q);
     return Status::kOk;
@@ -769,7 +744,7 @@ Status conv3x3_winograd_bf16_input_cpu(const Conv3x3WinogradBf16Params& p) {
   if (st != Status::kOk || tiles == 0) return st;
   // the 4x4 window of output tile (ty, tx) starts one pixel up and left (the padding)
 #ifdef FRT_WINO16_AVX512BF16
-  if (have_avx512bf16()) {
+  if (have_avx512bf16() && !p.portable) {
     for_each_tile(p, tiles, -1, [&](int64_t t, int64_t img, int64_t y0, int64_t x0) {
       input_tile_avx512bf16(p, tiles, t, img, y0, x0);
     });
@@ -795,7 +770,7 @@ Status conv3x3_winograd_bf16_products_cpu(const Conv3x3WinogradBf16Params& p, bo
   const uint16_t* v = static_cast<const uint16_t*>(p.v);
   const uint16_t* u = static_cast<const uint16_t*>(p.u);
   float* m = static_cast<float*>(p.m);
-  const bool vec = !plain && conv3x3_winograd_bf16_products_vectorized(p);
+  const bool vec = !plain && !p.portable && conv3x3_winograd_bf16_products_vectorized(p);
   // result rows: the range's tiles (M[pg] = V[pg] @ U[pg])
   for_each_product_task(pairs, tiles, [&](int64_t pg, int64_t r0, int64_t rows) {
     const uint16_t* A = v + (pg * tiles + r0) * cg;
@@ -844,7 +819,7 @@ Status conv3x3_winograd_bf16_weight_grad_products_cpu(const Conv3x3WinogradBf16P
   const int64_t pgs = kWinogradF23Points * p.groups;
   const uint16_t* vp = static_cast<const uint16_t*>(p.v);
   const uint16_t* yp = static_cast<const uint16_t*>(p.m);
-  const bool vec = !plain && conv3x3_winograd_bf16_products_vectorized(p);
+  const bool vec = !plain && !p.portable && conv3x3_winograd_bf16_products_vectorized(p);
   const bool acc = p.du_accumulate;
   // result rows: the input channels (du[pg] = Vp[pg]^T @ Yp[pg], reduced over the tile pairs)
   for_each_product_task(pgs, cg, [&](int64_t pg, int64_t r0, int64_t rows) {

@@ -12,7 +12,7 @@
 //       # bfloat16; the result (N, C_out, H, W) bfloat16 channels-last.
 //       # chunk_tiles: 2x2 tiles per chunk (0: chosen here); products: "auto" (AVX-512 BF16 where
 //       # the CPU has it and C_out/groups is a multiple of 16, else the portable loop), "ours"
-//       # (the same), "plain" (the portable loop: for tests)
+//       # (the same), "plain" (the portable code of every stage: for tests)
 //   flamingo_rt_C::conv3x3_winograd_bf16_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0,
 //                                                    str products='auto') -> Tensor
 //       # dL/dw (C_out, C_in/groups, 3, 3) float32 of that convolution (no bias) for dy, x and dy
@@ -131,6 +131,7 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& u, const c10::option
   const at::Tensor uc = u.contiguous();
   p.u = uc.data_ptr<at::BFloat16>();
   const bool plain = prod == "plain";
+  p.portable = plain;
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     p.tile_begin = t0, p.tile_count = std::min(chunk, T - t0);
     check_status(kOp, "CPU", conv3x3_winograd_bf16_input_cpu(p));
@@ -181,6 +182,7 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
   p.m = wa + vp_bytes;
   p.du = reinterpret_cast<float*>(wa + vp_bytes + yp_bytes);
   const bool plain = prod == "plain";
+  p.portable = plain;
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     p.tile_begin = t0, p.tile_count = std::min(chunk, T - t0);
     p.du_accumulate = t0 > 0;

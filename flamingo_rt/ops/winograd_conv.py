@@ -178,7 +178,8 @@ def conv3x3_winograd_bf16(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: 
         chunk_tiles: 2x2 output tiles per chunk (0: about 2 MiB of transformed input and
             products, at least 96 tiles). The result does not depend on it.
         products: ``"auto"`` / ``"ours"`` (AVX-512 BF16 kernels where the CPU has them and
-            C_out/groups is a multiple of 16, else a portable loop), ``"plain"`` (the loop).
+            C_out/groups is a multiple of 16, else a portable loop), ``"plain"`` (the portable
+            code of every stage, as on CPUs without AVX-512 BF16).
 
     Returns:
         (N, C_out, H, W) bfloat16, channels-last. No autograd.
@@ -200,7 +201,7 @@ def conv3x3_weight_grad_bf16(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_ti
         x: (N, C_in, H, W) bfloat16 on the CPU, any layout; C_in/groups even.
         dy: (N, C_out, H, W) bfloat16, any layout.
         chunk_tiles: 2x2 tiles per chunk (0: chosen here; made even).
-        products: ``"auto"`` / ``"ours"`` or ``"plain"`` (the portable loop).
+        products: ``"auto"`` / ``"ours"`` or ``"plain"`` (the portable code of every stage).
     """
     return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight_grad(x, dy, groups, int(chunk_tiles), products)
 

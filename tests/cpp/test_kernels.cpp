@@ -625,7 +625,7 @@ double from_bf16(uint16_t h) {
 }  // namespace
 
 // The bfloat16 F(2x2, 3x3) stages (gamma * gelu(conv + bias), y with a padded pixel stride and
-// poisoned, tiles in ranges of `chunk`), the products vectorized or `plain`, against the
+// poisoned, tiles in ranges of `chunk`), vectorized or all `plain` (portable), against the
 // float64 direct convolution of the same bfloat16 inputs: norm error < 1.5e-2 (bfloat16 V, U
 // and y; measured 2-4e-3).
 void check_winograd_bf16(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t G,
@@ -651,7 +651,7 @@ void check_winograd_bf16(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, 
     p.x = x.data(), p.sx_n = H * W * C, p.sx_h = W * C, p.sx_w = C;
     p.tile_begin = t0, p.tile_count = n;
     p.v = v.data(), p.m = m.data(), p.u = u.data(), p.bias = b.data();
-    p.has_act = true, p.act = Act::kGelu, p.gamma = 1.5;
+    p.has_act = true, p.act = Act::kGelu, p.gamma = 1.5, p.portable = plain;
     p.y = y.data(), p.sy_n = H * W * ystride, p.sy_h = W * ystride, p.sy_w = ystride;
     ok = flamingo_rt::conv3x3_winograd_bf16_input_cpu(p) == Status::kOk &&
          flamingo_rt::conv3x3_winograd_bf16_products_cpu(p, plain) == Status::kOk &&
@@ -699,7 +699,7 @@ void check_winograd_bf16_weight_grad(std::mt19937_64& rng, int64_t N, int64_t C,
   p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = G;
   p.x = x.data(), p.sx_n = H * W * C, p.sx_h = W * C, p.sx_w = C;
   p.dy = dy.data(), p.sdy_n = H * W * CO, p.sdy_h = W * CO, p.sdy_w = CO;
-  p.v = vp.data(), p.m = yp.data(), p.du = du.data();
+  p.v = vp.data(), p.m = yp.data(), p.du = du.data(), p.portable = plain;
   bool ok = true;
   for (int64_t t0 = 0; ok && t0 < tiles; t0 += step) {
     p.tile_begin = t0, p.tile_count = std::min(step, tiles - t0), p.du_accumulate = t0 > 0;

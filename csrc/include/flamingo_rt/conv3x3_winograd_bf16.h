@@ -66,6 +66,8 @@ struct Conv3x3WinogradBf16Params {
   int64_t sdy_n = 0, sdy_h = 0, sdy_w = 0;
   float* du = nullptr;
   bool du_accumulate = false;
+  // Run the portable code of every stage even where the CPU has AVX-512 BF16 (tests).
+  bool portable = false;
 };
 
 // Stage 1: x -> V. Needs x, v and the sizes.

@@ -103,3 +103,15 @@ def pytest_sessionstart(session):
         missing.append("flamingo_rt._C (the C++ extension)")
     if missing:
         raise pytest.UsageError(f"CI needs {', '.join(missing)} installed; parity/kernel tests would be skipped")
+
+
+@pytest.fixture
+def malloc_calls(monkeypatch):
+    """The CLI's malloc tuning (flamingo_rt.runtime.cpu_malloc.keep_freed_memory) is
+    process-wide: recorded here instead of applied (tests/test_cpu_malloc.py applies it in a
+    subprocess). The list of calls."""
+    from flamingo_rt.runtime import cpu_malloc
+
+    calls = []
+    monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda *a, **k: calls.append(1) or True)
+    return calls

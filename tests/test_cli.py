@@ -11,16 +11,7 @@ from flamingo_rt.io import FlamingoTokenizer, save_pretrained
 from flamingo_rt.models import Flamingo, get_preset
 from flamingo_rt.runtime import GenerationConfig, Generator
 
-
-@pytest.fixture(autouse=True)
-def malloc_calls(monkeypatch):
-    """The CLI's malloc tuning (flamingo_rt.runtime.cpu_malloc) is process-wide: recorded here,
-    not applied (tests/test_cpu_malloc.py tests it in a subprocess)."""
-    from flamingo_rt.runtime import cpu_malloc
-
-    calls = []
-    monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda *a, **k: calls.append(1) or True)
-    return calls
+pytestmark = pytest.mark.usefixtures("malloc_calls")  # the CLI's malloc tuning: recorded, not applied
 
 
 def test_info_and_check(capsys):

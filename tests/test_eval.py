@@ -25,18 +25,7 @@ from flamingo_rt.world import few_shot_episode, render_clip, render_scene, sampl
 from world_models import tiny_world_model
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def malloc_calls(monkeypatch):
-    """The CLI's malloc tuning (flamingo_rt.runtime.cpu_malloc) is process-wide: recorded here,
-    not applied (tests/test_cpu_malloc.py tests it in a subprocess)."""
-    from flamingo_rt.runtime import cpu_malloc
-
-    calls = []
-    monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda *a, **k: calls.append(1) or True)
-    return calls
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "malloc_calls")  # (the CLI tunes malloc)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@
 
 #include "cpu_act.h"
 #include "cpu_math.h"
+#include "winograd_tiles.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -347,27 +348,6 @@ void gemm(bool vec, const float* A, int64_t lda, const float* B, int64_t ldb, fl
   gemm_plain<TA, ACC>(A, lda, B, ldb, C, ldc, rows, k, n);
 }
 
-// fn(pg, r0, n) for every (point, group) pair pg of `pairs` and block [r0, r0 + n) of 48 of
-// the product's `rows` result rows (whole register blocks), over OpenMP threads; each task's
-// sums run in one fixed order (deterministic).
-template <class Fn>
-void for_each_product_task(int64_t pairs, int64_t rows, Fn fn) {
-  constexpr int64_t kRowsPerTask = 48;
-  const int64_t blocks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t pg = 0; pg < pairs; ++pg)
-    for (int64_t rb = 0; rb < blocks; ++rb)
-      fn(pg, rb * kRowsPerTask, std::min(kRowsPerTask, rows - rb * kRowsPerTask));
-}
-
-// The number of tiles of the call's range, or -1 when the range is outside the tiles.
-int64_t range_tiles(const Conv3x3WinogradParams& p) {
-  const int64_t all = p.n * winograd_tiles(p.h) * winograd_tiles(p.w);
-  if (p.tile_begin < 0 || p.tile_begin > all) return -1;
-  if (p.tile_count < 0) return all - p.tile_begin;
-  return p.tile_begin + p.tile_count <= all ? p.tile_count : -1;
-}
-
 // The checks every stage starts with: dtype, sizes, the tile range, then (when there is work)
 // the pointers the stage uses (`pointers`). Sets *tiles to the range's tile count, 0 when there
 // is nothing to do (an empty range, or `no_channels`): kOk with *tiles == 0 means return.
@@ -377,7 +357,7 @@ Status begin_stage(const Conv3x3WinogradParams& p, bool no_channels, bool pointe
   if (p.n < 0 || p.h < 0 || p.w < 0 || p.c_in < 0 || p.c_out < 0 || p.groups < 1 ||
       p.c_in % p.groups || p.c_out % p.groups)
     return Status::kInvalidArgument;
-  const int64_t n = range_tiles(p);
+  const int64_t n = range_tile_count(p.n * winograd_tiles(p.h) * winograd_tiles(p.w), p.tile_begin, p.tile_count);
   if (n < 0) return Status::kInvalidArgument;
   if (n == 0 || no_channels) return Status::kOk;
   if (!pointers) return Status::kInvalidArgument;
@@ -385,18 +365,10 @@ Status begin_stage(const Conv3x3WinogradParams& p, bool no_channels, bool pointe
   return Status::kOk;
 }
 
-// Run fn(t, img, y0, x0) for every tile t of the range of `tiles` tiles (t counted from
-// the range's start; img, y0, x0 its image and top-left pixel plus origin_offset), over OpenMP
-// threads.
+// cpu::for_each_tile over the call's range.
 template <class Fn>
 void for_each_tile(const Conv3x3WinogradParams& p, int64_t tiles, int64_t origin_offset, Fn fn) {
-  const int64_t th = winograd_tiles(p.h), tw = winograd_tiles(p.w);
-#pragma omp parallel for schedule(static) if (tiles > 1)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t a = p.tile_begin + t;
-    const int64_t img = a / (th * tw), rem = a % (th * tw);
-    fn(t, img, (rem / tw) * kWinogradTile + origin_offset, (rem % tw) * kWinogradTile + origin_offset);
-  }
+  cpu::for_each_tile<kWinogradTile>(p.h, p.w, p.tile_begin, tiles, origin_offset, fn);
 }
 
 template <bool HAS_ACT, Act A>

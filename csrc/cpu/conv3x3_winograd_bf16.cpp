@@ -28,6 +28,7 @@
 
 #include "cpu_act.h"
 #include "cpu_math.h"
+#include "winograd_tiles.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 10 || defined(__clang__))
 #include <immintrin.h>
@@ -429,18 +430,6 @@ bool have_avx512bf16() {
 bool have_avx512bf16() { return false; }
 #endif
 
-// fn(pg, r0, n) for every (point, group) pair pg of `pairs` and block [r0, r0 + n) of 48 of
-// the product's `rows` result rows, over OpenMP threads (each task sums in one fixed order).
-template <class Fn>
-void for_each_product_task(int64_t pairs, int64_t rows, Fn fn) {
-  constexpr int64_t kRowsPerTask = 48;
-  const int64_t blocks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t pg = 0; pg < pairs; ++pg)
-    for (int64_t rb = 0; rb < blocks; ++rb)
-      fn(pg, rb * kRowsPerTask, std::min(kRowsPerTask, rows - rb * kRowsPerTask));
-}
-
 // The checks every stage starts with: sizes (c_in / groups even), the tile range, then (when
 // there is work) the pointers the stage uses. Sets *tiles to the range's tile count, 0 when
 // there is nothing to do: kOk with *tiles == 0 means return.
@@ -449,27 +438,19 @@ Status begin_stage(const Conv3x3WinogradBf16Params& p, bool no_channels, bool po
   if (p.n < 0 || p.h < 0 || p.w < 0 || p.c_in < 0 || p.c_out < 0 || p.groups < 1 || p.c_in % p.groups ||
       p.c_out % p.groups || (p.c_in / p.groups) % 2)
     return Status::kInvalidArgument;
-  const int64_t all = p.n * winograd_f23_tiles(p.h) * winograd_f23_tiles(p.w);
-  if (p.tile_begin < 0 || p.tile_begin > all) return Status::kInvalidArgument;
-  const int64_t n = p.tile_count < 0 ? all - p.tile_begin : p.tile_count;
-  if (p.tile_begin + n > all) return Status::kInvalidArgument;
+  const int64_t n = range_tile_count(p.n * winograd_f23_tiles(p.h) * winograd_f23_tiles(p.w), p.tile_begin,
+                                     p.tile_count);
+  if (n < 0) return Status::kInvalidArgument;
   if (n == 0 || no_channels) return Status::kOk;
   if (!pointers) return Status::kInvalidArgument;
   *tiles = n;
   return Status::kOk;
 }
 
-// fn(t, img, y0, x0) for every tile t of the range (counted from its start; img, y0, x0 its
-// image and top-left output pixel plus origin_offset), over OpenMP threads.
+// cpu::for_each_tile over the call's range.
 template <class Fn>
 void for_each_tile(const Conv3x3WinogradBf16Params& p, int64_t tiles, int64_t origin_offset, Fn fn) {
-  const int64_t th = winograd_f23_tiles(p.h), tw = winograd_f23_tiles(p.w);
-#pragma omp parallel for schedule(static) if (tiles > 1)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t a = p.tile_begin + t;
-    const int64_t img = a / (th * tw), rem = a % (th * tw);
-    fn(t, img, (rem / tw) * kT + origin_offset, (rem % tw) * kT + origin_offset);
-  }
+  cpu::for_each_tile<kT>(p.h, p.w, p.tile_begin, tiles, origin_offset, fn);
 }
 
 template <bool HAS_ACT, Act A>
@@ -567,11 +548,7 @@ Status weight_bf16(const typename E::T* w, int64_t c_out, int64_t c_in_per_group
 
 // Image and top-left output pixel of tile t of the range.
 FRT_INLINE void tile_origin(const Conv3x3WinogradBf16Params& p, int64_t t, int64_t* img, int64_t* y0, int64_t* x0) {
-  const int64_t th = winograd_f23_tiles(p.h), tw = winograd_f23_tiles(p.w);
-  const int64_t a = p.tile_begin + t, rem = a % (th * tw);
-  *img = a / (th * tw);
-  *y0 = (rem / tw) * kT;
-  *x0 = (rem % tw) * kT;
+  cpu::tile_origin<kT>(p.h, p.w, p.tile_begin + t, img, y0, x0);
 }
 
 // Tiles 2q and 2q + 1 of the range (the second zero past the range's end) -> pair q of Vp

@@ -1,4 +1,5 @@
-"""Winograd F(4x4, 3x3) convolutions for float32 on the CPU: frozen inference and training.
+"""Winograd convolutions on the CPU, F(4x4, 3x3) in float32 and F(2x2, 3x3) in bfloat16:
+frozen inference and training.
 
 A 3x3, stride-1 convolution with one pixel of zero padding on every side (TF-style SAME
 padding at stride 1), grouped or not, as Lavin & Gray's minimal filtering: every 4x4 output
@@ -27,16 +28,18 @@ at the largest size it met (dm_nfnet_f0: 14 MiB, 28 MiB with the weight gradient
 
 bfloat16 (:func:`conv3x3_winograd_bf16`, ``flamingo_rt_C::conv3x3_winograd_bf16``):
 F(2x2, 3x3), 16 products per 2x2 output tile instead of 36, on bfloat16 operands with float32
-sums (AVX-512 BF16 ``vdpbf16ps``); the frozen NFNet's bf16 convolutions, and in training
-(:func:`conv3x3_bf16`, bf16 tensors or bf16 autocast) the forward and the input gradient,
-the weight gradient staying oneDNN's (:func:`eligible_bf16_autograd`). F(4x4, 3x3) with bfloat16 operands is too inexact (the
+sums (AVX-512 BF16 ``vdpbf16ps``). F(4x4, 3x3) with bfloat16 operands is too inexact (the
 transform's coefficients amplify the operands' rounding: dm_nfnet_f0's bf16 features 4.4e-2
 relative error against float64, F(2x2, 3x3) 2.1e-2, oneDNN's direct bf16 convolutions 1.9e-2).
-Where it runs (:func:`eligible_bf16`): as the float32 path, with bfloat16 x, at least
-:data:`MIN_CHANNELS_BF16` (an even number of) input and output channels per group, no gradient wanted, and by default (``FLAMINGO_RT_WINOGRAD=auto``)
-only on CPUs with AVX-512 BF16 and without AMX (with AMX, oneDNN's direct bf16 convolutions
-run on the tile units, several times faster than any AVX-512 product); ``1`` or ``use(True)``
-turns it on wherever the op exists (a portable loop runs the products without AVX-512 BF16).
+The frozen NFNet's bf16 convolutions use it (:func:`eligible_bf16`: bfloat16 x, no gradient
+wanted), and so does training (:func:`conv3x3_bf16`, autograd, :func:`eligible_bf16_autograd`:
+bf16 tensors or bf16 autocast): the forward, the input gradient and the weight gradient
+(:func:`conv3x3_weight_grad_bf16`, the transforms read backwards over pairs of tiles). Both
+need at least :data:`MIN_CHANNELS_BF16` (an even number of) input and output channels per
+group, and by default (``FLAMINGO_RT_WINOGRAD=auto``) run only on CPUs with AVX-512 BF16 and
+without AMX (with AMX, oneDNN's direct bf16 convolutions run on the tile units, several times
+faster than any AVX-512 product); ``1`` or ``use(True)`` turns them on wherever the ops exist
+(portable code runs them without AVX-512 BF16).
 """
 from __future__ import annotations
 

@@ -47,8 +47,6 @@ constexpr int kT = kWinogradF23Tile;
 
 bool have_avx512bf16();  // the CPU runs AVX-512 F, BW and BF16 code
 
-FRT_INLINE float bf16_to_float(uint16_t v) { return bits_to_float(uint32_t(v) << 16); }
-
 // d -> V (16 points x nl lanes, float32, not rounded) of one 4x4 input window (zero outside).
 template <int L>
 FRT_INLINE void input_points(const uint16_t* x, int64_t sx_h, int64_t sx_w, int64_t y0, int64_t x0, int64_t H,
@@ -62,7 +60,7 @@ FRT_INLINE void input_points(const uint16_t* x, int64_t sx_h, int64_t sx_w, int6
       const int64_t xx = x0 + j;
       if (row_in && xx >= 0 && xx < W) {
         const uint16_t* src = x + yy * sx_h + xx * sx_w;
-        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = bf16_to_float(src[l]);
+        FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = BF16::load(src[l]);
       } else {
         FRT_SIMD for (int l = 0; l < n; ++l) d[i][j][l] = 0.0f;
       }
@@ -131,42 +129,53 @@ FRT_AVX512BF16 inline void store_bf16x16(uint16_t* dst, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// The K x K window of pixel pointers of a tile whose window starts at (y0, x0) of image `img`
+// (null outside the image, or everywhere when !live: a pair's missing second tile).
+template <int K>
+FRT_INLINE void window_pointers(const uint16_t* src, int64_t s_n, int64_t s_h, int64_t s_w, int64_t h, int64_t w,
+                                bool live, int64_t img, int64_t y0, int64_t x0, const uint16_t* px[K][K]) {
+  for (int i = 0; i < K; ++i)
+    for (int j = 0; j < K; ++j) {
+      const int64_t yy = y0 + i, xx = x0 + j;
+      px[i][j] = live && yy >= 0 && yy < h && xx >= 0 && xx < w ? src + img * s_n + yy * s_h + xx * s_w : nullptr;
+    }
+}
+
+// d -> V = B^T d B (16 points, float32) of the 16 channels at offset `off` of a 4x4 window.
+FRT_AVX512BF16 inline void input_points_avx512(const uint16_t* const px[kIn][kIn], int64_t off,
+                                               __m512 v[kIn * kIn]) {
+  __m512 t[kIn][kIn];  // B^T d, column by column
+  for (int j = 0; j < kIn; ++j) {
+    __m512 d[kIn];
+    for (int i = 0; i < kIn; ++i) d[i] = px[i][j] ? load_bf16x16(px[i][j] + off) : _mm512_setzero_ps();
+    t[0][j] = _mm512_sub_ps(d[0], d[2]);
+    t[1][j] = _mm512_add_ps(d[1], d[2]);
+    t[2][j] = _mm512_sub_ps(d[2], d[1]);
+    t[3][j] = _mm512_sub_ps(d[1], d[3]);
+  }
+  for (int i = 0; i < kIn; ++i) {  // (B^T d) B
+    v[i * kIn + 0] = _mm512_sub_ps(t[i][0], t[i][2]);
+    v[i * kIn + 1] = _mm512_add_ps(t[i][1], t[i][2]);
+    v[i * kIn + 2] = _mm512_sub_ps(t[i][2], t[i][1]);
+    v[i * kIn + 3] = _mm512_sub_ps(t[i][1], t[i][3]);
+  }
+}
+
 FRT_AVX512BF16 void input_tile_avx512bf16(const Conv3x3WinogradBf16Params& p, int64_t tiles, int64_t t, int64_t img,
                                           int64_t y0, int64_t x0) {
-  const uint16_t* x = static_cast<const uint16_t*>(p.x) + img * p.sx_n;
   uint16_t* v = static_cast<uint16_t*>(p.v);
   const int64_t cg = p.c_in / p.groups;
   const int64_t ps = p.groups * tiles * cg;  // V (16, G, T, cg)
   const int64_t full = cg / kVec * kVec;
-  bool in[kIn][kIn];
-  const uint16_t* src[kIn][kIn];
-  for (int i = 0; i < kIn; ++i)
-    for (int j = 0; j < kIn; ++j) {
-      const int64_t yy = y0 + i, xx = x0 + j;
-      in[i][j] = yy >= 0 && yy < p.h && xx >= 0 && xx < p.w;
-      src[i][j] = in[i][j] ? x + yy * p.sx_h + xx * p.sx_w : nullptr;
-    }
+  const uint16_t* px[kIn][kIn];
+  window_pointers<kIn>(static_cast<const uint16_t*>(p.x), p.sx_n, p.sx_h, p.sx_w, p.h, p.w, true, img, y0, x0, px);
+  const uint16_t* x = static_cast<const uint16_t*>(p.x) + img * p.sx_n;
   for (int64_t g = 0; g < p.groups; ++g) {
     uint16_t* vg = v + (g * tiles + t) * cg;
     for (int64_t c0 = 0; c0 < full; c0 += kVec) {
-      const int64_t off = g * cg + c0;
-      __m512 t[kIn][kIn];  // B^T d, column by column
-      for (int j = 0; j < kIn; ++j) {
-        __m512 d[kIn];
-        for (int i = 0; i < kIn; ++i) d[i] = in[i][j] ? load_bf16x16(src[i][j] + off) : _mm512_setzero_ps();
-        t[0][j] = _mm512_sub_ps(d[0], d[2]);
-        t[1][j] = _mm512_add_ps(d[1], d[2]);
-        t[2][j] = _mm512_sub_ps(d[2], d[1]);
-        t[3][j] = _mm512_sub_ps(d[1], d[3]);
-      }
-      uint16_t* vc = vg + c0;
-      for (int i = 0; i < kIn; ++i) {
-        uint16_t* vi = vc + (i * kIn) * ps;
-        store_bf16x16(vi, _mm512_sub_ps(t[i][0], t[i][2]));
-        store_bf16x16(vi + ps, _mm512_add_ps(t[i][1], t[i][2]));
-        store_bf16x16(vi + 2 * ps, _mm512_sub_ps(t[i][2], t[i][1]));
-        store_bf16x16(vi + 3 * ps, _mm512_sub_ps(t[i][1], t[i][3]));
-      }
+      __m512 pts[kIn * kIn];
+      input_points_avx512(px, g * cg + c0, pts);
+      for (int pt = 0; pt < kIn * kIn; ++pt) store_bf16x16(vg + c0 + pt * ps, pts[pt]);
     }
     if (full < cg)
       input_chunk<0>(x + g * cg + full, p.sx_h, p.sx_w, y0, x0, p.h, p.w, vg + full, ps, int(cg - full));
@@ -303,7 +312,7 @@ FRT_INLINE void grad_points(const uint16_t* dy, int64_t s_h, int64_t s_w, int64_
       const int64_t yy = y0 + a, xx = x0 + b;
       if (yy < H && xx < W) {
         const uint16_t* src = dy + yy * s_h + xx * s_w;
-        FRT_SIMD for (int l = 0; l < n; ++l) d[a][b][l] = bf16_to_float(src[l]);
+        FRT_SIMD for (int l = 0; l < n; ++l) d[a][b][l] = BF16::load(src[l]);
       } else {
         FRT_SIMD for (int l = 0; l < n; ++l) d[a][b][l] = 0.0f;
       }
@@ -348,9 +357,9 @@ FRT_CLONES void gemm_plain(const uint16_t* A, int64_t a_row, int64_t a_pair, con
     float* c = C + i * ldc;
     if (!ACC) FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] = 0.0f;
     for (int64_t q = 0; q < k; ++q) {
-      const float a = bf16_to_float(A[i * a_row + (q / 2) * a_pair + (q % 2)]);
+      const float a = BF16::load(A[i * a_row + (q / 2) * a_pair + (q % 2)]);
       const uint16_t* b = B + (q / 2) * ldb2 + (q % 2);
-      FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] += a * bf16_to_float(b[2 * j]);
+      FRT_SIMD for (int64_t j = 0; j < n; ++j) c[j] += a * BF16::load(b[2 * j]);
     }
   }
 }
@@ -579,7 +588,7 @@ FRT_CLONES void pair_transform(const Conv3x3WinogradBf16Params& p, int64_t tiles
           continue;
         }
         const uint16_t* base = src + img[e] * s_n + g * cpg + c0;
-        if (GRAD) {
+        if constexpr (GRAD) {
           if (nl == kVec) grad_points<kVec>(base, s_h, s_w, y0[e], x0[e], p.h, p.w, v, nl);
           else grad_points<0>(base, s_h, s_w, y0[e], x0[e], p.h, p.w, v, nl);
         } else {
@@ -611,13 +620,8 @@ FRT_AVX512BF16 void pair_transform_avx512bf16(const Conv3x3WinogradBf16Params& p
     int64_t img = 0, y0 = 0, x0 = 0;
     const bool live = e == 0 || second;
     if (live) tile_origin(p, 2 * q + e, &img, &y0, &x0);
-    if (!GRAD) y0 -= 1, x0 -= 1;
-    for (int i = 0; i < kWin; ++i)
-      for (int j = 0; j < kWin; ++j) {
-        const int64_t yy = y0 + i, xx = x0 + j;
-        px[e][i][j] = live && yy >= 0 && yy < p.h && xx >= 0 && xx < p.w ? src + img * s_n + yy * s_h + xx * s_w
-                                                                          : nullptr;
-      }
+    const int64_t off = GRAD ? 0 : -1;  // an input window starts one pixel up and left (the padding)
+    window_pointers<kWin>(src, s_n, s_h, s_w, p.h, p.w, live, img, y0 + off, x0 + off, px[e]);
   }
   __m512i idx;  // word 2l <- a's l (upper half of cvtne2ps's result), 2l + 1 <- b's l
   {
@@ -631,10 +635,11 @@ FRT_AVX512BF16 void pair_transform_avx512bf16(const Conv3x3WinogradBf16Params& p
       const int64_t off = g * cpg + c0;
       __m512 v[2][kIn * kIn];
       for (int e = 0; e < 2; ++e) {
-        __m512 d[kWin][kWin];
-        for (int i = 0; i < kWin; ++i)
-          for (int j = 0; j < kWin; ++j) d[i][j] = px[e][i][j] ? load_bf16x16(px[e][i][j] + off) : _mm512_setzero_ps();
         if constexpr (GRAD) {  // A dy A^T
+          __m512 d[kWin][kWin];
+          for (int i = 0; i < kWin; ++i)
+            for (int j = 0; j < kWin; ++j)
+              d[i][j] = px[e][i][j] ? load_bf16x16(px[e][i][j] + off) : _mm512_setzero_ps();
           const __m512 s0[kIn] = {d[0][0], _mm512_add_ps(d[0][0], d[1][0]), _mm512_sub_ps(d[0][0], d[1][0]),
                                   _mm512_sub_ps(_mm512_setzero_ps(), d[1][0])};
           const __m512 s1[kIn] = {d[0][1], _mm512_add_ps(d[0][1], d[1][1]), _mm512_sub_ps(d[0][1], d[1][1]),
@@ -646,19 +651,7 @@ FRT_AVX512BF16 void pair_transform_avx512bf16(const Conv3x3WinogradBf16Params& p
             v[e][i * kIn + 3] = _mm512_sub_ps(_mm512_setzero_ps(), s1[i]);
           }
         } else {  // B^T d B
-          __m512 t[kIn][kIn];
-          for (int j = 0; j < kIn; ++j) {
-            t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-            t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-            t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-            t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-          }
-          for (int i = 0; i < kIn; ++i) {
-            v[e][i * kIn + 0] = _mm512_sub_ps(t[i][0], t[i][2]);
-            v[e][i * kIn + 1] = _mm512_add_ps(t[i][1], t[i][2]);
-            v[e][i * kIn + 2] = _mm512_sub_ps(t[i][2], t[i][1]);
-            v[e][i * kIn + 3] = _mm512_sub_ps(t[i][1], t[i][3]);
-          }
+          input_points_avx512(px[e], off, v[e]);
         }
       }
       uint16_t* dst = og + c0 * 2;

@@ -30,6 +30,7 @@
 
 #include "common.h"
 #include "flamingo_rt/conv3x3_winograd_bf16.h"
+#include "winograd_scratch.h"
 
 namespace flamingo_rt {
 namespace torch_ops {
@@ -42,14 +43,6 @@ constexpr const char* kOpW = "flamingo_rt_C::conv3x3_winograd_bf16_weight";
 // about kChunkBytes, with at least kMinChunkTiles tiles (rows of each product).
 constexpr int64_t kChunkBytes = int64_t(2) << 20;
 constexpr int64_t kMinChunkTiles = 96;
-
-// The calling thread's workspace of at least `bytes` bytes, grown to the largest size met and
-// kept (fresh buffers per call cost page faults inside a model; see conv3x3_winograd_ops.cpp).
-uint8_t* workspace(int64_t bytes) {
-  static thread_local at::Tensor ws;
-  if (!ws.defined() || ws.numel() < bytes) ws = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-  return ws.data_ptr<uint8_t>();
-}
 
 at::Tensor weight_impl(const at::Tensor& w, int64_t groups, bool transposed) {
   TORCH_CHECK(groups >= 1, kOpW, ": expected groups >= 1, got ", groups);
@@ -113,15 +106,12 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& u, const c10::option
   const int64_t T = N * winograd_f23_tiles(H) * winograd_f23_tiles(W);
   p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
   const int64_t P = kWinogradF23Points * groups;
-  const int64_t tile_bytes = P * (cg * 2 + cog * 4);
-  const int64_t chunk =
-      std::min<int64_t>(T, chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes));
-  // V (bf16) then M (float32, 64-byte aligned)
-  const int64_t v_bytes = (P * chunk * cg * 2 + 63) / 64 * 64;
-  uint8_t* ws = workspace(v_bytes + P * chunk * cog * 4 + 64);
-  uint8_t* ws_aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63));
-  p.v = ws_aligned;
-  p.m = ws_aligned + v_bytes;
+  const int64_t chunk = winograd_chunk_tiles(T, P * (cg * 2 + cog * 4), kChunkBytes, kMinChunkTiles, chunk_tiles);
+  // V (bf16) then M (float32), each on whole cache lines of the per-thread scratch
+  const int64_t v_bytes = winograd_lines(P * chunk * cg * 2);
+  uint8_t* ws = winograd_scratch(v_bytes + P * chunk * cog * 4).data_ptr<uint8_t>();
+  p.v = ws;
+  p.m = ws + v_bytes;
   p.x = xc.data_ptr<at::BFloat16>();
   p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
   p.bias = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
@@ -165,13 +155,12 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
   // tiles per chunk: even (the products take them in pairs), Vp and Yp about kChunkBytes
-  const int64_t tile_bytes = P * (cg + cog) * 2;
-  int64_t chunk = chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes);
+  int64_t chunk = winograd_chunk_tiles(T, P * (cg + cog) * 2, kChunkBytes, kMinChunkTiles, chunk_tiles);
   chunk = std::min<int64_t>(T, (chunk + 1) / 2 * 2);
   const int64_t npairs = (chunk + 1) / 2;
-  const int64_t vp_bytes = (P * npairs * cg * 4 + 63) / 64 * 64, yp_bytes = (P * npairs * cog * 4 + 63) / 64 * 64;
-  uint8_t* ws = workspace(vp_bytes + yp_bytes + P * cg * cog * 4 + 64);
-  uint8_t* wa = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63));
+  // Vp, Yp (bf16) and dL/dU (float32), each on whole cache lines of the per-thread scratch
+  const int64_t vp_bytes = winograd_lines(P * npairs * cg * 4), yp_bytes = winograd_lines(P * npairs * cog * 4);
+  uint8_t* wa = winograd_scratch(vp_bytes + yp_bytes + P * cg * cog * 4).data_ptr<uint8_t>();
   Conv3x3WinogradBf16Params p;
   p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
   p.x = xc.data_ptr<at::BFloat16>();

@@ -31,6 +31,7 @@
 
 #include "common.h"
 #include "flamingo_rt/conv3x3_winograd.h"
+#include "winograd_scratch.h"
 
 namespace flamingo_rt {
 namespace torch_ops {
@@ -49,20 +50,11 @@ constexpr int64_t kMinChunkTiles = 64;
 // Tiles per chunk of T tiles whose V and M (or Yg) rows take P * (cg + cog) floats a tile;
 // chunk_tiles > 0: the caller's.
 int64_t chunk_size(int64_t T, int64_t P, int64_t cg, int64_t cog, int64_t chunk_tiles) {
-  const int64_t tile_bytes = P * (cg + cog) * int64_t(sizeof(float));
-  return std::min<int64_t>(T, chunk_tiles > 0 ? chunk_tiles
-                                              : std::max<int64_t>(kMinChunkTiles, kChunkBytes / tile_bytes));
+  return winograd_chunk_tiles(T, P * (cg + cog) * int64_t(sizeof(float)), kChunkBytes, kMinChunkTiles, chunk_tiles);
 }
 
-// The calling thread's workspace of at least `floats` float32 elements: one buffer per thread,
-// shared by the forward and the weight gradient (they never run nested), grown to the largest
-// size met and kept, so no call pays page faults for its transforms (fresh buffers made
-// dm_nfnet_f0's convolutions up to 2x slower inside the model).
-const at::Tensor& workspace(int64_t floats, const at::TensorOptions& options) {
-  static thread_local at::Tensor ws;
-  if (!ws.defined() || ws.numel() < floats) ws = at::empty({floats}, options);
-  return ws;
-}
+// The calling thread's scratch (winograd_scratch) as at least `floats` float32 elements.
+at::Tensor workspace(int64_t floats) { return winograd_scratch(floats * int64_t(sizeof(float))).view(at::kFloat); }
 
 // Whether our products run: `products` "ours", or "auto" where they are vectorized.
 bool own_products(const char* op, c10::string_view products, const Conv3x3WinogradParams& p) {
@@ -121,7 +113,7 @@ at::Tensor winograd_cpu_impl(const at::Tensor& x, const at::Tensor& u, const c10
   // V and M of a chunk of tiles (F0: at most ~14 MiB)
   const int64_t P = kWinogradPoints * groups;
   const int64_t chunk = chunk_size(T, P, cg, cog, chunk_tiles);
-  const at::Tensor& ws = workspace(P * chunk * (cg + cog), x.options());
+  const at::Tensor ws = workspace(P * chunk * (cg + cog));
   const at::Tensor v = ws.narrow(0, 0, P * chunk * cg);
   const at::Tensor m = ws.narrow(0, P * chunk * cg, P * chunk * cog);
   p.x = xc.data_ptr<float>();
@@ -178,7 +170,7 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
     const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t chunk = chunk_size(T, P, cg, cog, chunk_tiles);
     // V, Yg and dL/dU (F0: at most ~28 MiB)
-    const at::Tensor& ws = workspace(P * chunk * (cg + cog) + P * cg * cog, x.options());
+    const at::Tensor ws = workspace(P * chunk * (cg + cog) + P * cg * cog);
     p.x = xc.data_ptr<float>();
     p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
     p.dy = dyc.data_ptr<float>();

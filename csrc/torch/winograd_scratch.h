@@ -1,0 +1,39 @@
+// Shared by the Winograd convolutions' bindings (conv3x3_winograd_ops.cpp, float32, and
+// conv3x3_winograd_bf16_ops.cpp, bfloat16): the per-thread scratch for their transforms and
+// the choice of tiles per chunk.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace flamingo_rt {
+namespace torch_ops {
+
+// The calling thread's scratch of at least `bytes` bytes (uint8, 64-byte aligned like every CPU
+// tensor): one buffer per thread shared by every Winograd op (float32 and bfloat16, forward and
+// weight gradient: they never run nested), grown to the largest size met and kept, so no call
+// pays page faults for its transforms (fresh buffers made dm_nfnet_f0's convolutions up to 2x
+// slower inside the model). A multiple of 64 bytes, so it can be viewed as float32.
+inline const at::Tensor& winograd_scratch(int64_t bytes) {
+  static thread_local at::Tensor ws;
+  bytes = (bytes + 63) / 64 * 64;
+  if (!ws.defined() || ws.numel() < bytes) ws = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  return ws;
+}
+
+// `n` bytes rounded up to whole 64-byte lines (offsets of the scratch's parts stay aligned).
+inline int64_t winograd_lines(int64_t n) { return (n + 63) / 64 * 64; }
+
+// Tiles per chunk of T tiles whose transforms take tile_bytes a tile: chunk_tiles when the
+// caller gives one (> 0), else about chunk_bytes of them but at least min_tiles (each product
+// has that many rows: fewer run far below the kernel's peak); at most T.
+inline int64_t winograd_chunk_tiles(int64_t T, int64_t tile_bytes, int64_t chunk_bytes, int64_t min_tiles,
+                                    int64_t chunk_tiles) {
+  return std::min<int64_t>(T, chunk_tiles > 0 ? chunk_tiles : std::max<int64_t>(min_tiles, chunk_bytes / tile_bytes));
+}
+
+}  // namespace torch_ops
+}  // namespace flamingo_rt

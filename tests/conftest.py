@@ -115,3 +115,43 @@ def malloc_calls(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda *a, **k: calls.append(1) or True)
     return calls
+
+
+def small_nfnet(width: int, seed: int, *, random_bias: bool = False):
+    """A 4-stage NFNet of one block a stage whose 3x3 convs have `width`-channel groups
+    (channels 2w, 2w, 4w, 4w; stem w), made after ``torch.manual_seed(seed)``: every skip-init
+    gain 0.7 (so every residual branch computes), with ``random_bias`` the biases N(0, 0.1^2)."""
+    from flamingo_rt.models.config import NFNetConfig
+    from flamingo_rt.models.nfnet import NFNet
+
+    cfg = NFNetConfig(depths=(1, 1, 1, 1), channels=(2 * width, 2 * width, 4 * width, 4 * width), stem_chs=width,
+                      group_size=width, num_features=4 * width)
+    torch.manual_seed(seed)
+    net = NFNet(cfg)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("skipinit_gain"):
+                p.fill_(0.7)
+            elif random_bias and name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return net
+
+
+def stride1_3x3_convs(net, least: int) -> list:
+    """net's 3x3 stride-1 convs with at least `least` input and output channels per group."""
+    return [m for m in net.modules() if getattr(m, "kernel_size", None) == 3 and m.stride == 1
+            and m.in_chs // m.groups >= least and m.out_chs // m.groups >= least]
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Replace module.name by a wrapper that records the shape of each call's first argument;
+    the list of records."""
+    calls = []
+    orig = getattr(module, name)
+
+    def counting(*a, **k):
+        calls.append(tuple(a[0].shape))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flamingo_rt.ops import winograd_conv as W
-from conftest import rel_err
+from conftest import count_calls, rel_err, small_nfnet, stride1_3x3_convs
 
 pytestmark = pytest.mark.skipif(not W.enabled(), reason="needs the compiled extension (flamingo_rt._C)")
 
@@ -160,34 +160,13 @@ def test_frozen_nfnet_uses_it_and_stays_close(monkeypatch):
     """A frozen NFNet with 32-channel groups runs its 3x3 stride-1 convs through the
     Winograd path (counted) and gives the direct convolution's features within float32
     Winograd rounding."""
-    from flamingo_rt.models.config import NFNetConfig
-    from flamingo_rt.models.nfnet import NFNet
-
-    cfg = NFNetConfig(depths=(1, 1, 1, 1), channels=(64, 64, 128, 128), stem_chs=32, group_size=32,
-                      num_features=128)
-    torch.manual_seed(5)
-    net = NFNet(cfg).eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("skipinit_gain"):
-                p.fill_(0.7)
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
+    net = small_nfnet(32, 5, random_bias=True).eval()
     net.freeze()
     x = torch.randn(2, 3, 48, 40)
-    calls = []
-    orig = W.conv3x3_winograd
-
-    def counting(*a, **k):
-        calls.append(tuple(a[0].shape))
-        return orig(*a, **k)
-
-    monkeypatch.setattr(W, "conv3x3_winograd", counting)
+    calls = count_calls(monkeypatch, W, "conv3x3_winograd")
     with torch.no_grad():
         got = net.forward_features(x)
-        eligible = [m for m in net.modules() if getattr(m, "kernel_size", None) == 3 and m.stride == 1
-                    and m.in_chs // m.groups >= W.MIN_CHANNELS and m.out_chs // m.groups >= W.MIN_CHANNELS]
-        assert len(calls) == len(eligible) >= 4
+        assert len(calls) == len(stride1_3x3_convs(net, W.MIN_CHANNELS)) >= 4
         monkeypatch.setenv("FLAMINGO_RT_WINOGRAD", "0")
         calls.clear()
         direct = net.forward_features(x)
@@ -256,27 +235,10 @@ def test_nfnet_training_takes_it_and_matches_the_direct_gradients(monkeypatch):
     """An unfrozen NFNet with 32-channel groups: its 3x3 stride-1 convs run through conv3x3
     (counted) and every parameter gradient stays within Winograd rounding of the direct
     convolutions'."""
-    from flamingo_rt.models.config import NFNetConfig
-    from flamingo_rt.models.nfnet import NFNet
-
-    cfg = NFNetConfig(depths=(1, 1, 1, 1), channels=(64, 64, 128, 128), stem_chs=32, group_size=32,
-                      num_features=128)
-    torch.manual_seed(8)
-    net = NFNet(cfg).train()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("skipinit_gain"):
-                p.fill_(0.7)
+    net = small_nfnet(32, 8).train()
     x = torch.randn(2, 3, 40, 40)
     r = torch.randn_like(net.forward_features(x))
-    calls = []
-    orig = W.conv3x3
-
-    def counting(*a, **k):
-        calls.append(1)
-        return orig(*a, **k)
-
-    monkeypatch.setattr(W, "conv3x3", counting)
+    calls = count_calls(monkeypatch, W, "conv3x3")
 
     def grads():
         net.zero_grad(set_to_none=True)

@@ -6,12 +6,14 @@ product paths (AVX-512 BF16 where the CPU has it, the portable loop), layouts; t
 transform; errors; the eligibility rules; and a frozen bfloat16 NFNet taking it."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flamingo_rt.ops import winograd_conv as W
-from conftest import rel_err
+from conftest import count_calls, rel_err, small_nfnet, stride1_3x3_convs
 
 pytestmark = pytest.mark.skipif(
     not (W.enabled() and hasattr(torch.ops.flamingo_rt_C, "conv3x3_winograd_bf16")),
@@ -219,40 +221,18 @@ def test_frozen_bf16_nfnet_uses_it_and_stays_close(monkeypatch):
     """A frozen bfloat16 NFNet with 64-channel groups runs its eligible 3x3 stride-1 convs
     through the bfloat16 Winograd path (counted), within bfloat16 rounding of the float64
     features (as close as the direct bf16 convolutions' within 1.5x)."""
-    from flamingo_rt.models.config import NFNetConfig
-    from flamingo_rt.models.nfnet import NFNet
-
-    cfg = NFNetConfig(depths=(1, 1, 1, 1), channels=(128, 128, 256, 256), stem_chs=64, group_size=64,
-                      num_features=256)
-    torch.manual_seed(6)
-    net = NFNet(cfg).eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("skipinit_gain"):
-                p.fill_(0.7)
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
+    net = small_nfnet(64, 6, random_bias=True).eval()
     x = torch.randn(2, 3, 32, 40)
-    ref = NFNet(cfg).double().eval()
-    ref.load_state_dict(net.state_dict())
+    ref = copy.deepcopy(net).double()
     ref.freeze()
     with torch.no_grad():
         want = ref.forward_features(x.double())
     net.freeze()
     net = net.to(torch.bfloat16)
-    calls = []
-    orig = W.conv3x3_winograd_bf16
-
-    def counting(*a, **k):
-        calls.append(tuple(a[0].shape))
-        return orig(*a, **k)
-
-    monkeypatch.setattr(W, "conv3x3_winograd_bf16", counting)
+    calls = count_calls(monkeypatch, W, "conv3x3_winograd_bf16")
     with torch.no_grad(), W.use(True):
         got = net.forward_features(x.bfloat16())
-    eligible = [m for m in net.modules() if getattr(m, "kernel_size", None) == 3 and m.stride == 1
-                and m.in_chs // m.groups >= W.MIN_CHANNELS_BF16 and m.out_chs // m.groups >= W.MIN_CHANNELS_BF16]
-    assert len(calls) == len(eligible) >= 4
+    assert len(calls) == len(stride1_3x3_convs(net, W.MIN_CHANNELS_BF16)) >= 4
     calls.clear()
     with torch.no_grad(), W.use(False):
         direct = net.forward_features(x.bfloat16())
@@ -343,26 +323,9 @@ def test_nfnet_autocast_training_takes_it_and_stays_close(monkeypatch):
     """An unfrozen NFNet with 64-channel groups trained under bf16 autocast runs its eligible
     3x3 stride-1 convs through conv3x3_bf16 (counted); its parameter gradients stay within
     bf16 rounding of those of the direct (oneDNN) convolutions."""
-    from flamingo_rt.models.config import NFNetConfig
-    from flamingo_rt.models.nfnet import NFNet
-
-    cfg = NFNetConfig(depths=(1, 1, 1, 1), channels=(128, 128, 256, 256), stem_chs=64, group_size=64,
-                      num_features=256)
-    torch.manual_seed(8)
-    net = NFNet(cfg).train()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("skipinit_gain"):
-                p.fill_(0.7)
+    net = small_nfnet(64, 8).train()
     x = torch.randn(2, 3, 32, 32)
-    calls = []
-    orig = W.conv3x3_bf16
-
-    def counting(*a, **k):
-        calls.append(1)
-        return orig(*a, **k)
-
-    monkeypatch.setattr(W, "conv3x3_bf16", counting)
+    calls = count_calls(monkeypatch, W, "conv3x3_bf16")
 
     def grads(on: bool, autocast: bool = True):
         net.zero_grad(set_to_none=True)
@@ -375,9 +338,7 @@ def test_nfnet_autocast_training_takes_it_and_stays_close(monkeypatch):
         return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
     ours = grads(True)
-    eligible = [m for m in net.modules() if getattr(m, "kernel_size", None) == 3 and m.stride == 1
-                and m.in_chs // m.groups >= W.MIN_CHANNELS_BF16 and m.out_chs // m.groups >= W.MIN_CHANNELS_BF16]
-    assert len(calls) == len(eligible) >= 4
+    assert len(calls) == len(stride1_3x3_convs(net, W.MIN_CHANNELS_BF16)) >= 4
     calls.clear()
     direct = grads(False)
     assert not calls and ours.keys() == direct.keys()

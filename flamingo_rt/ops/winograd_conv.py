@@ -125,14 +125,24 @@ def bf16_enabled() -> bool:
     return _BF16_AUTO
 
 
+def _fits(x: Tensor, w: Tensor, groups: int, least: int, even_in: bool = False, even_out: bool = False) -> bool:
+    """x (N, C_in, H, W) on the CPU and a 3x3 w (C_out, C_in/groups, 3, 3) whose groups have at
+    least ``least`` input and output channels (an even number of inputs with ``even_in``, of
+    outputs with ``even_out``)."""
+    if not (x.device.type == "cpu" and x.dim() == 4 and w.dim() == 4 and tuple(w.shape[2:]) == (3, 3)):
+        return False
+    cg, co = w.shape[1], w.shape[0]
+    if co % groups or cg < least or co // groups < least:
+        return False
+    return not (even_in and cg % 2) and not (even_out and (co // groups) % 2)
+
+
 def eligible(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
     """Whether the SAME-padded convolution of x (N, C_in, H, W) by w (C_out, C_in/groups,
     kh, kw) at ``stride`` runs as a Winograd convolution (:func:`conv3x3_winograd` without
     gradients, :func:`conv3x3` with them; see the module docstring)."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.dim() == 4 and w.dim() == 4 and tuple(w.shape[2:]) == (3, 3) and stride == 1):
-        return False
-    if w.shape[1] < MIN_CHANNELS or w.shape[0] // groups < MIN_CHANNELS or w.shape[0] % groups:
+    if not (x.dtype == torch.float32 and w.dtype == torch.float32 and stride == 1
+            and _fits(x, w, groups, MIN_CHANNELS)):
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
@@ -144,11 +154,7 @@ def eligible_bf16(x: Tensor, w: Tensor, stride: int, groups: int) -> bool:
     C_in/groups, kh, kw) at ``stride`` runs as a bfloat16 Winograd convolution
     (:func:`conv3x3_winograd_bf16`; inference only: the caller checks that no gradient is
     wanted). See the module docstring."""
-    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and w.dim() == 4
-            and tuple(w.shape[2:]) == (3, 3) and stride == 1):
-        return False
-    if (w.shape[1] < MIN_CHANNELS_BF16 or w.shape[1] % 2 or w.shape[0] // groups < MIN_CHANNELS_BF16
-            or w.shape[0] % groups):
+    if not (x.dtype == torch.bfloat16 and stride == 1 and _fits(x, w, groups, MIN_CHANNELS_BF16, even_in=True)):
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
@@ -211,12 +217,10 @@ def conv3x3_weight_grad_bf16(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_ti
 
 def eligible_bf16_autograd(x: Tensor, w: Tensor, groups: int) -> bool:
     """Whether a SAME-padded 3x3 stride-1 convolution of x by w runs as :func:`conv3x3_bf16`
-    (bfloat16 Winograd forward and input gradient, with gradients): bfloat16 x and w, or CPU
-    bfloat16 autocast with float32 / bfloat16 x and w; at least :data:`MIN_CHANNELS_BF16` (an even
+    (bfloat16 Winograd forward, input and weight gradients): bfloat16 x and w, or CPU bfloat16
+    autocast with float32 / bfloat16 x and w; at least :data:`MIN_CHANNELS_BF16` (an even
     number of) input and output channels per group; :func:`bf16_enabled`; not compiling."""
-    if not (x.device.type == "cpu" and x.dim() == 4 and w.dim() == 4 and tuple(w.shape[2:]) == (3, 3)):
-        return False
-    if torch.compiler.is_compiling():
+    if not _fits(x, w, groups, MIN_CHANNELS_BF16, even_in=True, even_out=True) or torch.compiler.is_compiling():
         return False
     if torch.is_autocast_enabled("cpu"):
         if torch.get_autocast_dtype("cpu") != torch.bfloat16:
@@ -225,42 +229,15 @@ def eligible_bf16_autograd(x: Tensor, w: Tensor, groups: int) -> bool:
             return False
     elif not (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16):
         return False
-    cg, cog = w.shape[1], w.shape[0] // groups
-    if cg < MIN_CHANNELS_BF16 or cog < MIN_CHANNELS_BF16 or cg % 2 or cog % 2 or w.shape[0] % groups:
-        return False
     return bf16_enabled()
-
-
-class _Conv3x3Bf16(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.groups = groups
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return conv3x3_winograd_bf16(x, winograd_weight_bf16(w, groups), bias, groups)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor):
-        x, w = ctx.saved_tensors
-        g = ctx.groups
-        dy = dy.to(torch.bfloat16)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = conv3x3_winograd_bf16(dy, winograd_weight_bf16(w, g, transposed=True), None, g)
-        if ctx.needs_input_grad[1]:
-            dw = conv3x3_weight_grad_bf16(x, dy, g).to(w.dtype)
-        if ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
-        return dx, dw, db, None
 
 
 def conv3x3_bf16(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, groups: int = 1) -> Tensor:
     """``F.conv2d(x, w, bias, padding=1, groups=groups)`` in bfloat16 as autocast runs it (x, w and
     bias cast to bfloat16, a bfloat16 result), the forward and the input gradient as F(2x2, 3x3)
     Winograd convolutions (:func:`conv3x3_winograd_bf16`; the input gradient's is the flipped,
-    transposed weight's), the weight gradient oneDNN's direct one; differentiable in x, w and
-    bias (once), the casts included.
+    transposed weight's), the weight gradient through the transforms read backwards
+    (:func:`conv3x3_weight_grad_bf16`); differentiable in x, w and bias (once), the casts included.
 
     Args:
         x: (N, C_in, H, W) float32 or bfloat16 on the CPU, any layout.
@@ -277,7 +254,7 @@ def conv3x3_bf16(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, groups: in
             raise TypeError(f"conv3x3_bf16: expected a float32 or bfloat16 {name}, got {t.dtype}")
     bf = torch.bfloat16
     with torch.autocast("cpu", enabled=False):
-        return _Conv3x3Bf16.apply(x.to(bf), w.to(bf), None if bias is None else bias.to(bf), groups)
+        return _Conv3x3.apply(x.to(bf), w.to(bf), None if bias is None else bias.to(bf), groups)
 
 
 def winograd_weight(w: Tensor, groups: int = 1, *, transposed: bool = False) -> Tensor:
@@ -333,10 +310,16 @@ def conv3x3_weight_grad(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: 
 
 
 class _Conv3x3(torch.autograd.Function):
+    """The forward, input and weight gradients as Winograd convolutions: F(4x4, 3x3) for float32
+    x and w, F(2x2, 3x3) for bfloat16 ones."""
+
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.groups = groups
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if x.dtype == torch.bfloat16:
+            return conv3x3_winograd_bf16(x, winograd_weight_bf16(w, groups), bias, groups)
         return conv3x3_winograd(x, winograd_weight(w, groups), bias, groups)
 
     @staticmethod
@@ -344,13 +327,18 @@ class _Conv3x3(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, w = ctx.saved_tensors
         g = ctx.groups
+        bf16 = x.dtype == torch.bfloat16
+        dy = dy.to(x.dtype)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = conv3x3_winograd(dy, winograd_weight(w, g, transposed=True), None, g)
+            if bf16:
+                dx = conv3x3_winograd_bf16(dy, winograd_weight_bf16(w, g, transposed=True), None, g)
+            else:
+                dx = conv3x3_winograd(dy, winograd_weight(w, g, transposed=True), None, g)
         if ctx.needs_input_grad[1]:
-            dw = conv3x3_weight_grad(x, dy, g)
+            dw = (conv3x3_weight_grad_bf16(x, dy, g) if bf16 else conv3x3_weight_grad(x, dy, g)).to(w.dtype)
         if ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3))
+            db = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, db, None
 
 

@@ -486,6 +486,40 @@ void test_softmax_xent(std::mt19937_64& rng) {
 
 }  // namespace
 
+// float64 references for the Winograd checks: conv3x3(x, w, padding 1, groups) over channels-last
+// x (N, H, W, C), w (CO, C/G, 3, 3), and its weight gradient for dy (N, H, W, CO).
+struct Conv3x3Ref {
+  int64_t N, C, H, W, CO, G;
+  // the convolution (no bias) at output pixel (n, i, j), channel o
+  double out(const std::vector<double>& x, const std::vector<float>& w, int64_t n, int64_t i, int64_t j,
+             int64_t o) const {
+    const int64_t cg = C / G, g = o / (CO / G);
+    double acc = 0.0;
+    for (int64_t c = 0; c < cg; ++c)
+      for (int64_t ki = 0; ki < 3; ++ki)
+        for (int64_t kj = 0; kj < 3; ++kj) {
+          const int64_t yy = i + ki - 1, xx = j + kj - 1;
+          if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+          acc += x[size_t(((n * H + yy) * W + xx) * C + g * cg + c)] * double(w[size_t(((o * cg + c) * 3 + ki) * 3 + kj)]);
+        }
+    return acc;
+  }
+  // dL/dw[o, c, ki, kj]
+  double dw(const std::vector<double>& x, const std::vector<double>& dy, int64_t o, int64_t c, int64_t ki,
+            int64_t kj) const {
+    const int64_t ci = (o / (CO / G)) * (C / G) + c;
+    double acc = 0.0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t yy = i + ki - 1, xx = j + kj - 1;
+          if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+          acc += dy[size_t(((n * H + i) * W + j) * CO + o)] * x[size_t(((n * H + yy) * W + xx) * C + ci)];
+        }
+    return acc;
+  }
+};
+
 // gamma * gelu(conv3x3(x, w, padding 1, groups) + bias) through the Winograd stages, x and y
 // channels-last (y with a padded pixel stride), tiles in ranges of `chunk` (0: all at once).
 void check_winograd(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t G,
@@ -514,21 +548,14 @@ void check_winograd(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, int64
          flamingo_rt::conv3x3_winograd_products_cpu(p) == Status::kOk &&
          flamingo_rt::conv3x3_winograd_output_cpu(p) == Status::kOk;
   }
+  const Conv3x3Ref ref{N, C, H, W, CO, G};
+  const std::vector<double> xd(x.begin(), x.end());
   Err e;
   for (int64_t n = 0; ok && n < N; ++n)
     for (int64_t i = 0; i < H; ++i)
       for (int64_t j = 0; j < W; ++j)
         for (int64_t o = 0; o < CO; ++o) {
-          const int64_t g = o / cog;
-          double acc = b[size_t(o)];
-          for (int64_t c = 0; c < cg; ++c)
-            for (int64_t ki = 0; ki < 3; ++ki)
-              for (int64_t kj = 0; kj < 3; ++kj) {
-                const int64_t yy = i + ki - 1, xx = j + kj - 1;
-                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-                acc += double(x[size_t(((n * H + yy) * W + xx) * C + g * cg + c)]) *
-                       double(w[size_t(((o * cg + c) * 3 + ki) * 3 + kj)]);
-              }
+          const double acc = b[size_t(o)] + ref.out(xd, w, n, i, j, o);
           const double want = 1.5 * acc * 0.5 * std::erfc(-acc / std::sqrt(2.0));
           e.add(y[size_t(((n * H + i) * W + j) * ystride + o)], want, 1e-5, 5e-5, 1.0 + std::fabs(want));
         }
@@ -564,20 +591,14 @@ void check_winograd_weight_grad(std::mt19937_64& rng, int64_t N, int64_t C, int6
          flamingo_rt::conv3x3_winograd_weight_grad_products_cpu(p) == Status::kOk;
   }
   ok = ok && flamingo_rt::winograd_f43_weight_grad_cpu(du.data(), CO, cg, G, dw.data()) == Status::kOk;
+  const Conv3x3Ref ref{N, C, H, W, CO, G};
+  const std::vector<double> xd(x.begin(), x.end()), dyd(dy.begin(), dy.end());
   Err e;
   for (int64_t o = 0; ok && o < CO; ++o)
     for (int64_t c = 0; c < cg; ++c)
       for (int64_t ki = 0; ki < 3; ++ki)
         for (int64_t kj = 0; kj < 3; ++kj) {
-          double want = 0.0;
-          const int64_t ci = (o / cog) * cg + c;
-          for (int64_t n = 0; n < N; ++n)
-            for (int64_t i = 0; i < H; ++i)
-              for (int64_t j = 0; j < W; ++j) {
-                const int64_t yy = i + ki - 1, xx = j + kj - 1;
-                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-                want += double(dy[size_t(((n * H + i) * W + j) * CO + o)]) * double(x[size_t(((n * H + yy) * W + xx) * C + ci)]);
-              }
+          const double want = ref.dw(xd, dyd, o, c, ki, kj);
           e.add(dw[size_t(((o * cg + c) * 3 + ki) * 3 + kj)], want, 1e-4, 5e-5, 1.0 + std::fabs(want));
         }
   expect(ok && !e.nan && e.worst <= 1.0 && e.rel() < 1e-5,
@@ -657,21 +678,15 @@ void check_winograd_bf16(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, 
          flamingo_rt::conv3x3_winograd_bf16_products_cpu(p, plain) == Status::kOk &&
          flamingo_rt::conv3x3_winograd_bf16_output_cpu(p) == Status::kOk;
   }
+  const Conv3x3Ref ref{N, C, H, W, CO, G};
+  std::vector<double> xd(x.size());
+  std::transform(x.begin(), x.end(), xd.begin(), from_bf16);
   Err e;
   for (int64_t n = 0; ok && n < N; ++n)
     for (int64_t i = 0; i < H; ++i)
       for (int64_t j = 0; j < W; ++j)
         for (int64_t o = 0; o < CO; ++o) {
-          const int64_t g = o / cog;
-          double acc = b[size_t(o)];
-          for (int64_t c = 0; c < cg; ++c)
-            for (int64_t ki = 0; ki < 3; ++ki)
-              for (int64_t kj = 0; kj < 3; ++kj) {
-                const int64_t yy = i + ki - 1, xx = j + kj - 1;
-                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-                acc += from_bf16(x[size_t(((n * H + yy) * W + xx) * C + g * cg + c)]) *
-                       double(w[size_t(((o * cg + c) * 3 + ki) * 3 + kj)]);
-              }
+          const double acc = b[size_t(o)] + ref.out(xd, w, n, i, j, o);
           const double want = 1.5 * acc * 0.5 * std::erfc(-acc / std::sqrt(2.0));
           e.add(from_bf16(y[size_t(((n * H + i) * W + j) * ystride + o)]), want, 0.1, 0.1, 1.0 + std::fabs(want));
         }
@@ -708,22 +723,17 @@ void check_winograd_bf16_weight_grad(std::mt19937_64& rng, int64_t N, int64_t C,
          flamingo_rt::conv3x3_winograd_bf16_weight_grad_products_cpu(p, plain) == Status::kOk;
   }
   ok = ok && flamingo_rt::winograd_f23_weight_grad_cpu(du.data(), CO, cg, G, dw.data()) == Status::kOk;
+  const Conv3x3Ref ref{N, C, H, W, CO, G};
+  std::vector<double> xd(x.size()), dyd(dy.size());
+  std::transform(x.begin(), x.end(), xd.begin(), from_bf16);
+  std::transform(dy.begin(), dy.end(), dyd.begin(), from_bf16);
   Err e;
   for (int64_t o = 0; ok && o < CO; ++o)
     for (int64_t c = 0; c < cg; ++c)
       for (int64_t ki = 0; ki < 3; ++ki)
         for (int64_t kj = 0; kj < 3; ++kj) {
-          const int64_t g = o / cog;
-          double acc = 0;
-          for (int64_t n = 0; n < N; ++n)
-            for (int64_t i = 0; i < H; ++i)
-              for (int64_t j = 0; j < W; ++j) {
-                const int64_t yy = i + ki - 1, xx = j + kj - 1;
-                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-                acc += from_bf16(x[size_t(((n * H + yy) * W + xx) * C + g * cg + c)]) *
-                       from_bf16(dy[size_t(((n * H + i) * W + j) * CO + o)]);
-              }
-          e.add(dw[size_t(((o * cg + c) * 3 + ki) * 3 + kj)], acc, 0.1, 0.1, 1.0 + std::fabs(acc));
+          const double want = ref.dw(xd, dyd, o, c, ki, kj);
+          e.add(dw[size_t(((o * cg + c) * 3 + ki) * 3 + kj)], want, 0.1, 0.1, 1.0 + std::fabs(want));
         }
   expect(ok && !e.nan && e.worst <= 1.0 && e.rel() < 1.5e-2,
          "winograd bf16 weight grad " + std::to_string(N) + "x" + std::to_string(C) + "x" + std::to_string(H) + "x" +

@@ -39,6 +39,7 @@ from ..ops import nfconv as _ops
 from ..ops import winograd_conv as _wino
 from ..ops.linear import linear as _linear
 from .config import NFNetConfig
+from ..runtime import cpu_cache
 
 #: timm's (and DeepMind's) signal-preserving gamma of the exact-erf GELU.
 GELU_GAMMA = 1.7015043497085571
@@ -533,6 +534,14 @@ class NFNet(nn.Module):
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.final_conv.parameters()))
 
     def _features(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return self._features_in_scope(x)
+        # activations (and, training, the tensors saved for backward) from the CPU block
+        # cache: no page faults on fresh outputs
+        with cpu_cache.scope():
+            return self._features_in_scope(x)
+
+    def _features_in_scope(self, x: Tensor) -> Tensor:
         be = self.backend
         if self._use_fast():
             return self._features_fast(x, be)

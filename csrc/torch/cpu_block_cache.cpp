@@ -1,0 +1,250 @@
+// The CPU block cache (cpu_block_cache.h) and its torch ops:
+//
+//   flamingo_rt_C::cpu_block_cache_enter() -> ()     # open a scope on this thread
+//   flamingo_rt_C::cpu_block_cache_exit() -> ()      # close it (error without one open)
+//   flamingo_rt_C::cpu_block_cache_depth() -> int    # scopes open on this thread
+//   flamingo_rt_C::cpu_block_cache_stats() -> int[]  # [hits, misses, releases, cached_bytes,
+//                                                    #  in_use_bytes, limit_bytes, installed]
+//   flamingo_rt_C::cpu_block_cache_empty() -> ()
+//   flamingo_rt_C::cpu_block_cache_set_limit(int bytes) -> ()
+//
+// Python: flamingo_rt.runtime.cpu_cache.
+#include "cpu_block_cache.h"
+
+#include <torch/library.h>
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+#include <vector>
+
+namespace flamingo_rt {
+namespace {
+
+constexpr int64_t kDefaultLimitBytes = int64_t(2) << 30;
+constexpr std::size_t kPage = 4096;
+
+thread_local int tl_depth = 0;
+
+int64_t limit_from_env() {
+  const char* s = std::getenv("FLAMINGO_RT_CPU_CACHE_MIB");
+  if (s == nullptr || *s == '\0') return kDefaultLimitBytes;
+  char* end = nullptr;
+  const long long mib = std::strtoll(s, &end, 10);
+  TORCH_CHECK(end != s && *end == '\0' && mib >= 0,
+              "FLAMINGO_RT_CPU_CACHE_MIB: expected a number of MiB >= 0, got '", s, "'");
+  return int64_t(mib) << 20;
+}
+
+struct Block {
+  void* base;        // what c10::alloc_cpu returned
+  std::size_t size;  // usable bytes from the data pointer
+};
+
+// Everything the cache owns. Allocated once and never destroyed: tensors may be freed during
+// static destruction at exit, after a static object would be gone.
+struct State {
+  std::mutex mu;
+  std::multimap<std::size_t, void*> free_blocks;      // size -> block
+  std::unordered_map<void*, Block> owned;              // every block of the cache (by data pointer)
+  c10::Allocator* base = nullptr;                      // the allocator the cache replaced
+  c10::DeleterFnPtr base_raw_deleter = nullptr;
+  CpuBlockCacheStats stats;
+};
+
+State& state() {
+  static State* s = [] {
+    auto* st = new State();
+    st->stats.limit_bytes = limit_from_env();
+    return st;
+  }();
+  return *s;
+}
+
+// Called with the lock held: releases blocks from the largest down until the free list
+// holds at most `keep` bytes.
+void trim_locked(State& s, int64_t keep) {
+  while (s.stats.cached_bytes > keep && !s.free_blocks.empty()) {
+    auto it = std::prev(s.free_blocks.end());
+    s.stats.cached_bytes -= int64_t(it->first);
+    auto o = s.owned.find(it->second);
+    c10::free_cpu(o->second.base);
+    s.owned.erase(o);
+    s.free_blocks.erase(it);
+    ++s.stats.releases;
+  }
+}
+
+// The deleter of every block the cache hands out (DataPtr's and raw_deallocate's): back on
+// the free list, or released when the list is full; pointers the cache does not own go to the
+// replaced allocator's deleter.
+void free_block(void* p) {
+  if (p == nullptr) return;
+  State& s = state();
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    auto it = s.owned.find(p);
+    if (it != s.owned.end()) {
+      const std::size_t size = it->second.size;
+      s.stats.in_use_bytes -= int64_t(size);
+      if (s.stats.cached_bytes + int64_t(size) <= s.stats.limit_bytes) {
+        s.free_blocks.emplace(size, p);
+        s.stats.cached_bytes += int64_t(size);
+      } else {
+        c10::free_cpu(it->second.base);
+        s.owned.erase(it);
+        ++s.stats.releases;
+      }
+      return;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(s.base_raw_deleter != nullptr, "cpu_block_cache: no deleter for a foreign block");
+  s.base_raw_deleter(p);
+}
+
+void* take_block(std::size_t n) {
+  State& s = state();
+  const std::size_t size = (n + kPage - 1) / kPage * kPage;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    auto it = s.free_blocks.lower_bound(size);
+    if (it != s.free_blocks.end() && it->first <= 2 * size) {
+      void* p = it->second;
+      s.stats.cached_bytes -= int64_t(it->first);
+      s.stats.in_use_bytes += int64_t(it->first);
+      s.free_blocks.erase(it);
+      ++s.stats.hits;
+      return p;
+    }
+  }
+  // Blocks start at staggered offsets within their first page (multiples of 64 bytes, spread
+  // over the page): mmap'ed blocks all start at the same page offset, so tensors read and
+  // written together would map onto the same cache sets.
+  std::size_t offset;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    offset = std::size_t((s.stats.misses * 17) % (kPage / 64)) * 64;
+  }
+  void* base = nullptr;
+  try {
+    base = c10::alloc_cpu(size + offset);
+  } catch (const c10::Error&) {
+    cpu_block_cache_empty();  // out of memory: give the free list back and try once more
+    base = c10::alloc_cpu(size + offset);
+  }
+  void* p = static_cast<char*>(base) + offset;
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.owned.emplace(p, Block{base, size});
+  s.stats.in_use_bytes += int64_t(size);
+  ++s.stats.misses;
+  return p;
+}
+
+class BlockCacheAllocator final : public c10::Allocator {
+ public:
+  explicit BlockCacheAllocator(c10::Allocator* base) : base_(base) {}
+
+  c10::DataPtr allocate(std::size_t n) override {
+    if (tl_depth == 0 || n < kMinBlockBytes) return base_->allocate(n);
+    void* p = take_block(n);
+    return {p, p, &free_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // raw_deallocate of any CPU block, whichever allocator made it
+  c10::DeleterFnPtr raw_deleter() const override { return &free_block; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  c10::Allocator* base_;
+};
+
+// Installs the cache as the CPU allocator once; true when it is the CPU allocator.
+bool install() {
+  static const bool ok = [] {
+    State& s = state();
+    c10::Allocator* base = c10::GetCPUAllocator();
+    s.base = base;
+    s.base_raw_deleter = base->raw_deleter();
+    if (s.base_raw_deleter == nullptr) return false;  // cannot forward foreign raw frees
+    static auto* cache = new BlockCacheAllocator(base);
+    c10::SetCPUAllocator(cache, /*priority=*/0);
+    return c10::GetCPUAllocator() == cache;
+  }();
+  return ok;
+}
+
+}  // namespace
+
+void cpu_block_cache_enter() {
+  if (!install()) return;
+  ++tl_depth;
+}
+
+void cpu_block_cache_exit() {
+  if (!install()) return;
+  TORCH_CHECK(tl_depth > 0, "cpu_block_cache_exit: expected an open scope on this thread, found none");
+  --tl_depth;
+}
+
+int cpu_block_cache_depth() { return tl_depth; }
+
+CpuBlockCacheScope::CpuBlockCacheScope() { cpu_block_cache_enter(); }
+CpuBlockCacheScope::~CpuBlockCacheScope() {
+  if (tl_depth > 0) --tl_depth;
+}
+
+CpuBlockCacheStats cpu_block_cache_stats() {
+  State& s = state();
+  const bool inst = install();
+  std::lock_guard<std::mutex> lock(s.mu);
+  CpuBlockCacheStats out = s.stats;
+  out.installed = inst;
+  return out;
+}
+
+void cpu_block_cache_empty() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  trim_locked(s, 0);
+}
+
+void cpu_block_cache_set_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "cpu_block_cache_set_limit: expected a limit of bytes >= 0, got ", bytes);
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.stats.limit_bytes = bytes;
+  trim_locked(s, bytes);
+}
+
+namespace torch_ops {
+namespace {
+
+std::vector<int64_t> stats_impl() {
+  const CpuBlockCacheStats st = cpu_block_cache_stats();
+  return {st.hits, st.misses, st.releases, st.cached_bytes, st.in_use_bytes, st.limit_bytes, st.installed ? 1 : 0};
+}
+
+int64_t depth_impl() { return cpu_block_cache_depth(); }
+
+}  // namespace
+}  // namespace torch_ops
+}  // namespace flamingo_rt
+
+TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
+  m.def("cpu_block_cache_enter() -> ()", &flamingo_rt::cpu_block_cache_enter);
+  m.def("cpu_block_cache_exit() -> ()", &flamingo_rt::cpu_block_cache_exit);
+  m.def("cpu_block_cache_depth() -> int", &flamingo_rt::torch_ops::depth_impl);
+  m.def("cpu_block_cache_stats() -> int[]", &flamingo_rt::torch_ops::stats_impl);
+  m.def("cpu_block_cache_empty() -> ()", &flamingo_rt::cpu_block_cache_empty);
+  m.def("cpu_block_cache_set_limit(int bytes) -> ()", &flamingo_rt::cpu_block_cache_set_limit);
+}

@@ -1,0 +1,214 @@
+"""The CPU block cache (csrc/torch/cpu_block_cache.cpp, flamingo_rt.runtime.cpu_cache): large
+tensors allocated in a scope come from a free list of blocks that stay mapped, nothing changes
+outside scopes, and the frozen NFNet's forward runs in one."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flamingo_rt.runtime import cpu_cache
+
+pytestmark = pytest.mark.skipif(not cpu_cache.available(), reason="flamingo_rt._C not built")
+
+MIB = 1 << 20
+
+
+def _delta(before: cpu_cache.CacheStats) -> dict:
+    now = cpu_cache.stats()
+    return {k: getattr(now, k) - getattr(before, k) for k in ("hits", "misses", "releases")}
+
+
+@pytest.fixture
+def fresh_cache():
+    """An empty free list with the default limit, restored after the test."""
+    cpu_cache.empty()
+    limit = cpu_cache.stats().limit_bytes
+    yield
+    cpu_cache.set_limit(limit)
+    cpu_cache.empty()
+
+
+def test_installed_and_forwarding_outside_scopes(fresh_cache):
+    st = cpu_cache.stats()
+    assert st.installed and st.limit_bytes > 0
+    before = cpu_cache.stats()
+    t = torch.empty(3 * MIB // 4, dtype=torch.float32)  # 3 MiB, no scope: malloc as before
+    del t
+    assert _delta(before) == {"hits": 0, "misses": 0, "releases": 0}
+    assert cpu_cache.stats().cached_bytes == 0
+
+
+def test_scope_reuses_blocks(fresh_cache):
+    n = MIB // 4  # 1 MiB of float32
+    before = cpu_cache.stats()
+    with cpu_cache.scope():
+        a = torch.full((n,), 3.0)
+        pa = a.data_ptr()
+        assert cpu_cache.stats().in_use_bytes >= 4 * n
+        del a
+        b = torch.empty(n)  # the same block again
+        assert b.data_ptr() == pa
+        b.fill_(1.5)
+        c = torch.ones(n)  # a second block while b lives
+        assert c.data_ptr() != pa
+    assert _delta(before) == {"hits": 1, "misses": 2, "releases": 0}
+    assert float(b.sum()) == 1.5 * n and float(c.sum()) == n
+    del b, c
+    st = cpu_cache.stats()
+    assert st.cached_bytes >= 8 * n and st.in_use_bytes == before.in_use_bytes
+
+
+def test_small_tensors_bypass_the_cache(fresh_cache):
+    before = cpu_cache.stats()
+    with cpu_cache.scope():
+        t = torch.empty(16 * 1024)  # 64 KiB: below the cache's 128 KiB
+        del t
+    assert _delta(before) == {"hits": 0, "misses": 0, "releases": 0}
+
+
+def test_best_fit_takes_at_most_twice_the_request(fresh_cache):
+    with cpu_cache.scope():
+        big = torch.empty(2 * MIB // 4)
+        p = big.data_ptr()
+        del big
+        half = torch.empty(MIB // 4)  # 1 MiB from the 2 MiB block
+        assert half.data_ptr() == p
+        del half
+        quarter = torch.empty(MIB // 16)  # 256 KiB: the 2 MiB block is too large for it
+        assert quarter.data_ptr() != p
+
+
+def test_blocks_aligned_and_staggered(fresh_cache):
+    with cpu_cache.scope():
+        ts = [torch.empty(MIB // 4 + 1024 * k) for k in range(8)]  # distinct sizes: 8 new blocks
+    ptrs = [t.data_ptr() for t in ts]
+    assert all(p % 64 == 0 for p in ptrs)
+    assert len({p % 4096 for p in ptrs}) > 1  # not all at the same offset within a page
+
+
+def test_freed_on_another_thread_and_outside_the_scope(fresh_cache):
+    with cpu_cache.scope():
+        t = torch.randn(MIB // 4)
+    assert cpu_cache.stats().in_use_bytes >= MIB
+    box = [t]
+    del t
+    th = threading.Thread(target=box.clear)
+    th.start()
+    th.join()
+    st = cpu_cache.stats()
+    assert st.cached_bytes >= MIB and st.in_use_bytes == 0
+
+
+def test_scopes_are_per_thread():
+    seen = []
+
+    def other():
+        seen.append(cpu_cache.depth())
+
+    with cpu_cache.scope():
+        assert cpu_cache.depth() == 1
+        th = threading.Thread(target=other)
+        th.start()
+        th.join()
+    assert seen == [0] and cpu_cache.depth() == 0
+
+
+def test_limit_and_empty(fresh_cache):
+    cpu_cache.set_limit(0)
+    before = cpu_cache.stats()
+    with cpu_cache.scope():
+        t = torch.empty(MIB // 4)
+    del t  # nothing may be kept: released
+    assert _delta(before)["releases"] == 1 and cpu_cache.stats().cached_bytes == 0
+    cpu_cache.set_limit(64 * MIB)
+    with cpu_cache.scope():
+        ts = [torch.empty(MIB // 4 * (k + 1)) for k in range(3)]
+    del ts
+    assert cpu_cache.stats().cached_bytes >= 6 * MIB
+    cpu_cache.set_limit(3 * MIB)  # lowering the limit releases the largest blocks first
+    assert 0 < cpu_cache.stats().cached_bytes <= 3 * MIB
+    cpu_cache.empty()
+    assert cpu_cache.stats().cached_bytes == 0
+
+
+def test_nesting_and_errors(monkeypatch):
+    with cpu_cache.scope():
+        with cpu_cache.scope():
+            assert cpu_cache.depth() == 2
+        assert cpu_cache.depth() == 1
+    assert cpu_cache.depth() == 0
+    with pytest.raises(RuntimeError, match="expected an open scope on this thread"):
+        torch.ops.flamingo_rt_C.cpu_block_cache_exit()
+    with pytest.raises(ValueError, match="expected a limit in bytes >= 0, got -1"):
+        cpu_cache.set_limit(-1)
+    with pytest.raises(RuntimeError, match="expected a limit of bytes >= 0"):
+        torch.ops.flamingo_rt_C.cpu_block_cache_set_limit(-5)
+    monkeypatch.setenv("FLAMINGO_RT_CPU_CACHE", "maybe")
+    with pytest.raises(ValueError, match="FLAMINGO_RT_CPU_CACHE: expected 0 or 1, got 'maybe'"):
+        cpu_cache.scope()
+    monkeypatch.setenv("FLAMINGO_RT_CPU_CACHE", "0")
+    with cpu_cache.scope():
+        assert cpu_cache.depth() == 0  # turned off: a plain nullcontext
+
+
+def test_scope_closed_after_an_exception():
+    with pytest.raises(KeyError):
+        with cpu_cache.scope():
+            raise KeyError("x")
+    assert cpu_cache.depth() == 0
+
+
+def test_onednn_convolution_in_and_out_of_scope(fresh_cache):
+    """oneDNN allocates its scratchpads through the CPU allocator's raw_allocate /
+    raw_deallocate, which must work for blocks of either origin."""
+    x = torch.randn(2, 64, 40, 40).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(96, 64, 3, 3)
+    ref = F.conv2d(x, w, padding=1)
+    with cpu_cache.scope():
+        y = F.conv2d(x, w, padding=1)
+        y2 = torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+    y3 = F.conv2d(x, w, padding=1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(y2, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y3, ref, rtol=0, atol=0)
+
+
+def test_frozen_nfnet_forward_runs_in_a_scope(monkeypatch, fresh_cache):
+    from conftest import small_nfnet
+
+    net = small_nfnet(32, seed=0).freeze()
+    x = torch.randn(2, 3, 64, 64)
+    monkeypatch.setenv("FLAMINGO_RT_CPU_CACHE", "0")
+    with torch.no_grad():
+        ref = net.forward_features(x)
+    before = cpu_cache.stats()
+    assert _delta(before) == {"hits": 0, "misses": 0, "releases": 0}
+    monkeypatch.setenv("FLAMINGO_RT_CPU_CACHE", "1")
+    with torch.no_grad():
+        net.forward_features(x)
+        mid = cpu_cache.stats()
+        out = net.forward_features(x)
+    assert mid.misses > before.misses  # the first pass maps its blocks ...
+    d = _delta(mid)
+    assert d["misses"] == 0 and d["hits"] > 0  # ... the second takes them all from the list
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_limit_from_environment():
+    code = ("import torch, flamingo_rt._ext as e; e.load(); from flamingo_rt.runtime import cpu_cache as c; "
+            "print(c.stats().limit_bytes)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FLAMINGO_RT_CPU_CACHE_MIB="3", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == 3 * MIB
+    env["FLAMINGO_RT_CPU_CACHE_MIB"] = "lots"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "FLAMINGO_RT_CPU_CACHE_MIB: expected a number of MiB >= 0, got 'lots'" in out.stderr

@@ -212,3 +212,25 @@ def test_limit_from_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "FLAMINGO_RT_CPU_CACHE_MIB: expected a number of MiB >= 0, got 'lots'" in out.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_can_use_the_cache(fresh_cache):
+    """The lock is held across fork (pthread_atfork), so a child (a DataLoader worker) frees
+    and allocates cached blocks like its parent."""
+    with cpu_cache.scope():
+        t = torch.ones(MIB // 4)
+    pid = os.fork()
+    if pid == 0:  # child: free the inherited tensor, take its block again
+        code = 1
+        try:
+            torch.set_num_threads(1)  # GNU OpenMP's pool does not survive fork (DataLoader does the same)
+            del t
+            with cpu_cache.scope():
+                u = torch.full((MIB // 4,), 2.0)
+            code = 0 if float(u.sum()) == 2.0 * (MIB // 4) and cpu_cache.stats().hits >= 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert float(t.sum()) == MIB // 4

@@ -18,6 +18,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -58,6 +60,13 @@ struct State {
   c10::DeleterFnPtr base_raw_deleter = nullptr;
   CpuBlockCacheStats stats;
 };
+
+State& state();
+
+// fork() while another thread holds the lock would leave it locked forever in the child (a
+// DataLoader worker freeing its first cached tensor would hang): hold it across fork.
+void lock_for_fork() { state().mu.lock(); }
+void unlock_after_fork() { state().mu.unlock(); }
 
 State& state() {
   static State* s = [] {
@@ -176,6 +185,7 @@ bool install() {
     s.base = base;
     s.base_raw_deleter = base->raw_deleter();
     if (s.base_raw_deleter == nullptr) return false;  // cannot forward foreign raw frees
+    pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork);
     static auto* cache = new BlockCacheAllocator(base);
     c10::SetCPUAllocator(cache, /*priority=*/0);
     return c10::GetCPUAllocator() == cache;

@@ -18,7 +18,8 @@
 //   * raw_allocate / raw_deallocate (oneDNN's scratchpads go through them) work for blocks of
 //     either origin: a pointer the cache does not own goes to the replaced allocator's deleter.
 //
-// Memory held on the free list stays with the process until cpu_block_cache_empty(). All
+// Memory held on the free list stays with the process until cpu_block_cache_empty(). Cached
+// blocks are not reported to the profiler's memory tracking (profile_memory=True). All
 // functions are thread-safe.
 #pragma once
 

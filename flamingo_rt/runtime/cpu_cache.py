@@ -27,6 +27,7 @@ Without ``flamingo_rt._C`` (or off the CPU) the scopes do nothing and :func:`sta
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -49,6 +50,7 @@ class CacheStats:
     installed: bool  #: the cache is the process's CPU allocator
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """The extension with the cache is loaded."""
     from .. import _ext

@@ -61,6 +61,29 @@ def models():
     return tm, ours, unfolded, x, flops
 
 
+def _faults_note(run_ours, run_timm) -> str:
+    """Page faults per call of each side (after the timed runs) and where ours' large
+    activations came from: its forward runs in a CPU block cache scope
+    (:mod:`flamingo_rt.runtime.cpu_cache`; ``FLAMINGO_RT_CPU_CACHE=0`` for glibc's blocks),
+    timm's come from glibc's defaults (the bench tunes no malloc)."""
+    import resource
+
+    from flamingo_rt.runtime import cpu_cache
+
+    def faults(fn) -> int:
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+
+    s0 = cpu_cache.stats()
+    fo = faults(run_ours)
+    s1 = cpu_cache.stats()
+    ft = faults(run_timm)
+    return (f"nfnet f0 frozen fp32: page faults per call ours {fo}, timm {ft}; ours' large allocations "
+            f"from the CPU block cache: {s1.hits - s0.hits} reused, {s1.misses - s0.misses} new"
+            f"{'' if cpu_cache.enabled() else ' (cache off)'}")
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -86,6 +109,7 @@ def test_nfnet_frozen_fp32(benchmark, ceilings, report, models):
 
     row = report.compare(f"nfnet f0 frozen fp32 {RES}px b{BATCH}", run_ours, run_timm, "timm fp32", flops=flops)
     report.compare(f"nfnet f0 frozen fp32 {RES}px b{BATCH}", run_ours, run_unfolded, "ours unfolded", flops=flops)
+    report.notes.append(_faults_note(run_ours, run_timm))
     benchmark.extra_info.update(ratio_timm_over_ours=row.speedup, gflops=flops / row.ours_s / 1e9,
                                 ceiling_fp32_gflops=ceilings.gemm_fp32_gflops)
     benchmark.pedantic(run_ours, rounds=3, iterations=1, warmup_rounds=1)

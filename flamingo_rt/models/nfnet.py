@@ -25,6 +25,10 @@ conv's tail is ``gelu(conv + bias)``: one fused call (:func:`flamingo_rt.ops.nfc
 oneDNN conv + bias + GELU post-op on the CPU with prepacked weights, the Triton
 implicit-GEMM NHWC conv with the epilogue fused on the GPU), activations channels-last,
 SE logits in float32, and many frames encoded in chunks (``chunk_size``).
+
+On the CPU the forward (fast or not) runs in a :func:`flamingo_rt.runtime.cpu_cache.scope`:
+its large activations come from blocks that stay mapped between calls instead of fresh
+``mmap``s that fault every page in (``FLAMINGO_RT_CPU_CACHE=0`` turns it off).
 """
 from __future__ import annotations
 
@@ -38,8 +42,8 @@ from torch import Tensor, nn
 from ..ops import nfconv as _ops
 from ..ops import winograd_conv as _wino
 from ..ops.linear import linear as _linear
-from .config import NFNetConfig
 from ..runtime import cpu_cache
+from .config import NFNetConfig
 
 #: timm's (and DeepMind's) signal-preserving gamma of the exact-erf GELU.
 GELU_GAMMA = 1.7015043497085571

@@ -1,7 +1,8 @@
 // Small-batch linear layer on the CPU: see csrc/include/flamingo_rt/small_linear.h.
 //
 // OpenMP over blocks of output features; each weight row is read once, against all B rows
-// of x (pairs of weight rows against groups of four x rows; four rows at a time for B = 1).
+// of x (pairs of weight rows against groups of four x rows; for B = 1 four float32 rows at a
+// time, bfloat16 rows one after another).
 // The dot products are `omp simd` reductions in float32 (float64 for float64), compiled per
 // ISA level with target_clones (AVX-512 / AVX2 / baseline) and picked at load time. bfloat16
 // weights are widened on the fly (a shift), x is widened once into a float32 scratch.
@@ -44,66 +45,58 @@ FRT_INLINE float widen(uint16_t v) { return BF16::load(v); }
     s[0] = a0; s[1] = a1; s[2] = a2; s[3] = a3; s[4] = b0; s[5] = b1; s[6] = b2; s[7] = b3;        \
   }
 
-// s[r] = w_r . x for weight rows w0..w3 and one x row.
-#define FRT_DOT_4X1(NAME, WT)                                                                      \
-  FRT_CLONES void NAME(const WT* w0, const WT* w1, const WT* w2, const WT* w3, const float* x,      \
-                       int64_t K, float* s) {                                                      \
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;                                                  \
-    _Pragma("omp simd reduction(+ : a0, a1, a2, a3)")                                              \
-    for (int64_t k = 0; k < K; ++k) {                                                              \
-      const float p = x[k];                                                                        \
-      a0 += widen(w0[k]) * p; a1 += widen(w1[k]) * p; a2 += widen(w2[k]) * p; a3 += widen(w3[k]) * p; \
-    }                                                                                              \
-    s[0] = a0; s[1] = a1; s[2] = a2; s[3] = a3;                                                    \
+// s[r] = w_r . x for float32 weight rows w0..w3 and one x row.
+FRT_CLONES void dot_4x1_f32(const float* w0, const float* w1, const float* w2, const float* w3, const float* x,
+                            int64_t K, float* s) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t k = 0; k < K; ++k) {
+    const float p = x[k];
+    a0 += w0[k] * p;
+    a1 += w1[k] * p;
+    a2 += w2[k] * p;
+    a3 += w3[k] * p;
   }
+  s[0] = a0;
+  s[1] = a1;
+  s[2] = a2;
+  s[3] = a3;
+}
 
-// s[0] = w . x for one weight row and one x row.
-#define FRT_DOT_1X1(NAME, WT)                                                                      \
-  FRT_CLONES void NAME(const WT* w, const float* x, int64_t K, float* s) {                         \
-    float a = 0.f;                                                                                 \
-    _Pragma("omp simd reduction(+ : a)")                                                           \
-    for (int64_t k = 0; k < K; ++k) a += widen(w[k]) * x[k];                                       \
-    s[0] = a;                                                                                      \
-  }
+// w . x for one bfloat16 weight row and one x row.
+FRT_CLONES float dot_1x1_bf16(const uint16_t* w, const float* x, int64_t K) {
+  float a = 0.f;
+#pragma omp simd reduction(+ : a)
+  for (int64_t k = 0; k < K; ++k) a += BF16::load(w[k]) * x[k];
+  return a;
+}
 
-FRT_DOT_1X1(dot_1x1_bf16, uint16_t)
 FRT_DOT_2X4(dot_2x4_f32, float)
 FRT_DOT_2X4(dot_2x4_bf16, uint16_t)
-FRT_DOT_4X1(dot_4x1_f32, float)
-FRT_DOT_4X1(dot_4x1_bf16, uint16_t)
 
 // y[b, n] = store(x_b . w_n + bias_n) for the weight rows of one task, [n0, n1): with B = 1,
-// four rows at a time; else pairs of rows against groups of four x rows. Missing rows of a
-// group repeat the last real one (their results are dropped), so every size takes the same
-// kernels. Each y element is one dot product summed in one fixed order: the result does not
+// four float32 rows at a time or bfloat16 rows one by one; else pairs of rows against groups
+// of four x rows. Missing rows of a group repeat the last real one (their results are
+// dropped), so every size takes the same kernels. Each y element is one dot product summed in one fixed order: the result does not
 // depend on the threads or on the task split.
 template <typename WT, typename Store>
 void rows_task(const WT* w, int64_t ws, const float* x, int64_t xs, int64_t B, int64_t K, int64_t n0, int64_t n1,
                const float* bias, Store store) {
   float s[8];
-  if constexpr (sizeof(WT) == 2) {
-    // bfloat16 at B = 1 reads one row after another: four rows at once ran faster from the
-    // caches but at half the speed from memory (4096 x 1024: 17 against 30 GB/s), where
-    // decode weights come from
-    if (B == 1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        dot_1x1_bf16(w + n * ws, x, K, s);
-        store(0, n, s[0] + (bias ? bias[n] : 0.f));
-      }
-      return;
-    }
-  }
   if (B == 1) {
-    for (int64_t n = n0; n < n1; n += 4) {
-      const int64_t r = n1 - n < 4 ? n1 - n : 4;
-      const WT* wr[4];
-      for (int64_t i = 0; i < 4; ++i) wr[i] = w + (n + (i < r ? i : r - 1)) * ws;
-      if constexpr (sizeof(WT) == 4) {
+    if constexpr (sizeof(WT) == 2) {
+      // bfloat16 reads one row after another: four rows at once ran faster from the caches
+      // but at half the speed from memory (4096 x 1024: 17 against 30 GB/s), where decode
+      // weights come from
+      for (int64_t n = n0; n < n1; ++n) store(0, n, dot_1x1_bf16(w + n * ws, x, K) + (bias ? bias[n] : 0.f));
+    } else {
+      for (int64_t n = n0; n < n1; n += 4) {
+        const int64_t r = n1 - n < 4 ? n1 - n : 4;
+        const WT* wr[4];
+        for (int64_t i = 0; i < 4; ++i) wr[i] = w + (n + (i < r ? i : r - 1)) * ws;
         dot_4x1_f32(wr[0], wr[1], wr[2], wr[3], x, K, s);
-      } else {
-        dot_4x1_bf16(wr[0], wr[1], wr[2], wr[3], x, K, s);
+        for (int64_t i = 0; i < r; ++i) store(0, n + i, s[i] + (bias ? bias[n + i] : 0.f));
       }
-      for (int64_t i = 0; i < r; ++i) store(0, n + i, s[i] + (bias ? bias[n + i] : 0.f));
     }
     return;
   }

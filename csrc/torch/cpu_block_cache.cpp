@@ -23,7 +23,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -56,8 +55,7 @@ struct State {
   std::mutex mu;
   std::multimap<std::size_t, void*> free_blocks;      // size -> block
   std::unordered_map<void*, Block> owned;              // every block of the cache (by data pointer)
-  c10::Allocator* base = nullptr;                      // the allocator the cache replaced
-  c10::DeleterFnPtr base_raw_deleter = nullptr;
+  c10::DeleterFnPtr base_raw_deleter = nullptr;        // the replaced allocator's raw deleter
   CpuBlockCacheStats stats;
 };
 
@@ -121,6 +119,7 @@ void free_block(void* p) {
 void* take_block(std::size_t n) {
   State& s = state();
   const std::size_t size = (n + kPage - 1) / kPage * kPage;
+  std::size_t offset;
   {
     std::lock_guard<std::mutex> lock(s.mu);
     auto it = s.free_blocks.lower_bound(size);
@@ -132,13 +131,9 @@ void* take_block(std::size_t n) {
       ++s.stats.hits;
       return p;
     }
-  }
-  // Blocks start at staggered offsets within their first page (multiples of 64 bytes, spread
-  // over the page): mmap'ed blocks all start at the same page offset, so tensors read and
-  // written together would map onto the same cache sets.
-  std::size_t offset;
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
+    // A new block starts at a staggered offset within its first page (a multiple of 64
+    // bytes, spread over the page): mmap'ed blocks all start at the same page offset, so
+    // tensors read and written together would map onto the same cache sets.
     offset = std::size_t((s.stats.misses * 17) % (kPage / 64)) * 64;
   }
   void* base = nullptr;
@@ -182,7 +177,6 @@ bool install() {
   static const bool ok = [] {
     State& s = state();
     c10::Allocator* base = c10::GetCPUAllocator();
-    s.base = base;
     s.base_raw_deleter = base->raw_deleter();
     if (s.base_raw_deleter == nullptr) return false;  // cannot forward foreign raw frees
     pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork);

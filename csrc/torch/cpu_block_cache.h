@@ -11,10 +11,11 @@
 //   * On first use, an at::Allocator is installed as the process's CPU allocator. Outside a
 //     scope it forwards every call to the allocator it replaced (same blocks, same deleters).
 //   * Inside a CpuBlockCacheScope (thread-local, nestable), blocks of at least kMinBlockBytes
-//     come from a free list of blocks that stay mapped (best fit, at most 1/8 larger than
-//     asked), else from c10::alloc_cpu (64-byte aligned). Freeing such a block -- on any
-//     thread, in or out of a scope -- puts it back on the free list, or releases it when the
-//     free list would exceed the limit (default 2 GiB; FLAMINGO_RT_CPU_CACHE_MIB).
+//     come from a free list of blocks that stay mapped (best fit, at most twice the size
+//     asked), else from c10::alloc_cpu (64-byte aligned, at staggered offsets within the
+//     first page). Freeing such a block -- on any thread, in or out of a scope -- puts it back
+//     on the free list, or releases it when the free list would exceed the limit (default
+//     2 GiB; FLAMINGO_RT_CPU_CACHE_MIB).
 //   * raw_allocate / raw_deallocate (oneDNN's scratchpads go through them) work for blocks of
 //     either origin: a pointer the cache does not own goes to the replaced allocator's deleter.
 //

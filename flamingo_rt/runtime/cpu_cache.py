@@ -8,7 +8,7 @@ allocator solves this on GPUs; :func:`scope` is the same idea for the CPU, limit
 code inside it:
 
 - inside ``with cpu_cache.scope():`` large CPU tensors (>= 128 KiB) allocated by this thread
-  come from a free list of blocks that stay mapped (best fit, at most 1/8 larger than asked);
+  come from a free list of blocks that stay mapped (best fit, at most twice the size asked);
 - freeing such a tensor, anywhere, puts its block back on the list, or releases it when the
   list would hold more than the limit (2 GiB by default, ``FLAMINGO_RT_CPU_CACHE_MIB``, or
   :func:`set_limit`);

@@ -114,6 +114,35 @@ def test_fast_path_bfloat16_close_to_float32():
     assert rel_err(got, want) < 3e-2
 
 
+def test_bfloat16_squeeze_excite_reads_its_bf16_weights():
+    """In a bfloat16 model the SE's frozen path keeps fc1 / fc2 in bfloat16 (no float32 copies:
+    half the bytes to read) and gives the logits of the float32 path on the widened weights:
+    bitwise where the C++ kernels run (the widening is exact, the sums in the same order)."""
+    from flamingo_rt import _ext
+    from flamingo_rt.ops.linear import linear
+
+    net16 = _random_net(3).to(torch.bfloat16).freeze()
+    se = net16.stages[1][0].attn_last
+    h = torch.randn(3, se.fc1.weight.shape[1], 5, 4).bfloat16()
+    with torch.no_grad():
+        got = se.forward_fast(h)
+        w1, b1, w2, b2 = se._fast_params()
+        assert (w1.dtype, w2.dtype, b1.dtype, b2.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
+        pooled = h.float().mean(dim=(2, 3))
+        want = linear(torch.relu(linear(pooled, w1.float(), b1)), w2.float(), b2).to(torch.bfloat16)
+        if _ext.load():
+            from flamingo_rt.ops import nfconv
+            pooled = nfconv.spatial_mean(h)
+            want = linear(torch.relu(linear(pooled, w1.float(), b1)), w2.float(), b2).to(torch.bfloat16)
+            assert torch.equal(got, want)
+        else:
+            assert rel_err(got, want) < 1e-2
+        assert got.dtype == torch.bfloat16 and got.shape == (3, se.fc2.weight.shape[0])
+    # float32 models keep float32 weights
+    w1, *_ = _random_net(3).freeze().stages[1][0].attn_last._fast_params()
+    assert w1.dtype == torch.float32
+
+
 def test_channels_last_off_and_chunking_give_the_same_features():
     net = _random_net(4).freeze()
     assert net.chunk_size == 256  # default: bounded memory for big frame batches

@@ -85,3 +85,69 @@ def test_compiled_graph_calls_the_kernel_for_static_small_rows():
     x = torch.randn(1, 40, requires_grad=True)
     torch.compile(lambda x: linear(x, w, b), backend=recorder, fullgraph=True)(x).sum().backward()
     assert not any("small_linear" in t for t in seen[-1]) and x.grad is not None
+
+
+@needs_ext
+@pytest.mark.parametrize("B", [1, 2, 4, 5, 16])
+@pytest.mark.parametrize("N,K", [(5, 7), (13, 40), (257, 96), (1536, 130)])
+def test_bf16_weight_kernel_equals_the_widened_weight(B, N, K):
+    """float32 x against a bfloat16 weight: the same products and sums as the float32 kernel on
+    the widened weight (bitwise: the widening is exact and the summation order is the same),
+    float32 out, within float32 rounding of the float64 reference."""
+    x, w, b = torch.randn(B, K), torch.randn(N, K).bfloat16(), torch.randn(N)
+    got = torch.ops.flamingo_rt_C.small_linear(x, w, b)
+    assert got.dtype == torch.float32 and got.shape == (B, N)
+    assert torch.equal(got, torch.ops.flamingo_rt_C.small_linear(x, w.float(), b))
+    want = x.double() @ w.double().t() + b.double()
+    scale = (x.double().abs() @ w.double().abs().t() + b.double().abs()).clamp_min(1.0)
+    assert ((got.double() - want).abs() / scale).max() < 2e-6
+    assert torch.equal(torch.ops.flamingo_rt_C.small_linear(x, w, None),
+                       torch.ops.flamingo_rt_C.small_linear(x, w.float(), None))
+
+
+@needs_ext
+def test_bf16_weight_kernel_rejects_other_mixes():
+    with pytest.raises(RuntimeError, match="float32 x with a bfloat16 w"):
+        torch.ops.flamingo_rt_C.small_linear(torch.randn(2, 8).bfloat16(), torch.randn(4, 8), None)
+    with pytest.raises(RuntimeError, match="float32 x with a bfloat16 w"):
+        torch.ops.flamingo_rt_C.small_linear(torch.randn(2, 8).double(), torch.randn(4, 8).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="bias of dtype Float"):
+        torch.ops.flamingo_rt_C.small_linear(torch.randn(2, 8), torch.randn(4, 8).bfloat16(),
+                                             torch.randn(4).bfloat16())
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 5, 40), (MAX_ROWS + 1, 40), (3 * MAX_ROWS + 2, 40), (0, 40)])
+def test_linear_bf16_weight_any_rows(shape):
+    """Any number of rows (the kernel takes 16 at a time), leading dims kept; equal to F.linear on
+    the widened weight within float32 rounding, bitwise to the float32 kernel's result."""
+    from flamingo_rt.ops.linear import linear_bf16_weight
+    x, w, b = torch.randn(*shape), torch.randn(24, 40).bfloat16(), torch.randn(24)
+    with torch.no_grad():
+        got = linear_bf16_weight(x, w, b)
+        assert got.shape == (*shape[:-1], 24) and got.dtype == torch.float32
+        torch.testing.assert_close(got, F.linear(x, w.float(), b), rtol=2e-6, atol=2e-6)
+        if _ext.load() and x.numel():
+            rows = x.reshape(-1, 40)
+            want = torch.cat([torch.ops.flamingo_rt_C.small_linear(rows[i:i + MAX_ROWS], w.float(), b)
+                              for i in range(0, rows.shape[0], MAX_ROWS)])
+            assert torch.equal(got.reshape(-1, 24), want)
+        assert torch.equal(linear_bf16_weight(x, w), linear_bf16_weight(x, w, torch.zeros(24)))
+
+
+def test_linear_bf16_weight_autograd_compile_and_errors():
+    from flamingo_rt.ops.linear import linear_bf16_weight
+    w, b = torch.randn(24, 40).bfloat16(), torch.randn(24)
+    x = torch.randn(3, 40, requires_grad=True)
+    y = linear_bf16_weight(x, w, b)  # a gradient wanted: F.linear on the widened weight
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.float().sum(0).expand(3, 40))
+    f = torch.compile(lambda t: linear_bf16_weight(t, w, b), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        xs = torch.randn(5, 40)
+        torch.testing.assert_close(f(xs), F.linear(xs, w.float(), b), rtol=2e-6, atol=2e-6)
+    with pytest.raises(TypeError, match="float32 x and a bfloat16 weight"):
+        linear_bf16_weight(torch.randn(2, 40).bfloat16(), w)
+    with pytest.raises(TypeError, match="float32 x and a bfloat16 weight"):
+        linear_bf16_weight(torch.randn(2, 40), w.float())
+    with pytest.raises(TypeError, match="float32 bias"):
+        linear_bf16_weight(torch.randn(2, 40), w, b.bfloat16())

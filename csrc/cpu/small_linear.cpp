@@ -1,11 +1,15 @@
 // Small-batch linear layer on the CPU: see csrc/include/flamingo_rt/small_linear.h.
 //
 // OpenMP over blocks of output features; each weight row is read once, against all B rows
-// of x (pairs of weight rows against groups of four x rows; for B = 1 four float32 rows at a
-// time, bfloat16 rows one after another).
+// of x (pairs of weight rows against groups of four x rows; for B = 1 four weight rows at a
+// time). The rows taken together come from different parts of a thread's block (row i of
+// each half, or of each quarter), so the block is read as two or four long sequential
+// streams, which the hardware prefetchers follow; adjacent rows taken together (a stream
+// that restarts every few KB) ran at half the memory bandwidth or less.
 // The dot products are `omp simd` reductions in float32 (float64 for float64), compiled per
 // ISA level with target_clones (AVX-512 / AVX2 / baseline) and picked at load time. bfloat16
-// weights are widened on the fly (a shift), x is widened once into a float32 scratch.
+// weights are widened on the fly (a shift), x is widened once into a float32 scratch; a
+// bfloat16 weight against float32 x (`bf16_weight`) takes the same bfloat16 row kernels.
 #include <vector>
 
 #include "cpu_math.h"
@@ -23,7 +27,7 @@ namespace {
 // chain of dependent FMAs (4 cycles each on Zen 4 / Skylake), so one dot product at a time ran
 // at the FMA latency, not at the memory bandwidth (a 768 x 1536 float32 weight against 4 rows
 // took 164 us hot, 273 us cold: 17-29 GB/s). Two weight rows against four x rows (eight
-// independent chains, six loads per eight FMAs), or four float32 weight rows against one x
+// independent chains, six loads per eight FMAs), or four weight rows against one x
 // row (B = 1, the decode step), keep the FMA units busy and read each weight row once.
 
 // Widening of a weight element: float32 as is, bfloat16 by a shift.
@@ -45,76 +49,68 @@ FRT_INLINE float widen(uint16_t v) { return BF16::load(v); }
     s[0] = a0; s[1] = a1; s[2] = a2; s[3] = a3; s[4] = b0; s[5] = b1; s[6] = b2; s[7] = b3;        \
   }
 
-// s[r] = w_r . x for float32 weight rows w0..w3 and one x row.
-FRT_CLONES void dot_4x1_f32(const float* w0, const float* w1, const float* w2, const float* w3, const float* x,
-                            int64_t K, float* s) {
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t k = 0; k < K; ++k) {
-    const float p = x[k];
-    a0 += w0[k] * p;
-    a1 += w1[k] * p;
-    a2 += w2[k] * p;
-    a3 += w3[k] * p;
+// s[r] = w_r . x for weight rows w0..w3 and one x row (length K).
+#define FRT_DOT_4X1(NAME, WT)                                                                      \
+  FRT_CLONES void NAME(const WT* w0, const WT* w1, const WT* w2, const WT* w3, const float* x, int64_t K, \
+                       float* s) {                                                                 \
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;                                                  \
+    _Pragma("omp simd reduction(+ : a0, a1, a2, a3)")                                              \
+    for (int64_t k = 0; k < K; ++k) {                                                              \
+      const float p = x[k];                                                                        \
+      a0 += widen(w0[k]) * p; a1 += widen(w1[k]) * p; a2 += widen(w2[k]) * p; a3 += widen(w3[k]) * p; \
+    }                                                                                              \
+    s[0] = a0; s[1] = a1; s[2] = a2; s[3] = a3;                                                    \
   }
-  s[0] = a0;
-  s[1] = a1;
-  s[2] = a2;
-  s[3] = a3;
-}
 
-// w . x for one bfloat16 weight row and one x row.
-FRT_CLONES float dot_1x1_bf16(const uint16_t* w, const float* x, int64_t K) {
-  float a = 0.f;
-#pragma omp simd reduction(+ : a)
-  for (int64_t k = 0; k < K; ++k) a += BF16::load(w[k]) * x[k];
-  return a;
-}
-
+FRT_DOT_4X1(dot_4x1_f32, float)
+FRT_DOT_4X1(dot_4x1_bf16, uint16_t)
 FRT_DOT_2X4(dot_2x4_f32, float)
 FRT_DOT_2X4(dot_2x4_bf16, uint16_t)
 
 // y[b, n] = store(x_b . w_n + bias_n) for the weight rows of one task, [n0, n1): with B = 1,
-// four float32 rows at a time or bfloat16 rows one by one; else pairs of rows against groups
-// of four x rows. Missing rows of a group repeat the last real one (their results are
-// dropped), so every size takes the same kernels. Each y element is one dot product summed in one fixed order: the result does not
-// depend on the threads or on the task split.
+// row i of each quarter of the rows together; else row i of each half against groups of four
+// x rows. Missing rows of a group repeat the last real one (their results are dropped), so
+// every size takes the same kernels. Each y element is one dot product summed in one fixed
+// order: the result does not depend on the threads or on the task split.
 template <typename WT, typename Store>
 void rows_task(const WT* w, int64_t ws, const float* x, int64_t xs, int64_t B, int64_t K, int64_t n0, int64_t n1,
                const float* bias, Store store) {
   float s[8];
   if (B == 1) {
-    if constexpr (sizeof(WT) == 2) {
-      // bfloat16 reads one row after another: four rows at once ran faster from the caches
-      // but at half the speed from memory (4096 x 1024: 17 against 30 GB/s), where decode
-      // weights come from
-      for (int64_t n = n0; n < n1; ++n) store(0, n, dot_1x1_bf16(w + n * ws, x, K) + (bias ? bias[n] : 0.f));
-    } else {
-      for (int64_t n = n0; n < n1; n += 4) {
-        const int64_t r = n1 - n < 4 ? n1 - n : 4;
-        const WT* wr[4];
-        for (int64_t i = 0; i < 4; ++i) wr[i] = w + (n + (i < r ? i : r - 1)) * ws;
+    const int64_t q = (n1 - n0 + 3) / 4;
+    for (int64_t i = 0; i < q; ++i) {
+      int64_t rows[4];
+      for (int64_t j = 0; j < 4; ++j) rows[j] = n0 + j * q + i;
+      int64_t r = 4;
+      while (rows[r - 1] >= n1) --r;  // the last quarter may run out (rows[0] < n1 always)
+      const WT* wr[4];
+      for (int64_t j = 0; j < 4; ++j) wr[j] = w + rows[j < r ? j : r - 1] * ws;
+      if constexpr (sizeof(WT) == 4) {
         dot_4x1_f32(wr[0], wr[1], wr[2], wr[3], x, K, s);
-        for (int64_t i = 0; i < r; ++i) store(0, n + i, s[i] + (bias ? bias[n + i] : 0.f));
+      } else {
+        dot_4x1_bf16(wr[0], wr[1], wr[2], wr[3], x, K, s);
       }
+      for (int64_t j = 0; j < r; ++j) store(0, rows[j], s[j] + (bias ? bias[rows[j]] : 0.f));
     }
     return;
   }
-  for (int64_t n = n0; n < n1; n += 2) {
-    const int64_t r = n1 - n < 2 ? 1 : 2;
-    const WT* w0 = w + n * ws;
-    const WT* w1 = w + (n + r - 1) * ws;
+  const int64_t h = (n1 - n0 + 1) / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const int64_t rows[2] = {n0 + i, n0 + h + i};
+    const int64_t r = rows[1] < n1 ? 2 : 1;
+    const WT* w0 = w + rows[0] * ws;
+    const WT* w1 = w + rows[r - 1] * ws;
     for (int64_t b = 0; b < B; b += 4) {
       const int64_t c = B - b < 4 ? B - b : 4;
       const float* xr[4];
-      for (int64_t i = 0; i < 4; ++i) xr[i] = x + (b + (i < c ? i : c - 1)) * xs;
+      for (int64_t k = 0; k < 4; ++k) xr[k] = x + (b + (k < c ? k : c - 1)) * xs;
       if constexpr (sizeof(WT) == 4) {
         dot_2x4_f32(w0, w1, xr[0], xr[1], xr[2], xr[3], K, s);
       } else {
         dot_2x4_bf16(w0, w1, xr[0], xr[1], xr[2], xr[3], K, s);
       }
       for (int64_t j = 0; j < r; ++j)
-        for (int64_t i = 0; i < c; ++i) store(b + i, n + j, s[j * 4 + i] + (bias ? bias[n + j] : 0.f));
+        for (int64_t k = 0; k < c; ++k) store(b + k, rows[j], s[j * 4 + k] + (bias ? bias[rows[j]] : 0.f));
     }
   }
 }
@@ -161,6 +157,7 @@ void for_row_tasks(int64_t N, int threads, F f) {
 }  // namespace
 
 Status small_linear_cpu(const SmallLinearParams& p) {
+  if (p.bf16_weight && p.dtype != DType::kFloat32) return Status::kUnsupportedDtype;
   if (!p.x || !p.w || !p.y || p.B < 0 || p.K < 0 || p.N < 0 || p.B > kSmallLinearMaxRows ||
       p.x_row_stride < p.K || p.w_row_stride < p.K)
     return Status::kInvalidArgument;
@@ -169,9 +166,17 @@ Status small_linear_cpu(const SmallLinearParams& p) {
   switch (p.dtype) {
     case DType::kFloat32: {
       const float* x = static_cast<const float*>(p.x);
-      const float* w = static_cast<const float*>(p.w);
       const float* bias = static_cast<const float*>(p.bias);
       float* y = static_cast<float*>(p.y);
+      if (p.bf16_weight) {  // float32 x against bfloat16 weight rows, widened as they are read
+        const uint16_t* w = static_cast<const uint16_t*>(p.w);
+        for_row_tasks(N, threads_for(N, K, 2), [&](int64_t n0, int64_t n1) {
+          rows_task(w, p.w_row_stride, x, p.x_row_stride, B, K, n0, n1, bias,
+                    [&](int64_t b, int64_t n, float v) { y[b * N + n] = v; });
+        });
+        return Status::kOk;
+      }
+      const float* w = static_cast<const float*>(p.w);
       for_row_tasks(N, threads_for(N, K, 4), [&](int64_t n0, int64_t n1) {
         rows_task(w, p.w_row_stride, x, p.x_row_stride, B, K, n0, n1, bias,
                   [&](int64_t b, int64_t n, float v) { y[b * N + n] = v; });

@@ -3,7 +3,8 @@
 //   flamingo_rt_C::small_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor
 //
 // x (B, K) with B <= 16, w (N, K), bias (N,); rows of x and w must have unit stride in K.
-// Output (B, N) contiguous, in x's dtype. CPU kernel (fake kernel in flamingo_rt/_cpp_fakes.py); no autograd here.
+// x, w and bias of one dtype, or float32 x and bias with a bfloat16 w. Output (B, N)
+// contiguous, in x's dtype. CPU kernel (fake kernel in flamingo_rt/_cpp_fakes.py); no autograd here.
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
@@ -23,8 +24,10 @@ void check_small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
               w.sizes(), "), got ", x.sizes());
   TORCH_CHECK(x.size(0) <= kSmallLinearMaxRows, kSL, ": expected at most ", kSmallLinearMaxRows,
               " rows, got ", x.size(0));
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), kSL, ": expected x and w of one dtype, got ",
-              x.scalar_type(), " and ", w.scalar_type());
+  const bool mixed = x.scalar_type() == at::kFloat && w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() || mixed, kSL,
+              ": expected x and w of one dtype (or float32 x with a bfloat16 w), got ", x.scalar_type(), " and ",
+              w.scalar_type());
   TORCH_CHECK(x.size(1) == 0 || (x.stride(1) == 1 && w.stride(1) == 1), kSL,
               ": expected unit stride along K, got strides ", x.strides(), " and ", w.strides());
   if (bias.has_value()) {
@@ -50,6 +53,7 @@ at::Tensor small_linear_cpu_impl(const at::Tensor& x, const at::Tensor& w, const
   p.x_row_stride = x.size(0) > 1 ? x.stride(0) : x.size(1);
   p.w_row_stride = w.size(0) > 1 ? w.stride(0) : w.size(1);
   p.dtype = to_dtype(kSL, x, /*allow_half=*/false, "CPU");
+  p.bf16_weight = x.scalar_type() != w.scalar_type();  // float32 x, bfloat16 w (checked above)
   const Status s = small_linear_cpu(p);
   TORCH_CHECK(s == Status::kOk, kSL, ": kernel failed: ", status_string(s));
   return y;

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..ops import nfconv as _ops
 from ..ops import winograd_conv as _wino
 from ..ops.linear import linear as _linear
+from ..ops.linear import linear_bf16_weight as _linear_bf16_weight
 from ..runtime import cpu_cache
 from .config import NFNetConfig
 
@@ -320,13 +321,19 @@ class SqueezeExcite(nn.Module):
             nn.init.zeros_(m.bias)
 
     def _fast_params(self):
-        """fc1 / fc2 as float32 (float64 for float64) (out, in) matrices and biases, cached
-        until a parameter changes (frozen fast path)."""
+        """fc1 / fc2 as (out, in) matrices and biases for the frozen fast path, cached until a
+        parameter changes: bfloat16 weights stay bfloat16 (read as they are by
+        :func:`~flamingo_rt.ops.linear.linear_bf16_weight`: half the bytes of a widened copy,
+        the same products) with float32 biases; other dtypes as float32 (float64 for
+        float64)."""
         ct = torch.promote_types(self.fc1.weight.dtype, torch.float32)
         ps = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        keep_bf16 = self.fc1.weight.dtype == torch.bfloat16 and self.fc2.weight.dtype == torch.bfloat16
 
         def cast(p: Tensor) -> Tensor:  # (out, in, 1, 1) weights -> (out, in); biases as they are
-            return (p.flatten(1) if p.dim() > 1 else p).to(ct)
+            if p.dim() > 1:
+                return p.flatten(1) if keep_bf16 else p.flatten(1).to(ct)
+            return p.to(ct)
 
         if torch.compiler.is_compiling():  # traced: the casts go in the graph, no cache
             return tuple(cast(p) for p in ps)
@@ -342,9 +349,13 @@ class SqueezeExcite(nn.Module):
         """Frozen fast path: the same logits, pooled and computed in float32 (float64 for
         float64; a batch-1 bfloat16 GEMV is slow on the CPU and less accurate), returned
         in x's dtype. The few pooled rows go through :func:`flamingo_rt.ops.linear.linear`
-        (the C++ small-batch kernel on the CPU: the products stream the weights once)."""
+        (the C++ small-batch kernel on the CPU: the products stream the weights once), or
+        with bfloat16 weights :func:`~flamingo_rt.ops.linear.linear_bf16_weight`."""
         w1, b1, w2, b2 = self._fast_params()
         pooled = _ops.spatial_mean(x)
+        if w1.dtype == torch.bfloat16:
+            h = torch.relu(_linear_bf16_weight(pooled, w1, b1))
+            return _linear_bf16_weight(h, w2, b2).to(x.dtype)
         h = torch.relu(_linear(pooled, w1, b1))
         return _linear(h, w2, b2).to(x.dtype)
 

@@ -203,6 +203,34 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def linear_bf16_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight.float(), bias)`` for float32 x (..., K), a bfloat16 weight (N, K)
+    and a float32 bias (N,) or None, without widening the weight in memory: on the CPU, outside
+    autograd, ``torch.compile`` and export, the small-batch kernel reads the bfloat16 rows
+    (half the bytes) against every 16 rows of x at a time (the products and sums exactly as
+    with the widened weight, float32 accumulation); otherwise the widened weight's F.linear.
+    Returns (..., N) float32."""
+    if x.dtype != torch.float32 or weight.dtype != torch.bfloat16:
+        raise TypeError(f"linear_bf16_weight: expected float32 x and a bfloat16 weight, got {x.dtype} and {weight.dtype}")
+    if bias is not None and bias.dtype != torch.float32:
+        raise TypeError(f"linear_bf16_weight: expected a float32 bias, got {bias.dtype}")
+    fast = (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() > 0 and x.numel() > 0
+            and weight.dim() == 2 and weight.stride(-1) == 1 and (bias is None or bias.is_contiguous())
+            and not torch.compiler.is_compiling() and not _backend.exporting() and _plain(x, weight)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and _ext.load())
+    if not fast:
+        return F.linear(x, weight.float(), bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    parts = [torch.ops.flamingo_rt_C.small_linear(x2[i:i + MAX_ROWS], weight, bias)
+             for i in range(0, x2.shape[0], MAX_ROWS)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict names) whose forward is :func:`linear`."""
 

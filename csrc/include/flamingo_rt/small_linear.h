@@ -3,8 +3,10 @@
 // y (B, N) = x (B, K) @ w (N, K)^T (+ bias (N,)), for B small (one token per sequence at
 // decode time): the cost is reading w once, so the kernel streams each weight row once and
 // applies it to all B rows while it is in cache. float32 and bfloat16 (float32 math and
-// accumulation), float64 for checking. Rows of x and w are contiguous (unit stride in K);
-// row strides are given in elements.
+// accumulation), float64 for checking, and float32 x, bias and y with a bfloat16 w
+// (`bf16_weight`: half the bytes to stream, the products as exact as with the weight widened
+// to float32). Rows of x and w are contiguous (unit stride in K); row strides are given in
+// elements.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +20,8 @@ struct SmallLinearParams {
   void* y = nullptr;           // (B, N), contiguous
   int64_t B = 0, K = 0, N = 0;
   int64_t x_row_stride = 0, w_row_stride = 0;
-  DType dtype = DType::kFloat32;
+  DType dtype = DType::kFloat32;  // of x, bias and y (and of w unless bf16_weight)
+  bool bf16_weight = false;       // with dtype kFloat32: w is bfloat16
 };
 
 // Largest B the kernel takes (the torch op falls back to a GEMM above it).

@@ -260,6 +260,45 @@ def test_backward_deterministic(device, gen):
             assert torch.equal(db1, db3), "dbias depends on the thread count"
 
 
+def _all_bf16(shape):
+    """Every bfloat16 bit pattern (NaNs, infinities, -0, subnormals) laid out in ``shape``."""
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    return bits.view(torch.bfloat16).reshape(shape)
+
+
+@needs_ext
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+@pytest.mark.parametrize("gamma", [1.0, GAMMA])
+def test_bf16_table_path_gives_the_computed_bits(act, gamma):
+    """A bfloat16 x without bias (and at least 65536 elements) is a table lookup: every bit
+    pattern, in every layout, gives the bits of the computed path (forced here by a bias of
+    zeros: x + 0 is the same float32 value), and finite results are within bfloat16 rounding
+    of the float64 reference."""
+    flat = _all_bf16((4, 64, 16, 16))
+    for layout in ("contiguous", "channels_last", "strided"):
+        if layout == "contiguous":
+            x = flat
+        elif layout == "channels_last":
+            x = flat.reshape(4, 16, 16, 64).permute(0, 3, 1, 2)
+        else:
+            wide = torch.zeros(4, 64, 16, 32, dtype=torch.bfloat16)
+            wide[..., ::2] = flat
+            x = wide[..., ::2]
+        y = OPS.bias_gamma_act(x, None, act, gamma)
+        computed = OPS.bias_gamma_act(x, torch.zeros(64, dtype=torch.bfloat16), act, gamma)
+        assert torch.equal(y.view(torch.int16), computed.view(torch.int16)), layout
+        ref = ref_fwd(x, None, act, gamma)
+        fin = torch.isfinite(ref) & (ref.abs() < 1e38)
+        check_elementwise("y", y[fin], ref[fin], ref[fin].abs(), torch.bfloat16)
+        assert torch.isnan(y[torch.isnan(x)]).all()
+    # a second call reuses the table; another gamma gets its own
+    assert torch.equal(OPS.bias_gamma_act(flat, None, act, gamma).view(torch.int16),
+                       OPS.bias_gamma_act(flat, None, act, gamma).view(torch.int16))
+    half = OPS.bias_gamma_act(flat, None, act, gamma / 2)
+    assert torch.equal(half.view(torch.int16),
+                       OPS.bias_gamma_act(flat, torch.zeros(64, dtype=torch.bfloat16), act, gamma / 2).view(torch.int16))
+
+
 @needs_ext
 def test_strided_bias_and_grad_in_other_format(gen):
     shape = (2, 6, 5, 4)

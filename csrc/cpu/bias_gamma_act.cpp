@@ -30,6 +30,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "cpu_act.h"
@@ -323,6 +325,77 @@ double bwd_run_generic(const Run& r) {
   return bwd_run_l<F32, false>(r);
 }
 
+// ------------------------------------------------------------------ bfloat16 tables
+
+// A bfloat16 x without bias has 65536 possible values, so y = gamma * act(x) is a table of
+// 65536 bfloat16 results (128 KB, mostly read from L1/L2: activations cluster in a few
+// exponents): one load per element instead of ~40 vector operations of GELU / SiLU math.
+// The table is made by the same vectorized code as the computed path (the AVX-512 clone
+// where the CPU has it) run over every bit pattern, so looking up gives the bits the
+// computed contiguous path gives.
+constexpr int64_t kTableMinElems = 1 << 16;  // smaller tensors compute (a table costs ~0.1 ms once)
+constexpr int kMaxTables = 64;              // (act, gamma) pairs kept: 8 MB at most
+
+FRT_CLONES void make_table(Act act, double gamma, uint16_t* table) {
+  std::vector<uint16_t> all(65536);
+  for (int i = 0; i < 65536; ++i) all[i] = uint16_t(i);
+  Run r{};
+  r.dtype = DType::kBFloat16;
+  r.act = act;
+  r.gamma = gamma;
+  r.rows = 1;
+  r.len = 65536;
+  r.x = all.data();
+  r.sx = 1;
+  r.out = table;
+  r.so = 1;
+  r.bias_mode = kBiasConst;
+  r.bconst = 0.0;
+  r.flat = false;
+  fwd_run_l<BF16, true>(r);
+}
+
+// The table of (act, gamma), made on first use; nullptr when kMaxTables are already kept.
+const uint16_t* act_table(Act act, double gamma) {
+  struct Entry {
+    Act act;
+    double gamma;
+    std::unique_ptr<uint16_t[]> table;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> tables;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Entry& e : tables)
+    if (e.act == act && std::memcmp(&e.gamma, &gamma, sizeof(double)) == 0) return e.table.get();
+  if (static_cast<int>(tables.size()) >= kMaxTables) return nullptr;
+  std::unique_ptr<uint16_t[]> t(new uint16_t[65536]);
+  make_table(act, gamma, t.get());
+  tables.push_back(Entry{act, gamma, std::move(t)});
+  return tables.back().table.get();
+}
+
+// y = table[x] over a run (rows x len, any strides; the flat case is one contiguous row).
+FRT_CLONES void table_run(const Run& r, const uint16_t* table) {
+  const uint16_t* x = static_cast<const uint16_t*>(r.x);
+  uint16_t* y = static_cast<uint16_t*>(r.out);
+  if (r.flat) {
+    const int64_t n = r.rows * r.len;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = table[x[i]];
+    return;
+  }
+  for (int64_t k = 0; k < r.rows; ++k) {
+    const uint16_t* xk = x + k * r.rsx;
+    uint16_t* yk = y + k * r.rso;
+    if (r.sx == 1 && r.so == 1) {
+#pragma omp simd
+      for (int64_t i = 0; i < r.len; ++i) yk[i] = table[xk[i]];
+    } else {
+      for (int64_t i = 0; i < r.len; ++i) yk[i * r.so] = table[xk[i * r.sx]];
+    }
+  }
+}
+
 inline bool run_is_fast(const Run& r, bool backward) {
   if (r.dtype == DType::kFloat64) return false;
   if (r.flat) return true;
@@ -559,6 +632,10 @@ Status bias_gamma_act_cpu(const BiasGammaActParams& p) {
   const size_t esz = elem_size(p.dtype);
   const bool flat = flat_ok(pl);
   const size_t scratch = flat ? size_t(tl.rb * tl.cw) : 0;  // elements of L::Acc
+  // bfloat16 GELU / SiLU without bias: a table lookup (see act_table)
+  const uint16_t* table = nullptr;
+  if (p.dtype == DType::kBFloat16 && p.bias == nullptr && p.act != Act::kRelu && numel >= kTableMinElems)
+    table = act_table(p.act, p.gamma);
 
 #pragma omp parallel if (numel >= kParallelMin)
   {
@@ -586,7 +663,10 @@ Status bias_gamma_act_cpu(const BiasGammaActParams& p) {
     r.flat = flat;
     r.sbias = sbias.data();
     r.sgrad = nullptr;
-    fwd_run(r);
+    if (table != nullptr)
+      table_run(r, table);
+    else
+      fwd_run(r);
   }
   }
   return Status::kOk;

@@ -116,18 +116,24 @@ class Report:
     notes: List[str] = field(default_factory=list)  # free-form lines printed after the rows
 
     def compare(self, name: str, ours: Callable, peer: Callable, peer_name: str,
-                flops: Optional[int] = None, min_run_time: float = 1.0, dtype: str = "fp32") -> Row:
-        """Time ``ours`` and ``peer`` alternately (ours, peer, ours, peer) and keep the
-        better median of each, so drift in machine load hits both alike. ``dtype``
+                flops: Optional[int] = None, min_run_time: float = 1.0, dtype: str = "fp32",
+                alternations: int = 3) -> Row:
+        """Time ``ours`` and ``peer`` alternately (ours, peer, ours, peer, ...: ``alternations``
+        blocks each, ``min_run_time / alternations`` seconds per block) and keep the best
+        block median of each, so drift in machine load hits both alike (this guest slows
+        down by 10-30% for seconds to minutes at a time; with two blocks each, one side's
+        both blocks fell in such a phase often enough to move a ratio by 15%). ``dtype``
         (``"fp32"`` / ``"bf16"``): the precision of ours' products, whose GEMM ceiling the
         printed GFLOP/s are set against."""
-        o1 = median_seconds(ours, min_run_time / 2)
-        p1 = median_seconds(peer, min_run_time / 2)
-        o2 = median_seconds(ours, min_run_time / 2)
-        p2 = median_seconds(peer, min_run_time / 2)
+        if alternations < 1:
+            raise ValueError(f"expected alternations >= 1, got {alternations}")
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"expected dtype 'fp32' or 'bf16', got {dtype!r}")
-        row = Row(name, min(o1, o2), min(p1, p2), peer_name, flops, dtype)
+        o_times, p_times = [], []
+        for _ in range(alternations):
+            o_times.append(median_seconds(ours, min_run_time / alternations))
+            p_times.append(median_seconds(peer, min_run_time / alternations))
+        row = Row(name, min(o_times), min(p_times), peer_name, flops, dtype)
         self.rows.append(row)
         return row
 

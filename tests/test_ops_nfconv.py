@@ -534,6 +534,27 @@ def _compile_case():
     return f, (x, w, g, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("fpad", [(0, 1, 0, 1), (1, 1, 1, 1), (2, 0, 0, 3), (0, 0, 0, 0)])
+def test_pad_zeros_equals_f_pad(dtype, channels_last, fpad):
+    """The frozen path's padding writes only the border zeros: the same values as F.pad, in
+    x's memory format, with NaNs left in fresh memory never showing through."""
+    from flamingo_rt.ops.nfconv import pad_zeros
+    x = torch.randn(2, 5, 6, 7).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.full((2, 5, 12, 12), float("nan")).to(dtype)  # poison: a freed block of NaNs
+    with torch.no_grad():
+        got = pad_zeros(x, fpad)
+    assert torch.equal(got, F.pad(x, fpad))
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    xg = torch.randn(1, 2, 3, 3, requires_grad=True)
+    y = pad_zeros(xg, (0, 1, 0, 1))  # with a gradient: F.pad (differentiable)
+    y.sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(xg))
+
+
 def test_ws_conv2d_compiles_fullgraph_inductor():
     """Inductor, inference: the ops trace as one graph and run compiled."""
     torch._dynamo.reset()

@@ -632,6 +632,30 @@ def _mkldnn_pointwise_ok(x: Tensor, act: str, gamma: float) -> bool:
     )
 
 
+def pad_zeros(x: Tensor, fpad) -> Tensor:
+    """``F.pad(x, fpad)`` (zeros; fpad = (left, right, top, bottom) >= 0) for x (N, C, H, W)
+    without a gradient, in x's memory format: the interior copied, only the border strips
+    zeroed (F.pad fills the whole output first: ~0.2 ms of a 3 MB bfloat16 map, three per F0
+    forward, for nothing)."""
+    left, right, top, bottom = fpad
+    if min(fpad) < 0 or x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        return F.pad(x, fpad)
+    n, c, h, w = x.shape
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    out[:, :, top:top + h, left:left + w].copy_(x)
+    if top:
+        out[:, :, :top].zero_()
+    if bottom:
+        out[:, :, top + h:].zero_()
+    if left:
+        out[:, :, top:top + h, :left].zero_()
+    if right:
+        out[:, :, top:top + h, left + w:].zero_()
+    return out
+
+
 def _mkldnn_geometry(x_shape, w_shape, stride: int):
     """(pad (t, l), F.pad arg or None, padded input shape) of a SAME conv for oneDNN."""
     kh, kw = w_shape[2], w_shape[3]
@@ -745,7 +769,7 @@ def conv2d_bias_act(
     if not needs_grad and _mkldnn_pointwise_ok(x, act, gamma):
         (top, left), fpad, _ = _mkldnn_geometry(x.shape, w.shape, stride)
         if fpad is not None:
-            x = F.pad(x, fpad)
+            x = pad_zeros(x, fpad)
         return torch.ops.mkldnn._convolution_pointwise(
             x, packed if mk and packed.dtype == x.dtype else w, bias, [top, left], [stride, stride], [1, 1], groups,
             "swish" if act == "silu" else act, [], "none" if act == "gelu" else None,

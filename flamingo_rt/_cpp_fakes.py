@@ -125,6 +125,13 @@ def register() -> None:
         n, _, h, w = x.shape
         return x.new_empty((n, u.shape[2] * groups, h, w)).contiguous(memory_format=torch.channels_last)
 
+    @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_bf16_weight_transpose")
+    def _(u, groups):
+        torch._check(u.dim() == 4 and u.shape[0] == 16 * groups and u.shape[3] == 2,
+                     lambda: f"conv3x3_winograd_bf16_weight_transpose: expected u of shape (16 * groups, k_in/2, "
+                             f"k_out, 2), got {tuple(u.shape)}")
+        return u.new_empty((16 * groups, u.shape[2] // 2, u.shape[1] * 2, 2))
+
     @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_bf16_weight")
     def _(w, groups, transposed=False):
         torch._check(w.dim() == 4 and w.shape[2] == 3 and w.shape[3] == 3,

@@ -260,6 +260,34 @@ def test_transposed_weight_transform_is_that_of_the_flipped_transposed_weight():
         W.winograd_weight_bf16(torch.randn(66, 18, 3, 3), 2, transposed=True)
 
 
+@pytest.mark.parametrize("co,ci,groups", [(768, 128, 6), (200, 70, 1), (8, 4, 2), (4, 12, 2), (2, 2, 1), (96, 66, 3)])
+def test_transpose_of_u_is_the_transposed_transform_bitwise(co, ci, groups):
+    """The input gradient's weight made from u (points swapped, channels re-paired) equals
+    transforming the flipped, transposed kernels again, bit for bit: several 32 x 32 blocks,
+    ragged ones (70 inputs: 35 pairs), groups, float32 and bfloat16 weights."""
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(co, ci, 3, 3).to(dtype)
+        u = W.winograd_weight_bf16(w, groups)
+        ut = W.transpose_winograd_weight_bf16(u, groups)
+        want = W.winograd_weight_bf16(w, groups, transposed=True)
+        assert ut.shape == want.shape and torch.equal(ut.view(torch.int16), want.view(torch.int16))
+        # and back: transposing twice is the identity
+        assert torch.equal(W.transpose_winograd_weight_bf16(ut, groups).view(torch.int16), u.view(torch.int16))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fu = torch.empty(u.shape, dtype=torch.bfloat16)
+        assert W.transpose_winograd_weight_bf16(fu, groups).shape == want.shape
+
+
+def test_transpose_of_u_errors():
+    u = W.winograd_weight_bf16(torch.randn(6, 4, 3, 3), 2)  # 3 outputs per group: odd
+    with pytest.raises(RuntimeError, match="expected an even C_out/groups"):
+        W.transpose_winograd_weight_bf16(u, 2)
+    with pytest.raises(RuntimeError, match=r"expected a bfloat16 u of shape \(32, k_in/2, k_out, 2\)"):
+        W.transpose_winograd_weight_bf16(torch.zeros(16, 2, 4, 2, dtype=torch.bfloat16), 2)
+    with pytest.raises(RuntimeError, match="expected a bfloat16 u"):
+        W.transpose_winograd_weight_bf16(torch.zeros(16, 2, 4, 2), 1)
+
+
 @pytest.mark.parametrize("shape", [(2, 64, 6, 7, 128, 1), (2, 256, 8, 8, 256, 2), (1, 64, 1, 1, 64, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_conv3x3_bf16_forward_and_gradients(shape):

@@ -835,4 +835,37 @@ Status winograd_f23_weight_bf16_cpu(const uint16_t* w, int64_t c_out, int64_t c_
   return weight_bf16<BF16>(w, c_out, c_in_per_group, groups, u, flipped_transposed);
 }
 
+Status winograd_f23_weight_bf16_transpose_cpu(const uint16_t* u, int64_t k_in, int64_t k_out, int64_t groups,
+                                              uint16_t* ut) {
+  if (k_in < 0 || k_out < 0 || groups < 1 || k_in % 2 || k_out % 2) return Status::kInvalidArgument;
+  if (k_in == 0 || k_out == 0) return Status::kOk;
+  if (!u || !ut) return Status::kInvalidArgument;
+  const int64_t ip_n = k_in / 2, op_n = k_out / 2, mat = ip_n * k_out;  // 32-bit words per (point, group)
+  constexpr int kSwap[4] = {3, 1, 2, 0};
+  constexpr int64_t kBlk = 32;  // (input pair, output pair) blocks: both sides' lines stay in L1
+  const int64_t nb_i = (ip_n + kBlk - 1) / kBlk, nb_o = (op_n + kBlk - 1) / kBlk;
+  const int64_t tasks = kWinogradF23Points * groups * nb_i * nb_o;
+  const uint32_t* src_all = reinterpret_cast<const uint32_t*>(u);
+  uint32_t* dst_all = reinterpret_cast<uint32_t*>(ut);
+#pragma omp parallel for schedule(static) if (tasks * kBlk * kBlk >= 32768)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t bo = t % nb_o, bi = (t / nb_o) % nb_i, pg = t / (nb_o * nb_i);
+    const int64_t p = pg / groups, g = pg % groups;
+    const int64_t q = 4 * kSwap[p / 4] + kSwap[p % 4];  // U'[q] comes from U[p]
+    // word A[ip][o] = (M[2 ip][o], M[2 ip + 1][o]); word B[op][i] = (M[i][2 op], M[i][2 op + 1])
+    const uint32_t* A = src_all + (p * groups + g) * mat;
+    uint32_t* B = dst_all + (q * groups + g) * mat;
+    const int64_t i1 = std::min(ip_n, (bi + 1) * kBlk), o1 = std::min(op_n, (bo + 1) * kBlk);
+    for (int64_t op = bo * kBlk; op < o1; ++op) {
+      uint32_t* b = B + op * k_in;
+      for (int64_t ip = bi * kBlk; ip < i1; ++ip) {
+        const uint32_t a0 = A[ip * k_out + 2 * op], a1 = A[ip * k_out + 2 * op + 1];
+        b[2 * ip] = (a0 & 0xffffu) | (a1 << 16);             // (M[2ip][2op], M[2ip][2op + 1])
+        b[2 * ip + 1] = (a0 >> 16) | (a1 & 0xffff0000u);     // (M[2ip + 1][2op], M[2ip + 1][2op + 1])
+      }
+    }
+  }
+  return Status::kOk;
+}
+
 }  // namespace flamingo_rt

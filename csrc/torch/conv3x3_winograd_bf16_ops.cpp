@@ -193,11 +193,33 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
 
 bool supported_impl() { return winograd_bf16_cpu_supported(); }
 
+constexpr const char* kOpT = "flamingo_rt_C::conv3x3_winograd_bf16_weight_transpose";
+
+at::Tensor weight_transpose_impl(const at::Tensor& u, int64_t groups) {
+  TORCH_CHECK(groups >= 1, kOpT, ": expected groups >= 1, got ", groups);
+  TORCH_CHECK(u.scalar_type() == at::kBFloat16 && u.dim() == 4 && u.size(0) == kWinogradF23Points * groups &&
+                  u.size(3) == 2,
+              kOpT, ": expected a bfloat16 u of shape (", kWinogradF23Points * groups,
+              ", k_in/2, k_out, 2) (conv3x3_winograd_bf16_weight of the weight, groups ", groups, "), got ",
+              u.scalar_type(), " ", u.sizes());
+  const int64_t k_in = u.size(1) * 2, k_out = u.size(2);
+  TORCH_CHECK(k_out % 2 == 0, kOpT, ": expected an even C_out/groups (the input gradient's products take it in ",
+              "pairs), got ", k_out);
+  const at::Tensor uc = u.contiguous();
+  at::Tensor ut = at::empty({kWinogradF23Points * groups, k_out / 2, k_in, 2}, u.options());
+  check_status(kOpT, "CPU",
+               winograd_f23_weight_bf16_transpose_cpu(reinterpret_cast<const uint16_t*>(uc.data_ptr<at::BFloat16>()),
+                                                      k_in, k_out, groups,
+                                                      reinterpret_cast<uint16_t*>(ut.data_ptr<at::BFloat16>())));
+  return ut;
+}
+
 }  // namespace
 }  // namespace torch_ops
 }  // namespace flamingo_rt
 
 TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
+  m.def("conv3x3_winograd_bf16_weight_transpose(Tensor u, int groups) -> Tensor");
   m.def("conv3x3_winograd_bf16_weight(Tensor w, int groups, bool transposed=False) -> Tensor");
   m.def("conv3x3_winograd_bf16(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
         "int chunk_tiles=0, str products='auto') -> Tensor");
@@ -208,6 +230,7 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
 
 TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("conv3x3_winograd_bf16_weight", &flamingo_rt::torch_ops::weight_impl);
+  m.impl("conv3x3_winograd_bf16_weight_transpose", &flamingo_rt::torch_ops::weight_transpose_impl);
   m.impl("conv3x3_winograd_bf16", &flamingo_rt::torch_ops::conv_impl);
   m.impl("conv3x3_winograd_bf16_weight_grad", &flamingo_rt::torch_ops::weight_grad_impl);
 }

@@ -55,7 +55,7 @@ from .. import _ext
 
 __all__ = ["MIN_CHANNELS", "MIN_CHANNELS_BF16", "enabled", "use", "eligible", "winograd_weight", "conv3x3_winograd", "conv3x3",
            "conv3x3_weight_grad", "bf16_enabled", "eligible_bf16", "winograd_weight_bf16", "conv3x3_winograd_bf16",
-           "eligible_bf16_autograd", "conv3x3_bf16", "conv3x3_weight_grad_bf16"]
+           "eligible_bf16_autograd", "conv3x3_bf16", "conv3x3_weight_grad_bf16", "transpose_winograd_weight_bf16"]
 
 #: Fewer input or output channels per group than this and the 36 products are too thin to
 #: beat the direct convolution (dm_nfnet_f0's stem 16 -> 32 conv at 112 px measured 0.8-1.1x).
@@ -171,6 +171,22 @@ def winograd_weight_bf16(w: Tensor, groups: int = 1, *, transposed: bool = False
     if w.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"winograd_weight_bf16: expected a float32 or bfloat16 weight, got {w.dtype}")
     return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight(w.detach(), groups, transposed)
+
+
+def transpose_winograd_weight_bf16(u: Tensor, groups: int = 1) -> Tensor:
+    """``winograd_weight_bf16(w, groups, transposed=True)`` from ``u = winograd_weight_bf16(w,
+    groups)``, bitwise, without transforming again: for F(2x2, 3x3) a flipped kernel's
+    transform is the kernel's with points 0 and 3 swapped along each axis, so the input
+    gradient's weight is a permutation of u's points with each group's channel matrix
+    transposed (a 16-bit transpose, ~4x faster than the transform).
+
+    Args:
+        u: (16 * groups, C_in/groups/2, C_out/groups, 2) bfloat16; C_out/groups even.
+
+    Returns:
+        (16 * groups, C_out/groups/2, C_in/groups, 2) bfloat16.
+    """
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight_transpose(u, groups)
 
 
 def conv3x3_winograd_bf16(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: int = 1, act: str = "none",
@@ -315,24 +331,27 @@ class _Conv3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
-        ctx.save_for_backward(x, w)
         ctx.groups = groups
         ctx.bias_dtype = None if bias is None else bias.dtype
         if x.dtype == torch.bfloat16:
-            return conv3x3_winograd_bf16(x, winograd_weight_bf16(w, groups), bias, groups)
+            u = winograd_weight_bf16(w, groups)
+            # u kept for the input gradient's weight (a transpose of it: no second transform)
+            ctx.save_for_backward(x, w, u)
+            return conv3x3_winograd_bf16(x, u, bias, groups)
+        ctx.save_for_backward(x, w, None)
         return conv3x3_winograd(x, winograd_weight(w, groups), bias, groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):
-        x, w = ctx.saved_tensors
+        x, w, u = ctx.saved_tensors
         g = ctx.groups
         bf16 = x.dtype == torch.bfloat16
         dy = dy.to(x.dtype)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             if bf16:
-                dx = conv3x3_winograd_bf16(dy, winograd_weight_bf16(w, g, transposed=True), None, g)
+                dx = conv3x3_winograd_bf16(dy, transpose_winograd_weight_bf16(u, g), None, g)
             else:
                 dx = conv3x3_winograd(dy, winograd_weight(w, g, transposed=True), None, g)
         if ctx.needs_input_grad[1]:

@@ -349,3 +349,28 @@ def test_frozen_fold_is_exact_and_tracks_weight_changes():
     net.unfreeze()
     net(x).sum().backward()
     assert convs[0].weight.grad is not None and convs[0].gain.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_se_squeeze_mean_and_its_expanded_gradient(dtype, channels_last):
+    """The SE squeeze in training is x.mean over H, W bitwise, forward and backward; its gradient
+    reaches x as an expanded view (no (N, C, H, W) quotient written), which autograd adds into
+    x's other gradient keeping that gradient's memory format."""
+    from flamingo_rt.models.nfnet import _MeanHW
+
+    x = torch.randn(3, 16, 7, 5, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 16, dtype=dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a.mean(dim=(2, 3)), _MeanHW.apply(b)
+    assert torch.equal(ya, yb)
+    (ga,) = torch.autograd.grad(ya, a, g)
+    (gb,) = torch.autograd.grad(yb, b, g)
+    assert torch.equal(ga, gb) and gb.stride()[2:] == (0, 0)
+    c = x.clone().requires_grad_()  # used twice, like a block's conv output and its SE
+    other = torch.randn_like(x)
+    ((c * other).sum() + (_MeanHW.apply(c) * g).sum()).backward()
+    assert torch.equal(c.grad, other + ga)
+    assert c.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -47,6 +47,19 @@ def _plain(x: Tensor, weight: Tensor) -> bool:
                 or torch._C._functorch.is_functorch_wrapped_tensor(weight))
 
 
+def _kernel_may_run(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """What the small-batch C++ kernel needs beyond dtypes and row counts: x on the CPU,
+    :func:`_plain`, no gradient wanted, a 2-D weight with unit stride along K, a contiguous
+    bias, the extension loaded."""
+    if x.device.type != "cpu" or not _plain(x, weight):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    if weight.dim() != 2 or weight.stride(-1) != 1 or (bias is not None and not bias.is_contiguous()):
+        return False
+    return _ext.load()
+
+
 def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     if _backend.exporting() or torch.compiler.is_compiling():
         # A graph with a static row count (the decode step; batch 1 is always static) calls
@@ -55,17 +68,11 @@ def _small_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else None
         if not isinstance(rows, int) or rows > MAX_ROWS:
             return False
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
-        return False
-    if not _plain(x, weight):
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False
     if x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    if weight.dim() != 2 or weight.stride(-1) != 1 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
-        return False
-    return _ext.load()
+    return _kernel_may_run(x, weight, bias)
 
 
 class _CpuLinear(torch.autograd.Function):
@@ -214,12 +221,8 @@ def linear_bf16_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None)
         raise TypeError(f"linear_bf16_weight: expected float32 x and a bfloat16 weight, got {x.dtype} and {weight.dtype}")
     if bias is not None and bias.dtype != torch.float32:
         raise TypeError(f"linear_bf16_weight: expected a float32 bias, got {bias.dtype}")
-    fast = (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() > 0 and x.numel() > 0
-            and weight.dim() == 2 and weight.stride(-1) == 1 and (bias is None or bias.is_contiguous())
-            and not torch.compiler.is_compiling() and not _backend.exporting() and _plain(x, weight)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
-            and _ext.load())
+    fast = (weight.device.type == "cpu" and x.dim() > 0 and x.numel() > 0 and not torch.compiler.is_compiling()
+            and not _backend.exporting() and _kernel_may_run(x, weight, bias))
     if not fast:
         return F.linear(x, weight.float(), bias)
     x2 = x.reshape(-1, x.shape[-1])

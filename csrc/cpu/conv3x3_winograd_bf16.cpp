@@ -28,6 +28,7 @@
 
 #include "cpu_act.h"
 #include "cpu_math.h"
+#include "gelu_avx512.h"
 #include "winograd_tiles.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 10 || defined(__clang__))
@@ -282,6 +283,11 @@ FRT_AVX512BF16 void output_tile_avx512bf16(const Conv3x3WinogradBf16Params& p, i
         o[1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[r][1], s[r][2]), s[r][3]), b);
         for (int c = 0; c < cols; ++c) {
           __m512 val = o[c];
+#ifdef FRT_GELU_AVX512
+          if constexpr (HAS_ACT && A == Act::kGelu) {
+            val = gelu512::gelu(val);  // gelu_avx512.h: piecewise polynomials
+          } else
+#endif
           if constexpr (HAS_ACT) {
             alignas(64) float buf[kVec];
             _mm512_store_ps(buf, val);

@@ -267,40 +267,61 @@ def _all_bf16(shape):
 
 
 @needs_ext
-@needs_ext
-@pytest.mark.parametrize("layout", ["row", "channels_last_short_rows"])
-def test_float32_gelu_and_its_gradient_on_a_dense_grid(layout):
+def check_float32_gelu_grid(layout: str) -> None:
     """float32 GELU over 2^20 points of [-9, 12]: the vector path's every region (on AVX-512
     CPUs gelu_avx512.h's piecewise polynomials on [-4, 6) with the erfc path for vectors
-    with a lane below -4, the constant 1 from 6 on; elsewhere cpu_act.h's erfc) keeps GELU's
-    relative error under 1.5e-6 from -4 on (Phi's fit: 9e-7 at -4) and 3e-6 below (the
-    erfc path's own, 2.2e-6 near -8.3: the tail keeps its relative accuracy), and GELU''s
-    error under 6e-7 of its terms' magnitude from -4 on (3e-6 below); the backward's
-    dbias is the sum of dx. Both the long-row loop and the flat loop of short rows."""
+    with a lane below -4, the constant 1 from 6 on; elsewhere, or with
+    FLAMINGO_RT_AVX512_GELU=0, cpu_act.h's erfc) keeps GELU's relative error under 1.5e-6
+    from -4 on (Phi's fit: 9e-7 at -4) and 3e-6 below (the erfc path's own, 2.2e-6 near
+    -8.3: the tail keeps its relative accuracy), and GELU''s error under 6e-7 of its terms'
+    magnitude from -4 on (3e-6 below); the backward's dbias is the sum of dx. ``layout``:
+    ``"row"`` (one long row) or ``"channels_last_short_rows"`` (32 channels innermost: the
+    flat loop of short rows)."""
     v = torch.linspace(-9.0, 12.0, 1 << 20, dtype=torch.float64).float()
     if layout == "row":
         x = v.view(1, 1, 1, -1)
-    else:  # 32 channels innermost: short rows, the flat loop
+    else:
         x = v.view(1, -1, 32, 32).permute(0, 3, 1, 2)
     z = x.double()
     y = OPS.bias_gamma_act(x, None, "gelu", 1.0)
     ref = act64(z, "gelu")
     rel = (y.double() - ref).abs() / ref.abs().clamp_min(1e-300)
-    for lo, hi, bound in ((-4.0, 13.0, 1.5e-6), (-10.0, -4.0, 3e-6)):  # erfc below -4: 2.2e-6 at -8.3
+    for lo, hi, bound in ((-4.0, 13.0, 1.5e-6), (-10.0, -4.0, 3e-6)):
         part = rel[(z >= lo) & (z < hi)]
         assert part.max().item() <= bound, (lo, hi, part.max().item())
     dy = torch.ones_like(x)
     dx, db = OPS.bias_gamma_act_backward(dy, x, None, "gelu", 1.0)
     err = (dx.double() - act_grad64(z, "gelu")).abs() / act_grad_mag64(z, "gelu")
-    for lo, hi, bound in ((-4.0, 13.0, 6e-7), (-10.0, -4.0, 3e-6)):  # erfc below -4: 2e-6 at -8.5
+    for lo, hi, bound in ((-4.0, 13.0, 6e-7), (-10.0, -4.0, 3e-6)):
         part = err[(z >= lo) & (z < hi)]
         assert part.max().item() <= bound, (lo, hi, part.max().item())
     torch.testing.assert_close(db.double(), dx.double().sum(dim=(0, 2, 3)), rtol=1e-6, atol=1e-6)
-    # NaN stays NaN, +-inf give GELU's limits, in a vector with fast lanes beside them
+    # NaN stays NaN, +inf gives +inf, in a vector with fast lanes beside them
     special = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.5] * 8).view(1, 1, 1, -1)
     ys = OPS.bias_gamma_act(special, None, "gelu", 1.0).flatten()
     assert torch.isnan(ys[0::4]).all() and (ys[1::4] == float("inf")).all()
     assert torch.allclose(ys[3::4].double(), act64(torch.tensor(0.5, dtype=torch.float64), "gelu"), rtol=2e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["row", "channels_last_short_rows"])
+def test_float32_gelu_and_its_gradient_on_a_dense_grid(layout):
+    check_float32_gelu_grid(layout)
+
+
+@needs_ext
+def test_float32_gelu_grid_with_the_erfc_path_forced():
+    """The same checks with FLAMINGO_RT_AVX512_GELU=0 (read once per process, so in a fresh
+    one): the erfc path that CPUs without AVX-512 run stays tested on CPUs with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, {d!r}); import test_csrc as T; "
+            "[T.check_float32_gelu_grid(l) for l in ('row', 'channels_last_short_rows')]; print('ok')")
+    env = dict(os.environ, FLAMINGO_RT_AVX512_GELU="0")
+    r = subprocess.run([sys.executable, "-c", code.format(d=os.path.dirname(os.path.abspath(__file__)))],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("act", ["gelu", "silu"])

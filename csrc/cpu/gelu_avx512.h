@@ -19,8 +19,11 @@
 // below -4) 0.69-0.73.
 #pragma once
 
+#include <cstdlib>
+
 #include "cpu_act.h"
 
+// (FLAMINGO_RT_NO_AVX512_GELU at compile time leaves these out.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(FLAMINGO_RT_NO_AVX512_GELU)
 #include <immintrin.h>
 
@@ -255,10 +258,16 @@ FRT_T512 __attribute__((noinline)) inline void gelu_grad_mul(float* v, const flo
   }
 }
 
-// Whether this CPU runs the functions above.
+// Whether the kernels use the functions above: the CPU has AVX-512 F/BW/VL and the
+// environment variable FLAMINGO_RT_AVX512_GELU is not "0" (read once per process; "0"
+// keeps cpu_act.h's erfc path, e.g. to compare the two).
 inline bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
+  static const bool ok = [] {
+    const char* env = std::getenv("FLAMINGO_RT_AVX512_GELU");
+    if (env != nullptr && env[0] == '0' && env[1] == '\0') return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
   return ok;
 }
 

@@ -22,6 +22,7 @@
 #include "flamingo_rt/conv3x3_winograd.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "cpu_act.h"
 #include "cpu_math.h"
@@ -135,6 +136,7 @@ FRT_INLINE void output_chunk(const float* m, int64_t m_point_stride, const float
   if constexpr (HAS_ACT && A == Act::kGelu) {
     if (gelu512::available()) {
       alignas(64) float pre[kWinogradTile * kWinogradTile][kVec];
+      if (n < kVec) std::memset(pre, 0, sizeof(pre));  // lanes past n: defined values, unused
       for (int r = 0; r < rows; ++r) {
         FRT_SIMD for (int l = 0; l < n; ++l) {
           const float s0 = s[r][0][l], s1 = s[r][1][l], s2 = s[r][2][l];

@@ -156,20 +156,25 @@ FRT_INLINE bool chunked() {
   }
 }
 
+// v[j] = x[j] + b[i0 + j] (or + bc) as float32, for j < m: a chunk's pre-activations.
+template <class L, int CB>
+FRT_INLINE void pre_chunk(const typename L::T* x, const void* bias, int64_t i0, float bc, float* v,
+                          int64_t m) {
+  const typename L::T* be = static_cast<const typename L::T*>(bias);
+  const float* b32 = static_cast<const float*>(bias);
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j)
+    v[j] = L::load(x[j]) + (CB == kCbElem ? L::load(be[i0 + j]) : CB == kCbF32 ? b32[i0 + j] : bc);
+}
+
 // y = g * act(x + b) over n contiguous elements.
 template <class L, Act A, int CB>
 FRT_INLINE void fwd_chunked(const typename L::T* x, typename L::T* y, const void* bias, float bc,
                             float g, int64_t n) {
-  using T = typename L::T;
   alignas(64) float v[kChunk];
-  const T* be = static_cast<const T*>(bias);
-  const float* b32 = static_cast<const float*>(bias);
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t m = std::min(kChunk, n - i0);
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j)
-      v[j] = L::load(x[i0 + j]) +
-             (CB == kCbElem ? L::load(be[i0 + j]) : CB == kCbF32 ? b32[i0 + j] : bc);
+    pre_chunk<L, CB>(x + i0, bias, i0, bc, v, m);
 #ifdef FRT_GELU_AVX512
     if (A == Act::kGelu && gelu512::available()) {
       gelu512::gelu_inplace(v, m, g);
@@ -192,18 +197,12 @@ template <class L, Act A, int CB, int ACC>
 FRT_INLINE float bwd_chunked(const typename L::T* x, const typename L::T* dy, typename L::T* dx,
                              const void* bias, float bc, float g, float* acc, float* keep,
                              int64_t n) {
-  using T = typename L::T;
   alignas(64) float v[kChunk];
   alignas(64) float d[kChunk];
-  const T* be = static_cast<const T*>(bias);
-  const float* b32 = static_cast<const float*>(bias);
   float s = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t m = std::min(kChunk, n - i0);
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j)
-      v[j] = L::load(x[i0 + j]) +
-             (CB == kCbElem ? L::load(be[i0 + j]) : CB == kCbF32 ? b32[i0 + j] : bc);
+    pre_chunk<L, CB>(x + i0, bias, i0, bc, v, m);
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) d[j] = L::load(dy[i0 + j]);
 #ifdef FRT_GELU_AVX512

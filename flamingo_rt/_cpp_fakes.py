@@ -143,11 +143,12 @@ def register() -> None:
         return w.new_empty((16 * groups, ci // 2, cog, 2), dtype=torch.bfloat16)
 
     @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_bf16_weight_grad")
-    def _(x, dy, groups, chunk_tiles=0, products="auto"):
+    def _(x, dy, groups, chunk_tiles=0, products="auto", bf16_out=False):
         torch._check(x.dim() == 4 and dy.dim() == 4,
                      lambda: f"conv3x3_winograd_bf16_weight_grad: expected x (N, C_in, H, W) and dy (N, C_out, H, W), "
                              f"got {tuple(x.shape)} and {tuple(dy.shape)}")
-        return x.new_empty((dy.shape[1], x.shape[1] // groups, 3, 3), dtype=torch.float32)
+        return x.new_empty((dy.shape[1], x.shape[1] // groups, 3, 3),
+                           dtype=torch.bfloat16 if bf16_out else torch.float32)
 
     @torch.library.register_fake("flamingo_rt_C::conv3x3_winograd_bf16")
     def _(x, u, bias, groups, act, gamma, chunk_tiles=0, products="auto"):

@@ -425,6 +425,10 @@ def test_weight_grad_matches_emulation_and_float64(shape, products):
     wd = torch.zeros(co, c // groups, 3, 3, dtype=torch.float64, requires_grad=True)
     (F.conv2d(xd, wd, None, padding=1, groups=groups) * dy.double()).sum().backward()
     assert rel_err(dw, wd.grad) < 1.5e-2  # measured 3.8-4.1e-3 (bf16 V and Yg), 0 for a 1x1 image
+    # a bfloat16 weight's gradient, written so by the kernel: the float32 result's bits rounded
+    dw16 = W.conv3x3_weight_grad_bf16(x, dy, groups, products=products, out_dtype=torch.bfloat16)
+    assert dw16.dtype == torch.bfloat16 and dw16.shape == dw.shape and dw16.is_contiguous()
+    assert torch.equal(dw16.view(torch.int16), dw.to(torch.bfloat16).view(torch.int16))
 
 
 def test_weight_grad_chunkings_and_layouts():
@@ -457,9 +461,14 @@ def test_weight_grad_errors_fake_and_flops():
         W.conv3x3_weight_grad_bf16(torch.randn(1, 66, 4, 4).bfloat16(), dy, 2)
     with pytest.raises(RuntimeError, match="expected products 'auto', 'ours' or 'plain'"):
         W.conv3x3_weight_grad_bf16(x, dy, products="blas")
+    with pytest.raises(TypeError, match="expected out_dtype float32 or bfloat16, got torch.float16"):
+        W.conv3x3_weight_grad_bf16(x, dy, out_dtype=torch.float16)
     with FakeTensorMode() as mode:
         out = torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight_grad(mode.from_tensor(x), mode.from_tensor(dy), 2)
         assert out.shape == (32, 32, 3, 3) and out.dtype == torch.float32
+        out = torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight_grad(mode.from_tensor(x), mode.from_tensor(dy), 2,
+                                                                        bf16_out=True)
+        assert out.shape == (32, 32, 3, 3) and out.dtype == torch.bfloat16
     with FlopCounterMode(display=False) as fc:
         W.conv3x3_weight_grad_bf16(x, dy, 2)
     assert fc.get_total_flops() == 2 * 16 * 64 * 32 * 9 // 2

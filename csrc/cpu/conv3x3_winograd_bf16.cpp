@@ -690,8 +690,11 @@ Status pairs_stage(const Conv3x3WinogradBf16Params& p) {
 }
 
 // One row of dw's kernels: for lanes o < cog, dU's 16 points of (c, o) at du0[pt * plane + o]
-// -> G^T dU G (float64) at dw0[o * dw_stride .. + 9].
-FRT_CLONES void weight_grad_row(const float* du0, int64_t plane, int64_t cog, float* dw0, int64_t dw_stride) {
+// -> G^T dU G (float64) at dw0[o * dw_stride .. + 9], stored as O (F32, or BF16: the float32
+// value rounded to nearest even).
+template <class O>
+FRT_CLONES void weight_grad_row(const float* du0, int64_t plane, int64_t cog, typename O::T* dw0,
+                                int64_t dw_stride) {
   FRT_SIMD for (int64_t o = 0; o < cog; ++o) {
     double r[kIn][3];  // dU G: G's columns (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0), (0, 1/2, 1/2, 1)
     for (int i = 0; i < kIn; ++i) {
@@ -701,11 +704,11 @@ FRT_CLONES void weight_grad_row(const float* du0, int64_t plane, int64_t cog, fl
       r[i][1] = 0.5 * (u1 - u2);
       r[i][2] = 0.5 * (u1 + u2) + u3;
     }
-    float* k = dw0 + o * dw_stride;
+    typename O::T* k = dw0 + o * dw_stride;
     for (int j = 0; j < 3; ++j) {  // G^T (dU G)
-      k[0 * 3 + j] = float(r[0][j] + 0.5 * (r[1][j] + r[2][j]));
-      k[1 * 3 + j] = float(0.5 * (r[1][j] - r[2][j]));
-      k[2 * 3 + j] = float(0.5 * (r[1][j] + r[2][j]) + r[3][j]);
+      k[0 * 3 + j] = O::store(float(r[0][j] + 0.5 * (r[1][j] + r[2][j])));
+      k[1 * 3 + j] = O::store(float(0.5 * (r[1][j] - r[2][j])));
+      k[2 * 3 + j] = O::store(float(0.5 * (r[1][j] + r[2][j]) + r[3][j]));
     }
   }
 }
@@ -816,8 +819,9 @@ Status conv3x3_winograd_bf16_weight_grad_products_cpu(const Conv3x3WinogradBf16P
   return Status::kOk;
 }
 
-Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
-                                    float* dw) {
+template <class O>
+Status weight_grad_out(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                       typename O::T* dw) {
   if (c_out < 0 || c_in_per_group < 0 || groups < 1 || c_out % groups) return Status::kInvalidArgument;
   if (c_out == 0 || c_in_per_group == 0) return Status::kOk;
   if (!du || !dw) return Status::kInvalidArgument;
@@ -826,9 +830,19 @@ Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in
 #pragma omp parallel for schedule(static)
   for (int64_t gc = 0; gc < groups * cg; ++gc) {
     const int64_t g = gc / cg, c = gc % cg;
-    weight_grad_row(du + (g * cg + c) * cog, plane, cog, dw + ((g * cog) * cg + c) * 9, cg * 9);
+    weight_grad_row<O>(du + (g * cg + c) * cog, plane, cog, dw + ((g * cog) * cg + c) * 9, cg * 9);
   }
   return Status::kOk;
+}
+
+Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    float* dw) {
+  return weight_grad_out<F32>(du, c_out, c_in_per_group, groups, dw);
+}
+
+Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    uint16_t* dw) {
+  return weight_grad_out<BF16>(du, c_out, c_in_per_group, groups, dw);
 }
 
 Status winograd_f23_weight_bf16_cpu(const float* w, int64_t c_out, int64_t c_in_per_group, int64_t groups,

@@ -140,7 +140,7 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& u, const c10::option
 }
 
 at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t groups, int64_t chunk_tiles,
-                            c10::string_view products) {
+                            c10::string_view products, bool bf16_out) {
   constexpr const char* kOpG = "flamingo_rt_C::conv3x3_winograd_bf16_weight_grad";
   const std::string prod(products.data(), products.size());
   TORCH_CHECK(prod == "auto" || prod == "ours" || prod == "plain", kOpG,
@@ -157,7 +157,7 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
   const int64_t cg = C / groups, cog = CO / groups, P = kWinogradF23Points * groups;
   TORCH_CHECK(cg % 2 == 0, kOpG, ": expected an even C_in/groups, got ", cg);
   TORCH_CHECK(chunk_tiles >= 0, kOpG, ": expected chunk_tiles >= 0 (0: chosen here), got ", chunk_tiles);
-  at::Tensor dw = at::empty({CO, cg, 3, 3}, x.options().dtype(at::kFloat));
+  at::Tensor dw = at::empty({CO, cg, 3, 3}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   const int64_t T = N * winograd_f23_tiles(H) * winograd_f23_tiles(W);
   if (T == 0) return dw.zero_();
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
@@ -187,7 +187,11 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
     check_status(kOpG, "CPU", conv3x3_winograd_bf16_grad_output_pairs_cpu(p));
     check_status(kOpG, "CPU", conv3x3_winograd_bf16_weight_grad_products_cpu(p, plain));
   }
-  check_status(kOpG, "CPU", winograd_f23_weight_grad_cpu(p.du, CO, cg, groups, dw.data_ptr<float>()));
+  if (bf16_out)
+    check_status(kOpG, "CPU", winograd_f23_weight_grad_cpu(p.du, CO, cg, groups,
+                                                           reinterpret_cast<uint16_t*>(dw.data_ptr<at::BFloat16>())));
+  else
+    check_status(kOpG, "CPU", winograd_f23_weight_grad_cpu(p.du, CO, cg, groups, dw.data_ptr<float>()));
   return dw;
 }
 
@@ -224,7 +228,7 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def("conv3x3_winograd_bf16(Tensor x, Tensor u, Tensor? bias, int groups, str act, float gamma, "
         "int chunk_tiles=0, str products='auto') -> Tensor");
   m.def("conv3x3_winograd_bf16_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0, "
-        "str products='auto') -> Tensor");
+        "str products='auto', bool bf16_out=False) -> Tensor");
   m.def("winograd_bf16_cpu_supported() -> bool", &flamingo_rt::torch_ops::supported_impl);
 }
 

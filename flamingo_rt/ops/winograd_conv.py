@@ -216,19 +216,25 @@ def conv3x3_winograd_bf16(x: Tensor, u: Tensor, bias: Optional[Tensor], groups: 
 
 
 def conv3x3_weight_grad_bf16(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: int = 0,
-                             products: str = "auto") -> Tensor:
+                             products: str = "auto", out_dtype: torch.dtype = torch.float32) -> Tensor:
     """dL/dw of ``y = F.conv2d(x, w, padding=1, groups=groups)`` for a 3x3 w and the output
     gradient dy, through the F(2x2, 3x3) transforms read backwards (``dL/dU = sum over tiles
     of V^T (A dy A^T)``, then ``G^T dL/dU G``), V and ``A dy A^T`` rounded once to bfloat16,
-    float32 sums: (C_out, C_in/groups, 3, 3) float32.
+    float32 sums: (C_out, C_in/groups, 3, 3) float32, or with ``out_dtype=torch.bfloat16`` those
+    values rounded to bfloat16 as the kernel writes them (the bits of ``.to(torch.bfloat16)``
+    without its pass: a bfloat16 weight's gradient).
 
     Args:
         x: (N, C_in, H, W) bfloat16 on the CPU, any layout; C_in/groups even.
         dy: (N, C_out, H, W) bfloat16, any layout.
         chunk_tiles: 2x2 tiles per chunk (0: chosen here; made even).
         products: ``"auto"`` / ``"ours"`` or ``"plain"`` (the portable code of every stage).
+        out_dtype: ``torch.float32`` or ``torch.bfloat16``.
     """
-    return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight_grad(x, dy, groups, int(chunk_tiles), products)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"conv3x3_weight_grad_bf16: expected out_dtype float32 or bfloat16, got {out_dtype}")
+    return torch.ops.flamingo_rt_C.conv3x3_winograd_bf16_weight_grad(x, dy, groups, int(chunk_tiles), products,
+                                                                     out_dtype == torch.bfloat16)
 
 
 def eligible_bf16_autograd(x: Tensor, w: Tensor, groups: int) -> bool:
@@ -355,7 +361,11 @@ class _Conv3x3(torch.autograd.Function):
             else:
                 dx = conv3x3_winograd(dy, winograd_weight(w, g, transposed=True), None, g)
         if ctx.needs_input_grad[1]:
-            dw = (conv3x3_weight_grad_bf16(x, dy, g) if bf16 else conv3x3_weight_grad(x, dy, g)).to(w.dtype)
+            if bf16:  # in w's dtype as the kernel writes it (a bf16 w: no float32 result to cast)
+                dw = conv3x3_weight_grad_bf16(x, dy, g, out_dtype=w.dtype if w.dtype == torch.bfloat16
+                                              else torch.float32).to(w.dtype)
+            else:
+                dw = conv3x3_weight_grad(x, dy, g).to(w.dtype)
         if ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, db, None

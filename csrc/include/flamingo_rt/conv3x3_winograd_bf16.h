@@ -99,9 +99,12 @@ Status conv3x3_winograd_bf16_grad_output_pairs_cpu(const Conv3x3WinogradBf16Para
 // with `plain`, a portable loop).
 Status conv3x3_winograd_bf16_weight_grad_products_cpu(const Conv3x3WinogradBf16Params& p, bool plain = false);
 // dw (c_out, c_in/groups, 3, 3) float32 contiguous from du (16, groups, c_in/groups, c_out/groups)
-// float32, in float64.
+// float32, in float64. The uint16_t overload writes dw in bfloat16 (the float32 value rounded to
+// nearest even: the bits of the float32 result cast, without its pass over memory).
 Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
                                     float* dw);
+Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
+                                    uint16_t* dw);
 
 // The transformed weight U (16, groups, c_in/groups/2, c_out/groups, 2) bfloat16 (uint16_t)
 // of w (c_out, c_in/groups, 3, 3) float32 contiguous: G w G^T in float64, rounded once to

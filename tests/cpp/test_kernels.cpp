@@ -723,6 +723,10 @@ void check_winograd_bf16_weight_grad(std::mt19937_64& rng, int64_t N, int64_t C,
          flamingo_rt::conv3x3_winograd_bf16_weight_grad_products_cpu(p, plain) == Status::kOk;
   }
   ok = ok && flamingo_rt::winograd_f23_weight_grad_cpu(du.data(), CO, cg, G, dw.data()) == Status::kOk;
+  // the bfloat16 overload: the float32 result rounded to nearest even, element for element
+  std::vector<uint16_t> dw16(dw.size());
+  ok = ok && flamingo_rt::winograd_f23_weight_grad_cpu(du.data(), CO, cg, G, dw16.data()) == Status::kOk;
+  for (size_t i = 0; ok && i < dw.size(); ++i) ok = dw16[i] == to_bf16(dw[i]);
   const Conv3x3Ref ref{N, C, H, W, CO, G};
   std::vector<double> xd(x.size()), dyd(dy.size());
   std::transform(x.begin(), x.end(), xd.begin(), from_bf16);

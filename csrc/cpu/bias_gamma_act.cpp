@@ -143,17 +143,19 @@ constexpr bool kIsBf16 = std::is_same<L, BF16>::value;
 template <class L, Act A>
 constexpr bool kMayChunk = kIsBf16<L> || (std::is_same<L, F32>::value && A == Act::kGelu);
 
+// Whether activation A runs as gelu_avx512.h's piecewise polynomials on this CPU.
+template <Act A>
+FRT_INLINE bool piecewise_gelu() {
+#ifdef FRT_GELU_AVX512
+  return A == Act::kGelu && gelu512::available();
+#else
+  return false;
+#endif
+}
+
 template <class L, Act A>
 FRT_INLINE bool chunked() {
-  if constexpr (kIsBf16<L>) {
-    return true;
-  } else {
-#ifdef FRT_GELU_AVX512
-    return kMayChunk<L, A> && gelu512::available();
-#else
-    return false;
-#endif
-  }
+  return kIsBf16<L> || (kMayChunk<L, A> && piecewise_gelu<A>());
 }
 
 // v[j] = x[j] + b[i0 + j] (or + bc) as float32, for j < m: a chunk's pre-activations.
@@ -176,7 +178,7 @@ FRT_INLINE void fwd_chunked(const typename L::T* x, typename L::T* y, const void
     const int64_t m = std::min(kChunk, n - i0);
     pre_chunk<L, CB>(x + i0, bias, i0, bc, v, m);
 #ifdef FRT_GELU_AVX512
-    if (A == Act::kGelu && gelu512::available()) {
+    if (piecewise_gelu<A>()) {
       gelu512::gelu_inplace(v, m, g);
     } else
 #endif
@@ -206,7 +208,7 @@ FRT_INLINE float bwd_chunked(const typename L::T* x, const typename L::T* dy, ty
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) d[j] = L::load(dy[i0 + j]);
 #ifdef FRT_GELU_AVX512
-    if (A == Act::kGelu && gelu512::available()) {
+    if (piecewise_gelu<A>()) {
       gelu512::gelu_grad_mul(v, d, m, g);
 #pragma omp simd reduction(+ : s)
       for (int64_t j = 0; j < m; ++j) {

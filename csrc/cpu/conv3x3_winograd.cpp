@@ -130,34 +130,14 @@ FRT_INLINE void output_chunk(const float* m, int64_t m_point_stride, const float
   }
   float b[kVec];
   FRT_SIMD for (int l = 0; l < n; ++l) b[l] = bias ? bias[l] : 0.0f;
-#ifdef FRT_GELU_AVX512
   // GELU where the CPU has AVX-512: the tile's pre-activations gathered in one buffer,
   // gelu_avx512.h's piecewise polynomials over it in one call, then stored
-  if constexpr (HAS_ACT && A == Act::kGelu) {
-    if (gelu512::available()) {
-      alignas(64) float pre[kWinogradTile * kWinogradTile][kVec];
-      if (n < kVec) std::memset(pre, 0, sizeof(pre));  // lanes past n: defined values, unused
-      for (int r = 0; r < rows; ++r) {
-        FRT_SIMD for (int l = 0; l < n; ++l) {
-          const float s0 = s[r][0][l], s1 = s[r][1][l], s2 = s[r][2][l];
-          const float s3 = s[r][3][l], s4 = s[r][4][l], s5 = s[r][5][l];
-          const float a = s1 + s2, bb = s1 - s2, c = s3 + s4, e = s3 - s4;
-          pre[r * kWinogradTile + 0][l] = s0 + a + c + b[l];
-          pre[r * kWinogradTile + 1][l] = bb + 2.0f * e + b[l];
-          pre[r * kWinogradTile + 2][l] = a + 4.0f * c + b[l];
-          pre[r * kWinogradTile + 3][l] = bb + 8.0f * e + s5 + b[l];
-        }
-      }
-      gelu512::gelu_inplace(&pre[0][0], int64_t(rows) * kWinogradTile * kVec, gamma);
-      for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < cols; ++c) {
-          float* dst = y + r * sy_h + c * sy_w;
-          FRT_SIMD for (int l = 0; l < n; ++l) dst[l] = pre[r * kWinogradTile + c][l];
-        }
-      return;
-    }
-  }
+  bool batch_gelu = false;
+#ifdef FRT_GELU_AVX512
+  if constexpr (HAS_ACT && A == Act::kGelu) batch_gelu = gelu512::available();
 #endif
+  alignas(64) float pre[kWinogradTile * kWinogradTile][kVec];
+  if (batch_gelu && n < kVec) std::memset(pre, 0, sizeof(pre));  // lanes past n: defined, unused
   for (int r = 0; r < rows; ++r) {
     float o[kWinogradTile][kVec];  // (A^T m) A
     FRT_SIMD for (int l = 0; l < n; ++l) {
@@ -168,6 +148,11 @@ FRT_INLINE void output_chunk(const float* m, int64_t m_point_stride, const float
       o[1][l] = bb + 2.0f * e;
       o[2][l] = a + 4.0f * c;
       o[3][l] = bb + 8.0f * e + s5;
+    }
+    if (batch_gelu) {
+      for (int c = 0; c < kWinogradTile; ++c)
+        FRT_SIMD for (int l = 0; l < n; ++l) pre[r * kWinogradTile + c][l] = o[c][l] + b[l];
+      continue;
     }
     for (int c = 0; c < cols; ++c) {
       float* dst = y + r * sy_h + c * sy_w;
@@ -181,6 +166,16 @@ FRT_INLINE void output_chunk(const float* m, int64_t m_point_stride, const float
       }
     }
   }
+#ifdef FRT_GELU_AVX512
+  if (batch_gelu) {
+    gelu512::gelu_inplace(&pre[0][0], int64_t(rows) * kWinogradTile * kVec, gamma);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) {
+        float* dst = y + r * sy_h + c * sy_w;
+        FRT_SIMD for (int l = 0; l < n; ++l) dst[l] = pre[r * kWinogradTile + c][l];
+      }
+  }
+#endif
 }
 
 template <bool HAS_ACT, Act A>

@@ -1,6 +1,6 @@
 // GELU and its derivative on AVX-512 vectors by piecewise polynomials (internal; not a
-// public header): bias_gamma_act's and the bf16 Winograd epilogue's GELU where the CPU has
-// AVX-512F.
+// public header): bias_gamma_act's and the float32 / bf16 Winograd epilogues' GELU where
+// the CPU has AVX-512 F/BW/VL.
 //
 // cpu_act.h's GELU (erfc through exp, a division and a degree-10 polynomial) is ~45 vector
 // operations per 16 values, which bounds the bfloat16 kernels (and the float32 ones on
@@ -183,14 +183,11 @@ alignas(64) inline const float kGrad[7][32] = {
 // Below this, the whole vector takes cpu_act.h's path.
 constexpr float kLo = -4.0f;
 
-FRT_T512 __attribute__((noinline)) inline void tail_fwd(float* buf) {
+// cpu_act.h's erfc path over 16 values in place: GELU (GRAD false) or GELU' (GRAD true).
+template <bool GRAD>
+FRT_T512 __attribute__((noinline)) inline void tail(float* buf) {
 #pragma omp simd
-  for (int l = 0; l < 16; ++l) buf[l] = act_fwd<Act::kGelu>(buf[l]);
-}
-
-FRT_T512 __attribute__((noinline)) inline void tail_grad(float* buf) {
-#pragma omp simd
-  for (int l = 0; l < 16; ++l) buf[l] = act_grad<Act::kGelu>(buf[l]);
+  for (int l = 0; l < 16; ++l) buf[l] = GRAD ? act_grad<Act::kGelu>(buf[l]) : act_fwd<Act::kGelu>(buf[l]);
 }
 
 // The polynomial of table `tab` at v (clamped into [-4, 6.25]).
@@ -205,31 +202,22 @@ FRT_T512 inline __attribute__((always_inline)) __m512 piecewise(const float (*ta
   return p;
 }
 
-// GELU(v) = v Phi(v) for 16 lanes.
-FRT_T512 inline __attribute__((always_inline)) __m512 gelu(__m512 v) {
-  __m512 y = _mm512_mul_ps(v, piecewise(kPhi, v));
+// For 16 lanes: GELU(v) = v Phi(v) (GRAD false) or GELU'(v) = Phi(v) + v phi(v) (GRAD true).
+template <bool GRAD>
+FRT_T512 inline __attribute__((always_inline)) __m512 eval(__m512 v) {
+  __m512 r = GRAD ? piecewise(kGrad, v) : _mm512_mul_ps(v, piecewise(kPhi, v));
   const __mmask16 fast = _mm512_cmp_ps_mask(v, _mm512_set1_ps(kLo), _CMP_GE_OQ);
   if (__builtin_expect(fast != 0xffff, 0)) {
     alignas(64) float buf[16];
     _mm512_store_ps(buf, v);
-    tail_fwd(buf);
-    y = _mm512_mask_blend_ps(fast, _mm512_load_ps(buf), y);
+    tail<GRAD>(buf);
+    r = _mm512_mask_blend_ps(fast, _mm512_load_ps(buf), r);
   }
-  return y;
+  return r;
 }
 
-// GELU'(v) = Phi(v) + v phi(v) for 16 lanes.
-FRT_T512 inline __attribute__((always_inline)) __m512 gelu_grad(__m512 v) {
-  __m512 d = piecewise(kGrad, v);
-  const __mmask16 fast = _mm512_cmp_ps_mask(v, _mm512_set1_ps(kLo), _CMP_GE_OQ);
-  if (__builtin_expect(fast != 0xffff, 0)) {
-    alignas(64) float buf[16];
-    _mm512_store_ps(buf, v);
-    tail_grad(buf);
-    d = _mm512_mask_blend_ps(fast, _mm512_load_ps(buf), d);
-  }
-  return d;
-}
+FRT_T512 inline __attribute__((always_inline)) __m512 gelu(__m512 v) { return eval<false>(v); }
+FRT_T512 inline __attribute__((always_inline)) __m512 gelu_grad(__m512 v) { return eval<true>(v); }
 
 // In place over n floats: v[i] = g * GELU(v[i]).
 FRT_T512 __attribute__((noinline)) inline void gelu_inplace(float* v, int64_t n, float g) {

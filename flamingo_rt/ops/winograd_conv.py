@@ -361,9 +361,8 @@ class _Conv3x3(torch.autograd.Function):
             else:
                 dx = conv3x3_winograd(dy, winograd_weight(w, g, transposed=True), None, g)
         if ctx.needs_input_grad[1]:
-            if bf16:  # in w's dtype as the kernel writes it (a bf16 w: no float32 result to cast)
-                dw = conv3x3_weight_grad_bf16(x, dy, g, out_dtype=w.dtype if w.dtype == torch.bfloat16
-                                              else torch.float32).to(w.dtype)
+            if bf16:  # in w's dtype (bf16 or float32) as the kernel writes it: no cast afterwards
+                dw = conv3x3_weight_grad_bf16(x, dy, g, out_dtype=w.dtype)
             else:
                 dw = conv3x3_weight_grad(x, dy, g).to(w.dtype)
         if ctx.needs_input_grad[2]:

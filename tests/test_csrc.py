@@ -317,11 +317,21 @@ def test_float32_gelu_grid_with_the_erfc_path_forced():
     import sys
 
     code = ("import sys; sys.path.insert(0, {d!r}); import test_csrc as T; "
-            "[T.check_float32_gelu_grid(l) for l in ('row', 'channels_last_short_rows')]; print('ok')")
+            "[T.check_float32_gelu_grid(l) for l in ('row', 'channels_last_short_rows')]; "
+            "print(T.gelu_grid_crc())")
     env = dict(os.environ, FLAMINGO_RT_AVX512_GELU="0")
     r = subprocess.run([sys.executable, "-c", code.format(d=os.path.dirname(os.path.abspath(__file__)))],
                        env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the switch took effect: on an AVX-512 CPU the two paths give other bits
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert int(r.stdout.split()[-1]) != gelu_grid_crc()
+
+
+def gelu_grid_crc() -> int:
+    """CRC of the float32 GELU's bits over [-4, 6) (where the two paths differ)."""
+    x = torch.linspace(-4.0, 6.0, 1 << 16, dtype=torch.float64).float().view(1, 1, 1, -1)
+    return zlib.crc32(OPS.bias_gamma_act(x, None, "gelu", 1.0).numpy().tobytes())
 
 
 @pytest.mark.parametrize("act", ["gelu", "silu"])

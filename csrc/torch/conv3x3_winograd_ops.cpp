@@ -169,25 +169,29 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
     const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t chunk = chunk_size(T, P, cg, cog, chunk_tiles);
-    // V, Yg and dL/dU (F0: at most ~28 MiB)
-    const at::Tensor ws = workspace(P * chunk * (cg + cog) + P * cg * cog);
+    // V, Yg and dL/dU (F0: at most ~28 MiB; no dL/dU when our products take all tiles in one
+    // range: their last range goes straight to dw)
+    const bool need_du = !ours || chunk < T;
+    const at::Tensor ws = workspace(P * chunk * (cg + cog) + (need_du ? P * cg * cog : 0));
     p.x = xc.data_ptr<float>();
     p.sx_n = xc.stride(0), p.sx_h = xc.stride(2), p.sx_w = xc.stride(3);
     p.dy = dyc.data_ptr<float>();
     p.sdy_n = dyc.stride(0), p.sdy_h = dyc.stride(2), p.sdy_w = dyc.stride(3);
     p.v = ws.data_ptr<float>();
     p.m = ws.data_ptr<float>() + P * chunk * cg;
-    p.du = ws.data_ptr<float>() + P * chunk * (cg + cog);
-    at::Tensor du = ws.narrow(0, P * chunk * (cg + cog), P * cg * cog).view({P, cg, cog});
+    p.du = need_du ? ws.data_ptr<float>() + P * chunk * (cg + cog) : nullptr;
     for (int64_t t0 = 0; t0 < T; t0 += chunk) {
       const int64_t n = std::min(chunk, T - t0);
       p.tile_begin = t0, p.tile_count = n;
       p.du_accumulate = t0 > 0;
       check_status(kOp, "CPU", conv3x3_winograd_input_cpu(p));
       check_status(kOp, "CPU", conv3x3_winograd_grad_output_transform_cpu(p));
-      if (ours) {
+      if (ours && t0 + n == T) {  // the last range: products and the inverse transform into dw
+        check_status(kOp, "CPU", conv3x3_winograd_weight_grad_last_cpu(p, dw.data_ptr<float>()));
+      } else if (ours) {
         check_status(kOp, "CPU", conv3x3_winograd_weight_grad_products_cpu(p));
       } else {  // torch's BLAS: du (+)= V^T @ Yg
+        at::Tensor du = ws.narrow(0, P * chunk * (cg + cog), P * cg * cog).view({P, cg, cog});
         const at::Tensor vt = ws.narrow(0, 0, P * n * cg).view({P, n, cg}).transpose(1, 2);
         const at::Tensor yg = ws.narrow(0, P * chunk * cg, P * n * cog).view({P, n, cog});
         if (t0 == 0) {
@@ -197,8 +201,9 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
         }
       }
     }
-    check_status(kOp, "CPU", winograd_f43_weight_grad_cpu(static_cast<const float*>(p.du), CO, cg, groups,
-                                                         dw.data_ptr<float>()));
+    if (!ours)
+      check_status(kOp, "CPU", winograd_f43_weight_grad_cpu(static_cast<const float*>(p.du), CO, cg, groups,
+                                                           dw.data_ptr<float>()));
   }
   return dw;
 }

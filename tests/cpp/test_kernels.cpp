@@ -566,7 +566,9 @@ void check_winograd(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, int64
 }
 
 // dL/dw of that convolution (no bias) for a random dy, through the weight-gradient stages in
-// ranges of `chunk` tiles (the first range writes dL/dU, the others add), against float64.
+// ranges of `chunk` tiles (the first range writes dL/dU, the others add), against float64; the
+// same with the last range through conv3x3_winograd_weight_grad_last_cpu (products and inverse
+// in one stage, dL/dU of the earlier ranges read, never written for the last) bit for bit.
 void check_winograd_weight_grad(std::mt19937_64& rng, int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO,
                                 int64_t G, int64_t chunk) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -575,22 +577,34 @@ void check_winograd_weight_grad(std::mt19937_64& rng, int64_t N, int64_t C, int6
   for (auto& v : x) v = nd(rng);
   for (auto& v : dy) v = nd(rng);
   std::vector<float> du(size_t(36 * G * cg * cog), std::nanf("")), dw(size_t(CO * cg * 9), std::nanf(""));
+  std::vector<float> dw_last(dw.size(), std::nanf(""));
   const int64_t step = chunk > 0 ? chunk : tiles;
   bool ok = true;
-  for (int64_t t0 = 0; ok && t0 < tiles; t0 += step) {
-    const int64_t n = std::min(step, tiles - t0);
-    std::vector<float> v(size_t(36 * G * n * cg), std::nanf("")), m(size_t(36 * G * n * cog), std::nanf(""));
-    flamingo_rt::Conv3x3WinogradParams p;
-    p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = G;
-    p.x = x.data(), p.sx_n = H * W * C, p.sx_h = W * C, p.sx_w = C;
-    p.dy = dy.data(), p.sdy_n = H * W * CO, p.sdy_h = W * CO, p.sdy_w = CO;
-    p.tile_begin = t0, p.tile_count = n, p.du_accumulate = t0 > 0;
-    p.v = v.data(), p.m = m.data(), p.du = du.data();
-    ok = flamingo_rt::conv3x3_winograd_input_cpu(p) == Status::kOk &&
-         flamingo_rt::conv3x3_winograd_grad_output_transform_cpu(p) == Status::kOk &&
-         flamingo_rt::conv3x3_winograd_weight_grad_products_cpu(p) == Status::kOk;
+  for (const bool last_fused : {false, true}) {
+    std::fill(du.begin(), du.end(), std::nanf(""));
+    for (int64_t t0 = 0; ok && t0 < tiles; t0 += step) {
+      const int64_t n = std::min(step, tiles - t0);
+      std::vector<float> v(size_t(36 * G * n * cg), std::nanf("")), m(size_t(36 * G * n * cog), std::nanf(""));
+      flamingo_rt::Conv3x3WinogradParams p;
+      p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = G;
+      p.x = x.data(), p.sx_n = H * W * C, p.sx_h = W * C, p.sx_w = C;
+      p.dy = dy.data(), p.sdy_n = H * W * CO, p.sdy_h = W * CO, p.sdy_w = CO;
+      p.tile_begin = t0, p.tile_count = n, p.du_accumulate = t0 > 0;
+      p.v = v.data(), p.m = m.data(), p.du = du.data();
+      ok = flamingo_rt::conv3x3_winograd_input_cpu(p) == Status::kOk &&
+           flamingo_rt::conv3x3_winograd_grad_output_transform_cpu(p) == Status::kOk;
+      if (last_fused && t0 + n == tiles) {
+        if (t0 == 0) p.du = nullptr;  // one range: no dL/dU at all
+        ok = ok && flamingo_rt::conv3x3_winograd_weight_grad_last_cpu(p, dw_last.data()) == Status::kOk;
+      } else {
+        ok = ok && flamingo_rt::conv3x3_winograd_weight_grad_products_cpu(p) == Status::kOk;
+      }
+    }
+    if (!last_fused) ok = ok && flamingo_rt::winograd_f43_weight_grad_cpu(du.data(), CO, cg, G, dw.data()) == Status::kOk;
   }
-  ok = ok && flamingo_rt::winograd_f43_weight_grad_cpu(du.data(), CO, cg, G, dw.data()) == Status::kOk;
+  expect(ok && std::memcmp(dw.data(), dw_last.data(), dw.size() * sizeof(float)) == 0,
+         "winograd weight grad, last range fused: bit for bit the separate stages (chunk " + std::to_string(chunk) +
+             ")");
   const Conv3x3Ref ref{N, C, H, W, CO, G};
   const std::vector<double> xd(x.begin(), x.end()), dyd(dy.begin(), dy.end());
   Err e;
@@ -615,6 +629,19 @@ void test_winograd(std::mt19937_64& rng) {
   check_winograd_weight_grad(rng, 2, 32, 9, 7, 48, 1, 0);
   check_winograd_weight_grad(rng, 1, 64, 8, 8, 64, 2, 3);
   check_winograd_weight_grad(rng, 2, 20, 5, 6, 12, 2, 1);
+  check_winograd_weight_grad(rng, 1, 200, 6, 5, 64, 2, 0);  // 100 input channels a group: several row blocks
+  check_winograd_weight_grad(rng, 1, 200, 6, 5, 64, 2, 2);
+  {
+    flamingo_rt::Conv3x3WinogradParams q;
+    std::vector<float> v(36 * 4 * 16), m(36 * 4 * 16), dwq(16 * 16 * 9);
+    q.n = 1, q.h = 4, q.w = 4, q.c_in = 16, q.c_out = 16, q.v = v.data(), q.m = m.data();
+    q.du_accumulate = true;  // adding to a dL/dU that is not given
+    expect(flamingo_rt::conv3x3_winograd_weight_grad_last_cpu(q, dwq.data()) == Status::kInvalidArgument,
+           "winograd weight grad last stage: du_accumulate without du is an invalid argument");
+    q.du_accumulate = false;
+    expect(flamingo_rt::conv3x3_winograd_weight_grad_last_cpu(q, nullptr) == Status::kInvalidArgument,
+           "winograd weight grad last stage: no dw is an invalid argument");
+  }
   flamingo_rt::Conv3x3WinogradParams p;
   p.n = 1, p.h = 4, p.w = 4, p.c_in = 6, p.c_out = 4, p.groups = 4;
   expect(flamingo_rt::conv3x3_winograd_input_cpu(p) == Status::kInvalidArgument,

@@ -89,6 +89,14 @@ Status conv3x3_winograd_weight_grad_products_cpu(const Conv3x3WinogradParams& p)
 // dw (c_out, c_in/groups, 3, 3) contiguous from du (36, groups, c_in/groups, c_out/groups).
 Status winograd_f43_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
                                     float* dw);
+// The last range's products and the inverse transform in one stage: bit for bit
+// conv3x3_winograd_weight_grad_products_cpu(p) then winograd_f43_weight_grad_cpu(p.du, ...),
+// but each task (a group, a block of its input channels) forms its rows of du for the 36
+// points in a per-thread buffer (with du_accumulate: starting from p.du's sums of the earlier
+// ranges) and turns them straight into dw, so du is neither written nor read back (for a
+// 768 x 128 x 3 x 3 weight it is 14 MB; the separate inverse pass took 0.7-1 ms of a 14x14
+// or 7x7 map's 1.5-5 ms gradient). Needs v, m, dw, and du when du_accumulate.
+Status conv3x3_winograd_weight_grad_last_cpu(const Conv3x3WinogradParams& p, float* dw);
 
 // The transformed weight U (36, groups, c_in/groups, c_out/groups) of w (c_out, c_in/groups,
 // 3, 3) (contiguous), computed in float64 and rounded once to float32. flipped_transposed:

@@ -166,9 +166,11 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
   int64_t chunk = winograd_chunk_tiles(T, P * (cg + cog) * 2, kChunkBytes, kMinChunkTiles, chunk_tiles);
   chunk = std::min<int64_t>(T, (chunk + 1) / 2 * 2);
   const int64_t npairs = (chunk + 1) / 2;
-  // Vp, Yp (bf16) and dL/dU (float32), each on whole cache lines of the per-thread scratch
+  // Vp, Yp (bf16) and dL/dU (float32), each on whole cache lines of the per-thread scratch; no
+  // dL/dU when one range holds all tiles (the last range's products go straight to dw)
   const int64_t vp_bytes = winograd_lines(P * npairs * cg * 4), yp_bytes = winograd_lines(P * npairs * cog * 4);
-  uint8_t* wa = winograd_scratch(vp_bytes + yp_bytes + P * cg * cog * 4).data_ptr<uint8_t>();
+  const bool need_du = chunk < T;
+  uint8_t* wa = winograd_scratch(vp_bytes + yp_bytes + (need_du ? P * cg * cog * 4 : 0)).data_ptr<uint8_t>();
   Conv3x3WinogradBf16Params p;
   p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
   p.x = xc.data_ptr<at::BFloat16>();
@@ -177,7 +179,7 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
   p.sdy_n = dyc.stride(0), p.sdy_h = dyc.stride(2), p.sdy_w = dyc.stride(3);
   p.v = wa;
   p.m = wa + vp_bytes;
-  p.du = reinterpret_cast<float*>(wa + vp_bytes + yp_bytes);
+  p.du = need_du ? reinterpret_cast<float*>(wa + vp_bytes + yp_bytes) : nullptr;
   const bool plain = prod == "plain";
   p.portable = plain;
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
@@ -185,13 +187,15 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
     p.du_accumulate = t0 > 0;
     check_status(kOpG, "CPU", conv3x3_winograd_bf16_input_pairs_cpu(p));
     check_status(kOpG, "CPU", conv3x3_winograd_bf16_grad_output_pairs_cpu(p));
-    check_status(kOpG, "CPU", conv3x3_winograd_bf16_weight_grad_products_cpu(p, plain));
+    if (t0 + p.tile_count < T) {
+      check_status(kOpG, "CPU", conv3x3_winograd_bf16_weight_grad_products_cpu(p, plain));
+    } else if (bf16_out) {  // the last range: products and the inverse transform into dw
+      check_status(kOpG, "CPU", conv3x3_winograd_bf16_weight_grad_last_cpu(
+                                    p, reinterpret_cast<uint16_t*>(dw.data_ptr<at::BFloat16>()), plain));
+    } else {
+      check_status(kOpG, "CPU", conv3x3_winograd_bf16_weight_grad_last_cpu(p, dw.data_ptr<float>(), plain));
+    }
   }
-  if (bf16_out)
-    check_status(kOpG, "CPU", winograd_f23_weight_grad_cpu(p.du, CO, cg, groups,
-                                                           reinterpret_cast<uint16_t*>(dw.data_ptr<at::BFloat16>())));
-  else
-    check_status(kOpG, "CPU", winograd_f23_weight_grad_cpu(p.du, CO, cg, groups, dw.data_ptr<float>()));
   return dw;
 }
 

@@ -754,6 +754,29 @@ void check_winograd_bf16_weight_grad(std::mt19937_64& rng, int64_t N, int64_t C,
   std::vector<uint16_t> dw16(dw.size());
   ok = ok && flamingo_rt::winograd_f23_weight_grad_cpu(du.data(), CO, cg, G, dw16.data()) == Status::kOk;
   for (size_t i = 0; ok && i < dw.size(); ++i) ok = dw16[i] == to_bf16(dw[i]);
+  // the last range through conv3x3_winograd_bf16_weight_grad_last_cpu (products and inverse in one
+  // stage; with one range no dL/dU at all): bit for bit the separate stages, both outputs
+  std::vector<float> dw_last(dw.size(), std::nanf(""));
+  std::vector<uint16_t> dw16_last(dw.size(), 0x7fc0);
+  for (const bool out16 : {false, true}) {
+    std::fill(du.begin(), du.end(), std::nanf(""));
+    for (int64_t t0 = 0; ok && t0 < tiles; t0 += step) {
+      p.tile_begin = t0, p.tile_count = std::min(step, tiles - t0), p.du_accumulate = t0 > 0;
+      p.du = t0 + step >= tiles && t0 == 0 ? nullptr : du.data();
+      ok = flamingo_rt::conv3x3_winograd_bf16_input_pairs_cpu(p) == Status::kOk &&
+           flamingo_rt::conv3x3_winograd_bf16_grad_output_pairs_cpu(p) == Status::kOk;
+      if (t0 + step < tiles)
+        ok = ok && flamingo_rt::conv3x3_winograd_bf16_weight_grad_products_cpu(p, plain) == Status::kOk;
+      else if (out16)
+        ok = ok && flamingo_rt::conv3x3_winograd_bf16_weight_grad_last_cpu(p, dw16_last.data(), plain) == Status::kOk;
+      else
+        ok = ok && flamingo_rt::conv3x3_winograd_bf16_weight_grad_last_cpu(p, dw_last.data(), plain) == Status::kOk;
+    }
+  }
+  p.du = du.data();
+  expect(ok && std::memcmp(dw.data(), dw_last.data(), dw.size() * sizeof(float)) == 0 && dw16 == dw16_last,
+         "winograd bf16 weight grad, last range fused: bit for bit the separate stages (chunk " +
+             std::to_string(chunk) + (plain ? " plain)" : ")"));
   const Conv3x3Ref ref{N, C, H, W, CO, G};
   std::vector<double> xd(x.size()), dyd(dy.size());
   std::transform(x.begin(), x.end(), xd.begin(), from_bf16);
@@ -782,6 +805,8 @@ void test_winograd_bf16(std::mt19937_64& rng) {
   check_winograd_bf16_weight_grad(rng, 2, 32, 9, 7, 48, 1, 0, true);
   check_winograd_bf16_weight_grad(rng, 1, 128, 8, 8, 64, 2, 6, false);  // 6-tile ranges, the last 4
   check_winograd_bf16_weight_grad(rng, 3, 36, 5, 5, 20, 2, 4, false);   // partial chunks; 27 tiles: the last range 3
+  check_winograd_bf16_weight_grad(rng, 1, 200, 6, 5, 64, 2, 0, false);  // 100 input channels a group: several row blocks
+  check_winograd_bf16_weight_grad(rng, 1, 200, 6, 5, 64, 2, 4, false);
   flamingo_rt::Conv3x3WinogradBf16Params p;
   p.n = 1, p.h = 4, p.w = 4, p.c_in = 6, p.c_out = 4, p.groups = 2;
   expect(flamingo_rt::conv3x3_winograd_bf16_input_cpu(p) == Status::kInvalidArgument,

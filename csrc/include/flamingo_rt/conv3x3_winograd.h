@@ -86,7 +86,8 @@ Status conv3x3_winograd_output_cpu(const Conv3x3WinogradParams& p);
 // winograd_f43_weight_grad_cpu (du -> dw).
 Status conv3x3_winograd_grad_output_transform_cpu(const Conv3x3WinogradParams& p);
 Status conv3x3_winograd_weight_grad_products_cpu(const Conv3x3WinogradParams& p);
-// dw (c_out, c_in/groups, 3, 3) contiguous from du (36, groups, c_in/groups, c_out/groups).
+// dw (c_out, c_in/groups, 3, 3) contiguous from du (36, groups, c_in/groups, c_out/groups):
+// float32 math on AVX-512 CPUs where c_out/groups is a multiple of 16, float64 elsewhere.
 Status winograd_f43_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
                                     float* dw);
 // The last range's products and the inverse transform in one stage: bit for bit

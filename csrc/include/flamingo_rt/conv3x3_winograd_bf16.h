@@ -99,12 +99,22 @@ Status conv3x3_winograd_bf16_grad_output_pairs_cpu(const Conv3x3WinogradBf16Para
 // with `plain`, a portable loop).
 Status conv3x3_winograd_bf16_weight_grad_products_cpu(const Conv3x3WinogradBf16Params& p, bool plain = false);
 // dw (c_out, c_in/groups, 3, 3) float32 contiguous from du (16, groups, c_in/groups, c_out/groups)
-// float32, in float64. The uint16_t overload writes dw in bfloat16 (the float32 value rounded to
+// float32: float32 math on AVX-512 BF16 CPUs where c_out/groups is a multiple of 16 (whatever
+// `portable`), float64 elsewhere. The uint16_t overload writes dw in bfloat16 (the float32 value rounded to
 // nearest even: the bits of the float32 result cast, without its pass over memory).
 Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
                                     float* dw);
 Status winograd_f23_weight_grad_cpu(const float* du, int64_t c_out, int64_t c_in_per_group, int64_t groups,
                                     uint16_t* dw);
+// The last range's products and the inverse transform in one stage: bit for bit
+// conv3x3_winograd_bf16_weight_grad_products_cpu(p, plain) then winograd_f23_weight_grad_cpu
+// (p.du, ...), but each task (a group, a block of its input channels) forms its rows of du for
+// the 16 points in a per-thread buffer (with du_accumulate: starting from p.du's sums of the
+// earlier ranges) and turns them straight into dw (float32, or bfloat16 rounded to nearest
+// even), so du is neither written nor read back. Needs v, m, dw, and du when du_accumulate.
+Status conv3x3_winograd_bf16_weight_grad_last_cpu(const Conv3x3WinogradBf16Params& p, float* dw, bool plain = false);
+Status conv3x3_winograd_bf16_weight_grad_last_cpu(const Conv3x3WinogradBf16Params& p, uint16_t* dw,
+                                                  bool plain = false);
 
 // The transformed weight U (16, groups, c_in/groups/2, c_out/groups, 2) bfloat16 (uint16_t)
 // of w (c_out, c_in/groups, 3, 3) float32 contiguous: G w G^T in float64, rounded once to

@@ -23,16 +23,11 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "cpu_act.h"
 #include "cpu_math.h"
 #include "gelu_avx512.h"
 #include "winograd_tiles.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "avx512_transpose16.h"
@@ -666,52 +661,23 @@ Status conv3x3_winograd_weight_grad_last_cpu(const Conv3x3WinogradParams& p, flo
   const float* m = static_cast<const float*>(p.m);
   const float* du = static_cast<const float*>(p.du);
   const bool vec = conv3x3_winograd_products_vectorized(p);
-  // Tasks: (group, block of input channels). A task's 36 points re-read their Yg, so blocks are
-  // large (up to 48 rows: 884 KB of buffer for 128 output channels; measured against 18, 24 and
-  // 32 rows on a 768 x 128 x 3 x 3 gradient at 14 x 14 and 7 x 7), multiples of the products'
-  // 6-row register block, and at least two tasks a thread.
-  int threads = 1;
-#ifdef _OPENMP
-  threads = omp_get_max_threads();
-#endif
-  int64_t blocks = std::max<int64_t>((cg + 47) / 48, (2 * threads + groups - 1) / groups);
-  int64_t rows_max = ((cg + blocks - 1) / blocks + 5) / 6 * 6;
-  rows_max = std::min(rows_max, cg);
-  blocks = (cg + rows_max - 1) / rows_max;
   const int64_t plane = groups * cg * cog;  // du's point stride
-  // the buffer's point stride: one cache line more than a point's rows, so the 36 points of a
-  // column fall in different L1 sets (48 x 128 floats is a multiple of 4 KB: every point in one
-  // set, and the inverse below ran at a third of its speed)
-  const int64_t ps = rows_max * cog + 16;
-  const int64_t buf_size = kWinogradPoints * ps + cog * rows_max * 9;
-#pragma omp parallel
-  {
-    static thread_local std::vector<float> buf;
-    if (int64_t(buf.size()) < buf_size) buf.resize(size_t(buf_size));
-    // each row's taps go to `taps` (cog, rows, 9), dw's own order, and leave as one contiguous
-    // copy per output channel
-    float* taps = buf.data() + kWinogradPoints * ps;
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t rb = 0; rb < blocks; ++rb) {
-        const int64_t r0 = rb * rows_max, rows = std::min(rows_max, cg - r0);
-        for (int64_t pt = 0; pt < kWinogradPoints; ++pt) {
-          const int64_t pg = pt * groups + g;
-          const float* A = v + pg * tiles * cg + r0;  // columns r0.. of V[pg]
-          const float* B = m + pg * tiles * cog;
-          float* C = buf.data() + pt * ps;
-          if (p.du_accumulate) {
-            std::memcpy(C, du + pt * plane + (g * cg + r0) * cog, size_t(rows * cog) * sizeof(float));
-            gemm<true, true>(vec, A, cg, B, cog, C, cog, rows, tiles, cog);
-          } else {
-            gemm<true, false>(vec, A, cg, B, cog, C, cog, rows, tiles, cog);
-          }
+  weight_grad_blocks<kWinogradPoints>(
+      groups, cg, cog, dw,
+      [&](int64_t g, int pt, int64_t r0, int64_t rows, float* C) {
+        const int64_t pg = pt * groups + g;
+        const float* A = v + pg * tiles * cg + r0;  // columns r0.. of V[pg]
+        const float* B = m + pg * tiles * cog;
+        if (p.du_accumulate) {
+          std::memcpy(C, du + pt * plane + (g * cg + r0) * cog, size_t(rows * cog) * sizeof(float));
+          gemm<true, true>(vec, A, cg, B, cog, C, cog, rows, tiles, cog);
+        } else {
+          gemm<true, false>(vec, A, cg, B, cog, C, cog, rows, tiles, cog);
         }
-        for (int64_t r = 0; r < rows; ++r) weight_grad_row(buf.data() + r * cog, ps, cog, taps + r * 9, rows * 9);
-        for (int64_t co = 0; co < cog; ++co)
-          std::memcpy(dw + ((g * cog + co) * cg + r0) * 9, taps + co * rows * 9, size_t(rows * 9) * sizeof(float));
-      }
-  }
+      },
+      [&](const float* du0, int64_t ps, float* taps0, int64_t taps_stride) {
+        weight_grad_row(du0, ps, cog, taps0, taps_stride);
+      });
   return Status::kOk;
 }
 

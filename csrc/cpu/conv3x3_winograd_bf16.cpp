@@ -26,7 +26,6 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "cpu_act.h"
 #include "cpu_math.h"
@@ -924,53 +923,29 @@ Status weight_grad_last(const Conv3x3WinogradBf16Params& p, bool plain, typename
   const uint16_t* vp = static_cast<const uint16_t*>(p.v);
   const uint16_t* yp = static_cast<const uint16_t*>(p.m);
   const bool vec = !plain && !p.portable && conv3x3_winograd_bf16_products_vectorized(p);
-  // tasks (group, block of input channels) as in the float32 gradient's last stage
-  // (conv3x3_winograd.cpp): blocks of up to 48 rows, multiples of 6, two tasks a thread at least
-  int threads = 1;
-#ifdef _OPENMP
-  threads = omp_get_max_threads();
-#endif
-  int64_t blocks = std::max<int64_t>((cg + 47) / 48, (2 * threads + groups - 1) / groups);
-  int64_t rows_max = std::min(((cg + blocks - 1) / blocks + 5) / 6 * 6, cg);
-  blocks = (cg + rows_max - 1) / rows_max;
-  const int64_t plane = groups * cg * cog;      // du's point stride
-  const int64_t ps = rows_max * cog + 16;       // the buffer's: points in different L1 sets
-  const int64_t taps_words = (cog * rows_max * 9 * int64_t(sizeof(typename O::T)) + 3) / 4;
-  const int64_t buf_size = kWinogradF23Points * ps + taps_words;
-#pragma omp parallel
-  {
-    static thread_local std::vector<float> buf;
-    if (int64_t(buf.size()) < buf_size) buf.resize(size_t(buf_size));
-    // each row's taps go to `taps` (cog, rows, 9), dw's own order: one contiguous copy a channel
-    auto* taps = reinterpret_cast<typename O::T*>(buf.data() + kWinogradF23Points * ps);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t rb = 0; rb < blocks; ++rb) {
-        const int64_t r0 = rb * rows_max, rows = std::min(rows_max, cg - r0);
-        for (int64_t pt = 0; pt < kWinogradF23Points; ++pt) {
-          const int64_t pg = pt * groups + g;
-          const uint16_t* A = vp + pg * npairs * cg * 2 + 2 * r0;
-          const uint16_t* B = yp + pg * npairs * cog * 2;
-          float* C = buf.data() + pt * ps;
-          const bool acc = p.du_accumulate;
-          if (acc) std::memcpy(C, p.du + pt * plane + (g * cg + r0) * cog, size_t(rows * cog) * sizeof(float));
+  (void)vec;  // (unused without AVX-512 BF16)
+  const int64_t plane = groups * cg * cog;  // du's point stride
+  weight_grad_blocks<kWinogradF23Points>(
+      groups, cg, cog, dw,
+      [&](int64_t g, int pt, int64_t r0, int64_t rows, float* C) {
+        const int64_t pg = pt * groups + g;
+        const uint16_t* A = vp + pg * npairs * cg * 2 + 2 * r0;
+        const uint16_t* B = yp + pg * npairs * cog * 2;
+        const bool acc = p.du_accumulate;
+        if (acc) std::memcpy(C, p.du + pt * plane + (g * cg + r0) * cog, size_t(rows * cog) * sizeof(float));
 #ifdef FRT_WINO16_AVX512BF16
-          if (vec) {
-            if (acc) gemm_avx512bf16<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-            else gemm_avx512bf16<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-            continue;
-          }
-#endif
-          if (acc) gemm_plain<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-          else gemm_plain<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+        if (vec) {
+          if (acc) gemm_avx512bf16<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+          else gemm_avx512bf16<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+          return;
         }
-        for (int64_t r = 0; r < rows; ++r) weight_grad_row<O>(buf.data() + r * cog, ps, cog, taps + r * 9, rows * 9);
-        for (int64_t co = 0; co < cog; ++co)
-          std::memcpy(dw + ((g * cog + co) * cg + r0) * 9, taps + co * rows * 9,
-                      size_t(rows * 9) * sizeof(typename O::T));
-      }
-  }
-  (void)vec;
+#endif
+        if (acc) gemm_plain<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+        else gemm_plain<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+      },
+      [&](const float* du0, int64_t ps, typename O::T* taps0, int64_t taps_stride) {
+        weight_grad_row<O>(du0, ps, cog, taps0, taps_stride);
+      });
   return Status::kOk;
 }
 

@@ -6,6 +6,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace flamingo_rt {
 namespace cpu {
@@ -53,6 +59,47 @@ void for_each_product_task(int64_t pairs, int64_t rows, Fn fn) {
   for (int64_t pg = 0; pg < pairs; ++pg)
     for (int64_t rb = 0; rb < blocks; ++rb)
       fn(pg, rb * kRowsPerTask, std::min(kRowsPerTask, rows - rb * kRowsPerTask));
+}
+
+// The fused last stage of a Winograd weight gradient (products and the inverse transform, see
+// conv3x3_winograd_weight_grad_last_cpu): tasks (group g, block of input channels [r0, r0 +
+// rows)) over OpenMP threads. For each of the POINTS points, product(g, pt, r0, rows, C) writes
+// the block's rows x cog sums of dU at C (row stride cog); then row(du0, ps, taps0, rows * 9)
+// turns each row's points (du0 + pt * ps) into its cog kernels at taps0 + o * rows * 9, and
+// the (cog, rows, 9) block is copied into dw (c_out, cg, 3, 3) of T, one run per channel.
+// Blocks: up to 48 rows, a multiple of the products' 6-row register block, at least two tasks
+// a thread (a task re-reads every point's Yg, so blocks are large: 18, 24, 32 and 48 rows
+// measured on a 768 x 128 x 3 x 3 gradient at 14 x 14 and 7 x 7). The per-thread buffer's
+// point stride ps is one cache line longer than a point's rows: 48 x 128 floats is a multiple
+// of 4 KB, and with every point of a column in one L1 set the inverse ran at a third of its
+// speed.
+template <int POINTS, class T, class Product, class Row>
+void weight_grad_blocks(int64_t groups, int64_t cg, int64_t cog, T* dw, Product product, Row row) {
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  int64_t blocks = std::max<int64_t>((cg + 47) / 48, (2 * threads + groups - 1) / groups);
+  const int64_t rows_max = std::min(((cg + blocks - 1) / blocks + 5) / 6 * 6, cg);
+  blocks = (cg + rows_max - 1) / rows_max;
+  const int64_t ps = rows_max * cog + 16;
+  const int64_t taps_floats = (cog * rows_max * 9 * int64_t(sizeof(T)) + 3) / 4;
+  const int64_t buf_size = POINTS * ps + taps_floats;
+#pragma omp parallel
+  {
+    static thread_local std::vector<float> buf;
+    if (int64_t(buf.size()) < buf_size) buf.resize(size_t(buf_size));
+    T* taps = reinterpret_cast<T*>(buf.data() + POINTS * ps);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t rb = 0; rb < blocks; ++rb) {
+        const int64_t r0 = rb * rows_max, rows = std::min(rows_max, cg - r0);
+        for (int pt = 0; pt < POINTS; ++pt) product(g, pt, r0, rows, buf.data() + pt * ps);
+        for (int64_t r = 0; r < rows; ++r) row(buf.data() + r * cog, ps, taps + r * 9, rows * 9);
+        for (int64_t o = 0; o < cog; ++o)
+          std::memcpy(dw + ((g * cog + o) * cg + r0) * 9, taps + o * rows * 9, size_t(rows * 9) * sizeof(T));
+      }
+  }
 }
 
 }  // namespace cpu

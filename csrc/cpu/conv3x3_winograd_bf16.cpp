@@ -454,6 +454,22 @@ bool have_avx512bf16() {
 bool have_avx512bf16() { return false; }
 #endif
 
+// The weight gradient's products for one (point, group) pair: C (rows x cog) (+)= A^T B over k
+// tiles, A the rows' columns of Vp (row c: 2 apart; pair q: 2 * cg apart), B Yp's (k / 2 pairs
+// of cog); the AVX-512 BF16 kernel when vec, else the portable loop.
+template <bool ACC>
+void weight_grad_products(bool vec, const uint16_t* A, int64_t cg, const uint16_t* B, int64_t cog, float* C,
+                          int64_t rows, int64_t k) {
+#ifdef FRT_WINO16_AVX512BF16
+  if (vec) {
+    gemm_avx512bf16<ACC>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+    return;
+  }
+#endif
+  (void)vec;
+  gemm_plain<ACC>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+}
+
 // The checks every stage starts with: sizes (c_in / groups even), the tile range, then (when
 // there is work) the pointers the stage uses. Sets *tiles to the range's tile count, 0 when
 // there is nothing to do: kOk with *tiles == 0 means return.
@@ -868,16 +884,8 @@ Status conv3x3_winograd_bf16_weight_grad_products_cpu(const Conv3x3WinogradBf16P
     const uint16_t* A = vp + pg * npairs * cg * 2 + 2 * r0;  // row c: 2 apart; pair q: 2 * cg apart
     const uint16_t* B = yp + pg * npairs * cog * 2;
     float* C = p.du + (pg * cg + r0) * cog;
-#ifdef FRT_WINO16_AVX512BF16
-    if (vec) {
-      if (acc) gemm_avx512bf16<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-      else gemm_avx512bf16<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-      return;
-    }
-#endif
-    (void)vec;
-    if (acc) gemm_plain<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-    else gemm_plain<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
+    if (acc) weight_grad_products<true>(vec, A, cg, B, cog, C, rows, k);
+    else weight_grad_products<false>(vec, A, cg, B, cog, C, rows, k);
   });
   return Status::kOk;
 }
@@ -923,7 +931,6 @@ Status weight_grad_last(const Conv3x3WinogradBf16Params& p, bool plain, typename
   const uint16_t* vp = static_cast<const uint16_t*>(p.v);
   const uint16_t* yp = static_cast<const uint16_t*>(p.m);
   const bool vec = !plain && !p.portable && conv3x3_winograd_bf16_products_vectorized(p);
-  (void)vec;  // (unused without AVX-512 BF16)
   const int64_t plane = groups * cg * cog;  // du's point stride
   weight_grad_blocks<kWinogradF23Points>(
       groups, cg, cog, dw,
@@ -931,17 +938,12 @@ Status weight_grad_last(const Conv3x3WinogradBf16Params& p, bool plain, typename
         const int64_t pg = pt * groups + g;
         const uint16_t* A = vp + pg * npairs * cg * 2 + 2 * r0;
         const uint16_t* B = yp + pg * npairs * cog * 2;
-        const bool acc = p.du_accumulate;
-        if (acc) std::memcpy(C, p.du + pt * plane + (g * cg + r0) * cog, size_t(rows * cog) * sizeof(float));
-#ifdef FRT_WINO16_AVX512BF16
-        if (vec) {
-          if (acc) gemm_avx512bf16<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-          else gemm_avx512bf16<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-          return;
+        if (p.du_accumulate) {
+          std::memcpy(C, p.du + pt * plane + (g * cg + r0) * cog, size_t(rows * cog) * sizeof(float));
+          weight_grad_products<true>(vec, A, cg, B, cog, C, rows, k);
+        } else {
+          weight_grad_products<false>(vec, A, cg, B, cog, C, rows, k);
         }
-#endif
-        if (acc) gemm_plain<true>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
-        else gemm_plain<false>(A, 2, 2 * cg, B, 2 * cog, C, cog, rows, k, cog);
       },
       [&](const float* du0, int64_t ps, typename O::T* taps0, int64_t taps_stride) {
         weight_grad_row<O>(du0, ps, cog, taps0, taps_stride);

@@ -30,11 +30,9 @@
 #include "winograd_tiles.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include "avx512_transpose16.h"
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "avx512_transpose16.h"
 #define FRT_WINO_AVX512 1
 #endif
 

@@ -36,10 +36,6 @@
 #include "avx512_transpose16.h"
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 10 || defined(__clang__))
 #include <immintrin.h>
 #define FRT_WINO16_AVX512BF16 1

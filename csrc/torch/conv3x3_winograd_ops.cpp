@@ -169,7 +169,7 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
     const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t chunk = chunk_size(T, P, cg, cog, chunk_tiles);
-    // V, Yg and dL/dU (F0: at most ~28 MiB; no dL/dU when our products take all tiles in one
+    // V, Yg and dL/dU (F0: at most ~14 MiB; no dL/dU when our products take all tiles in one
     // range: their last range goes straight to dw)
     const bool need_du = !ours || chunk < T;
     const at::Tensor ws = workspace(P * chunk * (cg + cog) + (need_du ? P * cg * cog : 0));

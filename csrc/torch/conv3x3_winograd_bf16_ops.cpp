@@ -162,8 +162,8 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
   if (T == 0) return dw.zero_();
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
-  // tiles per chunk: even (the products take them in pairs), Vp and Yp about kChunkBytes
-  int64_t chunk = winograd_chunk_tiles(T, P * (cg + cog) * 2, kChunkBytes, kMinChunkTiles, chunk_tiles);
+  // tiles per chunk: even (the products take them in pairs); Vp and Yp at least 4 MiB and twice dL/dU
+  int64_t chunk = winograd_weight_grad_chunk_tiles(T, P * (cg + cog) * 2, P * cg * cog * 4, kMinChunkTiles, chunk_tiles);
   chunk = std::min<int64_t>(T, (chunk + 1) / 2 * 2);
   const int64_t npairs = (chunk + 1) / 2;
   // Vp, Yp (bf16) and dL/dU (float32), each on whole cache lines of the per-thread scratch; no

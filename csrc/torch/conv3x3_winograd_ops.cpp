@@ -13,7 +13,8 @@
 //       # products: "auto" (our AVX-512 kernels where they run, else at::bmm), "ours", "blas"
 //   flamingo_rt_C::conv3x3_winograd_weight_grad(Tensor x, Tensor dy, int groups, int chunk_tiles=0,
 //                                               str products='auto')
-//       -> Tensor  # dL/dw (C_out, C_in/groups, 3, 3) of that convolution (no bias) for dy
+//       -> Tensor  # dL/dw (C_out, C_in/groups, 3, 3) of that convolution (no bias) for dy;
+//       # chunk_tiles 0: at least 4 MiB of transforms and twice dL/dU's size, at least 64 tiles
 //
 // The convolution is the header's three stages over chunks of tiles: the input transform into
 // V, the 36 * groups products M = V @ U of (tiles, C_in/groups) by (C_in/groups, C_out/groups)
@@ -168,7 +169,9 @@ at::Tensor winograd_weight_grad_cpu_impl(const at::Tensor& x, const at::Tensor& 
   {  // (a scope: the workspace pointers below)
     const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
-    const int64_t chunk = chunk_size(T, P, cg, cog, chunk_tiles);
+    const int64_t chunk = winograd_weight_grad_chunk_tiles(T, P * (cg + cog) * int64_t(sizeof(float)),
+                                                           P * cg * cog * int64_t(sizeof(float)), kMinChunkTiles,
+                                                           chunk_tiles);
     // V, Yg and dL/dU (F0: at most ~14 MiB; no dL/dU when our products take all tiles in one
     // range: their last range goes straight to dw)
     const bool need_du = !ours || chunk < T;

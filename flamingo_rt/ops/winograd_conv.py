@@ -227,7 +227,8 @@ def conv3x3_weight_grad_bf16(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_ti
     Args:
         x: (N, C_in, H, W) bfloat16 on the CPU, any layout; C_in/groups even.
         dy: (N, C_out, H, W) bfloat16, any layout.
-        chunk_tiles: 2x2 tiles per chunk (0: chosen here; made even).
+        chunk_tiles: 2x2 tiles per chunk (0: at least 4 MiB of transforms and twice the size of
+            dL/dU, at least 96 tiles; made even).
         products: ``"auto"`` / ``"ours"`` or ``"plain"`` (the portable code of every stage).
         out_dtype: ``torch.float32`` or ``torch.bfloat16``.
     """
@@ -324,7 +325,8 @@ def conv3x3_weight_grad(x: Tensor, dy: Tensor, groups: int = 1, *, chunk_tiles: 
     Args:
         x: (N, C_in, H, W) float32 on the CPU, any layout.
         dy: (N, C_out, H, W) float32, any layout.
-        chunk_tiles: 4x4 tiles per chunk (0: about 2 MiB of transforms, at least 64 tiles);
+        chunk_tiles: 4x4 tiles per chunk (0: at least 4 MiB of transforms and twice the size
+            of dL/dU, the float32 sums a range adds to, at least 64 tiles);
             the sum over tiles runs in the same order whatever the chunking (with our products).
         products: as :func:`conv3x3_winograd`'s (``"blas"``: torch's batched products).
     """

@@ -114,7 +114,8 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& u, const c10::option
   const int64_t T = N * winograd_f23_tiles(H) * winograd_f23_tiles(W);
   p.n = N, p.h = H, p.w = W, p.c_in = C, p.c_out = CO, p.groups = groups;
   const int64_t P = kWinogradF23Points * groups;
-  const int64_t chunk = winograd_chunk_tiles(T, P * (cg * 2 + cog * 4), kChunkBytes, kMinChunkTiles, chunk_tiles);
+  int64_t chunk = winograd_chunk_tiles(T, P * (cg * 2 + cog * 4), kChunkBytes, kMinChunkTiles, chunk_tiles);
+  if (chunk_tiles == 0) chunk = winograd_unaliased_chunk(chunk, T, 1, {groups * cg * 2, groups * cog * 4});
   // V (bf16) then M (float32), each on whole cache lines of the per-thread scratch
   const int64_t v_bytes = winograd_lines(P * chunk * cg * 2);
   uint8_t* ws = winograd_scratch(v_bytes + P * chunk * cog * 4).data_ptr<uint8_t>();
@@ -165,6 +166,7 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
   // tiles per chunk: even (the products take them in pairs); Vp and Yp at least 4 MiB and twice dL/dU
   int64_t chunk = winograd_weight_grad_chunk_tiles(T, P * (cg + cog) * 2, P * cg * cog * 4, kMinChunkTiles, chunk_tiles);
   chunk = std::min<int64_t>(T, (chunk + 1) / 2 * 2);
+  if (chunk_tiles == 0) chunk = winograd_unaliased_chunk(chunk, T, 2, {groups * cg * 2, groups * cog * 2});
   const int64_t npairs = (chunk + 1) / 2;
   // Vp, Yp (bf16) and dL/dU (float32), each on whole cache lines of the per-thread scratch; no
   // dL/dU when one range holds all tiles (the last range's products go straight to dw)

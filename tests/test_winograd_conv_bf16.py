@@ -139,6 +139,30 @@ def test_layouts_views_and_chunkings_give_the_same_result():
     torch.testing.assert_close(plain.double(), want.double(), rtol=2 ** -7, atol=1e-3)
 
 
+def test_default_chunks_nudged_off_4k_strides_give_the_same_result():
+    """The binding's own chunk choice moves chunks whose transforms would put a tile's points a
+    multiple of 4 KiB apart (dm_nfnet_f0's shapes: 7x7 with 6 groups of 128 channels is one
+    64-tile range, split in two; 28x28 with 2 groups, 96 tiles -> 98 forward, 256 -> 258 for the
+    weight gradient): the same convolution and gradient as one whole range."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 768, 7, 7, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(768, 128, 3, 3, generator=g) * 0.05).bfloat16()
+    u = W.winograd_weight_bf16(wt, 6)
+    want = W.conv3x3_winograd_bf16(x, u, None, 6, "gelu", chunk_tiles=1000)
+    assert torch.equal(W.conv3x3_winograd_bf16(x, u, None, 6, "gelu"), want)
+    _check(want, x, wt, None, 6, "gelu", 1.0)
+    x = torch.randn(4, 256, 28, 28, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(4, 256, 28, 28, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(256, 128, 3, 3, generator=g) * 0.05).bfloat16()
+    u = W.winograd_weight_bf16(wt, 2)
+    assert torch.equal(W.conv3x3_winograd_bf16(x, u, None, 2), W.conv3x3_winograd_bf16(x, u, None, 2, chunk_tiles=1000))
+    whole = W.conv3x3_weight_grad_bf16(x, dy, 2, chunk_tiles=10000)
+    got = W.conv3x3_weight_grad_bf16(x, dy, 2)
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
+    ref = torch.nn.grad.conv2d_weight(x.double(), wt.shape, dy.double(), padding=1, groups=2)
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
 def test_weight_transform_is_g_w_gt_rounded_once():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(48, 20, 3, 3, generator=g)

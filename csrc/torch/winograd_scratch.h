@@ -43,14 +43,14 @@ inline int64_t winograd_chunk_tiles(int64_t T, int64_t tile_bytes, int64_t chunk
 // share one L1 set (and few L2 sets), which the transforms' stores thrash. Measured on
 // dm_nfnet_f0's bf16 convs (2-core Zen 4), forward at 14x14 96 -> 98 tiles 1.91 -> 1.76 ms, at
 // 28x28 2.60 -> 2.40, at 56x56 256 -> 258 tiles 5.22 -> 4.84 ms. A chunk given by the caller is
-// theirs: callers apply this to the one they choose.
+// theirs: callers apply this to the one they choose. winograd_aliased: whether chunk is such a one.
+inline bool winograd_aliased(int64_t chunk, std::initializer_list<int64_t> row_bytes) {
+  for (int64_t b : row_bytes)
+    if ((chunk * b) % 4096 == 0) return true;
+  return false;
+}
 inline int64_t winograd_unaliased_chunk(int64_t chunk, int64_t T, int64_t step, std::initializer_list<int64_t> row_bytes) {
-  auto aliased = [&](int64_t c) {
-    for (int64_t b : row_bytes)
-      if ((c * b) % 4096 == 0) return true;
-    return false;
-  };
-  for (int i = 0; i < 8 && aliased(chunk); ++i) {
+  for (int i = 0; i < 8 && winograd_aliased(chunk, row_bytes); ++i) {
     if (chunk + step > T) break;
     chunk += step;
   }

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
-from . import cpu_gemm, widening_gemm
+from . import cast_blocks, cpu_gemm, widening_gemm
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
 
@@ -37,9 +37,6 @@ CHUNK_BYTES = 32 << 20
 #: (511 x 2048 -> 32,000, fwd+bwd, 1 thread: 65-row chunks 8.7 s, 256 rows 5.0 s, 512 rows
 #: 4.1 s; the plain path 6.3 s).
 MIN_CHUNK_ROWS = 256
-#: bytes of one block of vocabulary rows of a weight cast to the compute dtype (a float32
-#: LM head under bf16 autocast): the cast is made a block at a time into one buffer.
-WEIGHT_BLOCK_BYTES = 16 << 20
 
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
@@ -66,50 +63,36 @@ def _kernel_ok(logits: Tensor) -> bool:
 
 
 class _WeightBlocks:
-    """The weight (V, D) in the compute dtype, as whole or a block of vocabulary rows at a time.
+    """The weight (V, D) in the compute dtype for the logits and the hidden states' gradient.
 
-    When the weight is in another dtype (a float32 LM head under bf16 autocast) and MKL's
-    float32-accumulating product runs (:mod:`widening_gemm`: the hidden states' gradient is
-    then summed over the blocks in float32 and rounded once, as one product would be), the
-    cast is made :data:`WEIGHT_BLOCK_BYTES` at a time into one reused buffer instead of a whole
-    (V, D) copy: 32,000 x 2048 is 125 MiB of fresh pages, which took 96-205 ms on a 2-core
-    Xeon against 14 ms for the blocks (twice: for the logits and for the gradient)."""
+    On the CPU a weight in another dtype (a float32 LM head under bf16 autocast) is never cast
+    whole: 32,000 x 2048 is 125 MiB of fresh pages, which took 96-205 ms on a 2-core Xeon and
+    170 ms on a 2-core EPYC (twice: for the logits and for the gradient), against ~10 ms to
+    read the float32 weight. The cast is made :data:`cast_blocks.BLOCK_BYTES` at a time into
+    one reused buffer (:mod:`cast_blocks`): the logits by blocks of vocabulary rows, the
+    gradient by blocks of the weight's columns (the same products' values); where MKL's
+    float32-accumulating product runs (:mod:`widening_gemm`), the gradient is summed over
+    blocks of vocabulary rows in float32 and rounded once, as one product would be."""
 
     def __init__(self, weight: Tensor, dtype: torch.dtype):
         self.weight, self.dtype = weight, dtype
-        self.blockwise = (weight.dtype != dtype and dtype == torch.bfloat16 and weight.device.type == "cpu"
-                          and widening_gemm.available())
-        if self.blockwise:
-            V, D = weight.shape
-            esize = torch.empty(0, dtype=dtype).element_size()
-            self.rows = cpu_gemm.block_rows(V, max(1, WEIGHT_BLOCK_BYTES // max(1, D * esize)))
-            self.buf = torch.empty((min(V, self.rows), D), dtype=dtype, device=weight.device)
-            self.whole = None
-        else:
-            self.whole = weight.to(dtype)
-
-    def blocks(self):
-        """(v0, v1, weight[v0:v1] in the compute dtype), the blocks made in turn in one buffer."""
-        V = self.weight.shape[0]
-        for v0 in range(0, V, self.rows):
-            v1 = min(V, v0 + self.rows)
-            yield v0, v1, self.buf[:v1 - v0].copy_(self.weight[v0:v1])
+        self.blockwise = weight.dtype != dtype and weight.device.type == "cpu"
+        self.whole = None if self.blockwise else weight.to(dtype)
 
     def logits(self, h: Tensor) -> Tensor:
         """h (n, D) in the compute dtype -> h @ W^T (n, V) in the compute dtype."""
         if not self.blockwise:
             return cpu_gemm.linear(h, self.whole)
-        out = torch.empty((h.shape[0], self.weight.shape[0]), dtype=self.dtype, device=h.device)
-        for v0, v1, wb in self.blocks():
-            torch.mm(h, wb.t(), out=out[:, v0:v1])
-        return out
+        return cast_blocks.linear(h, self.weight, self.dtype)
 
     def grad_hidden(self, g: Tensor) -> Tensor:
         """g (n, V) in the compute dtype -> g @ W (n, D) in the compute dtype."""
         if not self.blockwise:
             return cpu_gemm.mm(g, self.whole)
+        if self.dtype != torch.bfloat16 or not widening_gemm.available():
+            return cast_blocks.mm(g, self.weight, self.dtype)
         acc = torch.zeros((g.shape[0], self.weight.shape[1]), dtype=torch.float32, device=g.device)
-        for v0, v1, wb in self.blocks():
+        for v0, v1, wb in cast_blocks.row_blocks(self.weight, self.dtype):
             widening_gemm.addmm_(acc, g[:, v0:v1], wb)
         return acc.to(self.dtype)
 

@@ -1,0 +1,110 @@
+"""Products with a weight cast to another dtype a block at a time, into one reused buffer.
+
+Under CPU bf16 autocast a float32 weight is cast to bf16 before each product that uses it:
+``weight.to(torch.bfloat16)`` is a fresh tensor each time, and glibc maps every large block
+anew and unmaps it on free, so each cast pays a page fault per 4 KiB on first touch. In the
+connector training step (``bench/peers/train_step.py``, OpenFlamingo-3B-shaped, 2-core AMD
+EPYC) the LM head's whole cast (32,000 x 2048: 125 MiB) took 170 ms and the frozen LM layers'
+casts (2048 x 5632 and the attention projections, forward and backward) ~200 ms, against
+~10 ms to read the float32 weights. Here the weight is cast :data:`BLOCK_BYTES` at a time into
+a buffer each thread keeps, and each block's product writes its own columns of the result:
+
+- :func:`linear`: ``x @ weight.T (+ bias)``, blocks of the weight's rows (output features);
+- :func:`mm`: ``g @ weight``, blocks of the weight's columns (the product's output columns).
+
+Each output element is still one product's dot product over the whole reduction dimension,
+so the results are those of the whole cast's product up to the order the product's kernel
+sums in, which may depend on its number of columns (bitwise for the connector step's bf16
+shapes here: 32,000 x 2048, 5632 x 2048, 2048 x 5632, 2048 x 2048, both products).
+A block's values are valid until the calling thread's next cast; the products here never
+nest, and each thread has its own buffer.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import cpu_gemm
+
+__all__ = ["BLOCK_BYTES", "linear", "mm", "row_blocks"]
+
+#: bytes of one block of the cast weight (the buffer's size unless one row or column needs more)
+BLOCK_BYTES = 16 << 20
+
+_local = threading.local()
+
+
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A (numel,) view of the calling thread's buffer for ``device`` as ``dtype``, grown to
+    the largest size asked (at least :data:`BLOCK_BYTES`) and kept."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(device)
+    if buf is None or buf.numel() < nbytes:
+        buf = bufs[device] = torch.empty(max(nbytes, BLOCK_BYTES), dtype=torch.uint8, device=device)
+    return buf[:nbytes].view(dtype)
+
+
+def _check(a: Tensor, weight: Tensor, dtype: torch.dtype, dim: int, name: str) -> None:
+    if a.dim() != 2 or weight.dim() != 2 or a.shape[1] != weight.shape[dim]:
+        want = "x (n, K) and weight (N, K)" if dim == 1 else "g (n, N) and weight (N, K)"
+        raise ValueError(f"cast_blocks.{name}: expected {want}, got {tuple(a.shape)} and {tuple(weight.shape)}")
+    if a.dtype != dtype:
+        raise TypeError(f"cast_blocks.{name}: expected the activations in {dtype}, got {a.dtype}")
+    if a.device != weight.device:
+        raise ValueError(f"cast_blocks.{name}: expected one device, got {a.device} and {weight.device}")
+
+
+def row_blocks(weight: Tensor, dtype: torch.dtype) -> Iterator[Tuple[int, int, Tensor]]:
+    """(r0, r1, weight[r0:r1] cast to ``dtype``) for balanced blocks of at most
+    :data:`BLOCK_BYTES`, each made in turn in the calling thread's buffer."""
+    N, K = weight.shape
+    esize = torch.empty(0, dtype=dtype).element_size()
+    rows = cpu_gemm.block_rows(N, BLOCK_BYTES // max(1, K * esize))
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        yield r0, r1, _buffer((r1 - r0) * K, dtype, weight.device).view(r1 - r0, K).copy_(weight[r0:r1])
+
+
+def linear(x: Tensor, weight: Tensor, dtype: torch.dtype, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ weight.to(dtype).T (+ bias.to(dtype))`` without a whole cast of the weight.
+
+    Args:
+        x: (n, K) in ``dtype``.
+        weight: (N, K) any floating dtype, any strides.
+        bias: (N,) or None.
+    Returns:
+        (n, N) in ``dtype``, contiguous.
+    """
+    _check(x, weight, dtype, 1, "linear")
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=dtype, device=x.device)
+    b = None if bias is None else bias.to(dtype)
+    for r0, r1, wb in row_blocks(weight, dtype):
+        out[:, r0:r1] = cpu_gemm.linear(x, wb, None if b is None else b[r0:r1])
+    return out
+
+
+def mm(g: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``g @ weight.to(dtype)`` without a whole cast of the weight: blocks of its columns.
+
+    Args:
+        g: (n, N) in ``dtype``.
+        weight: (N, K) any floating dtype, any strides.
+    Returns:
+        (n, K) in ``dtype``, contiguous.
+    """
+    _check(g, weight, dtype, 0, "mm")
+    N, K = weight.shape
+    esize = torch.empty(0, dtype=dtype).element_size()
+    cols = cpu_gemm.block_rows(K, BLOCK_BYTES // max(1, N * esize))
+    out = torch.empty((g.shape[0], K), dtype=dtype, device=g.device)
+    for c0 in range(0, K, cols):
+        c1 = min(K, c0 + cols)
+        wb = _buffer(N * (c1 - c0), dtype, weight.device).view(N, c1 - c0).copy_(weight[:, c0:c1])
+        out[:, c0:c1] = cpu_gemm.mm(g, wb)
+    return out

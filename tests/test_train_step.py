@@ -120,6 +120,37 @@ def test_activation_checkpointing_same_gradients(world, tmp_path):
         torch.testing.assert_close(out[1][id(p)], out[0][id(p)], rtol=1e-6, atol=1e-8)
 
 
+def test_cpu_block_cache_same_step(world, tmp_path):
+    """train_step(cpu_block_cache=True): the step's large tensors come from the CPU block cache
+    (its hits grow; the scope is closed after the step), and the step is the same: equal
+    losses, gradients and updated weights."""
+    from flamingo_rt.runtime import cpu_cache
+
+    tr = _trainer(world, tmp_path, steps=1, open_gates=True)
+    batches, targets, _ = tr._batches()
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    out = []
+    for cached in (False, True, True):
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        opt = _GradCapture(params, lr=0.1)
+        hits = cpu_cache.stats().hits
+        res = train_step(tr.model, batches, {"docs": 1.0, "pairs": 0.2, "video": 0.03}, targets, opt,
+                         cpu_block_cache=cached)
+        assert cpu_cache.depth() == 0
+        if cached and cpu_cache.enabled():
+            assert cpu_cache.stats().hits > hits
+        out.append((res.losses, opt.captured, [p.detach().clone() for p in params]))
+    for losses, grads, after in out[1:]:
+        assert losses == out[0][0]
+        for p, a, b in zip(params, after, out[0][2]):
+            assert torch.equal(grads[id(p)], out[0][1][id(p)]) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="expected cpu_block_cache true or false, got 'yes'"):
+        TrainConfig.from_dict(train_config_dict(world["model"].parent, tmp_path / "bad", 1, cpu_block_cache="yes"))
+
+
 def test_bf16_autocast_step_close_to_fp32(world, tmp_path):
     tr = _trainer(world, tmp_path, steps=1, open_gates=True)
     batches, targets, _ = tr._batches()

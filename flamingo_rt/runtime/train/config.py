@@ -175,6 +175,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     activation_checkpointing: bool = False
+    #: CPU: each step's large tensors from blocks kept mapped between steps (train_step's
+    #: cpu_block_cache: a few % faster, ~100 MiB more at the step's peak on the connector step)
+    cpu_block_cache: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     checkpoint_every: int = 100
@@ -211,6 +214,8 @@ class TrainConfig:
             _check(self.strategy != "fsdp",
                    "freeze.frozen_linear_dtype is supported with strategy 'auto', 'none' or 'ddp' "
                    "(FSDP2's mixed-dtype layers are not), got 'fsdp'")
+        _check(isinstance(self.cpu_block_cache, bool),
+               f"expected cpu_block_cache true or false, got {self.cpu_block_cache!r}")
         _check(int(self.checkpoint_every) >= 1, f"expected checkpoint_every >= 1, got {self.checkpoint_every}")
         _check(int(self.keep_checkpoints) >= 1, f"expected keep_checkpoints >= 1, got {self.keep_checkpoints}")
         _check(int(self.log_every) >= 1, f"expected log_every >= 1, got {self.log_every}")

@@ -219,7 +219,7 @@ class Trainer:
                     res = train_step(self.wrapped, batches, weights, targets, self.optimizer, self.scheduler,
                                      step=self.step + 1, grad_clip=cfg.optim.grad_clip, autocast_dtype=autocast,
                                      backend=cfg.backend, no_sync=self._no_sync, grad_mask=self.grad_mask,
-                                     factored=cfg.optim.factored_grads)
+                                     factored=cfg.optim.factored_grads, cpu_block_cache=cfg.cpu_block_cache)
                 except NonFiniteLossError as e:
                     log.message(f"stopped: {e}")
                     raise

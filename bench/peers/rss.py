@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
@@ -28,11 +28,16 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(step: Callable[[], object], steps: int = 2) -> Dict[str, float]:
+def measure(step: Callable[[], object], steps: int = 2,
+            before_base: Optional[Callable[[], object]] = None) -> Dict[str, float]:
     """In this process (started with :data:`ENV`): ``step`` once (warm-up: lazily allocated
-    state such as AdamW's), then ``steps`` times under a reset high-water mark. Returns
-    ``peak_mib``, ``base_mib``, ``step_mib`` and the mean ``step_s``."""
+    state such as AdamW's), ``before_base`` (frees what the step keeps between steps but
+    makes again: scratch buffers, allocator caches, so they count in the step, not in the
+    base), then ``steps`` times under a reset high-water mark. Returns ``peak_mib``,
+    ``base_mib``, ``step_mib`` and the mean ``step_s``."""
     step()
+    if before_base is not None:
+        before_base()
     gc.collect()
     base = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")

@@ -21,33 +21,22 @@ nest, and each thread has its own buffer.
 """
 from __future__ import annotations
 
-import threading
 from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import cpu_gemm
+from . import cpu_gemm, scratch
 
 __all__ = ["BLOCK_BYTES", "linear", "mm", "row_blocks"]
 
 #: bytes of one block of the cast weight (the buffer's size unless one row or column needs more)
 BLOCK_BYTES = 16 << 20
 
-_local = threading.local()
-
-
 def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A (numel,) view of the calling thread's buffer for ``device`` as ``dtype``, grown to
-    the largest size asked (at least :data:`BLOCK_BYTES`) and kept."""
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
-    buf = bufs.get(device)
-    if buf is None or buf.numel() < nbytes:
-        buf = bufs[device] = torch.empty(max(nbytes, BLOCK_BYTES), dtype=torch.uint8, device=device)
-    return buf[:nbytes].view(dtype)
+    """A (numel,) view of the calling thread's cast buffer (:mod:`scratch`, at least
+    :data:`BLOCK_BYTES`)."""
+    return scratch.buffer("cast_blocks", numel, dtype, device, min_bytes=BLOCK_BYTES)
 
 
 def _check(a: Tensor, weight: Tensor, dtype: torch.dtype, dim: int, name: str) -> None:

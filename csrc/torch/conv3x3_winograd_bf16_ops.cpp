@@ -116,11 +116,12 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& u, const c10::option
   const int64_t P = kWinogradF23Points * groups;
   int64_t chunk = winograd_chunk_tiles(T, P * (cg * 2 + cog * 4), kChunkBytes, kMinChunkTiles, chunk_tiles);
   if (chunk_tiles == 0) {
-    chunk = winograd_unaliased_chunk(chunk, T, 1, {groups * cg * 2, groups * cog * 4});
+    const std::initializer_list<int64_t> row_bytes = {groups * cg * 2, groups * cog * 4};  // V, M
+    chunk = winograd_unaliased_chunk(chunk, T, 1, row_bytes);
     // one aliased range of at least 64 tiles: two ranges instead (F0's 7x7 convs, 64 tiles of
-    // 6 groups of 128 channels: 0.61 -> 0.56 ms)
-    if (chunk >= T && T >= 64 && winograd_aliased(T, {groups * cg * 2, groups * cog * 4}))
-      chunk = winograd_unaliased_chunk((T + 1) / 2, T, 1, {groups * cg * 2, groups * cog * 4});
+    // 6 groups of 128 channels: 0.61 -> 0.57 ms)
+    if (chunk >= T && T >= 64 && winograd_aliased(T, row_bytes))
+      chunk = winograd_unaliased_chunk((T + 1) / 2, T, 1, row_bytes);
   }
   // V (bf16) then M (float32), each on whole cache lines of the per-thread scratch
   const int64_t v_bytes = winograd_lines(P * chunk * cg * 2);
@@ -169,7 +170,8 @@ at::Tensor weight_grad_impl(const at::Tensor& x, const at::Tensor& dy, int64_t g
   if (T == 0) return dw.zero_();
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor dyc = dy.contiguous(at::MemoryFormat::ChannelsLast);
-  // tiles per chunk: even (the products take them in pairs); Vp and Yp at least 4 MiB and twice dL/dU
+  // tiles per chunk: even (the products take them in pairs); Vp and Yp at least 4 MiB and
+  // twice dL/dU
   int64_t chunk = winograd_weight_grad_chunk_tiles(T, P * (cg + cog) * 2, P * cg * cog * 4, kMinChunkTiles, chunk_tiles);
   chunk = std::min<int64_t>(T, (chunk + 1) / 2 * 2);
   if (chunk_tiles == 0) chunk = winograd_unaliased_chunk(chunk, T, 2, {groups * cg * 2, groups * cog * 2});

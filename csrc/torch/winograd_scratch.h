@@ -60,8 +60,8 @@ inline int64_t winograd_unaliased_chunk(int64_t chunk, int64_t T, int64_t step, 
 // Tiles per chunk for a weight gradient, whose ranges but the last each add a pass over
 // dL/dU (du_bytes, read and written; the last range's products go straight to dw): the
 // chunk's transforms take at least 4 MiB and twice du_bytes, so that pass costs at most half
-// of what the transforms move, and a dL/dU larger than the whole transforms' half (dm_nfnet_f0's
-// 14x14 convs: 6 MiB) is never made. Measured on F0's gradients (2-core Zen 4, old / new ms):
+// of what the transforms move; where twice du_bytes exceeds all tiles' transforms, one range
+// takes them all and no dL/dU is made (dm_nfnet_f0's bf16 14x14 convs: 6 MiB). Measured on F0's gradients (2-core Zen 4, old / new ms):
 // bf16 14x14 2.01 / 1.75, 28x28 2.45 / 2.33, 56x56 4.83 / 4.56; float32 28x28 2.87 / 2.71,
 // 56x56 5.63 / 5.35 (2 MiB chunks before).
 inline int64_t winograd_weight_grad_chunk_tiles(int64_t T, int64_t tile_bytes, int64_t du_bytes, int64_t min_tiles,

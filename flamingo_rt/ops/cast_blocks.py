@@ -49,15 +49,23 @@ def _check(a: Tensor, weight: Tensor, dtype: torch.dtype, dim: int, name: str) -
         raise ValueError(f"cast_blocks.{name}: expected one device, got {a.device} and {weight.device}")
 
 
+def _blocks(weight: Tensor, dtype: torch.dtype, dim: int) -> Iterator[Tuple[int, int, Tensor]]:
+    """(lo, hi, the weight's rows (dim 0) or columns (dim 1) lo:hi cast to ``dtype``) for
+    balanced blocks of at most :data:`BLOCK_BYTES`, each made in turn in the calling thread's
+    buffer (contiguous)."""
+    n, other = weight.shape[dim], weight.shape[1 - dim]
+    esize = torch.empty(0, dtype=dtype).element_size()
+    step = cpu_gemm.block_rows(n, BLOCK_BYTES // max(1, other * esize))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        src = weight[lo:hi] if dim == 0 else weight[:, lo:hi]
+        yield lo, hi, _buffer(src.numel(), dtype, weight.device).view(src.shape).copy_(src)
+
+
 def row_blocks(weight: Tensor, dtype: torch.dtype) -> Iterator[Tuple[int, int, Tensor]]:
     """(r0, r1, weight[r0:r1] cast to ``dtype``) for balanced blocks of at most
     :data:`BLOCK_BYTES`, each made in turn in the calling thread's buffer."""
-    N, K = weight.shape
-    esize = torch.empty(0, dtype=dtype).element_size()
-    rows = cpu_gemm.block_rows(N, BLOCK_BYTES // max(1, K * esize))
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        yield r0, r1, _buffer((r1 - r0) * K, dtype, weight.device).view(r1 - r0, K).copy_(weight[r0:r1])
+    return _blocks(weight, dtype, 0)
 
 
 def linear(x: Tensor, weight: Tensor, dtype: torch.dtype, bias: Optional[Tensor] = None) -> Tensor:
@@ -73,8 +81,11 @@ def linear(x: Tensor, weight: Tensor, dtype: torch.dtype, bias: Optional[Tensor]
     _check(x, weight, dtype, 1, "linear")
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=dtype, device=x.device)
     b = None if bias is None else bias.to(dtype)
-    for r0, r1, wb in row_blocks(weight, dtype):
-        out[:, r0:r1] = cpu_gemm.linear(x, wb, None if b is None else b[r0:r1])
+    for r0, r1, wb in _blocks(weight, dtype, 0):  # each block's product straight into its columns
+        if b is None:
+            torch.mm(x, wb.t(), out=out[:, r0:r1])
+        else:
+            torch.addmm(b[r0:r1], x, wb.t(), out=out[:, r0:r1])
     return out
 
 
@@ -88,12 +99,7 @@ def mm(g: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
         (n, K) in ``dtype``, contiguous.
     """
     _check(g, weight, dtype, 0, "mm")
-    N, K = weight.shape
-    esize = torch.empty(0, dtype=dtype).element_size()
-    cols = cpu_gemm.block_rows(K, BLOCK_BYTES // max(1, N * esize))
-    out = torch.empty((g.shape[0], K), dtype=dtype, device=g.device)
-    for c0 in range(0, K, cols):
-        c1 = min(K, c0 + cols)
-        wb = _buffer(N * (c1 - c0), dtype, weight.device).view(N, c1 - c0).copy_(weight[:, c0:c1])
-        out[:, c0:c1] = cpu_gemm.mm(g, wb)
+    out = torch.empty((g.shape[0], weight.shape[1]), dtype=dtype, device=g.device)
+    for c0, c1, wb in _blocks(weight, dtype, 1):
+        torch.mm(g, wb, out=out[:, c0:c1])
     return out

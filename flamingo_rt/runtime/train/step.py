@@ -109,7 +109,8 @@ def train_step(
             next instead of fresh pages (first-touch page faults); faster (the issue-7
             connector step on a 2-core EPYC: bf16 3.55-3.75 -> 3.47 s, float32 5.97-6.05 ->
             5.74-5.77 s) for memory held between steps and a higher peak (one step adds
-            382 -> 486 MiB in bf16, 523 -> 645 MiB in float32). The same values either way.
+            382 -> 486 MiB in bf16, 523 -> 645 MiB in float32, the cache emptied before the
+            base). The same values either way.
     Raises:
         NonFiniteLossError naming the dataset and step when a loss (or the gradient norm) is
         not finite; gradients are cleared and nothing is applied.

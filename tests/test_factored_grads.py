@@ -164,6 +164,40 @@ def test_feed_forward_hands_its_weight_gradients_as_factors(variant, precision, 
             assert rel_err(g, exact[i].grad) <= 2 * rel_err(dense[i].grad, exact[i].grad) + floor, i
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_gate_gradient_takes_no_product_of_its_own(dtype, monkeypatch):
+    """In float32 / float64 the factored backward's gate gradient is sum(a * da) from the input
+    gradient's own da = dy W2: the gated FF makes as many products as the ungated one, and the
+    gate's gradient equals float64's sum(dy * FF(x))."""
+    import importlib
+
+    ffm = importlib.import_module("flamingo_rt.ops.feed_forward")
+    monkeypatch.setattr(fg, "MAX_FRACTION", 1e6)
+    calls = []
+    for name in ("_mm_parts", "mm"):  # the module's products
+        real = getattr(ffm, name)
+        monkeypatch.setattr(ffm, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    ins, dy = _ff_inputs(dtype)
+
+    def backward_products(gated: bool):
+        x, gamma, beta, w1, w2, gate = [t.clone().requires_grad_() for t in ins]
+        y = feed_forward(x, gamma, beta, w1, w2, residual=True, gate=gate if gated else None)
+        calls.clear()
+        with fg.collecting(fg.FactoredGrads([w1, w2])):
+            y.backward(dy.to(dtype))
+        return len(calls), gate.grad
+
+    n_plain, _ = backward_products(False)
+    n_gated, dgate = backward_products(True)
+    assert n_gated == n_plain
+    x, gamma, beta, w1, w2, _ = [t.double() for t in ins]
+    xn = torch.nn.functional.layer_norm(x, (x.shape[1],), gamma, beta)
+    f = torch.nn.functional.gelu(xn @ w1.t()) @ w2.t()
+    want = (dy.double() * f).sum()
+    assert dgate is not None and abs(float(dgate) - float(want)) <= (1e-5 if dtype == torch.float32 else 1e-12) * float(
+        (dy.double() * f).abs().sum())
+
+
 def test_accumulation_turns_dense_when_factors_outgrow_the_gradient():
     """Two backward passes whose factors together would outgrow the gradient: the first's are
     written into .grad when the second comes, which accumulates densely there."""

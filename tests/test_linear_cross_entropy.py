@@ -84,6 +84,24 @@ def test_all_rows_ignored_gives_zero_loss_and_gradient():
     assert loss.item() == 0.0 and not gh.any() and not gw.any()
 
 
+def test_rows_without_a_loss_are_never_multiplied(monkeypatch):
+    """Ignored rows (padding, <image> targets) never reach the head's products, and their
+    gradient is exactly 0; the loss and the other rows' gradients are the reference's."""
+    from flamingo_rt.ops import linear_cross_entropy as lce
+
+    rows = []
+    real = lce._WeightBlocks.logits
+    monkeypatch.setattr(lce._WeightBlocks, "logits", lambda self, h: rows.append(h.shape[0]) or real(self, h))
+    h, w, t = _inputs(40, 16, 53, torch.float32, ignore_frac=0.4)
+    got = _loss_and_grads(linear_cross_entropy, h, w, t, chunk_rows=8)
+    valid = t != -100
+    assert 0 < int(valid.sum()) < 40 and sum(rows) == int(valid.sum())
+    assert not got[1][~valid].any()
+    want = _loss_and_grads(linear_cross_entropy_reference, h, w, t)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 2e-6
+
+
 def test_errors_say_what_was_expected():
     h, w, t = _inputs(4, 8, 11, torch.float32)
     with pytest.raises(IndexError, match=r"\[0, 11\)"):

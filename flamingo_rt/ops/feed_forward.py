@@ -239,6 +239,10 @@ def _ff_bwd_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tens
 _ff_bwd_op = torch.library.custom_op("flamingo_rt::feed_forward_backward", mutates_args=())(_ff_bwd_op_impl)
 
 
+#: compute dtypes whose products are rounded to 16 bits (the gate's gradient is then not made from them)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _ff_bwd_factored_op_impl(
         dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
         gate: Optional[Tensor], eps: float, kind: str, residual: bool,
@@ -247,8 +251,12 @@ def _ff_bwd_factored_op_impl(
     (dx (or empty), dgamma, dbeta, dgate (or empty), dh, xn, dyc, a) where dW1 = dh^T xn and
     dW2 = gate * dyc^T a; dh, a (R, inner) and xn, dyc (R, D) in the compute dtype.
 
-    The gate's gradient <W2, dy^T a> is computed as sum(dy * (a W2^T)): one (rows, D) product
-    (a quarter of the dense path's dW2 product), summed in float32 / float64."""
+    The gate's gradient <W2, dy^T a> = sum(dy * (a W2^T)) = sum(a * (dy W2)): in float32 /
+    float64 from da = dy W2, which the input gradient makes anyway (no product of its own; the
+    connector step of issue 7 in float32 made a (512 x 8192) x (8192 x 2048) product per block
+    for it, 2 x 80 ms); in a 16-bit compute dtype da is rounded, and its sum against a would
+    lose the gate's gradient to cancellation, so there FF's output f = a W2^T is made again
+    (one (rows, D) product, accumulated in float32) and summed against the unrounded dy."""
     with torch.autocast(x.device.type, enabled=False):
         cd = h.dtype
         R, D = x.shape
@@ -273,7 +281,7 @@ def _ff_bwd_factored_op_impl(
             r1 = min(R, r0 + step)
             hc = h[r0:r1]
             a = _act_into(hc, kind, a_all[r0:r1])
-            if g is not None:
+            if g is not None and cd in _HALF_DTYPES:
                 # the gate's gradient sum(dy * f) with f = a W2^T (the ungated FF output, not
                 # kept from the forward) remade as one (rows, D) product, accumulated in float32
                 # (bf16: MKL's widening product) against the unrounded dy; dy W2 rounded to
@@ -291,6 +299,8 @@ def _ff_bwd_factored_op_impl(
             dh = _mm_parts(dyc[r0:r1], w2c, False, out=dst)  # da, made dh in place below
             if dh.data_ptr() != dst.data_ptr():  # a product that made its own output (oneDNN)
                 dh = dst.copy_(dh)
+            if g is not None and cd not in _HALF_DTYPES:  # sum(a * da), before da becomes dh in place
+                dgate += torch.dot(a.reshape(-1), dh.reshape(-1)).to(torch.float64)
             if not several:  # w1's cast once w2's is no longer needed
                 del w2c
                 w1c = _cast_parts(w1, cd, 1)

@@ -163,6 +163,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
         targets: (N,) int64 in [0, V), or ``ignore_index`` for rows without a loss.
         chunk_rows: rows per chunk (default: :data:`CHUNK_BYTES` of logits in the compute
             dtype, at least :data:`MIN_CHUNK_ROWS` rows).
+    Rows whose target is ``ignore_index`` are dropped before the products (eager mode), so
+    a padded batch pays only for its tokens with a loss.
     Returns:
         float32 scalar (the sum, not the mean); differentiable in hidden and weight.
     """
@@ -177,6 +179,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     if bool((valid & ((targets < 0) | (targets >= V))).any()):
         bad = targets[valid & ((targets < 0) | (targets >= V))][:5].tolist()
         raise IndexError(f"targets must be in [0, {V}) or {ignore_index}; got {bad}")
+    if not torch.compiler.is_compiling() and not bool(valid.all()):
+        # rows without a loss (padding, <image> targets) add 0 and get a 0 gradient: their
+        # logits are never made (index_select's backward puts the zeros back)
+        keep = valid.nonzero().squeeze(1)
+        hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
     dtype = _compute_dtype(hidden, weight)
     esize = torch.empty(0, dtype=dtype).element_size()
     chunk = int(chunk_rows) if chunk_rows else max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(V * esize, 1))

@@ -54,6 +54,15 @@ def _resampler_run(backend="cpu"):
     return (out, *torch.autograd.grad(out, xs, go))
 
 
+def _resampler_kvpacked_run(backend="cpu"):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, 2, 16, generator=g).requires_grad_(True)
+    kv_x = torch.randn(3, 7, 2, 2, 16, generator=g).requires_grad_(True)
+    kv_l = torch.randn(3, 4, 2, 2, 16, generator=g).requires_grad_(True)
+    out = ops.resampler_attention_kvpacked(q, kv_x, kv_l, backend=backend)
+    return (out, *torch.autograd.grad(out, (q, kv_x, kv_l), torch.randn(out.shape, generator=g)))
+
+
 def _grads(out, inputs, seed=3):
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
     return (out, *torch.autograd.grad(out, inputs, go))
@@ -106,7 +115,8 @@ def _np_run(backend=None):
     return (inf, *_grads(y, [x, *ps]))
 
 
-RUNS = {"xattn": _xattn_run, "resampler": _resampler_run, "feed_forward": _ff_run,
+RUNS = {"xattn": _xattn_run, "resampler": _resampler_run, "resampler_kvpacked": _resampler_kvpacked_run,
+        "feed_forward": _ff_run,
         "gated_linear_residual": _glr_run, "nfnet_ops": _nf_run, "norm_project": _np_run}
 
 
@@ -136,7 +146,7 @@ def _eager_ops():
     mods = [importlib.import_module(f"flamingo_rt.ops.{m}")
             for m in ("xattn", "resampler", "feed_forward", "gated_linear_residual", "nfconv", "norm_project")]
     found = [v for m in mods for v in vars(m).values() if isinstance(v, _eager.EagerOp)]
-    assert len(found) == 18, len(found)  # 2 + 2 + 3 + 2 + 7 + 2
+    assert len(found) == 20, len(found)  # 2 + 4 + 3 + 2 + 7 + 2
     return found
 
 

@@ -9,6 +9,8 @@
 //                                      float scale) -> Tensor
 //   flamingo_rt_C::resampler_attention_backward(Tensor grad_out, Tensor q, Tensor k_x,
 //       Tensor v_x, Tensor k_l, Tensor v_l, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+//   flamingo_rt_C::resampler_attention_backward_kvpacked(...the same...) -> (Tensor dq,
+//       Tensor dkv_x (N, S, 2, H, dh), Tensor dkv_l (N, L', 2, H, dh))
 //
 // The resampler ops: q (N, L, H, dh) latent queries of N media, each against the keys
 // [k_x; k_l] of its own medium, k_x/v_x (N, S, H, dh) from the features and k_l/v_l
@@ -131,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xattn_bwd_cpu(
 
 constexpr const char* kRFwd = "flamingo_rt_C::resampler_attention";
 constexpr const char* kRBwd = "flamingo_rt_C::resampler_attention_backward";
+constexpr const char* kRBwdPacked = "flamingo_rt_C::resampler_attention_backward_kvpacked";
 
 void check_resampler(const char* op, const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
                      const at::Tensor& k_l, const at::Tensor& v_l, const at::Tensor* grad_out) {
@@ -198,15 +201,15 @@ at::Tensor resampler_cpu(const at::Tensor& q, const at::Tensor& k_x, const at::T
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resampler_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
-    const at::Tensor& k_l, const at::Tensor& v_l, double scale) {
-  check_resampler(kRBwd, q, k_x, v_x, k_l, v_l, &grad_out);
-  const DType dt = to_dtype(kRBwd, q, /*allow_half=*/false, "CPU");
+// The resampler's backward into the given gradient tensors (any strides: views of packed
+// (N, S, 2, H, dh) buffers for the kv-packed op).
+void resampler_bwd_into(const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_x,
+                        const at::Tensor& v_x, const at::Tensor& k_l, const at::Tensor& v_l, double scale,
+                        const at::Tensor& dq, const at::Tensor& dk_x, const at::Tensor& dv_x,
+                        const at::Tensor& dk_l, const at::Tensor& dv_l) {
+  check_resampler(op, q, k_x, v_x, k_l, v_l, &grad_out);
+  const DType dt = to_dtype(op, q, /*allow_half=*/false, "CPU");
   const at::Tensor mi = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kInt));
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk_x = at::empty(k_x.sizes(), k_x.options()), dv_x = at::empty(v_x.sizes(), v_x.options());
-  at::Tensor dk_l = at::empty(k_l.sizes(), k_l.options()), dv_l = at::empty(v_l.sizes(), v_l.options());
   ImageCausalAttnBackwardParams p;
   fill_resampler(p, dt, q, k_x, v_x, k_l, v_l, mi, scale);
   p.grad_out = grad_out.data_ptr(); copy_strides(p.grad_out_strides, grad_out);
@@ -215,8 +218,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resampler
   p.dv = dv_x.data_ptr(); media_strides(p.dv_strides, dv_x);
   p.dk_tail = dk_l.data_ptr(); media_strides(p.dk_tail_strides, dk_l);
   p.dv_tail = dv_l.data_ptr(); media_strides(p.dv_tail_strides, dv_l);
-  check_status(kRBwd, "CPU", image_causal_attention_bwd_cpu(p));
+  check_status(op, "CPU", image_causal_attention_bwd_cpu(p));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resampler_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
+    const at::Tensor& k_l, const at::Tensor& v_l, double scale) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk_x = at::empty(k_x.sizes(), k_x.options()), dv_x = at::empty(v_x.sizes(), v_x.options());
+  at::Tensor dk_l = at::empty(k_l.sizes(), k_l.options()), dv_l = at::empty(v_l.sizes(), v_l.options());
+  resampler_bwd_into(kRBwd, grad_out, q, k_x, v_x, k_l, v_l, scale, dq, dk_x, dv_x, dk_l, dv_l);
   return {dq, dk_x, dv_x, dk_l, dv_l};
+}
+
+// (dq, d[k_x | v_x] (N, S, 2, H, dh), d[k_l | v_l] (N, L', 2, H, dh)): the keys' and values'
+// gradients written side by side, as the packed [K | V] projection that made k and v wants
+// them (no stack of two separate gradients afterwards).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> resampler_bwd_kvpacked_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_x, const at::Tensor& v_x,
+    const at::Tensor& k_l, const at::Tensor& v_l, double scale) {
+  TORCH_CHECK(k_x.dim() == 4 && k_l.dim() == 4, kRBwdPacked, ": expected k_x, k_l of shape (N, S, H, dh), got ",
+              k_x.sizes(), " and ", k_l.sizes());
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dkv_x = at::empty({k_x.size(0), k_x.size(1), 2, k_x.size(2), k_x.size(3)}, k_x.options());
+  at::Tensor dkv_l = at::empty({k_l.size(0), k_l.size(1), 2, k_l.size(2), k_l.size(3)}, k_l.options());
+  resampler_bwd_into(kRBwdPacked, grad_out, q, k_x, v_x, k_l, v_l, scale, dq, dkv_x.select(2, 0),
+                     dkv_x.select(2, 1), dkv_l.select(2, 0), dkv_l.select(2, 1));
+  return {dq, dkv_x, dkv_l};
 }
 
 }  // namespace
@@ -235,6 +263,9 @@ TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
   m.def(
       "resampler_attention_backward(Tensor grad_out, Tensor q, Tensor k_x, Tensor v_x, Tensor k_l, "
       "Tensor v_l, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "resampler_attention_backward_kvpacked(Tensor grad_out, Tensor q, Tensor k_x, Tensor v_x, "
+      "Tensor k_l, Tensor v_l, float scale) -> (Tensor, Tensor, Tensor)");
   // whether the bfloat16 attention forwards above run on AMX tiles (flamingo_rt::cpu_amx_enabled)
   m.def("cpu_amx_enabled() -> bool", [] { return flamingo_rt::cpu_amx_enabled(); });
 }
@@ -244,5 +275,6 @@ TORCH_LIBRARY_IMPL(flamingo_rt_C, CPU, m) {
   m.impl("image_causal_attention_backward", &flamingo_rt::torch_ops::xattn_bwd_cpu);
   m.impl("resampler_attention", &flamingo_rt::torch_ops::resampler_cpu);
   m.impl("resampler_attention_backward", &flamingo_rt::torch_ops::resampler_bwd_cpu);
+  m.impl("resampler_attention_backward_kvpacked", &flamingo_rt::torch_ops::resampler_bwd_kvpacked_cpu);
 }
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import norm_project_iter, resampler_attention
+from ..ops import norm_project_iter, resampler_attention_kvpacked
 from ..ops.feed_forward import module_feed_forward
 from ..ops.linear import Linear
 from ..ops.fused_linear import linear_packed, linear_residual
@@ -136,9 +136,10 @@ class PerceiverAttention(nn.Module):
         q = linear_packed(ln, self.to_q.weight, self.to_q.bias).view(n, L, H, dh)
         if kv_x is None:
             kv_x = linear_packed(self.norm_media(x), self.to_kv.weight, self.to_kv.bias)
-        k_x, v_x = kv_x.view(n, S, 2, H, dh).unbind(2)
-        k_l, v_l = linear_packed(ln, self.to_kv.weight, self.to_kv.bias).view(n, L, 2, H, dh).unbind(2)
-        out = resampler_attention(q, k_x, v_x, k_l, v_l, scale=dh ** -0.5, backend=backend).reshape(n, L, H * dh)
+        kv_l = linear_packed(ln, self.to_kv.weight, self.to_kv.bias).view(n, L, 2, H, dh)
+        # [K | V] as to_kv made them; their gradients come back in that layout (no stack)
+        out = resampler_attention_kvpacked(q, kv_x.view(n, S, 2, H, dh), kv_l, scale=dh ** -0.5,
+                                           backend=backend).reshape(n, L, H * dh)
         if residual:
             return linear_residual(out, self.to_out.weight, self.to_out.bias, latents)
         return self.to_out(out)

@@ -6,7 +6,7 @@ set of backends chosen by :mod:`flamingo_rt.ops.backend`.
 """
 from . import backend, reference
 from .xattn import image_causal_attention
-from .resampler import resampler_attention
+from .resampler import resampler_attention, resampler_attention_kvpacked
 from .norm_project import norm_project, norm_project_iter
 from .feed_forward import feed_forward
 from .gated_linear_residual import gated_linear_residual
@@ -21,6 +21,7 @@ __all__ = [
     "reference",
     "image_causal_attention",
     "resampler_attention",
+    "resampler_attention_kvpacked",
     "norm_project",
     "norm_project_iter",
     "feed_forward",

@@ -108,7 +108,21 @@ def _make_resampler():
             grad_out = grad_out.to(q.dtype)
         return torch.ops.flamingo_rt_C.resampler_attention_backward(grad_out, q, k_x, v_x, k_l, v_l, float(scale))
 
-    return resampler_attention, resampler_attention_backward
+    def resampler_attention_backward_kvpacked(grad_out: Tensor, q: Tensor, kv_x: Tensor, kv_l: Tensor,
+                                              scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """(dq, dkv_x (N, S, 2, H, dh), dkv_l (N, L, 2, H, dh)): the keys' and values'
+        gradients written by the kernel side by side, in the packed layout of kv_x / kv_l."""
+        k_x, v_x = kv_x.unbind(2)
+        k_l, v_l = kv_l.unbind(2)
+        if q.dtype not in dtypes:
+            dq, dk_x, dv_x, dk_l, dv_l = _reference(RESAMPLER_OP + ".backward")(grad_out, q, k_x, v_x, k_l, v_l, scale)
+            return dq, torch.stack((dk_x, dv_x), 2), torch.stack((dk_l, dv_l), 2)
+        if grad_out.dtype != q.dtype:
+            grad_out = grad_out.to(q.dtype)
+        return torch.ops.flamingo_rt_C.resampler_attention_backward_kvpacked(grad_out, q, k_x, v_x, k_l, v_l,
+                                                                           float(scale))
+
+    return resampler_attention, resampler_attention_backward, resampler_attention_backward_kvpacked
 
 
 # ---- NFNet: ws_standardize, se_residual (issue 5) -------------------------------------
@@ -212,9 +226,10 @@ def register_all() -> bool:
     xf, xb = _make_xattn()
     _backend.register(XATTN_OP, "cpu", xf)
     _backend.register(XATTN_OP + ".backward", "cpu", xb)
-    rf, rb = _make_resampler()
+    rf, rb, rbp = _make_resampler()
     _backend.register(RESAMPLER_OP, "cpu", rf)
     _backend.register(RESAMPLER_OP + ".backward", "cpu", rb)
+    _backend.register(RESAMPLER_OP + ".backward_kvpacked", "cpu", rbp)
     _register_nfnet(devices)
     return True
 

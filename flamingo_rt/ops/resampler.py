@@ -68,6 +68,64 @@ _resampler = EagerOp(_resampler_op, _resampler_impl, _setup_context, _backward)
 _resampler_bwd = EagerOp(_resampler_bwd_op, _resampler_bwd_impl)
 
 
+# ---- kv-packed: the keys and values as the two halves of one [K | V] projection --------------
+# (N, S, 2, H, dh) packed tensors in, the packed gradients out: the model's to_kv makes K and V
+# as one product, and two separate gradients would be stacked back into its layout (a copy of
+# the features' whole [K | V] gradient per layer: 16 MiB at issue 7's connector step, 32 MiB
+# at issue 4's 32 images). Backends with a packed backward ("resampler_attention.backward_kvpacked")
+# write the gradients in place; the others' are stacked here.
+
+
+def _kvp_impl(q: Tensor, kv_x: Tensor, kv_l: Tensor, scale: float, backend: str) -> Tensor:
+    k_x, v_x = kv_x.unbind(2)
+    k_l, v_l = kv_l.unbind(2)
+    return _resampler_impl(q, k_x, v_x, k_l, v_l, scale, backend)
+
+
+_kvp_op = torch.library.custom_op("flamingo_rt::resampler_attention_kvpacked", mutates_args=())(_kvp_impl)
+
+
+@_kvp_op.register_fake
+def _(q, kv_x, kv_l, scale, backend):
+    return _new(q)
+
+
+def _kvp_bwd_impl(grad_out: Tensor, q: Tensor, kv_x: Tensor, kv_l: Tensor, scale: float,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend in _backend.implemented(OP + ".backward_kvpacked"):
+        grads = _backend.get(OP + ".backward_kvpacked", backend)(grad_out, q, kv_x, kv_l, scale)
+        return tuple(g.contiguous() for g in grads)
+    k_x, v_x = kv_x.unbind(2)
+    k_l, v_l = kv_l.unbind(2)
+    dq, dk_x, dv_x, dk_l, dv_l = _backend.get(OP + ".backward", backend)(grad_out, q, k_x, v_x, k_l, v_l, scale)
+    return dq.contiguous(), torch.stack((dk_x, dv_x), 2), torch.stack((dk_l, dv_l), 2)
+
+
+_kvp_bwd_op = torch.library.custom_op("flamingo_rt::resampler_attention_kvpacked_backward", mutates_args=())(
+    _kvp_bwd_impl)
+
+
+@_kvp_bwd_op.register_fake
+def _(grad_out, q, kv_x, kv_l, scale, backend):
+    return _new(q), kv_x.new_empty(kv_x.shape), kv_l.new_empty(kv_l.shape)
+
+
+def _kvp_setup_context(ctx, inputs, output):
+    q, kv_x, kv_l, scale, backend = inputs
+    ctx.save_for_backward(q, kv_x, kv_l)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _kvp_backward(ctx, grad_out):
+    grads = _kvp_bwd(grad_out.contiguous(), *ctx.saved_tensors, ctx.scale, ctx.backend)
+    return (*grads, None, None)
+
+
+_kvp_op.register_autograd(_kvp_backward, setup_context=_kvp_setup_context)
+_kvp = EagerOp(_kvp_op, _kvp_impl, _kvp_setup_context, _kvp_backward)
+_kvp_bwd = EagerOp(_kvp_bwd_op, _kvp_bwd_impl)
+
+
 def _reference_forward(q, k_x, v_x, k_l, v_l, scale):
     return _ref.resampler_attention(q, k_x, v_x, k_l, v_l, scale)
 
@@ -158,6 +216,12 @@ def _register_cpp_fake() -> None:
         return (q.new_empty(q.shape), k_x.new_empty(k_x.shape), v_x.new_empty(v_x.shape),
                 k_l.new_empty(k_l.shape), v_l.new_empty(v_l.shape))
 
+    if hasattr(torch.ops.flamingo_rt_C, "resampler_attention_backward_kvpacked"):
+        @torch.library.register_fake("flamingo_rt_C::resampler_attention_backward_kvpacked")
+        def _(grad_out, q, k_x, v_x, k_l, v_l, scale):
+            return (q.new_empty(q.shape), k_x.new_empty((*k_x.shape[:2], 2, *k_x.shape[2:])),
+                    k_l.new_empty((*k_l.shape[:2], 2, *k_l.shape[2:])))
+
 
 _register_cpp_fake()
 CUDA_AVAILABLE: bool = _register_cuda()
@@ -206,3 +270,49 @@ def resampler_attention(
             be = "cuda" if "cuda" in _backend.implemented(OP) else "reference"
         return _backend.get(OP, be)(q, k_x, v_x, k_l, v_l, float(scale))
     return _resampler(q, k_x, v_x, k_l, v_l, float(scale), be)
+
+
+def resampler_attention_kvpacked(
+    q: Tensor,
+    kv_x: Tensor,
+    kv_l: Tensor,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """:func:`resampler_attention` with each source's keys and values packed as the two halves
+    of one ``[K | V]`` projection, the layout a fused K/V linear makes (OpenFlamingo's
+    ``to_kv``); their gradients come back in that layout (no stack of separate K and V
+    gradients into it).
+
+    Args:
+        q: (N, L, H, dh) latent queries.
+        kv_x: (N, S, 2, H, dh) the features' keys ``kv_x[:, :, 0]`` and values ``kv_x[:, :, 1]``.
+        kv_l: (N, L, 2, H, dh) the latents' keys and values.
+        scale, backend: as :func:`resampler_attention`.
+
+    Returns:
+        (N, L, H, dh) in q's dtype, the same values as ``resampler_attention`` on the halves.
+    """
+    for name, t in (("kv_x", kv_x), ("kv_l", kv_l)):
+        if t.dim() != 5 or t.shape[2] != 2:
+            raise ValueError(f"expected {name} of shape (N, rows, 2, H, dh) (keys and values packed), "
+                             f"got {tuple(t.shape)}")
+    if q.dim() != 4:
+        raise ValueError(f"expected q of shape (N, L, H, dh), got {tuple(q.shape)}")
+    k_x, v_x = kv_x.unbind(2)
+    k_l, v_l = kv_l.unbind(2)
+    if _backend.exporting():  # inference graphs: the unpacked op's export path
+        return resampler_attention(q, k_x, v_x, k_l, v_l, scale=scale, backend=backend)
+    n, L, H, dh = q.shape
+    for name, t, rows in (("k_x", k_x, None), ("k_l", k_l, L)):
+        if t.shape[0] != n or t.shape[2] != H or t.shape[3] != dh or (rows is not None and t.shape[1] != rows):
+            want = f"({n}, {'S' if rows is None else rows}, 2, {H}, {dh})"
+            raise ValueError(f"expected {name.replace('k_', 'kv_')} of shape {want}, "
+                             f"got {tuple(kv_x.shape if rows is None else kv_l.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"expected {name.replace('k_', 'kv_')} of dtype {q.dtype} (as q), got {t.dtype}")
+    if scale is None:
+        scale = dh ** -0.5
+    be = _backend.resolve(OP, backend, q.device)
+    return _kvp(q, kv_x, kv_l, float(scale), be)

@@ -240,6 +240,38 @@ def test_row_block_update_is_the_optimizers_step(fused, monkeypatch):
         assert float(opt.state[w]["step"]) == float(ref.state[twin]["step"]) == step + 1
 
 
+def test_parameters_share_one_block_buffer(monkeypatch):
+    """Every factored parameter of a step writes its row blocks into one buffer (per dtype),
+    not a fresh one each (first touches of 16 MiB per weight); each update is still bitwise
+    the optimizer's own step on the same gradient."""
+    monkeypatch.setattr(factored_step, "ROW_BLOCK_BYTES", 6 * 40 * 4)
+    ws = [torch.nn.Parameter(torch.randn(24, 16)), torch.nn.Parameter(torch.randn(10, 40))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+    opt, ref = torch.optim.AdamW(ws, lr=1e-2), torch.optim.AdamW(twins, lr=1e-2)
+    storages = []  # (held: a freed buffer's address cannot come back for another)
+    real = fg.FactoredGrads.rows_into
+    monkeypatch.setattr(fg.FactoredGrads, "rows_into",
+                        lambda self, p, r0, r1, out: storages.append(out.untyped_storage())
+                        or real(self, p, r0, r1, out))
+    g = torch.Generator().manual_seed(5)
+    for step in range(2):
+        st = fg.FactoredGrads(ws)
+        for w, t in zip(ws, twins):
+            a, b = torch.randn(7, w.shape[0], generator=g), torch.randn(7, w.shape[1], generator=g)
+            st.add(w, a, b)
+            # the first step has no optimizer state: the dense gradient; then the update's blocks
+            rows = w.shape[0] if step == 0 else factored_step.ROW_BLOCK_BYTES // (w.shape[1] * 4)
+            t.grad = st.dense(w) if step == 0 else torch.empty_like(w)
+            for r0 in range(0, w.shape[0] if step else 0, rows):
+                st.rows_into(w, r0, min(w.shape[0], r0 + rows), t.grad[r0:r0 + rows])
+        storages.clear()
+        ref.step()
+        factored_step.step_(opt, st)
+        for w, t in zip(ws, twins):
+            assert torch.equal(w, t), step
+    assert len({st.data_ptr() for st in storages}) == 1  # the second step (with optimizer state): one buffer
+
+
 def test_supports_only_elementwise_adam():
     p = [torch.nn.Parameter(torch.zeros(2, 2))]
     assert factored_step.supports(torch.optim.AdamW(p)) and factored_step.supports(torch.optim.Adam(p))

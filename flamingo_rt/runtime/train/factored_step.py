@@ -71,6 +71,11 @@ def step_(optimizer: torch.optim.Optimizer, store: FactoredGrads) -> None:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    # one block buffer per (dtype, device) for all the parameters' updates: a fresh one per
+    # parameter page-faulted 16 MiB each time (bf16 connector step of issue 7: 16 factored
+    # weights, 256 MiB of first touches, ~200 ms of the profile's copies into it); freed with
+    # the step, so it never sits beside the next backward's gradients
+    bufs: dict = {}
     for p in store.params():
         group = groups.get(id(p))
         if group is None:
@@ -81,13 +86,26 @@ def step_(optimizer: torch.optim.Optimizer, store: FactoredGrads) -> None:
             optimizer.step()
             p.grad = None
         else:
-            _update_rows(p, group, state, store)
+            _update_rows(p, group, state, store, bufs)
         store.pop(p)
 
 
-def _update_rows(p: Tensor, group: dict, state: dict, store: FactoredGrads) -> None:
+def _block_buffer(bufs: dict, shape: tuple, p: Tensor) -> Tensor:
+    """A ``shape`` view of the step's flat buffer for p's dtype and device (grown when short)."""
+    n = 1
+    for d in shape:
+        n *= d
+    key = (p.dtype, p.device)
+    flat = bufs.get(key)
+    if flat is None or flat.numel() < n:
+        bufs[key] = None
+        flat = bufs[key] = torch.empty(n, dtype=p.dtype, device=p.device)
+    return flat[:n].view(shape)
+
+
+def _update_rows(p: Tensor, group: dict, state: dict, store: FactoredGrads, bufs: Optional[dict] = None) -> None:
     rows = max(1, ROW_BLOCK_BYTES // max(1, p[0].numel() * 4))
-    buf = torch.empty((min(rows, p.shape[0]),) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
+    buf = _block_buffer({} if bufs is None else bufs, (min(rows, p.shape[0]),) + tuple(p.shape[1:]), p)
     beta1, beta2 = group["betas"]
     with torch.no_grad():
         for r0 in range(0, p.shape[0], rows):

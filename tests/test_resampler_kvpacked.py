@@ -98,7 +98,7 @@ def test_ops_pass_opcheck_and_compile():
 
 def test_errors_say_what_was_expected():
     q, kv_x, kv_l, _ = _packed(2, 4, 7, 2, 8, torch.float32)
-    with pytest.raises(ValueError, match=r"kv_x of shape \(N, rows, 2, H, dh\)"):
+    with pytest.raises(ValueError, match=r"kv_x of shape \(2, S, 2, 2, 8\)"):
         resampler_attention_kvpacked(q, kv_x[:, :, 0], kv_l)
     with pytest.raises(ValueError, match=r"kv_l of shape \(2, 4, 2, 2, 8\)"):
         resampler_attention_kvpacked(q, kv_x, kv_l[:, :3])

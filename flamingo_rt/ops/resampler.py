@@ -294,24 +294,20 @@ def resampler_attention_kvpacked(
     Returns:
         (N, L, H, dh) in q's dtype, the same values as ``resampler_attention`` on the halves.
     """
-    for name, t in (("kv_x", kv_x), ("kv_l", kv_l)):
-        if t.dim() != 5 or t.shape[2] != 2:
-            raise ValueError(f"expected {name} of shape (N, rows, 2, H, dh) (keys and values packed), "
-                             f"got {tuple(t.shape)}")
     if q.dim() != 4:
         raise ValueError(f"expected q of shape (N, L, H, dh), got {tuple(q.shape)}")
-    k_x, v_x = kv_x.unbind(2)
-    k_l, v_l = kv_l.unbind(2)
-    if _backend.exporting():  # inference graphs: the unpacked op's export path
-        return resampler_attention(q, k_x, v_x, k_l, v_l, scale=scale, backend=backend)
     n, L, H, dh = q.shape
-    for name, t, rows in (("k_x", k_x, None), ("k_l", k_l, L)):
-        if t.shape[0] != n or t.shape[2] != H or t.shape[3] != dh or (rows is not None and t.shape[1] != rows):
-            want = f"({n}, {'S' if rows is None else rows}, 2, {H}, {dh})"
-            raise ValueError(f"expected {name.replace('k_', 'kv_')} of shape {want}, "
-                             f"got {tuple(kv_x.shape if rows is None else kv_l.shape)}")
+    for name, t, rows in (("kv_x", kv_x, "S"), ("kv_l", kv_l, L)):
+        if t.dim() != 5 or t.shape[2] != 2 or t.shape[0] != n or t.shape[3:] != (H, dh) or (
+                rows == L and t.shape[1] != L):
+            raise ValueError(f"expected {name} of shape ({n}, {rows}, 2, {H}, {dh}) (N, rows, 2, H, dh: keys and "
+                             f"values packed), got {tuple(t.shape)}")
         if t.dtype != q.dtype:
-            raise TypeError(f"expected {name.replace('k_', 'kv_')} of dtype {q.dtype} (as q), got {t.dtype}")
+            raise TypeError(f"expected {name} of dtype {q.dtype} (as q), got {t.dtype}")
+    if _backend.exporting():  # inference graphs: the unpacked op's export path
+        k_x, v_x = kv_x.unbind(2)
+        k_l, v_l = kv_l.unbind(2)
+        return resampler_attention(q, k_x, v_x, k_l, v_l, scale=scale, backend=backend)
     if scale is None:
         scale = dh ** -0.5
     be = _backend.resolve(OP, backend, q.device)

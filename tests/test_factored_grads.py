@@ -198,6 +198,45 @@ def test_float_gate_gradient_takes_no_product_of_its_own(dtype, monkeypatch):
         (dy.double() * f).abs().sum())
 
 
+def test_bf16_gate_gradient_from_the_forwards_branch(monkeypatch):
+    """Under bf16 autocast with the store active in the forward (as in train_step), the gated
+    FF keeps its branch f as the forward rounded it and the factored backward sums dy * f:
+    no product remakes f (as many products as the ungated FF), and the gate's gradient is as
+    accurate against float64 as autocast's module path (which also sums dy against bf16 f)."""
+    import importlib
+
+    ffm = importlib.import_module("flamingo_rt.ops.feed_forward")
+    monkeypatch.setattr(fg, "MAX_FRACTION", 1e6)
+    calls = []
+    for mod, name in ((ffm, "_mm_parts"), (ffm, "mm"), (ffm.widening_gemm, "addmm_")):  # the products
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    ins, dy = _ff_inputs(torch.float32, R=64, D=32, inner=128)
+
+    def backward_products(gated: bool):
+        x, gamma, beta, w1, w2, gate = [t.clone().requires_grad_() for t in ins]
+        with fg.collecting(fg.FactoredGrads([w1, w2])):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = feed_forward(x, gamma, beta, w1, w2, residual=True, gate=gate if gated else None)
+            calls.clear()
+            y.backward(dy)
+        return len(calls), gate.grad
+
+    n_plain, _ = backward_products(False)
+    n_gated, dgate = backward_products(True)
+    assert n_gated == n_plain
+    x, gamma, beta, w1, w2, gate = [t.clone().requires_grad_() for t in ins]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the module path under autocast
+        xn = torch.nn.functional.layer_norm(x, (32,), gamma, beta)
+        f = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(xn, w1)), w2)
+    (x + gate * f).backward(dy)
+    d = [t.double() for t in ins]
+    exact = (dy.double() * torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(
+        torch.nn.functional.layer_norm(d[0], (32,), d[1], d[2]), d[3])), d[4])).sum()
+    err, module_err = abs(float(dgate) - float(exact)), abs(float(gate.grad) - float(exact))
+    assert err <= 2 * module_err + 2e-3 * float(exact.abs()), (err, module_err)
+
+
 def test_accumulation_turns_dense_when_factors_outgrow_the_gradient():
     """Two backward passes whose factors together would outgrow the gradient: the first's are
     written into .grad when the second comes, which accumulates densely there."""

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import cpu_gemm, widening_gemm
 
-__all__ = ["FactoredGrads", "collecting", "store_for"]
+__all__ = ["FactoredGrads", "active", "collecting", "store_for"]
 
 _ACTIVE: List["FactoredGrads"] = []
 
@@ -222,6 +222,12 @@ def collecting(store: FactoredGrads) -> Iterator[FactoredGrads]:
         yield store
     finally:
         _ACTIVE.remove(store)
+
+
+def active() -> bool:
+    """Whether a store collects factors here (eager mode): ops may keep what its factored
+    backward uses."""
+    return bool(_ACTIVE) and not torch.compiler.is_compiling()
 
 
 def store_for(factors: Iterable[Tuple[Tensor, int]], element_size: int) -> Optional[FactoredGrads]:

@@ -129,12 +129,19 @@ def _gate_of(gate: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _ff_op_impl(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate: Optional[Tensor], eps: float,
-                kind: str, compute_dtype: torch.dtype, residual: bool) -> tuple[Tensor, Tensor]:
-    """Returns (y (R, D), h (R, inner)); h is returned to be saved for the backward.
+                kind: str, compute_dtype: torch.dtype, residual: bool,
+                keep_branch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y (R, D), h (R, inner), f); h is returned to be saved for the backward, and
+    with ``keep_branch`` (a gated residual only) f = FF(x) (R, D) in the compute dtype, the
+    ungated branch as the forward rounded it, for the gate's gradient sum(dy * f) (else an
+    empty tensor).
 
     y = FF(x) in the compute dtype, or with ``residual`` x + gate * FF(x) in x's dtype (gate
     a one-element tensor in x's dtype, or None for 1). The activation and fc2 run over
     chunks of rows, so the activated (rows, inner) tensor never exists whole."""
+    if keep_branch and (not residual or gate is None):
+        raise ValueError("feed_forward: keep_branch keeps a gated residual's branch; got "
+                         f"residual={residual}, gate={'None' if gate is None else 'given'}")
     with torch.autocast(x.device.type, enabled=False):
         R = x.shape[0]
         xn = layer_norm_in(x, eps, compute_dtype, gamma, beta)[0]  # bf16: in blocks of rows
@@ -144,27 +151,33 @@ def _ff_op_impl(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, 
         w2p = _cast_parts(w2, compute_dtype, 0, split=step >= R)
         g = _gate_of(gate)
         if not residual and step >= R:  # one chunk: the product is the output
-            return _mm_parts(_act(h, kind), w2p, True), h
+            return _mm_parts(_act(h, kind), w2p, True), h, x.new_empty(0)
         y = torch.empty((R, w2.shape[0]), dtype=x.dtype if residual else compute_dtype, device=x.device)
+        branch = torch.empty((R, w2.shape[0]), dtype=compute_dtype, device=x.device) if keep_branch \
+            else x.new_empty(0)
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
-            f = _mm_parts(_act(h[r0:r1], kind), w2p, True)
+            f = _mm_parts(_act(h[r0:r1], kind), w2p, True, out=branch[r0:r1] if keep_branch else None)
+            if keep_branch and f.data_ptr() != branch[r0:r1].data_ptr():  # a product with its own output
+                f = branch[r0:r1].copy_(f)
             if not residual:
                 y[r0:r1] = f
             elif g is None:
                 torch.add(x[r0:r1], f, out=y[r0:r1])
             else:
                 torch.addcmul(x[r0:r1], g, f, out=y[r0:r1])
-    return y, h
+    return y, h, branch
 
 
 _ff_op = torch.library.custom_op("flamingo_rt::feed_forward", mutates_args=())(_ff_op_impl)
 
 
 @_ff_op.register_fake
-def _(x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual):
+def _(x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual, keep_branch=False):
     return (x.new_empty((x.shape[0], w2.shape[0]), dtype=x.dtype if residual else compute_dtype),
-            x.new_empty((x.shape[0], w1.shape[0]), dtype=compute_dtype))
+            x.new_empty((x.shape[0], w1.shape[0]), dtype=compute_dtype),
+            x.new_empty((x.shape[0], w2.shape[0]) if keep_branch else (0,), dtype=compute_dtype if keep_branch
+                        else x.dtype))
 
 
 def _ff_bwd_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
@@ -246,7 +259,7 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 def _ff_bwd_factored_op_impl(
         dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
         gate: Optional[Tensor], eps: float, kind: str, residual: bool,
-        need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        need_dx: bool, branch: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_ff_bwd_op` with the weight gradients left as factors (:mod:`factored_grads`):
     (dx (or empty), dgamma, dbeta, dgate (or empty), dh, xn, dyc, a) where dW1 = dh^T xn and
     dW2 = gate * dyc^T a; dh, a (R, inner) and xn, dyc (R, D) in the compute dtype.
@@ -255,8 +268,11 @@ def _ff_bwd_factored_op_impl(
     float64 from da = dy W2, which the input gradient makes anyway (no product of its own; the
     connector step of issue 7 in float32 made a (512 x 8192) x (8192 x 2048) product per block
     for it, 2 x 80 ms); in a 16-bit compute dtype da is rounded, and its sum against a would
-    lose the gate's gradient to cancellation, so there FF's output f = a W2^T is made again
-    (one (rows, D) product, accumulated in float32) and summed against the unrounded dy."""
+    lose the gate's gradient to cancellation, so there FF's output f = a W2^T is summed against
+    the unrounded dy: f as the forward made it when it kept it (``branch``, the gated
+    residual's rounded branch: the gate's exact gradient for the computed output, as
+    autocast's module path takes it), else made again (one (rows, D) product accumulated in
+    float32)."""
     with torch.autocast(x.device.type, enabled=False):
         cd = h.dtype
         R, D = x.shape
@@ -281,7 +297,10 @@ def _ff_bwd_factored_op_impl(
             r1 = min(R, r0 + step)
             hc = h[r0:r1]
             a = _act_into(hc, kind, a_all[r0:r1])
-            if g is not None and cd in _HALF_DTYPES:
+            if g is not None and cd in _HALF_DTYPES and branch is not None:
+                dgate += torch.dot(branch[r0:r1].reshape(-1).to(torch.float32),
+                                   dy[r0:r1].reshape(-1).to(torch.float32)).to(torch.float64)
+            elif g is not None and cd in _HALF_DTYPES:
                 # the gate's gradient sum(dy * f) with f = a W2^T (the ungated FF output, not
                 # kept from the forward) remade as one (rows, D) product, accumulated in float32
                 # (bf16: MKL's widening product) against the unrounded dy; dy W2 rounded to
@@ -323,7 +342,7 @@ _ff_bwd_factored_op = torch.library.custom_op("flamingo_rt::feed_forward_backwar
 
 
 @_ff_bwd_factored_op.register_fake
-def _(dy, x, gamma, beta, w1, w2, h, gate, eps, kind, residual, need_dx):
+def _(dy, x, gamma, beta, w1, w2, h, gate, eps, kind, residual, need_dx, branch=None):
     R, D = x.shape
     cd = h.dtype
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0), gamma.new_empty(gamma.shape),
@@ -410,17 +429,18 @@ def _(dy, x, gamma, beta, w1, w2, h, gate, eps, kind, residual, need_dx):
 
 
 def _setup_context(ctx, inputs, output):
-    x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual = inputs
-    ctx.save_for_backward(x, gamma, beta, w1, w2, output[1], gate)
-    ctx.eps, ctx.kind, ctx.residual = eps, kind, residual
+    x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual = inputs[:10]
+    ctx.save_for_backward(x, gamma, beta, w1, w2, output[1], gate, output[2])
+    ctx.eps, ctx.kind, ctx.residual, ctx.n_inputs = eps, kind, residual, len(inputs)
     ctx.set_materialize_grads(False)  # h's gradient (never used) is None, not a (rows, inner) zeros
 
 
-def _backward(ctx, dy, dh_unused):
-    x, gamma, beta, w1, w2, h, gate = ctx.saved_tensors
+def _backward(ctx, dy, dh_unused, branch_unused=None):
+    x, gamma, beta, w1, w2, h, gate, branch = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
+    nones = (None,) * (ctx.n_inputs - 6)
     if dy is None:  # y took no part in the loss
-        return (None,) * 10
+        return (None,) * ctx.n_inputs
     store = None
     if ctx.needs_input_grad[3] and ctx.needs_input_grad[4]:
         # a training step collecting weight gradients as factors (factored_grads)? dW1 = dh^T xn,
@@ -430,15 +450,14 @@ def _backward(ctx, dy, dh_unused):
         store = factored_grads.store_for([(w1, n), (w2, n)], h.element_size())
     if store is not None:
         dx, dg, db, dgate, dh, xn, dyc, a = _ff_bwd_factored(
-            dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind, ctx.residual, need_dx)
+            dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind, ctx.residual, need_dx,
+            branch if branch.numel() else None)
         store.add(w1, dh, xn)
         store.add(w2, dyc, a, scale=gate)
-        return ((dx if need_dx else None), dg, db, None, None, (dgate if gate is not None else None),
-                None, None, None, None)
+        return ((dx if need_dx else None), dg, db, None, None, (dgate if gate is not None else None), *nones)
     dx, dg, db, dw1, dw2, dgate = _ff_bwd(dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind,
                                              ctx.residual, need_dx)
-    return ((dx if need_dx else None), dg, db, dw1, dw2, (dgate if gate is not None else None),
-            None, None, None, None)
+    return ((dx if need_dx else None), dg, db, dw1, dw2, (dgate if gate is not None else None), *nones)
 
 
 _ff_op.register_autograd(_backward, setup_context=_setup_context)
@@ -475,7 +494,16 @@ def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor,
     if gate is not None and not residual:
         raise ValueError("a gate scales the residual branch: pass residual=True with gate")
     check_gate(gate, x)
-    y, _ = _ff(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, _compute_dtype(x), residual)
+    cd = _compute_dtype(x)
+    # a training step keeping weight gradients as factors in a 16-bit compute dtype takes the
+    # gate's gradient from the branch as the forward rounded it (R x D, 2 MiB at issue 7's
+    # block) instead of remaking it in the backward (a (R x inner) x (inner x D) product)
+    keep = (gate is not None and cd in _HALF_DTYPES and factored_grads.active() and torch.is_grad_enabled()
+            and gate.requires_grad and w1.requires_grad and w2.requires_grad)
+    if keep:
+        y, _, _ = _ff(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, cd, residual, True)
+        return y.view(*x.shape[:-1], D)
+    y, _, _ = _ff(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, cd, residual)
     return y.view(*x.shape[:-1], D)
 
 

@@ -51,8 +51,10 @@ def _(grad_out, q, k_x, v_x, k_l, v_l, scale, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k_x, v_x, k_l, v_l, scale, backend = inputs
-    ctx.save_for_backward(q, k_x, v_x, k_l, v_l)
+    """Both ops' (the unpacked and the kv-packed): the tensor inputs saved for the backward,
+    the trailing scale and backend kept."""
+    *tensors, scale, backend = inputs
+    ctx.save_for_backward(*tensors)
     ctx.scale, ctx.backend = scale, backend
 
 
@@ -110,19 +112,13 @@ def _(grad_out, q, kv_x, kv_l, scale, backend):
     return _new(q), kv_x.new_empty(kv_x.shape), kv_l.new_empty(kv_l.shape)
 
 
-def _kvp_setup_context(ctx, inputs, output):
-    q, kv_x, kv_l, scale, backend = inputs
-    ctx.save_for_backward(q, kv_x, kv_l)
-    ctx.scale, ctx.backend = scale, backend
-
-
 def _kvp_backward(ctx, grad_out):
     grads = _kvp_bwd(grad_out.contiguous(), *ctx.saved_tensors, ctx.scale, ctx.backend)
     return (*grads, None, None)
 
 
-_kvp_op.register_autograd(_kvp_backward, setup_context=_kvp_setup_context)
-_kvp = EagerOp(_kvp_op, _kvp_impl, _kvp_setup_context, _kvp_backward)
+_kvp_op.register_autograd(_kvp_backward, setup_context=_setup_context)
+_kvp = EagerOp(_kvp_op, _kvp_impl, _setup_context, _kvp_backward)
 _kvp_bwd = EagerOp(_kvp_bwd_op, _kvp_bwd_impl)
 
 

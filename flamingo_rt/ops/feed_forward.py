@@ -259,7 +259,8 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 def _ff_bwd_factored_op_impl(
         dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
         gate: Optional[Tensor], eps: float, kind: str, residual: bool,
-        need_dx: bool, branch: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        need_dx: bool,
+        branch: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_ff_bwd_op` with the weight gradients left as factors (:mod:`factored_grads`):
     (dx (or empty), dgamma, dbeta, dgate (or empty), dh, xn, dyc, a) where dW1 = dh^T xn and
     dW2 = gate * dyc^T a; dh, a (R, inner) and xn, dyc (R, D) in the compute dtype.

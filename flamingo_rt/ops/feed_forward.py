@@ -430,18 +430,18 @@ def _(dy, x, gamma, beta, w1, w2, h, gate, eps, kind, residual, need_dx):
 
 
 def _setup_context(ctx, inputs, output):
-    x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual = inputs[:10]
+    x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual, keep_branch = inputs
     ctx.save_for_backward(x, gamma, beta, w1, w2, output[1], gate, output[2])
-    ctx.eps, ctx.kind, ctx.residual, ctx.n_inputs = eps, kind, residual, len(inputs)
+    ctx.eps, ctx.kind, ctx.residual = eps, kind, residual
     ctx.set_materialize_grads(False)  # h's gradient (never used) is None, not a (rows, inner) zeros
 
 
-def _backward(ctx, dy, dh_unused, branch_unused=None):
+def _backward(ctx, dy, dh_unused, branch_unused):
     x, gamma, beta, w1, w2, h, gate, branch = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    nones = (None,) * (ctx.n_inputs - 6)
+    nones = (None,) * 5  # eps, kind, compute_dtype, residual, keep_branch
     if dy is None:  # y took no part in the loss
-        return (None,) * ctx.n_inputs
+        return (None,) * 11
     store = None
     if ctx.needs_input_grad[3] and ctx.needs_input_grad[4]:
         # a training step collecting weight gradients as factors (factored_grads)? dW1 = dh^T xn,
@@ -501,10 +501,7 @@ def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor,
     # block) instead of remaking it in the backward (a (R x inner) x (inner x D) product)
     keep = (gate is not None and cd in _HALF_DTYPES and factored_grads.active() and torch.is_grad_enabled()
             and gate.requires_grad and w1.requires_grad and w2.requires_grad)
-    if keep:
-        y, _, _ = _ff(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, cd, residual, True)
-        return y.view(*x.shape[:-1], D)
-    y, _, _ = _ff(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, cd, residual)
+    y, _, _ = _ff(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, cd, residual, keep)
     return y.view(*x.shape[:-1], D)
 
 

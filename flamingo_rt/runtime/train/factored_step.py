@@ -19,6 +19,7 @@ Only for Adam / AdamW without amsgrad, ``capturable``, ``differentiable`` or a g
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -92,9 +93,7 @@ def step_(optimizer: torch.optim.Optimizer, store: FactoredGrads) -> None:
 
 def _block_buffer(bufs: dict, shape: tuple, p: Tensor) -> Tensor:
     """A ``shape`` view of the step's flat buffer for p's dtype and device (grown when short)."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     key = (p.dtype, p.device)
     flat = bufs.get(key)
     if flat is None or flat.numel() < n:
@@ -103,9 +102,9 @@ def _block_buffer(bufs: dict, shape: tuple, p: Tensor) -> Tensor:
     return flat[:n].view(shape)
 
 
-def _update_rows(p: Tensor, group: dict, state: dict, store: FactoredGrads, bufs: Optional[dict] = None) -> None:
+def _update_rows(p: Tensor, group: dict, state: dict, store: FactoredGrads, bufs: dict) -> None:
     rows = max(1, ROW_BLOCK_BYTES // max(1, p[0].numel() * 4))
-    buf = _block_buffer({} if bufs is None else bufs, (min(rows, p.shape[0]),) + tuple(p.shape[1:]), p)
+    buf = _block_buffer(bufs, (min(rows, p.shape[0]),) + tuple(p.shape[1:]), p)
     beta1, beta2 = group["betas"]
     with torch.no_grad():
         for r0 in range(0, p.shape[0], rows):

@@ -84,6 +84,94 @@ def test_best_fit_takes_at_most_twice_the_request(fresh_cache):
         assert quarter.data_ptr() != p
 
 
+def _footprint() -> int:
+    st = cpu_cache.stats()
+    return st.in_use_bytes + st.cached_bytes
+
+
+def test_live_bytes_and_their_peak(fresh_cache):
+    live0 = cpu_cache.stats().live_bytes
+    with cpu_cache.scope():
+        a = torch.empty(MIB // 4 + 10)  # bytes asked, not the page-rounded block
+        b = torch.empty(MIB // 2)
+    st = cpu_cache.stats()
+    assert st.live_bytes - live0 == MIB + 40 + 2 * MIB
+    del a
+    st2 = cpu_cache.stats()
+    assert st2.live_bytes - live0 == 2 * MIB and st2.live_peak_bytes == st.live_peak_bytes >= st.live_bytes
+    cpu_cache.empty()  # the peak restarts from what is live
+    assert cpu_cache.stats().live_peak_bytes == cpu_cache.stats().live_bytes
+    del b
+
+
+def test_bounded_scope_keeps_the_footprint_within_the_live_peak(fresh_cache):
+    """A new block in a bounded scope releases cached blocks first (largest first) so that the
+    blocks in use plus the free list stay within the peak of live bytes; a plain scope keeps
+    them all."""
+    for bounded in (False, True):
+        cpu_cache.empty()
+        base = cpu_cache.stats()
+        with cpu_cache.scope(bounded=bounded):
+            a, b = torch.empty(MIB), torch.empty(MIB)  # 4 MiB each
+            del a, b  # 8 MiB cached; the live peak is 8 MiB above the base
+            rel = cpu_cache.stats().releases
+            c = torch.empty(3 * MIB // 2)  # 6 MiB: no cached block fits, a new one
+            st = cpu_cache.stats()
+            if bounded:
+                # room for the 6 MiB block within the 8 MiB peak: both 4 MiB blocks released
+                assert st.releases - rel == 2 and st.cached_bytes == base.cached_bytes == 0
+                assert _footprint() - (base.in_use_bytes + base.cached_bytes) <= 8 * MIB
+            else:
+                assert st.releases == rel and st.cached_bytes == 8 * MIB
+            c.fill_(1.0)
+            del c
+
+
+def test_bounded_scope_reuses_a_repeating_loop_within_its_peak(fresh_cache):
+    """A loop allocating the same tensors each pass (a training step): after the first pass
+    every allocation is a hit, and the footprint never passes the live peak."""
+    sizes = [5 * MIB // 4, 3 * MIB // 4, 5 * MIB // 4, 3 * MIB // 4]
+    base = _footprint()
+    worst, before = 0, None
+    for it in range(4):
+        if it == 1:
+            before = cpu_cache.stats()
+        with cpu_cache.scope(bounded=True):
+            held = []
+            for k, n in enumerate(sizes):
+                held.append(torch.empty(n).fill_(k))
+                if k % 2:
+                    held.pop(0)  # some die while others are made, as activations do
+                worst = max(worst, _footprint() - base)
+            del held
+    st = cpu_cache.stats()
+    assert st.misses == before.misses and st.hits - before.hits == 3 * len(sizes)
+    assert worst <= st.live_peak_bytes
+
+
+def test_bounded_best_fit_takes_at_most_an_eighth_more(fresh_cache):
+    with cpu_cache.scope(bounded=True):
+        big = torch.empty(2 * MIB // 4)  # a 2 MiB block
+        p = big.data_ptr()
+        pad = torch.empty(MIB)  # a live peak of 6 MiB: room for the blocks below
+        del big, pad
+        half = torch.empty(MIB // 4)  # 1 MiB: the 2 MiB block is too large in a bounded scope
+        assert half.data_ptr() != p
+        del half
+        near = torch.empty(15 * MIB // 32)  # 1.875 MiB: within an eighth
+        assert near.data_ptr() == p
+
+
+def test_innermost_scope_decides(fresh_cache):
+    with cpu_cache.scope(bounded=True):
+        big = torch.empty(2 * MIB // 4)
+        p = big.data_ptr()
+        del big
+        with cpu_cache.scope():  # plain inside bounded: a block up to twice the request serves
+            half = torch.empty(MIB // 4)
+            assert half.data_ptr() == p and cpu_cache.depth() == 2
+
+
 def test_blocks_aligned_and_staggered(fresh_cache):
     with cpu_cache.scope():
         ts = [torch.empty(MIB // 4 + 1024 * k) for k in range(8)]  # distinct sizes: 8 new blocks

@@ -1,10 +1,11 @@
 // The CPU block cache (cpu_block_cache.h) and its torch ops:
 //
-//   flamingo_rt_C::cpu_block_cache_enter() -> ()     # open a scope on this thread
+//   flamingo_rt_C::cpu_block_cache_enter(bool bounded=False) -> ()  # open a scope on this thread
 //   flamingo_rt_C::cpu_block_cache_exit() -> ()      # close it (error without one open)
 //   flamingo_rt_C::cpu_block_cache_depth() -> int    # scopes open on this thread
 //   flamingo_rt_C::cpu_block_cache_stats() -> int[]  # [hits, misses, releases, cached_bytes,
-//                                                    #  in_use_bytes, limit_bytes, installed]
+//                                                    #  in_use_bytes, limit_bytes, installed,
+//                                                    #  live_bytes, live_peak_bytes]
 //   flamingo_rt_C::cpu_block_cache_empty() -> ()
 //   flamingo_rt_C::cpu_block_cache_set_limit(int bytes) -> ()
 //
@@ -32,7 +33,8 @@ namespace {
 constexpr int64_t kDefaultLimitBytes = int64_t(2) << 30;
 constexpr std::size_t kPage = 4096;
 
-thread_local int tl_depth = 0;
+// The open scopes of this thread, innermost last: 1 for a bounded scope, 0 for a plain one.
+thread_local std::vector<char> tl_scopes;
 
 int64_t limit_from_env() {
   const char* s = std::getenv("FLAMINGO_RT_CPU_CACHE_MIB");
@@ -45,8 +47,9 @@ int64_t limit_from_env() {
 }
 
 struct Block {
-  void* base;        // what c10::alloc_cpu returned
-  std::size_t size;  // usable bytes from the data pointer
+  void* base;            // what c10::alloc_cpu returned
+  std::size_t size;      // usable bytes from the data pointer
+  std::size_t req = 0;   // bytes the live tensor asked for (0 while on the free list)
 };
 
 // Everything the cache owns. Allocated once and never destroyed: tensors may be freed during
@@ -89,6 +92,12 @@ void trim_locked(State& s, int64_t keep) {
   }
 }
 
+// A block may serve a request of `size` (page-rounded) bytes: up to twice that in plain
+// scopes, an eighth more in bounded ones (whose footprint counts the block's whole size).
+bool fits(std::size_t block, std::size_t size, bool bounded) {
+  return block <= (bounded ? size + size / 8 : 2 * size);
+}
+
 // The deleter of every block the cache hands out (DataPtr's and raw_deallocate's): back on
 // the free list, or released when the list is full; pointers the cache does not own go to the
 // replaced allocator's deleter.
@@ -101,6 +110,8 @@ void free_block(void* p) {
     if (it != s.owned.end()) {
       const std::size_t size = it->second.size;
       s.stats.in_use_bytes -= int64_t(size);
+      s.stats.live_bytes -= int64_t(it->second.req);
+      it->second.req = 0;
       if (s.stats.cached_bytes + int64_t(size) <= s.stats.limit_bytes) {
         s.free_blocks.emplace(size, p);
         s.stats.cached_bytes += int64_t(size);
@@ -116,20 +127,35 @@ void free_block(void* p) {
   s.base_raw_deleter(p);
 }
 
-void* take_block(std::size_t n) {
+// Called with the lock held: a live tensor of n bytes more.
+void add_live_locked(State& s, std::size_t n) {
+  s.stats.live_bytes += int64_t(n);
+  if (s.stats.live_bytes > s.stats.live_peak_bytes) s.stats.live_peak_bytes = s.stats.live_bytes;
+}
+
+void* take_block(std::size_t n, bool bounded) {
   State& s = state();
   const std::size_t size = (n + kPage - 1) / kPage * kPage;
   std::size_t offset;
   {
     std::lock_guard<std::mutex> lock(s.mu);
     auto it = s.free_blocks.lower_bound(size);
-    if (it != s.free_blocks.end() && it->first <= 2 * size) {
+    if (it != s.free_blocks.end() && fits(it->first, size, bounded)) {
       void* p = it->second;
       s.stats.cached_bytes -= int64_t(it->first);
       s.stats.in_use_bytes += int64_t(it->first);
       s.free_blocks.erase(it);
+      s.owned.at(p).req = n;
+      add_live_locked(s, n);
       ++s.stats.hits;
       return p;
+    }
+    add_live_locked(s, n);
+    if (bounded) {
+      // the new block must not take the footprint (blocks in use + free list) past the peak
+      // of live bytes: release cached blocks, largest first, to make room for it
+      const int64_t room = s.stats.live_peak_bytes - s.stats.in_use_bytes - int64_t(size);
+      trim_locked(s, room > 0 ? room : 0);
     }
     // A new block starts at a staggered offset within its first page (a multiple of 64
     // bytes, spread over the page): mmap'ed blocks all start at the same page offset, so
@@ -145,7 +171,7 @@ void* take_block(std::size_t n) {
   }
   void* p = static_cast<char*>(base) + offset;
   std::lock_guard<std::mutex> lock(s.mu);
-  s.owned.emplace(p, Block{base, size});
+  s.owned.emplace(p, Block{base, size, n});
   s.stats.in_use_bytes += int64_t(size);
   ++s.stats.misses;
   return p;
@@ -156,8 +182,8 @@ class BlockCacheAllocator final : public c10::Allocator {
   explicit BlockCacheAllocator(c10::Allocator* base) : base_(base) {}
 
   c10::DataPtr allocate(std::size_t n) override {
-    if (tl_depth == 0 || n < kMinBlockBytes) return base_->allocate(n);
-    void* p = take_block(n);
+    if (tl_scopes.empty() || n < kMinBlockBytes) return base_->allocate(n);
+    void* p = take_block(n, tl_scopes.back() != 0);
     return {p, p, &free_block, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -189,22 +215,22 @@ bool install() {
 
 }  // namespace
 
-void cpu_block_cache_enter() {
+void cpu_block_cache_enter(bool bounded) {
   if (!install()) return;
-  ++tl_depth;
+  tl_scopes.push_back(bounded ? 1 : 0);
 }
 
 void cpu_block_cache_exit() {
   if (!install()) return;
-  TORCH_CHECK(tl_depth > 0, "cpu_block_cache_exit: expected an open scope on this thread, found none");
-  --tl_depth;
+  TORCH_CHECK(!tl_scopes.empty(), "cpu_block_cache_exit: expected an open scope on this thread, found none");
+  tl_scopes.pop_back();
 }
 
-int cpu_block_cache_depth() { return tl_depth; }
+int cpu_block_cache_depth() { return int(tl_scopes.size()); }
 
-CpuBlockCacheScope::CpuBlockCacheScope() { cpu_block_cache_enter(); }
+CpuBlockCacheScope::CpuBlockCacheScope(bool bounded) { cpu_block_cache_enter(bounded); }
 CpuBlockCacheScope::~CpuBlockCacheScope() {
-  if (tl_depth > 0) --tl_depth;
+  if (!tl_scopes.empty()) tl_scopes.pop_back();
 }
 
 CpuBlockCacheStats cpu_block_cache_stats() {
@@ -220,6 +246,7 @@ void cpu_block_cache_empty() {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   trim_locked(s, 0);
+  s.stats.live_peak_bytes = s.stats.live_bytes;
 }
 
 void cpu_block_cache_set_limit(int64_t bytes) {
@@ -235,7 +262,9 @@ namespace {
 
 std::vector<int64_t> stats_impl() {
   const CpuBlockCacheStats st = cpu_block_cache_stats();
-  return {st.hits, st.misses, st.releases, st.cached_bytes, st.in_use_bytes, st.limit_bytes, st.installed ? 1 : 0};
+  return {st.hits,         st.misses,          st.releases,   st.cached_bytes,
+          st.in_use_bytes, st.limit_bytes,     st.installed ? 1 : 0, st.live_bytes,
+          st.live_peak_bytes};
 }
 
 int64_t depth_impl() { return cpu_block_cache_depth(); }
@@ -245,7 +274,7 @@ int64_t depth_impl() { return cpu_block_cache_depth(); }
 }  // namespace flamingo_rt
 
 TORCH_LIBRARY_FRAGMENT(flamingo_rt_C, m) {
-  m.def("cpu_block_cache_enter() -> ()", &flamingo_rt::cpu_block_cache_enter);
+  m.def("cpu_block_cache_enter(bool bounded=False) -> ()", &flamingo_rt::cpu_block_cache_enter);
   m.def("cpu_block_cache_exit() -> ()", &flamingo_rt::cpu_block_cache_exit);
   m.def("cpu_block_cache_depth() -> int", &flamingo_rt::torch_ops::depth_impl);
   m.def("cpu_block_cache_stats() -> int[]", &flamingo_rt::torch_ops::stats_impl);

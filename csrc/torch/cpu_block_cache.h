@@ -16,6 +16,13 @@
 //     first page). Freeing such a block -- on any thread, in or out of a scope -- puts it back
 //     on the free list, or releases it when the free list would exceed the limit (default
 //     2 GiB; FLAMINGO_RT_CPU_CACHE_MIB).
+//   * In a bounded scope (the innermost scope decides) a new block is mapped only after
+//     releasing cached blocks (largest first) so that the cache's footprint -- blocks in use
+//     plus the free list -- stays within the peak of live bytes its tensors have asked for
+//     (since the last cpu_block_cache_empty()), and a cached block serves requests at most an
+//     eighth smaller than itself: the cache then holds about what plain malloc would at its
+//     peak, and only blocks that fit within that are kept for reuse (a training step's
+//     first-touch page faults, without raising its peak).
 //   * raw_allocate / raw_deallocate (oneDNN's scratchpads go through them) work for blocks of
 //     either origin: a pointer the cache does not own goes to the replaced allocator's deleter.
 //
@@ -41,6 +48,8 @@ struct CpuBlockCacheStats {
   int64_t in_use_bytes = 0;  // bytes of the cache's blocks held by live tensors
   int64_t limit_bytes = 0;   // the free list's limit
   bool installed = false;    // the cache is the process's CPU allocator
+  int64_t live_bytes = 0;       // bytes live tensors asked of the cache's blocks
+  int64_t live_peak_bytes = 0;  // the peak of live_bytes since the last cpu_block_cache_empty()
 };
 
 // While an object of this class lives, large CPU allocations of this thread come from the
@@ -48,7 +57,7 @@ struct CpuBlockCacheStats {
 // higher priority is installed (stats().installed says so).
 class CpuBlockCacheScope {
  public:
-  CpuBlockCacheScope();
+  explicit CpuBlockCacheScope(bool bounded = false);
   ~CpuBlockCacheScope();
   CpuBlockCacheScope(const CpuBlockCacheScope&) = delete;
   CpuBlockCacheScope& operator=(const CpuBlockCacheScope&) = delete;
@@ -56,13 +65,13 @@ class CpuBlockCacheScope {
 
 // Enter / leave a scope explicitly (what CpuBlockCacheScope does); exit without a matching
 // enter throws.
-void cpu_block_cache_enter();
+void cpu_block_cache_enter(bool bounded = false);
 void cpu_block_cache_exit();
 // Scopes open on the calling thread.
 int cpu_block_cache_depth();
 CpuBlockCacheStats cpu_block_cache_stats();
 // Releases every block on the free list (blocks held by live tensors return to the free
-// list when freed, as usual).
+// list when freed, as usual) and restarts the peak of live bytes from the bytes live now.
 void cpu_block_cache_empty();
 // Sets the free list's limit in bytes (>= 0; 0 keeps nothing), releasing blocks above it.
 void cpu_block_cache_set_limit(int64_t bytes);

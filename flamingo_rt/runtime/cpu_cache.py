@@ -12,6 +12,9 @@ code inside it:
 - freeing such a tensor, anywhere, puts its block back on the list, or releases it when the
   list would hold more than the limit (2 GiB by default, ``FLAMINGO_RT_CPU_CACHE_MIB``, or
   :func:`set_limit`);
+- in a ``scope(bounded=True)`` the cache's footprint (blocks in use plus free list) stays
+  within the peak of the bytes its live tensors asked for: reuse without a higher peak (the
+  training step's scope);
 - outside a scope nothing changes: the allocator installed on first use forwards every call
   to the one it replaced.
 
@@ -48,6 +51,8 @@ class CacheStats:
     in_use_bytes: int  #: bytes of the cache's blocks held by live tensors
     limit_bytes: int  #: the free list's limit
     installed: bool  #: the cache is the process's CPU allocator
+    live_bytes: int = 0  #: bytes live tensors asked of the cache's blocks
+    live_peak_bytes: int = 0  #: the peak of ``live_bytes`` since the last :func:`empty`
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,22 +72,32 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def _cached() -> Iterator[None]:
+def _cached(bounded: bool) -> Iterator[None]:
     ops = torch.ops.flamingo_rt_C
-    ops.cpu_block_cache_enter()
+    ops.cpu_block_cache_enter(bounded)
     try:
         yield
     finally:
         ops.cpu_block_cache_exit()
 
 
-def scope():
+def scope(bounded: bool = False):
     """Context manager: large CPU tensors allocated by this thread inside it come from the
-    block cache. Nestable; a no-op when :func:`enabled` is False or under ``torch.compile``
-    tracing (the compiled graph's own buffers are allocated at run time by its caller)."""
+    block cache. Nestable (the innermost scope's ``bounded`` applies); a no-op when
+    :func:`enabled` is False or under ``torch.compile`` tracing (the compiled graph's own
+    buffers are allocated at run time by its caller).
+
+    ``bounded``: a new block is mapped only after releasing cached blocks (largest first) so
+    that the cache's footprint -- its blocks in use plus its free list -- stays within the peak
+    of bytes live tensors have asked of it (``stats().live_peak_bytes``, since the last
+    :func:`empty`), and a cached block serves only requests at most an eighth smaller than
+    itself. The cache then holds about what plain malloc would at its peak: a loop that
+    allocates the same tensors on every pass (a training step) reuses its blocks without the
+    cache raising the loop's peak memory. Plain scopes keep every freed block up to the limit
+    and let a block serve requests down to half its size."""
     if torch.compiler.is_compiling() or not enabled():
         return contextlib.nullcontext()
-    return _cached()
+    return _cached(bool(bounded))
 
 
 def depth() -> int:
@@ -95,12 +110,13 @@ def stats() -> CacheStats:
     first call installs the allocator (it forwards everything outside scopes)."""
     if not available():
         return CacheStats(0, 0, 0, 0, 0, 0, False)
-    h, m, r, c, u, lim, inst = torch.ops.flamingo_rt_C.cpu_block_cache_stats()
-    return CacheStats(h, m, r, c, u, lim, bool(inst))
+    h, m, r, c, u, lim, inst, live, peak = torch.ops.flamingo_rt_C.cpu_block_cache_stats()
+    return CacheStats(h, m, r, c, u, lim, bool(inst), live, peak)
 
 
 def empty() -> None:
-    """Release every block on the free list (blocks of live tensors return to it when freed)."""
+    """Release every block on the free list (blocks of live tensors return to it when freed)
+    and restart ``live_peak_bytes`` from the bytes live now."""
     if available():
         torch.ops.flamingo_rt_C.cpu_block_cache_empty()
 

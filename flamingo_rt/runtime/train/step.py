@@ -84,7 +84,7 @@ def train_step(
     params=None,
     grad_mask: Optional[Callable[[], None]] = None,
     factored: bool = True,
-    cpu_block_cache: bool = False,
+    cpu_block_cache: bool = True,
 ) -> StepResult:
     """Accumulate ``weights[d] * loss_d`` over the datasets, clip, step.
 
@@ -116,7 +116,7 @@ def train_step(
         not finite; gradients are cleared and nothing is applied.
     """
     device = next(iter(batches.values())).input_ids.device
-    with cpu_cache.scope() if cpu_block_cache and device.type == "cpu" else contextlib.nullcontext():
+    with cpu_cache.scope(bounded=True) if cpu_block_cache and device.type == "cpu" else contextlib.nullcontext():
         return _train_step(model, batches, weights, global_targets, optimizer, scheduler, step, grad_clip,
                            autocast_dtype, backend, no_sync, params, grad_mask, factored, device)
 

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -215,6 +216,13 @@ bool install() {
 
 }  // namespace
 
+bool cpu_block_cache_enabled() {
+  const char* s = std::getenv("FLAMINGO_RT_CPU_CACHE");
+  if (s == nullptr) return true;
+  const std::string v(s);
+  return !(v == "0" || v == "off" || v == "OFF" || v == "Off");
+}
+
 void cpu_block_cache_enter(bool bounded) {
   if (!install()) return;
   tl_scopes.push_back(bounded ? 1 : 0);
@@ -228,9 +236,11 @@ void cpu_block_cache_exit() {
 
 int cpu_block_cache_depth() { return int(tl_scopes.size()); }
 
-CpuBlockCacheScope::CpuBlockCacheScope(bool bounded) { cpu_block_cache_enter(bounded); }
+CpuBlockCacheScope::CpuBlockCacheScope(bool bounded) : open_(cpu_block_cache_enabled() && install()) {
+  if (open_) tl_scopes.push_back(bounded ? 1 : 0);
+}
 CpuBlockCacheScope::~CpuBlockCacheScope() {
-  if (!tl_scopes.empty()) tl_scopes.pop_back();
+  if (open_ && !tl_scopes.empty()) tl_scopes.pop_back();
 }
 
 CpuBlockCacheStats cpu_block_cache_stats() {

@@ -53,15 +53,22 @@ struct CpuBlockCacheStats {
 };
 
 // While an object of this class lives, large CPU allocations of this thread come from the
-// cache (installing it on first use). Returns without effect where another allocator of
-// higher priority is installed (stats().installed says so).
+// cache (installing it on first use). Without effect where another allocator of higher
+// priority is installed (stats().installed says so) or FLAMINGO_RT_CPU_CACHE is 0 / off.
 class CpuBlockCacheScope {
  public:
   explicit CpuBlockCacheScope(bool bounded = false);
   ~CpuBlockCacheScope();
   CpuBlockCacheScope(const CpuBlockCacheScope&) = delete;
   CpuBlockCacheScope& operator=(const CpuBlockCacheScope&) = delete;
+
+ private:
+  bool open_;
 };
+
+// FLAMINGO_RT_CPU_CACHE is not 0 / off (what CpuBlockCacheScope checks; the explicit
+// enter / exit below do not).
+bool cpu_block_cache_enabled();
 
 // Enter / leave a scope explicitly (what CpuBlockCacheScope does); exit without a matching
 // enter throws.

@@ -104,13 +104,15 @@ def train_step(
             process with Adam / AdamW (:func:`factored_step.supports`); the same step as with
             dense gradients up to the products' summation order. Those parameters' ``.grad``
             stay None during the step.
-        cpu_block_cache: on the CPU, run the step inside :func:`flamingo_rt.runtime.cpu_cache.scope`:
-            the step's large tensors come from blocks that stay mapped from one step to the
-            next instead of fresh pages (first-touch page faults); faster (the issue-7
-            connector step on a 2-core EPYC: bf16 3.55-3.75 -> 3.47 s, float32 5.97-6.05 ->
-            5.74-5.77 s) for memory held between steps and a higher peak (one step adds
-            382 -> 486 MiB in bf16, 523 -> 645 MiB in float32, the cache emptied before the
-            base). The same values either way.
+        cpu_block_cache: on the CPU, run the step inside a bounded
+            :func:`flamingo_rt.runtime.cpu_cache.scope`: the step's large tensors come from
+            blocks that stay mapped from one step to the next instead of fresh pages
+            (first-touch page faults), the cache's footprint within the peak of the step's
+            live tensors, so the step's peak memory does not grow (the issue-7 connector step
+            on the 2-core AMX guest: one step adds 398 -> 402 MiB in bf16, 523 -> 525 MiB in
+            float32; bf16 step medians 1.51-1.54 -> 1.43-1.46 s, float32 within the noise).
+            The memory stays with the process between steps (``cpu_cache.empty()`` gives it
+            back). The same values either way.
     Raises:
         NonFiniteLossError naming the dataset and step when a loss (or the gradient norm) is
         not finite; gradients are cleared and nothing is applied.

@@ -21,6 +21,7 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -151,11 +152,11 @@ void* take_block(std::size_t n, bool bounded) {
       ++s.stats.hits;
       return p;
     }
-    add_live_locked(s, n);
     if (bounded) {
       // the new block must not take the footprint (blocks in use + free list) past the peak
-      // of live bytes: release cached blocks, largest first, to make room for it
-      const int64_t room = s.stats.live_peak_bytes - s.stats.in_use_bytes - int64_t(size);
+      // of live bytes (this request's included): release cached blocks, largest first
+      const int64_t peak = std::max(s.stats.live_peak_bytes, s.stats.live_bytes + int64_t(n));
+      const int64_t room = peak - s.stats.in_use_bytes - int64_t(size);
       trim_locked(s, room > 0 ? room : 0);
     }
     // A new block starts at a staggered offset within its first page (a multiple of 64
@@ -174,6 +175,7 @@ void* take_block(std::size_t n, bool bounded) {
   std::lock_guard<std::mutex> lock(s.mu);
   s.owned.emplace(p, Block{base, size, n});
   s.stats.in_use_bytes += int64_t(size);
+  add_live_locked(s, n);
   ++s.stats.misses;
   return p;
 }

@@ -9,6 +9,11 @@ Before timing, both sides compute the loss and the gradients of every trainable 
 from the same fresh weights; they must agree. Then steps alternate (ours, peer, ours, ...)
 so drift in machine load hits both alike; the medians are reported.
 
+The same step is also timed with each side alone in its own fresh process (default malloc):
+in one process each side's first-touch page faults depend on what the other keeps mapped (on
+the AMX guest of 2026-12-05 (x) the peer's float32 step ran 5.6-5.7 s beside ours with its
+block cache off and 6.5-6.7 s with it on, ours the same either way), which that row takes out.
+
 Memory: each side runs in its own fresh process (``bench/peers/train_step.py``) with glibc's
 mmap threshold fixed at 64 KiB, so every tensor buffer is mapped on allocation and unmapped
 on free and the resident set follows live memory. After a warm-up step (which allocates
@@ -159,6 +164,15 @@ def memory(side: str, dtype: str, *extra: str) -> dict:
     return rss.run(ROOT / "bench" / "peers" / "train_step.py", ["--side", side, "--dtype", dtype, *extra], ROOT)
 
 
+def separate_times(dtype: str) -> dict:
+    """Each side's step times alone in its own fresh process (default malloc): ``{side: result}``."""
+    import rss
+
+    return {side: rss.run(ROOT / "bench" / "peers" / "train_step.py",
+                          ["--side", side, "--dtype", dtype, "--time", "--steps", str(ROUNDS)], ROOT, malloc_env=None)
+            for side in ("ours", "peer")}
+
+
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -177,6 +191,8 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
     load1 = _load()
     del of, ours
     mo, mp = memory("ours", dtype), memory("peer", dtype)
+    sep = separate_times(dtype)
+    so, sp = sep["ours"]["median_s"], sep["peer"]["median_s"]
     o, p = statistics.median(to), statistics.median(tp)
     quick = " (QUICK shape)" if sh is ts.QUICK else ""
     if not any(n.startswith("connector training step") for n in report.notes):
@@ -196,8 +212,13 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
     else:
         report.notes.append(f"  ({dtype}: all times: ours {' '.join(f'{t:.2f}' for t in to)}, "
                             f"peer {' '.join(f'{t:.2f}' for t in tp)})")
+    report.notes.append(
+        f"  ({dtype}, each side alone in its own process: ours {so:.2f} s, peer {sp:.2f} s, {sp / so:.2f}x; all times: "
+        f"ours {' '.join(f'{t:.2f}' for t in sep['ours']['all_s'])}, "
+        f"peer {' '.join(f'{t:.2f}' for t in sep['peer']['all_s'])})")
     benchmark.extra_info.update(ours_s=o, peer_s=p, ratio=p / o, ours_all_s=to, peer_all_s=tp,
-                                mem_ours=mo, mem_peer=mp, load=[load0, load1])
+                                mem_ours=mo, mem_peer=mp, load=[load0, load1],
+                                separate_ours_s=so, separate_peer_s=sp, separate_ratio=sp / so)
     if dtype == "bf16":  # ours as `flamingo-rt train` runs with freeze.frozen_linear_dtype = "bf16"
         of = ts.build_peer(sh)
         ours = ts.build_ours(of, frozen_linears_bf16=True)

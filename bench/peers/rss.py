@@ -54,11 +54,13 @@ def emit(result: dict) -> None:
     print("JSON " + json.dumps(result), flush=True)
 
 
-def run(script: Path, args: List[str], root: Path, timeout: float = 3600) -> dict:
-    """Run ``script args`` in a fresh Python process with :data:`ENV` and ``root`` on the
-    path; returns the dict its :func:`emit` printed last."""
+def run(script: Path, args: List[str], root: Path, timeout: float = 3600,
+        malloc_env: Optional[Dict[str, str]] = ENV) -> dict:
+    """Run ``script args`` in a fresh Python process with ``malloc_env`` (:data:`ENV` by
+    default; None: the C library's defaults, for timings) and ``root`` on the path; returns
+    the dict its :func:`emit` printed last."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])), **ENV)
+        [str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])), **(malloc_env or {}))
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
     if proc.returncode != 0:

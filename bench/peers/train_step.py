@@ -21,7 +21,8 @@ to 1.0, AdamW step.
   ``optimizer.step()``, ``zero_grad(set_to_none=True)``).
 
 Importable (the benchmark) and runnable (``python bench/peers/train_step.py --side ours
---dtype bf16``: one process per side, prints the step's peak resident memory as JSON).
+--dtype bf16``: one process per side, prints the step's peak resident memory as JSON; with
+``--time --steps 5`` the step times of that side alone instead).
 """
 from __future__ import annotations
 
@@ -236,6 +237,36 @@ def measure_memory(side: str, dtype: str, steps: int = 2, frozen_linears_bf16: b
                 **rss.measure(step, steps, before_base=_release_kept if side == "ours" else None))
 
 
+def measure_time(side: str, dtype: str, steps: int, frozen_linears_bf16: bool = False) -> dict:
+    """Step times of ``side`` alone in this (fresh) process, with the C library's default
+    malloc: two warm-up steps, then ``steps`` timed ones; ``median_s`` and ``all_s``. The
+    benchmark's main rows alternate both sides in one process, where each side's page faults
+    depend on what the other keeps mapped; these rows take that interplay out."""
+    import statistics
+    import time
+
+    torch.manual_seed(0)
+    sh = shape()
+    peer = build_peer(sh)
+    data = make_data(sh)
+    autocast = torch.bfloat16 if dtype == "bf16" else None
+    if side == "ours":
+        model = build_ours(peer, frozen_linears_bf16)
+        del peer
+        step = ours_stepper(model, data, sh["B"], autocast)
+    else:
+        step = peer_stepper(peer, data, sh["B"], autocast)
+    step()
+    step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return dict(side=side, dtype=dtype, threads=torch.get_num_threads(), median_s=statistics.median(times),
+                all_s=times)
+
+
 def _release_kept() -> None:
     """Ours keeps per-thread scratch buffers (and, when asked, a block cache) between steps:
     freed before the base is measured, so the measured steps make them again and they count
@@ -254,9 +285,17 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--frozen-linears-bf16", action="store_true",
                     help="ours only: the frozen LM's linear weights stored in bfloat16")
+    ap.add_argument("--time", action="store_true",
+                    help="time --steps steps (after two warm-up steps) instead of measuring memory; "
+                         "run it without MALLOC_MMAP_THRESHOLD_")
     a = ap.parse_args()
     if a.frozen_linears_bf16 and a.side != "ours":
         ap.error("--frozen-linears-bf16 applies to --side ours")
+    if a.steps < 1:
+        ap.error(f"--steps: expected at least 1, got {a.steps}")
     import rss
 
-    rss.emit(measure_memory(a.side, a.dtype, a.steps, a.frozen_linears_bf16))
+    if a.time:
+        rss.emit(measure_time(a.side, a.dtype, a.steps, a.frozen_linears_bf16))
+    else:
+        rss.emit(measure_memory(a.side, a.dtype, a.steps, a.frozen_linears_bf16))

@@ -393,9 +393,14 @@ def test_train_step_factored_equals_dense(world, tmp_path, precision, products, 
     # gradient is near zero flips the sign of its ~lr update on one bf16 rounding: 6.5e-2 on
     # resampler.layers.0.ff.norm.bias on a 2-core AMD EPYC, whose bf16 weight gradients are
     # torch's bf16 products, rounded once as autocast's own); their gradients are compared
-    tol = dict(loss=1e-5, norm=1e-5, grad=1e-5, param=1e-5) if precision is None else \
-        dict(loss=1e-3, norm=1e-3, grad=5e-2, param=1e-2)
-    worst = dict(loss=0.0, norm=0.0, grad=0.0, param=0.0)
+    # The tanh gates' gradients are single sums over every row with cancellation, compared
+    # apart: in bf16 the two paths' roundings leave them further apart than whole matrices'
+    # (lm.xattn.3.ff_gate 5.8e-2 apart with torch's rounded bf16 products on the 2-core Xeon
+    # with AMX, where every matrix gradient stays within 5e-3).
+    tol = dict(loss=1e-5, norm=1e-5, grad=1e-5, gate=1e-5, param=1e-5) if precision is None else \
+        dict(loss=1e-3, norm=1e-3, grad=5e-2, gate=1e-1, param=1e-2)
+    worst = dict(loss=0.0, norm=0.0, grad=0.0, gate=0.0, param=0.0)
+    gates = {id(p) for n, p in tr.model.named_parameters() if n.endswith("_gate")}
     for a, b in zip(rd, rf):
         assert a.grad_norm > 0.05  # clipping was active
         worst["norm"] = max(worst["norm"], abs(a.grad_norm - b.grad_norm) / a.grad_norm)
@@ -404,7 +409,8 @@ def test_train_step_factored_equals_dense(world, tmp_path, precision, products, 
     for cd, cf in zip(gd, gf):
         assert cd.keys() == cf.keys()
         for k in cd:
-            worst["grad"] = max(worst["grad"], rel_err(cf[k], cd[k]))
+            kind = "gate" if k in gates else "grad"
+            worst[kind] = max(worst[kind], rel_err(cf[k], cd[k]))
     for n in pd:
         if precision is None or start[n].any():
             worst["param"] = max(worst["param"], rel_err(pf[n], pd[n]))

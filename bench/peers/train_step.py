@@ -206,6 +206,21 @@ def peer_stepper(of: nn.Module, data: Data, B: int, autocast: Optional[torch.dty
 # --------------------------------------------------------------------------- memory
 
 
+def _side(side: str, dtype: str, frozen_linears_bf16: bool) -> tuple:
+    """(model, step closure) of one side alone: both models are built (the conversion needs
+    the peer), the other side dropped."""
+    torch.manual_seed(0)
+    sh = shape()
+    peer = build_peer(sh)
+    data = make_data(sh)
+    autocast = torch.bfloat16 if dtype == "bf16" else None
+    if side == "ours":
+        model = build_ours(peer, frozen_linears_bf16)
+        del peer
+        return model, ours_stepper(model, data, sh["B"], autocast)
+    return peer, peer_stepper(peer, data, sh["B"], autocast)
+
+
 def measure_memory(side: str, dtype: str, steps: int = 2, frozen_linears_bf16: bool = False) -> dict:
     """Peak resident memory of one step of ``side`` in this (fresh) process (:mod:`rss`).
 
@@ -220,18 +235,8 @@ def measure_memory(side: str, dtype: str, steps: int = 2, frozen_linears_bf16: b
     """
     import rss
 
-    torch.manual_seed(0)
-    sh = shape()
-    peer = build_peer(sh)
-    data = make_data(sh)
-    autocast = torch.bfloat16 if dtype == "bf16" else None
-    if side == "ours":
-        model = build_ours(peer, frozen_linears_bf16)
-        del peer
-        step = ours_stepper(model, data, sh["B"], autocast)
-    else:
-        step = peer_stepper(peer, data, sh["B"], autocast)
-    trainable = (model if side == "ours" else peer).parameters()
+    model, step = _side(side, dtype, frozen_linears_bf16)
+    trainable = model.parameters()
     grad = sum(p.numel() * p.element_size() for p in trainable if p.requires_grad)
     return dict(side=side, dtype=dtype, threads=torch.get_num_threads(), grad_mib=grad / 2 ** 20,
                 **rss.measure(step, steps, before_base=_release_kept if side == "ours" else None))
@@ -245,17 +250,7 @@ def measure_time(side: str, dtype: str, steps: int, frozen_linears_bf16: bool = 
     import statistics
     import time
 
-    torch.manual_seed(0)
-    sh = shape()
-    peer = build_peer(sh)
-    data = make_data(sh)
-    autocast = torch.bfloat16 if dtype == "bf16" else None
-    if side == "ours":
-        model = build_ours(peer, frozen_linears_bf16)
-        del peer
-        step = ours_stepper(model, data, sh["B"], autocast)
-    else:
-        step = peer_stepper(peer, data, sh["B"], autocast)
+    _, step = _side(side, dtype, frozen_linears_bf16)
     step()
     step()
     times = []

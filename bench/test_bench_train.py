@@ -158,19 +158,18 @@ def alternate(ours_step, peer_step, rounds: int):
     return to, tp
 
 
-def memory(side: str, dtype: str, *extra: str) -> dict:
+def memory(side: str, dtype: str, *extra: str, **run_kw) -> dict:
+    """``bench/peers/train_step.py`` for one side in a fresh process (:func:`rss.run`, its
+    keywords: ``malloc_env=None`` for timings); what it emitted."""
     import rss
 
-    return rss.run(ROOT / "bench" / "peers" / "train_step.py", ["--side", side, "--dtype", dtype, *extra], ROOT)
+    return rss.run(ROOT / "bench" / "peers" / "train_step.py", ["--side", side, "--dtype", dtype, *extra], ROOT,
+                   **run_kw)
 
 
 def separate_times(dtype: str) -> dict:
     """Each side's step times alone in its own fresh process (default malloc): ``{side: result}``."""
-    import rss
-
-    return {side: rss.run(ROOT / "bench" / "peers" / "train_step.py",
-                          ["--side", side, "--dtype", dtype, "--time", "--steps", str(ROUNDS)], ROOT, malloc_env=None)
-            for side in ("ours", "peer")}
+    return {side: memory(side, dtype, "--time", "--steps", str(ROUNDS), malloc_env=None) for side in ("ours", "peer")}
 
 
 def _load() -> str:

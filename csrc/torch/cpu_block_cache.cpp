@@ -22,6 +22,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -219,10 +220,15 @@ bool install() {
 }  // namespace
 
 bool cpu_block_cache_enabled() {
+  // parsed as flamingo_rt.runtime.cpu_cache.enabled() does: surrounding spaces and case ignored
   const char* s = std::getenv("FLAMINGO_RT_CPU_CACHE");
   if (s == nullptr) return true;
-  const std::string v(s);
-  return !(v == "0" || v == "off" || v == "OFF" || v == "Off");
+  std::string v(s);
+  const auto space = [](unsigned char c) { return std::isspace(c) != 0; };
+  v.erase(v.begin(), std::find_if_not(v.begin(), v.end(), space));
+  v.erase(std::find_if_not(v.rbegin(), v.rend(), space).base(), v.end());
+  std::transform(v.begin(), v.end(), v.begin(), [](unsigned char c) { return char(std::tolower(c)); });
+  return v != "0" && v != "off";
 }
 
 void cpu_block_cache_enter(bool bounded) {

@@ -86,14 +86,15 @@ def test_store_norm_rows_scale_and_densify(dtype, products, monkeypatch):
         store.add(w, torch.zeros(3, 16), torch.zeros(3, 24))
 
 
-def test_wants_only_its_parameters_while_factors_are_smaller():
-    w = torch.nn.Parameter(torch.zeros(64, 32))  # 8 KiB float32
+def test_wants_only_its_parameters_while_factors_are_under_half_the_gradient():
+    assert fg.MAX_FRACTION == 0.5
+    w = torch.nn.Parameter(torch.zeros(64, 32))  # 8 KiB float32: factors under 4 KiB
     other = torch.nn.Parameter(torch.zeros(64, 32))
     store = fg.FactoredGrads([w])
-    assert store.wants(w, 2047, 4) and not store.wants(w, 2048, 4) and not store.wants(other, 10, 4)
-    assert store.wants(w, 4095, 2) and not store.wants(w, 4096, 2)  # bf16 factors: twice the elements
-    store.add(w, torch.zeros(20, 64).bfloat16(), torch.zeros(20, 32).bfloat16())  # 3840 bytes held
-    assert store.wants(w, 2175, 2) and not store.wants(w, 2176, 2)
+    assert store.wants(w, 1023, 4) and not store.wants(w, 1024, 4) and not store.wants(other, 10, 4)
+    assert store.wants(w, 2047, 2) and not store.wants(w, 2048, 2)  # bf16 factors: twice the elements
+    store.add(w, torch.zeros(10, 64).bfloat16(), torch.zeros(10, 32).bfloat16())  # 1920 bytes held
+    assert store.wants(w, 1087, 2) and not store.wants(w, 1088, 2)
     w.grad = torch.zeros(64, 32)
     assert not store.wants(w, 1, 2)  # a dense gradient: no more factors
 

@@ -288,7 +288,9 @@ def test_frozen_linears_in_bf16_give_the_same_step(world, tmp_path):
     give the same losses and gradients as autocast's casts of the float32 weights, the
     trainable parameters (cross-attention, the row-trained embedding and output projection)
     stay float32, and the stored weights do not change over steps."""
-    plain = _trainer(world, tmp_path / "a", steps=1, open_gates=True, precision="bf16")
+    plain = _trainer(world, tmp_path / "a", steps=1, open_gates=True, precision="bf16",
+                     freeze={"frozen_linear_dtype": "none"})
+    assert not plain.lowp_frozen and plain.frozen_linear_dtype is None
     tr = _trainer(world, tmp_path / "b", steps=2, open_gates=True, precision="bf16",
                   freeze={"frozen_linear_dtype": "bf16"})
     m = tr.model
@@ -339,9 +341,30 @@ def test_frozen_linears_of_an_in_memory_model_are_saved_rounded_and_said_so(worl
         assert torch.equal(params[n], params[n].bfloat16().float()), n  # exactly representable in bf16
 
 
+def test_frozen_linear_dtype_auto_follows_precision_and_strategy(world):
+    """The default "auto": bf16 storage under bf16 autocast (not with FSDP2), none in fp32;
+    "none" and None keep the weights' dtype; the Trainer stores what the config resolves to."""
+    d = train_config_dict(world["model"].parent, "run", 3)
+    resolved = {(prec, strat, f): TrainConfig.from_dict(dict(d, precision=prec, strategy=strat, freeze={} if f == "default" else {"frozen_linear_dtype": f})).resolved_frozen_linear_dtype()
+                for prec in ("fp32", "bf16") for strat in ("auto", "ddp", "fsdp") for f in ("default", "auto", "none", None)}
+    for (prec, strat, f), r in resolved.items():
+        want = "bf16" if prec == "bf16" and strat != "fsdp" and f in ("default", "auto") else None
+        assert r == want, (prec, strat, f, r)
+    assert TrainConfig.from_dict(dict(d, precision="bf16", freeze={"frozen_linear_dtype": "bf16"})).resolved_frozen_linear_dtype() == "bf16"
+
+
+def test_trainer_default_stores_frozen_linears_in_bf16_only_under_bf16(world, tmp_path):
+    bf = _trainer(world, tmp_path / "a", steps=1, precision="bf16")
+    assert bf.frozen_linear_dtype == "bf16" and bf.lowp_frozen
+    assert all(p.dtype == torch.bfloat16 for n, p in bf.model.named_parameters() if n in set(bf.lowp_frozen))
+    fp = _trainer(world, tmp_path / "b", steps=1, precision="fp32")
+    assert fp.frozen_linear_dtype is None and not fp.lowp_frozen
+    assert all(p.dtype == torch.float32 for p in fp.model.parameters())
+
+
 def test_frozen_linear_dtype_config_errors(world):
     d = train_config_dict(world["model"].parent, "run", 3)
-    with pytest.raises(ValueError, match="frozen_linear_dtype None or 'bf16', got 'fp16'"):
+    with pytest.raises(ValueError, match="frozen_linear_dtype 'auto', 'bf16', 'none' or None, got 'fp16'"):
         TrainConfig.from_dict(dict(d, precision="bf16", freeze={"frozen_linear_dtype": "fp16"}))
     with pytest.raises(ValueError, match="needs precision = 'bf16'.*got 'fp32'"):
         TrainConfig.from_dict(dict(d, precision="fp32", freeze={"frozen_linear_dtype": "bf16"}))

@@ -206,6 +206,12 @@ def peer_stepper(of: nn.Module, data: Data, B: int, autocast: Optional[torch.dty
 # --------------------------------------------------------------------------- memory
 
 
+def default_frozen_linears_bf16(dtype: str) -> bool:
+    """Whether ours stores its frozen LM linears in bfloat16 by default, as ``flamingo-rt
+    train`` does (``freeze.frozen_linear_dtype = "auto"``): under bf16 autocast."""
+    return dtype == "bf16"
+
+
 def _side(side: str, dtype: str, frozen_linears_bf16: bool) -> tuple:
     """(model, step closure) of one side alone: both models are built (the conversion needs
     the peer), the other side dropped."""
@@ -278,19 +284,21 @@ if __name__ == "__main__":
     ap.add_argument("--side", choices=("ours", "peer"), required=True)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), required=True)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--frozen-linears-bf16", action="store_true",
-                    help="ours only: the frozen LM's linear weights stored in bfloat16")
+    ap.add_argument("--frozen-linears", choices=("auto", "bf16", "none"), default="auto",
+                    help="ours only: the frozen LM's linear weights stored in bfloat16 (bf16), in float32 "
+                         "(none), or as `flamingo-rt train` does by default (auto: bf16 with --dtype bf16)")
     ap.add_argument("--time", action="store_true",
                     help="time --steps steps (after two warm-up steps) instead of measuring memory; "
                          "run it without MALLOC_MMAP_THRESHOLD_")
     a = ap.parse_args()
-    if a.frozen_linears_bf16 and a.side != "ours":
-        ap.error("--frozen-linears-bf16 applies to --side ours")
+    if a.frozen_linears != "auto" and a.side != "ours":
+        ap.error("--frozen-linears applies to --side ours")
+    frozen16 = default_frozen_linears_bf16(a.dtype) if a.frozen_linears == "auto" else a.frozen_linears == "bf16"
     if a.steps < 1:
         ap.error(f"--steps: expected at least 1, got {a.steps}")
     import rss
 
     if a.time:
-        rss.emit(measure_time(a.side, a.dtype, a.steps, a.frozen_linears_bf16))
+        rss.emit(measure_time(a.side, a.dtype, a.steps, frozen16))
     else:
-        rss.emit(measure_memory(a.side, a.dtype, a.steps, a.frozen_linears_bf16))
+        rss.emit(measure_memory(a.side, a.dtype, a.steps, frozen16))

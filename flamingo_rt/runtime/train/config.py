@@ -125,20 +125,23 @@ class FreezeConfig:
     """What trains. Default (Flamingo): the resampler and the cross-attention blocks train,
     the vision encoder and the LM are frozen, and of the LM only the embedding rows of
     ``trainable_token_ids`` (default: ``<image>`` and ``<|endofchunk|>``) train.
-    ``frozen_linear_dtype = "bf16"`` (with ``precision = "bf16"``) stores the frozen LM's
+    ``frozen_linear_dtype``: ``"bf16"`` (with ``precision = "bf16"``) stores the frozen LM's
     linear weights in bfloat16 (:func:`~flamingo_rt.runtime.train.freeze.store_frozen_linears`:
-    same results, half their memory, no per-step casts)."""
+    the values autocast's per-use casts would give, half their memory, no per-step casts);
+    ``"auto"`` (default) does so whenever ``precision = "bf16"`` and the strategy is not
+    ``"fsdp"`` (see :meth:`TrainConfig.resolved_frozen_linear_dtype`); ``"none"`` (or None) keeps
+    them in their own dtype."""
 
     vision: bool = True
     lm: bool = True
     resampler: bool = False
     xattn: bool = False
     trainable_token_ids: Optional[List[int]] = None
-    frozen_linear_dtype: Optional[str] = None
+    frozen_linear_dtype: Optional[str] = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.frozen_linear_dtype in (None, "bf16"),
-               f"freeze: expected frozen_linear_dtype None or 'bf16', got {self.frozen_linear_dtype!r}")
+        _check(self.frozen_linear_dtype in (None, "none", "auto", "bf16"),
+               f"freeze: expected frozen_linear_dtype 'auto', 'bf16', 'none' or None, got {self.frozen_linear_dtype!r}")
 
 
 def _section(cls, value: Any, where: str):
@@ -207,7 +210,7 @@ class TrainConfig:
                "a preset model needs tokenizer = path to a tokenizer.json")
         _check(self.precision in PRECISIONS, f"expected precision in {PRECISIONS}, got {self.precision!r}")
         _check(self.strategy in STRATEGIES, f"expected strategy in {STRATEGIES}, got {self.strategy!r}")
-        if self.freeze.frozen_linear_dtype is not None:
+        if self.freeze.frozen_linear_dtype == "bf16":
             _check(self.precision == self.freeze.frozen_linear_dtype,
                    f"freeze.frozen_linear_dtype = {self.freeze.frozen_linear_dtype!r} needs precision = "
                    f"{self.freeze.frozen_linear_dtype!r} (autocast casts the products' inputs to it), got {self.precision!r}")
@@ -220,6 +223,16 @@ class TrainConfig:
         _check(int(self.keep_checkpoints) >= 1, f"expected keep_checkpoints >= 1, got {self.keep_checkpoints}")
         _check(int(self.log_every) >= 1, f"expected log_every >= 1, got {self.log_every}")
         self.out_dir = str(self.out_dir)
+
+    def resolved_frozen_linear_dtype(self) -> Optional[str]:
+        """The dtype name (a key of ``FROZEN_LINEAR_DTYPES``: ``"bf16"``) the frozen LM's linear
+        weights are stored in, or None (their own): ``freeze.frozen_linear_dtype`` resolved, its
+        ``"auto"`` giving ``"bf16"`` under ``precision = "bf16"`` unless the strategy is
+        ``"fsdp"`` (FSDP2 shards layers of one dtype)."""
+        f = self.freeze.frozen_linear_dtype
+        if f == "auto":
+            return "bf16" if self.precision == "bf16" and self.strategy != "fsdp" else None
+        return None if f in (None, "none") else f
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -84,8 +84,9 @@ class Trainer:
             self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id])
         # the frozen LM's linears in bf16 (after apply_freeze: the row-trained projections stay float32)
         self.lowp_frozen: List[str] = []
-        if cfg.freeze.frozen_linear_dtype is not None:
-            self.lowp_frozen = store_frozen_linears(self.model, FROZEN_LINEAR_DTYPES[cfg.freeze.frozen_linear_dtype])
+        self.frozen_linear_dtype = cfg.resolved_frozen_linear_dtype()  # "bf16" or None ("auto" resolved)
+        if self.frozen_linear_dtype is not None:
+            self.lowp_frozen = store_frozen_linears(self.model, FROZEN_LINEAR_DTYPES[self.frozen_linear_dtype])
         self.model.train()
         self.model.lm.activation_checkpointing = cfg.activation_checkpointing
         # wrap first: FSDP2 replaces the parameters the optimizer and the row mask must hold
@@ -170,7 +171,7 @@ class Trainer:
         src = self._source_folder
         if src is None:
             print(f"[train] the final model's {len(self.lowp_frozen)} frozen LM linear tensors hold their "
-                  f"{self.cfg.freeze.frozen_linear_dtype}-rounded values (freeze.frozen_linear_dtype; no source folder "
+                  f"{self.frozen_linear_dtype}-rounded values (freeze.frozen_linear_dtype; no source folder "
                   "to restore them from)", flush=True)
             for n in self.lowp_frozen:
                 sd[n] = sd[n].float()

@@ -72,6 +72,7 @@ def _torchrun(cfg: Path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         WORKER, str(cfg)], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -100,6 +101,29 @@ def test_two_processes_equal_one(world, tmp_path, strategy):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(w1[k], load_state_dict(world["model"])[k]) for k in w1)  # it trained
+
+
+def test_two_processes_bf16_store_frozen_linears_in_bf16(world, tmp_path):
+    """precision = "bf16" under DDP: frozen_linear_dtype "auto" stores the frozen LM's linears
+    in bf16 in each process (mixed-dtype parameters through DDP's broadcast); the losses follow
+    the 1-process bf16 run within bf16 rounding, and the final folder holds the frozen
+    weights as loaded (float32), not their bf16 rounding."""
+    steps = 2
+    root = world["model"].parent
+    _run(write_config(tmp_path / "one.json", train_config_dict(root, tmp_path / "one", steps, precision="bf16")))
+    out = _torchrun(write_config(tmp_path / "two.json", train_config_dict(root, tmp_path / "two", steps,
+                                                                          precision="bf16", strategy="ddp")))
+    assert "frozen LM linear tensors stored in bf16 (freeze.frozen_linear_dtype = 'auto'" in out.stdout, out.stdout[-2000:]
+    l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in l1] == [s for s, _ in l2] == list(range(1, steps + 1))
+    for (_, a), (_, b) in zip(l1, l2):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 2e-2 * abs(a[k]), (k, a[k], b[k])
+    source = load_state_dict(world["model"])
+    final = load_state_dict(tmp_path / "two" / "final")
+    frozen = [k for k in final if k.startswith("lm.layers.") and k.endswith(".weight") and final[k].dim() == 2]
+    assert frozen and all(final[k].dtype == torch.float32 and torch.equal(final[k], source[k]) for k in frozen)
+    assert any(not torch.equal(final[k].bfloat16().float(), final[k]) for k in frozen)  # not bf16-rounded
 
 
 def test_cli_train(world, tmp_path):

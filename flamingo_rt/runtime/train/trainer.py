@@ -209,6 +209,10 @@ class Trainer:
         log = MetricsLog(self.out_dir / "log.jsonl", cfg.steps, self.step, cfg.progress and main, enabled=main)
         if self.resumed_from is not None:
             log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        if self.lowp_frozen:
+            log.message(f"[train] {len(self.lowp_frozen)} frozen LM linear tensors stored in {self.frozen_linear_dtype} "
+                        f"(freeze.frozen_linear_dtype = {cfg.freeze.frozen_linear_dtype!r}; \"none\" keeps them "
+                        "float32)")
         autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         weights = {d.name: d.weight for d in cfg.datasets}
         try:

@@ -350,7 +350,10 @@ def test_frozen_linear_dtype_auto_follows_precision_and_strategy(world):
     for (prec, strat, f), r in resolved.items():
         want = "bf16" if prec == "bf16" and strat != "fsdp" and f in ("default", "auto") else None
         assert r == want, (prec, strat, f, r)
-    assert TrainConfig.from_dict(dict(d, precision="bf16", freeze={"frozen_linear_dtype": "bf16"})).resolved_frozen_linear_dtype() == "bf16"
+    bf = TrainConfig.from_dict(dict(d, precision="bf16"))
+    assert bf.resolved_frozen_linear_dtype(has_source_folder=False) is None  # nothing saved gets rounded
+    explicit = TrainConfig.from_dict(dict(d, precision="bf16", freeze={"frozen_linear_dtype": "bf16"}))
+    assert explicit.resolved_frozen_linear_dtype() == explicit.resolved_frozen_linear_dtype(False) == "bf16"
 
 
 def test_trainer_default_stores_frozen_linears_in_bf16_only_under_bf16(world, tmp_path):
@@ -360,6 +363,12 @@ def test_trainer_default_stores_frozen_linears_in_bf16_only_under_bf16(world, tm
     fp = _trainer(world, tmp_path / "b", steps=1, precision="fp32")
     assert fp.frozen_linear_dtype is None and not fp.lowp_frozen
     assert all(p.dtype == torch.float32 for p in fp.model.parameters())
+    # an in-memory model has no folder to restore the originals from: "auto" leaves it float32
+    model, tok = load_pretrained(world["model"])
+    cfg = TrainConfig.from_dict(train_config_dict(world["model"].parent, tmp_path / "c", 1, precision="bf16"))
+    mem = Trainer(cfg, model=model, tokenizer=tok)
+    assert mem.frozen_linear_dtype is None and not mem.lowp_frozen
+    assert all(p.dtype == torch.float32 for p in mem.model.parameters())
 
 
 def test_frozen_linear_dtype_config_errors(world):

@@ -128,8 +128,9 @@ class FreezeConfig:
     ``frozen_linear_dtype``: ``"bf16"`` (with ``precision = "bf16"``) stores the frozen LM's
     linear weights in bfloat16 (:func:`~flamingo_rt.runtime.train.freeze.store_frozen_linears`:
     the values autocast's per-use casts would give, half their memory, no per-step casts);
-    ``"auto"`` (default) does so whenever ``precision = "bf16"`` and the strategy is not
-    ``"fsdp"`` (see :meth:`TrainConfig.resolved_frozen_linear_dtype`); ``"none"`` (or None) keeps
+    ``"auto"`` (default) does so whenever ``precision = "bf16"``, the strategy is not
+    ``"fsdp"`` and the run loads a model folder (whose float32 originals its final folder gets
+    back; see :meth:`TrainConfig.resolved_frozen_linear_dtype`); ``"none"`` (or None) keeps
     them in their own dtype."""
 
     vision: bool = True
@@ -224,14 +225,17 @@ class TrainConfig:
         _check(int(self.log_every) >= 1, f"expected log_every >= 1, got {self.log_every}")
         self.out_dir = str(self.out_dir)
 
-    def resolved_frozen_linear_dtype(self) -> Optional[str]:
+    def resolved_frozen_linear_dtype(self, has_source_folder: bool = True) -> Optional[str]:
         """The dtype name (a key of ``FROZEN_LINEAR_DTYPES``: ``"bf16"``) the frozen LM's linear
         weights are stored in, or None (their own): ``freeze.frozen_linear_dtype`` resolved, its
         ``"auto"`` giving ``"bf16"`` under ``precision = "bf16"`` unless the strategy is
-        ``"fsdp"`` (FSDP2 shards layers of one dtype)."""
+        ``"fsdp"`` (FSDP2 shards layers of one dtype) or the run has no model folder to read
+        the float32 originals back from for its final folder (``has_source_folder`` False: a
+        preset or an in-memory model; an explicit ``"bf16"`` still applies there, and the
+        final folder then holds the rounded values)."""
         f = self.freeze.frozen_linear_dtype
         if f == "auto":
-            return "bf16" if self.precision == "bf16" and self.strategy != "fsdp" else None
+            return "bf16" if self.precision == "bf16" and self.strategy != "fsdp" and has_source_folder else None
         return None if f in (None, "none") else f
 
     def to_dict(self) -> Dict[str, Any]:

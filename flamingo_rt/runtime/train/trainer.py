@@ -84,7 +84,9 @@ class Trainer:
             self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id])
         # the frozen LM's linears in bf16 (after apply_freeze: the row-trained projections stay float32)
         self.lowp_frozen: List[str] = []
-        self.frozen_linear_dtype = cfg.resolved_frozen_linear_dtype()  # "bf16" or None ("auto" resolved)
+        # "bf16" or None; "auto" only where the final folder can get the float32 originals back
+        # (the run loads a model folder), so that by default nothing saved is rounded
+        self.frozen_linear_dtype = cfg.resolved_frozen_linear_dtype(has_source_folder=self._source_folder is not None)
         if self.frozen_linear_dtype is not None:
             self.lowp_frozen = store_frozen_linears(self.model, FROZEN_LINEAR_DTYPES[self.frozen_linear_dtype])
         self.model.train()

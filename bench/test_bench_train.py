@@ -27,8 +27,8 @@ steps run: "peak" is the high-water RSS of the process during them, "step" the h
 minus the RSS just before (what one step adds to weights and optimizer state: saved
 activations, gradients, temporaries). tracemalloc does not see torch's allocations. The peer
 holds every trainable parameter's float32 gradient (520 MiB) at the end of its backward;
-ours keeps the weight gradients whose product factors are smaller (the cross-attention
-blocks' FF, the resampler's FF under bf16) as those factors (``flamingo_rt.ops.factored_grads``)
+ours keeps the weight gradients whose product factors are under half their size (the
+cross-attention blocks' FF) as those factors (``flamingo_rt.ops.factored_grads``)
 and clips and applies them a block of rows at a time (``runtime/train/factored_step.py``),
 as ``train_step`` does by default.
 

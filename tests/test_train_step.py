@@ -345,11 +345,13 @@ def test_frozen_linear_dtype_auto_follows_precision_and_strategy(world):
     """The default "auto": bf16 storage under bf16 autocast (not with FSDP2), none in fp32;
     "none" and None keep the weights' dtype; the Trainer stores what the config resolves to."""
     d = train_config_dict(world["model"].parent, "run", 3)
-    resolved = {(prec, strat, f): TrainConfig.from_dict(dict(d, precision=prec, strategy=strat, freeze={} if f == "default" else {"frozen_linear_dtype": f})).resolved_frozen_linear_dtype()
-                for prec in ("fp32", "bf16") for strat in ("auto", "ddp", "fsdp") for f in ("default", "auto", "none", None)}
-    for (prec, strat, f), r in resolved.items():
-        want = "bf16" if prec == "bf16" and strat != "fsdp" and f in ("default", "auto") else None
-        assert r == want, (prec, strat, f, r)
+    for prec in ("fp32", "bf16"):
+        for strat in ("auto", "ddp", "fsdp"):
+            for f in ("default", "auto", "none", None):
+                freeze = {} if f == "default" else {"frozen_linear_dtype": f}
+                r = TrainConfig.from_dict(dict(d, precision=prec, strategy=strat, freeze=freeze)).resolved_frozen_linear_dtype()
+                want = "bf16" if prec == "bf16" and strat != "fsdp" and f in ("default", "auto") else None
+                assert r == want, (prec, strat, f, r)
     bf = TrainConfig.from_dict(dict(d, precision="bf16"))
     assert bf.resolved_frozen_linear_dtype(has_source_folder=False) is None  # nothing saved gets rounded
     explicit = TrainConfig.from_dict(dict(d, precision="bf16", freeze={"frozen_linear_dtype": "bf16"}))

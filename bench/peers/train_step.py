@@ -208,8 +208,10 @@ def peer_stepper(of: nn.Module, data: Data, B: int, autocast: Optional[torch.dty
 
 def default_frozen_linears_bf16(dtype: str) -> bool:
     """Whether ours stores its frozen LM linears in bfloat16 by default, as ``flamingo-rt
-    train`` does (``freeze.frozen_linear_dtype = "auto"``): under bf16 autocast."""
-    return dtype == "bf16"
+    train`` does from a model folder (``freeze.frozen_linear_dtype = "auto"``, one process)."""
+    from flamingo_rt.runtime.train.config import resolve_frozen_linear_dtype
+
+    return resolve_frozen_linear_dtype("auto", dtype) == "bf16"
 
 
 def _side(side: str, dtype: str, frozen_linears_bf16: bool) -> tuple:

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Union
 
 __all__ = [
     "DatasetConfig", "OptimConfig", "FreezeConfig", "TrainConfig", "load_train_config", "DATASET_KINDS",
+    "resolve_frozen_linear_dtype",
 ]
 
 DATASET_KINDS = ("interleaved", "pairs", "video")
@@ -130,7 +131,7 @@ class FreezeConfig:
     the values autocast's per-use casts would give, half their memory, no per-step casts);
     ``"auto"`` (default) does so whenever ``precision = "bf16"``, the strategy is not
     ``"fsdp"`` and the run loads a model folder (whose float32 originals its final folder gets
-    back; see :meth:`TrainConfig.resolved_frozen_linear_dtype`); ``"none"`` (or None) keeps
+    back; see :func:`resolve_frozen_linear_dtype`); ``"none"`` (or None) keeps
     them in their own dtype."""
 
     vision: bool = True
@@ -226,17 +227,10 @@ class TrainConfig:
         self.out_dir = str(self.out_dir)
 
     def resolved_frozen_linear_dtype(self, has_source_folder: bool = True) -> Optional[str]:
-        """The dtype name (a key of ``FROZEN_LINEAR_DTYPES``: ``"bf16"``) the frozen LM's linear
-        weights are stored in, or None (their own): ``freeze.frozen_linear_dtype`` resolved, its
-        ``"auto"`` giving ``"bf16"`` under ``precision = "bf16"`` unless the strategy is
-        ``"fsdp"`` (FSDP2 shards layers of one dtype) or the run has no model folder to read
-        the float32 originals back from for its final folder (``has_source_folder`` False: a
-        preset or an in-memory model; an explicit ``"bf16"`` still applies there, and the
-        final folder then holds the rounded values)."""
-        f = self.freeze.frozen_linear_dtype
-        if f == "auto":
-            return "bf16" if self.precision == "bf16" and self.strategy != "fsdp" and has_source_folder else None
-        return None if f in (None, "none") else f
+        """:func:`resolve_frozen_linear_dtype` of this config's ``freeze.frozen_linear_dtype``,
+        precision and strategy."""
+        return resolve_frozen_linear_dtype(self.freeze.frozen_linear_dtype, self.precision, self.strategy,
+                                           has_source_folder)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,6 +239,20 @@ class TrainConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         _check_keys(cls, d, "unknown training config keys")
         return cls(**d)
+
+
+def resolve_frozen_linear_dtype(value: Optional[str], precision: str, strategy: str = "auto",
+                                has_source_folder: bool = True) -> Optional[str]:
+    """The dtype name (a key of ``FROZEN_LINEAR_DTYPES``: ``"bf16"``) the frozen LM's linear
+    weights are stored in, or None (their own), for ``freeze.frozen_linear_dtype = value``:
+    ``"auto"`` gives ``"bf16"`` under ``precision = "bf16"`` unless the strategy is ``"fsdp"``
+    (FSDP2 shards layers of one dtype) or the run has no model folder to read the float32
+    originals back from for its final folder (``has_source_folder`` False: a preset or an
+    in-memory model; an explicit ``"bf16"`` still applies there, and the final folder then
+    holds the rounded values); ``"none"`` and None give None."""
+    if value == "auto":
+        return "bf16" if precision == "bf16" and strategy != "fsdp" and has_source_folder else None
+    return None if value in (None, "none") else value
 
 
 def load_train_config(path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:

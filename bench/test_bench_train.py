@@ -163,18 +163,29 @@ def alternate(ours_step, peer_step, rounds: int):
     return to, tp
 
 
-def memory(side: str, dtype: str, *extra: str, **run_kw) -> dict:
-    """``bench/peers/train_step.py`` for one side in a fresh process (:func:`rss.run`, its
-    keywords: ``malloc_env=None`` for timings); what it emitted."""
+def _side_process(side: str, dtype: str, *extra: str, **run_kw) -> dict:
+    """``bench/peers/train_step.py`` for one side in a fresh process (:func:`rss.run` with
+    ``run_kw``); what it emitted."""
     import rss
 
     return rss.run(ROOT / "bench" / "peers" / "train_step.py", ["--side", side, "--dtype", dtype, *extra], ROOT,
                    **run_kw)
 
 
+def memory(side: str, dtype: str, *extra: str) -> dict:
+    """One side's step memory in a fresh process (glibc's mmap threshold fixed: :data:`rss.ENV`)."""
+    return _side_process(side, dtype, *extra)
+
+
+def time_alone(side: str, dtype: str, *extra: str) -> dict:
+    """One side's step times alone in a fresh process (the C library's default malloc):
+    ``median_s`` and ``all_s`` of :data:`ROUNDS` steps."""
+    return _side_process(side, dtype, *extra, "--time", "--steps", str(ROUNDS), malloc_env=None)
+
+
 def separate_times(dtype: str) -> dict:
-    """Each side's step times alone in its own fresh process (default malloc): ``{side: result}``."""
-    return {side: memory(side, dtype, "--time", "--steps", str(ROUNDS), malloc_env=None) for side in ("ours", "peer")}
+    """Each side's step times alone in its own fresh process: ``{side: result}``."""
+    return {side: time_alone(side, dtype) for side in ("ours", "peer")}
 
 
 def _load() -> str:
@@ -229,7 +240,7 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
         to32, tp32 = alternate(ts.ours_stepper(ours, data, sh["B"], ac), ts.peer_stepper(of, data, sh["B"], ac), ROUNDS)
         del of, ours
         m32 = memory("ours", dtype, "--frozen-linears", "none")
-        s32 = memory("ours", dtype, "--frozen-linears", "none", "--time", "--steps", str(ROUNDS), malloc_env=None)
+        s32 = time_alone("ours", dtype, "--frozen-linears", "none")
         o32, p32, so32 = statistics.median(to32), statistics.median(tp32), s32["median_s"]
         report.notes.append(
             f"  | bf16, ours with its frozen LM linears float32, cast at each use as the peer's (frozen_linear_dtype "

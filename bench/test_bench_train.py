@@ -19,6 +19,13 @@ in one process each side's first-touch page faults depend on what the other keep
 the AMX guest of 2026-12-05 (x) the peer's float32 step ran 5.6-5.7 s beside ours with its
 block cache off and 6.5-6.7 s with it on, ours the same either way), which that row takes out.
 
+A row with the vocabulary rows of ``<image>`` and ``<|endofchunk|>`` training too (as both
+training loops do by default), each side alone by its own rule: open_flamingo makes its input
+embedding trainable and multiplies all other rows of its (V, D) gradient by 0 after the
+backward pass; ``flamingo-rt train`` trains those rows as (k, D) parameters
+(``flamingo_rt/models/token_rows.py``; also the rows of an untied output projection, which
+open_flamingo leaves frozen).
+
 Memory: each side runs in its own fresh process (``bench/peers/train_step.py``) with glibc's
 mmap threshold fixed at 64 KiB, so every tensor buffer is mapped on allocation and unmapped
 on free and the resident set follows live memory. After a warm-up step (which allocates
@@ -234,6 +241,21 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
     benchmark.extra_info.update(ours_s=o, peer_s=p, ratio=p / o, ours_all_s=to, peer_all_s=tp,
                                 mem_ours=mo, mem_peer=mp, load=[load0, load1],
                                 separate_ours_s=so, separate_peer_s=sp, separate_ratio=sp / so)
+    # the vocabulary rows of <image> / <|endofchunk|> training too, each side by its own rule,
+    # each side alone in its own process (time) and measured for memory as above
+    tro, trp = time_alone("ours", dtype, "--token-rows"), time_alone("peer", dtype, "--token-rows")
+    mto, mtp = memory("ours", dtype, "--token-rows"), memory("peer", dtype, "--token-rows")
+    o_r, p_r = tro["median_s"], trp["median_s"]
+    report.notes.append(
+        f"  | {dtype}, the <image> / <|endofchunk|> vocabulary rows training too, each side alone (the peer: its input "
+        f"embedding's masked (V, D) gradient; ours: (k, D) parameters, also the untied head's rows) | {o_r:.2f} s "
+        f"| {p_r:.2f} s | {p_r / o_r:.2f}x | {mto['peak_mib']:.0f} MiB | {mtp['peak_mib']:.0f} MiB "
+        f"| {mtp['peak_mib'] / mto['peak_mib']:.2f}x | {mto['step_mib']:.0f} MiB | {mtp['step_mib']:.0f} MiB "
+        f"| {mtp['step_mib'] / mto['step_mib']:.2f}x | (tests/test_token_rows.py) | |")
+    report.notes.append(f"  ({dtype} with the vocabulary rows training, all times: ours "
+                        f"{' '.join(f'{t:.2f}' for t in tro['all_s'])}, peer {' '.join(f'{t:.2f}' for t in trp['all_s'])})")
+    benchmark.extra_info.update(token_rows_ours_s=o_r, token_rows_peer_s=p_r, mem_ours_token_rows=mto,
+                                mem_peer_token_rows=mtp)
     if dtype == "bf16":  # ours with freeze.frozen_linear_dtype = "none": its frozen LM linears cast at each use
         of = ts.build_peer(sh)
         ours = ts.build_ours(of, frozen_linears_bf16=False)

@@ -54,8 +54,11 @@ def test_freezing_keeps_backbones_bit_identical(world, tmp_path):
     m = tr.model
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("resampler.", "lm.xattn.", "lm.embed_tokens", "lm.lm_head"))
-                             for n in trainable)
+    # the vocabulary rows of <image> / <|endofchunk|> train as their own (k, D) parameters,
+    # the embedding table and the untied head stay frozen and follow them in those rows
+    assert trainable and all(n.startswith(("resampler.", "lm.xattn.", "lm.token_rows.")) for n in trainable)
+    assert {n for n in trainable if n.startswith("lm.token_rows.")} == {"lm.token_rows.embed", "lm.token_rows.head"}
+    assert not m.lm.embed_tokens.weight.requires_grad and not m.lm.lm_head.weight.requires_grad
     assert not any(p.requires_grad for p in m.vision_encoder.parameters())
     assert not m.vision_encoder.training
     tr.fit()
@@ -286,8 +289,8 @@ def test_cli_train_reports_a_missing_dataset_or_model_in_one_line(world, tmp_pat
 def test_frozen_linears_in_bf16_give_the_same_step(world, tmp_path):
     """freeze.frozen_linear_dtype = "bf16": the frozen LM's linear weights stored in bfloat16
     give the same losses and gradients as autocast's casts of the float32 weights, the
-    trainable parameters (cross-attention, the row-trained embedding and output projection)
-    stay float32, and the stored weights do not change over steps."""
+    trainable parameters (cross-attention, the trained vocabulary rows) stay float32, and the
+    stored weights do not change over steps but for the output projection's trained rows."""
     plain = _trainer(world, tmp_path / "a", steps=1, open_gates=True, precision="bf16",
                      freeze={"frozen_linear_dtype": "none"})
     assert not plain.lowp_frozen and plain.frozen_linear_dtype is None
@@ -295,10 +298,11 @@ def test_frozen_linears_in_bf16_give_the_same_step(world, tmp_path):
                   freeze={"frozen_linear_dtype": "bf16"})
     m = tr.model
     frozen16 = {n for n, p in m.named_parameters() if p.dtype == torch.bfloat16}
-    assert frozen16 and all(n.startswith("lm.layers.") and not n.startswith("lm.xattn") for n in frozen16)
+    assert frozen16 and all(n.startswith(("lm.layers.", "lm.lm_head.")) for n in frozen16)
+    assert "lm.lm_head.weight" in frozen16  # frozen: its trained rows are lm.token_rows.head
     assert all(not p.requires_grad for n, p in m.named_parameters() if n in frozen16)
     assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
-    assert m.lm.lm_head.weight.dtype == torch.float32  # row-trained: not converted
+    assert m.lm.token_rows.head.dtype == torch.float32 and m.lm.embed_tokens.weight.dtype == torch.float32
     bytes16 = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n in frozen16)
     bytes32 = sum(p.numel() * p.element_size() for n, p in plain.model.named_parameters() if n in frozen16)
     assert bytes16 * 2 == bytes32
@@ -315,12 +319,24 @@ def test_frozen_linears_in_bf16_give_the_same_step(world, tmp_path):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
     before = {n: p.detach().clone() for n, p in m.named_parameters() if n in frozen16}
     tr.fit()
-    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters() if n in frozen16)
-    # the final model folder holds the frozen weights as loaded (float32), not their bf16 rounding
+    ids = m.lm.token_rows.ids
+    other = torch.ones(m.lm.cfg.vocab_size, dtype=torch.bool)
+    other[ids] = False
+    for n, p in m.named_parameters():
+        if n == "lm.lm_head.weight":  # all but the trained rows, which follow lm.token_rows.head
+            assert torch.equal(p[other], before[n][other]) and not torch.equal(p[ids], before[n][ids])
+            assert torch.equal(p[ids], m.lm.token_rows.head.detach().bfloat16())
+        elif n in frozen16:
+            assert torch.equal(p, before[n]), n
+    # the final model folder holds the frozen weights as loaded (float32), not their bf16
+    # rounding, and the trained rows unrounded
     final, _ = load_pretrained(tmp_path / "b" / "run" / "final")
     source = dict(plain.model.named_parameters())
     for n, p in final.named_parameters():
-        if n in frozen16:
+        if n == "lm.lm_head.weight":
+            assert p.dtype == torch.float32 and torch.equal(p[other], source[n][other])
+            assert torch.equal(p[ids], m.lm.token_rows.head.detach())
+        elif n in frozen16:
             assert p.dtype == torch.float32 and torch.equal(p, source[n]), n
 
 
@@ -336,9 +352,14 @@ def test_frozen_linears_of_an_in_memory_model_are_saved_rounded_and_said_so(worl
     assert "frozen LM linear tensors hold their bf16-rounded values" in capsys.readouterr().out
     final, _ = load_pretrained(tmp_path / "final")
     params = dict(final.named_parameters())
+    ids = tr.model.lm.token_rows.ids
     for n in tr.lowp_frozen:
-        assert params[n].dtype == torch.float32
-        assert torch.equal(params[n], params[n].bfloat16().float()), n  # exactly representable in bf16
+        p = params[n]
+        assert p.dtype == torch.float32
+        if n == "lm.lm_head.weight":  # its trained rows are written unrounded
+            assert torch.equal(p[ids], tr.model.lm.token_rows.head.detach())
+            p = p[[i for i in range(p.shape[0]) if i not in ids.tolist()]]
+        assert torch.equal(p, p.bfloat16().float()), n  # exactly representable in bf16
 
 
 def test_frozen_linear_dtype_auto_follows_precision_and_strategy(world):

@@ -44,7 +44,7 @@ FULL = dict(vocab=32000, dim=2048, layers=2, heads=32, kv_heads=4, intermediate=
             vis=1024, S=257, B=2, M=8, T=256)
 QUICK = dict(vocab=512, dim=128, layers=2, heads=4, kv_heads=2, intermediate=256,
              vis=64, S=17, B=2, M=3, T=48)
-IMG = 0  # the <image> token id of tests/peers/of_models.py
+IMG, EOC = 0, 1  # the <image> and <|endofchunk|> token ids of tests/peers/of_models.py
 LR, WD, CLIP = 1e-4, 0.1, 1.0
 
 
@@ -53,9 +53,12 @@ def shape() -> Dict[str, int]:
     return QUICK if os.environ.get("FLAMINGO_RT_BENCH_QUICK") == "1" else FULL
 
 
-def build_peer(sh: Dict[str, int], seed: int = 0) -> nn.Module:
+def build_peer(sh: Dict[str, int], seed: int = 0, token_rows: bool = False) -> nn.Module:
     """The open_flamingo Flamingo over a random LLaMA, connectors trainable, in train mode
-    (no dropout anywhere), open gates (0.6) and re-randomized connector weights."""
+    (no dropout anywhere), open gates (0.6) and re-randomized connector weights.
+    ``token_rows``: the LM's input embeddings train too, as open_flamingo's factory sets them
+    (its training loop keeps only the ``<image>`` / ``<|endofchunk|>`` rows of their gradient:
+    :func:`peer_stepper`)."""
     from of_models import build_of_llama
 
     of = build_of_llama(vocab=sh["vocab"], dim=sh["dim"], layers=sh["layers"], heads=sh["heads"],
@@ -64,18 +67,28 @@ def build_peer(sh: Dict[str, int], seed: int = 0) -> nn.Module:
     of.requires_grad_(False)
     of.perceiver.requires_grad_(True)
     of.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    if token_rows:
+        of.lang_encoder.get_input_embeddings().requires_grad_(True)
     return of.train()
 
 
-def build_ours(peer: nn.Module, frozen_linears_bf16: bool = False) -> nn.Module:
+def build_ours(peer: nn.Module, frozen_linears_bf16: bool = False, token_rows: bool = False) -> nn.Module:
     """Ours with the peer's weights: vision encoder and LM frozen, connectors trainable;
     with ``frozen_linears_bf16`` the frozen LM's linear weights stored in bfloat16
-    (``freeze.frozen_linear_dtype = "bf16"`` of ``flamingo-rt train``; for bf16 autocast)."""
+    (``freeze.frozen_linear_dtype = "bf16"`` of ``flamingo-rt train``; for bf16 autocast).
+    ``token_rows``: the vocabulary rows of ``<image>`` and ``<|endofchunk|>`` train too, by
+    ``flamingo-rt train``'s rule (:func:`~flamingo_rt.runtime.train.freeze.apply_freeze`, which
+    also trains those rows of an untied output projection); the gradient mask it may need is
+    in ``ours.bench_grad_mask``."""
     from flamingo_rt.models import Flamingo
-    from flamingo_rt.runtime.train.freeze import store_frozen_linears
+    from flamingo_rt.runtime.train.config import FreezeConfig
+    from flamingo_rt.runtime.train.freeze import RowGradMask, apply_freeze, store_frozen_linears
 
     ours = Flamingo.from_open_flamingo(peer)
     ours.freeze_backbones()
+    ours.bench_grad_mask = None
+    if token_rows:
+        ours.bench_grad_mask = RowGradMask(ours, apply_freeze(ours, FreezeConfig(), [IMG, EOC]))
     if frozen_linears_bf16:
         store_frozen_linears(ours, torch.bfloat16)
     return ours.train()
@@ -160,7 +173,8 @@ def ours_stepper(ours: nn.Module, data: Data, B: int, autocast: Optional[torch.d
 
     def step() -> float:
         r = train_step(model, {"bench": batch}, {"bench": 1.0}, {"bench": n}, opt,
-                       grad_clip=CLIP, autocast_dtype=autocast, params=params)
+                       grad_clip=CLIP, autocast_dtype=autocast, params=params,
+                       grad_mask=getattr(ours, "bench_grad_mask", None))
         return r.losses["bench"]
 
     return step
@@ -191,10 +205,17 @@ def peer_stepper(of: nn.Module, data: Data, B: int, autocast: Optional[torch.dty
         {"params": [p for n, p in named if "gated_cross_attn" not in n], "weight_decay": 0.0},
     ], lr=LR)
 
+    embed = of.lang_encoder.get_input_embeddings().weight
+
     def step() -> float:
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = peer_loss(of, data, B)
         loss.backward()
+        if embed.requires_grad:  # open_flamingo's train_one_epoch: only the added tokens' rows
+            zero_mask = torch.zeros_like(embed.grad)
+            zero_mask[IMG] = torch.ones_like(zero_mask[IMG])
+            zero_mask[EOC] = torch.ones_like(zero_mask[EOC])
+            embed.grad = embed.grad * zero_mask
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -214,22 +235,23 @@ def default_frozen_linears_bf16(dtype: str) -> bool:
     return resolve_frozen_linear_dtype("auto", dtype) == "bf16"
 
 
-def _side(side: str, dtype: str, frozen_linears_bf16: bool) -> tuple:
+def _side(side: str, dtype: str, frozen_linears_bf16: bool, token_rows: bool = False) -> tuple:
     """(model, step closure) of one side alone: both models are built (the conversion needs
     the peer), the other side dropped."""
     torch.manual_seed(0)
     sh = shape()
-    peer = build_peer(sh)
+    peer = build_peer(sh, token_rows=token_rows)
     data = make_data(sh)
     autocast = torch.bfloat16 if dtype == "bf16" else None
     if side == "ours":
-        model = build_ours(peer, frozen_linears_bf16)
+        model = build_ours(peer, frozen_linears_bf16, token_rows)
         del peer
         return model, ours_stepper(model, data, sh["B"], autocast)
     return peer, peer_stepper(peer, data, sh["B"], autocast)
 
 
-def measure_memory(side: str, dtype: str, steps: int = 2, frozen_linears_bf16: bool = False) -> dict:
+def measure_memory(side: str, dtype: str, steps: int = 2, frozen_linears_bf16: bool = False,
+                   token_rows: bool = False) -> dict:
     """Peak resident memory of one step of ``side`` in this (fresh) process (:mod:`rss`).
 
     Builds both models (the conversion needs the peer), drops the side not measured, runs
@@ -243,14 +265,15 @@ def measure_memory(side: str, dtype: str, steps: int = 2, frozen_linears_bf16: b
     """
     import rss
 
-    model, step = _side(side, dtype, frozen_linears_bf16)
+    model, step = _side(side, dtype, frozen_linears_bf16, token_rows)
     trainable = model.parameters()
     grad = sum(p.numel() * p.element_size() for p in trainable if p.requires_grad)
     return dict(side=side, dtype=dtype, threads=torch.get_num_threads(), grad_mib=grad / 2 ** 20,
                 **rss.measure(step, steps, before_base=_release_kept if side == "ours" else None))
 
 
-def measure_time(side: str, dtype: str, steps: int, frozen_linears_bf16: bool = False) -> dict:
+def measure_time(side: str, dtype: str, steps: int, frozen_linears_bf16: bool = False,
+                 token_rows: bool = False) -> dict:
     """Step times of ``side`` alone in this (fresh) process, with the C library's default
     malloc: two warm-up steps, then ``steps`` timed ones; ``median_s`` and ``all_s``. The
     benchmark's main rows alternate both sides in one process, where each side's page faults
@@ -258,7 +281,7 @@ def measure_time(side: str, dtype: str, steps: int, frozen_linears_bf16: bool = 
     import statistics
     import time
 
-    _, step = _side(side, dtype, frozen_linears_bf16)
+    _, step = _side(side, dtype, frozen_linears_bf16, token_rows)
     step()
     step()
     times = []
@@ -292,6 +315,9 @@ if __name__ == "__main__":
     ap.add_argument("--time", action="store_true",
                     help="time --steps steps (after two warm-up steps) instead of measuring memory; "
                          "run it without MALLOC_MMAP_THRESHOLD_")
+    ap.add_argument("--token-rows", action="store_true",
+                    help="the vocabulary rows of <image> and <|endofchunk|> train too (each side by its own "
+                         "rule: open_flamingo's masked input-embedding gradient, flamingo-rt train's apply_freeze)")
     a = ap.parse_args()
     if a.frozen_linears != "auto" and a.side != "ours":
         ap.error("--frozen-linears applies to --side ours")
@@ -301,6 +327,6 @@ if __name__ == "__main__":
     import rss
 
     if a.time:
-        rss.emit(measure_time(a.side, a.dtype, a.steps, frozen16))
+        rss.emit(measure_time(a.side, a.dtype, a.steps, frozen16, a.token_rows))
     else:
-        rss.emit(measure_memory(a.side, a.dtype, a.steps, frozen16))
+        rss.emit(measure_memory(a.side, a.dtype, a.steps, frozen16, a.token_rows))

@@ -210,7 +210,8 @@ class Flamingo(nn.Module):
         if not return_logits:
             h = self.lm(input_ids, attention_mask=attention_mask, xattn_kwargs=xkw, head=False)
             targets = labels[:, 1:].reshape(-1)
-            loss = linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm.lm_head.weight, targets)
+            loss = linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm.lm_head.weight, targets,
+                                        **self.lm.head_row_kwargs())
             if loss_reduction == "mean":
                 loss = loss / (targets != -100).sum()
             return FlamingoOutput(logits=None, loss=loss)

@@ -16,10 +16,11 @@ Hkv = ``cfg.n_kv_heads``, Dh = ``cfg.head_dim``, V = ``cfg.vocab_size``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint
@@ -31,6 +32,7 @@ from ..ops.linear import Linear
 from ..ops.silu_mul import silu_mul
 
 from .config import LMConfig
+from .token_rows import TokenRows
 
 __all__ = [
     "RMSNorm",
@@ -281,7 +283,9 @@ class DecoderLM(nn.Module):
     :class:`DecoderLayer`), ``norm`` (:class:`RMSNorm`), ``lm_head`` (D -> V, no bias;
     its weight *is* ``embed_tokens.weight`` when ``cfg.tie_embeddings``), ``rotary``
     (no parameters) and ``xattn`` (``nn.ModuleDict``, empty by default; key ``str(i)``
-    holds the block run before decoder layer i).
+    holds the block run before decoder layer i); while some vocabulary rows train on
+    their own (:meth:`train_token_rows`), ``token_rows``
+    (:class:`~flamingo_rt.models.token_rows.TokenRows`), else None.
 
     Attribute ``check_inputs`` (default True): validate token ids (integer dtype, range
     [0, V)) on every forward; the range check reads the ids' min/max (a device sync on a
@@ -303,6 +307,7 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.xattn = nn.ModuleDict()
+        self.token_rows: Optional[TokenRows] = None
         self.check_inputs = True
         self.activation_checkpointing = False
 
@@ -313,6 +318,58 @@ class DecoderLM(nn.Module):
         ``cfg.tie_embeddings`` (needed again after loading with ``assign=True``)."""
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    # ------------------------------------------------------------------ trained vocabulary rows
+
+    def train_token_rows(self, ids: Sequence[int]) -> TokenRows:
+        """Train only the vocabulary rows ``ids`` of the embedding table (and of an untied
+        ``lm_head``), as their own (k, D) parameters ``token_rows.embed`` / ``token_rows.head``
+        (:class:`~flamingo_rt.models.token_rows.TokenRows`): the tables themselves must be
+        frozen (``requires_grad`` False); their rows ``ids`` follow the parameters (copied in
+        at each forward after a change, and by :meth:`merge_token_rows`). Replaces earlier
+        trained rows (merged first). Returns the new :class:`TokenRows`."""
+        tables = [self.embed_tokens.weight] + ([] if self.lm_head.weight is self.embed_tokens.weight
+                                               else [self.lm_head.weight])
+        if any(t.requires_grad for t in tables):
+            raise ValueError("train_token_rows: expected a frozen embedding table and output projection "
+                             "(requires_grad False); they train whole here")
+        self.merge_token_rows()
+        head = None if len(tables) == 1 else self.lm_head.weight
+        self.token_rows = TokenRows(ids, self.embed_tokens.weight, head)
+        return self.token_rows
+
+    def sync_token_rows(self) -> None:
+        """Copy the trained vocabulary rows into the embedding table and ``lm_head`` (when
+        they changed since the last copy; :meth:`forward` does it on every call)."""
+        if self.token_rows is not None:
+            self.token_rows.sync_(self.embed_tokens.weight, self.lm_head.weight)
+
+    def merge_token_rows(self) -> None:
+        """Write the trained rows into the tables and remove ``token_rows`` (a no-op without)."""
+        if self.token_rows is not None:
+            self.token_rows.sync_(self.embed_tokens.weight, self.lm_head.weight, force=True)
+            self.token_rows = None
+
+    @contextlib.contextmanager
+    def token_rows_merged(self) -> Iterator[None]:
+        """Inside: the trained rows written into the tables and ``token_rows`` detached, so the
+        state dict is that of a plain LM (for saving a model folder); restored on exit."""
+        rows = self.token_rows
+        if rows is None:
+            yield
+            return
+        self.merge_token_rows()
+        try:
+            yield
+        finally:
+            self.token_rows = rows
+
+    def head_row_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`~flamingo_rt.ops.linear_cross_entropy` for ``lm_head``'s
+        trained rows: ``{"rows": ids, "row_weight": (k, D)}``, or {} without trained rows."""
+        if self.token_rows is None:
+            return {}
+        return {"rows": self.token_rows.ids, "row_weight": self.token_rows.head_rows}
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):
@@ -339,7 +396,10 @@ class DecoderLM(nn.Module):
         self._check_ids(input_ids)
         if input_ids.dtype not in (torch.long, torch.int32):
             input_ids = input_ids.long()
-        return self.embed_tokens(input_ids)
+        e = self.embed_tokens(input_ids)
+        if self.token_rows is not None and torch.is_grad_enabled() and self.token_rows.embed.requires_grad:
+            e = self.token_rows.embed_rows(input_ids, e)
+        return e
 
     # ------------------------------------------------------------------ forward
 
@@ -380,6 +440,8 @@ class DecoderLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        if self.token_rows is not None and not torch.compiler.is_compiling():
+            self.sync_token_rows()
         h = self.embed(input_ids)
         if embed_offsets is not None:
             if tuple(embed_offsets.shape) != (B, T, h.shape[-1]):
@@ -428,6 +490,8 @@ class DecoderLM(nn.Module):
         if not head:
             return h
         logits = self.lm_head(h)
+        if self.token_rows is not None and torch.is_grad_enabled() and self.token_rows.head_rows.requires_grad:
+            logits = self.token_rows.head_logits(h, logits)
         if return_hidden:
             return logits, h
         return logits
@@ -469,6 +533,8 @@ class DecoderLM(nn.Module):
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} (k, v) caches, got {len(kv_caches)}")
+        if self.token_rows is not None and not torch.compiler.is_compiling():
+            self.sync_token_rows()
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids)
         kw = xattn_kwargs or {}

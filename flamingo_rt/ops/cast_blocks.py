@@ -52,14 +52,17 @@ def _check(a: Tensor, weight: Tensor, dtype: torch.dtype, dim: int, name: str) -
 def _blocks(weight: Tensor, dtype: torch.dtype, dim: int) -> Iterator[Tuple[int, int, Tensor]]:
     """(lo, hi, the weight's rows (dim 0) or columns (dim 1) lo:hi cast to ``dtype``) for
     balanced blocks of at most :data:`BLOCK_BYTES`, each made in turn in the calling thread's
-    buffer (contiguous)."""
+    buffer (contiguous); a block already in ``dtype`` and contiguous is the weight's own view."""
     n, other = weight.shape[dim], weight.shape[1 - dim]
     esize = torch.empty(0, dtype=dtype).element_size()
     step = cpu_gemm.block_rows(n, BLOCK_BYTES // max(1, other * esize))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         src = weight[lo:hi] if dim == 0 else weight[:, lo:hi]
-        yield lo, hi, _buffer(src.numel(), dtype, weight.device).view(src.shape).copy_(src)
+        if src.dtype == dtype and src.is_contiguous():
+            yield lo, hi, src
+        else:
+            yield lo, hi, _buffer(src.numel(), dtype, weight.device).view(src.shape).copy_(src)
 
 
 def row_blocks(weight: Tensor, dtype: torch.dtype) -> Iterator[Tuple[int, int, Tensor]]:

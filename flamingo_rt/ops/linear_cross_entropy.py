@@ -86,10 +86,14 @@ class _WeightBlocks:
         return cast_blocks.linear(h, self.weight, self.dtype)
 
     def grad_hidden(self, g: Tensor) -> Tensor:
-        """g (n, V) in the compute dtype -> g @ W (n, D) in the compute dtype."""
-        if not self.blockwise:
+        """g (n, V) in the compute dtype -> g @ W (n, D) in the compute dtype. In bf16 where
+        MKL's float32-accumulating product runs, the same blocks of vocabulary rows summed in
+        float32 whatever the weight's dtype (a bf16-stored weight gives what its float32
+        original under autocast gives, bit for bit)."""
+        widen = self.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and widening_gemm.available()
+        if not self.blockwise and not widen:
             return cpu_gemm.mm(g, self.whole)
-        if self.dtype != torch.bfloat16 or not widening_gemm.available():
+        if not widen:
             return cast_blocks.mm(g, self.weight, self.dtype)
         acc = torch.zeros((g.shape[0], self.weight.shape[1]), dtype=torch.float32, device=g.device)
         for v0, v1, wb in cast_blocks.row_blocks(self.weight, self.dtype):
@@ -99,13 +103,14 @@ class _WeightBlocks:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, dtype, chunk, need_h, need_w):
+    def forward(ctx, hidden, weight, targets, ignore_index, dtype, chunk, need_h, need_w, rows, row_weight, need_r):
         acc = torch.promote_types(dtype, torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
             w = _WeightBlocks(weight, dtype)
             total = torch.zeros((), dtype=acc, device=hidden.device)
             gh = torch.empty_like(hidden) if need_h else None
             gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+            gr = torch.zeros(row_weight.shape, dtype=acc, device=row_weight.device) if need_r else None
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk].to(dtype)
                 t = targets[s:s + chunk]
@@ -113,8 +118,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if _kernel_ok(logits):
                     # the loss per row, and softmax - onehot written over the logits (one
                     # pass per row in float32, rounded once to the compute dtype)
-                    rows = torch.ops.flamingo_rt_C.softmax_xent_rows_(logits, t, ignore_index, need_h or need_w, 1.0)
-                    total += rows.sum(dtype=acc)
+                    losses = torch.ops.flamingo_rt_C.softmax_xent_rows_(logits, t, ignore_index,
+                                                                         need_h or need_w or need_r, 1.0)
+                    total += losses.sum(dtype=acc)
                     g = logits
                 else:
                     valid = t != ignore_index
@@ -124,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     picked = logits.gather(1, tt[:, None])[:, 0]
                     total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
                     g = None
-                    if need_h or need_w:
+                    if need_h or need_w or need_r:
                         g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                         g.scatter_add_(1, tt[:, None], -torch.ones_like(lse)[:, None])
                         g.mul_(valid[:, None])
@@ -137,23 +143,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         widening_gemm.addmm_(gw, g.t(), h)
                     else:
                         gw += cpu_gemm.mm(g.t(), h).to(acc)
+                if need_r:  # the trained rows' columns only: (k, n) x (n, D), in the accumulation dtype
+                    gr += g.index_select(1, rows).t().to(acc) @ h.to(acc)
                 del g
-        ctx.save_for_backward(*(x for x in (gh, gw) if x is not None))
-        ctx.need = (need_h, need_w)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.save_for_backward(*(x for x in (gh, gw, gr) if x is not None))
+        ctx.need = (need_h, need_w, need_r)
+        ctx.dtypes = (hidden.dtype, weight.dtype, row_weight.dtype if need_r else None)
         return total.float()
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
-        need_h, need_w = ctx.need
+        need_h, need_w, need_r = ctx.need
         gh = saved.pop(0) * grad_out.to(ctx.dtypes[0]) if need_h else None
         gw = (saved.pop(0) * grad_out).to(ctx.dtypes[1]) if need_w else None
-        return gh, gw, None, None, None, None, None, None
+        gr = (saved.pop(0) * grad_out).to(ctx.dtypes[2]) if need_r else None
+        return gh, gw, None, None, None, None, None, None, None, gr, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
-                         chunk_rows: Optional[int] = None) -> Tensor:
+                         chunk_rows: Optional[int] = None, rows: Optional[Tensor] = None,
+                         row_weight: Optional[Tensor] = None) -> Tensor:
     """Sum over the rows of ``cross_entropy(hidden @ weight.T, targets)``, chunked.
 
     Args:
@@ -163,10 +173,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
         targets: (N,) int64 in [0, V), or ``ignore_index`` for rows without a loss.
         chunk_rows: rows per chunk (default: :data:`CHUNK_BYTES` of logits in the compute
             dtype, at least :data:`MIN_CHUNK_ROWS` rows).
+        rows, row_weight: rows of ``weight`` that train as their own parameter: ``rows`` (k,)
+            int64 distinct indices into V, ``row_weight`` (k, D) their values, which
+            ``weight[rows]`` must hold (rounded to weight's dtype: the caller keeps the frozen
+            table in step, :class:`~flamingo_rt.models.token_rows.TokenRows`). The loss is
+            differentiable in ``row_weight``: its gradient is the k columns of the logits'
+            gradient against the hidden states (k x N x D FLOPs, where the whole weight's
+            gradient is V x N x D), summed in float32.
     Rows whose target is ``ignore_index`` are dropped before the products (eager mode), so
     a padded batch pays only for its tokens with a loss.
     Returns:
-        float32 scalar (the sum, not the mean); differentiable in hidden and weight.
+        float32 scalar (the sum, not the mean); differentiable in hidden, weight and row_weight.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden (N, D) and weight (V, D), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -189,6 +206,31 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     chunk = int(chunk_rows) if chunk_rows else max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(V * esize, 1))
     if chunk < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if (rows is None) != (row_weight is None):
+        raise ValueError("expected rows and row_weight together (or neither)")
+    if rows is not None:
+        _check_rows(weight, rows, row_weight)
     grad = torch.is_grad_enabled()
     need_h, need_w = grad and hidden.requires_grad, grad and weight.requires_grad
-    return _LinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), dtype, chunk, need_h, need_w)
+    need_r = grad and row_weight is not None and row_weight.requires_grad
+    return _LinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), dtype, chunk, need_h, need_w,
+                                     rows, row_weight, need_r)
+
+
+def _check_rows(weight: Tensor, rows: Tensor, row_weight: Tensor) -> None:
+    """rows (k,) integer indices into weight's V rows, row_weight (k, D), and weight[rows]
+    holding row_weight's values (eager mode: a (k, D) comparison)."""
+    V, D = weight.shape
+    if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+        raise TypeError(f"expected rows as a 1-d integer tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
+    if tuple(row_weight.shape) != (rows.shape[0], D):
+        raise ValueError(f"expected row_weight of shape {(rows.shape[0], D)}, got {tuple(row_weight.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= V):
+        raise IndexError(f"rows must be in [0, {V}), got {rows.tolist()[:8]}")
+    if rows.unique().numel() != rows.numel():
+        raise ValueError(f"expected distinct rows, got {rows.tolist()[:8]}")
+    if not torch.equal(weight.detach().index_select(0, rows), row_weight.detach().to(weight.dtype)):
+        raise ValueError("weight[rows] must hold row_weight's values (rounded to the weight's dtype): "
+                         "copy the trained rows into the frozen table before the loss (TokenRows.sync_)")

@@ -11,7 +11,8 @@ from .config import OptimConfig
 
 __all__ = ["param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
 
-_NO_DECAY_NAMES = ("embed_tokens", "lm_head", "latents", "frame_embs", "media_time_embs", "spatial_embs", "time_emb", "gate")
+_NO_DECAY_NAMES = ("embed_tokens", "lm_head", "token_rows", "latents", "frame_embs", "media_time_embs",
+                   "spatial_embs", "time_emb", "gate")
 
 
 def decays(name: str, p: nn.Parameter) -> bool:

@@ -80,8 +80,11 @@ class Trainer:
             )
         self.tokenizer = tokenizer
         self.model = model.to(self.device)
+        # the vocabulary rows train as their own parameters (model.lm.token_rows), under FSDP
+        # through the whole tables and a gradient mask (self.rows: {table: rows})
         self.rows: Dict[str, List[int]] = apply_freeze(
-            self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id])
+            self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id],
+            separate_rows=cfg.strategy != "fsdp")
         # the frozen LM's linears in bf16 (after apply_freeze: the row-trained projections stay float32)
         self.lowp_frozen: List[str] = []
         # "bf16" or None; "auto" only where the final folder can get the float32 originals back
@@ -144,6 +147,11 @@ class Trainer:
     def save_final(self, folder: Path) -> None:
         """The whole model as a model folder (``save_pretrained`` layout) with the tokenizer
         (gathered under FSDP: every process calls it, the main one writes)."""
+        rows = self.model.lm.token_rows
+        with self.model.lm.token_rows_merged():  # the trained rows in the tables, a plain LM's state
+            self._save_final(folder, rows)
+
+    def _save_final(self, folder: Path, token_rows) -> None:
         from ...io.checkpoint import save_checkpoint
         from ...io.pretrained import save_pretrained
 
@@ -157,19 +165,26 @@ class Trainer:
                 save_checkpoint(sd, folder, config=self.model.config.to_dict())
                 self.tokenizer.save(Path(folder) / "tokenizer.json")
         elif self.dist.is_main and self.lowp_frozen:
-            save_checkpoint(self._state_with_frozen_originals(), folder, config=self.model.config.to_dict())
+            save_checkpoint(self._state_with_frozen_originals(token_rows), folder, config=self.model.config.to_dict())
             self.tokenizer.save(Path(folder) / "tokenizer.json")
         elif self.dist.is_main:
             save_pretrained(self.model, folder, tokenizer=self.tokenizer)
         if self.dist.world_size > 1:
             dist.barrier()
 
-    def _state_with_frozen_originals(self) -> Dict[str, torch.Tensor]:
+    def _state_with_frozen_originals(self, token_rows=None) -> Dict[str, torch.Tensor]:
         """The model's state dict with the linears :func:`store_frozen_linears` rounded
         replaced by their original values, read from the model folder the run started from
         (a preset or in-memory model has none: then they stay rounded, widened to float32,
-        and a line on stdout says so)."""
-        sd = self.model.state_dict()
+        and a line on stdout says so); the trained vocabulary rows (``token_rows``, a
+        :class:`~flamingo_rt.models.token_rows.TokenRows`) written over them unrounded."""
+        sd = self._frozen_originals(self.model.state_dict())
+        if token_rows is not None:
+            tied = self.model.lm.lm_head.weight is self.model.lm.embed_tokens.weight
+            token_rows.write_into(sd, "lm.embed_tokens.weight", None if tied else "lm.lm_head.weight")
+        return sd
+
+    def _frozen_originals(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         src = self._source_folder
         if src is None:
             print(f"[train] the final model's {len(self.lowp_frozen)} frozen LM linear tensors hold their "

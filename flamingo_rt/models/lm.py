@@ -326,7 +326,8 @@ class DecoderLM(nn.Module):
         ``lm_head``), as their own (k, D) parameters ``token_rows.embed`` / ``token_rows.head``
         (:class:`~flamingo_rt.models.token_rows.TokenRows`): the tables themselves must be
         frozen (``requires_grad`` False); their rows ``ids`` follow the parameters (copied in
-        at each forward after a change, and by :meth:`merge_token_rows`). Replaces earlier
+        by every :meth:`forward` / :meth:`forward_cached` where they differ, and by
+        :meth:`merge_token_rows`; a compiled forward does not copy). Replaces earlier
         trained rows (merged first). Returns the new :class:`TokenRows`."""
         tables = [self.embed_tokens.weight] + ([] if self.lm_head.weight is self.embed_tokens.weight
                                                else [self.lm_head.weight])
@@ -339,8 +340,8 @@ class DecoderLM(nn.Module):
         return self.token_rows
 
     def sync_token_rows(self) -> None:
-        """Copy the trained vocabulary rows into the embedding table and ``lm_head`` (when
-        they changed since the last copy; :meth:`forward` does it on every call)."""
+        """Copy the trained vocabulary rows into the embedding table and ``lm_head`` where
+        they differ (:meth:`forward` and :meth:`forward_cached` do it on every eager call)."""
         if self.token_rows is not None:
             self.token_rows.sync_(self.embed_tokens.weight, self.lm_head.weight)
 

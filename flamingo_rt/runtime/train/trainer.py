@@ -26,6 +26,7 @@ from .distributed import DistInfo, close_distributed, init_distributed, row_rang
 from .freeze import FROZEN_LINEAR_DTYPES, RowGradMask, apply_freeze, store_frozen_linears
 from .metrics_log import MetricsLog
 from .optim import build_optimizer, build_scheduler
+from .prefetch import Prefetcher
 from .step import NonFiniteLossError, train_step
 from .train_state import latest_checkpoint, load_train_state, save_train_state
 
@@ -106,6 +107,8 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step = 0
+        # the streams' positions after the last step taken (the prefetch thread reads ahead)
+        self._positions: Optional[Dict[str, Dict[str, Any]]] = None
         self.resumed_from: Optional[Path] = None
         latest = latest_checkpoint(self.ckpt_dir)
         if latest is not None:
@@ -119,21 +122,48 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------ pieces
-    def _batches(self):
+    def _make_step(self):
+        """One step's batch of every dataset (this process's rows, on the CPU), their target
+        counts and tokens, and the streams' positions after them. Runs in the prefetch
+        thread during :meth:`fit`."""
         batches, targets, tokens = {}, {}, 0
         for d in self.cfg.datasets:
             gb = self.collators[d.name](self.streams[d.name].take(d.batch_size))
             targets[d.name] = gb.num_targets
             tokens += gb.num_tokens
             r = row_range(d.batch_size, self.dist, d.name)
-            batches[d.name] = gb.rows(r.start, r.stop).to(self.device)
-        return batches, targets, tokens
+            batches[d.name] = gb.rows(r.start, r.stop)
+        return batches, targets, tokens, {n: s.state_dict() for n, s in self.streams.items()}
+
+    def _take(self, made):
+        """A step's data from :meth:`_make_step` taken: the batches on the device, targets,
+        tokens; its stream positions become those a checkpoint records."""
+        batches, targets, tokens, positions = made
+        self._positions = positions
+        return {n: b.to(self.device) for n, b in batches.items()}, targets, tokens
+
+    def _batches(self):
+        """The next step's batches, read in this thread."""
+        return self._take(self._make_step())
+
+    def stream_positions(self) -> Dict[str, Dict[str, Any]]:
+        """Each dataset stream's position (``state_dict``) after the last step taken."""
+        if self._positions is not None:
+            return self._positions
+        return {n: s.state_dict() for n, s in self.streams.items()}
+
+    def _rewind_streams(self) -> None:
+        """Put the streams back where the last step taken left them (the prefetch thread may
+        have read further)."""
+        if self._positions is not None:
+            for name, st in self._positions.items():
+                self.streams[name].load_state_dict(st)
 
     def save_checkpoint(self) -> Optional[Path]:
         """Checkpoint the current step (the main process writes; all wait)."""
         path = save_train_state(
             self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-            {n: s.state_dict() for n, s in self.streams.items()}, self.rows,
+            self.stream_positions(), self.rows,
             extra={"config": self.cfg.to_dict()}, keep=self.cfg.keep_checkpoints, is_main=self.dist.is_main,
         )
         if self.dist.world_size > 1:
@@ -207,7 +237,8 @@ class Trainer:
         return sd
 
     def bad_records(self) -> Dict[str, Dict[str, int]]:
-        return {n: dict(s.bad) for n, s in self.streams.items()}
+        """Bad records skipped so far, per dataset and reason (up to the last step taken)."""
+        return {n: dict(p["bad"]) for n, p in self.stream_positions().items()}
 
     # ------------------------------------------------------------------ loop
     def close(self) -> None:
@@ -232,10 +263,13 @@ class Trainer:
                         "float32)")
         autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         weights = {d.name: d.weight for d in cfg.datasets}
+        # the next steps' batches read, decoded and collated in a background thread (on a GPU)
+        prefetch = Prefetcher(self._make_step, max(0, cfg.steps - self.step),
+                              cfg.resolved_prefetch_steps(self.device.type))
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
-                batches, targets, tokens = self._batches()
+                batches, targets, tokens = self._take(prefetch.get())
                 lr = self.optimizer.param_groups[0]["lr"]
                 try:
                     res = train_step(self.wrapped, batches, weights, targets, self.optimizer, self.scheduler,
@@ -264,6 +298,8 @@ class Trainer:
                     self.save_checkpoint()
             self.save_final(self.out_dir / "final")
         finally:
+            prefetch.close()
+            self._rewind_streams()
             log.close()
         return self.history
 

@@ -75,6 +75,23 @@ def test_freezing_keeps_backbones_bit_identical(world, tmp_path):
             assert torch.equal(p, before[n]), f"frozen {n} changed"
 
 
+def test_the_run_says_what_trains(world, tmp_path, capsys):
+    tr = _trainer(world, tmp_path, steps=1)
+    t = tr.trainable_summary()
+    m = tr.model
+    D = m.lm.cfg.dim
+    assert t["resampler"] == sum(p.numel() for p in m.resampler.parameters())
+    assert t["xattn"] == sum(p.numel() for p in m.lm.xattn.parameters())
+    assert t["token_rows"] == 2 * 2 * D and t["vocab_rows"] == 0 and t["other"] == 0  # untied: embed + head rows
+    assert t["total"] == sum(p.numel() for p in m.parameters()) and t["frozen"] > t["total"] // 2
+    tr.fit()
+    out = capsys.readouterr().out
+    ids = [tr.tokenizer.image_token_id, tr.tokenizer.eoc_token_id]
+    assert (f"[train] {t['total'] - t['frozen']:,} of {t['total']:,} parameters train: resampler "
+            f"{t['resampler']:,}, cross-attention {t['xattn']:,}, vocabulary rows {4 * D:,} (token ids "
+            f"{sorted(ids)})") in out
+
+
 def test_accumulation_equals_weighted_sum_of_dataset_gradients(world, tmp_path):
     tr = _trainer(world, tmp_path, steps=1, open_gates=True)
     batches, targets, _ = tr._batches()

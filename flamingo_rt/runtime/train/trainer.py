@@ -10,6 +10,7 @@ it: the steps that follow are exactly those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -236,6 +237,30 @@ class Trainer:
                                f"({len(want)} frozen tensors) to write back into the final model")
         return sd
 
+    def trainable_summary(self) -> Dict[str, int]:
+        """Trainable parameter counts by part (``resampler``, ``xattn``, ``token_rows``,
+        ``other``), ``vocab_rows`` (rows of whole tables that train under FSDP's mask),
+        ``frozen`` and ``total`` (each parameter once, tied ones included)."""
+        parts = {"resampler": 0, "xattn": 0, "token_rows": 0, "other": 0, "vocab_rows": 0, "frozen": 0}
+        seen = set()
+        for name, p in self.model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if not p.requires_grad:
+                parts["frozen"] += n
+            elif name in self.rows:  # a whole table, trained in some rows (FSDP)
+                k = len(self.rows[name]) * math.prod(p.shape[1:])
+                parts["vocab_rows"] += k
+                parts["frozen"] += n - k
+            else:
+                key = next((k for k in ("resampler", "xattn", "token_rows") if name.startswith(
+                    {"resampler": "resampler.", "xattn": "lm.xattn.", "token_rows": "lm.token_rows."}[k])), "other")
+                parts[key] += n
+        parts["total"] = sum(parts.values())
+        return parts
+
     def bad_records(self) -> Dict[str, Dict[str, int]]:
         """Bad records skipped so far, per dataset and reason (up to the last step taken)."""
         return {n: dict(p["bad"]) for n, p in self.stream_positions().items()}
@@ -257,6 +282,13 @@ class Trainer:
         log = MetricsLog(self.out_dir / "log.jsonl", cfg.steps, self.step, cfg.progress and main, enabled=main)
         if self.resumed_from is not None:
             log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        t = self.trainable_summary()
+        rows = self.model.lm.token_rows
+        ids = rows.ids.tolist() if rows is not None else sorted({i for r in self.rows.values() for i in r})
+        trained = t["total"] - t["frozen"]
+        log.message(f"[train] {trained:,} of {t['total']:,} parameters train: resampler {t['resampler']:,}, "
+                    f"cross-attention {t['xattn']:,}, vocabulary rows {t['token_rows'] + t['vocab_rows']:,} "
+                    f"(token ids {ids})" + (f", other {t['other']:,}" if t["other"] else ""))
         if self.lowp_frozen:
             log.message(f"[train] {len(self.lowp_frozen)} frozen LM linear tensors stored in {self.frozen_linear_dtype} "
                         f"(freeze.frozen_linear_dtype = {cfg.freeze.frozen_linear_dtype!r}; \"none\" keeps them "

@@ -6,7 +6,8 @@
 2. measures the device's ceilings (copy GB/s, bf16 / fp32 GEMM TFLOP/s);
 3. checks every backend of every op that can run on the device against the float64
    reference, forward and backward, on fresh random inputs with the edge cases;
-4. times each op against its peers (``triton.testing.do_bench`` median on GPU);
+4. times each op against its peers (``triton.testing.do_bench`` median on GPU), the
+   whole-model decode step, and a few steps of the training runtime's Trainer;
 5. prints a short table last and writes ``table.md`` and ``results.json`` under DIR.
 
 With no GPU it dry-runs on the CPU with small shapes (``--device cpu`` forces that), so
@@ -42,7 +43,7 @@ class RunControl:
     # the default order: checks, then the timings by what is least known (the decode step
     # and the NFNet need long compiles, so they come last)
     SECTIONS = ("xattn_checks", "resampler_checks", "bga_checks", "nfnet_checks",
-                "xattn_time", "resampler_time", "bga_time", "decode_time", "nfnet_time")
+                "xattn_time", "resampler_time", "bga_time", "decode_time", "nfnet_time", "train_time")
 
     def __init__(self) -> None:
         self.t0 = time.time()
@@ -759,6 +760,7 @@ def time_all(device: torch.device, quick: bool, ceil: Dict[str, float],
         "bga_time": (bga_time, 0),
         "decode_time": (lambda: decode_step_timings(device, quick, add), 150 if device.type == "cuda" else 0),
         "nfnet_time": (lambda: nfnet_timings(device, quick, add), 60),
+        "train_time": (lambda: train_timings(device, quick, out), 60 if device.type == "cuda" else 0),
     }
     for name in RUN.order([n for n in RunControl.SECTIONS if n in sections]):
         fn, min_left = sections[name]
@@ -889,6 +891,71 @@ def _time_xattn_more(add, device, dt, backends) -> None:
     add("xattn decode", "sdpa dense mask (OF)", shape,
         lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), M * flops, nbytes,
         note="reads all M images")
+
+
+def train_timings(device: torch.device, quick: bool, out: List["Timing"]) -> None:
+    """Issue 7 on this device: ``flamingo-rt train``'s Trainer (the ``tiny`` preset, its
+    vocabulary rows training, on a world mixture of 224 px PNG documents and pairs, batch 8 +
+    8, fp32) for a few steps with the batches made in the loop and made ahead in a thread
+    (``prefetch_steps`` 0 / 1): the median step time, the host time making a step's batches,
+    and whether both runs gave the same finite losses (a row with NaN and the error in its
+    note when the run fails)."""
+    import statistics
+    import tempfile
+
+    from flamingo_rt.io.pretrained import save_pretrained
+    from flamingo_rt.io.tokenizer import FlamingoTokenizer
+    from flamingo_rt.models import Flamingo, get_preset
+    from flamingo_rt.runtime.train import TrainConfig, Trainer, write_dataset
+    from flamingo_rt.world import image_text_pairs, interleaved_documents, world_corpus
+
+    steps = 4 if quick else 12
+    shape = f"tiny preset, docs 8 + pairs 8 of 224 px PNG, {steps} steps"
+    op = "train step (Trainer)"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            tok = FlamingoTokenizer.train_bpe(world_corpus(300), vocab_size=400)
+            write_dataset(interleaved_documents(0, image_size=224, max_images=3, n=8 * steps), root / "docs",
+                          "interleaved", shard_size=32)
+            write_dataset(image_text_pairs(1, image_size=224, n=8 * steps), root / "pairs", "pairs", shard_size=32)
+            cfg = get_preset("tiny")
+            cfg.lm.vocab_size = tok.vocab_size
+            cfg.vision.image_size = 64
+            torch.manual_seed(0)
+            save_pretrained(Flamingo(cfg), root / "model", tokenizer=tok)
+            runs = {}
+            for prefetch in (0, 1):
+                d = dict(model=str(root / "model"), out_dir=str(root / f"run{prefetch}"), steps=steps, seed=0,
+                         progress=False, checkpoint_every=10 ** 6, prefetch_steps=prefetch, device=str(device),
+                         datasets=[dict(name="docs", kind="interleaved", path=str(root / "docs"), weight=1.0,
+                                        batch_size=8, max_images=3, max_tokens=96),
+                                   dict(name="pairs", kind="pairs", path=str(root / "pairs"), weight=0.2,
+                                        batch_size=8)])
+                tr = Trainer(TrainConfig.from_dict(d))
+                make, made = tr._make_step, []
+
+                def timed(make=make, made=made):
+                    t0 = time.perf_counter()
+                    r = make()
+                    made.append(time.perf_counter() - t0)
+                    return r
+
+                tr._make_step = timed
+                hist = tr.fit()
+                tr.close()
+                runs[prefetch] = ([h["loss"] for h in hist], [h["step_time_s"] for h in hist[1:]], made)
+        same = runs[0][0] == runs[1][0]
+        finite = all(math.isfinite(v) for losses in runs[0][0] for v in losses.values())
+        for prefetch, (losses, times, made) in runs.items():
+            out.append(Timing(op, f"prefetch_steps {prefetch}", "float32", shape,
+                              1e3 * statistics.median(times), math.nan, math.nan, math.nan,
+                              f"batches' host work {1e3 * statistics.median(made):.0f} ms a step; losses "
+                              f"{'equal' if same else 'DIFFER'} across prefetch, {'finite' if finite else 'NOT finite'}"))
+        RUN.progress(f"{op}: " + ", ".join(f"prefetch {p} {1e3 * statistics.median(r[1]):.1f} ms" for p, r in runs.items()))
+    except Exception as e:  # a failed row, not a crash
+        out.append(Timing(op, "setup or run", "float32", shape, math.nan, math.nan, math.nan, math.nan,
+                          f"{type(e).__name__}: {str(e)[:120]}"))
 
 
 def decode_step_timings(device: torch.device, quick: bool, add) -> None:

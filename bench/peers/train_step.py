@@ -77,18 +77,16 @@ def build_ours(peer: nn.Module, frozen_linears_bf16: bool = False, token_rows: b
     with ``frozen_linears_bf16`` the frozen LM's linear weights stored in bfloat16
     (``freeze.frozen_linear_dtype = "bf16"`` of ``flamingo-rt train``; for bf16 autocast).
     ``token_rows``: the vocabulary rows of ``<image>`` and ``<|endofchunk|>`` train too, by
-    ``flamingo-rt train``'s rule (:func:`~flamingo_rt.runtime.train.freeze.apply_freeze`, which
-    also trains those rows of an untied output projection); the gradient mask it may need is
-    in ``ours.bench_grad_mask``."""
+    ``flamingo-rt train``'s rule (:func:`~flamingo_rt.runtime.train.freeze.apply_freeze`: as
+    ``lm.token_rows``, also those rows of an untied output projection)."""
     from flamingo_rt.models import Flamingo
     from flamingo_rt.runtime.train.config import FreezeConfig
-    from flamingo_rt.runtime.train.freeze import RowGradMask, apply_freeze, store_frozen_linears
+    from flamingo_rt.runtime.train.freeze import apply_freeze, store_frozen_linears
 
     ours = Flamingo.from_open_flamingo(peer)
     ours.freeze_backbones()
-    ours.bench_grad_mask = None
-    if token_rows:
-        ours.bench_grad_mask = RowGradMask(ours, apply_freeze(ours, FreezeConfig(), [IMG, EOC]))
+    if token_rows and apply_freeze(ours, FreezeConfig(), [IMG, EOC]):
+        raise RuntimeError("expected the vocabulary rows to train as lm.token_rows, not through masked tables")
     if frozen_linears_bf16:
         store_frozen_linears(ours, torch.bfloat16)
     return ours.train()
@@ -173,8 +171,7 @@ def ours_stepper(ours: nn.Module, data: Data, B: int, autocast: Optional[torch.d
 
     def step() -> float:
         r = train_step(model, {"bench": batch}, {"bench": 1.0}, {"bench": n}, opt,
-                       grad_clip=CLIP, autocast_dtype=autocast, params=params,
-                       grad_mask=getattr(ours, "bench_grad_mask", None))
+                       grad_clip=CLIP, autocast_dtype=autocast, params=params)
         return r.losses["bench"]
 
     return step

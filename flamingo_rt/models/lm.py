@@ -341,8 +341,9 @@ class DecoderLM(nn.Module):
 
     def sync_token_rows(self) -> None:
         """Copy the trained vocabulary rows into the embedding table and ``lm_head`` where
-        they differ (:meth:`forward` and :meth:`forward_cached` do it on every eager call)."""
-        if self.token_rows is not None:
+        they differ (:meth:`forward` and :meth:`forward_cached` do it on every call; a no-op
+        while ``torch.compile`` traces)."""
+        if self.token_rows is not None and not torch.compiler.is_compiling():
             self.token_rows.sync_(self.embed_tokens.weight, self.lm_head.weight)
 
     def merge_token_rows(self) -> None:
@@ -441,8 +442,7 @@ class DecoderLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        if self.token_rows is not None and not torch.compiler.is_compiling():
-            self.sync_token_rows()
+        self.sync_token_rows()
         h = self.embed(input_ids)
         if embed_offsets is not None:
             if tuple(embed_offsets.shape) != (B, T, h.shape[-1]):
@@ -534,8 +534,7 @@ class DecoderLM(nn.Module):
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} (k, v) caches, got {len(kv_caches)}")
-        if self.token_rows is not None and not torch.compiler.is_compiling():
-            self.sync_token_rows()
+        self.sync_token_rows()
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids)
         kw = xattn_kwargs or {}

@@ -127,8 +127,7 @@ class TokenRows(nn.Module):
     def head_logits(self, h: Tensor, logits: Tensor) -> Tensor:
         """``logits`` (..., V), the frozen head's product of ``h`` (..., D), with the trained
         columns recomputed from the trained rows (differentiable in them)."""
-        cols = F.linear(h, self.head_rows.to(h.dtype) if not torch.is_autocast_enabled(h.device.type)
-                        else self.head_rows)
+        cols = F.linear(h, self.head_rows.to(h.dtype))  # under autocast both operands are cast alike
         return logits.index_copy(logits.dim() - 1, self.ids, cols.to(logits.dtype))
 
     # ------------------------------------------------------------------ checkpoints

@@ -50,11 +50,11 @@ class Prefetcher(Generic[T]):
             raise ValueError(f"expected a prefetch depth >= 0, got {depth}")
         if int(count) < 0:
             raise ValueError(f"expected an item count >= 0, got {count}")
-        self._make, self._left, self.depth, self.threads = make, int(count), int(depth), threads
+        self._make, self._count, self.depth, self.threads = make, int(count), int(depth), threads
         self._taken = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        if self.depth > 0 and self._left > 0:
+        if self.depth > 0 and self._count > 0:
             self._queue: queue.Queue = queue.Queue()
             self._slots = threading.Semaphore(self.depth)  # items made and not yet taken
             self._thread = threading.Thread(target=self._run, name="flamingo_rt-prefetch", daemon=True)
@@ -65,7 +65,7 @@ class Prefetcher(Generic[T]):
             import torch
 
             torch.set_num_threads(int(self.threads))
-        for _ in range(self._left):
+        for _ in range(self._count):
             while not self._slots.acquire(timeout=0.1):
                 if self._stop.is_set():
                     return
@@ -82,8 +82,8 @@ class Prefetcher(Generic[T]):
     def get(self) -> T:
         """The next item (waits for it); raises what ``make`` raised for it, and IndexError
         after ``count`` items."""
-        if self._taken >= self._left:
-            raise IndexError(f"all {self._left} prefetched items were taken")
+        if self._taken >= self._count:
+            raise IndexError(f"all {self._count} prefetched items were taken")
         if self._thread is None:
             item = self._make()
         else:
@@ -97,7 +97,7 @@ class Prefetcher(Generic[T]):
             self._slots.release()
         self._taken += 1
         if isinstance(item, _Failed):
-            self._taken = self._left  # nothing follows a failure
+            self._taken = self._count  # nothing follows a failure
             raise item.exc
         return item
 

@@ -33,6 +33,9 @@ from .train_state import latest_checkpoint, load_train_state, save_train_state
 
 __all__ = ["Trainer", "train"]
 
+# parameter name prefix -> part, for Trainer.trainable_summary
+_PARTS = (("resampler.", "resampler"), ("lm.xattn.", "xattn"), ("lm.token_rows.", "token_rows"))
+
 
 def _load_model(cfg: TrainConfig):
     if cfg.model is not None:
@@ -255,9 +258,7 @@ class Trainer:
                 parts["vocab_rows"] += k
                 parts["frozen"] += n - k
             else:
-                key = next((k for k in ("resampler", "xattn", "token_rows") if name.startswith(
-                    {"resampler": "resampler.", "xattn": "lm.xattn.", "token_rows": "lm.token_rows."}[k])), "other")
-                parts[key] += n
+                parts[next((k for pre, k in _PARTS if name.startswith(pre)), "other")] += n
         parts["total"] = sum(parts.values())
         return parts
 

@@ -73,7 +73,11 @@ def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceiling
     for dt in (torch.float32, torch.bfloat16):
         # the best over sizes: on CPUs with AMX, bf16 GEMMs keep speeding up past n = 2048
         # (measured 0.7 TFLOP/s at 2048, 1.5-2 at 8192 rows x 2048 x 8192 on 2 cores)
-        for size in sizes:
+        from flamingo_rt.ops import cpu_gemm
+
+        # a CPU whose bf16 products are torch's reference loops (AVX2 only, ~0.6 GFLOP/s: a
+        # 4096^3 product would take minutes) is measured at 256^3: its rate, not a ceiling
+        for size in ([256] if cpu_gemm.half_products_slow(device, dt) else sizes):
             a = torch.randn(size, size, device=device, dtype=dt)
             b = torch.randn(size, size, device=device, dtype=dt)
             t = _best_time(lambda: torch.mm(a, b), device)

@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
+from flamingo_rt.ops import cpu_gemm  # noqa: E402
+
 
 class RunControl:
     """The run's time budget, its section filter and progress lines: a GPU lease is short,
@@ -223,10 +225,13 @@ def ceilings(device: torch.device, quick: bool) -> Dict[str, float]:
     n = 8192 if device.type == "cuda" else (512 if quick else 1024)
     out = {}
     for name, dt in (("gemm_bf16_tflops", torch.bfloat16), ("gemm_fp32_tflops", torch.float32)):
-        a = torch.randn(n, n, device=device, dtype=dt)
-        b = torch.randn(n, n, device=device, dtype=dt)
+        # a CPU whose bf16 products are torch's reference loops (AVX2 only: ~0.6 GFLOP/s)
+        # times a small one: a dry run's 1024^3 took several seconds a call there
+        m = 128 if cpu_gemm.half_products_slow(device, dt) else n
+        a = torch.randn(m, m, device=device, dtype=dt)
+        b = torch.randn(m, m, device=device, dtype=dt)
         ms = time_ms(lambda: torch.mm(a, b), device)
-        out[name] = 2 * n**3 / (ms * 1e-3) / 1e12
+        out[name] = 2 * m**3 / (ms * 1e-3) / 1e12
     numel = (1 << 28) if device.type == "cuda" else (1 << 22)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)

@@ -93,8 +93,10 @@ def test_mm_copies_a_large_transposed_operand_in_blocks(monkeypatch):
 def test_low_precision_transposed_a_is_copied_to_rows(dtype, blocked, with_out, monkeypatch):
     """bf16 / fp16 ``mm`` of a column-major a with enough output columns copies a to rows
     (whole, or a block of rows at a time) before torch's product: the product of the
-    copied rows exactly, every row written, ``out`` used when it fits."""
+    copied rows exactly, every row written, ``out`` used when it fits (forced on where
+    oneDNN does not run bf16 products: the mechanics are the same)."""
     monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 16)
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: True)
     if blocked:
         monkeypatch.setattr(cpu_gemm, "BLOCK_BYTES", 7 * 40 * 2)  # 7 rows of a (53, 40) a per block
     g = torch.Generator().manual_seed(11)
@@ -112,13 +114,18 @@ def test_low_precision_transposed_a_is_copied_to_rows(dtype, blocked, with_out, 
         assert "flamingo_rt_C::transpose_copy" in _ops_run(lambda: cpu_gemm.mm(a, b))
 
 
-def test_rows_first_only_where_it_pays():
+def test_rows_first_only_where_it_pays(monkeypatch):
     """Rows first: bf16 / fp16 CPU products of a transposed a with at least ROWS_FIRST_MIN_N
-    output columns; not float32 (torch's / oneDNN's own rules), a contiguous a, fewer
-    columns, mixed dtypes, or under compile (mm is then torch's)."""
+    output columns where oneDNN runs torch's bf16 products; not float32 (torch's / oneDNN's
+    own rules), a contiguous a, fewer columns, mixed dtypes, under compile (mm is then
+    torch's), or on a CPU whose bf16 products are torch's own loops (AVX2 only)."""
     n = cpu_gemm.ROWS_FIRST_MIN_N
     at = torch.randn(64, 32).bfloat16().t()
     b = torch.randn(64, n).bfloat16()
+    assert cpu_gemm.rows_first(at, b) == cpu_gemm.bf16_available()
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: False)
+    assert not cpu_gemm.rows_first(at, b)
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: True)
     assert cpu_gemm.rows_first(at, b)
     assert not cpu_gemm.rows_first(at.contiguous(), b)
     assert not cpu_gemm.rows_first(at, b[:, : n - 1])
@@ -387,3 +394,39 @@ def test_mm_add_other_dtypes_and_errors():
         cpu_gemm.mm_add(c[:, :3], a, b)
     with pytest.raises(ValueError, match="expected c of shape"):
         cpu_gemm.mm_add(c.float(), a, b)
+
+
+def test_half_products_slow_names_the_cpus_without_half_kernels(monkeypatch):
+    """bf16 products are slow exactly where oneDNN runs none (torch's reference loops: an
+    AVX2-only CPU); never for float32 or off the CPU. The warning is given once per caller and
+    dtype and says what was asked and what to use; load_pretrained and the Trainer give it."""
+    import warnings
+
+    assert not cpu_gemm.half_products_slow("cpu", torch.float32)
+    assert not cpu_gemm.half_products_slow("meta", torch.bfloat16)
+    assert cpu_gemm.half_products_slow("cpu", torch.bfloat16) == (not cpu_gemm.bf16_available())
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: False)
+    monkeypatch.setattr(cpu_gemm, "_WARNED_SLOW", set())
+    with pytest.warns(RuntimeWarning, match=r"asked here: bfloat16 matrix products .* use float32 here"):
+        assert cpu_gemm.warn_if_half_products_slow("cpu", torch.bfloat16, "asked here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_gemm.warn_if_half_products_slow("cpu", torch.bfloat16, "asked here")  # once
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_gemm.warn_if_half_products_slow("cpu", torch.bfloat16, "elsewhere")
+
+
+def test_load_pretrained_warns_about_slow_bf16(monkeypatch, tmp_path):
+    from flamingo_rt.io.pretrained import load_pretrained, save_pretrained
+    from flamingo_rt.models.config import get_preset
+    from flamingo_rt.models.flamingo import Flamingo
+
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: False)
+    monkeypatch.setattr(cpu_gemm, "_WARNED_SLOW", set())
+    torch.manual_seed(0)
+    save_pretrained(Flamingo(get_preset("tiny")), tmp_path / "m")
+    with pytest.warns(RuntimeWarning, match=r"load_pretrained\(dtype=torch.bfloat16\): bfloat16 matrix products"):
+        model, _ = load_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16

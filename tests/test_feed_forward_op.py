@@ -81,6 +81,7 @@ def test_widened_bf16_weight_gradient_product(accumulate, M, N, monkeypatch):
 
     monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
     monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 8)
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: True)  # the path oneDNN's bf16 CPUs take
     monkeypatch.setattr(FFMOD, "widen_block_rows", lambda rows, cols, dtype: 7)  # blocks of 7
     g = torch.Generator().manual_seed(3)
     K = 37

@@ -152,6 +152,26 @@ def _xent_spec(logits, t, ignore_index=-100):
     return loss, g * valid[:, None]
 
 
+def test_softmax_xent_rows_kernel_one_dominant_logit_among_many_small():
+    """A row whose largest logit (exp 1) stands ~17 above 32,767 others: each of their exps
+    (~4e-8, 1.4e-3 in all) is below half a float32 ulp of 1, so a float32 partial sum that
+    holds the 1 drops every term it adds (its vector lane's share: the softmax 1.7e-4 off
+    with 8 lanes, 8e-5 with 16); the kernel sums in float64."""
+    from flamingo_rt import _ext
+
+    if not _ext.load():
+        pytest.skip("C++ extension not built")
+    V = 1 << 15
+    logits = torch.full((3, V), -17.0)
+    logits[:, 0] = 0.0
+    logits[1, 1:] = torch.linspace(-18.0, -16.0, V - 1)
+    t = torch.tensor([0, 5, V - 1])
+    want_loss, want_g = _xent_spec(logits, t)
+    loss = torch.ops.flamingo_rt_C.softmax_xent_rows_(logits, t, -100, True, 1.0)
+    assert rel_err(loss, want_loss.float()) < 1e-6
+    assert torch.allclose(logits.double(), want_g, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)])
 def test_softmax_xent_rows_kernel(dtype, tol):
     """flamingo_rt_C::softmax_xent_rows_ against float64: the per-row loss, and the gradient

@@ -151,3 +151,17 @@ def test_a_stopped_run_rewinds_its_streams_to_the_last_step_taken(world, tmp_pat
     ref = Trainer(TrainConfig.from_dict(train_config_dict(world["model"].parent, tmp_path / "ref", 6)))
     ref._batches()
     assert {n: s.state_dict() for n, s in tr.streams.items()} == ref.stream_positions()
+
+
+def test_bf16_on_a_cpu_without_bf16_products_is_named_at_the_start(world, tmp_path, monkeypatch, capsys):
+    """precision bf16 where oneDNN runs no bf16 products (torch's reference loops, ~270x
+    slower than float32): the run says so at its start, and still trains."""
+    from flamingo_rt.ops import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: False)
+    _, hist, _ = _fit(world, tmp_path / "slow", 1, 0, precision="bf16")
+    assert len(hist) == 1
+    assert "precision bf16, but bf16 matrix products on this CPU run in torch's reference loops" in capsys.readouterr().out
+    monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: True)
+    _fit(world, tmp_path / "fast", 1, 0, precision="bf16")
+    assert "reference loops" not in capsys.readouterr().out

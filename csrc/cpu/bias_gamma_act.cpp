@@ -24,8 +24,9 @@
 // float64 tensors use float64 math (libm) throughout.
 //
 // dbias: every task (a fixed piece of the tensor, chosen from the shape only) sums its
-// part in float32 (float64 for float64); the partials are then added in a fixed order
-// in float64, so the result does not depend on the number of threads.
+// part in float32 over blocks of kChunk elements, the blocks' sums in float64 (float64
+// throughout for float64); the partials are then added in a fixed order in float64, so the
+// result does not depend on the number of threads.
 #include "flamingo_rt/kernels.h"
 
 #include <algorithm>
@@ -191,19 +192,35 @@ FRT_INLINE void fwd_chunked(const typename L::T* x, typename L::T* y, const void
   }
 }
 
+// sum(v[0:n]): Acc partial sums over blocks of kChunk elements, added in float64.
+template <class Acc>
+FRT_INLINE double blocked_sum(const Acc* v, int64_t n) {
+  double total = 0.0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    Acc s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < i1; ++i) s += v[i];
+    total += double(s);
+  }
+  return total;
+}
+
 // dx = g * act'(x + b) * dy over n contiguous elements (dx may alias dy: each chunk of dy
 // is read before that chunk of dx is written). ACC: kAccVec adds dx (float32, before
-// rounding) to acc[i]; kAccSum / kAccRow return the float32 sum; with `keep`, the float32
-// dx also goes to keep[i] (the flat loop's dbias pass).
+// rounding) to acc[i]; kAccSum / kAccRow return the sum (float32 per chunk, the chunks'
+// sums added in float64); with `keep`, the float32 dx also goes to keep[i] (the flat loop's
+// dbias pass).
 template <class L, Act A, int CB, int ACC>
-FRT_INLINE float bwd_chunked(const typename L::T* x, const typename L::T* dy, typename L::T* dx,
+FRT_INLINE double bwd_chunked(const typename L::T* x, const typename L::T* dy, typename L::T* dx,
                              const void* bias, float bc, float g, float* acc, float* keep,
                              int64_t n) {
   alignas(64) float v[kChunk];
   alignas(64) float d[kChunk];
-  float s = 0;
+  double total = 0.0;
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t m = std::min(kChunk, n - i0);
+    float s = 0;
     pre_chunk<L, CB>(x + i0, bias, i0, bc, v, m);
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) d[j] = L::load(dy[i0 + j]);
@@ -229,43 +246,52 @@ FRT_INLINE float bwd_chunked(const typename L::T* x, const typename L::T* dy, ty
     if (keep != nullptr) std::memcpy(keep + i0, v, size_t(m) * sizeof(float));
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) dx[i0 + j] = L::store(v[j]);
+    total += double(s);
   }
-  return s;
+  return total;
 }
 
 // One row: the innermost loop, vectorized when every operand has unit stride.
 // FAST: the caller guarantees unit strides, so only the vector loop is compiled.
+// kAccSum / kAccRow: returns the row's sum of dx, accumulated in Acc over blocks of kChunk
+// elements and the blocks' sums added in float64 (a float32 sum over a whole long row lost
+// ~7e-6 of its value over 2^19 elements per vector lane on AVX2).
 template <class L, Act A, bool BVEC, int ACC, bool FAST>
-FRT_INLINE typename L::Acc bwd_row(const typename L::T* x, int64_t sx, const typename L::T* dy,
-                                   int64_t sdy, typename L::T* dx, int64_t so,
-                                   const typename L::T* b, int64_t sb, typename L::Acc bc,
-                                   typename L::Acc g, typename L::Acc* acc, int64_t n,
-                                   bool contig) {
+FRT_INLINE double bwd_row(const typename L::T* x, int64_t sx, const typename L::T* dy,
+                          int64_t sdy, typename L::T* dx, int64_t so,
+                          const typename L::T* b, int64_t sb, typename L::Acc bc,
+                          typename L::Acc g, typename L::Acc* acc, int64_t n,
+                          bool contig) {
   using Acc = typename L::Acc;
-  Acc s = 0;
   if constexpr (kMayChunk<L, A>) {
     if ((FAST || contig) && chunked<L, A>())
       return bwd_chunked<L, A, BVEC ? kCbElem : kCbConst, ACC>(x, dy, dx, b, bc, g, acc, nullptr, n);
   }
-  if (FAST || contig) {
+  double total = 0.0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    Acc s = 0;
+    if (FAST || contig) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc v = L::load(x[i]) + (BVEC ? L::load(b[i]) : bc);
-      const Acc gx = g * act_grad<A>(v) * L::load(dy[i]);
-      dx[i] = L::store(gx);
-      if (ACC == kAccVec) acc[i] += gx;
-      if (ACC == kAccSum || ACC == kAccRow) s += gx;
+      for (int64_t i = i0; i < i1; ++i) {
+        const Acc v = L::load(x[i]) + (BVEC ? L::load(b[i]) : bc);
+        const Acc gx = g * act_grad<A>(v) * L::load(dy[i]);
+        dx[i] = L::store(gx);
+        if (ACC == kAccVec) acc[i] += gx;
+        if (ACC == kAccSum || ACC == kAccRow) s += gx;
+      }
+    } else {
+      for (int64_t i = i0; i < i1; ++i) {
+        const Acc v = L::load(x[i * sx]) + (BVEC ? L::load(b[i * sb]) : bc);
+        const Acc gx = g * act_grad<A>(v) * L::load(dy[i * sdy]);
+        dx[i * so] = L::store(gx);
+        if (ACC == kAccVec) acc[i] += gx;
+        if (ACC == kAccSum || ACC == kAccRow) s += gx;
+      }
     }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc v = L::load(x[i * sx]) + (BVEC ? L::load(b[i * sb]) : bc);
-      const Acc gx = g * act_grad<A>(v) * L::load(dy[i * sdy]);
-      dx[i * so] = L::store(gx);
-      if (ACC == kAccVec) acc[i] += gx;
-      if (ACC == kAccSum || ACC == kAccRow) s += gx;
-    }
+    total += double(s);
   }
-  return s;
+  return total;
 }
 
 template <class L, Act A, bool BVEC, bool FAST>
@@ -376,17 +402,9 @@ FRT_INLINE double bwd_run_acc(const Run& r) {
 #pragma omp simd
         for (int64_t j = 0; j < r.len; ++j) acc[j] += gs[k * r.len + j];
     } else if (ACC == kAccRow) {
-      for (int64_t k = 0; k < r.rows; ++k) {
-        Acc s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < r.len; ++j) s += gs[k * r.len + j];
-        acc[k] = s;
-      }
+      for (int64_t k = 0; k < r.rows; ++k) acc[k] = Acc(blocked_sum(gs + k * r.len, r.len));
     } else if (ACC == kAccSum) {
-      Acc s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < n; ++i) s += gs[i];
-      total = double(s);
+      total = blocked_sum(gs, n);
     }
     return total;
   }
@@ -397,7 +415,7 @@ FRT_INLINE double bwd_run_acc(const Run& r) {
     const T* xk = x + k * r.rsx;
     const T* dyk = dy + k * r.rsdy;
     T* dxk = dx + k * r.rso;
-    Acc s;
+    double s;
     if (bvec) {
       s = bwd_row<L, A, true, ACC, FAST>(xk, r.sx, dyk, r.sdy, dxk, r.so, b, r.sb, Acc(0), g, acc,
                                    r.len, contig);
@@ -406,8 +424,8 @@ FRT_INLINE double bwd_run_acc(const Run& r) {
       s = bwd_row<L, A, false, ACC, FAST>(xk, r.sx, dyk, r.sdy, dxk, r.so, nullptr, 0, bc, g, acc,
                                     r.len, contig);
     }
-    if (ACC == kAccRow) acc[k] = s;
-    if (ACC == kAccSum) total += double(s);
+    if (ACC == kAccRow) acc[k] = Acc(s);
+    if (ACC == kAccSum) total += s;
   }
   return total;
 }

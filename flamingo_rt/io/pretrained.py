@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..models.config import FlamingoConfig
+from ..ops import cpu_gemm
 from ..models.flamingo import Flamingo
 from .checkpoint import load_checkpoint, load_config, save_checkpoint
 from .tokenizer import FlamingoTokenizer
@@ -53,6 +54,7 @@ def load_pretrained(
         model = Flamingo(config, vision_encoder=vision_encoder)
     model = model.to_empty(device=device)
     if dtype is not None:
+        cpu_gemm.warn_if_half_products_slow(device, dtype, f"load_pretrained(dtype={dtype})")
         model = model.to(dtype)
     model.lm.tie_weights()
     load_checkpoint(model, folder, strict=True)

@@ -37,6 +37,7 @@ from .. import _ext
 from . import backend as _backend
 
 __all__ = ["POLICIES", "policy", "onednn_active", "use", "mm", "mm_add", "linear", "available", "eligible",
+           "half_products_slow", "warn_if_half_products_slow",
            "plain_tensor", "shares_storage", "transpose_rows", "block_rows", "rows_first"]
 
 POLICIES = ("auto", "onednn", "torch")
@@ -78,6 +79,44 @@ def bf16_available() -> bool:
         return available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def half_products_slow(device, dtype: torch.dtype) -> bool:
+    """True when ``dtype`` (bfloat16 / float16) products on ``device`` run in torch's own
+    reference loops: a CPU where oneDNN has no kernels of that dtype (an AVX2-only x86 CPU,
+    where torch's bf16 ``mm`` measured 0.58 GFLOP/s on a 2-core AMD EPYC Zen 3 against
+    160 for float32: 270x slower). flamingo_rt's C++ kernels (the decode step's small-batch
+    linear, attention, activations) are not affected; the matrix products of prompts and
+    training steps are."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if dtype == torch.bfloat16:
+        return not bf16_available()
+    try:
+        return not (available() and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()))
+    except (AttributeError, RuntimeError):
+        return True
+
+
+_WARNED_SLOW: set = set()
+
+
+def warn_if_half_products_slow(device, dtype: torch.dtype, where: str) -> bool:
+    """Warns (once per ``where`` and dtype, ``RuntimeWarning``) when :func:`half_products_slow`:
+    ``where`` names what asked for the dtype (``"training with precision bf16"``). Returns
+    whether it is slow."""
+    slow = half_products_slow(device, dtype)
+    if slow and (where, dtype) not in _WARNED_SLOW:
+        import warnings
+
+        _WARNED_SLOW.add((where, dtype))
+        name = str(dtype).replace("torch.", "")
+        warnings.warn(
+            f"{where}: {name} matrix products on this CPU run in torch's reference loops (oneDNN has no "
+            f"{name} kernels for it: no AVX-512 {name} support), about 270x slower than float32 "
+            f"(0.58 against 160 GFLOP/s measured on an AVX2 AMD EPYC); use float32 here.",
+            RuntimeWarning, stacklevel=3)
+    return slow
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,7 +239,9 @@ def rows_first(a: Tensor, b: Tensor) -> bool:
     AMX machine of the benchmarks (bf16 weight gradients ``dy^T x`` of the block's and the
     resampler's shapes: 1000-1350 against 1750-2650 GFLOP/s); with the copy the products
     take 0.56-0.85x the time (2048 x 2048 x 8192: 71.9 -> 40.6 ms). With 512 output
-    columns (a 512-wide head projection's gradient) the copy did not pay: not taken."""
+    columns (a 512-wide head projection's gradient) the copy did not pay: not taken. Only
+    where oneDNN runs torch's bf16 products (:func:`bf16_available`): elsewhere (an AVX2-only
+    CPU) torch's own loops run them, which the copy does not speed up."""
     return (
         a.dim() == 2 and b.dim() == 2
         and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
@@ -209,6 +250,7 @@ def rows_first(a: Tensor, b: Tensor) -> bool:
         and b.shape[1] >= ROWS_FIRST_MIN_N
         and not torch.compiler.is_compiling() and not _backend.exporting()
         and plain_tensor(a) and plain_tensor(b)
+        and bf16_available()
     )
 
 

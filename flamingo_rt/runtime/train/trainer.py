@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ...io.tokenizer import FlamingoTokenizer
+from ...ops import cpu_gemm
 from ...models.flamingo import Flamingo
 from .collate import Collator
 from .config import TrainConfig
@@ -295,6 +296,10 @@ class Trainer:
                         f"(freeze.frozen_linear_dtype = {cfg.freeze.frozen_linear_dtype!r}; \"none\" keeps them "
                         "float32)")
         autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+        if autocast is not None and cpu_gemm.half_products_slow(self.device, autocast):
+            log.message("[train] warning: precision bf16, but bf16 matrix products on this CPU run in torch's "
+                        "reference loops (oneDNN has no bf16 kernels for it), ~270x slower than float32: "
+                        "precision fp32 is the fast choice here")
         weights = {d.name: d.weight for d in cfg.datasets}
         # the next steps' batches read, decoded and collated in a background thread (on a GPU)
         prefetch = Prefetcher(self._make_step, max(0, cfg.steps - self.step),

@@ -8,12 +8,13 @@
 // that restarts every few KB) ran at half the memory bandwidth or less.
 // The dot products are `omp simd` reductions in float32 (float64 for float64), compiled per
 // ISA level with target_clones (AVX-512 / AVX2 / baseline) and picked at load time. bfloat16
-// weight rows are widened (a shift) into a small float32 scratch, the rows taken together at
-// a time, and go through the float32 kernels; x is widened once into a float32 scratch; a
-// bfloat16 weight against float32 x (`bf16_weight`) takes the same path. A bfloat16 weight so
-// gives bit for bit the float32 kernel's result on its widened values, whatever the ISA:
-// separate bfloat16 kernels (widening in the loop) summed in another order on AVX2, where
-// the compiler vectorized the two loops differently.
+// weights are widened on the fly (a shift), x is widened once into a float32 scratch; a
+// bfloat16 weight against float32 x (`bf16_weight`) takes the same bfloat16 row kernels.
+// Their float32 sums are those of the float32 kernels on the widened weight where the
+// compiler vectorizes both loops alike (AVX-512: bit for bit); on AVX2 it vectorizes them
+// differently and the last bits may differ. Widening rows into a scratch for the float32
+// kernels instead made them equal but 2-3x slower at one row (2048 x 8192 on an AVX2 Zen 3:
+// 2.0 against 0.86 ms): not taken.
 #include <vector>
 
 #include "cpu_math.h"
@@ -67,22 +68,9 @@ FRT_INLINE float widen(uint16_t v) { return BF16::load(v); }
   }
 
 FRT_DOT_4X1(dot_4x1_f32, float)
+FRT_DOT_4X1(dot_4x1_bf16, uint16_t)
 FRT_DOT_2X4(dot_2x4_f32, float)
-
-// dst[0:K] = the bfloat16 row src widened to float32.
-FRT_CLONES void widen_row(const uint16_t* src, int64_t K, float* dst) {
-  _Pragma("omp simd")
-  for (int64_t k = 0; k < K; ++k) dst[k] = widen(src[k]);
-}
-
-// The float32 row a kernel reads for weight row `row`: the row itself, or for a bfloat16
-// weight its widened copy in scratch slot `slot` (K floats each).
-FRT_INLINE const float* row_f32(const float* row, int64_t, float*, int64_t) { return row; }
-FRT_INLINE const float* row_f32(const uint16_t* row, int64_t K, float* scratch, int64_t slot) {
-  float* dst = scratch + slot * K;
-  widen_row(row, K, dst);
-  return dst;
-}
+FRT_DOT_2X4(dot_2x4_bf16, uint16_t)
 
 // y[b, n] = store(x_b . w_n + bias_n) for the weight rows of one task, [n0, n1): with B = 1,
 // row i of each quarter of the rows together; else row i of each half against groups of four
@@ -93,9 +81,6 @@ template <typename WT, typename Store>
 void rows_task(const WT* w, int64_t ws, const float* x, int64_t xs, int64_t B, int64_t K, int64_t n0, int64_t n1,
                const float* bias, Store store) {
   float s[8];
-  // bfloat16 weights: up to 4 widened rows at a time (16 KB at K = 1024)
-  std::vector<float> scratch(sizeof(WT) == 2 ? size_t(4 * K) : 0);
-  float* sc = scratch.data();
   if (B == 1) {
     const int64_t q = (n1 - n0 + 3) / 4;
     for (int64_t i = 0; i < q; ++i) {
@@ -103,9 +88,13 @@ void rows_task(const WT* w, int64_t ws, const float* x, int64_t xs, int64_t B, i
       for (int64_t j = 0; j < 4; ++j) rows[j] = n0 + j * q + i;
       int64_t r = 4;
       while (rows[r - 1] >= n1) --r;  // the last quarter may run out (rows[0] < n1 always)
-      const float* wr[4];
-      for (int64_t j = 0; j < 4; ++j) wr[j] = j < r ? row_f32(w + rows[j] * ws, K, sc, j) : wr[r - 1];
-      dot_4x1_f32(wr[0], wr[1], wr[2], wr[3], x, K, s);
+      const WT* wr[4];
+      for (int64_t j = 0; j < 4; ++j) wr[j] = w + rows[j < r ? j : r - 1] * ws;
+      if constexpr (sizeof(WT) == 4) {
+        dot_4x1_f32(wr[0], wr[1], wr[2], wr[3], x, K, s);
+      } else {
+        dot_4x1_bf16(wr[0], wr[1], wr[2], wr[3], x, K, s);
+      }
       for (int64_t j = 0; j < r; ++j) store(0, rows[j], s[j] + (bias ? bias[rows[j]] : 0.f));
     }
     return;
@@ -114,13 +103,17 @@ void rows_task(const WT* w, int64_t ws, const float* x, int64_t xs, int64_t B, i
   for (int64_t i = 0; i < h; ++i) {
     const int64_t rows[2] = {n0 + i, n0 + h + i};
     const int64_t r = rows[1] < n1 ? 2 : 1;
-    const float* w0 = row_f32(w + rows[0] * ws, K, sc, 0);
-    const float* w1 = r == 2 ? row_f32(w + rows[1] * ws, K, sc, 1) : w0;
+    const WT* w0 = w + rows[0] * ws;
+    const WT* w1 = w + rows[r - 1] * ws;
     for (int64_t b = 0; b < B; b += 4) {
       const int64_t c = B - b < 4 ? B - b : 4;
       const float* xr[4];
       for (int64_t k = 0; k < 4; ++k) xr[k] = x + (b + (k < c ? k : c - 1)) * xs;
-      dot_2x4_f32(w0, w1, xr[0], xr[1], xr[2], xr[3], K, s);
+      if constexpr (sizeof(WT) == 4) {
+        dot_2x4_f32(w0, w1, xr[0], xr[1], xr[2], xr[3], K, s);
+      } else {
+        dot_2x4_bf16(w0, w1, xr[0], xr[1], xr[2], xr[3], K, s);
+      }
       for (int64_t j = 0; j < r; ++j)
         for (int64_t k = 0; k < c; ++k) store(b + k, rows[j], s[j * 4 + k] + (bias ? bias[rows[j]] : 0.f));
     }
@@ -180,7 +173,7 @@ Status small_linear_cpu(const SmallLinearParams& p) {
       const float* x = static_cast<const float*>(p.x);
       const float* bias = static_cast<const float*>(p.bias);
       float* y = static_cast<float*>(p.y);
-      if (p.bf16_weight) {  // float32 x against bfloat16 weight rows, widened a few at a time
+      if (p.bf16_weight) {  // float32 x against bfloat16 weight rows, widened as they are read
         const uint16_t* w = static_cast<const uint16_t*>(p.w);
         for_row_tasks(N, threads_for(N, K, 2), [&](int64_t n0, int64_t n1) {
           rows_task(w, p.w_row_stride, x, p.x_row_stride, B, K, n0, n1, bias,

@@ -216,8 +216,9 @@ def linear_bf16_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None)
     """``F.linear(x, weight.float(), bias)`` for float32 x (..., K), a bfloat16 weight (N, K)
     and a float32 bias (N,) or None, without widening the weight in memory: on the CPU, outside
     autograd, ``torch.compile`` and export, the small-batch kernel reads the bfloat16 rows
-    (half the bytes) against every 16 rows of x at a time (the products and sums exactly as
-    with the widened weight, float32 accumulation); otherwise the widened weight's F.linear.
+    (half the bytes) against every 16 rows of x at a time (the widened weight's products,
+    float32 accumulation; bit for bit the float32 kernel on the widened weight on AVX-512
+    CPUs, within float32 rounding of it on AVX2); otherwise the widened weight's F.linear.
     Returns (..., N) float32."""
     if x.dtype != torch.float32 or weight.dtype != torch.bfloat16:
         raise TypeError(f"linear_bf16_weight: expected float32 x and a bfloat16 weight, got {x.dtype} and {weight.dtype}")

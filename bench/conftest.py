@@ -59,3 +59,31 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(row.format((c.gemm_bf16_gflops if row.dtype == "bf16" else c.gemm_fp32_gflops) if c else None))
     for line in REPORT.notes:
         tr.write_line(line)
+
+
+def _asks_for_bf16(item) -> bool:
+    """A benchmark of bf16 products: "bf16" in its name or id, or a bf16 parameter."""
+    import torch
+
+    if "bf16" in item.nodeid or "bfloat16" in item.nodeid:
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(v is torch.bfloat16 or v in ("bf16", "bfloat16") for v in params.values()
+               if isinstance(v, (str, torch.dtype)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """bf16 benchmarks are skipped, with the reason, on a CPU whose bf16 products are torch's
+    reference loops (oneDNN has no bf16 kernels for it: an AVX2-only CPU, ~0.6 GFLOP/s): both
+    sides would run at that rate (the peer under autocast too), hours for one table."""
+    import torch
+
+    from flamingo_rt.ops import cpu_gemm
+
+    if not cpu_gemm.half_products_slow("cpu", torch.bfloat16):
+        return
+    skip = pytest.mark.skip(reason="bf16 products on this CPU are torch's reference loops (no oneDNN bf16 "
+                                   "kernels: an AVX2-only CPU, ~0.6 GFLOP/s); bf16 rows need AVX-512 bf16 or AMX")
+    for item in items:
+        if _asks_for_bf16(item):
+            item.add_marker(skip)

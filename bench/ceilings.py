@@ -66,15 +66,15 @@ def _onednn_active() -> bool:
 def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceilings:
     """Measure GEMM (n x n x n; default the best of 2048 and 4096 on CPU, 8192 on CUDA) in fp32
     and bf16, a large tensor copy and a large tensor's sum (read bandwidth) on ``device``."""
+    from flamingo_rt.ops import cpu_gemm
+
     device = torch.device(device)
     sizes = [n] if n is not None else ([8192] if device.type == "cuda" else [2048, 4096])
     res = {}
     onednn = 0.0  # oneDNN's float32 rate, measured on the CPU when torch has it
     for dt in (torch.float32, torch.bfloat16):
         # the best over sizes: on CPUs with AMX, bf16 GEMMs keep speeding up past n = 2048
-        # (measured 0.7 TFLOP/s at 2048, 1.5-2 at 8192 rows x 2048 x 8192 on 2 cores)
-        from flamingo_rt.ops import cpu_gemm
-
+        # (measured 0.7 TFLOP/s at 2048, 1.5-2 at 8192 rows x 2048 x 8192 on 2 cores);
         # a CPU whose bf16 products are torch's reference loops (AVX2 only, ~0.6 GFLOP/s: a
         # 4096^3 product would take minutes) is measured at 256^3: its rate, not a ceiling
         for size in ([256] if cpu_gemm.half_products_slow(device, dt) else sizes):
@@ -85,8 +85,6 @@ def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceiling
             if dt == torch.float32 and device.type == "cpu":
                 # torch's fp32 BLAS (MKL) is not the fastest library on every CPU: the
                 # machine's ceiling is the better of it and oneDNN (flamingo_rt.ops.cpu_gemm)
-                from flamingo_rt.ops import cpu_gemm
-
                 if cpu_gemm.available():
                     with cpu_gemm.use("onednn"):
                         t = _best_time(lambda: cpu_gemm.mm(a, b), device)

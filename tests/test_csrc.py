@@ -241,6 +241,37 @@ def test_bias_gamma_act_matches_float64(case, gen):
     )
 
 
+# Values at and past the edges of the float32 exp's range (it clamps to [-87.33, 88]:
+# 0 below, +inf above), its NaN path, signed zeros and tiny and huge magnitudes.
+SPECIAL = [float("nan"), 0.0, -0.0, 1e-30, -1e-30, 0.5, -0.75, 10.0, -10.0, 26.0, -26.0, 87.0,
+           -87.0, 87.4, -87.4, 88.1, -88.1, 89.0, -89.0, 100.0, -100.0, 1e30, -1e30]
+
+
+@needs_ext
+@pytest.mark.parametrize("act", ACTS)
+def test_bias_gamma_act_special_values_float32(act):
+    """Every special value in every lane position of a vectorized row (the row is the list
+    repeated at 17 phases: the vector body and its tail both see each value): the forward
+    and the backward equal the float64 formula elementwise; NaN in -> NaN out, like torch."""
+    vals = torch.tensor(SPECIAL, dtype=torch.float64)
+    n = len(SPECIAL)
+    x = torch.stack([vals.roll(k) for k in range(17)]).reshape(1, 1, 17, n).expand(2, 3, 17, n).float().contiguous()
+    g = torch.linspace(-2, 3, x.numel(), dtype=torch.float64).reshape(x.shape)
+    y = OPS.bias_gamma_act(x, None, act, GAMMA)
+    ref = ref_fwd(x, None, act, GAMMA)
+    nan = torch.isnan(x)
+    assert torch.isnan(y[nan]).all(), f"{act}: NaN input did not give NaN"
+    tol = 1e-6 * ref.abs() + 1e-30
+    bad = ((y.double() - ref).abs() > tol) & ~nan
+    assert not bad.any(), f"{act} forward at {x[bad].tolist()[:4]}: got {y[bad].tolist()[:4]}, expected {ref[bad].tolist()[:4]}"
+    dx, _ = OPS.bias_gamma_act_backward(g.float(), x, None, act, GAMMA)
+    dx_ref, _ = ref_bwd(g.float(), x, None, act, GAMMA)
+    assert torch.isnan(dx[nan]).all() or act == "relu", f"{act}: NaN input did not give a NaN gradient"
+    tol = 1e-6 * (dx_ref.abs() + GAMMA * g.abs() * act_grad_mag64(x.double(), act)) + 1e-30
+    bad = ((dx.double() - dx_ref).abs() > tol) & ~nan
+    assert not bad.any(), f"{act} backward at {x[bad].tolist()[:4]}: got {dx[bad].tolist()[:4]}, expected {dx_ref[bad].tolist()[:4]}"
+
+
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_deterministic(device, gen):

@@ -14,7 +14,7 @@ namespace cpu {
 
 // Standard normal CDF Phi(v) and density term exp(-v^2/2) (shared with the derivative).
 FRT_INLINE void normal_cdf(float v, float& cdf, float& gauss) {
-  const float av = v < 0.0f ? -v : v;
+  const float av = bits_to_float(float_to_bits(v) & 0x7fffffffu);  // |v| (select_f32's note)
   const float z = av * 0.707106781186547524f;  // |v| / sqrt(2)
   const float t = 1.0f / (1.0f + 0.5f * z);
   gauss = exp_f32(-0.5f * v * v);  // = exp(-z^2)
@@ -31,13 +31,13 @@ FRT_INLINE void normal_cdf(float v, float& cdf, float& gauss) {
   q = q * t + 0.28226393461227417f;
   q = q * t + 0.2820880115032196f;
   const float tail = 0.5f * t * gauss * q;  // Phi(-|v|) = erfc(z) / 2
-  cdf = v < 0.0f ? tail : 1.0f - tail;
+  cdf = select_f32(v < 0.0f, tail, 1.0f - tail);
 }
 
 template <Act A>
 FRT_INLINE float act_fwd(float v) {
   if constexpr (A == Act::kRelu) {
-    return v < 0.0f ? 0.0f : v;  // NaN passes through, like torch
+    return select_f32(v < 0.0f, 0.0f, v);  // NaN passes through, like torch
   } else if constexpr (A == Act::kSilu) {
     return v / (1.0f + exp_f32(-v));
   } else {
@@ -63,7 +63,7 @@ FRT_INLINE double act_fwd(double v) {
 template <Act A>
 FRT_INLINE float act_grad(float v) {
   if constexpr (A == Act::kRelu) {
-    return v > 0.0f ? 1.0f : 0.0f;
+    return select_f32(v > 0.0f, 1.0f, 0.0f);
   } else if constexpr (A == Act::kSilu) {
     const float s = 1.0f / (1.0f + exp_f32(-v));
     return s * (1.0f + v * (1.0f - s));

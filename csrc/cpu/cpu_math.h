@@ -69,12 +69,22 @@ struct F64 {
   FRT_INLINE static T store(double v) { return v; }
 };
 
+// c ? if_true : if_false for floats, through bit masks: GCC (12) keeps a float `?:` whose
+// comparison may trap (-ftrapping-math, the default) as control flow, which AVX-512 masks
+// vectorize but AVX2 does not (such loops stayed scalar on AVX2-only CPUs). The mask
+// form vectorizes on every ISA.
+FRT_INLINE float select_f32(bool c, float if_true, float if_false) {
+  const uint32_t m = 0u - uint32_t(c);  // all ones or 0
+  return bits_to_float((float_to_bits(if_true) & m) | (float_to_bits(if_false) & ~m));
+}
+
 // exp(a) for float32: ~2 ulp; 0 for a < -87.33 (below the smallest normal), +inf for
-// a > 88, NaN for NaN. Branch-free, so loops around it vectorize.
+// a > 88, NaN for NaN. Branch-free (the clamps and the out-of-range results through
+// select_f32), so loops around it vectorize on every ISA.
 FRT_INLINE float exp_f32(float a) {
   const float lo = -87.33f, hi = 88.0f;
-  float ac = a < lo ? lo : a;
-  ac = ac > hi ? hi : ac;
+  const bool below = a < lo, above = a > hi;
+  const float ac = select_f32(below, lo, select_f32(above, hi, a));
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float k = ac * 1.44269504088896341f + shifter;
   const int32_t n = int32_t(float_to_bits(k) - float_to_bits(shifter));
@@ -91,10 +101,7 @@ FRT_INLINE float exp_f32(float a) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const float scale = bits_to_float(uint32_t(n + 127) << 23);
-  float e = p * scale;
-  e = a < lo ? 0.0f : e;
-  e = a > hi ? std::numeric_limits<float>::infinity() : e;
-  return e;
+  return select_f32(below, 0.0f, select_f32(above, std::numeric_limits<float>::infinity(), p * scale));
 }
 
 }  // namespace cpu

@@ -142,9 +142,12 @@ template <typename A, int VB, int CW>
 FRT_INLINE void gemm_vb(int64_t rows, const A* a, int64_t lda, int64_t ak, const A* b, int64_t ldb,
                          A* c, int64_t ldc, int64_t K, int64_t W, bool accumulate) {
   constexpr int L = VB / int(sizeof(A));
-  constexpr int CWV = CW < L ? L : CW;  // a column block of at least one vector
-  constexpr int NV = CWV / L;
   constexpr int kRegs = VB == 64 ? 32 : 16;
+  // A column block of at least one vector; with 16 registers at most two (a 64-wide block
+  // of 8-lane AVX2 vectors would leave one row of 8 accumulators, 9 loads per 8 FMAs).
+  constexpr int CW1 = CW < L ? L : CW;
+  constexpr int CWV = kRegs == 16 && CW1 > 2 * L ? 2 * L : CW1;
+  constexpr int NV = CWV / L;
   constexpr int RB0 = (kRegs - 1 - NV) / NV;
   constexpr int RB = RB0 > 8 ? 8 : (RB0 < 1 ? 1 : RB0);
   constexpr int RH = RB / 2 > 0 ? RB / 2 : 1;

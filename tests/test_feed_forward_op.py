@@ -215,6 +215,47 @@ def test_backward_temporaries_are_chunked(monkeypatch):
     assert sizes[1] < h_bytes // 4, sizes[:4]
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 8])
+def test_backward_reuses_the_thread_scratch_buffer(chunk_rows, monkeypatch):
+    """On the CPU the backward's activation chunk is the thread's scratch buffer, the same
+    memory from one backward to the next (no fresh pages per call); what an earlier call left
+    in it (poisoned with NaN here) does not reach the gradients, one chunk or several."""
+    from flamingo_rt.ops import scratch
+
+    R, D, inner = 64, 16, 64
+    if chunk_rows is not None:
+        monkeypatch.setattr(FFMOD, "CHUNK_BYTES", chunk_rows * inner * 4)
+    ptrs = []
+    real = FFMOD._act_buffer
+
+    def spy(rows, inner_, dtype, device):
+        buf = real(rows, inner_, dtype, device)
+        ptrs.append(buf.data_ptr())
+        return buf
+    monkeypatch.setattr(FFMOD, "_act_buffer", spy)
+    torch.manual_seed(7)
+    ff = _module(D, "gelu")
+    ff.fc1 = torch.nn.Linear(D, inner, bias=False)
+    ff.fc2 = torch.nn.Linear(inner, D, bias=False)
+    x = torch.randn(R, D, requires_grad=True)
+    dy = torch.randn(R, D)
+    scratch.release()
+    grads = []
+    for _ in range(2):
+        x.grad = ff.fc1.weight.grad = ff.fc2.weight.grad = None
+        _op(ff, x).backward(dy)
+        grads.append([x.grad.clone(), ff.fc1.weight.grad.clone(), ff.fc2.weight.grad.clone()])
+        assert scratch.held_bytes() >= (chunk_rows or R) * inner * 4
+        scratch.buffer("feed_forward.backward_act", (chunk_rows or R) * inner, torch.float32, "cpu").fill_(float("nan"))
+    assert len(ptrs) == 2 and ptrs[0] == ptrs[1]
+    for a, b in zip(*grads):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+    ref = [torch.autograd.grad(ff(x), [x, ff.fc1.weight, ff.fc2.weight], dy)][0]
+    for a, e in zip(grads[1], ref):
+        assert rel_err(a, e) < 1e-5
+    scratch.release()
+
+
 def test_residual_errors_and_inference_path():
     ff = _module(16, "gelu")
     x = torch.randn(3, 16)

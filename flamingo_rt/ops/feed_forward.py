@@ -35,7 +35,7 @@ from .precision import compute_dtype as _compute_dtype
 from .precision import layer_norm_in, widen_block_rows
 from .gated_linear_residual import check_gate, gate_weight_grads
 from .residual import residual_add_
-from . import factored_grads, widening_gemm
+from . import factored_grads, scratch, widening_gemm
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
@@ -122,6 +122,15 @@ def _mm_parts(a: Tensor, parts: list, transposed: bool, out: Optional[Tensor] = 
     for lo, hi, w in parts:
         torch.mm(a, w.t() if transposed else w, out=out[:, lo:hi])
     return out
+
+
+def _act_buffer(rows: int, inner: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A (rows, inner) ``dtype`` buffer for the backward's activation chunk: the calling
+    thread's :mod:`scratch` buffer on the CPU (valid until the next backward of a feed-forward
+    on this thread), a fresh tensor elsewhere (CUDA's caching allocator keeps its pages)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty((rows, inner), dtype=dtype, device=device)
+    return scratch.buffer("feed_forward.backward_act", rows * inner, dtype, device).view(rows, inner)
 
 
 def _gate_of(gate: Optional[Tensor]) -> Optional[Tensor]:
@@ -211,14 +220,15 @@ def _ff_bwd_op_impl(dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, w1: Tens
         w2_all = _cast_parts(w2, cd, 1, split=False) if several else None
         w1_all = _cast_parts(w1, cd, 1, split=False) if several else None
         gc = None if g is None else g.to(cd)
-        # with several chunks, one (chunk, inner) buffer for all of them: the activation, then
-        # da / dh in place (a fresh one per chunk was fresh pages each time: at batch 4 the
-        # block's chunks are 32 MiB, which glibc always maps anew)
-        abuf = torch.empty((step, h.shape[1]), dtype=cd, device=x.device) if several else None
+        # one (chunk, inner) buffer for all chunks: the activation, then da / dh in place. On
+        # the CPU it is the thread's scratch buffer, kept from one backward to the next: a
+        # fresh one was fresh pages every time (glibc maps each block of 32 MiB or more anew:
+        # the resampler's FF, 2048 x 4096 float32, is exactly that, six per step)
+        abuf = _act_buffer(step, h.shape[1], cd, x.device)
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             dyc, hc = dy[r0:r1].to(cd), h[r0:r1]
-            a = _act(hc, kind) if abuf is None else _act_into(hc, kind, abuf[:r1 - r0])
+            a = _act_into(hc, kind, abuf[:r1 - r0])
             dw2 = _acc_mm(dw2, dyc.t(), a, acc)  # the activation lives for this product only
             w2c = w2_all if several else _cast_parts(w2, cd, 1)
             # the gate on dy's chunk when that is a fresh cast (D wide), else on dh (inner wide)

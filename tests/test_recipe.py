@@ -88,26 +88,47 @@ def test_info_nce_against_hand_computation():
 
 
 def test_special_rows_are_the_only_lm_weights_that_change(tok):
+    """The special rows train as (k, D) parameters (no gradient over the whole tables); after
+    merging, the tables' other rows are bit-identical and the trained rows are those of the
+    whole tables trained with the other rows' gradients masked (OpenFlamingo's rule)."""
     cfg = get_recipe_preset("toy").model
     cfg.lm.vocab_size = tok.vocab_size
     torch.manual_seed(0)
     model = Flamingo(cfg).freeze_backbones()
-    mats = train_special_rows(model, [tok.image_token_id, tok.eoc_token_id])
-    before = [w.detach().clone() for w in mats]
-    opt = torch.optim.AdamW([{"params": mats, "weight_decay": 0.0}], lr=0.1)
+    tables = [model.lm.embed_tokens.weight] + ([] if model.lm.lm_head.weight is model.lm.embed_tokens.weight
+                                                else [model.lm.lm_head.weight])
+    rows = [tok.image_token_id, tok.eoc_token_id]
+    ref = copy.deepcopy(model)  # the masked whole-table way, for the values
+    params = train_special_rows(model, rows)
+    assert [tuple(p.shape) for p in params] == [(2, cfg.lm.dim)] * len(tables)
+    assert not any(t.requires_grad for t in tables)
+    before = [t.detach().clone() for t in tables]
+    ref_tables = [ref.lm.embed_tokens.weight] + ([] if ref.lm.lm_head.weight is ref.lm.embed_tokens.weight
+                                                 else [ref.lm.lm_head.weight])
+    keep = torch.zeros(cfg.lm.vocab_size, 1)
+    keep[rows] = 1.0
+    for w in ref_tables:
+        w.requires_grad_(True)
+        w.register_hook(lambda g: g * keep)
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.0}], lr=0.1)
+    opt_ref = torch.optim.AdamW([{"params": ref_tables, "weight_decay": 0.0}], lr=0.1)
     ids = torch.randint(4, tok.vocab_size, (2, 12))
     ids[:, 0] = tok.image_token_id
     ids[:, 6] = tok.eoc_token_id
     media = torch.randn(2, 1, 3, cfg.vision.image_size, cfg.vision.image_size)
-    for _ in range(2):
-        opt.zero_grad()
-        model(ids, media, labels=ids).loss.backward()
-        opt.step()
-    rows = [tok.image_token_id, tok.eoc_token_id]
+    for m, o in ((model, opt), (ref, opt_ref)):
+        for _ in range(2):
+            o.zero_grad()
+            m(ids, media, labels=ids).loss.backward()
+            o.step()
+    assert all(t.grad is None for t in tables)  # no whole-table gradient was made
+    model.lm.merge_token_rows()
+    assert model.lm.token_rows is None
     others = [i for i in range(tok.vocab_size) if i not in rows]
-    for w, w0 in zip(mats, before):
+    for w, w0, wr in zip(tables, before, ref_tables):
         assert torch.equal(w[others], w0[others])
-    assert not torch.equal(mats[0][rows], before[0][rows])
+        assert not torch.equal(w[rows], w0[rows])
+        torch.testing.assert_close(w[rows], wr.detach()[rows], rtol=1e-5, atol=1e-6)
 
 
 def _mean(xs, n):

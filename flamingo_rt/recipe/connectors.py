@@ -61,20 +61,16 @@ def build_flamingo(config: FlamingoConfig, nfnet: NFNet, lm: DecoderLM) -> Flami
 
 
 def train_special_rows(model: Flamingo, token_ids: Sequence[int]) -> List[torch.nn.Parameter]:
-    """Let the rows ``token_ids`` of the (frozen) LM's input embedding and output head learn:
-    the matrices get ``requires_grad`` back with a gradient hook that zeroes every other
-    row (with weight decay 0 and Adam, the other rows then stay exactly unchanged).
-    Returns the matrices (to put in a no-decay parameter group)."""
-    lm = model.lm
-    mats = [lm.embed_tokens.weight]
-    if lm.lm_head.weight is not lm.embed_tokens.weight:
-        mats.append(lm.lm_head.weight)
-    keep = torch.zeros(lm.cfg.vocab_size, 1)
-    keep[list(token_ids)] = 1.0
-    for w in mats:
-        w.requires_grad_(True)
-        w.register_hook(lambda g, keep=keep: g * keep.to(g.dtype))
-    return mats
+    """Let the rows ``token_ids`` of the (frozen) LM's input embedding and output head learn,
+    as their own (k, D) parameters (:meth:`~flamingo_rt.models.lm.DecoderLM.train_token_rows`,
+    ``model.lm.token_rows``): the same gradients and AdamW updates as the whole tables with
+    every other row's gradient masked (OpenFlamingo's rule), without a (V, D) gradient, AdamW
+    moments or update over the tables. The tables stay frozen; their other rows do not change.
+    :meth:`~flamingo_rt.models.lm.DecoderLM.merge_token_rows` writes the rows back (the
+    recipe does at the end of :func:`train_connectors`). Returns the (k, D) parameters (to put
+    in a no-decay parameter group)."""
+    rows = model.lm.train_token_rows(sorted({int(i) for i in token_ids}))
+    return list(rows.parameters())
 
 
 def _doc_pool(cfg: ConnectorConfig, seed: int, image_size: int) -> List[Record]:
@@ -161,8 +157,7 @@ def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: Connect
     conn = [p for _, p in model.trainable_parameters() if id(p) not in special_ids and id(p) not in lm_ids]
     decay = [p for p in conn if p.dim() >= 2]
     other = [p for p in conn if p.dim() < 2]
-    stats = ConnectorStats(trainable_parameters=sum(p.numel() for p in conn) + 2 * len(special) * model.config.lm.dim
-                           + sum(p.numel() for p in lm_params))
+    stats = ConnectorStats(trainable_parameters=sum(p.numel() for p in conn + special + lm_params))
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": other + special, "weight_decay": 0.0}]
     if lm_params:
@@ -207,6 +202,7 @@ def train_connectors(model: Flamingo, tokenizer: FlamingoTokenizer, cfg: Connect
         stats.losses.append(total)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total:.3f}", **{n[:3]: f"{v[-1]:.2f}" for n, v in stats.dataset_losses.items()})
+    model.lm.merge_token_rows()  # the trained rows into the tables: a plain LM again
     model.eval()
     with torch.no_grad():
         stats.gates = model.gate_values()

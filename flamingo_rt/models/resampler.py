@@ -181,6 +181,19 @@ class PerceiverResampler(MediaEmbeddings):
         self._init_spatial_embeddings(cfg)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return self._forward(x, backend)
+        # On the CPU the activations, and in training the tensors saved for the backward, come
+        # from the block cache (bounded: it keeps no more than the forward's peak): glibc maps
+        # every block of 32 MiB or more anew, which OpenFlamingo's shapes hit exactly (32
+        # images: each layer's features [K | V] and FF pre-activation, 8192 x 1024 and
+        # 2048 x 4096 float32), a page fault per 4 KiB at every call
+        from ..runtime import cpu_cache  # (here: flamingo_rt.runtime imports the models)
+
+        with cpu_cache.scope(bounded=True):
+            return self._forward(x, backend)
+
+    def _forward(self, x: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
         D = self.config.dim
         x = self.media_features(x)
         B, M, N, _ = x.shape

@@ -66,6 +66,10 @@ class MaskedCrossAttention(nn.Module):
         return self.to_out(self.attend(x, kv, media_index, all_previous, backend))
 
 
+#: blocks called with fewer rows (B*T: decoding) run outside the CPU block cache's scope
+CACHE_MIN_ROWS = 64
+
+
 class GatedCrossAttentionBlock(nn.Module):
     """y = x + tanh(attn_gate) * XAttn(x, media);  z = y + tanh(ff_gate) * FF(y).
 
@@ -133,6 +137,20 @@ class GatedCrossAttentionBlock(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape (B, T, {self.dim}), got {tuple(x.shape)}")
+        rows = x.shape[0] * x.shape[1]  # (a symbolic size while tracing: not compared, no guard)
+        if (x.device.type != "cpu" or torch.compiler.is_compiling() or not isinstance(rows, int)
+                or rows < CACHE_MIN_ROWS):
+            return self._forward(x, media, media_locations, media_index, num_media, media_kv, backend, validate)
+        # On the CPU (prefill, training) the large tensors come from the block cache (bounded:
+        # no more than the block's peak is kept): the FF's pre-activation, saved for the
+        # backward, is (B*T, 4 D) -- 64 MiB at OpenFlamingo-3B's width and 2048 tokens, which
+        # glibc maps anew (a page fault per 4 KiB) at every call
+        from ..runtime import cpu_cache  # (here: flamingo_rt.runtime imports the models)
+
+        with cpu_cache.scope(bounded=True):
+            return self._forward(x, media, media_locations, media_index, num_media, media_kv, backend, validate)
+
+    def _forward(self, x, media, media_locations, media_index, num_media, media_kv, backend, validate):
         B, T, _ = x.shape
         if media is not None and media_kv is None:
             if media.dim() != 4 or media.shape[0] != B or media.shape[-1] != self.dim_visual:

@@ -188,7 +188,7 @@ class PerceiverResampler(MediaEmbeddings):
         # OpenFlamingo's shapes hit exactly (32 images: each layer's features [K | V] and FF
         # pre-activation, 8192 x 1024 and 2048 x 4096 float32), a page fault per 4 KiB at every
         # call. Not in training: the freed saved tensors stayed cached while the backward
-        # allocated outside the scope (fwd+bwd at 32 images: 456 -> 816 MiB added per step);
+        # allocated outside the scope (fwd+bwd at 32 images: 608 -> 816 MiB added per step);
         # the training step's own scope covers training (runtime.train.step)
         from ..runtime import cpu_cache  # (here: flamingo_rt.runtime imports the models)
 

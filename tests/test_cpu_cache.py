@@ -358,6 +358,18 @@ def test_attention_ops_make_their_outputs_in_a_bounded_scope(fresh_cache, monkey
         assert torch.equal(a, b)
 
 
+def _scope_depths(monkeypatch, cls) -> list:
+    """The cache scope depth at each call of ``cls._forward`` from now on (spied)."""
+    depths = []
+    real = cls._forward
+
+    def spy(self, *args):
+        depths.append(cpu_cache.depth())
+        return real(self, *args)
+    monkeypatch.setattr(cls, "_forward", spy)
+    return depths
+
+
 def test_resampler_forward_runs_in_a_bounded_scope(fresh_cache, monkeypatch):
     """The Perceiver Resampler's CPU inference forward takes its large tensors (each layer's
     features [K | V], the FF's pre-activation and chunks) from the cache in a bounded scope:
@@ -378,13 +390,7 @@ def test_resampler_forward_runs_in_a_bounded_scope(fresh_cache, monkeypatch):
     assert d["hits"] >= 2 and d["hits"] > d["misses"], d
     st = cpu_cache.stats()
     assert st.cached_bytes + st.in_use_bytes <= st.live_peak_bytes
-    depths = []
-    real = resampler_mod.PerceiverResampler._forward
-
-    def spy(self, *args):
-        depths.append(cpu_cache.depth())
-        return real(self, *args)
-    monkeypatch.setattr(resampler_mod.PerceiverResampler, "_forward", spy)
+    depths = _scope_depths(monkeypatch, resampler_mod.PerceiverResampler)
     with torch.no_grad():
         m(x)
     m(x.requires_grad_()).sum().backward()
@@ -412,13 +418,7 @@ def test_xattn_block_forward_runs_in_a_bounded_scope(fresh_cache, monkeypatch):
     assert d["hits"] >= 1 and d["misses"] == 0, d
     st = cpu_cache.stats()
     assert st.cached_bytes + st.in_use_bytes <= st.live_peak_bytes
-    depths = []
-    real = xattn_mod.GatedCrossAttentionBlock._forward
-
-    def spy(self, *args):
-        depths.append(cpu_cache.depth())
-        return real(self, *args)
-    monkeypatch.setattr(xattn_mod.GatedCrossAttentionBlock, "_forward", spy)
+    depths = _scope_depths(monkeypatch, xattn_mod.GatedCrossAttentionBlock)
     with torch.no_grad():
         blk(x, media, loc)
         rows = xattn_mod.CACHE_MIN_ROWS - 1

@@ -358,6 +358,26 @@ def test_attention_ops_make_their_outputs_in_a_bounded_scope(fresh_cache, monkey
         assert torch.equal(a, b)
 
 
+def test_inference_scope_opens_only_for_cpu_inference_of_enough_rows():
+    """cpu_cache.inference_scope: a scope for a CPU forward without gradients whose input has at
+    least ``min_rows`` rows (the product of its leading sizes); none with gradients enabled,
+    off the CPU, or for fewer rows."""
+    def depth_in(x, **kw):
+        with cpu_cache.inference_scope(x, **kw):
+            return cpu_cache.depth()
+
+    x = torch.zeros(4, 16, 8)  # 64 rows
+    base = cpu_cache.depth()
+    with torch.no_grad():
+        assert depth_in(x) == base + 1
+        assert depth_in(x, min_rows=64) == base + 1
+        assert depth_in(x, min_rows=65) == base
+        assert depth_in(x[:, :1], min_rows=8) == base
+        assert depth_in(torch.zeros(4, 16, 8, device="meta")) == base
+    assert depth_in(x) == base
+    assert cpu_cache.depth() == base
+
+
 def _scope_depths(monkeypatch, cls) -> list:
     """The cache scope depth at each call of ``cls._forward`` from now on (spied)."""
     depths = []

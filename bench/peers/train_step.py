@@ -266,7 +266,7 @@ def measure_memory(side: str, dtype: str, steps: int = 2, frozen_linears_bf16: b
     trainable = model.parameters()
     grad = sum(p.numel() * p.element_size() for p in trainable if p.requires_grad)
     return dict(side=side, dtype=dtype, threads=torch.get_num_threads(), grad_mib=grad / 2 ** 20,
-                **rss.measure(step, steps, before_base=_release_kept if side == "ours" else None))
+                **rss.measure(step, steps, before_base=rss.release_ours_kept if side == "ours" else None))
 
 
 def measure_time(side: str, dtype: str, steps: int, frozen_linears_bf16: bool = False,
@@ -289,16 +289,6 @@ def measure_time(side: str, dtype: str, steps: int, frozen_linears_bf16: bool = 
     return dict(side=side, dtype=dtype, threads=torch.get_num_threads(), median_s=statistics.median(times),
                 all_s=times)
 
-
-def _release_kept() -> None:
-    """Ours keeps per-thread scratch buffers (and, when asked, a block cache) between steps:
-    freed before the base is measured, so the measured steps make them again and they count
-    in what a step adds."""
-    from flamingo_rt.ops import scratch
-    from flamingo_rt.runtime import cpu_cache
-
-    scratch.release()
-    cpu_cache.empty()
 
 
 if __name__ == "__main__":

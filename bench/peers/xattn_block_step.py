@@ -145,18 +145,8 @@ def measure_memory(side: str, dtype: str, batch: int, steps: int = 2) -> dict:
     grad = sum(p.numel() * p.element_size() for p in block.parameters()) + \
         x.numel() * x.element_size() + media.numel() * media.element_size()
     return dict(side=side, dtype=dtype, batch=batch, threads=torch.get_num_threads(), grad_mib=grad / 2 ** 20,
-                **rss.measure(step, steps, before_base=_release_kept if side == "ours" else None))
+                **rss.measure(step, steps, before_base=rss.release_ours_kept if side == "ours" else None))
 
-
-def _release_kept() -> None:
-    """Ours keeps the FF backward's scratch buffer and the block cache's free list between
-    steps: freed before the base is measured, so the measured steps make them again and they
-    count in what a step adds (kept in the base, they hid 84 MiB of the step at B1 fp32)."""
-    from flamingo_rt.ops import scratch
-    from flamingo_rt.runtime import cpu_cache
-
-    scratch.release()
-    cpu_cache.empty()
 
 
 if __name__ == "__main__":

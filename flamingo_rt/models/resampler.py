@@ -181,18 +181,13 @@ class PerceiverResampler(MediaEmbeddings):
         self._init_spatial_embeddings(cfg)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        if x.device.type != "cpu" or torch.is_grad_enabled():
-            return self._forward(x, backend)
-        # CPU inference: the activations come from the block cache (bounded: it keeps no more
-        # than the forward's peak): glibc maps every block of 32 MiB or more anew, which
-        # OpenFlamingo's shapes hit exactly (32 images: each layer's features [K | V] and FF
-        # pre-activation, 8192 x 1024 and 2048 x 4096 float32), a page fault per 4 KiB at every
-        # call. Not in training: the freed saved tensors stayed cached while the backward
-        # allocated outside the scope (fwd+bwd at 32 images: 608 -> 816 MiB added per step);
-        # the training step's own scope covers training (runtime.train.step)
+        # CPU inference: the activations come from the block cache (cpu_cache.inference_scope):
+        # glibc maps every block of 32 MiB or more anew, which OpenFlamingo's shapes hit
+        # exactly (32 images: each layer's features [K | V] and FF pre-activation, 8192 x 1024
+        # and 2048 x 4096 float32), a page fault per 4 KiB at every call
         from ..runtime import cpu_cache  # (here: flamingo_rt.runtime imports the models)
 
-        with cpu_cache.scope(bounded=True):
+        with cpu_cache.inference_scope(x):
             return self._forward(x, backend)
 
     def _forward(self, x: torch.Tensor, backend: Optional[str]) -> torch.Tensor:

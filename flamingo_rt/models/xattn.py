@@ -137,19 +137,13 @@ class GatedCrossAttentionBlock(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape (B, T, {self.dim}), got {tuple(x.shape)}")
-        rows = x.shape[0] * x.shape[1]  # (a symbolic size while tracing: not compared, no guard)
-        if (x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or not isinstance(rows, int) or rows < CACHE_MIN_ROWS):
-            return self._forward(x, media, media_locations, media_index, num_media, media_kv, backend, validate)
-        # CPU inference (prefill): the large tensors come from the block cache (bounded: no
-        # more than the block's peak is kept): the FF's pre-activation is (B*T, 4 D) -- 64 MiB
-        # at OpenFlamingo-3B's width and 2048 tokens, which glibc maps anew (a page fault per
-        # 4 KiB) at every call. Not in training: there the freed saved tensors stay cached
-        # while the rest of the backward allocates (+32 MiB, 10%, on the block's fwd+bwd peak
-        # at B1); the training step's own scope covers it (runtime.train.step)
+        # CPU inference (prefill, cpu_cache.inference_scope): the large tensors come from the
+        # block cache: the FF's pre-activation is (B*T, 4 D) -- 64 MiB at OpenFlamingo-3B's
+        # width and 2048 tokens, which glibc maps anew (a page fault per 4 KiB) at every call.
+        # Not for decode-sized calls (fewer than CACHE_MIN_ROWS rows: small tensors)
         from ..runtime import cpu_cache  # (here: flamingo_rt.runtime imports the models)
 
-        with cpu_cache.scope(bounded=True):
+        with cpu_cache.inference_scope(x, min_rows=CACHE_MIN_ROWS):
             return self._forward(x, media, media_locations, media_index, num_media, media_kv, backend, validate)
 
     def _forward(self, x, media, media_locations, media_index, num_media, media_kv, backend, validate):

@@ -145,19 +145,8 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
         dws.append(torch.addr(G * gf[None, :], s, b.to(wf.dtype)).to(w.dtype))
         dgs.append((wf * G).sum(0).to(g.dtype))
         dbs.append((wf.t() @ s).to(b.dtype))
-        if need_dx and widen:
-            first = dxhat is None
-            if first:
-                dxhat = torch.empty((dy.shape[0], wf.shape[1]), dtype=mean.dtype, device=dy.device)
-            widening_gemm.addmm_(dxhat, dy, (wf * gf[None, :]).to(compute_dtype), beta=0.0 if first else 1.0)
-        elif need_dx:
-            d = cpu_gemm.mm(dy, (wf * gf[None, :]).to(compute_dtype), out=dbuf)
-            if dxhat is None:
-                dxhat = d.to(mean.dtype)
-                if d.dtype != mean.dtype:
-                    dbuf = d  # dxhat is a widened copy: d's buffer is free for the next projection
-            else:
-                dxhat = add_widened_(dxhat, d)
+        if need_dx:
+            dxhat, dbuf = _add_dxhat_share(dxhat, dy, wf, gf, compute_dtype, mean.dtype, dbuf)
     if need_dx:
         del xc  # the LayerNorm backward below needs x and its statistics only
         xf = x.to(mean.dtype)
@@ -169,6 +158,33 @@ def _backward_impl(grads, x, gammas, betas, weights, eps, compute_dtype, need_dx
     else:
         dx = x.new_empty(0)
     return [dx, *dgs, *dbs, *dws]
+
+
+def _add_dxhat_share(dxhat: Optional[Tensor], dy: Tensor, wf: Tensor, gf: Tensor, compute_dtype: torch.dtype,
+                     acc_dtype: torch.dtype, dbuf: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """One projection's share of d(xhat), dy (R, O) @ (W diag(gamma)) (O, D) in the compute
+    dtype, added into ``dxhat`` (R, D) in ``acc_dtype`` (None: the share becomes it). bf16
+    products with float32 results (MKL, widening_gemm) accumulate in float32 in the product
+    itself; else the product's result is added widened, through ``dbuf`` (a buffer of the
+    product's dtype reused from the previous share: no fresh pages). Returns (dxhat, dbuf)."""
+    wg = (wf * gf[None, :]).to(compute_dtype)
+    if compute_dtype == torch.bfloat16 and acc_dtype == torch.float32 and widening_gemm.available():
+        first = dxhat is None
+        if first:
+            dxhat = torch.empty((dy.shape[0], wf.shape[1]), dtype=acc_dtype, device=dy.device)
+        widening_gemm.addmm_(dxhat, dy, wg, beta=0.0 if first else 1.0)
+        return dxhat, dbuf
+    if dxhat is not None and dy.dtype == dxhat.dtype == compute_dtype:  # (float32) the product accumulates
+        if cpu_gemm.eligible(dy, wg):
+            return cpu_gemm.mm_add(dxhat, dy, wg), dbuf  # oneDNN's product, the add its post-op
+        return dxhat.addmm_(dy, wg), dbuf
+    d = cpu_gemm.mm(dy, wg, out=dbuf)
+    if dxhat is None:
+        dxhat = d.to(acc_dtype)
+        if d.dtype != acc_dtype:
+            dbuf = d  # dxhat is a widened copy: d's buffer is free for the next projection
+        return dxhat, dbuf
+    return add_widened_(dxhat, d), dbuf
 
 
 @_norm_project_bwd_op.register_fake
@@ -203,6 +219,97 @@ _norm_project_op.register_autograd(_backward, setup_context=_setup_context)
 # arguments take the registered op); compile / export see the ops
 _norm_project = EagerOp(_norm_project_op, _norm_project_op_impl, _setup_context, _backward)
 _norm_project_bwd = EagerOp(_norm_project_bwd_op, _norm_project_bwd_op_impl)
+
+
+class _DxhatSum:
+    """The float32 (accumulation-dtype) sum of the projections' shares of d(xhat), shared by
+    the nodes of one :func:`_projections_with_dx` call: each projection's backward adds its
+    share, the normalization's backward (which the engine runs after all of them) takes it."""
+
+    __slots__ = ("acc", "dbuf", "task")
+
+    def __init__(self):
+        self.acc: Optional[Tensor] = None
+        self.dbuf: Optional[Tensor] = None
+        self.task = -1  # the backward pass (graph task) the sum belongs to
+
+    def take(self) -> Optional[Tensor]:
+        """The sum of this backward pass's shares (None: none), and a fresh start."""
+        acc = self.acc if self.task == torch._C._current_graph_task_id() else None
+        self.acc = self.dbuf = None
+        return acc
+
+
+class _Normalize(torch.autograd.Function):
+    """x (R, D) -> xhat (R, D) in the compute dtype; the backward is the LayerNorm's input
+    gradient of the summed shares (:class:`_DxhatSum`), not of the gradient the engine hands
+    it (the projections hand it none: their shares went into the sum, in float32)."""
+
+    @staticmethod
+    def forward(ctx, x, eps, compute_dtype, dsum):
+        with torch.autocast(x.device.type, enabled=False):
+            xc, mean, rstd = _xhat(x, eps, compute_dtype)
+        ctx.save_for_backward(x, mean, rstd)
+        ctx.dsum = dsum
+        ctx.set_materialize_grads(False)
+        return xc
+
+    @staticmethod
+    def backward(ctx, _unused):
+        dxhat = ctx.dsum.take()
+        if dxhat is None:
+            return None, None, None, None
+        x, mean, rstd = ctx.saved_tensors
+        xf = x.to(mean.dtype)
+        dx = torch.ops.aten.native_layer_norm_backward(dxhat, xf, [xf.shape[-1]], mean, rstd, None, None,
+                                                        [True, False, False])[0]
+        return dx.to(x.dtype), None, None, None
+
+
+class _ProjectNormalized(torch.autograd.Function):
+    """xhat (R, D) (compute dtype) -> (xhat gamma + beta) W^T (R, O), one projection as its own
+    node: its backward runs as soon as its output gradient is complete, adds its share of
+    d(xhat) to the :class:`_DxhatSum` and frees that gradient."""
+
+    @staticmethod
+    def forward(ctx, xc, g, b, w, compute_dtype, dsum):
+        with torch.autocast(xc.device.type, enabled=False):
+            y = cpu_gemm.linear(xc, *_folded(g, b, w, compute_dtype))
+        ctx.save_for_backward(xc, g, b, w)
+        ctx.compute_dtype, ctx.dsum = compute_dtype, dsum
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, g, b, w = ctx.saved_tensors
+        cd = ctx.compute_dtype
+        dg = db = dw = None
+        with torch.autocast(xc.device.type, enabled=False):
+            if any(ctx.needs_input_grad[1:4]):
+                _, dg, db, dw = _backward_impl([dy], xc, [g], [b], [w], 0.0, cd, False, normalized=True)
+            # x's gradient, when this backward pass computes it (the normalization's node
+            # runs; not for, e.g., autograd.grad of the parameters alone)
+            if ctx.needs_input_grad[0] and torch._C._will_engine_execute_node(xc.grad_fn):
+                d = ctx.dsum
+                task = torch._C._current_graph_task_id()
+                if d.task != task:  # the first share of this pass (an earlier pass may have been cut short)
+                    d.acc = d.dbuf = None
+                    d.task = task
+                wf = w.to(_acc(w.dtype))
+                d.acc, d.dbuf = _add_dxhat_share(d.acc, dy.to(cd), wf, g.to(wf.dtype), cd, _acc(cd), d.dbuf)
+        return None, dg, db, dw, None, None
+
+
+def _projections_with_dx(x2: Tensor, gammas, betas, weights, eps: float, cd: torch.dtype) -> Iterator[Tensor]:
+    """x2 (R, D) needing a gradient: x normalized once (a node of its own), then each
+    projection its own node, made when taken. The input gradient is summed across the
+    projections in float32 as their backwards run, so each output gradient is freed after its
+    projection's backward instead of all of them waiting for one node (the resampler's six
+    K/V gradients at 32 images: 192 MiB in float32 held together at the backward's peak)."""
+    dsum = _DxhatSum()
+    xc = _Normalize.apply(x2, float(eps), cd, dsum)
+    for g, b, w in zip(gammas, betas, weights):
+        yield _ProjectNormalized.apply(xc, g, b, w, cd, dsum)
 
 
 def norm_project(
@@ -258,6 +365,8 @@ def _projections(x, gammas, betas, weights, eps) -> Iterator[Tensor]:
     x2 = x.reshape(-1, D)
     if _backend.exporting():  # plain aten in AOTInductor packages (a Python op cannot run in a C++ host)
         outs = _forward(x2, list(gammas), list(betas), list(weights), float(eps), cd)
+    elif _per_projection_with_dx(x, gammas, betas, weights):
+        outs = _projections_with_dx(x2, gammas, betas, weights, eps, cd)
     elif _per_projection(x, gammas, betas, weights):
         no_autocast = (torch.autocast(x.device.type, enabled=False)
                        if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext())
@@ -272,6 +381,13 @@ def _projections(x, gammas, betas, weights, eps) -> Iterator[Tensor]:
     else:
         outs = _norm_project(x2, list(gammas), list(betas), list(weights), float(eps), cd)
     return (o.view(*lead, o.shape[-1]) for o in outs)
+
+
+def _per_projection_with_dx(x: Tensor, gammas, betas, weights) -> bool:
+    """x needs a gradient (eager mode, several projections, a CPU or CUDA tensor): x is
+    normalized once and each projection is its own node (:func:`_projections_with_dx`)."""
+    return (len(weights) >= 2 and x.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and x.device.type != "meta")
 
 
 def _per_projection(x: Tensor, gammas, betas, weights) -> bool:

@@ -206,8 +206,8 @@ class PerceiverResampler(MediaEmbeddings):
         computed when taken, for features x (N, S, D), each (N, S, 2*H*dh): with one set of
         LayerNorm statistics and, in the backward, one matrix product per layer instead of
         two (:func:`~flamingo_rt.ops.norm_project_iter`; the features themselves get a
-        gradient only when they need one; frozen features: each layer's projection backward
-        runs right after the layer's)."""
+        gradient only when they need one; each layer's projection backward runs right after
+        the layer's, freeing its K/V gradient)."""
         attns = [layer.attn for layer in self.layers]
         norms = [a.norm_media for a in attns]
         if any(nm.weight is None or nm.bias is None or nm.eps != norms[0].eps for nm in norms) or any(

@@ -12,9 +12,13 @@ gradient with respect to the normalized input when x itself needs none (frozen f
     dW_i = G_i diag(gamma_i) + s_i beta_i^T,  dgamma_i = colsum(W_i * G_i),  dbeta_i = W_i^T s_i
 
 where the usual backward needs two products per layer (dW_i and d(LN_i(x)) for gamma_i and
-beta_i). Only x is saved (xhat is recomputed in the backward, one pass over x). When x
-needs no gradient (frozen features), x is normalized once and each projection is its own
-op saving that xhat: each backward then runs as soon as its output gradient is complete.
+beta_i). Only x is saved (xhat is recomputed in the backward, one pass over x). That one
+op for all projections is what traced graphs (compile, export) get. In eager mode x is
+normalized once and each projection is its own node saving that xhat, so each backward
+runs (and frees its output gradient) as soon as its output gradient is complete. When x
+needs a gradient, the normalization is a node of its own too: each projection's backward
+adds its share dy_i (W_i diag(gamma_i)) to a float32 sum, and the normalization's backward,
+which the engine runs after all of theirs, turns that sum into dx.
 
 Under autocast (``compute_dtype`` bfloat16/float16) the statistics are float32, xhat and
 the folded weights are cast to the compute dtype for the product (as autocast's
@@ -336,15 +340,16 @@ def norm_project_iter(
 ) -> Iterator[Tensor]:
     """:func:`norm_project`'s outputs one at a time, each computed when it is taken.
 
-    When x needs no gradient and the parameters do (frozen features, trainable layers), x
-    is normalized once and each projection is its own op, run when taken: taking output i
+    Eager mode: x is normalized once and each projection is its own op, run when taken
+    (frozen features and trainable layers, the common case): taking output i
     just before the layer that uses it puts its autograd node among that layer's, so its
     backward runs (and frees its output gradient) right after that layer's, instead of every
     output gradient waiting for one node created before all the layers (the resampler's six
     K/V gradients, 8 MiB each in the bf16 training step, held together at the memory peak).
-    The same in inference (no gradient anywhere): only the outputs still referenced are
-    alive, not all of them from the first take. When x needs a gradient (and in a traced
-    graph) the one op computes them all at the first take."""
+    The same when x needs a gradient too (:func:`_projections_with_dx`: x is normalized at
+    the call, its gradient summed across the projections in float32), and in inference (no
+    gradient anywhere): only the outputs still referenced are alive, not all of them from
+    the first take. In a traced graph the one op computes them all at the first take."""
     return _projections(x, gammas, betas, weights, eps)
 
 

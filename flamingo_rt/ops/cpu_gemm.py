@@ -64,6 +64,12 @@ def _cpu_vendor() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def intel_cpu() -> bool:
+    """The CPU's vendor is Intel (``GenuineIntel``)."""
+    return _cpu_vendor() == "GenuineIntel"
+
+
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """True when this torch build has oneDNN and its linear op."""
     try:

@@ -33,7 +33,11 @@ residual applied in place on the fresh output: packed for one row count per weig
 packed product runs only for that count; others run unpacked), within the same budget, and
 only for weights whose packed copy is at most :data:`MKL_MAX_GROWTH` times their size (MKL
 pads by ~10 MB). OpenFlamingo-3B's cross-attention block forward, float32, batch 1: 553 ->
-529 ms (its FF's 2048 x 8192 weights, 170 MiB of copies).
+529 ms (its FF's 2048 x 8192 weights, 170 MiB of copies) on an Intel Xeon. On Intel CPUs
+only (``FLAMINGO_RT_MKL_PACK``: ``auto``, ``1`` or ``0``): on an AMD EPYC (Zen 3, AVX2) the
+packed products ran no faster than the plain ones, and the forwards slower (the xattn block
+at batch 1: 866 against 851 ms, 146 MiB of copies; the resampler at 32 images: 2221 against
+2166 ms, 271 MiB; medians of 8 interleaved pairs).
 """
 from __future__ import annotations
 
@@ -153,10 +157,23 @@ def _mkl_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+def _mkl_packing_wanted() -> bool:
+    """``FLAMINGO_RT_MKL_PACK``: 1 / 0 force MKL packing on / off; auto (the default): on for
+    Intel CPUs, where it was measured to pay (see the module docstring)."""
+    setting = os.environ.get("FLAMINGO_RT_MKL_PACK", "auto").strip().lower() or "auto"
+    if setting not in ("auto", "1", "0", "on", "off"):
+        raise ValueError(f"FLAMINGO_RT_MKL_PACK: expected auto, 1 or 0, got {setting!r}")
+    if setting == "auto":
+        return cpu_gemm.intel_cpu()
+    return setting in ("1", "on")
+
+
 def mkl_packing_active() -> bool:
     """Whether float32 inference products read MKL-packed weights here (MKL present, the
-    float32 policy not oneDNN's, packing not turned off)."""
-    return PACK_BUDGET_BYTES > 0 and _mkl_available() and not cpu_gemm.onednn_active()
+    float32 policy not oneDNN's, packing not turned off, an Intel CPU or
+    ``FLAMINGO_RT_MKL_PACK=1``)."""
+    return (PACK_BUDGET_BYTES > 0 and _mkl_available() and not cpu_gemm.onednn_active()
+            and _mkl_packing_wanted())
 
 
 def _mkl_packed(w: Tensor, rows: int) -> Optional[Tensor]:

@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# The Triton kernels run on the CPU only in Triton's interpreter, which must be chosen before
+# triton's first import (by any test module): without a CUDA device the suite turns it on
+# itself, as ./dev test does, so that a plain `pytest tests` runs the same tests
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # tests/cpp/run_host_test.py is ctest's script (its name matches pytest's *_test.py): not a
 # pytest module, and importing it would run its module-level set-up
 collect_ignore = ["cpp/run_host_test.py"]

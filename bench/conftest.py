@@ -28,18 +28,14 @@ def ceilings(request):
 
 @pytest.fixture(scope="session")
 def of_helpers():
-    """open_flamingo's src/helpers.py (the peer modules), imported from its file so the
-    package __init__ (which needs open_clip) is skipped; skips when not installed."""
-    import importlib.util
+    """open_flamingo's src/helpers.py (the peer modules, bench/peers/of_helpers.py); skips
+    when open_flamingo is not installed."""
+    sys.path.insert(0, str(Path(__file__).parent / "peers"))
+    import of_helpers as ofh
 
-    spec = importlib.util.find_spec("open_flamingo")
-    if spec is None:
+    if not ofh.installed():
         pytest.skip("open_flamingo (peer) not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "src" / "helpers.py"
-    mspec = importlib.util.spec_from_file_location("_of_helpers_bench", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
+    return ofh.load("_of_helpers_bench")
 
 
 @pytest.fixture(scope="session")

@@ -35,18 +35,10 @@ T, M, N = 2048, 32, 64
 
 
 def of_helpers():
-    """open_flamingo's src/helpers.py (the peer modules), loaded from its file (the package
-    __init__ needs open_clip)."""
-    import importlib.util
+    """open_flamingo's src/helpers.py (the peer modules): :func:`of_helpers.load`."""
+    import of_helpers as ofh
 
-    spec = importlib.util.find_spec("open_flamingo")
-    if spec is None:
-        raise ImportError("open_flamingo (peer) not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "src" / "helpers.py"
-    mspec = importlib.util.spec_from_file_location("_of_helpers_block", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
+    return ofh.load("_of_helpers_block")
 
 
 def build(batch: int, of=None, seed: int = 0):

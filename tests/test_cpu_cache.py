@@ -420,9 +420,16 @@ def test_resampler_forward_runs_in_a_bounded_scope(fresh_cache, monkeypatch):
 def test_xattn_block_forward_runs_in_a_bounded_scope(fresh_cache, monkeypatch):
     """GatedCrossAttentionBlock's CPU inference forward with at least CACHE_MIN_ROWS rows takes
     its large tensors (the FF's pre-activation and chunks) from the cache in a bounded scope;
-    a decode-sized call (fewer rows) and a forward for training (grad enabled) open none."""
+    a decode-sized call (fewer rows) and a forward for training (grad enabled) open none.
+
+    Its 8 large tensors per call: 2 of 128 KiB live at once early on, 2 of 256 KiB and 1 MiB
+    later, so reusing every block would need 1792 KiB of blocks against the forward's live
+    peak of 1664: the bounded scope releases and maps 2 blocks per call (6 of 8 served from
+    the cache). No packed weights (FLAMINGO_RT_MKL_PACK=0): packed on the first call inside
+    the scope, they would stay live in the cache and lift the peak (0 misses; Intel's default)."""
     from flamingo_rt.models import xattn as xattn_mod
 
+    monkeypatch.setenv("FLAMINGO_RT_MKL_PACK", "0")
     torch.manual_seed(0)
     blk = xattn_mod.GatedCrossAttentionBlock(dim=64, dim_visual=32, heads=2, dim_head=16)
     media = torch.randn(1, 2, 4, 32)
@@ -435,7 +442,7 @@ def test_xattn_block_forward_runs_in_a_bounded_scope(fresh_cache, monkeypatch):
         before = cpu_cache.stats()
         blk(x, media, loc)
         d = _delta(before)
-    assert d["hits"] >= 1 and d["misses"] == 0, d
+    assert d["hits"] >= 6 and d["misses"] <= 2, d
     st = cpu_cache.stats()
     assert st.cached_bytes + st.in_use_bytes <= st.live_peak_bytes
     depths = _scope_depths(monkeypatch, xattn_mod.GatedCrossAttentionBlock)

@@ -14,7 +14,7 @@ from flamingo_rt.ops.precision import column_sum
 from conftest import use_bf16_products
 
 MKL_EXPECTED = (_cpp_backends.AVAILABLE and platform.machine() == "x86_64"
-                and cpu_gemm._cpu_vendor() == "GenuineIntel")
+                and cpu_gemm.intel_cpu())
 
 
 def rel_err(a, b):

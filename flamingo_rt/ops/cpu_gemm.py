@@ -52,6 +52,7 @@ def _stack() -> list:
     return st
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_vendor() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -63,9 +64,8 @@ def _cpu_vendor() -> str:
     return platform.processor()
 
 
-@functools.lru_cache(maxsize=None)
 def intel_cpu() -> bool:
-    """The CPU's vendor is Intel (``GenuineIntel``)."""
+    """The CPU's vendor is Intel (``GenuineIntel``; /proc/cpuinfo is read once)."""
     return _cpu_vendor() == "GenuineIntel"
 
 
@@ -129,7 +129,7 @@ def warn_if_half_products_slow(device, dtype: torch.dtype, where: str) -> bool:
 def _auto() -> bool:
     if not available() or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and _cpu_vendor() != "GenuineIntel"
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and not intel_cpu()
 
 
 def policy() -> str:

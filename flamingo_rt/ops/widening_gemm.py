@@ -48,7 +48,7 @@ def mkl_symbol() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _mkl_present() -> bool:
-    return cpu_gemm._cpu_vendor() == "GenuineIntel" and mkl_symbol()
+    return cpu_gemm.intel_cpu() and mkl_symbol()
 
 
 def available() -> bool:

@@ -70,8 +70,10 @@ def _asks_for_bf16(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     """bf16 benchmarks are skipped, with the reason, on a CPU whose bf16 products are torch's
-    reference loops (oneDNN has no bf16 kernels for it: an AVX2-only CPU, ~0.6 GFLOP/s): both
-    sides would run at that rate (the peer under autocast too), hours for one table."""
+    reference loops (oneDNN has no bf16 kernels for it: an AVX2-only CPU, ~0.6 GFLOP/s): the
+    peer (under autocast) would run at that rate, hours for one table, while ours run widened
+    to float32 (ops.half_widening) at float32's speed: a ratio that says nothing about bf16
+    kernels."""
     import torch
 
     from flamingo_rt.ops import cpu_gemm
@@ -79,7 +81,8 @@ def pytest_collection_modifyitems(config, items):
     if not cpu_gemm.half_products_slow("cpu", torch.bfloat16):
         return
     skip = pytest.mark.skip(reason="bf16 products on this CPU are torch's reference loops (no oneDNN bf16 "
-                                   "kernels: an AVX2-only CPU, ~0.6 GFLOP/s); bf16 rows need AVX-512 bf16 or AMX")
+                                   "kernels: an AVX2-only CPU, ~0.6 GFLOP/s; ours run widened to float32 there); "
+                                   "bf16 rows need AVX-512 bf16 or AMX")
     for item in items:
         if _asks_for_bf16(item):
             item.add_marker(skip)

@@ -54,8 +54,10 @@ def use_bf16_products(kind, monkeypatch) -> bool:
     way for a test: ``"widening"``, MKL's float32-accumulating product (Intel CPUs' default;
     forced on here wherever torch carries its symbol, so both ways are tested on every x86
     CPU; skips where it does not), or ``"rounded"``, torch's bf16 product rounded to bf16
-    once (``FLAMINGO_RT_WIDENING_GEMM=0``; other CPUs' default, autocast's own precision).
-    None leaves the default. Returns whether the products are exact (not rounded)."""
+    once (``FLAMINGO_RT_WIDENING_GEMM=0``; other CPUs' default, autocast's own precision; with
+    ``FLAMINGO_RT_WIDEN_HALF=0``, so torch's product even on a CPU without bf16 kernels, where
+    flamingo_rt's would be widened and not rounded). None leaves the default. Returns whether
+    the products are exact (not rounded)."""
     from flamingo_rt.ops import widening_gemm
 
     if kind == "widening":
@@ -65,6 +67,7 @@ def use_bf16_products(kind, monkeypatch) -> bool:
         monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "1")
     elif kind == "rounded":
         monkeypatch.setenv("FLAMINGO_RT_WIDENING_GEMM", "0")
+        monkeypatch.setenv("FLAMINGO_RT_WIDEN_HALF", "0")
     elif kind is not None:
         raise ValueError(f"expected 'widening', 'rounded' or None, got {kind!r}")
     return widening_gemm.available()

@@ -4,6 +4,8 @@ Every product is checked against float64 under both policies (``onednn`` and ``t
 whatever this machine's ``auto`` picks, and the profiler shows which library ran."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,7 @@ def test_low_precision_transposed_a_is_copied_to_rows(dtype, blocked, with_out, 
     oneDNN does not run bf16 products: the mechanics are the same)."""
     monkeypatch.setattr(cpu_gemm, "ROWS_FIRST_MIN_N", 16)
     monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: True)
+    monkeypatch.setenv("FLAMINGO_RT_WIDEN_HALF", "0")  # torch's products, not widened ones (fp16 here)
     if blocked:
         monkeypatch.setattr(cpu_gemm, "BLOCK_BYTES", 7 * 40 * 2)  # 7 rows of a (53, 40) a per block
     g = torch.Generator().manual_seed(11)
@@ -151,7 +154,8 @@ def test_linear_matches_float64_with_bias_batch_dims_and_strides(policy):
 
 
 @needs_onednn
-def test_the_policy_picks_the_library():
+def test_the_policy_picks_the_library(monkeypatch):
+    monkeypatch.setenv("FLAMINGO_RT_WIDEN_HALF", "0")  # bf16 as torch runs it (not widened to float32)
     a, b = torch.randn(64, 32), torch.randn(32, 16)
     with cpu_gemm.use("onednn"):
         assert cpu_gemm.onednn_active()
@@ -398,8 +402,10 @@ def test_mm_add_other_dtypes_and_errors():
 
 def test_half_products_slow_names_the_cpus_without_half_kernels(monkeypatch):
     """bf16 products are slow exactly where oneDNN runs none (torch's reference loops: an
-    AVX2-only CPU); never for float32 or off the CPU. The warning is given once per caller and
-    dtype and says what was asked and what to use; load_pretrained and the Trainer give it."""
+    AVX2-only CPU); never for float32 or off the CPU. There flamingo_rt's products run widened
+    to float32 (ops.half_widening), so the warning (once per caller and dtype, saying what was
+    asked and what to do) is given only with FLAMINGO_RT_WIDEN_HALF=0; load_pretrained and the
+    Trainer give it."""
     import warnings
 
     assert not cpu_gemm.half_products_slow("cpu", torch.float32)
@@ -407,7 +413,13 @@ def test_half_products_slow_names_the_cpus_without_half_kernels(monkeypatch):
     assert cpu_gemm.half_products_slow("cpu", torch.bfloat16) == (not cpu_gemm.bf16_available())
     monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: False)
     monkeypatch.setattr(cpu_gemm, "_WARNED_SLOW", set())
-    with pytest.warns(RuntimeWarning, match=r"asked here: bfloat16 matrix products .* use float32 here"):
+    monkeypatch.delenv("FLAMINGO_RT_WIDEN_HALF", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_gemm.warn_if_half_products_slow("cpu", torch.bfloat16, "asked here")  # widened
+    monkeypatch.setenv("FLAMINGO_RT_WIDEN_HALF", "0")
+    with pytest.warns(RuntimeWarning, match=r"asked here: bfloat16 matrix products .*FLAMINGO_RT_WIDEN_HALF=0 keeps "
+                                            r"them there; unset it .* or use float32 here"):
         assert cpu_gemm.warn_if_half_products_slow("cpu", torch.bfloat16, "asked here")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -427,6 +439,10 @@ def test_load_pretrained_warns_about_slow_bf16(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_gemm, "_WARNED_SLOW", set())
     torch.manual_seed(0)
     save_pretrained(Flamingo(get_preset("tiny")), tmp_path / "m")
+    with warnings.catch_warnings():  # by default its products run widened to float32: no warning
+        warnings.simplefilter("error")
+        load_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    monkeypatch.setenv("FLAMINGO_RT_WIDEN_HALF", "0")
     with pytest.warns(RuntimeWarning, match=r"load_pretrained\(dtype=torch.bfloat16\): bfloat16 matrix products"):
         model, _ = load_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16

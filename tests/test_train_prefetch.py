@@ -155,13 +155,22 @@ def test_a_stopped_run_rewinds_its_streams_to_the_last_step_taken(world, tmp_pat
 
 def test_bf16_on_a_cpu_without_bf16_products_is_named_at_the_start(world, tmp_path, monkeypatch, capsys):
     """precision bf16 where oneDNN runs no bf16 products (torch's reference loops, ~270x
-    slower than float32): the run says so at its start, and still trains."""
+    slower than float32): the run says at its start that its products run widened to float32
+    (the default), or warns when FLAMINGO_RT_WIDEN_HALF=0 keeps torch's loops; it trains
+    either way."""
     from flamingo_rt.ops import cpu_gemm
 
     monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: False)
     _, hist, _ = _fit(world, tmp_path / "slow", 1, 0, precision="bf16")
     assert len(hist) == 1
+    out = capsys.readouterr().out
+    assert "the products run on bf16-rounded operands widened to float32" in out and "reference loops" not in out
+    monkeypatch.setenv("FLAMINGO_RT_WIDEN_HALF", "0")
+    _, hist, _ = _fit(world, tmp_path / "slow0", 1, 0, precision="bf16")
+    assert len(hist) == 1
     assert "precision bf16, but bf16 matrix products on this CPU run in torch's reference loops" in capsys.readouterr().out
+    monkeypatch.delenv("FLAMINGO_RT_WIDEN_HALF")
     monkeypatch.setattr(cpu_gemm, "bf16_available", lambda: True)
     _fit(world, tmp_path / "fast", 1, 0, precision="bf16")
-    assert "reference loops" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reference loops" not in out and "widened" not in out

@@ -17,6 +17,13 @@ MKL_EXPECTED = (_cpp_backends.AVAILABLE and platform.machine() == "x86_64"
                 and cpu_gemm.intel_cpu())
 
 
+@pytest.fixture(autouse=True)
+def _torch_half_products(monkeypatch):
+    """torch's bf16 products beside MKL's, as on CPUs with bf16 kernels: on one without them
+    flamingo_rt's would run widened to float32 (tests/test_half_widening.py tests that)."""
+    monkeypatch.setenv("FLAMINGO_RT_WIDEN_HALF", "0")
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

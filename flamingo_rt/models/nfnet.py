@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import half_widening
 from ..ops import nfconv as _ops
 from ..ops import winograd_conv as _wino
 from ..ops.linear import linear as _linear
@@ -386,8 +387,9 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, C) pre-sigmoid gate logits."""
         pooled = _MeanHW.apply(x)
-        h = F.relu(F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias))
-        return F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias)
+        lin = _linear if half_widening.wanted(pooled) else F.linear  # bf16 where torch's kernels are slow
+        h = F.relu(lin(pooled, self.fc1.weight.flatten(1), self.fc1.bias))
+        return lin(h, self.fc2.weight.flatten(1), self.fc2.bias)
 
 
 class NormFreeBlock(nn.Module):

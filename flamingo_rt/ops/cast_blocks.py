@@ -17,7 +17,8 @@ so the results are those of the whole cast's product up to the order the product
 sums in, which may depend on its number of columns (bitwise for the connector step's bf16
 shapes here: 32,000 x 2048, 5632 x 2048, 2048 x 5632, 2048 x 2048, both products).
 A block's values are valid until the calling thread's next cast; the products here never
-nest, and each thread has its own buffer.
+nest, and each thread has its own buffer. A bfloat16 / float16 ``dtype`` on a CPU without
+such kernels (:mod:`half_widening`) multiplies each cast block widened to float32.
 """
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ def _check(a: Tensor, weight: Tensor, dtype: torch.dtype, dim: int, name: str) -
         raise TypeError(f"cast_blocks.{name}: expected the activations in {dtype}, got {a.dtype}")
     if a.device != weight.device:
         raise ValueError(f"cast_blocks.{name}: expected one device, got {a.device} and {weight.device}")
+
+
+def _widened(a: Tensor) -> bool:
+    """A bfloat16 / float16 product that runs widened to float32 here (:mod:`half_widening`:
+    a CPU without such kernels): each cast block is widened once more and the product is
+    float32, rounded to the dtype at the end (the dtype-rounded weight's values, float32 sums)."""
+    from . import half_widening  # (it imports this module)
+
+    return half_widening.wanted(a)
 
 
 def _blocks(weight: Tensor, dtype: torch.dtype, dim: int) -> Iterator[Tuple[int, int, Tensor]]:
@@ -82,14 +92,19 @@ def linear(x: Tensor, weight: Tensor, dtype: torch.dtype, bias: Optional[Tensor]
         (n, N) in ``dtype``, contiguous.
     """
     _check(x, weight, dtype, 1, "linear")
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=dtype, device=x.device)
+    widen = _widened(x)
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32 if widen else dtype, device=x.device)
     b = None if bias is None else bias.to(dtype)
+    if widen:
+        x, b = x.float(), None if b is None else b.float()
     for r0, r1, wb in _blocks(weight, dtype, 0):  # each block's product straight into its columns
+        if widen:
+            wb = wb.float()
         if b is None:
             torch.mm(x, wb.t(), out=out[:, r0:r1])
         else:
             torch.addmm(b[r0:r1], x, wb.t(), out=out[:, r0:r1])
-    return out
+    return out.to(dtype) if widen else out
 
 
 def mm(g: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -102,7 +117,10 @@ def mm(g: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
         (n, K) in ``dtype``, contiguous.
     """
     _check(g, weight, dtype, 0, "mm")
-    out = torch.empty((g.shape[0], weight.shape[1]), dtype=dtype, device=g.device)
+    widen = _widened(g)
+    out = torch.empty((g.shape[0], weight.shape[1]), dtype=torch.float32 if widen else dtype, device=g.device)
+    if widen:
+        g = g.float()
     for c0, c1, wb in _blocks(weight, dtype, 1):
-        torch.mm(g, wb, out=out[:, c0:c1])
-    return out
+        torch.mm(g, wb.float() if widen else wb, out=out[:, c0:c1])
+    return out.to(dtype) if widen else out

@@ -92,26 +92,36 @@ def half_products_slow(device, dtype: torch.dtype) -> bool:
     reference loops: a CPU where oneDNN has no kernels of that dtype (an AVX2-only x86 CPU,
     where torch's bf16 ``mm`` measured 0.58 GFLOP/s on a 2-core AMD EPYC Zen 3 against
     160 for float32: 270x slower). flamingo_rt's C++ kernels (the decode step's small-batch
-    linear, attention, activations) are not affected; the matrix products of prompts and
-    training steps are."""
+    linear, attention, activations) are not affected, and flamingo_rt's matrix products and
+    convolutions run widened to float32 there instead (:mod:`half_widening`)."""
     if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return False
     if dtype == torch.bfloat16:
         return not bf16_available()
+    return not _fp16_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _fp16_available() -> bool:
+    """True when oneDNN runs float16 products on this CPU (and this torch build has oneDNN)."""
     try:
-        return not (available() and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()))
+        return available() and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except (AttributeError, RuntimeError):
-        return True
+        return False
 
 
 _WARNED_SLOW: set = set()
 
 
 def warn_if_half_products_slow(device, dtype: torch.dtype, where: str) -> bool:
-    """Warns (once per ``where`` and dtype, ``RuntimeWarning``) when :func:`half_products_slow`:
-    ``where`` names what asked for the dtype (``"training with precision bf16"``). Returns
-    whether it is slow."""
-    slow = half_products_slow(device, dtype)
+    """Warns (once per ``where`` and dtype, ``RuntimeWarning``) when :func:`half_products_slow`
+    and flamingo_rt's products do not run widened to float32 instead (only with
+    ``FLAMINGO_RT_WIDEN_HALF=0``: :mod:`half_widening`). ``where`` names what asked for the
+    dtype (``"load_pretrained(dtype=torch.bfloat16)"``). Returns whether the products run in
+    torch's slow loops."""
+    from . import half_widening  # (it imports this module)
+
+    slow = half_products_slow(device, dtype) and not half_widening.active(device, dtype)
     if slow and (where, dtype) not in _WARNED_SLOW:
         import warnings
 
@@ -120,7 +130,8 @@ def warn_if_half_products_slow(device, dtype: torch.dtype, where: str) -> bool:
         warnings.warn(
             f"{where}: {name} matrix products on this CPU run in torch's reference loops (oneDNN has no "
             f"{name} kernels for it: no AVX-512 {name} support), about 270x slower than float32 "
-            f"(0.58 against 160 GFLOP/s measured on an AVX2 AMD EPYC); use float32 here.",
+            f"(0.58 against 160 GFLOP/s measured on an AVX2 AMD EPYC), and FLAMINGO_RT_WIDEN_HALF=0 keeps "
+            f"them there; unset it (auto: products widened to float32) or use float32 here.",
             RuntimeWarning, stacklevel=3)
     return slow
 
@@ -202,7 +213,12 @@ def eligible(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N) float32."""
+    """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N) float32
+    (bfloat16 / float16 on a CPU without such kernels: widened, :mod:`half_widening`)."""
+    from . import half_widening  # (it imports this module)
+
+    if half_widening.wanted(x, weight, bias):
+        return half_widening.linear(x, weight, bias)
     if eligible(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -223,7 +239,13 @@ def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     written into its rows of the output: the copy never holds more than a block (a 2048-token
     FF's ``dh`` is 64 MiB in float32; the blocked product measured as fast as the whole).
     The same holds for bfloat16 / float16 on torch's own path (oneDNN inside torch), where a
-    column-major ``a`` runs at about half speed: see :func:`rows_first`."""
+    column-major ``a`` runs at about half speed: see :func:`rows_first`. bfloat16 / float16
+    on a CPU without such kernels (torch's reference loops) is computed widened to float32
+    (:func:`half_widening.mm`)."""
+    from . import half_widening  # (it imports this module)
+
+    if a.dim() == 2 and b.dim() == 2 and half_widening.wanted(a, b):
+        return half_widening.mm(a, b, out if out is not None and _out_fits(out, a, b) else None)
     if a.dim() != 2 or b.dim() != 2 or not eligible(a, b):
         fits = out is not None and _out_fits(out, a, b)
         if rows_first(a, b):
@@ -309,6 +331,10 @@ def mm_add(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if c.shape != (a.shape[0], b.shape[1]) or c.dtype != a.dtype:
         raise ValueError(f"mm_add: expected c of shape ({a.shape[0]}, {b.shape[1]}) and dtype {a.dtype}, "
                          f"got {tuple(c.shape)} {c.dtype}")
+    from . import half_widening  # (it imports this module)
+
+    if a.dim() == 2 and b.dim() == 2 and half_widening.wanted(c, a, b):
+        return half_widening.addmm(c, a, b)
     if a.dim() != 2 or b.dim() != 2 or not eligible(a, b) or not plain_tensor(c):
         return torch.addmm(c, a, b)
     return _onednn_mm(a, b, c.contiguous())

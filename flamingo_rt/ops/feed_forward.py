@@ -35,7 +35,7 @@ from .precision import compute_dtype as _compute_dtype
 from .precision import layer_norm_in, widen_block_rows
 from .gated_linear_residual import check_gate, gate_weight_grads
 from .residual import residual_add_
-from . import factored_grads, scratch, widening_gemm
+from . import factored_grads, half_widening, scratch, widening_gemm
 
 __all__ = ["feed_forward", "module_feed_forward", "FF_KINDS"]
 
@@ -120,7 +120,11 @@ def _mm_parts(a: Tensor, parts: list, transposed: bool, out: Optional[Tensor] = 
     if out is None:
         out = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
     for lo, hi, w in parts:
-        torch.mm(a, w.t() if transposed else w, out=out[:, lo:hi])
+        wp = w.t() if transposed else w
+        if half_widening.wanted(a, wp):  # bf16 / fp16 where torch has no fast kernels
+            half_widening.mm(a, wp, out=out[:, lo:hi])
+        else:
+            torch.mm(a, wp, out=out[:, lo:hi])
     return out
 
 

@@ -11,7 +11,9 @@ decode step).
 
 Larger float32 CPU inputs go through :mod:`flamingo_rt.ops.cpu_gemm` (oneDNN instead of MKL
 on CPUs where MKL runs its AVX2 kernels), with an autograd function whose backward uses the
-same products and keeps the input only when the weight needs a gradient. Under CPU bf16
+same products and keeps the input only when the weight needs a gradient. bfloat16 / float16
+CPU inputs on CPUs without such kernels (AVX2 only) run widened to float32
+(:mod:`flamingo_rt.ops.half_widening`). Under CPU bf16
 autocast a float32 weight that trains gets its gradient from MKL's float32-accumulating bf16
 product (:mod:`flamingo_rt.ops.widening_gemm`) where that runs; a frozen float32 weight
 that the gradient flows back through is cast again in the backward instead of its bf16 copy
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from .. import _ext
 from . import backend as _backend
-from . import cast_blocks, cpu_gemm, widening_gemm
+from . import cast_blocks, cpu_gemm, half_widening, widening_gemm
 from .precision import column_sum
 
 MAX_ROWS = 16
@@ -41,6 +43,11 @@ def _plain(x: Tensor, weight: Tensor) -> bool:
     grad: F.linear has their rules) is active: our kernels may replace F.linear."""
     if torch.is_autocast_enabled("cpu"):
         return False
+    return _no_transform(x, weight)
+
+
+def _no_transform(x: Tensor, weight: Tensor) -> bool:
+    """No ``torch.func`` transform (vmap, grad) is active on x or the weight."""
     if torch.compiler.is_compiling():
         return True  # the compiler handles transforms itself (and cannot trace the check below)
     return not (torch._C._functorch.is_functorch_wrapped_tensor(x)
@@ -194,6 +201,10 @@ def _autocast_bf16_training(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N)."""
+    dt = half_widening.autocast_wanted(x, weight, bias)
+    if dt is not None and _no_transform(x, weight):
+        # autocast's rounding to dt, then the product widened (no fast dt kernels here)
+        return half_widening.linear(x, weight, bias, dt)
     if _autocast_bf16_training(x, weight, bias):
         return _AutocastBf16Linear.apply(x, weight, bias)
     if _autocast_bf16_frozen(x, weight, bias):
@@ -204,6 +215,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
             x2 = x2.contiguous()
         y = torch.ops.flamingo_rt_C.small_linear(x2, weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
+    if half_widening.wanted(x, weight, bias) and _plain(x, weight):
+        return half_widening.linear(x, weight, bias)  # bf16 / fp16 where torch has no fast kernels
     if cpu_gemm.eligible(x, weight, bias) and _plain(x, weight):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend as _backend
-from . import cpu_gemm
+from . import cpu_gemm, half_widening
 from . import winograd_conv as _winograd
 from .linear import linear as _linear
 from ._eager import EagerOp
@@ -531,6 +531,16 @@ def conv2d_padded(
     """``F.conv2d`` with the padding modes of :func:`ws_conv2d` (TF-style ``"same"``,
     ``"valid"``, an int or a pair), for a weight that is already standardized (e.g. folded
     once in a frozen encoder). x (N, C_in, H, W); w (C_out, C_in/groups, kh, kw)."""
+    dt = None if _bf16_winograd_takes(x, w, stride, groups, padding) else half_widening.autocast_wanted(x, w, bias)
+    if dt is not None:  # autocast's rounding to dt, then the widened convolution below
+        x, w, bias = x.to(dt), w.to(dt), None if bias is None else bias.to(dt)
+    if half_widening.wanted(x, w, bias) and not _bf16_winograd_takes(x, w, stride, groups, padding):
+        # bf16 / fp16 on a CPU without such kernels (torch's reference loops: a 3x3 conv 47x
+        # slower than float32 on an AVX2 AMD EPYC): the float32 paths below on the widened
+        # tensors, rounded once to x's dtype
+        with torch.autocast("cpu", enabled=False):
+            y = conv2d_padded(x.float(), w.float(), None if bias is None else bias.float(), stride, groups, padding)
+        return y.to(x.dtype)
     sh, sw = _pair(stride, "stride")
     kh, kw = w.shape[2], w.shape[3]
     if isinstance(padding, str):
@@ -556,6 +566,17 @@ def conv2d_padded(
     if (sh, sw) == (1, 1) and pad == (1, 1) and kh == kw == 3 and _winograd.eligible_bf16_autograd(x, w, groups):
         return _winograd.conv3x3_bf16(x, w, bias, groups)  # bf16 (autocast): forward and input gradient
     return F.conv2d(x, w, bias, (sh, sw), pad, 1, groups)
+
+
+def _bf16_winograd_takes(x: Tensor, w: Tensor, stride, groups: int, padding) -> bool:
+    """Whether :func:`conv2d_padded` runs this convolution as the bf16 Winograd one (a 3x3,
+    stride-1 convolution padded by 1 on each side that :func:`winograd_conv.eligible_bf16_autograd`
+    takes, e.g. forced by ``FLAMINGO_RT_WINOGRAD=1``): its own bf16 kernel, not widened."""
+    if tuple(w.shape[2:]) != (3, 3) or _pair(stride, "stride") != (1, 1):
+        return False
+    if not (padding in ("same", "SAME", 1, (1, 1), [1, 1])):
+        return False
+    return _winograd.eligible_bf16_autograd(x, w, groups)
 
 
 #: float32 1x1 convolutions with at most this many output pixels (N * H * W) run as a matrix

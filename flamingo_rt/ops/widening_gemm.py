@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from . import cpu_gemm
+from . import cpu_gemm, half_widening
 from .precision import WIDEN_BLOCK_BYTES
 
 __all__ = ["available", "addmm_", "mm"]
@@ -76,6 +76,15 @@ def addmm_(c: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, beta: float = 1.
                          f"a {tuple(a.shape)}, b {tuple(b.shape)}")
     if _fits(c, a, b) and available():
         torch.ops.flamingo_rt_C.widening_addmm_(c, a, b, float(alpha), float(beta))
+        return c
+    if half_widening.wanted(a, b) and c.dtype == torch.float32:
+        # no fast bf16 kernels here (half_widening): the product of the widened operands in
+        # float32, not rounded to bf16 (MKL's product's values, up to the order of its sums)
+        bf = b.float()
+        rows = cpu_gemm.block_rows(a.shape[0], max(1, WIDEN_BLOCK_BYTES // max(1, a.shape[1] * 4)))
+        for r0 in range(0, a.shape[0], rows):
+            r1 = min(a.shape[0], r0 + rows)
+            c[r0:r1].addmm_(a[r0:r1].float(), bf, beta=beta, alpha=alpha)  # beta 0: c not read
         return c
     # torch's product in the operands' dtype, widened into c a block of rows at a time
     esize = c.element_size()

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ...io.tokenizer import FlamingoTokenizer
-from ...ops import cpu_gemm
+from ...ops import cpu_gemm, half_widening
 from ...models.flamingo import Flamingo
 from .collate import Collator
 from .config import TrainConfig
@@ -297,9 +297,14 @@ class Trainer:
                         "float32)")
         autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         if autocast is not None and cpu_gemm.half_products_slow(self.device, autocast):
-            log.message("[train] warning: precision bf16, but bf16 matrix products on this CPU run in torch's "
-                        "reference loops (oneDNN has no bf16 kernels for it), ~270x slower than float32: "
-                        "precision fp32 is the fast choice here")
+            if half_widening.active(self.device, autocast):
+                log.message("[train] precision bf16 on a CPU without bf16 product kernels (oneDNN has none for "
+                            "it): the products run on bf16-rounded operands widened to float32 "
+                            "(ops.half_widening), at float32's speed, not faster")
+            else:
+                log.message("[train] warning: precision bf16, but bf16 matrix products on this CPU run in torch's "
+                            "reference loops (oneDNN has no bf16 kernels for it), ~270x slower than float32, and "
+                            "FLAMINGO_RT_WIDEN_HALF=0 keeps them there: precision fp32 is the fast choice here")
         weights = {d.name: d.weight for d in cfg.datasets}
         # the next steps' batches read, decoded and collated in a background thread (on a GPU)
         prefetch = Prefetcher(self._make_step, max(0, cfg.steps - self.step),

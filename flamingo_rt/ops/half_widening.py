@@ -1,0 +1,160 @@
+"""bfloat16 / float16 products widened to float32 on CPUs that have no kernels for them.
+
+On an x86 CPU without AVX-512 bf16 (AVX2 only: AMD Zen 2 / Zen 3, Intel before Cooper
+Lake), oneDNN has no bf16 kernels and torch runs bf16 ``mm`` / ``linear`` / ``conv2d`` in
+its reference loops: a 2048^3 ``mm`` measured 0.29 GFLOP/s on a 2-core AMD EPYC (Zen 3)
+against 173 GFLOP/s in float32 (600x), and a 3x3 convolution 47x slower than float32
+(:func:`flamingo_rt.ops.cpu_gemm.half_products_slow`). There flamingo_rt's model products
+run on their operands widened to float32: the product of two bf16 (or fp16) values is exact
+in float32 and the sums run in float32, as oneDNN's bf16 kernels sum, and the result is
+rounded once to the inputs' dtype -- the values of a bf16 kernel up to the order of its sums.
+:func:`linear` is :func:`flamingo_rt.ops.linear.linear`'s and :func:`cpu_gemm.linear`'s path for
+such inputs, :func:`mm` and :func:`addmm` those of :func:`cpu_gemm.mm` and :func:`cpu_gemm.mm_add`
+(the products inside the fused ops' forwards and backwards), and
+:func:`flamingo_rt.ops.nfconv.conv2d_padded` runs its float32 paths on the widened tensors
+(Winograd, 1x1 as a product, oneDNN). Weights are widened a block at a time (:mod:`cast_blocks`: at most 16 MiB of float32 weight
+exists at once), so a model kept in bf16 to halve its memory keeps that saving.
+
+``FLAMINGO_RT_WIDEN_HALF``: ``auto`` (the default: where half products are slow), ``1``
+(every CPU: tests), ``0`` (never: torch's own kernels). Read per call, like the other
+``FLAMINGO_RT_*`` switches. Under ``torch.compile`` / export the products are left to the
+compiler (its own CPU code generation).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from . import cast_blocks, cpu_gemm
+
+__all__ = ["setting", "wanted", "autocast_wanted", "active", "linear", "mm", "addmm"]
+
+_SETTINGS = ("auto", "1", "0")
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def setting() -> str:
+    """``FLAMINGO_RT_WIDEN_HALF`` (``auto``, ``1`` or ``0``); ValueError for anything else."""
+    s = os.environ.get("FLAMINGO_RT_WIDEN_HALF", "auto").strip().lower() or "auto"
+    if s not in _SETTINGS:
+        raise ValueError(f"FLAMINGO_RT_WIDEN_HALF: expected auto, 1 or 0, got {s!r}")
+    return s
+
+
+def wanted(x: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether a product of ``x`` with ``others`` (weights, biases; None entries are skipped)
+    runs widened here: eager mode (not compiling or exporting), plain CPU tensors all of one
+    bfloat16 / float16 dtype, and the setting on (``auto``: where
+    :func:`cpu_gemm.half_products_slow`)."""
+    if x.dtype not in _HALF or x.device.type != "cpu":
+        return False
+    for t in others:
+        if t is not None and (t.dtype != x.dtype or t.device.type != "cpu" or not cpu_gemm.plain_tensor(t)):
+            return False
+    if not cpu_gemm.plain_tensor(x) or torch.compiler.is_compiling() or _backend.exporting():
+        return False
+    s = setting()
+    if s == "auto":
+        return cpu_gemm.half_products_slow(x.device, x.dtype)
+    return s == "1"
+
+
+def autocast_wanted(x: Tensor, *others: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The CPU autocast dtype when autocast would run a product of ``x`` with ``others`` in
+    bfloat16 / float16 and such products run widened here (:func:`wanted` on the cast
+    tensors): CPU autocast on with that dtype, plain CPU tensors of float32 or that dtype,
+    eager mode. Else None. The caller casts the tensors to the dtype (autocast's rounding)
+    and calls the widened op."""
+    if not torch.is_autocast_enabled("cpu"):
+        return None
+    dt = torch.get_autocast_dtype("cpu")
+    if dt not in _HALF or torch.compiler.is_compiling() or _backend.exporting():
+        return None
+    for t in (x, *others):
+        if t is not None and (t.device.type != "cpu" or t.dtype not in (torch.float32, dt)
+                              or not cpu_gemm.plain_tensor(t)):
+            return None
+    s = setting()
+    if s == "auto":
+        return dt if cpu_gemm.half_products_slow(x.device, dt) else None
+    return dt if s == "1" else None
+
+
+def active(device, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` products on ``device`` run widened (what the slow-kernel warnings ask)."""
+    if torch.device(device).type != "cpu" or dtype not in _HALF:
+        return False
+    s = setting()
+    return cpu_gemm.half_products_slow(device, dtype) if s == "auto" else s == "1"
+
+
+class _WidenedLinear(torch.autograd.Function):
+    """``F.linear`` of x, weight and bias rounded to ``dtype`` (bfloat16 / float16), computed
+    widened to float32 and rounded to ``dtype``, as a kernel of that dtype would give it.
+    The forward widens the weight a block of rows at a time (:func:`cast_blocks.linear`), and
+    keeps the rounded x only for the weight's gradient and the weight itself (no copy) only
+    for the input's: the input's gradient widens it again a block of columns at a time
+    (:func:`cast_blocks.mm`), and the weight's gradient ``dy^T x`` sums in float32 without a
+    rounding to ``dtype`` (:func:`widening_gemm.mm`), cast to the weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast("cpu", enabled=False):
+            xr = x.reshape(-1, x.shape[-1]).to(dtype)
+            y = cast_blocks.linear(xr, weight, dtype, bias)
+        ctx.save_for_backward(xr if need_w else None, weight if need_x else None)
+        ctx.dtype, ctx.x_dtype, ctx.x_shape = dtype, x.dtype, x.shape
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):
+        from . import widening_gemm  # (it imports this module)
+        from .precision import column_sum
+
+        xr, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.autocast("cpu", enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)
+            dx = cast_blocks.mm(dy2, weight, ctx.dtype).view(ctx.x_shape).to(ctx.x_dtype) if need_x else None
+            dw = widening_gemm.mm(dy2.t(), xr).to(ctx.w_dtype) if need_w else None
+            db = column_sum(dy2, torch.float32).to(ctx.b_dtype) if need_b else None
+        return dx, dw, db, None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` in ``dtype`` (default x's: bfloat16 or float16), computed
+    widened to float32 and rounded once to ``dtype``; differentiable in x, weight and bias.
+
+    x (..., K), weight (N, K), bias (N,) or None on the CPU, each in ``dtype`` or float32
+    (autocast's case: float32 tensors are rounded to ``dtype`` first, as autocast casts them);
+    returns (..., N) in ``dtype``. No widened copy of the weight outlives a block of it."""
+    dtype = x.dtype if dtype is None else dtype
+    if dtype not in _HALF:
+        raise TypeError(f"half_widening.linear: expected a bfloat16 / float16 dtype, got {dtype}")
+    return _WidenedLinear.apply(x, weight, bias, dtype)
+
+
+def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``a @ b`` for 2-D a (M, K), b (K, N) of one bfloat16 / float16 dtype on the CPU,
+    computed in float32 (:func:`cpu_gemm.mm` on the widened operands) and rounded to a's
+    dtype; written into ``out`` when given (a dense (M, N) tensor of that dtype), else new."""
+    with torch.autocast("cpu", enabled=False):
+        y = cpu_gemm.mm(a.float(), b.float())
+    if out is not None:
+        return out.copy_(y)
+    return y.to(a.dtype)
+
+
+def addmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``c + a @ b`` as a new tensor in c's dtype: the sum and the product in float32 (c
+    widened as the accumulator, ``cpu_gemm.mm_add``), rounded once."""
+    with torch.autocast("cpu", enabled=False):
+        y = cpu_gemm.mm_add(c.float(), a.float(), b.float())
+    return y.to(c.dtype)

@@ -53,10 +53,10 @@ def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).double()
 
 
-def _within_one_ulp(got: torch.Tensor, exact: torch.Tensor) -> None:
-    """got (bf16) is the exact value rounded to bf16, or a neighbour (float32 sums)."""
-    assert got.dtype == torch.bfloat16
-    ulp = exact.abs().clamp_min(1e-30) * 2.0 ** -7
+def _within_one_ulp(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
+    """got (bf16 / fp16) is the exact value rounded to its dtype, or a neighbour (float32 sums)."""
+    assert got.dtype == dtype
+    ulp = exact.abs().clamp_min(1e-30) * torch.finfo(dtype).eps  # 2^-7 bf16, 2^-10 fp16
     assert ((got.double() - exact).abs() <= ulp + 1e-6).all(), (got.double() - exact).abs().max()
 
 
@@ -115,6 +115,18 @@ def test_linear_and_mm_are_the_widened_products_rounded_once(no_half_kernels, mo
     torch.testing.assert_close(acc.double(), 2 * a.double() @ w.double().t(), rtol=1e-6, atol=1e-5)
     assert not _half_products(lambda: (linear(x, w, b), cpu_gemm.mm(a, w.t()), cpu_gemm.mm_add(c, a, w.t()),
                                        cast_blocks.mm(gy, wf, torch.bfloat16)))
+
+
+def test_float16_too(monkeypatch):
+    """float16 the same way (forced on: CPUs with AVX-512 FP16 have kernels for it)."""
+    monkeypatch.setenv("FLAMINGO_RT_WIDEN_HALF", "1")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 40, generator=g).half()
+    w = (torch.randn(24, 40, generator=g) * 0.2).half()
+    b = torch.randn(24, generator=g).half()
+    _within_one_ulp(linear(x, w, b), x.double() @ w.double().t() + b.double(), torch.float16)
+    _within_one_ulp(cpu_gemm.mm(x, w.t()), x.double() @ w.double().t(), torch.float16)
+    assert not _half_products(lambda: (linear(x, w, b), cpu_gemm.mm(x, w.t())))
 
 
 def test_gradients_and_autocast(no_half_kernels):

@@ -8,17 +8,25 @@ against 173 GFLOP/s in float32 (600x), and a 3x3 convolution 47x slower than flo
 run on their operands widened to float32: the product of two bf16 (or fp16) values is exact
 in float32 and the sums run in float32, as oneDNN's bf16 kernels sum, and the result is
 rounded once to the inputs' dtype -- the values of a bf16 kernel up to the order of its sums.
-:func:`linear` is :func:`flamingo_rt.ops.linear.linear`'s and :func:`cpu_gemm.linear`'s path for
-such inputs, :func:`mm` and :func:`addmm` those of :func:`cpu_gemm.mm` and :func:`cpu_gemm.mm_add`
-(the products inside the fused ops' forwards and backwards), and
-:func:`flamingo_rt.ops.nfconv.conv2d_padded` runs its float32 paths on the widened tensors
-(Winograd, 1x1 as a product, oneDNN). Weights are widened a block at a time (:mod:`cast_blocks`: at most 16 MiB of float32 weight
-exists at once), so a model kept in bf16 to halve its memory keeps that saving.
+
+- :func:`linear` is the path of :func:`flamingo_rt.ops.linear.linear` (plain, and under CPU
+  autocast with float32 tensors, rounded to the autocast dtype first) and of
+  :func:`cpu_gemm.linear` for such inputs;
+- :func:`mm` and :func:`addmm` are those of :func:`cpu_gemm.mm` and :func:`cpu_gemm.mm_add`
+  (the products inside the fused ops' forwards and backwards); :mod:`cast_blocks` and
+  :mod:`widening_gemm` widen their blocks themselves;
+- :func:`flamingo_rt.ops.nfconv.conv2d_padded` runs its float32 paths (Winograd, 1x1 as a
+  product, oneDNN) on the widened tensors.
+
+:func:`linear` widens a weight a block at a time (:mod:`cast_blocks`: at most 16 MiB of
+float32 weight exists at once) and keeps no widened copy for the backward, so a model kept
+in bf16 to halve its memory keeps that saving; :func:`mm` widens both operands whole, as
+temporaries freed with the product.
 
 ``FLAMINGO_RT_WIDEN_HALF``: ``auto`` (the default: where half products are slow), ``1``
 (every CPU: tests), ``0`` (never: torch's own kernels). Read per call, like the other
-``FLAMINGO_RT_*`` switches. Under ``torch.compile`` / export the products are left to the
-compiler (its own CPU code generation).
+``FLAMINGO_RT_*`` switches. Under ``torch.compile`` and export the products are torch's: a
+compiled or exported graph does not depend on the machine that traced it.
 """
 from __future__ import annotations
 

@@ -531,10 +531,11 @@ def conv2d_padded(
     """``F.conv2d`` with the padding modes of :func:`ws_conv2d` (TF-style ``"same"``,
     ``"valid"``, an int or a pair), for a weight that is already standardized (e.g. folded
     once in a frozen encoder). x (N, C_in, H, W); w (C_out, C_in/groups, kh, kw)."""
-    dt = None if _bf16_winograd_takes(x, w, stride, groups, padding) else half_widening.autocast_wanted(x, w, bias)
+    wino16 = _bf16_winograd_takes(x, w, stride, groups, padding)
+    dt = None if wino16 else half_widening.autocast_wanted(x, w, bias)
     if dt is not None:  # autocast's rounding to dt, then the widened convolution below
         x, w, bias = x.to(dt), w.to(dt), None if bias is None else bias.to(dt)
-    if half_widening.wanted(x, w, bias) and not _bf16_winograd_takes(x, w, stride, groups, padding):
+    if not wino16 and half_widening.wanted(x, w, bias):
         # bf16 / fp16 on a CPU without such kernels (torch's reference loops: a 3x3 conv 47x
         # slower than float32 on an AVX2 AMD EPYC): the float32 paths below on the widened
         # tensors, rounded once to x's dtype

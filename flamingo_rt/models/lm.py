@@ -27,6 +27,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import half_widening
 from ..ops.decode_attention import cached_attention
 from ..ops.linear import Linear
 from ..ops.silu_mul import silu_mul
@@ -196,7 +197,12 @@ class Attention(nn.Module):
             k, v = k_buf, v_buf
             if attn_mask is None:
                 raise ValueError("a cached attention step needs attn_mask (B, 1, T, S)")
-        if attn_mask is None:
+        widen = half_widening.attention_wanted(q, k, v) if attn_mask is None else None
+        if widen is not None:  # training in bf16 / fp16 where their products are slow
+            out = half_widening.scaled_dot_product_attention(
+                q, k, v, widen, is_causal=True, scale=self.scale, enable_gqa=rep > 1
+            )
+        elif attn_mask is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=rep > 1
             )

@@ -69,10 +69,7 @@ def wanted(x: Tensor, *others: Optional[Tensor]) -> bool:
             return False
     if not cpu_gemm.plain_tensor(x) or torch.compiler.is_compiling() or _backend.exporting():
         return False
-    s = setting()
-    if s == "auto":
-        return cpu_gemm.half_products_slow(x.device, x.dtype)
-    return s == "1"
+    return active(x.device, x.dtype)
 
 
 def autocast_wanted(x: Tensor, *others: Optional[Tensor]) -> Optional[torch.dtype]:
@@ -90,10 +87,7 @@ def autocast_wanted(x: Tensor, *others: Optional[Tensor]) -> Optional[torch.dtyp
         if t is not None and (t.device.type != "cpu" or t.dtype not in (torch.float32, dt)
                               or not cpu_gemm.plain_tensor(t)):
             return None
-    s = setting()
-    if s == "auto":
-        return dt if cpu_gemm.half_products_slow(x.device, dt) else None
-    return dt if s == "1" else None
+    return dt if active(x.device, dt) else None
 
 
 def active(device, dtype: torch.dtype) -> bool:

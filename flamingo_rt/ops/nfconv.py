@@ -531,17 +531,6 @@ def conv2d_padded(
     """``F.conv2d`` with the padding modes of :func:`ws_conv2d` (TF-style ``"same"``,
     ``"valid"``, an int or a pair), for a weight that is already standardized (e.g. folded
     once in a frozen encoder). x (N, C_in, H, W); w (C_out, C_in/groups, kh, kw)."""
-    wino16 = _bf16_winograd_takes(x, w, stride, groups, padding)
-    dt = None if wino16 else half_widening.autocast_wanted(x, w, bias)
-    if dt is not None:  # autocast's rounding to dt, then the widened convolution below
-        x, w, bias = x.to(dt), w.to(dt), None if bias is None else bias.to(dt)
-    if not wino16 and half_widening.wanted(x, w, bias):
-        # bf16 / fp16 on a CPU without such kernels (torch's reference loops: a 3x3 conv 47x
-        # slower than float32 on an AVX2 AMD EPYC): the float32 paths below on the widened
-        # tensors, rounded once to x's dtype
-        with torch.autocast("cpu", enabled=False):
-            y = conv2d_padded(x.float(), w.float(), None if bias is None else bias.float(), stride, groups, padding)
-        return y.to(x.dtype)
     sh, sw = _pair(stride, "stride")
     kh, kw = w.shape[2], w.shape[3]
     if isinstance(padding, str):
@@ -560,24 +549,23 @@ def conv2d_padded(
             raise ValueError(f"expected padding 'same', 'valid', an int or a pair, got {padding!r}")
     else:
         pad = _pair(padding, "padding")
+    if (sh, sw) == (1, 1) and pad == (1, 1) and kh == kw == 3 and _winograd.eligible_bf16_autograd(x, w, groups):
+        return _winograd.conv3x3_bf16(x, w, bias, groups)  # bf16 (autocast): forward and input gradient
+    dt = half_widening.autocast_wanted(x, w, bias)
+    if dt is not None:  # autocast's rounding to dt, then the widened convolution below
+        x, w, bias = x.to(dt), w.to(dt), None if bias is None else bias.to(dt)
+    if half_widening.wanted(x, w, bias):
+        # bf16 / fp16 on a CPU without such kernels (torch's reference loops: a 3x3 conv 47x
+        # slower than float32 on an AVX2 AMD EPYC): the float32 paths of this function on the
+        # widened tensors (x already padded), rounded once to x's dtype
+        with torch.autocast("cpu", enabled=False):
+            y = conv2d_padded(x.float(), w.float(), None if bias is None else bias.float(), (sh, sw), groups, pad)
+        return y.to(x.dtype)
     if (sh, sw) == (1, 1) and pad == (0, 0) and groups == 1 and _conv1x1_as_mm(x, w):
         return _conv1x1_mm(x, w, bias)
     if (sh, sw) == (1, 1) and pad == (1, 1) and kh == kw == 3 and _winograd.eligible(x, w, 1, groups):
         return _winograd.conv3x3(x, w, bias, groups)  # forward and both gradients as Winograd convolutions
-    if (sh, sw) == (1, 1) and pad == (1, 1) and kh == kw == 3 and _winograd.eligible_bf16_autograd(x, w, groups):
-        return _winograd.conv3x3_bf16(x, w, bias, groups)  # bf16 (autocast): forward and input gradient
     return F.conv2d(x, w, bias, (sh, sw), pad, 1, groups)
-
-
-def _bf16_winograd_takes(x: Tensor, w: Tensor, stride, groups: int, padding) -> bool:
-    """Whether :func:`conv2d_padded` runs this convolution as the bf16 Winograd one (a 3x3,
-    stride-1 convolution padded by 1 on each side that :func:`winograd_conv.eligible_bf16_autograd`
-    takes, e.g. forced by ``FLAMINGO_RT_WINOGRAD=1``): its own bf16 kernel, not widened."""
-    if tuple(w.shape[2:]) != (3, 3) or _pair(stride, "stride") != (1, 1):
-        return False
-    if not (padding in ("same", "SAME", 1, (1, 1), [1, 1])):
-        return False
-    return _winograd.eligible_bf16_autograd(x, w, groups)
 
 
 #: float32 1x1 convolutions with at most this many output pixels (N * H * W) run as a matrix

@@ -84,6 +84,10 @@ def test_setting_and_what_is_widened(monkeypatch, no_half_kernels):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert half_widening.autocast_wanted(x.float(), w.float()) == torch.bfloat16
     assert half_widening.autocast_wanted(x.float(), w.float()) is None  # no autocast
+    with pytest.raises(TypeError, match="expected a bfloat16 / float16 dtype, got torch.float32"):
+        half_widening.linear(x.float(), w.float())
+    with pytest.raises(TypeError, match="cast_linear: expected weight in float32 or torch.bfloat16, got torch.float16"):
+        half_widening.linear(x, w.half())
 
 
 @pytest.mark.parametrize("block_bytes", [None, 5 * 48 * 2])

@@ -195,8 +195,8 @@ def test_linear_under_bf16_autocast_with_a_frozen_weight_keeps_no_cast(with_bias
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         kept = linmod.linear(x0.clone().requires_grad_(), w, b)
-    assert type(kept.grad_fn).__name__ == "_AutocastBf16FrozenLinearBackward"
-    saved = kept.grad_fn.saved_tensors
+    assert type(kept.grad_fn).__name__ == "CastLinearBackward"
+    saved = [t for t in kept.grad_fn.saved_tensors if t is not None]  # no rounded x: w is frozen
     assert len(saved) == 1 and saved[0].data_ptr() == w.data_ptr() and saved[0].dtype == torch.float32
     y, dx = run(linmod.linear)
     ya, dxa = run(torch.nn.functional.linear)

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend as _backend
-from . import cast_blocks, cpu_gemm
+from . import cpu_gemm
+from .cast_linear import cast_linear
 
 __all__ = ["setting", "wanted", "autocast_wanted", "active", "attention_wanted", "linear", "mm", "addmm",
            "scaled_dot_product_attention"]
@@ -120,42 +121,6 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, dtype: torch.d
         return F.scaled_dot_product_attention(qf, kf, vf, **kwargs).to(dtype)
 
 
-class _WidenedLinear(torch.autograd.Function):
-    """``F.linear`` of x, weight and bias rounded to ``dtype`` (bfloat16 / float16), computed
-    widened to float32 and rounded to ``dtype``, as a kernel of that dtype would give it.
-    The forward widens the weight a block of rows at a time (:func:`cast_blocks.linear`), and
-    keeps the rounded x only for the weight's gradient and the weight itself (no copy) only
-    for the input's: the input's gradient widens it again a block of columns at a time
-    (:func:`cast_blocks.mm`), and the weight's gradient ``dy^T x`` sums in float32 without a
-    rounding to ``dtype`` (:func:`widening_gemm.mm`), cast to the weight's dtype."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        with torch.autocast("cpu", enabled=False):
-            xr = x.reshape(-1, x.shape[-1]).to(dtype)
-            y = cast_blocks.linear(xr, weight, dtype, bias)
-        ctx.save_for_backward(xr if need_w else None, weight if need_x else None)
-        ctx.dtype, ctx.x_dtype, ctx.x_shape = dtype, x.dtype, x.shape
-        ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor):
-        from . import widening_gemm  # (it imports this module)
-        from .precision import column_sum
-
-        xr, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        with torch.autocast("cpu", enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)
-            dx = cast_blocks.mm(dy2, weight, ctx.dtype).view(ctx.x_shape).to(ctx.x_dtype) if need_x else None
-            dw = widening_gemm.mm(dy2.t(), xr).to(ctx.w_dtype) if need_w else None
-            db = column_sum(dy2, torch.float32).to(ctx.b_dtype) if need_b else None
-        return dx, dw, db, None
-
-
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` in ``dtype`` (default x's: bfloat16 or float16), computed
     widened to float32 and rounded once to ``dtype``; differentiable in x, weight and bias.
@@ -166,7 +131,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dtype: Opti
     dtype = x.dtype if dtype is None else dtype
     if dtype not in _HALF:
         raise TypeError(f"half_widening.linear: expected a bfloat16 / float16 dtype, got {dtype}")
-    return _WidenedLinear.apply(x, weight, bias, dtype)
+    return cast_linear(x, weight, bias, dtype)  # cast_blocks widens each block here
 
 
 def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from .. import _ext
 from . import backend as _backend
-from . import cast_blocks, cpu_gemm, half_widening, widening_gemm
+from . import cpu_gemm, half_widening, widening_gemm
+from .cast_linear import cast_linear
 from .precision import column_sum
 
 MAX_ROWS = 16
@@ -136,37 +137,6 @@ class _AutocastBf16Linear(torch.autograd.Function):
         return dx, dw, db
 
 
-class _AutocastBf16FrozenLinear(torch.autograd.Function):
-    """``F.linear`` under CPU bf16 autocast with a frozen float32 weight and an input that
-    needs its gradient (a frozen LM layer the loss flows back through): the forward and the
-    input's gradient are autocast's (x and the weight cast to bf16, bf16 products), but the
-    weight's bf16 cast is not kept from the forward to the backward -- autocast keeps it for
-    the input's gradient (frozen weights are not in its cast cache), here the backward casts
-    the float32 weight again. OpenFlamingo-3B's frozen LM layers (TinyLlama's 2048 x 5632
-    SwiGLU and the attention projections): 168 MiB of bf16 copies no longer live through the
-    forward, for one more cast of each weight (~2 ms per 2048 x 5632). On the CPU both casts are
-    made a block at a time into a reused buffer (:mod:`cast_blocks`: a whole 2048 x 5632 cast is
-    23 MiB of fresh pages, ~20 ms in the connector step), with the same products' values."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        with torch.autocast("cpu", enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-            y = cast_blocks.linear(x2, weight, torch.bfloat16, bias).view(*x.shape[:-1], weight.shape[0])
-        ctx.save_for_backward(weight)  # the parameter itself: no copy
-        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor):
-        (weight,) = ctx.saved_tensors
-        with torch.autocast("cpu", enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(torch.bfloat16)
-            dx = cast_blocks.mm(dy2, weight, torch.bfloat16).view(ctx.x_shape).to(ctx.x_dtype)
-        return dx, None, None
-
-
 def _eager_cpu_bf16_autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """CPU bf16 autocast in eager mode with gradients on, a float32 / bf16 input, a 2-D float32
     weight and a 1-D float32 bias (or none), no torch.func transform: the cases our autocast
@@ -187,7 +157,8 @@ def _eager_cpu_bf16_autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
 
 def _autocast_bf16_frozen(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """A frozen weight (and bias) and an input that needs its gradient:
-    :class:`_AutocastBf16FrozenLinear` replaces autocast's F.linear."""
+    :func:`cast_linear` replaces autocast's F.linear (the weight's bf16 cast is not kept for the
+    backward)."""
     if not x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
         return False
     return _eager_cpu_bf16_autocast(x, weight, bias)
@@ -208,7 +179,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if _autocast_bf16_training(x, weight, bias):
         return _AutocastBf16Linear.apply(x, weight, bias)
     if _autocast_bf16_frozen(x, weight, bias):
-        return _AutocastBf16FrozenLinear.apply(x, weight, bias)
+        return cast_linear(x, weight, bias, torch.bfloat16)
     if _small_ok(x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:

@@ -258,6 +258,7 @@ def _tune_malloc(args) -> None:
 
 
 def _add_malloc_flag(p: argparse.ArgumentParser, measured: str) -> None:
+    measured = measured.replace("%", "%%")  # argparse formats help strings with %
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default malloc (by default large CPU blocks are reused instead of mmapped "
                         f"and page-faulted anew each time; {measured}; see flamingo_rt.runtime.cpu_malloc)")

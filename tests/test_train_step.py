@@ -167,7 +167,7 @@ def test_cpu_block_cache_same_step(world, tmp_path):
         assert losses == out[0][0]
         for p, a, b in zip(params, after, out[0][2]):
             assert torch.equal(grads[id(p)], out[0][1][id(p)]) and torch.equal(a, b)
-    with pytest.raises(ValueError, match="expected cpu_block_cache true or false, got 'yes'"):
+    with pytest.raises(ValueError, match="expected cpu_block_cache: true or false, got 'yes'"):
         TrainConfig.from_dict(train_config_dict(world["model"].parent, tmp_path / "bad", 1, cpu_block_cache="yes"))
 
 
@@ -277,9 +277,32 @@ def test_config_files_and_errors(world, tmp_path):
                      (dict(d, datasets=["x"]), r"datasets\[0\]: expected a table of settings, got str"),
                      (dict(d, datasets=dict(ds0)), r"expected datasets: a list of tables \(\[\[datasets\]\] in TOML\), got dict"),
                      (dict(d, datasets=[dict(ds0, weight=0.0)]), "at least one dataset with weight > 0"),
-                     (dict(d, optim={"factored_grads": "yes"}), "optim: expected factored_grads true or false")]:
+                     (dict(d, optim={"factored_grads": "yes"}), "optim: expected factored_grads: true or false"),
+                     # missing required keys and values of the wrong type name the field
+                     ({k: v for k, v in d.items() if k not in ("out_dir", "datasets")},
+                      r"training config: missing required keys \['datasets', 'out_dir'\]"),
+                     (dict(d, datasets=[{"name": "x", "kind": "pairs"}]), r"datasets\[0\]: missing required keys \['path'\]"),
+                     (dict(d, steps="100"), "expected steps: an integer, got '100'"),
+                     (dict(d, steps=True), "expected steps: an integer, got True"),
+                     (dict(d, seed=1.5), "expected seed: an integer, got 1.5"),
+                     (dict(d, progress="no"), "expected progress: true or false, got 'no'"),
+                     (dict(d, datasets=[dict(ds0, batch_size=2.5)]), r"dataset 'docs': expected batch_size: an integer, got 2.5"),
+                     (dict(d, datasets=[dict(ds0, weight="1")]), r"dataset 'docs': expected weight: a number, got '1'"),
+                     (dict(d, datasets=[dict(ds0, num_frames="8")]), r"expected num_frames: an integer \(or unset\), got '8'"),
+                     (dict(d, optim={"lr": "1e-4"}), "optim: expected lr: a number, got '1e-4'"),
+                     (dict(d, optim={"betas": [0.9, "x"]}), "optim: expected betas: a list of numbers"),
+                     (dict(d, optim={"grad_clip": "1"}), r"optim: expected grad_clip: a number \(or unset\), got '1'"),
+                     (dict(d, freeze={"vision": "no"}), "freeze: expected vision: true or false, got 'no'"),
+                     (dict(d, freeze={"trainable_token_ids": [1, "2"]}), "freeze: expected trainable_token_ids: a list of integers"),
+                     (dict(d, model=3), r"expected model: a string \(or unset\), got 3")]:
         with pytest.raises(ValueError, match=msg):
             TrainConfig.from_dict(bad)
+    # integers where numbers are expected become floats; paths may be os.PathLike
+    ok = TrainConfig.from_dict(dict(d, out_dir=tmp_path / "p", optim={"lr": 1, "betas": [0, 0.5]},
+                                    datasets=[dict(ds0, weight=2, path=tmp_path / "docs")]))
+    assert ok.optim.lr == 1.0 and type(ok.optim.lr) is float and ok.optim.betas == (0.0, 0.5)
+    assert type(ok.datasets[0].weight) is float and ok.datasets[0].path == str(tmp_path / "docs")
+    assert ok.out_dir == str(tmp_path / "p")
     (tmp_path / "single.toml").write_text(toml.replace("[[datasets]]", "[datasets]"))
     with pytest.raises(ValueError, match=r"a list of tables \(\[\[datasets\]\] in TOML\), got dict"):
         load_train_config(tmp_path / "single.toml")

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -46,6 +48,65 @@ STRATEGIES = ("auto", "none", "ddp", "fsdp")
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _typed(value: Any, tp: Any, path_like: bool) -> tuple:
+    """(ok, the value as the field keeps it) for one value against a field's annotation:
+    int (not bool), float (an int or float, kept as float), bool, str (or os.PathLike where
+    ``path_like``: kept as str), Optional[X], List[int], tuple (two or more numbers);
+    sections (dataclasses) are checked by their own class."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return True, None
+        return _typed(value, next(a for a in args if a is not type(None)), path_like)
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        if path_like and isinstance(value, os.PathLike):
+            return True, os.fspath(value)
+        return isinstance(value, str), value
+    if tp is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in value)
+        return ok, tuple(float(v) for v in value) if ok else value
+    if origin in (list, List) and args and args[0] is int:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return ok, list(value) if ok else value
+    return True, value  # sections and lists of sections: _section checks them
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " (or unset)"
+    if tp is tuple:
+        return "a list of numbers"
+    if origin in (list, List):
+        return "a list of integers"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """ValueError naming the field, the type expected and the value received for every field
+    of the dataclass ``obj`` whose value does not fit its annotation (TOML and JSON give
+    strings, numbers and booleans: ``steps = "100"`` or ``batch_size = 2.5`` are refused, not
+    converted); floats given as integers become floats."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        ok, kept = _typed(value, hints[f.name], f.name in ("path", "out_dir", "model", "tokenizer"))
+        if not ok:
+            raise ValueError(f"{where}expected {f.name}: {_describe(hints[f.name])}, got {value!r}")
+        setattr(obj, f.name, kept)
 
 
 @dataclass
@@ -80,12 +141,13 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name != "", f"expected a non-empty dataset name, got {self.name!r}")
+        _check_types(self, f"dataset {self.name!r}: ")
         _check(self.kind in DATASET_KINDS, f"dataset {self.name!r}: expected kind in {DATASET_KINDS}, got {self.kind!r}")
         _check(self.weight >= 0, f"dataset {self.name!r}: expected weight >= 0, got {self.weight}")
-        _check(int(self.batch_size) >= 1, f"dataset {self.name!r}: expected batch_size >= 1, got {self.batch_size}")
-        _check(int(self.max_images) >= 1, f"dataset {self.name!r}: expected max_images >= 1, got {self.max_images}")
-        _check(int(self.max_tokens) >= 2, f"dataset {self.name!r}: expected max_tokens >= 2, got {self.max_tokens}")
-        _check(self.num_frames is None or int(self.num_frames) >= 1,
+        _check(self.batch_size >= 1, f"dataset {self.name!r}: expected batch_size >= 1, got {self.batch_size}")
+        _check(self.max_images >= 1, f"dataset {self.name!r}: expected max_images >= 1, got {self.max_images}")
+        _check(self.max_tokens >= 2, f"dataset {self.name!r}: expected max_tokens >= 2, got {self.max_tokens}")
+        _check(self.num_frames is None or self.num_frames >= 1,
                f"dataset {self.name!r}: expected num_frames >= 1 or None, got {self.num_frames}")
         self.path = str(self.path)
 
@@ -110,8 +172,7 @@ class OptimConfig:
     factored_grads: bool = True
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
-        _check(isinstance(self.factored_grads, bool), f"optim: expected factored_grads true or false, got {self.factored_grads!r}")
+        _check_types(self, "optim: ")
         _check(self.lr > 0, f"optim: expected lr > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"optim: expected weight_decay >= 0, got {self.weight_decay}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -142,6 +203,7 @@ class FreezeConfig:
     frozen_linear_dtype: Optional[str] = "auto"
 
     def __post_init__(self) -> None:
+        _check_types(self, "freeze: ")
         _check(self.frozen_linear_dtype in (None, "none", "auto", "bf16"),
                f"freeze: expected frozen_linear_dtype 'auto', 'bf16', 'none' or None, got {self.frozen_linear_dtype!r}")
 
@@ -153,17 +215,23 @@ def _section(cls, value: Any, where: str):
         return value
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected a table of settings, got {type(value).__name__}")
-    _check_keys(cls, value, f"{where}: unknown keys")
+    _check_keys(cls, value, f"{where}: unknown keys", f"{where}: missing")
     return cls(**value)
 
 
-def _check_keys(cls, d: Dict[str, Any], what: str) -> None:
+def _check_keys(cls, d: Dict[str, Any], what: str, missing_what: str) -> None:
     """ValueError ``what [keys]; expected some of [fields]`` when ``d`` has keys that are
-    not fields of the dataclass ``cls``."""
+    not fields of the dataclass ``cls``, and ``missing_what required keys [keys]`` when it
+    lacks fields that have no default."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{what} {unknown}; expected some of {sorted(known)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{missing_what} required keys {missing}")
 
 
 @dataclass
@@ -203,13 +271,14 @@ class TrainConfig:
         self.datasets = [_section(DatasetConfig, d, f"datasets[{i}]") for i, d in enumerate(self.datasets)]
         self.optim = _section(OptimConfig, self.optim, "optim")
         self.freeze = _section(FreezeConfig, self.freeze, "freeze")
+        _check_types(self, "")
         _check(len(self.datasets) >= 1, "expected at least one dataset in the mixture, got none")
         names = [d.name for d in self.datasets]
         _check(len(set(names)) == len(names), f"expected unique dataset names, got {names}")
         _check(any(d.weight > 0 for d in self.datasets),
                f"expected at least one dataset with weight > 0 (the step's loss is the weighted sum), got "
                f"{ {d.name: d.weight for d in self.datasets} }")
-        _check(int(self.steps) >= 1, f"expected steps >= 1, got {self.steps}")
+        _check(self.steps >= 1, f"expected steps >= 1, got {self.steps}")
         _check((self.model is None) != (self.preset is None),
                f"expected exactly one of model (a folder) or preset, got model={self.model!r} preset={self.preset!r}")
         _check(self.preset is None or self.tokenizer is not None,
@@ -223,15 +292,11 @@ class TrainConfig:
             _check(self.strategy != "fsdp",
                    "freeze.frozen_linear_dtype is supported with strategy 'auto', 'none' or 'ddp' "
                    "(FSDP2's mixed-dtype layers are not), got 'fsdp'")
-        _check(isinstance(self.cpu_block_cache, bool),
-               f"expected cpu_block_cache true or false, got {self.cpu_block_cache!r}")
-        _check(self.prefetch_steps is None or (isinstance(self.prefetch_steps, int)
-                                                and not isinstance(self.prefetch_steps, bool)
-                                                and self.prefetch_steps >= 0),
+        _check(self.prefetch_steps is None or self.prefetch_steps >= 0,
                f"expected prefetch_steps: an integer >= 0 (or unset), got {self.prefetch_steps!r}")
-        _check(int(self.checkpoint_every) >= 1, f"expected checkpoint_every >= 1, got {self.checkpoint_every}")
-        _check(int(self.keep_checkpoints) >= 1, f"expected keep_checkpoints >= 1, got {self.keep_checkpoints}")
-        _check(int(self.log_every) >= 1, f"expected log_every >= 1, got {self.log_every}")
+        _check(self.checkpoint_every >= 1, f"expected checkpoint_every >= 1, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"expected keep_checkpoints >= 1, got {self.keep_checkpoints}")
+        _check(self.log_every >= 1, f"expected log_every >= 1, got {self.log_every}")
         self.out_dir = str(self.out_dir)
 
     def resolved_frozen_linear_dtype(self, has_source_folder: bool = True) -> Optional[str]:
@@ -254,7 +319,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        _check_keys(cls, d, "unknown training config keys")
+        _check_keys(cls, d, "unknown training config keys", "training config: missing")
         return cls(**d)
 
 

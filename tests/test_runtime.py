@@ -193,6 +193,17 @@ def test_errors_are_clear_and_early(gen):
         list(gen.stream(["a"], {"max_new_tokens": 2}))
     with pytest.raises(TypeError, match="unknown generation setting: .*max_new_tokenz"):
         gen.generate(["a"], max_new_tokenz=2)
+    # a prompt is a string or a list of text and media: anything else (a dict would iterate
+    # over its keys as text, a bare tensor over its channels) is refused by name
+    for bad in (5, None, {"a": 1}, img()):
+        name = type(bad).__name__
+        with pytest.raises(TypeError, match=f"or a list of prompts, got {name}"):
+            gen.generate(bad)
+        for call in (lambda p: list(gen.stream(p)), lambda p: gen.score(p, ["a"]), gen.prefix):
+            with pytest.raises(TypeError, match=f"expected a prompt: a string, or a list of text .*got {name}"):
+                call(bad)
+    with pytest.raises(TypeError, match="expected a prompt: a string, or a list of text .*got int"):
+        gen.generate([["a"], 5])  # a batch whose second prompt is not one
 
 
 def test_memory_stays_flat_over_many_tokens(gen):

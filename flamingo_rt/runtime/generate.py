@@ -251,6 +251,9 @@ class Generator:
         single = isinstance(prompts, (str, EncodedPrompt)) or (
             isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (list, tuple, EncodedPrompt))
         )
+        if not single and not isinstance(prompts, (list, tuple)):
+            raise TypeError("expected a prompt (a string, or a list of text and media) or a list of prompts, "
+                            f"got {type(prompts).__name__}")
         batch = [prompts] if single else list(prompts)
         cfg = _config(config, kwargs)
         if cfg.num_beams > 1:

@@ -110,6 +110,9 @@ def encode_prompt(prompt: Union[str, Sequence[PromptItem]], tokenizer: FlamingoT
     text's literal ``<image>`` markers and the media given do not pair up."""
     if isinstance(prompt, str):
         prompt = [prompt]
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError("expected a prompt: a string, or a list of text (str) and media (tensor, numpy array, "
+                        f"PIL image), got {type(prompt).__name__}")
     ids: List[int] = [tokenizer.eos_token_id] if add_bos else []
     media: List[torch.Tensor] = []
     pending = [p for p in prompt if not isinstance(p, str)]

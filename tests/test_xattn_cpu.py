@@ -1,6 +1,8 @@
 """The C++ CPU backend of image_causal_attention vs the float64 reference (DESIGN.md section 3)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -194,6 +196,17 @@ def test_errors_say_expected_and_got():
         OP.image_causal_attention(q, k[..., :32], v, idx, False, 1.0)
     with pytest.raises(RuntimeError, match="expected q, k, v of one dtype"):
         OP.image_causal_attention(q, k.double(), v, idx, False, 1.0)
+    # the public ops refuse integer / bool attention (a softmax of such scores is not one)
+    from flamingo_rt.ops import resampler_attention, resampler_attention_kvpacked
+
+    for dt in (torch.int64, torch.bool):
+        with pytest.raises(TypeError, match=f"expected floating-point q, k, v .*got {dt}"):
+            image_causal_attention(q.to(dt), k.to(dt), v.to(dt), idx)
+        ql, kx, kl = torch.ones(2, 4, 1, 8, dtype=dt), torch.ones(2, 5, 1, 8, dtype=dt), torch.ones(2, 4, 1, 8, dtype=dt)
+        with pytest.raises(TypeError, match=f"expected floating-point q, k, v .*got {dt}"):
+            resampler_attention(ql, kx, kx, kl, kl)
+        with pytest.raises(TypeError, match=f"expected floating-point q, k, v .*got {dt}"):
+            resampler_attention_kvpacked(ql, torch.stack([kx, kx], 2), torch.stack([kl, kl], 2))
 
 
 def test_block_parity_with_open_flamingo_on_cpu_backend(of_helpers):
@@ -222,7 +235,17 @@ def test_block_parity_with_open_flamingo_on_cpu_backend(of_helpers):
     (want * w).sum().backward()
     (got * w).sum().backward()
     assert rel_err(xo.grad, xp.grad) < 1e-5
-    # the gate's gradient is one fp32 sum over B*T*D products on both sides (cancelling terms)
-    assert rel_err(ours.attn_gate.grad, peer.attn_gate.grad) < 1e-4
+    # The attention gate's gradient is one float32 sum of B*T*D terms dL/dy * attn * tanh'(a)
+    # on both sides, and those cancel: its relative error is unbounded (a draw gave 1.7e-3 on
+    # a sum of 2.6e-3), so it is held against the float64 peer's, relative to the sum of the
+    # terms' magnitudes (float32 rounding: both sides measured below 3e-8 of it over 200 draws).
+    peer64, branch = copy.deepcopy(peer).double(), []
+    hook = peer64.attn.register_forward_hook(lambda m, i, out: branch.append(out) or out.retain_grad())
+    (peer64(x.double(), media.double(), media_locations=loc) * w.double()).sum().backward()
+    hook.remove()
+    tanh_a = peer64.attn_gate.detach().tanh()
+    terms = (branch[0].grad / tanh_a * branch[0]).abs().sum() * (1 - tanh_a ** 2)
+    for g in (ours.attn_gate.grad, peer.attn_gate.grad):
+        assert (g.double() - peer64.attn_gate.grad).abs().item() <= 1e-6 * terms.item()
     assert rel_err(ours.attn.to_kv.weight.grad, peer.attn.to_kv.weight.grad) < 1e-5
     assert rel_err(ours.attn.to_q.weight.grad, peer.attn.to_q.weight.grad) < 1e-5

@@ -131,3 +131,15 @@ def add_widened_(acc: Tensor, a: Tensor) -> Tensor:
     for r0 in range(0, a.shape[0], step):
         acc[r0:r0 + step] += a[r0:r0 + step]
     return acc
+
+
+#: the dtypes the attention ops compute in (float64: the reference backend, for checks)
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_attention_dtype(q: Tensor) -> None:
+    """TypeError unless the attention ops' queries (and so keys and values, which they check
+    to be of q's dtype) are float32, bfloat16, float16 or float64: a softmax of integer or
+    bool scores is not an attention."""
+    if q.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"expected floating-point q, k, v (float32, bfloat16, float16 or float64), got {q.dtype}")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from .precision import check_attention_dtype
 from ._eager import EagerOp
 from ._outputs import new_like as _new
 from .reference import resampler as _ref
@@ -247,6 +248,7 @@ def resampler_attention(
     """
     if q.dim() != 4:
         raise ValueError(f"expected q of shape (N, L, H, dh), got {tuple(q.shape)}")
+    check_attention_dtype(q)
     n, L, H, dh = q.shape
     for name, t, rows in (("k_x", k_x, None), ("v_x", v_x, None), ("k_l", k_l, L), ("v_l", v_l, L)):
         if t.dim() != 4 or t.shape[0] != n or t.shape[2] != H or t.shape[3] != dh or (
@@ -292,6 +294,7 @@ def resampler_attention_kvpacked(
     """
     if q.dim() != 4:
         raise ValueError(f"expected q of shape (N, L, H, dh), got {tuple(q.shape)}")
+    check_attention_dtype(q)
     n, L, H, dh = q.shape
     for name, t, rows in (("kv_x", kv_x, "S"), ("kv_l", kv_l, L)):
         if t.dim() != 5 or t.shape[2] != 2 or t.shape[0] != n or t.shape[3:] != (H, dh) or (

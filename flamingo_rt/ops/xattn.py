@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from .precision import check_attention_dtype
 from ._eager import EagerOp
 from ._outputs import new_like as _new
 from .reference import xattn as _ref
@@ -99,6 +100,7 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, media_index: Tensor) -> None:
         raise TypeError(f"expected an integer media_index, got {media_index.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_dtype(q)
 
 
 #: Up to this many query tokens per sequence, the CUDA C++ forward runs its decode kernel

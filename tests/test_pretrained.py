@@ -45,5 +45,19 @@ def test_load_bf16_and_wrong_shape_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="lm.embed_tokens.weight"):
         load_pretrained(tmp_path)
-    with pytest.raises(TypeError, match="expected dtype to be a torch.dtype .*got 'bf16'"):
+    with pytest.raises(TypeError, match="expected dtype to be a floating torch.dtype .*got 'bf16'"):
         load_pretrained(tmp_path, dtype="bf16")
+    with pytest.raises(TypeError, match="expected dtype to be a floating torch.dtype .*got torch.int8"):
+        load_pretrained(tmp_path, dtype=torch.int8)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device cuda was asked for, but CUDA is not available"):
+            load_pretrained(tmp_path, device="cuda")
+    # a config key that is not a field (another version's, a typo), at the top or in a section
+    for where, edit in (("config", lambda c: c.update(bogus_key=1)),
+                        (r"config\.lm", lambda c: c["lm"].update(dimm=3)),
+                        (r"config\.vision\.nfnet", lambda c: c["vision"]["nfnet"].update(depth=3))):
+        bad = json.loads(json.dumps(cfg))
+        edit(bad)
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=rf"config\.json: not a Flamingo config: {where}: unknown keys \["):
+            load_pretrained(tmp_path)

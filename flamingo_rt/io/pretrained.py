@@ -9,7 +9,7 @@ import torch
 from ..models.config import FlamingoConfig
 from ..ops import cpu_gemm
 from ..models.flamingo import Flamingo
-from .checkpoint import load_checkpoint, load_config, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_config, save_checkpoint
 from .tokenizer import FlamingoTokenizer
 
 PathLike = Union[str, Path]
@@ -46,10 +46,18 @@ def load_pretrained(
     folder has no ``tokenizer.json``). Missing, unexpected or mis-shaped weights raise
     :class:`~flamingo_rt.io.checkpoint.CheckpointError` listing them.
     """
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"expected dtype to be a torch.dtype such as torch.bfloat16 (or None), got {dtype!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"expected dtype to be a floating torch.dtype such as torch.bfloat16 (or None), got {dtype!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"load_pretrained: device {device} was asked for, but CUDA is not available here")
     folder = Path(folder)
-    config = FlamingoConfig.from_dict(load_config(folder))
+    try:
+        config = FlamingoConfig.from_dict(load_config(folder))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder / 'config.json'}: not a Flamingo config: {e}", path=folder / "config.json") from None
     with torch.device("meta"):
         model = Flamingo(config, vision_encoder=vision_encoder)
     model = model.to_empty(device=device)

@@ -183,24 +183,48 @@ class FlamingoConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "FlamingoConfig":
+        """The config of :meth:`to_dict`'s dict. Keys that are not fields (a config of another
+        version, a typo) are a ValueError naming the section and the keys, not ignored."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a Flamingo config: a dict of settings, got {type(d).__name__}")
         d = copy.deepcopy(d)
-        v = d.get("vision", {})
+        _known(cls, d, "config")
+        sections = {}
+        for name, sub in (("vision", VisionConfig), ("resampler", ResamplerConfig), ("xattn", XAttnConfig),
+                          ("lm", LMConfig)):
+            v = d.get(name, {})
+            if not isinstance(v, dict):
+                raise ValueError(f"config.{name}: expected a dict of settings, got {type(v).__name__}")
+            _known(sub, v, f"config.{name}")
+            sections[name] = v
+        v = sections["vision"]
         for k in ("image_mean", "image_std"):
             if k in v:
                 v[k] = tuple(v[k])
         if v.get("nfnet") is not None:
             nf = v["nfnet"]
+            if not isinstance(nf, dict):
+                raise ValueError(f"config.vision.nfnet: expected a dict of settings, got {type(nf).__name__}")
+            _known(NFNetConfig, nf, "config.vision.nfnet")
             for k in ("depths", "channels"):
                 if k in nf:
                     nf[k] = tuple(nf[k])
             v["nfnet"] = NFNetConfig(**nf)
         return cls(
             vision=VisionConfig(**v),
-            resampler=ResamplerConfig(**d.get("resampler", {})),
-            xattn=XAttnConfig(**d.get("xattn", {})),
-            lm=LMConfig(**d.get("lm", {})),
-            **{k: d[k] for k in d if k not in ("vision", "resampler", "xattn", "lm")},
+            resampler=ResamplerConfig(**sections["resampler"]),
+            xattn=XAttnConfig(**sections["xattn"]),
+            lm=LMConfig(**sections["lm"]),
+            **{k: d[k] for k in d if k not in sections},
         )
+
+
+def _known(cls, d: Dict[str, Any], where: str) -> None:
+    """ValueError naming ``where`` and the keys of ``d`` that are not fields of ``cls``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
 
 
 def _tiny() -> FlamingoConfig:

@@ -61,14 +61,17 @@ def _masked_full(lm: DecoderLM):
     return list(tables.values()), RowGradMask(lm, {n: IDS for n in tables})
 
 
+@pytest.mark.parametrize("in_tables", [True, False])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("path", ["chunked", "logits"])
-def test_adamw_steps_equal_masked_full_tables(tied, path):
+def test_adamw_steps_equal_masked_full_tables(tied, path, in_tables):
+    """in_tables=False (FSDP2's way: the tables are never written, every use corrects for the
+    trained rows) trains the same rows while the tables keep their first values."""
     ids, tgt = _batch()
     ref = _lm(tied)
     ref_params, mask = _masked_full(ref)
     ours = _lm(tied)
-    rows = ours.train_token_rows(IDS)
+    rows = ours.train_token_rows(IDS, in_tables=in_tables)
     assert [p.shape for p in rows.parameters()] == [(3, D)] * (1 if tied else 2)
     opt_ref = torch.optim.AdamW(ref_params, lr=0.05, weight_decay=0.0)
     opt = torch.optim.AdamW(list(rows.parameters()), lr=0.05, weight_decay=0.0)
@@ -84,15 +87,20 @@ def test_adamw_steps_equal_masked_full_tables(tied, path):
                 row_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in rows.parameters()]))
             o.step()
         torch.testing.assert_close(row_norm, full_norm, rtol=1e-5, atol=0)  # the clipping norm
-        # the frozen tables follow the trained rows (copied in at the next forward)
+        # the frozen tables follow the trained rows (copied in at the next forward), or
+        # (in_tables=False) keep their first values while the rows train
         ours.sync_token_rows()
+        trained = {"embed_tokens.weight": rows.embed, "lm_head.weight": rows.head_rows}
         for name in ("embed_tokens.weight",) + (() if tied else ("lm_head.weight",)):
             a, b = dict(ours.named_parameters())[name], dict(ref.named_parameters())[name]
             other = torch.ones(V, dtype=torch.bool)
             other[IDS] = False
             assert torch.equal(a[other], b[other]), name
-            torch.testing.assert_close(a[IDS], b[IDS], rtol=1e-5, atol=1e-6)
-            assert not torch.equal(a[IDS], _lm(tied).state_dict()[name][IDS])  # they did train
+            got = a[IDS] if in_tables else trained[name].detach()
+            torch.testing.assert_close(got, b[IDS], rtol=1e-5, atol=1e-6)
+            assert not torch.equal(got, _lm(tied).state_dict()[name][IDS])  # they did train
+            if not in_tables:
+                assert torch.equal(a, _lm(tied).state_dict()[name]), name  # never written
     assert not any(p.requires_grad for n, p in ours.named_parameters() if not n.startswith("token_rows."))
 
 
@@ -114,6 +122,33 @@ def test_the_head_rows_gradient_in_the_chunked_loss_is_the_masked_full_gradient(
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(gh, rgh, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grw, rgw[rows], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_not_in_the_weight_give_the_loss_of_a_weight_holding_them(dtype):
+    """rows_in_weight=False: weight[rows] is stale (an FSDP2 shard's table); the loss, the
+    hidden states' gradient and the rows' gradient are those of the weight with the rows
+    written in (the k logit columns from row_weight, the hidden gradient corrected)."""
+    torch.manual_seed(0)
+    N = 40
+    h0 = torch.randn(N, D, dtype=dtype)
+    stale = torch.randn(V, D, dtype=dtype)
+    t = torch.randint(0, V, (N,))
+    t[5], t[6], t[7] = IDS[0], IDS[2], -100
+    rows = torch.tensor(IDS)
+    rw0 = torch.randn(len(IDS), D, dtype=dtype)
+    synced = stale.clone()
+    synced[rows] = rw0
+    out = []
+    for weight, in_weight in ((synced, True), (stale, False)):
+        h, rw = h0.clone().requires_grad_(True), rw0.clone().requires_grad_(True)
+        loss = linear_cross_entropy(h, weight, t, chunk_rows=9, rows=rows, row_weight=rw, rows_in_weight=in_weight)
+        out.append((loss.detach(), *torch.autograd.grad(loss, (h, rw))))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, **tol)
+    with pytest.raises(ValueError, match="must hold row_weight"):  # the default checks it
+        linear_cross_entropy(h0, stale, t, rows=rows, row_weight=rw0)
 
 
 def test_head_rows_under_bf16_autocast_with_a_bf16_frozen_head():

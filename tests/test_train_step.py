@@ -75,6 +75,36 @@ def test_freezing_keeps_backbones_bit_identical(world, tmp_path):
             assert torch.equal(p, before[n]), f"frozen {n} changed"
 
 
+def test_rows_kept_out_of_the_tables_train_the_same(world, tmp_path, monkeypatch):
+    """strategy "fsdp" trains the vocabulary rows as (k, D) parameters that never enter the
+    frozen tables (TokenRows.in_tables False: FSDP2's sharded tables cannot be written from a
+    forward; the embedding, the head's columns and the loss's hidden gradient correct for
+    them instead): in one process the same losses and trained model as strategy "none", no
+    (V, D) table trains, and the tables keep their first values through the steps."""
+    monkeypatch.setattr(Trainer, "save_final", lambda self, folder: None)  # it merges the rows in
+    out = {}
+    for strat in ("none", "fsdp"):
+        tr = _trainer(world, tmp_path / strat, steps=3, open_gates=True, strategy=strat)
+        m = tr.model
+        assert m.lm.token_rows.in_tables == (strat == "none") and tr.rows == {}
+        assert not m.lm.embed_tokens.weight.requires_grad and not m.lm.lm_head.weight.requires_grad
+        tables = [m.lm.embed_tokens.weight.detach().clone(), m.lm.lm_head.weight.detach().clone()]
+        tr.fit()
+        now = [m.lm.embed_tokens.weight, m.lm.lm_head.weight]
+        # fsdp: never written; none: the trained rows copied in at each forward
+        assert all(torch.equal(a, b) == (strat == "fsdp") for a, b in zip(now, tables))
+        log = [json.loads(r) for r in (tmp_path / strat / "run" / "log.jsonl").read_text().splitlines()]
+        with m.lm.token_rows_merged():
+            out[strat] = ([r["loss"] for r in log], {k: v.clone() for k, v in m.state_dict().items()})
+    (l1, w1), (l2, w2) = out["none"], out["fsdp"]
+    assert len(l1) == len(l2) == 3
+    for a, b in zip(l1, l2):  # {dataset: loss} per step
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) for k in a), (a, b)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+
+
 def test_the_run_says_what_trains(world, tmp_path, capsys):
     tr = _trainer(world, tmp_path, steps=1)
     t = tr.trainable_summary()

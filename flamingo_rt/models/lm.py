@@ -327,14 +327,16 @@ class DecoderLM(nn.Module):
 
     # ------------------------------------------------------------------ trained vocabulary rows
 
-    def train_token_rows(self, ids: Sequence[int]) -> TokenRows:
+    def train_token_rows(self, ids: Sequence[int], in_tables: bool = True) -> TokenRows:
         """Train only the vocabulary rows ``ids`` of the embedding table (and of an untied
         ``lm_head``), as their own (k, D) parameters ``token_rows.embed`` / ``token_rows.head``
         (:class:`~flamingo_rt.models.token_rows.TokenRows`): the tables themselves must be
         frozen (``requires_grad`` False); their rows ``ids`` follow the parameters (copied in
         by every :meth:`forward` / :meth:`forward_cached` where they differ, and by
-        :meth:`merge_token_rows`; a compiled forward does not copy). Replaces earlier
-        trained rows (merged first). Returns the new :class:`TokenRows`."""
+        :meth:`merge_token_rows`; a compiled forward does not copy). ``in_tables=False`` (FSDP2,
+        whose sharded tables cannot be written from a forward) never copies them: every use of
+        the tables corrects for the trained rows instead (:attr:`TokenRows.in_tables`).
+        Replaces earlier trained rows (merged first). Returns the new :class:`TokenRows`."""
         tables = [self.embed_tokens.weight] + ([] if self.lm_head.weight is self.embed_tokens.weight
                                                else [self.lm_head.weight])
         if any(t.requires_grad for t in tables):
@@ -342,7 +344,7 @@ class DecoderLM(nn.Module):
                              "(requires_grad False); they train whole here")
         self.merge_token_rows()
         head = None if len(tables) == 1 else self.lm_head.weight
-        self.token_rows = TokenRows(ids, self.embed_tokens.weight, head)
+        self.token_rows = TokenRows(ids, self.embed_tokens.weight, head, in_tables=in_tables)
         return self.token_rows
 
     def sync_token_rows(self) -> None:
@@ -374,10 +376,12 @@ class DecoderLM(nn.Module):
 
     def head_row_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of :func:`~flamingo_rt.ops.linear_cross_entropy` for ``lm_head``'s
-        trained rows: ``{"rows": ids, "row_weight": (k, D)}``, or {} without trained rows."""
+        trained rows: ``{"rows": ids, "row_weight": (k, D), "rows_in_weight": bool}``, or {}
+        without trained rows."""
         if self.token_rows is None:
             return {}
-        return {"rows": self.token_rows.ids, "row_weight": self.token_rows.head_rows}
+        return {"rows": self.token_rows.ids, "row_weight": self.token_rows.head_rows,
+                "rows_in_weight": self.token_rows.in_tables}
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):
@@ -405,8 +409,9 @@ class DecoderLM(nn.Module):
         if input_ids.dtype not in (torch.long, torch.int32):
             input_ids = input_ids.long()
         e = self.embed_tokens(input_ids)
-        if self.token_rows is not None and torch.is_grad_enabled() and self.token_rows.embed.requires_grad:
-            e = self.token_rows.embed_rows(input_ids, e)
+        rows = self.token_rows
+        if rows is not None and ((torch.is_grad_enabled() and rows.embed.requires_grad) or not rows.in_tables):
+            e = rows.embed_rows(input_ids, e)
         return e
 
     # ------------------------------------------------------------------ forward
@@ -497,8 +502,9 @@ class DecoderLM(nn.Module):
         if not head:
             return h
         logits = self.lm_head(h)
-        if self.token_rows is not None and torch.is_grad_enabled() and self.token_rows.head_rows.requires_grad:
-            logits = self.token_rows.head_logits(h, logits)
+        rows = self.token_rows
+        if rows is not None and ((torch.is_grad_enabled() and rows.head_rows.requires_grad) or not rows.in_tables):
+            logits = rows.head_logits(h, logits)
         if return_hidden:
             return logits, h
         return logits
@@ -552,7 +558,11 @@ class DecoderLM(nn.Module):
             h = layer(h, cos, sin, attn_mask, kv_caches[i], cache_slots)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.norm(h))
+        h = self.norm(h)
+        logits = self.lm_head(h)
+        if self.token_rows is not None and not self.token_rows.in_tables:
+            logits = self.token_rows.head_logits(h, logits)
+        return logits
 
     # ------------------------------------------------------------------ cross-attention slots
 

@@ -54,8 +54,16 @@ class TokenRows(nn.Module):
     ``slot`` (V,) int64, the row of ``embed`` of each token or -1 (not saved).
     """
 
-    def __init__(self, ids: Sequence[int], embed_weight: Tensor, head_weight: Optional[Tensor] = None):
+    def __init__(self, ids: Sequence[int], embed_weight: Tensor, head_weight: Optional[Tensor] = None,
+                 in_tables: bool = True):
         super().__init__()
+        #: the tables hold the trained rows (:meth:`sync_` at each forward). False where the
+        #: tables cannot be written in place (FSDP2 shards them; a write into a forward's
+        #: gathered copy would be lost): the tables keep their old rows and every use corrects
+        #: for them (the embedding's positions, the head's columns and the loss's hidden-state
+        #: gradient take the trained rows: :func:`~flamingo_rt.ops.linear_cross_entropy`'s
+        #: ``rows_in_weight=False``)
+        self.in_tables = bool(in_tables)
         V, D = embed_weight.shape
         ids = [int(i) for i in ids]
         if not ids:
@@ -93,10 +101,13 @@ class TokenRows(nn.Module):
     @torch.no_grad()
     def sync_(self, embed_weight: Tensor, head_weight: Tensor, force: bool = False) -> None:
         """Copy the trained rows into the frozen tables (in place, rounded to their dtypes)
-        where they differ (``force``: always). ``head_weight`` may be ``embed_weight`` (tied).
+        where they differ (``force``: always; without it a no-op when not :attr:`in_tables`).
+        ``head_weight`` may be ``embed_weight`` (tied).
         Comparing first (2 x k x D reads) leaves the tables untouched, their version counters
         too, while the parameters are unchanged (autograd graphs that saved a table stay
         valid)."""
+        if not (force or self.in_tables):
+            return
         pairs = [(embed_weight, self.embed)]
         if head_weight is not embed_weight:
             pairs.append((head_weight, self.head_rows))

@@ -103,10 +103,17 @@ class _WeightBlocks:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, dtype, chunk, need_h, need_w, rows, row_weight, need_r):
+    def forward(ctx, hidden, weight, targets, ignore_index, dtype, chunk, need_h, need_w, rows, row_weight, need_r,
+                rows_in_weight):
         acc = torch.promote_types(dtype, torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
             w = _WeightBlocks(weight, dtype)
+            rc = delta = None
+            if rows is not None and not rows_in_weight:
+                # weight[rows] is stale: the k columns of the logits come from row_weight, and
+                # the hidden states' gradient is corrected by g[:, rows] (row_weight - weight[rows])
+                rc = row_weight.detach().to(dtype)
+                delta = rc.to(acc) - weight.detach().index_select(0, rows).to(dtype).to(acc)
             total = torch.zeros((), dtype=acc, device=hidden.device)
             gh = torch.empty_like(hidden) if need_h else None
             gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -115,6 +122,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[s:s + chunk].to(dtype)
                 t = targets[s:s + chunk]
                 logits = w.logits(h)  # (n, V) in the compute dtype
+                if rc is not None:
+                    logits.index_copy_(1, rows, cpu_gemm.linear(h, rc))
                 if _kernel_ok(logits):
                     # the loss per row, and softmax - onehot written over the logits (one
                     # pass per row in float32, rounded once to the compute dtype)
@@ -136,7 +145,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         g.mul_(valid[:, None])
                         g = g.to(dtype)
                 del logits
-                if need_h:
+                if need_h and delta is not None:
+                    gh[s:s + chunk] = (w.grad_hidden(g).to(acc) + g.index_select(1, rows).to(acc) @ delta).to(hidden.dtype)
+                elif need_h:
                     gh[s:s + chunk] = w.grad_hidden(g).to(hidden.dtype)
                 if need_w:
                     if dtype == torch.bfloat16 and acc == torch.float32:
@@ -158,12 +169,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = saved.pop(0) * grad_out.to(ctx.dtypes[0]) if need_h else None
         gw = (saved.pop(0) * grad_out).to(ctx.dtypes[1]) if need_w else None
         gr = (saved.pop(0) * grad_out).to(ctx.dtypes[2]) if need_r else None
-        return gh, gw, None, None, None, None, None, None, None, gr, None
+        return gh, gw, None, None, None, None, None, None, None, gr, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
                          chunk_rows: Optional[int] = None, rows: Optional[Tensor] = None,
-                         row_weight: Optional[Tensor] = None) -> Tensor:
+                         row_weight: Optional[Tensor] = None, rows_in_weight: bool = True) -> Tensor:
     """Sum over the rows of ``cross_entropy(hidden @ weight.T, targets)``, chunked.
 
     Args:
@@ -180,6 +191,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
             differentiable in ``row_weight``: its gradient is the k columns of the logits'
             gradient against the hidden states (k x N x D FLOPs, where the whole weight's
             gradient is V x N x D), summed in float32.
+        rows_in_weight: False when ``weight[rows]`` does not hold ``row_weight`` (a table that
+            cannot be written in place: FSDP2's shards): the logits' k columns are computed from
+            ``row_weight`` and the hidden states' gradient gets the correction
+            ``g[:, rows] @ (row_weight - weight[rows])`` (2 x k x N x D FLOPs more); the loss
+            and gradients are those of a weight holding ``row_weight`` in those rows.
     Rows whose target is ``ignore_index`` are dropped before the products (eager mode), so
     a padded batch pays only for its tokens with a loss.
     Returns:
@@ -209,17 +225,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     if (rows is None) != (row_weight is None):
         raise ValueError("expected rows and row_weight together (or neither)")
     if rows is not None:
-        _check_rows(weight, rows, row_weight)
+        _check_rows(weight, rows, row_weight, bool(rows_in_weight))
+        rows = rows.long()
     grad = torch.is_grad_enabled()
     need_h, need_w = grad and hidden.requires_grad, grad and weight.requires_grad
     need_r = grad and row_weight is not None and row_weight.requires_grad
     return _LinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), dtype, chunk, need_h, need_w,
-                                     rows, row_weight, need_r)
+                                     rows, row_weight, need_r, bool(rows_in_weight))
 
 
-def _check_rows(weight: Tensor, rows: Tensor, row_weight: Tensor) -> None:
-    """rows (k,) integer indices into weight's V rows, row_weight (k, D), and weight[rows]
-    holding row_weight's values (eager mode: a (k, D) comparison)."""
+def _check_rows(weight: Tensor, rows: Tensor, row_weight: Tensor, in_weight: bool) -> None:
+    """rows (k,) integer indices into weight's V rows, row_weight (k, D), and (``in_weight``)
+    weight[rows] holding row_weight's values (eager mode: a (k, D) comparison)."""
     V, D = weight.shape
     if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
         raise TypeError(f"expected rows as a 1-d integer tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
@@ -231,6 +248,6 @@ def _check_rows(weight: Tensor, rows: Tensor, row_weight: Tensor) -> None:
         raise IndexError(f"rows must be in [0, {V}), got {rows.tolist()[:8]}")
     if rows.unique().numel() != rows.numel():
         raise ValueError(f"expected distinct rows, got {rows.tolist()[:8]}")
-    if not torch.equal(weight.detach().index_select(0, rows), row_weight.detach().to(weight.dtype)):
+    if in_weight and not torch.equal(weight.detach().index_select(0, rows), row_weight.detach().to(weight.dtype)):
         raise ValueError("weight[rows] must hold row_weight's values (rounded to the weight's dtype): "
                          "copy the trained rows into the frozen table before the loss (TokenRows.sync_)")

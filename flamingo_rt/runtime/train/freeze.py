@@ -11,7 +11,10 @@ product exists (the OpenFlamingo-3B-shaped connector step of ``bench/peers/train
 --token-rows``, 2-core EPYC, float32: 6.75 s a step through masked (V, D) tables, 5.76 s
 with the (k, D) parameters, 5.70 s training no rows; open_flamingo 11.45 s). Under FSDP (``separate_rows=False``) the tables themselves keep ``requires_grad``
 and :class:`RowGradMask` zeroes every other row of their gradients after the backward pass,
-so AdamW leaves those rows bit-identical (the mask works on FSDP2's sharded DTensors).
+so AdamW leaves those rows bit-identical (the mask works on FSDP2's sharded DTensors); the
+Trainer no longer takes that path: under FSDP2 the rows train as (k, D) parameters too, with
+the tables left as they are (``rows_in_tables=False``: the sharded tables cannot be written
+from a forward) and every use corrected for the rows.
 
 By default under bf16 autocast (``FreezeConfig.frozen_linear_dtype = "auto"``, when the run
 loads a model folder; ``"bf16"`` asks for it anywhere, ``"none"`` never; the
@@ -78,12 +81,14 @@ class RowGradMask:
 
 
 def apply_freeze(model: Flamingo, cfg: FreezeConfig, default_token_ids: Sequence[int],
-                 separate_rows: bool = True) -> Dict[str, List[int]]:
+                 separate_rows: bool = True, rows_in_tables: bool = True) -> Dict[str, List[int]]:
     """Apply ``cfg`` to ``model`` in place. ``default_token_ids``: the rows that train when
     ``cfg.trainable_token_ids`` is None (the tokenizer's ``<image>`` and ``<|endofchunk|>``).
     With the LM frozen, those vocabulary rows train as ``model.lm.token_rows`` (``separate_rows``,
-    the default; returns {}), or (``separate_rows=False``, for FSDP) through the whole tables:
-    returns {parameter name: trainable rows} of those tables (for :class:`RowGradMask`)."""
+    the default; returns {}; ``rows_in_tables=False`` for FSDP2, whose sharded tables are never
+    written: :attr:`~flamingo_rt.models.token_rows.TokenRows.in_tables`), or
+    (``separate_rows=False``) through the whole tables, OpenFlamingo's way: returns
+    {parameter name: trainable rows} of those tables (for :class:`RowGradMask`)."""
     model.lm.merge_token_rows()  # rows trained before: into the tables, before flags are reset
     for p in model.parameters():
         p.requires_grad_(True)
@@ -102,7 +107,7 @@ def apply_freeze(model: Flamingo, cfg: FreezeConfig, default_token_ids: Sequence
         if bad:
             raise ValueError(f"trainable_token_ids {bad} are out of range for vocab_size {V}")
         if separate_rows:
-            model.lm.train_token_rows(sorted({int(r) for r in rows}))
+            model.lm.train_token_rows(sorted({int(r) for r in rows}), in_tables=rows_in_tables)
             return restricted
         seen = set()
         for name, p in model.named_parameters(remove_duplicate=False):

@@ -86,11 +86,13 @@ class Trainer:
             )
         self.tokenizer = tokenizer
         self.model = model.to(self.device)
-        # the vocabulary rows train as their own parameters (model.lm.token_rows), under FSDP
-        # through the whole tables and a gradient mask (self.rows: {table: rows})
+        # the vocabulary rows train as their own (k, D) parameters (model.lm.token_rows); under
+        # FSDP2 the sharded tables are not written (TokenRows.in_tables False: every use of the
+        # tables corrects for the rows). self.rows ({table: rows} of whole tables trained under
+        # a gradient mask) stays {}: apply_freeze(separate_rows=False) is OpenFlamingo's way.
         self.rows: Dict[str, List[int]] = apply_freeze(
             self.model, cfg.freeze, [tokenizer.image_token_id, tokenizer.eoc_token_id],
-            separate_rows=cfg.strategy != "fsdp")
+            rows_in_tables=cfg.strategy != "fsdp")
         # the frozen LM's linears in bf16 (after apply_freeze: the row-trained projections stay float32)
         self.lowp_frozen: List[str] = []
         # "bf16" or None; "auto" only where the final folder can get the float32 originals back
@@ -183,6 +185,9 @@ class Trainer:
         """The whole model as a model folder (``save_pretrained`` layout) with the tokenizer
         (gathered under FSDP: every process calls it, the main one writes)."""
         rows = self.model.lm.token_rows
+        if self.cfg.strategy == "fsdp" and self.dist.world_size > 1:
+            self._save_final(folder, rows)  # the rows are written into the gathered state
+            return
         with self.model.lm.token_rows_merged():  # the trained rows in the tables, a plain LM's state
             self._save_final(folder, rows)
 
@@ -197,6 +202,7 @@ class Trainer:
             if self.dist.is_main:
                 if self.model.config.lm.tie_embeddings:
                     sd["lm.lm_head.weight"] = sd["lm.embed_tokens.weight"]
+                _rows_into_tables(sd)
                 save_checkpoint(sd, folder, config=self.model.config.to_dict())
                 self.tokenizer.save(Path(folder) / "tokenizer.json")
         elif self.dist.is_main and self.lowp_frozen:
@@ -243,7 +249,8 @@ class Trainer:
 
     def trainable_summary(self) -> Dict[str, int]:
         """Trainable parameter counts by part (``resampler``, ``xattn``, ``token_rows``,
-        ``other``), ``vocab_rows`` (rows of whole tables that train under FSDP's mask),
+        ``other``), ``vocab_rows`` (rows of whole tables that train under a gradient mask:
+        ``self.rows``, empty unless a subclass or caller sets it),
         ``frozen`` and ``total`` (each parameter once, tied ones included)."""
         parts = {"resampler": 0, "xattn": 0, "token_rows": 0, "other": 0, "vocab_rows": 0, "frozen": 0}
         seen = set()
@@ -356,3 +363,23 @@ def train(cfg: TrainConfig, model: Optional[Flamingo] = None, tokenizer: Optiona
         return trainer.fit()
     finally:
         trainer.close()
+
+
+def _rows_into_tables(sd: Dict[str, torch.Tensor]) -> None:
+    """A gathered full state dict with ``lm.token_rows.*`` entries (FSDP2, where the rows never
+    enter the sharded tables): their values written into ``lm.embed_tokens.weight`` and
+    ``lm.lm_head.weight`` (the same tensor when tied), and the entries removed: a plain LM's
+    state, as ``token_rows_merged`` gives without FSDP."""
+    ids = sd.pop("lm.token_rows.ids", None)
+    if ids is None:
+        return
+    idx = ids.long()
+    embed = sd.pop("lm.token_rows.embed")
+    head = sd.pop("lm.token_rows.head", None)
+    table = sd["lm.embed_tokens.weight"] = sd["lm.embed_tokens.weight"].clone()
+    table[idx] = embed.to(table.dtype)
+    if head is not None:
+        out = sd["lm.lm_head.weight"] = sd["lm.lm_head.weight"].clone()
+        out[idx] = head.to(out.dtype)
+    elif "lm.lm_head.weight" in sd:
+        sd["lm.lm_head.weight"] = table

@@ -269,3 +269,34 @@ def test_inference_reads_the_tables_kept_in_step():
     lm.merge_token_rows()
     with torch.no_grad():
         torch.testing.assert_close(lm(ids), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_inference_with_rows_kept_out_of_the_tables(tied):
+    """in_tables=False: without gradients too (evaluation during an FSDP run), the forward
+    and the cached decoding forward take the trained rows while the tables stay stale; the
+    logits equal those of the model with the rows merged in."""
+    lm = _lm(tied)
+    rows = lm.train_token_rows(IDS, in_tables=False)
+    with torch.no_grad():
+        for p in rows.parameters():
+            p.add_(torch.randn_like(p))  # trained rows that the tables do not hold
+    before = lm.embed_tokens.weight.detach().clone()
+    ids, _ = _batch()
+    ids[:, -1] = IDS[1]  # the last (decoded) position is a trained token too
+    with torch.no_grad():
+        full = lm(ids)
+        kv = [(torch.zeros(2, 2, 12, D // 4), torch.zeros(2, 2, 12, D // 4)) for _ in lm.layers]
+        pos = torch.arange(12).expand(2, 12)
+        causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)
+        cached = lm.forward_cached(ids, pos, kv, torch.arange(12), causal)
+    assert torch.equal(lm.embed_tokens.weight, before)  # never written
+    merged = _lm(tied)
+    merged.load_state_dict({k: v for k, v in lm.state_dict().items() if not k.startswith("token_rows.")})
+    with torch.no_grad():
+        merged.embed_tokens.weight[IDS] = rows.embed.detach()
+        if not tied:
+            merged.lm_head.weight[IDS] = rows.head.detach()
+        want = merged(ids)
+    torch.testing.assert_close(full, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached, want, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 reuse, streaming, beams, sampling, sessions, scoring, media encoded once, errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,6 +205,27 @@ def test_errors_are_clear_and_early(gen):
                 call(bad)
     with pytest.raises(TypeError, match="expected a prompt: a string, or a list of text .*got int"):
         gen.generate([["a"], 5])  # a batch whose second prompt is not one
+    # settings of the wrong type are named (a str temperature failed in a comparison, a str
+    # seed inside torch, a float max_new_tokens said only ">= 1"); numpy scalars are numbers
+    for kw, msg in ((dict(temperature="hot"), "expected temperature to be a number, got 'hot'"),
+                    (dict(max_new_tokens=2.5), "expected max_new_tokens to be an integer >= 1, got 2.5"),
+                    (dict(max_new_tokens=True), "expected max_new_tokens to be an integer >= 1, got True"),
+                    (dict(seed="x"), "expected seed to be an integer \\(or None\\), got 'x'"),
+                    (dict(do_sample=1), "expected do_sample to be True or False, got 1"),
+                    (dict(stop_strings=[1]), "expected stop_strings to be a string or a list of strings")):
+        with pytest.raises(ValueError, match=msg):
+            gen.generate(["a"], **kw)
+    cfg = GenerationConfig(max_new_tokens=np.int64(2), seed=np.int32(3), temperature=np.float32(0.5)).validate()
+    assert type(cfg.max_new_tokens) is int and type(cfg.seed) is int and type(cfg.temperature) is float
+    # the generator's own sizes, and a tokenizer with ids the model cannot embed
+    with pytest.raises(ValueError, match="expected max_seq_len to be an integer >= 1 \\(or None\\), got 0"):
+        Generator(gen.model, gen.tok, max_seq_len=0)
+    with pytest.raises(ValueError, match="expected max_media to be an integer >= 0, got -1"):
+        Generator(gen.model, gen.tok, max_media=-1)
+    small = get_preset("tiny")
+    small.lm.vocab_size = gen.tok.vocab_size - 1
+    with pytest.raises(ValueError, match=f"tokenizer has {gen.tok.vocab_size} tokens, more than the model's"):
+        Generator(Flamingo(small), gen.tok)
 
 
 def test_memory_stays_flat_over_many_tokens(gen):

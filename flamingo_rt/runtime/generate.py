@@ -65,6 +65,14 @@ class Generator:
     def __init__(self, model: Flamingo, tokenizer: FlamingoTokenizer, max_seq_len: Optional[int] = None,
                  max_media: int = 32, backend: Optional[str] = None, compile: Union[bool, str] = False,
                  cuda_graphs: Optional[bool] = None):
+        for name, v, lo in (("max_seq_len", max_seq_len, 1), ("max_media", max_media, 0)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                raise ValueError(f"expected {name} to be an integer >= {lo}{' (or None)' if name == 'max_seq_len' else ''}, "
+                                 f"got {v!r}")
+        if tokenizer.vocab_size > model.config.lm.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary of "
+                             f"{model.config.lm.vocab_size}: expected the model's tokenizer (or a model with room for "
+                             "its ids)")
         self.model = model.eval()
         self.tok = tokenizer
         self.max_seq_len = max_seq_len or model.config.lm.max_seq_len

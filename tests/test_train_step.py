@@ -333,6 +333,11 @@ def test_config_files_and_errors(world, tmp_path):
     assert ok.optim.lr == 1.0 and type(ok.optim.lr) is float and ok.optim.betas == (0.0, 0.5)
     assert type(ok.datasets[0].weight) is float and ok.datasets[0].path == str(tmp_path / "docs")
     assert ok.out_dir == str(tmp_path / "p")
+    import numpy as np  # numpy scalars (a config built in code) are numbers, kept as plain ones
+
+    ok = TrainConfig.from_dict(dict(d, steps=np.int64(3), datasets=[dict(ds0, batch_size=np.int32(2),
+                                                                        weight=np.float32(0.5))]))
+    assert type(ok.steps) is int and type(ok.datasets[0].batch_size) is int and type(ok.datasets[0].weight) is float
     (tmp_path / "single.toml").write_text(toml.replace("[[datasets]]", "[datasets]"))
     with pytest.raises(ValueError, match=r"a list of tables \(\[\[datasets\]\] in TOML\), got dict"):
         load_train_config(tmp_path / "single.toml")

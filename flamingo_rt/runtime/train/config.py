@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
 
 __all__ = [
     "DatasetConfig", "OptimConfig", "FreezeConfig", "TrainConfig", "load_train_config", "DATASET_KINDS",
@@ -53,34 +56,42 @@ def _check(cond: bool, msg: str) -> None:
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
+def _integer(v: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _number(v: Any) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
 def _typed(value: Any, tp: Any, path_like: bool) -> tuple:
     """(ok, the value as the field keeps it) for one value against a field's annotation:
-    int (not bool), float (an int or float, kept as float), bool, str (or os.PathLike where
-    ``path_like``: kept as str), Optional[X], List[int], tuple (two or more numbers);
-    sections (dataclasses) are checked by their own class."""
+    int (not bool; kept as int), float (an integer or real, kept as float), bool, str (or
+    os.PathLike where ``path_like``: kept as str), Optional[X], List[int], tuple (a list of
+    numbers, kept as a tuple of floats); sections (dataclasses) are checked by their own class."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
         if value is None and type(None) in args:
             return True, None
         return _typed(value, next(a for a in args if a is not type(None)), path_like)
     if tp is bool:
-        return isinstance(value, bool), value
+        return isinstance(value, (bool, np.bool_)), bool(value) if isinstance(value, (bool, np.bool_)) else value
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        return _integer(value), int(value) if _integer(value) else value
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        return _number(value), float(value) if _number(value) else value
     if tp is str:
         if path_like and isinstance(value, os.PathLike):
             return True, os.fspath(value)
         return isinstance(value, str), value
     if tp is tuple:
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       for v in value)
+        ok = isinstance(value, (list, tuple)) and all(_number(v) for v in value)
         return ok, tuple(float(v) for v in value) if ok else value
     if origin in (list, List) and args and args[0] is int:
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        return ok, list(value) if ok else value
+        ok = isinstance(value, (list, tuple)) and all(_integer(v) for v in value)
+        return ok, [int(v) for v in value] if ok else value
     return True, value  # sections and lists of sections: _section checks them
 
 

@@ -127,6 +127,12 @@ def test_more_image_tokens_than_images_is_an_error():
         model(ids, media, num_media=torch.tensor([2, 1]))
     with pytest.raises(ValueError, match="no media were supplied"):
         model(ids)
+    # counts beyond the media given (M = 3) were taken silently; negative ones too
+    for bad in (torch.tensor([4, 1]), torch.tensor([-1, 1]), 5):
+        with pytest.raises(ValueError, match=r"expected num_media in \[0, 3\] \(the media given per row\)"):
+            model(ids, media, num_media=bad)
+    with pytest.raises(TypeError, match="expected integer num_media, got torch.float32"):
+        model(ids, media, num_media=torch.tensor([3.0, 1.0]))
 
 
 def test_bad_media_and_ids_are_clear_errors():
@@ -144,6 +150,8 @@ def test_bad_media_and_ids_are_clear_errors():
         model(ids[0], media, num_media=n)
     with pytest.raises(ValueError, match=r"expected integer input_ids .*got torch.float32"):
         model(ids.float(), media, num_media=n)
+    with pytest.raises(TypeError, match=r"expected integer labels .*got torch.float32"):
+        model(ids, media, num_media=n, labels=ids.float())
 
 
 def test_video_media_and_still_shorthand():

@@ -207,6 +207,8 @@ class Flamingo(nn.Module):
             xkw = dict(media=None, backend=backend)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"expected labels of shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if labels is not None and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
+            raise TypeError(f"expected integer labels (token ids, -100 for no loss), got {labels.dtype}")
         if not return_logits:
             h = self.lm(input_ids, attention_mask=attention_mask, xattn_kwargs=xkw, head=False)
             targets = labels[:, 1:].reshape(-1)

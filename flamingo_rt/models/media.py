@@ -18,10 +18,18 @@ def num_media_tensor(num_media: Union[int, torch.Tensor, None], batch: int, max_
     if num_media is None:
         return torch.full((batch,), max_media, dtype=torch.long, device=device)
     if isinstance(num_media, int):
+        if not 0 <= num_media <= max_media:
+            raise ValueError(f"expected num_media in [0, {max_media}] (the media given per row), got {num_media}")
         return torch.full((batch,), num_media, dtype=torch.long, device=device)
-    num_media = torch.as_tensor(num_media, device=device).long()
+    num_media = torch.as_tensor(num_media, device=device)
+    if num_media.is_floating_point() or num_media.is_complex() or num_media.dtype == torch.bool:
+        raise TypeError(f"expected integer num_media, got {num_media.dtype}")
+    num_media = num_media.long()
     if num_media.shape != (batch,):
         raise ValueError(f"expected num_media of shape ({batch},), got {tuple(num_media.shape)}")
+    if not _is_compiling() and num_media.numel() and bool(((num_media < 0) | (num_media > max_media)).any()):
+        raise ValueError(f"expected num_media in [0, {max_media}] (the media given per row), "
+                         f"got {num_media.tolist()}")
     return num_media
 
 

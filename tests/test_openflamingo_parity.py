@@ -126,6 +126,18 @@ def test_too_many_image_tokens_is_an_error():
         blk(torch.randn(1, 4, 32), torch.randn(1, 2, 4, 32), media_locations=loc)
     with pytest.raises(ValueError, match=r"expected media of shape \(1, M, N, 32\), got \(1, 2, 4, 16\)"):
         blk(torch.randn(1, 4, 32), torch.randn(1, 2, 4, 16), media_locations=loc)
+    # both ways of placing the images at once were taken (the index won, silently)
+    with pytest.raises(ValueError, match="expected media_locations or media_index, got both"):
+        blk(torch.randn(1, 4, 32), torch.randn(1, 2, 4, 32), media_locations=loc,
+            media_index=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="got neither"):
+        blk(torch.randn(1, 4, 32), torch.randn(1, 2, 4, 32))
+    from flamingo_rt.models import PerceiverResampler
+    from flamingo_rt.models.config import ResamplerConfig
+
+    res = PerceiverResampler(ResamplerConfig(dim=32, depth=1, heads=2, dim_head=16, num_latents=4))
+    with pytest.raises(TypeError, match="expected floating-point media features, got torch.int64"):
+        res(torch.ones(1, 2, 5, 32, dtype=torch.long))
 
 
 def test_video_frames_and_interpolation():

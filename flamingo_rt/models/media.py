@@ -61,6 +61,8 @@ def resolve_media_index(
 ) -> torch.Tensor:
     """(B, T) int32 media index from ``media_locations`` (bool, True at ``<image>``) or a
     given ``media_index``; validated against the (B,) counts ``num_media``."""
+    if media_index is not None and media_locations is not None:
+        raise ValueError("expected media_locations or media_index, got both (one says where the images are)")
     if media_index is None:
         if media_locations is None:
             raise ValueError("expected media_locations or media_index, got neither")

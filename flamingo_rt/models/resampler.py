@@ -76,6 +76,8 @@ class MediaEmbeddings(nn.Module):
         dim = self.config.dim
         if x.dim() == 4:
             x = x.unsqueeze(2)
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point media features, got {x.dtype}")
         if x.dim() != 5 or x.shape[-1] != dim:
             raise ValueError(
                 f"expected media features of shape (B, M, F, S, {dim}) or (B, M, S, {dim}), got {tuple(x.shape)}"

@@ -223,6 +223,9 @@ def test_suite_errors_say_expected_and_got():
     with pytest.raises(ValueError, match="expected selection in"):
         TaskSuite(selection="nearest")
     assert TaskSuite().split == "heldout" and TaskSuite().shots == (0, 1, 2, 4, 8)
+    # one task or shot count alone ("caption" was iterated as 'c', 'a', ... and refused as 'c')
+    one = TaskSuite(tasks="caption", shots=2)
+    assert one.tasks == ("caption",) and one.shots == (2,)
 
 
 def test_cli_eval(model_dir, tmp_path, capsys, malloc_calls):

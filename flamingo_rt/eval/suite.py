@@ -75,7 +75,9 @@ class TaskSuite:
     rank_answers: bool = True
 
     def __post_init__(self):
-        self.tasks = tuple(self.tasks)
+        # one task or one shot count may be given alone ("caption" iterated as 'c', 'a', ...)
+        self.tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+        self.shots = (self.shots,) if isinstance(self.shots, int) else self.shots
         self.shots = tuple(int(k) for k in self.shots)
         self.validate()
 

@@ -52,11 +52,10 @@ def load_pretrained(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"load_pretrained: device {device} was asked for, but CUDA is not available here")
     folder = Path(folder)
+    d = load_config(folder)  # a missing or unreadable file is its own CheckpointError
     try:
-        config = FlamingoConfig.from_dict(load_config(folder))
+        config = FlamingoConfig.from_dict(d)
     except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"{folder / 'config.json'}: not a Flamingo config: {e}", path=folder / "config.json") from None
     with torch.device("meta"):
         model = Flamingo(config, vision_encoder=vision_encoder)

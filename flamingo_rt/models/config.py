@@ -22,6 +22,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from .._values import check_known_keys
+
 #: timm's dm_nfnet_f* stage depths.
 NFNET_DEPTHS = {
     "dm_nfnet_f0": (1, 2, 6, 3),
@@ -188,14 +190,14 @@ class FlamingoConfig:
         if not isinstance(d, dict):
             raise ValueError(f"expected a Flamingo config: a dict of settings, got {type(d).__name__}")
         d = copy.deepcopy(d)
-        _known(cls, d, "config")
+        check_known_keys(cls, d, "config: unknown keys")
         sections = {}
         for name, sub in (("vision", VisionConfig), ("resampler", ResamplerConfig), ("xattn", XAttnConfig),
                           ("lm", LMConfig)):
             v = d.get(name, {})
             if not isinstance(v, dict):
                 raise ValueError(f"config.{name}: expected a dict of settings, got {type(v).__name__}")
-            _known(sub, v, f"config.{name}")
+            check_known_keys(sub, v, f"config.{name}: unknown keys")
             sections[name] = v
         v = sections["vision"]
         for k in ("image_mean", "image_std"):
@@ -205,7 +207,7 @@ class FlamingoConfig:
             nf = v["nfnet"]
             if not isinstance(nf, dict):
                 raise ValueError(f"config.vision.nfnet: expected a dict of settings, got {type(nf).__name__}")
-            _known(NFNetConfig, nf, "config.vision.nfnet")
+            check_known_keys(NFNetConfig, nf, "config.vision.nfnet: unknown keys")
             for k in ("depths", "channels"):
                 if k in nf:
                     nf[k] = tuple(nf[k])
@@ -217,14 +219,6 @@ class FlamingoConfig:
             lm=LMConfig(**sections["lm"]),
             **{k: d[k] for k in d if k not in sections},
         )
-
-
-def _known(cls, d: Dict[str, Any], where: str) -> None:
-    """ValueError naming ``where`` and the keys of ``d`` that are not fields of ``cls``."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
 
 
 def _tiny() -> FlamingoConfig:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._values import is_integer_tensor
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from .config import FlamingoConfig, ResamplerConfig
 from .lm import DecoderLM
@@ -182,7 +183,7 @@ class Flamingo(nn.Module):
             raise ValueError("return_logits=False needs labels (it returns only the loss)")
         if input_ids.dim() != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        if not is_integer_tensor(input_ids):
             raise ValueError(f"expected integer input_ids (token ids, e.g. torch.long), got {input_ids.dtype}")
         B = input_ids.shape[0]
         if media_tokens is None and media is not None:
@@ -207,7 +208,7 @@ class Flamingo(nn.Module):
             xkw = dict(media=None, backend=backend)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"expected labels of shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-        if labels is not None and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
+        if labels is not None and not is_integer_tensor(labels):
             raise TypeError(f"expected integer labels (token ids, -100 for no loss), got {labels.dtype}")
         if not return_logits:
             h = self.lm(input_ids, attention_mask=attention_mask, xattn_kwargs=xkw, head=False)

@@ -27,6 +27,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from .._values import is_integer_tensor
 from ..ops import half_widening
 from ..ops.decode_attention import cached_attention
 from ..ops.linear import Linear
@@ -386,7 +387,7 @@ class DecoderLM(nn.Module):
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"expected input_ids as a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+        if not is_integer_tensor(input_ids):
             raise TypeError(f"expected integer input_ids (torch.long), got dtype {input_ids.dtype}")
         if not self.check_inputs or input_ids.numel() == 0:
             return

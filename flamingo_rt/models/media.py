@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._values import is_integer_tensor
 from ..ops import media_index_from_locations
 
 
@@ -22,7 +23,7 @@ def num_media_tensor(num_media: Union[int, torch.Tensor, None], batch: int, max_
             raise ValueError(f"expected num_media in [0, {max_media}] (the media given per row), got {num_media}")
         return torch.full((batch,), num_media, dtype=torch.long, device=device)
     num_media = torch.as_tensor(num_media, device=device)
-    if num_media.is_floating_point() or num_media.is_complex() or num_media.dtype == torch.bool:
+    if not is_integer_tensor(num_media):
         raise TypeError(f"expected integer num_media, got {num_media.dtype}")
     num_media = num_media.long()
     if num_media.shape != (batch,):

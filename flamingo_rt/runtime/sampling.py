@@ -2,12 +2,12 @@
 repetition penalty."""
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
+
+from .._values import is_integer, is_number
 
 
 @dataclass
@@ -43,31 +43,26 @@ class GenerationConfig:
         def bad(name, want):
             raise ValueError(f"expected {name} {want}, got {getattr(self, name)!r}")
 
-        def number(v) -> bool:  # numpy scalars too
-            return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-        def integer(v) -> bool:
-            return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
-            if not number(getattr(self, name)):
+        reals = ("temperature", "top_p", "repetition_penalty", "length_penalty")
+        for name in reals:
+            if not is_number(getattr(self, name)):
                 bad(name, "to be a number")
         for name in ("do_sample", "stop_on_eoc", "stop_on_eos"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "to be True or False")
-        if self.seed is not None and not integer(self.seed):
+        if self.seed is not None and not is_integer(self.seed):
             bad("seed", "to be an integer (or None)")
-        if not integer(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", "to be an integer >= 1")
         if not self.temperature > 0:
             bad("temperature", "> 0")
-        if not integer(self.top_k) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             bad("top_k", "to be an integer >= 0")
         if not 0 < self.top_p <= 1:
             bad("top_p", "in (0, 1]")
         if not self.repetition_penalty >= 1:
             bad("repetition_penalty", ">= 1")
-        if not integer(self.num_beams) or self.num_beams < 1:
+        if not is_integer(self.num_beams) or self.num_beams < 1:
             bad("num_beams", "to be an integer >= 1")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("expected either sampling (do_sample) or beam search (num_beams > 1), got both")
@@ -76,7 +71,7 @@ class GenerationConfig:
         # numpy scalars as plain Python numbers from here on
         for name in ("max_new_tokens", "top_k", "num_beams") + (("seed",) if self.seed is not None else ()):
             setattr(self, name, int(getattr(self, name)))
-        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+        for name in reals:
             setattr(self, name, float(getattr(self, name)))
         if not isinstance(self.stop_strings, (list, tuple)) or not all(isinstance(s, str) for s in self.stop_strings):
             bad("stop_strings", "to be a string or a list of strings")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
+
+from ..._values import check_known_keys, is_integer, is_number
 
 __all__ = [
     "DatasetConfig", "OptimConfig", "FreezeConfig", "TrainConfig", "load_train_config", "DATASET_KINDS",
@@ -56,16 +57,6 @@ def _check(cond: bool, msg: str) -> None:
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _integer(v: Any) -> bool:
-    """An integer (numpy's too), not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
-def _number(v: Any) -> bool:
-    """A real number (numpy's too), not a bool."""
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-
 def _typed(value: Any, tp: Any, path_like: bool) -> tuple:
     """(ok, the value as the field keeps it) for one value against a field's annotation:
     int (not bool; kept as int), float (an integer or real, kept as float), bool, str (or
@@ -77,20 +68,21 @@ def _typed(value: Any, tp: Any, path_like: bool) -> tuple:
             return True, None
         return _typed(value, next(a for a in args if a is not type(None)), path_like)
     if tp is bool:
-        return isinstance(value, (bool, np.bool_)), bool(value) if isinstance(value, (bool, np.bool_)) else value
+        ok = isinstance(value, (bool, np.bool_))
+        return ok, bool(value) if ok else value
     if tp is int:
-        return _integer(value), int(value) if _integer(value) else value
+        return is_integer(value), int(value) if is_integer(value) else value
     if tp is float:
-        return _number(value), float(value) if _number(value) else value
+        return is_number(value), float(value) if is_number(value) else value
     if tp is str:
         if path_like and isinstance(value, os.PathLike):
             return True, os.fspath(value)
         return isinstance(value, str), value
     if tp is tuple:
-        ok = isinstance(value, (list, tuple)) and all(_number(v) for v in value)
+        ok = isinstance(value, (list, tuple)) and all(is_number(v) for v in value)
         return ok, tuple(float(v) for v in value) if ok else value
     if origin in (list, List) and args and args[0] is int:
-        ok = isinstance(value, (list, tuple)) and all(_integer(v) for v in value)
+        ok = isinstance(value, (list, tuple)) and all(is_integer(v) for v in value)
         return ok, [int(v) for v in value] if ok else value
     return True, value  # sections and lists of sections: _section checks them
 
@@ -234,10 +226,7 @@ def _check_keys(cls, d: Dict[str, Any], what: str, missing_what: str) -> None:
     """ValueError ``what [keys]; expected some of [fields]`` when ``d`` has keys that are
     not fields of the dataclass ``cls``, and ``missing_what required keys [keys]`` when it
     lacks fields that have no default."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{what} {unknown}; expected some of {sorted(known)}")
+    check_known_keys(cls, d, what)
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in d]

@@ -138,3 +138,48 @@ def test_exported_graphs_call_no_python_op(exported):
         op="call_function", target=torch.ops.flamingo_rt.image_causal_attention.default)]))
     with pytest.raises(RuntimeError, match="Python-defined ops"):
         _check_no_python_ops(fake, "x.pt2")
+
+
+@pytest.mark.parametrize("max_seq_len,max_frames", [(1, 1), (2, 2)])
+def test_smallest_sizes_export(tmp_path, monkeypatch, max_seq_len, max_frames):
+    """max_seq_len = 1 and max_frames = 1 export static shapes (a torch.export.Dim needs
+    min < max; both crashed with an AssertionError from torch); 2 stays dynamic down to 1.
+    The exported programs (AOTInductor compile skipped) equal the eager step modules."""
+    from flamingo_rt.export import package
+    from flamingo_rt.export.modules import MediaEncoderStep, TokenStep
+
+    programs = {}
+    monkeypatch.setattr(package, "_compile", lambda ep, path: programs.setdefault(path.name, ep) and 0.0)
+    p = make_world(tmp_path / "world")
+    model, tok = load_pretrained(p["model"])
+    man = package.export_model(model, tmp_path / "out", tokenizer=tok, max_seq_len=max_seq_len, max_media=1,
+                               max_frames=max_frames)
+    assert (man["max_seq_len"], man["max_frames"]) == (max_seq_len, max_frames)
+    assert sorted(programs) == ["decode_step.pt2", "encode_media.pt2", "token_step.pt2"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for f in range(1, max_frames + 1):
+            px = torch.randn(1, f, 3, 32, 32, generator=g)
+            torch.testing.assert_close(programs["encode_media.pt2"].module()(px), MediaEncoderStep(model)(px))
+        shapes = package.cache_shapes(model, max_seq_len, 1)
+        for t in range(1, max_seq_len + 1):
+            ids = torch.randint(4, 40, (1, t), generator=g)
+            args = (torch.zeros(1, dtype=torch.long), torch.full((1, t), -1, dtype=torch.int32))
+            kv_a, kv_b = torch.zeros(shapes["kv_cache"]), torch.zeros(shapes["kv_cache"])
+            mc = torch.zeros(shapes["media_cache"])
+            out = programs["token_step.pt2"].module()(ids, *args, kv_a, mc)
+            ref = TokenStep(model)(ids, *args, kv_b, mc)
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(kv_a, kv_b)
+
+
+@pytest.mark.parametrize("kw,match", [({"max_frames": 0}, "max_frames"), ({"max_frames": 2.5}, "max_frames"),
+                                      ({"max_media": "4"}, "max_media"), ({"max_seq_len": 0}, "max_seq_len")])
+def test_export_refuses_bad_sizes(tmp_path, kw, match):
+    """max_frames = 0 silently meant the default, -1 failed inside torch.export."""
+    from flamingo_rt.export import export_model
+
+    p = make_world(tmp_path / "world")
+    model, tok = load_pretrained(p["model"])
+    with pytest.raises(ValueError, match=match):
+        export_model(model, tmp_path / "out", tokenizer=tok, **kw)

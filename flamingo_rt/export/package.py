@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .. import __version__ as _version
+from .._values import is_integer
 from ..io.pretrained import load_pretrained
 from ..models.flamingo import Flamingo
 from ..ops import backend as _backend
@@ -81,11 +82,14 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
     c = model.config
     if not len(model.lm.xattn):
         raise ValueError("the model has no cross-attention layer; nothing to export for media")
-    if not 1 <= max_seq_len <= c.lm.max_seq_len:
-        raise ValueError(f"expected max_seq_len in [1, {c.lm.max_seq_len}], got {max_seq_len}")
-    if max_media < 1:
-        raise ValueError(f"expected max_media >= 1, got {max_media}")
-    max_frames = max_frames or c.resampler.max_num_frames or 8
+    if not is_integer(max_seq_len) or not 1 <= max_seq_len <= c.lm.max_seq_len:
+        raise ValueError(f"expected max_seq_len an integer in [1, {c.lm.max_seq_len}], got {max_seq_len!r}")
+    if not is_integer(max_media) or max_media < 1:
+        raise ValueError(f"expected max_media an integer >= 1, got {max_media!r}")
+    if max_frames is not None and (not is_integer(max_frames) or max_frames < 1):
+        raise ValueError(f"expected max_frames None or an integer >= 1, got {max_frames!r}")
+    max_seq_len, max_media = int(max_seq_len), int(max_media)
+    max_frames = int(max_frames) if max_frames is not None else (c.resampler.max_num_frames or 8)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
@@ -94,24 +98,28 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
     dev = torch.device(device)
     times = {}
     with torch.no_grad(), _backend.export_mode():
-        # media encoder: F frames dynamic in [1, max_frames]
+        # media encoder: F frames dynamic in [1, max_frames] (static when max_frames = 1: a
+        # torch.export.Dim needs min < max)
         enc = MediaEncoderStep(model).eval()
-        F = torch.export.Dim("frames", min=1, max=max_frames)
-        pixels = torch.randn(1, 2, 3, S_img, S_img, device=dev, dtype=dtype)
-        ep = torch.export.export(enc, (pixels,), dynamic_shapes=({1: F},))
+        pixels = torch.randn(1, min(2, max_frames), 3, S_img, S_img, device=dev, dtype=dtype)
+        frames_dims = ({1: torch.export.Dim("frames", min=1, max=max_frames)},) if max_frames > 1 else None
+        ep = torch.export.export(enc, (pixels,), dynamic_shapes=frames_dims)
         if progress:
             print("compiling encode_media.pt2 ...", flush=True)
         times["encode_media"] = _compile(ep, out / "encode_media.pt2")
-        # token step: T tokens dynamic in [1, max_seq_len]
+        # token step: T tokens dynamic in [1, max_seq_len] (static T = 1 when max_seq_len = 1)
         step = TokenStep(model).eval()
-        T = torch.export.Dim("tokens", min=1, max=max_seq_len)
-        ids = torch.zeros(1, 2, dtype=torch.long, device=dev)
+        T0 = min(2, max_seq_len)
+        ids = torch.zeros(1, T0, dtype=torch.long, device=dev)
         start = torch.zeros(1, dtype=torch.long, device=dev)
-        midx = torch.full((1, 2), -1, dtype=torch.int32, device=dev)
+        midx = torch.full((1, T0), -1, dtype=torch.int32, device=dev)
         kv = torch.zeros(shapes["kv_cache"], dtype=dtype, device=dev)
         mc = torch.zeros(shapes["media_cache"], dtype=dtype, device=dev)
-        ep = torch.export.export(step, (ids, start, midx, kv, mc),
-                                 dynamic_shapes=({1: T}, None, {1: T}, None, None))
+        token_dims = None
+        if max_seq_len > 1:
+            T = torch.export.Dim("tokens", min=1, max=max_seq_len)
+            token_dims = ({1: T}, None, {1: T}, None, None)
+        ep = torch.export.export(step, (ids, start, midx, kv, mc), dynamic_shapes=token_dims)
         if progress:
             print("compiling token_step.pt2 ...", flush=True)
         times["token_step"] = _compile(ep, out / "token_step.pt2")

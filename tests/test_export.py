@@ -81,6 +81,30 @@ def test_greedy_equals_python_runtime(exported, seed):
     assert s2.generate(6) == gen.generate([imgs[2], "a"], GenerationConfig(max_new_tokens=6))
 
 
+@pytest.mark.parametrize("max_new", [3, 12])
+def test_conversation_equals_runtime_session(exported, max_new):
+    """Three turns: the answer (its stop token, or its last token at the limit) stays in the
+    context as in the runtime's Session, so later turns equal the Session's token for token
+    (the stop token and the last token were dropped from the context before)."""
+    from flamingo_rt.export import ExportedModel
+
+    model, tok, out, _ = exported
+    em = ExportedModel(out)
+    imgs = _images(3, 7)
+    turns = [[imgs[0], "a red circle.<|endofchunk|>", imgs[1], "a"], [" and", imgs[2], "a"], [" then"]]
+    s = em.session()
+    ref = Generator(model.eval(), tok, max_seq_len=96, max_media=4).session()
+    answers = []
+    for items in turns:
+        for item in items:
+            s.append_text(item) if isinstance(item, str) else s.append_media(item)
+        ref.append(*items)
+        answers.append(s.generate(max_new))
+        assert answers[-1] == ref.generate(max_new_tokens=max_new)
+        assert s.pos + len(s.pending) == len(ref.token_ids)  # the same context, answers included
+    assert any(answers)
+
+
 def test_chunked_prefill_equals_one_chunk(exported):
     from flamingo_rt.export import ExportedModel
 
@@ -118,6 +142,12 @@ def test_errors(exported):
         em.session().append_media(torch.rand(FRAMES + 1, 3, 32, 32))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ExportedModel(out.parent)
+    with pytest.raises(ValueError, match="nothing to generate"):
+        em.session().generate(2)
+    with pytest.raises(ValueError, match="<image>"):
+        em.session().append_text("a <image> b")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        s.generate(0)
 
 
 def test_cli_export_rejects_a_non_model_folder(tmp_path, capsys):

@@ -14,6 +14,7 @@ from typing import List, Union
 
 import torch
 
+from .._values import is_integer
 from ..io.tokenizer import FlamingoTokenizer
 from ..models.config import VisionConfig
 from ..runtime.prompt import MediaLike, preprocess_media
@@ -69,7 +70,14 @@ class ExportedSession:
         self.logits = None
 
     def append_text(self, text: str) -> None:
-        self.pending += self.m.tokenizer.encode(text)
+        """Queue text; special tokens written in it become their ids (``<image>`` is refused:
+        media are appended with ``append_media``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected text (str), got {type(text).__name__}")
+        ids = self.m.tokenizer.encode(text)
+        if self.m.tokenizer.image_token_id in ids:
+            raise ValueError("the text contains <image>; append images with append_media")
+        self.pending += ids
 
     def append_media(self, media: MediaLike) -> None:
         if self.num_media >= self.m.manifest["max_media"]:
@@ -84,6 +92,8 @@ class ExportedSession:
     def _flush(self) -> torch.Tensor:
         ids = self.pending
         if not ids:
+            if self.logits is None:
+                raise ValueError("nothing to generate from: append text or media first")
             return self.logits
         if self.pos + len(ids) > self.m.manifest["max_seq_len"]:
             raise ValueError(f"the prompt needs {self.pos + len(ids)} cache slots; this export has "
@@ -103,21 +113,26 @@ class ExportedSession:
         return self.logits
 
     def generate(self, max_new_tokens: int = 32) -> str:
-        """Greedy continuation until ``<|endofchunk|>``, ``<|endoftext|>`` or the limit."""
+        """Greedy continuation until ``<|endofchunk|>``, ``<|endoftext|>``, the limit or the
+        end of the caches. As the C API (and the runtime's ``Session``), the answer stays in
+        the context, its stop token included, so the conversation can continue with more
+        appends; the last token is queued and runs at the next generate."""
+        if not is_integer(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"expected max_new_tokens an integer >= 1, got {max_new_tokens!r}")
         tok = self.m.tokenizer
         stop = {tok.eoc_token_id, tok.eos_token_id}
         out: List[int] = []
         logits = self._flush()
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             logits = logits.float().clone()  # as the Python runtime: never <image> / <pad> / rows past the vocab
             logits[:, [tok.image_token_id, tok.pad_token_id]] = float("-inf")
             logits[:, tok.vocab_size:] = float("-inf")
             nxt = int(logits[0].argmax())
+            self.pending.append(nxt)  # the stop token too: it stays in the context
             if nxt in stop:
                 break
             out.append(nxt)
-            if self.pos >= self.m.manifest["max_seq_len"]:
-                break
-            self.pending = [nxt]
+            if i + 1 == max_new_tokens or self.pos + 1 > self.m.manifest["max_seq_len"]:
+                break  # the limit, or the caches are full: the answer ends here
             logits = self._flush()
         return tok.decode(out)

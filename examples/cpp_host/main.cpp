@@ -1,12 +1,16 @@
 // A C++ host of flamingo_rt: loads an exported model (flamingo-rt export), builds a few-shot
 // prompt from the command line, streams the answer to stdout. No Python anywhere.
 //
-//   cpp_host EXPORT_DIR [--image FILE.ppm | --clip N FILE.ppm... | --text TEXT]... \
+//   cpp_host EXPORT_DIR [--image FILE.ppm | --clip N FILE.ppm... | --text TEXT | --generate]... \
 //            [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--no-stop]
 //            [--stop-after-pieces N]
 //
-// Items are appended in the order given. Images are binary PPM (P6, maxval 255). Exit status:
-// 0 on success, else the flamingo_status of the failing call (its message on stderr).
+// Items are appended in the order given. `--generate` answers there (a turn of a conversation:
+// the answer stays in the context and later items follow it); the host answers once more at the
+// end when something was appended after the last turn (or when no turn was asked for). Each
+// answer is streamed to stdout and ends with a newline. Options apply to the turns after them.
+// Images are binary PPM (P6, maxval 255). Exit status: 0 on success, else the flamingo_status
+// of the failing call (its message on stderr).
 // With FLAMINGO_RT_CHECK_NO_PYTHON=1 the host also fails (status 90) if a libpython is mapped.
 #include <chrono>
 #include <cstdio>
@@ -81,7 +85,36 @@ int main(int argc, char** argv) {
   std::vector<std::string> stops;
   int stop_after = -1;
   double read_s = 0;  // PPM reading, not the library's work
-  const auto t_prompt = std::chrono::steady_clock::now();  // media encoding counts toward the first token
+  auto t_prompt = std::chrono::steady_clock::now();  // media encoding counts toward the first token
+  int turns = 0;
+  bool appended = false;  // since the last turn
+  // One answer: streamed to stdout, then a newline and the turn's timings on stderr.
+  auto turn = [&]() -> flamingo_status {
+    std::vector<const char*> stop_ptrs;
+    for (const std::string& x : stops) stop_ptrs.push_back(x.c_str());
+    gp.stop_strings = stop_ptrs.empty() ? nullptr : stop_ptrs.data();
+    gp.num_stop_strings = static_cast<int>(stop_ptrs.size());
+    const auto t_gen = std::chrono::steady_clock::now();
+    flamingo_generate_result r{};
+    const flamingo_status gs = flamingo_session_generate(s, &gp, on_piece, &stop_after, &r);
+    gp.stop_strings = nullptr;
+    gp.num_stop_strings = 0;
+    if (gs != FLAMINGO_OK) return gs;
+    if (r.stopped_by_callback) std::fprintf(stderr, "cpp_host: stopped by the callback\n");
+    std::printf("\n");
+    std::fflush(stdout);
+    const double encode_s = std::chrono::duration<double>(t_gen - t_prompt).count() - read_s;
+    std::fprintf(stderr, "cpp_host: %d tokens, first token after %.4f s (media %.4f s + prefill %.4f s), %.1f tokens/s\n",
+                 r.num_tokens, encode_s + r.prefill_seconds, encode_s, r.prefill_seconds,
+                 r.num_tokens > 1 ? (r.num_tokens - 1) / (r.decode_seconds > 0 ? r.decode_seconds : 1e-9) : 0.0);
+    std::fprintf(stderr, "cpp_host: stats tokens=%d ttft_s=%.6f decode_s=%.6f\n", r.num_tokens,
+                 encode_s + r.prefill_seconds, r.decode_seconds);
+    ++turns;
+    appended = false;
+    read_s = 0;
+    t_prompt = std::chrono::steady_clock::now();
+    return FLAMINGO_OK;
+  };
   for (int i = 2; i < argc; ++i) try {
     std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -93,6 +126,9 @@ int main(int argc, char** argv) {
     };
     if (a == "--text") {
       st = flamingo_session_append_text(s, next());
+      appended = true;
+    } else if (a == "--generate") {
+      st = turn();
     } else if (a == "--image") {
       std::vector<uint8_t> rgb;
       int w = 0, h = 0;
@@ -105,6 +141,7 @@ int main(int argc, char** argv) {
         return 2;
       }
       st = flamingo_session_append_image_rgb8(s, rgb.data(), w, h);
+      appended = true;
     } else if (a == "--clip") {
       int n = std::atoi(next());
       std::vector<uint8_t> all, rgb;
@@ -120,6 +157,7 @@ int main(int argc, char** argv) {
         all.insert(all.end(), rgb.begin(), rgb.end());
       }
       st = flamingo_session_append_clip_rgb8(s, all.data(), n, w, h);
+      appended = true;
     } else if (a == "--max-new-tokens") {
       gp.max_new_tokens = std::atoi(next());
     } else if (a == "--temperature") {
@@ -145,21 +183,7 @@ int main(int argc, char** argv) {
   } catch (const MissingValue&) {
     return 2;
   }
-  std::vector<const char*> stop_ptrs;
-  for (const std::string& x : stops) stop_ptrs.push_back(x.c_str());
-  gp.stop_strings = stop_ptrs.empty() ? nullptr : stop_ptrs.data();
-  gp.num_stop_strings = static_cast<int>(stop_ptrs.size());
-  const auto t_gen = std::chrono::steady_clock::now();
-  flamingo_generate_result r{};
-  if ((st = flamingo_session_generate(s, &gp, on_piece, &stop_after, &r)) != FLAMINGO_OK) return fail(st);
-  if (r.stopped_by_callback) std::fprintf(stderr, "cpp_host: stopped by the callback\n");
-  std::printf("\n");
-  const double encode_s = std::chrono::duration<double>(t_gen - t_prompt).count() - read_s;
-  std::fprintf(stderr, "cpp_host: %d tokens, first token after %.4f s (media %.4f s + prefill %.4f s), %.1f tokens/s\n",
-               r.num_tokens, encode_s + r.prefill_seconds, encode_s, r.prefill_seconds,
-               r.num_tokens > 1 ? (r.num_tokens - 1) / (r.decode_seconds > 0 ? r.decode_seconds : 1e-9) : 0.0);
-  std::fprintf(stderr, "cpp_host: stats tokens=%d ttft_s=%.6f decode_s=%.6f\n", r.num_tokens,
-               encode_s + r.prefill_seconds, r.decode_seconds);
+  if ((turns == 0 || appended) && (st = turn()) != FLAMINGO_OK) return fail(st);
   session_owner.reset();
   model_owner.reset();
   const char* check = std::getenv("FLAMINGO_RT_CHECK_NO_PYTHON");

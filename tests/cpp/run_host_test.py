@@ -79,9 +79,11 @@ def main() -> int:
     rng = np.random.default_rng(0)
 
     # few-shot prompts: images of other sizes than the model's (resized on both sides)
+    case_images = []
     for case in range(3):
         imgs = [rng.integers(0, 256, (24 + 8 * k, 40 - 4 * k, 3), dtype=np.uint8) for k in range(3)]
         files = [write_ppm(work / f"c{case}_{k}.ppm", im) for k, im in enumerate(imgs)]
+        case_images.append((imgs, files))
         prompt = [imgs[0], "a red circle.<|endofchunk|>", imgs[1], "a blue star.<|endofchunk|>", imgs[2], "a"]
         want = gen.generate(prompt, GenerationConfig(max_new_tokens=10))
         r = run_host(a.host, export, ["--image", files[0], "--text", "a red circle.<|endofchunk|>", "--image", files[1],
@@ -89,6 +91,18 @@ def main() -> int:
                                       "--max-new-tokens", 10], env={"FLAMINGO_RT_CHECK_NO_PYTHON": "1"})
         check(r.returncode == 0, f"case {case}: host exits 0 ({r.stderr.strip()[-300:]})")
         check(r.stdout == want + "\n", f"case {case}: host answer {r.stdout!r} == Python runtime {want + chr(10)!r}")
+    # a conversation: three turns, the answers stay in the context (the runtime's Session)
+    for max_new in (3, 10):
+        imgs, files = case_images[0]
+        sess = gen.session()
+        want = [sess.append(imgs[0], "a red circle.<|endofchunk|>", imgs[1], "a").generate(max_new_tokens=max_new),
+                sess.append(" and", imgs[2], "a").generate(max_new_tokens=max_new),
+                sess.append(" then").generate(max_new_tokens=max_new)]
+        r = run_host(a.host, export, ["--max-new-tokens", max_new, "--image", files[0], "--text",
+                                      "a red circle.<|endofchunk|>", "--image", files[1], "--text", "a", "--generate",
+                                      "--text", " and", "--image", files[2], "--text", "a", "--generate", "--text", " then"])
+        check(r.returncode == 0 and r.stdout == "\n".join(want) + "\n" and r.stderr.count("stats tokens=") == 3,
+              f"conversation, {max_new} tokens a turn: host {r.stdout!r} == Python Session {want!r}")
     # a clip
     clip = rng.integers(0, 256, (FRAMES, 32, 32, 3), dtype=np.uint8)
     frames = [write_ppm(work / f"f{k}.ppm", fr) for k, fr in enumerate(clip)]

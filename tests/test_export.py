@@ -135,8 +135,20 @@ def test_errors(exported):
     with pytest.raises(ValueError, match="max_media = 4"):
         s.append_media(_images(1, 4)[0])
     s = em.session()
-    s.append_text("a " * 200)
-    with pytest.raises(ValueError, match="max_seq_len = 96"):
+    s.append_text("a b")
+    held = s.pos + len(s.pending)
+    with pytest.raises(ValueError, match="max_seq_len = 96 \\(nothing was appended\\)"):
+        s.append_text("a " * 200)
+    assert s.pos + len(s.pending) == held
+    assert s.generate(2) is not None  # the session goes on
+    s.append_text(" a" * (96 - s.pos - len(s.pending)))
+    with pytest.raises(ValueError, match="<image> token needs 1"):
+        s.append_media(_images(1, 4)[0])
+    s = em.session()
+    s.append_media(_images(1, 4)[0])
+    s.append_text("a")
+    s.media.fill_(float("nan"))  # a NaN in the model: the logits are NaN
+    with pytest.raises(FloatingPointError, match="logits are NaN"):
         s.generate(2)
     with pytest.raises(ValueError, match="at most 3"):
         em.session().append_media(torch.rand(FRAMES + 1, 3, 32, 32))

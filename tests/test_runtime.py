@@ -228,6 +228,26 @@ def test_errors_are_clear_and_early(gen):
         Generator(Flamingo(small), gen.tok)
 
 
+def test_nan_logits_are_an_error_not_an_answer(gen):
+    """A NaN in the model (here in the resampler's latents, so only prompts with an image are
+    hit) made greedy decoding take the NaN as the maximum: a silent empty answer or a banned
+    token. It is a FloatingPointError naming the row, for greedy, sampled and beam decoding."""
+    import copy
+
+    bad = copy.deepcopy(gen.model)
+    with torch.no_grad():
+        bad.resampler.latents.fill_(float("nan"))
+    g = Generator(bad, gen.tok, max_seq_len=160, max_media=5)
+    assert g.generate(["one two"], max_new_tokens=3) == gen.generate(["one two"], max_new_tokens=3)
+    batch = [["one"], [img(), "two"]]
+    with pytest.raises(FloatingPointError, match=r"logits are NaN in prompt row\(s\) \[1\]"):
+        g.generate(batch, max_new_tokens=3)
+    with pytest.raises(FloatingPointError, match=r"logits are NaN in prompt row\(s\) \[1\]"):
+        g.generate(batch, max_new_tokens=3, do_sample=True, seed=0)
+    with pytest.raises(FloatingPointError, match="logits are NaN"):
+        g.generate([img(), "two"], max_new_tokens=3, num_beams=2)
+
+
 def test_memory_stays_flat_over_many_tokens(gen):
     def rss_kb():
         with open("/proc/self/statm") as f:

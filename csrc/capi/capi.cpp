@@ -86,19 +86,35 @@ at::Tensor flush(flamingo_session* s) {
   at::Tensor index = at::empty({1, T}, at::kInt);
   auto* ip = ids.data_ptr<int64_t>();
   auto* xp = index.data_ptr<int32_t>();
+  int seen = s->seen_images;  // committed only when the step ran
   for (int t = 0; t < T; ++t) {
     ip[t] = s->pending[t];
-    if (s->pending[t] == m->manifest.image_id) ++s->seen_images;
-    xp[t] = s->seen_images - 1;
+    if (s->pending[t] == m->manifest.image_id) ++seen;
+    xp[t] = seen - 1;
   }
   at::Tensor start = at::full({1}, s->pos, at::kLong);
   auto& package = T == 1 ? m->decode : m->step;
   std::vector<at::Tensor> out = package->run(
       {ids.to(m->device), start.to(m->device), index.to(m->device), s->kv, s->media});
+  s->seen_images = seen;
   s->pos += T;
   s->pending.clear();
   s->logits = out.at(0).to(at::kCPU, at::kFloat).contiguous();
   return s->logits;
+}
+
+// CAPACITY unless `n` more tokens fit the context (appended, generated and queued ones);
+// checked before anything is queued, so a refused append leaves the session as it was.
+void check_room(const flamingo_session* s, size_t n, const char* what) {
+  const int64_t need = s->pos + static_cast<int64_t>(s->pending.size()) + static_cast<int64_t>(n);
+  if (need > s->model->manifest.max_seq_len) {
+    throw ApiError(FLAMINGO_ERR_CAPACITY, std::string(what) + " needs " + std::to_string(n) +
+                                              " token slot(s) and the context holds " +
+                                              std::to_string(need - static_cast<int64_t>(n)) +
+                                              "; this export has max_seq_len = " +
+                                              std::to_string(s->model->manifest.max_seq_len) +
+                                              " (nothing was appended)");
+  }
 }
 
 void append_frames(flamingo_session* s, const at::Tensor& frames) {
@@ -107,6 +123,7 @@ void append_frames(flamingo_session* s, const at::Tensor& frames) {
     throw ApiError(FLAMINGO_ERR_CAPACITY, "the session already holds max_media = " +
                                               std::to_string(m->manifest.max_media) + " media");
   }
+  check_room(s, 1, "the medium's <image> token");
   if (frames.size(0) > m->manifest.max_frames) {
     invalid("a clip of " + std::to_string(frames.size(0)) + " frames; this export takes at most " +
             std::to_string(m->manifest.max_frames));
@@ -117,6 +134,10 @@ void append_frames(flamingo_session* s, const at::Tensor& frames) {
   ++s->num_media;
   s->pending.push_back(m->manifest.image_id);
 }
+
+// float pixels may stray this far outside [0, 1] (an earlier resize's rounding) before they are
+// refused (flamingo_rt/runtime/prompt.py: _PIXEL_SLACK)
+constexpr double kPixelSlack = 1e-3;
 
 void check_pixels(const void* p, int frames, int width, int height) {
   if (p == nullptr) invalid("expected pixels, got NULL");
@@ -241,6 +262,7 @@ flamingo_status flamingo_session_append_text(flamingo_session* s, const char* ut
     std::vector<int32_t> ids = s->model->tokenizer.encode(utf8);
     for (int32_t id : ids)
       if (id == s->model->manifest.image_id) invalid("the text contains <image>; append images with append_image_*");
+    check_room(s, ids.size(), "the text");
     s->pending.insert(s->pending.end(), ids.begin(), ids.end());
   });
 }
@@ -258,6 +280,14 @@ flamingo_status flamingo_session_append_image_f32(flamingo_session* s, const flo
     check_session(s);
     check_pixels(chw, 1, width, height);
     at::Tensor t = at::from_blob(const_cast<float*>(chw), {1, 3, height, width}, at::kFloat).clone();
+    // as the Python runtime: a 0-255 float image or NaN would be normalised into garbage silently
+    auto [lo_t, hi_t] = at::aminmax(t);
+    const double lo = lo_t.item<double>(), hi = hi_t.item<double>();
+    if (!std::isfinite(lo) || !std::isfinite(hi)) invalid("expected finite pixel values, got NaN or infinity");
+    if (lo < -kPixelSlack || hi > 1.0 + kPixelSlack) {
+      invalid("expected float pixels in [0, 1], got values in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+              "]; pass RGB8 pixels (append_image_rgb8) or divide by 255");
+    }
     append_frames(s, t);
   });
 }
@@ -344,6 +374,12 @@ flamingo_status flamingo_session_generate(flamingo_session* s, const flamingo_ge
       // as the Python runtime: never <image> or <pad>, nor LM rows beyond the tokenizer's vocabulary
       float* lp = logits.data_ptr<float>();
       const int64_t V = logits.size(-1);
+      for (int64_t v = 0; v < V; ++v)  // NaN would choose a banned token (<image>) or stop silently
+        if (std::isnan(lp[v])) {
+          throw ApiError(FLAMINGO_ERR_RUNTIME, "the model's logits are NaN at generated token " + std::to_string(i) +
+                                                   " (non-finite weights, or an overflow in a half dtype); "
+                                                   "reset the session");
+        }
       lp[m->manifest.image_id] = -INFINITY;
       lp[m->manifest.pad_id] = -INFINITY;
       for (int64_t v = m->tokenizer.vocab_size(); v < V; ++v) lp[v] = -INFINITY;

@@ -77,11 +77,21 @@ class ExportedSession:
         ids = self.m.tokenizer.encode(text)
         if self.m.tokenizer.image_token_id in ids:
             raise ValueError("the text contains <image>; append images with append_media")
+        self._check_room(len(ids), "the text")
         self.pending += ids
+
+    def _check_room(self, n: int, what: str) -> None:
+        """As the C API: ValueError unless ``n`` more tokens fit the context; a refused append
+        leaves the session as it was."""
+        held, cap = self.pos + len(self.pending), self.m.manifest["max_seq_len"]
+        if held + n > cap:
+            raise ValueError(f"{what} needs {n} token slot(s) and the context holds {held}; this export has "
+                             f"max_seq_len = {cap} (nothing was appended)")
 
     def append_media(self, media: MediaLike) -> None:
         if self.num_media >= self.m.manifest["max_media"]:
             raise ValueError(f"the session already holds max_media = {self.m.manifest['max_media']} media")
+        self._check_room(1, "the medium's <image> token")
         px = preprocess_media(media, self.m.vision).to(self.m.device, self.m.dtype)
         if px.shape[0] > self.m.manifest["max_frames"]:
             raise ValueError(f"a clip of {px.shape[0]} frames; this export takes at most {self.m.manifest['max_frames']}")
@@ -125,6 +135,9 @@ class ExportedSession:
         logits = self._flush()
         for i in range(max_new_tokens):
             logits = logits.float().clone()  # as the Python runtime: never <image> / <pad> / rows past the vocab
+            if bool(logits.isnan().any()):
+                raise FloatingPointError(f"the model's logits are NaN at generated token {i} (non-finite weights, "
+                                         "or an overflow in a half dtype); reset the session")
             logits[:, [tok.image_token_id, tok.pad_token_id]] = float("-inf")
             logits[:, tok.vocab_size:] = float("-inf")
             nxt = int(logits[0].argmax())

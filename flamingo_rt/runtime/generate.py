@@ -169,7 +169,14 @@ class Generator:
         return forward_chunk(self.model, cache, ids, lengths, last_only=True, backend=self.backend)
 
     def _mask_banned(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> float32 copy with the never-generated tokens at -inf. NaN logits
+        raise FloatingPointError (greedy argmax would take the NaN as the maximum: a banned
+        token or a silent stop)."""
         logits = logits.float().clone()
+        nan = logits.isnan().any(-1)
+        if bool(nan.any()):
+            raise FloatingPointError(f"the model's logits are NaN in prompt row(s) {nan.nonzero().flatten().tolist()} "
+                                     "(non-finite weights or media features, or an overflow in a half dtype)")
         logits[:, self._banned] = float("-inf")
         logits[:, self.tok.vocab_size:] = float("-inf")  # padded LM vocab rows beyond the tokenizer's
         return logits

@@ -1,8 +1,9 @@
 """ctest `cpp_host`: export a small model, run the C++ host (examples/cpp_host) on few-shot
 prompts and compare its answers with the Python runtime's, token for token; check that no
-libpython is in the host process; check the error paths.
+libpython is in the host process; check the error paths; run tests/cpp/test_capi on the
+export when given.
 
-    python tests/cpp/run_host_test.py PATH/TO/cpp_host WORK_DIR [--export-dir DIR]
+    python tests/cpp/run_host_test.py PATH/TO/cpp_host WORK_DIR [--export-dir DIR] [--capi-test PATH]
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def main() -> int:
     ap.add_argument("host")
     ap.add_argument("work")
     ap.add_argument("--export-dir", default=None, help="reuse an export of the world model (skip exporting)")
+    ap.add_argument("--capi-test", default=None, help="tests/cpp/test_capi's executable, run on the export")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,10 @@ def main() -> int:
     check(r.returncode == 1 and "at most" in r.stderr, f"clip too long -> FLAMINGO_ERR_INVALID_ARGUMENT (1): {r.stderr.strip()}")
     r = run_host(a.host, export, [])
     check(r.returncode == 1 and "nothing to generate" in r.stderr, f"empty prompt -> 1: {r.stderr.strip()}")
+    if a.capi_test:
+        r = subprocess.run([a.capi_test, str(export)], capture_output=True, text=True, timeout=600)
+        print(r.stdout, end="")
+        check(r.returncode == 0, f"test_capi exits 0 (exit {r.returncode}; {r.stderr.strip()[-500:]})")
     print(f"{len(FAILURES)} failure(s)")
     return 1 if FAILURES else 0
 

@@ -98,14 +98,19 @@ FLAMINGO_API flamingo_status flamingo_session_reset(flamingo_session* session);
 /* Tokens in the context so far (appended, generated, and pending). */
 FLAMINGO_API int flamingo_session_num_tokens(const flamingo_session* session);
 
-/* Append UTF-8 text; special tokens written in it (<image>, <|endofchunk|>) become their ids.
- * Text is tokenized and queued; it runs through the model at the next generate. */
+/* Append UTF-8 text; special tokens written in it (<|endofchunk|>, <|endoftext|>) become their
+ * ids (<image> is refused: append media with append_image_* / append_clip_*). Text is tokenized
+ * and queued; it runs through the model at the next generate. FLAMINGO_ERR_CAPACITY when its
+ * tokens do not fit the context left (max_seq_len minus num_tokens); a refused append (of
+ * text or media, for any reason) leaves the session as it was. */
 FLAMINGO_API flamingo_status flamingo_session_append_text(flamingo_session* session, const char* utf8);
 
 /* Append an image: it is encoded now (vision encoder, resampler, cross-attention keys and
  * values) and an <image> token is queued at this place of the text.
  *  - rgb8: `height` rows of `width` RGB pixels, row-major, 3 bytes per pixel, no padding;
- *  - f32:  planar (3, height, width) floats in [0, 1].
+ *  - f32:  planar (3, height, width) floats in [0, 1] (NaN, infinities and values outside
+ *          [0, 1] by more than 1e-3, such as a 0-255 image, are refused).
+ * FLAMINGO_ERR_CAPACITY when the session holds max_media media, or its context is full.
  * Any size is accepted: it is resized (bilinear, antialiased) to the model's image size. */
 FLAMINGO_API flamingo_status flamingo_session_append_image_rgb8(flamingo_session* session, const uint8_t* rgb,
                                                                 int width, int height);

@@ -74,11 +74,13 @@ def _load_media(path: str):
     import numpy as np
     import torch
 
+    from .io.npy import load_npy
+
     if not os.path.isfile(path):
         raise ValueError(f"cannot read --image {path!r}: no such file")
     if path.endswith(".npy"):
         try:
-            arr = np.load(path, allow_pickle=False)
+            arr = load_npy(path)
         except (OSError, ValueError) as e:  # truncated, not an .npy, or pickled objects
             raise ValueError(f"cannot read --image {path!r} as a numpy array: {e}") from None
         if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
@@ -290,7 +292,7 @@ def _train(args) -> int:
         return 0
     if args.config is None:
         return _fail("train", "expected a CONFIG file (.toml or .json) or --preset NAME")
-    from .runtime.train import NonFiniteLossError, Trainer, load_train_config
+    from .runtime.train import NonFiniteLossError, NoUsableRecordError, Trainer, load_train_config
 
     over = {}
     if args.steps is not None:
@@ -312,7 +314,7 @@ def _train(args) -> int:
         return _fail("train", e)
     try:
         trainer.fit()
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, NoUsableRecordError) as e:
         return _fail("train", e, code=1)
     finally:
         trainer.close()

@@ -16,7 +16,7 @@ from world_fixture import FRAMES, IMAGE_SIZE, make_world  # noqa: E402
 from flamingo_rt.io.tokenizer import FlamingoTokenizer  # noqa: E402
 from flamingo_rt.models.config import VisionConfig  # noqa: E402
 from flamingo_rt.runtime.train import (  # noqa: E402
-    BadRecord, Collator, DatasetConfig, DatasetStream, decode_record, write_dataset,
+    BadRecord, Collator, DatasetConfig, DatasetStream, NoUsableRecordError, decode_record, write_dataset,
 )
 
 
@@ -119,7 +119,7 @@ def test_stream_skips_and_counts_bad_records(tmp_path):
 def test_stream_all_bad_raises_clearly(tmp_path):
     (tmp_path / "shard-00000.jsonl").write_text('{"image": "media/nope.png", "text": "x"}\n')
     stream = DatasetStream(_ds(tmp_path, "pairs"), seed=0)
-    with pytest.raises(RuntimeError, match="no usable record"):
+    with pytest.raises(NoUsableRecordError, match="no usable record"):
         for _ in range(5):
             stream.next_sample()
 

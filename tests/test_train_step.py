@@ -16,7 +16,7 @@ from world_fixture import make_world, train_config_dict  # noqa: E402
 from flamingo_rt.io.pretrained import load_pretrained  # noqa: E402
 from flamingo_rt.runtime.train import (  # noqa: E402
     NonFiniteLossError, OptimConfig, TrainConfig, Trainer, load_train_config, lr_factor, param_groups,
-    train_step,
+    train_step, write_dataset,
 )
 from flamingo_rt.runtime.train.step import loss_sum  # noqa: E402
 
@@ -359,6 +359,27 @@ def test_cli_train_reports_a_missing_dataset_or_model_in_one_line(world, tmp_pat
     err = capsys.readouterr().err
     assert "no-model: no such model folder" in err and "save_pretrained" in err, err
     assert "Traceback" not in err
+
+
+def test_cli_train_reports_a_dataset_without_usable_records_in_one_line(world, tmp_path, capsys, caplog):
+    """A dataset whose every record is bad (here: no image file decodes): exit code 1 and one
+    line naming the dataset and the counts (a RuntimeError traceback before); a non-.npy file
+    is named as such (numpy said "contains pickled (object) data")."""
+    from flamingo_rt import cli
+
+    d = train_config_dict(world["model"].parent, "run", 3)
+    data = tmp_path / "junk"
+    write_dataset([{"image": torch.rand(3, 8, 8), "text": f"caption {i}."} for i in range(3)], data, "pairs",
+                  image_format="npy")
+    for f in (data / "media").iterdir():
+        f.write_bytes(b"garbage")
+    junk = dict(d["datasets"][0], name="junk", kind="pairs", path=str(data))
+    (tmp_path / "c.json").write_text(json.dumps(dict(d, datasets=[d["datasets"][0], junk])))
+    assert cli.main(["train", str(tmp_path / "c.json"), "--no-progress", "--default-malloc"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("flamingo-rt train: dataset 'junk': a whole epoch over"), err
+    assert "{'undecodable_image': 3}" in err and "Traceback" not in err, err
+    assert "0000001.npy: ValueError: not an .npy file (it does not start with the NUMPY header)" in caplog.text
 
 
 def test_frozen_linears_in_bf16_give_the_same_step(world, tmp_path):

@@ -12,7 +12,7 @@ format, writer, decoder), :mod:`.dataset_stream` (deterministic streams with pos
 from .collate import Batch, Collator
 from .config import DatasetConfig, FreezeConfig, OptimConfig, TrainConfig, load_train_config
 from .dataset_format import BAD_REASONS, BadRecord, Sample, decode_record, write_dataset
-from .dataset_stream import DatasetStream
+from .dataset_stream import DatasetStream, NoUsableRecordError
 from .freeze import apply_freeze
 from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from .step import NonFiniteLossError, StepResult, loss_sum, train_step
@@ -21,7 +21,7 @@ from .trainer import Trainer, train
 
 __all__ = [
     "BAD_REASONS", "BadRecord", "Batch", "Collator", "DatasetConfig", "DatasetStream", "FreezeConfig",
-    "NonFiniteLossError", "OptimConfig", "Sample", "StepResult", "TrainConfig", "Trainer", "apply_freeze",
+    "NoUsableRecordError", "NonFiniteLossError", "OptimConfig", "Sample", "StepResult", "TrainConfig", "Trainer", "apply_freeze",
     "build_optimizer", "build_scheduler", "decode_record", "latest_checkpoint", "load_train_config",
     "load_train_state", "loss_sum", "lr_factor", "param_groups", "save_train_state", "train", "train_step",
     "write_dataset",

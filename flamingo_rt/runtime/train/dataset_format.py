@@ -42,6 +42,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import numpy as np
 import torch
 
+from ...io.npy import load_npy
 from ...io.tokenizer import EOC_TOKEN, IMAGE_TOKEN
 from ..prompt import check_unit_pixels
 
@@ -77,7 +78,7 @@ def read_image(path: Path) -> np.ndarray:
         raise BadRecord("missing_image", f"{path} does not exist")
     try:
         if path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
+            arr = load_npy(path)
         else:
             from PIL import Image
 
@@ -138,7 +139,7 @@ def decode_record(line: Union[str, bytes], root: Path, kind: str, max_images: in
             if not p.is_file():
                 raise BadRecord("missing_image", f"{p} does not exist")
             try:
-                arr = np.load(p, allow_pickle=False)
+                arr = load_npy(p)
             except Exception as e:
                 raise BadRecord("undecodable_image", f"{p}: {type(e).__name__}: {e}")
             if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1:

@@ -18,7 +18,7 @@ import numpy as np
 from .config import DatasetConfig
 from .dataset_format import BAD_REASONS, BadRecord, Sample, decode_record
 
-__all__ = ["DatasetStream"]
+__all__ = ["DatasetStream", "NoUsableRecordError"]
 
 log = logging.getLogger("flamingo_rt.train")
 
@@ -32,6 +32,11 @@ def _line_offsets(path: Path) -> List[int]:
                 offsets.append(pos)
             pos += len(line)
     return offsets
+
+
+class NoUsableRecordError(RuntimeError):
+    """A whole epoch over a dataset gave no usable record (every record bad): training on it
+    cannot go on. The message names the dataset, its folder and the bad-record counts."""
 
 
 class DatasetStream:
@@ -82,7 +87,7 @@ class DatasetStream:
         self.record_pos = 0
         if self.shard_pos >= len(self.shards):
             if self._good_this_epoch == 0 and self.seen > 0:
-                raise RuntimeError(
+                raise NoUsableRecordError(
                     f"dataset {self.cfg.name!r}: a whole epoch over {self.root} gave no usable record "
                     f"(bad records so far: {dict(self.bad)})"
                 )

@@ -105,6 +105,30 @@ def test_conversation_equals_runtime_session(exported, max_new):
     assert any(answers)
 
 
+def test_prefilled_support_set_forks_per_query(exported):
+    """prefill + fork (flamingo_session_prefill / _fork): a support set run once, a fork per
+    query; each fork's answer equals the runtime's on the whole prompt, the original stays."""
+    from flamingo_rt.export import ExportedModel
+
+    model, tok, out, _ = exported
+    em = ExportedModel(out)
+    imgs = _images(3, 11)
+    gen = Generator(model.eval(), tok, max_seq_len=96, max_media=4)
+    support = em.session()
+    support.append_media(imgs[0])
+    support.append_text("a red circle.<|endofchunk|>")
+    support.prefill()
+    assert support.pending == [] and support.pos > 0
+    held = support.pos
+    for q, text in ((imgs[1], "a"), (imgs[2], "the")):
+        f = support.fork()
+        f.append_media(q)
+        f.append_text(text)
+        want = gen.generate([imgs[0], "a red circle.<|endofchunk|>", q, text], GenerationConfig(max_new_tokens=8))
+        assert f.generate(8) == want
+    assert support.pos == held and support.num_media == 1 and support.pending == []
+
+
 def test_chunked_prefill_equals_one_chunk(exported):
     from flamingo_rt.export import ExportedModel
 

@@ -242,6 +242,31 @@ flamingo_status flamingo_session_create(flamingo_model* model, flamingo_session*
 
 void flamingo_session_free(flamingo_session* session) { delete session; }
 
+flamingo_status flamingo_session_prefill(flamingo_session* s) {
+  return guard("flamingo_session_prefill", [&] {
+    check_session(s);
+    if (!s->pending.empty()) flush(s);
+  });
+}
+
+flamingo_status flamingo_session_fork(const flamingo_session* s, flamingo_session** out) {
+  return guard("flamingo_session_fork", [&] {
+    if (out == nullptr) invalid("expected a place for the new session (out), got NULL");
+    *out = nullptr;
+    check_session(s);
+    auto f = std::make_unique<flamingo_session>();
+    f->model = s->model;
+    f->kv = s->kv.clone();
+    f->media = s->media.clone();
+    if (s->logits.defined()) f->logits = s->logits.clone();
+    f->pos = s->pos;
+    f->num_media = s->num_media;
+    f->seen_images = s->seen_images;
+    f->pending = s->pending;
+    *out = f.release();
+  });
+}
+
 flamingo_status flamingo_session_reset(flamingo_session* s) {
   return guard("flamingo_session_reset", [&] {
     check_session(s);

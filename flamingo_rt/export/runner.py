@@ -62,6 +62,22 @@ class ExportedSession:
         self.media = torch.zeros(sh["media_cache"], **kw)
         self.reset()
 
+    def prefill(self) -> None:
+        """Run the queued tokens through the model now (as ``flamingo_session_prefill``)."""
+        if self.pending:
+            self._flush()
+
+    def fork(self) -> "ExportedSession":
+        """A new session holding a copy of this one's context (as ``flamingo_session_fork``):
+        a support set encoded once, a fork per query."""
+        f = ExportedSession.__new__(ExportedSession)
+        f.m = self.m
+        f.kv, f.media = self.kv.clone(), self.media.clone()
+        f.pos, f.num_media, f.seen_images = self.pos, self.num_media, self.seen_images
+        f.pending = list(self.pending)
+        f.logits = None if self.logits is None else self.logits.clone()
+        return f
+
     def reset(self) -> None:
         self.pos = 0
         self.num_media = 0

@@ -213,6 +213,64 @@ int main(int argc, char** argv) {
   const std::string a1 = answer(m, 2, sp), a2 = answer(m, 2, sp);
   check(a1 == a2 && a1.find("<failed") == std::string::npos, "the same seed samples the same answer: '" + a1 + "'");
 
+  // ------------------------------------------------------------------ fork
+  {
+    // a support set prefilled once; a fork per query equals a fresh session given the whole prompt
+    const auto sup = image_rgb8(40, 24, 21), q1 = image_rgb8(32, 32, 22), q2 = image_rgb8(20, 30, 23);
+    auto fresh = [&](const std::vector<uint8_t>& q, int w, int h, const char* text) {
+      flamingo_session* f = nullptr;
+      std::string t;
+      flamingo_session_create(m, &f);
+      flamingo_session_append_image_rgb8(f, sup.data(), 40, 24);
+      flamingo_session_append_text(f, "a red circle.<|endofchunk|>");
+      flamingo_session_append_image_rgb8(f, q.data(), w, h);
+      flamingo_session_append_text(f, text);
+      flamingo_session_generate(f, &gp, collect, &t, nullptr);
+      flamingo_session_free(f);
+      return t;
+    };
+    flamingo_session* support = nullptr;
+    flamingo_session_create(m, &support);
+    flamingo_session_append_image_rgb8(support, sup.data(), 40, 24);
+    flamingo_session_append_text(support, "a red circle.<|endofchunk|>");
+    const int held = flamingo_session_num_tokens(support);
+    check(flamingo_session_prefill(support) == FLAMINGO_OK && flamingo_session_prefill(support) == FLAMINGO_OK &&
+              flamingo_session_num_tokens(support) == held,
+          "prefill runs the queued tokens (twice: the second has nothing to do)");
+    check_status(flamingo_session_prefill(nullptr), FLAMINGO_ERR_INVALID_ARGUMENT, "session", "prefill(NULL)");
+    flamingo_session *f1 = nullptr, *f2 = nullptr;
+    check_status(flamingo_session_fork(nullptr, &f1), FLAMINGO_ERR_INVALID_ARGUMENT, "session", "fork(NULL)");
+    check_status(flamingo_session_fork(support, nullptr), FLAMINGO_ERR_INVALID_ARGUMENT, "out", "fork(out = NULL)");
+    check(flamingo_session_fork(support, &f1) == FLAMINGO_OK && flamingo_session_fork(support, &f2) == FLAMINGO_OK &&
+              flamingo_session_num_tokens(f1) == held,
+          "fork copies the context (" + std::to_string(held) + " tokens)");
+    std::string a1, a2;
+    flamingo_session_append_image_rgb8(f1, q1.data(), 32, 32);
+    flamingo_session_append_text(f1, "a");
+    flamingo_session_generate(f1, &gp, collect, &a1, nullptr);
+    flamingo_session_append_image_rgb8(f2, q2.data(), 20, 30);
+    flamingo_session_append_text(f2, "the");
+    flamingo_session_generate(f2, &gp, collect, &a2, nullptr);
+    check(a1 == fresh(q1, 32, 32, "a") && a2 == fresh(q2, 20, 30, "the") && a1 != a2,
+          "each fork's answer equals a fresh session's: '" + a1 + "', '" + a2 + "'");
+    check(flamingo_session_num_tokens(support) == held, "forks leave the original as it was");
+    // a fork of a session that has run (its caches hold the context, its logits the last token's)
+    flamingo_session* run = nullptr;
+    flamingo_session_create(m, &run);
+    flamingo_session_append_image_rgb8(run, q1.data(), 32, 32);
+    flamingo_session_append_text(run, "a");
+    std::string r1, r2, r3;
+    flamingo_session_generate(run, &gp, collect, &r1, nullptr);
+    flamingo_session* after = nullptr;
+    flamingo_session_fork(run, &after);
+    flamingo_session_append_text(run, " and");
+    flamingo_session_generate(run, &gp, collect, &r2, nullptr);
+    flamingo_session_append_text(after, " and");
+    flamingo_session_generate(after, &gp, collect, &r3, nullptr);
+    check(r2 == r3 && !r1.empty(), "a fork after a turn continues as the original: '" + r3 + "' == '" + r2 + "'");
+    for (flamingo_session* x : {support, f1, f2, run, after}) flamingo_session_free(x);
+  }
+
   // ------------------------------------------------------------------ sessions on threads
   flamingo_generate_params g8 = flamingo_generate_default_params();
   g8.max_new_tokens = 8;

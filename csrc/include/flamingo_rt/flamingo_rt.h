@@ -93,6 +93,14 @@ typedef struct flamingo_session flamingo_session;
 /* A conversation with its own caches (max_seq_len tokens, max_media media). */
 FLAMINGO_API flamingo_status flamingo_session_create(flamingo_model* model, flamingo_session** out);
 FLAMINGO_API void flamingo_session_free(flamingo_session* session);
+/* Run the queued tokens through the model now (generate does it otherwise); nothing to do when
+ * none are queued. With flamingo_session_fork: prefill a few-shot support set once, then fork a
+ * session per query, so the support set is computed once. */
+FLAMINGO_API flamingo_status flamingo_session_prefill(flamingo_session* session);
+/* A new session holding a copy of `session`'s context (its caches, queued tokens and media);
+ * the two are independent afterwards. On success *out is a new session (free it with
+ * flamingo_session_free). */
+FLAMINGO_API flamingo_status flamingo_session_fork(const flamingo_session* session, flamingo_session** out);
 /* Forget everything appended and generated (the caches are kept). */
 FLAMINGO_API flamingo_status flamingo_session_reset(flamingo_session* session);
 /* Tokens in the context so far (appended, generated, and pending). */

@@ -129,6 +129,35 @@ def test_prefilled_support_set_forks_per_query(exported):
     assert support.pos == held and support.num_media == 1 and support.pending == []
 
 
+def test_score_equals_runtime_and_keeps_the_context(exported):
+    """score (flamingo_session_score): the candidates' log-likelihoods equal Generator.score's;
+    the context is unchanged (the next answer is a non-scoring session's); clear errors."""
+    from flamingo_rt.export import ExportedModel
+
+    model, tok, out, _ = exported
+    em = ExportedModel(out)
+    imgs = _images(2, 13)
+    prompt = [imgs[0], "a red circle.<|endofchunk|>", imgs[1], "a"]
+    cands = ["a red circle.", " blue", "a", " green star."]
+    gen = Generator(model.eval(), tok, max_seq_len=96, max_media=4)
+    s, plain = em.session(), em.session()
+    for x in (s, plain):
+        for item in prompt:
+            x.append_text(item) if isinstance(item, str) else x.append_media(item)
+    got = s.score(cands)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(gen.score(prompt, cands)), rtol=1e-4, atol=1e-3)
+    assert s.score(cands[:2]) == got[:2]
+    assert s.generate(6) == plain.generate(6)
+    with pytest.raises(ValueError, match="non-empty"):
+        s.score([""])
+    with pytest.raises(ValueError, match="<image>"):
+        s.score(["x <image>"])
+    with pytest.raises(ValueError, match="nothing was scored"):
+        s.score(["a" + " a" * 96])
+    with pytest.raises(ValueError, match="nothing to score after"):
+        em.session().score(["a"])
+
+
 def test_chunked_prefill_equals_one_chunk(exported):
     from flamingo_rt.export import ExportedModel
 

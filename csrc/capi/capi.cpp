@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -105,15 +106,15 @@ at::Tensor flush(flamingo_session* s) {
 
 // CAPACITY unless `n` more tokens fit the context (appended, generated and queued ones);
 // checked before anything is queued, so a refused append leaves the session as it was.
-void check_room(const flamingo_session* s, size_t n, const char* what) {
+void check_room(const flamingo_session* s, size_t n, const char* what, const char* outcome = "nothing was appended") {
   const int64_t need = s->pos + static_cast<int64_t>(s->pending.size()) + static_cast<int64_t>(n);
   if (need > s->model->manifest.max_seq_len) {
     throw ApiError(FLAMINGO_ERR_CAPACITY, std::string(what) + " needs " + std::to_string(n) +
                                               " token slot(s) and the context holds " +
                                               std::to_string(need - static_cast<int64_t>(n)) +
                                               "; this export has max_seq_len = " +
-                                              std::to_string(s->model->manifest.max_seq_len) +
-                                              " (nothing was appended)");
+                                              std::to_string(s->model->manifest.max_seq_len) + " (" + outcome +
+                                              ")");
   }
 }
 
@@ -397,6 +398,7 @@ flamingo_status flamingo_session_generate(flamingo_session* s, const flamingo_ge
     auto t1 = std::chrono::steady_clock::now();
     for (int i = 0; i < p.max_new_tokens; ++i) {
       // as the Python runtime: never <image> or <pad>, nor LM rows beyond the tokenizer's vocabulary
+      logits = logits.clone();  // masked below; the session's last logits stay raw (score reads them)
       float* lp = logits.data_ptr<float>();
       const int64_t V = logits.size(-1);
       for (int64_t v = 0; v < V; ++v)  // NaN would choose a banned token (<image>) or stop silently
@@ -429,6 +431,53 @@ flamingo_status flamingo_session_generate(flamingo_session* s, const flamingo_ge
     r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
     r.decode_seconds = std::chrono::duration<double>(t2 - t1).count();
     if (result != nullptr) *result = r;
+  });
+}
+
+flamingo_status flamingo_session_score(flamingo_session* s, const char* const* candidates, int num_candidates,
+                                       double* out_logprobs) {
+  return guard("flamingo_session_score", [&] {
+    check_session(s);
+    if (candidates == nullptr || out_logprobs == nullptr) invalid("expected candidates and out_logprobs, got NULL");
+    if (num_candidates < 1) invalid("expected num_candidates >= 1, got " + std::to_string(num_candidates));
+    flamingo_model* m = s->model;
+    std::vector<std::vector<int32_t>> ids(num_candidates);
+    size_t longest = 0;
+    for (int i = 0; i < num_candidates; ++i) {
+      if (candidates[i] == nullptr) invalid("expected candidate " + std::to_string(i) + ", got NULL");
+      ids[i] = m->tokenizer.encode(candidates[i]);
+      if (ids[i].empty()) invalid("expected non-empty candidates; candidate " + std::to_string(i) + " has no token");
+      for (int32_t id : ids[i])
+        if (id == m->manifest.image_id) invalid("candidate " + std::to_string(i) + " contains <image>");
+      longest = std::max(longest, ids[i].size());
+    }
+    if (s->pending.empty() && !s->logits.defined()) invalid("nothing to score after: append text or media first");
+    check_room(s, longest - 1, "the longest candidate (less its last token)", "nothing was scored");
+    const at::Tensor first = flush(s);  // the context's last logits: the first token's distribution
+    const int pos0 = s->pos;
+    const at::Tensor lp0 = at::log_softmax(first, -1).contiguous();
+    // however scoring ends, the context is as before: the position and the last logits (the
+    // cache slots written past pos0 are never read: a step attends to positions < its end)
+    struct Restore {
+      flamingo_session* s;
+      int pos;
+      at::Tensor logits;
+      ~Restore() {
+        s->pos = pos;
+        s->logits = logits;
+        s->pending.clear();
+      }
+    } restore{s, pos0, first};
+    for (int i = 0; i < num_candidates; ++i) {
+      double total = lp0.data_ptr<float>()[ids[i][0]];
+      s->pos = pos0;
+      for (size_t j = 0; j + 1 < ids[i].size(); ++j) {
+        s->pending.assign(1, ids[i][j]);
+        const at::Tensor lp = at::log_softmax(flush(s), -1).contiguous();
+        total += lp.data_ptr<float>()[ids[i][j + 1]];
+      }
+      out_logprobs[i] = total;
+    }
   });
 }
 

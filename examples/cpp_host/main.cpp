@@ -3,12 +3,14 @@
 //
 //   cpp_host EXPORT_DIR [--image FILE.ppm | --clip N FILE.ppm... | --text TEXT | --generate]... \
 //            [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--no-stop]
-//            [--stop-after-pieces N]
+//            [--stop-after-pieces N] [--score TEXT]...
 //
 // Items are appended in the order given. `--generate` answers there (a turn of a conversation:
 // the answer stays in the context and later items follow it); the host answers once more at the
 // end when something was appended after the last turn (or when no turn was asked for). Each
 // answer is streamed to stdout and ends with a newline. Options apply to the turns after them.
+// With --score (repeatable), the host ranks candidate continuations instead of the final answer:
+// one line per candidate, "LOGPROB<TAB>TEXT" (flamingo_session_score).
 // Images are binary PPM (P6, maxval 255). Exit status: 0 on success, else the flamingo_status
 // of the failing call (its message on stderr).
 // With FLAMINGO_RT_CHECK_NO_PYTHON=1 the host also fails (status 90) if a libpython is mapped.
@@ -88,6 +90,7 @@ int main(int argc, char** argv) {
   auto t_prompt = std::chrono::steady_clock::now();  // media encoding counts toward the first token
   int turns = 0;
   bool appended = false;  // since the last turn
+  std::vector<std::string> scores;  // candidates to score at the end
   // One answer: streamed to stdout, then a newline and the turn's timings on stderr.
   auto turn = [&]() -> flamingo_status {
     std::vector<const char*> stop_ptrs;
@@ -175,6 +178,8 @@ int main(int argc, char** argv) {
       gp.stop_at_endoftext = 0;
     } else if (a == "--stop") {
       stops.emplace_back(next());
+    } else if (a == "--score") {
+      scores.emplace_back(next());
     } else {
       std::fprintf(stderr, "cpp_host: unknown argument %s\n", a.c_str());
       return 2;
@@ -183,7 +188,16 @@ int main(int argc, char** argv) {
   } catch (const MissingValue&) {
     return 2;
   }
-  if ((turns == 0 || appended) && (st = turn()) != FLAMINGO_OK) return fail(st);
+  if (!scores.empty()) {
+    std::vector<const char*> cands;
+    for (const std::string& c : scores) cands.push_back(c.c_str());
+    std::vector<double> lp(cands.size());
+    if ((st = flamingo_session_score(s, cands.data(), static_cast<int>(cands.size()), lp.data())) != FLAMINGO_OK)
+      return fail(st);
+    for (size_t i = 0; i < cands.size(); ++i) std::printf("%.6f\t%s\n", lp[i], cands[i]);
+  } else if ((turns == 0 || appended) && (st = turn()) != FLAMINGO_OK) {
+    return fail(st);
+  }
   session_owner.reset();
   model_owner.reset();
   const char* check = std::getenv("FLAMINGO_RT_CHECK_NO_PYTHON");

@@ -67,6 +67,39 @@ class ExportedSession:
         if self.pending:
             self._flush()
 
+    def score(self, candidates: List[str]) -> List[float]:
+        """Log-likelihood of each candidate continuation after the context, as
+        ``flamingo_session_score`` (one token at a time past the context's end, then
+        forgotten: the context is unchanged)."""
+        if isinstance(candidates, str) or not candidates:
+            raise ValueError(f"expected a non-empty list of candidate strings, got {candidates!r}")
+        tok = self.m.tokenizer
+        ids = [tok.encode(c) for c in candidates]
+        for i, c in enumerate(ids):
+            if not c:
+                raise ValueError(f"expected non-empty candidates; candidate {i} has no token")
+            if tok.image_token_id in c:
+                raise ValueError(f"candidate {i} contains <image>")
+        if not self.pending and self.logits is None:
+            raise ValueError("nothing to score after: append text or media first")
+        self._check_room(max(len(c) for c in ids) - 1, "the longest candidate (less its last token)",
+                         "nothing was scored")
+        first = self._flush()
+        pos0 = self.pos
+        lp0 = first.float().log_softmax(-1)[0]
+        out = []
+        try:
+            for c in ids:
+                self.pos = pos0
+                total = float(lp0[c[0]])
+                for j in range(len(c) - 1):
+                    self.pending = [c[j]]
+                    total += float(self._flush().float().log_softmax(-1)[0, c[j + 1]])
+                out.append(total)
+        finally:
+            self.pos, self.logits, self.pending = pos0, first, []
+        return out
+
     def fork(self) -> "ExportedSession":
         """A new session holding a copy of this one's context (as ``flamingo_session_fork``):
         a support set encoded once, a fork per query."""
@@ -96,13 +129,13 @@ class ExportedSession:
         self._check_room(len(ids), "the text")
         self.pending += ids
 
-    def _check_room(self, n: int, what: str) -> None:
+    def _check_room(self, n: int, what: str, outcome: str = "nothing was appended") -> None:
         """As the C API: ValueError unless ``n`` more tokens fit the context; a refused append
         leaves the session as it was."""
         held, cap = self.pos + len(self.pending), self.m.manifest["max_seq_len"]
         if held + n > cap:
             raise ValueError(f"{what} needs {n} token slot(s) and the context holds {held}; this export has "
-                             f"max_seq_len = {cap} (nothing was appended)")
+                             f"max_seq_len = {cap} ({outcome})")
 
     def append_media(self, media: MediaLike) -> None:
         if self.num_media >= self.m.manifest["max_media"]:

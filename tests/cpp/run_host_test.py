@@ -105,6 +105,16 @@ def main() -> int:
                                       "--text", " and", "--image", files[2], "--text", "a", "--generate", "--text", " then"])
         check(r.returncode == 0 and r.stdout == "\n".join(want) + "\n" and r.stderr.count("stats tokens=") == 3,
               f"conversation, {max_new} tokens a turn: host {r.stdout!r} == Python Session {want!r}")
+    # scoring candidates (few-shot classification): the runtime's Generator.score
+    imgs, files = case_images[1]
+    cands = ["a red circle.", "a blue star.", "a", " green"]
+    want = gen.score([imgs[0], "a red circle.<|endofchunk|>", imgs[1], "a"], cands)
+    r = run_host(a.host, export, ["--image", files[0], "--text", "a red circle.<|endofchunk|>", "--image", files[1],
+                                  "--text", "a", *[x for c in cands for x in ("--score", c)]])
+    got = [float(line.split("\t")[0]) for line in r.stdout.splitlines()]
+    check(r.returncode == 0 and len(got) == len(cands) and all(abs(g - w) < 2e-3 for g, w in zip(got, want))
+          and [line.split("\t", 1)[1] for line in r.stdout.splitlines()] == cands,
+          f"scores: host {got} == Python {[round(w, 6) for w in want]}")
     # a clip
     clip = rng.integers(0, 256, (FRAMES, 32, 32, 3), dtype=np.uint8)
     frames = [write_ppm(work / f"f{k}.ppm", fr) for k, fr in enumerate(clip)]

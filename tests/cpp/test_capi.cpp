@@ -271,6 +271,56 @@ int main(int argc, char** argv) {
     for (flamingo_session* x : {support, f1, f2, run, after}) flamingo_session_free(x);
   }
 
+  // ------------------------------------------------------------------ score
+  {
+    const auto px = image_rgb8(40, 24, 31);
+    flamingo_session *a = nullptr, *b = nullptr;
+    flamingo_session_create(m, &a);
+    flamingo_session_create(m, &b);
+    for (flamingo_session* x : {a, b}) {
+      flamingo_session_append_image_rgb8(x, px.data(), 40, 24);
+      flamingo_session_append_text(x, "a");
+    }
+    const char* cands[] = {" red circle.", " blue", " red circle."};
+    double lp[3] = {1, 1, 1};
+    const bool scored = flamingo_session_score(a, cands, 3, lp) == FLAMINGO_OK;
+    check(scored && lp[0] < 0 && lp[1] < 0 && lp[0] == lp[2],
+          "score: log-probabilities < 0, the same candidate twice the same: " + std::to_string(lp[0]) + ", " +
+              std::to_string(lp[1]));
+    const char* two[] = {" red circle.", " blue"};
+    double lp2[2] = {0, 0};
+    check(flamingo_session_score(a, two, 2, lp2) == FLAMINGO_OK && lp2[0] == lp[0] && lp2[1] == lp[1],
+          "scoring again gives the same numbers (the context is unchanged)");
+    std::string ga, gb;
+    flamingo_session_generate(a, &gp, collect, &ga, nullptr);
+    flamingo_session_generate(b, &gp, collect, &gb, nullptr);
+    check(ga == gb && flamingo_session_num_tokens(a) == flamingo_session_num_tokens(b),
+          "after scoring, the session answers as one that never scored: '" + ga + "' == '" + gb + "'");
+    const char* empty[] = {""};
+    const char* image[] = {"x <image>"};
+    const char* null_c[] = {nullptr};
+    check_status(flamingo_session_score(a, empty, 1, lp), FLAMINGO_ERR_INVALID_ARGUMENT, "non-empty",
+                 "score an empty candidate");
+    check_status(flamingo_session_score(a, image, 1, lp), FLAMINGO_ERR_INVALID_ARGUMENT, "<image>",
+                 "score a candidate with <image>");
+    check_status(flamingo_session_score(a, null_c, 1, lp), FLAMINGO_ERR_INVALID_ARGUMENT, "NULL",
+                 "score a NULL candidate");
+    check_status(flamingo_session_score(a, cands, 0, lp), FLAMINGO_ERR_INVALID_ARGUMENT, "num_candidates",
+                 "score no candidate");
+    std::string longer;
+    for (int i = 0; i < max_seq; ++i) longer += " a";
+    const char* too_long[] = {longer.c_str()};
+    const int held = flamingo_session_num_tokens(a);
+    check_status(flamingo_session_score(a, too_long, 1, lp), FLAMINGO_ERR_CAPACITY, "nothing was scored",
+                 "score a candidate past the context");
+    check(flamingo_session_num_tokens(a) == held, "a refused score leaves the session as it was");
+    flamingo_session* e = nullptr;
+    flamingo_session_create(m, &e);
+    check_status(flamingo_session_score(e, cands, 1, lp), FLAMINGO_ERR_INVALID_ARGUMENT, "nothing to score after",
+                 "score on an empty session");
+    for (flamingo_session* x : {a, b, e}) flamingo_session_free(x);
+  }
+
   // ------------------------------------------------------------------ sessions on threads
   flamingo_generate_params g8 = flamingo_generate_default_params();
   g8.max_new_tokens = 8;

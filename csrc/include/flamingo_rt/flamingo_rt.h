@@ -166,6 +166,18 @@ FLAMINGO_API flamingo_status flamingo_session_generate(flamingo_session* session
                                                        flamingo_piece_callback callback, void* user_data,
                                                        flamingo_generate_result* result);
 
+/* ------------------------------------------------------------------------------ scoring */
+
+/* The log-likelihood (sum of the tokens' natural-log probabilities, float32 log-softmax of the
+ * raw logits, as the Python runtime's Generator.score) of each candidate continuation after the
+ * session's context: out_logprobs[i] for candidates[i]. Few-shot classification ranks class
+ * names this way. The queued tokens run first; the session's context is unchanged afterwards
+ * (the candidates run one token at a time past its end and are forgotten). Candidates must be
+ * non-empty, without <image>, and fit the context left: 1 + num_tokens + their length - 1 <=
+ * max_seq_len, else FLAMINGO_ERR_CAPACITY. */
+FLAMINGO_API flamingo_status flamingo_session_score(flamingo_session* session, const char* const* candidates,
+                                                    int num_candidates, double* out_logprobs);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -61,3 +61,33 @@ def test_load_bf16_and_wrong_shape_error(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=rf"config\.json: not a Flamingo config: {where}: unknown keys \["):
             load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c["lm"].update(n_layers="2"), r"config\.lm: expected n_layers: an integer, got '2'"),
+    (lambda c: c["lm"].update(dim=64.5), r"config\.lm: expected dim: an integer, got 64\.5"),
+    (lambda c: c["lm"].update(tie_embeddings="yes"), r"config\.lm: expected tie_embeddings: true or false"),
+    (lambda c: c["lm"].update(norm_eps=0), r"config\.lm: expected rope_theta > 0 and norm_eps > 0"),
+    (lambda c: c["xattn"].update(heads=0), r"config\.xattn: expected heads >= 1, got 0"),
+    (lambda c: c["xattn"].update(ff_kind="relu"), r"config\.xattn: expected ff_kind in \('gelu', 'sqrelu'\)"),
+    (lambda c: c["xattn"].update(placement="last"), r"config\.xattn: expected placement in"),
+    (lambda c: c["resampler"].update(num_latents=-1), r"config\.resampler: expected num_latents >= 1"),
+    (lambda c: c["resampler"].update(max_num_frames=0), r"config\.resampler: expected max_num_frames >= 1"),
+    (lambda c: c["vision"].update(image_size=-1), r"config\.vision: expected image_size >= 1, got -1"),
+    (lambda c: c["vision"].update(image_std=[0.5, 0.0, 0.5]), r"config\.vision: expected image_std > 0"),
+    (lambda c: c["vision"].update(image_mean=[0.5, 0.5]), r"config\.vision: expected image_mean: a list of 3 numbers"),
+    (lambda c: c["vision"]["nfnet"].update(depths=[1, 2, 0, 3]), r"config\.vision\.nfnet: expected depths >= 1"),
+    (lambda c: c.update(image_token_id=9999), r"config: expected image_token_id in \[0, \d+\) \(the LM's vocab"),
+    (lambda c: c.update(eos_token_id=-1), r"config: expected eos_token_id in \[0, \d+\)"),
+])
+def test_config_values_are_checked_as_read(tmp_path, edit, message):
+    """A config.json whose values have the wrong type or range is a CheckpointError naming
+    the section, the field and the value (n_layers = "2" was a TypeError inside torch,
+    image_size = -1 and a token id past the vocabulary loaded silently)."""
+    model = Flamingo(get_preset("tiny"))
+    save_pretrained(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    edit(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: not a Flamingo config: " + message):
+        load_pretrained(tmp_path)

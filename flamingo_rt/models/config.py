@@ -22,7 +22,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from .._values import check_known_keys
+from .._values import check_field_types, check_known_keys
+from ..ops.feed_forward import FF_KINDS
+
+
+def _check(obj: Any, where: str, positive: Tuple[str, ...] = ()) -> None:
+    """The config section ``obj``: every field of its annotated type (``n_layers = "2"`` in a
+    config.json was a TypeError deep in torch), and the sizes in ``positive`` >= 1 (or unset
+    where Optional)."""
+    check_field_types(obj, where)
+    for name in positive:
+        v = getattr(obj, name)
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if x is not None and x < 1:
+                raise ValueError(f"{where}expected {name} >= 1, got {v!r}")
 
 #: timm's dm_nfnet_f* stage depths.
 NFNET_DEPTHS = {
@@ -58,6 +71,10 @@ class NFNetConfig:
     std_conv_eps: float = 1e-5
     in_chans: int = 3
 
+    def __post_init__(self):
+        _check(self, "config.vision.nfnet: ", ("depths", "channels", "stem_chs", "group_size", "num_features",
+                                               "in_chans"))
+
     @classmethod
     def timm(cls, name: str, num_features: Optional[int] = None) -> "NFNetConfig":
         """The config of timm's ``name`` (``dm_nfnet_f0`` ... ``dm_nfnet_f6``)."""
@@ -82,6 +99,16 @@ class VisionConfig:
     image_mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)  # pixels in [0, 1] are
     image_std: Tuple[float, float, float] = (0.5, 0.5, 0.5)  # normalised (x - mean) / std
 
+    def __post_init__(self):
+        _check(self, "config.vision: ", ("width", "image_size"))
+        if self.kind not in ("nfnet", "external"):
+            raise ValueError(f"config.vision: expected kind 'nfnet' or 'external', got {self.kind!r}")
+        if not all(x > 0 for x in self.image_std):
+            raise ValueError(f"config.vision: expected image_std > 0, got {self.image_std}")
+
+
+#: where the cross-attention blocks sit among the LM's layers (:class:`XAttnConfig`)
+XATTN_PLACEMENTS = ("openflamingo", "first")
 
 #: the connectors between vision features and media tokens (:func:`flamingo_rt.models.build_resampler`)
 RESAMPLER_KINDS = ("perceiver", "mlp")
@@ -112,6 +139,10 @@ class ResamplerConfig:
     max_num_spatial: Optional[int] = None
 
     def __post_init__(self):
+        _check(self, "config.resampler: ", ("dim", "depth", "heads", "dim_head", "num_latents", "ff_mult",
+                                            "max_num_frames", "max_num_media", "max_num_spatial"))
+        if self.ff_kind not in FF_KINDS:
+            raise ValueError(f"config.resampler: expected ff_kind in {FF_KINDS}, got {self.ff_kind!r}")
         if self.kind not in RESAMPLER_KINDS:
             raise ValueError(f"unknown resampler kind {self.kind!r}; expected one of {RESAMPLER_KINDS}")
         if self.max_num_spatial is not None and self.max_num_spatial < 1:
@@ -130,6 +161,13 @@ class XAttnConfig:
     placement: str = "openflamingo"  # before layer i when (i+1)%every==0; "first": i%every==0
     all_previous: bool = False  # ablation: attend to all previous images
     gated: bool = True  # False (ablation): y = x + XAttn(x), z = y + FF(y), no tanh gates
+
+    def __post_init__(self):
+        _check(self, "config.xattn: ", ("heads", "dim_head", "ff_mult", "every"))
+        if self.ff_kind not in FF_KINDS:
+            raise ValueError(f"config.xattn: expected ff_kind in {FF_KINDS}, got {self.ff_kind!r}")
+        if self.placement not in XATTN_PLACEMENTS:
+            raise ValueError(f"config.xattn: expected placement in {XATTN_PLACEMENTS}, got {self.placement!r}")
 
 
 @dataclass
@@ -151,6 +189,11 @@ class LMConfig:
     mlp_bias: bool = False
 
     def __post_init__(self):
+        _check(self, "config.lm: ", ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size",
+                                     "max_seq_len", "head_dim"))
+        if not (self.rope_theta > 0 and self.norm_eps > 0):
+            raise ValueError(f"config.lm: expected rope_theta > 0 and norm_eps > 0, got {self.rope_theta}, "
+                             f"{self.norm_eps}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.intermediate_size is None:
@@ -179,6 +222,13 @@ class FlamingoConfig:
     pad_token_id: int = 2
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        check_field_types(self, "config: ")
+        for name in ("image_token_id", "eoc_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.lm.vocab_size:
+                raise ValueError(f"config: expected {name} in [0, {self.lm.vocab_size}) (the LM's vocabulary), got {v}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.feed_forward import FF_KINDS
 from ..ops.fused_linear import linear_act, linear_packed, linear_residual
 from ..ops.linear import Linear
 
-FF_KINDS = ("gelu", "sqrelu")
 
 
 class FeedForward(nn.Module):

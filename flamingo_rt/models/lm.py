@@ -33,7 +33,7 @@ from ..ops.decode_attention import cached_attention
 from ..ops.linear import Linear
 from ..ops.silu_mul import silu_mul
 
-from .config import LMConfig
+from .config import XATTN_PLACEMENTS, LMConfig
 from .token_rows import TokenRows
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
     "expected_hf_keys",
 ]
 
-_PLACEMENTS = ("openflamingo", "first")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -269,8 +268,8 @@ def xattn_layer_indices(n_layers: int, every: int, placement: str = "openflaming
     every=4 -> 3, 7, 11, ...). ``placement="first"``: i % every == 0 (0, 4, 8, ...).
     ``every=1`` gives every layer under both placements.
     """
-    if placement not in _PLACEMENTS:
-        raise ValueError(f"unknown xattn placement {placement!r}; expected one of {_PLACEMENTS}")
+    if placement not in XATTN_PLACEMENTS:
+        raise ValueError(f"unknown xattn placement {placement!r}; expected one of {XATTN_PLACEMENTS}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"xattn 'every' must be an integer >= 1, got {every!r}")
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 0:

@@ -29,15 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import numpy as np
-
-from ..._values import check_known_keys, is_integer, is_number
+from ..._values import check_field_types, check_known_keys
 
 __all__ = [
     "DatasetConfig", "OptimConfig", "FreezeConfig", "TrainConfig", "load_train_config", "DATASET_KINDS",
@@ -54,62 +50,13 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def _typed(value: Any, tp: Any, path_like: bool) -> tuple:
-    """(ok, the value as the field keeps it) for one value against a field's annotation:
-    int (not bool; kept as int), float (an integer or real, kept as float), bool, str (or
-    os.PathLike where ``path_like``: kept as str), Optional[X], List[int], tuple (a list of
-    numbers, kept as a tuple of floats); sections (dataclasses) are checked by their own class."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        if value is None and type(None) in args:
-            return True, None
-        return _typed(value, next(a for a in args if a is not type(None)), path_like)
-    if tp is bool:
-        ok = isinstance(value, (bool, np.bool_))
-        return ok, bool(value) if ok else value
-    if tp is int:
-        return is_integer(value), int(value) if is_integer(value) else value
-    if tp is float:
-        return is_number(value), float(value) if is_number(value) else value
-    if tp is str:
-        if path_like and isinstance(value, os.PathLike):
-            return True, os.fspath(value)
-        return isinstance(value, str), value
-    if tp is tuple:
-        ok = isinstance(value, (list, tuple)) and all(is_number(v) for v in value)
-        return ok, tuple(float(v) for v in value) if ok else value
-    if origin in (list, List) and args and args[0] is int:
-        ok = isinstance(value, (list, tuple)) and all(is_integer(v) for v in value)
-        return ok, [int(v) for v in value] if ok else value
-    return True, value  # sections and lists of sections: _section checks them
-
-
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        return " or ".join(_describe(a) for a in args if a is not type(None)) + " (or unset)"
-    if tp is tuple:
-        return "a list of numbers"
-    if origin in (list, List):
-        return "a list of integers"
-    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+_PATH_FIELDS = ("path", "out_dir", "model", "tokenizer")
 
 
 def _check_types(obj: Any, where: str) -> None:
-    """ValueError naming the field, the type expected and the value received for every field
-    of the dataclass ``obj`` whose value does not fit its annotation (TOML and JSON give
-    strings, numbers and booleans: ``steps = "100"`` or ``batch_size = 2.5`` are refused, not
-    converted); floats given as integers become floats."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        ok, kept = _typed(value, hints[f.name], f.name in ("path", "out_dir", "model", "tokenizer"))
-        if not ok:
-            raise ValueError(f"{where}expected {f.name}: {_describe(hints[f.name])}, got {value!r}")
-        setattr(obj, f.name, kept)
+    """:func:`flamingo_rt._values.check_field_types` with the config's path fields (which
+    also take os.PathLike)."""
+    check_field_types(obj, where, path_fields=_PATH_FIELDS)
 
 
 @dataclass

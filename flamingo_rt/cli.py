@@ -145,7 +145,10 @@ def _generate(args) -> int:
         num_beams=args.num_beams, seed=args.seed, stop_strings=tuple(args.stop),
     )
     try:
-        if cfg.num_beams > 1:
+        if args.score:
+            for lp, text in zip(gen.score([prompt, *media], args.score), args.score):
+                print(f"{lp:.6f}\t{text}")
+        elif cfg.num_beams > 1:
             print(gen.generate([prompt, *media], cfg))
         else:
             for piece in gen.stream([prompt, *media], cfg):
@@ -446,6 +449,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_gen.add_argument("--num-beams", type=_POSITIVE, default=1)
     p_gen.add_argument("--seed", type=int, default=None)
     p_gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p_gen.add_argument("--score", action="append", default=[], metavar="TEXT",
+                       help="instead of generating, print the log-likelihood of each candidate continuation "
+                            "(repeatable), one 'LOGPROB<TAB>TEXT' line each, as cpp_host --score")
     p_gen.add_argument("--device", default="cpu")
     p_gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_malloc_flag(p_gen, "dm_nfnet_f0's frozen forward 7% faster")

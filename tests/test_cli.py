@@ -56,6 +56,16 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys, malloc_call
     rc = cli.main(["generate", str(tmp_path / "m"), "<image>a red", "--image", str(tmp_path / "img.npy"),
                    "--max-new-tokens", "6", "--default-malloc"])
     assert rc == 0 and capsys.readouterr().out == want + "\n" and malloc_calls == [1]
+    # --score: the candidates' log-likelihoods (Generator.score), one "LOGPROB<TAB>TEXT" line each
+    cands = [" square left", " blue", " circle"]
+    rc = cli.main(["generate", str(tmp_path / "m"), "<image>a red", "--image", str(tmp_path / "img.npy"),
+                   "--default-malloc", *[x for c in cands for x in ("--score", c)]])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and [line.split("\t", 1)[1] for line in lines] == cands
+    want = Generator(model.eval(), tok).score([img, "a red"], cands)
+    assert [float(line.split("\t")[0]) for line in lines] == pytest.approx(want, abs=2e-6)
+    assert cli.main(["generate", str(tmp_path / "m"), "a", "--score", "", "--default-malloc"]) == 2
+    assert "expected non-empty candidates" in capsys.readouterr().err
 
 
 def test_generate_names_an_image_it_cannot_read(tmp_path, capsys):

@@ -150,6 +150,8 @@ def test_score_equals_runtime_and_keeps_the_context(exported):
     assert s.generate(6) == plain.generate(6)
     with pytest.raises(ValueError, match="non-empty"):
         s.score([""])
+    with pytest.raises(TypeError, match="got a str"):
+        s.score("a red circle.")
     with pytest.raises(ValueError, match="<image>"):
         s.score(["x <image>"])
     with pytest.raises(ValueError, match="nothing was scored"):

@@ -205,6 +205,11 @@ def test_errors_are_clear_and_early(gen):
                 call(bad)
     with pytest.raises(TypeError, match="expected a prompt: a string, or a list of text .*got int"):
         gen.generate([["a"], 5])  # a batch whose second prompt is not one
+    # score's candidates: a bare string was scored character by character
+    with pytest.raises(TypeError, match=r"expected candidates to be a list of strings, got a str \(wrap one"):
+        gen.score(["a"], "red")
+    with pytest.raises(TypeError, match="expected candidates to be a list of strings, got \\['red', 3\\]"):
+        gen.score(["a"], ["red", 3])
     # settings of the wrong type are named (a str temperature failed in a comparison, a str
     # seed inside torch, a float max_new_tokens said only ">= 1"); numpy scalars are numbers
     for kw, msg in ((dict(temperature="hot"), "expected temperature to be a number, got 'hot'"),

@@ -71,8 +71,11 @@ class ExportedSession:
         """Log-likelihood of each candidate continuation after the context, as
         ``flamingo_session_score`` (one token at a time past the context's end, then
         forgotten: the context is unchanged)."""
-        if isinstance(candidates, str) or not candidates:
-            raise ValueError(f"expected a non-empty list of candidate strings, got {candidates!r}")
+        if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
+            what = "a str (wrap one candidate in a list)" if isinstance(candidates, str) else repr(candidates)
+            raise TypeError(f"expected candidates to be a list of strings, got {what}")
+        if not candidates:
+            raise ValueError("expected at least one candidate, got none")
         tok = self.m.tokenizer
         ids = [tok.encode(c) for c in candidates]
         for i, c in enumerate(ids):

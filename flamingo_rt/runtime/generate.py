@@ -393,6 +393,9 @@ class Generator:
     def score(self, prompt: PromptLike, candidates: Sequence[str], prefix: Optional[Prefix] = None) -> List[float]:
         """Log-likelihood (sum of token log-probabilities) of each candidate continuation
         after the prompt, through the same caches (the prompt is computed once)."""
+        if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
+            what = "a str (wrap one candidate in a list)" if isinstance(candidates, str) else repr(candidates)
+            raise TypeError(f"expected candidates to be a list of strings, got {what}")
         if not candidates:
             raise ValueError("expected at least one candidate, got none")
         cand_ids = [self.tok.encode(c) for c in candidates]

@@ -151,6 +151,37 @@ def test_session_multi_turn_equals_one_long_prompt(gen):
                                             sess.media[:1]), GREEDY)
 
 
+def test_session_refusals_leave_it_usable(gen):
+    """append refuses what is not text or usable media (nothing queued; a bad item stayed
+    queued and every later generate failed); a generate that does not fit keeps the new
+    items for a retry with fewer tokens; discard() and reset() recover."""
+    a, b = img(), img()
+    sess = gen.session()
+    with pytest.raises(TypeError, match="expected text .* got int"):
+        sess.append("a red", 5)
+    bad = a.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        sess.append(bad)
+    assert sess._pending == []
+    sess.append(a, "a red square")
+    with pytest.raises(ValueError, match="exceeds the cache length 160 .*are kept: retry with fewer max_new_tokens"):
+        sess.generate(max_new_tokens=500)
+    first = sess.generate(GREEDY)  # the retry: the items were kept
+    assert first == gen.session().append(a, "a red square").generate(GREEDY)
+    sess.append("x " * 300)
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        sess.generate(GREEDY)
+    assert sess.discard() == ["x " * 300]
+    second = sess.append(b, "the big").generate(GREEDY)
+    ref = gen.session()
+    ref.append(a, "a red square").generate(GREEDY)
+    assert second == ref.append(b, "the big").generate(GREEDY)
+    sess.reset()
+    assert sess.token_ids == [] and sess.history == [] and sess._pending == []
+    assert sess.append(b, "the big").generate(GREEDY) == gen.session().append(b, "the big").generate(GREEDY)
+
+
 def test_score_matches_full_forward(gen, tok):
     p = [img(), "a red"]
     cands = [" square", " blue circle"]

@@ -16,7 +16,7 @@ from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
 from .engine import decode_step, decode_tensors, encode_rows, forward_chunk, left_pad
-from .prompt import EncodedPrompt, PromptItem, encode_prompt
+from .prompt import EncodedPrompt, PromptItem, encode_prompt, preprocess_media
 from .sampling import GenerationConfig, choose_next
 
 PromptLike = Union[str, Sequence[PromptItem], EncodedPrompt]
@@ -426,7 +426,12 @@ class Generator:
 class Session:
     """A dialogue: ``append(...)`` text and media, ``generate()`` replies; each new image
     gets the next media index and every later token attends to it. The caches persist
-    across turns, so earlier turns are never recomputed."""
+    across turns, so earlier turns are never recomputed.
+
+    An item that is not text or usable media is refused by ``append`` (nothing is queued).
+    A ``generate`` that is refused (the turn does not fit the caches, marker mismatch) keeps
+    the items appended since the last answer, so it can be retried with fewer
+    ``max_new_tokens``; ``discard()`` drops them, ``reset()`` starts the dialogue over."""
 
     def __init__(self, gen: Generator):
         self.gen = gen
@@ -438,8 +443,25 @@ class Session:
         self.media: List[torch.Tensor] = []  # every medium, preprocessed, in order
 
     def append(self, *items: PromptItem) -> "Session":
+        """Queue text and media for the next ``generate``. Each item is checked now: a value
+        that is neither text nor media, or media that cannot be used (shape, NaN, 0-255
+        floats), is an error and nothing of this call is queued."""
+        for item in items:
+            if not isinstance(item, str):
+                preprocess_media(item, self.gen.model.config.vision)  # raises TypeError / ValueError
         self._pending += list(items)
         return self
+
+    def discard(self) -> List[PromptItem]:
+        """Drop (and return) the items appended since the last answer."""
+        items, self._pending = self._pending, []
+        return items
+
+    def reset(self) -> None:
+        """Forget the whole dialogue (the caches are kept and emptied)."""
+        self.cache.reset()
+        self._pending, self._carry = [], []
+        self.history, self.token_ids, self.media = [], [], []
 
     @torch.no_grad()
     def generate(self, config: Optional[GenerationConfig] = None, **kwargs) -> str:
@@ -447,11 +469,17 @@ class Session:
         if cfg.num_beams > 1:
             raise ValueError("Session.generate decodes greedily or by sampling (num_beams must be 1)")
         g = self.gen
-        enc = encode_prompt(self._pending, g.tok, g.model.config.vision) if self._pending else EncodedPrompt([])
-        ids = self._carry + enc.ids
-        if not ids:
-            raise ValueError("expected new text or media before generate(), got nothing")
-        g._check_fits([len(ids)], [len(enc.media)], cfg, self.cache.length, int(self.cache.num_media[0]))
+        try:
+            enc = encode_prompt(self._pending, g.tok, g.model.config.vision) if self._pending else EncodedPrompt([])
+            ids = self._carry + enc.ids
+            if not ids:
+                raise ValueError("expected new text or media before generate(), got nothing")
+            g._check_fits([len(ids)], [len(enc.media)], cfg, self.cache.length, int(self.cache.num_media[0]))
+        except ValueError as e:
+            if self._pending:  # say how to go on: the session itself is as before this call
+                e.args = (f"{e.args[0]} (the items appended since the last answer are kept: retry with fewer "
+                          "max_new_tokens, or discard() them; reset() starts over)",) + e.args[1:]
+            raise
         tokens, counts = g._encode_media([enc.media])
         self.cache.add_media(g.model, tokens, counts)
         t = torch.tensor([ids], device=g.device)

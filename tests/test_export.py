@@ -209,6 +209,12 @@ def test_errors(exported):
         em.session().append_media(torch.rand(FRAMES + 1, 3, 32, 32))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ExportedModel(out.parent)
+    other = out.parent / "other_torch"
+    other.mkdir(exist_ok=True)
+    man = json.loads((out / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(dict(man, torch_version="1.13.1")))
+    with pytest.raises(ValueError, match="exported with torch 1.13.1, but this is torch .*re-export"):
+        ExportedModel(other)
     with pytest.raises(ValueError, match="nothing to generate"):
         em.session().generate(2)
     with pytest.raises(ValueError, match="<image>"):

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/version.h>  // TORCH_VERSION_MAJOR / _MINOR: the libtorch this library is built on
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <algorithm>
@@ -63,6 +64,21 @@ std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_package(const std:
                                             e.what_without_backtrace() + ")");
   } catch (const std::exception& e) {
     throw ApiError(FLAMINGO_ERR_FORMAT, path + ": not a loadable AOTInductor package (" + e.what() + ")");
+  }
+}
+
+// AOTInductor packages are tied to the torch release that compiled them: refuse an export whose
+// torch major.minor differs from the libtorch this library is built on (it would fail to load
+// with an obscure message, or worse).
+void check_torch_version(const Manifest& man, const std::string& folder) {
+  const std::string& v = man.torch_version;
+  const size_t dot1 = v.find('.'), dot2 = dot1 == std::string::npos ? dot1 : v.find_first_not_of("0123456789", dot1 + 1);
+  const std::string exported = dot1 == std::string::npos ? v : v.substr(0, dot2);
+  const std::string ours = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+  if (exported != ours) {
+    throw ApiError(FLAMINGO_ERR_FORMAT, folder + ": exported with torch " + v + ", but this library is built on libtorch " +
+                                            ours + " (AOTInductor packages are tied to the torch release that "
+                                            "compiled them): re-export the model with torch " + ours);
   }
 }
 
@@ -194,6 +210,7 @@ flamingo_status flamingo_model_load(const char* folder, const flamingo_model_par
     if (p.num_threads < 0) invalid("expected num_threads >= 0, got " + std::to_string(p.num_threads));
     if (p.num_threads > 0) at::set_num_threads(p.num_threads);
     Manifest man = flamingo_rt::capi::read_manifest(folder);
+    check_torch_version(man, folder);
     flamingo_rt::Tokenizer tok = flamingo_rt::Tokenizer::from_file(std::string(folder) + "/tokenizer.json");
     if (tok.image_token_id() != man.image_id || tok.eoc_token_id() != man.eoc_id || tok.eos_token_id() != man.eos_id) {
       throw ApiError(FLAMINGO_ERR_FORMAT, "tokenizer.json's special token ids differ from the manifest's");

@@ -77,6 +77,7 @@ Manifest read_manifest(const std::string& folder) {
   Manifest m;
   m.device = field(root, "device", JsonValue::Type::kString, path).string;
   m.dtype = field(root, "dtype", JsonValue::Type::kString, path).string;
+  m.torch_version = field(root, "torch_version", JsonValue::Type::kString, path).string;
   m.max_seq_len = static_cast<int>(integer(root, "max_seq_len", path, 1));
   m.max_media = static_cast<int>(integer(root, "max_media", path, 1));
   m.max_frames = static_cast<int>(integer(root, "max_frames", path, 1));

@@ -11,6 +11,7 @@ namespace flamingo_rt::capi {
 struct Manifest {
   std::string device;  // "cpu" or "cuda"
   std::string dtype;   // "float32", "bfloat16", ...
+  std::string torch_version;  // the torch that compiled the packages, e.g. "2.14.1+cu130"
   int max_seq_len = 0, max_media = 0, max_frames = 0, image_size = 0, vocab_size = 0;
   std::array<float, 3> image_mean{}, image_std{};
   int32_t image_id = 0, eoc_id = 0, pad_id = 0, eos_id = 0;

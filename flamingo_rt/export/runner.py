@@ -34,6 +34,12 @@ class ExportedModel:
         self.manifest = json.loads(mf.read_text())
         if self.manifest.get("format") != "flamingo_rt-export":
             raise ValueError(f"{mf}: expected format 'flamingo_rt-export', got {self.manifest.get('format')!r}")
+        exported = str(self.manifest.get("torch_version", "?"))
+        ours = ".".join(torch.__version__.split(".")[:2])
+        if ".".join(exported.split(".")[:2]) != ours:
+            raise ValueError(f"{folder}: exported with torch {exported}, but this is torch {torch.__version__} "
+                             "(AOTInductor packages are tied to the torch release that compiled them): re-export "
+                             f"the model with torch {ours}")
         from .. import _ext
 
         _ext.load()  # the flamingo_rt_C ops the packages call

@@ -8,6 +8,7 @@ export when given.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -150,6 +151,11 @@ def main() -> int:
     (bad / "token_step.pt2").write_bytes(data[: len(data) // 3])
     r = run_host(a.host, bad, ["--text", "a"])
     check(r.returncode == 3 and "token_step.pt2" in r.stderr, f"corrupted package -> FLAMINGO_ERR_FORMAT (3): {r.stderr.strip()[:200]}")
+    man = json.loads((export / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps(dict(man, torch_version="1.13.1")))
+    r = run_host(a.host, bad, ["--text", "a"])
+    check(r.returncode == 3 and "exported with torch 1.13.1" in r.stderr and "re-export" in r.stderr,
+          f"an export of another torch release -> 3: {r.stderr.strip()[:200]}")
     (bad / "manifest.json").write_text("{not json")
     r = run_host(a.host, bad, ["--text", "a"])
     check(r.returncode == 3 and "manifest.json" in r.stderr, f"corrupted manifest -> 3: {r.stderr.strip()[:200]}")

@@ -125,6 +125,8 @@ int main(int argc, char** argv) {
                "nothing to generate", "generate on an empty session");
   check_status(flamingo_session_append_text(s, "x <image> y"), FLAMINGO_ERR_INVALID_ARGUMENT, "<image>",
                "append_text with <image>");
+  check_status(flamingo_session_append_text(s, "bad \xC3\x28 utf-8"), FLAMINGO_ERR_INVALID_ARGUMENT, "expected UTF-8 text",
+               "append_text of invalid UTF-8");
   const auto rgb = image_rgb8(40, 24, 1);
   std::vector<float> f32 = planar(rgb, 40, 24);
   std::vector<float> f255 = f32;

@@ -167,15 +167,16 @@ class ExportedSession:
             raise ValueError(f"the prompt needs {self.pos + len(ids)} cache slots; this export has "
                              f"max_seq_len = {self.m.manifest['max_seq_len']}")
         img = self.m.tokenizer.image_token_id
-        index = []
+        index, seen = [], self.seen_images  # the image count is committed only when the step ran
         for t in ids:
             if t == img:
-                self.seen_images += 1
-            index.append(self.seen_images - 1)
+                seen += 1
+            index.append(seen - 1)
         dev = self.m.device
         run = self.m.decode if len(ids) == 1 else self.m.step
         self.logits = run(torch.tensor([ids], device=dev), torch.tensor([self.pos], device=dev),
-                                  torch.tensor([index], dtype=torch.int32, device=dev), self.kv, self.media)
+                          torch.tensor([index], dtype=torch.int32, device=dev), self.kv, self.media)
+        self.seen_images = seen
         self.pos += len(ids)
         self.pending = []
         return self.logits

@@ -160,6 +160,35 @@ def test_score_equals_runtime_and_keeps_the_context(exported):
         em.session().score(["a"])
 
 
+def test_failed_step_commits_nothing(exported):
+    """A step that fails (here: the package raises) leaves the queued tokens, the position
+    and the image count as they were, so a retry equals a session where it never failed
+    (the image count was advanced before the step ran, shifting every later media index)."""
+    from flamingo_rt.export import ExportedModel
+
+    _, _, out, _ = exported
+    em = ExportedModel(out)
+    imgs = _images(2, 17)
+    s, ref = em.session(), em.session()
+    for x in (s, ref):
+        x.append_media(imgs[0])
+        x.append_text("a red circle.<|endofchunk|>")
+        x.prefill()
+        x.append_media(imgs[1])
+        x.append_text("a")
+    real = em.step
+
+    def broken(*args):
+        raise RuntimeError("the package failed")
+
+    em.step = broken
+    with pytest.raises(RuntimeError, match="the package failed"):
+        s.prefill()
+    em.step = real
+    assert (s.pos, s.seen_images, s.pending) == (ref.pos, ref.seen_images, ref.pending)
+    assert s.generate(8) == ref.generate(8)
+
+
 def test_chunked_prefill_equals_one_chunk(exported):
     from flamingo_rt.export import ExportedModel
 

@@ -182,6 +182,33 @@ def test_session_refusals_leave_it_usable(gen):
     assert sess.append(b, "the big").generate(GREEDY) == gen.session().append(b, "the big").generate(GREEDY)
 
 
+def test_preprocessed_media_is_used_as_is(gen, monkeypatch):
+    """PreprocessedMedia (preprocess once, reuse across prompts) gives the same answers as the
+    raw image; Session.append preprocesses each medium once (it did it again at generate);
+    media preprocessed for another image size are refused by name."""
+    from flamingo_rt.runtime import PreprocessedMedia
+    from flamingo_rt.runtime import prompt as prompt_mod
+
+    a = img()
+    vision = gen.model.config.vision
+    ready = PreprocessedMedia.of(a, vision)
+    assert ready.frames.shape == (1, 3, vision.image_size, vision.image_size)
+    assert gen.generate([ready, "a red square"], GREEDY) == gen.generate([a, "a red square"], GREEDY)
+    calls = []
+    real = prompt_mod._to_frames
+    monkeypatch.setattr(prompt_mod, "_to_frames", lambda x: calls.append(1) or real(x))
+    sess = gen.session().append(a, "a red square")
+    assert len(calls) == 1
+    answer = sess.generate(GREEDY)
+    assert len(calls) == 1, "generate preprocessed the appended image again"
+    assert answer == gen.session().append(ready, "a red square").generate(GREEDY)
+    assert gen.session().append(a, "x").discard()[0] is a  # discard gives the items as given
+    other = PreprocessedMedia(ready.frames, vision.image_size + 1)
+    with pytest.raises(ValueError, match=f"expected media preprocessed for image size {vision.image_size}, "
+                                         f"got media preprocessed for {vision.image_size + 1}"):
+        gen.session().append(other)
+
+
 def test_score_matches_full_forward(gen, tok):
     p = [img(), "a red"]
     cands = [" square", " blue circle"]
@@ -241,6 +268,14 @@ def test_errors_are_clear_and_early(gen):
         gen.score(["a"], "red")
     with pytest.raises(TypeError, match="expected candidates to be a list of strings, got \\['red', 3\\]"):
         gen.score(["a"], ["red", 3])
+    # the candidate checks are shared with ExportedSession.score (runtime.prompt.encode_candidates);
+    # a candidate holding <image> would take an image slot no medium fills
+    for cands, err, msg in (([], ValueError, "expected at least one candidate"),
+                            (["red", ""], ValueError, r"candidate 1 \(''\) has no token"),
+                            (["red", "x <image>"], ValueError, "candidate 1 contains <image>"),
+                            (("red", None), TypeError, "list of strings")):
+        with pytest.raises(err, match=msg):
+            gen.score(["a"], cands)
     # settings of the wrong type are named (a str temperature failed in a comparison, a str
     # seed inside torch, a float max_new_tokens said only ">= 1"); numpy scalars are numbers
     for kw, msg in ((dict(temperature="hot"), "expected temperature to be a number, got 'hot'"),

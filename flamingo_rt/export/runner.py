@@ -17,7 +17,7 @@ import torch
 from .._values import is_integer
 from ..io.tokenizer import FlamingoTokenizer
 from ..models.config import VisionConfig
-from ..runtime.prompt import MediaLike, preprocess_media
+from ..runtime.prompt import MediaLike, encode_candidates, preprocess_media
 
 __all__ = ["ExportedModel", "ExportedSession"]
 
@@ -77,18 +77,7 @@ class ExportedSession:
         """Log-likelihood of each candidate continuation after the context, as
         ``flamingo_session_score`` (one token at a time past the context's end, then
         forgotten: the context is unchanged)."""
-        if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
-            what = "a str (wrap one candidate in a list)" if isinstance(candidates, str) else repr(candidates)
-            raise TypeError(f"expected candidates to be a list of strings, got {what}")
-        if not candidates:
-            raise ValueError("expected at least one candidate, got none")
-        tok = self.m.tokenizer
-        ids = [tok.encode(c) for c in candidates]
-        for i, c in enumerate(ids):
-            if not c:
-                raise ValueError(f"expected non-empty candidates; candidate {i} has no token")
-            if tok.image_token_id in c:
-                raise ValueError(f"candidate {i} contains <image>")
+        ids = encode_candidates(candidates, self.m.tokenizer)
         if not self.pending and self.logits is None:
             raise ValueError("nothing to score after: append text or media first")
         self._check_room(max(len(c) for c in ids) - 1, "the longest candidate (less its last token)",

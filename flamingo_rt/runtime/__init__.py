@@ -1,7 +1,7 @@
 """Generation runtime: prompts, static caches, decoding strategies, streaming, sessions."""
 from .cache import StaticCache
 from .generate import Generator, Prefix, Session
-from .prompt import EncodedPrompt, encode_prompt, few_shot_prompt, preprocess_media
+from .prompt import EncodedPrompt, PreprocessedMedia, encode_prompt, few_shot_prompt, preprocess_media
 from .sampling import GenerationConfig
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "GenerationConfig",
     "Generator",
     "Prefix",
+    "PreprocessedMedia",
     "Session",
     "StaticCache",
     "encode_prompt",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -16,7 +16,7 @@ from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
 from .engine import decode_step, decode_tensors, encode_rows, forward_chunk, left_pad
-from .prompt import EncodedPrompt, PromptItem, encode_prompt, preprocess_media
+from .prompt import EncodedPrompt, PreprocessedMedia, PromptItem, encode_candidates, encode_prompt
 from .sampling import GenerationConfig, choose_next
 
 PromptLike = Union[str, Sequence[PromptItem], EncodedPrompt]
@@ -393,14 +393,7 @@ class Generator:
     def score(self, prompt: PromptLike, candidates: Sequence[str], prefix: Optional[Prefix] = None) -> List[float]:
         """Log-likelihood (sum of token log-probabilities) of each candidate continuation
         after the prompt, through the same caches (the prompt is computed once)."""
-        if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
-            what = "a str (wrap one candidate in a list)" if isinstance(candidates, str) else repr(candidates)
-            raise TypeError(f"expected candidates to be a list of strings, got {what}")
-        if not candidates:
-            raise ValueError("expected at least one candidate, got none")
-        cand_ids = [self.tok.encode(c) for c in candidates]
-        if any(not c for c in cand_ids):
-            raise ValueError("expected non-empty candidates, got an empty string")
+        cand_ids = encode_candidates(candidates, self.tok)
         cfg = GenerationConfig(max_new_tokens=max(len(c) for c in cand_ids))
         cache, encs, logits = self._start([prompt], cfg, prefix)
         snap = cache.snapshot()
@@ -436,7 +429,7 @@ class Session:
     def __init__(self, gen: Generator):
         self.gen = gen
         self.cache = StaticCache(gen.model, 1, gen.max_seq_len, gen.max_media, dtype=gen.dtype, device=gen.device)
-        self._pending: List[PromptItem] = []
+        self._pending: List[Tuple[PromptItem, PromptItem]] = []  # (as given, preprocessed) since the last answer
         self._carry: List[int] = []  # last generated token, not yet fed to the model
         self.history: List[str] = []
         self.token_ids: List[int] = []  # every token of the conversation so far
@@ -446,15 +439,15 @@ class Session:
         """Queue text and media for the next ``generate``. Each item is checked now: a value
         that is neither text nor media, or media that cannot be used (shape, NaN, 0-255
         floats), is an error and nothing of this call is queued."""
-        for item in items:
-            if not isinstance(item, str):
-                preprocess_media(item, self.gen.model.config.vision)  # raises TypeError / ValueError
-        self._pending += list(items)
+        vision = self.gen.model.config.vision
+        # preprocessed once, here (raises TypeError / ValueError); generate uses the result
+        ready = [it if isinstance(it, str) else PreprocessedMedia.of(it, vision) for it in items]
+        self._pending += list(zip(items, ready))
         return self
 
     def discard(self) -> List[PromptItem]:
-        """Drop (and return) the items appended since the last answer."""
-        items, self._pending = self._pending, []
+        """Drop (and return) the items appended since the last answer, as they were given."""
+        items, self._pending = [orig for orig, _ in self._pending], []
         return items
 
     def reset(self) -> None:
@@ -470,7 +463,8 @@ class Session:
             raise ValueError("Session.generate decodes greedily or by sampling (num_beams must be 1)")
         g = self.gen
         try:
-            enc = encode_prompt(self._pending, g.tok, g.model.config.vision) if self._pending else EncodedPrompt([])
+            enc = (encode_prompt([ready for _, ready in self._pending], g.tok, g.model.config.vision)
+                   if self._pending else EncodedPrompt([]))
             ids = self._carry + enc.ids
             if not ids:
                 raise ValueError("expected new text or media before generate(), got nothing")

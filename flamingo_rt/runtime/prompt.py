@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..io.tokenizer import EOC_TOKEN, IMAGE_TOKEN, FlamingoTokenizer
 from ..models.config import VisionConfig
 
-MediaLike = Union[torch.Tensor, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+MediaLike = Union[torch.Tensor, np.ndarray, "PIL.Image.Image", "PreprocessedMedia"]  # noqa: F821
 PromptItem = Union[str, MediaLike]
 
 
@@ -84,9 +84,30 @@ def _to_frames(x: MediaLike) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class PreprocessedMedia:
+    """Media already through ``preprocess_media`` for one vision config: ``frames`` is
+    (F, 3, S, S) float32, resized and normalised. A prompt item like any medium, passed
+    through as is (so an image reused across prompts, e.g. a few-shot support set, is
+    preprocessed once). Make it with ``PreprocessedMedia.of(x, vision)``."""
+
+    frames: torch.Tensor
+    image_size: int
+
+    @staticmethod
+    def of(x: MediaLike, vision: VisionConfig) -> "PreprocessedMedia":
+        return PreprocessedMedia(preprocess_media(x, vision), vision.image_size)
+
+
 def preprocess_media(x: MediaLike, vision: VisionConfig) -> torch.Tensor:
     """Media -> (F, 3, S, S) float32: resized to the encoder's image size (bilinear with
-    antialiasing) and normalised with its mean and std."""
+    antialiasing) and normalised with its mean and std. ``PreprocessedMedia`` passes
+    through (its image size must be the encoder's)."""
+    if isinstance(x, PreprocessedMedia):
+        if x.image_size != vision.image_size:
+            raise ValueError(f"expected media preprocessed for image size {vision.image_size}, "
+                             f"got media preprocessed for {x.image_size}")
+        return x.frames
     t = _to_frames(x)
     S = vision.image_size
     if t.shape[-2:] != (S, S):
@@ -139,6 +160,26 @@ def encode_prompt(prompt: Union[str, Sequence[PromptItem]], tokenizer: FlamingoT
     if not ids:
         raise ValueError("expected a non-empty prompt, got no tokens")
     return EncodedPrompt(ids, media)
+
+
+def encode_candidates(candidates: Sequence[str], tokenizer: FlamingoTokenizer) -> List[List[int]]:
+    """Token ids of each candidate continuation to score (``Generator.score``,
+    ``ExportedSession.score``). Raises TypeError unless ``candidates`` is a list of str
+    (a bare str is refused: it would be scored character by character) and ValueError
+    for no candidates, a candidate with no token, or one holding ``<image>``."""
+    if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)) \
+            or not all(isinstance(c, str) for c in candidates):
+        what = "a str (wrap one candidate in a list)" if isinstance(candidates, str) else repr(candidates)
+        raise TypeError(f"expected candidates to be a list of strings, got {what}")
+    if not candidates:
+        raise ValueError("expected at least one candidate, got none")
+    ids = [tokenizer.encode(c) for c in candidates]
+    for i, c in enumerate(ids):
+        if not c:
+            raise ValueError(f"expected non-empty candidates; candidate {i} ({candidates[i]!r}) has no token")
+        if tokenizer.image_token_id in c:
+            raise ValueError(f"expected text candidates; candidate {i} contains {IMAGE_TOKEN}")
+    return ids
 
 
 def few_shot_prompt(support: Sequence[Tuple[MediaLike, str]], query: MediaLike,

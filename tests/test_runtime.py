@@ -210,18 +210,63 @@ def test_preprocessed_media_is_used_as_is(gen, monkeypatch):
 
 
 def test_score_matches_full_forward(gen, tok):
+    """score packs the candidates into chunks after the prompt (each sees the prompt and
+    itself only); every packing (one candidate a chunk, some, all) gives each candidate's
+    log-likelihood computed alone by a full forward of prompt + candidate."""
     p = [img(), "a red"]
-    cands = [" square", " blue circle"]
-    got = gen.score(p, cands)
+    cands = [" square", " blue circle", " a", " big red square on the", " blue circle"]
+    assert {len(tok.encode(c)) for c in cands} >= {1, 2}, "the candidates should have several lengths"
     enc = gen.encode(p)
-    for c, s in zip(cands, got):
+    want = []
+    for c in cands:
         ids = tok.encode(c)
         x = torch.tensor([enc.ids + ids])
         with torch.no_grad():
             lp = gen.model(x, torch.stack(enc.media)[None]).logits[0].float().log_softmax(-1)
         n = len(enc.ids)
-        want = sum(float(lp[n - 1 + i, t]) for i, t in enumerate(ids))
-        assert abs(s - want) < 1e-3
+        want.append(sum(float(lp[n - 1 + i, t]) for i, t in enumerate(ids)))
+    for cap in (256, 1, 3):
+        got = gen.score(p, cands, max_pack_tokens=cap)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-3)
+        assert got[1] == got[4]
+    shots = [img(), "a red square<|endofchunk|>"]
+    torch.testing.assert_close(torch.tensor(gen.score(p, cands, prefix=gen.prefix(shots))),
+                               torch.tensor(gen.score(shots + p, cands)), rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="max_pack_tokens an integer >= 1, got 0"):
+        gen.score(p, cands, max_pack_tokens=0)
+
+
+def test_forward_packed_equals_each_continuation_alone(gen, tok):
+    """forward_packed: each continuation's logits equal a chunk of it alone after the
+    prompt (restored between); the cache's bookkeeping is unchanged; bad packs refused."""
+    from flamingo_rt.runtime.cache import StaticCache
+    from flamingo_rt.runtime.engine import forward_chunk, forward_packed
+
+    enc = gen.encode([img(), "a red square<|endofchunk|>", img(), "the"])
+    cache = StaticCache(gen.model, 1, 64, 4)
+    gen._prefill(cache, [enc])
+    conts = [tok.encode(" big blue"), tok.encode(" a"), tok.encode(" circle on the red")]
+    before = (cache.length, cache.key_valid.clone(), cache.image_count.clone(), cache.pad.clone())
+    with torch.no_grad():
+        got = forward_packed(gen.model, cache, conts)
+    assert cache.length == before[0] and torch.equal(cache.key_valid, before[1])
+    assert torch.equal(cache.image_count, before[2]) and torch.equal(cache.pad, before[3])
+    snap = cache.snapshot()
+    for c, lg in zip(conts, got):
+        cache.restore(snap)
+        with torch.no_grad():
+            alone = forward_chunk(gen.model, cache, torch.tensor([c]), torch.tensor([len(c)]), last_only=False)[0]
+        assert lg.shape == alone.shape
+        torch.testing.assert_close(lg, alone, rtol=1e-4, atol=1e-4)
+    cache.restore(snap)
+    with pytest.raises(ValueError, match="expected at most 64 tokens in the cache"):
+        forward_packed(gen.model, cache, [[5] * 40, [5] * 20])
+    with pytest.raises(ValueError, match="at least one token"):
+        forward_packed(gen.model, cache, [[5], []])
+    with pytest.raises(ValueError, match="without <image>"):
+        forward_packed(gen.model, cache, [[5, tok.image_token_id]])
+    with pytest.raises(ValueError, match="one-row cache"):
+        forward_packed(gen.model, StaticCache(gen.model, 2, 64, 4), [[5]])
 
 
 def test_few_shot_prompt_builder(gen, tok):

@@ -194,6 +194,40 @@ class StaticCache:
         visible = (k <= q)[None] & (self.key_valid[:, None, :] | (k == q)[None])  # (B, T, S)
         return slots, positions, visible[:, None], real
 
+    def plan_packed(self, lengths: List[int]):
+        """:meth:`plan_chunk` for independent continuations of a one-row cache, packed one
+        after another in the slots past its end: continuation i (``lengths[i]`` tokens)
+        sees the row's valid slots and its own earlier tokens, never another's, and its
+        positions continue the row's as if it alone followed. The bookkeeping is left as it
+        is (nothing is committed: the slots written lie past :attr:`length`), so any number
+        of packs can follow one prompt. Scoring candidates this way runs them as one chunk.
+
+        Returns (slots (T,), position_ids (1, T), attn_mask (1, 1, T, S), real (1, T) bool),
+        T = sum(lengths). Raises ValueError when the pack does not fit in the cache or a
+        length is not positive.
+        """
+        if self.batch != 1:
+            raise ValueError(f"expected a one-row cache for packed continuations, got {self.batch} rows")
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"expected continuations of at least one token, got lengths {list(lengths)}")
+        T = int(sum(lengths))
+        self.check_room(T)
+        dev = self.device
+        n = self.length
+        slots = self.slots[n:n + T]
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=dev),
+                                      torch.as_tensor(lengths, device=dev))  # (T,) which continuation
+        start = torch.cumsum(torch.as_tensor([0] + list(lengths[:-1]), device=dev), 0)[seq]  # its first slot - n
+        within = torch.arange(T, device=dev) - start  # (T,) offset inside its continuation
+        positions = (n + within - self.pad[0]).clamp_min(0)[None]  # (1, T)
+        k = self.slots[None, :]  # (1, S)
+        prompt = (k < n) & self.key_valid[0, None, :]  # (1, S): the row's valid slots
+        ks = k - n  # the key's index inside the pack (negative: the prompt's)
+        kseq = seq[ks.clamp(0, T - 1)]  # (1, S) the key's continuation
+        own = (ks >= 0) & (ks < T) & (kseq == seq[:, None]) & (ks <= torch.arange(T, device=dev)[:, None])
+        visible = (prompt | own)[None, None]  # (1, 1, T, S)
+        return slots, positions, visible, torch.ones(1, T, dtype=torch.bool, device=dev)
+
     def commit_chunk(self, lengths: torch.Tensor, T: int) -> None:
         self.pad += (T - lengths.to(self.device))
         self.length += T

@@ -67,6 +67,22 @@ def forward_chunk(model: Flamingo, cache: StaticCache, ids: torch.Tensor, length
     return logits[:, -1] if last_only else logits
 
 
+def forward_packed(model: Flamingo, cache: StaticCache, continuations: Sequence[Sequence[int]],
+                   backend: Optional[str] = None) -> List[torch.Tensor]:
+    """Run independent continuations of a one-row cache's context as one chunk
+    (:meth:`StaticCache.plan_packed`) and return each one's logits, (len_i, V) for
+    continuation i: position j predicts its token j + 1. The cache's context is unchanged
+    (its bookkeeping is not advanced), so this can be called again for more. The
+    continuations must hold no ``<image>`` token (they would take the next media index)."""
+    lengths = [len(c) for c in continuations]
+    plan = cache.plan_packed(lengths)
+    ids = torch.tensor([[t for c in continuations for t in c]], dtype=torch.long, device=cache.device)
+    if bool((ids == model.config.image_token_id).any()):
+        raise ValueError("expected continuations without <image> tokens")
+    logits = _forward_planned(model, cache, ids, plan, False, backend, False)[0]
+    return list(torch.split(logits, lengths))
+
+
 def decode_tensors(model: Flamingo, cache: StaticCache, tokens: torch.Tensor,
                    backend: Optional[str] = None) -> torch.Tensor:
     """The tensor work of one decode step: feed one token per row (B,) at slot

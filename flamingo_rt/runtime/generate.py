@@ -12,10 +12,11 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._values import is_integer
 from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
-from .engine import decode_step, decode_tensors, encode_rows, forward_chunk, left_pad
+from .engine import decode_step, decode_tensors, encode_rows, forward_chunk, forward_packed, left_pad
 from .prompt import EncodedPrompt, PreprocessedMedia, PromptItem, encode_candidates, encode_prompt
 from .sampling import GenerationConfig, choose_next
 
@@ -390,25 +391,35 @@ class Generator:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score(self, prompt: PromptLike, candidates: Sequence[str], prefix: Optional[Prefix] = None) -> List[float]:
+    def score(self, prompt: PromptLike, candidates: Sequence[str], prefix: Optional[Prefix] = None,
+              max_pack_tokens: int = 256) -> List[float]:
         """Log-likelihood (sum of token log-probabilities) of each candidate continuation
-        after the prompt, through the same caches (the prompt is computed once)."""
+        after the prompt. The prompt is computed once; the candidates then run together,
+        packed into chunks of at most ``max_pack_tokens`` tokens and of the cache's free
+        slots past the prompt (``max_seq_len`` less the prompt; a longer candidate runs
+        alone; each sees the prompt and itself only:
+        :func:`~flamingo_rt.runtime.engine.forward_packed`), so the weights are read once
+        per chunk, not once per candidate."""
         cand_ids = encode_candidates(candidates, self.tok)
+        if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
+            raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
         cfg = GenerationConfig(max_new_tokens=max(len(c) for c in cand_ids))
         cache, encs, logits = self._start([prompt], cfg, prefix)
-        snap = cache.snapshot()
         first = logits.float().log_softmax(-1)[0]
-        out = []
-        for ids in cand_ids:
-            cache.restore(snap)
-            total = float(first[ids[0]])
-            if len(ids) > 1:
-                t = torch.tensor([ids[:-1]], device=self.device)
-                lg = forward_chunk(self.model, cache, t, torch.tensor([len(ids) - 1], device=self.device),
-                                   last_only=False, backend=self.backend)
-                lp = lg[0].float().log_softmax(-1)
-                total += float(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
-            out.append(total)
+        out = [float(first[ids[0]]) for ids in cand_ids]
+        # the tokens fed: each candidate less its last (scored by the position before it)
+        rest = [(i, ids[:-1]) for i, ids in enumerate(cand_ids) if len(ids) > 1]
+        cap = min(max_pack_tokens, self.max_seq_len - cache.length)
+        while rest:
+            pack, used = [], 0
+            while rest and (not pack or used + len(rest[0][1]) <= cap):
+                pack.append(rest.pop(0))
+                used += len(pack[-1][1])
+            lgs = forward_packed(self.model, cache, [feed for _, feed in pack], backend=self.backend)
+            for (i, feed), lg in zip(pack, lgs):
+                lp = lg.float().log_softmax(-1)
+                nxt = torch.tensor(cand_ids[i][1:], device=lp.device)
+                out[i] += float(lp.gather(1, nxt[:, None]).sum())
         return out
 
     def session(self) -> "Session":

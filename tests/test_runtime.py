@@ -182,6 +182,60 @@ def test_session_refusals_leave_it_usable(gen):
     assert sess.append(b, "the big").generate(GREEDY) == gen.session().append(b, "the big").generate(GREEDY)
 
 
+def test_session_prefill_fork_score(gen, tok):
+    """Session.prefill / fork / score (as the C API's session): a prefilled turn answers as
+    one not prefilled (repetition penalty included: the prefilled tokens count); forks of a
+    prefilled support set answer as fresh sessions holding support + query, and leave the
+    original as it was; score equals Generator.score on the whole conversation and leaves
+    the conversation unchanged; clear refusals."""
+    a, b, c = img(), img(), img()
+    pen = GenerationConfig(max_new_tokens=10, stop_on_eoc=False, stop_on_eos=False, repetition_penalty=1.5)
+    plain = gen.session().append(a, "a red square").generate(pen)
+    pre = gen.session().append(a, "a red").prefill().append(" square")
+    assert pre._pending and pre.cache.length == len(gen.tok.encode("a red")) + 1
+    seen = []
+    real = gen._token_stream
+    try:  # the tokens the penalty counts as seen: the whole turn's, the prefilled ones included
+        gen._token_stream = lambda cache, encs, logits, cfg: seen.append(encs[0].ids) or real(cache, encs, logits, cfg)
+        assert pre.generate(pen) == plain
+    finally:
+        del gen._token_stream
+    assert seen == [gen.encode([a, "a red square"]).ids]
+
+    support = gen.session().append(a, "a red square<|endofchunk|>").prefill()
+    held = (support.cache.length, list(support.token_ids))
+    for q, text in ((b, "the"), (c, "a blue")):
+        f = support.fork().append(q, text)
+        assert f.generate(GREEDY) == gen.session().append(a, "a red square<|endofchunk|>", q, text).generate(GREEDY)
+    assert (support.cache.length, support.token_ids) == held and support.history == []
+    # a fork of a conversation mid-way (an answer given, its last token carried)
+    s1 = gen.session().append(a, "a red")
+    s1.generate(GREEDY)
+    s2 = s1.fork()
+    assert s2.append(b, "the").generate(GREEDY) == s1.append(b, "the").generate(GREEDY)
+
+    cands = [" square", " big blue circle", " a"]
+    s = gen.session().append(a, "a red square<|endofchunk|>")
+    s.generate(GREEDY)
+    s.append(b, "the")
+    got = s.score(cands)
+    whole = EncodedPrompt(list(s.token_ids), list(s.media))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(gen.score(whole, cands)), rtol=0, atol=1e-3)
+    assert s.score(cands, max_pack_tokens=1) == pytest.approx(got, abs=1e-3)
+    ref = gen.session().append(a, "a red square<|endofchunk|>")
+    ref.generate(GREEDY)
+    assert s.generate(GREEDY) == ref.append(b, "the").generate(GREEDY)  # the scores left no trace
+
+    with pytest.raises(ValueError, match="expected text or media to score after, got an empty session"):
+        gen.session().score(cands)
+    full = gen.session().append(a, "x " * 150)
+    with pytest.raises(ValueError, match="exceeds the cache length 160 .*are kept"):
+        full.score([" a" * 30])
+    assert full._pending and full.cache.length == 0
+    with pytest.raises(TypeError, match="got a str"):
+        full.score("a")
+
+
 def test_preprocessed_media_is_used_as_is(gen, monkeypatch):
     """PreprocessedMedia (preprocess once, reuse across prompts) gives the same answers as the
     raw image; Session.append preprocesses each medium once (it did it again at generate);

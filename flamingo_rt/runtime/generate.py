@@ -45,6 +45,30 @@ def _config(config: Optional[GenerationConfig], overrides: dict) -> GenerationCo
         raise TypeError(f"unknown generation setting: {e}") from None
 
 
+def _score_after(gen: "Generator", cache: StaticCache, logits: torch.Tensor, cand_ids: List[List[int]],
+                 max_pack_tokens: int) -> List[float]:
+    """Each candidate's log-likelihood after the context of the one-row ``cache`` whose
+    last logits are ``logits`` (1, V): the first tokens from those, the rest from packs of
+    the candidates (less their last token) run by :func:`forward_packed`, at most
+    ``max_pack_tokens`` and the cache's free slots each (a longer candidate runs alone).
+    The cache's context is unchanged."""
+    first = logits.float().log_softmax(-1)[0]
+    out = [float(first[ids[0]]) for ids in cand_ids]
+    rest = [(i, ids[:-1]) for i, ids in enumerate(cand_ids) if len(ids) > 1]
+    cap = min(max_pack_tokens, cache.max_seq_len - cache.length)
+    while rest:
+        pack, used = [], 0
+        while rest and (not pack or used + len(rest[0][1]) <= cap):
+            pack.append(rest.pop(0))
+            used += len(pack[-1][1])
+        lgs = forward_packed(gen.model, cache, [feed for _, feed in pack], backend=gen.backend)
+        for (i, _), lg in zip(pack, lgs):
+            lp = lg.float().log_softmax(-1)
+            nxt = torch.tensor(cand_ids[i][1:], device=lp.device)
+            out[i] += float(lp.gather(1, nxt[:, None]).sum())
+    return out
+
+
 class Generator:
     """Generation over a :class:`~flamingo_rt.models.flamingo.Flamingo` and its tokenizer.
 
@@ -405,22 +429,7 @@ class Generator:
             raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
         cfg = GenerationConfig(max_new_tokens=max(len(c) for c in cand_ids))
         cache, encs, logits = self._start([prompt], cfg, prefix)
-        first = logits.float().log_softmax(-1)[0]
-        out = [float(first[ids[0]]) for ids in cand_ids]
-        # the tokens fed: each candidate less its last (scored by the position before it)
-        rest = [(i, ids[:-1]) for i, ids in enumerate(cand_ids) if len(ids) > 1]
-        cap = min(max_pack_tokens, self.max_seq_len - cache.length)
-        while rest:
-            pack, used = [], 0
-            while rest and (not pack or used + len(rest[0][1]) <= cap):
-                pack.append(rest.pop(0))
-                used += len(pack[-1][1])
-            lgs = forward_packed(self.model, cache, [feed for _, feed in pack], backend=self.backend)
-            for (i, feed), lg in zip(pack, lgs):
-                lp = lg.float().log_softmax(-1)
-                nxt = torch.tensor(cand_ids[i][1:], device=lp.device)
-                out[i] += float(lp.gather(1, nxt[:, None]).sum())
-        return out
+        return _score_after(self, cache, logits, cand_ids, max_pack_tokens)
 
     def session(self) -> "Session":
         """A multi-turn conversation (one row) to which text and media are appended."""
@@ -432,6 +441,11 @@ class Session:
     gets the next media index and every later token attends to it. The caches persist
     across turns, so earlier turns are never recomputed.
 
+    As the C API's session (``flamingo_session_prefill`` / ``_fork`` / ``_score``):
+    ``prefill()`` runs the appended items now, ``fork()`` copies the conversation (a
+    support set prefilled once, a fork per query), ``score(candidates)`` gives the
+    log-likelihood of continuations after it without changing it.
+
     An item that is not text or usable media is refused by ``append`` (nothing is queued).
     A ``generate`` that is refused (the turn does not fit the caches, marker mismatch) keeps
     the items appended since the last answer, so it can be retried with fewer
@@ -440,8 +454,10 @@ class Session:
     def __init__(self, gen: Generator):
         self.gen = gen
         self.cache = StaticCache(gen.model, 1, gen.max_seq_len, gen.max_media, dtype=gen.dtype, device=gen.device)
-        self._pending: List[Tuple[PromptItem, PromptItem]] = []  # (as given, preprocessed) since the last answer
+        self._pending: List[Tuple[PromptItem, PromptItem]] = []  # (as given, preprocessed), not yet run
         self._carry: List[int] = []  # last generated token, not yet fed to the model
+        self._turn_ids: List[int] = []  # the tokens run since the last answer (repetition penalty)
+        self._logits: Optional[torch.Tensor] = None  # (1, V) after the last token run
         self.history: List[str] = []
         self.token_ids: List[int] = []  # every token of the conversation so far
         self.media: List[torch.Tensor] = []  # every medium, preprocessed, in order
@@ -457,15 +473,91 @@ class Session:
         return self
 
     def discard(self) -> List[PromptItem]:
-        """Drop (and return) the items appended since the last answer, as they were given."""
+        """Drop (and return) the items appended and not yet run, as they were given."""
         items, self._pending = [orig for orig, _ in self._pending], []
         return items
 
     def reset(self) -> None:
         """Forget the whole dialogue (the caches are kept and emptied)."""
         self.cache.reset()
-        self._pending, self._carry = [], []
+        self._pending, self._carry, self._turn_ids, self._logits = [], [], [], None
         self.history, self.token_ids, self.media = [], [], []
+
+    def fork(self) -> "Session":
+        """A new session holding a copy of this one's conversation (its caches copied up to
+        the tokens run; queued items and history too). The two then go on independently."""
+        f = Session(self.gen)
+        f.cache.broadcast_from(self.cache)
+        f._pending, f._carry, f._turn_ids = list(self._pending), list(self._carry), list(self._turn_ids)
+        f._logits = None if self._logits is None else self._logits.clone()
+        f.history, f.token_ids, f.media = list(self.history), list(self.token_ids), list(self.media)
+        return f
+
+    def _queued(self) -> Tuple[List[int], EncodedPrompt]:
+        """The tokens the next run feeds (the carried token, then the queued items') and the
+        queued items encoded. Raises ValueError (nothing changed) for a marker mismatch."""
+        g = self.gen
+        enc = (encode_prompt([ready for _, ready in self._pending], g.tok, g.model.config.vision)
+               if self._pending else EncodedPrompt([]))
+        return self._carry + enc.ids, enc
+
+    def _refused(self, e: ValueError) -> ValueError:
+        if self._pending:  # say how to go on: the session itself is as before this call
+            e.args = (f"{e.args[0]} (the items appended since the last answer are kept: retry with fewer "
+                      "max_new_tokens, or discard() them; reset() starts over)",) + e.args[1:]
+        return e
+
+    def _run(self, ids: List[int], enc: EncodedPrompt) -> torch.Tensor:
+        """Feed ``ids`` (from :meth:`_queued`, checked to fit) and return the last logits."""
+        g = self.gen
+        if ids:
+            tokens, counts = g._encode_media([enc.media])
+            self.cache.add_media(g.model, tokens, counts)
+            t = torch.tensor([ids], device=g.device)
+            self._logits = forward_chunk(g.model, self.cache, t, torch.tensor([len(ids)], device=g.device),
+                                         last_only=True, backend=g.backend)
+            self._pending, self._carry = [], []
+            self._turn_ids += ids
+            self.token_ids += enc.ids
+            self.media += enc.media
+        return self._logits
+
+    @torch.no_grad()
+    def prefill(self) -> "Session":
+        """Run the queued items through the model now (a support set before ``fork()``, or
+        to move the prompt's compute ahead of the first ``generate``). Raises ValueError
+        (the items kept) when they do not fit the caches."""
+        g = self.gen
+        try:
+            ids, enc = self._queued()
+            if ids:
+                g._check_fits([len(ids)], [len(enc.media)], GenerationConfig(max_new_tokens=1), self.cache.length,
+                              int(self.cache.num_media[0]))
+        except ValueError as e:
+            raise self._refused(e)
+        self._run(ids, enc)
+        return self
+
+    @torch.no_grad()
+    def score(self, candidates: Sequence[str], max_pack_tokens: int = 256) -> List[float]:
+        """Log-likelihood of each candidate continuation after the conversation (the queued
+        items are run first, as by :meth:`prefill`), as :meth:`Generator.score`; the
+        conversation is unchanged by the candidates. Raises ValueError when there is nothing
+        to score after, or the longest candidate does not fit the caches."""
+        g = self.gen
+        cand_ids = encode_candidates(candidates, g.tok)
+        if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
+            raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
+        try:
+            ids, enc = self._queued()
+            if not ids and self._logits is None:
+                raise ValueError("expected text or media to score after, got an empty session")
+            g._check_fits([len(ids)], [len(enc.media)], GenerationConfig(max_new_tokens=max(map(len, cand_ids))),
+                          self.cache.length, int(self.cache.num_media[0]))
+        except ValueError as e:
+            raise self._refused(e)
+        logits = self._run(ids, enc)
+        return _score_after(g, self.cache, logits, cand_ids, max_pack_tokens)
 
     @torch.no_grad()
     def generate(self, config: Optional[GenerationConfig] = None, **kwargs) -> str:
@@ -474,29 +566,19 @@ class Session:
             raise ValueError("Session.generate decodes greedily or by sampling (num_beams must be 1)")
         g = self.gen
         try:
-            enc = (encode_prompt([ready for _, ready in self._pending], g.tok, g.model.config.vision)
-                   if self._pending else EncodedPrompt([]))
-            ids = self._carry + enc.ids
-            if not ids:
+            ids, enc = self._queued()
+            if not ids and self._logits is None:
                 raise ValueError("expected new text or media before generate(), got nothing")
             g._check_fits([len(ids)], [len(enc.media)], cfg, self.cache.length, int(self.cache.num_media[0]))
         except ValueError as e:
-            if self._pending:  # say how to go on: the session itself is as before this call
-                e.args = (f"{e.args[0]} (the items appended since the last answer are kept: retry with fewer "
-                          "max_new_tokens, or discard() them; reset() starts over)",) + e.args[1:]
-            raise
-        tokens, counts = g._encode_media([enc.media])
-        self.cache.add_media(g.model, tokens, counts)
-        t = torch.tensor([ids], device=g.device)
-        logits = forward_chunk(g.model, self.cache, t, torch.tensor([len(ids)], device=g.device),
-                               last_only=True, backend=g.backend)
+            raise self._refused(e)
+        logits = self._run(ids, enc)
         out: List[int] = []
-        for nxt in g._token_stream(self.cache, [EncodedPrompt(ids)], logits, cfg):
+        for nxt in g._token_stream(self.cache, [EncodedPrompt(self._turn_ids)], logits, cfg):
             out.append(int(nxt[0]))
-        self._pending = []
         self._carry = out[-1:]
-        self.token_ids += enc.ids + out
-        self.media += enc.media
+        self._turn_ids, self._logits = [], None
+        self.token_ids += out
         text = g._finish_text(out, cfg)
         self.history.append(text)
         return text

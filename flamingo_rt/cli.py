@@ -140,7 +140,8 @@ def _generate(args) -> int:
     except (FileNotFoundError, ValueError) as e:  # no folder, no tokenizer, a broken checkpoint
         return _fail("generate", e)
     cfg = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        repetition_penalty=args.repetition_penalty, do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
         num_beams=args.num_beams, seed=args.seed, stop_strings=tuple(args.stop),
     )
@@ -443,6 +444,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_gen.add_argument("prompt", help="text; <image> markers place the --image files (default: all first)")
     p_gen.add_argument("--image", action="append", default=[], help="image/clip file (.npy, or PNG/JPEG with PIL)")
     p_gen.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
+    p_gen.add_argument("--min-new-tokens", type=_NON_NEGATIVE, default=0,
+                       help="no stop token before this many tokens")
+    p_gen.add_argument("--repetition-penalty", type=float, default=1.0, help=">= 1 (1: off)")
     p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p_gen.add_argument("--top-k", type=_NON_NEGATIVE, default=0)
     p_gen.add_argument("--top-p", type=float, default=1.0)

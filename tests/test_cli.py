@@ -64,6 +64,15 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys, malloc_call
     assert rc == 0 and [line.split("\t", 1)[1] for line in lines] == cands
     want = Generator(model.eval(), tok).score([img, "a red"], cands)
     assert [float(line.split("\t")[0]) for line in lines] == pytest.approx(want, abs=2e-6)
+    # decoding settings reach the GenerationConfig
+    rc = cli.main(["generate", str(tmp_path / "m"), "<image>a red", "--image", str(tmp_path / "img.npy"),
+                   "--max-new-tokens", "6", "--min-new-tokens", "5", "--repetition-penalty", "1.3", "--default-malloc"])
+    want = Generator(model.eval(), tok).generate([img, "a red"], GenerationConfig(
+        max_new_tokens=6, min_new_tokens=5, repetition_penalty=1.3))
+    assert rc == 0 and capsys.readouterr().out == want + "\n"
+    assert cli.main(["generate", str(tmp_path / "m"), "a", "--min-new-tokens", "7", "--max-new-tokens", "6",
+                     "--default-malloc"]) == 2
+    assert "expected min_new_tokens to be an integer in [0, max_new_tokens = 6]" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "m"), "a", "--score", "", "--default-malloc"]) == 2
     assert "expected non-empty candidates" in capsys.readouterr().err
 

@@ -236,6 +236,42 @@ def test_session_prefill_fork_score(gen, tok):
         full.score("a")
 
 
+def test_min_new_tokens_holds_the_stop_tokens_back(gen, tok, monkeypatch):
+    """min_new_tokens (open_flamingo evaluation's min_generation_length): with the model made
+    to prefer <|endofchunk|> everywhere, greedy, sampled, beam and streamed answers stop at
+    once without it and run exactly min_new_tokens tokens with it (eos held back as well)."""
+    eoc, eos = tok.eoc_token_id, tok.eos_token_id
+
+    def favour_stop(fn):
+        def run(*args, **kw):
+            logits = fn(*args, **kw).clone()
+            logits[..., eoc] += 100.0
+            logits[..., eos] += 90.0
+            return logits
+        return run
+
+    monkeypatch.setattr(gen, "_prefill", favour_stop(gen._prefill))
+    monkeypatch.setattr(gen, "_decode", favour_stop(gen._decode))
+    answers = []  # the token ids of each answer (the stop token included)
+    finish = gen._finish_text
+    monkeypatch.setattr(gen, "_finish_text", lambda ids, cfg: answers.append(list(ids)) or finish(ids, cfg))
+    p = [img(), "a red"]
+    base = dict(max_new_tokens=8)
+    for extra in (dict(), dict(do_sample=True, seed=3), dict(num_beams=3)):
+        assert gen.generate(p, **base, **extra) == "" and answers[-1] == [eoc]
+        out = gen.generate(p, **base, **extra, min_new_tokens=4)
+        assert out and len(answers[-1]) == 5 and answers[-1][4] == eoc, extra
+        assert not {eoc, eos} & set(answers[-1][:4])
+        gen.generate(p, **base, **extra, min_new_tokens=4, stop_on_eoc=False)
+        assert answers[-1][:4] == [eoc] * 4, extra  # only the stop tokens in force are held back
+    assert "".join(gen.stream(p, **base, min_new_tokens=3)) == gen.generate(p, **base, min_new_tokens=3)
+    s = gen.session().append(*p)
+    assert s.generate(**base, min_new_tokens=2) == gen.generate(p, **base, min_new_tokens=2)
+    for bad in (-1, 9, 2.5):
+        with pytest.raises(ValueError, match=r"expected min_new_tokens to be an integer in \[0, max_new_tokens = 8\]"):
+            gen.generate(p, **base, min_new_tokens=bad)
+
+
 def test_preprocessed_media_is_used_as_is(gen, monkeypatch):
     """PreprocessedMedia (preprocess once, reuse across prompts) gives the same answers as the
     raw image; Session.append preprocesses each medium once (it did it again at generate);

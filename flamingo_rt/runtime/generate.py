@@ -193,10 +193,12 @@ class Generator:
         ids, lengths = left_pad([e.ids for e in encs], self.tok.pad_token_id, self.device)
         return forward_chunk(self.model, cache, ids, lengths, last_only=True, backend=self.backend)
 
-    def _mask_banned(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, V) logits -> float32 copy with the never-generated tokens at -inf. NaN logits
-        raise FloatingPointError (greedy argmax would take the NaN as the maximum: a banned
-        token or a silent stop)."""
+    def _mask_banned(self, logits: torch.Tensor, cfg: Optional[GenerationConfig] = None,
+                     step: int = 0) -> torch.Tensor:
+        """(B, V) logits -> float32 copy with the never-generated tokens at -inf, and the stop
+        tokens too while ``step`` (the index of the token being chosen) is below
+        ``cfg.min_new_tokens``. NaN logits raise FloatingPointError (greedy argmax would take
+        the NaN as the maximum: a banned token or a silent stop)."""
         logits = logits.float().clone()
         nan = logits.isnan().any(-1)
         if bool(nan.any()):
@@ -204,6 +206,8 @@ class Generator:
                                      "(non-finite weights or media features, or an overflow in a half dtype)")
         logits[:, self._banned] = float("-inf")
         logits[:, self.tok.vocab_size:] = float("-inf")  # padded LM vocab rows beyond the tokenizer's
+        if cfg is not None and step < cfg.min_new_tokens:
+            logits[:, self._stop_ids(cfg)] = float("-inf")
         return logits
 
     # ------------------------------------------------------------------ prefix
@@ -255,7 +259,7 @@ class Generator:
                 seen[b, torch.tensor(e.ids, device=self.device)] = True
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for step in range(cfg.max_new_tokens):
-            nxt = choose_next(self._mask_banned(logits), cfg, seen, gen)
+            nxt = choose_next(self._mask_banned(logits, cfg, step), cfg, seen, gen)
             nxt = torch.where(done, torch.full_like(nxt, self.tok.pad_token_id), nxt)
             yield nxt
             if seen is not None:
@@ -374,7 +378,7 @@ class Generator:
         seqs: List[List[int]] = [[] for _ in range(K)]
         finished: List[tuple] = []  # (normalised score, tokens)
         for step in range(cfg.max_new_tokens):
-            logp = self._mask_banned(logits).log_softmax(-1) + scores[:, None]  # (K, V)
+            logp = self._mask_banned(logits, cfg, step).log_softmax(-1) + scores[:, None]  # (K, V)
             top, flat = logp.view(-1).topk(2 * K)
             new_rows, new_tokens, new_scores, new_seqs = [], [], [], []
             for s, f in zip(top.tolist(), flat.tolist()):

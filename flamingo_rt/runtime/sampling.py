@@ -15,6 +15,9 @@ class GenerationConfig:
     """How to decode.
 
     max_new_tokens: tokens to generate at most (>= 1).
+    min_new_tokens: the stop tokens (``<|endofchunk|>`` / end of sequence, as stop_on_eoc /
+        stop_on_eos choose) are never chosen before this many tokens (0 <= min_new_tokens
+        <= max_new_tokens; open_flamingo's evaluation's ``min_generation_length``).
     do_sample: sample (with temperature, top_k, top_p) instead of greedy / beam search.
     temperature > 0; top_k >= 0 (0: off); 0 < top_p <= 1 (1: off).
     repetition_penalty >= 1 (1: off): logits of tokens already in the prompt or output are
@@ -27,6 +30,7 @@ class GenerationConfig:
     """
 
     max_new_tokens: int = 32
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -54,6 +58,8 @@ class GenerationConfig:
             bad("seed", "to be an integer (or None)")
         if not is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", "to be an integer >= 1")
+        if not is_integer(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            bad("min_new_tokens", f"to be an integer in [0, max_new_tokens = {self.max_new_tokens}]")
         if not self.temperature > 0:
             bad("temperature", "> 0")
         if not is_integer(self.top_k) or self.top_k < 0:
@@ -69,7 +75,7 @@ class GenerationConfig:
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         # numpy scalars as plain Python numbers from here on
-        for name in ("max_new_tokens", "top_k", "num_beams") + (("seed",) if self.seed is not None else ()):
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams") + (("seed",) if self.seed is not None else ()):
             setattr(self, name, int(getattr(self, name)))
         for name in reals:
             setattr(self, name, float(getattr(self, name)))

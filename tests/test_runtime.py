@@ -229,8 +229,11 @@ def test_session_prefill_fork_score(gen, tok):
     with pytest.raises(ValueError, match="expected text or media to score after, got an empty session"):
         gen.session().score(cands)
     full = gen.session().append(a, "x " * 150)
-    with pytest.raises(ValueError, match="exceeds the cache length 160 .*are kept"):
+    with pytest.raises(ValueError, match="plus the longest candidate's tokens \\(30\\) = .* exceeds the cache length 160 "
+                                         ".*are kept: score shorter candidates, or discard"):
         full.score([" a" * 30])
+    with pytest.raises(ValueError, match="plus the longest candidate's tokens"):
+        gen.score([a, "x " * 150], [" a" * 30])
     assert full._pending and full.cache.length == 0
     with pytest.raises(TypeError, match="got a str"):
         full.score("a")

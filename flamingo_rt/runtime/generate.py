@@ -45,6 +45,11 @@ def _config(config: Optional[GenerationConfig], overrides: dict) -> GenerationCo
         raise TypeError(f"unknown generation setting: {e}") from None
 
 
+def _check_pack_limit(max_pack_tokens) -> None:
+    if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
+        raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
+
+
 def _score_after(gen: "Generator", cache: StaticCache, logits: torch.Tensor, cand_ids: List[List[int]],
                  max_pack_tokens: int) -> List[float]:
     """Each candidate's log-likelihood after the context of the one-row ``cache`` whose
@@ -169,12 +174,13 @@ class Generator:
         return ids
 
     def _check_fits(self, lengths: Sequence[int], counts: Sequence[int], cfg: GenerationConfig,
-                    base_tokens: int = 0, base_media: int = 0) -> None:
-        """Raise before any memory is allocated when a request cannot fit."""
+                    base_tokens: int = 0, base_media: int = 0, what: str = "max_new_tokens") -> None:
+        """Raise before any memory is allocated when a request cannot fit (``what``: the name
+        of ``cfg.max_new_tokens`` in the message)."""
         need = base_tokens + max(lengths) + cfg.max_new_tokens
         if need > self.max_seq_len:
             raise ValueError(
-                f"prompt ({base_tokens + max(lengths)} tokens) plus max_new_tokens ({cfg.max_new_tokens}) = {need} "
+                f"prompt ({base_tokens + max(lengths)} tokens) plus {what} ({cfg.max_new_tokens}) = {need} "
                 f"exceeds the cache length {self.max_seq_len}"
             )
         if base_media + max(counts, default=0) > self.max_media:
@@ -215,7 +221,7 @@ class Generator:
     def prefix(self, prompt: PromptLike) -> Prefix:
         """Compute a prompt prefix's caches once (e.g. a few-shot support set)."""
         enc = self.encode(prompt)
-        self._check_fits([len(enc.ids)], [len(enc.media)], GenerationConfig(max_new_tokens=1))
+        self._check_fits([len(enc.ids)], [len(enc.media)], GenerationConfig(max_new_tokens=1), what="a new token")
         cache = StaticCache(self.model, 1, self.max_seq_len, self.max_media, dtype=self.dtype, device=self.device)
         logits = self._prefill(cache, [enc])
         return Prefix(cache, logits, len(enc.ids), len(enc.media))
@@ -225,14 +231,16 @@ class Generator:
         cache.broadcast_from(prefix.cache)
         return cache
 
-    def _start(self, prompts: Sequence[PromptLike], cfg: GenerationConfig, prefix: Optional[Prefix]):
-        """Encode, check, prefill. Returns (cache, encoded prompts, last logits (B, V))."""
+    def _start(self, prompts: Sequence[PromptLike], cfg: GenerationConfig, prefix: Optional[Prefix],
+               what: str = "max_new_tokens"):
+        """Encode, check (``what``: see :meth:`_check_fits`), prefill. Returns (cache, encoded
+        prompts, last logits (B, V))."""
         encs = [self.encode(p) for p in prompts]
         if not encs:
             raise ValueError("expected at least one prompt, got none")
         base_t = prefix.cache.length if prefix else 0
         base_m = prefix.num_media if prefix else 0
-        self._check_fits([len(e.ids) for e in encs], [len(e.media) for e in encs], cfg, base_t, base_m)
+        self._check_fits([len(e.ids) for e in encs], [len(e.media) for e in encs], cfg, base_t, base_m, what)
         if prefix is None:
             cache = self._cache(len(encs))
         else:
@@ -429,10 +437,9 @@ class Generator:
         :func:`~flamingo_rt.runtime.engine.forward_packed`), so the weights are read once
         per chunk, not once per candidate."""
         cand_ids = encode_candidates(candidates, self.tok)
-        if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
-            raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
+        _check_pack_limit(max_pack_tokens)
         cfg = GenerationConfig(max_new_tokens=max(len(c) for c in cand_ids))
-        cache, encs, logits = self._start([prompt], cfg, prefix)
+        cache, encs, logits = self._start([prompt], cfg, prefix, "the longest candidate's tokens")
         return _score_after(self, cache, logits, cand_ids, max_pack_tokens)
 
     def session(self) -> "Session":
@@ -505,10 +512,10 @@ class Session:
                if self._pending else EncodedPrompt([]))
         return self._carry + enc.ids, enc
 
-    def _refused(self, e: ValueError) -> ValueError:
+    def _refused(self, e: ValueError, retry: str = "retry with fewer max_new_tokens, or ") -> ValueError:
         if self._pending:  # say how to go on: the session itself is as before this call
-            e.args = (f"{e.args[0]} (the items appended since the last answer are kept: retry with fewer "
-                      "max_new_tokens, or discard() them; reset() starts over)",) + e.args[1:]
+            e.args = (f"{e.args[0]} (the items appended since the last answer are kept: {retry}"
+                      "discard() them; reset() starts over)",) + e.args[1:]
         return e
 
     def _run(self, ids: List[int], enc: EncodedPrompt) -> torch.Tensor:
@@ -536,9 +543,9 @@ class Session:
             ids, enc = self._queued()
             if ids:
                 g._check_fits([len(ids)], [len(enc.media)], GenerationConfig(max_new_tokens=1), self.cache.length,
-                              int(self.cache.num_media[0]))
+                              int(self.cache.num_media[0]), "a new token")
         except ValueError as e:
-            raise self._refused(e)
+            raise self._refused(e, "")
         self._run(ids, enc)
         return self
 
@@ -550,16 +557,15 @@ class Session:
         to score after, or the longest candidate does not fit the caches."""
         g = self.gen
         cand_ids = encode_candidates(candidates, g.tok)
-        if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
-            raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
+        _check_pack_limit(max_pack_tokens)
         try:
             ids, enc = self._queued()
             if not ids and self._logits is None:
                 raise ValueError("expected text or media to score after, got an empty session")
             g._check_fits([len(ids)], [len(enc.media)], GenerationConfig(max_new_tokens=max(map(len, cand_ids))),
-                          self.cache.length, int(self.cache.num_media[0]))
+                          self.cache.length, int(self.cache.num_media[0]), "the longest candidate's tokens")
         except ValueError as e:
-            raise self._refused(e)
+            raise self._refused(e, "score shorter candidates, or ")
         logits = self._run(ids, enc)
         return _score_after(g, self.cache, logits, cand_ids, max_pack_tokens)
 

@@ -53,7 +53,7 @@ def test_manifest(exported):
     assert man["shapes"]["kv_cache"] == [model.config.lm.n_layers, 2, 1, model.config.lm.n_kv_heads, 96,
                                          model.config.lm.head_dim]
     assert man["max_frames"] == FRAMES and man["image_size"] == 32
-    for pkg in ("encode_media.pt2", "token_step.pt2", "decode_step.pt2"):
+    for pkg in ("encode_media.pt2", "token_step.pt2", "decode_step.pt2", "score_step.pt2"):
         assert (out / pkg).stat().st_size > 0
     assert (out / "tokenizer.json").read_text() == (Path(tok.save(out.parent / "t.json"))).read_text()
 
@@ -146,7 +146,15 @@ def test_score_equals_runtime_and_keeps_the_context(exported):
             x.append_text(item) if isinstance(item, str) else x.append_media(item)
     got = s.score(cands)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(gen.score(prompt, cands)), rtol=1e-4, atol=1e-3)
-    assert s.score(cands[:2]) == got[:2]
+    assert s.score(cands[:2]) == pytest.approx(got[:2], abs=1e-5)
+    # packed by the score step (all in one run, or one candidate a run) or, for an export made
+    # without one, a token at a time through the decode step: the same scores
+    assert s.score(cands, max_pack_tokens=1) == pytest.approx(got, abs=1e-4)
+    em.score, packed = None, em.score
+    try:
+        assert s.score(cands) == pytest.approx(got, abs=1e-4)
+    finally:
+        em.score = packed
     assert s.generate(6) == plain.generate(6)
     with pytest.raises(ValueError, match="non-empty"):
         s.score([""])
@@ -277,7 +285,7 @@ def test_smallest_sizes_export(tmp_path, monkeypatch, max_seq_len=1, max_frames=
     min < max; both crashed with an AssertionError from torch). The exported programs
     (AOTInductor compile skipped) equal the eager step modules."""
     from flamingo_rt.export import package
-    from flamingo_rt.export.modules import MediaEncoderStep, TokenStep
+    from flamingo_rt.export.modules import MediaEncoderStep, ScoreStep, TokenStep
 
     programs = {}
     monkeypatch.setattr(package, "_compile", lambda ep, path: programs.setdefault(path.name, ep) and 0.0)
@@ -286,7 +294,7 @@ def test_smallest_sizes_export(tmp_path, monkeypatch, max_seq_len=1, max_frames=
     man = package.export_model(model, tmp_path / "out", tokenizer=tok, max_seq_len=max_seq_len, max_media=1,
                                max_frames=max_frames)
     assert (man["max_seq_len"], man["max_frames"]) == (max_seq_len, max_frames)
-    assert sorted(programs) == ["decode_step.pt2", "encode_media.pt2", "token_step.pt2"]
+    assert sorted(programs) == ["decode_step.pt2", "encode_media.pt2", "score_step.pt2", "token_step.pt2"]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for f in range(1, max_frames + 1):
@@ -302,6 +310,9 @@ def test_smallest_sizes_export(tmp_path, monkeypatch, max_seq_len=1, max_frames=
             ref = TokenStep(model)(ids, *args, kv_b, mc)
             torch.testing.assert_close(out, ref)
             torch.testing.assert_close(kv_a, kv_b)
+            offset = torch.arange(t)[None]
+            out = programs["score_step.pt2"].module()(ids, args[0], offset, args[1], kv_a, mc)
+            torch.testing.assert_close(out, ScoreStep(model)(ids, args[0], offset, args[1], kv_b, mc))
 
 
 @pytest.mark.parametrize("kw,match", [({"max_frames": 0}, "max_frames"), ({"max_frames": 2.5}, "max_frames"),

@@ -30,6 +30,7 @@ struct flamingo_model {
   flamingo_rt::capi::Manifest manifest;
   flamingo_rt::Tokenizer tokenizer;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> encode, step, decode;  // decode: T = 1
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> score;  // null for exports without one
   at::ScalarType dtype = at::kFloat;
   at::Device device = at::kCPU;
 };
@@ -134,6 +135,54 @@ void check_room(const flamingo_session* s, size_t n, const char* what, const cha
   }
 }
 
+// Adds to out[i] the log-probabilities of candidate i's tokens after its first: the
+// candidates (less their last token) packed one after another past the context's end, run
+// by the score step in packs of at most kMaxPackTokens and the free slots (a longer
+// candidate alone). As ExportedSession._score_packed; the context is left as it was (the
+// slots written lie past s->pos).
+constexpr size_t kMaxPackTokens = 256;
+
+void score_packed(flamingo_session* s, const std::vector<std::vector<int32_t>>& ids, double* out) {
+  flamingo_model* m = s->model;
+  const size_t cap = std::min(kMaxPackTokens, static_cast<size_t>(m->manifest.max_seq_len - s->pos));
+  size_t next = 0;
+  while (next < ids.size()) {
+    if (ids[next].size() < 2) {
+      ++next;
+      continue;
+    }
+    std::vector<size_t> pack;
+    size_t used = 0;
+    for (; next < ids.size(); ++next) {
+      const size_t n = ids[next].size() - 1;
+      if (n == 0) continue;
+      if (!pack.empty() && used + n > cap) break;
+      pack.push_back(next);
+      used += n;
+    }
+    const int64_t T = static_cast<int64_t>(used);
+    at::Tensor tok = at::empty({1, T}, at::kLong), offset = at::empty({1, T}, at::kLong);
+    auto* tp = tok.data_ptr<int64_t>();
+    auto* op = offset.data_ptr<int64_t>();
+    int64_t t = 0;
+    for (size_t i : pack)
+      for (size_t j = 0; j + 1 < ids[i].size(); ++j, ++t) {
+        tp[t] = ids[i][j];
+        op[t] = static_cast<int64_t>(j);
+      }
+    at::Tensor index = at::full({1, T}, s->seen_images - 1, at::kInt);  // the context's last medium
+    at::Tensor start = at::full({1}, s->pos, at::kLong);
+    std::vector<at::Tensor> res = m->score->run(
+        {tok.to(m->device), start.to(m->device), offset.to(m->device), index.to(m->device), s->kv, s->media});
+    const at::Tensor lp = at::log_softmax(res.at(0).to(at::kCPU, at::kFloat)[0], -1).contiguous();  // (T, V)
+    const float* lpp = lp.data_ptr<float>();
+    const int64_t V = lp.size(1);
+    t = 0;
+    for (size_t i : pack)
+      for (size_t j = 0; j + 1 < ids[i].size(); ++j, ++t) out[i] += lpp[t * V + ids[i][j + 1]];
+  }
+}
+
 void append_frames(flamingo_session* s, const at::Tensor& frames) {
   flamingo_model* m = s->model;
   if (s->num_media >= m->manifest.max_media) {
@@ -222,6 +271,7 @@ flamingo_status flamingo_model_load(const char* folder, const flamingo_model_par
     model->encode = load_package(man.encode_package);
     model->step = load_package(man.step_package);
     model->decode = load_package(man.decode_package);
+    if (!man.score_package.empty()) model->score = load_package(man.score_package);
     *out = model.release();
   });
 }
@@ -485,15 +535,18 @@ flamingo_status flamingo_session_score(flamingo_session* s, const char* const* c
         s->pending.clear();
       }
     } restore{s, pos0, first};
-    for (int i = 0; i < num_candidates; ++i) {
-      double total = lp0.data_ptr<float>()[ids[i][0]];
+    for (int i = 0; i < num_candidates; ++i) out_logprobs[i] = lp0.data_ptr<float>()[ids[i][0]];
+    if (m->score) {
+      score_packed(s, ids, out_logprobs);
+      return;
+    }
+    for (int i = 0; i < num_candidates; ++i) {  // an export without a score step: a token at a time
       s->pos = pos0;
       for (size_t j = 0; j + 1 < ids[i].size(); ++j) {
         s->pending.assign(1, ids[i][j]);
         const at::Tensor lp = at::log_softmax(flush(s), -1).contiguous();
-        total += lp.data_ptr<float>()[ids[i][j + 1]];
+        out_logprobs[i] += lp.data_ptr<float>()[ids[i][j + 1]];
       }
-      out_logprobs[i] = total;
     }
   });
 }

@@ -98,6 +98,8 @@ Manifest read_manifest(const std::string& folder) {
   m.encode_package = folder + "/" + field(pk, "encode_media", JsonValue::Type::kString, path).string;
   m.step_package = folder + "/" + field(pk, "token_step", JsonValue::Type::kString, path).string;
   m.decode_package = folder + "/" + field(pk, "decode_step", JsonValue::Type::kString, path).string;
+  if (pk.find("score_step") != nullptr)
+    m.score_package = folder + "/" + field(pk, "score_step", JsonValue::Type::kString, path).string;
   if (m.kv_cache_shape[4] != m.max_seq_len) bad(path, "kv_cache slots differ from max_seq_len");
   if (m.media_cache_shape[3] != m.max_media) bad(path, "media_cache slots differ from max_media");
   return m;

@@ -17,6 +17,7 @@ struct Manifest {
   int32_t image_id = 0, eoc_id = 0, pad_id = 0, eos_id = 0;
   std::vector<int64_t> kv_cache_shape, media_cache_shape, media_kv_shape;
   std::string encode_package, step_package, decode_package;
+  std::string score_package;  // empty for exports made before the score step (2026-12-07)
 };
 
 // Reads and checks `folder`/manifest.json. Throws ApiError (FLAMINGO_ERR_IO when missing,

@@ -8,6 +8,8 @@ owns (so one loaded package serves any number of sessions):
 * :class:`TokenStep`: a chunk of T tokens (T = 1 when decoding) at positions
   ``start .. start + T - 1`` -> the next-token logits of its last position, writing the
   chunk's self-attention keys/values into the host's KV cache.
+* :class:`ScoreStep`: independent continuations of the context, packed into one chunk
+  past its end -> the logits of every position (scoring candidates in one run).
 
 Shapes (batch 1; ``X`` cross-attention layers, ``L`` latents per medium, ``H``/``dh`` the
 cross-attention heads, ``Hkv``/``Dh`` the LM's key/value heads, ``S`` cache slots, ``M``
@@ -70,3 +72,41 @@ class TokenStep(nn.Module):
         logits = self.model.lm.forward_cached(ids, positions[None], kv, positions, mask[None, None],
                                               xattn_layer_kwargs=per_layer, last_only=True)
         return logits[:, -1].float()
+
+
+class ScoreStep(nn.Module):
+    """(ids (1, T) int64, start (1,) int64, offset (1, T) int64, media_index (1, T) int32,
+    kv_cache, media_cache) -> logits (1, T, V) float32 of every position.
+
+    The chunk packs independent continuations of the context held in slots ``0 .. start -
+    1``, one after another at slots ``start ..``: ``offset[0, t]`` is token t's index inside
+    its own continuation (0 at each one's first token). Token t sees the context and the
+    tokens ``t - offset[0, t] .. t`` of its continuation, never another's, at the position
+    ``start + offset[0, t]`` it would have alone (as ``StaticCache.plan_packed``). The
+    chunk's keys/values are written at slots ``start .. start + T - 1``, past the context:
+    a later step at ``start`` overwrites them, so the context is unchanged.
+    """
+
+    def __init__(self, model: Flamingo):
+        super().__init__()
+        self.model = model
+        self.keys = list(model.lm.xattn.keys())
+
+    def forward(self, ids: torch.Tensor, start: torch.Tensor, offset: torch.Tensor, media_index: torch.Tensor,
+                kv_cache: torch.Tensor, media_cache: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        S = kv_cache.shape[4]
+        j = torch.arange(T, device=ids.device)
+        slots = start + j  # (T,)
+        positions = start + offset[0]  # (T,)
+        k = torch.arange(S, device=ids.device)[None, :]  # (1, S)
+        first = (slots - offset[0])[:, None]  # (T, 1): the slot of the continuation's first token
+        mask = (k < start) | ((k >= first) & (k <= slots[:, None]))  # (T, S)
+        kv = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
+        per_layer = {
+            key: dict(media_kv=(media_cache[j_, 0], media_cache[j_, 1]), media_index=media_index, validate=False)
+            for j_, key in enumerate(self.keys)
+        }
+        logits = self.model.lm.forward_cached(ids, positions[None], kv, slots, mask[None, None],
+                                              xattn_layer_kwargs=per_layer, last_only=False)
+        return logits.float()

@@ -5,6 +5,7 @@ Output folder::
     encode_media.pt2   MediaEncoderStep: pixels (1, F, 3, S, S) -> media keys/values (X, 2, L, H, dh)
     token_step.pt2     TokenStep: a chunk of T tokens -> last logits (1, V), writes the KV cache
     decode_step.pt2    the same at T = 1 (static shapes: decode-sized kernels)
+    score_step.pt2     ScoreStep: candidates packed past the context -> every position's logits (1, T, V)
     tokenizer.json     the model's tokenizer
     manifest.json      shapes, dtypes, special token ids, preprocessing, versions
 
@@ -26,7 +27,7 @@ from .._values import is_integer
 from ..io.pretrained import load_pretrained
 from ..models.flamingo import Flamingo
 from ..ops import backend as _backend
-from .modules import MediaEncoderStep, TokenStep
+from .modules import MediaEncoderStep, ScoreStep, TokenStep
 
 __all__ = ["export_model", "cache_shapes", "MANIFEST_VERSION"]
 
@@ -129,6 +130,14 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
         if progress:
             print("compiling decode_step.pt2 ...", flush=True)
         times["decode_step"] = _compile(ep, out / "decode_step.pt2")
+        # the score step: candidates packed past the context, every position's logits
+        score = ScoreStep(model).eval()
+        offset = torch.zeros(1, T0, dtype=torch.long, device=dev)
+        score_dims = None if token_dims is None else ({1: T}, None, {1: T}, {1: T}, None, None)
+        ep = torch.export.export(score, (ids, start, offset, midx, kv, mc), dynamic_shapes=score_dims)
+        if progress:
+            print("compiling score_step.pt2 ...", flush=True)
+        times["score_step"] = _compile(ep, out / "score_step.pt2")
     tokenizer.save(out / "tokenizer.json")
     manifest = {
         "format": "flamingo_rt-export",
@@ -148,12 +157,15 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
                            "pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id},
         "shapes": shapes,
         "packages": {"encode_media": "encode_media.pt2", "token_step": "token_step.pt2",
-                     "decode_step": "decode_step.pt2"},
+                     "decode_step": "decode_step.pt2", "score_step": "score_step.pt2"},
         "inputs": {
             "encode_media": ["pixels (1, F, 3, image_size, image_size) normalised"],
             "token_step": ["ids (1, T) int64", "start (1,) int64", "media_index (1, T) int32",
                            "kv_cache (written)", "media_cache"],
             "decode_step": ["as token_step with T = 1"],
+            "score_step": ["ids (1, T) int64", "start (1,) int64", "offset (1, T) int64 (index inside its candidate)",
+                           "media_index (1, T) int32", "kv_cache (written past start)", "media_cache",
+                           "-> logits (1, T, V) float32"],
         },
         "compile_seconds": {k: round(v, 1) for k, v in times.items()},
     }

@@ -46,6 +46,10 @@ class ExportedModel:
         self.encode = torch._inductor.aoti_load_package(str(folder / self.manifest["packages"]["encode_media"]))
         self.step = torch._inductor.aoti_load_package(str(folder / self.manifest["packages"]["token_step"]))
         self.decode = torch._inductor.aoti_load_package(str(folder / self.manifest["packages"]["decode_step"]))
+        # exports made before the score step (2026-12-07) have none: candidates are then run
+        # one token at a time through the decode step
+        pkg = self.manifest["packages"].get("score_step")
+        self.score = torch._inductor.aoti_load_package(str(folder / pkg)) if pkg else None
         self.tokenizer = FlamingoTokenizer.from_file(folder / "tokenizer.json")
         m = self.manifest
         self.vision = VisionConfig(kind="external", width=1, image_size=m["image_size"],
@@ -73,11 +77,14 @@ class ExportedSession:
         if self.pending:
             self._flush()
 
-    def score(self, candidates: List[str]) -> List[float]:
+    def score(self, candidates: List[str], max_pack_tokens: int = 256) -> List[float]:
         """Log-likelihood of each candidate continuation after the context, as
-        ``flamingo_session_score`` (one token at a time past the context's end, then
-        forgotten: the context is unchanged)."""
+        ``flamingo_session_score``: the candidates packed past the context's end into runs of
+        the score step (at most ``max_pack_tokens`` and the free slots each; an export
+        without one runs them a token at a time), then forgotten: the context is unchanged."""
         ids = encode_candidates(candidates, self.m.tokenizer)
+        if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
+            raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
         if not self.pending and self.logits is None:
             raise ValueError("nothing to score after: append text or media first")
         self._check_room(max(len(c) for c in ids) - 1, "the longest candidate (less its last token)",
@@ -85,18 +92,45 @@ class ExportedSession:
         first = self._flush()
         pos0 = self.pos
         lp0 = first.float().log_softmax(-1)[0]
-        out = []
+        out = [float(lp0[c[0]]) for c in ids]
         try:
-            for c in ids:
-                self.pos = pos0
-                total = float(lp0[c[0]])
-                for j in range(len(c) - 1):
-                    self.pending = [c[j]]
-                    total += float(self._flush().float().log_softmax(-1)[0, c[j + 1]])
-                out.append(total)
+            if self.m.score is not None:
+                self._score_packed(ids, out, max_pack_tokens)
+            else:
+                for i, c in enumerate(ids):
+                    self.pos = pos0
+                    for j in range(len(c) - 1):
+                        self.pending = [c[j]]
+                        out[i] += float(self._flush().float().log_softmax(-1)[0, c[j + 1]])
         finally:
             self.pos, self.logits, self.pending = pos0, first, []
         return out
+
+    def _score_packed(self, ids: List[List[int]], out: List[float], max_pack_tokens: int) -> None:
+        """Add to ``out[i]`` the log-probabilities of candidate i's tokens after its first,
+        from packs of the candidates (less their last token) run by the score step, at most
+        ``max_pack_tokens`` and the free slots each (as ``flamingo_session_score``)."""
+        dev = self.m.device
+        cap = min(max_pack_tokens, self.m.manifest["max_seq_len"] - self.pos)
+        rest = [(i, c[:-1]) for i, c in enumerate(ids) if len(c) > 1]
+        index = self.seen_images - 1  # every candidate token attends to the context's last medium
+        while rest:
+            pack, used = [], 0
+            while rest and (not pack or used + len(rest[0][1]) <= cap):
+                pack.append(rest.pop(0))
+                used += len(pack[-1][1])
+            flat = [t for _, feed in pack for t in feed]
+            offset = [j for _, feed in pack for j in range(len(feed))]
+            logits = self.m.score(torch.tensor([flat], device=dev), torch.tensor([self.pos], device=dev),
+                                  torch.tensor([offset], device=dev),
+                                  torch.full((1, len(flat)), index, dtype=torch.int32, device=dev),
+                                  self.kv, self.media)
+            lp = logits[0].float().log_softmax(-1)
+            t0 = 0
+            for i, feed in pack:
+                nxt = torch.tensor(ids[i][1:], device=lp.device)
+                out[i] += float(lp[t0:t0 + len(feed)].gather(1, nxt[:, None]).sum())
+                t0 += len(feed)
 
     def fork(self) -> "ExportedSession":
         """A new session holding a copy of this one's context (as ``flamingo_session_fork``):

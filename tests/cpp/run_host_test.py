@@ -116,6 +116,22 @@ def main() -> int:
     check(r.returncode == 0 and len(got) == len(cands) and all(abs(g - w) < 2e-3 for g, w in zip(got, want))
           and [line.split("\t", 1)[1] for line in r.stdout.splitlines()] == cands,
           f"scores: host {got} == Python {[round(w, 6) for w in want]}")
+    # an export made before the score step (none in its manifest): the candidates run a token
+    # at a time through the decode step, with the same scores
+    before = work / "export-without-score-step"
+    shutil.rmtree(before, ignore_errors=True)
+    before.mkdir()
+    man = json.loads((export / "manifest.json").read_text())
+    for f in export.iterdir():
+        if f.name not in ("manifest.json", man["packages"].get("score_step")):
+            (before / f.name).symlink_to(f.resolve())
+    man["packages"].pop("score_step", None)
+    (before / "manifest.json").write_text(json.dumps(man))
+    r = run_host(a.host, before, ["--image", files[0], "--text", "a red circle.<|endofchunk|>", "--image", files[1],
+                                  "--text", "a", *[x for c in cands for x in ("--score", c)]])
+    got_old = [float(line.split("\t")[0]) for line in r.stdout.splitlines()]
+    check(r.returncode == 0 and len(got_old) == len(cands) and all(abs(g - w) < 2e-3 for g, w in zip(got_old, want)),
+          f"scores of an export without a score step: host {got_old} == Python {[round(w, 6) for w in want]}")
     # a clip
     clip = rng.integers(0, 256, (FRAMES, 32, 32, 3), dtype=np.uint8)
     frames = [write_ppm(work / f"f{k}.ppm", fr) for k, fr in enumerate(clip)]

@@ -286,12 +286,14 @@ int main(int argc, char** argv) {
     const char* cands[] = {" red circle.", " blue", " red circle."};
     double lp[3] = {1, 1, 1};
     const bool scored = flamingo_session_score(a, cands, 3, lp) == FLAMINGO_OK;
-    check(scored && lp[0] < 0 && lp[1] < 0 && lp[0] == lp[2],
+    // (packs of other sizes round differently in the last bits: equal to 1e-4, not bit for bit)
+    check(scored && lp[0] < 0 && lp[1] < 0 && std::abs(lp[0] - lp[2]) < 1e-4,
           "score: log-probabilities < 0, the same candidate twice the same: " + std::to_string(lp[0]) + ", " +
               std::to_string(lp[1]));
     const char* two[] = {" red circle.", " blue"};
     double lp2[2] = {0, 0};
-    check(flamingo_session_score(a, two, 2, lp2) == FLAMINGO_OK && lp2[0] == lp[0] && lp2[1] == lp[1],
+    check(flamingo_session_score(a, two, 2, lp2) == FLAMINGO_OK && std::abs(lp2[0] - lp[0]) < 1e-4 &&
+              std::abs(lp2[1] - lp[1]) < 1e-4,
           "scoring again gives the same numbers (the context is unchanged)");
     std::string ga, gb;
     flamingo_session_generate(a, &gp, collect, &ga, nullptr);

@@ -172,7 +172,9 @@ FLAMINGO_API flamingo_status flamingo_session_generate(flamingo_session* session
  * raw logits, as the Python runtime's Generator.score) of each candidate continuation after the
  * session's context: out_logprobs[i] for candidates[i]. Few-shot classification ranks class
  * names this way. The queued tokens run first; the session's context is unchanged afterwards
- * (the candidates run one token at a time past its end and are forgotten). Candidates must be
+ * (the candidates, less their last token, run packed past its end in one run of the export's
+ * score step per 256 tokens, each seeing the context and itself only, and are forgotten; an
+ * export made without a score step runs them one token at a time). Candidates must be
  * non-empty, without <image>, and fit the context left: 1 + num_tokens + their length - 1 <=
  * max_seq_len, else FLAMINGO_ERR_CAPACITY. */
 FLAMINGO_API flamingo_status flamingo_session_score(flamingo_session* session, const char* const* candidates,

@@ -44,6 +44,21 @@ class MediaEncoderStep(nn.Module):
         return torch.stack(out)
 
 
+def _lm_over_caches(step: nn.Module, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    mask: torch.Tensor, media_index: torch.Tensor, kv_cache: torch.Tensor,
+                    media_cache: torch.Tensor, last_only: bool) -> torch.Tensor:
+    """The LM over a host's caches: ``ids`` (1, T) at RoPE ``positions`` (T,), written at
+    cache ``slots`` (T,), attending where ``mask`` (T, S) is true, each block's media keys /
+    values from ``media_cache``. Returns ``forward_cached``'s logits."""
+    kv = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
+    per_layer = {
+        key: dict(media_kv=(media_cache[j, 0], media_cache[j, 1]), media_index=media_index, validate=False)
+        for j, key in enumerate(step.keys)
+    }
+    return step.model.lm.forward_cached(ids, positions[None], kv, slots, mask[None, None],
+                                        xattn_layer_kwargs=per_layer, last_only=last_only)
+
+
 class TokenStep(nn.Module):
     """(ids (1, T) int64, start (1,) int64, media_index (1, T) int32, kv_cache, media_cache)
     -> logits (1, V) float32 of the chunk's last token; ``kv_cache`` is written in place.
@@ -64,17 +79,11 @@ class TokenStep(nn.Module):
         S = kv_cache.shape[4]
         positions = start + torch.arange(T, device=ids.device)  # (T,)
         mask = torch.arange(S, device=ids.device)[None, :] <= positions[:, None]  # (T, S)
-        kv = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
-        per_layer = {
-            key: dict(media_kv=(media_cache[j, 0], media_cache[j, 1]), media_index=media_index, validate=False)
-            for j, key in enumerate(self.keys)
-        }
-        logits = self.model.lm.forward_cached(ids, positions[None], kv, positions, mask[None, None],
-                                              xattn_layer_kwargs=per_layer, last_only=True)
+        logits = _lm_over_caches(self, ids, positions, positions, mask, media_index, kv_cache, media_cache, True)
         return logits[:, -1].float()
 
 
-class ScoreStep(nn.Module):
+class ScoreStep(TokenStep):
     """(ids (1, T) int64, start (1,) int64, offset (1, T) int64, media_index (1, T) int32,
     kv_cache, media_cache) -> logits (1, T, V) float32 of every position.
 
@@ -87,26 +96,13 @@ class ScoreStep(nn.Module):
     a later step at ``start`` overwrites them, so the context is unchanged.
     """
 
-    def __init__(self, model: Flamingo):
-        super().__init__()
-        self.model = model
-        self.keys = list(model.lm.xattn.keys())
-
     def forward(self, ids: torch.Tensor, start: torch.Tensor, offset: torch.Tensor, media_index: torch.Tensor,
                 kv_cache: torch.Tensor, media_cache: torch.Tensor) -> torch.Tensor:
         T = ids.shape[1]
         S = kv_cache.shape[4]
-        j = torch.arange(T, device=ids.device)
-        slots = start + j  # (T,)
+        slots = start + torch.arange(T, device=ids.device)  # (T,)
         positions = start + offset[0]  # (T,)
         k = torch.arange(S, device=ids.device)[None, :]  # (1, S)
         first = (slots - offset[0])[:, None]  # (T, 1): the slot of the continuation's first token
         mask = (k < start) | ((k >= first) & (k <= slots[:, None]))  # (T, S)
-        kv = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
-        per_layer = {
-            key: dict(media_kv=(media_cache[j_, 0], media_cache[j_, 1]), media_index=media_index, validate=False)
-            for j_, key in enumerate(self.keys)
-        }
-        logits = self.model.lm.forward_cached(ids, positions[None], kv, slots, mask[None, None],
-                                              xattn_layer_kwargs=per_layer, last_only=False)
-        return logits.float()
+        return _lm_over_caches(self, ids, positions, slots, mask, media_index, kv_cache, media_cache, False).float()

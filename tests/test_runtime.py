@@ -329,6 +329,16 @@ def test_score_matches_full_forward(gen, tok):
         gen.score(p, cands, max_pack_tokens=0)
 
 
+def test_pack_continuations():
+    from flamingo_rt.runtime.engine import pack_continuations
+
+    feeds = [(0, [1, 2]), (1, [3]), (2, [4, 5, 6, 7, 8]), (3, [9]), (4, [1, 1])]
+    assert [[k for k, _ in p] for p in pack_continuations(feeds, 3)] == [[0, 1], [2], [3, 4]]
+    assert [[k for k, _ in p] for p in pack_continuations(feeds, 100)] == [[0, 1, 2, 3, 4]]
+    assert [[k for k, _ in p] for p in pack_continuations(feeds, 1)] == [[0], [1], [2], [3], [4]]
+    assert list(pack_continuations([], 8)) == []
+
+
 def test_forward_packed_equals_each_continuation_alone(gen, tok):
     """forward_packed: each continuation's logits equal a chunk of it alone after the
     prompt (restored between); the cache's bookkeeping is unchanged; bad packs refused."""

@@ -17,6 +17,7 @@ import torch
 from .._values import is_integer
 from ..io.tokenizer import FlamingoTokenizer
 from ..models.config import VisionConfig
+from ..runtime.engine import pack_continuations
 from ..runtime.prompt import MediaLike, encode_candidates, preprocess_media
 
 __all__ = ["ExportedModel", "ExportedSession"]
@@ -112,13 +113,9 @@ class ExportedSession:
         ``max_pack_tokens`` and the free slots each (as ``flamingo_session_score``)."""
         dev = self.m.device
         cap = min(max_pack_tokens, self.m.manifest["max_seq_len"] - self.pos)
-        rest = [(i, c[:-1]) for i, c in enumerate(ids) if len(c) > 1]
+        feeds = [(i, c[:-1]) for i, c in enumerate(ids) if len(c) > 1]
         index = self.seen_images - 1  # every candidate token attends to the context's last medium
-        while rest:
-            pack, used = [], 0
-            while rest and (not pack or used + len(rest[0][1]) <= cap):
-                pack.append(rest.pop(0))
-                used += len(pack[-1][1])
+        for pack in pack_continuations(feeds, cap):
             flat = [t for _, feed in pack for t in feed]
             offset = [j for _, feed in pack for j in range(len(feed))]
             logits = self.m.score(torch.tensor([flat], device=dev), torch.tensor([self.pos], device=dev),

@@ -1,7 +1,7 @@
 """Pure prefill / decode functions over a :class:`~flamingo_rt.runtime.cache.StaticCache`."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,6 +65,22 @@ def forward_chunk(model: Flamingo, cache: StaticCache, ids: torch.Tensor, length
     logits = _forward_planned(model, cache, ids, cache.plan_chunk(lengths, T), last_only, backend, True)
     cache.commit_chunk(lengths, T)
     return logits[:, -1] if last_only else logits
+
+
+def pack_continuations(feeds: Sequence[Tuple[int, Sequence[int]]], cap: int) -> Iterator[List[Tuple[int, Sequence[int]]]]:
+    """Group ``(key, tokens)`` continuations, in order, into packs of at most ``cap`` tokens
+    (a longer one alone): the packs :func:`forward_packed` (or an export's score step) runs."""
+    pack: List[Tuple[int, Sequence[int]]] = []
+    used = 0
+    for item in feeds:
+        n = len(item[1])
+        if pack and used + n > cap:
+            yield pack
+            pack, used = [], 0
+        pack.append(item)
+        used += n
+    if pack:
+        yield pack
 
 
 def forward_packed(model: Flamingo, cache: StaticCache, continuations: Sequence[Sequence[int]],

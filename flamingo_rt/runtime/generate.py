@@ -16,7 +16,8 @@ from .._values import is_integer
 from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
-from .engine import decode_step, decode_tensors, encode_rows, forward_chunk, forward_packed, left_pad
+from .engine import (decode_step, decode_tensors, encode_rows, forward_chunk, forward_packed, left_pad,
+                     pack_continuations)
 from .prompt import EncodedPrompt, PreprocessedMedia, PromptItem, encode_candidates, encode_prompt
 from .sampling import GenerationConfig, choose_next
 
@@ -59,13 +60,8 @@ def _score_after(gen: "Generator", cache: StaticCache, logits: torch.Tensor, can
     The cache's context is unchanged."""
     first = logits.float().log_softmax(-1)[0]
     out = [float(first[ids[0]]) for ids in cand_ids]
-    rest = [(i, ids[:-1]) for i, ids in enumerate(cand_ids) if len(ids) > 1]
-    cap = min(max_pack_tokens, cache.max_seq_len - cache.length)
-    while rest:
-        pack, used = [], 0
-        while rest and (not pack or used + len(rest[0][1]) <= cap):
-            pack.append(rest.pop(0))
-            used += len(pack[-1][1])
+    feeds = [(i, ids[:-1]) for i, ids in enumerate(cand_ids) if len(ids) > 1]
+    for pack in pack_continuations(feeds, min(max_pack_tokens, cache.max_seq_len - cache.length)):
         lgs = forward_packed(gen.model, cache, [feed for _, feed in pack], backend=gen.backend)
         for (i, _), lg in zip(pack, lgs):
             lp = lg.float().log_softmax(-1)

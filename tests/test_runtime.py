@@ -296,6 +296,7 @@ def test_preprocessed_media_is_used_as_is(gen, monkeypatch):
     assert len(calls) == 1, "generate preprocessed the appended image again"
     assert answer == gen.session().append(ready, "a red square").generate(GREEDY)
     assert gen.session().append(a, "x").discard()[0] is a  # discard gives the items as given
+    assert ready in [ready] and ready != PreprocessedMedia(ready.frames, ready.image_size)  # by identity
     other = PreprocessedMedia(ready.frames, vision.image_size + 1)
     with pytest.raises(ValueError, match=f"expected media preprocessed for image size {vision.image_size}, "
                                          f"got media preprocessed for {vision.image_size + 1}"):

@@ -84,7 +84,7 @@ def _to_frames(x: MediaLike) -> torch.Tensor:
     return t
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity (tensor fields have no truth value)
 class PreprocessedMedia:
     """Media already through ``preprocess_media`` for one vision config: ``frames`` is
     (F, 3, S, S) float32, resized and normalised. A prompt item like any medium, passed

@@ -145,22 +145,23 @@ constexpr size_t kMaxPackTokens = 256;
 void score_packed(flamingo_session* s, const std::vector<std::vector<int32_t>>& ids, double* out) {
   flamingo_model* m = s->model;
   const size_t cap = std::min(kMaxPackTokens, static_cast<size_t>(m->manifest.max_seq_len - s->pos));
-  size_t next = 0;
-  while (next < ids.size()) {
-    if (ids[next].size() < 2) {
-      ++next;
-      continue;
+  // the packs, in order (runtime.engine.pack_continuations): candidates of two tokens or more
+  std::vector<std::vector<size_t>> packs;
+  size_t used = 0;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const size_t n = ids[i].size() - 1;  // the tokens fed
+    if (n == 0) continue;
+    if (packs.empty() || used + n > cap) {
+      packs.emplace_back();
+      used = 0;
     }
-    std::vector<size_t> pack;
-    size_t used = 0;
-    for (; next < ids.size(); ++next) {
-      const size_t n = ids[next].size() - 1;
-      if (n == 0) continue;
-      if (!pack.empty() && used + n > cap) break;
-      pack.push_back(next);
-      used += n;
-    }
-    const int64_t T = static_cast<int64_t>(used);
+    packs.back().push_back(i);
+    used += n;
+  }
+  for (const std::vector<size_t>& pack : packs) {
+    size_t fed = 0;
+    for (size_t i : pack) fed += ids[i].size() - 1;
+    const int64_t T = static_cast<int64_t>(fed);
     at::Tensor tok = at::empty({1, T}, at::kLong), offset = at::empty({1, T}, at::kLong);
     auto* tp = tok.data_ptr<int64_t>();
     auto* op = offset.data_ptr<int64_t>();

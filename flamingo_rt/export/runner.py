@@ -17,7 +17,7 @@ import torch
 from .._values import is_integer
 from ..io.tokenizer import FlamingoTokenizer
 from ..models.config import VisionConfig
-from ..runtime.engine import pack_continuations
+from ..runtime.engine import check_pack_limit, pack_continuations
 from ..runtime.prompt import MediaLike, encode_candidates, preprocess_media
 
 __all__ = ["ExportedModel", "ExportedSession"]
@@ -84,8 +84,7 @@ class ExportedSession:
         the score step (at most ``max_pack_tokens`` and the free slots each; an export
         without one runs them a token at a time), then forgotten: the context is unchanged."""
         ids = encode_candidates(candidates, self.m.tokenizer)
-        if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
-            raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
+        check_pack_limit(max_pack_tokens)
         if not self.pending and self.logits is None:
             raise ValueError("nothing to score after: append text or media first")
         self._check_room(max(len(c) for c in ids) - 1, "the longest candidate (less its last token)",

@@ -215,16 +215,12 @@ class StaticCache:
         dev = self.device
         n = self.length
         slots = self.slots[n:n + T]
-        seq = torch.repeat_interleave(torch.arange(len(lengths), device=dev),
-                                      torch.as_tensor(lengths, device=dev))  # (T,) which continuation
-        start = torch.cumsum(torch.as_tensor([0] + list(lengths[:-1]), device=dev), 0)[seq]  # its first slot - n
-        within = torch.arange(T, device=dev) - start  # (T,) offset inside its continuation
+        within = torch.tensor([j for L in lengths for j in range(L)], device=dev)  # (T,) offset in its own
         positions = (n + within - self.pad[0]).clamp_min(0)[None]  # (1, T)
         k = self.slots[None, :]  # (1, S)
         prompt = (k < n) & self.key_valid[0, None, :]  # (1, S): the row's valid slots
-        ks = k - n  # the key's index inside the pack (negative: the prompt's)
-        kseq = seq[ks.clamp(0, T - 1)]  # (1, S) the key's continuation
-        own = (ks >= 0) & (ks < T) & (kseq == seq[:, None]) & (ks <= torch.arange(T, device=dev)[:, None])
+        first = (slots - within)[:, None]  # (T, 1): the slot of each token's continuation's first token
+        own = (k >= first) & (k <= slots[:, None])  # (T, S)
         visible = (prompt | own)[None, None]  # (1, 1, T, S)
         return slots, positions, visible, torch.ones(1, T, dtype=torch.bool, device=dev)
 

@@ -5,6 +5,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._values import is_integer
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
 
@@ -67,6 +68,13 @@ def forward_chunk(model: Flamingo, cache: StaticCache, ids: torch.Tensor, length
     return logits[:, -1] if last_only else logits
 
 
+def check_pack_limit(max_pack_tokens) -> None:
+    """ValueError unless ``max_pack_tokens`` (the most tokens a pack of scored candidates
+    holds) is an integer >= 1."""
+    if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
+        raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
+
+
 def pack_continuations(feeds: Sequence[Tuple[int, Sequence[int]]], cap: int) -> Iterator[List[Tuple[int, Sequence[int]]]]:
     """Group ``(key, tokens)`` continuations, in order, into packs of at most ``cap`` tokens
     (a longer one alone): the packs :func:`forward_packed` (or an export's score step) runs."""
@@ -90,11 +98,11 @@ def forward_packed(model: Flamingo, cache: StaticCache, continuations: Sequence[
     continuation i: position j predicts its token j + 1. The cache's context is unchanged
     (its bookkeeping is not advanced), so this can be called again for more. The
     continuations must hold no ``<image>`` token (they would take the next media index)."""
+    if any(model.config.image_token_id in c for c in continuations):
+        raise ValueError("expected continuations without <image> tokens")
     lengths = [len(c) for c in continuations]
     plan = cache.plan_packed(lengths)
     ids = torch.tensor([[t for c in continuations for t in c]], dtype=torch.long, device=cache.device)
-    if bool((ids == model.config.image_token_id).any()):
-        raise ValueError("expected continuations without <image> tokens")
     logits = _forward_planned(model, cache, ids, plan, False, backend, False)[0]
     return list(torch.split(logits, lengths))
 

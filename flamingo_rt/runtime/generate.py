@@ -12,12 +12,11 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._values import is_integer
 from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
-from .engine import (decode_step, decode_tensors, encode_rows, forward_chunk, forward_packed, left_pad,
-                     pack_continuations)
+from .engine import (check_pack_limit, decode_step, decode_tensors, encode_rows, forward_chunk, forward_packed,
+                     left_pad, pack_continuations)
 from .prompt import EncodedPrompt, PreprocessedMedia, PromptItem, encode_candidates, encode_prompt
 from .sampling import GenerationConfig, choose_next
 
@@ -44,11 +43,6 @@ def _config(config: Optional[GenerationConfig], overrides: dict) -> GenerationCo
         return replace(config or GenerationConfig(), **overrides).validate()
     except TypeError as e:  # an unknown keyword
         raise TypeError(f"unknown generation setting: {e}") from None
-
-
-def _check_pack_limit(max_pack_tokens) -> None:
-    if not is_integer(max_pack_tokens) or max_pack_tokens < 1:
-        raise ValueError(f"expected max_pack_tokens an integer >= 1, got {max_pack_tokens!r}")
 
 
 def _score_after(gen: "Generator", cache: StaticCache, logits: torch.Tensor, cand_ids: List[List[int]],
@@ -433,7 +427,7 @@ class Generator:
         :func:`~flamingo_rt.runtime.engine.forward_packed`), so the weights are read once
         per chunk, not once per candidate."""
         cand_ids = encode_candidates(candidates, self.tok)
-        _check_pack_limit(max_pack_tokens)
+        check_pack_limit(max_pack_tokens)
         cfg = GenerationConfig(max_new_tokens=max(len(c) for c in cand_ids))
         cache, encs, logits = self._start([prompt], cfg, prefix, "the longest candidate's tokens")
         return _score_after(self, cache, logits, cand_ids, max_pack_tokens)
@@ -500,22 +494,33 @@ class Session:
         f.history, f.token_ids, f.media = list(self.history), list(self.token_ids), list(self.media)
         return f
 
-    def _queued(self) -> Tuple[List[int], EncodedPrompt]:
+    def _queue_that_fits(self, new_tokens: int, what: str, retry: str,
+                         nothing: Optional[str] = None) -> Tuple[List[int], EncodedPrompt]:
         """The tokens the next run feeds (the carried token, then the queued items') and the
-        queued items encoded. Raises ValueError (nothing changed) for a marker mismatch."""
+        queued items encoded, checked to fit the caches with ``new_tokens`` more (named
+        ``what``) when there is something to feed or ``nothing`` is given (the message when
+        there is neither something queued nor a context to go on from). Raises ValueError,
+        the session unchanged and ``retry`` advised when items are kept: a marker mismatch,
+        ``nothing``, or no room."""
         g = self.gen
-        enc = (encode_prompt([ready for _, ready in self._pending], g.tok, g.model.config.vision)
-               if self._pending else EncodedPrompt([]))
-        return self._carry + enc.ids, enc
-
-    def _refused(self, e: ValueError, retry: str = "retry with fewer max_new_tokens, or ") -> ValueError:
-        if self._pending:  # say how to go on: the session itself is as before this call
-            e.args = (f"{e.args[0]} (the items appended since the last answer are kept: {retry}"
-                      "discard() them; reset() starts over)",) + e.args[1:]
-        return e
+        try:
+            enc = (encode_prompt([ready for _, ready in self._pending], g.tok, g.model.config.vision)
+                   if self._pending else EncodedPrompt([]))
+            ids = self._carry + enc.ids
+            if nothing is not None and not ids and self._logits is None:
+                raise ValueError(nothing)
+            if ids or nothing is not None:
+                g._check_fits([len(ids)], [len(enc.media)], GenerationConfig(max_new_tokens=new_tokens),
+                              self.cache.length, int(self.cache.num_media[0]), what)
+        except ValueError as e:
+            if self._pending:  # say how to go on: the session itself is as before this call
+                e.args = (f"{e.args[0]} (the items appended since the last answer are kept: {retry}"
+                          "discard() them; reset() starts over)",) + e.args[1:]
+            raise
+        return ids, enc
 
     def _run(self, ids: List[int], enc: EncodedPrompt) -> torch.Tensor:
-        """Feed ``ids`` (from :meth:`_queued`, checked to fit) and return the last logits."""
+        """Feed ``ids`` (from :meth:`_queue_that_fits`) and return the last logits."""
         g = self.gen
         if ids:
             tokens, counts = g._encode_media([enc.media])
@@ -534,15 +539,7 @@ class Session:
         """Run the queued items through the model now (a support set before ``fork()``, or
         to move the prompt's compute ahead of the first ``generate``). Raises ValueError
         (the items kept) when they do not fit the caches."""
-        g = self.gen
-        try:
-            ids, enc = self._queued()
-            if ids:
-                g._check_fits([len(ids)], [len(enc.media)], GenerationConfig(max_new_tokens=1), self.cache.length,
-                              int(self.cache.num_media[0]), "a new token")
-        except ValueError as e:
-            raise self._refused(e, "")
-        self._run(ids, enc)
+        self._run(*self._queue_that_fits(1, "a new token", ""))
         return self
 
     @torch.no_grad()
@@ -553,16 +550,10 @@ class Session:
         to score after, or the longest candidate does not fit the caches."""
         g = self.gen
         cand_ids = encode_candidates(candidates, g.tok)
-        _check_pack_limit(max_pack_tokens)
-        try:
-            ids, enc = self._queued()
-            if not ids and self._logits is None:
-                raise ValueError("expected text or media to score after, got an empty session")
-            g._check_fits([len(ids)], [len(enc.media)], GenerationConfig(max_new_tokens=max(map(len, cand_ids))),
-                          self.cache.length, int(self.cache.num_media[0]), "the longest candidate's tokens")
-        except ValueError as e:
-            raise self._refused(e, "score shorter candidates, or ")
-        logits = self._run(ids, enc)
+        check_pack_limit(max_pack_tokens)
+        logits = self._run(*self._queue_that_fits(
+            max(map(len, cand_ids)), "the longest candidate's tokens", "score shorter candidates, or ",
+            "expected text or media to score after, got an empty session"))
         return _score_after(g, self.cache, logits, cand_ids, max_pack_tokens)
 
     @torch.no_grad()
@@ -571,14 +562,9 @@ class Session:
         if cfg.num_beams > 1:
             raise ValueError("Session.generate decodes greedily or by sampling (num_beams must be 1)")
         g = self.gen
-        try:
-            ids, enc = self._queued()
-            if not ids and self._logits is None:
-                raise ValueError("expected new text or media before generate(), got nothing")
-            g._check_fits([len(ids)], [len(enc.media)], cfg, self.cache.length, int(self.cache.num_media[0]))
-        except ValueError as e:
-            raise self._refused(e)
-        logits = self._run(ids, enc)
+        logits = self._run(*self._queue_that_fits(
+            cfg.max_new_tokens, "max_new_tokens", "retry with fewer max_new_tokens, or ",
+            "expected new text or media before generate(), got nothing"))
         out: List[int] = []
         for nxt in g._token_stream(self.cache, [EncodedPrompt(self._turn_ids)], logits, cfg):
             out.append(int(nxt[0]))

@@ -56,8 +56,17 @@ def gemms_alone(shapes: Sequence[Tuple[int, int, int]], dtype: torch.dtype, trai
     flamingo_rt runs them on this machine: float32 through :mod:`flamingo_rt.ops.cpu_gemm`
     when its policy picks oneDNN, else ``torch.mm`` into preallocated outputs (the weight
     gradient through ``cpu_gemm.mm``, which copies a bf16 ``dy^T`` to rows where that pays:
-    :func:`cpu_gemm.rows_first`)."""
+    :func:`cpu_gemm.rows_first`).
+
+    oneDNN's op returns a new output for every product, and glibc maps each block of 32 MiB
+    or more anew, so without care the oneDNN branch would also time the first touch of
+    fresh pages (a 2048 x 8192 float32 output: 16384 page faults), which the ``torch.mm``
+    branch never pays. It runs in a :func:`flamingo_rt.runtime.cpu_cache.scope`, whose
+    blocks stay mapped from one call to the next: both branches time the products alone.
+    Measured on a Zen 4 guest, issue 3's block at B1: 734 -> 692 ms forward, 2314 -> 2108 ms
+    forward+backward."""
     from flamingo_rt.ops import cpu_gemm
+    from flamingo_rt.runtime import cpu_cache
     g = torch.Generator().manual_seed(0)
     ops = []
     for r, i, o in shapes:
@@ -75,11 +84,12 @@ def gemms_alone(shapes: Sequence[Tuple[int, int, int]], dtype: torch.dtype, trai
                 cpu_gemm.mm(dy.t(), xin, out=dw)  # bf16: its transposed operand copied to rows first
 
     def run_onednn():
-        for xin, w, dy, *_ in ops:
-            cpu_gemm.linear(xin, w)
-            if train:
-                cpu_gemm.mm(dy, w)
-                cpu_gemm.mm(dy.t(), xin)
+        with cpu_cache.scope():
+            for xin, w, dy, *_ in ops:
+                cpu_gemm.linear(xin, w)
+                if train:
+                    cpu_gemm.mm(dy, w)
+                    cpu_gemm.mm(dy.t(), xin)
 
     return run_onednn if dtype == torch.float32 and cpu_gemm.onednn_active() else run
 

@@ -201,6 +201,26 @@ def test_quick_eval_word_f1_by_hand():
     assert _f1("", "a red square") == 0.0 and _f1("blue", "a red square") == 0.0
 
 
+def test_quick_eval_episode_accuracy_in_batches_counts_each_episode():
+    """episode_accuracy scores its episodes in batches (score_batch): the same count as
+    ranking each episode's candidates with score() alone, for any batch size."""
+    from flamingo_rt.demo import DEFAULT_MODEL
+    from flamingo_rt.recipe.quick_eval import episode_accuracy
+    from flamingo_rt.world import few_shot_episode
+
+    gen = Generator.from_pretrained(DEFAULT_MODEL, max_media=8)
+    hits = 0
+    for i in range(5):
+        ep = few_shot_episode("classify", 1, np.random.default_rng([7, 1, i]), "heldout", n_way=3, by="colour")
+        scores = gen.score(ep.prompt, [" " + c for c in ep.candidates])
+        hits += ep.candidates[int(np.argmax(scores))] == ep.answer
+    assert 0 < hits < 5, "a mix of right and wrong answers makes the count a check"
+    for bs in (1, 2, 8):
+        assert episode_accuracy(gen, "classify", 1, 5, 7, batch_size=bs, n_way=3, by="colour") == hits / 5
+    with pytest.raises(ValueError, match="batch_size >= 1, got 0"):
+        episode_accuracy(gen, "classify", 1, 5, 7, batch_size=0)
+
+
 def test_cached_features_and_naming_episodes(tok):
     """Stage 3 with the vision features computed once (``cache_features``) gives the losses
     of the per-step encoder, and the naming-episode dataset is in the evaluation's layout."""

@@ -373,6 +373,77 @@ def test_forward_packed_equals_each_continuation_alone(gen, tok):
         forward_packed(gen.model, StaticCache(gen.model, 2, 64, 4), [[5]])
 
 
+def test_forward_packed_rows_equals_each_row_packed_alone(gen, tok):
+    """forward_packed_rows: the rows of a batched cache (prompts of different lengths,
+    left-padded; one row with no continuation) give each continuation the logits its row's
+    prompt gives it in a one-row cache; the bookkeeping is unchanged; bad packs refused."""
+    from flamingo_rt.runtime.cache import StaticCache
+    from flamingo_rt.runtime.engine import forward_packed, forward_packed_rows
+
+    encs = [gen.encode([img(), "a red square<|endofchunk|>", img(), "the"]), gen.encode(["one two"]),
+            gen.encode([img(), "big blue"])]
+    rows = [[tok.encode(" big blue"), tok.encode(" a")], [],
+            [tok.encode(" circle on the red"), tok.encode(" two"), tok.encode(" left of the")]]
+    assert len({sum(map(len, r)) for r in rows}) == 3, "the rows should pack different totals"
+    cache = StaticCache(gen.model, 3, 64, 4)
+    gen._prefill(cache, encs)
+    before = (cache.length, cache.key_valid.clone(), cache.image_count.clone(), cache.pad.clone())
+    with torch.no_grad():
+        got = forward_packed_rows(gen.model, cache, rows)
+    assert cache.length == before[0] and torch.equal(cache.key_valid, before[1])
+    assert torch.equal(cache.image_count, before[2]) and torch.equal(cache.pad, before[3])
+    assert [len(g) for g in got] == [2, 0, 3]
+    for enc, row, lgs in zip(encs, rows, got):
+        if not row:
+            continue
+        one = StaticCache(gen.model, 1, 64, 4)
+        gen._prefill(one, [enc])
+        with torch.no_grad():
+            alone = forward_packed(gen.model, one, row)
+        for a, b in zip(lgs, alone):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="of each of the cache's 3 rows, got 2 rows"):
+        forward_packed_rows(gen.model, cache, rows[:2])
+    with pytest.raises(ValueError, match="at least one continuation token in some row"):
+        forward_packed_rows(gen.model, cache, [[], [], []])
+    with pytest.raises(ValueError, match="at least one token"):
+        forward_packed_rows(gen.model, cache, [[[5]], [[]], []])
+    with pytest.raises(ValueError, match="without <image>"):
+        forward_packed_rows(gen.model, cache, [[[5]], [[tok.image_token_id]], []])
+
+
+def test_score_batch_equals_score_per_prompt(gen, tok):
+    """score_batch: prompts of different lengths and image counts (one with none), shared
+    or per-prompt candidates of several lengths, any pack size, with a prefix: each row's
+    scores equal score() on that prompt alone; misuse refused with what was expected."""
+    prompts = [[img(), "a red", img(), "two"], ["the big"], [img(), "one two three left of the"]]
+    shared = [" square", " blue circle", " a", " big red square on the"]
+    per = [[" square", " blue"], [" a big red square on the left", " two", " of", " x"], [" circle on"]]
+    want_shared = [gen.score(p, shared) for p in prompts]
+    want_per = [gen.score(p, c) for p, c in zip(prompts, per)]
+    for cap in (256, 1, 3):
+        for cands, want in ((shared, want_shared), (per, want_per)):
+            got = gen.score_batch(prompts, cands, max_pack_tokens=cap)
+            assert [len(g) for g in got] == [len(w) for w in want]
+            for g, w in zip(got, want):
+                torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=1e-4)
+    shots = gen.prefix([img(), "a red square<|endofchunk|>"])
+    got = gen.score_batch(prompts, per, prefix=shots)
+    for p, c, g in zip(prompts, per, got):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(gen.score(p, c, prefix=shots)), rtol=0, atol=1e-4)
+    with pytest.raises(TypeError, match="got Tensor at index 0; score one prompt with score"):
+        gen.score_batch([img(), "a red"], shared)
+    with pytest.raises(TypeError, match="expected a list of prompts, got str"):
+        gen.score_batch("a red", shared)
+    with pytest.raises(ValueError, match=r"one list of candidates per prompt \(3\), got 2"):
+        gen.score_batch(prompts, per[:2])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        gen.score_batch([], shared)
+    with pytest.raises(ValueError, match="the longest candidate's tokens"):
+        gen.score_batch(prompts, [[" a"], [" the" * 200], [" b"]])
+
+
 def test_few_shot_prompt_builder(gen, tok):
     a, b, q = img(), img(), img()
     items = few_shot_prompt([(a, "red"), (b, "blue")], q, prefix="Output:")

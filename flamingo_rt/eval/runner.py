@@ -146,14 +146,22 @@ def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
             return f"{k}-shot prompts have {len(enc.media)} media; the generator holds at most {gen.max_media}"
     recs = []
     if kind == "classify":
-        for i, (ep, sup) in queries.items():
-            scores = gen.score(encs[i], [" " + c for c in ep.candidates])
+        all_scores = gen.score_batch(list(encs.values()), [[" " + c for c in ep.candidates] for ep, _ in queries.values()])
+        for (i, (ep, sup)), scores in zip(queries.items(), all_scores):
             pred = ep.candidates[int(np.argmax(scores))]
             recs.append({"task": task, "episode": i, "shots": k, "support": sup, "answer": ep.answer,
                          "prediction": pred, "candidates": list(ep.candidates), "scores": scores,
                          "accuracy": float(pred == ep.answer)})
         return recs
     outs = gen.generate(list(encs.values()), GenerationConfig(max_new_tokens=new_tokens, num_beams=suite.num_beams))
+    ranked = {}
+    if kind == "qa" and suite.rank_answers:
+        for i, (ep, _) in queries.items():
+            if not ep.candidates or ep.answer not in ep.candidates:
+                raise ValueError(f"rank_answers needs the episode's possible answers with the answer among "
+                                 f"them; task {task!r} episode {i} has {ep.candidates!r}, answer {ep.answer!r}")
+        ranked = dict(zip(queries, gen.score_batch(list(encs.values()),
+                                                   [[" " + c for c in ep.candidates] for ep, _ in queries.values()])))
     for (i, (ep, sup)), out in zip(queries.items(), outs):
         pred = out.strip()
         rec = {"task": task, "episode": i, "shots": k, "support": sup, "answer": ep.answer, "prediction": pred}
@@ -163,10 +171,7 @@ def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
             rec["exact_match"] = exact_match(pred, ep.answer)
             rec["vqa_accuracy"] = vqa_accuracy(pred, [ep.answer] * NUM_ANNOTATORS)
             if suite.rank_answers:
-                if not ep.candidates or ep.answer not in ep.candidates:
-                    raise ValueError(f"rank_answers needs the episode's possible answers with the answer among "
-                                     f"them; task {task!r} episode {i} has {ep.candidates!r}, answer {ep.answer!r}")
-                scores = gen.score(encs[i], [" " + c for c in ep.candidates])
+                scores = ranked[i]
                 rec["candidates"], rec["scores"] = list(ep.candidates), scores
                 rec["ranked_prediction"] = ep.candidates[int(np.argmax(scores))]
                 rec["ranked_accuracy"] = float(rec["ranked_prediction"] == ep.answer)

@@ -48,7 +48,8 @@ class TaskSuite:
         num_references: reference captions per query for CIDEr-D (the episode's answer plus
             other captions of the same scene/clip, duplicates dropped).
         image_size, num_frames: world media size (images (3, S, S), clips (F, 3, S, S)).
-        batch_size: prompts generated together (greedy decoding).
+        batch_size: queries run together: generated as one batch, or their candidates
+            scored as one (:meth:`~flamingo_rt.runtime.Generator.score_batch`).
         rank_answers: QA tasks also get "ranked accuracy": the question type's possible
             answers (the world's answer set) ranked by log-likelihood as classify does,
             with its chance level (1 / answers) beside it; the generated answer is still

@@ -30,17 +30,20 @@ def _f1(pred: str, ref: str) -> float:
 
 
 def episode_accuracy(gen: Generator, task: str, k: int, episodes: int, seed: int, split: str = "heldout",
-                     **episode_kw) -> float:
+                     batch_size: int = 8, **episode_kw) -> float:
     """Fraction of ``episodes`` fresh episodes of ``task`` (one with candidates) whose
-    highest-likelihood candidate is the answer. Episodes come from
-    ``numpy.random.default_rng([seed, k, i])``."""
+    highest-likelihood candidate is the answer, scored ``batch_size`` episodes at a time
+    (:meth:`Generator.score_batch`). Episodes come from ``numpy.random.default_rng([seed, k, i])``."""
+    if batch_size < 1:
+        raise ValueError(f"expected batch_size >= 1, got {batch_size}")
     hits = 0
-    for i in range(episodes):
-        ep = few_shot_episode(task, k, np.random.default_rng([seed, k, i]), split, **episode_kw)
-        if ep.candidates is None:
+    for start in range(0, episodes, batch_size):
+        eps = [few_shot_episode(task, k, np.random.default_rng([seed, k, i]), split, **episode_kw)
+               for i in range(start, min(episodes, start + batch_size))]
+        if any(ep.candidates is None for ep in eps):
             raise ValueError(f"task {task!r} has no candidates to rank; use caption_f1")
-        scores = gen.score(ep.prompt, [" " + c for c in ep.candidates])
-        hits += ep.candidates[int(np.argmax(scores))] == ep.answer
+        scores = gen.score_batch([ep.prompt for ep in eps], [[" " + c for c in ep.candidates] for ep in eps])
+        hits += sum(ep.candidates[int(np.argmax(s))] == ep.answer for ep, s in zip(eps, scores))
     return hits / episodes
 
 

@@ -22,7 +22,7 @@ computes exactly what it would compute alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -208,21 +208,47 @@ class StaticCache:
         """
         if self.batch != 1:
             raise ValueError(f"expected a one-row cache for packed continuations, got {self.batch} rows")
-        if not lengths or min(lengths) < 1:
+        if not lengths:
             raise ValueError(f"expected continuations of at least one token, got lengths {list(lengths)}")
-        T = int(sum(lengths))
+        return self.plan_packed_rows([lengths])
+
+    def plan_packed_rows(self, lengths: Sequence[Sequence[int]]):
+        """:meth:`plan_packed` for every row of the cache at once: row b's continuations
+        (``lengths[b]``, possibly none) packed one after another past the row's context.
+        T is the longest row's total; a shorter row's remaining slots are padding (``real``
+        False, at the row's next position, seeing its context and itself, so no query row
+        of the mask is empty). Nothing is committed.
+
+        Returns (slots (T,), position_ids (B, T), attn_mask (B, 1, T, S), real (B, T) bool).
+        Raises ValueError when there is not one list of lengths per row, a length is not
+        positive, no row has a token, or the pack does not fit in the cache.
+        """
+        if len(lengths) != self.batch:
+            raise ValueError(f"expected the continuations' lengths of each of the cache's {self.batch} rows, "
+                             f"got {len(lengths)} rows")
+        for row in lengths:
+            if any(L < 1 for L in row):
+                raise ValueError(f"expected continuations of at least one token, got lengths {list(row)}")
+        totals = [int(sum(row)) for row in lengths]
+        T = max(totals)
+        if T == 0:
+            raise ValueError("expected at least one continuation token in some row, got none")
         self.check_room(T)
         dev = self.device
         n = self.length
         slots = self.slots[n:n + T]
-        within = torch.tensor([j for L in lengths for j in range(L)], device=dev)  # (T,) offset in its own
-        positions = (n + within - self.pad[0]).clamp_min(0)[None]  # (1, T)
-        k = self.slots[None, :]  # (1, S)
-        prompt = (k < n) & self.key_valid[0, None, :]  # (1, S): the row's valid slots
-        first = (slots - within)[:, None]  # (T, 1): the slot of each token's continuation's first token
-        own = (k >= first) & (k <= slots[:, None])  # (T, S)
-        visible = (prompt | own)[None, None]  # (1, 1, T, S)
-        return slots, positions, visible, torch.ones(1, T, dtype=torch.bool, device=dev)
+        within = torch.zeros(self.batch, T, dtype=torch.long)  # each token's offset in its own continuation
+        for b, row in enumerate(lengths):
+            within[b, :totals[b]] = torch.tensor([j for L in row for j in range(L)], dtype=torch.long)
+        within = within.to(dev)
+        real = torch.arange(T, device=dev)[None, :] < torch.tensor(totals, device=dev)[:, None]  # (B, T)
+        positions = (n + within - self.pad[:, None]).clamp_min(0)  # (B, T)
+        k = self.slots[None, None, :]  # (1, 1, S)
+        prompt = (self.slots[None, :] < n) & self.key_valid  # (B, S): each row's valid slots
+        first = (slots[None, :] - within)[:, :, None]  # (B, T, 1): the slot of each token's continuation's start
+        own = (k >= first) & (k <= slots[None, :, None])  # (B, T, S)
+        visible = prompt[:, None, :] | own
+        return slots, positions, visible[:, None], real
 
     def commit_chunk(self, lengths: torch.Tensor, T: int) -> None:
         self.pad += (T - lengths.to(self.device))

@@ -98,13 +98,32 @@ def forward_packed(model: Flamingo, cache: StaticCache, continuations: Sequence[
     continuation i: position j predicts its token j + 1. The cache's context is unchanged
     (its bookkeeping is not advanced), so this can be called again for more. The
     continuations must hold no ``<image>`` token (they would take the next media index)."""
-    if any(model.config.image_token_id in c for c in continuations):
+    if cache.batch != 1:
+        raise ValueError(f"expected a one-row cache for packed continuations, got {cache.batch} rows")
+    if not continuations:
+        raise ValueError("expected continuations of at least one token, got lengths []")
+    return forward_packed_rows(model, cache, [continuations], backend)[0]
+
+
+def forward_packed_rows(model: Flamingo, cache: StaticCache, rows: Sequence[Sequence[Sequence[int]]],
+                        backend: Optional[str] = None) -> List[List[torch.Tensor]]:
+    """:func:`forward_packed` for every row of the cache in one chunk
+    (:meth:`StaticCache.plan_packed_rows`): ``rows[b]`` are row b's continuations (possibly
+    none); returns their logits per row, ``[b][i]`` (len, V). Rows shorter than the longest
+    are padded at their end. The cache's context is unchanged."""
+    img = model.config.image_token_id
+    if any(img in c for row in rows for c in row):
         raise ValueError("expected continuations without <image> tokens")
-    lengths = [len(c) for c in continuations]
-    plan = cache.plan_packed(lengths)
-    ids = torch.tensor([[t for c in continuations for t in c]], dtype=torch.long, device=cache.device)
-    logits = _forward_planned(model, cache, ids, plan, False, backend, False)[0]
-    return list(torch.split(logits, lengths))
+    lengths = [[len(c) for c in row] for row in rows]
+    plan = cache.plan_packed_rows(lengths)
+    T = plan[0].shape[0]
+    ids = torch.zeros(len(rows), T, dtype=torch.long)  # padding: real is False there, any id will do
+    for b, row in enumerate(rows):
+        flat = [t for c in row for t in c]
+        if flat:
+            ids[b, :len(flat)] = torch.tensor(flat, dtype=torch.long)
+    logits = _forward_planned(model, cache, ids.to(cache.device), plan, False, backend, False)
+    return [list(torch.split(logits[b, :sum(ls)], ls)) if ls else [] for b, ls in enumerate(lengths)]
 
 
 def decode_tensors(model: Flamingo, cache: StaticCache, tokens: torch.Tensor,

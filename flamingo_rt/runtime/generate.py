@@ -15,8 +15,8 @@ import torch
 from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
-from .engine import (check_pack_limit, decode_step, decode_tensors, encode_rows, forward_chunk, forward_packed,
-                     left_pad, pack_continuations)
+from .engine import (check_pack_limit, decode_step, decode_tensors, encode_rows, forward_chunk,
+                     forward_packed_rows, left_pad, pack_continuations)
 from .prompt import EncodedPrompt, PreprocessedMedia, PromptItem, encode_candidates, encode_prompt
 from .sampling import GenerationConfig, choose_next
 
@@ -45,23 +45,30 @@ def _config(config: Optional[GenerationConfig], overrides: dict) -> GenerationCo
         raise TypeError(f"unknown generation setting: {e}") from None
 
 
-def _score_after(gen: "Generator", cache: StaticCache, logits: torch.Tensor, cand_ids: List[List[int]],
-                 max_pack_tokens: int) -> List[float]:
-    """Each candidate's log-likelihood after the context of the one-row ``cache`` whose
-    last logits are ``logits`` (1, V): the first tokens from those, the rest from packs of
-    the candidates (less their last token) run by :func:`forward_packed`, at most
-    ``max_pack_tokens`` and the cache's free slots each (a longer candidate runs alone).
-    The cache's context is unchanged."""
-    first = logits.float().log_softmax(-1)[0]
-    out = [float(first[ids[0]]) for ids in cand_ids]
-    feeds = [(i, ids[:-1]) for i, ids in enumerate(cand_ids) if len(ids) > 1]
-    for pack in pack_continuations(feeds, min(max_pack_tokens, cache.max_seq_len - cache.length)):
-        lgs = forward_packed(gen.model, cache, [feed for _, feed in pack], backend=gen.backend)
-        for (i, _), lg in zip(pack, lgs):
-            lp = lg.float().log_softmax(-1)
-            nxt = torch.tensor(cand_ids[i][1:], device=lp.device)
-            out[i] += float(lp.gather(1, nxt[:, None]).sum())
-    return out
+def _score_after(gen: "Generator", cache: StaticCache, logits: torch.Tensor, cand_ids: List[List[List[int]]],
+                 max_pack_tokens: int) -> List[List[float]]:
+    """Each candidate's log-likelihood after the context of each row of ``cache``, whose
+    last logits are ``logits`` (B, V); ``cand_ids[b]`` are row b's candidates. The first
+    tokens come from those logits, the rest from packs of the candidates (less their last
+    token), at most ``max_pack_tokens`` and the cache's free slots per row each (a longer
+    candidate runs alone), the rows' packs side by side in one chunk
+    (:func:`forward_packed_rows`). The cache's context is unchanged."""
+    first = logits.float().log_softmax(-1)
+    out = [[float(first[b, ids[0]]) for ids in row] for b, row in enumerate(cand_ids)]
+    cap = min(max_pack_tokens, cache.max_seq_len - cache.length)
+    packers = [pack_continuations([(i, ids[:-1]) for i, ids in enumerate(row) if len(ids) > 1], cap)
+               for row in cand_ids]
+    while True:
+        packs = [next(p, []) for p in packers]
+        if not any(packs):
+            return out
+        lgs = forward_packed_rows(gen.model, cache, [[feed for _, feed in pack] for pack in packs],
+                                  backend=gen.backend)
+        for b, pack in enumerate(packs):
+            for (i, _), lg in zip(pack, lgs[b]):
+                lp = lg.float().log_softmax(-1)
+                nxt = torch.tensor(cand_ids[b][i][1:], device=lp.device)
+                out[b][i] += float(lp.gather(1, nxt[:, None]).sum())
 
 
 class Generator:
@@ -425,11 +432,52 @@ class Generator:
         slots past the prompt (``max_seq_len`` less the prompt; a longer candidate runs
         alone; each sees the prompt and itself only:
         :func:`~flamingo_rt.runtime.engine.forward_packed`), so the weights are read once
-        per chunk, not once per candidate."""
-        cand_ids = encode_candidates(candidates, self.tok)
+        per chunk, not once per candidate. :meth:`score_batch` scores several prompts
+        at once."""
+        return self._score_rows([prompt], [encode_candidates(candidates, self.tok)], prefix, max_pack_tokens)[0]
+
+    @torch.no_grad()
+    def score_batch(self, prompts: Sequence[PromptLike], candidates: Sequence, prefix: Optional[Prefix] = None,
+                    max_pack_tokens: int = 256) -> List[List[float]]:
+        """:meth:`score` for several prompts as one batch: ``[score(p, c) for p, c in ...]``
+        up to float rounding, with every prompt's media through the vision encoder in one
+        call, the prompts prefilled as one left-padded chunk, and the rows' candidate packs
+        side by side (:func:`~flamingo_rt.runtime.engine.forward_packed_rows`; each row's
+        pack holds at most ``max_pack_tokens``), so the weights are read once per batch.
+        A few-shot evaluation classifies its queries this way.
+
+        Args:
+            prompts: a list of prompts (each a string, a list of text and media, or an
+                :class:`EncodedPrompt`).
+            candidates: one list of strings scored after every prompt, or a list of such
+                lists, one per prompt.
+            prefix: a :class:`Prefix` every prompt continues.
+
+        Returns the log-likelihoods per prompt, ``[b][i]`` for candidate i of prompt b."""
+        if isinstance(prompts, (str, EncodedPrompt)) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"expected a list of prompts, got {type(prompts).__name__}; score one prompt with score()")
+        if not prompts:
+            raise ValueError("expected at least one prompt, got none")
+        for b, p in enumerate(prompts):
+            if not isinstance(p, (str, list, tuple, EncodedPrompt)):
+                raise TypeError(f"expected a list of prompts (each a string, a list of text and media, or an "
+                                f"EncodedPrompt), got {type(p).__name__} at index {b}; score one prompt with score()")
+        per_prompt = isinstance(candidates, (list, tuple)) and bool(candidates) and all(
+            isinstance(c, (list, tuple)) for c in candidates)
+        if per_prompt and len(candidates) != len(prompts):
+            raise ValueError(f"expected one list of candidates per prompt ({len(prompts)}), got {len(candidates)}")
+        if per_prompt:
+            cand_ids = [encode_candidates(c, self.tok) for c in candidates]
+        else:
+            cand_ids = [encode_candidates(candidates, self.tok)] * len(prompts)
+        return self._score_rows(list(prompts), cand_ids, prefix, max_pack_tokens)
+
+    def _score_rows(self, prompts: List[PromptLike], cand_ids: List[List[List[int]]], prefix: Optional[Prefix],
+                    max_pack_tokens: int) -> List[List[float]]:
+        """score_batch on encoded candidates (``cand_ids[b]``: prompt b's)."""
         check_pack_limit(max_pack_tokens)
-        cfg = GenerationConfig(max_new_tokens=max(len(c) for c in cand_ids))
-        cache, encs, logits = self._start([prompt], cfg, prefix, "the longest candidate's tokens")
+        cfg = GenerationConfig(max_new_tokens=max(len(c) for row in cand_ids for c in row))
+        cache, encs, logits = self._start(prompts, cfg, prefix, "the longest candidate's tokens")
         return _score_after(self, cache, logits, cand_ids, max_pack_tokens)
 
     def session(self) -> "Session":
@@ -554,7 +602,7 @@ class Session:
         logits = self._run(*self._queue_that_fits(
             max(map(len, cand_ids)), "the longest candidate's tokens", "score shorter candidates, or ",
             "expected text or media to score after, got an empty session"))
-        return _score_after(g, self.cache, logits, cand_ids, max_pack_tokens)
+        return _score_after(g, self.cache, logits, [cand_ids], max_pack_tokens)[0]
 
     @torch.no_grad()
     def generate(self, config: Optional[GenerationConfig] = None, **kwargs) -> str:

@@ -197,6 +197,30 @@ def test_evaluation_is_deterministic_under_the_seed(gen):
     assert [r["answer"] for r in c["records"]] != [r["answer"] for r in a["records"]]
 
 
+def test_runner_encodes_each_support_image_once_per_batch(gen, monkeypatch):
+    """The runner encodes a batch of queries' media once across its shot counts (a
+    media_memo per batch): the same records as encoding every prompt's media, with as many
+    frames encoded as the batch has distinct media."""
+    import contextlib
+
+    suite = TaskSuite(tasks=("classify",), shots=(0, 1, 2), episodes=2, seed=3)
+    n0 = gen.vision_calls
+    a = evaluate(gen, suite).to_dict()
+    memo_frames = gen.vision_calls - n0
+    eps = [draw_episode(suite, "classify", i) for i in range(2)]
+    used = {(i, j) for r in a["records"] for i, j in [(r["episode"], j) for j in r["support"]]}
+    distinct = len(used) + len(eps)  # the support images used, and each query image
+    assert memo_frames == distinct
+    monkeypatch.setattr(Generator, "media_memo", lambda self, max_items=4096: contextlib.nullcontext())
+    n0 = gen.vision_calls
+    b = evaluate(gen, suite).to_dict()
+    assert gen.vision_calls - n0 == sum(len(r["support"]) + 1 for r in b["records"]) > memo_frames
+    a.pop("seconds"), b.pop("seconds")
+    for ra, rb in zip(a["records"], b["records"]):
+        assert ra["prediction"] == rb["prediction"]
+        assert ra["scores"] == pytest.approx(rb["scores"], rel=0, abs=1e-4)
+
+
 def test_runner_rices_support_is_the_nearest_of_each_class(gen):
     suite = TaskSuite(tasks=("classify",), shots=(1, 2), episodes=1, seed=2, n_way=3, selection="rices")
     assert suite.pool_size == 8

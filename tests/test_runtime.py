@@ -444,6 +444,52 @@ def test_score_batch_equals_score_per_prompt(gen, tok):
         gen.score_batch(prompts, [[" a"], [" the" * 200], [" b"]])
 
 
+def test_media_memo_encodes_each_medium_once(gen, tok):
+    """Inside media_memo(), media equal in content to ones encoded in the block (in an
+    earlier call, or another row of the same call) are not encoded again, with the same
+    results; a medium changed in place, or a weight update, is encoded anew; outside the
+    block every call encodes; the memo keeps at most max_items."""
+    a, b, c = img(), img(), img()
+    p1, p2 = [a, "a red", b, "two"], [a.clone(), "the", c, "big"]  # a's copy: equal content
+    cands = [" square", " blue circle"]
+    plain = gen.score_batch([p1, p2], cands)
+    n0 = gen.vision_calls
+    gen.score(p1, cands)
+    assert gen.vision_calls - n0 == 2, "outside a memo block every medium is encoded"
+    with gen.media_memo() as memo:
+        n0 = gen.vision_calls
+        got = gen.score_batch([p1, p2], cands)
+        assert gen.vision_calls - n0 == 3 and (memo.misses, memo.hits) == (3, 0)  # a once for both rows
+        for g, w in zip(got, plain):
+            torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=1e-5)
+        assert gen.score(p2, cands) == got[1] and gen.vision_calls - n0 == 3  # all known: bit for bit
+        assert memo.hits == 2 and len(memo) == 3
+        b.mul_(0.5)  # changed in place: new content, encoded again
+        gen.score(p1, cands)
+        assert gen.vision_calls - n0 == 4
+        fresh_b = gen.score([b.clone(), "x"], cands)
+        assert gen.vision_calls - n0 == 4
+        with torch.no_grad():
+            w = next(gen.model.resampler.parameters())
+            w.add_(0.5)  # a weight update: what the memo holds is stale
+            try:
+                n1 = gen.vision_calls
+                updated = gen.score([b, "x"], cands)
+                assert gen.vision_calls - n1 == 1 and updated != fresh_b
+            finally:
+                w.sub_(0.5)
+    n0 = gen.vision_calls
+    gen.score(p1, cands)
+    assert gen.vision_calls - n0 == 2, "the memo ends with its block"
+    with gen.media_memo(max_items=1) as memo:
+        for x in (a, c, a):
+            gen.score([x, "x"], cands)
+        assert len(memo) == 1 and memo.misses == 3, "the least recently used medium was dropped"
+    with pytest.raises(ValueError, match="max_items an integer >= 1, got 0"):
+        with gen.media_memo(max_items=0):
+            pass
+
+
 def test_few_shot_prompt_builder(gen, tok):
     a, b, q = img(), img(), img()
     items = few_shot_prompt([(a, "red"), (b, "blue")], q, prefix="Output:")

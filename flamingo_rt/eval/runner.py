@@ -219,16 +219,17 @@ def evaluate(model: Union[str, Path, Generator], suite: Optional[TaskSuite] = No
                 for i, ep in eps.items():
                     labels = ep.meta["support_classes"] if kind == "classify" else None
                     indexes[i] = RicesIndex(gen.model, [m for m, _ in ep.support], labels)
-            for k in suite.shots:
-                if k not in skipped:
-                    support = {i: select_support(suite, eps[i], i, k, indexes.get(i)) for i in chunk}
-                    new = _run_queries(gen, suite, task, kind, k, {i: (eps[i], support[i]) for i in chunk})
-                    if isinstance(new, str):
-                        skipped[k] = new
-                    else:
-                        recs += new
-                if bar is not None:
-                    bar.update(len(chunk))
+            with gen.media_memo():  # the chunk's support images recur at every shot count: encoded once
+                for k in suite.shots:
+                    if k not in skipped:
+                        support = {i: select_support(suite, eps[i], i, k, indexes.get(i)) for i in chunk}
+                        new = _run_queries(gen, suite, task, kind, k, {i: (eps[i], support[i]) for i in chunk})
+                        if isinstance(new, str):
+                            skipped[k] = new
+                        else:
+                            recs += new
+                    if bar is not None:
+                        bar.update(len(chunk))
         recs = [r for r in recs if r["shots"] not in skipped]
         cells += _cells(task, kind, recs, suite, skipped)
         records += sorted(recs, key=lambda r: (r["episode"], suite.shots.index(r["shots"])))

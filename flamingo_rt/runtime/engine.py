@@ -8,6 +8,7 @@ import torch
 from .._values import is_integer
 from ..models.flamingo import Flamingo
 from .cache import StaticCache
+from .media_memo import MediaMemo
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple:
@@ -157,24 +158,45 @@ def decode_step(model: Flamingo, cache: StaticCache, tokens: torch.Tensor, backe
 
 
 def encode_rows(model: Flamingo, media_rows: List[List[torch.Tensor]], device, dtype,
-                backend: Optional[str] = None) -> tuple:
+                backend: Optional[str] = None, memo: Optional[MediaMemo] = None) -> tuple:
     """Encode each row's media (a list of (F, C, H, W) tensors) once.
 
     Media with the same frame count and size across all rows go through the vision
-    encoder in one call. Returns (tokens (B, M_max, N, D), counts (B,)).
+    encoder in one call. With a ``memo`` (:class:`~flamingo_rt.runtime.media_memo.MediaMemo`),
+    media whose content it holds are not encoded again, equal media among the rows are
+    encoded once, and the new ones are added to it. Returns (tokens (B, M_max, N, D),
+    counts (B,), frames encoded).
     """
     B = len(media_rows)
     counts = torch.tensor([len(r) for r in media_rows], dtype=torch.long, device=device)
     M = int(counts.max()) if B else 0
     cfg = model.config
     out = torch.zeros(B, M, cfg.resampler.num_latents, cfg.resampler.dim, device=device, dtype=dtype)
-    groups = {}
+    if memo is not None:
+        memo.sync(list(model.vision_encoder.parameters()) + list(model.resampler.parameters()))
+    groups = {}  # shape -> {key: (medium, [(row, index), ...])}, media to encode
     for b, row in enumerate(media_rows):
         for m, x in enumerate(row):
-            groups.setdefault(tuple(x.shape), []).append((b, m, x))
-    for shape, items in groups.items():
-        batch = torch.stack([x for _, _, x in items]).to(device=device, dtype=dtype)  # (K, F, C, H, W)
+            group = groups.setdefault(tuple(x.shape), {})
+            key = (b, m) if memo is None else memo.key(x)
+            if key in group:  # an equal medium earlier in this call
+                group[key][1].append((b, m))
+                continue
+            known = None if memo is None else memo.get(key)
+            if known is not None:
+                out[b, m] = known
+            else:
+                group[key] = (x, [(b, m)])
+    frames = 0
+    for shape, group in groups.items():
+        if not group:
+            continue
+        batch = torch.stack([x for x, _ in group.values()]).to(device=device, dtype=dtype)  # (K, F, C, H, W)
         tokens = model.encode_media(batch[:, None], backend=backend)[:, 0]  # (K, N, D)
-        for (b, m, _), t in zip(items, tokens):
-            out[b, m] = t
-    return out, counts
+        frames += batch.shape[0] * batch.shape[1]
+        for (key, (_, places)), t in zip(group.items(), tokens):
+            for b, m in places:
+                out[b, m] = t
+            if memo is not None:
+                memo.put(key, t.clone())
+    return out, counts, frames

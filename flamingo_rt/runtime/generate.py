@@ -6,6 +6,7 @@ against static caches — nothing is recomputed per token or per beam.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -17,6 +18,7 @@ from ..models.flamingo import Flamingo
 from .cache import StaticCache
 from .engine import (check_pack_limit, decode_step, decode_tensors, encode_rows, forward_chunk,
                      forward_packed_rows, left_pad, pack_continuations)
+from .media_memo import MediaMemo
 from .prompt import EncodedPrompt, PreprocessedMedia, PromptItem, encode_candidates, encode_prompt
 from .sampling import GenerationConfig, choose_next
 
@@ -111,6 +113,7 @@ class Generator:
         self.device, self.dtype = p.device, p.dtype
         self._caches = {}
         self.vision_calls = 0  # media frames encoded (for tests and stats)
+        self._memo: Optional[MediaMemo] = None  # set inside media_memo()
         self._banned = [tokenizer.image_token_id, tokenizer.pad_token_id]
         if cuda_graphs is None:
             cuda_graphs = compile is True and self.device.type == "cuda"
@@ -187,8 +190,25 @@ class Generator:
             )
 
     def _encode_media(self, rows: List[List[torch.Tensor]]):
-        self.vision_calls += sum(m.shape[0] for r in rows for m in r)
-        return encode_rows(self.model, rows, self.device, self.dtype, self.backend)
+        tokens, counts, frames = encode_rows(self.model, rows, self.device, self.dtype, self.backend, self._memo)
+        self.vision_calls += frames
+        return tokens, counts
+
+    @contextlib.contextmanager
+    def media_memo(self, max_items: int = 4096) -> Iterator[MediaMemo]:
+        """Inside this block, a medium equal to one already encoded in it (the same
+        preprocessed pixels) is not encoded again: its resampled tokens are reused
+        (:class:`~flamingo_rt.runtime.media_memo.MediaMemo`, at most ``max_items`` media,
+        least recently used dropped first; forgotten if the vision encoder's or resampler's
+        weights change). For evaluations, where a query's support images recur at every
+        shot count. Yields the memo (``hits`` / ``misses``); blocks may nest (the inner
+        one's memo is used inside it)."""
+        memo, outer = MediaMemo(max_items), self._memo
+        self._memo = memo
+        try:
+            yield memo
+        finally:
+            self._memo = outer
 
     def _prefill(self, cache: StaticCache, encs: List[EncodedPrompt]) -> torch.Tensor:
         tokens, counts = self._encode_media([e.media for e in encs])

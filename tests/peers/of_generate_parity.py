@@ -27,7 +27,7 @@ def build(seed: int):
 
 def ours_greedy(model: Flamingo, ids, media, max_new: int):
     cache = StaticCache(model, 1, 128, media.shape[1])
-    tokens, counts = encode_rows(model, [[m for m in media[0]]], "cpu", torch.float32)
+    tokens, counts, _ = encode_rows(model, [[m for m in media[0]]], "cpu", torch.float32)
     cache.add_media(model, tokens, counts)
     logits = forward_chunk(model, cache, ids, torch.tensor([ids.shape[1]]))
     out = []

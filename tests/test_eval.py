@@ -258,14 +258,15 @@ def test_suite_errors_say_expected_and_got():
 def test_cli_eval(model_dir, tmp_path, capsys, malloc_calls):
     out, png = tmp_path / "e.json", tmp_path / "curve.png"
     rc = cli.main(["eval", str(model_dir), "--tasks", "classify,qa", "caption", "--shots", "0,1", "--episodes", "2",
-                   "--json", str(out), "--plot", str(png), "--no-progress", "--threads", "1", "--seed", "3"])
+                   "--json", str(out), "--plot", str(png), "--no-progress", "--threads", "1", "--seed", "3",
+                   "--batch-size", "1"])
     assert rc == 0
     assert malloc_calls == [1]  # the malloc tuning, unless --default-malloc
     printed = capsys.readouterr().out
     assert "classify (5-way)" in printed and "1-shot" in printed and str(out) in printed
     d = json.loads(out.read_text())
     assert {(c["task"], c["shots"]) for c in d["cells"]} == {(t, k) for t in ("classify", "qa", "caption") for k in (0, 1)}
-    assert d["suite"]["seed"] == 3 and len(d["records"]) == 3 * 2 * 2
+    assert d["suite"]["seed"] == 3 and d["suite"]["batch_size"] == 1 and len(d["records"]) == 3 * 2 * 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["eval", str(tmp_path / "nothing"), "--no-progress", "--default-malloc"]) == 2
     assert malloc_calls == [1]

@@ -112,6 +112,71 @@ def test_beam_search_finds_a_likelier_sequence_than_greedy(gen):
     assert s_b >= s_g - 1e-3
 
 
+@pytest.mark.parametrize("stops", [False, True])
+def test_beam_search_of_a_batch_equals_each_prompt_alone(gen, stops):
+    """Beams of several prompts (different lengths and image counts) decode as one batch;
+    each prompt's answer is its search alone, with or without a prefix, stop tokens on or
+    off, and with a length penalty."""
+    prompts = [[img(), "a red", img(), "the"], ["one two"], [img(), "big blue circle on the left of"]]
+    for cfg in (GenerationConfig(max_new_tokens=7, num_beams=3, stop_on_eoc=stops, stop_on_eos=stops),
+                GenerationConfig(max_new_tokens=5, num_beams=4, length_penalty=0.0, stop_on_eoc=stops,
+                                 stop_on_eos=stops)):
+        alone = [gen.generate(p, cfg) for p in prompts]
+        assert len(set(alone)) == 3, "the prompts should get different answers"
+        assert gen.generate(prompts, cfg) == alone
+    shots = gen.prefix([img(), "a red square<|endofchunk|>"])
+    cfg = GenerationConfig(max_new_tokens=6, num_beams=3, stop_on_eoc=stops, stop_on_eos=stops)
+    assert gen.generate(prompts, cfg, prefix=shots) == [gen.generate(p, cfg, prefix=shots) for p in prompts]
+
+
+class _EocLikely(Generator):
+    """The end-of-chunk token made likely (its logit raised), so beams finish early."""
+
+    def _mask_banned(self, logits, cfg=None, step=0):
+        out = super()._mask_banned(logits, cfg, step)
+        out[:, self.tok.eoc_token_id] += self.boost
+        return out
+
+
+def test_beam_search_of_a_batch_with_finishing_beams(gen):
+    """Beams that end in a stop token are set aside per prompt, and a prompt whose K beams
+    finished stops while the others go on: each prompt's answer is still its search alone
+    (some answers stop early)."""
+    g = _EocLikely(gen.model, gen.tok, max_seq_len=gen.max_seq_len, max_media=gen.max_media)
+    prompts = [[img(), "a red", img(), "the"], ["one two"], [img(), "big blue circle on the left of"],
+               ["the small"]]
+    cfg = GenerationConfig(max_new_tokens=8, num_beams=3, stop_on_eos=False)
+    for boost in (6.0, 9.0):
+        g.boost = boost
+        alone = [g.generate(p, cfg) for p in prompts]
+        assert g.generate(prompts, cfg) == alone
+        n_tokens = [len(gen.tok.encode(a)) for a in alone]
+        assert min(n_tokens) < cfg.max_new_tokens - 1, (boost, alone)
+
+
+def test_broadcast_from_copies_each_row_into_its_beams(gen):
+    from flamingo_rt.runtime.cache import StaticCache
+
+    encs = [gen.encode([img(), "a red", img(), "the"]), gen.encode(["one two"])]
+    src = StaticCache(gen.model, 2, 64, 4)
+    with torch.no_grad():
+        gen._prefill(src, encs)
+    dst = StaticCache(gen.model, 6, 64, 4)
+    dst.broadcast_from(src, repeats=3)
+    n, rows = src.length, torch.tensor([0, 0, 0, 1, 1, 1])
+    assert dst.length == n and int(dst.position) == n
+    for (k, v), (ks, vs) in zip(dst.kv, src.kv):
+        assert torch.equal(k[:, :, :n], ks[rows, :, :n]) and torch.equal(v[:, :, :n], vs[rows, :, :n])
+    for key, (k, v) in dst.media_kv.items():
+        assert torch.equal(k[:, :2], src.media_kv[key][0][rows, :2])
+    for name in ("key_valid", "pad", "num_media", "image_count"):
+        assert torch.equal(getattr(dst, name), getattr(src, name)[rows]), name
+    with pytest.raises(ValueError, match=r"expected 2 x 2 = 4 rows to copy 2 rows 2 times into, got a cache of 6"):
+        dst.broadcast_from(src, repeats=2)
+    with pytest.raises(ValueError, match="one-row source cache, got 2 rows"):
+        dst.broadcast_from(src)
+
+
 def test_sampling_repeats_under_its_seed(gen):
     p = [img(), "a"]
     cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.3, top_k=50, top_p=0.95,

@@ -128,22 +128,28 @@ class StaticCache:
             t = getattr(self, name)
             t.copy_(t.index_select(0, rows))
 
-    def broadcast_from(self, src: "StaticCache") -> None:
-        """Every row becomes a copy of the single row of ``src`` (a computed prefix or
-        prompt): its filled token slots, its media K/V and its bookkeeping."""
-        if src.batch != 1:
+    def broadcast_from(self, src: "StaticCache", repeats: Optional[int] = None) -> None:
+        """Copy ``src``'s rows into this cache: its filled token slots, its media K/V and its
+        bookkeeping. A one-row ``src`` goes into every row (a computed prefix or prompt);
+        with ``repeats`` = K each row of ``src`` goes into K consecutive rows (row b into
+        b*K .. b*K+K-1: a batch's prompts into their beams), which needs
+        ``batch == src.batch * K``."""
+        K = self.batch if repeats is None else repeats
+        if repeats is None and src.batch != 1:
             raise ValueError(f"expected a one-row source cache, got {src.batch} rows")
-        n, m = src.length, int(src.num_media.max())
-        for (k, v), (ks, vs) in zip(self.kv, src.kv):
-            k[:, :, :n] = ks[:, :, :n]
-            v[:, :, :n] = vs[:, :, :n]
-        for key, (k, v) in self.media_kv.items():
+        if src.batch * K != self.batch:
+            raise ValueError(f"expected {src.batch} x {K} = {src.batch * K} rows to copy {src.batch} rows "
+                             f"{K} times into, got a cache of {self.batch} rows")
+        n, m, S = src.length, int(src.num_media.max()), src.batch
+        for (k, v), (ks, vs) in zip(self.kv, src.kv):  # (rows, heads, slots, dh): rows seen as (S, K)
+            k.view(S, K, *k.shape[1:])[:, :, :, :n] = ks[:, None, :, :n]
+            v.view(S, K, *v.shape[1:])[:, :, :, :n] = vs[:, None, :, :n]
+        for key, (k, v) in self.media_kv.items():  # (rows, media, latents, heads, dh)
             ks, vs = src.media_kv[key]
-            k[:, :m] = ks[:, :m]
-            v[:, :m] = vs[:, :m]
-        B = self.batch
-        self.restore(CacheSnapshot(n, src.key_valid.expand(B, -1), src.pad.expand(B),
-                                   src.num_media.expand(B), src.image_count.expand(B)))
+            k.view(S, K, *k.shape[1:])[:, :, :m] = ks[:, None, :m]
+            v.view(S, K, *v.shape[1:])[:, :, :m] = vs[:, None, :m]
+        self.restore(CacheSnapshot(n, src.key_valid.repeat_interleave(K, 0), src.pad.repeat_interleave(K, 0),
+                                   src.num_media.repeat_interleave(K, 0), src.image_count.repeat_interleave(K, 0)))
 
     # ------------------------------------------------------------------ media
     def add_media(self, model: Flamingo, media_tokens: torch.Tensor, counts: torch.Tensor) -> None:

@@ -326,7 +326,7 @@ class Generator:
         batch = [prompts] if single else list(prompts)
         cfg = _config(config, kwargs)
         if cfg.num_beams > 1:
-            outs = [self._beam_search(p, cfg, prefix) for p in batch]
+            outs = self._beam_search(batch, cfg, prefix)
             return outs[0] if single else outs
         cache, encs, logits = self._start(batch, cfg, prefix)
         toks = [[] for _ in batch]
@@ -390,57 +390,84 @@ class Generator:
         return "".join(out)
 
     # ------------------------------------------------------------------ beam search
-    def _beam_search(self, prompt: PromptLike, cfg: GenerationConfig, prefix: Optional[Prefix]) -> str:
+    def _beam_search(self, prompts: List[PromptLike], cfg: GenerationConfig, prefix: Optional[Prefix]) -> List[str]:
+        """Beam search for a batch of prompts at once. Prompt b's K beams are rows
+        b*K .. b*K+K-1 of one cache (its prefilled row copied K times: media K/V copied, not
+        recomputed), every step decodes all beams of all prompts together, and each prompt
+        keeps the best K continuations of its own beams (of its 2K best candidates; ones
+        ending in a stop token are set aside, scored with the length penalty). A prompt that
+        is done (K finished, nothing left, or the last step) idles on its rows until every
+        prompt is. Each prompt's result is its search alone, up to float rounding."""
         K = cfg.num_beams
-        cache1, encs, logits = self._start([prompt], cfg, prefix)  # media encoded once
-        cache = self._cache(K)
-        cache.broadcast_from(cache1)  # the prefilled row into K beams (media K/V copied, not recomputed)
+        cache_b, encs, logits = self._start(prompts, cfg, prefix)  # media encoded once
+        B = len(encs)
+        cache = self._cache(B * K)
+        cache.broadcast_from(cache_b, repeats=K)
         stop = set(self._stop_ids(cfg))
         V = logits.shape[-1]
-        scores = torch.full((K,), float("-inf"), device=self.device)
-        scores[0] = 0.0
-        logits = logits.expand(K, -1)
-        seqs: List[List[int]] = [[] for _ in range(K)]
-        finished: List[tuple] = []  # (normalised score, tokens)
+        ninf = float("-inf")
+        scores = [[0.0] + [ninf] * (K - 1) for _ in range(B)]  # each prompt's live beams
+        seqs: List[List[List[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+        finished: List[List[tuple]] = [[] for _ in range(B)]  # (normalised score, tokens)
+        last: List[Optional[tuple]] = [None] * B  # when done: (live scores, seqs, its last candidates)
+        logits = logits.repeat_interleave(K, 0)  # (B*K, V)
         for step in range(cfg.max_new_tokens):
-            logp = self._mask_banned(logits, cfg, step).log_softmax(-1) + scores[:, None]  # (K, V)
-            top, flat = logp.view(-1).topk(2 * K)
-            new_rows, new_tokens, new_scores, new_seqs = [], [], [], []
-            for s, f in zip(top.tolist(), flat.tolist()):
-                if s == float("-inf"):
-                    break
-                row, tok = divmod(f, V)
-                seq = seqs[row] + [tok]
-                if tok in stop:
-                    finished.append((s / (len(seq) ** cfg.length_penalty), seq))
-                else:
-                    new_rows.append(row)
-                    new_tokens.append(tok)
-                    new_scores.append(s)
-                    new_seqs.append(seq)
-                if len(new_rows) == K:
-                    break
-            if len(finished) >= K or not new_rows or step == cfg.max_new_tokens - 1:
+            logp = self._mask_banned(logits, cfg, step).log_softmax(-1).view(B, K, V)
+            logp = logp + torch.tensor(scores, device=logp.device)[:, :, None]
+            top, flat = logp.view(B, K * V).topk(2 * K, dim=-1)
+            top, flat = top.tolist(), flat.tolist()
+            rows, tokens = [], []
+            for b in range(B):
+                if last[b] is not None:  # done: idle rows
+                    rows += [b * K + j for j in range(K)]
+                    tokens += [self.tok.pad_token_id] * K
+                    continue
+                new_rows, new_tokens, new_scores, new_seqs = [], [], [], []
+                for sc, f in zip(top[b], flat[b]):
+                    if sc == ninf:
+                        break
+                    row, tok = divmod(f, V)
+                    seq = seqs[b][row] + [tok]
+                    if tok in stop:
+                        finished[b].append((sc / (len(seq) ** cfg.length_penalty), seq))
+                    else:
+                        new_rows.append(row)
+                        new_tokens.append(tok)
+                        new_scores.append(sc)
+                        new_seqs.append(seq)
+                    if len(new_rows) == K:
+                        break
+                if len(finished[b]) >= K or not new_rows or step == cfg.max_new_tokens - 1:
+                    last[b] = (scores[b], seqs[b], new_scores, new_seqs)
+                    rows += [b * K + j for j in range(K)]
+                    tokens += [self.tok.pad_token_id] * K
+                    continue
+                while len(new_rows) < K:  # keep K rows; extra ones are dead
+                    new_rows.append(new_rows[0])
+                    new_tokens.append(new_tokens[0])
+                    new_scores.append(ninf)
+                    new_seqs.append(new_seqs[0])
+                rows += [b * K + r for r in new_rows]
+                tokens += new_tokens
+                scores[b], seqs[b] = new_scores, new_seqs
+            if all(d is not None for d in last):
                 break
-            while len(new_rows) < K:  # keep K rows; extra ones are dead
-                new_rows.append(new_rows[0])
-                new_tokens.append(new_tokens[0])
-                new_scores.append(float("-inf"))
-                new_seqs.append(new_seqs[0])
-            rows = torch.tensor(new_rows, device=self.device)
-            cache.select_rows(rows, media=False)  # beams of one prompt share their media
-            scores = torch.tensor(new_scores, device=self.device)
-            seqs = new_seqs
-            logits = self._decode(cache, torch.tensor(new_tokens, device=self.device))
-        if not finished:
-            for s, seq in zip(scores.tolist(), seqs):
-                if s > float("-inf"):
-                    finished.append((s / (len(seq) ** cfg.length_penalty), seq))
-            for s, seq in zip(new_scores, new_seqs):
-                if s > float("-inf") and seq not in [f[1] for f in finished]:
-                    finished.append((s / (len(seq) ** cfg.length_penalty), seq))
-        best = max(finished, key=lambda f: f[0])[1]
-        return self._finish_text(best, cfg)
+            cache.select_rows(torch.tensor(rows, device=self.device), media=False)  # within each prompt's rows
+            logits = self._decode(cache, torch.tensor(tokens, device=self.device))
+        outs = []
+        for b in range(B):
+            fin = finished[b]
+            if not fin:
+                live_scores, live_seqs, new_scores, new_seqs = last[b]
+                for sc, seq in zip(live_scores, live_seqs):
+                    if sc > ninf:
+                        fin.append((sc / (len(seq) ** cfg.length_penalty), seq))
+                for sc, seq in zip(new_scores, new_seqs):
+                    if sc > ninf and seq not in [f[1] for f in fin]:
+                        fin.append((sc / (len(seq) ** cfg.length_penalty), seq))
+            best = max(fin, key=lambda f: f[0])[1]
+            outs.append(self._finish_text(best, cfg))
+        return outs
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()

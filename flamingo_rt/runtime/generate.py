@@ -315,7 +315,9 @@ class Generator:
         """Generate a continuation for one prompt (returns str) or a batch (returns a list).
 
         ``config`` or keyword overrides (``max_new_tokens=...``) set the decoding; rows of
-        a batch may differ in length and image count and give what they give alone.
+        a batch may differ in length and image count and give what they give alone. With
+        ``num_beams`` = K > 1 the batch's beams decode together: its caches hold
+        len(prompts) x K rows.
         """
         single = isinstance(prompts, (str, EncodedPrompt)) or (
             isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (list, tuple, EncodedPrompt))

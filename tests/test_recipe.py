@@ -201,11 +201,12 @@ def test_quick_eval_word_f1_by_hand():
     assert _f1("", "a red square") == 0.0 and _f1("blue", "a red square") == 0.0
 
 
-def test_quick_eval_episode_accuracy_in_batches_counts_each_episode():
+def test_quick_eval_in_batches_counts_each_episode():
     """episode_accuracy scores its episodes in batches (score_batch): the same count as
-    ranking each episode's candidates with score() alone, for any batch size."""
+    ranking each episode's candidates with score() alone, for any batch size; caption_f1
+    generates a batch at a time: the F1 of each caption generated alone."""
     from flamingo_rt.demo import DEFAULT_MODEL
-    from flamingo_rt.recipe.quick_eval import episode_accuracy
+    from flamingo_rt.recipe.quick_eval import _f1, caption_f1, episode_accuracy
     from flamingo_rt.world import few_shot_episode
 
     gen = Generator.from_pretrained(DEFAULT_MODEL, max_media=8)
@@ -219,6 +220,14 @@ def test_quick_eval_episode_accuracy_in_batches_counts_each_episode():
         assert episode_accuracy(gen, "classify", 1, 5, 7, batch_size=bs, n_way=3, by="colour") == hits / 5
     with pytest.raises(ValueError, match="batch_size >= 1, got 0"):
         episode_accuracy(gen, "classify", 1, 5, 7, batch_size=0)
+    # captions: generated a batch at a time, the F1 of each generated alone
+    f1s = []
+    for i in range(3):
+        ep = few_shot_episode("caption", 1, np.random.default_rng([7, 1, i]), "heldout")
+        f1s.append(_f1(gen.generate(ep.prompt, max_new_tokens=24), ep.answer))
+    assert 0 < sum(f1s) / 3 < 1
+    for bs in (1, 2, 8):
+        assert caption_f1(gen, 1, 3, 7, batch_size=bs) == pytest.approx(sum(f1s) / 3, abs=1e-12)
 
 
 def test_cached_features_and_naming_episodes(tok):

@@ -1,4 +1,4 @@
-"""Greedy generation equals open_flamingo's own generate() on converted weights.
+"""Greedy generation and beam search equal open_flamingo's own generate() on converted weights.
 
 open_flamingo's generate() needs transformers 4.36, which ./dev setup installs into
 .venv/peers/openflamingo; it runs in a subprocess with that folder first on sys.path.
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = Path(sys.prefix) / "peers" / "openflamingo"
 
 
-def test_greedy_equals_open_flamingo_generate():
+def test_greedy_and_beams_equal_open_flamingo_generate():
     if not (PEER / "transformers").exists():
         if os.environ.get("CI", "").lower() == "true":
             raise RuntimeError(f"{PEER} is missing; ./dev setup installs it")
@@ -31,3 +31,4 @@ def test_greedy_equals_open_flamingo_generate():
     for r in out["results"]:
         assert len(r["of"]) >= 3
         assert r["ours"] == r["of"], r
+        assert len(r["of_beam_ids"]) == 8 and r["ours_beams"] == r["of_beams"], r

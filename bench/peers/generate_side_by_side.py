@@ -148,6 +148,25 @@ def main():
         rank_one, t_rank_one = timed(lambda: gen_rank.score(enc, names, max_pack_tokens=1))
         rank_of, t_rank_of = timed(of_rank)
         rank_diff = max(abs(a - b) for a, b in zip(rank_ours, rank_of))
+        # beam search over a batch (captioning / VQA evaluations decode with beams: open_flamingo's
+        # default is 3): B queries of a 4-shot prompt each, K beams, all queries' beams decoded
+        # together on both sides (open_flamingo through HF generate); ours also one query at a
+        # time, as generate ran beams before 2026-12-07 (ai)
+        bq, bk, bnew = (4, 3, 10) if not args.quick else (2, 2, 4)
+        bids = [prompt_ids(4, 20, vocab, g) for _ in range(bq)]
+        bimg = torch.rand(bq, 5, 1, 3, 224, 224, generator=g).to(dtype)
+        bencs = [EncodedPrompt(bids[i], [bimg[i, j] for j in range(5)]) for i in range(bq)]
+        bcfg = GenerationConfig(max_new_tokens=bnew, num_beams=bk, stop_on_eoc=False, stop_on_eos=False)
+        gen_beam = Generator(ours, tok, max_seq_len=len(bids[0]) + bnew + 8, max_media=5)
+        gen_beam.generate(bencs[:1], GenerationConfig(max_new_tokens=2, num_beams=bk, stop_on_eoc=False,
+                                                      stop_on_eos=False))  # warm-up
+        beam_ours, t_beam = timed(lambda: gen_beam.generate(bencs, bcfg))
+        _, t_beam_one = timed(lambda: [gen_beam.generate(e, bcfg) for e in bencs])
+        bx = torch.tensor(bids)
+        beam_of, t_beam_of = timed(lambda: of.generate(
+            bimg, bx, attention_mask=torch.ones_like(bx), num_beams=bk, do_sample=False, pad_token_id=PAD,
+            max_new_tokens=bnew, min_new_tokens=bnew))
+        beam_same = sum(tok.decode(r[bx.shape[1]:].tolist()) == o for r, o in zip(beam_of, beam_ours))
     # the memory-bound limit of one decode step: weights read once (the embedding table is
     # gathered, not read) + the caches read (self-attention K/V and the media K/V)
     elt = torch.finfo(dtype).bits // 8
@@ -174,6 +193,9 @@ def main():
         "compile_warmup_s": t_compile, "compiled_tokens_equal_eager": toks_c == toks_e,
         "rank_classes": classes, "ours_rank_s": t_rank, "ours_rank_one_by_one_s": t_rank_one, "of_rank_s": t_rank_of,
         "rank_ratio": t_rank_of / t_rank, "rank_max_abs_diff": rank_diff,
+        "beam_queries": bq, "beams": bk, "beam_new_tokens": bnew, "ours_beam_s": t_beam,
+        "ours_beam_one_by_one_s": t_beam_one, "of_beam_s": t_beam_of, "beam_ratio": t_beam_of / t_beam,
+        "beam_answers_equal": beam_same,
     }
     print(ceil.line())
     print(f"model: LM {n_params / 1e6:.0f}M params ({layers} layers x {dim}, xattn every layer), "
@@ -191,6 +213,10 @@ def main():
     print(f"rank {classes} class names after the prompt: ours {t_rank * 1e3:.0f} ms (packed; one by one "
           f"{t_rank_one * 1e3:.0f} ms)   open_flamingo (cached context, one forward per name) {t_rank_of * 1e3:.0f} ms   "
           f"ratio {res['rank_ratio']:.1f}x; log-likelihoods within {rank_diff:.1e}")
+    print(f"beam search, {bq} 4-shot queries x {bk} beams, {bnew} new tokens: ours {t_beam * 1e3:.0f} ms (one query at "
+          f"a time {t_beam_one * 1e3:.0f} ms)   open_flamingo {t_beam_of * 1e3:.0f} ms   ratio {res['beam_ratio']:.2f}x; "
+          f"answers equal for {beam_same} of {bq} (the last step's ranking differs: ours also weighs the beams "
+          "one token shorter)")
     print("JSON " + json.dumps(res))
 
 

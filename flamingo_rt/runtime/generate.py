@@ -397,9 +397,13 @@ class Generator:
         b*K .. b*K+K-1 of one cache (its prefilled row copied K times: media K/V copied, not
         recomputed), every step decodes all beams of all prompts together, and each prompt
         keeps the best K continuations of its own beams (of its 2K best candidates; ones
-        ending in a stop token are set aside, scored with the length penalty). A prompt that
-        is done (K finished, nothing left, or the last step) idles on its rows until every
-        prompt is. Each prompt's result is its search alone, up to float rounding."""
+        ending in a stop token are set aside). A hypothesis scores its log-likelihood (the
+        model's log-probabilities, banned tokens excluded but not renormalized away) over
+        its length to the ``length_penalty``; at ``max_new_tokens`` the beams still alive are
+        hypotheses beside the finished ones. A prompt that is done (K finished, nothing left,
+        or the last step) idles on its rows until every prompt is. Each prompt's result is
+        its search alone, up to float rounding; with stop tokens held back to the end
+        (``min_new_tokens``) it is open_flamingo's (HF) beam search's."""
         K = cfg.num_beams
         cache_b, encs, logits = self._start(prompts, cfg, prefix)  # media encoded once
         B = len(encs)
@@ -411,10 +415,13 @@ class Generator:
         scores = [[0.0] + [ninf] * (K - 1) for _ in range(B)]  # each prompt's live beams
         seqs: List[List[List[int]]] = [[[] for _ in range(K)] for _ in range(B)]
         finished: List[List[tuple]] = [[] for _ in range(B)]  # (normalised score, tokens)
-        last: List[Optional[tuple]] = [None] * B  # when done: (live scores, seqs, its last candidates)
+        last: List[Optional[tuple]] = [None] * B  # when done: (live scores, seqs, last candidates, ran out)
         logits = logits.repeat_interleave(K, 0)  # (B*K, V)
         for step in range(cfg.max_new_tokens):
-            logp = self._mask_banned(logits, cfg, step).log_softmax(-1).view(B, K, V)
+            # the model's log-probabilities, banned tokens then set to -inf (not renormalized over
+            # the rest: a beam's score is its log-likelihood, as score() gives it and as HF's beam
+            # search, open_flamingo's, computes it)
+            logp = self._mask_banned(logits.float().log_softmax(-1), cfg, step).view(B, K, V)
             logp = logp + torch.tensor(scores, device=logp.device)[:, :, None]
             top, flat = logp.view(B, K * V).topk(2 * K, dim=-1)
             top, flat = top.tolist(), flat.tolist()
@@ -439,8 +446,9 @@ class Generator:
                         new_seqs.append(seq)
                     if len(new_rows) == K:
                         break
-                if len(finished[b]) >= K or not new_rows or step == cfg.max_new_tokens - 1:
-                    last[b] = (scores[b], seqs[b], new_scores, new_seqs)
+                ran_out = step == cfg.max_new_tokens - 1
+                if len(finished[b]) >= K or not new_rows or ran_out:
+                    last[b] = (scores[b], seqs[b], new_scores, new_seqs, ran_out and len(finished[b]) < K)
                     rows += [b * K + j for j in range(K)]
                     tokens += [self.tok.pad_token_id] * K
                     continue
@@ -459,14 +467,12 @@ class Generator:
         outs = []
         for b in range(B):
             fin = finished[b]
-            if not fin:
-                live_scores, live_seqs, new_scores, new_seqs = last[b]
-                for sc, seq in zip(live_scores, live_seqs):
-                    if sc > ninf:
-                        fin.append((sc / (len(seq) ** cfg.length_penalty), seq))
-                for sc, seq in zip(new_scores, new_seqs):
-                    if sc > ninf and seq not in [f[1] for f in fin]:
-                        fin.append((sc / (len(seq) ** cfg.length_penalty), seq))
+            live_scores, live_seqs, new_scores, new_seqs, ran_out = last[b]
+            if ran_out:  # max_new_tokens reached: the beams alive at the end are hypotheses too
+                fin += [(sc / (len(seq) ** cfg.length_penalty), seq) for sc, seq in zip(new_scores, new_seqs)]
+            if not fin:  # (no candidate at all: the live beams, as a last resort)
+                fin = [(sc / max(1, len(seq)) ** cfg.length_penalty, seq)
+                       for sc, seq in zip(live_scores, live_seqs) if sc > ninf]
             best = max(fin, key=lambda f: f[0])[1]
             outs.append(self._finish_text(best, cfg))
         return outs

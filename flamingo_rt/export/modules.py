@@ -91,7 +91,7 @@ class ScoreStep(TokenStep):
     1``, one after another at slots ``start ..``: ``offset[0, t]`` is token t's index inside
     its own continuation (0 at each one's first token). Token t sees the context and the
     tokens ``t - offset[0, t] .. t`` of its continuation, never another's, at the position
-    ``start + offset[0, t]`` it would have alone (as ``StaticCache.plan_packed``). The
+    ``start + offset[0, t]`` it would have alone (as ``StaticCache.plan_packed_rows``). The
     chunk's keys/values are written at slots ``start .. start + T - 1``, past the context:
     a later step at ``start`` overwrites them, so the context is unchanged.
     """

@@ -200,30 +200,16 @@ class StaticCache:
         visible = (k <= q)[None] & (self.key_valid[:, None, :] | (k == q)[None])  # (B, T, S)
         return slots, positions, visible[:, None], real
 
-    def plan_packed(self, lengths: List[int]):
-        """:meth:`plan_chunk` for independent continuations of a one-row cache, packed one
-        after another in the slots past its end: continuation i (``lengths[i]`` tokens)
-        sees the row's valid slots and its own earlier tokens, never another's, and its
-        positions continue the row's as if it alone followed. The bookkeeping is left as it
-        is (nothing is committed: the slots written lie past :attr:`length`), so any number
-        of packs can follow one prompt. Scoring candidates this way runs them as one chunk.
-
-        Returns (slots (T,), position_ids (1, T), attn_mask (1, 1, T, S), real (1, T) bool),
-        T = sum(lengths). Raises ValueError when the pack does not fit in the cache or a
-        length is not positive.
-        """
-        if self.batch != 1:
-            raise ValueError(f"expected a one-row cache for packed continuations, got {self.batch} rows")
-        if not lengths:
-            raise ValueError(f"expected continuations of at least one token, got lengths {list(lengths)}")
-        return self.plan_packed_rows([lengths])
-
     def plan_packed_rows(self, lengths: Sequence[Sequence[int]]):
-        """:meth:`plan_packed` for every row of the cache at once: row b's continuations
-        (``lengths[b]``, possibly none) packed one after another past the row's context.
-        T is the longest row's total; a shorter row's remaining slots are padding (``real``
-        False, at the row's next position, seeing its context and itself, so no query row
-        of the mask is empty). Nothing is committed.
+        """:meth:`plan_chunk` for independent continuations of each row's context, packed one
+        after another in the slots past the cache's end: row b's continuation i
+        (``lengths[b][i]`` tokens; a row may have none) sees the row's valid slots and its
+        own earlier tokens, never another's, and its positions continue the row's as if it
+        alone followed. T is the longest row's total; a shorter row's remaining slots are
+        padding (``real`` False, at the row's next position, seeing its context and itself,
+        so no query row of the mask is empty). The bookkeeping is left as it is (nothing is
+        committed: the slots written lie past :attr:`length`), so any number of packs can
+        follow one prompt. Scoring candidates this way runs them as one chunk.
 
         Returns (slots (T,), position_ids (B, T), attn_mask (B, 1, T, S), real (B, T) bool).
         Raises ValueError when there is not one list of lengths per row, a length is not

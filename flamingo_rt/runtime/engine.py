@@ -95,7 +95,7 @@ def pack_continuations(feeds: Sequence[Tuple[int, Sequence[int]]], cap: int) -> 
 def forward_packed(model: Flamingo, cache: StaticCache, continuations: Sequence[Sequence[int]],
                    backend: Optional[str] = None) -> List[torch.Tensor]:
     """Run independent continuations of a one-row cache's context as one chunk
-    (:meth:`StaticCache.plan_packed`) and return each one's logits, (len_i, V) for
+    (:meth:`StaticCache.plan_packed_rows`) and return each one's logits, (len_i, V) for
     continuation i: position j predicts its token j + 1. The cache's context is unchanged
     (its bookkeeping is not advanced), so this can be called again for more. The
     continuations must hold no ``<image>`` token (they would take the next media index)."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..io.tokenizer import EOC_TOKEN
 from ..runtime.generate import Generator
+from ..runtime.prompt import EncodedPrompt
 from ..runtime.sampling import GenerationConfig
 from ..world.episodes import Episode, few_shot_episode
 from ..world.text import caption, video_caption
@@ -129,6 +130,13 @@ def _cells(task: str, kind: str, recs: List[Dict[str, Any]], suite: TaskSuite,
             for metric in _metrics(kind, suite) for k in suite.shots]
 
 
+def _rank_candidates(gen: Generator, encs: Dict[int, EncodedPrompt],
+                     queries: Dict[int, Tuple[Episode, List[int]]]) -> List[List[float]]:
+    """Each query's candidates (with their leading space) scored after its encoded prompt,
+    the queries as one batch (:meth:`Generator.score_batch`)."""
+    return gen.score_batch(list(encs.values()), [[" " + c for c in ep.candidates] for ep, _ in queries.values()])
+
+
 def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
                  queries: Dict[int, Tuple[Episode, List[int]]]) -> Union[str, List[Dict[str, Any]]]:
     """Answer the queries {episode index: (episode, support indices)} with k shots; returns
@@ -146,8 +154,7 @@ def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
             return f"{k}-shot prompts have {len(enc.media)} media; the generator holds at most {gen.max_media}"
     recs = []
     if kind == "classify":
-        all_scores = gen.score_batch(list(encs.values()), [[" " + c for c in ep.candidates] for ep, _ in queries.values()])
-        for (i, (ep, sup)), scores in zip(queries.items(), all_scores):
+        for (i, (ep, sup)), scores in zip(queries.items(), _rank_candidates(gen, encs, queries)):
             pred = ep.candidates[int(np.argmax(scores))]
             recs.append({"task": task, "episode": i, "shots": k, "support": sup, "answer": ep.answer,
                          "prediction": pred, "candidates": list(ep.candidates), "scores": scores,
@@ -160,8 +167,7 @@ def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
             if not ep.candidates or ep.answer not in ep.candidates:
                 raise ValueError(f"rank_answers needs the episode's possible answers with the answer among "
                                  f"them; task {task!r} episode {i} has {ep.candidates!r}, answer {ep.answer!r}")
-        ranked = dict(zip(queries, gen.score_batch(list(encs.values()),
-                                                   [[" " + c for c in ep.candidates] for ep, _ in queries.values()])))
+        ranked = dict(zip(queries, _rank_candidates(gen, encs, queries)))
     for (i, (ep, sup)), out in zip(queries.items(), outs):
         pred = out.strip()
         rec = {"task": task, "episode": i, "shots": k, "support": sup, "answer": ep.answer, "prediction": pred}

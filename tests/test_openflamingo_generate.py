@@ -1,4 +1,5 @@
-"""Greedy generation and beam search equal open_flamingo's own generate() on converted weights.
+"""Greedy generation and beam search (with and without beams that stop, under each stopping rule)
+equal open_flamingo's own generate() on converted weights.
 
 open_flamingo's generate() needs transformers 4.36, which ./dev setup installs into
 .venv/peers/openflamingo; it runs in a subprocess with that folder first on sys.path.
@@ -32,3 +33,22 @@ def test_greedy_and_beams_equal_open_flamingo_generate():
         assert len(r["of"]) >= 3
         assert r["ours"] == r["of"], r
         assert len(r["of_beam_ids"]) == 8 and r["ours_beams"] == r["of_beams"], r
+        for c in r["stopping"]:  # the end of chunk stops beams: HF's finishing and stopping rules
+            assert c["ours"] == c["of"], c
+    # the cases exercise the rules: answers that stopped early, and answers that differ between
+    # the stopping rules (early_stopping True / False) of one prompt, boost and length penalty
+    cases = [c for r in out["results"] for c in r["stopping"]]
+    assert sum(len(c["of_ids"]) < 12 for c in cases) >= len(cases) // 4
+    by_rule = {}
+    for i, r in enumerate(out["results"]):
+        for c in r["stopping"]:
+            boost, es, lp = c["case"]
+            by_rule.setdefault((i, boost, lp), {})[str(es)] = c["of"]
+    assert sum(rules.get("True") != rules.get("False") for rules in by_rule.values() if len(rules) > 1) >= 3
+    # the stopping rules and the kept hypotheses themselves, on random calls
+    fuzz = out["hypotheses"]
+    assert fuzz["mismatches"] == 0 and 0 < fuzz["done_true"] < fuzz["done_calls"], fuzz
+    # the whole search on scripted next-token distributions, against transformers' scorer
+    scripted = out["scripted"]
+    assert scripted["mismatches"] == [], scripted["mismatches"]
+    assert scripted["cases"] // 4 < scripted["stopped_early"] < scripted["cases"], scripted

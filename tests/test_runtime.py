@@ -614,6 +614,8 @@ def test_errors_are_clear_and_early(gen):
                     (dict(max_new_tokens=True), "expected max_new_tokens to be an integer >= 1, got True"),
                     (dict(seed="x"), "expected seed to be an integer \\(or None\\), got 'x'"),
                     (dict(do_sample=1), "expected do_sample to be True or False, got 1"),
+                    (dict(num_beams=2, early_stopping=1), 'expected early_stopping to be True, False or "never", got 1'),
+                    (dict(num_beams=2, early_stopping="always"), "expected early_stopping .*got 'always'"),
                     (dict(stop_strings=[1]), "expected stop_strings to be a string or a list of strings")):
         with pytest.raises(ValueError, match=msg):
             gen.generate(["a"], **kw)

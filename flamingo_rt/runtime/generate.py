@@ -15,6 +15,7 @@ import torch
 
 from ..io.tokenizer import FlamingoTokenizer, IncrementalDecoder
 from ..models.flamingo import Flamingo
+from .beams import BeamHypotheses
 from .cache import StaticCache
 from .engine import (check_pack_limit, decode_step, decode_tensors, encode_rows, forward_chunk,
                      forward_packed_rows, left_pad, pack_continuations)
@@ -396,14 +397,16 @@ class Generator:
         """Beam search for a batch of prompts at once. Prompt b's K beams are rows
         b*K .. b*K+K-1 of one cache (its prefilled row copied K times: media K/V copied, not
         recomputed), every step decodes all beams of all prompts together, and each prompt
-        keeps the best K continuations of its own beams (of its 2K best candidates; ones
-        ending in a stop token are set aside). A hypothesis scores its log-likelihood (the
-        model's log-probabilities, banned tokens excluded but not renormalized away) over
-        its length to the ``length_penalty``; at ``max_new_tokens`` the beams still alive are
-        hypotheses beside the finished ones. A prompt that is done (K finished, nothing left,
-        or the last step) idles on its rows until every prompt is. Each prompt's result is
-        its search alone, up to float rounding; with stop tokens held back to the end
-        (``min_new_tokens``) it is open_flamingo's (HF) beam search's."""
+        keeps the best K continuations of its own beams (of its 2K best candidates). A
+        candidate ending in a stop token becomes a finished hypothesis if it ranks among the
+        K best (the best K hypotheses are kept: :class:`~flamingo_rt.runtime.beams.BeamHypotheses`).
+        A hypothesis scores its log-likelihood (the model's log-probabilities, banned tokens
+        excluded but not renormalized away) over its length to the ``length_penalty``. A
+        prompt is done when ``cfg.early_stopping``'s rule says no live beam can do better,
+        when nothing is left, or at ``max_new_tokens`` (where, unless done, the beams still
+        alive are hypotheses too); a done prompt idles on its rows until every prompt is.
+        Each prompt's result is its search alone, up to float rounding, and open_flamingo's
+        (Hugging Face's beam search with its eos, the end of chunk, as stop token)."""
         K = cfg.num_beams
         cache_b, encs, logits = self._start(prompts, cfg, prefix)  # media encoded once
         B = len(encs)
@@ -414,8 +417,8 @@ class Generator:
         ninf = float("-inf")
         scores = [[0.0] + [ninf] * (K - 1) for _ in range(B)]  # each prompt's live beams
         seqs: List[List[List[int]]] = [[[] for _ in range(K)] for _ in range(B)]
-        finished: List[List[tuple]] = [[] for _ in range(B)]  # (normalised score, tokens)
-        last: List[Optional[tuple]] = [None] * B  # when done: (live scores, seqs, last candidates, ran out)
+        finished = [BeamHypotheses(K, cfg.length_penalty, cfg.early_stopping, cfg.max_new_tokens) for _ in range(B)]
+        last: List[Optional[tuple]] = [None] * B  # when done: (live scores, seqs, last candidates, add them)
         logits = logits.repeat_interleave(K, 0)  # (B*K, V)
         for step in range(cfg.max_new_tokens):
             # the model's log-probabilities, banned tokens then set to -inf (not renormalized over
@@ -432,23 +435,23 @@ class Generator:
                     tokens += [self.tok.pad_token_id] * K
                     continue
                 new_rows, new_tokens, new_scores, new_seqs = [], [], [], []
-                for sc, f in zip(top[b], flat[b]):
+                for rank, (sc, f) in enumerate(zip(top[b], flat[b])):
                     if sc == ninf:
                         break
                     row, tok = divmod(f, V)
-                    seq = seqs[b][row] + [tok]
                     if tok in stop:
-                        finished[b].append((sc / (len(seq) ** cfg.length_penalty), seq))
+                        if rank < K:  # (HF: a stop ranked below the K best candidates is dropped)
+                            finished[b].add(seqs[b][row] + [tok], sc)
                     else:
                         new_rows.append(row)
                         new_tokens.append(tok)
                         new_scores.append(sc)
-                        new_seqs.append(seq)
+                        new_seqs.append(seqs[b][row] + [tok])
                     if len(new_rows) == K:
                         break
-                ran_out = step == cfg.max_new_tokens - 1
-                if len(finished[b]) >= K or not new_rows or ran_out:
-                    last[b] = (scores[b], seqs[b], new_scores, new_seqs, ran_out and len(finished[b]) < K)
+                done = finished[b].is_done(top[b][0], step + 1)
+                if done or not new_rows or step == cfg.max_new_tokens - 1:
+                    last[b] = (scores[b], seqs[b], new_scores, new_seqs, not done)
                     rows += [b * K + j for j in range(K)]
                     tokens += [self.tok.pad_token_id] * K
                     continue
@@ -466,15 +469,17 @@ class Generator:
             logits = self._decode(cache, torch.tensor(tokens, device=self.device))
         outs = []
         for b in range(B):
-            fin = finished[b]
-            live_scores, live_seqs, new_scores, new_seqs, ran_out = last[b]
-            if ran_out:  # max_new_tokens reached: the beams alive at the end are hypotheses too
-                fin += [(sc / (len(seq) ** cfg.length_penalty), seq) for sc, seq in zip(new_scores, new_seqs)]
-            if not fin:  # (no candidate at all: the live beams, as a last resort)
-                fin = [(sc / max(1, len(seq)) ** cfg.length_penalty, seq)
-                       for sc, seq in zip(live_scores, live_seqs) if sc > ninf]
-            best = max(fin, key=lambda f: f[0])[1]
-            outs.append(self._finish_text(best, cfg))
+            hyps = finished[b]
+            live_scores, live_seqs, new_scores, new_seqs, add_live = last[b]
+            if add_live:  # not done (max_new_tokens reached): the beams alive at the end are hypotheses too
+                for sc, seq in zip(new_scores, new_seqs):
+                    if sc > ninf:
+                        hyps.add(seq, sc)
+            if not len(hyps):  # (no candidate at all: the live beams, as a last resort)
+                for sc, seq in zip(live_scores, live_seqs):
+                    if sc > ninf and seq:
+                        hyps.add(seq, sc)
+            outs.append(self._finish_text(hyps.best() if len(hyps) else [], cfg))
         return outs
 
     # ------------------------------------------------------------------ scoring

@@ -3,7 +3,7 @@ repetition penalty."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -24,6 +24,10 @@ class GenerationConfig:
         divided (if positive) or multiplied (if negative) by it, as in CTRL.
     num_beams >= 1: beam search when > 1 (the paper's choice for open-ended tasks);
         length_penalty: finished beams are ranked by sum(logprob) / length ** length_penalty.
+        early_stopping: when a prompt's search ends once num_beams beams have finished, as in
+        Hugging Face's generate: False (its default, and open_flamingo's): when the best live
+        candidate's score over its current length is no better than the worst finished;
+        True: at once; "never": when no live beam can do better at any length.
     seed: makes sampling repeatable.
     stop_on_eoc / stop_on_eos: stop at ``<|endofchunk|>`` / end of sequence.
     stop_strings: stop as soon as the output text contains one (it is cut there).
@@ -38,6 +42,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     num_beams: int = 1
     length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
     seed: Optional[int] = None
     stop_on_eoc: bool = True
     stop_on_eos: bool = True
@@ -70,6 +75,8 @@ class GenerationConfig:
             bad("repetition_penalty", ">= 1")
         if not is_integer(self.num_beams) or self.num_beams < 1:
             bad("num_beams", "to be an integer >= 1")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            bad("early_stopping", 'to be True, False or "never"')
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("expected either sampling (do_sample) or beam search (num_beams > 1), got both")
         if isinstance(self.stop_strings, str):

@@ -144,6 +144,8 @@ def _generate(args) -> int:
         repetition_penalty=args.repetition_penalty, do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
         num_beams=args.num_beams, seed=args.seed, stop_strings=tuple(args.stop),
+        length_penalty=args.length_penalty,
+        early_stopping={"false": False, "true": True, "never": "never"}[args.early_stopping],
     )
     try:
         if args.score:
@@ -455,6 +457,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_gen.add_argument("--top-k", type=_NON_NEGATIVE, default=0)
     p_gen.add_argument("--top-p", type=float, default=1.0)
     p_gen.add_argument("--num-beams", type=_POSITIVE, default=1)
+    p_gen.add_argument("--length-penalty", type=float, default=1.0,
+                       help="beam search: finished beams rank by log-likelihood / length ** this")
+    p_gen.add_argument("--early-stopping", default="false", choices=["false", "true", "never"],
+                       help="beam search: when a prompt's search ends once num-beams beams have finished, as "
+                            "Hugging Face's generate (false: when no live beam is likely to do better; true: at "
+                            "once; never: when none can)")
     p_gen.add_argument("--seed", type=int, default=None)
     p_gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p_gen.add_argument("--score", action="append", default=[], metavar="TEXT",

@@ -35,7 +35,7 @@ def test_every_command_prints_its_help(cmd, capsys):
         assert "7% faster" in " ".join(out.split())
 
 
-def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys, malloc_calls):
+def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys, malloc_calls, monkeypatch):
     tok = FlamingoTokenizer.train_bpe(["a red square left of a blue circle"] * 30, vocab_size=280)
     cfg = get_preset("tiny")
     cfg.lm.vocab_size = tok.vocab_size
@@ -70,6 +70,16 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path, capsys, malloc_call
     want = Generator(model.eval(), tok).generate([img, "a red"], GenerationConfig(
         max_new_tokens=6, min_new_tokens=5, repetition_penalty=1.3))
     assert rc == 0 and capsys.readouterr().out == want + "\n"
+    # the beam search settings too (open_flamingo's evaluation runs 3 beams with a length penalty)
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(Generator, "generate", lambda self, prompt, cfg: seen.append(cfg) or "x")
+        for flags, want_es in (([], False), (["--early-stopping", "true"], True),
+                               (["--early-stopping", "never"], "never")):
+            assert cli.main(["generate", str(tmp_path / "m"), "a", "--num-beams", "3", "--length-penalty", "0.5",
+                             *flags, "--default-malloc"]) == 0
+            assert (seen[-1].num_beams, seen[-1].length_penalty, seen[-1].early_stopping) == (3, 0.5, want_es)
+    capsys.readouterr()
     assert cli.main(["generate", str(tmp_path / "m"), "a", "--min-new-tokens", "7", "--max-new-tokens", "6",
                      "--default-malloc"]) == 2
     assert "expected min_new_tokens to be an integer in [0, max_new_tokens = 6]" in capsys.readouterr().err

@@ -708,9 +708,15 @@ def test_decode_plan_equals_chunk_plan_and_buffers_stay(gen):
     snap = cache.snapshot()
     want = cache.plan_chunk(torch.ones(2, dtype=torch.long), 1)
     cache.restore(snap)
-    got = cache.plan_decode()
+    got = cache.plan_decode(snap.length + 1)  # (what an eager step asks for)
     for w, g in zip(want, got):
         assert torch.equal(w, g)
+    cache.restore(snap)
+    got = cache.plan_decode()
+    for w, g in zip(want[:3], got[:3]):  # (the chunk's mask covers the slots up to its end only)
+        assert torch.equal(w, g[..., :w.shape[-1]])
+    assert want[2].shape[-1] == snap.length + 1 and not got[2][..., snap.length + 1:].any()
+    assert torch.equal(want[3], got[3])
     cache.restore(snap)
     assert int(cache.position) == snap.length
     one = gen._cache(1)
@@ -734,3 +740,47 @@ def test_decode_step_errors(gen, tok):
             decode_step(gen.model, cache, torch.tensor([5]))
     with pytest.raises(ValueError, match="cuda_graphs=True needs compile=True"):
         Generator(gen.model, tok, max_seq_len=160, cuda_graphs=True)
+
+
+def test_chunks_read_only_the_cache_slots_up_to_their_end(gen, monkeypatch):
+    """A prompt chunk, a pack of scored continuations and an eager decode step attend over
+    the cache's slots up to their own end, not the whole cache (a 250-token prompt in a
+    1024-slot cache read 4x the keys and values): slots past the end, poisoned with NaN,
+    change nothing."""
+    from flamingo_rt.runtime.engine import forward_chunk, forward_packed_rows, left_pad
+
+    encs = [gen.encode([img(), "a red square"]), gen.encode(["two", img(), "blue"])]
+    conts = [[[5, 6, 7], [8]], [[9, 10]]]
+
+    def run(poison: bool):
+        cache = gen._cache(2)
+        if poison:
+            for k, v in cache.kv:
+                k.fill_(float("nan"))
+                v.fill_(float("nan"))
+        tokens, counts = gen._encode_media([e.media for e in encs])
+        cache.add_media(gen.model, tokens, counts)
+        ids, lengths = left_pad([e.ids for e in encs], gen.tok.pad_token_id, gen.device)
+        with torch.no_grad():
+            first = forward_chunk(gen.model, cache, ids, lengths, last_only=False)
+            packed = forward_packed_rows(gen.model, cache, conts)
+            if poison:  # (the pack wrote past the prompt: poison those slots again)
+                for k, v in cache.kv:
+                    k[:, :, cache.length:] = float("nan")
+                    v[:, :, cache.length:] = float("nan")
+            steps = [decode_step(gen.model, cache, torch.tensor(t)) for t in ([5, 6], [7, 8])]
+        return first, [t for row in packed for t in row] + steps
+
+    clean, poisoned = run(False), run(True)
+    # the attention is handed those slots only (the C++ decode kernel skips masked slots
+    # anyway; other paths, SDPA, do not)
+    import flamingo_rt.models.lm as lm_module
+
+    seen, inner = [], lm_module.cached_attention
+    monkeypatch.setattr(lm_module, "cached_attention", lambda q, k, v, m, s: seen.append(k.shape[2]) or inner(q, k, v, m, s))
+    run(False)
+    n_layers, n = len(gen.model.lm.layers), max(len(e.ids) for e in encs)
+    assert seen[::n_layers] == [n, n + 4, n + 1, n + 2], seen  # prompt, pack (4 tokens in row 0), 2 steps
+    assert torch.isfinite(poisoned[0]).all() and torch.equal(poisoned[0], clean[0])
+    for a, b in zip(poisoned[1], clean[1]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

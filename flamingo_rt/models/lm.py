@@ -190,13 +190,15 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         if kv_cache is not None:
             # Static cache (B, Hkv, S, Dh): write this chunk's keys/values at its slots,
-            # then attend over every slot; ``attn_mask`` (B, 1, T, S) says which are visible.
+            # then attend over the first E slots; ``attn_mask`` (B, 1, T, E), E <= S, says
+            # which are visible (the slots past E are not read).
             k_buf, v_buf = kv_cache
             k_buf.index_copy_(2, cache_slots, k.to(k_buf.dtype))
             v_buf.index_copy_(2, cache_slots, v.to(v_buf.dtype))
-            k, v = k_buf, v_buf
             if attn_mask is None:
-                raise ValueError("a cached attention step needs attn_mask (B, 1, T, S)")
+                raise ValueError("a cached attention step needs attn_mask (B, 1, T, E)")
+            E = attn_mask.shape[-1]
+            k, v = (k_buf, v_buf) if E == k_buf.shape[2] else (k_buf[:, :, :E], v_buf[:, :, :E])
         widen = half_widening.attention_wanted(q, k, v) if attn_mask is None else None
         if widen is not None:  # training in bf16 / fp16 where their products are slow
             out = half_widening.scaled_dot_product_attention(
@@ -535,8 +537,9 @@ class DecoderLM(nn.Module):
             kv_caches: per decoder layer (k, v) buffers, each (B, Hkv, S, Dh); the chunk's
                 keys/values are written at ``cache_slots`` (in place).
             cache_slots: (T,) int64 slot of each chunk token (the same for every row).
-            attn_mask: (B, 1, T, S) bool, True where a chunk token may attend a slot
-                (causality and padding included; every row must allow at least one slot).
+            attn_mask: (B, 1, T, E) bool over the caches' first E <= S slots, True where a
+                chunk token may attend a slot (causality and padding included; every row
+                must allow at least one slot); the slots past E are not read.
             xattn_kwargs: passed to every cross-attention block (see :meth:`forward`).
             last_only: return only the logits of the last chunk position, (B, 1, V).
             xattn_layer_kwargs: per block (key ``str(i)``) extra keyword arguments, e.g.

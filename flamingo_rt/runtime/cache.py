@@ -182,22 +182,25 @@ class StaticCache:
         """Slots, positions and mask for appending a chunk of T slots where row b has
         ``lengths[b]`` real tokens, right-aligned (left-padded) in the chunk.
 
-        Returns (slots (T,), position_ids (B, T), attn_mask (B, 1, T, S), real (B, T) bool).
+        Returns (slots (T,), position_ids (B, T), attn_mask (B, 1, T, E), real (B, T) bool),
+        the mask over the first E = length + T slots only (no later slot is visible: the
+        attention reads those slots alone, not the whole cache).
         Raises ValueError when the chunk does not fit in the cache.
         """
         self.check_room(T)
         dev = self.device
         lengths = lengths.to(dev)
-        slots = self.slots[self.length:self.length + T]
+        E = self.length + T
+        slots = self.slots[self.length:E]
         j = torch.arange(T, device=dev)
         pad_here = (T - lengths)[:, None]  # (B, 1)
         real = j[None, :] >= pad_here  # (B, T)
-        self.key_valid[:, self.length:self.length + T] = real
+        self.key_valid[:, self.length:E] = real
         pad_total = self.pad[:, None] + pad_here  # padding before each real token
         positions = (slots[None, :] - pad_total).clamp_min(0)
-        k = self.slots[None, :]  # (1, S)
+        k = self.slots[None, :E]  # (1, E)
         q = slots[:, None]  # (T, 1)
-        visible = (k <= q)[None] & (self.key_valid[:, None, :] | (k == q)[None])  # (B, T, S)
+        visible = (k <= q)[None] & (self.key_valid[:, None, :E] | (k == q)[None])  # (B, T, E)
         return slots, positions, visible[:, None], real
 
     def plan_packed_rows(self, lengths: Sequence[Sequence[int]]):
@@ -211,7 +214,8 @@ class StaticCache:
         committed: the slots written lie past :attr:`length`), so any number of packs can
         follow one prompt. Scoring candidates this way runs them as one chunk.
 
-        Returns (slots (T,), position_ids (B, T), attn_mask (B, 1, T, S), real (B, T) bool).
+        Returns (slots (T,), position_ids (B, T), attn_mask (B, 1, T, E), real (B, T) bool),
+        the mask over the first E = length + T slots (as :meth:`plan_chunk`'s).
         Raises ValueError when there is not one list of lengths per row, a length is not
         positive, no row has a token, or the pack does not fit in the cache.
         """
@@ -235,10 +239,11 @@ class StaticCache:
         within = within.to(dev)
         real = torch.arange(T, device=dev)[None, :] < torch.tensor(totals, device=dev)[:, None]  # (B, T)
         positions = (n + within - self.pad[:, None]).clamp_min(0)  # (B, T)
-        k = self.slots[None, None, :]  # (1, 1, S)
-        prompt = (self.slots[None, :] < n) & self.key_valid  # (B, S): each row's valid slots
+        E = n + T
+        k = self.slots[None, None, :E]  # (1, 1, E)
+        prompt = (self.slots[None, :E] < n) & self.key_valid[:, :E]  # (B, E): each row's valid slots
         first = (slots[None, :] - within)[:, :, None]  # (B, T, 1): the slot of each token's continuation's start
-        own = (k >= first) & (k <= slots[None, :, None])  # (B, T, S)
+        own = (k >= first) & (k <= slots[None, :, None])  # (B, T, E)
         visible = prompt[:, None, :] | own
         return slots, positions, visible[:, None], real
 
@@ -255,17 +260,21 @@ class StaticCache:
                 f"{self.length} + {T} = {self.length + T}"
             )
 
-    def plan_decode(self):
+    def plan_decode(self, extent: Optional[int] = None):
         """:meth:`plan_chunk` for one real token per row (T = 1, every row real), from
         tensors alone: the slot is :attr:`position` (a 0-dim tensor on the cache's device),
         so no Python number reaches a shape or an offset and one compiled graph (or CUDA
-        graph) serves every decode position. Same values as ``plan_chunk(ones, 1)``; the
-        caller checks the room (:meth:`check_room`) and advances :attr:`position` and
-        :attr:`length` after the step (:func:`~flamingo_rt.runtime.engine.decode_step`).
+        graph) serves every decode position; its mask covers every slot. Same values as
+        ``plan_chunk(ones, 1)``; the caller checks the room (:meth:`check_room`) and advances
+        :attr:`position` and :attr:`length` after the step
+        (:func:`~flamingo_rt.runtime.engine.decode_step`). ``extent``: the mask covers only
+        the first ``extent`` (> :attr:`position`) slots, which are all the attention then
+        reads (eager decoding: a shape that changes at every step).
         """
         slots = self.position.view(1)
         self.key_valid.index_fill_(1, slots, True)
         positions = (self.position - self.pad).clamp_min(0)[:, None]  # (B, 1)
-        visible = (self.slots <= self.position)[None, :] & self.key_valid  # (B, S)
+        E = self.max_seq_len if extent is None else extent
+        visible = (self.slots[:E] <= self.position)[None, :] & self.key_valid[:, :E]  # (B, E)
         real = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
         return slots, positions, visible[:, None, None, :], real

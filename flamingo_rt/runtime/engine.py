@@ -134,9 +134,11 @@ def decode_tensors(model: Flamingo, cache: StaticCache, tokens: torch.Tensor,
 
     Capture-safe: shapes depend only on the cache's sizes, every cache write is in place,
     no value goes back to the host, so ``torch.compile(fullgraph=True, dynamic=False)``
-    makes one graph for every position (and, on CUDA, one CUDA graph). Use through
-    :func:`decode_step`, which checks the room and advances ``cache.length``."""
-    logits = _forward_planned(model, cache, tokens[:, None], cache.plan_decode(), True, backend, False)
+    makes one graph for every position (and, on CUDA, one CUDA graph). Run eagerly, the
+    attention reads the cache's slots up to this token's only (``cache.length`` + 1). Use
+    through :func:`decode_step`, which checks the room and advances ``cache.length``."""
+    extent = None if torch.compiler.is_compiling() else cache.length + 1
+    logits = _forward_planned(model, cache, tokens[:, None], cache.plan_decode(extent), True, backend, False)
     cache.position.add_(1)
     return logits[:, -1]
 

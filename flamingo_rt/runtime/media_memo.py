@@ -44,7 +44,7 @@ class MediaMemo:
         """The digest of a preprocessed medium (F, C, H, W): shape, dtype, bytes."""
         t = medium.detach().contiguous()
         raw = t.cpu().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        return tuple(t.shape), str(t.dtype), hashlib.blake2b(raw, digest_size=16).digest()
+        return tuple(t.shape), str(t.dtype), hashlib.sha256(raw).digest()
 
     def sync(self, params: Sequence[torch.Tensor]) -> None:
         """Forget everything when the version counter of one of ``params`` (the weights

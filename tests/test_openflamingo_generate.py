@@ -52,3 +52,4 @@ def test_greedy_and_beams_equal_open_flamingo_generate():
     scripted = out["scripted"]
     assert scripted["mismatches"] == [], scripted["mismatches"]
     assert scripted["cases"] // 4 < scripted["stopped_early"] < scripted["cases"], scripted
+    assert scripted["penalty_changed"] >= 5, scripted  # repetition penalties that change the answer

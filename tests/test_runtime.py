@@ -2,6 +2,8 @@
 reuse, streaming, beams, sampling, sessions, scoring, media encoded once, errors."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,17 @@ def test_prefix_reuse_equals_recomputation(gen):
     want = [gen.generate(support + q, GREEDY) for q in queries]
     assert [gen.generate(q, GREEDY, prefix=pre) for q in queries] == want
     assert gen.generate(queries, GREEDY, prefix=pre) == want  # batched over one prefix
+    # a repetition penalty counts the prefix's tokens as seen, as in the whole prompt (greedy,
+    # streamed, and beams)
+    for pen in (GenerationConfig(max_new_tokens=10, stop_on_eoc=False, stop_on_eos=False, repetition_penalty=3.0),
+                GenerationConfig(max_new_tokens=8, num_beams=3, stop_on_eoc=False, stop_on_eos=False,
+                                 repetition_penalty=3.0)):
+        want = [gen.generate(support + q, pen) for q in queries]
+        assert want != [gen.generate(support + q, replace(pen, repetition_penalty=1.0)) for q in queries]
+        assert [gen.generate(q, pen, prefix=pre) for q in queries] == want
+        assert gen.generate(queries, pen, prefix=pre) == want
+        if pen.num_beams == 1:
+            assert ["".join(gen.stream(q, pen, prefix=pre)) for q in queries] == want
 
 
 def test_stream_equals_generate_and_stop_strings(gen):

@@ -21,7 +21,7 @@ from .engine import (check_pack_limit, decode_step, decode_tensors, encode_rows,
                      forward_packed_rows, left_pad, pack_continuations)
 from .media_memo import MediaMemo
 from .prompt import EncodedPrompt, PreprocessedMedia, PromptItem, encode_candidates, encode_prompt
-from .sampling import GenerationConfig, choose_next
+from .sampling import GenerationConfig, apply_repetition_penalty, choose_next
 
 PromptLike = Union[str, Sequence[PromptItem], EncodedPrompt]
 
@@ -35,6 +35,7 @@ class Prefix:
     last_logits: torch.Tensor  # (1, V)
     num_tokens: int
     num_media: int
+    ids: Tuple[int, ...] = ()  # its token ids (what a repetition penalty counts as seen)
 
 
 def _config(config: Optional[GenerationConfig], overrides: dict) -> GenerationConfig:
@@ -242,7 +243,7 @@ class Generator:
         self._check_fits([len(enc.ids)], [len(enc.media)], GenerationConfig(max_new_tokens=1), what="a new token")
         cache = StaticCache(self.model, 1, self.max_seq_len, self.max_media, dtype=self.dtype, device=self.device)
         logits = self._prefill(cache, [enc])
-        return Prefix(cache, logits, len(enc.ids), len(enc.media))
+        return Prefix(cache, logits, len(enc.ids), len(enc.media), tuple(enc.ids))
 
     def _from_prefix(self, prefix: Prefix, batch: int) -> StaticCache:
         cache = self._cache(batch)
@@ -267,8 +268,18 @@ class Generator:
         return cache, encs, logits
 
     # ------------------------------------------------------------------ token streams
+    def _seen(self, encs: List[EncodedPrompt], prefix: Optional[Prefix], V: int) -> torch.Tensor:
+        """(B, V) bool: the tokens of each prompt (its prefix's included), which a repetition
+        penalty counts as already seen."""
+        seen = torch.zeros(len(encs), V, dtype=torch.bool, device=self.device)
+        for b, e in enumerate(encs):
+            ids = list(prefix.ids if prefix is not None else ()) + list(e.ids)
+            if ids:
+                seen[b, torch.tensor(ids, device=self.device)] = True
+        return seen
+
     def _token_stream(self, cache: StaticCache, encs: List[EncodedPrompt], logits: torch.Tensor,
-                      cfg: GenerationConfig) -> Iterator[torch.Tensor]:
+                      cfg: GenerationConfig, prefix: Optional[Prefix] = None) -> Iterator[torch.Tensor]:
         """Yield (B,) next tokens step by step (pad for finished rows) until every row
         stopped or max_new_tokens; the caller may stop iterating at any time."""
         B = len(encs)
@@ -278,11 +289,7 @@ class Generator:
         if cfg.do_sample:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        seen = None
-        if cfg.repetition_penalty != 1.0:
-            seen = torch.zeros(B, V, dtype=torch.bool, device=self.device)
-            for b, e in enumerate(encs):
-                seen[b, torch.tensor(e.ids, device=self.device)] = True
+        seen = self._seen(encs, prefix, V) if cfg.repetition_penalty != 1.0 else None
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for step in range(cfg.max_new_tokens):
             nxt = choose_next(self._mask_banned(logits, cfg, step), cfg, seen, gen)
@@ -333,7 +340,7 @@ class Generator:
             return outs[0] if single else outs
         cache, encs, logits = self._start(batch, cfg, prefix)
         toks = [[] for _ in batch]
-        for nxt in self._token_stream(cache, encs, logits, cfg):
+        for nxt in self._token_stream(cache, encs, logits, cfg, prefix):
             for b, t in enumerate(nxt.tolist()):
                 toks[b].append(t)
             if cfg.stop_strings and all(
@@ -357,7 +364,7 @@ class Generator:
         dec = IncrementalDecoder(self.tok)
         text, emitted = "", 0
         hold = max((len(s) for s in cfg.stop_strings), default=1) - 1
-        stream = self._token_stream(cache, encs, logits, cfg)
+        stream = self._token_stream(cache, encs, logits, cfg, prefix)
         while True:
             with torch.no_grad():
                 nxt = next(stream, None)
@@ -420,11 +427,17 @@ class Generator:
         finished = [BeamHypotheses(K, cfg.length_penalty, cfg.early_stopping, cfg.max_new_tokens) for _ in range(B)]
         last: List[Optional[tuple]] = [None] * B  # when done: (live scores, seqs, last candidates, add them)
         logits = logits.repeat_interleave(K, 0)  # (B*K, V)
+        # each beam's tokens so far (its prompt's included), for a repetition penalty
+        seen = self._seen(encs, prefix, V).repeat_interleave(K, 0) if cfg.repetition_penalty != 1.0 else None
         for step in range(cfg.max_new_tokens):
             # the model's log-probabilities, banned tokens then set to -inf (not renormalized over
             # the rest: a beam's score is its log-likelihood, as score() gives it and as HF's beam
-            # search, open_flamingo's, computes it)
-            logp = self._mask_banned(logits.float().log_softmax(-1), cfg, step).view(B, K, V)
+            # search, open_flamingo's, computes it); a repetition penalty scales the log-
+            # probabilities of seen tokens, as HF's processors do after its log-softmax
+            logp = self._mask_banned(logits.float().log_softmax(-1), cfg, step)
+            if seen is not None:
+                logp = apply_repetition_penalty(logp, seen, cfg.repetition_penalty)
+            logp = logp.view(B, K, V)
             logp = logp + torch.tensor(scores, device=logp.device)[:, :, None]
             top, flat = logp.view(B, K * V).topk(2 * K, dim=-1)
             top, flat = top.tolist(), flat.tolist()
@@ -465,8 +478,12 @@ class Generator:
                 scores[b], seqs[b] = new_scores, new_seqs
             if all(d is not None for d in last):
                 break
-            cache.select_rows(torch.tensor(rows, device=self.device), media=False)  # within each prompt's rows
-            logits = self._decode(cache, torch.tensor(tokens, device=self.device))
+            rows_t, tokens_t = torch.tensor(rows, device=self.device), torch.tensor(tokens, device=self.device)
+            cache.select_rows(rows_t, media=False)  # within each prompt's rows
+            if seen is not None:
+                seen = seen[rows_t]
+                seen[torch.arange(B * K, device=self.device), tokens_t] = True
+            logits = self._decode(cache, tokens_t)
         outs = []
         for b in range(B):
             hyps = finished[b]

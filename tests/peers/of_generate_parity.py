@@ -150,12 +150,14 @@ def scripted_fuzz(model: Flamingo, trials: int = 150) -> dict:
     import random
 
     from transformers.generation.beam_search import BeamSearchScorer
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    from flamingo_rt.runtime import GenerationConfig, Generator
+    from flamingo_rt.runtime import EncodedPrompt, GenerationConfig, Generator
 
     class Scripted(Generator):
         def _start(self, prompts, cfg, prefix):
-            return _Rows(len(prompts)), [None] * len(prompts), scripted_logits(self.seed, self.bias, [[]] * len(prompts))
+            encs = [EncodedPrompt([5] * 3) for _ in prompts]  # the prompt: 3 tokens of id 5
+            return _Rows(len(prompts)), encs, scripted_logits(self.seed, self.bias, [[]] * len(prompts))
 
         def _cache(self, batch):
             return _Rows(batch)
@@ -170,13 +172,14 @@ def scripted_fuzz(model: Flamingo, trials: int = 150) -> dict:
 
     gen = Scripted(model, tokenizer(), max_seq_len=128, max_media=4)
     rng = random.Random(1)
-    mismatches, early, cases = [], 0, 0
+    mismatches, early, cases, penalty_changed = [], 0, 0, 0
     for trial in range(trials):
         K, es = rng.choice([2, 3, 4]), rng.choice([True, False, "never"])
         lp, max_new = rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0]), rng.randint(3, 8)
         gen.seed, gen.bias = trial, rng.uniform(-1.0, 2.5)
+        rep = rng.choice([1.0, 1.0, 1.5])
         cfg = GenerationConfig(max_new_tokens=max_new, num_beams=K, stop_on_eoc=True, stop_on_eos=False,
-                               early_stopping=es, length_penalty=lp).validate()
+                               early_stopping=es, length_penalty=lp, repetition_penalty=rep).validate()
         ours = gen._beam_search([None], cfg, None)[0]
         # transformers 4.36's beam_search loop, on the same logits
         P = 3
@@ -187,6 +190,8 @@ def scripted_fuzz(model: Flamingo, trials: int = 150) -> dict:
         for step in range(max_new):
             logp = scripted_logits(trial, gen.bias, [r[P:].tolist() for r in input_ids]).log_softmax(-1)
             logp[:, [IMG, 2]] = float("-inf")  # the bad words
+            if rep != 1.0:
+                logp = RepetitionPenaltyLogitsProcessor(rep)(input_ids, logp)
             nxt = (logp + beam_scores[:, None]).view(1, K * V)
             top, idx = torch.topk(nxt, 2 * K, dim=1, largest=True, sorted=True)
             out = scorer.process(input_ids, top, idx % V, idx // V, pad_token_id=EOC, eos_token_id=EOC,
@@ -201,8 +206,14 @@ def scripted_fuzz(model: Flamingo, trials: int = 150) -> dict:
         cases += 1
         early += int(len(theirs) < max_new)
         if ours != theirs:
-            mismatches.append({"trial": trial, "K": K, "es": es, "lp": lp, "ours": ours, "theirs": theirs})
-    return {"cases": cases, "stopped_early": early, "mismatches": mismatches}
+            mismatches.append({"trial": trial, "K": K, "es": es, "lp": lp, "rep": rep, "ours": ours,
+                               "theirs": theirs})
+        if rep != 1.0:  # (the same search without the penalty: does it matter here?)
+            plain = gen._beam_search([None], GenerationConfig(
+                max_new_tokens=max_new, num_beams=K, stop_on_eoc=True, stop_on_eos=False, early_stopping=es,
+                length_penalty=lp).validate(), None)[0]
+            penalty_changed += int(plain != ours)
+    return {"cases": cases, "stopped_early": early, "mismatches": mismatches, "penalty_changed": penalty_changed}
 
 
 def main():

@@ -35,6 +35,8 @@ def test_greedy_and_beams_equal_open_flamingo_generate():
         assert len(r["of_beam_ids"]) == 8 and r["ours_beams"] == r["of_beams"], r
         for c in r["stopping"]:  # the end of chunk stops beams: HF's finishing and stopping rules
             assert c["ours"] == c["of"], c
+        for c in r["penalized"]:  # a repetition penalty, greedy and with beams
+            assert c["ours"] == c["of"], c
     # the cases exercise the rules: answers that stopped early, and answers that differ between
     # the stopping rules (early_stopping True / False) of one prompt, boost and length penalty
     cases = [c for r in out["results"] for c in r["stopping"]]

@@ -55,13 +55,15 @@ def ours_beams(model: Flamingo, ids, media, max_new: int, beams: int) -> str:
 
 
 def ours_beams_stopping(model: Flamingo, ids, media, max_new: int, beams: int, early_stopping,
-                        length_penalty: float) -> str:
-    """Our beam search with the end-of-chunk token as its stop token (open_flamingo's eos)."""
+                        length_penalty: float, repetition_penalty: float = 1.0) -> str:
+    """Our beam search (greedy for beams = 1) with the end-of-chunk token as its stop token
+    (open_flamingo's eos)."""
     from flamingo_rt.runtime import EncodedPrompt, GenerationConfig, Generator
 
     gen = Generator(model, tokenizer(), max_seq_len=128, max_media=media.shape[1])
     cfg = GenerationConfig(max_new_tokens=max_new, num_beams=beams, stop_on_eoc=True, stop_on_eos=False,
-                           early_stopping=early_stopping, length_penalty=length_penalty)
+                           early_stopping=early_stopping, length_penalty=length_penalty,
+                           repetition_penalty=repetition_penalty)
     return gen.generate(EncodedPrompt(ids[0].tolist(), [m for m in media[0]]), cfg)
 
 
@@ -254,8 +256,16 @@ def main():
                     stopping.append({"case": [boost, es, lp], "of_ids": until_eoc(p_ids),
                                      "of": tokenizer().decode(until_eoc(p_ids)),
                                      "ours": ours_beams_stopping(ours, ids, vx, 12, 3, es, lp)})
+            # a repetition penalty, greedy and with beams (the end of chunk still likely)
+            penalized = []
+            for beams in (1, 3):
+                p_ids = of.generate(vx, ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=beams,
+                                    do_sample=False, pad_token_id=EOC, bad_words_ids=[[IMG], [2]],
+                                    repetition_penalty=1.8)[0, T:].tolist()
+                mine = ours_beams_stopping(ours, ids, vx, 12, beams, False, 1.0, repetition_penalty=1.8)
+                penalized.append({"beams": beams, "of": tokenizer().decode(until_eoc(p_ids)), "ours": mine})
         results.append({"of": peer, "ours": mine, "of_beams": tokenizer().decode(beam_peer), "ours_beams": beam_mine,
-                        "of_beam_ids": beam_peer, "stopping": stopping})
+                        "of_beam_ids": beam_peer, "stopping": stopping, "penalized": penalized})
     import transformers
 
     print(json.dumps({"transformers": transformers.__version__, "results": results,

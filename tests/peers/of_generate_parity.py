@@ -262,8 +262,8 @@ def main():
                 p_ids = of.generate(vx, ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=beams,
                                     do_sample=False, pad_token_id=EOC, bad_words_ids=[[IMG], [2]],
                                     repetition_penalty=1.8)[0, T:].tolist()
-                mine = ours_beams_stopping(ours, ids, vx, 12, beams, False, 1.0, repetition_penalty=1.8)
-                penalized.append({"beams": beams, "of": tokenizer().decode(until_eoc(p_ids)), "ours": mine})
+                answer = ours_beams_stopping(ours, ids, vx, 12, beams, False, 1.0, repetition_penalty=1.8)
+                penalized.append({"beams": beams, "of": tokenizer().decode(until_eoc(p_ids)), "ours": answer})
         results.append({"of": peer, "ours": mine, "of_beams": tokenizer().decode(beam_peer), "ours_beams": beam_mine,
                         "of_beam_ids": beam_peer, "stopping": stopping, "penalized": penalized})
     import transformers

@@ -234,7 +234,7 @@ def _eval(args) -> int:
         suite = TaskSuite(tasks=tuple(tasks), shots=tuple(args.shots), episodes=args.episodes, seed=args.seed,
                           split=args.split, format_split=args.format_split, n_way=args.n_way, by=args.by,
                           selection=args.selection, pool=args.pool, num_beams=args.num_beams,
-                          batch_size=args.batch_size)
+                          length_penalty=args.length_penalty, batch_size=args.batch_size)
         res = evaluate(args.model_dir, suite, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         return _fail("eval", e)
@@ -416,6 +416,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_eval.add_argument("--n-way", type=_int_at_least(2), default=5, help="classes of a classify episode")
     p_eval.add_argument("--by", default="shape", choices=list(CLASSIFY_BY), help="what a classify class is")
     p_eval.add_argument("--num-beams", type=_POSITIVE, default=1, help="1: greedy decoding; > 1: beam search")
+    p_eval.add_argument("--length-penalty", type=float, default=0.0,
+                        help="beam search: finished beams rank by log-likelihood / length ** this (default 0, "
+                             "as open_flamingo's evaluation)")
     p_eval.add_argument("--batch-size", type=_POSITIVE, default=8,
                         help="queries run together: generated as one batch, or their candidates scored as one; "
                              "their media encoded once across the shot counts")

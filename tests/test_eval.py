@@ -259,7 +259,7 @@ def test_cli_eval(model_dir, tmp_path, capsys, malloc_calls):
     out, png = tmp_path / "e.json", tmp_path / "curve.png"
     rc = cli.main(["eval", str(model_dir), "--tasks", "classify,qa", "caption", "--shots", "0,1", "--episodes", "2",
                    "--json", str(out), "--plot", str(png), "--no-progress", "--threads", "1", "--seed", "3",
-                   "--batch-size", "1"])
+                   "--batch-size", "1", "--num-beams", "2", "--length-penalty", "0.5"])
     assert rc == 0
     assert malloc_calls == [1]  # the malloc tuning, unless --default-malloc
     printed = capsys.readouterr().out
@@ -267,6 +267,7 @@ def test_cli_eval(model_dir, tmp_path, capsys, malloc_calls):
     d = json.loads(out.read_text())
     assert {(c["task"], c["shots"]) for c in d["cells"]} == {(t, k) for t in ("classify", "qa", "caption") for k in (0, 1)}
     assert d["suite"]["seed"] == 3 and d["suite"]["batch_size"] == 1 and len(d["records"]) == 3 * 2 * 2
+    assert (d["suite"]["num_beams"], d["suite"]["length_penalty"]) == (2, 0.5)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["eval", str(tmp_path / "nothing"), "--no-progress", "--default-malloc"]) == 2
     assert malloc_calls == [1]
@@ -275,12 +276,17 @@ def test_cli_eval(model_dir, tmp_path, capsys, malloc_calls):
         cli.main(["eval", str(model_dir), "--shots", "0,x"])
 
 
-@pytest.mark.parametrize("num_beams", [1, 2])
-def test_open_ended_answers_are_the_generators_greedy_or_beam_output(gen, num_beams):
-    suite = TaskSuite(tasks=("qa", "caption"), shots=(1,), episodes=2, num_beams=num_beams, seed=3)
+@pytest.mark.parametrize("num_beams,length_penalty", [(1, 0.0), (2, 0.0), (2, 2.0)])
+def test_open_ended_answers_are_the_generators_greedy_or_beam_output(gen, num_beams, length_penalty):
+    """Answers are the generator's (beam search with the suite's length penalty: 0 by
+    default, as open_flamingo's evaluation)."""
+    suite = TaskSuite(tasks=("qa", "caption"), shots=(1,), episodes=2, num_beams=num_beams, seed=3,
+                      length_penalty=length_penalty)
     res = evaluate(gen, suite)
     for r in res.records:
         ep = draw_episode(suite, r["task"], r["episode"])
         limit = suite.max_new_tokens_caption if r["task"] == "caption" else suite.max_new_tokens_answer
-        want = gen.generate(build_prompt(ep, r["support"]), max_new_tokens=limit, num_beams=num_beams)
+        want = gen.generate(build_prompt(ep, r["support"]), max_new_tokens=limit, num_beams=num_beams,
+                            length_penalty=length_penalty)
         assert r["prediction"] == want.strip()
+    assert TaskSuite().length_penalty == 0.0

@@ -160,7 +160,8 @@ def _run_queries(gen: Generator, suite: TaskSuite, task: str, kind: str, k: int,
                          "prediction": pred, "candidates": list(ep.candidates), "scores": scores,
                          "accuracy": float(pred == ep.answer)})
         return recs
-    outs = gen.generate(list(encs.values()), GenerationConfig(max_new_tokens=new_tokens, num_beams=suite.num_beams))
+    outs = gen.generate(list(encs.values()), GenerationConfig(max_new_tokens=new_tokens, num_beams=suite.num_beams,
+                                                                    length_penalty=suite.length_penalty))
     ranked = {}
     if kind == "qa" and suite.rank_answers:
         for i, (ep, _) in queries.items():

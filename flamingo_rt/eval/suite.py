@@ -43,6 +43,8 @@ class TaskSuite:
         pool: support pool per episode (per class for "classify"); default ``max(shots)`` for
             random selection and ``4 * max(shots)`` for RICES.
         num_beams: 1 = greedy decoding of open-ended answers; > 1 beam search.
+        length_penalty: the beam search's (finished beams rank by log-likelihood / length **
+            length_penalty); 0.0 as open_flamingo's evaluation (captioning and VQA).
         max_new_tokens_answer / max_new_tokens_caption: generation limits (decoding stops
             earlier at ``<|endofchunk|>``).
         num_references: reference captions per query for CIDEr-D (the episode's answer plus
@@ -67,6 +69,7 @@ class TaskSuite:
     selection: str = "random"
     pool: Optional[int] = None
     num_beams: int = 1
+    length_penalty: float = 0.0
     max_new_tokens_answer: int = 8
     max_new_tokens_caption: int = 24
     num_references: int = 5

@@ -11,6 +11,7 @@ import torch
 from flamingo_rt.io import FlamingoTokenizer
 from flamingo_rt.models import Flamingo, get_preset
 from flamingo_rt.runtime import EncodedPrompt, GenerationConfig, Generator, few_shot_prompt
+from flamingo_rt.runtime.cache import StaticCache
 from flamingo_rt.runtime.engine import decode_step
 from conftest import rel_err
 
@@ -416,6 +417,48 @@ def test_pack_continuations():
     assert [[k for k, _ in p] for p in pack_continuations(feeds, 100)] == [[0, 1, 2, 3, 4]]
     assert [[k for k, _ in p] for p in pack_continuations(feeds, 1)] == [[0], [1], [2], [3], [4]]
     assert list(pack_continuations([], 8)) == []
+    # a pack holds at most cap tokens: two of 2 go apart under a cap of 3
+    assert [[k for k, _ in p] for p in pack_continuations([(0, [1, 2]), (1, [3, 4])], 3)] == [[0], [1]]
+
+
+def test_cache_rows_and_media_bookkeeping(gen):
+    """StaticCache.select_rows makes row b a copy of old row rows[b] (token K/V, media K/V
+    unless media=False, and every bookkeeping field); add_media refuses a row past
+    max_media counting the media it already holds; every query row of a left-padded chunk's
+    mask sees at least one slot (its own: a padding row with none would give NaN)."""
+    encs = [gen.encode([img(), "a red square"]), gen.encode(["two", img(), img(), "blue big circle on"])]
+    cache = gen._cache(2)
+    with torch.no_grad():
+        gen._prefill(cache, encs)
+    assert int(cache.pad[0]) != int(cache.pad[1]) and int(cache.num_media[0]) != int(cache.num_media[1])
+    before = {name: getattr(cache, name).clone() for name in ("key_valid", "pad", "num_media", "image_count")}
+    kv = [(k.clone(), v.clone()) for k, v in cache.kv]
+    media = {key: (k.clone(), v.clone()) for key, (k, v) in cache.media_kv.items()}
+    swap = torch.tensor([1, 0])
+    cache.select_rows(swap, media=False)
+    for key, (k, v) in cache.media_kv.items():  # media K/V left as they were
+        assert torch.equal(k, media[key][0]) and torch.equal(v, media[key][1])
+    cache.select_rows(swap)  # back to the start for the token K/V and bookkeeping; media now swapped
+    for name, t in before.items():
+        assert torch.equal(getattr(cache, name), t), name
+    for (k, v), (k0, v0) in zip(cache.kv, kv):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    for key, (k, v) in cache.media_kv.items():
+        assert torch.equal(k, media[key][0][swap]) and torch.equal(v, media[key][1][swap])
+    cache.select_rows(torch.tensor([1, 1]))
+    for name, t in before.items():
+        assert torch.equal(getattr(cache, name), t[[1, 1]]), name
+    # add_media: the capacity counts what a row already holds
+    small = StaticCache(gen.model, 1, 64, 2)
+    tokens, counts = gen._encode_media([[img(), img()]])
+    small.add_media(gen.model, tokens, counts)
+    one, n1 = gen._encode_media([[img()]])
+    with pytest.raises(ValueError, match="at most 2 media per row in this cache, a row would have 3"):
+        small.add_media(gen.model, one, n1)
+    # a left-padded chunk: padding query rows see their own slot
+    fresh = gen._cache(2)
+    _, _, mask, real = fresh.plan_chunk(torch.tensor([2, 5]), 5)
+    assert (~real).any() and bool(mask.any(-1).all())
 
 
 def test_forward_packed_equals_each_continuation_alone(gen, tok):

@@ -119,6 +119,25 @@ def test_noncontiguous_inputs(allp):
     _check(q, k, v, idx.t().contiguous().t(), allp)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("allp", [False, True], ids=["immediate", "all_previous"])
+@pytest.mark.parametrize("dh,N", [(64, 64), (40, 1), (128, 49), (96, 257)])
+def test_single_token_rows_against_float64_reference(dtype, allp, dh, N):
+    """Calls whose segments are all one token (every decode step, one row per sequence; or a
+    media index that changes at every token) take the kernel's single-row path: rows of
+    different images, a row with none, contiguous and strided inputs."""
+    B, H, M = 5, 2, 3
+    q, k, v, _ = _inputs(B, 1, H, dh, M, N, dtype, [0] * B)
+    idx = torch.tensor([[2], [0], [-1], [1], [2]], dtype=torch.int32)
+    _check(q, k, v, idx, allp, tol=2e-6 if dtype != torch.float64 else 1e-12)
+    qs, ks, vs, _ = _inputs(B, 1, H, dh, M, N, dtype, [0] * B, noncontig=True)
+    _check(qs, ks, vs, idx, allp, tol=2e-6 if dtype != torch.float64 else 1e-12)
+    # several tokens, each its own segment (an order the runtime never makes, allowed)
+    q2, k2, v2, _ = _inputs(2, 6, H, dh, M, N, dtype, [M, M])
+    idx2 = torch.tensor([[0, 1, 0, 2, -1, 1], [2, -1, 2, 0, 1, 0]], dtype=torch.int32)
+    _check(q2, k2, v2, idx2, allp, tol=2e-6 if dtype != torch.float64 else 1e-12)
+
+
 def test_long_segments_and_many_images():
     # segments longer than one task chunk (128 tokens) and one query block (32)
     B, T, H, dh, M, N = 1, 400, 2, 64, 5, 64

@@ -505,6 +505,100 @@ FRT_INLINE void fwd_dispatch(const Ctx& c, const Seg& sg, int64_t h, Scratch<F64
   fwd_task_f64(c, sg, h, s);
 }
 
+// ------------------------------------------------------------------ single-row forward
+
+// The forward of one query row (a segment of one token: every row of a decode step) and
+// head, without the query blocks: a 32-column block of scores per key for one query is 32
+// times the work (a decode step against 33 images, 8 heads x 64, took 34 us through the
+// blocks, most of it the padded product and the block scratch). Scores against the keys of
+// images [j_lo, idx] (one image when image-causal), softmax, the weighted sum of the values;
+// `buf` holds (images x N) scores and Dp outputs.
+template <class L>
+FRT_INLINE void fwd_row(const Ctx& c, const Seg& sg, int64_t h, std::vector<typename L::Acc>& buf) {
+  using Acc = typename L::Acc;
+  using T = typename L::T;
+  const int64_t b = sg.b, t = sg.t0;
+  if (sg.idx < 0) {
+    zero_rows<L>(c, c.out, c.os, b, t, 1, h);
+    return;
+  }
+  const int64_t j_lo = c.allprev ? 0 : sg.idx, nimg = sg.idx - j_lo + 1;
+  buf.resize(size_t(nimg * c.N + 2 * c.Dp));
+  Acc* sc = buf.data();
+  Acc* q = sc + nimg * c.N;
+  Acc* o = q + c.Dp;
+  const T* qrow = cptr<L>(c.q) + b * c.qs[0] + t * c.qs[1] + h * c.qs[2];
+  for (int64_t i = 0; i < c.dh; ++i) q[i] = Acc(L::load(qrow[i * c.qs[3]])) * Acc(c.scale);
+  // the n-th key (or value) row of image j, and its element stride
+  auto row = [&](const void* src, const int64_t* st, const void* src2, const int64_t* st2, int64_t j,
+                 int64_t n, int64_t& es) -> const T* {
+    if (n < c.N1) {
+      es = st[4];
+      return cptr<L>(src) + b * st[0] + j * st[1] + n * st[2] + h * st[3];
+    }
+    es = st2[4];
+    return cptr<L>(src2) + b * st2[0] + j * st2[1] + (n - c.N1) * st2[2] + h * st2[3];
+  };
+  Acc mx = -std::numeric_limits<Acc>::infinity();
+  for (int64_t j = j_lo; j <= sg.idx; ++j)
+    for (int64_t n = 0; n < c.N; ++n) {
+      int64_t es;
+      const T* kr = row(c.k, c.ks, c.k2, c.ks2, j, n, es);
+      Acc acc = 0;
+      if (es == 1) {
+        FRT_SIMD_RED(+ : acc)
+        for (int64_t i = 0; i < c.dh; ++i) acc += Acc(L::load(kr[i])) * q[i];
+      } else {
+        for (int64_t i = 0; i < c.dh; ++i) acc += Acc(L::load(kr[i * es])) * q[i];
+      }
+      sc[(j - j_lo) * c.N + n] = acc;
+      mx = acc > mx ? acc : mx;
+    }
+  Acc l = 0;
+  const int64_t ns = nimg * c.N;
+  FRT_SIMD_RED(+ : l)
+  for (int64_t n = 0; n < ns; ++n) {
+    const Acc e = exp_f32(sc[n] - mx);
+    sc[n] = e;
+    l += e;
+  }
+  std::fill(o, o + c.dh, Acc(0));
+  for (int64_t j = j_lo; j <= sg.idx; ++j)
+    for (int64_t n = 0; n < c.N; ++n) {
+      int64_t es;
+      const T* vr = row(c.v, c.vs, c.v2, c.vs2, j, n, es);
+      const Acc p = sc[(j - j_lo) * c.N + n];
+      if (es == 1) {
+        FRT_SIMD
+        for (int64_t i = 0; i < c.dh; ++i) o[i] += p * Acc(L::load(vr[i]));
+      } else {
+        for (int64_t i = 0; i < c.dh; ++i) o[i] += p * Acc(L::load(vr[i * es]));
+      }
+    }
+  const Acc inv = Acc(1) / l;
+  T* out = mptr<L>(c.out) + b * c.os[0] + t * c.os[1] + h * c.os[2];
+  for (int64_t i = 0; i < c.dh; ++i) out[i * c.os[3]] = L::store(o[i] * inv);
+}
+
+FRT_CLONES void fwd_row_f32(const Ctx& c, const Seg& sg, int64_t h, std::vector<float>& buf) {
+  fwd_row<F32>(c, sg, h, buf);
+}
+FRT_CLONES void fwd_row_bf16(const Ctx& c, const Seg& sg, int64_t h, std::vector<float>& buf) {
+  fwd_row<BF16>(c, sg, h, buf);
+}
+FRT_CLONES void fwd_row_f64(const Ctx& c, const Seg& sg, int64_t h, std::vector<double>& buf) {
+  fwd_row<F64>(c, sg, h, buf);
+}
+FRT_INLINE void row_dispatch(const Ctx& c, const Seg& sg, int64_t h, std::vector<float>& buf, F32) {
+  fwd_row_f32(c, sg, h, buf);
+}
+FRT_INLINE void row_dispatch(const Ctx& c, const Seg& sg, int64_t h, std::vector<float>& buf, BF16) {
+  fwd_row_bf16(c, sg, h, buf);
+}
+FRT_INLINE void row_dispatch(const Ctx& c, const Seg& sg, int64_t h, std::vector<double>& buf, F64) {
+  fwd_row_f64(c, sg, h, buf);
+}
+
 // ------------------------------------------------------------------ backward tasks
 
 // all_previous, phase 1, first pass over images [0, j_hi] for a block of `rows` queries (in
@@ -808,6 +902,17 @@ template <class L>
 void run_fwd(const Ctx& c, const std::vector<Seg>& segs) {
   const int64_t ntask = int64_t(segs.size()) * c.H;
   const bool par = ntask > 1 && fwd_macs(c.B, c.T, c.H, c.dh, c.M, c.N, c.allprev) >= kParallelMinMacs;
+  bool rows_only = true;  // single-token segments alone (a decode step): the row path
+  for (const Seg& sg : segs) rows_only = rows_only && sg.len == 1;
+  if (rows_only) {
+#pragma omp parallel if (par)
+    {
+      std::vector<typename L::Acc> buf;
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < ntask; ++t) row_dispatch(c, segs[size_t(t / c.H)], t % c.H, buf, L{});
+    }
+    return;
+  }
   if constexpr (std::is_same<L, BF16>::value) {
     if (amx_fwd_fits(c)) {
 #pragma omp parallel if (par)

@@ -37,6 +37,7 @@ def test_greedy_and_beams_equal_open_flamingo_generate():
             assert c["ours"] == c["of"], c
         for c in r["penalized"]:  # a repetition penalty, greedy and with beams
             assert c["ours"] == c["of"], c
+            assert len(c["of_ids"]) >= 6, c  # long enough for its own tokens to be penalized
     # the cases exercise the rules: answers that stopped early, and answers that differ between
     # the stopping rules (early_stopping True / False) of one prompt, boost and length penalty
     cases = [c for r in out["results"] for c in r["stopping"]]

@@ -840,3 +840,41 @@ def test_chunks_read_only_the_cache_slots_up_to_their_end(gen, monkeypatch):
     assert torch.isfinite(poisoned[0]).all() and torch.equal(poisoned[0], clean[0])
     for a, b in zip(poisoned[1], clean[1]):
         assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_scoring_packs_fit_the_slots_left_after_a_long_prompt(gen):
+    """A pack of candidates holds at most the cache's free slots past the prompt (here fewer
+    than max_pack_tokens): they then run in several packs, with the scores of one by one."""
+    words = 1
+    while len(gen.encode([img(), "x " * (words + 1)]).ids) <= 150:
+        words += 1
+    p = [img(), "x " * words]
+    n = len(gen.encode(p).ids)
+    cands = [" big blue circle on", " the small red", " a square left of the", " two", " big red"]
+    free = gen.max_seq_len - n
+    assert 0 < free < sum(len(gen.tok.encode(c)) - 1 for c in cands) and max(len(gen.tok.encode(c)) for c in cands) <= free
+    one_by_one = [gen.score(p, [c])[0] for c in cands]
+    assert gen.score(p, cands) == pytest.approx(one_by_one, abs=1e-4)
+
+
+def test_padded_vocabulary_rows_are_never_generated(tok):
+    """A model whose LM vocabulary is larger than its tokenizer's (rows padded to a multiple):
+    the ids past the tokenizer's are never chosen, even when their logits are the largest."""
+    torch.manual_seed(3)
+    cfg = get_preset("tiny")
+    cfg.lm.vocab_size = tok.vocab_size + 8
+    model = Flamingo(cfg).eval()
+    with torch.no_grad():
+        model.lm.lm_head.weight[tok.vocab_size:] = model.lm.lm_head.weight[:8] * 50.0
+    g = Generator(model, tok, max_seq_len=64, max_media=2)
+    for kw in (dict(), dict(num_beams=3), dict(do_sample=True, seed=1)):
+        ids = []
+        real = g._token_stream
+        try:
+            g._token_stream = lambda *a, **k: (ids.append(int(t[0])) or t for t in real(*a, **k))
+            g.generate([img(), "a red"], max_new_tokens=6, stop_on_eoc=False, stop_on_eos=False, **kw)
+        finally:
+            del g._token_stream
+        assert all(i < tok.vocab_size for i in ids), (kw, ids)
+    lp = g._mask_banned(torch.zeros(1, cfg.lm.vocab_size))
+    assert torch.isinf(lp[0, tok.vocab_size:]).all() and int(torch.isfinite(lp[0, :tok.vocab_size]).sum()) >= tok.vocab_size - 4

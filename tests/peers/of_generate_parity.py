@@ -240,6 +240,16 @@ def main():
                                     num_beams=3, do_sample=False, pad_token_id=EOC,
                                     bad_words_ids=[[IMG], [2]])[0, T:].tolist()
             beam_mine = ours_beams(ours, ids, vx, 8, 3)
+            # a repetition penalty, greedy and with beams (long answers: the penalty on the tokens
+            # generated so far matters)
+            penalized = []
+            for beams in (1, 3):
+                p_ids = of.generate(vx, ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=beams,
+                                    do_sample=False, pad_token_id=EOC, bad_words_ids=[[IMG], [2]],
+                                    repetition_penalty=1.8)[0, T:].tolist()
+                answer = ours_beams_stopping(ours, ids, vx, 12, beams, False, 1.0, repetition_penalty=1.8)
+                penalized.append({"beams": beams, "of": tokenizer().decode(until_eoc(p_ids)), "ours": answer,
+                                  "of_ids": until_eoc(p_ids)})
             # beams that stop: the end of chunk (open_flamingo's eos) made likely in some contexts,
             # so that hypotheses finish at different steps and the stopping rules matter
             out_emb = of.lang_encoder.get_output_embeddings().weight
@@ -256,14 +266,6 @@ def main():
                     stopping.append({"case": [boost, es, lp], "of_ids": until_eoc(p_ids),
                                      "of": tokenizer().decode(until_eoc(p_ids)),
                                      "ours": ours_beams_stopping(ours, ids, vx, 12, 3, es, lp)})
-            # a repetition penalty, greedy and with beams (the end of chunk still likely)
-            penalized = []
-            for beams in (1, 3):
-                p_ids = of.generate(vx, ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=beams,
-                                    do_sample=False, pad_token_id=EOC, bad_words_ids=[[IMG], [2]],
-                                    repetition_penalty=1.8)[0, T:].tolist()
-                answer = ours_beams_stopping(ours, ids, vx, 12, beams, False, 1.0, repetition_penalty=1.8)
-                penalized.append({"beams": beams, "of": tokenizer().decode(until_eoc(p_ids)), "ours": answer})
         results.append({"of": peer, "ours": mine, "of_beams": tokenizer().decode(beam_peer), "ours_beams": beam_mine,
                         "of_beam_ids": beam_peer, "stopping": stopping, "penalized": penalized})
     import transformers

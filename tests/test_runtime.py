@@ -869,12 +869,12 @@ def test_padded_vocabulary_rows_are_never_generated(tok):
     g = Generator(model, tok, max_seq_len=64, max_media=2)
     for kw in (dict(), dict(num_beams=3), dict(do_sample=True, seed=1)):
         ids = []
-        real = g._token_stream
+        real = g._finish_text  # every path's generated ids (greedy, sampled, the best beam) pass here
         try:
-            g._token_stream = lambda *a, **k: (ids.append(int(t[0])) or t for t in real(*a, **k))
+            g._finish_text = lambda toks, cfg: ids.extend(toks) or real(toks, cfg)
             g.generate([img(), "a red"], max_new_tokens=6, stop_on_eoc=False, stop_on_eos=False, **kw)
         finally:
-            del g._token_stream
-        assert all(i < tok.vocab_size for i in ids), (kw, ids)
+            del g._finish_text
+        assert len(ids) == 6 and all(i < tok.vocab_size for i in ids), (kw, ids)
     lp = g._mask_banned(torch.zeros(1, cfg.lm.vocab_size))
     assert torch.isinf(lp[0, tok.vocab_size:]).all() and int(torch.isfinite(lp[0, :tok.vocab_size]).sum()) >= tok.vocab_size - 4

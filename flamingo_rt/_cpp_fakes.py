@@ -83,6 +83,20 @@ def register() -> None:
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("flamingo_rt_C::decoder_layer_step_")
+    def _(h, weights, biases, cos, sin, k_cache, v_cache, slot, mask, eps1, eps2, scale):
+        torch._check(h.dim() == 2 and len(weights) == 9 and len(biases) == 7,
+                     lambda: f"decoder_layer_step_: expected h (B, D), 9 weights and 7 biases, got "
+                             f"{tuple(h.shape)}, {len(weights)}, {len(biases)}")
+        return None
+
+    @torch.library.register_fake("flamingo_rt_C::xattn_block_step_")
+    def _(h, weights, gates, k, v, media_index, all_previous, squared_relu, attn_eps, ff_eps):
+        torch._check(h.dim() == 2 and k.dim() == 5 and len(weights) == 8 and len(gates) == 2,
+                     lambda: f"xattn_block_step_: expected h (B, D), k (B, M, N, H, Dh), 8 weights and 2 gates, "
+                             f"got {tuple(h.shape)}, {tuple(k.shape)}, {len(weights)}, {len(gates)}")
+        return None
+
     @torch.library.register_fake("flamingo_rt_C::small_linear")
     def _(x, w, bias):
         torch._check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1],

@@ -829,12 +829,15 @@ def test_chunks_read_only_the_cache_slots_up_to_their_end(gen, monkeypatch):
 
     clean, poisoned = run(False), run(True)
     # the attention is handed those slots only (the C++ decode kernel skips masked slots
-    # anyway; other paths, SDPA, do not)
+    # anyway; other paths, SDPA, do not); the eager modules' decode steps here (the fused
+    # CPU step's mask has the same E: the poisoned run above went through it)
     import flamingo_rt.models.lm as lm_module
+    from flamingo_rt.runtime import fused_decode
 
     seen, inner = [], lm_module.cached_attention
     monkeypatch.setattr(lm_module, "cached_attention", lambda q, k, v, m, s: seen.append(k.shape[2]) or inner(q, k, v, m, s))
-    run(False)
+    with fused_decode.disabled():
+        run(False)
     n_layers, n = len(gen.model.lm.layers), max(len(e.ids) for e in encs)
     assert seen[::n_layers] == [n, n + 4, n + 1, n + 2], seen  # prompt, pack (4 tokens in row 0), 2 steps
     assert torch.isfinite(poisoned[0]).all() and torch.equal(poisoned[0], clean[0])

@@ -528,6 +528,7 @@ class DecoderLM(nn.Module):
         xattn_kwargs: Optional[Dict[str, Any]] = None,
         last_only: bool = False,
         xattn_layer_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
+        run_layers: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """One chunk of tokens against static per-layer key/value caches.
 
@@ -544,6 +545,9 @@ class DecoderLM(nn.Module):
             last_only: return only the logits of the last chunk position, (B, 1, V).
             xattn_layer_kwargs: per block (key ``str(i)``) extra keyword arguments, e.g.
                 its cached media keys/values.
+            run_layers: when given, ``run_layers(h, cos, sin)`` runs every block and layer
+                (h (B, T, D) embedded, cos / sin (B, T, Dh) rotary tables -> (B, T, D)) in
+                place of the modules' loop (the runtime's fused decode step).
         Returns:
             logits (B, T, V) (or (B, 1, V)) in the weights' dtype.
         """
@@ -552,13 +556,16 @@ class DecoderLM(nn.Module):
         self.sync_token_rows()
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids)
-        kw = xattn_kwargs or {}
-        per_layer = xattn_layer_kwargs or {}
-        for i, layer in enumerate(self.layers):
-            key = str(i)
-            if key in self.xattn:
-                h = self.xattn[key](h, **kw, **per_layer.get(key, {}))
-            h = layer(h, cos, sin, attn_mask, kv_caches[i], cache_slots)
+        if run_layers is not None:
+            h = run_layers(h, cos, sin)
+        else:
+            kw = xattn_kwargs or {}
+            per_layer = xattn_layer_kwargs or {}
+            for i, layer in enumerate(self.layers):
+                key = str(i)
+                if key in self.xattn:
+                    h = self.xattn[key](h, **kw, **per_layer.get(key, {}))
+                h = layer(h, cos, sin, attn_mask, kv_caches[i], cache_slots)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

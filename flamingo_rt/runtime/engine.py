@@ -7,6 +7,7 @@ import torch
 
 from .._values import is_integer
 from ..models.flamingo import Flamingo
+from . import fused_decode
 from .cache import StaticCache
 from .media_memo import MediaMemo
 
@@ -43,17 +44,27 @@ def _forward_planned(model: Flamingo, cache: StaticCache, ids: torch.Tensor, pla
                      backend: Optional[str], check_media: bool) -> torch.Tensor:
     """The chunk (B, T) at the slots of ``plan`` (from ``cache.plan_chunk`` or
     ``cache.plan_decode``): its media index, the LM with every block's cached media K/V,
-    the rows' ``<image>`` counts advanced. Returns forward_cached's logits."""
+    the rows' ``<image>`` counts advanced. Returns forward_cached's logits. A one-token
+    chunk on the CPU runs its layers through the fused ops where
+    :mod:`~flamingo_rt.runtime.fused_decode` allows."""
     slots, positions, mask, real = plan
     img = model.config.image_token_id
     idx = chunk_media_index(cache, ids, real, img, check=check_media)
-    per_layer = {
-        key: dict(media_kv=cache.media_kv[key], media_index=idx, validate=False, backend=backend)
-        for key in model.lm.xattn.keys()
-    }
-    logits = model.lm.forward_cached(
-        ids, positions, cache.kv, slots, mask, xattn_layer_kwargs=per_layer, last_only=last_only
-    )
+    lm = model.lm
+    fused = fused_decode.layer_plan(lm, cache) if fused_decode.eligible(lm, cache, ids, backend) else None
+    if fused is not None:  # one token per row on the CPU: a fused op per layer and block
+        def run_layers(h, cos, sin):
+            return fused_decode.run_layers(fused, cache, h, cos, sin, slots, mask, idx)
+
+        logits = lm.forward_cached(ids, positions, cache.kv, slots, mask, last_only=last_only, run_layers=run_layers)
+    else:
+        per_layer = {
+            key: dict(media_kv=cache.media_kv[key], media_index=idx, validate=False, backend=backend)
+            for key in lm.xattn.keys()
+        }
+        logits = lm.forward_cached(
+            ids, positions, cache.kv, slots, mask, xattn_layer_kwargs=per_layer, last_only=last_only
+        )
     cache.image_count += ((ids == img) & real).long().sum(1)
     return logits
 

@@ -180,3 +180,4 @@ Status bias_gamma_act_backward_cuda(const BiasGammaActBackwardParams& p);
 #include "flamingo_rt/decode_attention.h"
 #include "flamingo_rt/layer_norm.h"
 #include "flamingo_rt/softmax_xent.h"
+#include "flamingo_rt/decode_layer.h"

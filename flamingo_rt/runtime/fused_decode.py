@@ -126,6 +126,8 @@ def layer_plan(lm: DecoderLM, cache: StaticCache) -> Optional[List[tuple]]:
     """Per layer i: (block args or None, layer args) for the fused ops, or None when a layer
     or block is not a stock module of the cache's dtype (the eager modules then run)."""
     dtype = cache.dtype
+    if _w(_sub(lm, "embed_tokens")).dtype != dtype:
+        return None
     plan = []
     blocks = _sub(lm, "xattn")._modules
     for i, layer in enumerate(_sub(lm, "layers")._modules.values()):

@@ -278,20 +278,30 @@ FRT_INLINE void zero_rows(const Ctx& c, void* dstp, const int64_t* st, int64_t b
     for (int64_t i = 0; i < c.dh; ++i) base[(t0 + r) * st[1] + i * st[3]] = L::store(0.0f);
 }
 
+// Row n of image j's keys or values (B, M, N, H, dh) for batch row b and head h, and its
+// element stride `es`: rows n >= c.N1 come from src2 (the n_tail source).
+template <class L>
+FRT_INLINE const typename L::T* image_row(const Ctx& c, const void* src, const int64_t* st, const void* src2,
+                                          const int64_t* st2, int64_t b, int64_t j, int64_t n, int64_t h,
+                                          int64_t& es) {
+  if (n < c.N1) {
+    es = st[4];
+    return cptr<L>(src) + b * st[0] + j * st[1] + n * st[2] + h * st[3];
+  }
+  es = st2[4];
+  return cptr<L>(src2) + b * st2[0] + j * st2[1] + (n - c.N1) * st2[2] + h * st2[3];
+}
+
 // Image j's keys or values (B, M, N, H, dh): row-major N x Dp (`rowm`) and/or transposed
-// dh x Np (`tr`), both zero-padded. Rows n >= c.N1 come from src2 (the n_tail source).
+// dh x Np (`tr`), both zero-padded (rows through image_row).
 template <class L>
 FRT_INLINE void load_image(const Ctx& c, const void* src, const int64_t* st, const void* src2,
                             const int64_t* st2, int64_t b, int64_t j, int64_t h,
                             typename L::Acc* rowm, typename L::Acc* tr) {
   using Acc = typename L::Acc;
-  const typename L::T* base = c.N1 > 0 ? cptr<L>(src) + b * st[0] + j * st[1] + h * st[3] : nullptr;
-  const typename L::T* base2 =
-      c.N1 < c.N ? cptr<L>(src2) + b * st2[0] + j * st2[1] + h * st2[3] : nullptr;
   for (int64_t n = 0; n < c.N; ++n) {
-    const bool head = n < c.N1;
-    const typename L::T* row = head ? base + n * st[2] : base2 + (n - c.N1) * st2[2];
-    const int64_t es = head ? st[4] : st2[4];
+    int64_t es;
+    const typename L::T* row = image_row<L>(c, src, st, src2, st2, b, j, n, h, es);
     if (rowm) {
       Acc* d = rowm + n * c.Dp;
       if (es == 1) {
@@ -529,21 +539,11 @@ FRT_INLINE void fwd_row(const Ctx& c, const Seg& sg, int64_t h, std::vector<type
   Acc* o = q + c.Dp;
   const T* qrow = cptr<L>(c.q) + b * c.qs[0] + t * c.qs[1] + h * c.qs[2];
   for (int64_t i = 0; i < c.dh; ++i) q[i] = Acc(L::load(qrow[i * c.qs[3]])) * Acc(c.scale);
-  // the n-th key (or value) row of image j, and its element stride
-  auto row = [&](const void* src, const int64_t* st, const void* src2, const int64_t* st2, int64_t j,
-                 int64_t n, int64_t& es) -> const T* {
-    if (n < c.N1) {
-      es = st[4];
-      return cptr<L>(src) + b * st[0] + j * st[1] + n * st[2] + h * st[3];
-    }
-    es = st2[4];
-    return cptr<L>(src2) + b * st2[0] + j * st2[1] + (n - c.N1) * st2[2] + h * st2[3];
-  };
   Acc mx = -std::numeric_limits<Acc>::infinity();
   for (int64_t j = j_lo; j <= sg.idx; ++j)
     for (int64_t n = 0; n < c.N; ++n) {
       int64_t es;
-      const T* kr = row(c.k, c.ks, c.k2, c.ks2, j, n, es);
+      const T* kr = image_row<L>(c, c.k, c.ks, c.k2, c.ks2, b, j, n, h, es);
       Acc acc = 0;
       if (es == 1) {
         FRT_SIMD_RED(+ : acc)
@@ -566,7 +566,7 @@ FRT_INLINE void fwd_row(const Ctx& c, const Seg& sg, int64_t h, std::vector<type
   for (int64_t j = j_lo; j <= sg.idx; ++j)
     for (int64_t n = 0; n < c.N; ++n) {
       int64_t es;
-      const T* vr = row(c.v, c.vs, c.v2, c.vs2, j, n, es);
+      const T* vr = image_row<L>(c, c.v, c.vs, c.v2, c.vs2, b, j, n, h, es);
       const Acc p = sc[(j - j_lo) * c.N + n];
       if (es == 1) {
         FRT_SIMD

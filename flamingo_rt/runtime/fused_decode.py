@@ -116,10 +116,12 @@ def eligible(lm: DecoderLM, cache: StaticCache, ids: torch.Tensor, backend: Opti
     :data:`MAX_ROWS` rows, on the CPU, eager (no gradient, autocast, compile, export), the
     default or ``"cpu"`` backend, the path :func:`enabled` and the extension loaded.
     (The model's own structure and dtypes are checked by :func:`layer_plan`.)"""
+    if torch.compiler.is_compiling() or _backend.exporting():  # first: nothing else is traced
+        return False
     return (_enabled and ids.dim() == 2 and ids.shape[1] == 1 and 0 < ids.shape[0] <= MAX_ROWS
             and ids.device.type == "cpu" and cache.dtype in _DTYPES and backend in (None, "cpu")
-            and not torch.is_grad_enabled() and not lm.training and not torch.compiler.is_compiling()
-            and not _backend.exporting() and not torch.is_autocast_enabled("cpu") and _ext.load())
+            and not torch.is_grad_enabled() and not lm.training and not torch.is_autocast_enabled("cpu")
+            and _ext.load())
 
 
 def layer_plan(lm: DecoderLM, cache: StaticCache) -> Optional[List[tuple]]:

@@ -484,18 +484,19 @@ class Generator:
                 seen = seen[rows_t]
                 seen[torch.arange(B * K, device=self.device), tokens_t] = True
             logits = self._decode(cache, tokens_t)
+        def add_beams(hyps: BeamHypotheses, beam_scores, beam_seqs, nonempty: bool = False) -> None:
+            for sc, seq in zip(beam_scores, beam_seqs):
+                if sc > ninf and (seq or not nonempty):
+                    hyps.add(seq, sc)
+
         outs = []
         for b in range(B):
             hyps = finished[b]
             live_scores, live_seqs, new_scores, new_seqs, add_live = last[b]
             if add_live:  # not done (max_new_tokens reached): the beams alive at the end are hypotheses too
-                for sc, seq in zip(new_scores, new_seqs):
-                    if sc > ninf:
-                        hyps.add(seq, sc)
+                add_beams(hyps, new_scores, new_seqs)
             if not len(hyps):  # (no candidate at all: the live beams, as a last resort)
-                for sc, seq in zip(live_scores, live_seqs):
-                    if sc > ninf and seq:
-                        hyps.add(seq, sc)
+                add_beams(hyps, live_scores, live_seqs, nonempty=True)
             outs.append(self._finish_text(hyps.best() if len(hyps) else [], cfg))
         return outs
 

@@ -44,7 +44,10 @@ def _inputs(B, H, Hkv, S, D, dtype, strided=False, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 16, 16, 687, 64), (3, 4, 2, 7, 32), (2, 6, 1, 130, 80), (2, 2, 2, 1, 16)])
+# (Dh a multiple of 16 up to 128 takes the AVX-512 path where the CPU has it; 40 and 160 the
+# portable loops)
+@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 16, 16, 687, 64), (3, 4, 2, 7, 32), (2, 6, 1, 130, 80), (2, 2, 2, 1, 16),
+                                         (1, 4, 4, 33, 128), (2, 3, 3, 20, 40), (1, 2, 1, 17, 160)])
 @pytest.mark.parametrize("strided", [False, True])
 def test_matches_reference(dtype, B, H, Hkv, S, D, strided):
     q, k, v, mask = _inputs(B, H, Hkv, S, D, dtype, strided, seed=B * 100 + S)
@@ -54,6 +57,26 @@ def test_matches_reference(dtype, B, H, Hkv, S, D, strided):
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
     err = ((out.double() - want).norm() / want.norm()).item()
     assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 40])
+def test_hidden_slots_are_never_read_and_a_visible_nan_shows(dtype, D):
+    """NaN keys and values in slots the mask hides change nothing; a NaN key in a visible
+    slot makes its heads' outputs NaN (not a silent 0 or a finite guess)."""
+    q, k, v, mask = _inputs(2, 4, 2, 37, D, dtype, seed=D)
+    clean = torch.ops.flamingo_rt_C.decode_attention(q, k, v, mask, 0.2)
+    kp, vp = k.clone(), v.clone()
+    hidden = ~mask[:, 0, 0]  # (B, S)
+    for b in range(2):
+        kp[b][:, hidden[b]] = float("nan")
+        vp[b][:, hidden[b]] = float("nan")
+    assert hidden.any()
+    assert torch.equal(torch.ops.flamingo_rt_C.decode_attention(q, kp, vp, mask, 0.2), clean)
+    kn = k.clone()
+    kn[1, 0, -1, 3] = float("nan")  # row 1, kv head 0 (query heads 0 and 1), the always-visible last slot
+    out = torch.ops.flamingo_rt_C.decode_attention(q, kn, v, mask, 0.2)
+    assert torch.isnan(out[1, :2]).all() and torch.equal(out[1, 2:], clean[1, 2:]) and torch.equal(out[0], clean[0])
 
 
 def test_row_without_visible_slot_is_zero_and_errors_are_clear():

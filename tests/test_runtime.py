@@ -443,11 +443,20 @@ def test_cache_rows_and_media_bookkeeping(gen):
         assert torch.equal(getattr(cache, name), t), name
     for (k, v), (k0, v0) in zip(cache.kv, kv):
         assert torch.equal(k, k0) and torch.equal(v, v0)
-    for key, (k, v) in cache.media_kv.items():
-        assert torch.equal(k, media[key][0][swap]) and torch.equal(v, media[key][1][swap])
+    m = int(before["num_media"].max())
+    for key, (k, v) in cache.media_kv.items():  # (the media a row can read: the first num_media.max())
+        assert torch.equal(k[:, :m], media[key][0][swap, :m]) and torch.equal(v[:, :m], media[key][1][swap, :m])
     cache.select_rows(torch.tensor([1, 1]))
     for name, t in before.items():
         assert torch.equal(getattr(cache, name), t[[1, 1]]), name
+    # only what can be read is copied: a moved row's filled slots (not the slots past the
+    # length, written before they are read), and nothing of a row that stays
+    n = cache.length
+    for (k, v), (k0, v0) in zip(cache.kv, kv):
+        assert torch.equal(k[:, :, :n], k0[[1, 1], :, :n]) and torch.equal(v[:, :, :n], v0[[1, 1], :, :n])
+        assert torch.equal(k[0, :, n:], k0[0, :, n:]) and torch.equal(k[1], k0[1])
+    with pytest.raises(ValueError, match=r"expected 2 row indices in \[0, 2\), got \[0, 2\]"):
+        cache.select_rows([0, 2])
     # add_media: the capacity counts what a row already holds
     small = StaticCache(gen.model, 1, 64, 2)
     tokens, counts = gen._encode_media([[img(), img()]])

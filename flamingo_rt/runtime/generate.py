@@ -484,6 +484,7 @@ class Generator:
                 seen = seen[rows_t]
                 seen[torch.arange(B * K, device=self.device), tokens_t] = True
             logits = self._decode(cache, tokens_t)
+
         def add_beams(hyps: BeamHypotheses, beam_scores, beam_seqs, nonempty: bool = False) -> None:
             for sc, seq in zip(beam_scores, beam_seqs):
                 if sc > ninf and (seq or not nonempty):

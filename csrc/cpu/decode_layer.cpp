@@ -116,11 +116,6 @@ typename E::Acc gate_value(const void* gate) {
   return E::load(E::store(std::tanh(E::load(*static_cast<const typename E::T*>(gate)))));
 }
 
-template <typename E, Act A>
-typename E::Acc act(typename E::Acc v) {
-  return act_fwd<A>(v);
-}
-
 template <typename E>
 Status decoder_layer(const DecoderLayerStepParams& p) {
   using T = typename E::T;
@@ -174,7 +169,7 @@ Status decoder_layer(const DecoderLayerStepParams& p) {
   if ((s = product(x.data(), p.gate_w, p.gate_b, g.data(), B, D, F, p.dtype)) != Status::kOk) return s;
   if ((s = product(x.data(), p.up_w, p.up_b, u.data(), B, D, F, p.dtype)) != Status::kOk) return s;
   for (int64_t i = 0; i < B * F; ++i)  // silu(g) rounded, then its product with u (silu_mul)
-    g[i] = E::store(E::load(E::store(act<E, Act::kSilu>(E::load(g[i])))) * E::load(u[i]));
+    g[i] = E::store(E::load(E::store(act_fwd<Act::kSilu>(E::load(g[i])))) * E::load(u[i]));
   if ((s = product(g.data(), p.down_w, p.down_b, o.data(), B, F, D, p.dtype)) != Status::kOk) return s;
   residual_add<E>(h, o.data(), Acc(1), B * D);
   return Status::kOk;
@@ -232,13 +227,13 @@ Status xattn_block(const XattnBlockStepParams& p) {
   layer_norm<E>(h, static_cast<const T*>(p.ff_ln_w), static_cast<const T*>(p.ff_ln_b), x.data(), B, D, p.ff_eps);
   Vec<E> f(static_cast<size_t>(B * F));
   if ((s = product(x.data(), p.fc1_w, nullptr, f.data(), B, D, F, p.dtype)) != Status::kOk) return s;
-  if (p.squared_relu) {  // relu_ then square_, each in the activation dtype
+  if (p.squared_relu) {  // relu_ (exact in the activation dtype) then square_, rounded
     for (int64_t i = 0; i < B * F; ++i) {
-      const Acc r = E::load(E::store(act<E, Act::kRelu>(E::load(f[i]))));
+      const Acc r = act_fwd<Act::kRelu>(E::load(f[i]));
       f[i] = E::store(r * r);
     }
   } else {
-    for (int64_t i = 0; i < B * F; ++i) f[i] = E::store(act<E, Act::kGelu>(E::load(f[i])));
+    for (int64_t i = 0; i < B * F; ++i) f[i] = E::store(act_fwd<Act::kGelu>(E::load(f[i])));
   }
   if ((s = product(f.data(), p.fc2_w, nullptr, o.data(), B, F, D, p.dtype)) != Status::kOk) return s;
   residual_add<E>(h, o.data(), gate_value<E>(p.ff_gate), B * D);

@@ -53,6 +53,7 @@ def test_manifest(exported):
     assert man["shapes"]["kv_cache"] == [model.config.lm.n_layers, 2, 1, model.config.lm.n_kv_heads, 96,
                                          model.config.lm.head_dim]
     assert man["max_frames"] == FRAMES and man["image_size"] == 32
+    assert man["decode_step_fused"] is True  # a CPU export of stock modules decodes through the fused ops
     for pkg in ("encode_media.pt2", "token_step.pt2", "decode_step.pt2", "score_step.pt2"):
         assert (out / pkg).stat().st_size > 0
     assert (out / "tokenizer.json").read_text() == (Path(tok.save(out.parent / "t.json"))).read_text()
@@ -325,3 +326,66 @@ def test_export_refuses_bad_sizes(tmp_path, kw, match):
     model, tok = load_pretrained(p["model"])
     with pytest.raises(ValueError, match=match):
         export_model(model, tmp_path / "out", tokenizer=tok, **kw)
+
+
+def _fused_calls(ep) -> dict:
+    """Counts of the fused decode ops an exported graph calls (directly, or wrapped by
+    export's functionalization as auto_functionalized(op, ...))."""
+    counts = {"decoder_layer_step_": 0, "xattn_block_step_": 0}
+    for n in ep.graph.nodes:
+        if n.op != "call_function":
+            continue
+        targets = [n.target] + [a for a in n.args if hasattr(a, "_schema")]
+        for t in targets:
+            name = str(t)
+            for op in counts:
+                if f"flamingo_rt_C.{op}" in name:
+                    counts[op] += 1
+    return counts
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_step_runs_the_fused_ops(tmp_path, monkeypatch, fused):
+    """On the CPU the exported decode step runs its layers as the fused decode ops (one call
+    per decoder layer and per block, as the Python runtime decodes) unless the fused path is
+    off; either way it equals the token step through the modules: the logits and the keys /
+    values it writes, over steps that see no image, an image, and a clip, with the media
+    slots a token may not read filled with values that would show."""
+    from flamingo_rt.export import package
+    from flamingo_rt.export.modules import TokenStep
+    from flamingo_rt.runtime import fused_decode
+
+    programs = {}
+    monkeypatch.setattr(package, "_compile", lambda ep, path: programs.setdefault(path.name, ep) and 0.0)
+    p = make_world(tmp_path / "world")
+    model, tok = load_pretrained(p["model"])
+    with torch.no_grad():
+        for i, b in enumerate(model.xattn_blocks()):
+            b.attn_gate.fill_(0.8 - 0.3 * i)
+            b.ff_gate.fill_(0.5)
+    with fused_decode.disabled() if not fused else torch.no_grad():
+        man = package.export_model(model, tmp_path / "out", tokenizer=tok, max_seq_len=24, max_media=3)
+    assert man["decode_step_fused"] is fused
+    calls = _fused_calls(programs["decode_step.pt2"])
+    n_layers, n_blocks = model.config.lm.n_layers, len(model.lm.xattn)
+    assert calls == ({"decoder_layer_step_": n_layers, "xattn_block_step_": n_blocks} if fused
+                     else {"decoder_layer_step_": 0, "xattn_block_step_": 0})
+    assert _fused_calls(programs["token_step.pt2"])["decoder_layer_step_"] == 0
+    g = torch.Generator().manual_seed(1)
+    shapes = package.cache_shapes(model, 24, 3)
+    kv_a = torch.randn(shapes["kv_cache"], generator=g)
+    kv_b = kv_a.clone()
+    mc = torch.randn(shapes["media_cache"], generator=g)  # slot 2 never indexed: would show if read
+    decode, ref = programs["decode_step.pt2"].module(), TokenStep(model).eval()
+    with torch.no_grad():
+        for start, m in [(3, -1), (4, 0), (9, 0), (10, 1), (17, 1)]:
+            ids = torch.randint(4, 40, (1, 1), generator=g)
+            args = (ids, torch.tensor([start]), torch.tensor([[m]], dtype=torch.int32))
+            out = decode(*args, kv_a, mc)
+            want = ref(*args, kv_b, mc)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(kv_a, kv_b, rtol=1e-5, atol=1e-5)
+        # the step reads image m's keys/values: another image's there changes the logits
+        mc2 = mc.clone()
+        mc2[:, :, :, 1] = mc[:, :, :, 0]
+        assert not torch.allclose(decode(*args, kv_a.clone(), mc2), decode(*args, kv_a.clone(), mc))

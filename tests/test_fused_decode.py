@@ -183,7 +183,7 @@ def test_fallbacks_to_the_eager_modules(tok, counted):
 
 def _check_fallbacks(gen, lm, cache, ids, counted):
     assert fused_decode.eligible(lm, cache, ids, None) and fused_decode.eligible(lm, cache, ids, "cpu")
-    assert fused_decode.layer_plan(lm, cache) is not None
+    assert fused_decode.layer_plan(lm, cache.dtype) is not None
     assert not fused_decode.eligible(lm, cache, ids, "reference")
     assert not fused_decode.eligible(lm, cache, torch.tensor([[5, 6]]), None)  # a chunk of 2 tokens
     assert not fused_decode.eligible(lm, cache, torch.zeros(17, 1, dtype=torch.long), None)  # > 16 rows
@@ -200,9 +200,9 @@ def _check_fallbacks(gen, lm, cache, ids, counted):
     blk = next(iter(lm.xattn.values()))
     w = blk.ff.fc1.weight
     blk.ff.fc1.weight = torch.nn.Parameter(w.detach().double(), requires_grad=False)
-    assert fused_decode.layer_plan(lm, cache) is None
+    assert fused_decode.layer_plan(lm, cache.dtype) is None
     blk.ff.fc1.weight = w
-    assert fused_decode.layer_plan(lm, cache) is not None
+    assert fused_decode.layer_plan(lm, cache.dtype) is not None
 
     class MyLayer(type(lm.layers[0])):
         pass
@@ -210,7 +210,7 @@ def _check_fallbacks(gen, lm, cache, ids, counted):
     layer = lm.layers[1]
     layer.__class__ = MyLayer
     try:
-        assert fused_decode.layer_plan(lm, cache) is None
+        assert fused_decode.layer_plan(lm, cache.dtype) is None
         out = gen.generate(["a red square"], GenerationConfig(max_new_tokens=3, stop_on_eoc=False, stop_on_eos=False))
         assert counted[0].calls == 0 and out is not None
     finally:

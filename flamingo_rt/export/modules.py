@@ -8,6 +8,8 @@ owns (so one loaded package serves any number of sessions):
 * :class:`TokenStep`: a chunk of T tokens (T = 1 when decoding) at positions
   ``start .. start + T - 1`` -> the next-token logits of its last position, writing the
   chunk's self-attention keys/values into the host's KV cache.
+* :class:`DecodeStep`: the token step at T = 1; on the CPU, with stock modules, its
+  layers are our fused decode ops (one C++ call per decoder layer and per block).
 * :class:`ScoreStep`: independent continuations of the context, packed into one chunk
   past its end -> the logits of every position (scoring candidates in one run).
 
@@ -23,7 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _ext
 from ..models.flamingo import Flamingo
+from ..runtime import fused_decode
 
 
 class MediaEncoderStep(nn.Module):
@@ -80,6 +84,42 @@ class TokenStep(nn.Module):
         positions = start + torch.arange(T, device=ids.device)  # (T,)
         mask = torch.arange(S, device=ids.device)[None, :] <= positions[:, None]  # (T, S)
         logits = _lm_over_caches(self, ids, positions, positions, mask, media_index, kv_cache, media_cache, True)
+        return logits[:, -1].float()
+
+
+class DecodeStep(TokenStep):
+    """:class:`TokenStep` for one token (T = 1): the same inputs and outputs.
+
+    On the CPU, when every decoder layer and block is a stock module with weights of the
+    cache's dtype (:func:`~flamingo_rt.runtime.fused_decode.layer_plan`) and the fused path
+    is enabled, the layers run as ``flamingo_rt_C::decoder_layer_step_`` /
+    ``xattn_block_step_`` (one call each, as the Python runtime decodes); otherwise as the
+    modules. :meth:`fused` says which, for the manifest.
+    """
+
+    def fused(self, kv_cache: torch.Tensor) -> bool:
+        return self._plan(kv_cache) is not None
+
+    def _plan(self, kv_cache: torch.Tensor):
+        if kv_cache.device.type != "cpu" or not fused_decode.enabled() or not _ext.load():
+            return None
+        return fused_decode.layer_plan(self.model.lm, kv_cache.dtype)
+
+    def forward(self, ids: torch.Tensor, start: torch.Tensor, media_index: torch.Tensor,
+                kv_cache: torch.Tensor, media_cache: torch.Tensor) -> torch.Tensor:
+        plan = self._plan(kv_cache) if ids.shape[1] == 1 else None
+        if plan is None:
+            return super().forward(ids, start, media_index, kv_cache, media_cache)
+        S = kv_cache.shape[4]
+        mask = torch.arange(S, device=ids.device)[None, :] <= start[:, None]  # (1, S)
+        kv = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
+        media = {key: (media_cache[j, 0], media_cache[j, 1]) for j, key in enumerate(self.keys)}
+
+        def run_layers(h, cos, sin):
+            return fused_decode.run_layers(plan, kv, media, h, cos, sin, start, mask[:, None, None], media_index)
+
+        logits = self.model.lm.forward_cached(ids, start[None], kv, start, mask[:, None, None], last_only=True,
+                                              run_layers=run_layers)
         return logits[:, -1].float()
 
 

@@ -4,7 +4,7 @@ Output folder::
 
     encode_media.pt2   MediaEncoderStep: pixels (1, F, 3, S, S) -> media keys/values (X, 2, L, H, dh)
     token_step.pt2     TokenStep: a chunk of T tokens -> last logits (1, V), writes the KV cache
-    decode_step.pt2    the same at T = 1 (static shapes: decode-sized kernels)
+    decode_step.pt2    DecodeStep: the same at T = 1 (static shapes; on the CPU our fused decode ops)
     score_step.pt2     ScoreStep: candidates packed past the context -> every position's logits (1, T, V)
     tokenizer.json     the model's tokenizer
     manifest.json      shapes, dtypes, special token ids, preprocessing, versions
@@ -27,7 +27,7 @@ from .._values import is_integer
 from ..io.pretrained import load_pretrained
 from ..models.flamingo import Flamingo
 from ..ops import backend as _backend
-from .modules import MediaEncoderStep, ScoreStep, TokenStep
+from .modules import DecodeStep, MediaEncoderStep, ScoreStep, TokenStep
 
 __all__ = ["export_model", "cache_shapes", "MANIFEST_VERSION"]
 
@@ -124,9 +124,11 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
         if progress:
             print("compiling token_step.pt2 ...", flush=True)
         times["token_step"] = _compile(ep, out / "token_step.pt2")
-        # the decode step: the same function at T = 1 (static), so its projections run our
-        # small-batch C++ kernel instead of a general GEMM
-        ep = torch.export.export(step, (ids[:, :1], start, midx[:, :1], kv, mc))
+        # the decode step: the same function at T = 1 (static): on the CPU our fused decode
+        # ops (one call per layer and block), else the modules with decode-sized kernels
+        decode = DecodeStep(model).eval()
+        decode_fused = decode.fused(kv)
+        ep = torch.export.export(decode, (ids[:, :1], start, midx[:, :1], kv, mc))
         if progress:
             print("compiling decode_step.pt2 ...", flush=True)
         times["decode_step"] = _compile(ep, out / "decode_step.pt2")
@@ -167,6 +169,7 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
                            "media_index (1, T) int32", "kv_cache (written past start)", "media_cache",
                            "-> logits (1, T, V) float32"],
         },
+        "decode_step_fused": decode_fused,
         "compile_seconds": {k: round(v, 1) for k, v in times.items()},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

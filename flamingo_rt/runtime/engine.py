@@ -51,10 +51,10 @@ def _forward_planned(model: Flamingo, cache: StaticCache, ids: torch.Tensor, pla
     img = model.config.image_token_id
     idx = chunk_media_index(cache, ids, real, img, check=check_media)
     lm = model.lm
-    fused = fused_decode.layer_plan(lm, cache) if fused_decode.eligible(lm, cache, ids, backend) else None
+    fused = fused_decode.layer_plan(lm, cache.dtype) if fused_decode.eligible(lm, cache, ids, backend) else None
     if fused is not None:  # one token per row on the CPU: a fused op per layer and block
         def run_layers(h, cos, sin):
-            return fused_decode.run_layers(fused, cache, h, cos, sin, slots, mask, idx)
+            return fused_decode.run_layers(fused, cache.kv, cache.media_kv, h, cos, sin, slots, mask, idx)
 
         logits = lm.forward_cached(ids, positions, cache.kv, slots, mask, last_only=last_only, run_layers=run_layers)
     else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -124,10 +124,10 @@ def eligible(lm: DecoderLM, cache: StaticCache, ids: torch.Tensor, backend: Opti
             and _ext.load())
 
 
-def layer_plan(lm: DecoderLM, cache: StaticCache) -> Optional[List[tuple]]:
+def layer_plan(lm: DecoderLM, dtype: torch.dtype) -> Optional[List[tuple]]:
     """Per layer i: (block args or None, layer args) for the fused ops, or None when a layer
-    or block is not a stock module of the cache's dtype (the eager modules then run)."""
-    dtype = cache.dtype
+    or block is not a stock module with weights of ``dtype`` (the cache's; the eager modules
+    then run)."""
     if _w(_sub(lm, "embed_tokens")).dtype != dtype:
         return None
     plan = []
@@ -142,12 +142,15 @@ def layer_plan(lm: DecoderLM, cache: StaticCache) -> Optional[List[tuple]]:
     return plan
 
 
-def run_layers(plan: List[tuple], cache: StaticCache, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               slots: torch.Tensor, mask: torch.Tensor, media_index: torch.Tensor) -> torch.Tensor:
+def run_layers(plan: List[tuple], kv: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+               media_kv: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, media_index: torch.Tensor) -> torch.Tensor:
     """The layers of one decode step through the fused ops.
 
     Args:
         plan: :func:`layer_plan`'s list.
+        kv: per decoder layer the (k, v) caches, each (B, Hkv, S, Dh) (written at ``slots``).
+        media_kv: per block (key ``str(i)``) the cached media (k, v), each (B, M, L, H, dh).
         h: (B, 1, D) embedded tokens; cos, sin: (B, 1, Dh) float32 rotary tables.
         slots: (1,) int64 cache slot of the token; mask: (B, 1, 1, E) bool over the
             cache's first E slots; media_index: (B, 1) int32 (-1: no image).
@@ -165,8 +168,8 @@ def run_layers(plan: List[tuple], cache: StaticCache, h: torch.Tensor, cos: torc
     step_block = torch.ops.flamingo_rt_C.xattn_block_step_
     for i, (b, la) in enumerate(plan):
         if b is not None:
-            k, v = cache.media_kv[str(i)]
+            k, v = media_kv[str(i)]
             step_block(x, b[0], b[1], k, v, idx, b[2], b[3], b[4], b[5])
-        kc, vc = cache.kv[i]
+        kc, vc = kv[i]
         step_layer(x, la[0], la[1], c, s, kc, vc, slots, m, la[2], la[3], la[4])
     return x.view(B, 1, D)

@@ -163,3 +163,65 @@ def test_linear_bf16_weight_autograd_compile_and_errors():
         linear_bf16_weight(torch.randn(2, 40), w.float())
     with pytest.raises(TypeError, match="float32 bias"):
         linear_bf16_weight(torch.randn(2, 40), w, b.bfloat16())
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+_BF16_CASES = [(1, 257, 96), (2, 64, 7), (3, 130, 1030), (5, 33, 64), (16, 300, 130)]
+
+
+def _bf16_outputs(seed: int = 0):
+    """small_linear on bfloat16 x (row-strided: rows of a wider tensor) and weights, the
+    cases of _BF16_CASES, with and without a bias."""
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for B, N, K in _BF16_CASES:
+        x = torch.randn(B, K + 9, generator=g).bfloat16()[:, 3:K + 3]
+        w, b = torch.randn(N, K, generator=g).bfloat16(), torch.randn(N, generator=g).bfloat16()
+        outs.append((x, w, b, torch.ops.flamingo_rt_C.small_linear(x, w, b),
+                     torch.ops.flamingo_rt_C.small_linear(x, w, None)))
+    return outs
+
+
+@needs_ext
+def test_bf16_dot_product_path_and_the_portable_one(tmp_path):
+    """bfloat16 x and weights: the vdpbf16ps path (CPUs with AVX512_BF16) and the portable
+    float32-FMA path (forced by FLAMINGO_RT_NO_AVX512_BF16=1, in a subprocess: the switch is
+    read once) both equal the float64 reference within bfloat16 rounding, element by element,
+    for row-strided x, K tails (7, 130, 1030: not multiples of 32) and 1..16 rows."""
+    import subprocess
+    import sys
+    import textwrap
+
+    here = _bf16_outputs()
+    out = tmp_path / "portable.pt"
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from flamingo_rt import _ext
+        assert _ext.load()
+        from test_small_linear import _bf16_outputs
+        torch.save([(o[3], o[4]) for o in _bf16_outputs()], {str(out)!r})
+    """)
+    env = dict(__import__("os").environ, FLAMINGO_RT_NO_AVX512_BF16="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    portable = torch.load(out)
+    differ = False
+    for (x, w, b, got, got_nb), (p, p_nb) in zip(here, portable):
+        for y, yp, bias in ((got, p, b), (got_nb, p_nb, None)):
+            want = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+            scale = x.double().abs() @ w.double().abs().t() + (0 if bias is None else bias.double().abs())
+            for v in (y, yp):
+                assert v.dtype == torch.bfloat16 and v.shape == want.shape
+                # float32 sums (error ~K * 2^-24 of the scale) then one bfloat16 rounding
+                assert ((v.double() - want).abs() <= want.abs() * 2 ** -8 + scale * 1e-6).all()
+            differ |= not torch.equal(y, yp)
+    if _cpu_has("avx512_bf16"):
+        assert differ, "FLAMINGO_RT_NO_AVX512_BF16=1 did not switch to the portable path (equal results everywhere)"

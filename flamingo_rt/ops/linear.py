@@ -5,7 +5,10 @@ At decode time every projection multiplies one token per sequence by a weight ma
 the cost is streaming the weight once, where a general GEMM is not at its best. When the
 input has at most 16 rows, lives on the CPU in float32 or bfloat16, and no gradient is
 needed, the C++ kernel ``flamingo_rt_C::small_linear`` runs instead (measured 1.4-1.7x
-faster than torch's in float32 and about 2x in bfloat16 on 4096 x 1024 weights).
+faster than torch's in float32 and about 2x in bfloat16 on 4096 x 1024 weights; on CPUs with
+AVX512_BF16 its bfloat16 products are vdpbf16ps: 2-core Zen 4, 4096 x 1024, 1 / 2 / 16 rows
+53 / 104 / 470 us against F.linear's 290 / 294 / 645, where its float32-FMA path took
+132 / 402 / 1526).
 Under ``torch.compile`` and export the kernel is used when the row count is static (the
 decode step).
 

@@ -6,7 +6,9 @@
 // accumulation), float64 for checking, and float32 x, bias and y with a bfloat16 w
 // (`bf16_weight`: half the bytes to stream, the products as exact as with the weight widened
 // to float32). Rows of x and w are contiguous (unit stride in K); row strides are given in
-// elements.
+// elements. bfloat16 x against bfloat16 w on CPUs with AVX512_BF16 runs vdpbf16ps (the same
+// float32 accumulation, subnormals flushed; FLAMINGO_RT_NO_AVX512_BF16=1 in the environment
+// forces the portable float32-FMA kernels).
 #pragma once
 
 #include <cstdint>

@@ -25,6 +25,7 @@
 #include <cstring>
 
 #include "cpu_act.h"
+#include "cpu_isa.h"
 #include "cpu_math.h"
 #include "gelu_avx512.h"
 #include "winograd_tiles.h"
@@ -289,8 +290,7 @@ FRT_AVX512 void gemm_avx512(const float* A, int64_t lda, const float* B, int64_t
 }
 
 bool have_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
+  return cpu::isa::avx512();
 }
 #else
 bool have_avx512() { return false; }

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "cpu_act.h"
+#include "cpu_isa.h"
 #include "cpu_math.h"
 #include "gelu_avx512.h"
 #include "winograd_tiles.h"
@@ -36,10 +37,9 @@
 #include "avx512_transpose16.h"
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 10 || defined(__clang__))
-#include <immintrin.h>
+#ifdef FRT_X86_ISA  // cpu_isa.h
 #define FRT_WINO16_AVX512BF16 1
-#define FRT_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define FRT_AVX512BF16 FRT_TARGET_AVX512BF16
 #endif
 
 namespace flamingo_rt {
@@ -51,7 +51,7 @@ constexpr int kVec = 16;  // channels per step
 constexpr int kIn = 4;    // input tile edge
 constexpr int kT = kWinogradF23Tile;
 
-bool have_avx512bf16();  // the CPU runs AVX-512 F, BW and BF16 code
+bool have_avx512bf16();  // the CPU runs AVX-512 F, BW, VL and BF16 code (cpu_isa.h)
 
 // d -> V (16 points x nl lanes, float32, not rounded) of one 4x4 input window (zero outside).
 template <int L>
@@ -442,9 +442,7 @@ FRT_AVX512BF16 void gemm_avx512bf16(const uint16_t* A, int64_t a_row, int64_t a_
 }
 
 bool have_avx512bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return ok;
+  return cpu::isa::avx512_bf16();
 }
 #else
 bool have_avx512bf16() { return false; }

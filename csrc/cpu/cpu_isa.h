@@ -7,8 +7,9 @@
 //   FRT_TARGET_AVX512BF16    target attribute: the same and AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16)
 //   cpu::isa::avx512()       whether this CPU runs FRT_TARGET_AVX512 code
 //   cpu::isa::avx512_bf16()  whether it runs FRT_TARGET_AVX512BF16 code; false when the
-//                            environment has FLAMINGO_RT_NO_AVX512_BF16=1 (read once: the
-//                            portable paths on such a CPU, for tests and comparisons)
+//                            environment has FLAMINGO_RT_NO_AVX512_BF16=1 (read once): the
+//                            kernels then run as on a CPU without it (small_linear's
+//                            float32-FMA path, no bfloat16 Winograd), for tests and comparisons
 //
 // Every kernel keeps a portable path for CPUs without these (and for other compilers).
 #pragma once

@@ -13,14 +13,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_math.h"
 #include "flamingo_rt/kernels.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define FRT_DA_AVX512 1
-#define FRT_DA_T512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -44,7 +39,7 @@ FRT_CLONES void axpy(typename E::Acc a, const typename E::T* v, typename E::Acc*
   for (int64_t d = 0; d < D; ++d) acc[d] += a * E::load(v[d]);
 }
 
-#ifdef FRT_DA_AVX512
+#ifdef FRT_X86_ISA
 // AVX-512 path for float32 / bfloat16 with Dh a multiple of 16, at most 128 (the decode
 // step's heads): the per-slot `dot` / `axpy` calls above spent more on the call, the
 // reduction of each 16-lane sum and the accumulator's loads and stores than on the 64
@@ -52,14 +47,8 @@ FRT_CLONES void axpy(typename E::Acc a, const typename E::T* v, typename E::Acc*
 // are summed together (reduce16: one vector of 16 sums from 16 vectors of partial sums).
 namespace avx512 {
 
-bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
-  return ok;
-}
-
 template <bool BF>
-FRT_DA_T512 inline __attribute__((always_inline)) __m512 load16(const void* p) {
+FRT_TARGET_AVX512 inline __attribute__((always_inline)) __m512 load16(const void* p) {
   if constexpr (BF) {
     const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -71,7 +60,7 @@ FRT_DA_T512 inline __attribute__((always_inline)) __m512 load16(const void* p) {
 // Lane i of the result = the sum of the 16 lanes of p[i]. A tree of 128-bit-lane and
 // in-lane shuffles (15 adds for 16 sums); it ends with lane L holding the sum of its input
 // kPerm[L], so the inputs are taken in that order (kPerm is its own inverse).
-FRT_DA_T512 inline __attribute__((always_inline)) __m512 reduce16(const __m512* p) {
+FRT_TARGET_AVX512 inline __attribute__((always_inline)) __m512 reduce16(const __m512* p) {
   static constexpr int kPerm[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
   __m512 w[8], x[4];
   for (int i = 0; i < 8; ++i) {
@@ -90,7 +79,7 @@ FRT_DA_T512 inline __attribute__((always_inline)) __m512 reduce16(const __m512* 
 // (slot strides k_ss, v_ss), m the visibility of the S slots, sc scratch of S floats;
 // writes the Dh outputs (0 when no slot is visible). Same passes as the portable path.
 template <bool BF>
-FRT_DA_T512 void problem(const float* qf, const void* k, int64_t k_ss, const void* v, int64_t v_ss, const uint8_t* m,
+FRT_TARGET_AVX512 void problem(const float* qf, const void* k, int64_t k_ss, const void* v, int64_t v_ss, const uint8_t* m,
                          int64_t S, int64_t D, float* sc, void* out) {
   using T = typename std::conditional<BF, uint16_t, float>::type;
   const T* kb = static_cast<const T*>(k);
@@ -159,8 +148,8 @@ Status run(const DecodeAttentionParams& p) {
   const Acc scale = Acc(p.scale);
   // one thread per problem unless the cache is large enough to pay for the fork
   const int64_t bytes = B * p.Hkv * S * D * int64_t(sizeof(T)) * 2;
-#ifdef FRT_DA_AVX512
-  const bool fast = D % 16 == 0 && D <= 128 && avx512::available();
+#ifdef FRT_X86_ISA
+  const bool fast = D % 16 == 0 && D <= 128 && isa::avx512();
 #endif
 #pragma omp parallel if (bytes > (256 << 10) && B * H > 1)
   {
@@ -173,7 +162,7 @@ Status run(const DecodeAttentionParams& p) {
       const T* vb = v + b * p.v_sb + hk * p.v_sh;
       const uint8_t* m = p.mask + b * p.mask_sb;
       for (int64_t d = 0; d < D; ++d) qf[d] = E::load(qr[d]) * scale;
-#ifdef FRT_DA_AVX512
+#ifdef FRT_X86_ISA
       if constexpr (!std::is_same<E, F64>::value) {
         if (fast) {
           avx512::problem<std::is_same<E, BF16>::value>(qf.data(), kb, p.k_ss, vb, p.v_ss, m, S, D, score.data(),

@@ -22,13 +22,12 @@
 #include <cstdlib>
 
 #include "cpu_act.h"
+#include "cpu_isa.h"
 
 // (FLAMINGO_RT_NO_AVX512_GELU at compile time leaves these out.)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(FLAMINGO_RT_NO_AVX512_GELU)
-#include <immintrin.h>
-
+#if defined(FRT_X86_ISA) && !defined(FLAMINGO_RT_NO_AVX512_GELU)
 #define FRT_GELU_AVX512 1
-#define FRT_T512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define FRT_T512 FRT_TARGET_AVX512
 
 namespace flamingo_rt {
 namespace cpu {
@@ -253,8 +252,7 @@ inline bool available() {
   static const bool ok = [] {
     const char* env = std::getenv("FLAMINGO_RT_AVX512_GELU");
     if (env != nullptr && env[0] == '0' && env[1] == '\0') return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+    return isa::avx512();
   }();
   return ok;
 }

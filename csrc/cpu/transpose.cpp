@@ -13,6 +13,7 @@
 // elements at ~2 GB/s (an 8192 x 1024 bf16 block: 8.6 ms).
 #include <cstring>
 
+#include "cpu_isa.h"
 #include "cpu_math.h"
 #include "flamingo_rt/kernels.h"
 
@@ -77,8 +78,7 @@ FRT_AVX512 void tile_avx512(const T* src, T* dst, int64_t R, int64_t r0, int64_t
 }
 
 inline bool have_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
+  return cpu::isa::avx512();
 }
 #endif
 

@@ -176,3 +176,49 @@ def test_cuda_sources_compile_for_sm90(tmp_path):
         ["nvcc", "-std=c++17", "-arch=sm_90", "-O2", f"-I{ROOT / 'csrc' / 'include'}", "-c", str(src),
          "-o", str(tmp_path / "nfnet.o")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _layouts(n, c, h, w):
+    """x of shape (n, c, h, w) in every layout our ops must treat alike in the real and the
+    fake kernel: NCHW, channels-last, a channels-last tensor that is also NCHW-contiguous
+    (c = 1 or h = w = 1 make the two the same), and a non-dense slice."""
+    yield "nchw", torch.randn(n, c, h, w)
+    yield "channels_last", torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    yield "ambiguous_c1", torch.randn(n, h, w, 1).permute(0, 3, 1, 2)
+    yield "ambiguous_hw1", torch.randn(n, 1, 1, c).permute(0, 3, 1, 2)
+    yield "slice", torch.randn(n, c, h, w + 3)[..., 1:w + 1]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(2, 8, 5, 5), (1, 1, 6, 6), (2, 8, 1, 1)])
+def test_real_and_fake_kernels_give_the_same_strides(shape):
+    """Every output of the NFNet ops has the strides its fake kernel promises, for every input
+    layout (AOTInductor lays out the buffers after an op by the fake kernel: an exported vision
+    encoder whose stem had one channel read every later activation with the wrong strides when
+    the real op called a (1, 1, H, W) input channels-last and the fake kernel NCHW)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    C = torch.ops.flamingo_rt_C
+    n, c, h, w = shape
+    for name, x in _layouts(n, c, h, w):
+        if x.shape != shape:  # the ambiguous layouts exist for c = 1 or h = w = 1 only
+            continue
+        gate, scale = torch.randn(n, c), torch.tensor(0.7)
+        calls = [
+            ("bias_gamma_act", lambda t: C.bias_gamma_act(t[0], t[1], "gelu", 1.7), (x, torch.randn(c))),
+            ("bias_gamma_act_backward", lambda t: C.bias_gamma_act_backward(t[0], t[1], t[2], "gelu", 1.7),
+             (x, x, torch.randn(c))),
+            ("se_residual", lambda t: C.se_residual(t[0], t[1], t[2], t[3]), (x, gate, x, scale)),
+            ("se_residual_backward", lambda t: C.se_residual_backward(t[0], t[1], t[2], t[3]), (x, x, gate, scale)),
+            ("ws_standardize", lambda t: C.ws_standardize(t[0], t[1], 1e-5), (x, torch.rand(n, 1, 1, 1) + 0.5)),
+        ]
+        for op, call, args in calls:
+            real = call(args)
+            mode = FakeTensorMode()
+            with mode:
+                fake = call(tuple(mode.from_tensor(a) for a in args))
+            real = real if isinstance(real, tuple) else (real,)
+            fake = fake if isinstance(fake, tuple) else (fake,)
+            for r, f in zip(real, fake):
+                assert r.shape == f.shape and r.stride() == f.stride(), \
+                    f"{op} on a {name} x {tuple(x.shape)} strides {x.stride()}: real {r.stride()}, fake {f.stride()}"

@@ -65,9 +65,15 @@ inline int64_t check_args(const char* op, const at::Tensor& x,
   return C;
 }
 
-// An output with x's shape, dense in x's memory format (NCHW or channels-last).
+// An output with x's shape, dense: channels-last when x is channels-last and not also
+// plain-contiguous, else NCHW -- the rule of the ops' fake kernels (_cpp_fakes._fmt). It
+// must be the same rule: compiled graphs (AOTInductor) lay out their buffers by the fake
+// kernels' strides. suggest_memory_format() calls an ambiguous x channels-last (C = 1, or
+// H = W = 1, with channels-last strides: both layouts at once), and an AOTInductor package
+// of a stem with one channel then read every later activation with the wrong strides.
 inline at::Tensor empty_like_format(const at::Tensor& x) {
-  return at::empty(x.sizes(), x.options(), x.suggest_memory_format());
+  const bool cl = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return at::empty(x.sizes(), x.options(), cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
 inline void copy4(int64_t dst[4], c10::IntArrayRef src) {

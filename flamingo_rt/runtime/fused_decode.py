@@ -14,8 +14,11 @@ Used by :func:`~flamingo_rt.runtime.engine.decode_tensors` (and any one-token ch
 gradients, autocast, compile or export, at most 16 rows, and a model made of the stock
 modules (:class:`~flamingo_rt.models.lm.DecoderLayer`,
 :class:`~flamingo_rt.models.xattn.GatedCrossAttentionBlock`) with weights of one dtype.
-Otherwise the eager modules run. ``FLAMINGO_RT_FUSED_DECODE=0`` in the environment, or
-:func:`set_enabled` (False), turns the fused path off (for comparisons).
+Otherwise the eager modules run. The export's decode package
+(:class:`~flamingo_rt.export.modules.DecodeStep`) calls the same ops through :func:`layer_plan`
+and :func:`run_layers` over the host's caches. ``FLAMINGO_RT_FUSED_DECODE=0`` in the
+environment, or :func:`set_enabled` (False), turns the fused path off (for comparisons; at
+export time it compiles the modules into the decode package).
 """
 from __future__ import annotations
 

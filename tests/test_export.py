@@ -344,13 +344,14 @@ def _fused_calls(ep) -> dict:
     return counts
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_decode_step_runs_the_fused_ops(tmp_path, monkeypatch, fused):
+@pytest.mark.parametrize("fused,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)])
+def test_decode_step_runs_the_fused_ops(tmp_path, monkeypatch, fused, dtype):
     """On the CPU the exported decode step runs its layers as the fused decode ops (one call
     per decoder layer and per block, as the Python runtime decodes) unless the fused path is
     off; either way it equals the token step through the modules: the logits and the keys /
-    values it writes, over steps that see no image, an image, and a clip, with the media
-    slots a token may not read filled with values that would show."""
+    values it writes, over steps that see no image, then media slot 0, then slot 1, with the media
+    slots a token may not read filled with values that would show; in bfloat16 bit for bit
+    (the exported graph, run eagerly, rounds where the modules round)."""
     from flamingo_rt.export import package
     from flamingo_rt.export.modules import TokenStep
     from flamingo_rt.runtime import fused_decode
@@ -359,6 +360,7 @@ def test_decode_step_runs_the_fused_ops(tmp_path, monkeypatch, fused):
     monkeypatch.setattr(package, "_compile", lambda ep, path: programs.setdefault(path.name, ep) and 0.0)
     p = make_world(tmp_path / "world")
     model, tok = load_pretrained(p["model"])
+    model = model.to(dtype)
     with torch.no_grad():
         for i, b in enumerate(model.xattn_blocks()):
             b.attn_gate.fill_(0.8 - 0.3 * i)
@@ -373,9 +375,10 @@ def test_decode_step_runs_the_fused_ops(tmp_path, monkeypatch, fused):
     assert _fused_calls(programs["token_step.pt2"])["decoder_layer_step_"] == 0
     g = torch.Generator().manual_seed(1)
     shapes = package.cache_shapes(model, 24, 3)
-    kv_a = torch.randn(shapes["kv_cache"], generator=g)
+    kv_a = torch.randn(shapes["kv_cache"], generator=g).to(dtype)
     kv_b = kv_a.clone()
-    mc = torch.randn(shapes["media_cache"], generator=g)  # slot 2 never indexed: would show if read
+    mc = torch.randn(shapes["media_cache"], generator=g).to(dtype)  # slot 2 never indexed: would show if read
+    tol = 1e-5 if dtype == torch.float32 else 0  # bf16: the fused ops round where the modules do
     decode, ref = programs["decode_step.pt2"].module(), TokenStep(model).eval()
     with torch.no_grad():
         for start, m in [(3, -1), (4, 0), (9, 0), (10, 1), (17, 1)]:
@@ -383,8 +386,8 @@ def test_decode_step_runs_the_fused_ops(tmp_path, monkeypatch, fused):
             args = (ids, torch.tensor([start]), torch.tensor([[m]], dtype=torch.int32))
             out = decode(*args, kv_a, mc)
             want = ref(*args, kv_b, mc)
-            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(kv_a, kv_b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+            torch.testing.assert_close(kv_a, kv_b, rtol=tol, atol=tol)
         # the step reads image m's keys/values: another image's there changes the logits
         mc2 = mc.clone()
         mc2[:, :, :, 1] = mc[:, :, :, 0]

@@ -17,7 +17,7 @@
 // 2.0 against 0.86 ms): not taken.
 //
 // bfloat16 x against bfloat16 weights on CPUs with AVX512_BF16 take vdpbf16ps instead
-// (dp_* below): 32 products a vector instruction, no widening, float32 accumulation (each
+// (DpDots below): 32 products a vector instruction, no widening, float32 accumulation (each
 // product is exact in float32 and added with one rounding, as an FMA; subnormal inputs and
 // sums flush to zero). The float32-FMA kernels above widened every weight element and ran at
 // half the multiply rate: from two rows on they were compute bound and slower than oneDNN's
@@ -106,79 +106,51 @@ struct FmaDots {
 // bfloat16 weights against bfloat16 x by vdpbf16ps: lane i of an accumulator sums the
 // products of elements 2i and 2i + 1 of every 32-element block (a tail block zero-filled),
 // the 16 lanes summed at the end (_mm512_reduce_add_ps's fixed tree).
-namespace dp {
-
-FRT_TARGET_AVX512BF16 inline __attribute__((always_inline)) __m512bh load(const uint16_t* p) {
-  return (__m512bh)_mm512_loadu_si512(p);
-}
-
-FRT_TARGET_AVX512BF16 inline __attribute__((always_inline)) __m512bh load_tail(const uint16_t* p, __mmask32 m) {
-  return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
-}
-
-FRT_TARGET_AVX512BF16 void d4x1(const uint16_t* w0, const uint16_t* w1, const uint16_t* w2, const uint16_t* w3,
-                                const uint16_t* x, int64_t K, float* s) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m512bh p = load(x + k);
-    a0 = _mm512_dpbf16_ps(a0, load(w0 + k), p);
-    a1 = _mm512_dpbf16_ps(a1, load(w1 + k), p);
-    a2 = _mm512_dpbf16_ps(a2, load(w2 + k), p);
-    a3 = _mm512_dpbf16_ps(a3, load(w3 + k), p);
-  }
-  if (k < K) {
-    const __mmask32 m = static_cast<__mmask32>((1ull << (K - k)) - 1ull);
-    const __m512bh p = load_tail(x + k, m);
-    a0 = _mm512_dpbf16_ps(a0, load_tail(w0 + k, m), p);
-    a1 = _mm512_dpbf16_ps(a1, load_tail(w1 + k, m), p);
-    a2 = _mm512_dpbf16_ps(a2, load_tail(w2 + k, m), p);
-    a3 = _mm512_dpbf16_ps(a3, load_tail(w3 + k, m), p);
-  }
-  s[0] = _mm512_reduce_add_ps(a0);
-  s[1] = _mm512_reduce_add_ps(a1);
-  s[2] = _mm512_reduce_add_ps(a2);
-  s[3] = _mm512_reduce_add_ps(a3);
-}
-
-FRT_TARGET_AVX512BF16 void d2x4(const uint16_t* w0, const uint16_t* w1, const uint16_t* x0, const uint16_t* x1,
-                                const uint16_t* x2, const uint16_t* x3, int64_t K, float* s) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m512bh u = load(w0 + k), v = load(w1 + k);
-    const __m512bh p0 = load(x0 + k), p1 = load(x1 + k), p2 = load(x2 + k), p3 = load(x3 + k);
-    a0 = _mm512_dpbf16_ps(a0, u, p0); a1 = _mm512_dpbf16_ps(a1, u, p1);
-    a2 = _mm512_dpbf16_ps(a2, u, p2); a3 = _mm512_dpbf16_ps(a3, u, p3);
-    b0 = _mm512_dpbf16_ps(b0, v, p0); b1 = _mm512_dpbf16_ps(b1, v, p1);
-    b2 = _mm512_dpbf16_ps(b2, v, p2); b3 = _mm512_dpbf16_ps(b3, v, p3);
-  }
-  if (k < K) {
-    const __mmask32 m = static_cast<__mmask32>((1ull << (K - k)) - 1ull);
-    const __m512bh u = load_tail(w0 + k, m), v = load_tail(w1 + k, m);
-    const __m512bh p0 = load_tail(x0 + k, m), p1 = load_tail(x1 + k, m), p2 = load_tail(x2 + k, m),
-                   p3 = load_tail(x3 + k, m);
-    a0 = _mm512_dpbf16_ps(a0, u, p0); a1 = _mm512_dpbf16_ps(a1, u, p1);
-    a2 = _mm512_dpbf16_ps(a2, u, p2); a3 = _mm512_dpbf16_ps(a3, u, p3);
-    b0 = _mm512_dpbf16_ps(b0, v, p0); b1 = _mm512_dpbf16_ps(b1, v, p1);
-    b2 = _mm512_dpbf16_ps(b2, v, p2); b3 = _mm512_dpbf16_ps(b3, v, p3);
-  }
-  s[0] = _mm512_reduce_add_ps(a0); s[1] = _mm512_reduce_add_ps(a1);
-  s[2] = _mm512_reduce_add_ps(a2); s[3] = _mm512_reduce_add_ps(a3);
-  s[4] = _mm512_reduce_add_ps(b0); s[5] = _mm512_reduce_add_ps(b1);
-  s[6] = _mm512_reduce_add_ps(b2); s[7] = _mm512_reduce_add_ps(b3);
-}
-
-}  // namespace dp
-
 struct DpDots {
-  static void d4x1(const uint16_t* w0, const uint16_t* w1, const uint16_t* w2, const uint16_t* w3,
-                   const uint16_t* x, int64_t K, float* s) {
-    dp::d4x1(w0, w1, w2, w3, x, K, s);
+  // 32 elements from p (those of the mask m; the rest zero)
+  FRT_TARGET_AVX512BF16 static inline __attribute__((always_inline)) __m512bh load(const uint16_t* p, __mmask32 m) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
   }
-  static void d2x4(const uint16_t* w0, const uint16_t* w1, const uint16_t* x0, const uint16_t* x1,
-                   const uint16_t* x2, const uint16_t* x3, int64_t K, float* s) {
-    dp::d2x4(w0, w1, x0, x1, x2, x3, K, s);
+
+  // the mask of the block at k: all 32 elements, or the K - k of a tail
+  static inline __mmask32 block_mask(int64_t K, int64_t k) {
+    return K - k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (K - k)) - 1ull);
+  }
+
+  FRT_TARGET_AVX512BF16 static void d4x1(const uint16_t* w0, const uint16_t* w1, const uint16_t* w2,
+                                         const uint16_t* w3, const uint16_t* x, int64_t K, float* s) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 m = block_mask(K, k);
+      const __m512bh p = load(x + k, m);
+      a0 = _mm512_dpbf16_ps(a0, load(w0 + k, m), p);
+      a1 = _mm512_dpbf16_ps(a1, load(w1 + k, m), p);
+      a2 = _mm512_dpbf16_ps(a2, load(w2 + k, m), p);
+      a3 = _mm512_dpbf16_ps(a3, load(w3 + k, m), p);
+    }
+    s[0] = _mm512_reduce_add_ps(a0);
+    s[1] = _mm512_reduce_add_ps(a1);
+    s[2] = _mm512_reduce_add_ps(a2);
+    s[3] = _mm512_reduce_add_ps(a3);
+  }
+
+  FRT_TARGET_AVX512BF16 static void d2x4(const uint16_t* w0, const uint16_t* w1, const uint16_t* x0,
+                                         const uint16_t* x1, const uint16_t* x2, const uint16_t* x3, int64_t K,
+                                         float* s) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 m = block_mask(K, k);
+      const __m512bh u = load(w0 + k, m), v = load(w1 + k, m);
+      const __m512bh p0 = load(x0 + k, m), p1 = load(x1 + k, m), p2 = load(x2 + k, m), p3 = load(x3 + k, m);
+      a0 = _mm512_dpbf16_ps(a0, u, p0); a1 = _mm512_dpbf16_ps(a1, u, p1);
+      a2 = _mm512_dpbf16_ps(a2, u, p2); a3 = _mm512_dpbf16_ps(a3, u, p3);
+      b0 = _mm512_dpbf16_ps(b0, v, p0); b1 = _mm512_dpbf16_ps(b1, v, p1);
+      b2 = _mm512_dpbf16_ps(b2, v, p2); b3 = _mm512_dpbf16_ps(b3, v, p3);
+    }
+    s[0] = _mm512_reduce_add_ps(a0); s[1] = _mm512_reduce_add_ps(a1);
+    s[2] = _mm512_reduce_add_ps(a2); s[3] = _mm512_reduce_add_ps(a3);
+    s[4] = _mm512_reduce_add_ps(b0); s[5] = _mm512_reduce_add_ps(b1);
+    s[6] = _mm512_reduce_add_ps(b2); s[7] = _mm512_reduce_add_ps(b3);
   }
 };
 #endif

@@ -39,6 +39,16 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def cpu_has(*flags: str) -> bool:
+    """Whether /proc/cpuinfo lists every one of these CPU flags (False where it is unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            listed = {w for line in f if line.startswith("flags") for w in line.split()}
+    except OSError:
+        return False
+    return all(flag in listed for flag in flags)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64; NaN anywhere gives inf."""
     a64, b64 = a.detach().double(), b.detach().double()

@@ -9,19 +9,11 @@ import torch
 
 from flamingo_rt.ops import _cpp_backends
 from flamingo_rt.ops.reference import xattn as ref
+from conftest import cpu_has
 
 pytestmark = pytest.mark.skipif(not _cpp_backends.AVAILABLE, reason="flamingo_rt._C not built")
 
 OP = torch.ops.flamingo_rt_C
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " amx_bf16" in flags and " amx_tile" in flags
 
 
 def rel_err(a, b):
@@ -44,7 +36,7 @@ def paths(monkeypatch):
 
 def test_enabled_follows_cpu_and_environment(monkeypatch):
     monkeypatch.delenv("FLAMINGO_RT_CPU_AMX", raising=False)
-    assert OP.cpu_amx_enabled() == _cpu_has_amx()
+    assert OP.cpu_amx_enabled() == cpu_has("amx_bf16", "amx_tile")
     monkeypatch.setenv("FLAMINGO_RT_CPU_AMX", "0")
     assert OP.cpu_amx_enabled() is False
 

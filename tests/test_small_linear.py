@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from flamingo_rt import _ext
 from flamingo_rt.ops.linear import MAX_ROWS, Linear, linear
-from conftest import rel_err
+from conftest import cpu_has, rel_err
 
 needs_ext = pytest.mark.skipif(not _ext.load(), reason="flamingo_rt._C not built")
 
@@ -165,14 +165,6 @@ def test_linear_bf16_weight_autograd_compile_and_errors():
         linear_bf16_weight(torch.randn(2, 40), w, b.bfloat16())
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in line.split() for line in f if line.startswith("flags"))
-    except OSError:
-        return False
-
-
 _BF16_CASES = [(1, 257, 96), (2, 64, 7), (3, 130, 1030), (5, 33, 64), (16, 300, 130)]
 
 
@@ -223,5 +215,5 @@ def test_bf16_dot_product_path_and_the_portable_one(tmp_path):
                 # float32 sums (error ~K * 2^-24 of the scale) then one bfloat16 rounding
                 assert ((v.double() - want).abs() <= want.abs() * 2 ** -8 + scale * 1e-6).all()
             differ |= not torch.equal(y, yp)
-    if _cpu_has("avx512_bf16"):
+    if cpu_has("avx512_bf16"):
         assert differ, "FLAMINGO_RT_NO_AVX512_BF16=1 did not switch to the portable path (equal results everywhere)"

@@ -63,7 +63,8 @@ def test_matches_reference(dtype, B, H, Hkv, S, D, strided):
 @pytest.mark.parametrize("D", [64, 40])
 def test_hidden_slots_are_never_read_and_a_visible_nan_shows(dtype, D):
     """NaN keys and values in slots the mask hides change nothing; a NaN key in a visible
-    slot makes its heads' outputs NaN (not a silent 0 or a finite guess)."""
+    slot makes its heads' outputs NaN (not a silent 0 or a finite guess), and so do NaN keys
+    in every visible slot."""
     q, k, v, mask = _inputs(2, 4, 2, 37, D, dtype, seed=D)
     clean = torch.ops.flamingo_rt_C.decode_attention(q, k, v, mask, 0.2)
     kp, vp = k.clone(), v.clone()
@@ -77,6 +78,12 @@ def test_hidden_slots_are_never_read_and_a_visible_nan_shows(dtype, D):
     kn[1, 0, -1, 3] = float("nan")  # row 1, kv head 0 (query heads 0 and 1), the always-visible last slot
     out = torch.ops.flamingo_rt_C.decode_attention(q, kn, v, mask, 0.2)
     assert torch.isnan(out[1, :2]).all() and torch.equal(out[1, 2:], clean[1, 2:]) and torch.equal(out[0], clean[0])
+    # every visible key of a head NaN (a medium's keys gone bad): NaN, as softmax gives (the
+    # running max never moved off -inf, and the row was taken for one without visible slots)
+    ka = k.clone()
+    ka[1, 1] = float("nan")  # row 1, kv head 1: query heads 2 and 3
+    out = torch.ops.flamingo_rt_C.decode_attention(q, ka, v, mask, 0.2)
+    assert torch.isnan(out[1, 2:]).all() and torch.equal(out[1, :2], clean[1, :2]) and torch.equal(out[0], clean[0])
 
 
 def test_row_without_visible_slot_is_zero_and_errors_are_clear():

@@ -89,6 +89,7 @@ FRT_TARGET_AVX512 void problem(const float* qf, const void* k, int64_t k_ss, con
   __m512 q[8];
   for (int c = 0; c < nq; ++c) q[c] = _mm512_loadu_ps(qf + 16 * c);
   __m512 vmax = _mm512_set1_ps(ninf);
+  bool any_visible = false;
   for (int64_t s0 = 0; s0 < S; s0 += 16) {
     const int n = S - s0 < 16 ? static_cast<int>(S - s0) : 16;
     __m512 part[16];
@@ -104,11 +105,18 @@ FRT_TARGET_AVX512 void problem(const float* qf, const void* k, int64_t k_ss, con
         part[i] = _mm512_setzero_ps();
       }
     }
+    any_visible |= vis != 0;
     const __m512 s16 = _mm512_mask_blend_ps(vis, _mm512_set1_ps(ninf), reduce16(part));
     _mm512_mask_storeu_ps(sc + s0, static_cast<__mmask16>((1u << n) - 1u), s16);
     vmax = _mm512_max_ps(s16, vmax);  // a NaN score is not the max (maxps takes its second operand)
   }
   const float mx = _mm512_reduce_max_ps(vmax);
+  T* dst = static_cast<T*>(out);
+  if (any_visible && !(mx > ninf)) {  // every visible score NaN or -inf: softmax is NaN, as the reference
+    for (int64_t d = 0; d < D; ++d) dst[d] = BF ? T(BF16::store(std::numeric_limits<float>::quiet_NaN()))
+                                                : T(std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
   __m512 acc[8];
   for (int c = 0; c < nq; ++c) acc[c] = _mm512_setzero_ps();
   float sum = 0.f;
@@ -129,7 +137,6 @@ FRT_TARGET_AVX512 void problem(const float* qf, const void* k, int64_t k_ss, con
   const __m512 inv = _mm512_set1_ps(sum > 0.f ? 1.f / sum : 0.f);
   alignas(64) float o[128];
   for (int c = 0; c < nq; ++c) _mm512_store_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
-  T* dst = static_cast<T*>(out);
   for (int64_t d = 0; d < D; ++d) dst[d] = BF ? T(BF16::store(o[d])) : T(o[d]);
 }
 
@@ -172,14 +179,22 @@ Status run(const DecodeAttentionParams& p) {
       }
 #endif
       Acc mx = -std::numeric_limits<Acc>::infinity();
+      bool any_visible = false;
       for (int64_t s = 0; s < S; ++s) {
         if (!m[s]) continue;
         const Acc sc = dot<E>(qf.data(), kb + s * p.k_ss, D);
         score[s] = sc;
         mx = sc > mx ? sc : mx;
+        any_visible = true;
       }
       for (int64_t d = 0; d < D; ++d) acc[d] = 0;
       Acc sum = 0;
+      if (any_visible && !(mx > -std::numeric_limits<Acc>::infinity())) {
+        // every visible score NaN or -inf: the softmax is NaN, as the reference's
+        T* o = out + bh * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = E::store(std::numeric_limits<Acc>::quiet_NaN());
+        continue;
+      }
       if (mx > -std::numeric_limits<Acc>::infinity()) {
         for (int64_t s = 0; s < S; ++s) {
           if (!m[s]) continue;

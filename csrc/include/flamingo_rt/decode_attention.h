@@ -3,7 +3,8 @@
 // out[b, h, :] = sum_s p[b, h, s] * v[b, h / G, s, :] with
 // p[b, h, :] = softmax over the visible slots s (mask[b, s] != 0) of
 // scale * <q[b, h, :], k[b, h / G, s, :]>, G = H / Hkv (grouped-query attention). A row with
-// no visible slot gives 0. float32 and bfloat16 (float32 math and accumulation), float64 for
+// no visible slot gives 0; one whose visible scores are all NaN or -inf gives NaN, as softmax
+// does (a NaN among finite scores propagates through the sums). float32 and bfloat16 (float32 math and accumulation), float64 for
 // checking. The cost is reading the cache once: K for the scores, then V for the sum.
 // The last dimension (Dh) of q, k, v has unit stride; the other strides are in elements.
 #pragma once

@@ -54,6 +54,7 @@ def test_manifest(exported):
     assert man["shapes"]["kv_cache"] == [model.config.lm.n_layers, 2, 1, model.config.lm.n_kv_heads, 96,
                                          model.config.lm.head_dim]
     assert man["max_frames"] == FRAMES and man["image_size"] == 32
+    assert man["manifest_version"] == 2  # the media encoder takes a batch of media
     assert man["decode_step_fused"] is True  # a CPU export of stock modules decodes through the fused ops
     for pkg in ("encode_media.pt2", "token_step.pt2", "decode_step.pt2", "score_step.pt2"):
         assert (out / pkg).stat().st_size > 0
@@ -170,6 +171,69 @@ def test_score_equals_runtime_and_keeps_the_context(exported):
         em.session().score(["a"])
 
 
+def test_media_are_encoded_together_at_the_run(exported):
+    """Appended media are queued and encoded at the next run, in runs of consecutive media
+    with one frame count (one encoder call each: a few-shot prompt's images in one batch);
+    the answer equals the runtime's, each medium's keys/values lie in its slot. The batched
+    encoder equals one medium a call. A failed
+    encoder call keeps the media queued (a retry equals a session where it never failed);
+    a fork encodes its own copy of the queue."""
+    from flamingo_rt.export import ExportedModel
+
+    model, tok, out, _ = exported
+    em = ExportedModel(out)
+    imgs = _images(3, 19)
+    clip = torch.rand(FRAMES, 3, 32, 32, generator=torch.Generator().manual_seed(20))
+    prompt = [imgs[0], "a red circle.<|endofchunk|>", clip, "a square.<|endofchunk|>", imgs[1], imgs[2], "a"]
+    real, calls = em.encode, []
+
+    def counting(px):
+        calls.append(tuple(px.shape[:2]))
+        return real(px)
+
+    em.encode = counting
+    s = em.session()
+    for item in prompt:
+        s.append_text(item) if isinstance(item, str) else s.append_media(item)
+    assert calls == [] and len(s.queued_media) == 4 and s.num_media == 4  # nothing encoded at append
+    f = s.fork()
+    got = s.generate(10)
+    assert calls == [(1, 1), (1, FRAMES), (2, 1)] and s.queued_media == []
+    gen = Generator(model.eval(), tok, max_seq_len=96, max_media=4)
+    want = gen.generate(prompt, GenerationConfig(max_new_tokens=10))
+    assert got == want and len(want) > 0
+    assert len(f.queued_media) == 4 and f.generate(10) == want  # the fork encodes its own queue
+    # each slot holds its medium's keys/values: a session that runs after every append
+    # (one medium a call) has the same media cache
+    em.encode = real
+    one = em.session()
+    for item in prompt:
+        one.append_text(item) if isinstance(item, str) else one.append_media(item)
+        one.prefill()
+    torch.testing.assert_close(s.media[:, :, :, :4], one.media[:, :, :, :4], rtol=1e-4, atol=1e-5)
+    assert one.generate(10) == want
+    # the batched encoder against one medium a call (the vision encoder's batch changes the
+    # order of its sums only)
+    px = torch.randn(3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(21))
+    torch.testing.assert_close(real(px), torch.cat([real(px[k:k + 1]) for k in range(3)], dim=2),
+                               rtol=1e-4, atol=1e-5)
+
+    # a failed encoder call: the media stay queued; the retry equals an unbroken session
+    def broken(px):
+        raise RuntimeError("the encoder failed")
+
+    a, b = em.session(), em.session()
+    for x in (a, b):
+        x.append_media(imgs[0])
+        x.append_text("a")
+    em.encode = broken
+    with pytest.raises(RuntimeError, match="the encoder failed"):
+        a.prefill()
+    em.encode = real
+    assert len(a.queued_media) == 1 and (a.pos, a.pending) == (b.pos, b.pending)
+    assert a.generate(8) == b.generate(8)
+
+
 def test_failed_step_commits_nothing(exported):
     """A step that fails (here: the package raises) leaves the queued tokens, the position
     and the image count as they were, so a retry equals a session where it never failed
@@ -240,6 +304,7 @@ def test_errors(exported):
         s.append_media(_images(1, 4)[0])
     s = em.session()
     s.append_media(_images(1, 4)[0])
+    s.prefill()  # the medium is encoded at the run
     s.append_text("a")
     s.media.fill_(float("nan"))  # a NaN in the model: the logits are NaN
     with pytest.raises(FloatingPointError, match="logits are NaN"):
@@ -248,6 +313,12 @@ def test_errors(exported):
         em.session().append_media(torch.rand(FRAMES + 1, 3, 32, 32))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ExportedModel(out.parent)
+    v1 = out.parent / "version_1"
+    v1.mkdir(exist_ok=True)
+    (v1 / "manifest.json").write_text(json.dumps(dict(json.loads((out / "manifest.json").read_text()),
+                                                      manifest_version=1)))
+    with pytest.raises(ValueError, match="expected manifest_version 2, got 1.*re-export"):
+        ExportedModel(v1)
     other = out.parent / "other_torch"
     other.mkdir(exist_ok=True)
     man = json.loads((out / "manifest.json").read_text())

@@ -40,6 +40,9 @@ struct flamingo_session {
   at::Tensor kv, media, logits;
   int pos = 0, num_media = 0, seen_images = 0;
   std::vector<int32_t> pending;
+  // media appended and not encoded yet (preprocessed pixels (F, 3, S, S), never written):
+  // the last queued_media.size() of the num_media slots, encoded together at the next run
+  std::vector<at::Tensor> queued_media;
 };
 
 namespace {
@@ -87,7 +90,23 @@ void check_session(const flamingo_session* s) {
   if (s == nullptr) invalid("expected a session, got NULL");
 }
 
-// Runs the queued tokens through the token step; returns the logits of the last one.
+// Encodes the queued media into their media-cache slots: runs of consecutive media with the
+// same frame count, one encoder call each (a few-shot prompt's images in one batch). A medium
+// leaves the queue once its keys/values are written; a failed call keeps the rest queued.
+void encode_queued(flamingo_session* s) {
+  flamingo_model* m = s->model;
+  auto& q = s->queued_media;
+  while (!q.empty()) {
+    size_t n = 1;
+    while (n < q.size() && q[n].size(0) == q[0].size(0)) ++n;
+    const int64_t slot = s->num_media - static_cast<int64_t>(q.size());
+    const at::Tensor kv = m->encode->run({at::stack(at::TensorList(q.data(), n))}).at(0);  // (X, 2, n, L, H, dh)
+    s->media.select(2, 0).narrow(2, slot, static_cast<int64_t>(n)).copy_(kv);
+    q.erase(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+}
+
+// Runs the queued media and tokens through the model; returns the logits of the last token.
 at::Tensor flush(flamingo_session* s) {
   flamingo_model* m = s->model;
   if (s->pending.empty()) {
@@ -110,6 +129,7 @@ at::Tensor flush(flamingo_session* s) {
     if (s->pending[t] == m->manifest.image_id) ++seen;
     xp[t] = seen - 1;
   }
+  encode_queued(s);
   at::Tensor start = at::full({1}, s->pos, at::kLong);
   auto& package = T == 1 ? m->decode : m->step;
   std::vector<at::Tensor> out = package->run(
@@ -196,8 +216,7 @@ void append_frames(flamingo_session* s, const at::Tensor& frames) {
             std::to_string(m->manifest.max_frames));
   }
   at::Tensor px = flamingo_rt::capi::preprocess_frames(frames, m->manifest, m->dtype, m->device);
-  std::vector<at::Tensor> out = m->encode->run({px});
-  s->media.select(2, 0).select(2, s->num_media).copy_(out.at(0));
+  s->queued_media.push_back(px[0]);  // (F, 3, S, S); encoded at the next run
   ++s->num_media;
   s->pending.push_back(m->manifest.image_id);
 }
@@ -332,6 +351,7 @@ flamingo_status flamingo_session_fork(const flamingo_session* s, flamingo_sessio
     f->num_media = s->num_media;
     f->seen_images = s->seen_images;
     f->pending = s->pending;
+    f->queued_media = s->queued_media;  // never written: shared
     *out = f.release();
   });
 }
@@ -341,6 +361,7 @@ flamingo_status flamingo_session_reset(flamingo_session* s) {
     check_session(s);
     s->pos = s->num_media = s->seen_images = 0;
     s->pending.clear();
+    s->queued_media.clear();
     s->logits = at::Tensor();
   });
 }

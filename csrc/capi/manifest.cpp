@@ -73,7 +73,10 @@ Manifest read_manifest(const std::string& folder) {
   if (field(root, "format", JsonValue::Type::kString, path).string != "flamingo_rt-export") {
     bad(path, "expected \"format\": \"flamingo_rt-export\"");
   }
-  if (integer(root, "manifest_version", path) != 1) bad(path, "expected manifest_version 1 (re-export the model)");
+  if (const int64_t v = integer(root, "manifest_version", path); v != 2) {
+    bad(path, "expected manifest_version 2, got " + std::to_string(v) + ": the export is from another flamingo_rt "
+              "version (version 2 encodes a batch of media a call); re-export the model");
+  }
   Manifest m;
   m.device = field(root, "device", JsonValue::Type::kString, path).string;
   m.dtype = field(root, "dtype", JsonValue::Type::kString, path).string;

@@ -1,4 +1,5 @@
-// manifest.json of an export folder (written by flamingo_rt/export/package.py).
+// manifest.json of an export folder (written by flamingo_rt/export/package.py), version 2: the
+// media encoder takes N media a call, (N, F, 3, S, S) -> (X, 2, N, L, H, dh).
 #pragma once
 
 #include <array>

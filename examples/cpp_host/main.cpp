@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> stops;
   int stop_after = -1;
   double read_s = 0;  // PPM reading, not the library's work
-  auto t_prompt = std::chrono::steady_clock::now();  // media encoding counts toward the first token
+  auto t_prompt = std::chrono::steady_clock::now();  // the appends (preprocessing) count toward the first token
   int turns = 0;
   bool appended = false;  // since the last turn
   std::vector<std::string> scores;  // candidates to score at the end
@@ -106,12 +106,12 @@ int main(int argc, char** argv) {
     if (r.stopped_by_callback) std::fprintf(stderr, "cpp_host: stopped by the callback\n");
     std::printf("\n");
     std::fflush(stdout);
-    const double encode_s = std::chrono::duration<double>(t_gen - t_prompt).count() - read_s;
-    std::fprintf(stderr, "cpp_host: %d tokens, first token after %.4f s (media %.4f s + prefill %.4f s), %.1f tokens/s\n",
-                 r.num_tokens, encode_s + r.prefill_seconds, encode_s, r.prefill_seconds,
+    const double append_s = std::chrono::duration<double>(t_gen - t_prompt).count() - read_s;
+    std::fprintf(stderr, "cpp_host: %d tokens, first token after %.4f s (appends %.4f s + media and prefill %.4f s), "
+                 "%.1f tokens/s\n", r.num_tokens, append_s + r.prefill_seconds, append_s, r.prefill_seconds,
                  r.num_tokens > 1 ? (r.num_tokens - 1) / (r.decode_seconds > 0 ? r.decode_seconds : 1e-9) : 0.0);
     std::fprintf(stderr, "cpp_host: stats tokens=%d ttft_s=%.6f decode_s=%.6f\n", r.num_tokens,
-                 encode_s + r.prefill_seconds, r.decode_seconds);
+                 append_s + r.prefill_seconds, r.decode_seconds);
     ++turns;
     appended = false;
     read_s = 0;

@@ -3,8 +3,9 @@
 Both are pure functions of their inputs apart from in-place writes into caches the host
 owns (so one loaded package serves any number of sessions):
 
-* :class:`MediaEncoderStep`: one medium's pixels -> every cross-attention layer's keys
-  and values for it (vision encoder, Perceiver Resampler, ``to_kv`` of each block).
+* :class:`MediaEncoderStep`: a batch of media's pixels (N media of F frames) -> every
+  cross-attention layer's keys and values for each (vision encoder, Perceiver Resampler,
+  ``to_kv`` of each block).
 * :class:`TokenStep`: a chunk of T tokens (T = 1 when decoding) at positions
   ``start .. start + T - 1`` -> the next-token logits of its last position, writing the
   chunk's self-attention keys/values into the host's KV cache.
@@ -31,8 +32,10 @@ from ..runtime import fused_decode
 
 
 class MediaEncoderStep(nn.Module):
-    """pixels (1, F, 3, S_img, S_img) float, normalised as the vision config says ->
-    media keys/values (X, 2, L, H, dh) in the model dtype."""
+    """pixels (N, F, 3, S_img, S_img) float, normalised as the vision config says: N media of
+    F frames each (N images: F = 1) -> their media keys/values (X, 2, N, L, H, dh) in the
+    model dtype. All N * F frames go through the vision encoder in one call (a batch of
+    images costs a fraction per image of one image alone)."""
 
     def __init__(self, model: Flamingo):
         super().__init__()
@@ -40,11 +43,11 @@ class MediaEncoderStep(nn.Module):
         self.keys = list(model.lm.xattn.keys())
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        tokens = self.model.encode_media(pixels[:, None])  # (1, 1, L, D)
+        tokens = self.model.encode_media(pixels[None])  # (1, N, L, D)
         out = []
         for key in self.keys:
-            k, v = self.model.lm.xattn[key].attn.media_kv(tokens)  # (1, 1, L, H, dh) each
-            out.append(torch.stack([k[0, 0], v[0, 0]]))
+            k, v = self.model.lm.xattn[key].attn.media_kv(tokens)  # (1, N, L, H, dh) each
+            out.append(torch.stack([k[0], v[0]]))
         return torch.stack(out)
 
 

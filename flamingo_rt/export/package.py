@@ -2,7 +2,7 @@
 
 Output folder::
 
-    encode_media.pt2   MediaEncoderStep: pixels (1, F, 3, S, S) -> media keys/values (X, 2, L, H, dh)
+    encode_media.pt2   MediaEncoderStep: pixels (N, F, 3, S, S) -> media keys/values (X, 2, N, L, H, dh)
     token_step.pt2     TokenStep: a chunk of T tokens -> last logits (1, V), writes the KV cache
     decode_step.pt2    DecodeStep: the same at T = 1 (static shapes; on the CPU our fused decode ops)
     score_step.pt2     ScoreStep: candidates packed past the context -> every position's logits (1, T, V)
@@ -31,7 +31,8 @@ from .modules import DecodeStep, MediaEncoderStep, ScoreStep, TokenStep
 
 __all__ = ["export_model", "cache_shapes", "MANIFEST_VERSION"]
 
-MANIFEST_VERSION = 1
+# 2 (2026-12-07): the media encoder takes N media a call, (N, F, 3, S, S) -> (X, 2, N, L, H, dh)
+MANIFEST_VERSION = 2
 
 
 def cache_shapes(model: Flamingo, max_seq_len: int, max_media: int) -> Dict[str, list]:
@@ -99,12 +100,16 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
     dev = torch.device(device)
     times = {}
     with torch.no_grad(), _backend.export_mode():
-        # media encoder: F frames dynamic in [1, max_frames] (static when max_frames = 1: a
-        # torch.export.Dim needs min < max)
+        # media encoder: N media dynamic in [1, max_media], F frames in [1, max_frames]
+        # (each static when its maximum is 1: a torch.export.Dim needs min < max)
         enc = MediaEncoderStep(model).eval()
-        pixels = torch.randn(1, min(2, max_frames), 3, S_img, S_img, device=dev, dtype=dtype)
-        frames_dims = ({1: torch.export.Dim("frames", min=1, max=max_frames)},) if max_frames > 1 else None
-        ep = torch.export.export(enc, (pixels,), dynamic_shapes=frames_dims)
+        pixels = torch.randn(min(2, max_media), min(2, max_frames), 3, S_img, S_img, device=dev, dtype=dtype)
+        media_dims = {}
+        if max_media > 1:
+            media_dims[0] = torch.export.Dim("media", min=1, max=max_media)
+        if max_frames > 1:
+            media_dims[1] = torch.export.Dim("frames", min=1, max=max_frames)
+        ep = torch.export.export(enc, (pixels,), dynamic_shapes=(media_dims,) if media_dims else None)
         if progress:
             print("compiling encode_media.pt2 ...", flush=True)
         times["encode_media"] = _compile(ep, out / "encode_media.pt2")
@@ -161,7 +166,8 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
         "packages": {"encode_media": "encode_media.pt2", "token_step": "token_step.pt2",
                      "decode_step": "decode_step.pt2", "score_step": "score_step.pt2"},
         "inputs": {
-            "encode_media": ["pixels (1, F, 3, image_size, image_size) normalised"],
+            "encode_media": ["pixels (N, F, 3, image_size, image_size) normalised: N media of F frames",
+                             "-> media keys/values (X, 2, N, L, H, dh)"],
             "token_step": ["ids (1, T) int64", "start (1,) int64", "media_index (1, T) int32",
                            "kv_cache (written)", "media_cache"],
             "decode_step": ["as token_step with T = 1"],

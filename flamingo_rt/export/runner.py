@@ -35,6 +35,12 @@ class ExportedModel:
         self.manifest = json.loads(mf.read_text())
         if self.manifest.get("format") != "flamingo_rt-export":
             raise ValueError(f"{mf}: expected format 'flamingo_rt-export', got {self.manifest.get('format')!r}")
+        from .package import MANIFEST_VERSION
+
+        if self.manifest.get("manifest_version") != MANIFEST_VERSION:
+            raise ValueError(f"{mf}: expected manifest_version {MANIFEST_VERSION}, got "
+                             f"{self.manifest.get('manifest_version')!r}: the export is from another flamingo_rt "
+                             "version (version 2 encodes a batch of media a call); re-export the model")
         exported = str(self.manifest.get("torch_version", "?"))
         ours = ".".join(torch.__version__.split(".")[:2])
         if ".".join(exported.split(".")[:2]) != ours:
@@ -136,6 +142,7 @@ class ExportedSession:
         f.kv, f.media = self.kv.clone(), self.media.clone()
         f.pos, f.num_media, f.seen_images = self.pos, self.num_media, self.seen_images
         f.pending = list(self.pending)
+        f.queued_media = list(self.queued_media)  # preprocessed pixels: never written, shared
         f.logits = None if self.logits is None else self.logits.clone()
         return f
 
@@ -144,6 +151,7 @@ class ExportedSession:
         self.num_media = 0
         self.seen_images = 0
         self.pending: List[int] = []
+        self.queued_media: List[torch.Tensor] = []  # appended, not encoded yet: the last media slots
         self.logits = None
 
     def append_text(self, text: str) -> None:
@@ -166,15 +174,32 @@ class ExportedSession:
                              f"max_seq_len = {cap} ({outcome})")
 
     def append_media(self, media: MediaLike) -> None:
+        """Queue a medium (an image (3, H, W) or a clip (F, 3, H, W)) and its ``<image>``
+        token. It is checked and preprocessed now and encoded at the next run of the model
+        (prefill, generate, score), together with every medium queued since the last run:
+        the media of a few-shot prompt go through the vision encoder in one batch."""
         if self.num_media >= self.m.manifest["max_media"]:
             raise ValueError(f"the session already holds max_media = {self.m.manifest['max_media']} media")
         self._check_room(1, "the medium's <image> token")
         px = preprocess_media(media, self.m.vision).to(self.m.device, self.m.dtype)
         if px.shape[0] > self.m.manifest["max_frames"]:
             raise ValueError(f"a clip of {px.shape[0]} frames; this export takes at most {self.m.manifest['max_frames']}")
-        self.media[:, :, 0, self.num_media] = self.m.encode(px[None])
+        self.queued_media.append(px)
         self.num_media += 1
         self.pending.append(self.m.tokenizer.image_token_id)
+
+    def _encode_queued(self) -> None:
+        """Encode the queued media into their media-cache slots: runs of consecutive media
+        with the same frame count, one encoder call each. A medium leaves the queue once its
+        keys/values are written (a failed call keeps the rest queued)."""
+        while self.queued_media:
+            frames = self.queued_media[0].shape[0]
+            n = 1
+            while n < len(self.queued_media) and self.queued_media[n].shape[0] == frames:
+                n += 1
+            slot = self.num_media - len(self.queued_media)
+            self.media[:, :, 0, slot:slot + n] = self.m.encode(torch.stack(self.queued_media[:n]))
+            del self.queued_media[:n]
 
     def _flush(self) -> torch.Tensor:
         ids = self.pending
@@ -185,6 +210,7 @@ class ExportedSession:
         if self.pos + len(ids) > self.m.manifest["max_seq_len"]:
             raise ValueError(f"the prompt needs {self.pos + len(ids)} cache slots; this export has "
                              f"max_seq_len = {self.m.manifest['max_seq_len']}")
+        self._encode_queued()
         img = self.m.tokenizer.image_token_id
         index, seen = [], self.seen_images  # the image count is committed only when the step ran
         for t in ids:

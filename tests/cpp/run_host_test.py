@@ -138,6 +138,28 @@ def main() -> int:
     want = gen.generate([clip, "a square"], GenerationConfig(max_new_tokens=8))
     r = run_host(a.host, export, ["--clip", FRAMES, *frames, "--text", "a square", "--max-new-tokens", 8])
     check(r.returncode == 0 and r.stdout == want + "\n", f"clip: host {r.stdout!r} == Python {want + chr(10)!r}")
+    # media queued together and encoded at the run in runs of one frame count: an image, the
+    # clip, two images (three encoder calls: 1 image, the clip, 2 images)
+    imgs, files = case_images[2]
+    want = gen.generate([imgs[0], "a", clip, "a square.<|endofchunk|>", imgs[1], imgs[2], "a"],
+                        GenerationConfig(max_new_tokens=8))
+    r = run_host(a.host, export, ["--image", files[0], "--text", "a", "--clip", FRAMES, *frames, "--text",
+                                  "a square.<|endofchunk|>", "--image", files[1], "--image", files[2], "--text", "a",
+                                  "--max-new-tokens", 8])
+    check(r.returncode == 0 and r.stdout == want + "\n",
+          f"images and a clip in one prompt: host {r.stdout!r} == Python {want + chr(10)!r}")
+    # an export of the version before the batched encoder is refused with a clear message
+    old = work / "export-version-1"
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
+    for f in export.iterdir():
+        if f.name != "manifest.json":
+            (old / f.name).symlink_to(f.resolve())
+    (old / "manifest.json").write_text(json.dumps(dict(json.loads((export / "manifest.json").read_text()),
+                                                       manifest_version=1)))
+    r = run_host(a.host, old, ["--text", "a"])
+    check(r.returncode == 3 and "manifest_version 2, got 1" in r.stderr and "re-export" in r.stderr,
+          f"a version 1 export -> FLAMINGO_ERR_FORMAT (3): {r.stderr.strip()[:200]}")
     # stop strings: the answer ends before the first occurrence, on both sides
     full = gen.generate([clip, "a square"], GenerationConfig(max_new_tokens=8))
     if len(full) >= 3:

@@ -93,8 +93,8 @@ typedef struct flamingo_session flamingo_session;
 /* A conversation with its own caches (max_seq_len tokens, max_media media). */
 FLAMINGO_API flamingo_status flamingo_session_create(flamingo_model* model, flamingo_session** out);
 FLAMINGO_API void flamingo_session_free(flamingo_session* session);
-/* Run the queued tokens through the model now (generate does it otherwise); nothing to do when
- * none are queued. With flamingo_session_fork: prefill a few-shot support set once, then fork a
+/* Run the queued media and tokens through the model now (generate and score do it otherwise);
+ * nothing to do when none are queued. A run that fails leaves them queued. With flamingo_session_fork: prefill a few-shot support set once, then fork a
  * session per query, so the support set is computed once. */
 FLAMINGO_API flamingo_status flamingo_session_prefill(flamingo_session* session);
 /* A new session holding a copy of `session`'s context (its caches, queued tokens and media);
@@ -113,8 +113,11 @@ FLAMINGO_API int flamingo_session_num_tokens(const flamingo_session* session);
  * text or media, for any reason) leaves the session as it was. */
 FLAMINGO_API flamingo_status flamingo_session_append_text(flamingo_session* session, const char* utf8);
 
-/* Append an image: it is encoded now (vision encoder, resampler, cross-attention keys and
- * values) and an <image> token is queued at this place of the text.
+/* Append an image: it is checked and preprocessed now, an <image> token is queued at this
+ * place of the text, and it is encoded (vision encoder, resampler, cross-attention keys and
+ * values) at the next run of the model (prefill, generate, score) together with every medium
+ * appended since the last run: the images of a few-shot prompt go through the vision encoder
+ * in one batch. An error of the encoder itself is reported by that run.
  *  - rgb8: `height` rows of `width` RGB pixels, row-major, 3 bytes per pixel, no padding;
  *  - f32:  planar (3, height, width) floats in [0, 1] (NaN, infinities and values outside
  *          [0, 1] by more than 1e-3, such as a 0-255 image, are refused).
@@ -154,7 +157,7 @@ typedef struct flamingo_generate_result {
   int num_tokens;          /* tokens generated (the stop token excluded) */
   int stopped_by_callback; /* the callback asked to stop */
   int hit_stop;            /* stopped by <|endofchunk|>, <|endoftext|> or a stop string */
-  double prefill_seconds;  /* the queued prompt through the model, until the first token */
+  double prefill_seconds;  /* the queued media and tokens through the model, until the first token */
   double decode_seconds;   /* the rest */
 } flamingo_generate_result;
 

@@ -69,9 +69,17 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
 
 
 def _torchrun(cfg: Path):
+    """torchrun with 2 workers; each worker's stdout/stderr is also kept whole in a log folder
+    beside the config (--tee), and a failure reports the end of each worker's stderr, not
+    only the launcher's (a rank that aborts at exit is otherwise hard to tell apart)."""
+    logs = cfg.with_suffix(".logs")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        WORKER, str(cfg)], env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+                        "--log-dir", str(logs), "--tee", "3", WORKER, str(cfg)], env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    if r.returncode != 0:
+        ranks = "".join(f"\n--- {f.relative_to(logs)} ---\n{f.read_text(errors='replace')[-4000:]}"
+                        for f in sorted(logs.rglob("stderr.log")))
+        pytest.fail(f"torchrun exited {r.returncode}\n--- launcher ---\n{r.stderr[-3000:]}{ranks}")
     return r
 
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "api_error.h"
+#include "beam_search.h"
 #include "flamingo_rt/tokenizer.h"
 #include "manifest.h"
 #include "preprocess.h"
@@ -246,6 +247,95 @@ size_t held_suffix(const std::string& text, const std::vector<std::string>& stop
   return best;
 }
 
+// Beam search (flamingo_session_generate with num_beams > 1): the queued prompt runs on the
+// session; K copies of its KV cache decode the beams (the media cache is shared: nothing
+// generated is a medium); the best hypothesis is queued in the context.
+void generate_beams(flamingo_session* s, const flamingo_generate_params& p, const std::vector<std::string>& stops,
+                    flamingo_piece_callback callback, void* user_data, flamingo_generate_result* result) {
+  flamingo_model* m = s->model;
+  flamingo_generate_result r{};
+  const auto t0 = std::chrono::steady_clock::now();
+  const at::Tensor first = flush(s)[0];  // (V,)
+  const auto t1 = std::chrono::steady_clock::now();
+  const int K = p.num_beams;
+  flamingo_rt::capi::BeamSearchParams bp;
+  bp.num_beams = K;
+  bp.length_penalty = p.length_penalty;
+  bp.early_stopping = p.early_stopping;
+  // the answer is queued in the context: it must fit (as greedy, the answer ends at the cache's end)
+  bp.max_new_tokens = std::min(p.max_new_tokens, m->manifest.max_seq_len - s->pos);
+  if (bp.max_new_tokens < 1) {
+    throw ApiError(FLAMINGO_ERR_CAPACITY, "the context is full (max_seq_len = " +
+                                              std::to_string(m->manifest.max_seq_len) + "): no room for an answer");
+  }
+  if (p.stop_at_endofchunk) bp.stop_ids.push_back(m->manifest.eoc_id);
+  if (p.stop_at_endoftext) bp.stop_ids.push_back(m->manifest.eos_id);
+  bp.banned_ids = {m->manifest.image_id, m->manifest.pad_id};
+  bp.vocab_size = m->tokenizer.vocab_size();
+  std::vector<at::Tensor> cur, spare;
+  int64_t filled = s->pos;  // cache slots each beam holds
+  at::Tensor index = at::full({1, 1}, s->seen_images - 1, at::kInt).to(m->device);
+  const auto step = [&](const std::vector<int64_t>& rows, const std::vector<int32_t>& toks) {
+    if (cur.empty()) {  // the first step: every beam continues the prompt
+      for (int j = 0; j < K; ++j) cur.push_back(j == 0 ? s->kv.clone() : at::Tensor());
+    }
+    // beam j continues beam rows[j]: a beam kept in place keeps its cache, the others copy
+    // their parent's filled slots into a spare one (the parents are read before any write)
+    std::vector<at::Tensor> next(K);
+    std::vector<bool> kept(K, false);
+    for (int j = 0; j < K; ++j)
+      if (rows[j] == j && cur[j].defined() && !kept[j]) next[j] = cur[j], kept[j] = true;
+    for (int j = 0; j < K; ++j) {
+      if (next[j].defined()) continue;
+      at::Tensor buf;
+      if (spare.empty()) {
+        buf = at::empty_like(s->kv);
+      } else {
+        buf = spare.back();
+        spare.pop_back();
+      }
+      buf.narrow(4, 0, filled).copy_(cur[rows[j]].narrow(4, 0, filled));
+      next[j] = buf;
+    }
+    for (int j = 0; j < K; ++j)
+      if (!kept[j] && cur[j].defined()) spare.push_back(cur[j]);
+    cur = std::move(next);
+    std::vector<at::Tensor> logits;
+    const at::Tensor start = at::full({1}, filled, at::kLong).to(m->device);
+    for (int j = 0; j < K; ++j) {
+      const at::Tensor ids = at::full({1, 1}, static_cast<int64_t>(toks[j]), at::kLong).to(m->device);
+      logits.push_back(m->decode->run({ids, start, index, cur[j], s->media}).at(0).to(at::kCPU, at::kFloat));
+    }
+    ++filled;
+    return at::cat(logits, 0);  // (K, V)
+  };
+  const std::vector<int32_t> best = flamingo_rt::capi::beam_search(first.to(at::kFloat), bp, step);
+  // the answer's text: up to a stop token, cut at the first stop string
+  flamingo_rt::IncrementalDecoder dec(m->tokenizer);
+  std::string text;
+  for (int32_t t : best) {
+    if (std::find(bp.stop_ids.begin(), bp.stop_ids.end(), t) != bp.stop_ids.end()) {
+      r.hit_stop = 1;
+      break;
+    }
+    ++r.num_tokens;
+    text += dec.push(t);
+  }
+  text += dec.flush();
+  size_t cut = std::string::npos;
+  for (const std::string& st : stops) cut = std::min(cut, text.find(st));
+  if (cut != std::string::npos) {
+    text.resize(cut);
+    r.hit_stop = 1;
+  }
+  s->pending.insert(s->pending.end(), best.begin(), best.end());
+  if (callback != nullptr && !text.empty() && callback(text.data(), text.size(), user_data) != 0) r.stopped_by_callback = 1;
+  const auto t2 = std::chrono::steady_clock::now();
+  r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  r.decode_seconds = std::chrono::duration<double>(t2 - t1).count();
+  if (result != nullptr) *result = r;
+}
+
 }  // namespace
 
 extern "C" {
@@ -427,6 +517,9 @@ flamingo_generate_params flamingo_generate_default_params(void) {
   p.stop_at_endoftext = 1;
   p.stop_strings = nullptr;
   p.num_stop_strings = 0;
+  p.num_beams = 1;
+  p.length_penalty = 1.f;
+  p.early_stopping = 0;
   return p;
 }
 
@@ -445,6 +538,16 @@ flamingo_status flamingo_session_generate(flamingo_session* s, const flamingo_ge
     for (int i = 0; i < p.num_stop_strings; ++i) {
       if (p.stop_strings[i] == nullptr || p.stop_strings[i][0] == '\0') invalid("expected non-empty stop strings");
       stops.emplace_back(p.stop_strings[i]);
+    }
+    if (p.num_beams < 1) invalid("expected num_beams >= 1, got " + std::to_string(p.num_beams));
+    if (p.num_beams > 1) {
+      if (p.temperature != 0.f) invalid("expected either sampling (temperature > 0) or beam search (num_beams > 1), got both");
+      if (!std::isfinite(p.length_penalty)) invalid("expected a finite length_penalty");
+      if (p.early_stopping < 0 || p.early_stopping > 2) {
+        invalid("expected early_stopping 0, 1 or 2, got " + std::to_string(p.early_stopping));
+      }
+      generate_beams(s, p, stops, callback, user_data, result);
+      return;
     }
     flamingo_generate_result r{};
     flamingo_model* m = s->model;

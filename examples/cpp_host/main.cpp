@@ -3,7 +3,8 @@
 //
 //   cpp_host EXPORT_DIR [--image FILE.ppm | --clip N FILE.ppm... | --text TEXT | --generate]... \
 //            [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--no-stop]
-//            [--stop-after-pieces N] [--score TEXT]...
+//            [--stop-after-pieces N] [--score TEXT]... [--num-beams K] [--length-penalty X]
+//            [--early-stopping false|true|never]
 //
 // Items are appended in the order given. `--generate` answers there (a turn of a conversation:
 // the answer stays in the context and later items follow it); the host answers once more at the
@@ -176,6 +177,13 @@ int main(int argc, char** argv) {
     } else if (a == "--no-stop") {  // only max_new_tokens ends the answer (benchmarks)
       gp.stop_at_endofchunk = 0;
       gp.stop_at_endoftext = 0;
+    } else if (a == "--num-beams") {  // beam search (the answer comes whole at the end)
+      gp.num_beams = std::atoi(next());
+    } else if (a == "--length-penalty") {
+      gp.length_penalty = static_cast<float>(std::atof(next()));
+    } else if (a == "--early-stopping") {  // false (default), true or never
+      const std::string v = next();
+      gp.early_stopping = v == "true" ? 1 : v == "never" ? 2 : v == "false" ? 0 : -1;
     } else if (a == "--stop") {
       stops.emplace_back(next());
     } else if (a == "--score") {

@@ -94,6 +94,22 @@ def main() -> int:
                                       "--max-new-tokens", 10], env={"FLAMINGO_RT_CHECK_NO_PYTHON": "1"})
         check(r.returncode == 0, f"case {case}: host exits 0 ({r.stderr.strip()[-300:]})")
         check(r.stdout == want + "\n", f"case {case}: host answer {r.stdout!r} == Python runtime {want + chr(10)!r}")
+    # beam search: the runtime's generate(num_beams=K), Hugging Face's rules, over length
+    # penalties, early-stopping rules and stops
+    es_value = {"false": False, "true": True, "never": "never"}
+    for case, (k, lp, es, stop) in enumerate([(3, 1.0, "false", True), (2, 0.0, "true", True), (3, 1.0, "never", True),
+                                              (4, 1.0, "false", False)]):
+        imgs, files = case_images[case % 3]
+        prompt = [imgs[0], "a red circle.<|endofchunk|>", imgs[1], "a blue star.<|endofchunk|>", imgs[2], "a"]
+        want = gen.generate(prompt, GenerationConfig(max_new_tokens=10, num_beams=k, length_penalty=lp,
+                                                     early_stopping=es_value[es], stop_on_eoc=stop, stop_on_eos=stop))
+        r = run_host(a.host, export, ["--image", files[0], "--text", "a red circle.<|endofchunk|>", "--image", files[1],
+                                      "--text", "a blue star.<|endofchunk|>", "--image", files[2], "--text", "a",
+                                      "--max-new-tokens", 10, "--num-beams", k, "--length-penalty", lp,
+                                      "--early-stopping", es, *([] if stop else ["--no-stop"])])
+        check(r.returncode == 0 and r.stdout == want + "\n",
+              f"beams {k}, length_penalty {lp}, early_stopping {es}, stops {stop}: host {r.stdout!r} == Python "
+              f"{want + chr(10)!r} ({r.stderr.strip()[-200:]})")
     # a conversation: three turns, the answers stay in the context (the runtime's Session)
     for max_new in (3, 10):
         imgs, files = case_images[0]

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "flamingo_rt/flamingo_rt.h"
@@ -195,6 +196,13 @@ int main(int argc, char** argv) {
       {"top_p = 0", [](flamingo_generate_params* p) { p->top_p = 0.f; }, "top_p"},
       {"a NULL stop string", [](flamingo_generate_params* p) { p->stop_strings = null_stop, p->num_stop_strings = 1; },
        "stop strings"},
+      {"num_beams = 0", [](flamingo_generate_params* p) { p->num_beams = 0; }, "num_beams"},
+      {"beams and sampling", [](flamingo_generate_params* p) { p->num_beams = 3, p->temperature = 1.f; },
+       "either sampling"},
+      {"early_stopping = 3", [](flamingo_generate_params* p) { p->num_beams = 2, p->early_stopping = 3; },
+       "early_stopping"},
+      {"length_penalty = inf", [](flamingo_generate_params* p) { p->num_beams = 2, p->length_penalty = INFINITY; },
+       "length_penalty"},
   };
   flamingo_session_create(m, &s);
   flamingo_session_append_text(s, "a");
@@ -214,6 +222,61 @@ int main(int argc, char** argv) {
   sp.seed = 123;
   const std::string a1 = answer(m, 2, sp), a2 = answer(m, 2, sp);
   check(a1 == a2 && a1.find("<failed") == std::string::npos, "the same seed samples the same answer: '" + a1 + "'");
+
+  // ------------------------------------------------------------------ beam search
+  {
+    const flamingo_generate_params d = flamingo_generate_default_params();
+    check(d.num_beams == 1 && d.length_penalty == 1.f && d.early_stopping == 0,
+          "default params: greedy (num_beams 1), length_penalty 1, early_stopping 0");
+    flamingo_generate_params bp = d;
+    bp.num_beams = 3;
+    bp.max_new_tokens = 6;
+    std::vector<uint8_t> px = image_rgb8(40, 24, 3);
+    flamingo_session* a = nullptr;
+    flamingo_session_create(m, &a);
+    flamingo_session_append_image_rgb8(a, px.data(), 40, 24);
+    flamingo_session_append_text(a, "a");
+    flamingo_session* b = nullptr;
+    flamingo_session_fork(a, &b);
+    const int before = flamingo_session_num_tokens(a);
+    std::string text_a, text_b;
+    int calls = 0;
+    auto counting = [](const char* piece, size_t len, void* user) {
+      auto* st = static_cast<std::pair<std::string*, int*>*>(user);
+      st->first->append(piece, len);
+      ++*st->second;
+      return 0;
+    };
+    std::pair<std::string*, int*> user{&text_a, &calls};
+    flamingo_generate_result r{};
+    const flamingo_status st = flamingo_session_generate(a, &bp, counting, &user, &r);
+    check(st == FLAMINGO_OK && calls <= 1 && r.num_tokens <= 6, "beam search answers, its text in one piece: '" +
+                                                                    text_a + "' (" + flamingo_last_error() + ")");
+    // the answer's tokens (and the stop token that ended it) are queued in the context
+    check(flamingo_session_num_tokens(a) == before + r.num_tokens + (r.hit_stop ? 1 : 0),
+          "the beam answer's tokens stay in the context: " + std::to_string(flamingo_session_num_tokens(a)) +
+              " == " + std::to_string(before) + " + " + std::to_string(r.num_tokens) + " + " + std::to_string(r.hit_stop));
+    const flamingo_status st_b = flamingo_session_generate(b, &bp, collect, &text_b, nullptr);
+    check(st_b == FLAMINGO_OK && text_b == text_a, "a fork's beam answer is the same: '" + text_b + "'");
+    flamingo_generate_params gp1 = d;
+    gp1.max_new_tokens = 3;
+    std::string more;
+    const int held = flamingo_session_num_tokens(a);
+    const flamingo_status st_more = flamingo_session_generate(a, &gp1, collect, &more, nullptr);
+    check(st_more == FLAMINGO_OK && flamingo_session_num_tokens(a) > held,
+          "the conversation goes on greedily after a beam answer: '" + more + "'");
+    flamingo_session_free(a);
+    flamingo_session_free(b);
+    // a context with no room left for an answer
+    flamingo_session_create(m, &a);
+    while (flamingo_session_num_tokens(a) < flamingo_model_max_seq_len(m) &&
+           (flamingo_session_append_text(a, " a") == FLAMINGO_OK || flamingo_session_append_text(a, "a") == FLAMINGO_OK)) {
+    }
+    check(flamingo_session_num_tokens(a) == flamingo_model_max_seq_len(m), "a context filled to max_seq_len");
+    check_status(flamingo_session_generate(a, &bp, nullptr, nullptr, nullptr), FLAMINGO_ERR_CAPACITY, "no room",
+                 "beam search in a full context");
+    flamingo_session_free(a);
+  }
 
   // ------------------------------------------------------------------ fork
   {

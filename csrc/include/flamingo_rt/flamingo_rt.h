@@ -149,6 +149,11 @@ typedef struct flamingo_generate_params {
   int stop_at_endoftext;           /* nonzero (default): stop at <|endoftext|> */
   const char* const* stop_strings; /* optional: stop when the text contains one of these */
   int num_stop_strings;
+  int num_beams;                   /* 1 (default): greedy or sampling; K > 1: beam search (temperature 0) */
+  float length_penalty;            /* beam search: hypotheses rank by sum(logprob) / length ** it; default 1 */
+  int early_stopping;              /* beam search ends: 0 (default) when no live beam can beat the worst of
+                                      the K finished at its current length (Hugging Face's default and
+                                      open_flamingo's), 1 at K finished, 2 at any length it could reach */
 } flamingo_generate_params;
 
 FLAMINGO_API flamingo_generate_params flamingo_generate_default_params(void);
@@ -163,7 +168,12 @@ typedef struct flamingo_generate_result {
 
 /* Run the queued prompt, then generate (as the Python runtime, <image> and <pad> are never
  * generated). The answer stays in the session's context (the
- * conversation can continue with more appends). `callback` and `result` may be NULL. */
+ * conversation can continue with more appends). `callback` and `result` may be NULL.
+ * With num_beams = K > 1: beam search as the Python runtime's generate(num_beams=K) (Hugging
+ * Face's rules, open_flamingo's answers): K copies of the session's caches decode one token a
+ * step each; the answer (cut at a stop string) comes to the callback in one piece at the end;
+ * its tokens (a stop token that ended it included) are queued in the context and run at the
+ * next generate or prefill. It decodes at most max_seq_len - num_tokens tokens. */
 FLAMINGO_API flamingo_status flamingo_session_generate(flamingo_session* session,
                                                        const flamingo_generate_params* params,
                                                        flamingo_piece_callback callback, void* user_data,

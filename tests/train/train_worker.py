@@ -1,8 +1,11 @@
 """Subprocess entry for training tests: ``python train_worker.py CONFIG.json`` (also under
 torchrun). One thread per process, so runs are quick and do not fight over the cores."""
+import faulthandler
 import sys
 
 import torch
+
+faulthandler.enable(all_threads=True)  # a fatal signal (an abort in C++) prints every thread's Python stack
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
 """The C++ host (examples/cpp_host over the C API and AOTInductor packages) vs the Python
 runtime on the same few-shot prompt (issue 9's benchmark): time to first token (media
-encoding + prefill) and decode tokens/s, side by side, ratios printed.
+encoding + prefill), decode tokens/s and a beam search, side by side, ratios printed.
 
 Needs the CMake build (``./dev cpp`` builds build/cmake/cpp_host). The model: the tiny
 NFNet + resampler with a 8-layer, 512-wide LLaMA LM (random weights, gates open), exported
@@ -94,5 +94,28 @@ def test_cpp_host_vs_python(benchmark, ceilings, report, tmp_path):
                         f"ratio python/host {p_ttft / h_ttft:5.2f}x")
     report.notes.append(f"  decode per token:    host {h_tok * 1e3:8.2f} ms   python {p_tok * 1e3:8.2f} ms   "
                         f"ratio python/host {p_tok / h_tok:5.2f}x  ({1 / h_tok:.0f} vs {1 / p_tok:.0f} tokens/s)")
+    # beam search (3 beams, 16 tokens, no stop): the host decodes its beams one row a call,
+    # the Python runtime all rows in one call; the decode time of the whole search
+    K, n_beam = 3, 16
+    cfg_b = GenerationConfig(max_new_tokens=n_beam, num_beams=K, stop_on_eoc=False, stop_on_eos=False)
+
+    def python_beams():
+        t0 = time.perf_counter()
+        out = gen.generate(prompt, cfg_b)
+        return out, time.perf_counter() - t0 - p_ttft
+
+    def host_beams():
+        r = subprocess.run([str(HOST), str(tmp_path / "export"), *map(str, args), "--max-new-tokens", str(n_beam),
+                            "--no-stop", "--num-beams", str(K)], capture_output=True, timeout=600)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        m = re.search(r"stats tokens=(\d+) ttft_s=([\d.]+) decode_s=([\d.]+)", r.stderr.decode())
+        return r.stdout.decode()[:-1], float(m.group(3))
+
+    pb = [python_beams() for _ in range(3)]
+    hb = [host_beams() for _ in range(3)]
+    assert hb[0][0] == pb[0][0], "the host's beam answer differs from the Python runtime's"
+    p_b, h_b = statistics.median(x[1] for x in pb), statistics.median(x[1] for x in hb)
+    report.notes.append(f"  beam search ({K} beams, {n_beam} tokens) after the prompt: host {h_b * 1e3:8.1f} ms   "
+                        f"python {p_b * 1e3:8.1f} ms   ratio python/host {p_b / h_b:5.2f}x")
     benchmark.extra_info.update(host_ttft_s=h_ttft, python_ttft_s=p_ttft, host_s_per_token=h_tok,
-                                python_s_per_token=p_tok)
+                                python_s_per_token=p_tok, host_beams_s=h_b, python_beams_s=p_b)

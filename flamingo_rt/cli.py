@@ -329,6 +329,10 @@ def _train(args) -> int:
         bad = {k: v for k, v in trainer.bad_records().items() if v}
         print(f"trained {cfg.steps} steps; model: {Path(cfg.out_dir) / 'final'}; log: {Path(cfg.out_dir) / 'log.jsonl'}"
               + (f"; skipped bad records: {bad}" if bad else ""))
+    if trainer.dist.world_size > 1:  # a finished rank must not abort in torch's teardown at exit
+        from .runtime.train.distributed import exit_distributed_process
+
+        exit_distributed_process(0)
     return 0
 
 
@@ -344,7 +348,8 @@ def _export(args) -> int:
         return _fail("export", problem)
     try:
         man = export_model(args.model_dir, args.out_dir, device=args.device, max_seq_len=args.max_seq_len,
-                           max_media=args.max_media, max_frames=args.max_frames, progress=True)
+                           max_media=args.max_media, max_frames=args.max_frames, max_beams=args.max_beams,
+                           progress=True)
     except (ValueError, OSError) as e:  # OSError: an output folder that cannot be made
         return _fail("export", e)
     print(f"exported to {args.out_dir}: {', '.join(man['packages'].values())}, tokenizer.json, manifest.json "
@@ -448,6 +453,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_exp.add_argument("--max-seq-len", type=_POSITIVE, default=512, help="KV cache slots of a session")
     p_exp.add_argument("--max-media", type=_POSITIVE, default=16, help="media slots of a session")
     p_exp.add_argument("--max-frames", type=_POSITIVE, default=None, help="most frames per clip (default: trained count or 8)")
+    p_exp.add_argument("--max-beams", type=_POSITIVE, default=8, help="most beams a host's beam search may use (default 8)")
     p_gen = sub.add_parser("generate", help="stream a continuation of a prompt with images")
     p_gen.add_argument("model_dir")
     p_gen.add_argument("prompt", help="text; <image> markers place the --image files (default: all first)")

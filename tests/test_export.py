@@ -234,6 +234,37 @@ def test_media_are_encoded_together_at_the_run(exported):
     assert a.generate(8) == b.generate(8)
 
 
+def test_decode_step_takes_beam_rows(exported):
+    """The decode package takes B rows at one position (a host's beams, B <= max_beams): each
+    row's logits and written cache slot equal the one-row step's."""
+    from flamingo_rt.export import ExportedModel
+
+    _, _, out, man = exported
+    assert man["max_beams"] == 8
+    em = ExportedModel(out)
+    sh = man["shapes"]
+    g = torch.Generator().manual_seed(23)
+    B = 3
+    row = lambda shape: [*shape[:2], *shape[3:]]  # noqa: E731  (rows-first: (B, n_layers, 2, Hkv, S, Dh))
+    kv = torch.randn([B, *row(sh["kv_cache"])], generator=g)
+    mc = torch.randn([B, *row(sh["media_cache"])], generator=g)
+    ids = torch.randint(4, 40, (B, 1), generator=g)
+    start = torch.tensor([7])
+    index = torch.tensor([[0], [2], [-1]], dtype=torch.int32)
+    kv_rows = kv.clone()
+    logits = em.decode(ids, start, index, kv_rows, mc)
+    assert logits.shape == (B, man["vocab_size"])
+    for b in range(B):
+        kv1 = kv[b:b + 1].clone()
+        one = em.decode(ids[b:b + 1], start, index[b:b + 1], kv1, mc[b:b + 1])
+        torch.testing.assert_close(logits[b:b + 1], one, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kv_rows[b:b + 1], kv1, rtol=1e-6, atol=1e-6)
+    # every layer's keys/values land in that layer's slots (AOTInductor once dropped the
+    # offsets of views into a dynamic-batch cache: all layers wrote into layer 0)
+    assert all(not torch.equal(kv_rows[:, i, :, :, 7], kv[:, i, :, :, 7]) for i in range(kv.shape[1]))
+    assert torch.equal(kv_rows[:, :, :, :, :7], kv[:, :, :, :, :7]) and torch.equal(kv_rows[:, :, :, :, 8:], kv[:, :, :, :, 8:])
+
+
 def test_failed_step_commits_nothing(exported):
     """A step that fails (here: the package raises) leaves the queued tokens, the position
     and the image count as they were, so a retry equals a session where it never failed
@@ -358,7 +389,7 @@ def test_smallest_sizes_export(tmp_path, monkeypatch, max_seq_len=1, max_frames=
     min < max; both crashed with an AssertionError from torch). The exported programs
     (AOTInductor compile skipped) equal the eager step modules."""
     from flamingo_rt.export import package
-    from flamingo_rt.export.modules import MediaEncoderStep, ScoreStep, TokenStep
+    from flamingo_rt.export.modules import DecodeStep, MediaEncoderStep, ScoreStep, TokenStep
 
     programs = {}
     monkeypatch.setattr(package, "_compile", lambda ep, path: programs.setdefault(path.name, ep) and 0.0)
@@ -369,6 +400,19 @@ def test_smallest_sizes_export(tmp_path, monkeypatch, max_seq_len=1, max_frames=
     assert (man["max_seq_len"], man["max_frames"]) == (max_seq_len, max_frames)
     assert sorted(programs) == ["decode_step.pt2", "encode_media.pt2", "score_step.pt2", "token_step.pt2"]
     g = torch.Generator().manual_seed(0)
+    # the decode step takes B rows (a host's beams, up to max_beams = 8): each row its one-row step
+    shapes = package.cache_shapes(model, max_seq_len, 1)
+    g = torch.Generator().manual_seed(1)
+    B = 3
+    kv = torch.randn([B, *package.decode_row_shape(shapes["kv_cache"])], generator=g)
+    mc = torch.randn([B, *package.decode_row_shape(shapes["media_cache"])], generator=g)
+    ids, index = torch.randint(4, 40, (B, 1), generator=g), torch.tensor([[0], [-1], [0]], dtype=torch.int32)
+    with torch.no_grad():
+        rows = programs["decode_step.pt2"].module()(ids, torch.zeros(1, dtype=torch.long), index, kv.clone(), mc)
+        for b in range(B):
+            one = DecodeStep(model)(ids[b:b + 1], torch.zeros(1, dtype=torch.long), index[b:b + 1],
+                                    kv[b:b + 1].clone(), mc[b:b + 1])
+            torch.testing.assert_close(rows[b:b + 1], one)
     with torch.no_grad():
         for f in range(1, max_frames + 1):
             px = torch.randn(1, f, 3, 32, 32, generator=g)
@@ -389,6 +433,7 @@ def test_smallest_sizes_export(tmp_path, monkeypatch, max_seq_len=1, max_frames=
 
 
 @pytest.mark.parametrize("kw,match", [({"max_frames": 0}, "max_frames"), ({"max_frames": 2.5}, "max_frames"),
+                                      ({"max_beams": 0}, "max_beams"),
                                       ({"max_media": "4"}, "max_media"), ({"max_seq_len": 0}, "max_seq_len")])
 def test_export_refuses_bad_sizes(tmp_path, kw, match):
     """max_frames = 0 silently meant the default, -1 failed inside torch.export."""
@@ -456,11 +501,12 @@ def test_decode_step_runs_the_fused_ops(tmp_path, monkeypatch, fused, dtype):
         for start, m in [(3, -1), (4, 0), (9, 0), (10, 1), (17, 1)]:
             ids = torch.randint(4, 40, (1, 1), generator=g)
             args = (ids, torch.tensor([start]), torch.tensor([[m]], dtype=torch.int32))
-            out = decode(*args, kv_a, mc)
+            out = decode(*args, kv_a.squeeze(2)[None], mc.squeeze(2)[None])  # rows-first: one row, in place
             want = ref(*args, kv_b, mc)
             torch.testing.assert_close(out, want, rtol=tol, atol=tol)
             torch.testing.assert_close(kv_a, kv_b, rtol=tol, atol=tol)
         # the step reads image m's keys/values: another image's there changes the logits
         mc2 = mc.clone()
         mc2[:, :, :, 1] = mc[:, :, :, 0]
-        assert not torch.allclose(decode(*args, kv_a.clone(), mc2), decode(*args, kv_a.clone(), mc))
+        assert not torch.allclose(decode(*args, kv_a.squeeze(2)[None].clone(), mc2.squeeze(2)[None]),
+                                  decode(*args, kv_a.squeeze(2)[None].clone(), mc.squeeze(2)[None]))

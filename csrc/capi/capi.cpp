@@ -91,6 +91,9 @@ void check_session(const flamingo_session* s) {
   if (s == nullptr) invalid("expected a session, got NULL");
 }
 
+// A session cache (n, 2, 1, ...) as the decode step's one row (1, n, 2, ...): the same memory.
+at::Tensor kv_rows(const at::Tensor& cache) { return cache.squeeze(2).unsqueeze(0); }
+
 // Encodes the queued media into their media-cache slots: runs of consecutive media with the
 // same frame count, one encoder call each (a few-shot prompt's images in one batch). A medium
 // leaves the queue once its keys/values are written; a failed call keeps the rest queued.
@@ -132,9 +135,11 @@ at::Tensor flush(flamingo_session* s) {
   }
   encode_queued(s);
   at::Tensor start = at::full({1}, s->pos, at::kLong);
-  auto& package = T == 1 ? m->decode : m->step;
-  std::vector<at::Tensor> out = package->run(
-      {ids.to(m->device), start.to(m->device), index.to(m->device), s->kv, s->media});
+  // the decode step takes rows-first caches (B, ...): one row, the session's memory as it is
+  std::vector<at::Tensor> out =
+      T == 1 ? m->decode->run({ids.to(m->device), start.to(m->device), index.to(m->device), kv_rows(s->kv),
+                               kv_rows(s->media)})
+             : m->step->run({ids.to(m->device), start.to(m->device), index.to(m->device), s->kv, s->media});
   s->seen_images = seen;
   s->pos += T;
   s->pending.clear();
@@ -254,10 +259,14 @@ void generate_beams(flamingo_session* s, const flamingo_generate_params& p, cons
                     flamingo_piece_callback callback, void* user_data, flamingo_generate_result* result) {
   flamingo_model* m = s->model;
   flamingo_generate_result r{};
+  const int K = p.num_beams;
+  if (K > m->manifest.max_beams) {
+    invalid("num_beams " + std::to_string(K) + "; this export decodes at most max_beams = " +
+            std::to_string(m->manifest.max_beams) + " rows at once (flamingo-rt export --max-beams)");
+  }
   const auto t0 = std::chrono::steady_clock::now();
   const at::Tensor first = flush(s)[0];  // (V,)
   const auto t1 = std::chrono::steady_clock::now();
-  const int K = p.num_beams;
   flamingo_rt::capi::BeamSearchParams bp;
   bp.num_beams = K;
   bp.length_penalty = p.length_penalty;
@@ -272,42 +281,35 @@ void generate_beams(flamingo_session* s, const flamingo_generate_params& p, cons
   if (p.stop_at_endoftext) bp.stop_ids.push_back(m->manifest.eos_id);
   bp.banned_ids = {m->manifest.image_id, m->manifest.pad_id};
   bp.vocab_size = m->tokenizer.vocab_size();
-  std::vector<at::Tensor> cur, spare;
+  // the beams' caches: K rows (rows first, as the decode step takes them) of the session's
+  // (the media cache is read only: its rows are copies of the session's one), all decoded in
+  // one call of the decode step a token
+  const at::Tensor kv_row = kv_rows(s->kv), media_row = kv_rows(s->media);  // (1, ...)
+  std::vector<int64_t> kv_shape = kv_row.sizes().vec(), media_shape = media_row.sizes().vec();
+  kv_shape[0] = K;
+  media_shape[0] = K;
+  at::Tensor kv, media;
   int64_t filled = s->pos;  // cache slots each beam holds
-  at::Tensor index = at::full({1, 1}, s->seen_images - 1, at::kInt).to(m->device);
+  const at::Tensor index = at::full({K, 1}, s->seen_images - 1, at::kInt).to(m->device);
   const auto step = [&](const std::vector<int64_t>& rows, const std::vector<int32_t>& toks) {
-    if (cur.empty()) {  // the first step: every beam continues the prompt
-      for (int j = 0; j < K; ++j) cur.push_back(j == 0 ? s->kv.clone() : at::Tensor());
-    }
-    // beam j continues beam rows[j]: a beam kept in place keeps its cache, the others copy
-    // their parent's filled slots into a spare one (the parents are read before any write)
-    std::vector<at::Tensor> next(K);
-    std::vector<bool> kept(K, false);
-    for (int j = 0; j < K; ++j)
-      if (rows[j] == j && cur[j].defined() && !kept[j]) next[j] = cur[j], kept[j] = true;
-    for (int j = 0; j < K; ++j) {
-      if (next[j].defined()) continue;
-      at::Tensor buf;
-      if (spare.empty()) {
-        buf = at::empty_like(s->kv);
-      } else {
-        buf = spare.back();
-        spare.pop_back();
+    if (!kv.defined()) {  // the first step: every beam continues the prompt
+      kv = at::empty(kv_shape, s->kv.options());
+      kv.narrow(4, 0, filled).copy_(kv_row.narrow(4, 0, filled));  // broadcast over the K rows
+      media = media_row.expand(media_shape).contiguous();
+    } else {
+      bool moved = false;
+      for (int j = 0; j < K; ++j) moved = moved || rows[j] != j;
+      if (moved) {  // beam j continues beam rows[j]: its filled slots are copied
+        const at::Tensor idx = at::tensor(rows, at::kLong).to(m->device);
+        kv.narrow(4, 0, filled).copy_(kv.narrow(4, 0, filled).index_select(0, idx));
       }
-      buf.narrow(4, 0, filled).copy_(cur[rows[j]].narrow(4, 0, filled));
-      next[j] = buf;
     }
-    for (int j = 0; j < K; ++j)
-      if (!kept[j] && cur[j].defined()) spare.push_back(cur[j]);
-    cur = std::move(next);
-    std::vector<at::Tensor> logits;
+    at::Tensor ids = at::empty({K, 1}, at::kLong);
+    for (int j = 0; j < K; ++j) ids.data_ptr<int64_t>()[j] = toks[j];
     const at::Tensor start = at::full({1}, filled, at::kLong).to(m->device);
-    for (int j = 0; j < K; ++j) {
-      const at::Tensor ids = at::full({1, 1}, static_cast<int64_t>(toks[j]), at::kLong).to(m->device);
-      logits.push_back(m->decode->run({ids, start, index, cur[j], s->media}).at(0).to(at::kCPU, at::kFloat));
-    }
+    at::Tensor logits = m->decode->run({ids.to(m->device), start, index, kv, media}).at(0);
     ++filled;
-    return at::cat(logits, 0);  // (K, V)
+    return logits.to(at::kCPU, at::kFloat);  // (K, V)
   };
   const std::vector<int32_t> best = flamingo_rt::capi::beam_search(first.to(at::kFloat), bp, step);
   // the answer's text: up to a stop token, cut at the first stop string

@@ -84,6 +84,7 @@ Manifest read_manifest(const std::string& folder) {
   m.max_seq_len = static_cast<int>(integer(root, "max_seq_len", path, 1));
   m.max_media = static_cast<int>(integer(root, "max_media", path, 1));
   m.max_frames = static_cast<int>(integer(root, "max_frames", path, 1));
+  m.max_beams = static_cast<int>(integer(root, "max_beams", path, 1));
   m.image_size = static_cast<int>(integer(root, "image_size", path, 1));
   m.vocab_size = static_cast<int>(integer(root, "vocab_size", path, 1));
   m.image_mean = triple(root, "image_mean", path);

@@ -1,5 +1,6 @@
 // manifest.json of an export folder (written by flamingo_rt/export/package.py), version 2: the
-// media encoder takes N media a call, (N, F, 3, S, S) -> (X, 2, N, L, H, dh).
+// media encoder takes N media a call, (N, F, 3, S, S) -> (X, 2, N, L, H, dh), the decode step
+// B rows in [1, max_beams].
 #pragma once
 
 #include <array>
@@ -14,6 +15,7 @@ struct Manifest {
   std::string dtype;   // "float32", "bfloat16", ...
   std::string torch_version;  // the torch that compiled the packages, e.g. "2.14.1+cu130"
   int max_seq_len = 0, max_media = 0, max_frames = 0, image_size = 0, vocab_size = 0;
+  int max_beams = 1;  // the most rows the decode step takes at once
   std::array<float, 3> image_mean{}, image_std{};
   int32_t image_id = 0, eoc_id = 0, pad_id = 0, eos_id = 0;
   std::vector<int64_t> kv_cache_shape, media_cache_shape, media_kv_shape;

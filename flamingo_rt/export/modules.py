@@ -91,7 +91,13 @@ class TokenStep(nn.Module):
 
 
 class DecodeStep(TokenStep):
-    """:class:`TokenStep` for one token (T = 1): the same inputs and outputs.
+    """:class:`TokenStep` for one token (T = 1) of each of B rows (a session: B = 1; beam
+    search: B = K beams at the same position): ids (B, 1), start (1,), media_index (B, 1),
+    kv_rows (B, n_layers, 2, Hkv, S, Dh) (written), media_rows (B, X, 2, M, L, H, dh) ->
+    logits (B, V) float32. The rows come first (for B = 1 the same memory as the session's
+    caches, ``kv_cache.squeeze(2)[None]``): every per-layer view then has a static offset
+    (AOTInductor of torch 2.13/2.14 dropped the offsets of views whose offset depends on a
+    dynamic batch dimension: every layer wrote into layer 0's cache).
 
     On the CPU, when every decoder layer and block is a stock module with weights of the
     cache's dtype (:func:`~flamingo_rt.runtime.fused_decode.layer_plan`) and the fused path
@@ -109,20 +115,27 @@ class DecodeStep(TokenStep):
         return fused_decode.layer_plan(self.model.lm, kv_cache.dtype)
 
     def forward(self, ids: torch.Tensor, start: torch.Tensor, media_index: torch.Tensor,
-                kv_cache: torch.Tensor, media_cache: torch.Tensor) -> torch.Tensor:
-        plan = self._plan(kv_cache) if ids.shape[1] == 1 else None
+                kv_rows: torch.Tensor, media_rows: torch.Tensor) -> torch.Tensor:
+        B, S = ids.shape[0], kv_rows.shape[4]
+        positions = start.expand(B)[:, None]  # (B, 1): every row at the same position
+        mask = (torch.arange(S, device=ids.device)[None, :] <= start[:, None]).expand(B, S).contiguous()
+        mask = mask[:, None, None]  # (B, 1, 1, S)
+        kv = [(kv_rows[:, i, 0], kv_rows[:, i, 1]) for i in range(kv_rows.shape[1])]  # (B, Hkv, S, Dh) each
+        plan = self._plan(kv_rows)
         if plan is None:
-            return super().forward(ids, start, media_index, kv_cache, media_cache)
-        S = kv_cache.shape[4]
-        mask = torch.arange(S, device=ids.device)[None, :] <= start[:, None]  # (1, S)
-        kv = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
-        media = {key: (media_cache[j, 0], media_cache[j, 1]) for j, key in enumerate(self.keys)}
+            per_layer = {
+                key: dict(media_kv=(media_rows[:, j, 0], media_rows[:, j, 1]), media_index=media_index, validate=False)
+                for j, key in enumerate(self.keys)
+            }
+            logits = self.model.lm.forward_cached(ids, positions, kv, start, mask, xattn_layer_kwargs=per_layer,
+                                                  last_only=True)
+            return logits[:, -1].float()
+        media = {key: (media_rows[:, j, 0], media_rows[:, j, 1]) for j, key in enumerate(self.keys)}
 
         def run_layers(h, cos, sin):
-            return fused_decode.run_layers(plan, kv, media, h, cos, sin, start, mask[:, None, None], media_index)
+            return fused_decode.run_layers(plan, kv, media, h, cos, sin, start, mask, media_index)
 
-        logits = self.model.lm.forward_cached(ids, start[None], kv, start, mask[:, None, None], last_only=True,
-                                              run_layers=run_layers)
+        logits = self.model.lm.forward_cached(ids, positions, kv, start, mask, last_only=True, run_layers=run_layers)
         return logits[:, -1].float()
 
 

@@ -31,7 +31,8 @@ from .modules import DecodeStep, MediaEncoderStep, ScoreStep, TokenStep
 
 __all__ = ["export_model", "cache_shapes", "MANIFEST_VERSION"]
 
-# 2 (2026-12-07): the media encoder takes N media a call, (N, F, 3, S, S) -> (X, 2, N, L, H, dh)
+# 2 (2026-12-07): the media encoder takes N media a call, (N, F, 3, S, S) -> (X, 2, N, L, H, dh); the
+# decode step B rows, B in [1, max_beams]
 MANIFEST_VERSION = 2
 
 
@@ -45,6 +46,12 @@ def cache_shapes(model: Flamingo, max_seq_len: int, max_media: int) -> Dict[str,
                         blk.attn.heads, blk.attn.dim_head],
         "media_kv": [len(model.lm.xattn), 2, c.resampler.num_latents, blk.attn.heads, blk.attn.dim_head],
     }
+
+
+def decode_row_shape(cache_shape: list) -> list:
+    """One row of the decode step's rows-first caches from a host cache's shape: (n_layers,
+    2, 1, Hkv, S, Dh) -> (n_layers, 2, Hkv, S, Dh); (X, 2, 1, M, L, H, dh) -> (X, 2, M, L, H, dh)."""
+    return [*cache_shape[:2], *cache_shape[3:]]
 
 
 def _check_no_python_ops(ep, name: str) -> None:
@@ -66,10 +73,12 @@ def _compile(ep, path: Path) -> float:
 
 def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, Path], device: str = "cpu",
                  max_seq_len: int = 512, max_media: int = 16, max_frames: Optional[int] = None,
-                 tokenizer=None, progress: bool = False) -> Dict[str, Any]:
+                 max_beams: int = 8, tokenizer=None, progress: bool = False) -> Dict[str, Any]:
     """Export a model (a folder, or a model plus ``tokenizer``) into ``out_dir``; returns
     the manifest. ``max_frames``: the most frames a clip may have (default: the
-    resampler's trained frame count, or 8)."""
+    resampler's trained frame count, or 8). ``max_beams``: the most rows the decode step
+    takes at once (a host's beam search decodes its K beams in one call).
+    """
     if isinstance(model_or_dir, (str, Path)):
         model, tokenizer = load_pretrained(model_or_dir, device=device)
         if tokenizer is None:
@@ -92,6 +101,9 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
         raise ValueError(f"expected max_frames None or an integer >= 1, got {max_frames!r}")
     max_seq_len, max_media = int(max_seq_len), int(max_media)
     max_frames = int(max_frames) if max_frames is not None else (c.resampler.max_num_frames or 8)
+    if not is_integer(max_beams) or max_beams < 1:
+        raise ValueError(f"expected max_beams an integer >= 1, got {max_beams!r}")
+    max_beams = int(max_beams)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
@@ -129,11 +141,21 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
         if progress:
             print("compiling token_step.pt2 ...", flush=True)
         times["token_step"] = _compile(ep, out / "token_step.pt2")
-        # the decode step: the same function at T = 1 (static): on the CPU our fused decode
-        # ops (one call per layer and block), else the modules with decode-sized kernels
+        # the decode step: the same function at T = 1, for B rows in [1, max_beams] at one
+        # position (a session: 1; beam search: its beams); on the CPU our fused decode ops (one
+        # call per layer and block), else the modules with decode-sized kernels
         decode = DecodeStep(model).eval()
         decode_fused = decode.fused(kv)
-        ep = torch.export.export(decode, (ids[:, :1], start, midx[:, :1], kv, mc))
+        R = min(2, max_beams)
+        rows_kv = torch.zeros([R, *decode_row_shape(shapes["kv_cache"])], dtype=dtype, device=dev)
+        rows_mc = torch.zeros([R, *decode_row_shape(shapes["media_cache"])], dtype=dtype, device=dev)
+        decode_dims = None
+        if max_beams > 1:
+            rows = torch.export.Dim("rows", min=1, max=max_beams)
+            decode_dims = ({0: rows}, None, {0: rows}, {0: rows}, {0: rows})
+        ep = torch.export.export(decode, (ids[:1, :1].expand(R, 1).contiguous(), start,
+                                          midx[:1, :1].expand(R, 1).contiguous(), rows_kv, rows_mc),
+                                 dynamic_shapes=decode_dims)
         if progress:
             print("compiling decode_step.pt2 ...", flush=True)
         times["decode_step"] = _compile(ep, out / "decode_step.pt2")
@@ -156,6 +178,7 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
         "max_seq_len": max_seq_len,
         "max_media": max_media,
         "max_frames": max_frames,
+        "max_beams": max_beams,
         "image_size": S_img,
         "image_mean": list(c.vision.image_mean),
         "image_std": list(c.vision.image_std),
@@ -170,7 +193,10 @@ def export_model(model_or_dir: Union[str, Path, Flamingo], out_dir: Union[str, P
                              "-> media keys/values (X, 2, N, L, H, dh)"],
             "token_step": ["ids (1, T) int64", "start (1,) int64", "media_index (1, T) int32",
                            "kv_cache (written)", "media_cache"],
-            "decode_step": ["as token_step with T = 1"],
+            "decode_step": ["ids (B, 1) int64", "start (1,) int64", "media_index (B, 1) int32",
+                            "kv_rows (B, n_layers, 2, Hkv, S, Dh) (written)", "media_rows (B, X, 2, M, L, H, dh)",
+                            "-> logits (B, V) float32", "B in [1, max_beams], every row at position start; for "
+                            "B = 1 the caches' memory as they are (kv_cache.squeeze(2)[None])"],
             "score_step": ["ids (1, T) int64", "start (1,) int64", "offset (1, T) int64 (index inside its candidate)",
                            "media_index (1, T) int32", "kv_cache (written past start)", "media_cache",
                            "-> logits (1, T, V) float32"],

@@ -218,9 +218,12 @@ class ExportedSession:
                 seen += 1
             index.append(seen - 1)
         dev = self.m.device
-        run = self.m.decode if len(ids) == 1 else self.m.step
-        self.logits = run(torch.tensor([ids], device=dev), torch.tensor([self.pos], device=dev),
-                          torch.tensor([index], dtype=torch.int32, device=dev), self.kv, self.media)
+        args = (torch.tensor([ids], device=dev), torch.tensor([self.pos], device=dev),
+                torch.tensor([index], dtype=torch.int32, device=dev))
+        if len(ids) == 1:  # the decode step takes rows-first caches: one row, the same memory
+            self.logits = self.m.decode(*args, self.kv.squeeze(2)[None], self.media.squeeze(2)[None])
+        else:
+            self.logits = self.m.step(*args, self.kv, self.media)
         self.seen_images = seen
         self.pos += len(ids)
         self.pending = []

@@ -203,6 +203,7 @@ int main(int argc, char** argv) {
        "early_stopping"},
       {"length_penalty = inf", [](flamingo_generate_params* p) { p->num_beams = 2, p->length_penalty = INFINITY; },
        "length_penalty"},
+      {"more beams than the export's max_beams", [](flamingo_generate_params* p) { p->num_beams = 64; }, "max_beams"},
   };
   flamingo_session_create(m, &s);
   flamingo_session_append_text(s, "a");

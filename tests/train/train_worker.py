@@ -10,6 +10,7 @@ faulthandler.enable(all_threads=True)  # a fatal signal (an abort in C++) prints
 torch.set_num_threads(1)
 
 from flamingo_rt.runtime.train import Trainer, load_train_config  # noqa: E402
+from flamingo_rt.runtime.train.distributed import exit_distributed_process  # noqa: E402
 
 if __name__ == "__main__":
     trainer = Trainer(load_train_config(sys.argv[1]))
@@ -17,3 +18,5 @@ if __name__ == "__main__":
         trainer.fit()
     finally:
         trainer.close()
+    if trainer.dist.world_size > 1:  # as `flamingo-rt train`: no abort in torch's teardown at exit
+        exit_distributed_process(0)

@@ -170,8 +170,9 @@ typedef struct flamingo_generate_result {
  * generated). The answer stays in the session's context (the
  * conversation can continue with more appends). `callback` and `result` may be NULL.
  * With num_beams = K > 1: beam search as the Python runtime's generate(num_beams=K) (Hugging
- * Face's rules, open_flamingo's answers): K copies of the session's caches decode one token a
- * step each; the answer (cut at a stop string) comes to the callback in one piece at the end;
+ * Face's rules, open_flamingo's answers): K rows copied from the session's caches decode a
+ * token each per step, all in one call (K <= the export's max_beams, `flamingo-rt export
+ * --max-beams`); the answer (cut at a stop string) comes to the callback in one piece at the end;
  * its tokens (a stop token that ended it included) are queued in the context and run at the
  * next generate or prefill. It decodes at most max_seq_len - num_tokens tokens. */
 FLAMINGO_API flamingo_status flamingo_session_generate(flamingo_session* session,

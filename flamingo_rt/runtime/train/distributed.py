@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "close_distributed", "wrap_model", "row_range"]
+__all__ = ["DistInfo", "init_distributed", "close_distributed", "exit_distributed_process", "wrap_model",
+           "row_range"]
 
 
 @dataclass
@@ -56,6 +59,24 @@ def close_distributed(info: DistInfo) -> None:
         # normal finish the last checkpoint's barrier has already lined the ranks up
         dist.destroy_process_group()
         info.initialized_here = False
+
+
+def exit_distributed_process(code: int = 0) -> NoReturn:
+    """End a process that trained under torch.distributed (after :func:`close_distributed`),
+    skipping the interpreter's finalization: stdout, stderr and logging are flushed, then
+    ``os._exit(code)``. At finalization torch's gloo teardown can abort a rank that has
+    finished its work ("terminate called without an active exception", SIGABRT, with no
+    Python frame left on any thread: 3 of about 100 two-process FSDP runs on a loaded 2-core
+    machine, after the group was destroyed), and torchrun then reports the whole job as
+    failed. Everything the trainer writes (checkpoints, logs, the final folder) is closed
+    before this is called."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def row_range(global_batch: int, info: DistInfo, dataset: str = "") -> range:

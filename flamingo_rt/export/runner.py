@@ -5,6 +5,9 @@ reference for the C++ host and a check of every export.
     s = m.session()
     s.append_media(img); s.append_text("Output:")
     s.generate(max_new_tokens=20)            # greedy, stops at <|endofchunk|> / <|endoftext|>
+
+It decodes greedily; the C API's sampling and beam search are checked against the Python
+runtime's ``Generator`` directly (tests/cpp/run_host_test.py, run_beam_search_test.py).
 """
 from __future__ import annotations
 

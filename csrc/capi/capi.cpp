@@ -338,6 +338,32 @@ void generate_beams(flamingo_session* s, const flamingo_generate_params& p, cons
   if (result != nullptr) *result = r;
 }
 
+// Runs each package once on placeholder inputs (no image, one medium of black pixels, a
+// token of id eos at slot 0) in caches of its own: the first prompt then finds the weights
+// paged in, the allocator and the thread pools started.
+void warm_up(flamingo_model* m) {
+  const Manifest& man = m->manifest;
+  const auto opts = at::TensorOptions().dtype(m->dtype).device(m->device);
+  const auto longs = at::TensorOptions().dtype(at::kLong).device(m->device);
+  const auto ints = at::TensorOptions().dtype(at::kInt).device(m->device);
+  at::Tensor kv = at::zeros(man.kv_cache_shape, opts), media = at::zeros(man.media_cache_shape, opts);
+  try {
+    m->encode->run({at::zeros({1, 1, 3, man.image_size, man.image_size}, opts)});
+    const int64_t T = std::min(2, man.max_seq_len);
+    const at::Tensor start = at::zeros({1}, longs);
+    m->step->run({at::full({1, T}, man.eos_id, longs), start, at::full({1, T}, -1, ints), kv, media});
+    m->decode->run({at::full({1, 1}, man.eos_id, longs), start, at::full({1, 1}, -1, ints), kv_rows(kv),
+                    kv_rows(media)});
+    if (m->score) {
+      m->score->run({at::full({1, 1}, man.eos_id, longs), start, at::zeros({1, 1}, longs), at::full({1, 1}, -1, ints),
+                     kv, media});
+    }
+  } catch (const c10::Error& e) {
+    throw ApiError(FLAMINGO_ERR_RUNTIME, std::string("the warm-up run of the packages failed (load with warmup = 0 "
+                                                     "to skip it): ") + e.what_without_backtrace());
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -359,6 +385,7 @@ const char* flamingo_version(void) { return "0.1.0"; }
 flamingo_model_params flamingo_model_default_params(void) {
   flamingo_model_params p;
   p.num_threads = 0;
+  p.warmup = 1;
   return p;
 }
 
@@ -384,6 +411,7 @@ flamingo_status flamingo_model_load(const char* folder, const flamingo_model_par
     model->step = load_package(man.step_package);
     model->decode = load_package(man.decode_package);
     if (!man.score_package.empty()) model->score = load_package(man.score_package);
+    if (p.warmup) warm_up(model.get());
     *out = model.release();
   });
 }

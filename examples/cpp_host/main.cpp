@@ -4,7 +4,7 @@
 //   cpp_host EXPORT_DIR [--image FILE.ppm | --clip N FILE.ppm... | --text TEXT | --generate]... \
 //            [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--no-stop]
 //            [--stop-after-pieces N] [--score TEXT]... [--num-beams K] [--length-penalty X]
-//            [--early-stopping false|true|never]
+//            [--early-stopping false|true|never] [--no-warmup]
 //
 // Items are appended in the order given. `--generate` answers there (a turn of a conversation:
 // the answer stays in the context and later items follow it); the host answers once more at the
@@ -78,8 +78,14 @@ int main(int argc, char** argv) {
   }
   flamingo_model_params mp = flamingo_model_default_params();
   flamingo_model* model = nullptr;
+  for (int i = 2; i < argc; ++i)  // (a load option: parsed before the load)
+    if (std::strcmp(argv[i], "--no-warmup") == 0) mp.warmup = 0;
+  const auto t_load = std::chrono::steady_clock::now();
   flamingo_status st = flamingo_model_load(argv[1], &mp, &model);
   if (st != FLAMINGO_OK) return fail(st);
+  std::fprintf(stderr, "cpp_host: model loaded in %.3f s%s\n",
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count(),
+               mp.warmup ? " (packages warmed up)" : "");
   std::unique_ptr<flamingo_model, ModelFree> model_owner(model);
   flamingo_session* s = nullptr;
   if ((st = flamingo_session_create(model, &s)) != FLAMINGO_OK) return fail(st);
@@ -177,6 +183,7 @@ int main(int argc, char** argv) {
     } else if (a == "--no-stop") {  // only max_new_tokens ends the answer (benchmarks)
       gp.stop_at_endofchunk = 0;
       gp.stop_at_endoftext = 0;
+    } else if (a == "--no-warmup") {  // handled before the load
     } else if (a == "--num-beams") {  // beam search (the answer comes whole at the end)
       gp.num_beams = std::atoi(next());
     } else if (a == "--length-penalty") {

@@ -100,6 +100,19 @@ int main(int argc, char** argv) {
     std::printf("FAIL model_load(%s): %s\n", argv[1], flamingo_last_error());
     return 1;
   }
+  check(flamingo_model_default_params().warmup == 1, "default params warm the packages up at load");
+  {  // a model loaded without the warm-up answers the same
+    flamingo_model_params cold = flamingo_model_default_params();
+    cold.warmup = 0;
+    flamingo_model* mc = nullptr;
+    const flamingo_status st = flamingo_model_load(argv[1], &cold, &mc);
+    flamingo_generate_params gp = flamingo_generate_default_params();
+    gp.max_new_tokens = 6;
+    const std::string a_cold = st == FLAMINGO_OK ? answer(mc, 5, gp) : "<load failed>";
+    const std::string a_warm = answer(m, 5, gp);
+    check(st == FLAMINGO_OK && a_cold == a_warm, "warmup = 0 loads and answers as warmed up: '" + a_cold + "'");
+    flamingo_model_free(mc);
+  }
   const int max_seq = flamingo_model_max_seq_len(m), max_media = flamingo_model_max_media(m);
   check(max_seq == 96 && max_media == 4 && flamingo_model_image_size(m) == 32,
         "manifest sizes: " + std::to_string(max_seq) + ", " + std::to_string(max_media));

@@ -66,6 +66,9 @@ typedef struct flamingo_model flamingo_model;
 
 typedef struct flamingo_model_params {
   int num_threads; /* intra-op threads; 0 keeps libtorch's default */
+  int warmup;      /* nonzero (default): run each package once at load on placeholder inputs, so
+                      the first prompt does not pay first-call costs (the weights' first touch,
+                      allocations, threads starting); 0: load only */
 } flamingo_model_params;
 
 FLAMINGO_API flamingo_model_params flamingo_model_default_params(void);

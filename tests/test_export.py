@@ -238,6 +238,7 @@ def test_decode_step_takes_beam_rows(exported):
     """The decode package takes B rows at one position (a host's beams, B <= max_beams): each
     row's logits and written cache slot equal the one-row step's."""
     from flamingo_rt.export import ExportedModel
+    from flamingo_rt.export.package import decode_row_shape
 
     _, _, out, man = exported
     assert man["max_beams"] == 8
@@ -245,9 +246,8 @@ def test_decode_step_takes_beam_rows(exported):
     sh = man["shapes"]
     g = torch.Generator().manual_seed(23)
     B = 3
-    row = lambda shape: [*shape[:2], *shape[3:]]  # noqa: E731  (rows-first: (B, n_layers, 2, Hkv, S, Dh))
-    kv = torch.randn([B, *row(sh["kv_cache"])], generator=g)
-    mc = torch.randn([B, *row(sh["media_cache"])], generator=g)
+    kv = torch.randn([B, *decode_row_shape(sh["kv_cache"])], generator=g)  # rows-first (B, n_layers, 2, ...)
+    mc = torch.randn([B, *decode_row_shape(sh["media_cache"])], generator=g)
     ids = torch.randint(4, 40, (B, 1), generator=g)
     start = torch.tensor([7])
     index = torch.tensor([[0], [2], [-1]], dtype=torch.int32)

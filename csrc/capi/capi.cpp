@@ -253,8 +253,9 @@ size_t held_suffix(const std::string& text, const std::vector<std::string>& stop
 }
 
 // Beam search (flamingo_session_generate with num_beams > 1): the queued prompt runs on the
-// session; K copies of its KV cache decode the beams (the media cache is shared: nothing
-// generated is a medium); the best hypothesis is queued in the context.
+// session; K rows copied from its caches decode the beams, all in one call of the decode step
+// a token (the media rows are read only: nothing generated is a medium); the session's own
+// caches are left at the prompt's end and the best hypothesis is queued in its context.
 void generate_beams(flamingo_session* s, const flamingo_generate_params& p, const std::vector<std::string>& stops,
                     flamingo_piece_callback callback, void* user_data, flamingo_generate_result* result) {
   flamingo_model* m = s->model;
@@ -265,7 +266,7 @@ void generate_beams(flamingo_session* s, const flamingo_generate_params& p, cons
             std::to_string(m->manifest.max_beams) + " rows at once (flamingo-rt export --max-beams)");
   }
   const auto t0 = std::chrono::steady_clock::now();
-  const at::Tensor first = flush(s)[0];  // (V,)
+  const at::Tensor first = flush(s)[0];  // (V,) float32
   const auto t1 = std::chrono::steady_clock::now();
   flamingo_rt::capi::BeamSearchParams bp;
   bp.num_beams = K;
@@ -311,7 +312,7 @@ void generate_beams(flamingo_session* s, const flamingo_generate_params& p, cons
     ++filled;
     return logits.to(at::kCPU, at::kFloat);  // (K, V)
   };
-  const std::vector<int32_t> best = flamingo_rt::capi::beam_search(first.to(at::kFloat), bp, step);
+  const std::vector<int32_t> best = flamingo_rt::capi::beam_search(first, bp, step);
   // the answer's text: up to a stop token, cut at the first stop string
   flamingo_rt::IncrementalDecoder dec(m->tokenizer);
   std::string text;

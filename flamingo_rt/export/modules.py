@@ -51,6 +51,12 @@ class MediaEncoderStep(nn.Module):
         return torch.stack(out)
 
 
+def _xattn_kwargs(keys: list, media: list, media_index: torch.Tensor) -> dict:
+    """``forward_cached``'s per-block arguments: block ``keys[j]`` reads the cached media
+    keys / values ``media[j]`` (each (B, M, L, H, dh)) at ``media_index``."""
+    return {key: dict(media_kv=media[j], media_index=media_index, validate=False) for j, key in enumerate(keys)}
+
+
 def _lm_over_caches(step: nn.Module, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                     mask: torch.Tensor, media_index: torch.Tensor, kv_cache: torch.Tensor,
                     media_cache: torch.Tensor, last_only: bool) -> torch.Tensor:
@@ -58,12 +64,10 @@ def _lm_over_caches(step: nn.Module, ids: torch.Tensor, positions: torch.Tensor,
     cache ``slots`` (T,), attending where ``mask`` (T, S) is true, each block's media keys /
     values from ``media_cache``. Returns ``forward_cached``'s logits."""
     kv = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(kv_cache.shape[0])]
-    per_layer = {
-        key: dict(media_kv=(media_cache[j, 0], media_cache[j, 1]), media_index=media_index, validate=False)
-        for j, key in enumerate(step.keys)
-    }
+    media = [(media_cache[j, 0], media_cache[j, 1]) for j in range(media_cache.shape[0])]
     return step.model.lm.forward_cached(ids, positions[None], kv, slots, mask[None, None],
-                                        xattn_layer_kwargs=per_layer, last_only=last_only)
+                                        xattn_layer_kwargs=_xattn_kwargs(step.keys, media, media_index),
+                                        last_only=last_only)
 
 
 class TokenStep(nn.Module):
@@ -121,19 +125,16 @@ class DecodeStep(TokenStep):
         mask = (torch.arange(S, device=ids.device)[None, :] <= start[:, None]).expand(B, S).contiguous()
         mask = mask[:, None, None]  # (B, 1, 1, S)
         kv = [(kv_rows[:, i, 0], kv_rows[:, i, 1]) for i in range(kv_rows.shape[1])]  # (B, Hkv, S, Dh) each
+        media = [(media_rows[:, j, 0], media_rows[:, j, 1]) for j in range(media_rows.shape[1])]
         plan = self._plan(kv_rows)
         if plan is None:
-            per_layer = {
-                key: dict(media_kv=(media_rows[:, j, 0], media_rows[:, j, 1]), media_index=media_index, validate=False)
-                for j, key in enumerate(self.keys)
-            }
-            logits = self.model.lm.forward_cached(ids, positions, kv, start, mask, xattn_layer_kwargs=per_layer,
-                                                  last_only=True)
+            logits = self.model.lm.forward_cached(ids, positions, kv, start, mask, last_only=True,
+                                                  xattn_layer_kwargs=_xattn_kwargs(self.keys, media, media_index))
             return logits[:, -1].float()
-        media = {key: (media_rows[:, j, 0], media_rows[:, j, 1]) for j, key in enumerate(self.keys)}
+        by_key = dict(zip(self.keys, media))
 
         def run_layers(h, cos, sin):
-            return fused_decode.run_layers(plan, kv, media, h, cos, sin, start, mask, media_index)
+            return fused_decode.run_layers(plan, kv, by_key, h, cos, sin, start, mask, media_index)
 
         logits = self.model.lm.forward_cached(ids, positions, kv, start, mask, last_only=True, run_layers=run_layers)
         return logits[:, -1].float()

@@ -4,7 +4,8 @@ Output folder::
 
     encode_media.pt2   MediaEncoderStep: pixels (N, F, 3, S, S) -> media keys/values (X, 2, N, L, H, dh)
     token_step.pt2     TokenStep: a chunk of T tokens -> last logits (1, V), writes the KV cache
-    decode_step.pt2    DecodeStep: the same at T = 1 (static shapes; on the CPU our fused decode ops)
+    decode_step.pt2    DecodeStep: the same at T = 1 for B rows (beams) at one position, rows-first
+                       caches (on the CPU our fused decode ops)
     score_step.pt2     ScoreStep: candidates packed past the context -> every position's logits (1, T, V)
     tokenizer.json     the model's tokenizer
     manifest.json      shapes, dtypes, special token ids, preprocessing, versions

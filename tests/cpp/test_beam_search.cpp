@@ -4,7 +4,8 @@
 // driver computes the same searches with the Python runtime's beam search (itself pinned to
 // Hugging Face's) and compares the answers.
 //
-// stdin, one search a line: SEED K LENGTH_PENALTY EARLY_STOPPING MAX_NEW STOP_BIAS V EOC
+// stdin, one search a line: SEED K LENGTH_PENALTY EARLY_STOPPING MAX_NEW STOP_BIAS
+// LATE_STOP_BIAS V EOC EOS (EOS -1: the end of chunk is the only stop token)
 // stdout, a line each: the best hypothesis' tokens, space-separated (its stop token included).
 #include <ATen/ATen.h>
 
@@ -18,10 +19,12 @@
 
 namespace {
 
-// logits (V,) of a beam whose tokens so far are `h`: tokens 10..15 and the end of chunk (plus
-// `bias`) get values in [-3, 3) from an FNV-1a hash of (seed, h, token); the rest -12.
+// logits (V,) of a beam whose tokens so far are `h`: tokens 10..15 and the stop tokens (plus
+// `bias` at the first step, `late` after it) get values in [-3, 3) from a hash of (seed, h, token)
+// (FNV-1a, then MurmurHash3's finalizer); the rest -12.
 // run_beam_search_test.py's scripted_logits is the same function.
-void scripted(uint64_t seed, const std::vector<int32_t>& h, double bias, int64_t V, int32_t eoc, float* out) {
+void scripted(uint64_t seed, const std::vector<int32_t>& h, double bias, double late, int64_t V,
+              const std::vector<int32_t>& stops, float* out) {
   for (int64_t v = 0; v < V; ++v) out[v] = -12.f;
   auto value = [&](int64_t v) {
     uint64_t x = 1469598103934665603ull;
@@ -29,10 +32,15 @@ void scripted(uint64_t seed, const std::vector<int32_t>& h, double bias, int64_t
     mix(seed);
     for (int32_t t : h) mix(static_cast<uint64_t>(t));
     mix(static_cast<uint64_t>(v));
+    // MurmurHash3's finalizer: FNV-1a alone moves the high bits little with the last token,
+    // which made the tokens of one beam nearly tied
+    x = (x ^ (x >> 33)) * 0xff51afd7ed558ccdull;
+    x = (x ^ (x >> 33)) * 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
     return static_cast<double>(x >> 40) / 16777216.0 * 6.0 - 3.0;
   };
   for (int64_t v = 10; v < 16; ++v) out[v] = static_cast<float>(value(v));
-  out[eoc] = static_cast<float>(value(eoc) + bias);
+  for (int32_t s : stops) out[s] = static_cast<float>(value(s) + (h.empty() ? bias : late));
 }
 
 }  // namespace
@@ -42,10 +50,10 @@ int main() {
   while (std::getline(std::cin, line)) {
     std::istringstream in(line);
     uint64_t seed;
-    int K, es, max_new, eoc;
-    double lp, bias;
+    int K, es, max_new, eoc, eos;
+    double lp, bias, late;
     int64_t V;
-    if (!(in >> seed >> K >> lp >> es >> max_new >> bias >> V >> eoc)) {
+    if (!(in >> seed >> K >> lp >> es >> max_new >> bias >> late >> V >> eoc >> eos)) {
       std::cerr << "test_beam_search: bad line: " << line << "\n";
       return 2;
     }
@@ -55,18 +63,19 @@ int main() {
     p.early_stopping = es;
     p.max_new_tokens = max_new;
     p.stop_ids = {eoc};
+    if (eos >= 0) p.stop_ids.push_back(eos);
     p.banned_ids = {0, 2};  // the world tokenizer's <image> and <pad>
     p.vocab_size = V;
     std::vector<std::vector<int32_t>> hist(K);
     at::Tensor first = at::empty({V}, at::kFloat);
-    scripted(seed, {}, bias, V, eoc, first.data_ptr<float>());
+    scripted(seed, {}, bias, late, V, p.stop_ids, first.data_ptr<float>());
     const auto step = [&](const std::vector<int64_t>& rows, const std::vector<int32_t>& toks) {
       std::vector<std::vector<int32_t>> next(K);
       at::Tensor logits = at::empty({K, V}, at::kFloat);
       for (int j = 0; j < K; ++j) {
         next[j] = hist[rows[j]];
         next[j].push_back(toks[j]);
-        scripted(seed, next[j], bias, V, eoc, logits.data_ptr<float>() + j * V);
+        scripted(seed, next[j], bias, late, V, p.stop_ids, logits.data_ptr<float>() + j * V);
       }
       hist = std::move(next);
       return logits;

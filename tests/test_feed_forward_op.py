@@ -275,16 +275,39 @@ def test_residual_errors_and_inference_path():
     assert y.shape == (4, 16) and y.dtype == torch.float32
 
 
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
 @pytest.mark.parametrize("residual,gated", [(False, False), (True, False), (True, True)])
-def test_opcheck(residual, gated):
+def test_opcheck(residual, gated, lead):
     """Schema, fake implementation, autograd registration and AOT dispatch of the op (and,
-    through its autograd, of the backward op)."""
+    through its autograd, of the backward op), for rows and for (B, T, D) inputs."""
     torch.manual_seed(7)
-    D, inner, R = 8, 32, 6
-    args = (torch.randn(R, D, requires_grad=True), torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True),
+    D, inner = 8, 32
+    args = (torch.randn(*lead, D, requires_grad=True), torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True),
             torch.randn(inner, D, requires_grad=True), torch.randn(D, inner, requires_grad=True),
             torch.tensor([0.3], requires_grad=True) if gated else None, 1e-5, "gelu", torch.float32, residual)
     torch.library.opcheck(FFMOD._ff_op, args)
+
+
+@pytest.mark.parametrize("residual,gated,chunk_bytes", [(False, False, None), (False, False, 1024),
+                                                         (True, False, None), (True, True, 1024)])
+def test_output_is_not_a_view(residual, gated, chunk_bytes, monkeypatch):
+    """A (B, T, D) input gives a (B, T, D) output that is no view (a module returning a view
+    is warned about by FSDP2: an in-place op on it would skip the module's pre-backward hook),
+    whether the product is the output (one chunk) or rows are written chunk by chunk (1024
+    bytes: 4 of the 10 rows a chunk); x's gradient has x's shape."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(FFMOD, "FORWARD_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(9)
+    ff = _module(16, "gelu")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    gate = torch.tensor([0.7]) if gated else None
+    y = feed_forward(x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight, residual=residual, gate=gate)
+    assert y.shape == (2, 5, 16) and y._base is None
+    want = ff(x)
+    want = (x + (gate * want if gated else want)) if residual else want
+    assert rel_err(y, want) < 1e-6
+    (gx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    assert gx.shape == x.shape and rel_err(gx, torch.autograd.grad(want, [x], torch.ones_like(want))[0]) < 1e-5
 
 
 def test_compiles_fullgraph_forward_and_backward():

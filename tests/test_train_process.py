@@ -83,6 +83,11 @@ def _torchrun(cfg: Path):
     return r
 
 
+def _ranks_stderr(cfg: Path) -> str:
+    """The workers' stderr of the last :func:`_torchrun` of ``cfg``, all ranks."""
+    return "".join(f.read_text(errors="replace") for f in sorted(cfg.with_suffix(".logs").rglob("stderr.log")))
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(world, tmp_path, strategy):
     """The same global batch on 2 processes (gloo) gives the 1-process losses and weights.
@@ -99,6 +104,9 @@ def test_two_processes_equal_one(world, tmp_path, strategy):
         _torchrun(write_config(tmp_path / "two_a.json", dict(two_d, steps=2)))
         assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     _torchrun(write_config(tmp_path / "two.json", two_d))
+    # FSDP2 warns about every wrapped module returning a view (an in-place op on it would skip
+    # the module's all-gather): the resampler and the blocks return fresh tensors
+    assert "returned a view tensor" not in _ranks_stderr(tmp_path / "two.json")
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in l1] == [s for s, _ in l2] == list(range(1, steps + 1))
     for (_, a), (_, b) in zip(l1, l2):

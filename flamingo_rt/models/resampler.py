@@ -201,7 +201,9 @@ class PerceiverResampler(MediaEmbeddings):
         latents = self.latents.to(x.dtype).repeat(B * M, 1, 1)
         for layer, kv_x in zip(self.layers, self.media_kv(x)):
             latents = layer(x, latents, backend, kv_x)
-        return self.norm(latents).view(B, M, -1, D)
+        # the norm of the (B, M, L, D) view, not a view of its output: an FSDP2-wrapped
+        # resampler returning a view is warned about
+        return self.norm(latents.view(B, M, -1, D))
 
     def media_kv(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """``layer.attn.to_kv(layer.attn.norm_media(x))`` for each layer, in order, each

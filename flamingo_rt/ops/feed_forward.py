@@ -144,10 +144,11 @@ def _gate_of(gate: Optional[Tensor]) -> Optional[Tensor]:
 def _ff_op_impl(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, gate: Optional[Tensor], eps: float,
                 kind: str, compute_dtype: torch.dtype, residual: bool,
                 keep_branch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y (R, D), h (R, inner), f); h is returned to be saved for the backward, and
-    with ``keep_branch`` (a gated residual only) f = FF(x) (R, D) in the compute dtype, the
-    ungated branch as the forward rounded it, for the gate's gradient sum(dy * f) (else an
-    empty tensor).
+    """For x (..., D) contiguous with R rows: returns (y (..., D), h (R, inner), f); h is
+    returned to be saved for the backward, and with ``keep_branch`` (a gated residual only)
+    f = FF(x) (R, D) in the compute dtype, the ungated branch as the forward rounded it, for
+    the gate's gradient sum(dy * f) (else an empty tensor). y has x's shape and is not a view
+    (an FSDP2-wrapped module returning a view of it would be warned about).
 
     y = FF(x) in the compute dtype, or with ``residual`` x + gate * FF(x) in x's dtype (gate
     a one-element tensor in x's dtype, or None for 1). The activation and fc2 run over
@@ -156,6 +157,8 @@ def _ff_op_impl(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, 
         raise ValueError("feed_forward: keep_branch keeps a gated residual's branch; got "
                          f"residual={residual}, gate={'None' if gate is None else 'given'}")
     with torch.autocast(x.device.type, enabled=False):
+        out_shape = (*x.shape[:-1], w2.shape[0])
+        x = x.reshape(-1, x.shape[-1])
         R = x.shape[0]
         xn = layer_norm_in(x, eps, compute_dtype, gamma, beta)[0]  # bf16: in blocks of rows
         step = _chunk_rows(R, w1.shape[0], compute_dtype, min(CHUNK_BYTES, FORWARD_CHUNK_BYTES))
@@ -163,9 +166,13 @@ def _ff_op_impl(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, 
         del xn
         w2p = _cast_parts(w2, compute_dtype, 0, split=step >= R)
         g = _gate_of(gate)
+        y_nd = torch.empty(out_shape, dtype=x.dtype if residual else compute_dtype, device=x.device)
+        y = y_nd.view(R, w2.shape[0])
         if not residual and step >= R:  # one chunk: the product is the output
-            return _mm_parts(_act(h, kind), w2p, True), h, x.new_empty(0)
-        y = torch.empty((R, w2.shape[0]), dtype=x.dtype if residual else compute_dtype, device=x.device)
+            f = _mm_parts(_act(h, kind), w2p, True, out=y)
+            if f.data_ptr() != y.data_ptr():  # a product with its own output
+                y.copy_(f)
+            return y_nd, h, x.new_empty(0)
         branch = torch.empty((R, w2.shape[0]), dtype=compute_dtype, device=x.device) if keep_branch \
             else x.new_empty(0)
         for r0 in range(0, R, step):
@@ -179,7 +186,7 @@ def _ff_op_impl(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor, 
                 torch.add(x[r0:r1], f, out=y[r0:r1])
             else:
                 torch.addcmul(x[r0:r1], g, f, out=y[r0:r1])
-    return y, h, branch
+    return y_nd, h, branch
 
 
 _ff_op = torch.library.custom_op("flamingo_rt::feed_forward", mutates_args=())(_ff_op_impl)
@@ -187,9 +194,10 @@ _ff_op = torch.library.custom_op("flamingo_rt::feed_forward", mutates_args=())(_
 
 @_ff_op.register_fake
 def _(x, gamma, beta, w1, w2, gate, eps, kind, compute_dtype, residual, keep_branch=False):
-    return (x.new_empty((x.shape[0], w2.shape[0]), dtype=x.dtype if residual else compute_dtype),
-            x.new_empty((x.shape[0], w1.shape[0]), dtype=compute_dtype),
-            x.new_empty((x.shape[0], w2.shape[0]) if keep_branch else (0,), dtype=compute_dtype if keep_branch
+    R = x.shape[:-1].numel()
+    return (x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype if residual else compute_dtype),
+            x.new_empty((R, w1.shape[0]), dtype=compute_dtype),
+            x.new_empty((R, w2.shape[0]) if keep_branch else (0,), dtype=compute_dtype if keep_branch
                         else x.dtype))
 
 
@@ -451,11 +459,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dh_unused, branch_unused):
-    x, gamma, beta, w1, w2, h, gate, branch = ctx.saved_tensors
+    x_nd, gamma, beta, w1, w2, h, gate, branch = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     nones = (None,) * 5  # eps, kind, compute_dtype, residual, keep_branch
     if dy is None:  # y took no part in the loss
         return (None,) * 11
+    x = x_nd.reshape(-1, x_nd.shape[-1])  # (R, D): the backward ops take rows
+    dy = dy.reshape(x.shape)
     store = None
     if ctx.needs_input_grad[3] and ctx.needs_input_grad[4]:
         # a training step collecting weight gradients as factors (factored_grads)? dW1 = dh^T xn,
@@ -469,10 +479,12 @@ def _backward(ctx, dy, dh_unused, branch_unused):
             branch if branch.numel() else None)
         store.add(w1, dh, xn)
         store.add(w2, dyc, a, scale=gate)
-        return ((dx if need_dx else None), dg, db, None, None, (dgate if gate is not None else None), *nones)
+        return ((dx.reshape(x_nd.shape) if need_dx else None), dg, db, None, None,
+                (dgate if gate is not None else None), *nones)
     dx, dg, db, dw1, dw2, dgate = _ff_bwd(dy.contiguous(), x, gamma, beta, w1, w2, h, gate, ctx.eps, ctx.kind,
                                              ctx.residual, need_dx)
-    return ((dx if need_dx else None), dg, db, dw1, dw2, (dgate if gate is not None else None), *nones)
+    return ((dx.reshape(x_nd.shape) if need_dx else None), dg, db, dw1, dw2, (dgate if gate is not None else None),
+            *nones)
 
 
 _ff_op.register_autograd(_backward, setup_context=_setup_context)
@@ -515,8 +527,9 @@ def feed_forward(x: Tensor, gamma: Tensor, beta: Tensor, w1: Tensor, w2: Tensor,
     # block) instead of remaking it in the backward (a (R x inner) x (inner x D) product)
     keep = (gate is not None and cd in _HALF_DTYPES and factored_grads.active() and torch.is_grad_enabled()
             and gate.requires_grad and w1.requires_grad and w2.requires_grad)
-    y, _, _ = _ff(x.reshape(-1, D), gamma, beta, w1, w2, gate, float(eps), kind, cd, residual, keep)
-    return y.view(*x.shape[:-1], D)
+    # x whole (not its (rows, D) view): the op's output has x's shape and is not a view
+    y, _, _ = _ff(x.contiguous(), gamma, beta, w1, w2, gate, float(eps), kind, cd, residual, keep)
+    return y
 
 
 def _inference_chunk_rows(x: Tensor, inner: int) -> int:

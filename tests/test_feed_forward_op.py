@@ -310,6 +310,22 @@ def test_output_is_not_a_view(residual, gated, chunk_bytes, monkeypatch):
     assert gx.shape == x.shape and rel_err(gx, torch.autograd.grad(want, [x], torch.ones_like(want))[0]) < 1e-5
 
 
+@pytest.mark.parametrize("lead", [(10,), (2, 5)])
+def test_flop_count(lead):
+    """torch's FLOP counter counts the op by its formulas (ops/flops.py), for rows and for
+    (B, T, D) inputs: forward 2 products, backward 4, of R x D x inner each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ff = _module(16, "gelu")
+    x = torch.randn(*lead, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        y = feed_forward(x, ff.norm.weight, ff.norm.bias, ff.fc1.weight, ff.fc2.weight, residual=True)
+    assert fc.get_total_flops() == 4 * 10 * 16 * 64
+    with FlopCounterMode(display=False) as fc:
+        y.sum().backward()
+    assert fc.get_total_flops() == 8 * 10 * 16 * 64
+
+
 def test_compiles_fullgraph_forward_and_backward():
     """The gated residual op under torch.compile(fullgraph=True) (AOT autograd over the fake
     implementation): the same output and gradients as eager."""

@@ -74,8 +74,8 @@ def register() -> None:
 
     @register_flop_formula(ops.feed_forward, get_raw=True)
     def _ff_fwd(x, gamma, beta, w1, w2, *args, out_val=None, **kw):
-        R, D = _shape(x)
-        return 4 * R * D * _shape(w1)[0]
+        D = _shape(x)[-1]  # x (..., D): the op takes rows or (B, T, D)
+        return 4 * (x.numel() // D) * D * _shape(w1)[0]
 
     @register_flop_formula(ops.gated_linear_residual, get_raw=True)
     def _glr_fwd(x, o, weight, *args, out_val=None, **kw):

@@ -11,6 +11,7 @@ as a fraction of what the hardware does on its best-understood workload.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -69,7 +70,8 @@ def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceiling
     from flamingo_rt.ops import cpu_gemm
 
     device = torch.device(device)
-    sizes = [n] if n is not None else ([8192] if device.type == "cuda" else [2048, 4096])
+    quick = os.environ.get("FLAMINGO_RT_BENCH_QUICK") == "1" and device.type == "cpu"  # a smoke run
+    sizes = [n] if n is not None else ([8192] if device.type == "cuda" else [256] if quick else [2048, 4096])
     res = {}
     onednn = 0.0  # oneDNN's float32 rate, measured on the CPU when torch has it
     for dt in (torch.float32, torch.bfloat16):
@@ -89,7 +91,7 @@ def measure(device: str | torch.device = "cpu", n: int | None = None) -> Ceiling
                     with cpu_gemm.use("onednn"):
                         t = _best_time(lambda: cpu_gemm.mm(a, b), device)
                     onednn = max(onednn, 2 * size ** 3 / t / 1e9)
-    numel = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    numel = (1 << 28) if device.type == "cuda" else (1 << 20) if quick else (1 << 25)  # 1 GiB / 128 MiB of fp32
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     t = _best_time(lambda: dst.copy_(src), device)

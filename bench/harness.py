@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -10,6 +11,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.utils.benchmark as tbench
 from torch.utils.flop_counter import FlopCounterMode
+
+#: ``FLAMINGO_RT_BENCH_QUICK=1``: every benchmark at a small shape, each timing a few calls
+#: (:func:`median_seconds`): a smoke run that the benchmarks still work (tests/test_bench_smoke.py),
+#: not a measurement. The modules of bench/ and bench/peers/ read the same variable.
+QUICK = os.environ.get("FLAMINGO_RT_BENCH_QUICK") == "1"
+QUICK_RUN_TIME = 0.02  # seconds per timing in a quick run
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -43,6 +50,8 @@ def peak_added_mib(fn: Callable[[], object]) -> float:
 
 
 def median_seconds(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
+    if QUICK:
+        min_run_time = min(min_run_time, QUICK_RUN_TIME)
     m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time
     )

@@ -22,9 +22,9 @@ import torch
 
 from flamingo_rt.models.ff import FeedForward
 from flamingo_rt.ops import feed_forward, gated_linear_residual
-from harness import peak_added_mib
+from harness import QUICK, peak_added_mib
 
-T, D, INNER, HD = 2048, 2048, 4 * 2048, 512
+T, D, INNER, HD = (64, 64, 4 * 64, 32) if QUICK else (2048, 2048, 4 * 2048, 512)
 
 
 def _rel(a, b):
@@ -94,7 +94,7 @@ def test_gated_feed_forward(benchmark, ceilings, report, precision):
             _closure(f_plain, leaves, precision), 3 * 4 * T * D * INNER, "FeedForward + addcmul", kept)
     # ours keeps h (and the gate); the module path LN(x), h, GELU(h) and FF(x) (and, under
     # autocast, the bf16 weight casts)
-    assert kept[0] < kept[1] / 2
+    assert kept[0] < kept[1] / 2 or QUICK
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -112,4 +112,4 @@ def test_gated_linear_residual(benchmark, ceilings, report, precision):
             _closure(f_ours, leaves, precision), _closure(f_plain, leaves, precision), 3 * 2 * T * HD * D,
             "Linear + addcmul", kept)
     # ours keeps nothing but its inputs (o, W) and the gate; the module path also o W^T (T, D)
-    assert kept[0] < kept[1] / 2
+    assert kept[0] < kept[1] / 2 or QUICK

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import peak_added_mib
+from harness import QUICK, peak_added_mib
 
 from flamingo_rt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
-N, D, V = 511, 2048, 32000
+N, D, V = (31, 64, 1000) if QUICK else (511, 2048, 32000)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -55,4 +55,4 @@ def test_lm_head_loss(benchmark, ceilings, report, precision):
     benchmark.extra_info.update(ratio_plain_over_ours=row.speedup, ours_added_mib=sizes["ours"],
                                 plain_added_mib=sizes["plain"])
     benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=1)
-    assert sizes["ours"] - cast < (sizes["plain"] - cast) / 2
+    assert sizes["ours"] - cast < (sizes["plain"] - cast) / 2 or QUICK  # (MiB: noise at a quick shape)

@@ -226,7 +226,7 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
     report.notes.append(
         f"  | {dtype} | {o:.2f} s | {p:.2f} s | {p / o:.2f}x | {mo['peak_mib']:.0f} MiB | {mp['peak_mib']:.0f} MiB "
         f"| {mp['peak_mib'] / mo['peak_mib']:.2f}x | {mo['step_mib']:.0f} MiB | {mp['step_mib']:.0f} MiB "
-        f"| {mp['step_mib'] / mo['step_mib']:.2f}x | {loss:.4f} equal, {worst[1]:.1e} ({worst[0]}) | {load0} -> {load1} |")
+        f"| {mp['step_mib'] / max(mo['step_mib'], 1e-9):.2f}x | {loss:.4f} equal, {worst[1]:.1e} ({worst[0]}) | {load0} -> {load1} |")
     if flops:
         report.notes.append(f"  ({dtype}: ours {flops / o / 1e9:.0f} GFLOP/s on {flops / 1e9:.0f} GFLOP per step; "
                             f"median of {ROUNDS} alternating steps, {torch.get_num_threads()} threads; all times: "
@@ -251,7 +251,7 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
         f"embedding's masked (V, D) gradient; ours: (k, D) parameters, also the untied head's rows) | {o_r:.2f} s "
         f"| {p_r:.2f} s | {p_r / o_r:.2f}x | {mto['peak_mib']:.0f} MiB | {mtp['peak_mib']:.0f} MiB "
         f"| {mtp['peak_mib'] / mto['peak_mib']:.2f}x | {mto['step_mib']:.0f} MiB | {mtp['step_mib']:.0f} MiB "
-        f"| {mtp['step_mib'] / mto['step_mib']:.2f}x | (tests/test_token_rows.py) | |")
+        f"| {mtp['step_mib'] / max(mto['step_mib'], 1e-9):.2f}x | (tests/test_token_rows.py) | |")
     report.notes.append(f"  ({dtype} with the vocabulary rows training, all times: ours "
                         f"{' '.join(f'{t:.2f}' for t in tro['all_s'])}, peer {' '.join(f'{t:.2f}' for t in trp['all_s'])})")
     benchmark.extra_info.update(token_rows_ours_s=o_r, token_rows_peer_s=p_r, mem_ours_token_rows=mto,
@@ -268,7 +268,7 @@ def test_train_step(benchmark, ceilings, report, of_helpers, dtype):
             f"  | bf16, ours with its frozen LM linears float32, cast at each use as the peer's (frozen_linear_dtype "
             f"= \"none\") | {o32:.2f} s | {p32:.2f} s | {p32 / o32:.2f}x | {m32['peak_mib']:.0f} MiB | {mp['peak_mib']:.0f} MiB "
             f"| {mp['peak_mib'] / m32['peak_mib']:.2f}x | {m32['step_mib']:.0f} MiB | {mp['step_mib']:.0f} MiB "
-            f"| {mp['step_mib'] / m32['step_mib']:.2f}x | (same products' inputs: tests) | |")
+            f"| {mp['step_mib'] / max(m32['step_mib'], 1e-9):.2f}x | (same products' inputs: tests) | |")
         report.notes.append(f"  (bf16 frozen linears float32: all times: ours {' '.join(f'{t:.2f}' for t in to32)}, "
                             f"peer {' '.join(f'{t:.2f}' for t in tp32)}; alone in its own process: ours {so32:.2f} s "
                             f"against the peer's {sp:.2f} s above, {sp / so32:.2f}x)")

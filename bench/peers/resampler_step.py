@@ -17,6 +17,7 @@ prints, as JSON, the peak resident memory of that side in a fresh process (:mod:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Tuple
@@ -31,6 +32,10 @@ ISSUE_SHAPES = {
     "issue4 video 8 clips x 8 frames x 64": (1024, 6, 8, 64, 64, 8, 64, 8),
 }
 SHORT = {"images": "issue4 32 images x 256", "video": "issue4 video 8 clips x 8 frames x 64"}
+if os.environ.get("FLAMINGO_RT_BENCH_QUICK") == "1":  # a smoke run (bench/harness.py)
+    ISSUE_SHAPES = {"quick 4 images x 16": (64, 2, 2, 16, 8, 4, 16, 1),
+                    "quick video 2 clips x 3 frames x 8": (64, 2, 2, 16, 8, 2, 8, 3)}
+    SHORT = dict(zip(("images", "video"), ISSUE_SHAPES))
 MODES = ("fwd", "fwd_bwd")
 
 

@@ -69,12 +69,14 @@ def emit(result: dict) -> None:
 def run(script: Path, args: List[str], root: Path, timeout: float = 3600,
         malloc_env: Optional[Dict[str, str]] = ENV) -> dict:
     """Run ``script args`` in a fresh Python process with ``malloc_env`` (:data:`ENV` by
-    default; None: the C library's defaults, for timings) and ``root`` on the path; returns
-    the dict its :func:`emit` printed last."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])), **(malloc_env or {}))
+    default; None: the C library's defaults, for timings), from the folder ``root``; returns
+    the dict its :func:`emit` printed last. flamingo_rt comes from its install (``./dev
+    setup``'s editable one), not from ``root`` on the path: there the source folder kernels/
+    (installed as flamingo_rt.kernels) would shadow the PyPI package ``kernels``, which
+    transformers imports (the training bench's peer)."""
+    env = dict(os.environ, **(malloc_env or {}))
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+                          timeout=timeout, cwd=root)
     if proc.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON ")][-1]

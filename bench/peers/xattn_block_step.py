@@ -22,6 +22,7 @@ memory of forward+backward in a fresh process (:mod:`rss`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Tuple
@@ -32,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DIM, VIS, HEADS, DH, FF_MULT = 2048, 1024, 8, 64, 4
 T, M, N = 2048, 32, 64
+if os.environ.get("FLAMINGO_RT_BENCH_QUICK") == "1":  # a smoke run (bench/harness.py)
+    DIM, VIS, HEADS, DH, FF_MULT = 64, 32, 2, 16, 2
+    T, M, N = 128, 4, 8
 
 
 def of_helpers():

@@ -185,7 +185,9 @@ CASES = [
     for layout in ("contiguous", "channels_last", "strided")
     for act in ACTS
     for with_bias in (True, False)
-    for shape in ((2, 5, 7, 3), (3, 64, 17, 19))  # odd sizes; threaded-path sizes
+    # odd sizes; threaded-path sizes; layouts that merge into one dim (csrc/cpu/layout_plan.h):
+    # the channel alone, or no channel dim (C == 1)
+    for shape in ((2, 5, 7, 3), (3, 64, 17, 19), (1, 6, 1, 1), (2, 1, 3, 5))
     if not (shape[1] == 64 and dtype == torch.float64)  # keep float64 cheap
 ]
 

@@ -28,6 +28,7 @@
 // throughout for float64); the partials are then added in a fixed order in float64, so the
 // result does not depend on the number of threads.
 #include "flamingo_rt/kernels.h"
+#include "layout_plan.h"
 
 #include <algorithm>
 #include <cmath>
@@ -580,62 +581,14 @@ double bwd_run(const Run& r) {
 
 // ------------------------------------------------------------------ layout plan
 
-// The logical dims after dropping size-1 dims, ordering by operand 0's strides
-// (outermost first) and merging neighbours that are contiguous in every operand.
-template <int K>
-struct Plan {
-  int nd = 0;
-  int64_t size[4] = {1, 1, 1, 1};
-  int64_t stride[K][4] = {};
-  int cpos = -1;  // position of the channel dim, -1 when C == 1 (then c is always 0)
-};
-
-inline int64_t abs64(int64_t v) { return v < 0 ? -v : v; }
+// Plan, make_plan: layout_plan.h; the tasks below are blocks of rows x chunks of the
+// innermost dim, so every plan here has at least two dims.
+using layout::abs64;
+using layout::Plan;
 
 template <int K>
 Plan<K> make_plan(const int64_t sizes[4], const int64_t* const strides[K]) {
-  int order[4];
-  int m = 0;
-  for (int d = 0; d < 4; ++d)
-    if (sizes[d] != 1) order[m++] = d;
-  std::stable_sort(order, order + m, [&](int a, int b) {
-    return abs64(strides[0][a]) > abs64(strides[0][b]);
-  });
-  Plan<K> p;
-  for (int i = 0; i < m; ++i) {
-    const int d = order[i];
-    const bool is_c = d == 1;
-    if (p.nd > 0 && !is_c && p.cpos != p.nd - 1) {
-      // Merge into the previous (outer) dim when contiguous in every operand.
-      bool ok = true;
-      for (int k = 0; k < K; ++k) ok = ok && strides[k][d] * sizes[d] == p.stride[k][p.nd - 1];
-      if (ok) {
-        p.size[p.nd - 1] *= sizes[d];
-        for (int k = 0; k < K; ++k) p.stride[k][p.nd - 1] = strides[k][d];
-        continue;
-      }
-    }
-    p.size[p.nd] = sizes[d];
-    for (int k = 0; k < K; ++k) p.stride[k][p.nd] = strides[k][d];
-    if (is_c) p.cpos = p.nd;
-    ++p.nd;
-  }
-  // Always at least two dims (a row dim of size 1 if needed), so every task is a
-  // block of rows x a chunk of the innermost dim.
-  if (p.nd == 0) {
-    p.nd = 1;
-    p.size[0] = 1;
-    for (int k = 0; k < K; ++k) p.stride[k][0] = 0;
-  }
-  if (p.nd == 1) {
-    p.size[1] = p.size[0];
-    for (int k = 0; k < K; ++k) p.stride[k][1] = p.stride[k][0];
-    p.size[0] = 1;
-    for (int k = 0; k < K; ++k) p.stride[k][0] = 0;
-    if (p.cpos == 0) p.cpos = 1;
-    p.nd = 2;
-  }
-  return p;
+  return layout::make_plan<K>(sizes, strides, 2);
 }
 
 constexpr int64_t kTaskElems = 16384;      // target elements per task

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../cpu/layout_plan.h"
 #include "cuda_status.cuh"
 #include "elem.cuh"
 #include <type_traits>
@@ -114,51 +115,10 @@ struct Divider<uint64_t> {
   __device__ __forceinline__ uint64_t div(uint64_t n) const { return n / d; }
 };
 
-// Dims after reordering/merging (see the CPU file for the same plan).
-template <int K>
-struct Plan {
-  int nd = 0;
-  int64_t size[4] = {1, 1, 1, 1};
-  int64_t stride[K][4] = {};
-  int cpos = -1;  // position of the channel dim; -1 when C == 1
-};
-
-inline int64_t abs64(int64_t v) { return v < 0 ? -v : v; }
-
-template <int K>
-Plan<K> make_plan(const int64_t sizes[4], const int64_t* const strides[K]) {
-  int order[4];
-  int m = 0;
-  for (int d = 0; d < 4; ++d)
-    if (sizes[d] != 1) order[m++] = d;
-  std::stable_sort(order, order + m, [&](int a, int b) {
-    return abs64(strides[0][a]) > abs64(strides[0][b]);
-  });
-  Plan<K> p;
-  for (int i = 0; i < m; ++i) {
-    const int d = order[i];
-    const bool is_c = d == 1;
-    if (p.nd > 0 && !is_c && p.cpos != p.nd - 1) {
-      bool ok = true;
-      for (int k = 0; k < K; ++k) ok = ok && strides[k][d] * sizes[d] == p.stride[k][p.nd - 1];
-      if (ok) {
-        p.size[p.nd - 1] *= sizes[d];
-        for (int k = 0; k < K; ++k) p.stride[k][p.nd - 1] = strides[k][d];
-        continue;
-      }
-    }
-    p.size[p.nd] = sizes[d];
-    for (int k = 0; k < K; ++k) p.stride[k][p.nd] = strides[k][d];
-    if (is_c) p.cpos = p.nd;
-    ++p.nd;
-  }
-  if (p.nd == 0) {
-    p.nd = 1;
-    p.size[0] = 1;
-    for (int k = 0; k < K; ++k) p.stride[k][0] = 0;
-  }
-  return p;
-}
+// The operands' dims after reordering / merging: csrc/cpu/layout_plan.h (the CPU kernel's plan).
+using layout::abs64;
+using layout::make_plan;
+using layout::Plan;
 
 constexpr int64_t kMax32 = int64_t(1) << 31;
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from flamingo_rt.models.nfnet import NFNet
+from harness import QUICK
 
 timm = pytest.importorskip("timm")
 
-_QUICK = os.environ.get("FLAMINGO_RT_BENCH_QUICK") == "1"  # a smoke run (bench/harness.py)
-RES = int(os.environ.get("NFNET_BENCH_RES", "32" if _QUICK else "224"))
-BATCH = int(os.environ.get("NFNET_BENCH_BATCH", "1" if _QUICK else "4"))
+RES = int(os.environ.get("NFNET_BENCH_RES", "32" if QUICK else "224"))
+BATCH = int(os.environ.get("NFNET_BENCH_BATCH", "1" if QUICK else "4"))
 
 
 def _conv_flops(model: NFNet, res: int) -> float:

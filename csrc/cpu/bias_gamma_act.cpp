@@ -583,7 +583,6 @@ double bwd_run(const Run& r) {
 
 // Plan, make_plan: layout_plan.h; the tasks below are blocks of rows x chunks of the
 // innermost dim, so every plan here has at least two dims.
-using layout::abs64;
 using layout::Plan;
 
 template <int K>

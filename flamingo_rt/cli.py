@@ -45,17 +45,70 @@ def _info(presets: List[str], seq_len: int, num_media: int) -> int:
 
 
 def _check() -> int:
+    """What this machine and build give flamingo_rt: torch and its devices, the C++ extension
+    (or why it did not load), Triton, the CPU's vector units, and per op the backends
+    implemented and the one ``auto`` picks on each device type."""
+    import importlib.util
+    import os
+
     import torch
 
     from . import _ext
     from .ops import backend
 
-    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-    print(f"flamingo_rt._C loaded: {_ext.load()}")
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(n_gpu)) or "none visible"
+    print(f"torch {torch.__version__} ({build}); CUDA devices: {gpus}")
+    if _ext.load():
+        kernels = "C++ CPU kernels" + (" and CUDA kernels" if _ext.with_cuda() else " (CUDA kernels not compiled in)")
+        print(f"flamingo_rt._C: loaded: {kernels}")
+    else:
+        print(f"flamingo_rt._C: not loaded ({_ext.error()}): ops run their reference (plain torch) backend; "
+              "build it with `pip install --no-build-isolation -e .`")
+    if importlib.util.find_spec("triton") is None:
+        print("triton: not installed (no triton backend)")
+    else:
+        import triton
+
+        where = "runs on CUDA GPUs" + ("; TRITON_INTERPRET=1: on the CPU too (slow)"
+                                       if os.environ.get("TRITON_INTERPRET") == "1" else "")
+        print(f"triton {triton.__version__}: {where}")
+    print(f"CPU: {_cpu_features()}; torch threads {torch.get_num_threads()}")
+    forced = backend.requested(None)
+    print(f"backend: {forced}" + (" (FLAMINGO_RT_BACKEND)" if os.environ.get("FLAMINGO_RT_BACKEND") else ""))
     ops = sorted({k.split('.')[0] for k in backend._IMPLS})
+    devices = ("cpu", "cuda")
+    rows = [("op", "backends", *(f"on {d}" for d in devices))]
     for op in ops:
-        print(f"  {op:<28} backends: {', '.join(backend.implemented(op))}")
+        picks = []
+        for d in devices:
+            try:
+                picks.append(backend.resolve(op, None, torch.device(d)))
+            except (RuntimeError, ValueError, NotImplementedError):  # a forced backend that cannot run there
+                picks.append(f"none ({forced} cannot run)")
+        rows.append((op, ", ".join(backend.implemented(op)), *picks))
+    widths = [max(len(r[i]) for r in rows) + 2 for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  " + "".join(c.ljust(w) for c, w in zip(r, widths)) + r[-1])
+    if n_gpu == 0:
+        print("  (no CUDA device here: the cuda column is what a GPU machine with this build would use)")
     return 0
+
+
+def _cpu_features() -> str:
+    """The x86 vector units torch sees (AVX-512 and its bf16 products, AMX tiles), e.g.
+    "AVX512, avx512_bf16, no AMX"; torch's capability string elsewhere."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    probes = getattr(torch, "cpu", None)
+    try:
+        bf16 = bool(probes._is_avx512_bf16_supported())
+        amx = bool(probes._is_amx_tile_supported())
+    except AttributeError:  # not x86, or a torch without the probes
+        return cap
+    return f"{cap}, {'avx512_bf16' if bf16 else 'no avx512_bf16'}, {'AMX tiles' if amx else 'no AMX'}"
 
 
 def _fail(cmd: str, message: object, code: int = 2) -> int:

@@ -18,8 +18,63 @@ def test_info_and_check(capsys):
     assert cli.main(["info", "tiny", "flamingo-3b", "--seq-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "flamingo-3b" in out and "3.13B" in out
+
+
+def _check_rows(out: str) -> dict:
+    """check's op table: op -> (backends, pick on cpu, pick on cuda)."""
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["op", "backends"])
+    rows = {}
+    for line in lines[head + 1:]:
+        if line.startswith("  ("):
+            break
+        op, rest = line.split(None, 1)
+        cols = [c.strip() for c in rest.split("  ") if c.strip()]
+        rows[op] = tuple(cols)
+    return rows
+
+
+def test_check_says_what_each_op_runs_on_each_device(capsys, monkeypatch):
+    from flamingo_rt import _ext
+    from flamingo_rt.ops import backend
+
+    monkeypatch.delenv("FLAMINGO_RT_BACKEND", raising=False)
     assert cli.main(["check"]) == 0
-    assert "image_causal_attention" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    assert "flamingo_rt._C: loaded" in out if _ext.load() else "flamingo_rt._C: not loaded" in out
+    assert "CPU: " in out and "backend: auto" in out
+    rows = _check_rows(out)
+    ops = {k.split(".")[0] for k in backend._IMPLS}
+    assert set(rows) == ops and "image_causal_attention" in rows
+    for op, (impls, on_cpu, on_cuda) in rows.items():
+        assert impls == ", ".join(backend.implemented(op))
+        assert on_cpu == backend.resolve(op, "auto", torch.device("cpu"))
+        assert on_cuda == backend.resolve(op, "auto", torch.device("cuda"))
+    if _ext.load():
+        assert rows["image_causal_attention"][1] == "cpu"  # the C++ kernels are the CPU default
+
+    # a forced backend: the device where it cannot run says so instead of a pick
+    monkeypatch.setenv("FLAMINGO_RT_BACKEND", "reference")
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: reference (FLAMINGO_RT_BACKEND)" in out
+    assert all(r[1:] == ("reference", "reference") for r in _check_rows(out).values())
+    monkeypatch.setenv("FLAMINGO_RT_BACKEND", "cuda")
+    assert cli.main(["check"]) == 0
+    rows = _check_rows(capsys.readouterr().out)
+    assert rows["image_causal_attention"][1] == "none (cuda cannot run)"
+
+
+def test_check_says_why_the_extension_did_not_load(capsys, monkeypatch):
+    from flamingo_rt import _ext
+
+    monkeypatch.setattr(_ext, "load", lambda: False)
+    monkeypatch.setattr(_ext, "error", lambda: "ImportError: undefined symbol _ZN3c10")
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "flamingo_rt._C: not loaded (ImportError: undefined symbol _ZN3c10)" in out
+    assert "pip install --no-build-isolation -e ." in out
 
 
 @pytest.mark.parametrize("cmd", [None, "demo", "eval", "info", "check", "train", "export", "generate", "ablate"])

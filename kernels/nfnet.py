@@ -155,24 +155,29 @@ def bias_gamma_act_backward(grad_out: Tensor, x: Tensor, bias: Optional[Tensor],
 
 
 @triton.jit
+def _se_operands(x_ptr, y_ptr, g_ptr, scale_ptr, offs, mask, C, HW, CL: tl.constexpr, F64: tl.constexpr):
+    """The elementwise operands of se_residual at flat offsets ``offs``, in the computation
+    dtype (float64 for float64 inputs, else float32): x, a second same-shaped tensor y (the
+    shortcut in the forward, the output gradient in the backward), sigmoid of the gate logit
+    of each element's (sample, channel), and the scalar scale."""
+    c = _channel(offs, C, HW, CL)
+    n = offs // (HW * C)
+    ty = tl.float64 if F64 else tl.float32
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ty)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ty)
+    gl = tl.load(g_ptr + n * C + c, mask=mask, other=0.0).to(ty)
+    scale = tl.load(scale_ptr).to(ty)
+    return x, y, 1.0 / (1.0 + tl.exp(-gl)), scale
+
+
+@triton.jit
 def _se_fwd_kernel(x_ptr, g_ptr, s_ptr, scale_ptr, y_ptr, total, C, HW, CL: tl.constexpr,
                    F64: tl.constexpr, BLOCK: tl.constexpr):
+    """y = shortcut + scale * sigmoid(gate) * x."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    c = _channel(offs, C, HW, CL)
-    n = offs // (HW * C)
-    if F64:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        sc = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        gl = tl.load(g_ptr + n * C + c, mask=mask, other=0.0).to(tl.float64)
-        scale = tl.load(scale_ptr).to(tl.float64)
-    else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gl = tl.load(g_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr).to(tl.float32)
-    sig = 1.0 / (1.0 + tl.exp(-gl))
+    x, sc, sig, scale = _se_operands(x_ptr, s_ptr, g_ptr, scale_ptr, offs, mask, C, HW, CL, F64)
     tl.store(y_ptr + offs, (sc + scale * sig * x).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -183,19 +188,7 @@ def _se_bwd_kernel(go_ptr, x_ptr, g_ptr, scale_ptr, dx_ptr, gxp_ptr, total, C, H
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    c = _channel(offs, C, HW, CL)
-    n = offs // (HW * C)
-    if F64:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        gl = tl.load(g_ptr + n * C + c, mask=mask, other=0.0).to(tl.float64)
-        scale = tl.load(scale_ptr).to(tl.float64)
-    else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gl = tl.load(g_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr).to(tl.float32)
-    sig = 1.0 / (1.0 + tl.exp(-gl))
+    x, go, sig, scale = _se_operands(x_ptr, go_ptr, g_ptr, scale_ptr, offs, mask, C, HW, CL, F64)
     tl.store(dx_ptr + offs, (go * scale * sig).to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(gxp_ptr + offs, (go * x).to(gxp_ptr.dtype.element_ty), mask=mask)
 

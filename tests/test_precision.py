@@ -123,11 +123,14 @@ def test_layer_norm_in_row_blocks_equals_the_whole(monkeypatch):
 def test_layer_norm_rows_kernel(x_dtype, out_dtype):
     """layer_norm_in through flamingo_rt_C::layer_norm_rows: y, mean and rstd against float64
     (within float32 rounding, plus the output's own bf16 rounding), with and without the affine,
-    rows with a row stride (a column slice), an offset far larger than the spread, D not a
-    multiple of the vector width; errors say what was expected."""
+    rows with a row stride (a column slice), an offset far larger than the spread, rows whose
+    variance is 0 or far below eps, D not a multiple of the vector width; errors say what was
+    expected."""
     g = torch.Generator().manual_seed(6)
     R, D = 37, 203
     base = torch.randn(R, D + 5, generator=g) * 2 + 50.0
+    base[0] = 50.0  # a constant row: var 0, so rstd = 1 / sqrt(eps)
+    base[1] = torch.randn(D + 5, generator=g) * 1e-4  # var 1e-8 << eps
     x = base.to(x_dtype)[:, 3:3 + D]  # row stride D + 5
     assert x.stride(0) == D + 5
     w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)

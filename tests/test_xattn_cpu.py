@@ -39,7 +39,7 @@ def _inputs(B, T, H, dh, M, N, dtype, counts, noncontig=False, seed=None):
     idx = _index(B, T, M, counts, rng)
     if noncontig:
         q = torch.randn(B, H, T, dh + 3, generator=rng).transpose(1, 2)[..., :dh]
-        k = torch.randn(B, N, M, H, dh, generator=rng).transpose(1, 2)
+        k = torch.randn(B, N, M, dh, H, generator=rng).permute(0, 2, 1, 4, 3)  # head dim strided too
         v = torch.randn(B, M, N, dh, H, generator=rng).transpose(3, 4)
     else:
         q = torch.randn(B, T, H, dh, generator=rng)
@@ -131,6 +131,7 @@ def test_single_token_rows_against_float64_reference(dtype, allp, dh, N):
     idx = torch.tensor([[2], [0], [-1], [1], [2]], dtype=torch.int32)
     _check(q, k, v, idx, allp, tol=2e-6 if dtype != torch.float64 else 1e-12)
     qs, ks, vs, _ = _inputs(B, 1, H, dh, M, N, dtype, [0] * B, noncontig=True)
+    assert ks.stride(-1) != 1 and vs.stride(-1) != 1  # the single-row path's strided key and value reads
     _check(qs, ks, vs, idx, allp, tol=2e-6 if dtype != torch.float64 else 1e-12)
     # several tokens, each its own segment (an order the runtime never makes, allowed)
     q2, k2, v2, _ = _inputs(2, 6, H, dh, M, N, dtype, [M, M])

@@ -417,7 +417,8 @@ FRT_INLINE void column_exp_sum(A* st, int64_t n, const A* mx, A* sum) {
 }
 
 // Forward of one block of `rows` queries (in s.qt, scaled, transposed: dh x kTB) against
-// images [j_lo, j_hi]: s.o = normalized output, s.lse = log-sum-exp of the scaled scores.
+// images [j_lo, j_hi]: s.o = normalized output (the backward recomputes the softmax
+// statistics, so none are kept).
 // The scores are computed transposed, S^T = K (scale q)^T (N x kTB), so the keys are read
 // as rows (in place for float32 / float64) and the softmax reductions over the keys run
 // down the columns: one vector of queries at a time, no horizontal reductions. Online
@@ -430,7 +431,7 @@ FRT_INLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, 
   const Acc ninf = -std::numeric_limits<Acc>::infinity();
   Acc* m = s.m.data();
   Acc* l = s.l.data();
-  Acc* mx = s.lse.data();  // this image's running max, then lse at the end
+  Acc* mx = s.lse.data();  // this image's running max
   Acc* sum = s.d.data();
   for (int64_t r = 0; r < kTB; ++r) {
     m[r] = ninf;
@@ -472,7 +473,6 @@ FRT_INLINE void attend_block(const Ctx& c, Scratch<L>& s, int64_t b, int64_t h, 
     const Acc inv = Acc(1) / l[r];
     Acc* orow = s.o.data() + r * c.Dp;
     for (int64_t i = 0; i < c.Dp; ++i) orow[i] *= inv;
-    s.lse[r] = m[r] + log_acc(l[r]);
   }
 }
 

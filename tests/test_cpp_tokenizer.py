@@ -300,7 +300,11 @@ def test_pre_tokenize_corpus(trained, corpus):
 # ------------------------------------------------------------------------------ tokenizer.json options
 
 
-def _variant(base_path, tmp_path, name, mutate=None, add=None):
+def _variant(base_path, tmp_path, name, mutate=None, add=None, verbatim=False):
+    """(tokenizers' tokenizer, ours) of the base file changed by ``mutate`` (the JSON) and
+    ``add`` (the loaded tokenizer). Ours reads the file tokenizers writes back, or with
+    ``verbatim`` the mutated JSON itself (what tokenizers would normalize away on writing,
+    such as a merge listed twice)."""
     d = json.loads(base_path.read_text(encoding="utf-8"))
     if mutate:
         mutate(d)
@@ -308,7 +312,8 @@ def _variant(base_path, tmp_path, name, mutate=None, add=None):
     if add:
         add(raw)
     p = tmp_path / f"{name}.json"
-    p.write_text(raw.to_str(), encoding="utf-8")  # before FlamingoTokenizer adds to `raw`
+    # before FlamingoTokenizer adds to `raw`
+    p.write_text(json.dumps(d) if verbatim else raw.to_str(), encoding="utf-8")
     return FlamingoTokenizer(raw), cpp_tokenizer(p)
 
 
@@ -335,6 +340,38 @@ def _byte_fallback(d):
     n = len(d["model"]["vocab"])
     for b in range(256):
         d["model"]["vocab"][f"<0x{b:02X}>"] = n + b
+    d["model"]["byte_fallback"] = True
+
+
+def _ignore_merges(d):
+    """ignore_merges with whole-word vocabulary entries that the merges cannot build: such a
+    word is one token only when the model looks the word up before merging."""
+    vocab = d["model"]["vocab"]
+    for w in _UNMERGEABLE_WORDS:
+        vocab.setdefault(w, len(vocab))
+    d["model"]["ignore_merges"] = True
+
+
+#: pre-tokenized words (byte-level symbols) that test_tokenizer_json_options' texts contain
+_UNMERGEABLE_WORDS = ("\u0120qqzx", "qqzx", "\u0120zqzq")
+
+
+def _duplicate_merges(d):
+    """The first merges listed again at the end: a pair listed twice takes its last rank (a
+    map insert in tokenizers), which moves these merges behind every other."""
+    merges = d["model"]["merges"]
+    d["model"]["merges"] = merges + merges[:8]
+
+
+def _byte_fallback_partial(d):
+    """Byte tokens for every byte but 0xA0-0xBF: the symbols of those bytes (U+00A0-U+00BF,
+    UTF-8 C2 A0-BF) have their first byte's token but not their second's, and a character
+    whose bytes are not all there takes no byte tokens (no unk token: it is dropped)."""
+    _drop_symbols(d, [_BYTE_SYMBOLS[b] for b in range(0xA0, 0xC0)])
+    n = len(d["model"]["vocab"])
+    for b in [b for b in range(256) if not 0xA0 <= b < 0xC0]:
+        d["model"]["vocab"][f"<0x{b:02X}>"] = n
+        n += 1
     d["model"]["byte_fallback"] = True
 
 
@@ -370,7 +407,9 @@ VARIANTS = {
     "no_regex": dict(mutate=lambda d: d["pre_tokenizer"].update(use_regex=False)),
     "prefix_no_regex": dict(mutate=lambda d: d["pre_tokenizer"].update(use_regex=False, add_prefix_space=True)),
     "merges_as_strings": dict(mutate=lambda d: d["model"].update(merges=[a + " " + b for a, b in d["model"]["merges"]])),
-    "ignore_merges": dict(mutate=lambda d: d["model"].update(ignore_merges=True)),
+    "ignore_merges": dict(mutate=_ignore_merges),
+    "duplicate_merges": dict(mutate=_duplicate_merges, verbatim=True),
+    "byte_fallback_partial": dict(mutate=_byte_fallback_partial),
     "added_tokens": dict(add=_added),
     "no_special_tokens": dict(mutate=_no_special),
     "unk": dict(mutate=_unk(False)),
@@ -384,7 +423,7 @@ VARIANTS = {
 def test_tokenizer_json_options(trained, corpus, tmp_path, name):
     _, path, _ = trained
     ft, tok = _variant(path, tmp_path, name, **VARIANTS[name])
-    texts = corpus[::4]
+    texts = corpus[::4] + ["qqzx qqzx zqzq", "a qqzx, zqzq."]
     bad = [(t, ft.encode(t), tok.encode(t)) for t in texts]
     bad = [b for b in bad if b[1] != b[2]]
     assert not bad, f"{name}: {len(bad)} of {len(texts)} texts encode differently:\n" + _mismatches(bad)

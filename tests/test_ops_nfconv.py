@@ -246,21 +246,34 @@ def test_bias_gamma_act_backends(be, act):
 
 
 def _layout(t, layout):
-    """NCHW, channels-last, or a non-contiguous view (every other column of a wider tensor)."""
+    """NCHW, channels-last, or a non-contiguous view: every other column of a wider tensor
+    ("strided"), or every other row of a taller one, NCHW ("rows_strided": W runs dense,
+    H*W planes not) or channels-last ("cl_rows_strided": pixels C apart within a row, rows
+    not W*C apart)."""
     if layout == "channels_last":
         return t.to(memory_format=torch.channels_last)
     if layout == "strided":
         wide = torch.randn(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype)
         v = wide[..., ::2]
-        v.copy_(t)
-        return v
-    return t
+    elif layout == "rows_strided":
+        v = torch.randn(*t.shape[:2], 2 * t.shape[2], t.shape[3], dtype=t.dtype)[:, :, ::2]
+    elif layout == "cl_rows_strided":
+        N, C, H, W = t.shape
+        v = torch.randn(N, 2 * H, W, C, dtype=t.dtype).permute(0, 3, 1, 2)[:, :, ::2]
+    else:
+        return t
+    v.copy_(t)
+    return v
 
 
 @pytest.mark.parametrize("be", _cpu_backends("se_residual"))
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided", "rows_strided", "cl_rows_strided"])
 def test_se_residual_backends(be, layout):
-    x = _layout(torch.randn(2, 70, 5, 7), layout).requires_grad_()
+    # x sets the output's layout (dense, in x's memory format); the shortcut's may differ:
+    # "cl_rows_strided" pairs a dense channels-last x with a row-strided shortcut, the one
+    # mix whose operands all pass the channels-last checks but the shortcut's row stride
+    x_layout = "channels_last" if layout == "cl_rows_strided" else layout
+    x = _layout(torch.randn(2, 70, 5, 7), x_layout).requires_grad_()
     s = _layout(torch.randn(2, 70, 5, 7), "nchw" if layout == "strided" else layout).requires_grad_()
     g, c = _rand(2, 70, requires_grad=True), torch.tensor(0.6, requires_grad=True)
     go = torch.randn(2, 70, 5, 7)
@@ -296,7 +309,8 @@ def test_se_residual_backends_bfloat16(be):
 
 
 @pytest.mark.parametrize("be", _cpu_backends("ws_standardize"))
-@pytest.mark.parametrize("shape", [(12, 8, 3, 3), (48, 1, 3, 3), (16, 600, 1, 1)])
+# (65, 64, 3, 3): rows split over threads with a remainder (65 x 576 elements: parallel)
+@pytest.mark.parametrize("shape", [(12, 8, 3, 3), (48, 1, 3, 3), (16, 600, 1, 1), (65, 64, 3, 3)])
 def test_ws_standardize_backends_shapes(be, shape):
     w, g = _rand(*shape) * 0.3 + 0.1, 1 + 0.2 * torch.randn(shape[0], 1, 1, 1)
     go = torch.randn(*shape)

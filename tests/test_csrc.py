@@ -137,6 +137,10 @@ def make_inputs(shape, dtype, device, layout, with_bias, gen):
         wide[..., ::2] = x
         x = wide[..., ::2]
         assert not x.is_contiguous()
+    if b is not None and layout != "contiguous":  # a bias view too (every other element)
+        wide_b = torch.empty(2 * shape[1], dtype=dtype, device=device)
+        wide_b[::2] = b
+        b = wide_b[::2]
     return x, g, b
 
 

@@ -192,8 +192,32 @@ def test_incremental_decoder_multibyte(trained):
     dec = torch.classes.flamingo_rt_C.IncrementalDecoder(tok, False)
     assert dec.push(tok.token_to_id(_byte_symbol(0xF0))) == ""
     assert dec.flush() == "\ufffd"
-    dec.reset()
-    assert dec.push(tok.token_to_id("a")) == "a"
+    assert dec.push(tok.token_to_id("a")) == "a"  # flush emptied it
+    assert dec.push(tok.token_to_id(_byte_symbol(0xF0))) == ""
+    dec.reset()  # drops the held-back byte
+    assert dec.push(tok.token_to_id("a")) == "a" and dec.flush() == ""
+
+
+# byte strings that are not UTF-8, beside their well-formed neighbours: surrogates (ED A0-BF),
+# past U+10FFFF (F4 90+), overlong forms (E0 80-9F, F0 80-8F, C0, C1), a lone continuation
+# byte, bytes that never occur (F5+), truncated characters at the end and in the middle
+_ILL_FORMED = [b"\xed\xa0\x80", b"\xed\x9f\xbf", b"\xf4\x90\x80\x80", b"\xf4\x8f\xbf\xbf", b"\xe0\x80\x80",
+               b"\xe0\xa0\x80", b"\xf0\x80\x80\x80", b"\xf0\x90\x80\x80", b"\xc0\x80", b"\xc1\xbf", b"\xc2\x80",
+               b"\x80", b"\xf5\x80\x80\x80", b"\xff", b"a\xe2\x82", b"\xe2\x82a", b"\xf0\x9f\x98x\xed\xbf\xbf"]
+
+
+def test_ill_formed_bytes_decode_as_tokenizers(trained):
+    """Byte tokens that spell ill-formed UTF-8: each maximal ill-formed subpart is one U+FFFD
+    (Unicode's substitution practice: tokenizers' from_utf8_lossy, Python's "replace"), in
+    decode and through the incremental decoder alike."""
+    ft, _, tok = trained
+    for raw in _ILL_FORMED:
+        ids = [tok.token_to_id(_byte_symbol(b)) for b in raw]
+        want = raw.decode("utf-8", "replace")
+        assert ft.decode(ids, False) == want, raw
+        assert tok.decode(ids, False) == want, raw
+        dec = torch.classes.flamingo_rt_C.IncrementalDecoder(tok, False)
+        assert "".join([dec.push(i) for i in ids] + [dec.flush()]) == want, raw
 
 
 def _byte_symbols() -> List[str]:

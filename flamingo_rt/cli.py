@@ -99,9 +99,13 @@ def _check() -> int:
 def _cpu_features() -> str:
     """The x86 vector units torch sees (AVX-512 and its bf16 products, AMX tiles), e.g.
     "AVX512, avx512_bf16, no AMX"; torch's capability string elsewhere."""
+    import platform
+
     import torch
 
     cap = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return cap
     probes = getattr(torch, "cpu", None)
     try:
         bf16 = bool(probes._is_avx512_bf16_supported())

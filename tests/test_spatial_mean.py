@@ -16,13 +16,22 @@ needs_ext = pytest.mark.skipif(
 
 
 def _layouts(x: torch.Tensor):
-    """x as NCHW, channels-last, a strided view (every other column) and a permuted copy."""
+    """x as NCHW, channels-last, a strided view (every other column), a permuted copy, and
+    every other row of a taller tensor, NCHW (dense rows, planes not dense) and channels-last
+    (pixels C apart within a row, rows not W*C apart)."""
+    N, C, H, W = x.shape
     yield "nchw", x.contiguous()
     yield "channels_last", x.contiguous(memory_format=torch.channels_last)
-    wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+    wide = torch.zeros(N, C, H, 2 * W, dtype=x.dtype)
     wide[..., ::2] = x
     yield "strided", wide[..., ::2]
     yield "hw_transposed", x.transpose(2, 3).contiguous().transpose(2, 3)
+    tall = torch.zeros(N, C, 2 * H, W, dtype=x.dtype)
+    tall[:, :, ::2] = x
+    yield "rows_strided", tall[:, :, ::2]
+    tall_cl = torch.zeros(N, 2 * H, W, C, dtype=x.dtype).permute(0, 3, 1, 2)
+    tall_cl[:, :, ::2] = x
+    yield "cl_rows_strided", tall_cl[:, :, ::2]
 
 
 @needs_ext

@@ -132,6 +132,9 @@ def make_inputs(shape, dtype, device, layout, with_bias, gen):
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
         g = g.to(memory_format=torch.channels_last)
+    elif layout == "channel_outer":  # dense, stored (C, N, H, W): the channel outside the rows
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        g = g.transpose(0, 1).contiguous().transpose(0, 1)
     elif layout == "strided":  # a non-dense view: every other column of a wider tensor
         wide = torch.empty(shape[:3] + (2 * shape[3],), dtype=dtype, device=device)
         wide[..., ::2] = x
@@ -193,6 +196,13 @@ CASES = [
     # the channel alone, or no channel dim (C == 1)
     for shape in ((2, 5, 7, 3), (3, 64, 17, 19), (1, 6, 1, 1), (2, 1, 3, 5))
     if not (shape[1] == 64 and dtype == torch.float64)  # keep float64 cheap
+] + [
+    # the channel outermost with short rows: each channel's dbias is one task's sum over many
+    # rows (N x H*W = 40 x 35 elements), added over blocks
+    (device, dtype, "channel_outer", act, True, (40, 4, 5, 7))
+    for device in DEVICES
+    for dtype in _dtypes_for(device)
+    for act in ACTS
 ]
 
 

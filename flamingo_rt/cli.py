@@ -106,11 +106,10 @@ def _cpu_features() -> str:
     cap = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return cap
-    probes = getattr(torch, "cpu", None)
     try:
-        bf16 = bool(probes._is_avx512_bf16_supported())
-        amx = bool(probes._is_amx_tile_supported())
-    except AttributeError:  # not x86, or a torch without the probes
+        bf16 = bool(torch.cpu._is_avx512_bf16_supported())
+        amx = bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
         return cap
     return f"{cap}, {'avx512_bf16' if bf16 else 'no avx512_bf16'}, {'AMX tiles' if amx else 'no AMX'}"
 

@@ -174,3 +174,17 @@ def count_calls(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, counting)
     return calls
+
+
+def every_other_row(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """t's values (N, C, H, W) in a view of every other row (H) of a tensor twice as tall,
+    stored NCHW (W runs dense, H*W planes not) or channels-last (pixels C apart within a row,
+    rows 2*W*C apart): a layout that passes every check of a dense layout but the row stride."""
+    N, C, H, W = t.shape
+    if channels_last:
+        tall = torch.empty(N, 2 * H, W, C, dtype=t.dtype, device=t.device).permute(0, 3, 1, 2)
+    else:
+        tall = torch.empty(N, C, 2 * H, W, dtype=t.dtype, device=t.device)
+    v = tall[:, :, ::2]
+    v.copy_(t)
+    return v

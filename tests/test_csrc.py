@@ -197,8 +197,8 @@ CASES = [
     for shape in ((2, 5, 7, 3), (3, 64, 17, 19), (1, 6, 1, 1), (2, 1, 3, 5))
     if not (shape[1] == 64 and dtype == torch.float64)  # keep float64 cheap
 ] + [
-    # the channel outermost with short rows: each channel's dbias is one task's sum over many
-    # rows (N x H*W = 40 x 35 elements), added over blocks
+    # the channel outermost (stored (C, N, H, W)): each channel's dbias is a task's sum over
+    # several rows (N x H*W = 40 x 35 elements)
     (device, dtype, "channel_outer", act, True, (40, 4, 5, 7))
     for device in DEVICES
     for dtype in _dtypes_for(device)

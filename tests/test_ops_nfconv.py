@@ -14,7 +14,7 @@ from flamingo_rt.ops import backend as B
 from flamingo_rt.ops import bias_gamma_act, se_residual, ws_conv2d, ws_standardize
 from flamingo_rt.ops import nfconv
 from flamingo_rt.ops.reference import nfnet as ref
-from conftest import rel_err
+from conftest import every_other_row, rel_err
 
 timm_layers = pytest.importorskip("timm.layers")
 
@@ -255,11 +255,8 @@ def _layout(t, layout):
     if layout == "strided":
         wide = torch.randn(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype)
         v = wide[..., ::2]
-    elif layout == "rows_strided":
-        v = torch.randn(*t.shape[:2], 2 * t.shape[2], t.shape[3], dtype=t.dtype)[:, :, ::2]
-    elif layout == "cl_rows_strided":
-        N, C, H, W = t.shape
-        v = torch.randn(N, 2 * H, W, C, dtype=t.dtype).permute(0, 3, 1, 2)[:, :, ::2]
+    elif layout in ("rows_strided", "cl_rows_strided"):
+        return every_other_row(t, channels_last=layout == "cl_rows_strided")
     else:
         return t
     v.copy_(t)
